@@ -1,0 +1,121 @@
+"""The canonical records every connector yields and the merge consumes.
+
+Connectors turn bytes into these structs; they know nothing of Flask or SQL.
+Times are timezone-aware UTC ``datetime`` objects (or None).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import msgspec
+
+SEVERITIES = ("informational", "low", "medium", "high", "critical")
+SEVERITY_RANK = {name: rank for rank, name in enumerate(SEVERITIES)}
+
+# Identifier kinds a resource can carry, from strongest to weakest.
+# Strong ones identify a resource on their own; hostname/netbios only when no
+# strong identifier disagrees; an IP address (weak) never merges on its own
+# with a resource that has a strong identifier.  See gateway/merge/resources.py.
+STRONG_IDENTIFIERS = ("cloud_id", "agent_id", "fqdn")
+MEDIUM_IDENTIFIERS = ("hostname", "netbios", "mac")
+WEAK_IDENTIFIERS = ("ipv4", "ipv6")
+IDENTIFIER_KINDS = STRONG_IDENTIFIERS + MEDIUM_IDENTIFIERS + WEAK_IDENTIFIERS
+
+
+class ResourceRef(msgspec.Struct, kw_only=True):
+    """What a scanner knows of the asset a finding is on."""
+
+    cloud_id: str | None = None
+    agent_id: str | None = None
+    fqdn: str | None = None
+    hostname: str | None = None
+    netbios: str | None = None
+    mac: str | None = None
+    ipv4: list[str] = msgspec.field(default_factory=list)
+    ipv6: list[str] = msgspec.field(default_factory=list)
+    kind: str | None = None  # vm, host, container_image, cloud_resource, web_app
+    name: str | None = None  # display name
+    os: str | None = None
+
+
+class FindingRecord(msgspec.Struct, kw_only=True):
+    """One provider record: a vulnerability or a failed/passed check on one resource.
+
+    ``provider_id`` is the provider's own id of the record: (tenant, provider,
+    provider_id) identifies it across pushes (DESIGN rule 2).
+    """
+
+    provider_id: str
+    resource: ResourceRef
+    title: str
+    severity: str  # one of SEVERITIES
+    severity_original: str | None = None  # the provider's own value, e.g. "4" or "High"
+    severity_scale: str | None = None  # e.g. "qualys 1-5", "nessus 0-4"
+    cves: list[str] = msgspec.field(default_factory=list)
+    vendor_id: str | None = None  # QID, plugin id, rule id: the id when no CVE applies
+    status: str = "open"  # open | fixed  (compliance: open = failed, fixed = passed)
+    kind: str = "vulnerability"  # vulnerability | compliance
+    description: str | None = None
+    remediation: str | None = None
+    recommendation: str | None = None  # recommendation type key; default by kind
+    first_seen: datetime | None = None
+    last_seen: datetime | None = None
+    provider_timestamp: datetime | None = None
+    cvss_score: float | None = None
+    cvss_vector: str | None = None
+    evidence: str | None = None
+    references: list[str] = msgspec.field(default_factory=list)
+    extra: dict | None = None  # provider-specific fields worth keeping
+
+
+class AlertRecord(msgspec.Struct, kw_only=True):
+    """A threat detection in (a subset of) the Graph security alert schema."""
+
+    provider_id: str
+    title: str
+    severity: str
+    category: str | None = None
+    description: str | None = None
+    status: str = "newAlert"
+    created: datetime | None = None
+    last_modified: datetime | None = None
+    provider_timestamp: datetime | None = None
+    resource: ResourceRef | None = None
+    recommended_actions: list[str] = msgspec.field(default_factory=list)
+    extra: dict | None = None
+
+
+class Rejected(msgspec.Struct, kw_only=True):
+    """A record the connector could not turn into a canonical record."""
+
+    position: str  # e.g. "findings[17]", "ReportHost[2]/ReportItem[5]", "line 40"
+    reason: str
+    provider_id: str | None = None
+
+
+class FormatError(Exception):
+    """The input is not of the named format, or not well-formed: the batch fails."""
+
+
+
+class VulnerabilityInfo(msgspec.Struct, kw_only=True):
+    """Knowledge-base metadata of a provider's vulnerability id (e.g. a Qualys QID).
+
+    Stored per (tenant, provider, vendor_id); findings that carry the vendor id are
+    enriched from it, including those that arrived before it.
+    """
+
+    vendor_id: str
+    title: str | None = None
+    severity: str | None = None
+    severity_original: str | None = None
+    cves: list[str] = msgspec.field(default_factory=list)
+    description: str | None = None
+    remediation: str | None = None
+    cvss_score: float | None = None
+    cvss_vector: str | None = None
+    provider_timestamp: datetime | None = None
+
+
+Record = FindingRecord | AlertRecord | VulnerabilityInfo | Rejected

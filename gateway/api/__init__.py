@@ -1,0 +1,13 @@
+"""HTTP API: ingest, batches, collections, workflow."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+
+def init_app(app: Flask) -> None:
+    from gateway.api import batches, collections, health
+
+    app.register_blueprint(batches.blueprint)
+    app.register_blueprint(collections.blueprint)
+    app.register_blueprint(health.blueprint)

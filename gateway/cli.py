@@ -1,0 +1,190 @@
+"""The ``gateway`` command: migrate, tenants, clients, and running the service."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import uuid
+
+import click
+from sqlalchemy import select
+
+from gateway.auth import SCOPES, hash_secret, new_client_secret
+from gateway.config import load_config
+from gateway.db import Database
+from gateway.models import ClientTenant, OAuthClient, Tenant, utcnow
+
+
+def _db() -> Database:
+    return Database(load_config()["DATABASE_URL"])
+
+
+@click.group()
+def main() -> None:
+    """Partner integration gateway."""
+
+
+@main.command("migrate")
+def migrate_command() -> None:
+    """Apply the database migrations (creates the schema on a new database)."""
+    from gateway.migrate import upgrade
+
+    url = load_config()["DATABASE_URL"]
+    upgrade(url)
+    click.echo("database is up to date")
+
+
+@main.group()
+def tenant() -> None:
+    """Tenants (customers)."""
+
+
+@tenant.command("create")
+@click.argument("name")
+@click.option("--id", "external_id", help="the tenant id used in URLs (default: a new UUID)")
+def tenant_create(name: str, external_id: str | None) -> None:
+    """Create a tenant and print its id."""
+    external_id = external_id or str(uuid.uuid4())
+    with _db().session() as session:
+        session.add(Tenant(external_id=external_id, name=name))
+    click.echo(external_id)
+
+
+@tenant.command("list")
+def tenant_list() -> None:
+    """List tenants."""
+    with _db().sessions() as session:
+        for row in session.scalars(select(Tenant).order_by(Tenant.id)):
+            click.echo(f"{row.external_id}\t{row.name}")
+
+
+@main.group()
+def client() -> None:
+    """OAuth clients (one per partner product and deployment)."""
+
+
+def _tenants(session, external_ids: tuple[str, ...]) -> list[Tenant]:
+    rows = list(session.scalars(select(Tenant).where(Tenant.external_id.in_(external_ids))))
+    missing = set(external_ids) - {row.external_id for row in rows}
+    if missing:
+        raise click.UsageError(f"unknown tenant: {', '.join(sorted(missing))}")
+    return rows
+
+
+@client.command("create")
+@click.option("--name", required=True, help="a label for the client")
+@click.option("--provider", required=True, help="the product it pushes as, e.g. Qualys")
+@click.option("--scope", "scopes", multiple=True, required=True, type=click.Choice(sorted(SCOPES)),
+              help="a scope it may ask for (repeat)")
+@click.option("--tenant", "tenants", multiple=True, required=True, help="a tenant id it may act on (repeat)")
+def client_create(name: str, provider: str, scopes: tuple[str, ...], tenants: tuple[str, ...]) -> None:
+    """Create a client; print its id and secret (the secret is shown this once)."""
+    client_id = secrets.token_hex(16)
+    secret = new_client_secret()
+    with _db().session() as session:
+        rows = _tenants(session, tenants)
+        row = OAuthClient(client_id=client_id, secret_hash=hash_secret(secret), name=name, provider=provider,
+                          scope=" ".join(sorted(set(scopes))))
+        session.add(row)
+        session.flush()
+        for tenant_row in rows:
+            session.add(ClientTenant(client_pk=row.id, tenant_id=tenant_row.id))
+    click.echo(f"client_id={client_id}")
+    click.echo(f"client_secret={secret}")
+
+
+@client.command("list")
+def client_list() -> None:
+    """List clients (never their secrets)."""
+    with _db().sessions() as session:
+        for row in session.scalars(select(OAuthClient).order_by(OAuthClient.id)):
+            state = "disabled" if row.disabled else "enabled"
+            click.echo(f"{row.client_id}\t{row.name}\t{row.provider}\t{row.scope}\t{state}")
+
+
+def _client(session, client_id: str) -> OAuthClient:
+    row = session.scalar(select(OAuthClient).where(OAuthClient.client_id == client_id))
+    if row is None:
+        raise click.UsageError(f"unknown client: {client_id}")
+    return row
+
+
+@client.command("disable")
+@click.argument("client_id")
+def client_disable(client_id: str) -> None:
+    """Disable a client: its tokens stop working at once."""
+    with _db().session() as session:
+        _client(session, client_id).disabled = True
+    click.echo(f"disabled {client_id}")
+
+
+@client.command("enable")
+@click.argument("client_id")
+def client_enable(client_id: str) -> None:
+    """Enable a disabled client again."""
+    with _db().session() as session:
+        _client(session, client_id).disabled = False
+    click.echo(f"enabled {client_id}")
+
+
+@client.command("rotate-secret")
+@click.argument("client_id")
+def client_rotate(client_id: str) -> None:
+    """Give a client a new secret (printed once); the old one stops working."""
+    secret = new_client_secret()
+    with _db().session() as session:
+        row = _client(session, client_id)
+        row.secret_hash = hash_secret(secret)
+        row.secret_rotated_at = utcnow()
+    click.echo(f"client_secret={secret}")
+
+
+@main.command("worker")
+@click.option("--concurrency", "-c", default=2, show_default=True)
+@click.option("--beat/--no-beat", default=False, help="also run the periodic sweep in this process")
+def worker(concurrency: int, beat: bool) -> None:
+    """Run a Celery worker for this configuration."""
+    args = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--loglevel=INFO",
+            f"--concurrency={concurrency}"]
+    if beat:
+        args.append("--beat")
+    os.execv(sys.executable, args)
+
+
+@main.command("run")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True)
+@click.option("--workers", "worker_count", default=1, show_default=True, help="Celery worker processes")
+def run(host: str, port: int, worker_count: int) -> None:
+    """Embedded default: migrate, then run the API and a Celery worker (with the sweep) together."""
+    from werkzeug.serving import run_simple
+
+    from gateway import create_app
+    from gateway.migrate import upgrade
+
+    config = load_config()
+    upgrade(config["DATABASE_URL"])
+    env = dict(os.environ)
+    env.setdefault("GATEWAY_HOME", os.environ.get("GATEWAY_HOME", os.path.join(os.getcwd(), "instance")))
+    worker_process = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--beat", "--loglevel=INFO",
+         f"--concurrency={worker_count}",
+         "--schedule", os.path.join(env["GATEWAY_HOME"], "celerybeat-schedule")],
+        env=env,
+    )
+    click.echo(f"gateway on http://{host}:{port} (store: {config['DATABASE_URL']}); worker pid {worker_process.pid}")
+    try:
+        run_simple(host, port, create_app(), threaded=True, use_reloader=False)
+    finally:
+        worker_process.send_signal(signal.SIGTERM)
+        try:
+            worker_process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            worker_process.kill()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Accepting a push: cheap checks, durable storage of the raw bytes, then enqueueing."""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import msgspec
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+import connectors
+from connectors import xmlsafe
+from connectors.model import FormatError
+from gateway.db import Database
+from gateway.errors import BadRequest, Conflict, Forbidden, PayloadTooLarge, UnsupportedMediaType
+from gateway.models import Batch, BatchBlob, utcnow
+
+BLOB_SIZE = 1 << 20
+READ_SIZE = 1 << 16
+
+
+@dataclass(frozen=True)
+class Push:
+    """A push as the view received it."""
+
+    tenant_id: int
+    client_pk: int
+    provider: str
+    format: str
+    content_type: str
+    content_encoding: str
+    declared_length: int | None
+    scan_type: str
+    idempotency_key: str | None
+
+
+class _Envelope(msgspec.Struct):
+    provider: str | None = None
+    scan: dict | None = None
+    findings: list[msgspec.Raw] = []
+
+
+def read_body(stream: BinaryIO, encoding: str, declared_length: int | None, limit: int) -> bytes:
+    """The request body, gunzipped if need be, refusing more than ``limit`` bytes cheaply."""
+    if encoding not in ("", "identity", "gzip"):
+        raise UnsupportedMediaType(f"Content-Encoding '{encoding}' is not supported (use gzip or none)",
+                                   code="unsupportedEncoding")
+    if declared_length is not None and declared_length > limit and encoding != "gzip":
+        raise PayloadTooLarge(f"the body is larger than the limit of {limit} bytes")
+    parts: list[bytes] = []
+    total = 0
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS) if encoding == "gzip" else None
+    raw_total = 0
+    while True:
+        chunk = stream.read(READ_SIZE)
+        if not chunk:
+            break
+        raw_total += len(chunk)
+        if raw_total > limit:
+            raise PayloadTooLarge(f"the body is larger than the limit of {limit} bytes")
+        if inflater is not None:
+            try:
+                chunk = inflater.decompress(chunk, limit + 1 - total)
+            except zlib.error:
+                raise BadRequest("the body is not valid gzip", code="invalidEncoding") from None
+            if inflater.unconsumed_tail:
+                raise PayloadTooLarge(f"the decompressed body is larger than the limit of {limit} bytes")
+        total += len(chunk)
+        if total > limit:
+            raise PayloadTooLarge(f"the body is larger than the limit of {limit} bytes")
+        parts.append(chunk)
+    if inflater is not None and not inflater.eof:
+        raise BadRequest("the gzip body is truncated", code="invalidEncoding")
+    return b"".join(parts)
+
+
+def check_body(push: Push, body: bytes) -> str:
+    """Cheap checks that the body is this format and well-formed; return the scan type."""
+    if not body.strip():
+        raise BadRequest("the body is empty", code="emptyBody")
+    connector = connectors.get(push.format)
+    scan_type = push.scan_type
+    if "json" in connector.CONTENT_TYPES[0]:
+        if push.format == "canonical":
+            try:
+                envelope = msgspec.json.decode(body, type=_Envelope)
+            except msgspec.ValidationError as exc:
+                raise BadRequest(f"the body is not a canonical findings document: {exc}",
+                                 code="invalidDocument") from None
+            except msgspec.DecodeError as exc:
+                raise BadRequest(f"the body is not well-formed JSON: {exc}", code="malformedBody") from None
+            if envelope.provider is not None and envelope.provider != push.provider:
+                raise Forbidden(
+                    f"this client pushes as provider '{push.provider}', not '{envelope.provider}'",
+                    code="wrongProvider",
+                )
+            declared = (envelope.scan or {}).get("type")
+            if declared not in (None, "full", "incremental"):
+                raise BadRequest("'scan.type' must be 'full' or 'incremental'", code="invalidDocument")
+            if declared and push.scan_type == "unspecified":
+                scan_type = declared
+        else:
+            try:
+                msgspec.json.decode(body)
+            except msgspec.DecodeError as exc:
+                raise BadRequest(f"the body is not well-formed JSON: {exc}", code="malformedBody") from None
+    elif "xml" in connector.CONTENT_TYPES[0]:
+        import io
+
+        try:
+            xmlsafe.read_prolog(io.BytesIO(body[: 1 << 20]))
+        except FormatError as exc:
+            raise BadRequest(str(exc), code="malformedBody") from None
+        if not body.lstrip()[:1] == b"<" and not body.startswith(b"\xef\xbb\xbf<"):
+            raise BadRequest("the body is not XML", code="malformedBody")
+    if not connector.sniff(body[:65536]):
+        raise BadRequest(f"the body does not look like format '{push.format}' ({connector.TITLE})",
+                         code="wrongFormat")
+    return "incremental" if scan_type == "unspecified" else scan_type
+
+
+def store_batch(db: Database, push: Push, body: bytes) -> tuple[Batch, bool]:
+    """Commit the batch and its bytes; return (batch, replayed) for Idempotency-Key replays."""
+    digest = hashlib.sha256(body).hexdigest()
+    if push.idempotency_key:
+        existing = _existing(db, push)
+        if existing is not None:
+            return _replay(existing, digest), True
+    scan_type = check_body(push, body)
+    try:
+        with db.session() as session:
+            batch = Batch(
+                tenant_id=push.tenant_id, client_pk=push.client_pk, provider=push.provider,
+                format=push.format, content_type=push.content_type, scan_type=scan_type,
+                body_sha256=digest, body_size=len(body), idempotency_key=push.idempotency_key,
+                status="accepted", counts={}, rejections=[], received_at=utcnow(),
+            )
+            session.add(batch)
+            session.flush()
+            view = memoryview(body)
+            session.bulk_insert_mappings(BatchBlob, [
+                {"batch_id": batch.id, "seq": seq, "data": bytes(view[start : start + BLOB_SIZE])}
+                for seq, start in enumerate(range(0, len(body), BLOB_SIZE))
+            ])
+    except IntegrityError:
+        if not push.idempotency_key:
+            raise
+        existing = _existing(db, push)  # a concurrent request with the same key won
+        if existing is None:
+            raise
+        return _replay(existing, digest), True
+    return batch, False
+
+
+def _existing(db: Database, push: Push) -> Batch | None:
+    with db.sessions() as session:
+        return session.scalar(select(Batch).where(
+            Batch.tenant_id == push.tenant_id, Batch.client_pk == push.client_pk,
+            Batch.idempotency_key == push.idempotency_key))
+
+
+def _replay(existing: Batch, digest: str) -> Batch:
+    if existing.body_sha256 != digest:
+        raise Conflict("this Idempotency-Key was used with a different body", code="idempotencyKeyReused")
+    return existing

@@ -1,0 +1,112 @@
+"""Merge partner alerts: provider fields only; the customer's workflow fields stay."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Sequence
+
+import msgspec
+from sqlalchemy import bindparam, select, update
+from sqlalchemy.engine import Connection
+
+from connectors.model import AlertRecord
+from gateway.merge import resources as resource_identity
+from gateway.merge.sql import in_values, is_postgres
+from gateway.models import Alert, LifecycleEvent, utcnow
+
+alerts_t = Alert.__table__
+events_t = LifecycleEvent.__table__
+
+PROVIDER_FIELDS = ("title", "description", "severity", "category", "provider_status", "recommended_actions",
+                   "extra", "created_date_time", "last_modified_date_time", "resource_id")
+
+
+class AlertMerger:
+    """Upserts alerts by (tenant, provider, provider id), ignoring stale updates."""
+
+    def __init__(self, conn: Connection, tenant_id: int, provider: str, batch_id: int | None, cause: str):
+        self.conn = conn
+        self.tenant_id = tenant_id
+        self.provider = provider
+        self.batch_id = batch_id
+        self.cause = cause
+        self.counts: Counter = Counter()
+
+    def merge_chunk(self, records: Sequence[AlertRecord]) -> list[int]:
+        """Merge alerts; return their ids in record order."""
+        conn, now = self.conn, utcnow()
+        with_resource = [i for i, r in enumerate(records) if r.resource is not None]
+        resource_ids: dict[int, int] = {}
+        if with_resource:
+            resolved = resource_identity.resolve(
+                conn, self.tenant_id, [records[i].resource for i in with_resource],
+                [records[i].last_modified or records[i].created for i in with_resource])
+            resource_ids = dict(zip(with_resource, resolved))
+        rows: dict[str, dict] = {}
+        for index, record in enumerate(records):
+            row = {
+                "tenant_id": self.tenant_id, "provider": self.provider, "provider_id": record.provider_id,
+                "resource_id": resource_ids.get(index), "title": record.title,
+                "description": record.description, "severity": record.severity,
+                "category": record.category, "provider_status": record.status,
+                "recommended_actions": record.recommended_actions, "extra": record.extra,
+                "created_date_time": record.created, "last_modified_date_time": record.last_modified,
+                "provider_timestamp": record.provider_timestamp or record.last_modified or record.created or now,
+            }
+            row["content_hash"] = hashlib.blake2b(msgspec.msgpack.encode(
+                [row[name] for name in PROVIDER_FIELDS if name not in ("created_date_time",
+                                                                       "last_modified_date_time")]
+                + [str(row["created_date_time"]), str(row["last_modified_date_time"])]
+            ), digest_size=16).hexdigest()
+            previous = rows.get(record.provider_id)
+            if previous is None or row["provider_timestamp"] >= previous["provider_timestamp"]:
+                rows[record.provider_id] = row
+        query = (
+            select(alerts_t.c.id, alerts_t.c.provider_id, alerts_t.c.provider_timestamp, alerts_t.c.content_hash)
+            .where(alerts_t.c.tenant_id == self.tenant_id, alerts_t.c.provider == self.provider,
+                   in_values(conn, alerts_t.c.provider_id, sorted(rows)))
+            .order_by(alerts_t.c.id)
+        )
+        if is_postgres(conn):
+            query = query.with_for_update()
+        existing = {row.provider_id: row for row in conn.execute(query)}
+        inserts, changes, events = [], [], []
+        for provider_id, row in rows.items():
+            old = existing.get(provider_id)
+            if old is None:
+                inserts.append(row | {"status": "newAlert", "comments": [], "tags": [], "created_at": now,
+                                      "updated_at": now})
+                self.counts["created"] += 1
+            elif row["provider_timestamp"] < old.provider_timestamp:
+                self.counts["stale"] += 1
+            elif row["content_hash"] == old.content_hash:
+                self.counts["unchanged"] += 1
+            else:
+                changes.append({f"_{k}": row[k] for k in PROVIDER_FIELDS + ("provider_timestamp", "content_hash")}
+                               | {"_id": old.id})
+                events.append(self._event(old.id, "updated", now))
+                self.counts["updated"] += 1
+        if inserts:
+            new = conn.execute(alerts_t.insert().returning(alerts_t.c.id, sort_by_parameter_order=True),
+                               inserts).scalars().all()
+            events.extend(self._event(alert_id, "new", now) for alert_id in new)
+        if changes:
+            conn.execute(
+                update(alerts_t).where(alerts_t.c.id == bindparam("_id")).values(
+                    {k: bindparam(f"_{k}") for k in PROVIDER_FIELDS + ("provider_timestamp", "content_hash")}
+                    | {"updated_at": now}),
+                sorted(changes, key=lambda c: c["_id"]),
+            )
+        if events:
+            conn.execute(events_t.insert(), events)
+        ids = {row.provider_id: row.id for row in conn.execute(
+            select(alerts_t.c.id, alerts_t.c.provider_id).where(
+                alerts_t.c.tenant_id == self.tenant_id, alerts_t.c.provider == self.provider,
+                in_values(conn, alerts_t.c.provider_id, sorted(rows))))}
+        return [ids[record.provider_id] for record in records]
+
+    def _event(self, alert_id: int, event: str, now) -> dict:
+        return {"tenant_id": self.tenant_id, "subject_type": "alert", "subject_id": alert_id, "event": event,
+                "at": now, "cause": self.cause, "batch_id": self.batch_id, "actor": self.provider,
+                "details": None}

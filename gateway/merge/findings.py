@@ -1,0 +1,563 @@
+"""Merge finding records: sources, correlated findings, lifecycle, recommendations.
+
+A provider record is identified by (tenant, provider, provider_id) and relates to
+one finding per correlation key: each CVE it names, or the provider's vendor id
+when it names none (DESIGN rule 4).  Each (record, key) pair is a *source* row.
+All reads and writes are set-based: a handful of statements per chunk of records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import msgspec
+from sqlalchemy import bindparam, case, func, select, tuple_, update
+from sqlalchemy.engine import Connection
+
+from connectors.model import SEVERITIES, SEVERITY_RANK, FindingRecord
+from gateway.merge import resources as resource_identity
+from gateway.merge.sql import in_values, insert_for, is_postgres
+from gateway.models import (
+    Finding,
+    FindingSource,
+    LifecycleEvent,
+    Recommendation,
+    RecommendationType,
+    utcnow,
+)
+
+findings_t = Finding.__table__
+sources_t = FindingSource.__table__
+events_t = LifecycleEvent.__table__
+types_t = RecommendationType.__table__
+recs_t = Recommendation.__table__
+
+VULNERABILITY_TYPE = {
+    "key": "vulnerability-assessment",
+    "title": "Vulnerabilities in your machines should be remediated",
+    "description": "Vulnerability assessment solutions found vulnerabilities on the resource.",
+    "remediation": "Review the findings and apply the remediation each one names.",
+    "severity": "high",
+    "kind": "vulnerability",
+    "provider": None,
+    "categories": ["Compute"],
+    "control": "remediate-vulnerabilities",
+}
+
+_OUTCOME_PRIORITY = ("created", "updated", "stale", "unchanged")
+
+
+def correlation_key(provider: str, record: FindingRecord) -> list[tuple[str, str | None]]:
+    """(correlation key, CVE) pairs of a record: one per CVE, else the vendor id."""
+    if record.cves and record.kind == "vulnerability":
+        return [(cve, cve) for cve in record.cves]
+    vendor = record.vendor_id or record.recommendation or record.provider_id
+    return [(f"{provider}/{vendor}"[:300], None)]
+
+
+def content_hash(row: dict) -> str:
+    """Hash of the provider-observed content, without the seen times."""
+    payload = msgspec.msgpack.encode((
+        row["state"], row["title"], row["severity"], row["severity_original"], row["description"],
+        row["remediation"], row["evidence"], row["cvss_score"], row["cvss_vector"], row["references"],
+        row["vendor_id"], row["resource_id"], row["extra"],
+    ))
+    return hashlib.blake2b(payload, digest_size=16).hexdigest()
+
+
+@dataclass
+class MergeResult:
+    """What a batch's merge did, in counts and rejections."""
+
+    counts: Counter = field(default_factory=Counter)
+
+
+class FindingMerger:
+    """Merges the finding records of one batch, chunk by chunk, inside one transaction."""
+
+    def __init__(self, conn: Connection, tenant_id: int, provider: str, batch_id: int | None,
+                 received_at: datetime, cause: str) -> None:
+        self.conn = conn
+        self.tenant_id = tenant_id
+        self.provider = provider
+        self.batch_id = batch_id
+        self.received_at = received_at
+        self.cause = cause
+        self.counts: Counter = Counter()
+        self.reported: set[tuple[str, str]] = set()
+        self.scope: set[int] = set()
+        self.touched_recommendations: set[tuple[int, int]] = set()
+        self._type_ids: dict[str, int] = {}
+
+    # -- recommendation types -------------------------------------------------------------
+
+    def _type_spec(self, record: FindingRecord) -> dict:
+        if record.kind == "vulnerability" and not record.recommendation:
+            return VULNERABILITY_TYPE
+        key = record.recommendation or f"{self.provider}:{record.vendor_id or record.title}"
+        return {
+            "key": key[:300],
+            "title": record.title[:500],
+            "description": record.description,
+            "remediation": record.remediation,
+            "severity": record.severity,
+            "kind": record.kind,
+            "provider": self.provider,
+            "categories": [],
+            "control": None,
+        }
+
+    def _type_ids_for(self, records: Sequence[FindingRecord]) -> list[int]:
+        specs = [self._type_spec(record) for record in records]
+        missing = {spec["key"]: spec for spec in specs if spec["key"] not in self._type_ids}
+        if missing:
+            self.conn.execute(
+                insert_for(self.conn, types_t).on_conflict_do_nothing(index_elements=["key"]),
+                [missing[key] for key in sorted(missing)],
+            )
+            rows = self.conn.execute(
+                select(types_t.c.key, types_t.c.id).where(in_values(self.conn, types_t.c.key, sorted(missing)))
+            )
+            self._type_ids.update(dict(rows.all()))
+        return [self._type_ids[spec["key"]] for spec in specs]
+
+    # -- one chunk ------------------------------------------------------------------------
+
+    def merge_chunk(self, records: Sequence[FindingRecord]) -> None:
+        """Merge a chunk of records (already validated by the connector)."""
+        if not records:
+            return
+        conn, now = self.conn, utcnow()
+        seen = [r.last_seen or r.provider_timestamp or r.first_seen for r in records]
+        resource_ids = resource_identity.resolve(conn, self.tenant_id, [r.resource for r in records], seen)
+        type_ids = self._type_ids_for(records)
+        self.scope.update(resource_ids)
+
+        incoming: dict[tuple[str, str], dict] = {}
+        record_keys: list[list[tuple[str, str]]] = []
+        for index, record in enumerate(records):
+            keys = []
+            for key, cve in correlation_key(self.provider, record):
+                row = self._source_row(record, key, cve, resource_ids[index], type_ids[index])
+                identity = (record.provider_id, key)
+                keys.append(identity)
+                previous = incoming.get(identity)
+                if previous is None or row["provider_timestamp"] >= previous["provider_timestamp"]:
+                    incoming[identity] = row
+            record_keys.append(keys)
+        self.reported.update(incoming)
+
+        existing = self._existing_sources(sorted({pid for pid, _ in incoming}))
+        outcome: dict[tuple[str, str], str] = {}
+        created, updated, touched = [], [], []
+        for identity, row in incoming.items():
+            old = existing.get(identity)
+            if old is None:
+                outcome[identity] = "created"
+                created.append(row)
+            elif row["provider_timestamp"] < _aware(old["provider_timestamp"]):
+                outcome[identity] = "stale"
+            elif row["content_hash"] != old["content_hash"] or row["resource_id"] != old["resource_id"]:
+                outcome[identity] = "updated"
+                row["_old"] = old
+                updated.append(row)
+            else:
+                outcome[identity] = "unchanged"
+                if row["provider_timestamp"] > _aware(old["provider_timestamp"]) or _later(
+                    row["last_seen"], old["last_seen"]
+                ):
+                    row["_old"] = old
+                    touched.append(row)
+
+        for keys in record_keys:
+            kinds = {outcome[key] for key in keys}
+            self.counts[next(kind for kind in _OUTCOME_PRIORITY if kind in kinds)] += 1
+
+        moved = [row for row in updated if row["resource_id"] != row["_old"]["resource_id"]]
+        finding_ids = self._ensure_findings(created + moved, now)
+        for row in created + moved:
+            row["finding_id"] = finding_ids[(row["resource_id"], row["correlation_key"])]
+        for row in updated + touched:
+            row.setdefault("finding_id", row["_old"]["finding_id"])
+
+        self._write_sources(created, updated, touched, now)
+        affected = {row["finding_id"] for row in created + updated + touched}
+        affected |= {row["_old"]["finding_id"] for row in moved}
+        created_findings = {finding_ids[key] for key in finding_ids if key in self._created_finding_keys}
+        self._refresh_findings(affected, created_findings,
+                               changed={row["finding_id"]: row for row in updated},
+                               seen_again={row["finding_id"] for row in updated + touched}, now=now)
+
+    def _source_row(self, record: FindingRecord, key: str, cve: str | None, resource_id: int,
+                    type_id: int) -> dict:
+        provider_ts = record.provider_timestamp or record.last_seen or self.received_at
+        row = {
+            "tenant_id": self.tenant_id,
+            "provider": self.provider,
+            "provider_id": record.provider_id,
+            "correlation_key": key,
+            "cve": cve,
+            "type_id": type_id,
+            "kind": record.kind,
+            "resource_id": resource_id,
+            "vendor_id": record.vendor_id,
+            "state": "open" if record.status == "open" else "fixed",
+            "title": record.title,
+            "severity": record.severity,
+            "severity_original": record.severity_original,
+            "severity_scale": record.severity_scale,
+            "description": record.description,
+            "remediation": record.remediation,
+            "evidence": record.evidence,
+            "cvss_score": record.cvss_score,
+            "cvss_vector": record.cvss_vector,
+            "references": record.references,
+            "extra": record.extra,
+            "first_seen": record.first_seen,
+            "last_seen": record.last_seen,
+            "provider_timestamp": provider_ts,
+        }
+        row["content_hash"] = content_hash(row)
+        return row
+
+    def _existing_sources(self, provider_ids: list[str]) -> dict[tuple[str, str], dict]:
+        if not provider_ids:
+            return {}
+        query = (
+            select(sources_t.c.id, sources_t.c.provider_id, sources_t.c.correlation_key,
+                   sources_t.c.finding_id, sources_t.c.resource_id, sources_t.c.provider_timestamp,
+                   sources_t.c.content_hash, sources_t.c.state, sources_t.c.first_seen,
+                   sources_t.c.last_seen)
+            .where(sources_t.c.tenant_id == self.tenant_id, sources_t.c.provider == self.provider,
+                   in_values(self.conn, sources_t.c.provider_id, provider_ids))
+            .order_by(sources_t.c.id)
+        )
+        if is_postgres(self.conn):
+            query = query.with_for_update()
+        return {(row.provider_id, row.correlation_key): row._asdict() for row in self.conn.execute(query)}
+
+    def _ensure_findings(self, rows: list[dict], now: datetime) -> dict[tuple[int, str], int]:
+        """Finding ids for (resource, correlation key) pairs, inserting missing findings."""
+        self._created_finding_keys: set[tuple[int, str]] = set()
+        wanted: dict[tuple[int, str], dict] = {}
+        for row in rows:
+            wanted.setdefault((row["resource_id"], row["correlation_key"]), row)
+        if not wanted:
+            return {}
+        found = self._select_findings(list(wanted))
+        missing = [key for key in sorted(wanted) if key not in found]
+        if missing:
+            new_rows = []
+            for key in missing:
+                row = wanted[key]
+                new_rows.append({
+                    "tenant_id": self.tenant_id, "resource_id": key[0], "correlation_key": key[1],
+                    "recommendation_type_id": row["type_id"], "cve": row["cve"], "kind": row["kind"],
+                    "title": row["title"], "description": row["description"],
+                    "remediation": row["remediation"], "severity": row["severity"],
+                    "cvss_score": row["cvss_score"], "state": "new",
+                    "first_seen": row["first_seen"], "last_seen": row["last_seen"],
+                    "state_changed_at": now, "created_at": now, "updated_at": now,
+                    "comments": [], "tags": [],
+                })
+            statement = insert_for(self.conn, findings_t).on_conflict_do_nothing(
+                index_elements=["tenant_id", "resource_id", "correlation_key"]
+            ).returning(findings_t.c.id, findings_t.c.resource_id, findings_t.c.correlation_key)
+            for finding_id, resource_id, key in self.conn.execute(statement, new_rows):
+                found[(resource_id, key)] = finding_id
+                self._created_finding_keys.add((resource_id, key))
+            still = [key for key in missing if key not in found]
+            if still:  # inserted concurrently by another batch
+                found.update(self._select_findings(still))
+        return found
+
+    def _select_findings(self, keys: list[tuple[int, str]]) -> dict[tuple[int, str], int]:
+        result: dict[tuple[int, str], int] = {}
+        for start in range(0, len(keys), 5000):
+            part = keys[start : start + 5000]
+            rows = self.conn.execute(
+                select(findings_t.c.id, findings_t.c.resource_id, findings_t.c.correlation_key).where(
+                    findings_t.c.tenant_id == self.tenant_id,
+                    tuple_(findings_t.c.resource_id, findings_t.c.correlation_key).in_(part),
+                )
+            )
+            for finding_id, resource_id, key in rows:
+                result[(resource_id, key)] = finding_id
+        return result
+
+    def _write_sources(self, created: list[dict], updated: list[dict], touched: list[dict],
+                       now: datetime) -> None:
+        columns = [c.name for c in sources_t.columns if c.name not in ("id",)]
+        if created:
+            rows = []
+            for row in created:
+                values = {name: row.get(name) for name in columns}
+                values.update(batch_id=self.batch_id, created_at=now, updated_at=now,
+                              references=row["references"] or [])
+                rows.append(values)
+            self.conn.execute(sources_t.insert(), rows)
+        if updated:
+            fields = ["finding_id", "resource_id", "vendor_id", "state", "title", "severity",
+                      "severity_original", "severity_scale", "description", "remediation", "evidence",
+                      "cvss_score", "cvss_vector", "references", "extra", "last_seen",
+                      "provider_timestamp", "content_hash"]
+            statement = (
+                update(sources_t)
+                .where(sources_t.c.id == bindparam("_id"))
+                .values({name: bindparam(f"_{name}") for name in fields + ["first_seen"]}
+                        | {"batch_id": self.batch_id, "updated_at": now})
+            )
+            params = []
+            for row in updated:
+                param = {f"_{name}": row[name] for name in fields}
+                param["_references"] = row["references"] or []
+                param["_first_seen"] = _earliest(row["first_seen"], row["_old"]["first_seen"])
+                param["_id"] = row["_old"]["id"]
+                params.append(param)
+            self.conn.execute(statement, sorted(params, key=lambda p: p["_id"]))
+        if touched:
+            statement = (
+                update(sources_t)
+                .where(sources_t.c.id == bindparam("_id"))
+                .values(last_seen=bindparam("_last_seen"), provider_timestamp=bindparam("_ts"),
+                        batch_id=self.batch_id)
+            )
+            self.conn.execute(statement, sorted(
+                ({"_id": row["_old"]["id"], "_last_seen": _latest(row["last_seen"], row["_old"]["last_seen"]),
+                  "_ts": row["provider_timestamp"]} for row in touched),
+                key=lambda p: p["_id"],
+            ))
+
+    # -- findings' state and history ------------------------------------------------------
+
+    def _refresh_findings(self, affected: set[int], created: set[int], changed: dict[int, dict],
+                          seen_again: set[int], now: datetime, cause: str | None = None) -> None:
+        """Recompute state and provider fields of findings from all their sources."""
+        if not affected:
+            return
+        ids = sorted(affected)
+        current = {
+            row.id: row
+            for row in self.conn.execute(
+                select(findings_t.c.id, findings_t.c.state, findings_t.c.resource_id,
+                       findings_t.c.recommendation_type_id, findings_t.c.first_seen, findings_t.c.last_seen,
+                       findings_t.c.severity)
+                .where(findings_t.c.tenant_id == self.tenant_id, in_values(self.conn, findings_t.c.id, ids))
+            )
+        }
+        by_finding: dict[int, list] = defaultdict(list)
+        for row in self.conn.execute(
+            select(sources_t.c.finding_id, sources_t.c.state, sources_t.c.severity, sources_t.c.title,
+                   sources_t.c.description, sources_t.c.remediation, sources_t.c.cvss_score,
+                   sources_t.c.first_seen, sources_t.c.last_seen, sources_t.c.provider_timestamp)
+            .where(sources_t.c.tenant_id == self.tenant_id, in_values(self.conn, sources_t.c.finding_id, ids))
+        ):
+            by_finding[row.finding_id].append(row)
+
+        updates, events = [], []
+        for finding_id in ids:
+            finding = current.get(finding_id)
+            sources = by_finding.get(finding_id, [])
+            if finding is None or not sources:
+                continue
+            any_open = any(s.state == "open" for s in sources)
+            previous = None if finding_id in created else finding.state
+            if previous is None:
+                state = "new" if any_open else "resolved"
+            elif previous == "resolved":
+                state = "reopened" if any_open else "resolved"
+            elif not any_open:
+                state = "resolved"
+            elif finding_id in seen_again and previous in ("new", "reopened"):
+                state = "active"
+            else:
+                state = previous
+            pool = [s for s in sources if s.state == "open"] or sources
+            worst = max(pool, key=lambda s: (SEVERITY_RANK.get(s.severity, 0), _ts(s.provider_timestamp)))
+            latest = max(sources, key=lambda s: _ts(s.provider_timestamp))
+            values = {
+                "_id": finding_id,
+                "_state": state,
+                "_severity": worst.severity,
+                "_title": latest.title,
+                "_description": latest.description,
+                "_remediation": latest.remediation,
+                "_cvss_score": worst.cvss_score,
+                "_first_seen": min((s.first_seen for s in sources if s.first_seen), default=None),
+                "_last_seen": max((s.last_seen for s in sources if s.last_seen), default=None),
+                "_state_changed_at": now if state != previous else None,
+                "_resolved_at": now if state == "resolved" and previous != "resolved" else None,
+            }
+            updates.append(values)
+            self.touched_recommendations.add((finding.resource_id, finding.recommendation_type_id))
+            base = {"tenant_id": self.tenant_id, "subject_type": "finding", "subject_id": finding_id,
+                    "at": now, "cause": cause or self.cause, "batch_id": self.batch_id, "actor": self.provider}
+            if previous is None:
+                events.append(base | {"event": "new", "details": {"state": state, "severity": worst.severity}})
+            elif state != previous:
+                if state == "resolved":
+                    self.counts["resolved"] += 1
+                events.append(base | {"event": state, "details": {"from": previous}})
+            elif finding_id in changed:
+                row = changed[finding_id]
+                events.append(base | {"event": "updated", "details": {
+                    "provider": self.provider, "providerId": row["provider_id"], "state": row["state"],
+                    "severity": row["severity"]}})
+        if updates:
+            statement = (
+                update(findings_t)
+                .where(findings_t.c.id == bindparam("_id"))
+                .values(
+                    state=bindparam("_state"), severity=bindparam("_severity"), title=bindparam("_title"),
+                    description=bindparam("_description"), remediation=bindparam("_remediation"),
+                    cvss_score=bindparam("_cvss_score"), first_seen=bindparam("_first_seen"),
+                    last_seen=bindparam("_last_seen"),
+                    state_changed_at=func.coalesce(bindparam("_state_changed_at"), findings_t.c.state_changed_at),
+                    resolved_at=case(
+                        (bindparam("_state") != "resolved", None),
+                        else_=func.coalesce(bindparam("_resolved_at"), findings_t.c.resolved_at),
+                    ),
+                    updated_at=now,
+                )
+            )
+            self.conn.execute(statement, updates)
+        if events:
+            self.conn.execute(events_t.insert(), events)
+
+    # -- end of batch ---------------------------------------------------------------------
+
+    def resolve_unreported(self) -> int:
+        """Full scan: resolve this provider's open sources on the scanned resources it omitted."""
+        if not self.scope:
+            return 0
+        conn, now = self.conn, utcnow()
+        stale_sources = []
+        scope = sorted(self.scope)
+        for start in range(0, len(scope), 5000):
+            query = (
+                select(sources_t.c.id, sources_t.c.provider_id, sources_t.c.correlation_key,
+                       sources_t.c.finding_id)
+                .where(sources_t.c.tenant_id == self.tenant_id, sources_t.c.provider == self.provider,
+                       sources_t.c.state == "open",
+                       in_values(conn, sources_t.c.resource_id, scope[start : start + 5000]))
+                .order_by(sources_t.c.id)
+            )
+            for row in conn.execute(query):
+                if (row.provider_id, row.correlation_key) not in self.reported:
+                    stale_sources.append(row)
+        if not stale_sources:
+            return 0
+        conn.execute(
+            update(sources_t).where(sources_t.c.id == bindparam("_id")).values(
+                state="fixed", batch_id=self.batch_id, updated_at=now,
+                # the next report of this record must count as a change, not as unchanged
+                content_hash="absent-from-full-scan"),
+            [{"_id": row.id} for row in stale_sources],
+        )
+        affected = {row.finding_id for row in stale_sources}
+        self._refresh_findings(affected, set(), {}, set(), now,
+                               cause=f"absent from full scan (batch {self.batch_id})")
+        return len(stale_sources)
+
+    def update_recommendations(self) -> None:
+        """Recompute the status of every recommendation the batch touched."""
+        if not self.touched_recommendations:
+            return
+        conn, now = self.conn, utcnow()
+        pairs = sorted(self.touched_recommendations)
+        resource_ids = sorted({resource_id for resource_id, _ in pairs})
+        rank = case(*[(findings_t.c.severity == name, index) for index, name in enumerate(SEVERITIES)],
+                    else_=0)
+        aggregate: dict[tuple[int, int], tuple[int, int]] = {}
+        for start in range(0, len(resource_ids), 5000):
+            rows = conn.execute(
+                select(findings_t.c.resource_id, findings_t.c.recommendation_type_id,
+                       func.sum(case((findings_t.c.state != "resolved", 1), else_=0)),
+                       func.max(case((findings_t.c.state != "resolved", rank), else_=-1)))
+                .where(findings_t.c.tenant_id == self.tenant_id,
+                       in_values(conn, findings_t.c.resource_id, resource_ids[start : start + 5000]))
+                .group_by(findings_t.c.resource_id, findings_t.c.recommendation_type_id)
+            )
+            for resource_id, type_id, open_count, worst in rows:
+                aggregate[(resource_id, type_id)] = (int(open_count or 0), int(worst if worst is not None else -1))
+        existing = {}
+        for start in range(0, len(pairs), 5000):
+            part = pairs[start : start + 5000]
+            for row in conn.execute(
+                select(recs_t.c.id, recs_t.c.resource_id, recs_t.c.type_id, recs_t.c.status, recs_t.c.severity)
+                .where(recs_t.c.tenant_id == self.tenant_id,
+                       tuple_(recs_t.c.resource_id, recs_t.c.type_id).in_(part))
+            ):
+                existing[(row.resource_id, row.type_id)] = row
+        type_severity = dict(conn.execute(
+            select(types_t.c.id, types_t.c.severity).where(
+                in_values(conn, types_t.c.id, sorted({t for _, t in pairs})))
+        ).all())
+        inserts, changes, events = [], [], []
+        for pair in pairs:
+            open_count, worst = aggregate.get(pair, (0, -1))
+            status = "Unhealthy" if open_count else "Healthy"
+            severity = SEVERITIES[worst] if worst >= 0 else type_severity.get(pair[1], "medium")
+            old = existing.get(pair)
+            if old is None:
+                inserts.append({"tenant_id": self.tenant_id, "resource_id": pair[0], "type_id": pair[1],
+                                "status": status, "severity": severity, "first_evaluated": now,
+                                "status_changed_at": now, "updated_at": now, "comments": [], "tags": []})
+            elif old.status != status or old.severity != severity:
+                changes.append({"_id": old.id, "_status": status, "_severity": severity,
+                                "_changed": now if old.status != status else None})
+                if old.status != status:
+                    events.append({"tenant_id": self.tenant_id, "subject_type": "recommendation",
+                                   "subject_id": old.id, "event": status.lower(), "at": now,
+                                   "cause": self.cause, "batch_id": self.batch_id, "actor": self.provider,
+                                   "details": {"from": old.status}})
+        if inserts:
+            new_ids = conn.execute(
+                recs_t.insert().returning(recs_t.c.id, recs_t.c.status, sort_by_parameter_order=True), inserts
+            ).all()
+            events.extend({"tenant_id": self.tenant_id, "subject_type": "recommendation", "subject_id": rid,
+                           "event": "new", "at": now, "cause": self.cause, "batch_id": self.batch_id,
+                           "actor": self.provider, "details": {"status": status}} for rid, status in new_ids)
+        if changes:
+            conn.execute(
+                update(recs_t).where(recs_t.c.id == bindparam("_id")).values(
+                    status=bindparam("_status"), severity=bindparam("_severity"), updated_at=now,
+                    status_changed_at=func.coalesce(bindparam("_changed"), recs_t.c.status_changed_at)),
+                changes,
+            )
+        if events:
+            conn.execute(events_t.insert(), events)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    from datetime import timezone
+
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
+
+
+def _ts(value: datetime | None) -> float:
+    value = _aware(value)
+    return value.timestamp() if value else 0.0
+
+
+def _later(new: datetime | None, old: datetime | None) -> bool:
+    return new is not None and (old is None or new > _aware(old))
+
+
+def _latest(new: datetime | None, old: datetime | None) -> datetime | None:
+    return new if _later(new, old) else _aware(old)
+
+
+def _earliest(new: datetime | None, old: datetime | None) -> datetime | None:
+    old = _aware(old)
+    if new is None:
+        return old
+    if old is None:
+        return new
+    return min(new, old)

@@ -1,0 +1,373 @@
+"""SQLAlchemy models of the store.  Every tenant-owned row carries ``tenant_id``.
+
+Provider-owned fields (what scanners observe) and customer-owned fields (workflow)
+live in separate columns; merges write only the former, the API only the latter.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    JSON as JSONType,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.types import TypeDecorator
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+BigId = BigInteger().with_variant(Integer, "sqlite")
+JSON = JSONType().with_variant(JSONB(), "postgresql")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator):
+    """A timezone-aware UTC datetime on every backend (SQLite returns naive ones)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is not None and value.tzinfo is not None:
+            value = value.astimezone(timezone.utc)
+        return value
+
+    def process_result_value(self, value, dialect):
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return value
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime()}
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    external_id: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class OAuthClient(Base):
+    __tablename__ = "oauth_clients"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    client_id: Mapped[str] = mapped_column(String(64), unique=True)
+    secret_hash: Mapped[str] = mapped_column(String(200))
+    name: Mapped[str] = mapped_column(String(200))
+    provider: Mapped[str] = mapped_column(String(100))
+    scope: Mapped[str] = mapped_column(String(500))
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    secret_rotated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ClientTenant(Base):
+    __tablename__ = "client_tenants"
+
+    client_pk: Mapped[int] = mapped_column(ForeignKey("oauth_clients.id", ondelete="CASCADE"), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+
+
+class OAuthToken(Base):
+    __tablename__ = "oauth_tokens"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    client_pk: Mapped[int] = mapped_column(ForeignKey("oauth_clients.id", ondelete="CASCADE"), index=True)
+    scope: Mapped[str] = mapped_column(String(500))
+    issued_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
+
+
+class Batch(Base):
+    __tablename__ = "batches"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "client_pk", "idempotency_key", name="uq_batches_idempotency"),
+        Index("ix_batches_status_received", "status", "received_at"),
+        Index("ix_batches_tenant_received", "tenant_id", "received_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    client_pk: Mapped[int] = mapped_column(ForeignKey("oauth_clients.id"))
+    provider: Mapped[str] = mapped_column(String(100))
+    format: Mapped[str] = mapped_column(String(50))
+    content_type: Mapped[str] = mapped_column(String(100))
+    scan_type: Mapped[str] = mapped_column(String(20), default="incremental")
+    body_sha256: Mapped[str] = mapped_column(String(64))
+    body_size: Mapped[int] = mapped_column(BigInteger)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(30), default="accepted")
+    counts: Mapped[dict] = mapped_column(JSON, default=dict)
+    rejections: Mapped[list] = mapped_column(JSON, default=list)
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    enqueued_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+
+class BatchBlob(Base):
+    """The raw bytes of a batch, in order, in pieces of at most 1 MiB (decompressed)."""
+
+    __tablename__ = "batch_blobs"
+
+    batch_id: Mapped[int] = mapped_column(BigId, ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class BatchChunk(Base):
+    """A chunk of a batch that is merged: written in the merge's own transaction."""
+
+    __tablename__ = "batch_chunks"
+
+    batch_id: Mapped[int] = mapped_column(BigId, ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True)
+    chunk_no: Mapped[int] = mapped_column(Integer, primary_key=True)
+    counts: Mapped[dict] = mapped_column(JSON, default=dict)
+    rejections: Mapped[list] = mapped_column(JSON, default=list)
+    merged_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Resource(Base):
+    __tablename__ = "resources"
+    __table_args__ = (Index("ix_resources_tenant_id", "tenant_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    kind: Mapped[str | None] = mapped_column(String(50))
+    name: Mapped[str | None] = mapped_column(String(500))
+    os: Mapped[str | None] = mapped_column(String(200))
+    first_seen: Mapped[datetime | None]
+    last_seen: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    tags: Mapped[list] = mapped_column(JSON, default=list)
+
+
+class ResourceIdentifier(Base):
+    __tablename__ = "resource_identifiers"
+    __table_args__ = (
+        Index("ix_resource_identifiers_resource", "resource_id"),
+        # A strong or medium identifier names one resource; IP addresses may repeat.
+        Index(
+            "uq_resource_identifiers_unique_kinds",
+            "tenant_id",
+            "kind",
+            "value",
+            unique=True,
+            sqlite_where=text("kind NOT IN ('ipv4', 'ipv6')"),
+            postgresql_where=text("kind NOT IN ('ipv4', 'ipv6')"),
+        ),
+    )
+
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20), primary_key=True)
+    value: Mapped[str] = mapped_column(String(500), primary_key=True)
+    resource_id: Mapped[int] = mapped_column(BigId, ForeignKey("resources.id", ondelete="CASCADE"), primary_key=True)
+
+
+class RecommendationType(Base):
+    __tablename__ = "recommendation_types"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(300), unique=True)
+    provider: Mapped[str | None] = mapped_column(String(100))
+    kind: Mapped[str] = mapped_column(String(30), default="vulnerability")
+    title: Mapped[str] = mapped_column(String(500))
+    description: Mapped[str | None] = mapped_column(Text)
+    remediation: Mapped[str | None] = mapped_column(Text)
+    severity: Mapped[str] = mapped_column(String(20), default="medium")
+    categories: Mapped[list] = mapped_column(JSON, default=list)
+    control: Mapped[str | None] = mapped_column(String(100))
+
+
+class Recommendation(Base):
+    __tablename__ = "recommendations"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "resource_id", "type_id", name="uq_recommendations_subject"),
+        Index("ix_recommendations_tenant_status", "tenant_id", "status", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    resource_id: Mapped[int] = mapped_column(BigId, ForeignKey("resources.id"))
+    type_id: Mapped[int] = mapped_column(ForeignKey("recommendation_types.id"))
+    status: Mapped[str] = mapped_column(String(20))  # Healthy | Unhealthy | NotApplicable
+    severity: Mapped[str] = mapped_column(String(20))
+    first_evaluated: Mapped[datetime] = mapped_column(default=utcnow)
+    status_changed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # customer-owned
+    status_override: Mapped[str | None] = mapped_column(String(30))
+    assigned_to: Mapped[str | None] = mapped_column(String(200))
+    comments: Mapped[list] = mapped_column(JSON, default=list)
+    tags: Mapped[list] = mapped_column(JSON, default=list)
+
+
+class Finding(Base):
+    __tablename__ = "findings"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "resource_id", "correlation_key", name="uq_findings_subject"),
+        Index("ix_findings_tenant_id", "tenant_id", "id"),
+        Index("ix_findings_tenant_severity_state", "tenant_id", "severity", "state", "id"),
+        Index("ix_findings_tenant_cve", "tenant_id", "cve"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    resource_id: Mapped[int] = mapped_column(BigId, ForeignKey("resources.id"))
+    recommendation_type_id: Mapped[int] = mapped_column(ForeignKey("recommendation_types.id"))
+    correlation_key: Mapped[str] = mapped_column(String(300))
+    cve: Mapped[str | None] = mapped_column(String(40))
+    kind: Mapped[str] = mapped_column(String(30))
+    # provider-owned (derived from the sources)
+    title: Mapped[str] = mapped_column(Text)
+    description: Mapped[str | None] = mapped_column(Text)
+    remediation: Mapped[str | None] = mapped_column(Text)
+    severity: Mapped[str] = mapped_column(String(20))
+    cvss_score: Mapped[float | None] = mapped_column(Float)
+    state: Mapped[str] = mapped_column(String(20))  # new | active | resolved | reopened
+    first_seen: Mapped[datetime | None]
+    last_seen: Mapped[datetime | None]
+    resolved_at: Mapped[datetime | None]
+    state_changed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # customer-owned
+    status_override: Mapped[str | None] = mapped_column(String(30))
+    assigned_to: Mapped[str | None] = mapped_column(String(200))
+    comments: Mapped[list] = mapped_column(JSON, default=list)
+    tags: Mapped[list] = mapped_column(JSON, default=list)
+
+
+class FindingSource(Base):
+    """One provider record's view of one finding (DESIGN: a source)."""
+
+    __tablename__ = "finding_sources"
+    __table_args__ = (
+        UniqueConstraint(
+            "tenant_id", "provider", "provider_id", "correlation_key", name="uq_finding_sources_record"
+        ),
+        Index("ix_finding_sources_finding", "finding_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    finding_id: Mapped[int] = mapped_column(BigId, ForeignKey("findings.id", ondelete="CASCADE"))
+    resource_id: Mapped[int] = mapped_column(BigId, ForeignKey("resources.id"))
+    provider: Mapped[str] = mapped_column(String(100))
+    provider_id: Mapped[str] = mapped_column(String(512))
+    correlation_key: Mapped[str] = mapped_column(String(300))
+    vendor_id: Mapped[str | None] = mapped_column(String(100))
+    state: Mapped[str] = mapped_column(String(10))  # open | fixed
+    title: Mapped[str] = mapped_column(Text)
+    severity: Mapped[str] = mapped_column(String(20))
+    severity_original: Mapped[str | None] = mapped_column(String(50))
+    severity_scale: Mapped[str | None] = mapped_column(String(50))
+    description: Mapped[str | None] = mapped_column(Text)
+    remediation: Mapped[str | None] = mapped_column(Text)
+    evidence: Mapped[str | None] = mapped_column(Text)
+    cvss_score: Mapped[float | None] = mapped_column(Float)
+    cvss_vector: Mapped[str | None] = mapped_column(String(200))
+    references: Mapped[list] = mapped_column(JSON, default=list)
+    extra: Mapped[dict | None] = mapped_column(JSON)
+    first_seen: Mapped[datetime | None]
+    last_seen: Mapped[datetime | None]
+    provider_timestamp: Mapped[datetime]
+    content_hash: Mapped[str] = mapped_column(String(32))
+    batch_id: Mapped[int | None] = mapped_column(BigId)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class VulnerabilityKB(Base):
+    """A provider's knowledge base entry (e.g. a Qualys QID), per tenant."""
+
+    __tablename__ = "vulnerability_kb"
+
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    provider: Mapped[str] = mapped_column(String(100), primary_key=True)
+    vendor_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    title: Mapped[str | None] = mapped_column(Text)
+    severity: Mapped[str | None] = mapped_column(String(20))
+    cves: Mapped[list] = mapped_column(JSON, default=list)
+    description: Mapped[str | None] = mapped_column(Text)
+    remediation: Mapped[str | None] = mapped_column(Text)
+    cvss_score: Mapped[float | None] = mapped_column(Float)
+    provider_timestamp: Mapped[datetime | None]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Alert(Base):
+    __tablename__ = "alerts"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "provider", "provider_id", name="uq_alerts_record"),
+        Index("ix_alerts_tenant_id", "tenant_id", "id"),
+        Index("ix_alerts_tenant_severity_status", "tenant_id", "severity", "status", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    provider: Mapped[str] = mapped_column(String(100))
+    provider_id: Mapped[str] = mapped_column(String(512))
+    resource_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("resources.id"))
+    # provider-owned
+    title: Mapped[str] = mapped_column(Text)
+    description: Mapped[str | None] = mapped_column(Text)
+    severity: Mapped[str] = mapped_column(String(20))
+    category: Mapped[str | None] = mapped_column(String(200))
+    provider_status: Mapped[str | None] = mapped_column(String(30))
+    recommended_actions: Mapped[list] = mapped_column(JSON, default=list)
+    extra: Mapped[dict | None] = mapped_column(JSON)
+    created_date_time: Mapped[datetime | None]
+    last_modified_date_time: Mapped[datetime | None]
+    provider_timestamp: Mapped[datetime]
+    content_hash: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # customer-owned
+    status: Mapped[str] = mapped_column(String(20), default="newAlert")
+    assigned_to: Mapped[str | None] = mapped_column(String(200))
+    feedback: Mapped[str | None] = mapped_column(String(30))
+    comments: Mapped[list] = mapped_column(JSON, default=list)
+    tags: Mapped[list] = mapped_column(JSON, default=list)
+    closed_date_time: Mapped[datetime | None]
+
+
+class LifecycleEvent(Base):
+    """A stored transition or change, with time and cause: history is never rewritten."""
+
+    __tablename__ = "lifecycle_events"
+    __table_args__ = (Index("ix_lifecycle_events_subject", "tenant_id", "subject_type", "subject_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    subject_type: Mapped[str] = mapped_column(String(20))  # finding | recommendation | alert
+    subject_id: Mapped[int] = mapped_column(BigId)
+    event: Mapped[str] = mapped_column(String(30))  # new | updated | resolved | reopened | edited ...
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    cause: Mapped[str] = mapped_column(String(200))
+    batch_id: Mapped[int | None] = mapped_column(BigId)
+    actor: Mapped[str | None] = mapped_column(String(200))
+    details: Mapped[dict | None] = mapped_column(JSON)

@@ -1,0 +1,183 @@
+"""Merge semantics (DESIGN rules 2-5) on PostgreSQL and on SQLite, through the HTTP API."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+
+from gateway.models import Finding, FindingSource, LifecycleEvent, Resource
+from tests.factories import document, finding
+
+
+def push(gw, tenant, headers, body, **params):
+    query = "&".join(f"{k}={v}" for k, v in {"format": "canonical", **params}.items())
+    response = gw.http.post(f"/api/v1/tenants/{tenant}/batches?{query}", data=body,
+                            headers=headers | {"Content-Type": "application/json"})
+    assert response.status_code == 202, response.get_json()
+    batch = gw.http.get(f"/api/v1/tenants/{tenant}/batches/{response.get_json()['id']}", headers=headers)
+    assert batch.status_code == 200
+    return batch.get_json()
+
+
+def count(gw, model) -> int:
+    with gw.db.sessions() as session:
+        return session.scalar(select(func.count()).select_from(model))
+
+
+def findings_of(gw, tenant, headers, **args):
+    query = "&".join(f"{k}={v}" for k, v in args.items())
+    response = gw.http.get(f"/api/v1/tenants/{tenant}/findings?{query}", headers=headers)
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()["value"]
+
+
+def test_push_merges_fields_and_counts(gw):
+    tenant = gw.tenant()
+    headers = gw.partner("Qualys", [tenant])
+    body = document([finding("q-1"), finding("q-2", cves=["CVE-2023-4863", "CVE-2023-5217"], severity="critical"),
+                     finding("q-3", host="web-1.example.com", cves=[], vendorId="38739", severity="low")])
+    batch = push(gw, tenant, headers, body)
+    assert batch["status"] == "succeeded"
+    assert batch["counts"] == {"received": 3, "created": 3, "updated": 0, "unchanged": 0, "stale": 0,
+                               "resolved": 0, "rejected": 0}
+    rows = findings_of(gw, tenant, headers)
+    assert len(rows) == 4  # q-2 names two CVEs: one finding per CVE
+    by_key = {row["correlationKey"]: row for row in rows}
+    assert set(by_key) == {"CVE-2024-3094", "CVE-2023-4863", "CVE-2023-5217", "Qualys/38739"}
+    xz = by_key["CVE-2024-3094"]
+    assert xz["title"] == "Vulnerability q-1"
+    assert xz["severity"] == "high"
+    assert xz["state"] == "new"
+    assert xz["cves"] == ["CVE-2024-3094"]
+    assert xz["lastSeen"].startswith("2024-04-01T00:00:00")
+    assert xz["sources"][0]["provider"] == "Qualys" and xz["sources"][0]["providerId"] == "q-1"
+    assert by_key["CVE-2023-4863"]["resourceId"] == xz["resourceId"]  # same host, one resource
+    assert by_key["Qualys/38739"]["resourceId"] != xz["resourceId"]
+    resources = gw.http.get(f"/api/v1/tenants/{tenant}/resources", headers=headers).get_json()["value"]
+    assert sorted(r["name"] for r in resources) == ["db-1.example.com", "web-1.example.com"]
+    recs = gw.http.get(f"/api/v1/tenants/{tenant}/recommendations", headers=headers).get_json()["value"]
+    assert {(r["recommendationType"], r["status"]) for r in recs} == {("vulnerability-assessment", "Unhealthy")}
+    assert {r["severity"] for r in recs} == {"critical", "low"}
+
+
+def test_same_batch_twice_is_unchanged_and_writes_no_events(gw):
+    tenant = gw.tenant()
+    headers = gw.partner("Qualys", [tenant])
+    body = document([finding(f"q-{i}", cves=[f"CVE-2024-{1000 + i}"]) for i in range(120)])
+    first = push(gw, tenant, headers, body)
+    assert first["counts"]["created"] == 120
+    events = count(gw, LifecycleEvent)
+    second = push(gw, tenant, headers, body)
+    assert second["status"] == "succeeded"
+    assert second["counts"]["unchanged"] == 120
+    assert second["counts"]["created"] == second["counts"]["updated"] == 0
+    assert count(gw, LifecycleEvent) == events
+    assert count(gw, Finding) == 120 and count(gw, FindingSource) == 120 and count(gw, Resource) == 1
+
+
+def test_stale_update_is_ignored_and_newer_one_applies(gw):
+    tenant = gw.tenant()
+    headers = gw.partner("Tenable", [tenant])
+    push(gw, tenant, headers, document([finding("t-1", severity="high", ts="2024-04-02T00:00:00Z")]))
+    stale = push(gw, tenant, headers, document([finding("t-1", severity="low", ts="2024-04-01T00:00:00Z")]))
+    assert stale["counts"]["stale"] == 1 and stale["counts"]["updated"] == 0
+    assert findings_of(gw, tenant, headers)[0]["severity"] == "high"
+    newer = push(gw, tenant, headers, document([finding("t-1", severity="critical", ts="2024-04-03T00:00:00Z")]))
+    assert newer["counts"]["updated"] == 1
+    [row] = findings_of(gw, tenant, headers)
+    assert row["severity"] == "critical"
+    assert row["state"] == "active"
+    history = gw.http.get(f"/api/v1/tenants/{tenant}/findings/{row['id']}/history", headers=headers).get_json()
+    assert [e["event"] for e in history["value"]] == ["new", "active"]
+
+
+def test_customer_fields_survive_a_repush(gw):
+    tenant = gw.tenant()
+    headers = gw.partner("Qualys", [tenant])
+    push(gw, tenant, headers, document([finding("q-1", severity="medium")]))
+    [row] = findings_of(gw, tenant, headers)
+    response = gw.http.patch(f"/api/v1/tenants/{tenant}/findings/{row['id']}",
+                             json={"assignedTo": "alice@contoso.com", "statusOverride": "riskAccepted",
+                                   "tags": ["pci"]},
+                             headers=headers | {"Prefer": "return=representation"})
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["assignedTo"] == "alice@contoso.com"
+    push(gw, tenant, headers, document([finding("q-1", severity="critical", title="Renamed",
+                                                ts="2024-05-01T00:00:00Z")]))
+    [row] = findings_of(gw, tenant, headers)
+    assert row["severity"] == "critical" and row["title"] == "Renamed"
+    assert row["assignedTo"] == "alice@contoso.com"
+    assert row["statusOverride"] == "riskAccepted"
+    assert row["tags"] == ["pci"]
+    events = gw.http.get(f"/api/v1/tenants/{tenant}/findings/{row['id']}/history", headers=headers).get_json()
+    edited = [e for e in events["value"] if e["event"] == "edited"]
+    assert edited and edited[0]["details"]["assignedTo"] == "alice@contoso.com" and edited[0]["actor"]
+
+
+def test_full_scan_resolves_missing_and_reopens_returning(gw):
+    tenant = gw.tenant()
+    headers = gw.partner("Tenable", [tenant])
+    both = [finding("t-1", cves=["CVE-2024-0001"]), finding("t-2", cves=["CVE-2024-0002"])]
+    push(gw, tenant, headers, document(both, scan="full"))
+    # t-2 is missing from the next full scan of the same host: resolved
+    batch = push(gw, tenant, headers, document([finding("t-1", cves=["CVE-2024-0001"], ts="2024-04-02T00:00:00Z")],
+                                               scan="full"))
+    assert batch["counts"]["resolved"] == 1
+    states = {r["correlationKey"]: r["state"] for r in findings_of(gw, tenant, headers)}
+    assert states == {"CVE-2024-0001": "active", "CVE-2024-0002": "resolved"}
+    # an incremental push without t-1 resolves nothing
+    push(gw, tenant, headers, document([finding("t-3", cves=["CVE-2024-0003"])]))
+    assert {r["state"] for r in findings_of(gw, tenant, headers, status="resolved")} == {"resolved"}
+    assert len(findings_of(gw, tenant, headers, status="resolved")) == 1
+    # t-2 comes back: reopened
+    again = push(gw, tenant, headers, document([finding("t-2", cves=["CVE-2024-0002"], ts="2024-04-03T00:00:00Z")]))
+    assert again["counts"]["updated"] == 1
+    [row] = findings_of(gw, tenant, headers, cve="CVE-2024-0002")
+    assert row["state"] == "reopened" and row["resolvedAt"] is None
+    history = gw.http.get(f"/api/v1/tenants/{tenant}/findings/{row['id']}/history", headers=headers).get_json()
+    assert [e["event"] for e in history["value"]] == ["new", "resolved", "reopened"]
+    assert "full scan" in history["value"][1]["cause"]
+
+
+def test_fixed_status_resolves_and_recommendation_turns_healthy(gw):
+    tenant = gw.tenant()
+    headers = gw.partner("Qualys", [tenant])
+    push(gw, tenant, headers, document([finding("q-1")]))
+    batch = push(gw, tenant, headers, document([finding("q-1", status="fixed", ts="2024-04-05T00:00:00Z")]))
+    assert batch["counts"]["resolved"] == 1
+    [row] = findings_of(gw, tenant, headers)
+    assert row["state"] == "resolved" and row["resolvedAt"]
+    [rec] = gw.http.get(f"/api/v1/tenants/{tenant}/recommendations", headers=headers).get_json()["value"]
+    assert rec["status"] == "Healthy"
+
+
+def test_rejected_records_are_reported_and_good_ones_land(gw):
+    tenant = gw.tenant()
+    headers = gw.partner("Qualys", [tenant])
+    body = document([finding("q-1"), {"id": "q-2", "title": "no resource", "severity": "high"},
+                     finding("q-3", severity="urgent")])
+    batch = push(gw, tenant, headers, body)
+    assert batch["status"] == "partiallySucceeded"
+    assert batch["counts"]["received"] == 3 and batch["counts"]["created"] == 1
+    assert batch["counts"]["rejected"] == 2
+    assert [(r["position"], r["providerId"]) for r in batch["rejections"]] == [("findings[1]", "q-2"),
+                                                                             ("findings[2]", "q-3")]
+    assert "resource" in batch["rejections"][0]["reason"] and "severity" in batch["rejections"][1]["reason"]
+    assert len(findings_of(gw, tenant, headers)) == 1
+
+
+def test_paging_with_next_link_returns_every_row_once(gw):
+    tenant = gw.tenant()
+    headers = gw.partner("Qualys", [tenant])
+    push(gw, tenant, headers, document([finding(f"q-{i}", cves=[f"CVE-2024-{2000 + i}"],
+                                                severity=["low", "high", "critical"][i % 3]) for i in range(57)]))
+    seen = []
+    url = f"/api/v1/tenants/{tenant}/findings?$top=10&$orderby=severity desc"
+    while url:
+        page = gw.http.get(url, headers=headers).get_json()
+        seen.extend(page["value"])
+        url = page.get("@odata.nextLink")
+        if url:
+            url = url.split("localhost", 1)[1]
+    assert len(seen) == 57 and len({row["id"] for row in seen}) == 57
+    ranks = {"low": 1, "high": 3, "critical": 4}
+    assert [ranks[r["severity"]] for r in seen] == sorted((ranks[r["severity"]] for r in seen), reverse=True)

@@ -1,0 +1,46 @@
+"""The Celery app, bound to the Flask app (the Flask docs' ``celery_init_app`` pattern)."""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery, Task
+from flask import Flask
+
+
+def celery_init_app(app: Flask) -> Celery:
+    """Create the Celery app for a Flask app and keep it in ``app.extensions['celery']``."""
+
+    class FlaskTask(Task):
+        def __call__(self, *args, **kwargs):
+            with app.app_context():
+                return self.run(*args, **kwargs)
+
+    celery = Celery(app.name, task_cls=FlaskTask)
+    broker = app.config["BROKER_URL"]
+    visibility = int(os.environ.get("GATEWAY_VISIBILITY_TIMEOUT", "3600"))
+    celery.conf.update(
+        broker_url=broker,
+        result_backend=None,
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_always_eager=bool(app.config.get("TASK_ALWAYS_EAGER")),
+        task_serializer="json",
+        accept_content=["json"],
+        broker_connection_retry_on_startup=True,
+        # A push is durable before it is enqueued: fail fast and let the sweep re-enqueue.
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5},
+        broker_transport_options={"visibility_timeout": visibility},
+        beat_schedule={
+            "requeue-unprocessed-batches": {
+                "task": "workers.tasks.requeue_unprocessed_batches",
+                "schedule": float(os.environ.get("GATEWAY_SWEEP_INTERVAL", "60")),
+            }
+        },
+        imports=("workers.tasks",),
+    )
+    celery.set_default()
+    app.extensions["celery"] = celery
+    return celery
