@@ -121,6 +121,32 @@ def save_token(token: dict[str, Any], oauth_request) -> None:
         ))
 
 
+class StoredToken:
+    """authlib's view of an OAuthToken row and its client."""
+
+    def __init__(self, row: OAuthToken, client: OAuthClient) -> None:
+        self.row = row
+        self.id = row.id
+        self.client_pk = row.client_pk
+        self.client_row = client
+        self.scope = row.scope
+        self.expires_at = row.expires_at
+        self.issued_at = row.issued_at
+        self.revoked_at = row.revoked_at
+
+    def check_client(self, client: ClientAdapter) -> bool:
+        return self.client_pk == client.row.id
+
+    def get_scope(self) -> str:
+        return self.scope
+
+    def is_revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    def is_expired(self) -> bool:
+        return _aware(self.expires_at) <= datetime.now(timezone.utc)
+
+
 class _TokenLookup:
     def query_token(self, token_string: str, token_type_hint: str | None):
         with _db().sessions() as session:
@@ -128,8 +154,7 @@ class _TokenLookup:
             if row is None:
                 return None
             client = session.get(OAuthClient, row.client_pk)
-        row.client_row = client
-        return row
+        return StoredToken(row, client)
 
 
 class Revocation(_TokenLookup, RevocationEndpoint):

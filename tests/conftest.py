@@ -192,6 +192,9 @@ class Worker:
         except ProcessLookupError:
             pass
         self.process.wait(timeout=10)
+        if self.log:
+            self.log.close()
+            self.log = None
 
     def stop(self) -> None:
         import signal

@@ -32,7 +32,9 @@ def celery_init_app(app: Flask) -> Celery:
         broker_connection_retry_on_startup=True,
         # A push is durable before it is enqueued: fail fast and let the sweep re-enqueue.
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5},
-        broker_transport_options={"visibility_timeout": visibility},
+        # Redis redelivers an unacknowledged task after this long (a worker died with it).
+        broker_transport_options={"visibility_timeout": visibility} if broker.startswith(("redis", "rediss"))
+        else {},
         beat_schedule={
             "requeue-unprocessed-batches": {
                 "task": "workers.tasks.requeue_unprocessed_batches",

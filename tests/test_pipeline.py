@@ -1,0 +1,88 @@
+"""The whole path over real parts: HTTP socket -> PostgreSQL -> Redis -> celery worker -> query."""
+
+from __future__ import annotations
+
+import time
+
+import requests
+from sqlalchemy import func, select
+
+from gateway.models import Batch, Finding, FindingSource
+from tests.conftest import Worker, wait_for
+from tests.factories import document, finding, gz
+from workers.tasks import requeue
+
+
+def _token_headers(gw, tenant, provider="Qualys"):
+    return gw.partner(provider, [tenant])
+
+
+def _wait_final(server, tenant, batch_id, headers, timeout=90):
+    def final():
+        body = requests.get(f"{server.url}/api/v1/tenants/{tenant}/batches/{batch_id}", headers=headers,
+                            timeout=10).json()
+        return body if body["status"] in ("succeeded", "partiallySucceeded", "failed") else None
+
+    return wait_for(final, timeout=timeout)
+
+
+def test_push_over_http_is_merged_by_the_worker(pg_gw, live_server, worker):
+    tenant = pg_gw.tenant()
+    headers = _token_headers(pg_gw, tenant)
+    body = document([finding(f"q-{i}", host=f"h{i % 7}.example.com", cves=[f"CVE-2024-{3000 + i}"],
+                             severity=["medium", "high"][i % 2]) for i in range(300)])
+    response = requests.post(f"{live_server.url}/api/v1/tenants/{tenant}/batches?format=canonical",
+                             data=gz(body), headers=headers | {"Content-Type": "application/json",
+                                                               "Content-Encoding": "gzip"}, timeout=30)
+    assert response.status_code == 202, response.text
+    batch = _wait_final(live_server, tenant, response.json()["id"], headers)
+    assert batch["status"] == "succeeded"
+    assert batch["counts"]["received"] == 300 and batch["counts"]["created"] == 300
+    page = requests.get(f"{live_server.url}/api/v1/tenants/{tenant}/findings",
+                        params={"severity": "high", "$top": "1000"}, headers=headers, timeout=10).json()
+    assert len(page["value"]) == 150
+    assert all(row["severity"] == "high" and row["sources"][0]["provider"] == "Qualys" for row in page["value"])
+    resources = requests.get(f"{live_server.url}/api/v1/tenants/{tenant}/resources", headers=headers,
+                             timeout=10).json()["value"]
+    assert len(resources) == 7
+    assert {r["identifiers"]["fqdn"][0] for r in resources} == {f"h{i}.example.com" for i in range(7)}
+
+
+def test_worker_killed_mid_merge_completes_once_after_restart(pg_gw, live_server, redis_clean):
+    tenant = pg_gw.tenant()
+    headers = _token_headers(pg_gw, tenant)
+    count = 20000
+    body = document([finding(f"q-{i}", host=f"h{i % 50}.example.com", cves=[f"CVE-2024-{10000 + i}"])
+                     for i in range(count)])
+    response = requests.post(f"{live_server.url}/api/v1/tenants/{tenant}/batches?format=canonical",
+                             data=body, headers=headers | {"Content-Type": "application/json"}, timeout=60)
+    assert response.status_code == 202
+    batch_id = int(response.json()["id"])
+
+    def status():
+        with pg_gw.db.sessions() as session:
+            return session.scalar(select(Batch.status).where(Batch.id == batch_id))
+
+    first = Worker(pg_gw.app.config["DATABASE_URL"])
+    try:
+        wait_for(lambda: status() == "processing", timeout=60, interval=0.05)
+        time.sleep(1.0)  # well inside the merge: 20,000 findings in chunks of 50
+        assert status() == "processing"
+    finally:
+        first.kill()
+    with pg_gw.db.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Finding)) == 0  # nothing half-merged
+
+    second = Worker(pg_gw.app.config["DATABASE_URL"])
+    try:
+        with pg_gw.app.app_context():
+            assert requeue(pg_gw.db, older_than_seconds=0) == 1  # the periodic sweep's job
+        batch = _wait_final(live_server, tenant, batch_id, headers, timeout=180)
+    finally:
+        second.stop()
+    assert batch["status"] == "succeeded"
+    assert batch["counts"]["created"] == count and batch["attempts"] >= 2
+    with pg_gw.db.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Finding)) == count
+        assert session.scalar(select(func.count()).select_from(FindingSource)) == count
+        assert session.scalar(select(func.count(func.distinct(FindingSource.provider_id)))) == count
