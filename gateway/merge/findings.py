@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import msgspec
-from sqlalchemy import bindparam, case, func, select, tuple_, update
+from sqlalchemy import bindparam, case, func, select, update
 from sqlalchemy.engine import Connection
 
 from connectors.model import SEVERITIES, SEVERITY_RANK, FindingRecord
 from gateway.merge import resources as resource_identity
-from gateway.merge.sql import in_values, insert_for, is_postgres
+from gateway.merge.sql import in_values, insert_for, is_postgres, pair_join
 from gateway.models import (
     Finding,
     FindingSource,
@@ -279,12 +279,10 @@ class FindingMerger:
         result: dict[tuple[int, str], int] = {}
         for start in range(0, len(keys), 5000):
             part = keys[start : start + 5000]
+            query = select(findings_t.c.id, findings_t.c.resource_id, findings_t.c.correlation_key).where(
+                findings_t.c.tenant_id == self.tenant_id)
             rows = self.conn.execute(
-                select(findings_t.c.id, findings_t.c.resource_id, findings_t.c.correlation_key).where(
-                    findings_t.c.tenant_id == self.tenant_id,
-                    tuple_(findings_t.c.resource_id, findings_t.c.correlation_key).in_(part),
-                )
-            )
+                pair_join(self.conn, query, findings_t.c.resource_id, findings_t.c.correlation_key, part))
             for finding_id, resource_id, key in rows:
                 result[(resource_id, key)] = finding_id
         return result
@@ -487,11 +485,9 @@ class FindingMerger:
         existing = {}
         for start in range(0, len(pairs), 5000):
             part = pairs[start : start + 5000]
-            for row in conn.execute(
-                select(recs_t.c.id, recs_t.c.resource_id, recs_t.c.type_id, recs_t.c.status, recs_t.c.severity)
-                .where(recs_t.c.tenant_id == self.tenant_id,
-                       tuple_(recs_t.c.resource_id, recs_t.c.type_id).in_(part))
-            ):
+            query = select(recs_t.c.id, recs_t.c.resource_id, recs_t.c.type_id, recs_t.c.status,
+                           recs_t.c.severity).where(recs_t.c.tenant_id == self.tenant_id)
+            for row in conn.execute(pair_join(conn, query, recs_t.c.resource_id, recs_t.c.type_id, part)):
                 existing[(row.resource_id, row.type_id)] = row
         type_severity = dict(conn.execute(
             select(types_t.c.id, types_t.c.severity).where(
