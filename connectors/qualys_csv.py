@@ -1,0 +1,288 @@
+"""Qualys VM scan report CSV and VMDR "Asset Vuln Datalist" CSV -> FindingRecord.
+
+Both exports start with a free-form preamble (report name, company, user: rows of any
+width, quoted cells may span lines; VMDR exports sometimes have none), then the real
+header row: the first row with a "QID" column and a host column ("IP", "Asset IPV4",
+"Asset Id", "DNS", ...), at most 100 rows down.  Rows are streamed with the csv module;
+columns are mapped by header name (case-insensitive), so the scan-report layout
+("IP","DNS","NetBIOS",...,"QID","Title","Vuln Status","Type","Severity",...), the PCI
+layout (IP,HOSTNAME,LAST SCAN,QID,VULN TITLE,...,SEVERITY,Q_SEVERITY,...) and both VMDR
+layouts (QID-first, and CVE-first with one row per CVE of a detection) all work.
+
+Resource: IP / Asset IPV4 (several addresses allowed: "10.0.0.20,10.0.0.21") -> ipv4,
+Asset IPV6 -> ipv6, DNS / HOSTNAME -> fqdn when it has a dot else hostname, NetBIOS ->
+netbios, Asset Id -> agent_id "qualys-asset:<id>" (as in qualys_hld), Asset Name -> name
+(and hostname/fqdn when it is a host name), OS / Operating System -> os.
+Finding: QID -> vendor_id; Title / VULN TITLE -> title ("QID <qid>" when absent);
+Severity 1-5 (Q_SEVERITY first when present; a word such as "Medium" otherwise) ->
+informational/low/medium/high/critical, Type "Ig"/"Info" always informational;
+Vuln Status / Status New/Active/Re-Opened/Fixed -> open/fixed (missing: open);
+CVE ID / CVE / CVEID -> cves; Threat (else CVE-Description) -> description, Solution ->
+remediation (HTML to text); Results / RESULT -> evidence; CVSS3 Base, else CVSSv3.1 Base
+(nvd), CVSS3, CVSS Base, CVSSv2 Base (nvd) -> cvss_score/cvss_vector ("8.1 (AV:N/..)");
+First Detected -> first_seen; Last Detected / LAST SCAN -> last_seen; provider_timestamp
+is the latest of Last Detected, Date Last Fixed and Last Reopened.
+Dates: ISO 8601, "05/13/2021 07:08:28" (month first; day first when the first number
+exceeds 12, as in "22/09/2022 13:01"), "Feb 03, 2026 07:00 AM".  They carry no zone:
+a "GMT-0500" in the preamble (VMDR report date) is applied, otherwise UTC is assumed.
+provider_id = "<Asset Id or IP or DNS>|<QID>|<Port>/<Protocol>" ("|<FQDN>" appended when
+the row has one); the CVE rows of one VMDR detection share it and differ by CVE.
+A row without a host (IP, DNS, NetBIOS or asset id) or without a QID, or with a bad
+severity, status or date, gives Rejected(position="line N"); blank rows and the Qualys
+"CONFIDENTIAL AND PROPRIETARY" footer are skipped.  A body without a header row is a
+FormatError.  Bytes that are not UTF-8 are replaced (U+FFFD); cells are limited to the csv
+module's field size (128 KiB): a larger cell is a FormatError.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from typing import BinaryIO
+
+from connectors.base import ParseOptions, find_cves, parse_time, severity_from_word
+from connectors.model import FindingRecord, FormatError, Rejected
+from connectors.qualys_hld import (
+    QUALYS_SCALE,
+    asset_agent_id,
+    clip,
+    compact,
+    cvss,
+    evidence_text,
+    html_to_text,
+    is_information,
+    make_resource,
+    provider_key,
+    qualys_severity,
+    qualys_status,
+    split_ips,
+    value_or_none,
+)
+
+FORMAT = "qualys_csv"
+TITLE = "Qualys VM scan report / VMDR CSV"
+CONTENT_TYPES = ("text/csv", "application/csv")
+RECORD_KIND = "findings"
+
+MAX_PREAMBLE_ROWS = 100
+WORD_SCALE = "qualys severity word"
+
+# canonical field -> header names (lower-case), first present wins
+COLUMNS: dict[str, tuple[str, ...]] = {
+    "ip": ("ip", "ip address", "asset ipv4", "ipv4"),
+    "ipv6": ("asset ipv6", "ipv6"),
+    "dns": ("dns", "dns name", "hostname", "host name"),
+    "netbios": ("netbios", "netbios name"),
+    "asset_id": ("asset id",),
+    "qg_host_id": ("qg host id", "qg hostid"),
+    "asset_name": ("asset name",),
+    "os": ("os", "operating system"),
+    "tracking_method": ("tracking method",),
+    "qid": ("qid",),
+    "title": ("title", "vuln title"),
+    "status": ("vuln status", "status"),
+    "type": ("type", "type detected"),
+    "q_severity": ("q_severity",),
+    "severity": ("severity",),
+    "port": ("port",),
+    "protocol": ("protocol",),
+    "fqdn": ("fqdn",),
+    "ssl": ("ssl",),
+    "first_seen": ("first detected", "first found"),
+    "last_seen": ("last detected", "last found", "last scan"),
+    "last_fixed": ("date last fixed", "last fixed"),
+    "last_reopened": ("last reopened",),
+    "cves": ("cve id", "cve", "cveid", "cve ids"),
+    "threat": ("threat",),
+    "cve_description": ("cve-description",),
+    "solution": ("solution",),
+    "results": ("results", "result"),
+    "category": ("category",),
+    "cvss3": ("cvss3 base", "cvssv3.1 base (nvd)", "cvssv3 base (nvd)", "cvss3.1 base", "cvss3"),
+    "cvss2": ("cvss base", "cvss_base", "cvssv2 base (nvd)", "cvss"),
+}
+_HOST_COLUMNS = frozenset(COLUMNS["ip"] + COLUMNS["ipv6"] + COLUMNS["asset_id"] + COLUMNS["dns"])
+_GMT = re.compile(r"GMT\s*([+-])(\d{2}):?(\d{2})")
+_FOOTER = "CONFIDENTIAL AND PROPRIETARY"
+_TIME_FORMATS = (
+    "%m/%d/%Y %H:%M:%S", "%m/%d/%Y %H:%M", "%m/%d/%Y", "%d/%m/%Y %H:%M:%S", "%d/%m/%Y %H:%M", "%d/%m/%Y",
+    "%b %d, %Y %I:%M %p", "%b %d, %Y %I:%M:%S %p", "%b %d, %Y", "%d %b %Y %I:%M%p", "%Y-%m-%d %H:%M:%S",
+)
+
+
+def _is_header(row: list[str]) -> bool:
+    cells = {cell.strip().lower() for cell in row}
+    return "qid" in cells and bool(cells & _HOST_COLUMNS)
+
+
+def sniff(head: bytes) -> bool:
+    """A CSV body with a header row naming a QID column and a host column (IP, Asset IPV4...)."""
+    text = head.decode("utf-8", "replace").lstrip("\ufeff")
+    if not text.strip() or text.lstrip()[:1] in ("<", "{", "["):
+        return False
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        for index, row in enumerate(reader):
+            if index >= MAX_PREAMBLE_ROWS:
+                return False
+            if _is_header(row):
+                return True
+    except csv.Error:
+        return False
+    return False
+
+
+def parse(stream: BinaryIO, options: ParseOptions) -> Iterator[FindingRecord | Rejected]:
+    """Stream the rows of a Qualys CSV export after its preamble."""
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace", newline="")
+    reader = csv.reader(text)
+    try:
+        columns, zone = _read_header(reader)
+        line = reader.line_num
+        for row in reader:
+            start, line = line + 1, reader.line_num
+            if not any(cell.strip() for cell in row):
+                continue
+            if len([cell for cell in row if cell.strip()]) == 1 and _FOOTER in row[0].upper():
+                continue
+            yield _record({name: row[index] if index < len(row) else "" for name, index in columns.items()},
+                          f"line {start}", zone)
+    except csv.Error as exc:
+        raise FormatError(f"malformed CSV at line {reader.line_num}: {exc}") from None
+    finally:
+        text.detach()
+
+
+def _read_header(reader: Iterator[list[str]]) -> tuple[dict[str, int], timezone]:
+    zone = UTC
+    for index, row in enumerate(reader):
+        if index >= MAX_PREAMBLE_ROWS:
+            break
+        if _is_header(row):
+            names = [cell.strip().lower() for cell in row]
+            columns: dict[str, int] = {}
+            for field, aliases in COLUMNS.items():
+                for alias in aliases:
+                    if alias in names:
+                        columns[field] = names.index(alias)
+                        break
+            return columns, zone
+        for cell in row:
+            match = _GMT.search(cell)
+            if match:
+                sign = -1 if match.group(1) == "-" else 1
+                zone = timezone(sign * timedelta(hours=int(match.group(2)), minutes=int(match.group(3))))
+                break
+    raise FormatError(
+        f"not a {TITLE}: no header row with a QID column and a host column (IP, Asset IPV4, DNS...) "
+        f"in the first {MAX_PREAMBLE_ROWS} rows"
+    )
+
+
+def _time(name: str, value: str | None, zone: timezone) -> datetime | None:
+    value = value_or_none(value)
+    if value is None:
+        return None
+    try:
+        return parse_time(value)
+    except ValueError:
+        pass
+    for pattern in _TIME_FORMATS:
+        try:
+            parsed = datetime.strptime(value, pattern)
+        except ValueError:
+            continue
+        return parsed.replace(tzinfo=zone).astimezone(UTC)
+    raise ValueError(f"'{name}' is not a date-time Qualys writes: {value[:64]!r}")
+
+
+def _severity(cells: dict[str, str]) -> tuple[str | None, str | None, str]:
+    qualys_type = cells.get("type")
+    for field in ("q_severity", "severity"):
+        level = value_or_none(cells.get(field))
+        if level is None:
+            continue
+        severity = qualys_severity(level, qualys_type)
+        if severity is not None:
+            return severity, level, QUALYS_SCALE
+        word = severity_from_word(level)
+        if word is not None:
+            return ("informational" if is_information(qualys_type) else word), level, WORD_SCALE
+        return None, level, QUALYS_SCALE
+    return None, None, QUALYS_SCALE
+
+
+def _record(cells: dict[str, str], position: str, zone: timezone) -> FindingRecord | Rejected:
+    qid = value_or_none(cells.get("qid"))
+    ipv4, ipv6 = split_ips(cells.get("ip"), cells.get("ipv6"))
+    dns = value_or_none(cells.get("dns"))
+    netbios = value_or_none(cells.get("netbios"))
+    asset_id = value_or_none(cells.get("asset_id"))
+    port, protocol = value_or_none(cells.get("port")), value_or_none(cells.get("protocol"))
+    if port == "0" and protocol is None:
+        port = None
+    fqdn = value_or_none(cells.get("fqdn"))
+    host = asset_id or (ipv4 + ipv6 or [None])[0] or dns or netbios
+    provider_id = provider_key(host, qid, port, protocol, fqdn) if host and qid else None
+    try:
+        if not qid:
+            raise ValueError("the row has no QID")
+        if not host:
+            raise ValueError("the row has no host (IP, DNS, NetBIOS name or asset id)")
+        asset_name = value_or_none(cells.get("asset_name"))
+        resource = make_resource(
+            ips=(ipv4, ipv6),
+            dns=dns or asset_name,
+            netbios=netbios,
+            agent_id=asset_agent_id(asset_id) or value_or_none(cells.get("qg_host_id")),
+            os=cells.get("os"),
+            name=asset_name,
+        )
+        severity, level, scale = _severity(cells)
+        if severity is None:
+            raise ValueError(f"Severity must be 1-5 or a severity word, not {level!r}")
+        original_status = value_or_none(cells.get("status"))
+        status = qualys_status(original_status)
+        if status is None:
+            raise ValueError(f"unknown status {original_status!r} (New, Active, Re-Opened or Fixed)")
+        first_seen = _time("First Detected", cells.get("first_seen"), zone)
+        last_seen = _time("Last Detected", cells.get("last_seen"), zone)
+        changes = [last_seen, _time("Last Fixed", cells.get("last_fixed"), zone),
+                   _time("Last Reopened", cells.get("last_reopened"), zone)]
+        score, vector = cvss(cells.get("cvss3"))
+        if score is None:
+            score, vector = cvss(cells.get("cvss2"))
+        return FindingRecord(
+            provider_id=provider_id,
+            resource=resource,
+            title=clip(value_or_none(cells.get("title"))) or f"QID {qid}",
+            severity=severity,
+            severity_original=level,
+            severity_scale=scale,
+            cves=find_cves(cells.get("cves")),
+            vendor_id=qid,
+            status=status,
+            description=html_to_text(value_or_none(cells.get("threat")) or cells.get("cve_description")),
+            remediation=html_to_text(value_or_none(cells.get("solution"))),
+            first_seen=first_seen,
+            last_seen=last_seen,
+            provider_timestamp=max((t for t in changes if t is not None), default=None),
+            cvss_score=score,
+            cvss_vector=vector,
+            evidence=evidence_text(value_or_none(cells.get("results"))),
+            extra=compact({
+                "qualys_status": original_status,
+                "qualys_type": value_or_none(cells.get("type")),
+                "asset_id": asset_id,
+                "tracking_method": value_or_none(cells.get("tracking_method")),
+                "port": port,
+                "protocol": protocol,
+                "fqdn": fqdn,
+                "category": value_or_none(cells.get("category")),
+            }),
+        )
+    except ValueError as exc:
+        return Rejected(position=position, reason=str(exc), provider_id=provider_id)
