@@ -55,10 +55,18 @@ _RESOURCE_KEYS = {
 _MAX_TEXT = 65536
 
 
+_FOREIGN_MARKERS = (b'"SchemaVersion"', b'"ProductArn"', b'"ruleName"', b'"entityDome9Id"', b'"bundleId"')
+
+
 def sniff(head: bytes) -> bool:
-    """A JSON object whose first keys include "findings" (or "scan"/"provider")."""
-    text = head.lstrip()[:4096]
-    return text.startswith(b"{") and b'"findings"' in text and b'"Findings"' not in text
+    """A JSON object with "findings" whose records carry "resource", and no other format's keys."""
+    text = head.lstrip()
+    return (
+        text.startswith(b"{")
+        and b'"findings"' in text
+        and b'"resource"' in text
+        and not any(marker in text for marker in _FOREIGN_MARKERS)
+    )
 
 
 def parse(stream: BinaryIO, options: ParseOptions) -> Iterator[FindingRecord | Rejected]:
