@@ -181,3 +181,26 @@ def test_paging_with_next_link_returns_every_row_once(gw):
     assert len(seen) == 57 and len({row["id"] for row in seen}) == 57
     ranks = {"low": 1, "high": 3, "critical": 4}
     assert [ranks[r["severity"]] for r in seen] == sorted((ranks[r["severity"]] for r in seen), reverse=True)
+
+
+def test_two_scanners_one_resource_one_finding_resolved_when_both_fixed(gw):
+    tenant = gw.tenant()
+    qualys = gw.partner("Qualys", [tenant])
+    tenable = gw.partner("Tenable", [tenant])
+    # Qualys knows the host by IP + DNS name, Tenable by FQDN + IP + agent id.
+    q = finding("qid-38739", host="DB-1.Example.com.", cves=["CVE-2024-3094"], severity="high")
+    t = finding("db-1|171340|22/tcp", host="db-1.example.com", cves=["CVE-2024-3094"], severity="critical",
+                resource={"fqdn": "db-1.example.com", "agentId": "5F0E-AB", "ipv4": ["10.0.0.5"]})
+    push(gw, tenant, qualys, document([q]))
+    push(gw, tenant, tenable, document([t]))
+    [row] = findings_of(gw, tenant, qualys)
+    assert sorted(s["provider"] for s in row["sources"]) == ["Qualys", "Tenable"]
+    assert row["severity"] == "critical"  # the worst open source
+    assert count(gw, Resource) == 1
+    push(gw, tenant, qualys, document([dict(q, status="fixed", providerTimestamp="2024-05-01T00:00:00Z")]))
+    [row] = findings_of(gw, tenant, qualys)
+    assert row["state"] != "resolved"  # Tenable still reports it open
+    push(gw, tenant, tenable, document([dict(t, status="fixed", providerTimestamp="2024-05-02T00:00:00Z")]))
+    [row] = findings_of(gw, tenant, qualys)
+    assert row["state"] == "resolved"
+    assert {s["state"] for s in row["sources"]} == {"fixed"}
