@@ -313,5 +313,4 @@ def init_app(app: Flask) -> None:
             "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
             "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
             "scopes_supported": sorted(SCOPES),
-            "service_documentation": base + "/openapi.yaml",
         })

@@ -62,7 +62,7 @@ def parse_list_args(collection: Collection, args, default_top: int, max_top: int
         raise BadRequest(f"unknown query parameter '{unknown[0]}'; allowed: {', '.join(sorted(known))}",
                          code="invalidParameter")
     top_text = args.get("$top", str(default_top))
-    if not top_text.isdigit() or not 1 <= int(top_text) <= max_top:
+    if not (top_text.isascii() and top_text.isdigit()) or len(top_text) > 6 or not 1 <= int(top_text) <= max_top:
         raise BadRequest(f"'$top' must be a whole number from 1 to {max_top}", code="invalidParameter")
     order = _parse_order(collection, args.get("$orderby"))
     conditions = []

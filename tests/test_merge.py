@@ -204,3 +204,12 @@ def test_two_scanners_one_resource_one_finding_resolved_when_both_fixed(gw):
     [row] = findings_of(gw, tenant, qualys)
     assert row["state"] == "resolved"
     assert {s["state"] for s in row["sources"]} == {"fixed"}
+
+
+def test_non_ascii_digits_are_refused_cleanly(gw):
+    tenant = gw.tenant()
+    headers = gw.partner("Qualys", [tenant])
+    assert gw.http.get(f"/api/v1/tenants/{tenant}/findings?$top=²", headers=headers).status_code == 400
+    assert gw.http.get(f"/api/v1/tenants/{tenant}/findings/²", headers=headers).status_code == 404
+    assert gw.http.get(f"/api/v1/tenants/{tenant}/batches/٣", headers=headers).status_code == 404
+    assert gw.http.get(f"/api/v1/tenants/{tenant}/findings?resourceId=²", headers=headers).status_code == 400

@@ -86,7 +86,7 @@ def get_batch(tenant: str, batch_id: str):
     with _db().sessions() as session:
         tenant_row = tenant_for_caller(session, tenant)
         batch = None
-        if batch_id.isdigit() and len(batch_id) < 19:
+        if batch_id.isascii() and batch_id.isdigit() and len(batch_id) < 19:
             batch = session.scalar(
                 select(Batch).where(Batch.id == int(batch_id), Batch.tenant_id == tenant_row.id))
         if batch is None:

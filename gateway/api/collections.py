@@ -190,7 +190,7 @@ COLLECTIONS: dict[str, Collection] = {
 
 
 def _int(value: str) -> int:
-    if not value.isdigit() or len(value) > 18:
+    if not (value.isascii() and value.isdigit()) or len(value) > 18:
         raise BadRequest(f"'{value[:40]}' is not an id", code="invalidParameter")
     return int(value)
 
@@ -224,7 +224,7 @@ def _list(tenant: str, name: str):
 def _get_one(tenant: str, name: str, item_id: str):
     collection = COLLECTIONS[name]
     tenant_id = _tenant_id(tenant)
-    if not item_id.isdigit() or len(item_id) > 18:
+    if not (item_id.isascii() and item_id.isdigit()) or len(item_id) > 18:
         raise NotFound(f"{name[:-1]} '{item_id[:40]}' not found")
     with _db().engine.connect() as conn:
         rows = conn.execute(collection.base(tenant_id).where(collection.id_column == int(item_id))).all()
@@ -275,7 +275,7 @@ def _patch(tenant: str, name: str, item_id: str):
         raise BadRequest("invalid fields: " + "; ".join(f"{k}: {v}" for k, v in exc.messages.items()),
                          code="invalidBody", details=exc.messages) from None
     tenant_id = _tenant_id(tenant)
-    if not item_id.isdigit() or len(item_id) > 18:
+    if not (item_id.isascii() and item_id.isdigit()) or len(item_id) > 18:
         raise NotFound(f"{name[:-1]} '{item_id[:40]}' not found")
     now = utcnow()
     values = {}

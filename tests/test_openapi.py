@@ -1,0 +1,801 @@
+"""openapi/openapi.yaml describes exactly what the app serves.
+
+Structural checks compare the document with the code (the url_map, the scopes each view
+requires, the registered connectors, the collections' filters and orderings, the marshmallow
+schemas, the error codes); live checks call the app on a migrated SQLite store and validate
+each answer against the operation's documented response (status, body schema, headers).
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import copy
+import gzip
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+from jsonschema import Draft202012Validator
+from marshmallow import RAISE, fields, validate
+from openapi_spec_validator import validate as validate_openapi
+from referencing import Registry
+from referencing.jsonschema import DRAFT202012
+
+import connectors
+import gateway
+from gateway import schemas
+from gateway.api.collections import COLLECTIONS
+from gateway.auth import SCOPES, hash_secret
+from gateway.errors import APIError
+from gateway.migrate import upgrade
+from gateway.models import ClientTenant, OAuthClient, Tenant
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC_PATH = ROOT / "openapi" / "openapi.yaml"
+HTTP_METHODS = ("get", "put", "post", "delete", "patch", "head", "options", "trace")
+SPEC_URI = "urn:gateway:openapi"
+SCHEMAS = "#/components/schemas/"
+
+OUT_SCHEMAS = ["FindingOut", "RecommendationOut", "ResourceOut", "AlertOut", "BatchOut", "SourceOut",
+               "EventOut"]
+PATCH_SCHEMAS = ["FindingPatch", "AlertPatch"]
+OUT_FOR_COLLECTION = {"findings": "FindingOut", "recommendations": "RecommendationOut",
+                      "resources": "ResourceOut", "alerts": "AlertOut"}
+PAGING_PARAMETERS = {"$top", "$orderby", "$skiptoken"}
+# Answers that are not the gateway's Error body: authlib's RFC 6749 errors and the readiness probe.
+NON_ERROR_BODIES = {
+    ("/oauth/token", "400"): "OAuthError",
+    ("/oauth/token", "401"): "OAuthError",
+    ("/oauth/revoke", "400"): "OAuthError",
+    ("/oauth/revoke", "401"): "OAuthError",
+    ("/oauth/introspect", "400"): "OAuthError",
+    ("/oauth/introspect", "401"): "OAuthError",
+    ("/readyz", "503"): "Readiness",
+}
+
+
+# -- the document ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def spec() -> dict:
+    with SPEC_PATH.open(encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
+@pytest.fixture(scope="module")
+def registry(spec) -> Registry:
+    return Registry().with_resource(SPEC_URI, DRAFT202012.create_resource(spec))
+
+
+def resolve(spec: dict, ref: str) -> Any:
+    """The node a local reference ("#/components/...") points at."""
+    assert ref.startswith("#/"), f"only local references are used: {ref}"
+    node: Any = spec
+    for part in ref[2:].split("/"):
+        node = node[part.replace("~1", "/").replace("~0", "~")]
+    return node
+
+
+def deref(spec: dict, node: Any) -> Any:
+    """Follow Reference Objects (a ``$ref`` with at most a summary/description beside it)."""
+    while isinstance(node, dict) and "$ref" in node and set(node) <= {"$ref", "summary", "description"}:
+        node = resolve(spec, node["$ref"])
+    return node
+
+
+def operations(spec: dict):
+    for path, item in spec["paths"].items():
+        for method in HTTP_METHODS:
+            if method in item:
+                yield path, method.upper(), item[method]
+
+
+def operation(spec: dict, path: str, method: str) -> dict:
+    return spec["paths"][path][method.lower()]
+
+
+def parameters(spec: dict, path: str, method: str) -> dict[tuple[str, str], dict]:
+    """The operation's parameters (path-level ones included) by (name, location)."""
+    merged: dict[tuple[str, str], dict] = {}
+    declared = spec["paths"][path].get("parameters", []) + operation(spec, path, method).get("parameters", [])
+    for raw in declared:
+        param = deref(spec, raw)
+        merged[(param["name"], param["in"])] = param
+    return merged
+
+
+def query_parameters(spec: dict, path: str, method: str) -> dict[str, dict]:
+    return {name: p for (name, where), p in parameters(spec, path, method).items() if where == "query"}
+
+
+def schema_types(spec: dict, schema: dict) -> set[str]:
+    """The JSON types a (dereferenced) schema allows, besides null."""
+    schema = deref(spec, schema)
+    declared = schema.get("type")
+    if declared is None and "const" in schema:
+        declared = {bool: "boolean", str: "string", int: "integer"}[type(schema["const"])]
+    types = {declared} if isinstance(declared, str) else set(declared or ())
+    return types - {"null"}
+
+
+def nullable(spec: dict, schema: dict) -> bool:
+    schema = deref(spec, schema)
+    declared = schema.get("type")
+    return declared == "null" or (isinstance(declared, list) and "null" in declared)
+
+
+def _absolute_refs(node: Any) -> Any:
+    """A copy of an inline schema whose local references point into the registered document."""
+    if isinstance(node, dict):
+        return {key: (SPEC_URI + value if key == "$ref" and value.startswith("#") else _absolute_refs(value))
+                for key, value in node.items()}
+    if isinstance(node, list):
+        return [_absolute_refs(value) for value in node]
+    return node
+
+
+def schema_errors(registry: Registry, schema: dict, instance: Any) -> list[str]:
+    validator = Draft202012Validator(_absolute_refs(copy.deepcopy(schema)), registry=registry,
+                                     format_checker=Draft202012Validator.FORMAT_CHECKER)
+    return [f"{'/'.join(map(str, error.absolute_path)) or '<root>'}: {error.message}"
+            for error in validator.iter_errors(instance)]
+
+
+# -- the app -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def store_url(tmp_path_factory) -> str:
+    url = f"sqlite:///{tmp_path_factory.mktemp('openapi') / 'gateway.sqlite3'}"
+    upgrade(url)
+    return url
+
+
+@pytest.fixture(scope="module")
+def app(store_url):
+    with pytest.MonkeyPatch.context() as patch:
+        for key in list(os.environ):  # the spec documents the default settings
+            if key.startswith("GATEWAY_"):
+                patch.delenv(key)
+        flask_app = gateway.create_app(
+            {"DATABASE_URL": store_url, "BROKER_URL": "memory://", "SECRET_KEY": "x"})
+    yield flask_app
+    flask_app.extensions["gateway.db"].dispose()
+
+
+def flask_to_openapi(rule: str) -> str:
+    """/api/v1/tenants/<tenant>/findings/<int:item_id> -> /api/v1/tenants/{tenant}/findings/{item_id}"""
+    return re.sub(r"<(?:[^<>:]+:)?([^<>:]+)>", r"{\1}", rule)
+
+
+def served(app) -> dict[tuple[str, str], str]:
+    """(OpenAPI path, method) -> endpoint, for every rule but ``static``, without HEAD/OPTIONS."""
+    routes: dict[tuple[str, str], str] = {}
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+            key = (flask_to_openapi(rule.rule), method)
+            assert key not in routes, f"{key} is served by two rules"
+            routes[key] = rule.endpoint
+    return routes
+
+
+# -- structure ---------------------------------------------------------------------------------
+
+
+def test_the_document_is_valid_openapi_3_1(spec):
+    assert str(spec["openapi"]).startswith("3.1.")
+    validate_openapi(spec)
+
+
+def test_the_paths_and_methods_are_exactly_those_served(app, spec):
+    in_spec = {(path, method) for path, method, _ in operations(spec)}
+    routes = set(served(app))
+    assert in_spec - routes == set(), "documented but not served"
+    assert routes - in_spec == set(), "served but not documented"
+
+
+def is_documented(spec: dict, path: str, method: str) -> bool:
+    return method.lower() in spec["paths"].get(path, {})
+
+
+def test_path_parameters_are_the_rule_arguments(app, spec):
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        path = flask_to_openapi(rule.rule)
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            if not is_documented(spec, path, method):
+                continue  # reported by test_the_paths_and_methods_are_exactly_those_served
+            in_path = {name for name, where in parameters(spec, path, method) if where == "path"}
+            assert in_path == set(rule.arguments), (path, method)
+
+
+def test_operation_ids_are_unique(spec):
+    ids = [op["operationId"] for _, _, op in operations(spec)]
+    assert len(ids) == len(set(ids))
+
+
+def test_each_operation_requires_the_scopes_its_view_requires(app, spec):
+    scheme = spec["components"]["securitySchemes"]["oauth2"]
+    for (path, method), endpoint in served(app).items():
+        if not is_documented(spec, path, method):
+            continue  # reported by test_the_paths_and_methods_are_exactly_those_served
+        op = operation(spec, path, method)
+        assert "security" in op, f"{method} {path} must state its security (use [] for none)"
+        required = getattr(app.view_functions[endpoint], "required_scopes", None)
+        if required is None:
+            assert op["security"] == [], f"{method} {path} takes no token"
+            continue
+        # require_scope accepts any one of its scopes: one alternative requirement per scope.
+        alternatives = []
+        for requirement in op["security"]:
+            assert list(requirement) == ["oauth2"], (method, path, requirement)
+            assert len(requirement["oauth2"]) == 1, f"{method} {path}: one scope per alternative"
+            alternatives.append(requirement["oauth2"][0])
+        assert sorted(alternatives) == sorted(required), (method, path)
+        assert set(alternatives) <= set(scheme["flows"]["clientCredentials"]["scopes"])
+
+
+def test_the_oauth2_scheme_lists_every_scope(app, spec):
+    scheme = spec["components"]["securitySchemes"]["oauth2"]
+    assert scheme["type"] == "oauth2"
+    flow = scheme["flows"]["clientCredentials"]
+    assert flow["scopes"] == SCOPES
+    with app.test_request_context():
+        from flask import url_for
+
+        assert flow["tokenUrl"] == url_for("issue_token")
+    metadata = spec["components"]["schemas"]["AuthorizationServerMetadata"]["properties"]
+    assert metadata["scopes_supported"]["items"]["enum"] == sorted(SCOPES)
+
+
+def test_the_format_enum_is_the_registered_connectors(spec):
+    param = query_parameters(spec, "/api/v1/tenants/{tenant}/batches", "POST")["format"]
+    assert param["required"] is True
+    assert param["schema"]["enum"] == connectors.formats() + ["auto"]
+
+
+def test_the_format_details_and_media_types_follow_the_connectors(spec):
+    from gateway.api.batches import _SCOPE_FOR_KIND
+
+    path = "/api/v1/tenants/{tenant}/batches"
+    param = query_parameters(spec, path, "POST")["format"]
+    expected = []
+    for name in connectors.formats():
+        module = connectors.get(name)
+        scope = _SCOPE_FOR_KIND[module.RECORD_KIND]
+        expected.append({"name": name, "title": module.TITLE, "recordKind": module.RECORD_KIND,
+                         "scope": scope, "contentTypes": list(module.CONTENT_TYPES)})
+        row = f"| `{name}` | {module.TITLE} | {module.RECORD_KIND} | `{scope}` |"
+        assert row in param["description"], f"the format table lacks: {row}"
+    assert param["x-formats"] == expected
+
+    content = deref(spec, operation(spec, path, "POST")["requestBody"])["content"]
+    by_type: dict[str, list[str]] = {}
+    for name in connectors.formats():
+        for media_type in connectors.get(name).CONTENT_TYPES:
+            by_type.setdefault(media_type, []).append(name)
+    assert set(content) == set(by_type)
+    for media_type, names in by_type.items():
+        assert content[media_type]["x-formats"] == names, media_type
+
+
+def test_the_push_parameters(spec):
+    found = set(parameters(spec, "/api/v1/tenants/{tenant}/batches", "POST"))
+    assert found == {("tenant", "path"), ("format", "query"), ("scanType", "query"),
+                     ("Idempotency-Key", "header"), ("Content-Encoding", "header")}
+    scan_type = query_parameters(spec, "/api/v1/tenants/{tenant}/batches", "POST")["scanType"]
+    assert scan_type["schema"]["enum"] == ["unspecified", "full", "incremental"]
+
+
+@pytest.mark.parametrize("name", sorted(COLLECTIONS))
+def test_collection_list_parameters(app, spec, name):
+    collection = COLLECTIONS[name]
+    path = f"/api/v1/tenants/{{tenant}}/{name}"
+    params = query_parameters(spec, path, "GET")
+    assert set(params) == set(collection.filters) | PAGING_PARAMETERS
+
+    for filter_name in collection.filters:
+        param = params[filter_name]
+        assert param.get("style") == "form" and param.get("explode") is False, filter_name
+        assert param["schema"]["type"] == "array", filter_name
+        items = deref(spec, param["schema"]["items"])
+        if filter_name in collection.filter_values:
+            assert items.get("enum") == list(collection.filter_values[filter_name]), filter_name
+        else:
+            assert "enum" not in items, filter_name
+
+    order = params["$orderby"]
+    assert order["style"] == "form" and order["explode"] is False
+    fields_ = list(collection.order_fields)
+    assert order["schema"]["items"]["enum"] == [term for field in fields_
+                                                for term in (field, f"{field} asc", f"{field} desc")]
+    listed = re.search(r"Orderable fields: (.*?)\.", order["description"], re.S)
+    assert listed and re.findall(r"`([^`]+)`", listed.group(1)) == fields_
+    default = ", ".join(f + (" desc" if desc else "") for f, desc in collection.default_order)
+    assert f"Default `{default}`" in order["description"]
+
+    top = params["$top"]["schema"]
+    assert (top["minimum"], top["maximum"], top["default"]) == (
+        1, app.config["PAGE_SIZE_MAX"], app.config["PAGE_SIZE_DEFAULT"])
+
+    listing = operation(spec, path, "GET")["responses"]["200"]["content"]["application/json"]["schema"]
+    envelope = deref(spec, listing)
+    assert envelope["$ref"] == SCHEMAS + "ListEnvelope"
+    assert envelope["properties"]["value"]["items"]["$ref"] == SCHEMAS + OUT_FOR_COLLECTION[name]
+    one = operation(spec, path + "/{item_id}", "GET")["responses"]["200"]["content"]["application/json"]
+    assert one["schema"]["$ref"] == SCHEMAS + OUT_FOR_COLLECTION[name]
+
+
+def test_the_list_envelope(spec):
+    envelope = spec["components"]["schemas"]["ListEnvelope"]
+    assert set(envelope["properties"]) == {"@odata.context", "value", "@odata.nextLink"}
+    assert set(envelope["required"]) == {"@odata.context", "value"}
+
+
+def _check_type(spec: dict, field: fields.Field, prop: dict, where: str) -> None:
+    """The JSON type of a marshmallow field matches the spec property."""
+    prop = deref(spec, prop)
+    if isinstance(field, fields.Function):
+        return  # computed: its type is documented, not declared
+    types = schema_types(spec, prop)
+    if isinstance(field, fields.DateTime):
+        assert types == {"string"} and prop.get("format") == "date-time", where
+    elif isinstance(field, fields.Integer):
+        assert types == {"integer"}, where
+    elif isinstance(field, fields.Float):
+        assert types == {"number"}, where
+    elif isinstance(field, fields.String):
+        assert types == {"string"}, where
+    elif isinstance(field, fields.Dict):
+        assert types == {"object"}, where
+    elif isinstance(field, fields.Nested):
+        nested = field.nested if isinstance(field.nested, type) else type(field.nested)
+        assert prop.get("$ref") == SCHEMAS + nested.__name__, where
+        return
+    elif isinstance(field, fields.List):
+        assert types == {"array"}, where
+        items = prop["items"]
+        inner = field.inner
+        if isinstance(inner, fields.Nested):
+            nested = inner.nested if isinstance(inner.nested, type) else type(inner.nested)
+            assert items.get("$ref") == SCHEMAS + nested.__name__, where
+        else:
+            _check_type(spec, inner, items, where + "[]")
+        return
+    else:
+        raise AssertionError(f"{where}: no JSON type known for {type(field).__name__}")
+    assert nullable(spec, prop) == field.allow_none, f"{where}: nullable"
+
+
+@pytest.mark.parametrize("name", OUT_SCHEMAS)
+def test_out_schemas_match_the_marshmallow_schemas(spec, name):
+    declared = getattr(schemas, name)().fields
+    documented = spec["components"]["schemas"][name]
+    assert set(documented["properties"]) == set(declared)
+    assert set(documented["required"]) == set(declared), "every field is always dumped"
+    assert documented.get("additionalProperties") is False
+    for field_name, field in declared.items():
+        _check_type(spec, field, documented["properties"][field_name], f"{name}.{field_name}")
+
+
+def _check_input(spec: dict, field: fields.Field, prop: dict, where: str) -> None:
+    """A marshmallow input field's type, nullability and validators match the spec property."""
+    prop = deref(spec, prop)
+    assert nullable(spec, prop) == field.allow_none, f"{where}: nullable"
+    for validator in field.validators:
+        if isinstance(validator, validate.OneOf):
+            assert [v for v in prop.get("enum", []) if v is not None] == list(validator.choices), where
+        elif isinstance(validator, validate.Length):
+            is_list = isinstance(field, fields.List)
+            low, high = ("minItems", "maxItems") if is_list else ("minLength", "maxLength")
+            assert prop.get(low) == validator.min and prop.get(high) == validator.max, where
+        else:
+            raise AssertionError(f"{where}: validator {validator!r} is not compared")
+    if isinstance(field, fields.List):
+        assert schema_types(spec, prop) == {"array"}, where
+        inner = field.inner
+        if isinstance(inner, fields.Nested):
+            nested = inner.nested if isinstance(inner.nested, type) else type(inner.nested)
+            items = prop["items"]
+            assert items.get("$ref") == SCHEMAS + nested.__name__, where
+            _check_input_schema(spec, nested, nested.__name__)
+        else:
+            _check_input(spec, inner, prop["items"], where + "[]")
+    elif isinstance(field, fields.DateTime):
+        assert schema_types(spec, prop) == {"string"} and prop.get("format") == "date-time", where
+    elif isinstance(field, fields.String):
+        assert schema_types(spec, prop) == {"string"}, where
+    else:
+        raise AssertionError(f"{where}: {type(field).__name__} is not compared")
+
+
+def _check_input_schema(spec: dict, schema_class: type, name: str) -> None:
+    instance = schema_class()
+    documented = spec["components"]["schemas"][name]
+    assert set(documented["properties"]) == set(instance.fields), name
+    assert set(documented.get("required", [])) == {n for n, f in instance.fields.items() if f.required}, name
+    if instance.unknown == RAISE:
+        assert documented.get("additionalProperties") is False, f"{name} refuses unknown fields"
+    for field_name, field in instance.fields.items():
+        _check_input(spec, field, documented["properties"][field_name], f"{name}.{field_name}")
+
+
+@pytest.mark.parametrize("name", PATCH_SCHEMAS)
+def test_patch_schemas_match_the_marshmallow_schemas(spec, name):
+    _check_input_schema(spec, getattr(schemas, name), name)
+
+
+def test_patch_operations_take_their_patch_schema_and_prefer(spec):
+    from gateway.api.collections import _WORKFLOW
+
+    for name, (_, patch_schema, _) in _WORKFLOW.items():
+        path = f"/api/v1/tenants/{{tenant}}/{name}/{{item_id}}"
+        op = operation(spec, path, "PATCH")
+        body = deref(spec, op["requestBody"])
+        assert body["required"] is True
+        assert list(body["content"]) == ["application/json"]
+        assert body["content"]["application/json"]["schema"]["$ref"] == SCHEMAS + patch_schema.__name__
+        assert ("Prefer", "header") in parameters(spec, path, "PATCH")
+        responses = op["responses"]
+        assert responses["200"]["content"]["application/json"]["schema"]["$ref"] == (
+            SCHEMAS + OUT_FOR_COLLECTION[name])
+        assert "content" not in responses["204"]
+
+
+def test_the_batch_schemas_follow_the_pipeline(spec):
+    from connectors.model import IDENTIFIER_KINDS, SEVERITIES
+    from gateway.api.collections import _camel
+    from gateway.pipeline import COUNT_KEYS, OPEN_STATUSES, TERMINAL
+
+    documented = spec["components"]["schemas"]
+    assert documented["BatchStatus"]["enum"] == list(OPEN_STATUSES + TERMINAL)
+    assert list(documented["BatchOut"]["properties"]["counts"]["properties"]) == list(COUNT_KEYS)
+    assert documented["Severity"]["enum"] == list(SEVERITIES)
+    identifiers = documented["ResourceOut"]["properties"]["identifiers"]["properties"]
+    assert list(identifiers) == [_camel(kind) for kind in IDENTIFIER_KINDS]
+
+
+def test_every_error_answer_is_documented_with_its_body(app, spec):
+    for path, method, op in operations(spec):
+        responses = op["responses"]
+        assert "500" in responses, f"{method} {path}: unhandled errors answer 500"
+        if op["security"]:
+            assert {"401", "403"} <= set(responses), f"{method} {path}"
+            unauthorized = deref(spec, responses["401"])
+            assert unauthorized["headers"]["WWW-Authenticate"]["$ref"].endswith("/WWWAuthenticateBearer")
+        if "{tenant}" in path:
+            assert "404" in responses, f"{method} {path}: an unknown tenant answers 404"
+        for status, response in responses.items():
+            if not status.startswith(("4", "5")):
+                continue
+            content = deref(spec, response)["content"]
+            assert list(content) == ["application/json"], (method, path, status)
+            expected = NON_ERROR_BODIES.get((path, status), "Error")
+            assert content["application/json"]["schema"]["$ref"] == SCHEMAS + expected, (method, path, status)
+
+
+def _error_classes() -> list[type]:
+    found, pending = [], [APIError]
+    while pending:
+        cls = pending.pop()
+        found.append(cls)
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+def gateway_error_codes() -> set[str]:
+    """Every ``error.code`` the gateway's own views and handlers can answer."""
+    from gateway.errors import _HTTP_CODES
+
+    classes = _error_classes()
+    codes = {cls.code for cls in classes} | set(_HTTP_CODES.values())
+    names = {cls.__name__ for cls in classes}
+    for source in sorted(Path(gateway.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            called = getattr(func, "id", None) or getattr(func, "attr", "")
+            if called in names:
+                codes.update(k.value.value for k in node.keywords
+                             if k.arg == "code" and isinstance(k.value, ast.Constant))
+            elif called == "error_body" and node.args and isinstance(node.args[0], ast.Constant):
+                codes.add(node.args[0].value)
+            elif (called == "get" and isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name)
+                  and func.value.id == "_HTTP_CODES" and len(node.args) == 2
+                  and isinstance(node.args[1], ast.Constant)):
+                codes.add(node.args[1].value)
+    return codes
+
+
+def test_the_error_codes_are_those_the_gateway_answers(spec):
+    code = spec["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]
+    assert sorted(code["examples"]) == sorted(gateway_error_codes())
+
+
+# -- live checks -------------------------------------------------------------------------------
+
+
+def check(spec: dict, registry: Registry, response, path: str, method: str) -> Any:
+    """The answer's status is documented for the operation, and its body and headers validate."""
+    op = operation(spec, path, method)
+    status = str(response.status_code)
+    assert status in op["responses"], (
+        f"{method} {path} answered {status}, not documented: {response.get_data(as_text=True)[:300]}")
+    documented = deref(spec, op["responses"][status])
+    content = documented.get("content")
+    body = None
+    if content is None:
+        assert response.get_data() == b"", f"{method} {path} {status} has no documented body"
+    else:
+        assert response.mimetype in content, (method, path, status, response.mimetype)
+        body = response.get_json()
+        errors = schema_errors(registry, content[response.mimetype]["schema"], body)
+        assert not errors, f"{method} {path} {status}: {errors} in {body}"
+    for name, header in documented.get("headers", {}).items():
+        header = deref(spec, header)
+        value = response.headers.get(name)
+        if header.get("required"):
+            assert value is not None, f"{method} {path} {status}: no {name} header"
+        if value is not None:
+            assert not schema_errors(registry, header["schema"], value), (method, path, status, name, value)
+    return body
+
+
+def test_an_unauthenticated_collection_read_answers_the_documented_401(app, spec, registry):
+    response = app.test_client().get("/api/v1/tenants/anyone/findings")
+    assert response.status_code == 401
+    body = check(spec, registry, response, "/api/v1/tenants/{tenant}/findings", "GET")
+    assert not schema_errors(registry, {"$ref": SCHEMAS + "Error"}, body)
+    assert body["error"]["code"] == "unauthenticated"
+    assert response.headers["WWW-Authenticate"] == 'Bearer realm="gateway"'
+
+
+def test_the_server_metadata_matches_its_schema(app, spec, registry):
+    response = app.test_client().get("/.well-known/oauth-authorization-server")
+    assert response.status_code == 200
+    body = check(spec, registry, response, "/.well-known/oauth-authorization-server", "GET")
+    documented = {(path, method) for path, method, _ in operations(spec)}
+    for key in ("token_endpoint", "revocation_endpoint", "introspection_endpoint"):
+        assert (urlsplit(body[key]).path, "POST") in documented, key
+
+
+def test_the_probes_answer_as_documented(app, spec, registry):
+    http = app.test_client()
+    check(spec, registry, http.get("/healthz"), "/healthz", "GET")
+    check(spec, registry, http.get("/readyz"), "/readyz", "GET")
+
+
+T = "/api/v1/tenants/{tenant}"
+ACME = "/api/v1/tenants/acme"
+CANONICAL = {
+    "scan": {"type": "full"},
+    "findings": [
+        {"id": "r-1", "resource": {"hostname": "web-1", "ipv4": ["10.0.0.5"]}, "title": "xz backdoor",
+         "severity": "critical", "cves": ["CVE-2024-3094"], "cvssScore": 10.0,
+         "firstSeen": "2024-03-29T10:00:00Z", "lastSeen": "2024-04-01T10:00:00Z"},
+        {"id": "r-2", "resource": {"hostname": "web-1"}, "title": "weak TLS", "severity": "low",
+         "kind": "compliance"},
+        {"id": "r-3", "resource": {"hostname": "web-1"}, "title": "no severity"},
+    ],
+}
+GRAPH_ALERTS = {"value": [{
+    "id": "alert-1", "title": "Suspicious sign-in", "severity": "high", "status": "newAlert",
+    "category": "CredentialAccess", "createdDateTime": "2024-04-01T10:00:00Z",
+    "lastModifiedDateTime": "2024-04-01T11:00:00Z", "recommendedActions": ["Reset the password"],
+    "hostStates": [{"fqdn": "web-1.contoso.com"}],
+    "vendorInformation": {"provider": "Contoso", "vendor": "Contoso"},
+}]}
+
+
+class World:
+    """A tenant, two clients, their tokens, and a test client that checks every answer."""
+
+    def __init__(self, app, spec, registry) -> None:
+        self.app = app
+        self.spec = spec
+        self.registry = registry
+        self.http = app.test_client()
+        self.db = app.extensions["gateway.db"]
+        with self.db.session() as session:
+            session.add(Tenant(external_id="acme", name="Acme"))
+        self.writer = self.client("contoso", "findings.write alerts.write security.read alerts.manage admin")
+        self.reader = self.client("reader", "security.read")
+        self.auth = {"Authorization": "Bearer " + self.token(self.writer)}
+        self.read_only = {"Authorization": "Bearer " + self.token(self.reader)}
+
+    def client(self, provider: str, scopes: str) -> tuple[str, str]:
+        client_id, secret = f"{provider}-client", f"{provider}-secret-value"
+        with self.db.session() as session:
+            row = OAuthClient(client_id=client_id, secret_hash=hash_secret(secret), name=provider,
+                              provider=provider, scope=scopes)
+            session.add(row)
+            session.flush()
+            tenant = session.query(Tenant).filter_by(external_id="acme").one()
+            session.add(ClientTenant(client_pk=row.id, tenant_id=tenant.id))
+        return client_id, secret
+
+    @staticmethod
+    def basic(credentials: tuple[str, str]) -> dict[str, str]:
+        return {"Authorization": "Basic " + base64.b64encode(":".join(credentials).encode()).decode()}
+
+    def token(self, credentials: tuple[str, str]) -> str:
+        body, _ = self.call("POST", "/oauth/token", "/oauth/token", 200,
+                            data={"grant_type": "client_credentials"}, headers=self.basic(credentials))
+        return body["access_token"]
+
+    def call(self, method: str, path: str, url: str, status: int, **kwargs) -> tuple[Any, Any]:
+        """Call ``url``; its answer must have ``status`` and match the spec of ``method path``."""
+        response = self.http.open(url, method=method, **kwargs)
+        assert response.status_code == status, (method, url, response.status_code,
+                                                response.get_data(as_text=True)[:500])
+        return check(self.spec, self.registry, response, path, method), response
+
+    def push(self, query: str, status: int, body: bytes, content_type: str = "application/json",
+             headers: dict | None = None) -> Any:
+        headers = self.auth if headers is None else headers
+        return self.call("POST", T + "/batches", f"{ACME}/batches?{query}", status, data=body,
+                         content_type=content_type, headers=headers)[0]
+
+
+@pytest.fixture(scope="module")
+def world(app, spec, registry) -> World:
+    celery = app.extensions["celery"]  # enqueue on this app's in-memory broker, not another test's
+    celery.set_current()
+    celery.set_default()
+    return World(app, spec, registry)
+
+
+@pytest.fixture(scope="module")
+def merged(world) -> dict:
+    """A canonical batch (and a Graph alert batch, when that connector is registered), merged."""
+    from gateway.pipeline import process_batch
+
+    accepted = world.push("format=canonical", 202, json.dumps(CANONICAL).encode())
+    process_batch(world.db, int(accepted["id"]))
+    if "graph_alert" in connectors.formats():
+        alerts = world.push("format=graph_alert", 202, json.dumps(GRAPH_ALERTS).encode())
+        process_batch(world.db, int(alerts["id"]))
+    return accepted
+
+
+def test_the_oauth_endpoints_answer_as_documented(world):
+    call, grant = world.call, {"grant_type": "client_credentials"}
+    reader_id, reader_secret = world.reader
+    post = grant | {"client_id": reader_id, "client_secret": reader_secret}
+    call("POST", "/oauth/token", "/oauth/token", 200, data=post)
+    call("POST", "/oauth/token", "/oauth/token", 401, data=post | {"client_secret": "wrong"})
+    call("POST", "/oauth/token", "/oauth/token", 400, data=post | {"scope": "nonsense"})
+    call("POST", "/oauth/token", "/oauth/token", 400, data=post | {"scope": "admin"})
+    call("POST", "/oauth/token", "/oauth/token", 400, data=post | {"grant_type": "password"})
+
+    writer = world.basic(world.writer)
+    token = world.auth["Authorization"].split()[1]
+    introspect = "/oauth/introspect"
+    seen, _ = call("POST", introspect, introspect, 200, data={"token": token}, headers=writer)
+    assert seen["active"] is True and seen["client_id"] == world.writer[0]
+    seen, _ = call("POST", "/oauth/introspect", "/oauth/introspect", 200, data={"token": token},
+                   headers=world.basic(world.reader))
+    assert seen == {"active": False}, "a client without admin sees only its own tokens"
+    call("POST", "/oauth/introspect", "/oauth/introspect", 400, data={}, headers=writer)
+    call("POST", "/oauth/introspect", "/oauth/introspect", 401, data={"token": token})
+
+    spare = world.token(world.writer)
+    other = world.basic(world.reader)
+    call("POST", "/oauth/revoke", "/oauth/revoke", 400, data={"token": spare}, headers=other)
+    call("POST", "/oauth/revoke", "/oauth/revoke", 401, data={"token": spare})
+    call("POST", "/oauth/revoke", "/oauth/revoke", 200, data={"token": spare}, headers=writer)
+    call("POST", "/oauth/revoke", "/oauth/revoke", 200, data={"token": "unknown"}, headers=writer)
+    revoked = {"Authorization": f"Bearer {spare}"}
+    _, response = call("GET", T + "/findings", f"{ACME}/findings", 401, headers=revoked)
+    assert "invalid_token" in response.headers["WWW-Authenticate"]
+
+
+def test_the_ingest_endpoints_answer_as_documented(world, merged):
+    document = json.dumps(CANONICAL).encode()
+    first = world.push("format=canonical", 202, document, headers=world.auth | {"Idempotency-Key": "k-1"})
+    again, response = world.call("POST", T + "/batches", f"{ACME}/batches?format=canonical", 202,
+                                 data=document, content_type="application/json",
+                                 headers=world.auth | {"Idempotency-Key": "k-1"})
+    assert again["id"] == first["id"] and response.headers["Idempotent-Replayed"] == "true"
+    assert response.headers["Location"] == again["statusUrl"]
+    world.push("format=canonical", 409, document + b" ", headers=world.auth | {"Idempotency-Key": "k-1"})
+    gzipped = world.call("POST", T + "/batches", f"{ACME}/batches?format=canonical&scanType=incremental", 202,
+                         data=gzip.compress(document), content_type="application/json",
+                         headers=world.auth | {"Content-Encoding": "gzip"})[0]
+    assert gzipped["format"] == "canonical" and gzipped["scanType"] == "incremental"
+    detected = world.push("format=auto", 202, document, headers=world.auth | {"Idempotency-Key": "k-auto"})
+    assert detected["format"] == "canonical" and detected["scanType"] == "full"
+
+    world.push("", 400, document)  # no format
+    world.push("format=nonsense", 400, document)
+    world.push("format=canonical&scanType=sometimes", 400, document)
+    world.push("format=canonical", 400, b"[]")
+    world.push("format=canonical", 400, b"")
+    world.push("format=canonical", 415, document, content_type="text/plain")
+    world.push("format=canonical", 415, document, headers=world.auth | {"Content-Encoding": "br"})
+    world.push("format=canonical", 403, document, headers=world.read_only)
+    world.push("format=canonical", 401, document, headers={})
+    world.call("POST", T + "/batches", "/api/v1/tenants/nobody/batches?format=canonical", 404, data=document,
+               content_type="application/json", headers=world.auth)
+    limit = world.app.config["MAX_BODY_BYTES"]
+    world.app.config["MAX_BODY_BYTES"] = 16
+    try:
+        world.push("format=canonical", 413, document)
+    finally:
+        world.app.config["MAX_BODY_BYTES"] = limit
+
+    batch = T + "/batches/{batch_id}"
+    world.call("GET", batch, f"{ACME}/batches/{first['id']}", 200, headers=world.read_only)
+    done = world.call("GET", batch, f"{ACME}/batches/{merged['id']}", 200, headers=world.auth)[0]
+    assert done["status"] == "partiallySucceeded" and done["rejections"], done
+    world.call("GET", batch, f"{ACME}/batches/999999", 404, headers=world.auth)
+    world.call("GET", batch, f"{ACME}/batches/not-an-id", 404, headers=world.auth)
+    world.call("GET", batch, f"{ACME}/batches/{merged['id']}", 401)
+
+
+@pytest.mark.parametrize("name", sorted(COLLECTIONS))
+def test_the_collections_answer_as_documented(world, merged, name):
+    path, url = f"{T}/{name}", f"{ACME}/{name}"
+    listing = world.call("GET", path, url, 200, headers=world.read_only)[0]
+    if name != "alerts" or "graph_alert" in connectors.formats():
+        assert listing["value"], f"the merged batch gave no {name}"
+    for item in listing["value"]:
+        world.call("GET", path + "/{item_id}", f"{url}/{item['id']}", 200, headers=world.read_only)
+    world.call("GET", path + "/{item_id}", f"{url}/999999", 404, headers=world.read_only)
+    world.call("GET", path + "/{item_id}", f"{url}/x", 404, headers=world.read_only)
+    world.call("GET", path, url, 400, headers=world.read_only, query_string={"$orderby": "nothing"})
+    world.call("GET", path, url, 400, headers=world.read_only, query_string={"$top": "0"})
+    world.call("GET", path, url, 400, headers=world.read_only, query_string={"unknown": "1"})
+    world.call("GET", path, url, 400, headers=world.read_only, query_string={"$skiptoken": "forged"})
+    world.call("GET", path, f"/api/v1/tenants/nobody/{name}", 404, headers=world.read_only)
+
+    collection = COLLECTIONS[name]
+    order = ",".join(f"{field} desc" for field in collection.order_fields)
+    query = {"$top": "1", "$orderby": order}
+    for filter_name, values in collection.filter_values.items():
+        query[filter_name] = ",".join(values)
+    page = world.call("GET", path, url, 200, headers=world.read_only, query_string=query)[0]
+    while "@odata.nextLink" in page:
+        page = world.call("GET", path, page["@odata.nextLink"], 200, headers=world.read_only)[0]
+
+
+def test_the_workflow_endpoints_answer_as_documented(world, merged):
+    from gateway.api.collections import _WORKFLOW
+
+    bodies = {"FindingPatch": {"statusOverride": "riskAccepted", "assignedTo": "sam",
+                               "comments": [{"text": "accepted until the next release"}], "tags": ["prod"]},
+              "AlertPatch": {"status": "resolved", "feedback": "truePositive", "assignedTo": "sam",
+                             "comments": [{"text": "contained"}], "tags": ["p1"]}}
+    for name, (_, patch_schema, _) in _WORKFLOW.items():
+        path, url = f"{T}/{name}/{{item_id}}", f"{ACME}/{name}"
+        items = world.call("GET", f"{T}/{name}", url, 200, headers=world.read_only)[0]["value"]
+        body = bodies[patch_schema.__name__]
+        for item in items[:1]:
+            item_url = f"{url}/{item['id']}"
+            edited = world.call("PATCH", path, item_url, 200, json=body,
+                                headers=world.auth | {"Prefer": "return=representation"})[0]
+            assert edited["assignedTo"] == "sam"
+            world.call("PATCH", path, item_url, 204, json={"assignedTo": None}, headers=world.auth)
+            world.call("PATCH", path, item_url, 400, json={"unknown": 1}, headers=world.auth)
+            world.call("PATCH", path, item_url, 400, json={}, headers=world.auth)
+            world.call("PATCH", path, item_url, 403, json=body, headers=world.read_only)
+            world.call("PATCH", path, item_url, 401, json=body)
+            history, _ = world.call("GET", path + "/history", item_url + "/history", 200,
+                                    headers=world.read_only)
+            assert history["value"][-1]["event"] == "edited"
+        world.call("PATCH", path, f"{url}/999999", 404, json=body, headers=world.auth)
+        world.call("GET", path + "/history", f"{url}/999999/history", 404, headers=world.read_only)
+    alert = f"{T}/alerts/{{item_id}}"
+    world.call("PATCH", alert, f"{ACME}/alerts/1", 400, json={"closedDateTime": "2024-01-01T00:00:00"},
+               headers=world.auth)
