@@ -10,10 +10,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from functools import wraps
-from typing import Any, Callable
+from typing import Any
 
 from authlib.integrations.flask_oauth2 import AuthorizationServer
 from authlib.oauth2.rfc6749 import ClientMixin, grants
@@ -110,7 +111,7 @@ def query_client(client_id: str) -> ClientAdapter | None:
 def save_token(token: dict[str, Any], oauth_request) -> None:
     client = oauth_request.client.row
     ttl = int(token.get("expires_in", current_app.config["TOKEN_TTL_SECONDS"]))
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     with _db().session() as session:
         session.add(OAuthToken(
             token_hash=hash_secret(token["access_token"]),
@@ -144,7 +145,7 @@ class StoredToken:
         return self.revoked_at is not None
 
     def is_expired(self) -> bool:
-        return _aware(self.expires_at) <= datetime.now(timezone.utc)
+        return _aware(self.expires_at) <= datetime.now(UTC)
 
 
 class _TokenLookup:
@@ -167,7 +168,7 @@ class Revocation(_TokenLookup, RevocationEndpoint):
         with _db().session() as session:
             row = session.get(OAuthToken, token.id)
             if row is not None and row.client_pk == request.client.row.id and row.revoked_at is None:
-                row.revoked_at = datetime.now(timezone.utc)
+                row.revoked_at = datetime.now(UTC)
 
 
 class Introspection(_TokenLookup, IntrospectionEndpoint):
@@ -177,7 +178,7 @@ class Introspection(_TokenLookup, IntrospectionEndpoint):
         return token.client_pk == client.row.id or "admin" in client.row.scope.split()
 
     def introspect_token(self, token) -> dict[str, Any]:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         expires_at = _aware(token.expires_at)
         active = token.revoked_at is None and expires_at > now and not token.client_row.disabled
         if not active:
@@ -194,7 +195,7 @@ class Introspection(_TokenLookup, IntrospectionEndpoint):
 
 
 def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def issuer() -> str:
@@ -237,7 +238,7 @@ def authenticate() -> Caller:
     stored, client = row
     if stored.revoked_at is not None:
         raise Unauthorized("the access token was revoked", code="invalidToken", headers=invalid)
-    if _aware(stored.expires_at) <= datetime.now(timezone.utc):
+    if _aware(stored.expires_at) <= datetime.now(UTC):
         raise Unauthorized("the access token has expired", code="invalidToken", headers=invalid)
     if client.disabled:
         raise Unauthorized("the client is disabled", code="invalidToken", headers=invalid)

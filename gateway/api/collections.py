@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from flask import Blueprint, current_app, g, jsonify, request, url_for
 from marshmallow import ValidationError
@@ -40,7 +40,7 @@ blueprint = Blueprint("collections", __name__, url_prefix="/api/v1/tenants/<tena
 F, S, R, RT, RS, A = (Finding.__table__, FindingSource.__table__, Recommendation.__table__,
                       RecommendationType.__table__, Resource.__table__, Alert.__table__)
 RI, EV = ResourceIdentifier.__table__, LifecycleEvent.__table__
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _severity_rank(column):
