@@ -43,7 +43,7 @@ from typing import Any, BinaryIO
 
 import ijson
 
-from connectors.base import ParseOptions, find_cves, parse_time, severity_from_word
+from connectors.base import ParseOptions, better_cvss, find_cves, parse_time, severity_from_word
 from connectors.model import FindingRecord, FormatError, Rejected, ResourceRef
 
 FORMAT = "asff"
@@ -361,18 +361,7 @@ def _cvss(vulnerabilities: list[dict]) -> tuple[float | None, str | None]:
     best: tuple[float, float, str | None] | None = None
     for vulnerability in vulnerabilities:
         for cvss in vulnerability.get("Cvss") or []:
-            if not isinstance(cvss, dict):
-                continue
-            score = cvss.get("BaseScore")
-            if not isinstance(score, (int, float)) or isinstance(score, bool) or not 0 <= score <= 10:
-                continue
-            try:
-                version = float(str(cvss.get("Version", "0")))
-            except ValueError:
-                version = 0.0
-            vector = cvss.get("BaseVector") if isinstance(cvss.get("BaseVector"), str) else None
-            if best is None or version > best[0]:
-                best = (version, float(score), vector)
+            best = better_cvss(best, cvss, ("BaseScore",), "Version", "BaseVector")
     return (best[1], best[2]) if best else (None, None)
 
 

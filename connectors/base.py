@@ -51,6 +51,29 @@ def find_cves(*texts: str | None) -> list[str]:
     return list(seen)
 
 
+def better_cvss(
+    best: tuple[float, float, str | None] | None,
+    cvss: object,
+    score_keys: tuple[str, ...],
+    version_key: str,
+    vector_key: str,
+) -> tuple[float, float, str | None] | None:
+    """Keep the (version, score, vector) of the highest CVSS version seen: ``best`` or ``cvss``."""
+    if not isinstance(cvss, dict):
+        return best
+    score = next((cvss[key] for key in score_keys if key in cvss), None)
+    if not isinstance(score, (int, float)) or isinstance(score, bool) or not 0 <= score <= 10:
+        return best
+    try:
+        version = float(str(cvss.get(version_key, "0")))
+    except ValueError:
+        version = 0.0
+    vector = cvss.get(vector_key) if isinstance(cvss.get(vector_key), str) else None
+    if best is None or version > best[0]:
+        return (version, float(score), vector)
+    return best
+
+
 def severity_from_cvss(score: float | None) -> str | None:
     """CVSS v3 qualitative rating of a base score."""
     if score is None:

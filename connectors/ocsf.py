@@ -57,7 +57,7 @@ from connectors.asff import (
     rejected,
     strings,
 )
-from connectors.base import ParseOptions, find_cves, parse_time, severity_from_word
+from connectors.base import ParseOptions, better_cvss, find_cves, parse_time, severity_from_word
 from connectors.model import AlertRecord, FindingRecord, Rejected, ResourceRef
 
 FORMAT = "ocsf"
@@ -292,18 +292,7 @@ def _vulnerability_fields(vulnerabilities: list[dict]) -> dict[str, Any]:
         if isinstance(uid, str) and uid:
             (cves if find_cves(uid) else others).append(uid)
         for cvss in cve.get("cvss") or []:
-            if not isinstance(cvss, dict):
-                continue
-            score = cvss.get("base_score", cvss.get("overall_score"))
-            if not isinstance(score, (int, float)) or isinstance(score, bool) or not 0 <= score <= 10:
-                continue
-            try:
-                version = float(str(cvss.get("version", "0")))
-            except ValueError:
-                version = 0.0
-            vector = cvss.get("vector_string") if isinstance(cvss.get("vector_string"), str) else None
-            if best is None or version > best[0]:
-                best = (version, float(score), vector)
+            best = better_cvss(best, cvss, ("base_score", "overall_score"), "version", "vector_string")
         for package in vulnerability.get("affected_packages") or vulnerability.get("packages") or []:
             if isinstance(package, dict) and package.get("name"):
                 text = " ".join(str(package[k]) for k in ("name", "version") if package.get(k))
