@@ -52,6 +52,7 @@ def load_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         "PAGE_SIZE_MAX": 1000,
         "ISSUER": None,
         "TASK_ALWAYS_EAGER": False,
+        "TASK_QUEUE": "gateway",
     }
     for key in list(config):
         value = os.environ.get(f"GATEWAY_{key}")

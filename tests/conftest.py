@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN = os.environ.get("GATEWAY_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS", "redis://127.0.0.1:6379/11")
 SECRET = "test-secret-key"
+# One queue per test session, so that concurrent runs on one Redis never take each other's tasks.
+QUEUE = f"gateway-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 @pytest.fixture(scope="session")
@@ -71,6 +73,7 @@ def store_url(request):
 
 def make_app(database_url: str, eager: bool, **overrides):
     config = {"DATABASE_URL": database_url, "BROKER_URL": REDIS_URL, "SECRET_KEY": SECRET,
+              "TASK_QUEUE": QUEUE,
               "TASK_ALWAYS_EAGER": eager, "MERGE_CHUNK_SIZE": 50}
     config.update(overrides)
     return create_app(config)
@@ -170,7 +173,7 @@ class Worker:
 
     def __init__(self, database_url: str, concurrency: int = 1, extra_env: dict | None = None) -> None:
         env = dict(os.environ)
-        env.update({"GATEWAY_DATABASE_URL": database_url, "GATEWAY_BROKER_URL": REDIS_URL,
+        env.update({"GATEWAY_DATABASE_URL": database_url, "GATEWAY_BROKER_URL": REDIS_URL, "GATEWAY_TASK_QUEUE": QUEUE,
                     "GATEWAY_SECRET_KEY": SECRET, "GATEWAY_MERGE_CHUNK_SIZE": "50",
                     "PYTHONPATH": str(ROOT)})
         env.update(extra_env or {})
@@ -211,10 +214,11 @@ class Worker:
 
 @pytest.fixture
 def redis_clean():
+    """Redis with this session's queue empty (other sessions' queues are left alone)."""
     client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
+    client.delete(QUEUE)
     yield client
-    client.flushdb()
+    client.delete(QUEUE)
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import gzip
 from sqlalchemy import func, select
 
 from gateway.models import Batch, BatchBlob
+from tests.conftest import QUEUE
 from tests.factories import document, finding
 
 
@@ -34,7 +35,7 @@ def test_202_after_bytes_are_committed(pg_gw, redis_clean):
                                  .order_by(BatchBlob.seq)).all()
     assert batch.status == "accepted" and batch.enqueued_at is not None
     assert len(pieces) == 2 and b"".join(pieces) == body
-    assert redis_clean.llen("celery") == 1  # enqueued only after the commit
+    assert redis_clean.llen(QUEUE) == 1  # enqueued only after the commit
 
 
 def test_idempotency_key_replays_and_conflicts(pg_gw, redis_clean):
@@ -46,7 +47,7 @@ def test_idempotency_key_replays_and_conflicts(pg_gw, redis_clean):
     assert first.status_code == again.status_code == 202
     assert first.get_json()["id"] == again.get_json()["id"]
     assert again.headers["Idempotent-Replayed"] == "true"
-    assert redis_clean.llen("celery") == 1  # no second merge
+    assert redis_clean.llen(QUEUE) == 1  # no second merge
     other = _post(pg_gw, tenant, headers, document([finding("q-2")]), extra={"Idempotency-Key": "push-1"})
     assert other.status_code == 409 and other.get_json()["error"]["code"] == "idempotencyKeyReused"
     assert _batches(pg_gw) == 1
@@ -75,7 +76,7 @@ def test_oversize_wrong_type_malformed_and_gzip(pg_gw, redis_clean):
     assert unknown.status_code == 400 and unknown.get_json()["error"]["code"] == "unknownFormat"
     missing = _post(pg_gw, tenant, headers, document([finding("q-1")]), query="")
     assert missing.status_code == 400 and missing.get_json()["error"]["code"] == "missingFormat"
-    assert _batches(pg_gw) == 0 and redis_clean.llen("celery") == 0
+    assert _batches(pg_gw) == 0 and redis_clean.llen(QUEUE) == 0
     small = document([finding("q-1")])
     zipped = _post(pg_gw, tenant, headers, gzip.compress(small), extra={"Content-Encoding": "gzip"})
     assert zipped.status_code == 202
@@ -99,6 +100,6 @@ def test_broker_down_still_accepts_and_sweep_enqueues(pg_url, redis_clean):
     working = make_app(pg_url, eager=False)
     with working.app_context():
         assert requeue(working.extensions["gateway.db"], older_than_seconds=0) == 1
-    assert redis_clean.llen("celery") == 1
+    assert redis_clean.llen(QUEUE) == 1
     app.extensions["gateway.db"].dispose()
     working.extensions["gateway.db"].dispose()

@@ -27,6 +27,7 @@ def celery_init_app(app: Flask) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_always_eager=bool(app.config.get("TASK_ALWAYS_EAGER")),
+        task_default_queue=app.config.get("TASK_QUEUE") or "gateway",
         task_serializer="json",
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
