@@ -12,7 +12,7 @@ import importlib
 import pkgutil
 from types import ModuleType
 
-SUPPORT_MODULES = frozenset({"base", "model", "xmlsafe", "_csv", "_util"})
+SUPPORT_MODULES = frozenset({"base", "model", "xmlsafe", "_json", "_qualys", "_tenable"})
 REQUIRED_ATTRIBUTES = ("FORMAT", "TITLE", "CONTENT_TYPES", "RECORD_KIND", "sniff", "parse")
 RECORD_KINDS = ("findings", "alerts", "knowledge_base")
 

@@ -37,7 +37,7 @@ import re
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
-from connectors.asff import (
+from connectors._json import (
     clip,
     dict_at,
     iter_json_records,

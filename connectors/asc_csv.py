@@ -40,7 +40,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any, BinaryIO
 
-from connectors.asff import MAX_TEXT, clip
+from connectors._json import MAX_TEXT, clip
 from connectors.base import ParseOptions, parse_time, severity_from_word
 from connectors.model import FindingRecord, FormatError, Rejected, ResourceRef
 

@@ -29,22 +29,30 @@ object.  Mapping of one finding:
         GeneratorId), else "vulnerability".  GuardDuty threat findings are kept as
         vulnerability findings whose vendor_id is the finding type (Types[0]).
 
-This module also hosts :func:`iter_json_records`, the envelope-aware JSON record
-streamer the other JSON connectors (checkpoint, ocsf, asc_assessment, graph_alert) use.
+The envelope-aware record streamer and the field readers are in ``_json``.
 """
 
 from __future__ import annotations
 
-import io
 import re
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any, BinaryIO
 
-import ijson
-
-from connectors.base import ParseOptions, better_cvss, find_cves, parse_time, severity_from_word
-from connectors.model import FindingRecord, FormatError, Rejected, ResourceRef
+from connectors._json import (
+    MAX_REFERENCES,
+    MAX_TEXT,
+    clip,
+    dict_at,
+    iter_json_records,
+    json_head,
+    rejected,
+    required_text,
+    strings,
+    time_field,
+)
+from connectors.base import ParseOptions, better_cvss, find_cves, severity_from_word
+from connectors.model import FindingRecord, Rejected, ResourceRef
 
 FORMAT = "asff"
 TITLE = "AWS Security Finding Format (Security Hub) JSON"
@@ -52,10 +60,6 @@ CONTENT_TYPES = ("application/json",)
 RECORD_KIND = "findings"
 
 ENVELOPE_KEYS = ("Findings", "findings")
-MAX_TEXT = 65536
-MAX_REFERENCES = 50
-HEAD_SIZE = 65536
-_BOM = b"\xef\xbb\xbf"
 _SCHEMA = re.compile(rb'"SchemaVersion"\s*:\s*"2018-10-08"')
 _FUTURE_SLACK = timedelta(days=1)
 _THREAT_TYPE_PREFIXES = ("TTPs", "Effects", "Unusual Behaviors", "Sensitive Data Identifications")
@@ -63,213 +67,6 @@ _RESOURCE_KINDS = {
     "AwsEc2Instance": "vm",
     "AwsEcrContainerImage": "container_image",
 }
-
-
-# -- shared JSON streaming ---------------------------------------------------------------
-
-
-class _HeadReader(io.RawIOBase):
-    """A readable stream that replays an already-read head (without a UTF-8 BOM) first."""
-
-    def __init__(self, stream: BinaryIO, size: int = HEAD_SIZE) -> None:
-        parts: list[bytes] = []
-        total = 0
-        while total < size:
-            chunk = stream.read(size - total)
-            if not chunk:
-                break
-            parts.append(chunk)
-            total += len(chunk)
-        head = b"".join(parts)
-        if head.startswith(_BOM):
-            head = head[len(_BOM):]
-        self.head = head
-        self._view = memoryview(head)
-        self._stream = stream
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, target: Any) -> int:  # type: ignore[override]
-        if self._view:
-            n = min(len(target), len(self._view))
-            target[:n] = self._view[:n]
-            self._view = self._view[n:]
-            return n
-        data = self._stream.read(len(target))
-        n = len(data)
-        target[:n] = data
-        return n
-
-
-_STARTS = ("start_map", "start_array")
-_ENDS = ("end_map", "end_array")
-
-
-def _build(event: str, value: Any, events: Iterator[tuple[str, str, Any]]) -> Any:
-    """The JSON value that starts with (event, value), consuming its events."""
-    if event not in _STARTS:
-        return value
-    builder = ijson.ObjectBuilder()
-    builder.event(event, value)
-    depth = 1
-    for _prefix, ev, val in events:
-        builder.event(ev, val)
-        if ev in _STARTS:
-            depth += 1
-        elif ev in _ENDS:
-            depth -= 1
-            if depth == 0:
-                break
-    return builder.value
-
-
-def _envelope_in_head(head: bytes, keys: tuple[str, ...]) -> str | None:
-    """The envelope key whose array starts at the top level within the head, if any."""
-    if not keys:
-        return None
-    events = ijson.parse(io.BytesIO(head))
-    key = None
-    try:
-        for prefix, event, value in events:
-            if prefix == "" and event == "map_key":
-                key = value
-            elif key is not None and prefix == key:
-                if key in keys and event == "start_array":
-                    return key
-                key = None
-    except ijson.JSONError:
-        pass  # the head ends mid-document
-    return None
-
-
-def _scan_object(reader: io.RawIOBase, keys: tuple[str, ...]) -> Iterator[tuple[str, Any]]:
-    """One pass over a top-level object: stream an envelope array, else yield the object."""
-    events = ijson.parse(reader, use_float=True)
-    next(events, None)  # the top-level start_map
-    top: dict[str, Any] = {}
-    envelope = None
-    for _prefix, event, key in events:
-        if event != "map_key":  # the top-level end_map
-            break
-        step = next(events, None)
-        if step is None:
-            break
-        _p, event, value = step
-        if envelope is None and key in keys and event == "start_array":
-            envelope = key
-            index = 0
-            for _p2, ev, val in events:
-                if ev == "end_array":
-                    break
-                yield f"{key}[{index}]", _build(ev, val, events)
-                index += 1
-        else:
-            top[key] = _build(event, value, events)
-    for _ in events:  # reach the end: a truncated or trailing-garbage body fails here
-        pass
-    if envelope is None:
-        yield "$", top
-
-
-def iter_json_records(stream: BinaryIO, envelope_keys: tuple[str, ...]) -> Iterator[tuple[str, Any]]:
-    """Yield (position, value) for each record of a JSON array, envelope object or single object.
-
-    A top-level array yields its items ("[3]"); an object with one of ``envelope_keys``
-    holding an array yields that array's items ("Findings[3]"); any other object is one
-    record ("$").  Raises FormatError on an empty body or JSON that is not well-formed.
-    """
-    reader = _HeadReader(stream)
-    start = reader.head.lstrip()[:1]
-    if not start:
-        raise FormatError("the body is empty: expected a JSON array or object")
-    if start not in (b"[", b"{"):
-        raise FormatError(f"not JSON: expected a JSON array or object, found {reader.head.lstrip()[:20]!r}")
-    position = "the start of the body"
-    try:
-        if start == b"[":
-            for index, item in enumerate(ijson.items(reader, "item", use_float=True)):
-                position = f"[{index}]"
-                yield position, item
-            return
-        key = _envelope_in_head(reader.head, envelope_keys)
-        if key is not None:
-            for index, item in enumerate(ijson.items(reader, f"{key}.item", use_float=True)):
-                position = f"{key}[{index}]"
-                yield position, item
-            return
-        for position, item in _scan_object(reader, envelope_keys):
-            yield position, item
-    except ijson.JSONError as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FormatError(f"not well-formed JSON after {position}: {detail}") from None
-
-
-def json_head(head: bytes) -> bytes:
-    """The first bytes of a JSON body without BOM and leading whitespace."""
-    text = head[:HEAD_SIZE]
-    if text.startswith(_BOM):
-        text = text[len(_BOM):]
-    return text.lstrip()
-
-
-def clip(value: Any, limit: int = MAX_TEXT) -> str | None:
-    """A non-empty string value, clipped to ``limit`` characters, else None."""
-    if isinstance(value, str) and value.strip():
-        return value[:limit]
-    return None
-
-
-def required_text(item: dict, key: str) -> str:
-    """A required non-empty string field, else ValueError naming it."""
-    value = item.get(key)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = str(value)
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"'{key}' is required (a non-empty string)")
-    return value[:MAX_TEXT]
-
-
-def time_field(item: dict, key: str) -> datetime | None:
-    """An optional ISO 8601 (or epoch seconds) time field, else ValueError naming it."""
-    value = item.get(key)
-    if value is None or value == "":
-        return None
-    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-        raise ValueError(f"'{key}' must be an ISO 8601 date-time")
-    try:
-        return parse_time(value)
-    except (ValueError, OverflowError, OSError):
-        raise ValueError(f"'{key}' is not an ISO 8601 date-time: {str(value)[:64]!r}") from None
-
-
-def strings(value: Any) -> list[str]:
-    """The non-empty strings of a list (anything else is ignored)."""
-    if not isinstance(value, list):
-        return []
-    return [v for v in value if isinstance(v, str) and v.strip()]
-
-
-def dict_at(item: Any, *path: str) -> dict:
-    """The object at a key path, or an empty dict."""
-    for key in path:
-        if not isinstance(item, dict):
-            return {}
-        item = item.get(key)
-    return item if isinstance(item, dict) else {}
-
-
-def rejected(position: str, exc: Exception, item: Any, id_key: str) -> Rejected:
-    """A Rejected record for an item, with its provider id when it has a string one."""
-    provider_id = item.get(id_key) if isinstance(item, dict) else None
-    return Rejected(
-        position=position,
-        reason=str(exc) or type(exc).__name__,
-        provider_id=provider_id[:512] if isinstance(provider_id, str) else None,
-    )
-
-
-# -- ASFF ------------------------------------------------------------------------------
 
 
 def sniff(head: bytes) -> bool:

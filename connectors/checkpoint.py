@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
-from connectors.asff import (
+from connectors._json import (
     MAX_TEXT,
     clip,
     dict_at,

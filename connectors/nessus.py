@@ -32,40 +32,42 @@ record ("ReportHost[2]/ReportItem[5]"); the others still come out.  Nessus repor
 plugin twice on one port when it finds two installs: consecutive items with the same
 provider_id are merged into one record (evidence, CVEs and references of both).
 
-The helpers below (severity, dates, identifiers, CVSS, provider id) are shared by the
-other Tenable connectors (tenable_io, tenable_csv).
+The helpers it shares with the other Tenable connectors (severity, dates, identifiers,
+CVSS, provider id) are in ``_tenable``.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import re
-import uuid
-from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime, timedelta
+from collections.abc import Iterator
+from datetime import datetime
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
 from connectors import xmlsafe
-from connectors.base import ParseOptions, find_cves, parse_time, severity_from_cvss, severity_from_word
-from connectors.model import (
-    SEVERITIES,
-    SEVERITY_RANK,
-    FindingRecord,
-    FormatError,
-    Record,
-    Rejected,
-    ResourceRef,
+from connectors._tenable import (
+    TENABLE_STATES,
+    add_ips,
+    add_names,
+    clip,
+    host_fields,
+    host_key,
+    ip_version,
+    make_provider_id,
+    merge_repeats,
+    parse_any_time,
+    pick_cvss,
+    remediation,
+    severity_fields,
+    split_references,
 )
+from connectors.base import ParseOptions, find_cves
+from connectors.model import FindingRecord, FormatError, Rejected, ResourceRef
 
 FORMAT = "nessus"
 TITLE = "Tenable Nessus v2 XML"
 CONTENT_TYPES = ("application/xml", "text/xml", "application/x-nessus+xml")
 RECORD_KIND = "findings"
-
-MAX_TEXT = 65536
-NESSUS_SCALE = "nessus 0-4"
-RISK_SCALE = "tenable risk factor"
 
 _ROOT = re.compile(
     rb"\A(?:\xef\xbb\xbf)?(?:\s+|<\?.*?\?>|<!--.*?-->|<!DOCTYPE[^\[>]*(?:\[.*?\])?\s*>)*"
@@ -73,34 +75,6 @@ _ROOT = re.compile(
     re.DOTALL,
 )
 _UUID_TAGS = ("tenable-uuid", "host-uuid")
-TENABLE_STATES = {
-    "active": "open",
-    "new": "open",
-    "open": "open",
-    "reopened": "open",
-    "resurfaced": "open",
-    "fixed": "fixed",
-}
-_MONTHS = {
-    name: number
-    for number, name in enumerate(
-        ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"), start=1
-    )
-}
-# "Thu Jun 22 11:33:59 2017" (ctime style, the weekday optional)
-_CTIME = re.compile(
-    r"^(?:[A-Za-z]{3},?\s+)?([A-Za-z]{3})\s+(\d{1,2})\s+(\d{1,2}):(\d{2}):(\d{2})\s+(\d{4})$"
-)
-# "Feb 9, 2024 10:48:42 UTC" (Tenable.sc CSV exports)
-_SC_TIME = re.compile(
-    r"^([A-Za-z]{3})\s+(\d{1,2}),\s*(\d{4})\s+(\d{1,2}):(\d{2})(?::(\d{2}))?(?:\s+([A-Za-z]{1,5}|[+-]\d{2}:?\d{2}))?$"
-)
-_ZONES = {
-    "UTC": 0, "GMT": 0, "Z": 0, "WET": 0, "BST": 1, "CET": 1, "CEST": 2, "EET": 2, "EEST": 3,
-    "IST": 5.5, "JST": 9, "AEST": 10, "AEDT": 11,
-    "EST": -5, "EDT": -4, "CST": -6, "CDT": -5, "MST": -7, "MDT": -6, "PST": -8, "PDT": -7,
-    "AKST": -9, "AKDT": -8, "HST": -10,
-}
 
 
 def sniff(head: bytes) -> bool:
@@ -181,10 +155,6 @@ class _Host:
 
 
 def _host_resource(name: str, tags: dict[str, str]) -> dict[str, Any]:
-    fields: dict[str, Any] = {"kind": "host"}
-    agent_id = next((normalize_uuid(tags[t]) for t in _UUID_TAGS if tags.get(t)), None)
-    if agent_id:
-        fields["agent_id"] = agent_id
     fqdn = tags.get("host-fqdn")
     url = None
     if fqdn and "://" in fqdn:
@@ -192,17 +162,16 @@ def _host_resource(name: str, tags: dict[str, str]) -> dict[str, Any]:
     elif "://" in name:
         url = name
         fqdn = fqdn or urlsplit(name).hostname
+    fields = host_fields(
+        agent_id=next((tags[t] for t in _UUID_TAGS if tags.get(t)), None),
+        names=(fqdn, tags.get("hostname")),
+        netbios=tags.get("netbios-name"),
+        mac=tags.get("mac-address"),
+        ips=(tags.get("host-ip"), tags.get("host-ips")),
+    )
     if url or tags.get("system-type") == "web_application":
         fields["kind"] = "web_app"
         fields["name"] = url or name or None
-    add_names(fields, fqdn, tags.get("hostname"))
-    netbios = netbios_name(tags.get("netbios-name"))
-    if netbios:
-        fields["netbios"] = netbios
-    mac = first_mac(tags.get("mac-address"))
-    if mac:
-        fields["mac"] = mac
-    add_ips(fields, tags.get("host-ip"), tags.get("host-ips"))
     if name and not url:
         if ip_version(name):
             add_ips(fields, name)
@@ -293,286 +262,3 @@ def _item_record(item: Any, host: _Host, position: str) -> FindingRecord | Rejec
         extra={k: v for k, v in extra.items() if v},
         **severity,
     )
-
-
-# ---- helpers shared by the Tenable connectors ----------------------------------------
-
-
-def merge_repeats(records: Iterable[Record]) -> Iterator[Record]:
-    """Merge consecutive FindingRecords with the same provider_id into one (streaming).
-
-    Nessus reports a plugin twice on one port when it finds two installs, and CSV exports
-    repeat a row per CVE: one record each, with the CVEs, references and evidence of all.
-    """
-    pending: FindingRecord | None = None
-    for record in records:
-        if isinstance(record, FindingRecord):
-            if pending is not None and pending.provider_id == record.provider_id:
-                pending = merge_records(pending, record)
-                continue
-            if pending is not None:
-                yield pending
-            pending = record
-            continue
-        if pending is not None:
-            yield pending
-            pending = None
-        yield record
-    if pending is not None:
-        yield pending
-
-
-def merge_records(first: FindingRecord, second: FindingRecord) -> FindingRecord:
-    """One record holding what two reports of the same provider id say."""
-    first.cves = list(dict.fromkeys(first.cves + second.cves))
-    first.references = list(dict.fromkeys(first.references + second.references))
-    if second.evidence and (not first.evidence or second.evidence not in first.evidence):
-        first.evidence = clip("\n\n".join(filter(None, (first.evidence, second.evidence))))
-    if SEVERITY_RANK[second.severity] > SEVERITY_RANK[first.severity]:
-        first.severity = second.severity
-        first.severity_original = second.severity_original
-        first.severity_scale = second.severity_scale
-    if second.cvss_score is not None and (first.cvss_score is None or second.cvss_score > first.cvss_score):
-        first.cvss_score, first.cvss_vector = second.cvss_score, second.cvss_vector
-    for name in ("description", "remediation"):
-        if getattr(first, name) is None:
-            setattr(first, name, getattr(second, name))
-    first.first_seen = _earliest(first.first_seen, second.first_seen)
-    first.last_seen = _latest(first.last_seen, second.last_seen)
-    first.provider_timestamp = _latest(first.provider_timestamp, second.provider_timestamp)
-    if second.status == "open":
-        first.status = "open"
-    return first
-
-
-def _earliest(a: datetime | None, b: datetime | None) -> datetime | None:
-    return min(a, b) if a and b else a or b
-
-
-def _latest(a: datetime | None, b: datetime | None) -> datetime | None:
-    return max(a, b) if a and b else a or b
-
-
-def nessus_severity(value: str | int | None) -> str | None:
-    """The canonical severity of a Nessus 0-4 severity value, or None."""
-    try:
-        number = int(str(value).strip())
-    except (TypeError, ValueError):
-        return None
-    return SEVERITIES[number] if 0 <= number < len(SEVERITIES) else None
-
-
-def severity_fields(
-    number: str | int | None, word: str | None, score: float | None
-) -> dict[str, str] | None:
-    """severity/severity_original/severity_scale from a 0-4 value, a risk word or a CVSS score."""
-    severity = nessus_severity(number)
-    if severity:
-        original = str(number).strip()
-        return {"severity": severity, "severity_original": original, "severity_scale": NESSUS_SCALE}
-    severity = severity_from_word(word)
-    if severity and word:
-        return {"severity": severity, "severity_original": word.strip(), "severity_scale": RISK_SCALE}
-    severity = severity_from_cvss(score)
-    if severity:
-        return {"severity": severity, "severity_original": str(score), "severity_scale": "cvss"}
-    return None
-
-
-def parse_any_time(value: str | int | float | None) -> datetime | None:
-    """A UTC datetime from ISO 8601, epoch seconds, a Nessus date or a Tenable.sc date; else None."""
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return datetime.fromtimestamp(value, tz=UTC) if value > 0 else None
-    text = " ".join(value.split())
-    if not text or text in ("-1", "0", "N/A"):
-        return None
-    match = _CTIME.match(text)
-    if match:
-        month, day, hour, minute, second, year = match.groups()
-        return _datetime(year, month, day, hour, minute, second, 0)
-    match = _SC_TIME.match(text)
-    if match:
-        month, day, year, hour, minute, second, zone = match.groups()
-        offset = _zone_offset(zone)
-        if offset is None:
-            return None
-        return _datetime(year, month, day, hour, minute, second or "0", offset)
-    try:
-        return parse_time(text)
-    except (ValueError, OverflowError, OSError):
-        return None
-
-
-def _zone_offset(zone: str | None) -> float | None:
-    if not zone:
-        return 0
-    if zone[0] in "+-":
-        digits = zone[1:].replace(":", "")
-        hours = int(digits[:2]) + int(digits[2:]) / 60
-        return hours if zone[0] == "+" else -hours
-    return _ZONES.get(zone.upper())
-
-
-def _datetime(
-    year: str, month: str, day: str, hour: str, minute: str, second: str, offset: float
-) -> datetime | None:
-    number = _MONTHS.get(month.lower())
-    if number is None:
-        return None
-    try:
-        local = datetime(int(year), number, int(day), int(hour), int(minute), int(second), tzinfo=UTC)
-    except ValueError:
-        return None
-    return local - timedelta(hours=offset)
-
-
-def normalize_uuid(value: str | None) -> str | None:
-    """A UUID in lower-case dashed form (Tenable writes some without dashes); other ids as they are."""
-    if not value or not value.strip():
-        return None
-    text = value.strip()
-    try:
-        return str(uuid.UUID(text))
-    except ValueError:
-        return text.lower()
-
-
-def ip_version(value: str | None) -> int | None:
-    """4 or 6 when the text is an IP address, else None."""
-    if not value:
-        return None
-    try:
-        return ipaddress.ip_address(value.strip().split("%")[0]).version
-    except ValueError:
-        return None
-
-
-def add_ips(fields: dict[str, Any], *values: str | Iterable[str] | None) -> None:
-    """Add the valid IP addresses among values (strings, lists, comma/space separated) to fields."""
-    for value in values:
-        if not value:
-            continue
-        parts = re.split(r"[\s,;]+", value) if isinstance(value, str) else value
-        for part in parts:
-            if not isinstance(part, str):
-                continue
-            version = ip_version(part)
-            if version:
-                kind = f"ipv{version}"
-                address = part.strip()
-                if address not in fields.setdefault(kind, []):
-                    fields[kind].append(address)
-
-
-def add_names(fields: dict[str, Any], *names: str | None) -> None:
-    """Put host names in fields: one with a dot is an fqdn, one without a hostname."""
-    for name in names:
-        if not name or not name.strip() or ip_version(name):
-            continue
-        text = name.strip().rstrip(".")
-        kind = "fqdn" if "." in text else "hostname"
-        fields.setdefault(kind, text)
-
-
-def netbios_name(value: str | None) -> str | None:
-    """A NetBIOS name without its workgroup or domain ("WORKGROUP\\HOST" -> "HOST")."""
-    if not value:
-        return None
-    return value.strip().split("\\")[-1].strip() or None
-
-
-def first_mac(value: str | Iterable[str] | None) -> str | None:
-    """The first valid MAC address in a (newline/comma separated) text or list."""
-    if not value:
-        return None
-    parts = re.split(r"[\s,;]+", value) if isinstance(value, str) else value
-    for part in parts:
-        if isinstance(part, str):
-            digits = re.sub(r"[^0-9a-fA-F]", "", part)
-            if len(digits) == 12 and len(part.strip()) <= 17:
-                return ":".join(digits[i : i + 2] for i in range(0, 12, 2)).lower()
-    return None
-
-
-def host_key(fields: dict[str, Any] | ResourceRef) -> str | None:
-    """The identifier that tells a Tenable host from the others, lower-cased, for provider ids.
-
-    A web app's URL; else an agent/asset UUID, an FQDN, a host name, then the IP address
-    (what Nessus and Tenable.sc key hosts on), and only then NetBIOS name or MAC: those two
-    are shared by cloned machines (the Tenable.sc samples show one MAC on two IPs).
-    """
-    get = fields.get if isinstance(fields, dict) else lambda k: getattr(fields, k, None)
-    if get("kind") == "web_app" and get("name"):
-        return str(get("name")).lower()
-    for kind in ("cloud_id", "agent_id", "fqdn", "hostname", "ipv4", "ipv6", "netbios", "mac"):
-        value = get(kind)
-        if isinstance(value, list):
-            value = value[0] if value else None
-        if value:
-            return str(value).lower()
-    return None
-
-
-def make_provider_id(key: str | None, plugin_id: str, port: str | int | None, protocol: str | None) -> str:
-    """The stable id of one plugin on one host and port: "<host>|<plugin>|<port>/<protocol>"."""
-    return f"{key}|{plugin_id}|{port if port not in (None, '') else 0}/{(protocol or 'tcp').lower()}"
-
-
-def cvss_vector(vector: str | None, version: str) -> str | None:
-    """A CVSS vector in the usual text form: "CVSS:3.0/AV:N/..." for v3/v4, bare for v2."""
-    if not vector or not vector.strip():
-        return None
-    text = vector.strip()
-    if text.upper().startswith("CVSS2#"):
-        text = text[6:]
-    if version != "2.0" and not text.upper().startswith("CVSS:"):
-        text = f"CVSS:{version}/{text}"
-    return text
-
-
-def pick_cvss(*candidates: tuple[Any, Any, str]) -> tuple[float | None, str | None]:
-    """The first usable (score, vector) among (score, vector, version) candidates."""
-    for raw_score, raw_vector, version in candidates:
-        score = to_score(raw_score)
-        vector = cvss_vector(raw_vector, version) if isinstance(raw_vector, str) else None
-        if score is not None and (score > 0 or vector):
-            return score, vector
-    return None, None
-
-
-def to_score(value: Any) -> float | None:
-    """A CVSS score 0-10 from a number or text, else None."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        score = float(str(value).strip())
-    except ValueError:
-        return None
-    return score if 0 <= score <= 10 else None
-
-
-def split_references(values: Iterable[str | None]) -> list[str]:
-    """The distinct non-empty lines of see-also texts."""
-    refs: dict[str, None] = {}
-    for value in values:
-        for line in (value or "").splitlines():
-            if line.strip():
-                refs.setdefault(line.strip(), None)
-    return list(refs)
-
-
-def remediation(solution: str | None) -> str | None:
-    """The solution text, without Nessus's "n/a" placeholder."""
-    if not solution or solution.strip().lower() in ("n/a", "na", "none", ""):
-        return None
-    return clip(solution.strip())
-
-
-def clip(text: str | None) -> str | None:
-    """Text cut to MAX_TEXT characters, or None when empty."""
-    if text is None:
-        return None
-    text = text.strip()
-    return text[:MAX_TEXT] if text else None

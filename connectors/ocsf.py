@@ -47,7 +47,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, BinaryIO
 
-from connectors.asff import (
+from connectors._json import (
     MAX_REFERENCES,
     MAX_TEXT,
     clip,

@@ -43,9 +43,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import BinaryIO
 
-from connectors.base import ParseOptions, find_cves, parse_time, severity_from_word
-from connectors.model import FindingRecord, FormatError, Rejected
-from connectors.qualys_hld import (
+from connectors._qualys import (
     QUALYS_SCALE,
     asset_agent_id,
     clip,
@@ -59,8 +57,11 @@ from connectors.qualys_hld import (
     qualys_severity,
     qualys_status,
     split_ips,
+    time_field,
     value_or_none,
 )
+from connectors.base import ParseOptions, find_cves, severity_from_word
+from connectors.model import FindingRecord, FormatError, Rejected
 
 FORMAT = "qualys_csv"
 TITLE = "Qualys VM scan report / VMDR CSV"
@@ -183,13 +184,10 @@ def _read_header(reader: Iterator[list[str]]) -> tuple[dict[str, int], timezone]
 
 
 def _time(name: str, value: str | None, zone: timezone) -> datetime | None:
-    value = value_or_none(value)
-    if value is None:
-        return None
     try:
-        return parse_time(value)
+        return time_field(name, value)  # ISO 8601, or None for an empty cell
     except ValueError:
-        pass
+        value = value_or_none(value)
     for pattern in _TIME_FORMATS:
         try:
             parsed = datetime.strptime(value, pattern)

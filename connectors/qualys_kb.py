@@ -27,9 +27,7 @@ from typing import BinaryIO
 from lxml import etree
 
 from connectors import xmlsafe
-from connectors.base import ParseOptions, find_cves
-from connectors.model import Rejected, VulnerabilityInfo
-from connectors.qualys_hld import (
+from connectors._qualys import (
     child_text,
     clip,
     cvss,
@@ -39,6 +37,8 @@ from connectors.qualys_hld import (
     root_element,
     time_field,
 )
+from connectors.base import ParseOptions, find_cves
+from connectors.model import Rejected, VulnerabilityInfo
 
 FORMAT = "qualys_kb"
 TITLE = "Qualys KnowledgeBase XML"

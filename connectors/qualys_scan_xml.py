@@ -53,10 +53,7 @@ from typing import Any, BinaryIO, NamedTuple
 import msgspec
 from lxml import etree
 
-from connectors import xmlsafe
-from connectors.base import ParseOptions, find_cves
-from connectors.model import FindingRecord, Rejected, ResourceRef
-from connectors.qualys_hld import (
+from connectors._qualys import (
     QUALYS_SCALE,
     asset_agent_id,
     child_text,
@@ -72,9 +69,12 @@ from connectors.qualys_hld import (
     qualys_status,
     root_element,
     split_ips,
+    stream_host_items,
     time_field,
     value_or_none,
 )
+from connectors.base import ParseOptions, find_cves
+from connectors.model import FindingRecord, Rejected, ResourceRef
 
 FORMAT = "qualys_scan_xml"
 TITLE = "Qualys VM scan report XML"
@@ -213,26 +213,16 @@ def _parse_asset_data_report(safe: BinaryIO) -> Iterator[FindingRecord | Rejecte
     glossary: dict[str, _Details] = {}
     generated: str | None = None
     spool = _Spool()
-    host_index = item_index = 0
-    host_slot: int | None = None
+    current = -1
+    host_slot = 0
     try:
-        for event, element in xmlsafe.iterparse(
-            safe, tags=("GENERATION_DATETIME", "HOST", "VULN_INFO", "VULN_DETAILS"), events=("start", "end")
+        for host_index, item_index, element in stream_host_items(
+            safe, "HOST", ("VULN_INFO",), ("GENERATION_DATETIME", "VULN_DETAILS")
         ):
             tag = element.tag
-            if tag == "HOST":
-                if event == "start":
-                    host_index += 1
-                    item_index = 0
-                    host_slot = None
-                else:
-                    xmlsafe.release(element)
-                continue
-            if event == "start":
-                continue
             if tag == "VULN_INFO":
-                item_index += 1
-                if host_slot is None:
+                if host_index != current:  # the first VULN_INFO of this HOST: read the host once
+                    current = host_index
                     hosts.append(_report_host(next(element.iterancestors("HOST"), None)))
                     host_slot = len(hosts) - 1
                 spool.append((host_slot, f"HOST[{host_index}]/VULN_INFO[{item_index}]",
@@ -244,7 +234,6 @@ def _parse_asset_data_report(safe: BinaryIO) -> Iterator[FindingRecord | Rejecte
                     glossary[qid] = _details(element)
             elif tag == "GENERATION_DATETIME" and generated is None:
                 generated = (element.text or "").strip() or None
-            xmlsafe.release(element)
         try:
             report_time = time_field("GENERATION_DATETIME", generated)
         except ValueError:
@@ -340,29 +329,16 @@ def _report_record(
 def _parse_scan(safe: BinaryIO) -> Iterator[FindingRecord | Rejected]:
     scan_date: str | None = None
     host: _Host | None = None
-    ip_index = item_index = 0
-    tags = ("KEY", "IP", *_LEGACY_ITEMS)
-    for event, element in xmlsafe.iterparse(safe, tags=tags, events=("start", "end")):
-        tag = element.tag
-        if tag == "IP":
-            if event == "start":
-                ip_index += 1
-                item_index = 0
-                host = None
-            else:
-                xmlsafe.release(element)
-            continue
-        if event == "start":
-            continue
-        if tag == "KEY":
+    current = -1
+    for ip_index, item_index, element in stream_host_items(safe, "IP", _LEGACY_ITEMS, ("KEY",)):
+        if element.tag == "KEY":
             if element.get("value") == "DATE" and scan_date is None:
                 scan_date = (element.text or "").strip() or None
             continue
-        item_index += 1
-        if host is None:
+        if ip_index != current:  # the first item of this IP: read the host once
+            current = ip_index
             host = _scan_host(next(element.iterancestors("IP"), None))
-        yield _scan_record(element, host, f"IP[{ip_index}]/{tag}[{item_index}]", scan_date)
-        xmlsafe.release(element)
+        yield _scan_record(element, host, f"IP[{ip_index}]/{element.tag}[{item_index}]", scan_date)
 
 
 def _scan_host(element: etree._Element | None) -> _Host:

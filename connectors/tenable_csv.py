@@ -33,20 +33,14 @@ import re
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
-from connectors.base import ParseOptions, find_cves
-from connectors.model import FindingRecord, FormatError, Rejected, ResourceRef
-from connectors.nessus import (
+from connectors._tenable import (
     TENABLE_STATES,
-    add_ips,
-    add_names,
     clip,
-    first_mac,
+    host_fields,
     host_key,
     ip_version,
     make_provider_id,
     merge_repeats,
-    netbios_name,
-    normalize_uuid,
     parse_any_time,
     pick_cvss,
     remediation,
@@ -54,6 +48,8 @@ from connectors.nessus import (
     split_references,
     to_score,
 )
+from connectors.base import ParseOptions, find_cves
+from connectors.model import FindingRecord, FormatError, Rejected, ResourceRef
 
 FORMAT = "tenable_csv"
 TITLE = "Tenable CSV export (Nessus, Tenable.io, Tenable.sc)"
@@ -178,26 +174,18 @@ def _row_record(cells: list[str], columns: dict[str, int], position: str) -> Fin
     plugin_id = get("plugin")
     if plugin_id is None:
         return Rejected(position=position, reason="the row has no plugin id")
-    fields: dict[str, Any] = {"kind": "host"}
-    agent_id = normalize_uuid(get("uuid"))
-    if agent_id:
-        fields["agent_id"] = agent_id
     host = get("host")
-    if host and ip_version(host):
-        add_ips(fields, host)
-    add_names(fields, get("fqdn"), None if host and ip_version(host) else host)
-    netbios = netbios_name(get("netbios"))
-    if netbios:
-        fields["netbios"] = netbios
-    mac = first_mac(get("mac"))
-    if mac:
-        fields["mac"] = mac
-    add_ips(fields, get("ip"))
-    if get("os"):
-        fields["os"] = get("os").splitlines()[0].strip()
-    name = host or get("fqdn") or get("ip")
-    if name:
-        fields["name"] = name
+    host_is_ip = bool(host and ip_version(host))
+    os_name = get("os")
+    fields = host_fields(
+        agent_id=get("uuid"),
+        names=(get("fqdn"), None if host_is_ip else host),
+        netbios=get("netbios"),
+        mac=get("mac"),
+        ips=(host if host_is_ip else None, get("ip")),
+        os_name=os_name.splitlines()[0].strip() if os_name else None,
+        name=host or get("fqdn") or get("ip"),
+    )
     key = host_key(fields)
     if key is None:
         return Rejected(position=position, reason="the row has no host (Host, IP Address, DNS Name...)")

@@ -33,25 +33,21 @@ from typing import Any, BinaryIO
 
 import ijson
 
-from connectors.base import ParseOptions, find_cves
-from connectors.model import FindingRecord, FormatError, Rejected, ResourceRef
-from connectors.nessus import (
+from connectors._tenable import (
     TENABLE_STATES,
-    add_ips,
-    add_names,
     clip,
-    first_mac,
+    host_fields,
     host_key,
     make_provider_id,
     merge_repeats,
-    netbios_name,
-    normalize_uuid,
     parse_any_time,
     pick_cvss,
     remediation,
     severity_fields,
     split_references,
 )
+from connectors.base import ParseOptions, find_cves
+from connectors.model import FindingRecord, FormatError, Rejected, ResourceRef
 
 FORMAT = "tenable_io"
 TITLE = "Tenable.io vulnerability export JSON"
@@ -108,24 +104,15 @@ def _io_record(item: Any, position: str) -> FindingRecord | Rejected:
     if not isinstance(asset, dict):
         return Rejected(position=position, reason="'asset' is required")
     plugin_id = _text(plugin.get("id"))
-    fields: dict[str, Any] = {"kind": "host"}
-    agent_id = normalize_uuid(_text(asset.get("uuid")) or _text(asset.get("agent_uuid")))
-    if agent_id:
-        fields["agent_id"] = agent_id
-    add_names(fields, _first(asset.get("fqdn")), _first(asset.get("hostname")))
-    netbios = netbios_name(_first(asset.get("netbios_name")))
-    if netbios:
-        fields["netbios"] = netbios
-    mac = first_mac(_strings(asset.get("mac_address")))
-    if mac:
-        fields["mac"] = mac
-    add_ips(fields, _strings(asset.get("ipv4")), _strings(asset.get("ipv6")))
-    os_name = _first(asset.get("operating_system"))
-    if os_name:
-        fields["os"] = os_name
-    name = _first(asset.get("hostname")) or _first(asset.get("fqdn"))
-    if name:
-        fields["name"] = name
+    fields = host_fields(
+        agent_id=_text(asset.get("uuid")) or _text(asset.get("agent_uuid")),
+        names=(_first(asset.get("fqdn")), _first(asset.get("hostname"))),
+        netbios=_first(asset.get("netbios_name")),
+        mac=_strings(asset.get("mac_address")),
+        ips=(_strings(asset.get("ipv4")), _strings(asset.get("ipv6"))),
+        os_name=_first(asset.get("operating_system")),
+        name=_first(asset.get("hostname")) or _first(asset.get("fqdn")),
+    )
     key = host_key(fields)
     port_info = item.get("port") if isinstance(item.get("port"), dict) else {}
     port, protocol = _text(port_info.get("port")) or "0", (_text(port_info.get("protocol")) or "tcp").lower()
@@ -212,21 +199,14 @@ def _sc_record(item: Any, position: str) -> FindingRecord | Rejected:
     plugin_id = _text(item.get("pluginID"))
     if plugin_id is None:
         return Rejected(position=position, reason="'pluginID' is required")
-    fields: dict[str, Any] = {"kind": "host"}
-    agent_id = normalize_uuid(_text(item.get("hostUUID")) or _text(item.get("uuid")))
-    if agent_id:
-        fields["agent_id"] = agent_id
-    add_names(fields, _text(item.get("dnsName")))
-    netbios = netbios_name(_text(item.get("netbiosName")))
-    if netbios:
-        fields["netbios"] = netbios
-    mac = first_mac(_text(item.get("macAddress")))
-    if mac:
-        fields["mac"] = mac
-    add_ips(fields, _text(item.get("ip")))
-    name = _text(item.get("dnsName")) or _text(item.get("ip"))
-    if name:
-        fields["name"] = name
+    fields = host_fields(
+        agent_id=_text(item.get("hostUUID")) or _text(item.get("uuid")),
+        names=(_text(item.get("dnsName")),),
+        netbios=_text(item.get("netbiosName")),
+        mac=_text(item.get("macAddress")),
+        ips=(_text(item.get("ip")),),
+        name=_text(item.get("dnsName")) or _text(item.get("ip")),
+    )
     key = host_key(fields)
     port, protocol = _text(item.get("port")) or "0", (_text(item.get("protocol")) or "tcp").lower()
     provider_id = make_provider_id(key, plugin_id, port, protocol)

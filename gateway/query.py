@@ -1,26 +1,40 @@
-"""The collection query layer: tenant scope, allow-listed filters and ordering, keyset paging.
+"""The collection layer: tenant scope, OData options through allow-lists, keyset paging, CSV, workflow edits.
 
-Every query starts from ``tenant_id = :tenant`` and only adds conditions to it.  Paging
-is keyset ("seek") paging: the next page starts after the last row's ordering values,
-which travel in a signed, opaque ``$skiptoken`` bound to the tenant, the collection,
-the ordering and the filters, so a client cannot forge another tenant's cursor and
-page 10,000 costs what page 1 costs.  The full OData layer plugs in here: it adds
-conditions from ``$filter`` and fields from ``$select`` to a ``ListRequest``.
+Every query starts from ``tenant_id = :tenant`` and only adds conditions to it: ``$filter``
+(``gateway.odata``) becomes a SQLAlchemy expression over the collection's declared fields.
+Paging is keyset ("seek") paging: the next page starts after the last row's ordering values,
+which travel in a signed, opaque ``$skiptoken`` bound to the tenant, the collection, the
+ordering, the filter and the selection, so a client cannot forge another tenant's cursor
+and page 10,000 costs what page 1 costs.  ``$skip`` exists for clients that need it, bounded
+by ``MAX_SKIP``.  A CSV export walks the same keyset in batches, each in its own short
+transaction, so it has no cap, holds no lock or snapshot, and its memory stays flat.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
-from collections.abc import Callable
+import io
+import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from itsdangerous import BadSignature, URLSafeSerializer
-from sqlalchemy import Select, and_, or_
+from sqlalchemy import JSON, Select, String, Table, and_, cast, func, literal, or_, select, update
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql import ColumnElement
 
 from gateway.errors import BadRequest
+from gateway.odata import Field, FilterContext, ListField, parse_filter, parse_select
+
+MAX_SKIP = 10_000
+CSV_BATCH = 1000
+LIST_OPTIONS = ("$filter", "$select", "$orderby", "$top", "$skip", "$skiptoken", "$count", "$format")
+FORMATS = {"json": "json", "application/json": "json", "csv": "csv", "text/csv": "csv"}
+_CSV_RISKY = ("=", "+", "-", "@", "\t", "\r")
 
 
 @dataclass(frozen=True)
@@ -28,21 +42,33 @@ class OrderField:
     """An orderable field: its SQL expression (never NULL) and how to read a cursor value."""
 
     expression: ColumnElement
-    kind: str = "str"  # str | int | datetime
+    kind: str = "str"  # str | int | float | datetime
+
+
+@dataclass(frozen=True)
+class Workflow:
+    """The customer-owned fields of a collection's rows, changed by PATCH with history."""
+
+    table: Table
+    subject: str  # lifecycle_events.subject_type
+    patch_schema: type
+    columns: dict[str, str]  # API field -> column
+    stamp: Callable[[Table, dict, datetime], dict] | None = None  # extra column values of an edit
 
 
 @dataclass
 class Collection:
-    """A queryable collection of tenant-owned rows."""
+    """A queryable collection of tenant-owned rows (add one to serve a new Graph collection)."""
 
     name: str
-    base: Callable[[int], Select]  # tenant id -> SELECT with the tenant condition and id column
+    base: Callable[[int], Select]  # tenant id -> SELECT with the tenant condition and an ``id`` column
     id_column: ColumnElement
-    filters: dict[str, Callable[[list[str]], ColumnElement]]
-    filter_values: dict[str, tuple[str, ...]]
+    fields: dict[str, Field | ListField]  # $filter allow-list, by OData path
     order_fields: dict[str, OrderField]
     default_order: tuple[tuple[str, bool], ...]  # (field, descending)
-    serialize: Callable[[Any, list], list[dict]]  # (connection, rows) -> JSON objects
+    selectable: tuple[str, ...]  # output fields, in output order ($select allow-list)
+    serialize: Callable[[Any, list, tuple[str, ...] | None], list[dict]]  # (conn, rows, selected) -> JSON
+    workflow: Workflow | None = None
 
 
 @dataclass
@@ -51,38 +77,60 @@ class ListRequest:
     order: list[tuple[str, bool]]
     conditions: list[ColumnElement] = field(default_factory=list)
     fingerprint: str = ""
-    after: dict | None = None
+    select: tuple[str, ...] | None = None
+    skip: int = 0
+    count: bool = False
+    csv: bool = False
 
 
-def parse_list_args(collection: Collection, args, default_top: int, max_top: int) -> ListRequest:
-    """Read ``$top``, ``$orderby``, ``$skiptoken`` and the simple filters from query args."""
-    known = {"$top", "$orderby", "$skiptoken"} | set(collection.filters)
-    unknown = sorted(set(args) - known)
+def _invalid(message: str) -> BadRequest:
+    return BadRequest(message, code="invalidParameter")
+
+
+def _whole_number(args, name: str, default: int, low: int, high: int) -> int:
+    text = args.get(name)
+    if text is None:
+        return default
+    if not (text.isascii() and text.isdigit()) or len(text) > 6 or not low <= int(text) <= high:
+        raise _invalid(f"'{name}' must be a whole number from {low} to {high}")
+    return int(text)
+
+
+def parse_list_args(collection: Collection, args, context: FilterContext, default_top: int, max_top: int,
+                    accept_csv: bool = False) -> ListRequest:
+    """Read the OData options of a list (or CSV) request; 400 on anything not allowed."""
+    unknown = sorted(set(args) - set(LIST_OPTIONS))
     if unknown:
-        raise BadRequest(f"unknown query parameter '{unknown[0]}'; allowed: {', '.join(sorted(known))}",
-                         code="invalidParameter")
-    top_text = args.get("$top", str(default_top))
-    if not (top_text.isascii() and top_text.isdigit()) or len(top_text) > 6 or not 1 <= int(top_text) <= max_top:
-        raise BadRequest(f"'$top' must be a whole number from 1 to {max_top}", code="invalidParameter")
+        raise _invalid(f"unknown query parameter '{unknown[0][:40]}'; allowed: {', '.join(LIST_OPTIONS)}")
+    repeated = [name for name in LIST_OPTIONS if len(args.getlist(name)) > 1]
+    if repeated:
+        raise _invalid(f"'{repeated[0]}' is given more than once")
+    wanted_format = args.get("$format")
+    if wanted_format is not None and wanted_format.lower() not in FORMATS:
+        raise _invalid("'$format' is json or csv")
+    as_csv = FORMATS[wanted_format.lower()] == "csv" if wanted_format is not None else accept_csv
+    if as_csv:
+        paging = [name for name in ("$top", "$skip", "$skiptoken", "$count") if name in args]
+        if paging:
+            raise _invalid(f"'{paging[0]}' does not apply to CSV, which is the whole result")
+    top = _whole_number(args, "$top", default_top, 1, max_top)
+    skip = _whole_number(args, "$skip", 0, 0, MAX_SKIP)
+    if skip and "$skiptoken" in args:
+        raise _invalid("'$skip' and '$skiptoken' cannot be combined: follow @odata.nextLink as it is")
+    count_text = args.get("$count")
+    if count_text is not None and count_text not in ("true", "false"):
+        raise _invalid("'$count' is true or false")
     order = _parse_order(collection, args.get("$orderby"))
-    conditions = []
-    canonical_filters = []
-    for name, build in collection.filters.items():
-        raw = args.get(name)
-        if raw is None:
-            continue
-        values = [v.strip() for v in raw.split(",") if v.strip()]
-        allowed = collection.filter_values.get(name)
-        bad = [v for v in values if allowed and v not in allowed]
-        if not values or bad:
-            raise BadRequest(f"'{name}' takes a comma-separated list of: {', '.join(allowed or ('values',))}",
-                             code="invalidParameter")
-        conditions.append(build(values))
-        canonical_filters.append(f"{name}={','.join(sorted(values))}")
-    fingerprint = hashlib.sha256(
-        "|".join([collection.name, repr(order)] + canonical_filters).encode()
-    ).hexdigest()[:24]
-    return ListRequest(top=int(top_text), order=order, conditions=conditions, fingerprint=fingerprint)
+    conditions, canonical = [], ""
+    if "$filter" in args:
+        parsed = parse_filter(args["$filter"], collection.fields, context)
+        conditions.append(parsed.condition)
+        canonical = parsed.canonical
+    selected = parse_select(args["$select"], collection.selectable) if "$select" in args else None
+    fingerprint = hashlib.sha256("\x1f".join(
+        [collection.name, repr(order), canonical, ",".join(selected or ())]).encode()).hexdigest()[:24]
+    return ListRequest(top=top, order=order, conditions=conditions, fingerprint=fingerprint, select=selected,
+                       skip=skip, count=count_text == "true", csv=as_csv)
 
 
 def _parse_order(collection: Collection, text: str | None) -> list[tuple[str, bool]]:
@@ -94,26 +142,32 @@ def _parse_order(collection: Collection, text: str | None) -> list[tuple[str, bo
         if not words or len(words) > 2 or words[0] not in collection.order_fields or (
             len(words) == 2 and words[1].lower() not in ("asc", "desc")
         ):
-            raise BadRequest(
-                f"'$orderby' takes fields of {', '.join(sorted(collection.order_fields))} with asc or desc",
-                code="invalidParameter")
+            raise _invalid(f"'$orderby' takes fields of {', '.join(sorted(collection.order_fields))} "
+                           "with asc or desc")
         order.append((words[0], len(words) == 2 and words[1].lower() == "desc"))
     if len({name for name, _ in order}) != len(order):
-        raise BadRequest("'$orderby' names a field twice", code="invalidParameter")
+        raise _invalid("'$orderby' names a field twice")
     return order
+
+
+# -- paging ---------------------------------------------------------------------------------------
 
 
 def _serializer(secret: str) -> URLSafeSerializer:
     return URLSafeSerializer(secret, salt="gateway.cursor.v1")
 
 
+def _bad_token(message: str = "'$skiptoken' is not a valid paging token") -> BadRequest:
+    return BadRequest(message, code="invalidSkipToken")
+
+
 def decode_cursor(secret: str, token: str, tenant_id: int, request: ListRequest) -> dict:
     try:
         data = _serializer(secret).loads(token)
     except BadSignature:
-        raise BadRequest("'$skiptoken' is not a valid paging token", code="invalidSkipToken") from None
+        raise _bad_token() from None
     if not isinstance(data, dict) or data.get("t") != tenant_id or data.get("f") != request.fingerprint:
-        raise BadRequest("'$skiptoken' does not belong to this query", code="invalidSkipToken")
+        raise _bad_token("'$skiptoken' does not belong to this query")
     return data
 
 
@@ -122,45 +176,78 @@ def encode_cursor(secret: str, tenant_id: int, request: ListRequest, values: lis
     return _serializer(secret).dumps({"t": tenant_id, "f": request.fingerprint, "v": encoded, "id": last_id})
 
 
-def run_list(conn, collection: Collection, tenant_id: int, request: ListRequest, secret: str,
-             skiptoken: str | None) -> tuple[list[dict], str | None]:
-    """One page of the collection and the next page's token (None on the last page)."""
+def filtered(collection: Collection, tenant_id: int, request: ListRequest) -> Select:
+    """The tenant's rows that match the request's filter (the tenant condition comes first, always)."""
     query = collection.base(tenant_id)
     for condition in request.conditions:
         query = query.where(condition)
+    return query
+
+
+def _page(conn: Connection, collection: Collection, tenant_id: int, request: ListRequest,
+          after: tuple[list, int] | None, limit: int, offset: int = 0) -> tuple[list, tuple[list,
+                                                                                            int] | None]:
+    """Up to ``limit`` rows after the keyset position ``after``; and the position of the last row
+    when more follow."""
     expressions = [(collection.order_fields[name], desc) for name, desc in request.order]
-    if skiptoken:
-        cursor = decode_cursor(secret, skiptoken, tenant_id, request)
-        values = cursor.get("v")
-        if not isinstance(values, list) or len(values) != len(expressions) or not isinstance(cursor.get("id"), int):
-            raise BadRequest("'$skiptoken' is not a valid paging token", code="invalidSkipToken")
-        query = query.where(_after(expressions, values, collection.id_column, cursor["id"]))
+    query = filtered(collection, tenant_id, request)
+    if after is not None:
+        query = query.where(_after(expressions, after[0], collection.id_column, after[1]))
     order_by = [(f.expression.desc() if desc else f.expression.asc()) for f, desc in expressions]
     last_desc = request.order[-1][1] if request.order else False
     order_by.append(collection.id_column.desc() if last_desc else collection.id_column.asc())
     query = query.add_columns(*[f.expression.label(f"_o{i}") for i, (f, _) in enumerate(expressions)])
-    rows = conn.execute(query.order_by(*order_by).limit(request.top + 1)).all()
-    more = len(rows) > request.top
-    rows = rows[: request.top]
-    token = None
-    if more and rows:
-        last = rows[-1]._mapping
-        token = encode_cursor(secret, tenant_id, request,
-                              [last[f"_o{i}"] for i in range(len(expressions))], int(last["id"]))
-    return collection.serialize(conn, rows), token
+    rows = conn.execute(query.order_by(*order_by).offset(offset or None).limit(limit + 1)).all()
+    if len(rows) <= limit:
+        return rows, None
+    rows = rows[:limit]
+    last = rows[-1]._mapping
+    return rows, ([last[f"_o{i}"] for i in range(len(expressions))], int(last["id"]))
+
+
+def count(conn: Connection, collection: Collection, tenant_id: int, request: ListRequest) -> int:
+    """How many rows the filter matches (``$count=true``)."""
+    matching = filtered(collection, tenant_id, request).with_only_columns(collection.id_column).subquery()
+    return conn.execute(select(func.count()).select_from(matching)).scalar_one()
+
+
+def run_list(conn: Connection, collection: Collection, tenant_id: int, request: ListRequest, secret: str,
+             skiptoken: str | None) -> tuple[list[dict], str | None]:
+    """One page of the collection and the next page's token (None on the last page)."""
+    after = None
+    if skiptoken is not None:
+        cursor = decode_cursor(secret, skiptoken, tenant_id, request)
+        values = cursor.get("v")
+        if not isinstance(values, list) or len(values) != len(request.order) or not isinstance(
+                cursor.get("id"), int):
+            raise _bad_token()
+        after = (values, cursor["id"])
+    rows, last = _page(conn, collection, tenant_id, request, after, request.top, 0 if after else request.skip)
+    token = encode_cursor(secret, tenant_id, request, last[0], last[1]) if last else None
+    return project(collection.serialize(conn, rows, request.select), request.select), token
+
+
+def project(objects: list[dict], selected: tuple[str, ...] | None) -> list[dict]:
+    if selected is None:
+        return objects
+    return [{name: item[name] for name in selected} for item in objects]
 
 
 def _after(expressions, values, id_column, last_id) -> ColumnElement:
     """Rows strictly after (values, last_id) in the ordering: (a > x) or (a = x and (b > y ...))."""
     parsed = []
-    for (order_field, desc), value in zip(expressions, values):
+    for (order_field, desc), value in zip(expressions, values, strict=True):
         if order_field.kind == "datetime":
             try:
                 value = datetime.fromisoformat(value)
             except (TypeError, ValueError):
-                raise BadRequest("'$skiptoken' is not a valid paging token", code="invalidSkipToken") from None
-        elif order_field.kind == "int" and not isinstance(value, int):
-            raise BadRequest("'$skiptoken' is not a valid paging token", code="invalidSkipToken")
+                raise _bad_token() from None
+        elif order_field.kind == "int" and (not isinstance(value, int) or isinstance(value, bool)):
+            raise _bad_token()
+        elif order_field.kind == "float" and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            raise _bad_token()
+        elif order_field.kind == "str" and not isinstance(value, str):
+            raise _bad_token()
         parsed.append((order_field.expression, desc, value))
     last_desc = expressions[-1][1] if expressions else False
     condition: ColumnElement = id_column < last_id if last_desc else id_column > last_id
@@ -168,3 +255,89 @@ def _after(expressions, values, id_column, last_id) -> ColumnElement:
         beyond = expression < value if desc else expression > value
         condition = or_(beyond, and_(expression == value, condition))
     return condition
+
+
+# -- CSV ------------------------------------------------------------------------------------------
+
+
+def csv_cell(value: Any) -> str:
+    """A CSV cell; text a spreadsheet would run as a formula gets a leading apostrophe."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, dict)):
+        value = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    text = str(value)
+    return "'" + text if text.startswith(_CSV_RISKY) else text
+
+
+def stream_csv(engine: Engine, collection: Collection, tenant_id: int,
+               request: ListRequest) -> Iterator[bytes]:
+    """The whole filtered collection as CSV (header first), read in keyset batches."""
+    columns = list(request.select or collection.selectable)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    writer.writerow(columns)
+    after = None
+    while True:
+        with engine.connect() as conn:
+            rows, after = _page(conn, collection, tenant_id, request, after, CSV_BATCH)
+            objects = collection.serialize(conn, rows, request.select)
+        for item in objects:
+            writer.writerow([csv_cell(item[name]) for name in columns])
+        yield buffer.getvalue().encode()
+        buffer.seek(0)
+        buffer.truncate()
+        if after is None:
+            return
+
+
+# -- workflow -------------------------------------------------------------------------------------
+
+
+def json_append(column: ColumnElement, items: list[dict], dialect: str) -> ColumnElement:
+    """``column`` (a JSON array) with ``items`` appended, computed in SQL (no read-modify-write)."""
+    if dialect == "postgresql":
+        empty = cast(literal("[]", String), JSONB)
+        return func.coalesce(column, empty).op("||", return_type=JSONB)(
+            cast(literal(json.dumps(items), String), JSONB))
+    arguments: list[Any] = []
+    for item in items:
+        arguments += ["$[#]", func.json(json.dumps(item))]
+    return func.json_insert(func.coalesce(column, "[]"), *arguments, type_=JSON)
+
+
+def apply_edit(conn: Connection, collection: Collection, tenant_id: int, conditions: list[ColumnElement],
+               changes: dict, actor: str, now: datetime, events_table: Table) -> int:
+    """Apply one edit to every row of the tenant matching ``conditions``: one UPDATE, one INSERT of
+    history events.  Returns how many rows changed."""
+    workflow = collection.workflow
+    assert workflow is not None
+    table = workflow.table
+    dialect = conn.dialect.name
+    recorded: dict[str, Any] = {}
+    values: dict[str, Any] = {}
+    for key, value in changes.items():
+        if key == "comments":
+            value = [{"text": c["text"], "by": actor, "at": now.isoformat()} for c in value]
+            values[workflow.columns[key]] = json_append(table.c[workflow.columns[key]], value, dialect)
+        else:
+            values[workflow.columns[key]] = value
+        recorded[key] = value.isoformat() if isinstance(value, datetime) else value
+    values["updated_at"] = now
+    if workflow.stamp:
+        values.update(workflow.stamp(table, changes, now))
+    # The filter is written against the collection's query (which may join other tables), so the
+    # rows to change are chosen by a self-contained subquery of it.
+    matching = (filtered(collection, tenant_id, ListRequest(top=0, order=[], conditions=conditions))
+                .with_only_columns(collection.id_column).correlate(None))
+    ids = conn.execute(update(table).where(table.c.tenant_id == tenant_id, table.c.id.in_(matching))
+                       .values(values).returning(table.c.id)).scalars().all()
+    if ids:
+        conn.execute(events_table.insert(), [
+            {"tenant_id": tenant_id, "subject_type": workflow.subject, "subject_id": subject_id,
+             "event": "edited",
+             "at": now, "cause": "customer edit", "actor": actor, "batch_id": None, "details": recorded}
+            for subject_id in sorted(ids)])
+    return len(ids)

@@ -58,7 +58,7 @@ def test_bad_secret_and_unknown_or_ungranted_scope_refused(pg_gw):
 def test_missing_wrong_scope_expired_revoked_and_disabled_tokens_refused(pg_gw):
     tenant = pg_gw.tenant()
     client_id, secret = pg_gw.client("Qualys", "findings.write security.read", [tenant])
-    url = f"/api/v1/tenants/{tenant}/findings"
+    url = f"/api/v1/tenants/{tenant}/security/findings"
 
     missing = pg_gw.http.get(url)
     assert missing.status_code == 401
@@ -107,7 +107,8 @@ def test_tenant_isolation_is_404_and_provider_is_the_clients(pg_gw):
     assert pushed.status_code == 202
     batch_b = pushed.get_json()["id"]
     # A's client cannot read or write B
-    for path in (f"/api/v1/tenants/{tenant_b}/findings", f"/api/v1/tenants/{tenant_b}/batches/{batch_b}"):
+    for path in (f"/api/v1/tenants/{tenant_b}/security/findings",
+                 f"/api/v1/tenants/{tenant_b}/batches/{batch_b}"):
         response = pg_gw.http.get(path, headers=headers_a)
         assert response.status_code == 404 and response.get_json()["error"]["code"] == "notFound"
     write = pg_gw.http.post(f"/api/v1/tenants/{tenant_b}/batches?format=canonical",

@@ -23,9 +23,9 @@ def count(gw, model) -> int:
         return session.scalar(select(func.count()).select_from(model))
 
 
-def findings_of(gw, tenant, headers, **args):
-    query = "&".join(f"{k}={v}" for k, v in args.items())
-    response = gw.http.get(f"/api/v1/tenants/{tenant}/findings?{query}", headers=headers)
+def findings_of(gw, tenant, headers, odata_filter=None):
+    query = {"$filter": odata_filter} if odata_filter else {}
+    response = gw.http.get(f"/api/v1/tenants/{tenant}/security/findings", query_string=query, headers=headers)
     assert response.status_code == 200, response.get_json()
     return response.get_json()["value"]
 
@@ -52,9 +52,11 @@ def test_push_merges_fields_and_counts(gw):
     assert xz["sources"][0]["provider"] == "Qualys" and xz["sources"][0]["providerId"] == "q-1"
     assert by_key["CVE-2023-4863"]["resourceId"] == xz["resourceId"]  # same host, one resource
     assert by_key["Qualys/38739"]["resourceId"] != xz["resourceId"]
-    resources = gw.http.get(f"/api/v1/tenants/{tenant}/resources", headers=headers).get_json()["value"]
+    resources = gw.http.get(f"/api/v1/tenants/{tenant}/security/resources",
+                            headers=headers).get_json()["value"]
     assert sorted(r["name"] for r in resources) == ["db-1.example.com", "web-1.example.com"]
-    recs = gw.http.get(f"/api/v1/tenants/{tenant}/recommendations", headers=headers).get_json()["value"]
+    recs = gw.http.get(f"/api/v1/tenants/{tenant}/security/recommendations",
+                       headers=headers).get_json()["value"]
     assert {(r["recommendationType"], r["status"]) for r in recs} == {("vulnerability-assessment", "Unhealthy")}
     assert {r["severity"] for r in recs} == {"critical", "low"}
 
@@ -86,7 +88,8 @@ def test_stale_update_is_ignored_and_newer_one_applies(gw):
     [row] = findings_of(gw, tenant, headers)
     assert row["severity"] == "critical"
     assert row["state"] == "active"
-    history = gw.http.get(f"/api/v1/tenants/{tenant}/findings/{row['id']}/history", headers=headers).get_json()
+    history = gw.http.get(f"/api/v1/tenants/{tenant}/security/findings/{row['id']}/history",
+                          headers=headers).get_json()
     assert [e["event"] for e in history["value"]] == ["new", "active"]
 
 
@@ -95,7 +98,7 @@ def test_customer_fields_survive_a_repush(gw):
     headers = gw.partner("Qualys", [tenant])
     push(gw, tenant, headers, document([finding("q-1", severity="medium")]))
     [row] = findings_of(gw, tenant, headers)
-    response = gw.http.patch(f"/api/v1/tenants/{tenant}/findings/{row['id']}",
+    response = gw.http.patch(f"/api/v1/tenants/{tenant}/security/findings/{row['id']}",
                              json={"assignedTo": "alice@contoso.com", "statusOverride": "riskAccepted",
                                    "tags": ["pci"]},
                              headers=headers | {"Prefer": "return=representation"})
@@ -108,7 +111,8 @@ def test_customer_fields_survive_a_repush(gw):
     assert row["assignedTo"] == "alice@contoso.com"
     assert row["statusOverride"] == "riskAccepted"
     assert row["tags"] == ["pci"]
-    events = gw.http.get(f"/api/v1/tenants/{tenant}/findings/{row['id']}/history", headers=headers).get_json()
+    events = gw.http.get(f"/api/v1/tenants/{tenant}/security/findings/{row['id']}/history",
+                         headers=headers).get_json()
     edited = [e for e in events["value"] if e["event"] == "edited"]
     assert edited and edited[0]["details"]["assignedTo"] == "alice@contoso.com" and edited[0]["actor"]
 
@@ -126,14 +130,15 @@ def test_full_scan_resolves_missing_and_reopens_returning(gw):
     assert states == {"CVE-2024-0001": "active", "CVE-2024-0002": "resolved"}
     # an incremental push without t-1 resolves nothing
     push(gw, tenant, headers, document([finding("t-3", cves=["CVE-2024-0003"])]))
-    assert {r["state"] for r in findings_of(gw, tenant, headers, status="resolved")} == {"resolved"}
-    assert len(findings_of(gw, tenant, headers, status="resolved")) == 1
+    assert {r["state"] for r in findings_of(gw, tenant, headers, "state eq 'resolved'")} == {"resolved"}
+    assert len(findings_of(gw, tenant, headers, "state eq 'resolved'")) == 1
     # t-2 comes back: reopened
     again = push(gw, tenant, headers, document([finding("t-2", cves=["CVE-2024-0002"], ts="2024-04-03T00:00:00Z")]))
     assert again["counts"]["updated"] == 1
-    [row] = findings_of(gw, tenant, headers, cve="CVE-2024-0002")
+    [row] = findings_of(gw, tenant, headers, "cves/any(c: c eq 'CVE-2024-0002')")
     assert row["state"] == "reopened" and row["resolvedAt"] is None
-    history = gw.http.get(f"/api/v1/tenants/{tenant}/findings/{row['id']}/history", headers=headers).get_json()
+    history = gw.http.get(f"/api/v1/tenants/{tenant}/security/findings/{row['id']}/history",
+                          headers=headers).get_json()
     assert [e["event"] for e in history["value"]] == ["new", "resolved", "reopened"]
     assert "full scan" in history["value"][1]["cause"]
 
@@ -146,7 +151,8 @@ def test_fixed_status_resolves_and_recommendation_turns_healthy(gw):
     assert batch["counts"]["resolved"] == 1
     [row] = findings_of(gw, tenant, headers)
     assert row["state"] == "resolved" and row["resolvedAt"]
-    [rec] = gw.http.get(f"/api/v1/tenants/{tenant}/recommendations", headers=headers).get_json()["value"]
+    [rec] = gw.http.get(f"/api/v1/tenants/{tenant}/security/recommendations",
+                        headers=headers).get_json()["value"]
     assert rec["status"] == "Healthy"
 
 
@@ -171,7 +177,7 @@ def test_paging_with_next_link_returns_every_row_once(gw):
     push(gw, tenant, headers, document([finding(f"q-{i}", cves=[f"CVE-2024-{2000 + i}"],
                                                 severity=["low", "high", "critical"][i % 3]) for i in range(57)]))
     seen = []
-    url = f"/api/v1/tenants/{tenant}/findings?$top=10&$orderby=severity desc"
+    url = f"/api/v1/tenants/{tenant}/security/findings?$top=10&$orderby=severity desc"
     while url:
         page = gw.http.get(url, headers=headers).get_json()
         seen.extend(page["value"])
@@ -209,7 +215,9 @@ def test_two_scanners_one_resource_one_finding_resolved_when_both_fixed(gw):
 def test_non_ascii_digits_are_refused_cleanly(gw):
     tenant = gw.tenant()
     headers = gw.partner("Qualys", [tenant])
-    assert gw.http.get(f"/api/v1/tenants/{tenant}/findings?$top=²", headers=headers).status_code == 400
-    assert gw.http.get(f"/api/v1/tenants/{tenant}/findings/²", headers=headers).status_code == 404
+    assert gw.http.get(f"/api/v1/tenants/{tenant}/security/findings?$top=²",
+                       headers=headers).status_code == 400
+    assert gw.http.get(f"/api/v1/tenants/{tenant}/security/findings/²", headers=headers).status_code == 404
     assert gw.http.get(f"/api/v1/tenants/{tenant}/batches/٣", headers=headers).status_code == 404
-    assert gw.http.get(f"/api/v1/tenants/{tenant}/findings?resourceId=²", headers=headers).status_code == 400
+    assert gw.http.get(f"/api/v1/tenants/{tenant}/security/findings?$filter=resourceId eq '²'",
+                       headers=headers).status_code == 400

@@ -35,6 +35,8 @@ from gateway.auth import SCOPES, hash_secret
 from gateway.errors import APIError
 from gateway.migrate import upgrade
 from gateway.models import ClientTenant, OAuthClient, Tenant
+from gateway.odata import ListField
+from gateway.query import LIST_OPTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC_PATH = ROOT / "openapi" / "openapi.yaml"
@@ -47,7 +49,6 @@ OUT_SCHEMAS = ["FindingOut", "RecommendationOut", "ResourceOut", "AlertOut", "Ba
 PATCH_SCHEMAS = ["FindingPatch", "AlertPatch"]
 OUT_FOR_COLLECTION = {"findings": "FindingOut", "recommendations": "RecommendationOut",
                       "resources": "ResourceOut", "alerts": "AlertOut"}
-PAGING_PARAMETERS = {"$top", "$orderby", "$skiptoken"}
 # Answers that are not the gateway's Error body: authlib's RFC 6749 errors and the readiness probe.
 NON_ERROR_BODIES = {
     ("/oauth/token", "400"): "OAuthError",
@@ -171,7 +172,7 @@ def app(store_url):
 
 
 def flask_to_openapi(rule: str) -> str:
-    """/api/v1/tenants/<tenant>/findings/<int:item_id> -> /api/v1/tenants/{tenant}/findings/{item_id}"""
+    """/tenants/<tenant>/security/alerts/<item_id> -> /tenants/{tenant}/security/alerts/{item_id}"""
     return re.sub(r"<(?:[^<>:]+:)?([^<>:]+)>", r"{\1}", rule)
 
 
@@ -297,22 +298,33 @@ def test_the_push_parameters(spec):
     assert scan_type["schema"]["enum"] == ["unspecified", "full", "incremental"]
 
 
+COLLECTION_PATH = "/api/v1/tenants/{tenant}/security/"
+ITEM_FOR_COLLECTION = {name: out[:-3] for name, out in OUT_FOR_COLLECTION.items()}
+
+
 @pytest.mark.parametrize("name", sorted(COLLECTIONS))
 def test_collection_list_parameters(app, spec, name):
     collection = COLLECTIONS[name]
-    path = f"/api/v1/tenants/{{tenant}}/{name}"
+    path = COLLECTION_PATH + name
     params = query_parameters(spec, path, "GET")
-    assert set(params) == set(collection.filters) | PAGING_PARAMETERS
+    assert set(params) == set(LIST_OPTIONS)
 
-    for filter_name in collection.filters:
-        param = params[filter_name]
-        assert param.get("style") == "form" and param.get("explode") is False, filter_name
-        assert param["schema"]["type"] == "array", filter_name
-        items = deref(spec, param["schema"]["items"])
-        if filter_name in collection.filter_values:
-            assert items.get("enum") == list(collection.filter_values[filter_name]), filter_name
-        else:
-            assert "enum" not in items, filter_name
+    described = params["$filter"]["description"]
+    scalars = re.search(r"Filterable fields: (.*?)\.\n", described, re.S)
+    lists = re.search(r"Collection fields \(with `any\(\)` / `all\(\)`\): (.*?)\.\n", described, re.S)
+    assert scalars and re.findall(r"`([^`]+)`", scalars.group(1)) == [
+        f for f, spec_ in collection.fields.items() if not isinstance(spec_, ListField)]
+    assert lists and re.findall(r"`([^`]+)`", lists.group(1)) == [
+        f for f, spec_ in collection.fields.items() if isinstance(spec_, ListField)]
+    assert params["$filter"]["schema"]["$ref"] == SCHEMAS + "Filter"
+
+    item = ITEM_FOR_COLLECTION[name]
+    select = params["$select"]
+    assert select["style"] == "form" and select["explode"] is False
+    assert select["schema"]["items"]["$ref"] == SCHEMAS + item + "Field"
+    assert spec["components"]["schemas"][item + "Field"]["enum"] == list(collection.selectable)
+    selection = spec["components"]["schemas"][item + "Selection"]
+    assert selection["propertyNames"]["$ref"] == SCHEMAS + item + "Field" and selection["required"] == ["id"]
 
     order = params["$orderby"]
     assert order["style"] == "form" and order["explode"] is False
@@ -331,14 +343,16 @@ def test_collection_list_parameters(app, spec, name):
     listing = operation(spec, path, "GET")["responses"]["200"]["content"]["application/json"]["schema"]
     envelope = deref(spec, listing)
     assert envelope["$ref"] == SCHEMAS + "ListEnvelope"
-    assert envelope["properties"]["value"]["items"]["$ref"] == SCHEMAS + OUT_FOR_COLLECTION[name]
+    alternatives = [SCHEMAS + OUT_FOR_COLLECTION[name], SCHEMAS + item + "Selection"]
+    assert [a["$ref"] for a in envelope["properties"]["value"]["items"]["anyOf"]] == alternatives
     one = operation(spec, path + "/{item_id}", "GET")["responses"]["200"]["content"]["application/json"]
-    assert one["schema"]["$ref"] == SCHEMAS + OUT_FOR_COLLECTION[name]
+    assert [a["$ref"] for a in one["schema"]["anyOf"]] == alternatives
+    assert set(query_parameters(spec, path + "/{item_id}", "GET")) == {"$select"}
 
 
 def test_the_list_envelope(spec):
     envelope = spec["components"]["schemas"]["ListEnvelope"]
-    assert set(envelope["properties"]) == {"@odata.context", "value", "@odata.nextLink"}
+    assert set(envelope["properties"]) == {"@odata.context", "@odata.count", "value", "@odata.nextLink"}
     assert set(envelope["required"]) == {"@odata.context", "value"}
 
 
@@ -436,10 +450,18 @@ def test_patch_schemas_match_the_marshmallow_schemas(spec, name):
 
 
 def test_patch_operations_take_their_patch_schema_and_prefer(spec):
-    from gateway.api.collections import _WORKFLOW
-
-    for name, (_, patch_schema, _) in _WORKFLOW.items():
-        path = f"/api/v1/tenants/{{tenant}}/{name}/{{item_id}}"
+    for name, collection in COLLECTIONS.items():
+        if collection.workflow is None:
+            assert "patch" not in spec["paths"][COLLECTION_PATH + name]
+            continue
+        patch_schema = collection.workflow.patch_schema
+        bulk = operation(spec, COLLECTION_PATH + name, "PATCH")
+        assert deref(spec, bulk["requestBody"])["content"]["application/json"]["schema"]["$ref"] == (
+            SCHEMAS + patch_schema.__name__)
+        assert query_parameters(spec, COLLECTION_PATH + name, "PATCH")["$filter"]["required"] is True
+        answer = bulk["responses"]["200"]["content"]["application/json"]["schema"]
+        assert answer["$ref"] == SCHEMAS + "BulkUpdated"
+        path = f"{COLLECTION_PATH}{name}/{{item_id}}"
         op = operation(spec, path, "PATCH")
         body = deref(spec, op["requestBody"])
         assert body["required"] is True
@@ -539,7 +561,7 @@ def check(spec: dict, registry: Registry, response, path: str, method: str) -> A
         assert response.get_data() == b"", f"{method} {path} {status} has no documented body"
     else:
         assert response.mimetype in content, (method, path, status, response.mimetype)
-        body = response.get_json()
+        body = response.get_json() if response.is_json else response.get_data(as_text=True)
         errors = schema_errors(registry, content[response.mimetype]["schema"], body)
         assert not errors, f"{method} {path} {status}: {errors} in {body}"
     for name, header in documented.get("headers", {}).items():
@@ -553,9 +575,9 @@ def check(spec: dict, registry: Registry, response, path: str, method: str) -> A
 
 
 def test_an_unauthenticated_collection_read_answers_the_documented_401(app, spec, registry):
-    response = app.test_client().get("/api/v1/tenants/anyone/findings")
+    response = app.test_client().get("/api/v1/tenants/anyone/security/findings")
     assert response.status_code == 401
-    body = check(spec, registry, response, "/api/v1/tenants/{tenant}/findings", "GET")
+    body = check(spec, registry, response, "/api/v1/tenants/{tenant}/security/findings", "GET")
     assert not schema_errors(registry, {"$ref": SCHEMAS + "Error"}, body)
     assert body["error"]["code"] == "unauthenticated"
     assert response.headers["WWW-Authenticate"] == 'Bearer realm="gateway"'
@@ -697,7 +719,7 @@ def test_the_oauth_endpoints_answer_as_documented(world):
     call("POST", "/oauth/revoke", "/oauth/revoke", 200, data={"token": spare}, headers=writer)
     call("POST", "/oauth/revoke", "/oauth/revoke", 200, data={"token": "unknown"}, headers=writer)
     revoked = {"Authorization": f"Bearer {spare}"}
-    _, response = call("GET", T + "/findings", f"{ACME}/findings", 401, headers=revoked)
+    _, response = call("GET", T + "/security/findings", f"{ACME}/security/findings", 401, headers=revoked)
     assert "invalid_token" in response.headers["WWW-Authenticate"]
 
 
@@ -746,41 +768,49 @@ def test_the_ingest_endpoints_answer_as_documented(world, merged):
 
 @pytest.mark.parametrize("name", sorted(COLLECTIONS))
 def test_the_collections_answer_as_documented(world, merged, name):
-    path, url = f"{T}/{name}", f"{ACME}/{name}"
+    path, url = f"{T}/security/{name}", f"{ACME}/security/{name}"
     listing = world.call("GET", path, url, 200, headers=world.read_only)[0]
     if name != "alerts" or "graph_alert" in connectors.formats():
         assert listing["value"], f"the merged batch gave no {name}"
     for item in listing["value"]:
         world.call("GET", path + "/{item_id}", f"{url}/{item['id']}", 200, headers=world.read_only)
+        world.call("GET", path + "/{item_id}", f"{url}/{item['id']}", 200, headers=world.read_only,
+                   query_string={"$select": "id"})
     world.call("GET", path + "/{item_id}", f"{url}/999999", 404, headers=world.read_only)
     world.call("GET", path + "/{item_id}", f"{url}/x", 404, headers=world.read_only)
-    world.call("GET", path, url, 400, headers=world.read_only, query_string={"$orderby": "nothing"})
-    world.call("GET", path, url, 400, headers=world.read_only, query_string={"$top": "0"})
-    world.call("GET", path, url, 400, headers=world.read_only, query_string={"unknown": "1"})
-    world.call("GET", path, url, 400, headers=world.read_only, query_string={"$skiptoken": "forged"})
-    world.call("GET", path, f"/api/v1/tenants/nobody/{name}", 404, headers=world.read_only)
+    world.call("GET", path + "/{item_id}", f"{url}/1", 400, headers=world.read_only,
+               query_string={"$select": "x"})
+    for bad in ({"$orderby": "nothing"}, {"$top": "0"}, {"unknown": "1"}, {"$skiptoken": "forged"},
+                {"$filter": "nothing eq 1"}, {"$filter": "id eq"}, {"$select": "nothing"}, {"$skip": "10001"},
+                {"$count": "yes"}, {"$format": "xml"}, {"$format": "csv", "$top": "1"}):
+        world.call("GET", path, url, 400, headers=world.read_only, query_string=bad)
+    world.call("GET", path, f"/api/v1/tenants/nobody/security/{name}", 404, headers=world.read_only)
 
     collection = COLLECTIONS[name]
     order = ",".join(f"{field} desc" for field in collection.order_fields)
-    query = {"$top": "1", "$orderby": order}
-    for filter_name, values in collection.filter_values.items():
-        query[filter_name] = ",".join(values)
+    query = {"$top": "1", "$orderby": order, "$count": "true", "$filter": "id ne '0'", "$skip": "0",
+             "$select": ",".join(collection.selectable[1:3])}
     page = world.call("GET", path, url, 200, headers=world.read_only, query_string=query)[0]
+    assert page["@odata.count"] == len(listing["value"])
     while "@odata.nextLink" in page:
         page = world.call("GET", path, page["@odata.nextLink"], 200, headers=world.read_only)[0]
+    exported, response = world.call("GET", path, url, 200, headers=world.read_only,
+                                    query_string={"$format": "csv", "$orderby": order})
+    assert response.mimetype == "text/csv" and exported.startswith(",".join(collection.selectable))
+    world.call("GET", path, url, 200, headers=world.read_only | {"Accept": "text/csv"})
 
 
 def test_the_workflow_endpoints_answer_as_documented(world, merged):
-    from gateway.api.collections import _WORKFLOW
-
     bodies = {"FindingPatch": {"statusOverride": "riskAccepted", "assignedTo": "sam",
                                "comments": [{"text": "accepted until the next release"}], "tags": ["prod"]},
               "AlertPatch": {"status": "resolved", "feedback": "truePositive", "assignedTo": "sam",
                              "comments": [{"text": "contained"}], "tags": ["p1"]}}
-    for name, (_, patch_schema, _) in _WORKFLOW.items():
-        path, url = f"{T}/{name}/{{item_id}}", f"{ACME}/{name}"
-        items = world.call("GET", f"{T}/{name}", url, 200, headers=world.read_only)[0]["value"]
-        body = bodies[patch_schema.__name__]
+    for name, collection in COLLECTIONS.items():
+        if collection.workflow is None:
+            continue
+        path, url = f"{T}/security/{name}/{{item_id}}", f"{ACME}/security/{name}"
+        items = world.call("GET", f"{T}/security/{name}", url, 200, headers=world.read_only)[0]["value"]
+        body = bodies[collection.workflow.patch_schema.__name__]
         for item in items[:1]:
             item_url = f"{url}/{item['id']}"
             edited = world.call("PATCH", path, item_url, 200, json=body,
@@ -796,6 +826,46 @@ def test_the_workflow_endpoints_answer_as_documented(world, merged):
             assert history["value"][-1]["event"] == "edited"
         world.call("PATCH", path, f"{url}/999999", 404, json=body, headers=world.auth)
         world.call("GET", path + "/history", f"{url}/999999/history", 404, headers=world.read_only)
-    alert = f"{T}/alerts/{{item_id}}"
-    world.call("PATCH", alert, f"{ACME}/alerts/1", 400, json={"closedDateTime": "2024-01-01T00:00:00"},
+
+        bulk = f"{T}/security/{name}"
+        everything = {"$filter": "id ne '0'"}
+        done = world.call("PATCH", bulk, url, 200, json={"assignedTo": "sam"}, headers=world.auth,
+                          query_string=everything)[0]
+        assert done["updated"] == len(items)
+        world.call("PATCH", bulk, url, 400, json={"assignedTo": "sam"}, headers=world.auth)
+        world.call("PATCH", bulk, url, 400, json={"assignedTo": "sam"}, headers=world.auth,
+                   query_string={"$filter": "nothing eq 1"})
+        world.call("PATCH", bulk, url, 400, json={"unknown": 1}, headers=world.auth, query_string=everything)
+        world.call("PATCH", bulk, url, 403, json=body, headers=world.read_only, query_string=everything)
+        world.call("PATCH", bulk, url, 401, json=body, query_string=everything)
+        world.call("PATCH", bulk, f"/api/v1/tenants/nobody/security/{name}", 404, json=body,
+                   headers=world.auth,
+                   query_string=everything)
+    alert = f"{T}/security/alerts/{{item_id}}"
+    world.call("PATCH", alert, f"{ACME}/security/alerts/1", 400,
+               json={"closedDateTime": "2024-01-01T00:00:00"},
                headers=world.auth)
+
+
+def test_the_assessment_endpoint_answers_as_documented(world):
+    path = T + "/assessments/{name}"
+    name = "8bb8be0a-6010-4789-812f-e4d661c4ed0e"
+    vm = "/subscriptions/s-1/resourceGroups/prod/providers/Microsoft.Compute/virtualMachines/web-01"
+    url = f"{ACME}/assessments/{name}?resourceId={vm}"
+    body = {"properties": {"resourceDetails": {"source": "Azure"},
+                           "status": {"code": "Unhealthy", "statusChangeDate": "2024-03-05T08:30:00Z"},
+                           "metadata": {"displayName": "Install the agent", "severity": "High"}}}
+    put = {"content_type": "application/json", "headers": world.auth}
+    created = world.call("PUT", path, url, 201, data=json.dumps(body), **put)[0]
+    assert created["properties"]["status"]["code"] == "Unhealthy"
+    body["properties"]["status"] = {"code": "Healthy", "statusChangeDate": "2024-03-06T08:30:00Z"}
+    updated = world.call("PUT", path, url, 200, data=json.dumps(body), **put)[0]
+    assert updated["properties"]["status"]["code"] == "Healthy"
+    world.call("PUT", path, url, 400, data=b"{", **put)
+    world.call("PUT", path, f"{ACME}/assessments/{name}", 400, data=json.dumps(body), **put)
+    world.call("PUT", path, url, 415, data=json.dumps(body), content_type="text/plain", headers=world.auth)
+    world.call("PUT", path, url, 403, data=json.dumps(body), content_type="application/json",
+               headers=world.read_only)
+    world.call("PUT", path, url, 401, data=json.dumps(body), content_type="application/json")
+    world.call("PUT", path, f"/api/v1/tenants/nobody/assessments/{name}?resourceId={vm}", 404,
+               data=json.dumps(body), **put)

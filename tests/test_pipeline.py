@@ -38,11 +38,12 @@ def test_push_over_http_is_merged_by_the_worker(pg_gw, live_server, worker):
     batch = _wait_final(live_server, tenant, response.json()["id"], headers)
     assert batch["status"] == "succeeded"
     assert batch["counts"]["received"] == 300 and batch["counts"]["created"] == 300
-    page = requests.get(f"{live_server.url}/api/v1/tenants/{tenant}/findings",
-                        params={"severity": "high", "$top": "1000"}, headers=headers, timeout=10).json()
+    page = requests.get(f"{live_server.url}/api/v1/tenants/{tenant}/security/findings",
+                        params={"$filter": "severity eq 'high'",
+                                "$top": "1000"}, headers=headers, timeout=10).json()
     assert len(page["value"]) == 150
     assert all(row["severity"] == "high" and row["sources"][0]["provider"] == "Qualys" for row in page["value"])
-    resources = requests.get(f"{live_server.url}/api/v1/tenants/{tenant}/resources", headers=headers,
+    resources = requests.get(f"{live_server.url}/api/v1/tenants/{tenant}/security/resources", headers=headers,
                              timeout=10).json()["value"]
     assert len(resources) == 7
     assert {r["identifiers"]["fqdn"][0] for r in resources} == {f"h{i}.example.com" for i in range(7)}

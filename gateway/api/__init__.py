@@ -6,8 +6,9 @@ from flask import Flask
 
 
 def init_app(app: Flask) -> None:
-    from gateway.api import batches, collections, health
+    from gateway.api import assessments, batches, collections, health
 
     app.register_blueprint(batches.blueprint)
     app.register_blueprint(collections.blueprint)
     app.register_blueprint(health.blueprint)
+    app.register_blueprint(assessments.blueprint)

@@ -1,4 +1,10 @@
-"""Collections: list (filter, order, keyset paging), get by id, workflow edits, history."""
+"""Graph-style collections under ``/api/v1/tenants/<tenant>/security``: list (OData options, keyset
+paging, CSV), get by id, workflow edits (one or many), history.
+
+A collection is one entry of ``COLLECTIONS``: its tenant-scoped query, the fields ``$filter`` may
+name, the orderings, the output schema, and (when it has customer-owned fields) its workflow.
+Secure scores and control profiles plug in as further entries.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,9 @@ from datetime import UTC, datetime
 
 from flask import Blueprint, current_app, g, jsonify, request, url_for
 from marshmallow import ValidationError
-from sqlalchemy import case, exists, func, literal, select, update
+from sqlalchemy import case, func, literal, select
 
-from connectors.model import SEVERITIES
+from connectors.model import IDENTIFIER_KINDS, SEVERITIES
 from gateway.auth import require_scope, tenant_for_caller
 from gateway.errors import BadRequest, NotFound
 from gateway.models import (
@@ -23,7 +29,19 @@ from gateway.models import (
     ResourceIdentifier,
     utcnow,
 )
-from gateway.query import Collection, OrderField, parse_list_args, run_list
+from gateway.odata import Field, FilterContext, ListField, json_element, json_elements, parse_select
+from gateway.query import (
+    Collection,
+    ListRequest,
+    OrderField,
+    Workflow,
+    apply_edit,
+    count,
+    parse_list_args,
+    project,
+    run_list,
+    stream_csv,
+)
 from gateway.schemas import (
     AlertOut,
     AlertPatch,
@@ -35,29 +53,50 @@ from gateway.schemas import (
     SourceOut,
 )
 
-blueprint = Blueprint("collections", __name__, url_prefix="/api/v1/tenants/<tenant>")
+PREFIX = "/api/v1/tenants/<tenant>/security"
+blueprint = Blueprint("collections", __name__, url_prefix=PREFIX)
 
 F, S, R, RT, RS, A = (Finding.__table__, FindingSource.__table__, Recommendation.__table__,
                       RecommendationType.__table__, Resource.__table__, Alert.__table__)
 RI, EV = ResourceIdentifier.__table__, LifecycleEvent.__table__
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+ALERT_SEVERITIES = ("unknown",) + SEVERITIES
+FINDING_STATES = ("new", "active", "resolved", "reopened")
+STATUS_OVERRIDES = ("inProgress", "riskAccepted", "falsePositive", "mitigated")
 
 
-def _severity_rank(column):
-    return case(*[(column == name, rank) for rank, name in enumerate(SEVERITIES)], else_=-1)
+def _rank(column, values: tuple[str, ...]):
+    """The position of ``column`` in ``values`` (-1 if absent): severities compare by rank."""
+    return case(*[(column == name, rank) for rank, name in enumerate(values)], else_=-1)
 
 
 def _coalesce_time(column):
     return func.coalesce(column, literal(EPOCH, type_=column.type))
 
 
+def _severity(column, values=SEVERITIES) -> Field:
+    return Field(column, "enum", values=values, rank=_rank(column, values))
+
+
+def _text(column, nullable: bool = False) -> Field:
+    return Field(column, "string", nullable=nullable)
+
+
+def _time(column, nullable: bool = False) -> Field:
+    return Field(column, "datetime", nullable=nullable)
+
+
+def _tags(column) -> ListField:
+    return ListField(element=json_element, rows=json_elements(column))
+
+
 # -- serializers ------------------------------------------------------------------------------
 
 
-def _serialize_findings(conn, rows) -> list[dict]:
+def _serialize_findings(conn, rows, selected) -> list[dict]:
     ids = [row.id for row in rows]
     sources = defaultdict(list)
-    if ids:
+    if ids and (selected is None or "sources" in selected):
         for source in conn.execute(select(S).where(S.c.finding_id.in_(ids)).order_by(S.c.id)):
             sources[source.finding_id].append(source._asdict())
     out = []
@@ -68,11 +107,12 @@ def _serialize_findings(conn, rows) -> list[dict]:
     return FindingOut(many=True).dump(out)
 
 
-def _serialize_resources(conn, rows) -> list[dict]:
+def _serialize_resources(conn, rows, selected) -> list[dict]:
     ids = [row.id for row in rows]
     identifiers = defaultdict(lambda: defaultdict(list))
-    if ids:
-        for ident in conn.execute(select(RI).where(RI.c.resource_id.in_(ids)).order_by(RI.c.kind, RI.c.value)):
+    if ids and (selected is None or "identifiers" in selected):
+        for ident in conn.execute(select(RI).where(RI.c.resource_id.in_(ids)).order_by(RI.c.kind,
+                                                                                       RI.c.value)):
             if ident.kind != "ip_only":
                 identifiers[ident.resource_id][_camel(ident.kind)].append(ident.value)
     out = []
@@ -89,7 +129,7 @@ def _camel(name: str) -> str:
 
 
 def _dump(schema):
-    return lambda conn, rows: schema(many=True).dump([row._asdict() for row in rows])
+    return lambda conn, rows, selected: schema(many=True).dump([row._asdict() for row in rows])
 
 
 # -- collections ------------------------------------------------------------------------------
@@ -108,91 +148,190 @@ def _rec_base(tenant_id: int):
             .where(R.c.tenant_id == tenant_id))
 
 
+def _sources(context: FilterContext):
+    sources = S.alias()
+    return sources, (sources.c.finding_id == F.c.id) & (sources.c.tenant_id == context.tenant_id)
+
+
+def _source_fields(sources) -> dict[str, Field]:
+    return {
+        "provider": _text(sources.c.provider),
+        "providerId": _text(sources.c.provider_id),
+        "vendorId": _text(sources.c.vendor_id, nullable=True),
+        "state": Field(sources.c.state, "enum", values=("open", "fixed")),
+        "title": _text(sources.c.title),
+        "severity": _severity(sources.c.severity),
+        "cvssScore": Field(sources.c.cvss_score, "number", nullable=True),
+        "firstSeen": _time(sources.c.first_seen, nullable=True),
+        "lastSeen": _time(sources.c.last_seen, nullable=True),
+        "providerTimestamp": _time(sources.c.provider_timestamp),
+    }
+
+
+def _identifiers(kind: str):
+    def rows(context: FilterContext):
+        identifiers = RI.alias()
+        return identifiers, ((identifiers.c.resource_id == RS.c.id)
+                             & (identifiers.c.tenant_id == context.tenant_id)
+                             & (identifiers.c.kind == kind))
+    return ListField(element=lambda identifiers: Field(identifiers.c.value), rows=rows)
+
+
+def _customer_fields(table) -> dict[str, Field | ListField]:
+    return {
+        "statusOverride": Field(table.c.status_override, "enum", nullable=True, values=STATUS_OVERRIDES),
+        "assignedTo": _text(table.c.assigned_to, nullable=True),
+        "tags": _tags(table.c.tags),
+    }
+
+
+def _stamp_alert(table, changes: dict, now: datetime) -> dict:
+    """Graph's alert bookkeeping: closing sets closedDateTime, reopening clears it."""
+    values = {"last_modified_date_time": now}
+    if "status" in changes and "closedDateTime" not in changes:
+        if changes["status"] == "resolved":
+            values["closed_date_time"] = func.coalesce(table.c.closed_date_time, literal(now,
+                                                                                         table.c.closed_date_time.type))
+        else:
+            values["closed_date_time"] = None
+    return values
+
+
+_CUSTOMER_COLUMNS = {"statusOverride": "status_override", "assignedTo": "assigned_to", "comments": "comments",
+                     "tags": "tags"}
+
 COLLECTIONS: dict[str, Collection] = {
-    "findings": Collection(
-        name="findings",
-        base=_finding_base,
-        id_column=F.c.id,
-        filters={
-            "severity": lambda values: F.c.severity.in_(values),
-            "status": lambda values: F.c.state.in_(values),
-            "provider": lambda values: exists().where(S.c.finding_id == F.c.id, S.c.provider.in_(values)),
-            "resourceId": lambda values: F.c.resource_id.in_([_int(v) for v in values]),
-            "cve": lambda values: F.c.cve.in_([v.upper() for v in values]),
+    "alerts": Collection(
+        name="alerts",
+        base=lambda tenant_id: select(A).where(A.c.tenant_id == tenant_id),
+        id_column=A.c.id,
+        fields={
+            "id": Field(A.c.id, "id"),
+            "title": _text(A.c.title),
+            "description": _text(A.c.description, nullable=True),
+            "severity": _severity(A.c.severity, ALERT_SEVERITIES),
+            "category": _text(A.c.category, nullable=True),
+            "status": Field(A.c.status, "enum", values=("newAlert", "inProgress", "resolved")),
+            "feedback": Field(A.c.feedback, "enum", nullable=True,
+                              values=("truePositive", "falsePositive", "benignPositive")),
+            "assignedTo": _text(A.c.assigned_to, nullable=True),
+            "closedDateTime": _time(A.c.closed_date_time, nullable=True),
+            "createdDateTime": _time(A.c.created_date_time, nullable=True),
+            "lastModifiedDateTime": _time(A.c.last_modified_date_time, nullable=True),
+            "resourceId": Field(A.c.resource_id, "id", nullable=True),
+            "vendorInformation/provider": _text(A.c.provider),
+            "vendorInformation/providerAlertId": _text(A.c.provider_id),
+            "tags": _tags(A.c.tags),
+            "recommendedActions": _tags(A.c.recommended_actions),
         },
-        filter_values={"severity": SEVERITIES, "status": ("new", "active", "resolved", "reopened")},
         order_fields={
-            "id": OrderField(F.c.id, "int"),
-            "severity": OrderField(_severity_rank(F.c.severity), "int"),
-            "lastSeen": OrderField(_coalesce_time(F.c.last_seen), "datetime"),
-            "firstSeen": OrderField(_coalesce_time(F.c.first_seen), "datetime"),
-            "updatedAt": OrderField(F.c.updated_at, "datetime"),
+            "id": OrderField(A.c.id, "int"),
+            "severity": OrderField(_rank(A.c.severity, ALERT_SEVERITIES), "int"),
+            "createdDateTime": OrderField(_coalesce_time(A.c.created_date_time), "datetime"),
+            "lastModifiedDateTime": OrderField(_coalesce_time(A.c.last_modified_date_time), "datetime"),
         },
         default_order=(("id", False),),
-        serialize=_serialize_findings,
+        selectable=tuple(AlertOut().fields),
+        serialize=_dump(AlertOut),
+        workflow=Workflow(table=A, subject="alert", patch_schema=AlertPatch, stamp=_stamp_alert, columns={
+            "status": "status", "assignedTo": "assigned_to", "feedback": "feedback", "comments": "comments",
+            "tags": "tags", "closedDateTime": "closed_date_time"}),
     ),
     "recommendations": Collection(
         name="recommendations",
         base=_rec_base,
         id_column=R.c.id,
-        filters={
-            "severity": lambda values: R.c.severity.in_(values),
-            "status": lambda values: R.c.status.in_(values),
-            "provider": lambda values: exists().where(
-                F.c.tenant_id == R.c.tenant_id, F.c.resource_id == R.c.resource_id,
-                F.c.recommendation_type_id == R.c.type_id, S.c.finding_id == F.c.id, S.c.provider.in_(values)),
-            "resourceId": lambda values: R.c.resource_id.in_([_int(v) for v in values]),
+        fields={
+            "id": Field(R.c.id, "id"),
+            "resourceId": Field(R.c.resource_id, "id"),
+            "recommendationType": _text(RT.c.key),
+            "displayName": _text(RT.c.title),
+            "kind": _text(RT.c.kind),
+            "status": Field(R.c.status, "enum", values=("Healthy", "Unhealthy", "NotApplicable")),
+            "severity": _severity(R.c.severity),
+            "firstEvaluated": _time(R.c.first_evaluated),
+            "statusChangedAt": _time(R.c.status_changed_at),
+            "updatedAt": _time(R.c.updated_at),
+            **_customer_fields(R),
         },
-        filter_values={"severity": SEVERITIES, "status": ("Healthy", "Unhealthy", "NotApplicable")},
         order_fields={
             "id": OrderField(R.c.id, "int"),
-            "severity": OrderField(_severity_rank(R.c.severity), "int"),
+            "severity": OrderField(_rank(R.c.severity, SEVERITIES), "int"),
             "updatedAt": OrderField(R.c.updated_at, "datetime"),
         },
         default_order=(("id", False),),
+        selectable=tuple(RecommendationOut().fields),
         serialize=_dump(RecommendationOut),
+        workflow=Workflow(table=R, subject="recommendation", patch_schema=FindingPatch,
+                          columns=_CUSTOMER_COLUMNS),
+    ),
+    "findings": Collection(
+        name="findings",
+        base=_finding_base,
+        id_column=F.c.id,
+        fields={
+            "id": Field(F.c.id, "id"),
+            "resourceId": Field(F.c.resource_id, "id"),
+            "recommendationType": _text(RT.c.key),
+            "correlationKey": _text(F.c.correlation_key),
+            "kind": _text(F.c.kind),
+            "title": _text(F.c.title),
+            "description": _text(F.c.description, nullable=True),
+            "remediation": _text(F.c.remediation, nullable=True),
+            "severity": _severity(F.c.severity),
+            "cvssScore": Field(F.c.cvss_score, "number", nullable=True),
+            "state": Field(F.c.state, "enum", values=FINDING_STATES),
+            "firstSeen": _time(F.c.first_seen, nullable=True),
+            "lastSeen": _time(F.c.last_seen, nullable=True),
+            "resolvedAt": _time(F.c.resolved_at, nullable=True),
+            "stateChangedAt": _time(F.c.state_changed_at),
+            "createdAt": _time(F.c.created_at),
+            "updatedAt": _time(F.c.updated_at),
+            # A finding is one CVE on one resource: its cves list is its cve column (empty when NULL).
+            "cves": ListField(element=lambda _: Field(F.c.cve, nullable=True)),
+            "sources": ListField(members=_source_fields, rows=_sources),
+            **_customer_fields(F),
+        },
+        order_fields={
+            "id": OrderField(F.c.id, "int"),
+            "severity": OrderField(_rank(F.c.severity, SEVERITIES), "int"),
+            "cvssScore": OrderField(func.coalesce(F.c.cvss_score, -1.0), "float"),
+            "lastSeen": OrderField(_coalesce_time(F.c.last_seen), "datetime"),
+            "firstSeen": OrderField(_coalesce_time(F.c.first_seen), "datetime"),
+            "updatedAt": OrderField(F.c.updated_at, "datetime"),
+        },
+        default_order=(("id", False),),
+        selectable=tuple(FindingOut().fields),
+        serialize=_serialize_findings,
+        workflow=Workflow(table=F, subject="finding", patch_schema=FindingPatch, columns=_CUSTOMER_COLUMNS),
     ),
     "resources": Collection(
         name="resources",
         base=lambda tenant_id: select(RS).where(RS.c.tenant_id == tenant_id),
         id_column=RS.c.id,
-        filters={
-            "provider": lambda values: exists().where(S.c.resource_id == RS.c.id, S.c.provider.in_(values)),
-            "kind": lambda values: RS.c.kind.in_(values),
+        fields={
+            "id": Field(RS.c.id, "id"),
+            "kind": _text(RS.c.kind, nullable=True),
+            "name": _text(RS.c.name, nullable=True),
+            "os": _text(RS.c.os, nullable=True),
+            "firstSeen": _time(RS.c.first_seen, nullable=True),
+            "lastSeen": _time(RS.c.last_seen, nullable=True),
+            "createdAt": _time(RS.c.created_at),
+            "tags": _tags(RS.c.tags),
+            **{f"identifiers/{_camel(kind)}": _identifiers(kind) for kind in IDENTIFIER_KINDS},
         },
-        filter_values={},
         order_fields={
             "id": OrderField(RS.c.id, "int"),
             "lastSeen": OrderField(_coalesce_time(RS.c.last_seen), "datetime"),
         },
         default_order=(("id", False),),
+        selectable=tuple(ResourceOut().fields),
         serialize=_serialize_resources,
-    ),
-    "alerts": Collection(
-        name="alerts",
-        base=lambda tenant_id: select(A).where(A.c.tenant_id == tenant_id),
-        id_column=A.c.id,
-        filters={
-            "severity": lambda values: A.c.severity.in_(values),
-            "status": lambda values: A.c.status.in_(values),
-            "provider": lambda values: A.c.provider.in_(values),
-        },
-        filter_values={"severity": SEVERITIES + ("unknown",), "status": ("newAlert", "inProgress", "resolved")},
-        order_fields={
-            "id": OrderField(A.c.id, "int"),
-            "severity": OrderField(_severity_rank(A.c.severity), "int"),
-            "createdDateTime": OrderField(_coalesce_time(A.c.created_date_time), "datetime"),
-        },
-        default_order=(("id", False),),
-        serialize=_dump(AlertOut),
     ),
 }
 
 
-def _int(value: str) -> int:
-    if not (value.isascii() and value.isdigit()) or len(value) > 18:
-        raise BadRequest(f"'{value[:40]}' is not an id", code="invalidParameter")
-    return int(value)
+# -- views ------------------------------------------------------------------------------------
 
 
 def _db():
@@ -204,33 +343,66 @@ def _tenant_id(tenant: str) -> int:
         return tenant_for_caller(session, tenant).id
 
 
+def _context(tenant_id: int) -> FilterContext:
+    return FilterContext(tenant_id=tenant_id, dialect=_db().engine.dialect.name)
+
+
+def _item_id(name: str, item_id: str) -> int:
+    if not (item_id.isascii() and item_id.isdigit()) or len(item_id) > 18:
+        raise NotFound(f"{name[:-1]} '{item_id[:40]}' not found")
+    return int(item_id)
+
+
+def _metadata(name: str, selected: tuple[str, ...] | None) -> str:
+    context = f"{request.url_root}api/v1/$metadata#security/{name}"
+    return context + (f"({','.join(selected)})" if selected else "")
+
+
 def _list(tenant: str, name: str):
     collection = COLLECTIONS[name]
     tenant_id = _tenant_id(tenant)
     config = current_app.config
-    list_request = parse_list_args(collection, request.args, config["PAGE_SIZE_DEFAULT"], config["PAGE_SIZE_MAX"])
+    accept_csv = request.accept_mimetypes.best_match(["application/json", "text/csv"]) == "text/csv"
+    list_request = parse_list_args(collection, request.args, _context(tenant_id), config["PAGE_SIZE_DEFAULT"],
+                                   config["PAGE_SIZE_MAX"], accept_csv=accept_csv)
+    if list_request.csv:
+        response = current_app.response_class(stream_csv(_db().engine, collection, tenant_id, list_request),
+                                              content_type="text/csv; charset=utf-8")
+        response.headers["Content-Disposition"] = f'attachment; filename="{name}.csv"'
+        return response
     with _db().engine.connect() as conn:
+        total = count(conn, collection, tenant_id, list_request) if list_request.count else None
         values, token = run_list(conn, collection, tenant_id, list_request, config["SECRET_KEY"],
                                  request.args.get("$skiptoken"))
-    body = {"@odata.context": url_for("collections.list_" + name, tenant=tenant, _external=True).split("?")[0]
-            + "/$metadata#" + name, "value": values}
+    body: dict = {"@odata.context": _metadata(name, list_request.select)}
+    if total is not None:
+        body["@odata.count"] = total
+    body["value"] = values
     if token:
         args = request.args.to_dict()
+        args.pop("$skip", None)  # the token carries the position
         args["$skiptoken"] = token
         body["@odata.nextLink"] = url_for("collections.list_" + name, tenant=tenant, _external=True, **args)
     return jsonify(body)
 
 
-def _get_one(tenant: str, name: str, item_id: str):
+def _get_one(tenant: str, name: str, item_id: str, selected: tuple[str, ...] | None = None) -> dict:
     collection = COLLECTIONS[name]
     tenant_id = _tenant_id(tenant)
-    if not (item_id.isascii() and item_id.isdigit()) or len(item_id) > 18:
-        raise NotFound(f"{name[:-1]} '{item_id[:40]}' not found")
     with _db().engine.connect() as conn:
-        rows = conn.execute(collection.base(tenant_id).where(collection.id_column == int(item_id))).all()
+        rows = conn.execute(collection.base(tenant_id).where(collection.id_column == _item_id(name,
+                                                                                              item_id))).all()
         if not rows:
             raise NotFound(f"{name[:-1]} '{item_id}' not found")
-        return collection.serialize(conn, rows)[0]
+        return project(collection.serialize(conn, rows, selected), selected)[0]
+
+
+def _only(allowed: tuple[str, ...]) -> None:
+    unknown = sorted(set(request.args) - set(allowed))
+    if unknown:
+        names = ", ".join(allowed) or "none"
+        raise BadRequest(f"unknown query parameter '{unknown[0][:40]}'; allowed: {names}",
+                         code="invalidParameter")
 
 
 def _register(name: str) -> None:
@@ -240,9 +412,12 @@ def _register(name: str) -> None:
 
     @require_scope("security.read")
     def get_view(tenant: str, item_id: str):
-        return jsonify(_get_one(tenant, name, item_id))
+        _only(("$select",))
+        selected = parse_select(request.args["$select"], COLLECTIONS[name].selectable) \
+            if "$select" in request.args else None
+        return jsonify(_get_one(tenant, name, item_id, selected))
 
-    list_view.__doc__ = f"List {name}, scoped to the tenant."
+    list_view.__doc__ = f"List {name}, scoped to the tenant (OData options; JSON or CSV)."
     get_view.__doc__ = f"One of the tenant's {name}."
     blueprint.add_url_rule(f"/{name}", f"list_{name}", list_view, methods=["GET"])
     blueprint.add_url_rule(f"/{name}/<item_id>", f"get_{name}", get_view, methods=["GET"])
@@ -254,56 +429,56 @@ for _name in COLLECTIONS:
 
 # -- workflow -------------------------------------------------------------------------------------
 
-_WORKFLOW = {
-    "findings": (F, FindingPatch, {"statusOverride": "status_override", "assignedTo": "assigned_to",
-                                   "comments": "comments", "tags": "tags"}),
-    "recommendations": (R, FindingPatch, {"statusOverride": "status_override", "assignedTo": "assigned_to",
-                                          "comments": "comments", "tags": "tags"}),
-    "alerts": (A, AlertPatch, {"status": "status", "assignedTo": "assigned_to", "feedback": "feedback",
-                               "comments": "comments", "tags": "tags", "closedDateTime": "closed_date_time"}),
-}
 
-
-def _patch(tenant: str, name: str, item_id: str):
-    table, schema, columns = _WORKFLOW[name]
+def _changes(collection: Collection) -> dict:
     payload = request.get_json(silent=True)
     if not isinstance(payload, dict) or not payload:
         raise BadRequest("the body must be a JSON object with the fields to change", code="invalidBody")
     try:
-        changes = schema().load(payload)
+        return collection.workflow.patch_schema().load(payload)
     except ValidationError as exc:
         raise BadRequest("invalid fields: " + "; ".join(f"{k}: {v}" for k, v in exc.messages.items()),
                          code="invalidBody", details=exc.messages) from None
+
+
+def _patch(tenant: str, name: str, item_id: str):
+    collection = COLLECTIONS[name]
+    _only(())
+    changes = _changes(collection)
     tenant_id = _tenant_id(tenant)
-    if not (item_id.isascii() and item_id.isdigit()) or len(item_id) > 18:
-        raise NotFound(f"{name[:-1]} '{item_id[:40]}' not found")
-    now = utcnow()
-    values = {}
-    for key, value in changes.items():
-        if key == "comments":
-            value = [{"text": c["text"], "by": g.caller.client_id, "at": now.isoformat()} for c in value]
-        values[columns[key]] = value
-    if name == "alerts" and changes.get("status") == "resolved" and "closedDateTime" not in changes:
-        values["closed_date_time"] = now
+    condition = collection.id_column == _item_id(name, item_id)
     with _db().engine.begin() as conn:
-        result = conn.execute(update(table).where(table.c.tenant_id == tenant_id, table.c.id == int(item_id))
-                              .values(**values))
-        if result.rowcount == 0:
+        if not apply_edit(conn, collection, tenant_id, [condition], changes, g.caller.client_id, utcnow(),
+                          EV):
             raise NotFound(f"{name[:-1]} '{item_id}' not found")
-        conn.execute(EV.insert().values(
-            tenant_id=tenant_id, subject_type=name[:-1], subject_id=int(item_id), event="edited", at=now,
-            cause="customer edit", actor=g.caller.client_id,
-            details={k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in changes.items()}))
     if "return=representation" in request.headers.get("Prefer", ""):
         return jsonify(_get_one(tenant, name, item_id))
-    return "", 204
+    response = current_app.response_class(status=204)
+    del response.headers["Content-Type"]
+    return response
+
+
+def _patch_many(tenant: str, name: str):
+    collection = COLLECTIONS[name]
+    _only(("$filter",))
+    if not request.args.get("$filter", "").strip():
+        raise BadRequest("a bulk update needs a '$filter' naming the items to change",
+                         code="invalidParameter")
+    changes = _changes(collection)
+    tenant_id = _tenant_id(tenant)
+    parsed = parse_list_args(collection, request.args, _context(tenant_id), 1, 1)
+    with _db().engine.begin() as conn:
+        updated = apply_edit(conn, collection, tenant_id, parsed.conditions, changes, g.caller.client_id,
+                             utcnow(), EV)
+    return jsonify({"updated": updated})
 
 
 def _history(tenant: str, name: str, item_id: str):
     tenant_id = _tenant_id(tenant)
     _get_one(tenant, name, item_id)
+    subject = COLLECTIONS[name].workflow.subject
     with _db().engine.connect() as conn:
-        rows = conn.execute(select(EV).where(EV.c.tenant_id == tenant_id, EV.c.subject_type == name[:-1],
+        rows = conn.execute(select(EV).where(EV.c.tenant_id == tenant_id, EV.c.subject_type == subject,
                                              EV.c.subject_id == int(item_id)).order_by(EV.c.id)).all()
     return jsonify({"value": EventOut(many=True).dump([row._asdict() for row in rows])})
 
@@ -313,17 +488,24 @@ def _register_workflow(name: str) -> None:
     def patch_view(tenant: str, item_id: str):
         return _patch(tenant, name, item_id)
 
+    @require_scope("alerts.manage")
+    def patch_many_view(tenant: str):
+        return _patch_many(tenant, name)
+
     @require_scope("security.read")
     def history_view(tenant: str, item_id: str):
         return _history(tenant, name, item_id)
 
     patch_view.__doc__ = f"Change the customer-owned fields of one of the tenant's {name}."
+    patch_many_view.__doc__ = f"Change the customer-owned fields of each of the tenant's {name} that match."
     history_view.__doc__ = f"The stored lifecycle events of one of the tenant's {name}."
     blueprint.add_url_rule(f"/{name}/<item_id>", f"patch_{name}", patch_view, methods=["PATCH"])
+    blueprint.add_url_rule(f"/{name}", f"patch_many_{name}", patch_many_view, methods=["PATCH"])
     blueprint.add_url_rule(f"/{name}/<item_id>/history", f"history_{name}", history_view, methods=["GET"])
 
 
-for _name in _WORKFLOW:
-    _register_workflow(_name)
+for _name, _collection in COLLECTIONS.items():
+    if _collection.workflow is not None:
+        _register_workflow(_name)
 
-__all__ = ["COLLECTIONS", "SourceOut", "blueprint"]
+__all__ = ["COLLECTIONS", "ListRequest", "SourceOut", "blueprint"]

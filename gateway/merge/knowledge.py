@@ -1,6 +1,38 @@
 """A provider's vulnerability knowledge base (e.g. Qualys QIDs), kept per tenant.
 
-Detections that name a vendor id but carry no title or CVEs are enriched from it.
+Detections that name a vendor id but carry no title or CVEs are enriched from it, in
+both orders:
+
+* **KB first**: ``enrich`` fills the records of later detection pushes before they are
+  merged (title, CVEs, description, remediation, CVSS score, severity when the provider
+  gave none), so they correlate by CVE from the start.
+* **Detections first**: ``merge_chunk`` also back-fills the stored sources of that
+  tenant and provider whose vendor id a new or changed entry describes, with the same
+  rules.  A source that had no CVE was correlated by its vendor id (key
+  ``"<provider>/<QID>"``); once the entry names CVEs it is **re-keyed** to them, so that
+  the store ends as it would had the KB come first:
+
+  - its first CVE: when no finding of that CVE exists on the resource, the QID finding
+    itself is re-keyed in place (same id, history, customer fields; a ``rekeyed``
+    event); when one exists (another scanner's, or another QID of the same provider
+    naming that CVE), the sources move to it as further sources, and the emptied QID
+    finding is resolved with a ``merged`` event naming the finding it went into.  Its
+    customer fields (assignee, comments, tags) stay on it and are not copied.
+  - each further CVE: a copy of the source joins the finding of that CVE on the
+    resource, created when missing (a ``new`` event).
+  - a source whose CVE-keyed twin already exists (the same record was pushed again after
+    the KB) is deleted: the twin is the current one.
+
+  The findings touched are recomputed from their sources (state, severity, title...)
+  and their recommendations re-evaluated.  Back-filled sources get the content hash
+  ``kb-enriched``, so the next report of the record counts once as ``updated`` (the
+  stored provider fields were changed by the gateway, not by the provider).
+
+Everything runs in the batch's transaction with set-based statements (a few per page of
+findings, whatever the number of rows); on PostgreSQL under the tenant's merge lock, so a
+concurrent detection batch cannot create the same CVE finding meanwhile.  Limitation: a
+vendor-keyed correlation key cut at 300 characters is not recognised (vendor ids are
+short).
 """
 
 from __future__ import annotations
@@ -9,15 +41,21 @@ from collections import Counter
 from collections.abc import Sequence
 
 import msgspec
-from sqlalchemy import select
+from sqlalchemy import and_, bindparam, delete, literal, or_, select, text, update
 from sqlalchemy.engine import Connection
 
 from connectors.model import FindingRecord, VulnerabilityInfo
-from gateway.merge.sql import in_values, insert_for
-from gateway.models import VulnerabilityKB, utcnow
+from gateway.merge.findings import FindingMerger
+from gateway.merge.sql import in_values, insert_for, is_postgres, pair_join
+from gateway.models import Finding, FindingSource, LifecycleEvent, VulnerabilityKB, utcnow
 
 kb_t = VulnerabilityKB.__table__
+sources_t = FindingSource.__table__
+findings_t = Finding.__table__
+events_t = LifecycleEvent.__table__
 KB_FIELDS = ("title", "severity", "cves", "description", "remediation", "cvss_score", "provider_timestamp")
+ENRICHED_HASH = "kb-enriched"
+FINDINGS_PAGE = 1000
 
 
 class KnowledgeMerger:
@@ -32,7 +70,7 @@ class KnowledgeMerger:
         self._cache: dict[str, dict | None] = {}
 
     def merge_chunk(self, entries: Sequence[VulnerabilityInfo]) -> None:
-        """Upsert entries; an entry older than the stored one is stale."""
+        """Upsert entries (an entry older than the stored one is stale), then back-fill stored findings."""
         by_id = {entry.vendor_id: entry for entry in entries}
         existing = {row.vendor_id: row for row in self.conn.execute(
             select(kb_t).where(kb_t.c.tenant_id == self.tenant_id, kb_t.c.provider == self.provider,
@@ -62,6 +100,8 @@ class KnowledgeMerger:
                 set_={name: statement.excluded[name] for name in KB_FIELDS + ("updated_at",)},
             )
             self.conn.execute(statement, rows)
+            Backfill(self.conn, self.tenant_id, self.provider, self.batch_id).run(
+                {row["vendor_id"]: row for row in rows})
 
     def enrich(self, records: list[FindingRecord]) -> list[FindingRecord]:
         """Fill titles, CVEs and texts that detections lack from the knowledge base."""
@@ -78,25 +118,219 @@ class KnowledgeMerger:
             if entry is None:
                 result.append(record)
                 continue
-            changes = {}
-            if _placeholder_title(record) and entry["title"]:
-                changes["title"] = entry["title"]
+            changes = _enrichment(record.title, record.vendor_id, record.description, record.remediation,
+                                  record.cvss_score, record.severity_original, entry)
             if not record.cves and entry["cves"]:
                 changes["cves"] = list(entry["cves"])
-            if not record.description and entry["description"]:
-                changes["description"] = entry["description"]
-            if not record.remediation and entry["remediation"]:
-                changes["remediation"] = entry["remediation"]
-            if record.cvss_score is None and entry["cvss_score"] is not None:
-                changes["cvss_score"] = entry["cvss_score"]
             result.append(msgspec.structs.replace(record, **changes) if changes else record)
         return result
 
 
-def _placeholder_title(record: FindingRecord) -> bool:
-    title = (record.title or "").strip()
-    return not title or title in (record.vendor_id, f"QID {record.vendor_id}")
+class Backfill:
+    """Enrich (and re-key) the stored sources a batch's new or changed KB entries describe."""
+
+    def __init__(self, conn: Connection, tenant_id: int, provider: str, batch_id: int | None) -> None:
+        self.conn = conn
+        self.tenant_id = tenant_id
+        self.provider = provider
+        self.batch_id = batch_id
+        self.cause = f"knowledge base (batch {batch_id})"
+        self.merger = FindingMerger(conn, tenant_id, provider, batch_id, utcnow(), self.cause)
+        self.created: set[int] = set()  # findings this back-fill created (for their "new" events)
+
+    def run(self, entries: dict[str, dict]) -> None:
+        """Back-fill every stored source of these vendor ids that lacks what the entries give."""
+        if is_postgres(self.conn):  # the lock FindingMerger's resource resolution takes
+            lock = {"key": 7_000_000_000 + self.tenant_id}
+            self.conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), lock)
+        last = 0
+        while True:
+            finding_ids = list(self.conn.execute(
+                select(sources_t.c.finding_id).distinct()
+                .where(self._candidates(sorted(entries)), sources_t.c.finding_id > last)
+                .order_by(sources_t.c.finding_id).limit(FINDINGS_PAGE)
+            ).scalars())
+            if not finding_ids:
+                break
+            self._page(finding_ids, entries)
+            last = finding_ids[-1]
+        self.merger.update_recommendations()
+
+    def _candidates(self, vendor_ids: list[str]):
+        s = sources_t.c
+        return and_(
+            s.tenant_id == self.tenant_id, s.provider == self.provider,
+            in_values(self.conn, s.vendor_id, vendor_ids),
+            or_(s.title == s.vendor_id, s.title == literal("QID ") + s.vendor_id, s.title == "",
+                s.correlation_key == literal(f"{self.provider}/") + s.vendor_id,
+                s.description.is_(None)),
+        )
+
+    def _page(self, finding_ids: list[int], entries: dict[str, dict]) -> None:
+        conn, now = self.conn, utcnow()
+        rows = [row._asdict() for row in conn.execute(
+            select(sources_t, findings_t.c.kind.label("_kind"),
+                   findings_t.c.recommendation_type_id.label("_type"),
+                   findings_t.c.correlation_key.label("_finding_key"))
+            .join(findings_t, findings_t.c.id == sources_t.c.finding_id)
+            .where(self._candidates(sorted(entries)), in_values(conn, sources_t.c.finding_id, finding_ids))
+            .order_by(sources_t.c.finding_id, sources_t.c.id)
+        )]
+        # what each source gains, and the CVEs it is re-keyed to (vendor-keyed vulnerabilities only)
+        for row in rows:
+            entry = entries[row["vendor_id"]]
+            row["_changes"] = _enrichment(
+                row["title"], row["vendor_id"], row["description"], row["remediation"], row["cvss_score"],
+                row["severity_original"], entry)
+            vendor_keyed = row["correlation_key"] == f"{self.provider}/{row['vendor_id']}"
+            rekey = vendor_keyed and row["_kind"] == "vulnerability" and entry["cves"]
+            row["_cves"] = list(entry["cves"]) if rekey else []
+        targets = self._targets(rows)
+        self._write(rows, targets, now)
+
+    def _targets(self, rows: list[dict]) -> dict[tuple[int, str], int]:
+        """The finding of each (resource, CVE) the re-keyed sources go to, re-keying or creating findings."""
+        rekeyed = [row for row in rows if row["_cves"]]
+        wanted = sorted({(row["resource_id"], cve) for row in rekeyed for cve in row["_cves"]})
+        targets: dict[tuple[int, str], int | None] = {}
+        for start in range(0, len(wanted), 5000):
+            query = select(findings_t.c.id, findings_t.c.resource_id, findings_t.c.correlation_key).where(
+                findings_t.c.tenant_id == self.tenant_id)
+            for finding_id, resource_id, key in self.conn.execute(pair_join(
+                    self.conn, query, findings_t.c.resource_id, findings_t.c.correlation_key,
+                    wanted[start : start + 5000])):
+                targets[(resource_id, key)] = finding_id
+        in_place, merged, new = [], [], {}
+        first_of: dict[int, dict] = {}
+        for row in rekeyed:
+            first_of.setdefault(row["finding_id"], row)
+        for finding_id, row in first_of.items():
+            key = (row["resource_id"], row["_cves"][0])
+            if key not in targets:
+                targets[key] = finding_id
+                in_place.append({"_id": finding_id, "_key": key[1], "_from": row["_finding_key"]})
+            elif targets[key] != finding_id:
+                merged.append((finding_id, key, row))
+        for row in rekeyed:
+            for cve in row["_cves"][1:]:
+                key = (row["resource_id"], cve)
+                if key not in targets:
+                    targets[key] = None
+                    new[key] = row
+        if in_place:
+            self.conn.execute(update(findings_t).where(findings_t.c.id == bindparam("_id")).values(
+                correlation_key=bindparam("_key"), cve=bindparam("_key"), updated_at=utcnow()), in_place)
+        if new:
+            now = utcnow()
+            statement = insert_for(self.conn, findings_t).returning(
+                findings_t.c.id, findings_t.c.resource_id, findings_t.c.correlation_key)
+            inserted = self.conn.execute(statement, [{
+                "tenant_id": self.tenant_id, "resource_id": key[0], "correlation_key": key[1], "cve": key[1],
+                "recommendation_type_id": row["_type"], "kind": "vulnerability", "title": row["title"],
+                "severity": row["severity"], "state": "new", "state_changed_at": now, "created_at": now,
+                "updated_at": now, "comments": [], "tags": [],
+            } for key, row in sorted(new.items())])
+            for finding_id, resource_id, key in inserted:
+                targets[(resource_id, key)] = finding_id
+                self.created.add(finding_id)
+        self._events(in_place, merged, targets)
+        return targets  # type: ignore[return-value]
+
+    def _events(self, in_place: list[dict], merged: list, targets: dict) -> None:
+        now = utcnow()
+        base = {"tenant_id": self.tenant_id, "subject_type": "finding", "at": now, "cause": self.cause,
+                "batch_id": self.batch_id, "actor": self.provider}
+        events = [base | {"subject_id": item["_id"], "event": "rekeyed",
+                          "details": {"from": item["_from"], "to": item["_key"]}} for item in in_place]
+        retired = []
+        for finding_id, key, row in merged:
+            retired.append({"_id": finding_id})
+            events.append(base | {"subject_id": finding_id, "event": "merged", "details": {
+                "from": row["_finding_key"], "into": targets[key], "correlationKey": key[1]}})
+            self.merger.touched_recommendations.add((row["resource_id"], row["_type"]))
+        if retired:
+            self.conn.execute(update(findings_t).where(findings_t.c.id == bindparam("_id")).values(
+                state="resolved", resolved_at=now, state_changed_at=now, updated_at=now), retired)
+        if events:
+            self.conn.execute(events_t.insert(), events)
+
+    def _write(self, rows: list[dict], targets: dict[tuple[int, str], int], now) -> None:
+        conn = self.conn
+        pids = sorted({row["provider_id"] for row in rows if row["_cves"]})
+        twins: set[tuple[str, str]] = set()
+        if pids:
+            twins = {(pid, key) for pid, key in conn.execute(
+                select(sources_t.c.provider_id, sources_t.c.correlation_key).where(
+                    sources_t.c.tenant_id == self.tenant_id, sources_t.c.provider == self.provider,
+                    in_values(conn, sources_t.c.provider_id, pids)))}
+        updates, copies, deletes = [], [], []
+        affected = set()
+        columns = [c.name for c in sources_t.columns if c.name != "id"]
+        for row in rows:
+            values = {**{name: row[name] for name in columns}, **row["_changes"]}
+            if not row["_cves"]:
+                if row["_changes"]:
+                    updates.append(_update_params(row, values, row["correlation_key"], row["finding_id"]))
+                    affected.add(row["finding_id"])
+                continue
+            first = row["_cves"][0]
+            if (row["provider_id"], first) in twins:
+                deletes.append({"_id": row["id"]})
+            else:
+                updates.append(_update_params(row, values, first, targets[(row["resource_id"], first)]))
+            for cve in row["_cves"][1:]:
+                if (row["provider_id"], cve) not in twins:
+                    twins.add((row["provider_id"], cve))
+                    copies.append(values | {
+                        "correlation_key": cve, "finding_id": targets[(row["resource_id"], cve)],
+                        "content_hash": ENRICHED_HASH, "batch_id": self.batch_id, "created_at": now,
+                        "updated_at": now})
+            affected.update(targets[(row["resource_id"], cve)] for cve in row["_cves"])
+            affected.add(row["finding_id"])
+        if deletes:
+            conn.execute(delete(sources_t).where(sources_t.c.id == bindparam("_id")), deletes)
+        if updates:
+            fields = ("correlation_key", "finding_id", "title", "severity", "description", "remediation",
+                      "cvss_score")
+            conn.execute(update(sources_t).where(sources_t.c.id == bindparam("_id")).values(
+                {name: bindparam(f"_{name}") for name in fields}
+                | {"content_hash": ENRICHED_HASH, "batch_id": self.batch_id, "updated_at": now}),
+                sorted(updates, key=lambda p: p["_id"]))
+        if copies:
+            conn.execute(sources_t.insert(), copies)
+        self.merger._refresh_findings(affected, self.created, {}, set(), now, cause=self.cause)
+
+
+def _update_params(row: dict, values: dict, key: str, finding_id: int) -> dict:
+    return {"_id": row["id"], "_correlation_key": key, "_finding_id": finding_id, "_title": values["title"],
+            "_severity": values["severity"], "_description": values["description"],
+            "_remediation": values["remediation"], "_cvss_score": values["cvss_score"]}
+
+
+def _enrichment(title: str | None, vendor_id: str | None, description: str | None, remediation: str | None,
+                cvss_score: float | None, severity_original: str | None, entry: dict) -> dict:
+    """The provider fields a KB entry fills in a detection that lacks them (CVEs aside)."""
+    changes: dict = {}
+    if _is_placeholder(title, vendor_id) and entry["title"]:
+        changes["title"] = entry["title"]
+    if not description and entry["description"]:
+        changes["description"] = entry["description"]
+    if not remediation and entry["remediation"]:
+        changes["remediation"] = entry["remediation"]
+    if cvss_score is None and entry["cvss_score"] is not None:
+        changes["cvss_score"] = entry["cvss_score"]
+    if severity_original is None and entry["severity"]:
+        changes["severity"] = entry["severity"]
+    return changes
+
+
+def _is_placeholder(title: str | None, vendor_id: str | None) -> bool:
+    title = (title or "").strip()
+    return not title or title in (vendor_id, f"QID {vendor_id}")
 
 
 def _needs(record: FindingRecord) -> bool:
-    return _placeholder_title(record) or not record.cves or not record.description
+    return _is_placeholder(record.title, record.vendor_id) or not record.cves or not record.description
+
+
+__all__ = ["Backfill", "KnowledgeMerger"]

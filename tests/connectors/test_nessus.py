@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 import pytest
 
 import connectors
+from connectors._tenable import parse_any_time
 from connectors.base import ParseOptions
 from connectors.model import FindingRecord, FormatError, Rejected
-from connectors.nessus import parse_any_time
 from tests.connectors.conftest import parse_all
 
 

@@ -6,9 +6,9 @@ from datetime import UTC, datetime
 import pytest
 
 import connectors
+from connectors._qualys import cvss, html_to_text, root_element
 from connectors.base import ParseOptions
 from connectors.model import FindingRecord, FormatError, Rejected
-from connectors.qualys_hld import cvss, html_to_text, root_element
 from tests.connectors.conftest import parse_all
 
 PROLOG = (
