@@ -26,7 +26,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.ingest_bench import ADMIN, preload, synthetic  # noqa: E402
+from bench.ingest_bench import ADMIN, _cpu_seconds, preload, synthetic  # noqa: E402
 from gateway import create_app  # noqa: E402
 from gateway.ingest import Push, store_batch  # noqa: E402
 from gateway.migrate import upgrade  # noqa: E402
@@ -44,6 +44,7 @@ def store(db, tenant_id: int, client_pk: int, body: bytes) -> int:
 
 def timed(db, batch_ids: list[int], chunk: int, profile: bool = False) -> float:
     profiler = cProfile.Profile() if profile else None
+    before = _cpu_seconds()
     started, cpu = time.perf_counter(), time.process_time()
     if profiler:
         profiler.enable()
@@ -52,7 +53,9 @@ def timed(db, batch_ids: list[int], chunk: int, profile: bool = False) -> float:
         if status != "succeeded":
             raise SystemExit(f"batch {batch_id} ended {status}")
     elapsed = time.perf_counter() - started
-    print(f"  {len(batch_ids)} batches: {elapsed:.2f}s wall, {time.process_time() - cpu:.2f}s CPU in this process")
+    postgres = _cpu_seconds()["postgres"] - before["postgres"]
+    print(f"  {len(batch_ids)} batches: {elapsed:.2f}s wall, CPU {time.process_time() - cpu:.2f}s in this process, "
+          f"{postgres:.2f}s in PostgreSQL")
     if profiler:
         profiler.disable()
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(45)

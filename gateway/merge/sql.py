@@ -80,28 +80,48 @@ def _pg_array(column: Column, values: list, dialect) -> tuple[str, list]:
 
 
 def _unnest_select(conn: Connection, table, names: list[str], rows: Sequence[dict],
-                   constants: dict | None = None) -> tuple[str, tuple]:
-    """``SELECT v.a, v.b ..., %s ... FROM unnest(%b::t[], ...) AS v(a, b ...)`` and its parameters.
+                   constants: dict | None = None) -> tuple[str, tuple, list[str]]:
+    """``SELECT %s AS c ..., v.a AS a ... FROM unnest(%b::t[], ...) AS v(a ...)``, its parameters
+    and the names of its output columns in order.
 
-    Each of ``names`` travels as one array; each of ``constants`` as one scalar.
+    Each of ``names`` travels as one array, or as one scalar when it has the same value in
+    every row; each of ``constants`` as one scalar.
     """
     dialect = conn.dialect
+    constants = dict(constants or {})
+    columns: dict[str, list] = {}
+    for name in names:
+        values = [row[name] for row in rows]
+        # A column with one value in every row (common: a scan's times, empty fields)
+        # travels as one scalar instead of an array of copies.
+        if values.count(values[0]) == len(values):
+            constants[name] = values[0]
+        else:
+            columns[name] = values
     params, unnest_args, select_list = [], [], []
-    for name, value in (constants or {}).items():
+    for name, value in constants.items():
         target = _pg_type(table.c[name], dialect)
         element, [value] = _pg_array(table.c[name], [value], dialect)
         params.append(value)
-        select_list.append(f"%s::{element}::{target}" if target == "jsonb" else f"%s::{target}")
-    for name in names:
+        select_list.append((f"%s::{element}::{target}" if target == "jsonb" else f"%s::{target}")
+                           + f' AS "{name}"')
+    if not columns:  # every column is uniform: unnest one array of row numbers
+        columns = {"_n": list(range(len(rows)))}
+    for name, values in columns.items():
+        if name == "_n":
+            params.append(values)
+            unnest_args.append("%b::bigint[]")
+            continue
         column = table.c[name]
-        element, values = _pg_array(column, [row[name] for row in rows], dialect)
+        element, values = _pg_array(column, values, dialect)
         params.append(values)
         unnest_args.append(f"%b::{element}[]")
         target = _pg_type(column, dialect)
-        select_list.append(f'v."{name}"::{target}' if target == "jsonb" else f'v."{name}"')
+        select_list.append((f'v."{name}"::{target}' if target == "jsonb" else f'v."{name}"') + f' AS "{name}"')
+    names = list(columns)
     alias = ", ".join(f'"{name}"' for name in names)
     sql = f"SELECT {', '.join(select_list)} FROM unnest({', '.join(unnest_args)}) AS v({alias})"
-    return sql, tuple(params)
+    return sql, tuple(params), [name for name in constants] + [name for name in names if name != "_n"]
 
 
 def insert_rows(conn: Connection, table, rows: Sequence[dict], returning: Sequence[str] = (),
@@ -118,8 +138,8 @@ def insert_rows(conn: Connection, table, rows: Sequence[dict], returning: Sequen
     constants = constants or {}
     names = list(rows[0])
     if is_postgres(conn):
-        select_sql, params = _unnest_select(conn, table, names, rows, constants)
-        column_list = ", ".join(f'"{name}"' for name in list(constants) + names)
+        select_sql, params, output = _unnest_select(conn, table, names, rows, constants)
+        column_list = ", ".join(f'"{name}"' for name in output)
         sql = f"INSERT INTO {table.name} ({column_list}) {select_sql}"
         if conflict is not None:
             target = f"({', '.join(conflict)}) " if conflict else ""
@@ -151,7 +171,7 @@ def update_rows(conn: Connection, table, rows: Sequence[dict], key: str = "id",
     constants = constants or {}
     names = [name for name in rows[0] if name != key]
     if is_postgres(conn):
-        select_sql, params = _unnest_select(conn, table, [key] + names, rows)
+        select_sql, params, _ = _unnest_select(conn, table, [key] + names, rows)
         assignments = [f'"{name}" = v."{name}"' for name in names]
         assignments += [f'"{name}" = %s' for name in constants]
         sql = (f"UPDATE {table.name} AS t SET {', '.join(assignments)} FROM ({select_sql}) AS v "
