@@ -19,15 +19,21 @@
       } ]
     }
 
-The records are streamed with ijson; the envelope keys may come in any order.
+A document of up to ``WHOLE_DOCUMENT_BYTES`` is decoded at once with msgspec (about ten
+times faster than streaming); a larger one is streamed with ijson, so memory stays flat
+whatever the size.  The envelope keys may come in any order.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
+from functools import lru_cache
+from itertools import chain
 from typing import Any, BinaryIO
 
 import ijson
+import msgspec
 
 from connectors.base import ParseOptions, find_cves, parse_time
 from connectors.model import (
@@ -53,6 +59,7 @@ _RESOURCE_KEYS = {
     "mac": "mac",
 }
 _MAX_TEXT = 65536
+WHOLE_DOCUMENT_BYTES = 64 << 20
 
 
 _FOREIGN_MARKERS = (b'"SchemaVersion"', b'"ProductArn"', b'"ruleName"', b'"entityDome9Id"', b'"bundleId"')
@@ -70,21 +77,76 @@ def sniff(head: bytes) -> bool:
 
 
 def parse(stream: BinaryIO, options: ParseOptions) -> Iterator[FindingRecord | Rejected]:
-    """Stream the findings of a canonical document."""
-    index = -1
+    """The findings of a canonical document: decoded at once when small, else streamed."""
+    head = _read_up_to(stream, WHOLE_DOCUMENT_BYTES + 1)
+    if len(head) <= WHOLE_DOCUMENT_BYTES:
+        yield from _records(_whole(head))
+        return
+    index = [-1]
     try:
-        for index, item in enumerate(ijson.items(stream, "findings.item", use_float=True)):
-            try:
-                yield to_record(item)
-            except (TypeError, ValueError, KeyError) as exc:
-                provider_id = item.get("id") if isinstance(item, dict) else None
-                yield Rejected(
-                    position=f"findings[{index}]",
-                    reason=str(exc),
-                    provider_id=provider_id if isinstance(provider_id, str) else None,
-                )
+        yield from _records(ijson.items(_Joined(head, stream), "findings.item", use_float=True), index)
     except ijson.JSONError as exc:
-        raise FormatError(f"not well-formed JSON after findings[{index}]: {exc}") from None
+        raise FormatError(f"not well-formed JSON after findings[{index[0]}]: {exc}") from None
+
+
+def _read_up_to(stream: BinaryIO, size: int) -> bytes:
+    """Up to ``size`` bytes: fewer only at the end of the stream (``read`` may return less)."""
+    parts, total = [], 0
+    while total < size:
+        part = stream.read(min(size - total, 1 << 20))
+        if not part:
+            break
+        parts.append(part)
+        total += len(part)
+    return b"".join(parts)
+
+
+def _whole(data: bytes) -> list:
+    try:
+        document = msgspec.json.decode(data)
+    except msgspec.DecodeError as exc:
+        raise FormatError(f"not well-formed JSON: {exc}") from None
+    if not isinstance(document, dict):
+        return []
+    items = document.get("findings")
+    return items if isinstance(items, list) else []
+
+
+def _records(items, position: list[int] | None = None) -> Iterator[FindingRecord | Rejected]:
+    for index, item in enumerate(items):
+        if position is not None:
+            position[0] = index
+        try:
+            yield to_record(item)
+        except (TypeError, ValueError, KeyError) as exc:
+            provider_id = item.get("id") if isinstance(item, dict) else None
+            yield Rejected(
+                position=f"findings[{index}]",
+                reason=str(exc),
+                provider_id=provider_id if isinstance(provider_id, str) else None,
+            )
+
+
+class _Joined(io.RawIOBase):
+    """The bytes already read, then the rest of the stream."""
+
+    def __init__(self, head: bytes, rest: BinaryIO) -> None:
+        self.parts = chain([head], iter(lambda: rest.read(1 << 20), b""))
+        self.buffer = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target) -> int:  # type: ignore[override]
+        while not self.buffer:
+            part = next(self.parts, None)
+            if part is None:
+                return 0
+            self.buffer = memoryview(part)
+        n = min(len(target), len(self.buffer))
+        target[:n] = self.buffer[:n]
+        self.buffer = self.buffer[n:]
+        return n
 
 
 def _text(item: dict, key: str, required: bool = False) -> str | None:
@@ -116,9 +178,14 @@ def _time(item: dict, key: str):
     if not isinstance(value, str):
         raise ValueError(f"'{key}' must be an ISO 8601 date-time string")
     try:
-        return parse_time(value)
+        return _parse_time(value)
     except ValueError:
         raise ValueError(f"'{key}' is not an ISO 8601 date-time: {value[:64]!r}") from None
+
+
+@lru_cache(maxsize=4096)
+def _parse_time(value: str):
+    return parse_time(value)  # a push repeats a few scan times thousands of times
 
 
 def to_resource(raw: Any) -> ResourceRef:

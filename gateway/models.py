@@ -54,6 +54,7 @@ class UTCDateTime(TypeDecorator):
         return value
 
 
+
 class Base(DeclarativeBase):
     type_annotation_map = {datetime: UTCDateTime()}
 
@@ -227,6 +228,17 @@ class Recommendation(Base):
     tags: Mapped[list] = mapped_column(JSON, default=list)
 
 
+# Hot tables.
+# The high-volume tables written by every merge (findings, finding_sources,
+# lifecycle_events) carry ``tenant_id`` without a foreign key to ``tenants``, and a
+# source's ``resource_id`` (a copy of its finding's) without one to ``resources``: on
+# PostgreSQL each foreign key is a trigger and a row lock per inserted row, about 45%
+# of the time of inserting new findings (measured with EXPLAIN ANALYZE, 10,000 rows).
+# The merge is the only writer of these rows and takes both values from the batch's
+# tenant and the resolved resource; the links that give the rows their meaning
+# (finding -> resource, source -> finding, with cascades) keep their foreign keys.
+
+
 class Finding(Base):
     __tablename__ = "findings"
     __table_args__ = (
@@ -237,7 +249,7 @@ class Finding(Base):
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    tenant_id: Mapped[int] = mapped_column(Integer)  # no FK: see 'Hot tables' above
     resource_id: Mapped[int] = mapped_column(BigId, ForeignKey("resources.id"))
     recommendation_type_id: Mapped[int] = mapped_column(ForeignKey("recommendation_types.id"))
     correlation_key: Mapped[str] = mapped_column(String(300))
@@ -275,9 +287,9 @@ class FindingSource(Base):
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    tenant_id: Mapped[int] = mapped_column(Integer)  # no FK: see 'Hot tables' above
     finding_id: Mapped[int] = mapped_column(BigId, ForeignKey("findings.id", ondelete="CASCADE"))
-    resource_id: Mapped[int] = mapped_column(BigId, ForeignKey("resources.id"))
+    resource_id: Mapped[int] = mapped_column(BigId)  # the finding's resource; no FK
     provider: Mapped[str] = mapped_column(String(100))
     provider_id: Mapped[str] = mapped_column(String(512))
     correlation_key: Mapped[str] = mapped_column(String(300))
@@ -364,7 +376,7 @@ class LifecycleEvent(Base):
     __table_args__ = (Index("ix_lifecycle_events_subject", "tenant_id", "subject_type", "subject_id", "id"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    tenant_id: Mapped[int] = mapped_column(Integer)  # no FK: see 'Hot tables' above
     subject_type: Mapped[str] = mapped_column(String(20))  # finding | recommendation | alert
     subject_id: Mapped[int] = mapped_column(BigId)
     event: Mapped[str] = mapped_column(String(30))  # new | updated | resolved | reopened | edited ...

@@ -7,7 +7,7 @@ import time
 import requests
 from sqlalchemy import func, select
 
-from gateway.models import Batch, Finding, FindingSource
+from gateway.models import Batch, Finding, FindingSource, Resource
 from tests.conftest import Worker, wait_for
 from tests.factories import document, finding, gz
 from workers.tasks import requeue
@@ -87,3 +87,4 @@ def test_worker_killed_mid_merge_completes_once_after_restart(pg_gw, live_server
         assert session.scalar(select(func.count()).select_from(Finding)) == count
         assert session.scalar(select(func.count()).select_from(FindingSource)) == count
         assert session.scalar(select(func.count(func.distinct(FindingSource.provider_id)))) == count
+        assert session.scalar(select(func.count()).select_from(Resource)) == 50  # none twice

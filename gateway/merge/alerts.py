@@ -39,7 +39,7 @@ class AlertMerger:
         with_resource = [i for i, r in enumerate(records) if r.resource is not None]
         resource_ids: dict[int, int] = {}
         if with_resource:
-            resolved = resource_identity.resolve(
+            resolved = resource_identity.resolve_committed(
                 conn, self.tenant_id, [records[i].resource for i in with_resource],
                 [records[i].last_modified or records[i].created for i in with_resource])
             resource_ids = dict(zip(with_resource, resolved))

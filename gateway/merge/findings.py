@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import msgspec
-from sqlalchemy import bindparam, case, func, select, update
+from sqlalchemy import BigInteger, bindparam, case, func, select, text
 from sqlalchemy.engine import Connection
+from sqlalchemy.types import ARRAY
 
 from connectors.model import SEVERITIES, SEVERITY_RANK, FindingRecord
 from gateway.merge import resources as resource_identity
-from gateway.merge.sql import in_values, insert_for, is_postgres, pair_join
+from gateway.merge.sql import in_values, insert_for, insert_rows, is_postgres, pair_join, update_rows
 from gateway.models import (
     Finding,
     FindingSource,
@@ -49,6 +50,7 @@ VULNERABILITY_TYPE = {
 }
 
 _OUTCOME_PRIORITY = ("created", "updated", "stale", "unchanged")
+RECOMMENDATION_LOCKS = 7101  # advisory lock space: one lock per resource while its recommendations are recomputed
 
 
 def correlation_key(provider: str, record: FindingRecord) -> list[tuple[str, str | None]]:
@@ -133,7 +135,7 @@ class FindingMerger:
             return
         conn, now = self.conn, utcnow()
         seen = [r.last_seen or r.provider_timestamp or r.first_seen for r in records]
-        resource_ids = resource_identity.resolve(conn, self.tenant_id, [r.resource for r in records], seen)
+        resource_ids = resource_identity.resolve_committed(conn, self.tenant_id, [r.resource for r in records], seen)
         type_ids = self._type_ids_for(records)
         self.scope.update(resource_ids)
 
@@ -187,9 +189,8 @@ class FindingMerger:
         self._write_sources(created, updated, touched, now)
         affected = {row["finding_id"] for row in created + updated + touched}
         affected |= {row["_old"]["finding_id"] for row in moved}
-        created_findings = {finding_ids[key] for key in finding_ids if key in self._created_finding_keys}
-        self._refresh_findings(affected, created_findings,
-                               changed={row["finding_id"]: row for row in updated},
+        affected -= {finding_ids[key] for key in self._created_finding_keys}  # inserted final
+        self._refresh_findings(affected, changed={row["finding_id"]: row for row in updated},
                                seen_again={row["finding_id"] for row in updated + touched}, now=now)
 
     def _source_row(self, record: FindingRecord, key: str, cve: str | None, resource_id: int,
@@ -238,42 +239,65 @@ class FindingMerger:
         )
         if is_postgres(self.conn):
             query = query.with_for_update()
-        return {(row.provider_id, row.correlation_key): row._asdict() for row in self.conn.execute(query)}
+        result = self.conn.execute(query)
+        keys = list(result.keys())
+        return {(row[1], row[2]): dict(zip(keys, row, strict=True)) for row in result}
 
     def _ensure_findings(self, rows: list[dict], now: datetime) -> dict[tuple[int, str], int]:
-        """Finding ids for (resource, correlation key) pairs, inserting missing findings."""
+        """Finding ids for (resource, correlation key) pairs, inserting missing findings.
+
+        A finding created here has no sources but the rows given, so it is inserted with
+        its final values (state, worst severity, seen times) and its "new" event; it needs
+        no refresh.  Findings that already existed are refreshed by the caller.
+        """
         self._created_finding_keys: set[tuple[int, str]] = set()
-        wanted: dict[tuple[int, str], dict] = {}
+        wanted: dict[tuple[int, str], list[dict]] = defaultdict(list)
         for row in rows:
-            wanted.setdefault((row["resource_id"], row["correlation_key"]), row)
+            wanted[(row["resource_id"], row["correlation_key"])].append(row)
         if not wanted:
             return {}
-        found = self._select_findings(list(wanted))
+        new_rows = []
+        for key in sorted(wanted):
+            group = wanted[key]
+            first = group[0]
+            values = _aggregate(group)
+            new_rows.append({
+                "resource_id": key[0], "correlation_key": key[1],
+                "recommendation_type_id": first["type_id"], "cve": first["cve"], "kind": first["kind"],
+                "title": values["title"], "description": values["description"],
+                "remediation": values["remediation"], "severity": values["severity"],
+                "cvss_score": values["cvss_score"], "state": "new" if values["open"] else "resolved",
+                "first_seen": values["first_seen"], "last_seen": values["last_seen"],
+                "resolved_at": None if values["open"] else now,
+            })
+        found: dict[tuple[int, str], int] = {}
+        inserted = insert_rows(self.conn, findings_t, new_rows,
+                               returning=("id", "resource_id", "correlation_key"),
+                               conflict=("tenant_id", "resource_id", "correlation_key"),
+                               constants={"tenant_id": self.tenant_id, "state_changed_at": now,
+                                          "created_at": now, "updated_at": now, "comments": [], "tags": []})
+        by_key = {(row["resource_id"], row["correlation_key"]): row for row in new_rows}
+        events = []
+        for finding_id, resource_id, key in inserted:
+            found[(resource_id, key)] = finding_id
+            self._created_finding_keys.add((resource_id, key))
+            row = by_key[(resource_id, key)]
+            self.touched_recommendations.add((resource_id, row["recommendation_type_id"]))
+            events.append(self._event(finding_id, "new", now, {"state": row["state"], "severity": row["severity"]}))
+        self._insert_events(events)
         missing = [key for key in sorted(wanted) if key not in found]
-        if missing:
-            new_rows = []
-            for key in missing:
-                row = wanted[key]
-                new_rows.append({
-                    "tenant_id": self.tenant_id, "resource_id": key[0], "correlation_key": key[1],
-                    "recommendation_type_id": row["type_id"], "cve": row["cve"], "kind": row["kind"],
-                    "title": row["title"], "description": row["description"],
-                    "remediation": row["remediation"], "severity": row["severity"],
-                    "cvss_score": row["cvss_score"], "state": "new",
-                    "first_seen": row["first_seen"], "last_seen": row["last_seen"],
-                    "state_changed_at": now, "created_at": now, "updated_at": now,
-                    "comments": [], "tags": [],
-                })
-            statement = insert_for(self.conn, findings_t).on_conflict_do_nothing(
-                index_elements=["tenant_id", "resource_id", "correlation_key"]
-            ).returning(findings_t.c.id, findings_t.c.resource_id, findings_t.c.correlation_key)
-            for finding_id, resource_id, key in self.conn.execute(statement, new_rows):
-                found[(resource_id, key)] = finding_id
-                self._created_finding_keys.add((resource_id, key))
-            still = [key for key in missing if key not in found]
-            if still:  # inserted concurrently by another batch
-                found.update(self._select_findings(still))
+        if missing:  # the finding existed (another provider's, or created concurrently)
+            found.update(self._select_findings(missing))
         return found
+
+    def _event(self, finding_id: int, event: str, now: datetime, details: dict, cause: str | None = None) -> dict:
+        return {"subject_id": finding_id, "event": event, "at": now, "cause": cause or self.cause,
+                "details": details}
+
+    def _insert_events(self, events: list[dict]) -> None:
+        insert_rows(self.conn, events_t, events, constants={
+            "tenant_id": self.tenant_id, "subject_type": "finding", "batch_id": self.batch_id,
+            "actor": self.provider})
 
     def _select_findings(self, keys: list[tuple[int, str]]) -> dict[tuple[int, str], int]:
         result: dict[tuple[int, str], int] = {}
@@ -289,52 +313,40 @@ class FindingMerger:
 
     def _write_sources(self, created: list[dict], updated: list[dict], touched: list[dict],
                        now: datetime) -> None:
-        columns = [c.name for c in sources_t.columns if c.name not in ("id",)]
+        constants = {"tenant_id": self.tenant_id, "provider": self.provider, "batch_id": self.batch_id,
+                     "created_at": now, "updated_at": now}
+        columns = [c.name for c in sources_t.columns if c.name != "id" and c.name not in constants]
         if created:
             rows = []
             for row in created:
                 values = {name: row.get(name) for name in columns}
-                values.update(batch_id=self.batch_id, created_at=now, updated_at=now,
-                              references=row["references"] or [])
+                values["references"] = row["references"] or []
                 rows.append(values)
-            self.conn.execute(sources_t.insert(), rows)
+            insert_rows(self.conn, sources_t, rows, constants=constants)
         if updated:
             fields = ["finding_id", "resource_id", "vendor_id", "state", "title", "severity",
                       "severity_original", "severity_scale", "description", "remediation", "evidence",
                       "cvss_score", "cvss_vector", "references", "extra", "last_seen",
                       "provider_timestamp", "content_hash"]
-            statement = (
-                update(sources_t)
-                .where(sources_t.c.id == bindparam("_id"))
-                .values({name: bindparam(f"_{name}") for name in fields + ["first_seen"]}
-                        | {"batch_id": self.batch_id, "updated_at": now})
-            )
-            params = []
-            for row in updated:
-                param = {f"_{name}": row[name] for name in fields}
-                param["_references"] = row["references"] or []
-                param["_first_seen"] = _earliest(row["first_seen"], row["_old"]["first_seen"])
-                param["_id"] = row["_old"]["id"]
-                params.append(param)
-            self.conn.execute(statement, sorted(params, key=lambda p: p["_id"]))
+            changes = []
+            for row in sorted(updated, key=lambda r: r["_old"]["id"]):
+                change = {"id": row["_old"]["id"]} | {name: row[name] for name in fields}
+                change["references"] = row["references"] or []
+                change["first_seen"] = _earliest(row["first_seen"], row["_old"]["first_seen"])
+                changes.append(change)
+            update_rows(self.conn, sources_t, changes, constants={"batch_id": self.batch_id, "updated_at": now})
         if touched:
-            statement = (
-                update(sources_t)
-                .where(sources_t.c.id == bindparam("_id"))
-                .values(last_seen=bindparam("_last_seen"), provider_timestamp=bindparam("_ts"),
-                        batch_id=self.batch_id)
-            )
-            self.conn.execute(statement, sorted(
-                ({"_id": row["_old"]["id"], "_last_seen": _latest(row["last_seen"], row["_old"]["last_seen"]),
-                  "_ts": row["provider_timestamp"]} for row in touched),
-                key=lambda p: p["_id"],
-            ))
+            update_rows(self.conn, sources_t, [
+                {"id": row["_old"]["id"], "last_seen": _latest(row["last_seen"], row["_old"]["last_seen"]),
+                 "provider_timestamp": row["provider_timestamp"]}
+                for row in sorted(touched, key=lambda r: r["_old"]["id"])
+            ], constants={"batch_id": self.batch_id})
 
     # -- findings' state and history ------------------------------------------------------
 
-    def _refresh_findings(self, affected: set[int], created: set[int], changed: dict[int, dict],
-                          seen_again: set[int], now: datetime, cause: str | None = None) -> None:
-        """Recompute state and provider fields of findings from all their sources."""
+    def _refresh_findings(self, affected: set[int], changed: dict[int, dict], seen_again: set[int],
+                          now: datetime, cause: str | None = None) -> None:
+        """Recompute state and provider fields of stored findings from all their sources."""
         if not affected:
             return
         ids = sorted(affected)
@@ -342,8 +354,8 @@ class FindingMerger:
             row.id: row
             for row in self.conn.execute(
                 select(findings_t.c.id, findings_t.c.state, findings_t.c.resource_id,
-                       findings_t.c.recommendation_type_id, findings_t.c.first_seen, findings_t.c.last_seen,
-                       findings_t.c.severity)
+                       findings_t.c.recommendation_type_id, findings_t.c.state_changed_at,
+                       findings_t.c.resolved_at)
                 .where(findings_t.c.tenant_id == self.tenant_id, in_values(self.conn, findings_t.c.id, ids))
             )
         }
@@ -354,7 +366,7 @@ class FindingMerger:
                    sources_t.c.first_seen, sources_t.c.last_seen, sources_t.c.provider_timestamp)
             .where(sources_t.c.tenant_id == self.tenant_id, in_values(self.conn, sources_t.c.finding_id, ids))
         ):
-            by_finding[row.finding_id].append(row)
+            by_finding[row.finding_id].append(row._mapping)
 
         updates, events = [], []
         for finding_id in ids:
@@ -362,11 +374,10 @@ class FindingMerger:
             sources = by_finding.get(finding_id, [])
             if finding is None or not sources:
                 continue
-            any_open = any(s.state == "open" for s in sources)
-            previous = None if finding_id in created else finding.state
-            if previous is None:
-                state = "new" if any_open else "resolved"
-            elif previous == "resolved":
+            values = _aggregate(sources)
+            any_open = values.pop("open")
+            previous = finding.state
+            if previous == "resolved":
                 state = "reopened" if any_open else "resolved"
             elif not any_open:
                 state = "resolved"
@@ -374,57 +385,26 @@ class FindingMerger:
                 state = "active"
             else:
                 state = previous
-            pool = [s for s in sources if s.state == "open"] or sources
-            worst = max(pool, key=lambda s: (SEVERITY_RANK.get(s.severity, 0), _ts(s.provider_timestamp)))
-            latest = max(sources, key=lambda s: _ts(s.provider_timestamp))
-            values = {
-                "_id": finding_id,
-                "_state": state,
-                "_severity": worst.severity,
-                "_title": latest.title,
-                "_description": latest.description,
-                "_remediation": latest.remediation,
-                "_cvss_score": worst.cvss_score,
-                "_first_seen": min((s.first_seen for s in sources if s.first_seen), default=None),
-                "_last_seen": max((s.last_seen for s in sources if s.last_seen), default=None),
-                "_state_changed_at": now if state != previous else None,
-                "_resolved_at": now if state == "resolved" and previous != "resolved" else None,
-            }
+            values.update(
+                id=finding_id, state=state,
+                state_changed_at=now if state != previous else finding.state_changed_at,
+                resolved_at=None if state != "resolved" else (
+                    now if previous != "resolved" else finding.resolved_at),
+            )
             updates.append(values)
             self.touched_recommendations.add((finding.resource_id, finding.recommendation_type_id))
-            base = {"tenant_id": self.tenant_id, "subject_type": "finding", "subject_id": finding_id,
-                    "at": now, "cause": cause or self.cause, "batch_id": self.batch_id, "actor": self.provider}
-            if previous is None:
-                events.append(base | {"event": "new", "details": {"state": state, "severity": worst.severity}})
-            elif state != previous:
+            cause_text = cause or self.cause
+            if state != previous:
                 if state == "resolved":
                     self.counts["resolved"] += 1
-                events.append(base | {"event": state, "details": {"from": previous}})
+                events.append(self._event(finding_id, state, now, {"from": previous}, cause_text))
             elif finding_id in changed:
                 row = changed[finding_id]
-                events.append(base | {"event": "updated", "details": {
+                events.append(self._event(finding_id, "updated", now, {
                     "provider": self.provider, "providerId": row["provider_id"], "state": row["state"],
-                    "severity": row["severity"]}})
-        if updates:
-            statement = (
-                update(findings_t)
-                .where(findings_t.c.id == bindparam("_id"))
-                .values(
-                    state=bindparam("_state"), severity=bindparam("_severity"), title=bindparam("_title"),
-                    description=bindparam("_description"), remediation=bindparam("_remediation"),
-                    cvss_score=bindparam("_cvss_score"), first_seen=bindparam("_first_seen"),
-                    last_seen=bindparam("_last_seen"),
-                    state_changed_at=func.coalesce(bindparam("_state_changed_at"), findings_t.c.state_changed_at),
-                    resolved_at=case(
-                        (bindparam("_state") != "resolved", None),
-                        else_=func.coalesce(bindparam("_resolved_at"), findings_t.c.resolved_at),
-                    ),
-                    updated_at=now,
-                )
-            )
-            self.conn.execute(statement, updates)
-        if events:
-            self.conn.execute(events_t.insert(), events)
+                    "severity": row["severity"]}, cause_text))
+        update_rows(self.conn, findings_t, updates, constants={"updated_at": now})
+        self._insert_events(events)
 
     # -- end of batch ---------------------------------------------------------------------
 
@@ -449,15 +429,12 @@ class FindingMerger:
                     stale_sources.append(row)
         if not stale_sources:
             return 0
-        conn.execute(
-            update(sources_t).where(sources_t.c.id == bindparam("_id")).values(
-                state="fixed", batch_id=self.batch_id, updated_at=now,
-                # the next report of this record must count as a change, not as unchanged
-                content_hash="absent-from-full-scan"),
-            [{"_id": row.id} for row in stale_sources],
-        )
+        # the next report of this record must count as a change, not as unchanged
+        update_rows(conn, sources_t, [{"id": row.id, "state": "fixed"} for row in stale_sources],
+                    constants={"batch_id": self.batch_id, "updated_at": now,
+                               "content_hash": "absent-from-full-scan"})
         affected = {row.finding_id for row in stale_sources}
-        self._refresh_findings(affected, set(), {}, set(), now,
+        self._refresh_findings(affected, {}, set(), now,
                                cause=f"absent from full scan (batch {self.batch_id})")
         return len(stale_sources)
 
@@ -468,6 +445,14 @@ class FindingMerger:
         conn, now = self.conn, utcnow()
         pairs = sorted(self.touched_recommendations)
         resource_ids = sorted({resource_id for resource_id, _ in pairs})
+        if is_postgres(conn):
+            # Concurrent batches on the same resources take turns here, and each counts the
+            # findings the other committed (READ COMMITTED: every statement sees the latest).
+            conn.execute(text(
+                "SELECT pg_advisory_xact_lock(:space, (r % 2147483647)::int) "
+                "FROM (SELECT r FROM unnest(:ids) AS r ORDER BY r) AS ordered"
+            ).bindparams(bindparam("ids", type_=ARRAY(BigInteger))), {"space": RECOMMENDATION_LOCKS,
+                                                                        "ids": resource_ids})
         rank = case(*[(findings_t.c.severity == name, index) for index, name in enumerate(SEVERITIES)],
                     else_=0)
         aggregate: dict[tuple[int, int], tuple[int, int]] = {}
@@ -486,7 +471,7 @@ class FindingMerger:
         for start in range(0, len(pairs), 5000):
             part = pairs[start : start + 5000]
             query = select(recs_t.c.id, recs_t.c.resource_id, recs_t.c.type_id, recs_t.c.status,
-                           recs_t.c.severity).where(recs_t.c.tenant_id == self.tenant_id)
+                           recs_t.c.severity, recs_t.c.status_changed_at).where(recs_t.c.tenant_id == self.tenant_id)
             for row in conn.execute(pair_join(conn, query, recs_t.c.resource_id, recs_t.c.type_id, part)):
                 existing[(row.resource_id, row.type_id)] = row
         type_severity = dict(conn.execute(
@@ -504,29 +489,42 @@ class FindingMerger:
                                 "status": status, "severity": severity, "first_evaluated": now,
                                 "status_changed_at": now, "updated_at": now, "comments": [], "tags": []})
             elif old.status != status or old.severity != severity:
-                changes.append({"_id": old.id, "_status": status, "_severity": severity,
-                                "_changed": now if old.status != status else None})
+                changes.append({"id": old.id, "status": status, "severity": severity,
+                                "status_changed_at": now if old.status != status else old.status_changed_at})
                 if old.status != status:
                     events.append({"tenant_id": self.tenant_id, "subject_type": "recommendation",
                                    "subject_id": old.id, "event": status.lower(), "at": now,
                                    "cause": self.cause, "batch_id": self.batch_id, "actor": self.provider,
                                    "details": {"from": old.status}})
         if inserts:
-            new_ids = conn.execute(
-                recs_t.insert().returning(recs_t.c.id, recs_t.c.status, sort_by_parameter_order=True), inserts
-            ).all()
+            new_ids = insert_rows(conn, recs_t, inserts, returning=("id", "status"))
             events.extend({"tenant_id": self.tenant_id, "subject_type": "recommendation", "subject_id": rid,
                            "event": "new", "at": now, "cause": self.cause, "batch_id": self.batch_id,
                            "actor": self.provider, "details": {"status": status}} for rid, status in new_ids)
-        if changes:
-            conn.execute(
-                update(recs_t).where(recs_t.c.id == bindparam("_id")).values(
-                    status=bindparam("_status"), severity=bindparam("_severity"), updated_at=now,
-                    status_changed_at=func.coalesce(bindparam("_changed"), recs_t.c.status_changed_at)),
-                changes,
-            )
-        if events:
-            conn.execute(events_t.insert(), events)
+        update_rows(conn, recs_t, changes, constants={"updated_at": now})
+        insert_rows(conn, events_t, events)
+
+
+def _aggregate(sources) -> dict:
+    """A finding's provider fields from its sources (mappings with the source columns).
+
+    Open sources decide the severity (the worst, then the latest); the latest report
+    gives title, description and remediation; seen times span all sources.
+    """
+    any_open = any(s["state"] == "open" for s in sources)
+    pool = [s for s in sources if s["state"] == "open"] or sources
+    worst = max(pool, key=lambda s: (SEVERITY_RANK.get(s["severity"], 0), _ts(s["provider_timestamp"])))
+    latest = max(sources, key=lambda s: _ts(s["provider_timestamp"]))
+    return {
+        "open": any_open,
+        "severity": worst["severity"],
+        "title": latest["title"],
+        "description": latest["description"],
+        "remediation": latest["remediation"],
+        "cvss_score": worst["cvss_score"],
+        "first_seen": min((_aware(s["first_seen"]) for s in sources if s["first_seen"]), default=None),
+        "last_seen": max((_aware(s["last_seen"]) for s in sources if s["last_seen"]), default=None),
+    }
 
 
 def _aware(value: datetime | None) -> datetime | None:

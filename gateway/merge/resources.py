@@ -28,11 +28,12 @@ from collections import defaultdict
 from collections.abc import Sequence
 from datetime import datetime
 
+import msgspec
 from sqlalchemy import and_, select, text, update
 from sqlalchemy.engine import Connection
 
 from connectors.model import MEDIUM_IDENTIFIERS, STRONG_IDENTIFIERS, ResourceRef
-from gateway.merge.sql import in_values, insert_for, is_postgres
+from gateway.merge.sql import in_values, insert_rows, is_postgres
 from gateway.models import Resource, ResourceIdentifier, utcnow
 
 resources = Resource.__table__
@@ -100,6 +101,27 @@ def _display_name(ref: ResourceRef, ids: dict[str, list[str]]) -> str | None:
     return None
 
 
+def resolve_committed(
+    conn: Connection,
+    tenant_id: int,
+    refs: Sequence[ResourceRef],
+    seen: Sequence[datetime | None],
+) -> list[int]:
+    """``resolve`` in a short transaction of its own, committed before the batch's merge goes on.
+
+    On PostgreSQL the resolution runs on a second connection under the tenant's lock and
+    commits at once, so that concurrent batches of one tenant wait for each other only
+    while they resolve resources, not for the length of a whole merge.  Resources and
+    identifiers are identity, not findings: a merge that fails later leaves them behind
+    and its retry finds them again.  SQLite has one writer at a time anyway, so there the
+    resolution is part of the batch's transaction.
+    """
+    if not is_postgres(conn):
+        return resolve(conn, tenant_id, refs, seen)
+    with conn.engine.connect() as side, side.begin():
+        return resolve(side, tenant_id, refs, seen)
+
+
 def resolve(
     conn: Connection,
     tenant_id: int,
@@ -110,7 +132,14 @@ def resolve(
     if is_postgres(conn):
         # One resolver per tenant at a time, so concurrent batches create one resource.
         conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": 7_000_000_000 + tenant_id})
-    normalized = [normalize(ref) for ref in refs]
+    cache: dict[bytes, dict[str, list[str]]] = {}
+    normalized = []
+    for ref in refs:  # a push names the same few hosts thousands of times
+        key = msgspec.msgpack.encode(ref)
+        ids = cache.get(key)
+        if ids is None:
+            ids = cache[key] = normalize(ref)
+        normalized.append(ids)
     wanted: dict[str, set[str]] = defaultdict(set)
     for ids in normalized:
         for kind, values in ids.items():
@@ -194,8 +223,7 @@ def _add_identifiers(conn, tenant_id, normalized, result, known) -> None:
     if not rows:
         return
     ordered = sorted(rows.values(), key=lambda r: (r["kind"], r["value"], r["resource_id"]))
-    statement = insert_for(conn, identifiers).on_conflict_do_nothing()
-    conn.execute(statement, ordered)
+    insert_rows(conn, identifiers, ordered, conflict=())
 
 
 def _touch_last_seen(conn, tenant_id, result, seen, now) -> None:
@@ -204,6 +232,15 @@ def _touch_last_seen(conn, tenant_id, result, seen, now) -> None:
         if when is not None and (resource_id not in latest or when > latest[resource_id]):
             latest[resource_id] = when
     if not latest:
+        return
+    if is_postgres(conn):
+        ordered = sorted(latest.items())
+        conn.exec_driver_sql(
+            "UPDATE resources AS t SET last_seen = v.seen, updated_at = %s "
+            "FROM unnest(%b::bigint[], %b::timestamptz[]) AS v(id, seen) "
+            "WHERE t.id = v.id AND t.tenant_id = %s AND (t.last_seen IS NULL OR t.last_seen < v.seen)",
+            (now, [rid for rid, _ in ordered], [when for _, when in ordered], tenant_id),
+        )
         return
     statement = (
         update(resources)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from sqlalchemy import Column, and_, bindparam, func, literal, tuple_
+import msgspec
+from sqlalchemy import Column, and_, bindparam, func, literal, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql import ColumnElement
@@ -54,3 +55,132 @@ def chunks(values: Sequence, size: int = SQLITE_IN_LIMIT) -> Iterable[Sequence]:
 
 
 __all__ = ["chunks", "in_values", "insert_for", "is_postgres", "literal"]
+
+
+# -- many rows in one statement ------------------------------------------------------------
+#
+# On PostgreSQL a set of rows travels as one array parameter per column and is turned
+# back into rows by ``unnest``: the statement text stays a few hundred bytes whatever the
+# number of rows, so neither SQLAlchemy nor psycopg spend time building or parsing a
+# multi-row VALUES list, and the server plans it once.  SQLite gets an executemany.
+
+
+def _pg_type(column: Column, dialect) -> str:
+    compiled = column.type.compile(dialect=dialect)
+    return "jsonb" if compiled in ("JSONB", "JSON") else compiled
+
+
+def _pg_array(column: Column, values: list, dialect) -> tuple[str, list]:
+    """(SQL element type, parameter list) for one column's values."""
+    sql_type = _pg_type(column, dialect)
+    if sql_type == "jsonb":
+        encode = msgspec.json.encode
+        return "text", [None if v is None else encode(v).decode() for v in values]
+    return sql_type, values
+
+
+def _unnest_select(conn: Connection, table, names: list[str], rows: Sequence[dict],
+                   constants: dict | None = None) -> tuple[str, tuple, list[str]]:
+    """``SELECT %s AS c ..., v.a AS a ... FROM unnest(%b::t[], ...) AS v(a ...)``, its parameters
+    and the names of its output columns in order.
+
+    Each of ``names`` travels as one array, or as one scalar when it has the same value in
+    every row; each of ``constants`` as one scalar.
+    """
+    dialect = conn.dialect
+    constants = dict(constants or {})
+    columns: dict[str, list] = {}
+    for name in names:
+        values = [row[name] for row in rows]
+        # A column with one value in every row (common: a scan's times, empty fields)
+        # travels as one scalar instead of an array of copies.
+        if values.count(values[0]) == len(values):
+            constants[name] = values[0]
+        else:
+            columns[name] = values
+    params, unnest_args, select_list = [], [], []
+    for name, value in constants.items():
+        target = _pg_type(table.c[name], dialect)
+        element, [value] = _pg_array(table.c[name], [value], dialect)
+        params.append(value)
+        select_list.append((f"%s::{element}::{target}" if target == "jsonb" else f"%s::{target}")
+                           + f' AS "{name}"')
+    if not columns:  # every column is uniform: unnest one array of row numbers
+        columns = {"_n": list(range(len(rows)))}
+    for name, values in columns.items():
+        if name == "_n":
+            params.append(values)
+            unnest_args.append("%b::bigint[]")
+            continue
+        column = table.c[name]
+        element, values = _pg_array(column, values, dialect)
+        params.append(values)
+        unnest_args.append(f"%b::{element}[]")
+        target = _pg_type(column, dialect)
+        select_list.append((f'v."{name}"::{target}' if target == "jsonb" else f'v."{name}"') + f' AS "{name}"')
+    names = list(columns)
+    alias = ", ".join(f'"{name}"' for name in names)
+    sql = f"SELECT {', '.join(select_list)} FROM unnest({', '.join(unnest_args)}) AS v({alias})"
+    return sql, tuple(params), [name for name in constants] + [name for name in names if name != "_n"]
+
+
+def insert_rows(conn: Connection, table, rows: Sequence[dict], returning: Sequence[str] = (),
+                conflict: Sequence[str] | None = None, constants: dict | None = None) -> list[tuple]:
+    """Insert ``rows`` (dicts with the same keys) in one statement; return ``returning`` columns.
+
+    ``constants`` are column values shared by every row.  ``conflict`` names a unique
+    constraint's columns: rows that collide with it are skipped (and not returned); an
+    empty ``conflict`` skips rows that collide with any constraint.  Rows are returned in
+    no particular order.
+    """
+    if not rows:
+        return []
+    constants = constants or {}
+    names = list(rows[0])
+    if is_postgres(conn):
+        select_sql, params, output = _unnest_select(conn, table, names, rows, constants)
+        column_list = ", ".join(f'"{name}"' for name in output)
+        sql = f"INSERT INTO {table.name} ({column_list}) {select_sql}"
+        if conflict is not None:
+            target = f"({', '.join(conflict)}) " if conflict else ""
+            sql += f" ON CONFLICT {target}DO NOTHING"
+        if returning:
+            sql += f" RETURNING {', '.join(returning)}"
+        result = conn.exec_driver_sql(sql, params)
+        return [tuple(row) for row in result] if returning else []
+    if constants:
+        rows = [dict(row) | constants for row in rows]
+    statement = insert_for(conn, table)
+    if conflict is not None:
+        statement = statement.on_conflict_do_nothing(index_elements=list(conflict) or None)
+    if returning:
+        statement = statement.returning(*[table.c[name] for name in returning])
+        return [tuple(row) for row in conn.execute(statement, list(rows))]
+    conn.execute(statement, list(rows))
+    return []
+
+
+def update_rows(conn: Connection, table, rows: Sequence[dict], key: str = "id",
+                constants: dict | None = None) -> None:
+    """``UPDATE table SET col = row[col] ... WHERE key = row[key]`` for every row, in one statement.
+
+    Every row has the same keys; ``constants`` are set to the same value on every row.
+    """
+    if not rows:
+        return
+    constants = constants or {}
+    names = [name for name in rows[0] if name != key]
+    if is_postgres(conn):
+        select_sql, params, _ = _unnest_select(conn, table, [key] + names, rows)
+        assignments = [f'"{name}" = v."{name}"' for name in names]
+        assignments += [f'"{name}" = %s' for name in constants]
+        sql = (f"UPDATE {table.name} AS t SET {', '.join(assignments)} FROM ({select_sql}) AS v "
+               f'WHERE t."{key}" = v."{key}"')
+        conn.exec_driver_sql(sql, tuple(constants.values()) + params)
+        return
+    statement = (
+        update(table)
+        .where(table.c[key] == bindparam(f"_k_{key}"))
+        .values({name: bindparam(f"_v_{name}") for name in names} | constants)
+    )
+    conn.execute(statement, [{f"_v_{n}": row[n] for n in names} | {f"_k_{key}": row[key]} for row in rows])

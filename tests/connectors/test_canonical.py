@@ -57,3 +57,29 @@ def test_truncated_json_is_a_format_error():
 
 def test_detect():
     assert connectors.detect(_doc(GOOD)) == "canonical"
+
+
+@pytest.fixture(params=["whole", "streamed"])
+def mode(request, monkeypatch):
+    """Small documents are decoded whole, large ones streamed: both must read the same."""
+    from connectors import canonical
+
+    if request.param == "streamed":
+        monkeypatch.setattr(canonical, "WHOLE_DOCUMENT_BYTES", 64)
+    return request.param
+
+
+def test_whole_and_streamed_documents_read_the_same(mode):
+    findings = [dict(GOOD, id=f"rec-{i}", title=f"finding {i}") for i in range(300)]
+    findings[7] = dict(GOOD, id="rec-7", severity="urgent")
+    records = parse_all("canonical", json.dumps({"scan": {"type": "full"}, "findings": findings}).encode())
+    assert len(records) == 300
+    assert isinstance(records[7], Rejected) and records[7].position == "findings[7]"
+    assert [r.provider_id for r in records] == [f"rec-{i}" for i in range(300)]
+    assert records[299].title == "finding 299" and records[299].cves == ["CVE-2024-3094"]
+
+
+def test_malformed_tail_fails_in_both_modes(mode):
+    body = _doc(*[dict(GOOD, id=f"rec-{i}") for i in range(50)])
+    with pytest.raises(FormatError, match="not well-formed JSON"):
+        parse_all("canonical", body[:-30] + b"nonsense")
