@@ -126,6 +126,9 @@ class KnowledgeMerger:
         return result
 
 
+BACKFILL_LOCK = 7_200_000_000  # advisory lock space: one KB back-fill per tenant at a time
+
+
 class Backfill:
     """Enrich (and re-key) the stored sources a batch's new or changed KB entries describe."""
 
@@ -140,8 +143,11 @@ class Backfill:
 
     def run(self, entries: dict[str, dict]) -> None:
         """Back-fill every stored source of these vendor ids that lacks what the entries give."""
-        if is_postgres(self.conn):  # the lock FindingMerger's resource resolution takes
-            lock = {"key": 7_000_000_000 + self.tenant_id}
+        if is_postgres(self.conn):
+            # One back-fill per tenant at a time (two KB pushes re-keying the same findings).
+            # Not the resource-resolution lock: that one is taken by short transactions of
+            # their own, which must never wait for this batch's transaction.
+            lock = {"key": BACKFILL_LOCK + self.tenant_id}
             self.conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), lock)
         last = 0
         while True:
@@ -298,7 +304,10 @@ class Backfill:
                 sorted(updates, key=lambda p: p["_id"]))
         if copies:
             conn.execute(sources_t.insert(), copies)
-        self.merger._refresh_findings(affected, self.created, {}, set(), now, cause=self.cause)
+        # findings this back-fill created get their "new" event, then the refresh their final state
+        self.merger._insert_events([self.merger._event(finding_id, "new", now, {"state": "new"}, self.cause)
+                                    for finding_id in sorted(self.created)])
+        self.merger._refresh_findings(affected, {}, set(), now, cause=self.cause)
 
 
 def _update_params(row: dict, values: dict, key: str, finding_id: int) -> dict:
