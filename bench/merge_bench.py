@@ -26,7 +26,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.ingest_bench import ADMIN, _cpu_seconds, preload, synthetic  # noqa: E402
+from bench.ingest_bench import ADMIN, DATABASE, _cpu_seconds, preload, synthetic  # noqa: E402
 from gateway import create_app  # noqa: E402
 from gateway.ingest import Push, store_batch  # noqa: E402
 from gateway.migrate import upgrade  # noqa: E402
@@ -73,6 +73,7 @@ def main() -> None:
     args = parser.parse_args()
 
     name = f"gw_mbench_{uuid.uuid4().hex[:6]}"
+    DATABASE["name"] = name
     if args.database == "postgresql":
         with psycopg.connect(ADMIN, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')

@@ -76,11 +76,58 @@ def sniff(head: bytes) -> bool:
     )
 
 
+class _Resource(msgspec.Struct, rename="camel"):
+    cloud_id: str | None = None
+    agent_id: str | None = None
+    fqdn: str | None = None
+    hostname: str | None = None
+    netbios: str | None = None
+    mac: str | None = None
+    ipv4: list[str] | None = None
+    ipv6: list[str] | None = None
+    kind: str | None = None
+    name: str | None = None
+    os: str | None = None
+
+
+class _Item(msgspec.Struct, rename="camel"):
+    """One finding object as typed JSON; ``to_record`` checks what types cannot say."""
+
+    id: str | int | float | None = None
+    resource: _Resource | None = None
+    title: str | None = None
+    severity: str | None = None
+    status: str | None = "open"
+    kind: str | None = "vulnerability"
+    cves: list[str] | None = None
+    vendor_id: str | int | None = None
+    recommendation: str | None = None
+    description: str | None = None
+    remediation: str | None = None
+    evidence: str | None = None
+    references: list[str] | None = None
+    cvss_score: float | None = None
+    cvss_vector: str | None = None
+    first_seen: str | None = None
+    last_seen: str | None = None
+    provider_timestamp: str | None = None
+
+
+class _Document(msgspec.Struct):
+    findings: list[_Item] = []
+
+
 def parse(stream: BinaryIO, options: ParseOptions) -> Iterator[FindingRecord | Rejected]:
     """The findings of a canonical document: decoded at once when small, else streamed."""
     head = _read_up_to(stream, WHOLE_DOCUMENT_BYTES + 1)
     if len(head) <= WHOLE_DOCUMENT_BYTES:
-        yield from _records(_whole(head))
+        try:  # a document whose every record has the right types decodes in one pass
+            items: Any = msgspec.json.decode(head, type=_Document).findings
+        except msgspec.ValidationError:  # some record has not: check them one by one
+            items = _whole(head)
+        except msgspec.DecodeError as exc:
+            raise FormatError(f"not well-formed JSON: {exc}") from None
+        yield from _records(items)
         return
     index = [-1]
     try:
@@ -119,7 +166,7 @@ def _records(items, position: list[int] | None = None) -> Iterator[FindingRecord
         try:
             yield to_record(item)
         except (TypeError, ValueError, KeyError) as exc:
-            provider_id = item.get("id") if isinstance(item, dict) else None
+            provider_id = item.get("id") if isinstance(item, dict) else getattr(item, "id", None)
             yield Rejected(
                 position=f"findings[{index}]",
                 reason=str(exc),
@@ -149,34 +196,19 @@ class _Joined(io.RawIOBase):
         return n
 
 
-def _text(item: dict, key: str, required: bool = False) -> str | None:
-    value = item.get(key)
+def _text(value: str | None, key: str, required: bool = False) -> str | None:
     if value is None:
         if required:
             raise ValueError(f"'{key}' is required")
         return None
-    if not isinstance(value, str):
-        raise ValueError(f"'{key}' must be a string")
     if required and not value.strip():
         raise ValueError(f"'{key}' must not be empty")
     return value[:_MAX_TEXT]
 
 
-def _strings(item: dict, key: str) -> list[str]:
-    value = item.get(key)
-    if value is None:
-        return []
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"'{key}' must be a list of strings")
-    return value
-
-
-def _time(item: dict, key: str):
-    value = item.get(key)
+def _time(value: str | None, key: str):
     if value is None:
         return None
-    if not isinstance(value, str):
-        raise ValueError(f"'{key}' must be an ISO 8601 date-time string")
     try:
         return _parse_time(value)
     except ValueError:
@@ -188,23 +220,26 @@ def _parse_time(value: str):
     return parse_time(value)  # a push repeats a few scan times thousands of times
 
 
-def to_resource(raw: Any) -> ResourceRef:
+_RESOURCE_FIELDS = ("cloud_id", "agent_id", "fqdn", "hostname", "netbios", "mac")
+
+
+def to_resource(raw: _Resource | None) -> ResourceRef:
     """Validate a canonical resource object."""
-    if not isinstance(raw, dict):
+    if raw is None:
         raise ValueError("'resource' must be an object")
     fields: dict[str, Any] = {}
-    for key, attr in _RESOURCE_KEYS.items():
-        value = _text(raw, key)
+    for attr in _RESOURCE_FIELDS:
+        value = getattr(raw, attr)
         if value:
-            fields[attr] = value
-    for key in ("ipv4", "ipv6"):
-        values = _strings(raw, key)
-        if values:
-            fields[key] = values
-    for key in ("kind", "name", "os"):
-        value = _text(raw, key)
+            fields[attr] = value[:_MAX_TEXT]
+    if raw.ipv4:
+        fields["ipv4"] = raw.ipv4
+    if raw.ipv6:
+        fields["ipv6"] = raw.ipv6
+    for attr in ("kind", "name", "os"):
+        value = getattr(raw, attr)
         if value:
-            fields[key] = value
+            fields[attr] = value[:_MAX_TEXT]
     if not any(kind in fields for kind in IDENTIFIER_KINDS):
         raise ValueError("'resource' needs at least one identifier (" + ", ".join(
             list(_RESOURCE_KEYS) + ["ipv4", "ipv6"]) + ")")
@@ -212,56 +247,57 @@ def to_resource(raw: Any) -> ResourceRef:
 
 
 def to_record(item: Any) -> FindingRecord:
-    """Validate one canonical finding object into a FindingRecord."""
-    if not isinstance(item, dict):
-        raise ValueError("a finding must be an object")
-    provider_id = item.get("id")
-    if isinstance(provider_id, (int, float)) and not isinstance(provider_id, bool):
+    """Validate one canonical finding (a JSON object, or one already typed) into a FindingRecord."""
+    if not isinstance(item, _Item):
+        if not isinstance(item, dict):
+            raise ValueError("a finding must be an object")
+        try:
+            item = msgspec.convert(item, _Item)
+        except msgspec.ValidationError as exc:
+            raise ValueError(str(exc)) from None
+    provider_id = item.id
+    if isinstance(provider_id, (int, float)):
         provider_id = str(provider_id)
-    if not isinstance(provider_id, str) or not provider_id.strip():
+    if not provider_id or not provider_id.strip():
         raise ValueError("'id' is required: the provider's own id of the record")
     if len(provider_id) > 512:
         raise ValueError("'id' is longer than 512 characters")
-    severity = item.get("severity")
+    severity = item.severity
     if severity not in SEVERITIES:
         raise ValueError(f"'severity' must be one of {', '.join(SEVERITIES)}")
-    status = item.get("status", "open")
-    if status not in ("open", "fixed"):
+    if item.status not in ("open", "fixed"):
         raise ValueError("'status' must be 'open' or 'fixed'")
-    kind = item.get("kind", "vulnerability")
-    if kind not in ("vulnerability", "compliance"):
+    if item.kind not in ("vulnerability", "compliance"):
         raise ValueError("'kind' must be 'vulnerability' or 'compliance'")
-    cves = _strings(item, "cves")
+    cves = item.cves or []
     normalized_cves = find_cves(*cves)
     if len(normalized_cves) != len(set(c.upper() for c in cves)):
         raise ValueError("'cves' must hold CVE ids like CVE-2024-3094")
-    score = item.get("cvssScore")
-    if score is not None and (not isinstance(score, (int, float)) or not 0 <= score <= 10):
+    score = item.cvss_score
+    if score is not None and not 0 <= score <= 10:
         raise ValueError("'cvssScore' must be a number from 0 to 10")
-    vendor_id = item.get("vendorId")
-    if isinstance(vendor_id, int) and not isinstance(vendor_id, bool):
+    vendor_id = item.vendor_id
+    if isinstance(vendor_id, int):
         vendor_id = str(vendor_id)
-    elif vendor_id is not None and not isinstance(vendor_id, str):
-        raise ValueError("'vendorId' must be a string")
     return FindingRecord(
         provider_id=provider_id,
-        resource=to_resource(item.get("resource")),
-        title=_text(item, "title", required=True),
+        resource=to_resource(item.resource),
+        title=_text(item.title, "title", required=True),
         severity=severity,
         severity_original=severity,
         severity_scale="canonical",
         cves=normalized_cves,
         vendor_id=vendor_id,
-        status=status,
-        kind=kind,
-        description=_text(item, "description"),
-        remediation=_text(item, "remediation"),
-        recommendation=_text(item, "recommendation"),
-        first_seen=_time(item, "firstSeen"),
-        last_seen=_time(item, "lastSeen"),
-        provider_timestamp=_time(item, "providerTimestamp"),
-        cvss_score=float(score) if score is not None else None,
-        cvss_vector=_text(item, "cvssVector"),
-        evidence=_text(item, "evidence"),
-        references=_strings(item, "references"),
+        status=item.status,
+        kind=item.kind,
+        description=_text(item.description, "description"),
+        remediation=_text(item.remediation, "remediation"),
+        recommendation=_text(item.recommendation, "recommendation"),
+        first_seen=_time(item.first_seen, "firstSeen"),
+        last_seen=_time(item.last_seen, "lastSeen"),
+        provider_timestamp=_time(item.provider_timestamp, "providerTimestamp"),
+        cvss_score=score,
+        cvss_vector=_text(item.cvss_vector, "cvssVector"),
+        evidence=_text(item.evidence, "evidence"),
+        references=item.references or [],
     )

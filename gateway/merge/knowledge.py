@@ -29,10 +29,14 @@ both orders:
   stored provider fields were changed by the gateway, not by the provider).
 
 Everything runs in the batch's transaction with set-based statements (a few per page of
-findings, whatever the number of rows); on PostgreSQL under the tenant's merge lock, so a
-concurrent detection batch cannot create the same CVE finding meanwhile.  Limitation: a
-vendor-keyed correlation key cut at 300 characters is not recognised (vendor ids are
-short).
+findings, whatever the number of rows); on PostgreSQL under a per-tenant back-fill lock, so
+two KB pushes never re-key the same findings at once.  Limitations: a detection batch of
+the tenant merging at the same moment is not serialized with the back-fill (resource
+resolution no longer holds the tenant's lock for the whole merge), so if it creates the very
+(resource, CVE) finding a re-key in place targets, the KB batch fails on the findings'
+unique constraint, rolls back whole, and is merged again by the sweep
+(``SWEEP_AFTER_SECONDS``), when that finding exists and the sources join it; a
+vendor-keyed correlation key cut at 300 characters is not recognised (vendor ids are short).
 """
 
 from __future__ import annotations

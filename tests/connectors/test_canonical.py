@@ -83,3 +83,15 @@ def test_malformed_tail_fails_in_both_modes(mode):
     body = _doc(*[dict(GOOD, id=f"rec-{i}") for i in range(50)])
     with pytest.raises(FormatError, match="not well-formed JSON"):
         parse_all("canonical", body[:-30] + b"nonsense")
+
+
+def test_a_record_of_the_wrong_types_is_rejected_naming_the_field(mode):
+    wrong = [dict(GOOD, id="rec-1", title=5), dict(GOOD, id="rec-2", resource="db-1"),
+             dict(GOOD, id=True), dict(GOOD, id="rec-4", cves="CVE-2024-3094"), dict(GOOD, id="rec-5")]
+    records = parse_all("canonical", _doc(*wrong))
+    assert [type(r).__name__ for r in records] == ["Rejected"] * 4 + ["FindingRecord"]
+    assert "$.title" in records[0].reason and records[0].provider_id == "rec-1"
+    assert "$.resource" in records[1].reason
+    assert "$.id" in records[2].reason and records[2].provider_id is None
+    assert "$.cves" in records[3].reason
+    assert records[4].provider_id == "rec-5" and records[4].cves == ["CVE-2024-3094"]
