@@ -34,9 +34,9 @@ from gateway.models import OAuthClient, Tenant  # noqa: E402
 from gateway.pipeline import process_batch  # noqa: E402
 
 
-def store(db, tenant_id: int, client_pk: int, body: bytes) -> int:
-    push = Push(tenant_id=tenant_id, client_pk=client_pk, provider="BenchScanner", format="canonical",
-                content_type="application/json", content_encoding="identity", declared_length=len(body),
+def store(db, tenant_id: int, client_pk: int, body: bytes, format_name: str = "canonical") -> int:
+    push = Push(tenant_id=tenant_id, client_pk=client_pk, provider="BenchScanner", format=format_name,
+                content_type="application/json" if format_name == "canonical" else "application/xml", content_encoding="identity", declared_length=len(body),
                 scan_type="unspecified", idempotency_key=None)
     batch, _ = store_batch(db, push, body)
     return batch.id
@@ -69,6 +69,8 @@ def main() -> None:
     parser.add_argument("--preload", type=int, default=1_000_000)
     parser.add_argument("--chunk", type=int, default=5000)
     parser.add_argument("--database", choices=("postgresql", "sqlite"), default="postgresql")
+    parser.add_argument("--format", choices=("canonical", "nessus"), default="canonical",
+                        help="synthetic canonical JSON, or a synthetic Nessus v2 file (bench/connector_bench.py's)")
     parser.add_argument("--profile", choices=("new", "unchanged"), help="print a cProfile of that merge")
     args = parser.parse_args()
 
@@ -96,15 +98,26 @@ def main() -> None:
             session.flush()
             tenant_id, client_pk = tenant.id, client.id
         sizes = [min(args.batch_size, args.findings - s) for s in range(0, args.findings, args.batch_size)]
-        bodies = [synthetic(sum(sizes[:i]), n) for i, n in enumerate(sizes)]
-        first = timed(db, [store(db, tenant_id, client_pk, b) for b in bodies], args.chunk, args.profile == "new")
-        again = timed(db, [store(db, tenant_id, client_pk, b) for b in bodies], args.chunk,
+        fmt = args.format
+        if fmt == "canonical":
+            bodies = [synthetic(sum(sizes[:i]), n) for i, n in enumerate(sizes)]
+            changed = [b.replace(b"2024-04-01T00:00:00Z", b"2024-05-01T00:00:00Z").replace(
+                b"Upgrade the package.", b"Upgrade the package now.") for b in bodies]
+        else:
+            from bench.connector_bench import synthetic_nessus
+
+            path = Path(tempfile.mkdtemp()) / "bench.nessus"
+            synthetic_nessus(path, findings=args.findings)
+            bodies = [path.read_bytes()]
+            changed = [bodies[0].replace(b"1711929600", b"1714521600").replace(
+                b"Upgrade the service.", b"Upgrade the service now.")]
+        first = timed(db, [store(db, tenant_id, client_pk, b, fmt) for b in bodies], args.chunk,
+                      args.profile == "new")
+        again = timed(db, [store(db, tenant_id, client_pk, b, fmt) for b in bodies], args.chunk,
                       args.profile == "unchanged")
-        changed = [b.replace(b"2024-04-01T00:00:00Z", b"2024-05-01T00:00:00Z").replace(
-            b"Upgrade the package.", b"Upgrade the package now.") for b in bodies]
-        third = timed(db, [store(db, tenant_id, client_pk, b) for b in changed], args.chunk)
+        third = timed(db, [store(db, tenant_id, client_pk, b, fmt) for b in changed], args.chunk)
         n = args.findings
-        print(f"{args.database} N={n} store={args.preload if args.database == 'postgresql' else 0} "
+        print(f"{args.database} {fmt} N={n} store={args.preload if args.database == 'postgresql' else 0} "
               f"chunk={args.chunk}: new {n / first:7.0f}/s ({first:.2f}s)  unchanged {n / again:7.0f}/s "
               f"({again:.2f}s)  all changed {n / third:7.0f}/s ({third:.2f}s)")
         db.dispose()

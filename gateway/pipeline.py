@@ -190,7 +190,10 @@ def process_batch(db: Database, batch_id: int, chunk_size: int = 5000, max_rejec
 
 def _is_transient(exc: DBAPIError) -> bool:
     sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None)
-    if sqlstate in ("40P01", "40001", "55P03"):  # deadlock, serialization, lock not available
+    # deadlock, serialization failure, lock not available; and a unique violation, which in a
+    # merge can only be a concurrent batch that inserted the same row first (e.g. a KB
+    # back-fill re-keying a finding another batch just created): the retry sees that row.
+    if sqlstate in ("40P01", "40001", "55P03", "23505"):
         return True
     return "database is locked" in str(exc)
 
