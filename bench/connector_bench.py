@@ -316,6 +316,7 @@ def main() -> None:
     parser.add_argument("--e2e-findings", type=int, default=100_000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--only-e2e", action="store_true", help="only the end-to-end Nessus push")
     parser.add_argument("--measure", nargs=2, metavar=("FORMAT", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
@@ -324,6 +325,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="connector-bench-") as scratch_name:
         scratch = Path(scratch_name)
+        if args.only_e2e:
+            end_to_end(args.e2e_findings, args.workers, scratch)
+            return
         print(f"# samples: {SAMPLES}; {os.cpu_count()} CPUs; one fresh process per run")
         inputs = {fmt: ("sample", path) for fmt, path in largest_samples().items()}
         inputs.update({fmt: ("built", path) for fmt, path in built_samples(scratch).items()})

@@ -261,6 +261,8 @@ COLLECTIONS: dict[str, Collection] = {
         },
         default_order=(("id", False),),
         selectable=tuple(RecommendationOut().fields),
+        count_base=lambda tenant_id: select(R.c.id).where(R.c.tenant_id == tenant_id),
+        count_joined=(RT,),
         serialize=_dump(RecommendationOut),
         workflow=Workflow(table=R, subject="recommendation", patch_schema=FindingPatch,
                           columns=_CUSTOMER_COLUMNS),
@@ -302,6 +304,9 @@ COLLECTIONS: dict[str, Collection] = {
         },
         default_order=(("id", False),),
         selectable=tuple(FindingOut().fields),
+        # recommendation_type_id is NOT NULL with a foreign key: the join never changes a count.
+        count_base=lambda tenant_id: select(F.c.id).where(F.c.tenant_id == tenant_id),
+        count_joined=(RT,),
         serialize=_serialize_findings,
         workflow=Workflow(table=F, subject="finding", patch_schema=FindingPatch, columns=_CUSTOMER_COLUMNS),
     ),
