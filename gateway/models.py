@@ -26,7 +26,9 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.expression import ColumnElement
 from sqlalchemy.types import TypeDecorator
 
 BigId = BigInteger().with_variant(Integer, "sqlite")
@@ -53,6 +55,24 @@ class UTCDateTime(TypeDecorator):
             value = value.replace(tzinfo=UTC)
         return value
 
+
+
+class Epoch(ColumnElement):
+    """1970-01-01T00:00:00Z written into the SQL as a constant, not a parameter, so that an
+    expression using it can be served by an index on the same expression (migration 0003)."""
+
+    type = UTCDateTime()
+    inherit_cache = True
+
+
+@compiles(Epoch, "postgresql")
+def _epoch_postgresql(element, compiler, **kw) -> str:
+    return "'1970-01-01 00:00:00+00'::timestamptz"
+
+
+@compiles(Epoch)
+def _epoch_default(element, compiler, **kw) -> str:
+    return "'1970-01-01 00:00:00.000000'"  # SQLAlchemy's text form of datetimes on SQLite
 
 
 class Base(DeclarativeBase):

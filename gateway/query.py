@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Any
 
 from itsdangerous import BadSignature, URLSafeSerializer
-from sqlalchemy import JSON, Select, String, Table, and_, cast, func, literal, or_, select, update
+from sqlalchemy import JSON, Select, String, Table, and_, cast, func, literal, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql import ColumnElement
@@ -264,6 +264,16 @@ def _after(expressions, values, id_column, last_id) -> ColumnElement:
             raise _bad_token()
         parsed.append((order_field.expression, desc, value))
     last_desc = expressions[-1][1] if expressions else False
+    if parsed and parsed[-1][0] is id_column:  # ordered by id last: the id tie-break is that order
+        parsed.pop()
+    if parsed and all(desc == last_desc for _, desc, _ in parsed) and all(
+            expression is not id_column for expression, _, _ in parsed):
+        # One direction: a row comparison, which an index on (tenant, expressions..., id)
+        # can start from (the OR form below makes PostgreSQL read every row before the cursor).
+        left = tuple_(*[expression for expression, _, _ in parsed], id_column)
+        right = tuple_(*[literal(value, type_=expression.type) for expression, _, value in parsed],
+                       literal(last_id, type_=id_column.type))
+        return left < right if last_desc else left > right
     condition: ColumnElement = id_column < last_id if last_desc else id_column > last_id
     for expression, desc, value in reversed(parsed):
         beyond = expression < value if desc else expression > value

@@ -13,13 +13,14 @@ from datetime import UTC, datetime
 
 from flask import Blueprint, current_app, g, jsonify, request, url_for
 from marshmallow import ValidationError
-from sqlalchemy import case, func, literal, select
+from sqlalchemy import case, func, literal, literal_column, select
 
 from connectors.model import IDENTIFIER_KINDS, SEVERITIES
 from gateway.auth import require_scope, tenant_for_caller
 from gateway.errors import BadRequest, NotFound
 from gateway.models import (
     Alert,
+    Epoch,
     Finding,
     FindingSource,
     LifecycleEvent,
@@ -66,12 +67,19 @@ STATUS_OVERRIDES = ("inProgress", "riskAccepted", "falsePositive", "mitigated")
 
 
 def _rank(column, values: tuple[str, ...]):
-    """The position of ``column`` in ``values`` (-1 if absent): severities compare by rank."""
-    return case(*[(column == name, rank) for rank, name in enumerate(values)], else_=-1)
+    """The position of ``column`` in ``values`` (-1 if absent): severities compare by rank.
+
+    The values are written into the SQL as constants (they are this module's own), so that
+    the expression is the one of the PostgreSQL index that serves ``$orderby=severity``
+    (migration 0003).
+    """
+    return case(*[(column == literal_column(f"'{name}'"), literal_column(str(rank)))
+                  for rank, name in enumerate(values)], else_=literal_column("-1"))
 
 
 def _coalesce_time(column):
-    return func.coalesce(column, literal(EPOCH, type_=column.type))
+    """The column, or 1970-01-01 when NULL (as in the ordering indexes of migration 0003)."""
+    return func.coalesce(column, Epoch())
 
 
 def _severity(column, values=SEVERITIES) -> Field:
