@@ -52,6 +52,7 @@ from gateway.schemas import (
     RecommendationOut,
     ResourceOut,
     SourceOut,
+    fast_dumper,
 )
 
 PREFIX = "/api/v1/tenants/<tenant>/security"
@@ -112,7 +113,7 @@ def _serialize_findings(conn, rows, selected) -> list[dict]:
         data = row._asdict()
         data["sources"] = sources.get(row.id, [])
         out.append(data)
-    return FindingOut(many=True).dump(out)
+    return _DUMP_FINDINGS(out)
 
 
 def _serialize_resources(conn, rows, selected) -> list[dict]:
@@ -128,7 +129,7 @@ def _serialize_resources(conn, rows, selected) -> list[dict]:
         data = row._asdict()
         data["identifiers"] = dict(identifiers.get(row.id, {}))
         out.append(data)
-    return ResourceOut(many=True).dump(out)
+    return _DUMP_RESOURCES(out)
 
 
 def _camel(name: str) -> str:
@@ -137,7 +138,13 @@ def _camel(name: str) -> str:
 
 
 def _dump(schema):
-    return lambda conn, rows, selected: schema(many=True).dump([row._asdict() for row in rows])
+    dump = fast_dumper(schema)
+    return lambda conn, rows, selected: dump([row._asdict() for row in rows])
+
+
+_DUMP_FINDINGS = fast_dumper(FindingOut)
+_DUMP_RESOURCES = fast_dumper(ResourceOut)
+_DUMP_EVENTS = fast_dumper(EventOut)
 
 
 # -- collections ------------------------------------------------------------------------------
@@ -493,7 +500,7 @@ def _history(tenant: str, name: str, item_id: str):
     with _db().engine.connect() as conn:
         rows = conn.execute(select(EV).where(EV.c.tenant_id == tenant_id, EV.c.subject_type == subject,
                                              EV.c.subject_id == int(item_id)).order_by(EV.c.id)).all()
-    return jsonify({"value": EventOut(many=True).dump([row._asdict() for row in rows])})
+    return jsonify({"value": _DUMP_EVENTS([row._asdict() for row in rows])})
 
 
 def _register_workflow(name: str) -> None:
