@@ -26,12 +26,14 @@ from connectors.base import ParseOptions
 from connectors.model import AlertRecord, FindingRecord, FormatError, Rejected, VulnerabilityInfo
 from gateway.db import Database
 from gateway.merge.findings import FindingMerger
-from gateway.models import Batch, BatchBlob, utcnow
+from gateway.models import Batch, BatchBlob, OAuthClient, utcnow
 
 log = logging.getLogger(__name__)
 
 batches = Batch.__table__
 blobs = BatchBlob.__table__
+clients = OAuthClient.__table__
+ALERT_SCOPE_REASON = "an alert record needs a client with the alerts.write scope"
 
 TERMINAL = ("succeeded", "partiallySucceeded", "failed")
 OPEN_STATUSES = ("accepted", "processing")
@@ -210,6 +212,10 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int) -> str
     knowledge_merger = KnowledgeMerger(conn, batch.tenant_id, batch.provider, batch.id)
     received = rejected = 0
     rejections: list[dict] = []
+    # Alerts need alerts.write: a findings format that carries some (OCSF Detection findings)
+    # lands them only for a client registered with that scope.
+    client_scopes = conn.execute(select(clients.c.scope).where(clients.c.id == batch.client_pk)).scalar() or ""
+    may_push_alerts = connector.RECORD_KIND == "alerts" or "alerts.write" in client_scopes.split()
     if conn.dialect.name == "postgresql":
         chunks = _parsed_chunks(conn.engine, batch.id, connector, options, chunk_size)
     else:  # SQLite: a second connection would wait for this transaction's lock
@@ -221,7 +227,13 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int) -> str
             if isinstance(record, FindingRecord):
                 findings.append(record)
             elif isinstance(record, AlertRecord):
-                alerts.append(record)
+                if may_push_alerts:
+                    alerts.append(record)
+                else:  # a findings format that also carries alerts (OCSF detections)
+                    rejected += 1
+                    if len(rejections) < max_rejections:
+                        rejections.append({"position": f"record {received - 1}", "reason": ALERT_SCOPE_REASON,
+                                           "providerId": record.provider_id})
             elif isinstance(record, VulnerabilityInfo):
                 knowledge.append(record)
             elif isinstance(record, Rejected):

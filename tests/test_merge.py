@@ -221,3 +221,26 @@ def test_non_ascii_digits_are_refused_cleanly(gw):
     assert gw.http.get(f"/api/v1/tenants/{tenant}/batches/٣", headers=headers).status_code == 404
     assert gw.http.get(f"/api/v1/tenants/{tenant}/security/findings?$filter=resourceId eq '²'",
                        headers=headers).status_code == 400
+
+
+def test_alerts_in_a_findings_format_need_the_alerts_write_scope(gw):
+    """An OCSF push is a findings push; its Detection findings are alerts, landed only for a
+    client that may write alerts.  The other records land either way."""
+    import json
+
+    from gateway.models import Alert
+    from tests.connectors.test_ocsf import THREAT, VULNERABILITY
+
+    tenant = gw.tenant()
+    body = json.dumps([VULNERABILITY, THREAT]).encode()
+    narrow = gw.partner("Prowler", [tenant], scopes="findings.write security.read")
+    batch = push(gw, tenant, narrow, body, format="ocsf")
+    assert batch["status"] == "partiallySucceeded"
+    assert batch["counts"]["rejected"] == 1 and batch["counts"]["created"] == 1
+    assert batch["rejections"][0]["reason"] == "an alert record needs a client with the alerts.write scope"
+    assert count(gw, Alert) == 0 and count(gw, Finding) == 1
+
+    wide = gw.partner("Prowler", [tenant])  # findings.write and alerts.write
+    batch = push(gw, tenant, wide, body, format="ocsf")
+    assert batch["status"] == "succeeded" and batch["counts"]["rejected"] == 0
+    assert count(gw, Alert) == 1
