@@ -128,7 +128,7 @@ def store_batch(db: Database, push: Push, body: bytes) -> tuple[Batch, bool]:
     if push.idempotency_key:
         existing = _existing(db, push)
         if existing is not None:
-            return _replay(existing, digest), True
+            return _replay(existing, digest, push), True
     scan_type = check_body(push, body)
     try:
         with db.session() as session:
@@ -151,7 +151,7 @@ def store_batch(db: Database, push: Push, body: bytes) -> tuple[Batch, bool]:
         existing = _existing(db, push)  # a concurrent request with the same key won
         if existing is None:
             raise
-        return _replay(existing, digest), True
+        return _replay(existing, digest, push), True
     return batch, False
 
 
@@ -162,7 +162,14 @@ def _existing(db: Database, push: Push) -> Batch | None:
             Batch.idempotency_key == push.idempotency_key))
 
 
-def _replay(existing: Batch, digest: str) -> Batch:
+def _replay(existing: Batch, digest: str, push: Push) -> Batch:
+    """The batch a repeated Idempotency-Key names, if the request is the same one."""
     if existing.body_sha256 != digest:
         raise Conflict("this Idempotency-Key was used with a different body", code="idempotencyKeyReused")
+    if existing.format != push.format:
+        raise Conflict(f"this Idempotency-Key was used with format '{existing.format}'",
+                       code="idempotencyKeyReused")
+    if push.scan_type != "unspecified" and existing.scan_type != push.scan_type:
+        raise Conflict(f"this Idempotency-Key was used with scanType '{existing.scan_type}'",
+                       code="idempotencyKeyReused")
     return existing

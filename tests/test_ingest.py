@@ -50,6 +50,9 @@ def test_idempotency_key_replays_and_conflicts(pg_gw, redis_clean):
     assert redis_clean.llen(QUEUE) == 1  # no second merge
     other = _post(pg_gw, tenant, headers, document([finding("q-2")]), extra={"Idempotency-Key": "push-1"})
     assert other.status_code == 409 and other.get_json()["error"]["code"] == "idempotencyKeyReused"
+    full = _post(pg_gw, tenant, headers, body, extra={"Idempotency-Key": "push-1"},
+                 query="format=canonical&scanType=full")  # same bytes, another meaning
+    assert full.status_code == 409 and "scanType" in full.get_json()["error"]["message"]
     assert _batches(pg_gw) == 1
 
 
