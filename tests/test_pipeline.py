@@ -88,3 +88,48 @@ def test_worker_killed_mid_merge_completes_once_after_restart(pg_gw, live_server
         assert session.scalar(select(func.count()).select_from(FindingSource)) == count
         assert session.scalar(select(func.count(func.distinct(FindingSource.provider_id)))) == count
         assert session.scalar(select(func.count()).select_from(Resource)) == 50  # none twice
+
+
+def test_concurrent_batches_of_one_tenant_agree_on_resources_findings_and_recommendations(
+        pg_gw, live_server, redis_clean):
+    """Two worker processes merge six batches of one tenant at once, from two scanners that
+    report the same CVEs on the same new hosts: each host becomes one resource (resolved in
+    short transactions of their own), each (host, CVE) one finding with two sources and one
+    "new" event, and each host's recommendation counts both scanners' findings."""
+    from gateway.models import LifecycleEvent, Recommendation
+
+    tenant = pg_gw.tenant()
+    scanners = {name: _token_headers(pg_gw, tenant, provider=name) for name in ("Qualys", "Tenable")}
+    bodies = []
+    for k in range(3):
+        items = [finding(f"{k}-{j}", host=f"h{j % 10}.example.com", cves=[f"CVE-2024-{1000 + 100 * k + j}"])
+                 for j in range(100)]
+        bodies += [(name, document(items)) for name in scanners]
+    process = Worker(pg_gw.app.config["DATABASE_URL"], concurrency=2)
+    try:
+        ids = []
+        for name, body in bodies:
+            response = requests.post(f"{live_server.url}/api/v1/tenants/{tenant}/batches?format=canonical",
+                                     data=body, headers=scanners[name] | {"Content-Type": "application/json"},
+                                     timeout=30)
+            assert response.status_code == 202, response.text
+            ids.append((name, response.json()["id"]))
+        results = [_wait_final(live_server, tenant, batch_id, scanners[name]) for name, batch_id in ids]
+    finally:
+        process.stop()
+    assert [r["status"] for r in results] == ["succeeded"] * 6
+    assert sum(r["counts"]["created"] for r in results) == 600
+    with pg_gw.db.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Resource)) == 10
+        assert session.scalar(select(func.count()).select_from(Finding)) == 300
+        assert session.scalar(select(func.count()).select_from(FindingSource)) == 600
+        per_finding = session.execute(
+            select(FindingSource.finding_id, func.count()).group_by(FindingSource.finding_id)).all()
+        assert {n for _, n in per_finding} == {2}
+        new_events = session.execute(
+            select(LifecycleEvent.subject_id, func.count()).where(
+                LifecycleEvent.subject_type == "finding", LifecycleEvent.event == "new")
+            .group_by(LifecycleEvent.subject_id)).all()
+        assert len(new_events) == 300 and {n for _, n in new_events} == {1}
+        recommendations = session.execute(select(Recommendation.status)).scalars().all()
+        assert recommendations == ["Unhealthy"] * 10
