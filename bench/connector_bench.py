@@ -227,12 +227,11 @@ def synthetic_nessus(target: Path, size: int | None = None, findings: int | None
 
 def end_to_end(findings: int, workers: int, scratch: Path) -> None:
     """Push one ``findings``-item Nessus file over HTTP; time until its batch is merged."""
-    import psycopg
     import redis
     import requests
     from werkzeug.serving import make_server
 
-    from bench.ingest_bench import ADMIN, REDIS
+    from bench.ingest_bench import REDIS, create_database, drop_database
     from gateway import create_app
     from gateway.migrate import upgrade
     from tests.conftest import Gateway
@@ -240,10 +239,7 @@ def end_to_end(findings: int, workers: int, scratch: Path) -> None:
     path = scratch / "e2e.nessus"
     count = synthetic_nessus(path, findings=findings)
     body = path.read_bytes()
-    name = f"gw_cbench_{uuid.uuid4().hex[:6]}"
-    with psycopg.connect(ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = ADMIN.rsplit("/", 1)[0] + "/" + name
+    name, url = create_database("gw_cbench")
     queue = f"cbench-{uuid.uuid4().hex[:6]}"
     processes = []
     try:
@@ -293,9 +289,7 @@ def end_to_end(findings: int, workers: int, scratch: Path) -> None:
             process.terminate()
         for process in processes:
             process.wait(timeout=60)
-        with psycopg.connect(ADMIN, autocommit=True) as conn:
-            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        drop_database(name)
 
 
 # -- main ------------------------------------------------------------------------------------

@@ -43,6 +43,20 @@ ADMIN = os.environ.get("BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/t
 REDIS = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/12")
 
 
+def create_database(prefix: str) -> tuple[str, str]:
+    """A new scratch PostgreSQL database: (name, URL)."""
+    name = f"{prefix}_{uuid.uuid4().hex[:6]}"
+    with psycopg.connect(ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return name, ADMIN.rsplit("/", 1)[0] + "/" + name
+
+
+def drop_database(name: str) -> None:
+    with psycopg.connect(ADMIN, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+
+
 def preload(url: str, count: int) -> None:
     """Fill the store with ``count`` findings of another tenant, straight in SQL."""
     if count <= 0:
@@ -166,11 +180,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=10000)
     args = parser.parse_args()
 
-    name = f"gw_bench_{uuid.uuid4().hex[:6]}"
+    name, url = create_database("gw_bench")
     DATABASE["name"] = name
-    with psycopg.connect(ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = ADMIN.rsplit("/", 1)[0] + "/" + name
     workers = []
     try:
         upgrade(url)
@@ -215,9 +226,7 @@ def main() -> None:
             process.terminate()
         for process in workers:
             process.wait(timeout=30)
-        with psycopg.connect(ADMIN, autocommit=True) as conn:
-            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        drop_database(name)
 
 
 if __name__ == "__main__":

@@ -18,15 +18,12 @@ import pstats
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
-
-import psycopg
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.ingest_bench import ADMIN, DATABASE, _cpu_seconds, preload, synthetic  # noqa: E402
+from bench.ingest_bench import DATABASE, _cpu_seconds, create_database, drop_database, preload, synthetic  # noqa: E402
 from gateway import create_app  # noqa: E402
 from gateway.ingest import Push, store_batch  # noqa: E402
 from gateway.migrate import upgrade  # noqa: E402
@@ -74,12 +71,10 @@ def main() -> None:
     parser.add_argument("--profile", choices=("new", "unchanged"), help="print a cProfile of that merge")
     args = parser.parse_args()
 
-    name = f"gw_mbench_{uuid.uuid4().hex[:6]}"
-    DATABASE["name"] = name
+    name = ""
     if args.database == "postgresql":
-        with psycopg.connect(ADMIN, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        url = ADMIN.rsplit("/", 1)[0] + "/" + name
+        name, url = create_database("gw_mbench")
+        DATABASE["name"] = name
     else:
         url = f"sqlite:///{tempfile.mkdtemp()}/bench.sqlite3"
     try:
@@ -123,9 +118,7 @@ def main() -> None:
         db.dispose()
     finally:
         if args.database == "postgresql":
-            with psycopg.connect(ADMIN, autocommit=True) as conn:
-                conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-                conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            drop_database(name)
 
 
 if __name__ == "__main__":

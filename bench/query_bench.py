@@ -25,7 +25,6 @@ import statistics
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
@@ -37,7 +36,7 @@ from werkzeug.serving import make_server
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.ingest_bench import ADMIN  # noqa: E402
+from bench.ingest_bench import create_database, drop_database  # noqa: E402
 from gateway import create_app  # noqa: E402
 from gateway.migrate import alembic_config, upgrade  # noqa: E402
 from tests.conftest import Gateway  # noqa: E402
@@ -337,10 +336,7 @@ def main() -> None:
     if _head_revision() == BASE_REVISION and phases == ["before", "after"]:
         phases = ["before"]  # no later migration: one phase, the schema at head
 
-    name = f"gw_qbench_{uuid.uuid4().hex[:6]}"
-    with psycopg.connect(ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = ADMIN.rsplit("/", 1)[0] + "/" + name
+    name, url = create_database("gw_qbench")
     app = server = None
     try:
         head = _head_revision()
@@ -381,9 +377,7 @@ def main() -> None:
             server.shutdown()
         if app is not None:
             app.extensions["gateway.db"].dispose()
-        with psycopg.connect(ADMIN, autocommit=True) as conn:
-            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        drop_database(name)
 
 
 if __name__ == "__main__":
