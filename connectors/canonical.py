@@ -27,6 +27,7 @@ whatever the size.  The envelope keys may come in any order.
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Iterator
 from functools import lru_cache
 from itertools import chain
@@ -126,7 +127,12 @@ def parse(stream: BinaryIO, options: ParseOptions) -> Iterator[FindingRecord | R
         except msgspec.ValidationError:  # some record has not: check them one by one
             items = _whole(head)
         except msgspec.DecodeError as exc:
-            raise FormatError(f"not well-formed JSON: {exc}") from None
+            if "surrogate" not in str(exc) and "escape" not in str(exc):
+                raise FormatError(f"not well-formed JSON: {exc}") from None
+            # An escaped UTF-16 surrogate without its pair ("\ud800") is well-formed JSON
+            # that msgspec refuses: the standard library reads it, and the record holding it
+            # is rejected by the merge's text check, not the whole document.
+            items = _lenient(head)
         yield from _records(items)
         return
     index = [-1]
@@ -146,6 +152,15 @@ def _read_up_to(stream: BinaryIO, size: int) -> bytes:
         parts.append(part)
         total += len(part)
     return b"".join(parts)
+
+
+def _lenient(data: bytes) -> list:
+    try:
+        document = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise FormatError(f"not well-formed JSON: {str(exc)[:200]}") from None
+    items = document.get("findings") if isinstance(document, dict) else None
+    return items if isinstance(items, list) else []
 
 
 def _whole(data: bytes) -> list:

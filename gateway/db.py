@@ -35,8 +35,16 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn) -> None:
-            # Take the write lock at BEGIN so two writers queue instead of deadlocking.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # A writer takes the write lock at BEGIN, so two writers queue instead of
+            # deadlocking; a read-only request begins deferred and, with WAL, reads alongside a
+            # merge that holds the write lock.  A request waits for the lock only briefly (the
+            # caller gets 503 + Retry-After), a worker a minute.
+            reading = _read_only_request()
+            busy_ms = SQLITE_WORKER_BUSY_MS if reading is None else SQLITE_REQUEST_BUSY_MS
+            if conn.connection.info.get("busy_ms") != busy_ms:
+                conn.exec_driver_sql(f"PRAGMA busy_timeout={busy_ms}")
+                conn.connection.info["busy_ms"] = busy_ms
+            conn.exec_driver_sql("BEGIN" if reading else "BEGIN IMMEDIATE")
 
         _sqlite_isolation(engine)
         return engine
@@ -47,6 +55,22 @@ def make_engine(url: str) -> Engine:
     # sources.  A custom plan per statement costs well under a millisecond.
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10,
                          connect_args={"prepare_threshold": None})
+
+
+SQLITE_WORKER_BUSY_MS = 60_000
+SQLITE_REQUEST_BUSY_MS = 3_000
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _read_only_request() -> bool | None:
+    """True in a GET/HEAD request, False in another request, None outside any request."""
+    try:
+        from flask import has_request_context, request
+    except ImportError:  # pragma: no cover - flask is a dependency
+        return None
+    if not has_request_context():
+        return None
+    return request.method in READ_METHODS
 
 
 def _sqlite_isolation(engine: Engine) -> None:

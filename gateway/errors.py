@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask, jsonify
-from sqlalchemy.exc import IntegrityError
+import re
+
+from flask import Flask, jsonify, request
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -70,7 +73,93 @@ _HTTP_CODES = {
     413: "payloadTooLarge",
     415: "unsupportedMediaType",
     429: "tooManyRequests",
+    503: "serviceUnavailable",
 }
+
+# What a PostgreSQL text cannot hold: NUL, and a UTF-16 surrogate not part of a pair.
+UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+# Endpoints that read their body as a stream (a partner's file, perhaps gzipped) and check it
+# themselves: the merge rejects a batch's bad records one by one, the assessment PUT answers 400.
+RAW_BODY_ENDPOINTS = {"batches.push_batch", "assessments.put_assessment"}
+RETRY_AFTER_UNAVAILABLE = "5"
+RETRY_AFTER_BUSY = "2"
+
+
+def unstorable_path(value: Any, path: str = "$") -> str | None:
+    """The JSON path of the first text (or key) in ``value`` the store cannot hold, or None."""
+    pending = [(value, path)]
+    while pending:
+        item, where = pending.pop()
+        if isinstance(item, str):
+            if UNSTORABLE.search(item):
+                return where
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if isinstance(key, str) and UNSTORABLE.search(key):
+                    return f"{where} (a key)"
+                pending.append((child, f"{where}.{key}"))
+        elif isinstance(item, list):
+            pending.extend((child, f"{where}[{index}]") for index, child in enumerate(item))
+    return None
+
+
+def check_request_text() -> None:
+    """Refuse, before any view runs, request text the store could not hold (NUL, lone surrogates).
+
+    Path, query parameters, header values, form fields and JSON bodies are checked; a
+    partner's file pushed as a batch is not (its bad records are rejected one by one).
+    """
+    where = None
+    if UNSTORABLE.search(request.path):
+        where = "the URL path"
+    if where is None:
+        for key, value in request.args.items(multi=True):
+            if UNSTORABLE.search(key) or UNSTORABLE.search(value):
+                where = f"query parameter '{UNSTORABLE.sub('?', key)[:60]}'"
+                break
+    if where is None:
+        for key, value in request.headers.items():
+            if "\x00" in value:
+                where = f"header '{key[:60]}'"
+                break
+    if where is None and request.mimetype == "application/x-www-form-urlencoded":
+        for key, value in request.form.items(multi=True):
+            if UNSTORABLE.search(key) or UNSTORABLE.search(value):
+                where = f"form field '{UNSTORABLE.sub('?', key)[:60]}'"
+                break
+    if where is None and request.is_json and request.endpoint not in RAW_BODY_ENDPOINTS:
+        try:
+            body = request.get_json(silent=True)
+        except RecursionError:
+            raise BadRequest("the JSON body is nested too deeply", code="invalidBody") from None
+        path = unstorable_path(body) if body is not None else None
+        if path:
+            where = f"the JSON body at {path[:120]}"
+    if where is not None:
+        raise BadRequest(f"{where} contains a character that is not allowed "
+                         "(NUL, U+0000, or an unpaired UTF-16 surrogate)", code="invalidCharacter")
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """A store that cannot be reached (down, restarting, pool exhausted), not a bad statement."""
+    if isinstance(exc, PoolTimeout):
+        return True
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    if not isinstance(exc, OperationalError):
+        return False
+    orig = exc.orig
+    if type(orig).__module__.startswith("sqlite3"):
+        return False
+    sqlstate = getattr(orig, "sqlstate", None)
+    return sqlstate is None or sqlstate.startswith("08") or sqlstate in ("57P01", "57P02", "57P03")
+
+
+def is_busy(exc: BaseException) -> bool:
+    """SQLite's write lock held by another writer (a merge) for longer than a request waits."""
+    return isinstance(exc, OperationalError) and "database is locked" in str(exc.orig)
 
 
 def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
@@ -82,6 +171,8 @@ def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
 
 def init_app(app: Flask) -> None:
     """Register the JSON error handlers."""
+
+    app.before_request(check_request_text)
 
     @app.errorhandler(APIError)
     def _api_error(exc: APIError):
@@ -106,8 +197,43 @@ def init_app(app: Flask) -> None:
         response.status_code = 409
         return response
 
+    @app.errorhandler(RecursionError)
+    def _too_deep(exc: RecursionError):
+        response = jsonify(error_body("invalidBody", "the request is nested too deeply"))
+        response.status_code = 400
+        return response
+
+    @app.errorhandler(DataError)
+    def _data_error(exc: DataError):
+        if is_unavailable(exc):
+            return _unavailable(exc)
+        log.info("data error answered 400: %s", exc.orig)
+        response = jsonify(error_body("invalidValue", "a value in the request cannot be stored "
+                                                      "(too large, out of range or malformed)"))
+        response.status_code = 400
+        return response
+
+    @app.errorhandler(PoolTimeout)
+    @app.errorhandler(OperationalError)
+    def _unavailable(exc: Exception):
+        if is_busy(exc):
+            log.warning("store busy, answered 503: %s", exc)
+            response = jsonify(error_body("serviceUnavailable", "the store is busy; retry shortly"))
+            response.status_code = 503
+            response.headers["Retry-After"] = RETRY_AFTER_BUSY
+            return response
+        if not is_unavailable(exc):
+            return _unexpected(exc)
+        log.warning("store unavailable, answered 503: %s", exc)
+        response = jsonify(error_body("serviceUnavailable", "the store is unavailable; retry later"))
+        response.status_code = 503
+        response.headers["Retry-After"] = RETRY_AFTER_UNAVAILABLE
+        return response
+
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):
+        if isinstance(exc, DBAPIError) and is_unavailable(exc):
+            return _unavailable(exc)
         log.exception("unhandled error")
         response = jsonify(error_body("internalError", "an internal error occurred"))
         response.status_code = 500

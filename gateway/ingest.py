@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import zlib
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -77,6 +78,33 @@ def read_body(stream: BinaryIO, encoding: str, declared_length: int | None, limi
     return b"".join(parts)
 
 
+LENIENT_JSON_BYTES = 16 * 1024 * 1024
+
+
+def _lenient_envelope(body: bytes, error: msgspec.DecodeError) -> _Envelope:
+    """Read a document msgspec refused only for an escaped UTF-16 surrogate without its pair.
+
+    Such a document is well-formed JSON; the records holding the lone surrogate are
+    rejected one by one by the merge, and the rest of the push lands.  Anything else msgspec
+    refused is a 400.
+    """
+    if ("escape" in str(error) or "surrogate" in str(error)) and len(body) <= LENIENT_JSON_BYTES:
+        try:
+            document = json.loads(body)
+        except (ValueError, RecursionError):
+            pass
+        else:
+            if isinstance(document, dict):
+                try:
+                    return msgspec.convert({k: document.get(k) for k in ("provider", "scan")
+                                            if document.get(k) is not None}, _Envelope)
+                except msgspec.ValidationError as exc:
+                    raise BadRequest(f"the body is not a canonical findings document: {exc}",
+                                     code="invalidDocument") from None
+            return _Envelope()
+    raise BadRequest(f"the body is not well-formed JSON: {error}", code="malformedBody") from None
+
+
 def check_body(push: Push, body: bytes) -> str:
     """Cheap checks that the body is this format and well-formed; return the scan type."""
     if not body.strip():
@@ -91,7 +119,7 @@ def check_body(push: Push, body: bytes) -> str:
                 raise BadRequest(f"the body is not a canonical findings document: {exc}",
                                  code="invalidDocument") from None
             except msgspec.DecodeError as exc:
-                raise BadRequest(f"the body is not well-formed JSON: {exc}", code="malformedBody") from None
+                envelope = _lenient_envelope(body, exc)
             if envelope.provider is not None and envelope.provider != push.provider:
                 raise Forbidden(
                     f"this client pushes as provider '{push.provider}', not '{envelope.provider}'",
@@ -106,7 +134,7 @@ def check_body(push: Push, body: bytes) -> str:
             try:
                 msgspec.json.decode(body)
             except msgspec.DecodeError as exc:
-                raise BadRequest(f"the body is not well-formed JSON: {exc}", code="malformedBody") from None
+                _lenient_envelope(body, exc)
     elif "xml" in connector.CONTENT_TYPES[0]:
         import io
 

@@ -144,6 +144,10 @@ class Batch(Base):
     rejections: Mapped[list] = mapped_column(JSON, default=list)
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # The lease of the worker merging the batch: renewed while the merge lives, so the sweep
+    # and a second delivery of the task can tell a live merge from a lost one.
+    lease_owner: Mapped[str | None] = mapped_column(String(100))
+    lease_expires_at: Mapped[datetime | None]
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     enqueued_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]

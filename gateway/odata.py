@@ -81,6 +81,10 @@ class _Invalid(Exception):
         self.token = token
 
 
+MAX_CONDITION_DEPTH = 64  # and/or/not nesting of a $filter
+MAX_LAMBDA_DEPTH = 3  # any()/all() inside any()/all()
+
+
 def _render(node: Any) -> str:
     try:
         return AstToODataVisitor().visit(node)
@@ -148,13 +152,33 @@ class _Translator:
         self.fields = fields
         self.context = context
         self.scopes: list[tuple[str, Field | dict[str, Field]]] = []
+        self.depth = 0
 
     # -- conditions ----------------------------------------------------------------------------
 
     def condition(self, node: Any) -> ColumnElement:
+        # Bounded here, not by Python's recursion limit: SQLAlchemy compiles the condition
+        # recursively later, where a RecursionError would no longer be the caller's 400.
+        self.depth += 1
+        try:
+            if self.depth > MAX_CONDITION_DEPTH:
+                raise _Invalid(f"conditions nest deeper than {MAX_CONDITION_DEPTH} levels", _render(node)[:60])
+            return self._condition(node)
+        finally:
+            self.depth -= 1
+
+    def _condition(self, node: Any) -> ColumnElement:
         if isinstance(node, ast.BoolOp):
-            left, right = self.condition(node.left), self.condition(node.right)
-            return and_(left, right) if isinstance(node.op, ast.And) else or_(left, right)
+            # A chain of one operator (a or b or c ...) is one flat SQL condition and one level.
+            kind, operands, pending = type(node.op), [], [node]
+            while pending:
+                item = pending.pop()
+                if isinstance(item, ast.BoolOp) and isinstance(item.op, kind):
+                    pending.extend((item.right, item.left))
+                else:
+                    operands.append(item)
+            parts = [self.condition(operand) for operand in operands]
+            return and_(*parts) if kind is ast.And else or_(*parts)
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
             return not_(self.condition(node.operand))
         if isinstance(node, ast.Compare):
@@ -228,6 +252,8 @@ class _Translator:
             raise _Invalid("any() and all() apply to collection fields only; collection fields: "
                            + ", ".join(n for n, f in self.fields.items() if isinstance(f, ListField)),
                            owner or _render(node.owner))
+        if len(self.scopes) >= MAX_LAMBDA_DEPTH:
+            raise _Invalid(f"any() and all() nest at most {MAX_LAMBDA_DEPTH} levels deep", owner)
         every = isinstance(node.operator, ast.All)
         rows, link = spec.rows(self.context) if spec.rows else (None, None)
         variable = spec.element(rows) if spec.element else spec.members(rows)

@@ -13,18 +13,23 @@ import gc
 import io
 import logging
 import queue
+import re
 import threading
+import uuid
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from itertools import islice
 
-from sqlalchemy import select, update
+import msgspec
+from sqlalchemy import or_, select, update
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 
 import connectors
 from connectors.base import ParseOptions
 from connectors.model import AlertRecord, FindingRecord, FormatError, Rejected, VulnerabilityInfo
 from gateway.db import Database
+from gateway.errors import is_unavailable
 from gateway.merge.findings import FindingMerger
 from gateway.models import Batch, BatchBlob, OAuthClient, utcnow
 
@@ -91,6 +96,55 @@ class BlobReader(io.RawIOBase):
         return chunk
 
 
+# Characters a PostgreSQL text or JSONB value cannot hold: NUL, and UTF-16 surrogates that
+# are not part of a pair (a lone surrogate cannot be encoded as UTF-8).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def clean_text(value: str | None) -> str | None:
+    """``value`` with the characters the store refuses replaced by U+FFFD (for messages we write)."""
+    if value is None:
+        return None
+    return _UNSTORABLE.sub("\ufffd", str(value))
+
+
+def unstorable_text(record) -> str | None:
+    """Why ``record`` cannot be stored as it is (a text with NUL or a lone surrogate), or None.
+
+    Checked on every record before the store sees it, so one bad record is rejected with its
+    reason and the rest of its batch lands (DESIGN rule 7).  The common case costs one
+    msgspec encode; the field is named only for a record that fails.
+    """
+    try:
+        if b"\\u0000" not in msgspec.json.encode(record):
+            return None
+    except UnicodeEncodeError:
+        pass
+    path = _bad_path(msgspec.to_builtins(record, str_keys=True, builtin_types=(datetime,)), "$")
+    if path is None:  # an escaped backslash followed by "u0000": ordinary text
+        return None
+    return (f"{path} contains a character the store cannot hold "
+            "(NUL, U+0000, or an unpaired UTF-16 surrogate)")
+
+
+def _bad_path(value, path: str) -> str | None:
+    if isinstance(value, str):
+        return path if _UNSTORABLE.search(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and _UNSTORABLE.search(key):
+                return f"{path} (a key)"
+            found = _bad_path(item, f"{path}.{key}")
+            if found:
+                return found
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            found = _bad_path(item, f"{path}[{index}]")
+            if found:
+                return found
+    return None
+
+
 def _chunks(records: Iterator, size: int) -> Iterator[list]:
     while True:
         chunk = list(islice(records, size))
@@ -145,49 +199,178 @@ def _parsed_chunks(engine, batch_id: int, connector, options: ParseOptions, size
         thread.join(timeout=30)
 
 
-def process_batch(db: Database, batch_id: int, chunk_size: int = 5000, max_rejections: int = 1000) -> str:
-    """Merge a batch once; return its final status (or its status if already final)."""
+class LeaseLost(Exception):
+    """Another worker took the batch over (this one's lease expired): its merge is dropped."""
+
+
+def process_batch(db: Database, batch_id: int, chunk_size: int = 5000, max_rejections: int = 1000, *,
+                  owner: str | None = None, max_attempts: int = 5, lease_seconds: int = 60) -> str:
+    """Merge a batch once; return its final status, or ``"busy"`` if another worker holds it.
+
+    ``owner`` names this merge's lease: a retry of the same task passes the same owner so it
+    takes its own lease back at once.  A database error that may pass (lost connection,
+    deadlock, a locked SQLite file) raises :class:`TransientError` from every step, the claim
+    included; any other error ends the batch ``failed`` with the error recorded, and so does
+    a batch claimed ``max_attempts`` times without finishing.
+    """
+    owner = owner or uuid.uuid4().hex
+    try:
+        claimed = _claim(db, batch_id, owner, max_attempts, lease_seconds)
+        if claimed is not None:
+            return claimed
+    except DBAPIError as exc:
+        _raise_if_transient(exc)
+        raise
+    collecting = gc.isenabled()
+    # A merge allocates millions of short-lived objects and no long-lived cycles: the cyclic
+    # collector would only rescan them (a tenth of the merge's time); it runs after the batch.
+    gc.disable()
+    heartbeat = Heartbeat(db, batch_id, owner, lease_seconds) if db.is_postgres else None
+    try:
+        with db.engine.begin() as conn:
+            batch = conn.execute(select(batches).where(batches.c.id == batch_id)).first()
+            return _merge(conn, batch, chunk_size, max_rejections, owner)
+    except FormatError as exc:
+        _finish_failed(db, batch_id, owner, clean_text(str(exc))[:2000])
+        log.info("batch %s failed: %s", batch_id, exc)
+        return "failed"
+    except LeaseLost:
+        log.warning("batch %s: lease lost to another worker, this merge was rolled back", batch_id)
+        return "busy"
+    except DBAPIError as exc:
+        if _transient(exc):
+            _release(db, batch_id, owner)
+            raise TransientError(_describe(exc)) from exc
+        return _fail_unexpected(db, batch_id, owner, exc)
+    except Exception as exc:  # a defect or a record the checks missed: the batch fails, visibly
+        return _fail_unexpected(db, batch_id, owner, exc)
+    finally:
+        if heartbeat is not None:
+            heartbeat.stop()
+        if collecting:
+            gc.enable()
+
+
+def _claim(db: Database, batch_id: int, owner: str, max_attempts: int, lease_seconds: int) -> str | None:
+    """Take the batch's lease; ``None`` when taken, else the status to return.
+
+    Only an open batch (``accepted``/``processing``) whose lease is free, expired or already
+    this owner's is claimed; a terminal batch is never moved.  Nothing here waits on a row
+    lock: the merge itself holds none on the batch row until its last statement.
+    """
+    now = utcnow()
     with db.engine.begin() as conn:
-        batch = conn.execute(select(batches).where(batches.c.id == batch_id)).first()
+        batch = conn.execute(
+            select(batches.c.status, batches.c.attempts, batches.c.lease_owner, batches.c.lease_expires_at,
+                   batches.c.error).where(batches.c.id == batch_id)
+        ).first()
         if batch is None:
             log.warning("batch %s does not exist", batch_id)
             return "missing"
         if batch.status in TERMINAL:
             return batch.status
+        if batch.lease_owner not in (None, owner) and batch.lease_expires_at and batch.lease_expires_at > now:
+            return "busy"
+        if batch.attempts >= max_attempts:
+            error = f"gave up after {batch.attempts} merge attempts"
+            if batch.error:
+                error += f"; the last one: {batch.error}"
+            conn.execute(
+                update(batches).where(batches.c.id == batch_id, batches.c.status.in_(OPEN_STATUSES))
+                .values(status="failed", error=error[:2000], counts=dict.fromkeys(COUNT_KEYS, 0),
+                        rejections=[], finished_at=now, lease_owner=None, lease_expires_at=None)
+            )
+            log.error("batch %s failed: %s", batch_id, error)
+            return "failed"
+        claimed = conn.execute(
+            update(batches).where(
+                batches.c.id == batch_id, batches.c.status.in_(OPEN_STATUSES),
+                or_(batches.c.lease_owner.is_(None), batches.c.lease_owner == owner,
+                    batches.c.lease_expires_at.is_(None), batches.c.lease_expires_at <= now),
+            ).values(status="processing", attempts=batches.c.attempts + 1, started_at=now,
+                     lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds))
+        ).rowcount
+        return None if claimed else "busy"
+
+
+class Heartbeat:
+    """Renews a merge's lease from a thread of its own while the merge runs (PostgreSQL).
+
+    On SQLite the merge holds the database's write lock for its whole transaction, so no
+    other worker can claim the batch meanwhile and no renewal is needed (nor possible).
+    """
+
+    def __init__(self, db: Database, batch_id: int, owner: str, lease_seconds: int) -> None:
+        self.db, self.batch_id, self.owner, self.lease_seconds = db, batch_id, owner, lease_seconds
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"lease-batch-{batch_id}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        interval = max(0.2, self.lease_seconds / 3)
+        while not self.stopped.wait(interval):
+            try:
+                with self.db.engine.begin() as conn:
+                    conn.execute(
+                        update(batches).where(batches.c.id == self.batch_id, batches.c.lease_owner == self.owner,
+                                              batches.c.status == "processing")
+                        .values(lease_expires_at=utcnow() + timedelta(seconds=self.lease_seconds))
+                    )
+            except Exception as exc:  # the merge sees the same trouble and decides
+                log.warning("batch %s: lease not renewed: %s", self.batch_id, exc)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=30)
+
+
+def _finish_failed(db: Database, batch_id: int, owner: str, error: str) -> None:
+    with db.engine.begin() as conn:
         conn.execute(
-            update(batches).where(batches.c.id == batch_id)
-            .values(status="processing", attempts=batches.c.attempts + 1, started_at=utcnow())
+            update(batches).where(batches.c.id == batch_id, batches.c.status.in_(OPEN_STATUSES),
+                                  or_(batches.c.lease_owner.is_(None), batches.c.lease_owner == owner))
+            .values(status="failed", error=error, counts=dict.fromkeys(COUNT_KEYS, 0), rejections=[],
+                    finished_at=utcnow(), lease_owner=None, lease_expires_at=None)
         )
-    collecting = gc.isenabled()
-    # A merge allocates millions of short-lived objects and no long-lived cycles: the cyclic
-    # collector would only rescan them (a tenth of the merge's time); it runs after the batch.
-    gc.disable()
+
+
+def _fail_unexpected(db: Database, batch_id: int, owner: str, exc: Exception) -> str:
+    """End the batch ``failed`` after an error that retrying would only repeat."""
+    reference = uuid.uuid4().hex[:12]
+    log.error("batch %s failed with an unexpected error (reference %s)", batch_id, reference, exc_info=exc)
+    kind = "a value the store refused" if isinstance(exc, DataError) else "an internal error"
+    try:
+        _finish_failed(db, batch_id, owner, f"the merge stopped on {kind} (reference {reference}); "
+                                            "the batch's stored bytes are kept")
+    except DBAPIError as again:
+        _raise_if_transient(again)
+        raise
+    return "failed"
+
+
+def _release(db: Database, batch_id: int, owner: str) -> None:
+    """Give the lease up after a transient error (best effort: it expires anyway)."""
     try:
         with db.engine.begin() as conn:
-            query = select(batches).where(batches.c.id == batch_id)
-            if db.is_postgres:
-                query = query.with_for_update()
-            batch = conn.execute(query).first()
-            if batch.status in TERMINAL:  # another worker finished it while we waited
-                return batch.status
-            return _merge(conn, batch, chunk_size, max_rejections)
-    except FormatError as exc:
-        with db.engine.begin() as conn:
-            counts = dict.fromkeys(COUNT_KEYS, 0)
-            conn.execute(
-                update(batches).where(batches.c.id == batch_id)
-                .values(status="failed", error=str(exc)[:2000], counts=counts, rejections=[],
-                        finished_at=utcnow())
-            )
-        log.info("batch %s failed: %s", batch_id, exc)
-        return "failed"
-    except (OperationalError, DBAPIError) as exc:
-        if getattr(exc, "connection_invalidated", False) or _is_transient(exc):
-            raise TransientError(str(exc.orig if hasattr(exc, "orig") else exc)) from exc
-        raise
-    finally:
-        if collecting:
-            gc.enable()
+            conn.execute(update(batches).where(batches.c.id == batch_id, batches.c.lease_owner == owner,
+                                               batches.c.status.in_(OPEN_STATUSES))
+                         .values(lease_expires_at=utcnow()))
+    except Exception:  # noqa: BLE001 - the database may be the thing that is down
+        pass
+
+
+def _describe(exc: DBAPIError) -> str:
+    return str(getattr(exc, "orig", None) or exc).splitlines()[0][:500]
+
+
+def _raise_if_transient(exc: DBAPIError) -> None:
+    if _transient(exc):
+        raise TransientError(_describe(exc)) from exc
+
+
+def _transient(exc: DBAPIError) -> bool:
+    """Worth retrying: the store was unreachable, or the statement lost a race (see below)."""
+    return is_unavailable(exc) or _is_transient(exc)
 
 
 def _is_transient(exc: DBAPIError) -> bool:
@@ -200,7 +383,7 @@ def _is_transient(exc: DBAPIError) -> bool:
     return "database is locked" in str(exc)
 
 
-def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int) -> str:
+def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int, owner: str) -> str:
     connector = connectors.get(batch.format)
     options = ParseOptions(provider=batch.provider, received_at=batch.received_at)
     cause = f"batch {batch.id}"
@@ -224,6 +407,15 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int) -> str
         findings, alerts, knowledge = [], [], []
         for record in chunk:
             received += 1
+            if not isinstance(record, Rejected):
+                problem = unstorable_text(record)
+                if problem:
+                    rejected += 1
+                    if len(rejections) < max_rejections:
+                        rejections.append({"position": f"record {received - 1}", "reason": problem,
+                                           "providerId": clean_text(getattr(record, "provider_id", None)
+                                                                    or getattr(record, "vendor_id", None))})
+                    continue
             if isinstance(record, FindingRecord):
                 findings.append(record)
             elif isinstance(record, AlertRecord):
@@ -239,8 +431,9 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int) -> str
             elif isinstance(record, Rejected):
                 rejected += 1
                 if len(rejections) < max_rejections:
-                    rejections.append({"position": record.position, "reason": record.reason,
-                                       "providerId": record.provider_id})
+                    rejections.append({"position": clean_text(record.position),
+                                       "reason": clean_text(record.reason),
+                                       "providerId": clean_text(record.provider_id)})
         if knowledge:
             knowledge_merger.merge_chunk(knowledge)
         if findings:
@@ -263,10 +456,14 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int) -> str
         status = "partiallySucceeded"
     else:
         status = "succeeded"
-    conn.execute(
-        update(batches).where(batches.c.id == batch.id).values(
+    finished = conn.execute(
+        update(batches).where(batches.c.id == batch.id, batches.c.lease_owner == owner,
+                              batches.c.status == "processing").values(
             status=status, counts=counts, rejections=rejections, finished_at=utcnow(),
             error="every record was rejected" if status == "failed" else None,
+            lease_owner=None, lease_expires_at=None,
         )
-    )
+    ).rowcount
+    if not finished:  # the lease expired and another worker took the batch: roll this merge back
+        raise LeaseLost(batch.id)
     return status

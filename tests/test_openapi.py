@@ -491,6 +491,8 @@ def test_every_error_answer_is_documented_with_its_body(app, spec):
     for path, method, op in operations(spec):
         responses = op["responses"]
         assert "500" in responses, f"{method} {path}: unhandled errors answer 500"
+        assert "400" in responses, f"{method} {path}: a NUL character anywhere in a request answers 400"
+        assert "503" in responses, f"{method} {path}: the store being down answers 503"
         if op["security"]:
             assert {"401", "403"} <= set(responses), f"{method} {path}"
             unauthorized = deref(spec, responses["401"])

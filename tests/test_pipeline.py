@@ -64,7 +64,7 @@ def test_worker_killed_mid_merge_completes_once_after_restart(pg_gw, live_server
         with pg_gw.db.sessions() as session:
             return session.scalar(select(Batch.status).where(Batch.id == batch_id))
 
-    first = Worker(pg_gw.app.config["DATABASE_URL"])
+    first = Worker(pg_gw.app.config["DATABASE_URL"], extra_env={"GATEWAY_LEASE_SECONDS": "3"})
     try:
         wait_for(lambda: status() == "processing", timeout=60, interval=0.05)
         time.sleep(1.0)  # well inside the merge: 20,000 findings in chunks of 50
@@ -77,7 +77,10 @@ def test_worker_killed_mid_merge_completes_once_after_restart(pg_gw, live_server
     second = Worker(pg_gw.app.config["DATABASE_URL"])
     try:
         with pg_gw.app.app_context():
-            assert requeue(pg_gw.db, older_than_seconds=0) == 1  # the periodic sweep's job
+            # The dead worker's lease is still live for a moment: the sweep leaves the batch
+            # alone, then takes it once the lease has expired (nobody renews it).
+            assert requeue(pg_gw.db, older_than_seconds=0) == 0
+            wait_for(lambda: requeue(pg_gw.db, older_than_seconds=0) == 1, timeout=10, interval=0.5)
         batch = _wait_final(live_server, tenant, batch_id, headers, timeout=180)
     finally:
         second.stop()

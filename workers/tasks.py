@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import random
+import uuid
 from datetime import timedelta
 
 from celery import shared_task
@@ -18,17 +20,25 @@ PROCESS_BATCH = "workers.tasks.process_batch"
 
 
 @shared_task(name=PROCESS_BATCH, bind=True, acks_late=True, max_retries=None)
-def process_batch_task(self, batch_id: int) -> str:
-    """Merge one batch; retried with back-off on deadlocks or lost connections."""
+def process_batch_task(self, batch_id: int, owner: str | None = None) -> str:
+    """Merge one batch; retried soon after a deadlock or a lost connection.
+
+    A retry carries the lease ``owner`` of the attempt it repeats, so it takes its own
+    lease back at once instead of waiting for it to expire.  The number of merge attempts
+    is capped in the store (``GATEWAY_MAX_ATTEMPTS``), not here.
+    """
     config = current_app.config
+    owner = owner or uuid.uuid4().hex
     try:
         return process_batch(current_app.extensions["gateway.db"], int(batch_id),
                              chunk_size=config["MERGE_CHUNK_SIZE"],
-                             max_rejections=config["MAX_REJECTION_DETAILS"])
+                             max_rejections=config["MAX_REJECTION_DETAILS"], owner=owner,
+                             max_attempts=config["MAX_ATTEMPTS"], lease_seconds=config["LEASE_SECONDS"])
     except TransientError as exc:
-        delay = min(60, 2 ** min(self.request.retries, 6))
-        log.warning("batch %s hit a transient error, retrying in %ss: %s", batch_id, delay, exc)
-        raise self.retry(countdown=delay) from exc
+        # Soon and often: a restarted database is back within seconds, and the batch with it.
+        delay = min(5.0, 0.5 * 2 ** min(self.request.retries, 4)) + random.uniform(0, 0.5)
+        log.warning("batch %s hit a transient error, retrying in %.1fs: %s", batch_id, delay, exc)
+        raise self.retry(countdown=delay, kwargs={"owner": owner}) from exc
 
 
 @shared_task(name="workers.tasks.requeue_unprocessed_batches", acks_late=True)
@@ -38,17 +48,26 @@ def requeue_unprocessed_batches() -> int:
 
 
 def requeue(db, older_than_seconds: int) -> int:
-    """Re-enqueue open batches not enqueued or started within ``older_than_seconds``."""
-    cutoff = utcnow() - timedelta(seconds=older_than_seconds)
+    """Re-enqueue open batches that nobody is merging and that were not enqueued lately.
+
+    A batch qualifies when it was received and last enqueued more than ``older_than_seconds``
+    ago and no worker holds a live lease on it: a merge that runs longer than the sweep
+    interval renews its lease and is left alone.  Rows locked by someone else are skipped,
+    never waited on.
+    """
+    now = utcnow()
+    cutoff = now - timedelta(seconds=older_than_seconds)
     batches = Batch.__table__
+    query = select(batches.c.id).where(
+        batches.c.status.in_(OPEN_STATUSES),
+        batches.c.received_at < cutoff,
+        or_(batches.c.enqueued_at.is_(None), batches.c.enqueued_at < cutoff),
+        or_(batches.c.lease_expires_at.is_(None), batches.c.lease_expires_at <= now),
+    ).order_by(batches.c.id).limit(1000)
+    if db.is_postgres:
+        query = query.with_for_update(skip_locked=True)
     with db.engine.begin() as conn:
-        ids = conn.execute(
-            select(batches.c.id).where(
-                batches.c.status.in_(OPEN_STATUSES),
-                or_(batches.c.enqueued_at.is_(None), batches.c.enqueued_at < cutoff),
-                or_(batches.c.started_at.is_(None), batches.c.started_at < cutoff),
-            ).order_by(batches.c.id).limit(1000)
-        ).scalars().all()
+        ids = conn.execute(query).scalars().all()
     for batch_id in ids:
         enqueue(db, batch_id)
     if ids:
@@ -63,7 +82,14 @@ def enqueue(db, batch_id: int) -> bool:
     except Exception:  # the batch is durable; the periodic sweep enqueues it again
         log.exception("could not enqueue batch %s", batch_id)
         return False
-    with db.engine.begin() as conn:
-        conn.execute(update(Batch.__table__).where(Batch.__table__.c.id == batch_id)
-                     .values(enqueued_at=utcnow()))
+    batches = Batch.__table__
+    target = select(batches.c.id).where(batches.c.id == batch_id)
+    if db.is_postgres:  # a row being finished by a merge is skipped, not waited on
+        target = target.with_for_update(skip_locked=True)
+    try:
+        with db.engine.begin() as conn:
+            conn.execute(update(batches).where(batches.c.id.in_(target))
+                         .values(enqueued_at=utcnow()))
+    except Exception:  # noqa: BLE001 - the task is sent; the time is only a hint for the sweep
+        log.warning("could not record when batch %s was enqueued", batch_id, exc_info=True)
     return True

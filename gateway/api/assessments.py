@@ -25,7 +25,7 @@ from sqlalchemy import select
 
 from connectors.asc_assessment import FORMAT, assessment_from_put_body, normalize_resource_id
 from gateway.auth import require_scope, tenant_for_caller
-from gateway.errors import BadRequest, UnsupportedMediaType
+from gateway.errors import unstorable_path, BadRequest, UnsupportedMediaType
 from gateway.ingest import Push, read_body, store_batch
 from gateway.models import Batch, FindingSource
 from gateway.pipeline import TransientError, process_batch
@@ -75,6 +75,15 @@ def normalized_document(name: str, raw: bytes, resource_param: str | None) -> by
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(f"the body is not well-formed JSON: {exc}", code="malformedBody") from None
+    except RecursionError:
+        raise BadRequest("the body is nested too deeply", code="malformedBody") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise BadRequest(f"the body holds a value that cannot be read: {str(exc)[:120]}",
+                         code="malformedBody") from None
+    bad = unstorable_path(body)
+    if bad:
+        raise BadRequest(f"the body at {bad[:120]} contains a character that is not allowed "
+                         "(NUL, U+0000, or an unpaired UTF-16 surrogate)", code="invalidCharacter")
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object with 'properties'", code="invalidDocument")
     properties = body.get("properties")
