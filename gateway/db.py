@@ -39,7 +39,7 @@ def make_engine(url: str) -> Engine:
             # deadlocking; a read-only request begins deferred and, with WAL, reads alongside a
             # merge that holds the write lock.  A request waits for the lock only briefly (the
             # caller gets 503 + Retry-After), a worker a minute.
-            reading = _read_only_request()
+            reading = True if conn.get_execution_options().get("read_only") else _read_only_request()
             busy_ms = SQLITE_WORKER_BUSY_MS if reading is None else SQLITE_REQUEST_BUSY_MS
             if conn.connection.info.get("busy_ms") != busy_ms:
                 conn.exec_driver_sql(f"PRAGMA busy_timeout={busy_ms}")
@@ -88,6 +88,10 @@ class Database:
         self.url = normalize_url(url)
         self.engine = make_engine(url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # For work outside a request that only reads (SQLite: a deferred BEGIN, which reads
+        # alongside a merge's write instead of queueing behind it).
+        self.reader = self.engine.execution_options(read_only=True)
+        self.read_sessions = sessionmaker(self.reader, expire_on_commit=False)
 
     @property
     def is_postgres(self) -> bool:

@@ -27,7 +27,7 @@ def _push(gw: Gateway, tenant: str, headers: dict, body: bytes):
 
 
 def _batch(gw: Gateway, batch_id: int) -> Batch:
-    with gw.db.sessions() as session:
+    with gw.db.read_sessions() as session:
         return session.get(Batch, batch_id)
 
 
@@ -282,3 +282,52 @@ def test_any_nested_within_the_limit_still_works(world):
                            query_string={"$filter": "sources/any(s: s/provider eq 'Qualys')"})
     assert response.status_code == 200 and len(response.get_json()["value"]) == 1
     json.dumps(response.get_json())
+
+
+# -- the embedded default during a long merge --------------------------------------------------------
+
+def test_the_embedded_store_answers_reads_during_a_long_merge(sqlite_url, redis_clean):
+    """SQLite: the merge holds the write lock for its whole transaction; reads begin deferred and
+    are answered meanwhile, and a write that cannot get the lock soon is a 503 with Retry-After."""
+    app = make_app(sqlite_url, eager=False)
+    gw = Gateway(app)
+    wipe(gw.db)
+    server = LiveServer(app)
+    worker = Worker(sqlite_url)
+    try:
+        tenant = gw.tenant()
+        client_id, secret = gw.client("Qualys", "findings.write security.read", [tenant])
+        headers = {"Authorization": f"Bearer {gw.token(client_id, secret)}"}
+        small = requests.post(f"{server.url}{PUSH.format(tenant=tenant)}", data=document([finding("first")]),
+                              headers=headers | {"Content-Type": "application/json"}, timeout=60)
+        wait_for(lambda: _batch(gw, int(small.json()["id"])).status == "succeeded", timeout=60)
+        body = document([finding(f"q-{i}", host=f"h{i % 50}.example.com", cves=[f"CVE-2024-{10000 + i}"])
+                         for i in range(40000)])
+        batch_id = int(requests.post(f"{server.url}{PUSH.format(tenant=tenant)}", data=body,
+                                     headers=headers | {"Content-Type": "application/json"}, timeout=120)
+                       .json()["id"])
+        wait_for(lambda: _batch(gw, batch_id).status == "processing", timeout=60, interval=0.05)
+        time.sleep(1.0)  # the merge is writing now, holding SQLite's write lock
+        answered = []
+        for _ in range(3):
+            started = time.monotonic()
+            listing = requests.get(f"{server.url}/api/v1/tenants/{tenant}/security/findings", headers=headers,
+                                   timeout=30)
+            status = requests.get(f"{server.url}/api/v1/tenants/{tenant}/batches/{batch_id}", headers=headers,
+                                  timeout=30)
+            answered.append(time.monotonic() - started)
+            assert listing.status_code == 200 and len(listing.json()["value"]) == 1  # the committed state
+            assert status.status_code == 200 and status.json()["status"] == "processing"
+        token = requests.post(f"{server.url}/oauth/token", data={"grant_type": "client_credentials"},
+                              auth=(client_id, secret), timeout=30)
+        assert token.status_code in (200, 503), token.text
+        if token.status_code == 503:
+            assert token.headers["Retry-After"].isdigit()
+            assert token.json()["error"]["code"] == "serviceUnavailable"
+        assert _batch(gw, batch_id).status == "processing", "the merge ended too soon to show anything"
+        print(f"reads during the merge answered in {max(answered):.2f}s at most; token: {token.status_code}")
+        wait_for(lambda: _batch(gw, batch_id).status == "succeeded", timeout=300, interval=0.5)
+    finally:
+        worker.stop()
+        server.stop()
+        gw.db.dispose()
