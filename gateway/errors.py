@@ -103,7 +103,7 @@ def unstorable_path(value: Any, path: str = "$") -> str | None:
     return None
 
 
-def check_request_text() -> None:
+def check_request_text():
     """Refuse, before any view runs, request text the store could not hold (NUL, lone surrogates).
 
     Path, query parameters, header values, form fields and JSON bodies are checked; a
@@ -136,8 +136,15 @@ def check_request_text() -> None:
         if path:
             where = f"the JSON body at {path[:120]}"
     if where is not None:
-        raise BadRequest(f"{where} contains a character that is not allowed "
-                         "(NUL, U+0000, or an unpaired UTF-16 surrogate)", code="invalidCharacter")
+        message = f"{where} contains a character that is not allowed (NUL, U+0000, or an unpaired UTF-16 surrogate)"
+        if request.path.startswith("/oauth/"):  # the OAuth endpoints answer in RFC 6749's error shape
+            response = jsonify({"error": "invalid_request", "error_description": message})
+            response.status_code = 400
+            response.headers["Cache-Control"] = "no-store"
+            response.headers["Pragma"] = "no-cache"
+            return response
+        raise BadRequest(message, code="invalidCharacter")
+    return None
 
 
 def is_unavailable(exc: BaseException) -> bool:
