@@ -163,8 +163,8 @@ def test_a_repeated_parameter_is_invalid_request(pg_gw):
                      "scope")
     token = pg_gw.token(client_id, secret)
     for endpoint in ("/oauth/revoke", "/oauth/introspect"):
-        _invalid_request(http.post(endpoint, data=_form([("token", token), ("token", "other")]), headers=basic),
-                         "token")
+        twice = _form([("token", token), ("token", "other")])
+        _invalid_request(http.post(endpoint, data=twice, headers=basic), "token")
     assert pg_gw.http.post("/oauth/introspect", data={"token": token}, headers=basic).get_json()["active"]
 
 
@@ -174,19 +174,21 @@ def test_two_client_authentication_methods_are_invalid_request(pg_gw):
     other_id, other_secret = pg_gw.client("Tenable", "security.read", [tenant])
     http = pg_gw.http
     both = TOKEN | {"client_id": client_id, "client_secret": secret}
-    _invalid_request(http.post("/oauth/token", data=both, headers=_basic(client_id, secret)), "authentication")
+    basic = _basic(client_id, secret)
+    _invalid_request(http.post("/oauth/token", data=both, headers=basic), "authentication")
     # a wrong Basic secret is not rescued by right form credentials, nor the other way round
-    _invalid_request(http.post("/oauth/token", data=both, headers=_basic(client_id, "wrong")), "authentication")
-    _invalid_request(http.post("/oauth/token", data=TOKEN | {"client_id": other_id, "client_secret": other_secret},
-                               headers=_basic(client_id, secret)), "authentication")
+    _invalid_request(http.post("/oauth/token", data=both, headers=_basic(client_id, "wrong")),
+                     "authentication")
+    other = TOKEN | {"client_id": other_id, "client_secret": other_secret}
+    _invalid_request(http.post("/oauth/token", data=other, headers=basic), "authentication")
     _invalid_request(http.post("/oauth/token", data=TOKEN | {"client_id": other_id},
                                headers=_basic(client_id, secret)), "client_id")
     _invalid_request(http.post(f"/oauth/token?client_secret={secret}", data=TOKEN | {"client_id": client_id}),
                      "client_secret")
     token = pg_gw.token(client_id, secret)
     for endpoint in ("/oauth/revoke", "/oauth/introspect"):
-        _invalid_request(http.post(endpoint, data={"token": token, "client_id": client_id, "client_secret": secret},
-                                   headers=_basic(client_id, secret)), "authentication")
+        form = {"token": token, "client_id": client_id, "client_secret": secret}
+        _invalid_request(http.post(endpoint, data=form, headers=basic), "authentication")
     # each method alone still works, and Basic with the same client_id in the body too
     assert http.post("/oauth/token", data=both).status_code == 200
     assert http.post("/oauth/token", data=TOKEN | {"client_id": client_id},
@@ -230,8 +232,8 @@ def test_the_metadata_does_not_reflect_the_host_header(pg_gw):
     tenant = pg_gw.tenant()
     client_id, secret = pg_gw.client("Qualys", "findings.write", [tenant])
     token = pg_gw.token(client_id, secret)
-    introspected = pg_gw.http.post("/oauth/introspect", data={"token": token}, headers=_basic(client_id, secret),
-                                   base_url="https://evil.example").get_json()
+    introspected = pg_gw.http.post("/oauth/introspect", data={"token": token},
+                                   headers=_basic(client_id, secret), base_url="https://evil.example").get_json()
     assert introspected["iss"] == "http://127.0.0.1:8080"
 
 
