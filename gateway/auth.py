@@ -9,23 +9,33 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import wraps
 from typing import Any
+from urllib.parse import urlsplit
 
 from authlib.integrations.flask_oauth2 import AuthorizationServer
 from authlib.oauth2.rfc6749 import ClientMixin, grants
-from authlib.oauth2.rfc6749.errors import InvalidScopeError
+from authlib.oauth2.rfc6749.errors import (
+    InsecureTransportError,
+    InvalidClientError,
+    InvalidRequestError,
+    InvalidScopeError,
+)
 from authlib.oauth2.rfc7009 import RevocationEndpoint
 from authlib.oauth2.rfc7662 import IntrospectionEndpoint
 from flask import Flask, current_app, g, jsonify, request, url_for
-from sqlalchemy import select
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from gateway.errors import Forbidden, NotFound, Unauthorized
 from gateway.models import ClientTenant, OAuthClient, OAuthToken, Tenant
+
+log = logging.getLogger(__name__)
 
 SCOPES = {
     "findings.write": "Push findings, recommendations and knowledge-base batches",
@@ -43,6 +53,22 @@ def hash_secret(secret: str) -> str:
 
 def new_client_secret() -> str:
     return secrets.token_urlsafe(32)
+
+
+def revoke_client_tokens(session: Session, client_pk: int) -> int:
+    """Revoke every unrevoked token of a client, in the caller's transaction; how many.
+
+    Called where the client's secret changes or it is disabled, in the same transaction, so a
+    token never outlives the credentials it was issued for (enabling the client again does not
+    bring them back).
+    """
+    result = session.execute(
+        update(OAuthToken)
+        .where(OAuthToken.client_pk == client_pk, OAuthToken.revoked_at.is_(None))
+        .values(revoked_at=datetime.now(UTC))
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount
 
 
 class ClientAdapter(ClientMixin):
@@ -109,10 +135,19 @@ def query_client(client_id: str) -> ClientAdapter | None:
 
 
 def save_token(token: dict[str, Any], oauth_request) -> None:
+    """Store the token's hash, if the client is still as it was when it authenticated.
+
+    The client row is locked first (as ``gateway client rotate-secret`` and ``disable`` lock it),
+    so a rotation or a disable that commits after the secret was checked is seen here, and one
+    that commits later revokes this token.
+    """
     client = oauth_request.client.row
     ttl = int(token.get("expires_in", current_app.config["TOKEN_TTL_SECONDS"]))
     now = datetime.now(UTC)
     with _db().session() as session:
+        current = session.scalar(select(OAuthClient).where(OAuthClient.id == client.id).with_for_update())
+        if current is None or current.disabled or current.secret_hash != client.secret_hash:
+            raise InvalidClientError(description="the client's credentials changed: authenticate again")
         session.add(OAuthToken(
             token_hash=hash_secret(token["access_token"]),
             client_pk=client.id,
@@ -198,8 +233,36 @@ def _aware(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+DEFAULT_ISSUER = "http://127.0.0.1:8080"  # the embedded default's address (`gateway run`)
+
+
 def issuer() -> str:
-    return current_app.config.get("ISSUER") or request.host_url.rstrip("/")
+    """The issuer: ``ISSUER``; else the request's host under ``gateway run`` on every interface;
+    else the fixed default.  Never the caller's Host header in production (it would let a caller
+    or a shared cache name another server as the token endpoint)."""
+    configured = current_app.config.get("ISSUER")
+    if configured:
+        return configured
+    if current_app.config.get("ISSUER_FROM_REQUEST"):
+        return request.host_url.rstrip("/")
+    if not current_app.extensions.get("gateway.default_issuer_used"):
+        current_app.extensions["gateway.default_issuer_used"] = True
+        log.warning("GATEWAY_ISSUER is not set: the OAuth metadata names %s as the issuer; set it to "
+                    "the URL clients reach this API at", DEFAULT_ISSUER)
+    return DEFAULT_ISSUER
+
+
+def checked_issuer(value: str | None) -> str | None:
+    """``GATEWAY_ISSUER`` as the metadata uses it (no trailing '/'); ValueError when it is no
+    http(s) URL of a host, or has a query, a fragment or credentials (RFC 8414 section 2)."""
+    if not value:
+        return None
+    parts = urlsplit(value)
+    if (parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment
+            or "?" in value or "#" in value or parts.username is not None):
+        raise ValueError(f"GATEWAY_ISSUER must be the http(s) URL clients reach this API at, with no "
+                         f"query, fragment or credentials (e.g. https://gateway.example.com), not {value!r}")
+    return value.rstrip("/")
 
 
 @dataclass(frozen=True)
@@ -279,26 +342,75 @@ def tenant_for_caller(session, tenant_external_id: str) -> Tenant:
     return tenant
 
 
+BASIC_CHALLENGE = 'Basic realm="gateway"'
+
+
+class Authorization(AuthorizationServer):
+    """authlib's server with RFC 6749's rules on client authentication errors."""
+
+    def handle_error_response(self, request, error):
+        """``invalid_client`` is always 401 with a Basic challenge (RFC 6749 section 5.2): authlib
+        answers 400 when an unknown client authenticates in the body."""
+        status, body, headers = error(self.get_error_uri(request, error))
+        if error.error == "invalid_client":
+            status = 401
+            headers = [(k, v) for k, v in headers if k.lower() != "www-authenticate"]
+            headers.append(("WWW-Authenticate", BASIC_CHALLENGE))
+        return self.handle_response(status, body, headers)
+
+
+def request_problem() -> str | None:
+    """What makes a token, revocation or introspection request invalid_request, if anything:
+    a repeated parameter (RFC 6749 section 3.2, also across the URL and the body), the client
+    secret in the URL (section 2.3.1), or two client authentication methods (section 2.3)."""
+    for name in sorted(set(request.args) | set(request.form)):
+        if len(request.args.getlist(name)) + len(request.form.getlist(name)) > 1:
+            return f"the parameter '{name[:40]}' is repeated"
+    if "client_secret" in request.args:
+        return "the client_secret goes in the request body (or HTTP Basic), never in the URL"
+    if "Authorization" in request.headers:
+        if "client_secret" in request.form:
+            return ("more than one client authentication method: the Authorization header and "
+                    "client_secret in the body")
+        basic = request.authorization
+        body_id = request.form.get("client_id")
+        if body_id is not None and (basic is None or basic.type != "basic" or basic.username != body_id):
+            return "the client_id in the body does not match the Authorization header"
+    return None
+
+
 def init_app(app: Flask) -> None:
     """Mount the token, revocation, introspection and metadata endpoints."""
     app.config.setdefault("OAUTH2_TOKEN_EXPIRES_IN", {"client_credentials": app.config["TOKEN_TTL_SECONDS"]})
     app.config.setdefault("OAUTH2_ERROR_URIS", None)
-    authorization = AuthorizationServer(app, query_client=query_client, save_token=save_token)
+    app.config["ISSUER"] = checked_issuer(app.config.get("ISSUER"))
+    authorization = Authorization(app, query_client=query_client, save_token=save_token)
     authorization.register_grant(ClientCredentialsGrant)
     authorization.register_endpoint(Revocation)
     authorization.register_endpoint(Introspection)
 
+    def respond(create: Callable[[], Any]):
+        problem = request_problem()
+        if problem is not None:
+            return authorization.handle_error_response(None, InvalidRequestError(description=problem))
+        try:
+            return create()
+        except InsecureTransportError as error:  # raised before authlib's own error handling: not a 500
+            error.status_code = 400
+            error.description = "OAuth 2.0 needs https (plain http only on loopback addresses)"
+            return authorization.handle_error_response(None, error)
+
     @app.post("/oauth/token")
     def issue_token():
-        return authorization.create_token_response()
+        return respond(authorization.create_token_response)
 
     @app.post("/oauth/revoke")
     def revoke_token():
-        return authorization.create_endpoint_response(Revocation.ENDPOINT_NAME)
+        return respond(lambda: authorization.create_endpoint_response(Revocation.ENDPOINT_NAME))
 
     @app.post("/oauth/introspect")
     def introspect_token():
-        return authorization.create_endpoint_response(Introspection.ENDPOINT_NAME)
+        return respond(lambda: authorization.create_endpoint_response(Introspection.ENDPOINT_NAME))
 
     @app.get("/.well-known/oauth-authorization-server")
     def server_metadata():

@@ -8,18 +8,27 @@ import signal
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import click
 from sqlalchemy import select
 
-from gateway.auth import SCOPES, hash_secret, new_client_secret
+from gateway.auth import SCOPES, hash_secret, new_client_secret, revoke_client_tokens
 from gateway.config import load_config
 from gateway.db import Database
 from gateway.models import ClientTenant, OAuthClient, Tenant, utcnow
 
 
-def _db() -> Database:
-    return Database(load_config()["DATABASE_URL"])
+@contextmanager
+def _store() -> Iterator[Database]:
+    """The configured store, its engine closed when the command is done."""
+    db = Database(load_config()["DATABASE_URL"])
+    try:
+        yield db
+    finally:
+        db.dispose()
 
 
 @click.group()
@@ -48,7 +57,7 @@ def tenant() -> None:
 def tenant_create(name: str, external_id: str | None) -> None:
     """Create a tenant and print its id."""
     external_id = external_id or str(uuid.uuid4())
-    with _db().session() as session:
+    with _store() as db, db.session() as session:
         session.add(Tenant(external_id=external_id, name=name))
     click.echo(external_id)
 
@@ -56,7 +65,7 @@ def tenant_create(name: str, external_id: str | None) -> None:
 @tenant.command("list")
 def tenant_list() -> None:
     """List tenants."""
-    with _db().sessions() as session:
+    with _store() as db, db.sessions() as session:
         for row in session.scalars(select(Tenant).order_by(Tenant.id)):
             click.echo(f"{row.external_id}\t{row.name}")
 
@@ -84,7 +93,7 @@ def client_create(name: str, provider: str, scopes: tuple[str, ...], tenants: tu
     """Create a client; print its id and secret (the secret is shown this once)."""
     client_id = secrets.token_hex(16)
     secret = new_client_secret()
-    with _db().session() as session:
+    with _store() as db, db.session() as session:
         rows = _tenants(session, tenants)
         row = OAuthClient(client_id=client_id, secret_hash=hash_secret(secret), name=name, provider=provider,
                           scope=" ".join(sorted(set(scopes))))
@@ -99,14 +108,15 @@ def client_create(name: str, provider: str, scopes: tuple[str, ...], tenants: tu
 @client.command("list")
 def client_list() -> None:
     """List clients (never their secrets)."""
-    with _db().sessions() as session:
+    with _store() as db, db.sessions() as session:
         for row in session.scalars(select(OAuthClient).order_by(OAuthClient.id)):
             state = "disabled" if row.disabled else "enabled"
             click.echo(f"{row.client_id}\t{row.name}\t{row.provider}\t{row.scope}\t{state}")
 
 
 def _client(session, client_id: str) -> OAuthClient:
-    row = session.scalar(select(OAuthClient).where(OAuthClient.client_id == client_id))
+    """The client row, locked until the transaction ends (the token endpoint locks it too)."""
+    row = session.scalar(select(OAuthClient).where(OAuthClient.client_id == client_id).with_for_update())
     if row is None:
         raise click.UsageError(f"unknown client: {client_id}")
     return row
@@ -115,17 +125,20 @@ def _client(session, client_id: str) -> OAuthClient:
 @client.command("disable")
 @click.argument("client_id")
 def client_disable(client_id: str) -> None:
-    """Disable a client: its tokens stop working at once."""
-    with _db().session() as session:
-        _client(session, client_id).disabled = True
+    """Disable a client and revoke its tokens (enabling it again does not revive them)."""
+    with _store() as db, db.session() as session:
+        row = _client(session, client_id)
+        row.disabled = True
+        revoked = revoke_client_tokens(session, row.id)
     click.echo(f"disabled {client_id}")
+    click.echo(f"revoked {revoked} access token(s)")
 
 
 @client.command("enable")
 @click.argument("client_id")
 def client_enable(client_id: str) -> None:
-    """Enable a disabled client again."""
-    with _db().session() as session:
+    """Enable a disabled client again (its old tokens stay revoked: it asks for new ones)."""
+    with _store() as db, db.session() as session:
         _client(session, client_id).disabled = False
     click.echo(f"enabled {client_id}")
 
@@ -133,13 +146,15 @@ def client_enable(client_id: str) -> None:
 @client.command("rotate-secret")
 @click.argument("client_id")
 def client_rotate(client_id: str) -> None:
-    """Give a client a new secret (printed once); the old one stops working."""
+    """Give a client a new secret (printed once); the old one and every token issued stop working."""
     secret = new_client_secret()
-    with _db().session() as session:
+    with _store() as db, db.session() as session:
         row = _client(session, client_id)
         row.secret_hash = hash_secret(secret)
         row.secret_rotated_at = utcnow()
+        revoked = revoke_client_tokens(session, row.id)
     click.echo(f"client_secret={secret}")
+    click.echo(f"revoked {revoked} access token(s)")
 
 
 @main.command("worker")
@@ -166,6 +181,7 @@ def run(host: str, port: int, worker_count: int) -> None:
     from gateway.migrate import upgrade
 
     config = load_config()
+    overrides = embedded_overrides(host, port, config["ISSUER"])
     upgrade(config["DATABASE_URL"])
     env = dict(os.environ)
     env.setdefault("GATEWAY_HOME", os.environ.get("GATEWAY_HOME", os.path.join(os.getcwd(), "instance")))
@@ -177,13 +193,23 @@ def run(host: str, port: int, worker_count: int) -> None:
     )
     click.echo(f"gateway on http://{host}:{port} (store: {config['DATABASE_URL']}); worker pid {worker_process.pid}")
     try:
-        run_simple(host, port, create_app(), threaded=True, use_reloader=False)
+        run_simple(host, port, create_app(overrides), threaded=True, use_reloader=False)
     finally:
         worker_process.send_signal(signal.SIGTERM)
         try:
             worker_process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             worker_process.kill()
+
+
+def embedded_overrides(host: str, port: int, configured_issuer: str | None) -> dict[str, Any]:
+    """The settings ``gateway run`` adds: without ``GATEWAY_ISSUER``, the issuer is its own address,
+    or, on every interface (where no one address is the right one), the host each request names."""
+    if configured_issuer:
+        return {}
+    if host in ("", "0.0.0.0", "::"):
+        return {"ISSUER_FROM_REQUEST": True}
+    return {"ISSUER": f"http://{f'[{host}]' if ':' in host else host}:{port}"}
 
 
 if __name__ == "__main__":

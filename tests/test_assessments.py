@@ -128,3 +128,26 @@ def test_scope_tenant_and_media_type(partner):
     assert put(gw, tenant, headers, BODY, content_type="text/plain").status_code == 415
     assert put(gw, tenant, headers, BODY, name="a b c" * 100).status_code == 400
     assert count(gw, Batch) == 0
+
+
+def test_resource_id_up_to_its_documented_2048_characters(partner):
+    """openapi: resourceId has maxLength 2048. The longest is stored; one more is a 400 naming it."""
+    gw, tenant, headers = partner
+    prefix = f"{SUB}/resourceGroups/prod/providers/Microsoft.Compute/virtualMachines/"
+    longest = prefix + "v" * (2048 - len(prefix))
+    created = put(gw, tenant, headers, BODY, resource=longest)
+    assert created.status_code == 201, created.get_json()
+    assert created.get_json()["properties"]["resourceDetails"]["id"] == longest
+
+    too_long = longest + "v"
+    refused = put(gw, tenant, headers, BODY, resource=too_long)
+    assert refused.status_code == 400
+    error = refused.get_json()["error"]
+    assert error["code"] == "invalidParameter"
+    assert "'resourceId'" in error["message"] and "2048" in error["message"]
+    in_body = {"properties": {**BODY["properties"], "resourceDetails": {"source": "Azure", "id": too_long}}}
+    refused = put(gw, tenant, headers, in_body, resource=None)
+    assert refused.status_code == 400
+    error = refused.get_json()["error"]
+    assert error["code"] == "invalidDocument" and "'properties.resourceDetails.id'" in error["message"]
+    assert count(gw, Batch) == 1  # only the first

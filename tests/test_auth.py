@@ -5,9 +5,11 @@ from __future__ import annotations
 import base64
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import select, update
 
 from gateway.models import OAuthClient, OAuthToken, utcnow
+from tests.conftest import make_app
 from tests.factories import document, finding
 
 
@@ -121,3 +123,148 @@ def test_tenant_isolation_is_404_and_provider_is_the_clients(pg_gw):
                             data=document([finding("a-1")], provider="Tenable"),
                             headers=headers_a | {"Content-Type": "application/json"})
     assert spoof.status_code == 403 and spoof.get_json()["error"]["code"] == "wrongProvider"
+
+
+# ---- RFC 6749: each parameter once, one client authentication method, invalid_client is 401 ----
+
+
+TOKEN = {"grant_type": "client_credentials"}
+
+
+def _form(pairs) -> dict:
+    """A form body with repeated names (werkzeug's test client takes a MultiDict)."""
+    from werkzeug.datastructures import MultiDict
+
+    return MultiDict(pairs)
+
+
+def _invalid_request(response, *words):
+    body = response.get_json()
+    assert response.status_code == 400 and body["error"] == "invalid_request", (response.status_code, body)
+    assert all(word in body["error_description"] for word in words), body
+    assert response.headers["Cache-Control"] == "no-store"
+
+
+def test_a_repeated_parameter_is_invalid_request(pg_gw):
+    tenant = pg_gw.tenant()
+    client_id, secret = pg_gw.client("Qualys", "findings.write security.read", [tenant])
+    basic = _basic(client_id, secret)
+    http = pg_gw.http
+    _invalid_request(http.post("/oauth/token", data=_form([("grant_type", "client_credentials")] * 2),
+                               headers=basic), "grant_type")
+    _invalid_request(http.post("/oauth/token", data=_form([("grant_type", "client_credentials"),
+                                                           ("grant_type", "password")]), headers=basic),
+                     "grant_type")
+    _invalid_request(http.post("/oauth/token?grant_type=client_credentials", data=TOKEN, headers=basic),
+                     "grant_type")
+    _invalid_request(http.post("/oauth/token", data=_form([("grant_type", "client_credentials"),
+                                                           ("scope", "security.read"),
+                                                           ("scope", "findings.write")]), headers=basic),
+                     "scope")
+    token = pg_gw.token(client_id, secret)
+    for endpoint in ("/oauth/revoke", "/oauth/introspect"):
+        twice = _form([("token", token), ("token", "other")])
+        _invalid_request(http.post(endpoint, data=twice, headers=basic), "token")
+    assert pg_gw.http.post("/oauth/introspect", data={"token": token}, headers=basic).get_json()["active"]
+
+
+def test_two_client_authentication_methods_are_invalid_request(pg_gw):
+    tenant = pg_gw.tenant()
+    client_id, secret = pg_gw.client("Qualys", "findings.write security.read", [tenant])
+    other_id, other_secret = pg_gw.client("Tenable", "security.read", [tenant])
+    http = pg_gw.http
+    both = TOKEN | {"client_id": client_id, "client_secret": secret}
+    basic = _basic(client_id, secret)
+    _invalid_request(http.post("/oauth/token", data=both, headers=basic), "authentication")
+    # a wrong Basic secret is not rescued by right form credentials, nor the other way round
+    _invalid_request(http.post("/oauth/token", data=both, headers=_basic(client_id, "wrong")),
+                     "authentication")
+    other = TOKEN | {"client_id": other_id, "client_secret": other_secret}
+    _invalid_request(http.post("/oauth/token", data=other, headers=basic), "authentication")
+    _invalid_request(http.post("/oauth/token", data=TOKEN | {"client_id": other_id},
+                               headers=_basic(client_id, secret)), "client_id")
+    _invalid_request(http.post(f"/oauth/token?client_secret={secret}", data=TOKEN | {"client_id": client_id}),
+                     "client_secret")
+    token = pg_gw.token(client_id, secret)
+    for endpoint in ("/oauth/revoke", "/oauth/introspect"):
+        form = {"token": token, "client_id": client_id, "client_secret": secret}
+        _invalid_request(http.post(endpoint, data=form, headers=basic), "authentication")
+    # each method alone still works, and Basic with the same client_id in the body too
+    assert http.post("/oauth/token", data=both).status_code == 200
+    assert http.post("/oauth/token", data=TOKEN | {"client_id": client_id},
+                     headers=_basic(client_id, secret)).status_code == 200
+    with pg_gw.db.sessions() as session:
+        assert session.scalar(select(OAuthToken.revoked_at).where(OAuthToken.id == 1)) is None  # not revoked
+
+
+@pytest.mark.parametrize("endpoint", ["/oauth/token", "/oauth/revoke", "/oauth/introspect"])
+def test_invalid_client_is_401_with_a_basic_challenge(pg_gw, endpoint):
+    tenant = pg_gw.tenant()
+    client_id, secret = pg_gw.client("Qualys", "findings.write", [tenant])
+    data = TOKEN if endpoint == "/oauth/token" else {"token": "whatever"}
+    attempts = {
+        "no credentials": ({}, {}),
+        "wrong Basic secret": ({}, _basic(client_id, secret + "x")),
+        "unknown Basic client": ({}, _basic("nobody", secret)),
+        "wrong form secret": ({"client_id": client_id, "client_secret": secret + "x"}, {}),
+        "unknown form client": ({"client_id": "nobody", "client_secret": secret}, {}),
+        "form client without a secret": ({"client_id": client_id}, {}),
+        "a bearer token instead": ({}, {"Authorization": "Bearer " + secret}),
+    }
+    for name, (form, headers) in attempts.items():
+        response = pg_gw.http.post(endpoint, data=data | form, headers=headers)
+        assert response.status_code == 401, (name, response.status_code, response.get_json())
+        assert response.get_json()["error"] == "invalid_client", name
+        assert response.headers["WWW-Authenticate"] == 'Basic realm="gateway"', name
+
+
+# ---- the issuer: never the request's Host header outside `gateway run` ----------------------
+
+
+def test_the_metadata_does_not_reflect_the_host_header(pg_gw):
+    """Without GATEWAY_ISSUER the issuer is the fixed default, whatever Host the caller sends."""
+    body = pg_gw.http.get("/.well-known/oauth-authorization-server",
+                          headers={"Host": "evil.example", "X-Forwarded-Host": "evil.example"}).get_json()
+    assert body["issuer"] == "http://127.0.0.1:8080"
+    assert body["token_endpoint"] == "http://127.0.0.1:8080/oauth/token"
+    assert body["revocation_endpoint"] == "http://127.0.0.1:8080/oauth/revoke"
+    assert body["introspection_endpoint"] == "http://127.0.0.1:8080/oauth/introspect"
+    tenant = pg_gw.tenant()
+    client_id, secret = pg_gw.client("Qualys", "findings.write", [tenant])
+    token = pg_gw.token(client_id, secret)
+    introspected = pg_gw.http.post("/oauth/introspect", data={"token": token},
+                                   headers=_basic(client_id, secret), base_url="https://evil.example").get_json()
+    assert introspected["iss"] == "http://127.0.0.1:8080"
+
+
+@pytest.mark.parametrize("endpoint", ["/oauth/token", "/oauth/revoke", "/oauth/introspect"])
+def test_plain_http_from_a_non_loopback_host_is_a_400_not_a_500(pg_gw, endpoint):
+    tenant = pg_gw.tenant()
+    client_id, secret = pg_gw.client("Qualys", "findings.write", [tenant])
+    response = pg_gw.http.post(endpoint, data=TOKEN | {"token": "x"}, headers=_basic(client_id, secret),
+                               base_url="http://gateway.example.com")
+    assert response.status_code == 400 and response.get_json()["error"] == "insecure_transport"
+    assert "https" in response.get_json()["error_description"]
+    secure = pg_gw.http.post(endpoint, data=TOKEN | {"token": "x"}, headers=_basic(client_id, secret),
+                             base_url="https://gateway.example.com")
+    assert secure.status_code == 200
+
+
+@pytest.mark.parametrize("configured", ["https://gw.example.com", "https://gw.example.com/",
+                                        "https://gw.example.com/partner-gateway"])
+def test_the_configured_issuer_names_every_endpoint(pg_url, configured):
+    app = make_app(pg_url, eager=False, ISSUER=configured)
+    try:
+        body = app.test_client().get("/.well-known/oauth-authorization-server",
+                                     headers={"Host": "evil.example"}).get_json()
+    finally:
+        app.extensions["gateway.db"].dispose()
+    base = configured.rstrip("/")
+    assert body["issuer"] == base and body["token_endpoint"] == base + "/oauth/token"
+
+
+@pytest.mark.parametrize("configured", ["gw.example.com", "ftp://gw.example.com", "https://", "https://gw.example.com/?a=1",
+                                        "https://gw.example.com/#x", "https://user@gw.example.com"])
+def test_a_malformed_issuer_is_a_configuration_error_at_startup(pg_url, configured):
+    with pytest.raises(ValueError, match="GATEWAY_ISSUER"):
+        make_app(pg_url, eager=False, ISSUER=configured)

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 blueprint = Blueprint("assessments", __name__, url_prefix="/api/v1/tenants/<tenant>")
 
 MAX_ASSESSMENT_BYTES = 1 << 20
+MAX_RESOURCE_ID = 2048  # openapi: resourceId maxLength
 MERGE_ATTEMPTS = 3
 ASSESSMENT_TYPE = "Microsoft.Security/assessments"
 
@@ -92,6 +93,11 @@ def normalized_document(name: str, raw: bytes, resource_param: str | None) -> by
     if isinstance(details, dict):
         ids = [v for k, v in details.items() if k.lower() == "id" and isinstance(v, str) and v.strip()]
         detail_id = ids[0] if ids else None
+    if resource_param is not None and len(resource_param) > MAX_RESOURCE_ID:
+        raise BadRequest(f"'resourceId' is longer than {MAX_RESOURCE_ID} characters", code="invalidParameter")
+    if detail_id is not None and len(detail_id) > MAX_RESOURCE_ID:
+        raise BadRequest(f"'properties.resourceDetails.id' is longer than {MAX_RESOURCE_ID} characters",
+                         code="invalidDocument")
     resource_id = resource_param if resource_param not in (None, "") else detail_id
     if not resource_id:
         raise BadRequest("the resource is unknown: give the 'resourceId' query parameter "

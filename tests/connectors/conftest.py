@@ -1,9 +1,8 @@
-"""Fixtures for connector tests: the real sample files in ../shared/samples."""
+"""Fixtures for connector tests: the real sample files in tests/fixtures (sources: MANIFEST.tsv)."""
 
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import pytest
@@ -11,20 +10,8 @@ import pytest
 import connectors
 from connectors.base import ParseOptions
 
-
-def _samples_dir() -> Path:
-    configured = os.environ.get("GATEWAY_SAMPLES")
-    if configured:
-        return Path(configured)
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        candidate = parent / "shared" / "samples"
-        if candidate.is_dir():
-            return candidate
-    raise RuntimeError("shared/samples not found: set GATEWAY_SAMPLES")
-
-
-SAMPLES = _samples_dir()
+# Inside the repository, so that a fresh clone runs the whole suite with nothing beside it.
+SAMPLES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 @pytest.fixture
