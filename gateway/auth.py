@@ -392,7 +392,10 @@ def init_app(app: Flask) -> None:
     def respond(create: Callable[[], Any]):
         problem = request_problem()
         if problem is not None:
-            return authorization.handle_error_response(None, InvalidRequestError(description=problem))
+            # RFC 6749 5.2: error_description holds %x20-21 / %x23-5B / %x5D-7E only, and a
+            # parameter name quoted from the request may hold anything else.
+            safe = "".join(ch if " " <= ch <= "~" and ch not in '"\\' else "?" for ch in problem)
+            return authorization.handle_error_response(None, InvalidRequestError(description=safe))
         try:
             return create()
         except InsecureTransportError as error:  # raised before authlib's own error handling: not a 500
