@@ -216,7 +216,7 @@ class RecommendationType(Base):
     (or, for the built-in types, from the gateway), and no other tenant ever reads them.
 
     Findings and recommendations refer to a type by (tenant_id, id), so the database itself
-    keeps a row from pointing at another tenant's type (migration 0004).
+    keeps a row from pointing at another tenant's type (migration 0005).
     """
 
     __tablename__ = "recommendation_types"

@@ -8,10 +8,11 @@ from datetime import UTC, datetime
 import psycopg
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import MetaData, inspect, text
 
 from gateway.db import make_engine
-from gateway.migrate import downgrade, upgrade
+from gateway.migrate import alembic_config, downgrade, upgrade
 from gateway.models import Base
 from tests.conftest import PG_ADMIN
 
@@ -57,13 +58,20 @@ def test_migrations_on_postgresql():
             conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
 
 
-# -- migration 0004: recommendation types per tenant, on existing data ---------------------------
+# -- migration 0005: recommendation types per tenant, on existing data ---------------------------
+
+TYPES_REVISION = "0005"
+
+
+def _revision_before_types(url: str) -> str:
+    """The revision migration 0005 follows (0003 on the types branch, 0004 once merged with main)."""
+    return ScriptDirectory.from_config(alembic_config(url)).get_revision(TYPES_REVISION).down_revision
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 
 
-def _seed_0003(engine) -> dict[str, int]:
-    """A store at revision 0003 whose recommendation types are shared by key across two tenants."""
+def _seed(engine) -> dict[str, int]:
+    """A store just before migration 0005 whose recommendation types are shared by key across two tenants."""
     meta = MetaData()
     meta.reflect(engine)
     t = meta.tables
@@ -128,15 +136,16 @@ def _types(conn) -> dict[tuple[int, str], dict]:
         "SELECT id, tenant_id, key, provider, title, description, remediation FROM recommendation_types"))}
 
 
-def _check_0004_on_data(url: str) -> None:
-    upgrade(url, "0003")
+def _check_types_migration_on_data(url: str) -> None:
+    before = _revision_before_types(url)
+    upgrade(url, before)
     engine = make_engine(url)
     try:
-        ids = _seed_0003(engine)
+        ids = _seed(engine)
         a, b = ids["a"], ids["b"]
         with engine.connect() as conn:
             sources_before = conn.execute(text("SELECT count(*) FROM finding_sources")).scalar_one()
-        upgrade(url, "0004")
+        upgrade(url, TYPES_REVISION)
         with engine.connect() as conn:
             types = _types(conn)
             assert set(types) == {(a, "vulnerability-assessment"), (b, "vulnerability-assessment"),
@@ -171,7 +180,7 @@ def _check_0004_on_data(url: str) -> None:
             assert recs[ids["recs"][(a, ids["guid"])]] == types[(a, "8bb8be0a-guid")]["id"]
             assert recs[ids["recs"][(b, ids["guid"])]] == ids["guid"]
 
-        downgrade(url, "0003")
+        downgrade(url, before)
         with engine.connect() as conn:
             keys = conn.execute(text("SELECT key, id FROM recommendation_types ORDER BY key")).all()
             assert [key for key, _ in keys] == sorted({key for _, key in types})  # one row per key again
@@ -188,16 +197,16 @@ def _check_0004_on_data(url: str) -> None:
         engine.dispose()
 
 
-def test_migration_0004_on_existing_data_on_sqlite(tmp_path):
-    _check_0004_on_data(f"sqlite:///{tmp_path / 'd.sqlite3'}")
+def test_migration_0005_on_existing_data_on_sqlite(tmp_path):
+    _check_types_migration_on_data(f"sqlite:///{tmp_path / 'd.sqlite3'}")
 
 
-def test_migration_0004_on_existing_data_on_postgresql():
+def test_migration_0005_on_existing_data_on_postgresql():
     name = f"gw_mig_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
-        _check_0004_on_data(PG_ADMIN.rsplit("/", 1)[0] + "/" + name)
+        _check_types_migration_on_data(PG_ADMIN.rsplit("/", 1)[0] + "/" + name)
     finally:
         with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}"')

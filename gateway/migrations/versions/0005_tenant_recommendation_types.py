@@ -1,7 +1,7 @@
 """recommendation types per tenant
 
-Revision ID: 0004
-Revises: 0003
+Revision ID: 0005
+Revises: 0003 on this branch; 0004 (batch leases) on main: see ``down_revision``
 Create Date: 2026-12-02
 
 A recommendation type's texts (title, description, remediation) come from the first record
@@ -26,7 +26,7 @@ Existing rows, upgrade:
   texts.  So no tenant's row holds a text another tenant pushed.
 
 Downgrade merges the rows of one key back into the oldest one (findings and recommendations
-re-pointed) and restores the global unique key: the pre-0004 behaviour, leak included.
+re-pointed) and restores the global unique key: the pre-0005 behaviour, leak included.
 
 SQLite: the tables are rebuilt (batch mode), which with ``PRAGMA foreign_keys=ON`` would run
 an implicit ``DELETE`` on each dropped table (and cascade it: ``finding_sources`` of
@@ -41,7 +41,10 @@ from collections import defaultdict
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0004"
+revision = "0005"
+# This branch (types) was cut before main's 0004 (batch leases, gateway/migrations/versions/
+# 0004_batch_lease.py), which touches only ``batches``: merged with main, this must read "0004"
+# (the two are independent; alembic refuses two heads, so tests/test_migrations.py says so).
 down_revision = "0003"
 branch_labels = None
 depends_on = None
@@ -87,7 +90,7 @@ def _sqlite_foreign_keys_off() -> None:
 def _sqlite_check_foreign_keys() -> None:
     problems = op.get_bind().exec_driver_sql("PRAGMA foreign_key_check").fetchall()
     if problems:
-        raise RuntimeError(f"foreign key violations after migration 0004: {problems[:10]}")
+        raise RuntimeError(f"foreign key violations after migration 0005: {problems[:10]}")
 
 
 def _chunks(values: list) -> list[list]:
@@ -101,7 +104,7 @@ def _move(bind, moves: list[dict], by_tenant: bool) -> None:
     key = [sa.Column("old_id", sa.Integer, primary_key=True)]
     if by_tenant:
         key.append(sa.Column("tenant_id", sa.Integer, primary_key=True))
-    helper = op.create_table("tmp_type_moves_0004", *key, sa.Column("new_id", sa.Integer, nullable=False))
+    helper = op.create_table("tmp_type_moves_0005", *key, sa.Column("new_id", sa.Integer, nullable=False))
     op.bulk_insert(helper, moves)
     for table, column in ((findings_t, "recommendation_type_id"), (recs_t, "type_id")):
         match = helper.c.old_id == table.c[column]
@@ -109,7 +112,7 @@ def _move(bind, moves: list[dict], by_tenant: bool) -> None:
             match = match & (helper.c.tenant_id == table.c.tenant_id)
         new_id = sa.select(helper.c.new_id).where(match).scalar_subquery()
         bind.execute(sa.update(table).values({column: new_id}).where(sa.exists().where(match)))
-    op.drop_table("tmp_type_moves_0004")
+    op.drop_table("tmp_type_moves_0005")
 
 
 # -- upgrade ------------------------------------------------------------------------------------
