@@ -414,8 +414,9 @@ class FindingMerger:
             # Lock the findings (in id order) before reading their sources: a concurrent batch
             # that changed another source of one of them has committed by the time the lock is
             # granted, and the read below sees its change (READ COMMITTED), so neither batch
-            # writes a state computed without the other's source.
-            query = query.order_by(findings_t.c.id).with_for_update()
+            # writes a state computed without the other's source.  FOR NO KEY UPDATE, the lock
+            # the UPDATE below takes anyway: it does not block inserting sources of the finding.
+            query = query.order_by(findings_t.c.id).with_for_update(key_share=True)
         current = {row.id: row for row in self.conn.execute(query)}
         by_finding: dict[int, list] = defaultdict(list)
         for row in self.conn.execute(
