@@ -15,13 +15,21 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import msgspec
-from sqlalchemy import BigInteger, bindparam, case, func, select, text
+from sqlalchemy import BigInteger, bindparam, case, func, or_, select, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.types import ARRAY
 
 from connectors.model import SEVERITIES, SEVERITY_RANK, FindingRecord
 from gateway.merge import resources as resource_identity
-from gateway.merge.sql import in_values, insert_for, insert_rows, is_postgres, pair_join, update_rows
+from gateway.merge.sql import (
+    in_values,
+    insert_count,
+    insert_for,
+    insert_rows,
+    is_postgres,
+    pair_join,
+    update_rows,
+)
 from gateway.models import (
     Finding,
     FindingSource,
@@ -36,6 +44,9 @@ sources_t = FindingSource.__table__
 events_t = LifecycleEvent.__table__
 types_t = RecommendationType.__table__
 recs_t = Recommendation.__table__
+# the columns of a new source that vary by row (the others are the chunk's constants)
+_SOURCE_CONSTANTS = ("id", "tenant_id", "provider", "batch_id", "created_at", "updated_at")
+_SOURCE_COLUMNS = tuple(c.name for c in sources_t.columns if c.name not in _SOURCE_CONSTANTS)
 
 VULNERABILITY_TYPE = {
     "key": "vulnerability-assessment",
@@ -50,7 +61,7 @@ VULNERABILITY_TYPE = {
 }
 
 _OUTCOME_PRIORITY = ("created", "updated", "stale", "unchanged")
-LOST_RACE_ROUNDS = 5  # a source whose conflicting row is deleted again and again (a KB back-fill) ends here
+LOST_RACE_ROUNDS = 5  # a row whose conflicting row is deleted again and again (a KB back-fill) ends here
 RECOMMENDATION_LOCKS = 7101  # advisory lock space: one lock per resource while its recommendations are recomputed
 
 
@@ -241,6 +252,8 @@ class FindingMerger:
             "provider_timestamp": provider_ts,
         }
         row["content_hash"] = content_hash(row)
+        if row["references"] is None:  # stored as [] (after hashing: the hash of a stored row stays)
+            row["references"] = []
         return row
 
     def _existing_sources(self, provider_ids: list[str]) -> dict[tuple[str, str], dict]:
@@ -333,29 +346,34 @@ class FindingMerger:
         """Insert new sources; return those a concurrent batch inserted first (none on SQLite).
 
         On PostgreSQL the insert is ``ON CONFLICT DO NOTHING`` on the record's unique key: a row
-        another batch inserted meanwhile (and committed: the insert waits for it) is skipped and
-        returned to the caller, instead of failing the batch with a unique violation.  SQLite
-        has one writer at a time, so what was read is still what is stored.
+        another batch inserted meanwhile (and committed: the insert waits for it) is skipped,
+        instead of failing the batch with a unique violation, and returned to the caller.
+        Which rows those are is read only when the insert came short (no RETURNING of every
+        row): the rows of these records that this chunk did not write.  SQLite has one writer
+        at a time, so what was read is still what is stored.
         """
         if not created:
             return []
         constants = {"tenant_id": self.tenant_id, "provider": self.provider, "batch_id": self.batch_id,
                      "created_at": now, "updated_at": now}
-        columns = [c.name for c in sources_t.columns if c.name != "id" and c.name not in constants]
-        rows = []
-        for row in created:
-            values = {name: row.get(name) for name in columns}
-            values["references"] = row["references"] or []
-            rows.append(values)
+        columns = _SOURCE_COLUMNS
         if not is_postgres(self.conn):
-            insert_rows(self.conn, sources_t, rows, constants=constants)
+            insert_rows(self.conn, sources_t, created, constants=constants, columns=columns)
             return []
-        inserted = set(insert_rows(self.conn, sources_t, rows, returning=("provider_id", "correlation_key"),
-                                   conflict=("tenant_id", "provider", "provider_id", "correlation_key"),
-                                   constants=constants))
-        if len(inserted) == len(rows):
+        inserted = insert_count(self.conn, sources_t, created, constants=constants, columns=columns,
+                                conflict=("tenant_id", "provider", "provider_id", "correlation_key"))
+        if inserted == len(created):
             return []
-        return [row for row in created if (row["provider_id"], row["correlation_key"]) not in inserted]
+        s = sources_t.c
+        theirs = set(self.conn.execute(
+            select(s.provider_id, s.correlation_key).where(
+                s.tenant_id == self.tenant_id, s.provider == self.provider,
+                in_values(self.conn, s.provider_id, sorted({row["provider_id"] for row in created})),
+                or_(s.batch_id.is_distinct_from(self.batch_id), s.created_at != now))).all())
+        lost = [row for row in created if (row["provider_id"], row["correlation_key"]) in theirs]
+        if len(lost) != len(created) - inserted:
+            raise RuntimeError(f"{len(created) - inserted} sources not inserted, {len(lost)} found")
+        return lost
 
     def _update_sources(self, updated: list[dict], touched: list[dict], now: datetime) -> None:
         if updated:
@@ -623,6 +641,12 @@ def _aggregate(sources) -> dict:
     Open sources decide the severity (the worst, then the latest); the latest report
     gives title, description and remediation; seen times span all sources.
     """
+    if len(sources) == 1:  # most findings have one source: the same values, without the searches
+        (only,) = sources
+        return {"open": only["state"] == "open", "severity": only["severity"], "title": only["title"],
+                "description": only["description"], "remediation": only["remediation"],
+                "cvss_score": only["cvss_score"], "first_seen": _aware(only["first_seen"]),
+                "last_seen": _aware(only["last_seen"])}
     any_open = any(s["state"] == "open" for s in sources)
     pool = [s for s in sources if s["state"] == "open"] or sources
     worst = max(pool, key=lambda s: (SEVERITY_RANK.get(s["severity"], 0), _ts(s["provider_timestamp"])))
