@@ -64,10 +64,12 @@ def preload(url: str, count: int) -> None:
     resources = max(1, count // 20)
     started = time.perf_counter()
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("INSERT INTO tenants (external_id, name, created_at) VALUES ('preload', 'preload', now())")
-        conn.execute("INSERT INTO recommendation_types (key, kind, title, severity, categories) VALUES "
-                     "('vulnerability-assessment', 'vulnerability', 'Vulnerabilities', 'high', '[]') "
-                     "ON CONFLICT DO NOTHING")
+        tenant_id = conn.execute("INSERT INTO tenants (external_id, name, created_at) "
+                                 "VALUES ('preload', 'preload', now()) RETURNING id").fetchone()[0]
+        type_id = conn.execute(  # recommendation types are per tenant
+            "INSERT INTO recommendation_types (tenant_id, key, kind, title, severity, categories) VALUES "
+            "(%s, 'vulnerability-assessment', 'vulnerability', 'Vulnerabilities', 'high', '[]') RETURNING id",
+            (tenant_id,)).fetchone()[0]
         conn.execute(f"""
             INSERT INTO resources (tenant_id, kind, name, created_at, updated_at, tags)
             SELECT t.id, 'vm', 'pre' || g || '.example.com', now(), now(), '[]'
@@ -79,7 +81,7 @@ def preload(url: str, count: int) -> None:
             INSERT INTO findings (tenant_id, resource_id, recommendation_type_id, correlation_key, cve, kind,
                                   title, severity, state, state_changed_at, created_at, updated_at,
                                   comments, tags)
-            SELECT r.tenant_id, r.id, (SELECT id FROM recommendation_types LIMIT 1),
+            SELECT r.tenant_id, r.id, {type_id},
                    'CVE-2020-' || (10000 + g), 'CVE-2020-' || (10000 + g), 'vulnerability',
                    'Preloaded ' || g, (ARRAY['low','medium','high','critical'])[1 + g % 4], 'active',
                    now(), now(), now(), '[]', '[]'

@@ -71,8 +71,10 @@ def _load_tenant(conn: psycopg.Connection, external_id: str, findings: int, reso
     conn.execute(f"""
         INSERT INTO resource_identifiers (tenant_id, kind, value, resource_id)
         SELECT tenant_id, 'fqdn', name, id FROM resources WHERE tenant_id = {tenant_id}""")
-    rt = conn.execute("SELECT id FROM recommendation_types "
-                      "WHERE key = 'vulnerability-assessment'").fetchone()[0]
+    rt = conn.execute(  # recommendation types are per tenant
+        "INSERT INTO recommendation_types (tenant_id, key, kind, title, severity, categories) VALUES "
+        "(%s, 'vulnerability-assessment', 'vulnerability', 'Vulnerabilities', 'high', '[]') RETURNING id",
+        (tenant_id,)).fetchone()[0]
     first = conn.execute(f"SELECT min(id) FROM resources WHERE tenant_id = {tenant_id}").fetchone()[0]
     # Finding g sits on resource (g mod R); its k-th finding on that resource (k = g div R) takes
     # CVE number (7r + 21k) mod CVE_POOL, distinct per resource for k < 190; one in ten is a
@@ -124,8 +126,6 @@ def load(url: str, findings: int, resources: int, other_findings: int) -> None:
     started = time.perf_counter()
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("SELECT setseed(0.42)")
-        conn.execute("INSERT INTO recommendation_types (key, kind, title, severity, categories) VALUES "
-                     "('vulnerability-assessment', 'vulnerability', 'Vulnerabilities', 'high', '[]')")
         _load_tenant(conn, TENANT, findings, resources)
         if other_findings:
             _load_tenant(conn, OTHER, other_findings, max(1, resources // 10))

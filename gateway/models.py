@@ -17,6 +17,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    ForeignKeyConstraint,
     Index,
     Integer,
     LargeBinary,
@@ -215,10 +216,22 @@ class ResourceIdentifier(Base):
 
 
 class RecommendationType(Base):
+    """A recommendation type, per tenant: its texts come from what the tenant's providers pushed
+    (or, for the built-in types, from the gateway), and no other tenant ever reads them.
+
+    Findings and recommendations refer to a type by (tenant_id, id), so the database itself
+    keeps a row from pointing at another tenant's type (migration 0005).
+    """
+
     __tablename__ = "recommendation_types"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "key", name="uq_recommendation_types_tenant_key"),
+        UniqueConstraint("tenant_id", "id", name="uq_recommendation_types_tenant_id"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    key: Mapped[str] = mapped_column(String(300), unique=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    key: Mapped[str] = mapped_column(String(300))
     provider: Mapped[str | None] = mapped_column(String(100))
     kind: Mapped[str] = mapped_column(String(30), default="vulnerability")
     title: Mapped[str] = mapped_column(String(500))
@@ -234,12 +247,15 @@ class Recommendation(Base):
     __table_args__ = (
         UniqueConstraint("tenant_id", "resource_id", "type_id", name="uq_recommendations_subject"),
         Index("ix_recommendations_tenant_status", "tenant_id", "status", "id"),
+        ForeignKeyConstraint(["tenant_id", "type_id"],
+                             ["recommendation_types.tenant_id", "recommendation_types.id"],
+                             name="fk_recommendations_tenant_type"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
     resource_id: Mapped[int] = mapped_column(BigId, ForeignKey("resources.id"))
-    type_id: Mapped[int] = mapped_column(ForeignKey("recommendation_types.id"))
+    type_id: Mapped[int] = mapped_column(Integer)  # the tenant's type: (tenant_id, type_id) is a foreign key
     status: Mapped[str] = mapped_column(String(20))  # Healthy | Unhealthy | NotApplicable
     severity: Mapped[str] = mapped_column(String(20))
     first_evaluated: Mapped[datetime] = mapped_column(default=utcnow)
@@ -270,12 +286,15 @@ class Finding(Base):
         Index("ix_findings_tenant_id", "tenant_id", "id"),
         Index("ix_findings_tenant_severity_state", "tenant_id", "severity", "state", "id"),
         Index("ix_findings_tenant_cve", "tenant_id", "cve"),
+        ForeignKeyConstraint(["tenant_id", "recommendation_type_id"],
+                             ["recommendation_types.tenant_id", "recommendation_types.id"],
+                             name="fk_findings_tenant_type"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     tenant_id: Mapped[int] = mapped_column(Integer)  # no FK: see 'Hot tables' above
     resource_id: Mapped[int] = mapped_column(BigId, ForeignKey("resources.id"))
-    recommendation_type_id: Mapped[int] = mapped_column(ForeignKey("recommendation_types.id"))
+    recommendation_type_id: Mapped[int] = mapped_column(Integer)  # (tenant_id, it) is a foreign key
     correlation_key: Mapped[str] = mapped_column(String(300))
     cve: Mapped[str | None] = mapped_column(String(40))
     kind: Mapped[str] = mapped_column(String(30))

@@ -68,7 +68,8 @@ class Collection:
     order_fields: dict[str, OrderField]
     default_order: tuple[tuple[str, bool], ...]  # (field, descending)
     selectable: tuple[str, ...]  # output fields, in output order ($select allow-list)
-    serialize: Callable[[Any, list, tuple[str, ...] | None], list[dict]]  # (conn, rows, selected) -> JSON
+    # (conn, tenant id, rows, selected) -> JSON; what it reads besides ``rows`` is scoped to the tenant too
+    serialize: Callable[[Any, int, list, tuple[str, ...] | None], list[dict]]
     workflow: Workflow | None = None
     # ``$count`` without the joins of ``base``: tenant id -> SELECT of the main table alone, used
     # when no condition names a column of ``count_joined`` (joins that never drop or repeat a row:
@@ -238,7 +239,7 @@ def run_list(conn: Connection, collection: Collection, tenant_id: int, request: 
         after = (values, cursor["id"])
     rows, last = _page(conn, collection, tenant_id, request, after, request.top, 0 if after else request.skip)
     token = encode_cursor(secret, tenant_id, request, last[0], last[1]) if last else None
-    return project(collection.serialize(conn, rows, request.select), request.select), token
+    return project(collection.serialize(conn, tenant_id, rows, request.select), request.select), token
 
 
 def project(objects: list[dict], selected: tuple[str, ...] | None) -> list[dict]:
@@ -307,7 +308,7 @@ def stream_csv(engine: Engine, collection: Collection, tenant_id: int,
     while True:
         with engine.connect() as conn:
             rows, after = _page(conn, collection, tenant_id, request, after, CSV_BATCH)
-            objects = collection.serialize(conn, rows, request.select)
+            objects = collection.serialize(conn, tenant_id, rows, request.select)
         for item in objects:
             writer.writerow([csv_cell(item[name]) for name in columns])
         yield buffer.getvalue().encode()

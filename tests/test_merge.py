@@ -244,3 +244,205 @@ def test_alerts_in_a_findings_format_need_the_alerts_write_scope(gw):
     batch = push(gw, tenant, wide, body, format="ocsf")
     assert batch["status"] == "succeeded" and batch["counts"]["rejected"] == 0
     assert count(gw, Alert) == 1
+
+
+# -- concurrent batches of one tenant (PostgreSQL) ---------------------------------------------
+
+
+def _stored_batch(gw, tenant: str, provider: str, body: bytes, format_name: str = "canonical") -> int:
+    from gateway.ingest import Push, store_batch
+    from gateway.models import OAuthClient, Tenant
+
+    gw.partner(provider, [tenant])
+    with gw.db.sessions() as session:
+        tenant_id = session.scalar(select(Tenant.id).where(Tenant.external_id == tenant))
+        client_pk = session.scalar(select(func.max(OAuthClient.id)).where(OAuthClient.provider == provider))
+    push = Push(tenant_id=tenant_id, client_pk=client_pk, provider=provider, format=format_name,
+                content_type="application/json", content_encoding="identity", declared_length=len(body),
+                scan_type="incremental", idempotency_key=None)
+    return store_batch(gw.db, push, body)[0].id
+
+
+def _race(monkeypatch, method: str, first_batch, run_first) -> None:
+    """Run ``run_first`` (another batch's whole merge, committed) the first time ``method`` of the
+    findings merger is called: after this batch read the stored sources, before it writes."""
+    from gateway.merge.findings import FindingMerger
+
+    original = getattr(FindingMerger, method)
+    state = {"done": False}
+
+    def hooked(self, *args, **kwargs):
+        if not state["done"] and self.batch_id != first_batch:
+            state["done"] = True
+            run_first()
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(FindingMerger, method, hooked)
+
+
+def test_a_source_inserted_by_a_concurrent_batch_is_merged_as_an_update_without_a_retry(pg_gw, monkeypatch):
+    """Batch B reads the stored sources, then batch A inserts and commits the same records, then B
+    writes: B's inserts lose the race.  B must not fail (no unique violation, no retry): each of its
+    records is merged as what it now is against A's row (updated, stale or unchanged), and B's own
+    new records are created; one finding and one "new" event per (host, CVE), the newest push
+    wins everywhere."""
+    from gateway.models import Batch, Recommendation
+    from gateway.pipeline import process_batch
+
+    gw = pg_gw
+    tenant = gw.tenant()
+    first = [finding("r-newer", cves=["CVE-2024-0001"], ts="2024-04-01T00:00:00Z", severity="low"),
+             finding("r-older", cves=["CVE-2024-0002"], ts="2024-04-03T00:00:00Z", severity="critical"),
+             finding("r-same", cves=["CVE-2024-0003"]),
+             finding("r-moved-older", host="x.example.com", cves=["CVE-2024-0005"],
+                     ts="2024-04-03T00:00:00Z")]
+    second = [finding("r-newer", cves=["CVE-2024-0001"], ts="2024-04-02T00:00:00Z", severity="high"),
+              finding("r-older", cves=["CVE-2024-0002"], ts="2024-04-02T00:00:00Z", severity="low"),
+              finding("r-same", cves=["CVE-2024-0003"]),
+              finding("r-only-b", cves=["CVE-2024-0004"]),
+              finding("r-moved-older", host="y.example.com", cves=["CVE-2024-0005"],
+                      ts="2024-04-02T00:00:00Z")]
+    # the tenant's recommendation type exists: B's transaction holds no lock A's merge needs
+    setup = _stored_batch(gw, tenant, "Qualys", document([finding("r-setup", host="z.example.com",
+                                                                  cves=["CVE-2024-0099"])]))
+    assert process_batch(gw.db, setup) == "succeeded"
+    batch_a = _stored_batch(gw, tenant, "Qualys", document(first))
+    batch_b = _stored_batch(gw, tenant, "Qualys", document(second))
+    _race(monkeypatch, "_ensure_findings", batch_a, lambda: process_batch(gw.db, batch_a))
+
+    assert process_batch(gw.db, batch_b) == "succeeded"
+    with gw.db.sessions() as session:
+        a, b = (session.get(Batch, batch_id) for batch_id in (batch_a, batch_b))
+        assert a.status == "succeeded" and a.counts["created"] == 4
+        assert b.attempts == 1
+        assert {k: b.counts[k] for k in ("created", "updated", "stale", "unchanged")} == \
+            {"created": 1, "updated": 1, "stale": 2, "unchanged": 1}
+        sources = {s.provider_id: s for s in session.scalars(select(FindingSource))}
+        assert len(sources) == 6
+        assert sources["r-newer"].severity == "high" and sources["r-newer"].batch_id == batch_b
+        assert sources["r-older"].severity == "critical" and sources["r-older"].batch_id == batch_a
+        findings = session.scalars(select(Finding)).all()
+        assert sorted(f.correlation_key for f in findings) == \
+            [f"CVE-2024-00{i:02d}" for i in (1, 2, 3, 4, 5, 99)]
+        by_key = {f.correlation_key: f for f in findings}
+        assert by_key["CVE-2024-0001"].severity == "high" and by_key["CVE-2024-0002"].severity == "critical"
+        # B's stale report of a record A put on another host leaves no finding on B's host
+        [resource_x] = session.scalars(select(Resource.id).where(Resource.name == "x.example.com")).all()
+        assert by_key["CVE-2024-0005"].resource_id == resource_x
+        new_events = session.execute(
+            select(LifecycleEvent.subject_id, LifecycleEvent.batch_id).where(
+                LifecycleEvent.subject_type == "finding", LifecycleEvent.event == "new")).all()
+        assert sorted(subject for subject, _ in new_events) == sorted(f.id for f in findings)
+        assert {batch for subject, batch in new_events if subject == by_key["CVE-2024-0004"].id} == {batch_b}
+        by_b = session.execute(select(LifecycleEvent.subject_id, LifecycleEvent.event).where(
+            LifecycleEvent.subject_type == "finding", LifecycleEvent.batch_id == batch_b)).all()
+        assert sorted(by_b) == sorted([(by_key["CVE-2024-0001"].id, "active"),  # seen again, changed
+                                       (by_key["CVE-2024-0004"].id, "new")])
+        assert len(session.scalars(select(Recommendation)).all()) == 3  # hosts db-1, x and z: not y
+
+
+def test_an_alert_inserted_by_a_concurrent_batch_is_merged_as_an_update_without_a_retry(pg_gw, monkeypatch):
+    import json
+
+    from gateway.merge.alerts import AlertMerger
+    from gateway.models import Alert, Batch
+    from gateway.pipeline import process_batch
+
+    gw = pg_gw
+    tenant = gw.tenant()
+
+    def alerts(title: str, modified: str) -> bytes:
+        return json.dumps({"value": [{
+            "id": f"alert-{i}", "title": f"{title} {i}", "severity": "high", "status": "newAlert",
+            "createdDateTime": "2024-04-01T10:00:00Z", "lastModifiedDateTime": modified,
+            "vendorInformation": {"provider": "Contoso", "vendor": "C"}} for i in range(3)]}).encode()
+
+    batch_a = _stored_batch(gw, tenant, "Contoso", alerts("first", "2024-04-01T11:00:00Z"), "graph_alert")
+    batch_b = _stored_batch(gw, tenant, "Contoso", alerts("second", "2024-04-01T12:00:00Z"), "graph_alert")
+    original = AlertMerger.__init__
+    state = {"done": False}
+
+    class Racing:
+        """B's connection: A's merge runs and commits just before B's first INSERT into alerts."""
+
+        def __init__(self, conn) -> None:
+            self.conn = conn
+
+        def execute(self, statement, *args, **kwargs):
+            if not state["done"] and getattr(getattr(statement, "table", None), "name", None) == "alerts" \
+                    and statement.is_insert:
+                state["done"] = True
+                assert process_batch(gw.db, batch_a) == "succeeded"
+            return self.conn.execute(statement, *args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.conn, name)
+
+    def init(self, conn, tenant_id, provider, batch_id, cause):
+        original(self, Racing(conn) if batch_id == batch_b else conn, tenant_id, provider, batch_id, cause)
+
+    monkeypatch.setattr(AlertMerger, "__init__", init)
+    assert process_batch(gw.db, batch_b) == "succeeded"
+    with gw.db.sessions() as session:
+        b = session.get(Batch, batch_b)
+        assert b.attempts == 1 and b.counts["created"] == 0 and b.counts["updated"] == 3
+        assert sorted(a.title for a in session.scalars(select(Alert))) == [f"second {i}" for i in range(3)]
+        events = session.execute(select(LifecycleEvent.event, func.count()).where(
+            LifecycleEvent.subject_type == "alert").group_by(LifecycleEvent.event)).all()
+        assert dict(events) == {"new": 3, "updated": 3}
+
+
+def test_two_scanners_fixing_one_finding_at_once_resolve_it(pg_gw, monkeypatch):
+    """Qualys and Tenable report the same finding fixed in two batches merged at the same moment.
+    Each batch recomputes the finding from its sources; the one that commits last must see the
+    other's source (the finding is locked before its sources are read), or it writes the state
+    it computed without it and the finding stays open for good (a lost update)."""
+    import threading
+
+    from sqlalchemy import text
+
+    from gateway.merge import findings as merge_findings
+    from gateway.pipeline import process_batch
+    from tests.conftest import wait_for
+
+    gw = pg_gw
+    tenant = gw.tenant()
+    q = finding("q-1", cves=["CVE-2024-3094"], ts="2024-04-01T00:00:00Z")
+    t = finding("t-1", cves=["CVE-2024-3094"], ts="2024-04-01T00:00:00Z")
+    for provider, item in (("Qualys", q), ("Tenable", t)):
+        assert process_batch(gw.db, _stored_batch(gw, tenant, provider, document([item]))) == "succeeded"
+    batch_a = _stored_batch(gw, tenant, "Qualys", document([dict(q, status="fixed",
+                                                                 providerTimestamp="2024-05-01T00:00:00Z")]))
+    batch_b = _stored_batch(gw, tenant, "Tenable", document([dict(t, status="fixed",
+                                                                  providerTimestamp="2024-05-01T00:00:00Z")]))
+    original_refresh = merge_findings.FindingMerger._refresh_findings
+    original_aggregate = merge_findings._aggregate
+    state = {"in_b": False, "thread": None}
+
+    def refresh(self, *args, **kwargs):
+        state["in_b"] = self.batch_id == batch_b
+        return original_refresh(self, *args, **kwargs)
+
+    def waiting() -> bool:
+        with gw.db.engine.connect() as conn:
+            return bool(conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                                          "current_database() AND wait_event_type = 'Lock'")).scalar())
+
+    def aggregate(sources):
+        if state["in_b"] and state["thread"] is None:  # B has read the sources: A merges now
+            state["thread"] = threading.Thread(target=process_batch, args=(gw.db, batch_a))
+            state["thread"].start()
+            wait_for(lambda: not state["thread"].is_alive() or waiting(), timeout=30)
+        return original_aggregate(sources)
+
+    monkeypatch.setattr(merge_findings.FindingMerger, "_refresh_findings", refresh)
+    monkeypatch.setattr(merge_findings, "_aggregate", aggregate)
+    assert process_batch(gw.db, batch_b) == "succeeded"
+    state["thread"].join(timeout=60)
+    with gw.db.sessions() as session:
+        [row] = session.scalars(select(Finding)).all()
+        assert {s.state for s in session.scalars(select(FindingSource))} == {"fixed"}
+        assert row.state == "resolved"
+        events = session.scalars(select(LifecycleEvent.event).where(
+            LifecycleEvent.subject_type == "finding").order_by(LifecycleEvent.id)).all()
+        assert events == ["new", "active", "resolved"]  # as if B had merged first, then A

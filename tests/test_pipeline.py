@@ -136,3 +136,114 @@ def test_concurrent_batches_of_one_tenant_agree_on_resources_findings_and_recomm
         assert len(new_events) == 300 and {n for _, n in new_events} == {1}
         recommendations = session.execute(select(Recommendation.status)).scalars().all()
         assert recommendations == ["Unhealthy"] * 10
+
+
+def _logged_worker(database_url: str, log_path, concurrency: int = 2):
+    """A real celery worker like ``tests.conftest.Worker``, whose log goes to ``log_path``."""
+    import os
+    import subprocess
+    import sys
+    import uuid
+
+    from tests.conftest import QUEUE, REDIS_URL, ROOT, SECRET
+
+    env = dict(os.environ, GATEWAY_DATABASE_URL=database_url, GATEWAY_BROKER_URL=REDIS_URL,
+               GATEWAY_TASK_QUEUE=QUEUE, GATEWAY_SECRET_KEY=SECRET, GATEWAY_MERGE_CHUNK_SIZE="50",
+               PYTHONPATH=str(ROOT))
+    log = open(log_path, "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--loglevel=INFO",
+         f"--concurrency={concurrency}", "--without-gossip", "--without-mingle", "--without-heartbeat",
+         "-n", f"test-{uuid.uuid4().hex[:6]}@%h"],
+        env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return process, log
+
+
+def _stop(process, log) -> None:
+    import os
+    import signal
+    import subprocess
+
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+    log.close()
+
+
+def test_concurrent_batches_overlapping_in_new_records_need_no_retry_for_unique_violations(
+        pg_gw, live_server, redis_clean, tmp_path):
+    """Sixteen batches of one tenant, merged two at a time, each sharing half its records with the
+    next (new records, most of them, from the same scanner): a record two batches create at once
+    is one source, inserted by one and merged as an update (or a stale report) by the other, with
+    no unique violation and so no retry.  A deadlock between two batches can still be retried
+    (their chunks lock rows in different orders): every retry must be one.  Whatever the order,
+    the store ends as the pushes say: one finding per (host, CVE) with one "new" event, one source
+    per record holding its newest push, and each finding's state and fields those of its sources."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gateway.merge.findings import _aggregate
+    from gateway.models import LifecycleEvent
+
+    tenant = pg_gw.tenant()
+    scanners = {name: _token_headers(pg_gw, tenant, provider=name) for name in ("Qualys", "Tenable")}
+    batches, per_batch, stride = 16, 100, 50
+    work, newest = [], {}
+    for k in range(batches):
+        provider = ("Qualys", "Tenable")[(k // 2) % 2]
+        ts = f"2024-04-01T00:{k:02d}:00Z"
+        items = [finding(f"r-{j}", host=f"h{j % 10}.example.com", cves=[f"CVE-2024-{20000 + j}"],
+                         severity=("low", "medium", "high", "critical")[(j + k) % 4],
+                         status="fixed" if (j + k) % 3 == 0 else "open", ts=ts, description=f"batch {k}")
+                 for j in range(k * stride, k * stride + per_batch)]
+        for j in range(k * stride, k * stride + per_batch):
+            newest[(provider, f"r-{j}")] = k
+        work.append((provider, document(items)))
+    process, log = _logged_worker(pg_gw.app.config["DATABASE_URL"], tmp_path / "worker.log")
+    try:
+        def push(item):
+            provider, body = item
+            response = requests.post(f"{live_server.url}/api/v1/tenants/{tenant}/batches?format=canonical",
+                                     data=body, timeout=30,
+                                     headers=scanners[provider] | {"Content-Type": "application/json"})
+            assert response.status_code == 202, response.text
+            return provider, response.json()["id"]
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            ids = list(pool.map(push, work))
+        results = [_wait_final(live_server, tenant, batch_id, scanners[name], timeout=180)
+                   for name, batch_id in ids]
+    finally:
+        _stop(process, log)
+    lines = (tmp_path / "worker.log").read_text(errors="replace").splitlines()
+    assert not [line for line in lines if "duplicate key" in line or "UniqueViolation" in line]
+    retried = [line for line in lines if "transient error" in line]
+    assert all("deadlock detected" in line for line in retried), retried
+    assert sum(r["attempts"] - 1 for r in results) == len(retried)
+    assert [r["status"] for r in results] == ["succeeded"] * batches
+    totals = {key: sum(r["counts"][key] for r in results)
+              for key in ("created", "updated", "stale", "unchanged")}
+    assert totals["created"] == len(newest) and sum(totals.values()) == batches * per_batch
+    with pg_gw.db.sessions() as session:
+        findings = session.scalars(select(Finding)).all()
+        assert len(findings) == len({(f.resource_id, f.correlation_key) for f in findings}) == \
+            len({j for _, j in newest})
+        sources = session.scalars(select(FindingSource)).all()
+        assert len(sources) == len(newest)
+        assert all(s.description == f"batch {newest[(s.provider, s.provider_id)]}" for s in sources)
+        by_finding: dict[int, list] = {}
+        for s in sources:
+            by_finding.setdefault(s.finding_id, []).append(
+                {c.name: getattr(s, c.name) for c in FindingSource.__table__.columns})
+        for f in findings:
+            expected = _aggregate(by_finding[f.id])
+            assert (f.state == "resolved", f.severity, f.description) == \
+                (not expected["open"], expected["severity"], expected["description"]), f.id
+        new_events = session.execute(
+            select(LifecycleEvent.subject_id, func.count()).where(
+                LifecycleEvent.subject_type == "finding", LifecycleEvent.event == "new")
+            .group_by(LifecycleEvent.subject_id)).all()
+        assert len(new_events) == len(findings) and {n for _, n in new_events} == {1}

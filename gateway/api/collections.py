@@ -102,11 +102,12 @@ def _tags(column) -> ListField:
 # -- serializers ------------------------------------------------------------------------------
 
 
-def _serialize_findings(conn, rows, selected) -> list[dict]:
+def _serialize_findings(conn, tenant_id, rows, selected) -> list[dict]:
     ids = [row.id for row in rows]
     sources = defaultdict(list)
     if ids and (selected is None or "sources" in selected):
-        for source in conn.execute(select(S).where(S.c.finding_id.in_(ids)).order_by(S.c.id)):
+        for source in conn.execute(select(S).where(S.c.tenant_id == tenant_id, S.c.finding_id.in_(ids))
+                                   .order_by(S.c.id)):
             sources[source.finding_id].append(source._asdict())
     out = []
     for row in rows:
@@ -116,12 +117,12 @@ def _serialize_findings(conn, rows, selected) -> list[dict]:
     return _DUMP_FINDINGS(out)
 
 
-def _serialize_resources(conn, rows, selected) -> list[dict]:
+def _serialize_resources(conn, tenant_id, rows, selected) -> list[dict]:
     ids = [row.id for row in rows]
     identifiers = defaultdict(lambda: defaultdict(list))
     if ids and (selected is None or "identifiers" in selected):
-        for ident in conn.execute(select(RI).where(RI.c.resource_id.in_(ids)).order_by(RI.c.kind,
-                                                                                       RI.c.value)):
+        for ident in conn.execute(select(RI).where(RI.c.tenant_id == tenant_id, RI.c.resource_id.in_(ids))
+                                  .order_by(RI.c.kind, RI.c.value)):
             if ident.kind != "ip_only":
                 identifiers[ident.resource_id][_camel(ident.kind)].append(ident.value)
     out = []
@@ -139,7 +140,7 @@ def _camel(name: str) -> str:
 
 def _dump(schema):
     dump = fast_dumper(schema)
-    return lambda conn, rows, selected: dump([row._asdict() for row in rows])
+    return lambda conn, tenant_id, rows, selected: dump([row._asdict() for row in rows])
 
 
 _DUMP_FINDINGS = fast_dumper(FindingOut)
@@ -150,16 +151,20 @@ _DUMP_EVENTS = fast_dumper(EventOut)
 # -- collections ------------------------------------------------------------------------------
 
 
+# Recommendation types are per tenant: the join names the tenant too (and the composite foreign
+# key (tenant_id, type id) keeps a row from referring to another tenant's type at all).
+
+
 def _finding_base(tenant_id: int):
     return (select(F, RT.c.key.label("recommendation_type_key"))
-            .join(RT, RT.c.id == F.c.recommendation_type_id)
+            .join(RT, (RT.c.id == F.c.recommendation_type_id) & (RT.c.tenant_id == tenant_id))
             .where(F.c.tenant_id == tenant_id))
 
 
 def _rec_base(tenant_id: int):
     return (select(R, RT.c.key.label("type_key"), RT.c.title.label("type_title"),
                    RT.c.kind.label("type_kind"), RT.c.remediation.label("type_remediation"))
-            .join(RT, RT.c.id == R.c.type_id)
+            .join(RT, (RT.c.id == R.c.type_id) & (RT.c.tenant_id == tenant_id))
             .where(R.c.tenant_id == tenant_id))
 
 
@@ -319,7 +324,7 @@ COLLECTIONS: dict[str, Collection] = {
         },
         default_order=(("id", False),),
         selectable=tuple(FindingOut().fields),
-        # recommendation_type_id is NOT NULL with a foreign key: the join never changes a count.
+        # (tenant_id, recommendation_type_id) is NOT NULL with a foreign key: the join never changes a count.
         count_base=lambda tenant_id: select(F.c.id).where(F.c.tenant_id == tenant_id),
         count_joined=(RT,),
         serialize=_serialize_findings,
@@ -414,7 +419,7 @@ def _get_one(tenant: str, name: str, item_id: str, selected: tuple[str, ...] | N
                                                                                               item_id))).all()
         if not rows:
             raise NotFound(f"{name[:-1]} '{item_id}' not found")
-        return project(collection.serialize(conn, rows, selected), selected)[0]
+        return project(collection.serialize(conn, tenant_id, rows, selected), selected)[0]
 
 
 def _only(allowed: tuple[str, ...]) -> None:

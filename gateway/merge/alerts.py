@@ -12,12 +12,13 @@ from sqlalchemy.engine import Connection
 
 from connectors.model import AlertRecord
 from gateway.merge import resources as resource_identity
-from gateway.merge.sql import in_values, is_postgres
+from gateway.merge.sql import in_values, insert_for, is_postgres
 from gateway.models import Alert, LifecycleEvent, utcnow
 
 alerts_t = Alert.__table__
 events_t = LifecycleEvent.__table__
 
+LOST_RACE_ROUNDS = 5
 PROVIDER_FIELDS = ("title", "description", "severity", "category", "provider_status", "recommended_actions",
                    "extra", "created_date_time", "last_modified_date_time", "resource_id")
 
@@ -62,6 +63,36 @@ class AlertMerger:
             previous = rows.get(record.provider_id)
             if previous is None or row["provider_timestamp"] >= previous["provider_timestamp"]:
                 rows[record.provider_id] = row
+        pending = rows
+        for _ in range(LOST_RACE_ROUNDS):
+            inserts = self._merge_existing(pending, now)
+            if not inserts:
+                break
+            # ON CONFLICT DO NOTHING: an alert a concurrent batch of the tenant inserted since it was
+            # read is skipped (after that batch commits) and merged again as an update of that row.
+            statement = insert_for(conn, alerts_t).on_conflict_do_nothing(
+                index_elements=["tenant_id", "provider", "provider_id"])
+            new = conn.execute(statement.returning(alerts_t.c.id, alerts_t.c.provider_id), inserts).all()
+            self.counts["created"] += len(new)
+            if new:
+                conn.execute(events_t.insert(), [self._event(alert_id, "new", now) for alert_id, _ in new])
+            inserted = {provider_id for _, provider_id in new}
+            pending = {row["provider_id"]: rows[row["provider_id"]] for row in inserts
+                       if row["provider_id"] not in inserted}
+            if not pending:
+                break
+        else:
+            raise RuntimeError(f"{len(pending)} alerts kept losing their insert to concurrent batches")
+        ids = {row.provider_id: row.id for row in conn.execute(
+            select(alerts_t.c.id, alerts_t.c.provider_id).where(
+                alerts_t.c.tenant_id == self.tenant_id, alerts_t.c.provider == self.provider,
+                in_values(conn, alerts_t.c.provider_id, sorted(rows))))}
+        return [ids[record.provider_id] for record in records]
+
+    def _merge_existing(self, rows: dict[str, dict], now) -> list[dict]:
+        """Update the stored alerts of ``rows`` (stale and unchanged ones are counted); return the
+        rows of alerts not stored yet, to insert."""
+        conn = self.conn
         query = (
             select(alerts_t.c.id, alerts_t.c.provider_id, alerts_t.c.provider_timestamp, alerts_t.c.content_hash)
             .where(alerts_t.c.tenant_id == self.tenant_id, alerts_t.c.provider == self.provider,
@@ -77,7 +108,6 @@ class AlertMerger:
             if old is None:
                 inserts.append(row | {"status": "newAlert", "comments": [], "tags": [], "created_at": now,
                                       "updated_at": now})
-                self.counts["created"] += 1
             elif row["provider_timestamp"] < old.provider_timestamp:
                 self.counts["stale"] += 1
             elif row["content_hash"] == old.content_hash:
@@ -87,10 +117,6 @@ class AlertMerger:
                                | {"_id": old.id})
                 events.append(self._event(old.id, "updated", now))
                 self.counts["updated"] += 1
-        if inserts:
-            new = conn.execute(alerts_t.insert().returning(alerts_t.c.id, sort_by_parameter_order=True),
-                               inserts).scalars().all()
-            events.extend(self._event(alert_id, "new", now) for alert_id in new)
         if changes:
             conn.execute(
                 update(alerts_t).where(alerts_t.c.id == bindparam("_id")).values(
@@ -100,11 +126,7 @@ class AlertMerger:
             )
         if events:
             conn.execute(events_t.insert(), events)
-        ids = {row.provider_id: row.id for row in conn.execute(
-            select(alerts_t.c.id, alerts_t.c.provider_id).where(
-                alerts_t.c.tenant_id == self.tenant_id, alerts_t.c.provider == self.provider,
-                in_values(conn, alerts_t.c.provider_id, sorted(rows))))}
-        return [ids[record.provider_id] for record in records]
+        return inserts
 
     def _event(self, alert_id: int, event: str, now) -> dict:
         return {"tenant_id": self.tenant_id, "subject_type": "alert", "subject_id": alert_id, "event": event,

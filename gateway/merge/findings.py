@@ -15,13 +15,21 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import msgspec
-from sqlalchemy import BigInteger, bindparam, case, func, select, text
+from sqlalchemy import BigInteger, bindparam, case, func, or_, select, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.types import ARRAY
 
 from connectors.model import SEVERITIES, SEVERITY_RANK, FindingRecord
 from gateway.merge import resources as resource_identity
-from gateway.merge.sql import in_values, insert_for, insert_rows, is_postgres, pair_join, update_rows
+from gateway.merge.sql import (
+    in_values,
+    insert_count,
+    insert_for,
+    insert_rows,
+    is_postgres,
+    pair_join,
+    update_rows,
+)
 from gateway.models import (
     Finding,
     FindingSource,
@@ -36,6 +44,9 @@ sources_t = FindingSource.__table__
 events_t = LifecycleEvent.__table__
 types_t = RecommendationType.__table__
 recs_t = Recommendation.__table__
+# the columns of a new source that vary by row (the others are the chunk's constants)
+_SOURCE_CONSTANTS = ("id", "tenant_id", "provider", "batch_id", "created_at", "updated_at")
+_SOURCE_COLUMNS = tuple(c.name for c in sources_t.columns if c.name not in _SOURCE_CONSTANTS)
 
 VULNERABILITY_TYPE = {
     "key": "vulnerability-assessment",
@@ -50,6 +61,7 @@ VULNERABILITY_TYPE = {
 }
 
 _OUTCOME_PRIORITY = ("created", "updated", "stale", "unchanged")
+LOST_RACE_ROUNDS = 5  # a row whose conflicting row is deleted again and again (a KB back-fill) ends here
 RECOMMENDATION_LOCKS = 7101  # advisory lock space: one lock per resource while its recommendations are recomputed
 
 
@@ -98,7 +110,14 @@ class FindingMerger:
     # -- recommendation types -------------------------------------------------------------
 
     def _type_spec(self, record: FindingRecord) -> dict:
-        if record.kind == "vulnerability" and not record.recommendation:
+        """The recommendation type a record falls under: the built-in one, or the provider's.
+
+        Types are per tenant (their texts come from what this tenant's providers pushed), and
+        the first record of a key in the tenant gives its texts.  A partner cannot redefine a
+        built-in type: a record naming the built-in key gets the built-in texts.
+        """
+        if (record.kind == "vulnerability" and not record.recommendation) or \
+                record.recommendation == VULNERABILITY_TYPE["key"]:
             return VULNERABILITY_TYPE
         key = record.recommendation or f"{self.provider}:{record.vendor_id or record.title}"
         return {
@@ -118,12 +137,11 @@ class FindingMerger:
         missing = {spec["key"]: spec for spec in specs if spec["key"] not in self._type_ids}
         if missing:
             self.conn.execute(
-                insert_for(self.conn, types_t).on_conflict_do_nothing(index_elements=["key"]),
-                [missing[key] for key in sorted(missing)],
+                insert_for(self.conn, types_t).on_conflict_do_nothing(index_elements=["tenant_id", "key"]),
+                [missing[key] | {"tenant_id": self.tenant_id} for key in sorted(missing)],
             )
-            rows = self.conn.execute(
-                select(types_t.c.key, types_t.c.id).where(in_values(self.conn, types_t.c.key, sorted(missing)))
-            )
+            rows = self.conn.execute(select(types_t.c.key, types_t.c.id).where(
+                types_t.c.tenant_id == self.tenant_id, in_values(self.conn, types_t.c.key, sorted(missing))))
             self._type_ids.update(dict(rows.all()))
         return [self._type_ids[spec["key"]] for spec in specs]
 
@@ -154,44 +172,55 @@ class FindingMerger:
         self.reported.update(incoming)
 
         existing = self._existing_sources(sorted({pid for pid, _ in incoming}))
-        outcome: dict[tuple[str, str], str] = {}
-        created, updated, touched = [], [], []
-        for identity, row in incoming.items():
-            old = existing.get(identity)
-            if old is None:
-                outcome[identity] = "created"
-                created.append(row)
-            elif row["provider_timestamp"] < _aware(old["provider_timestamp"]):
-                outcome[identity] = "stale"
-            elif row["content_hash"] != old["content_hash"] or row["resource_id"] != old["resource_id"]:
-                outcome[identity] = "updated"
-                row["_old"] = old
-                updated.append(row)
-            else:
-                outcome[identity] = "unchanged"
-                if row["provider_timestamp"] > _aware(old["provider_timestamp"]) or _later(
-                    row["last_seen"], old["last_seen"]
-                ):
-                    row["_old"] = old
-                    touched.append(row)
-
-        for keys in record_keys:
-            kinds = {outcome[key] for key in keys}
-            self.counts[next(kind for kind in _OUTCOME_PRIORITY if kind in kinds)] += 1
-
+        outcome, created, updated, touched = _classify(incoming, existing)
         moved = [row for row in updated if row["resource_id"] != row["_old"]["resource_id"]]
         finding_ids = self._ensure_findings(created + moved, now)
         for row in created + moved:
             row["finding_id"] = finding_ids[(row["resource_id"], row["correlation_key"])]
         for row in updated + touched:
             row.setdefault("finding_id", row["_old"]["finding_id"])
+        created_ids = {finding_ids[key] for key in self._created_finding_keys}
 
-        self._write_sources(created, updated, touched, now)
+        # A concurrent batch of the tenant may have inserted some of these sources since they were
+        # read: the insert skips them (ON CONFLICT DO NOTHING, after waiting for that batch to
+        # commit), and they are merged again as what they now are, updates (or stale or
+        # unchanged reports) of the rows that batch inserted.
+        lost = self._insert_sources(created, now)
+        recheck: set[int] = set()
+        for _ in range(LOST_RACE_ROUNDS):
+            if not lost:
+                break
+            recheck |= {row["finding_id"] for row in lost} & created_ids
+            again, created_again, updated_again, touched_again = _classify(
+                {(row["provider_id"], row["correlation_key"]): row for row in lost},
+                self._existing_sources(sorted({row["provider_id"] for row in lost})))
+            outcome.update(again)
+            for row in updated_again + touched_again:
+                if row["resource_id"] == row["_old"]["resource_id"]:
+                    row["finding_id"] = row["_old"]["finding_id"]
+                else:
+                    moved.append(row)  # its finding on the new resource was ensured above
+            created = [row for row in created if outcome[(row["provider_id"], row["correlation_key"])]
+                       == "created"]
+            updated += updated_again
+            touched += touched_again
+            lost = self._insert_sources(created_again, now)  # rows whose conflicting row went away
+        else:
+            if lost:
+                raise RuntimeError(f"{len(lost)} sources kept losing their insert to concurrent batches")
+
+        for keys in record_keys:
+            kinds = {outcome[key] for key in keys}
+            self.counts[next(kind for kind in _OUTCOME_PRIORITY if kind in kinds)] += 1
+        self._update_sources(updated, touched, now)
         affected = {row["finding_id"] for row in created + updated + touched}
         affected |= {row["_old"]["finding_id"] for row in moved}
-        affected -= {finding_ids[key] for key in self._created_finding_keys}  # inserted final
+        affected -= created_ids - recheck  # inserted with their final values
+        seen_again = {row["finding_id"] for row in updated + touched} - created_ids
         self._refresh_findings(affected, changed={row["finding_id"]: row for row in updated},
-                               seen_again={row["finding_id"] for row in updated + touched}, now=now)
+                               seen_again=seen_again, now=now)
+        if recheck:
+            self._drop_empty_findings(recheck)
 
     def _source_row(self, record: FindingRecord, key: str, cve: str | None, resource_id: int,
                     type_id: int) -> dict:
@@ -223,6 +252,8 @@ class FindingMerger:
             "provider_timestamp": provider_ts,
         }
         row["content_hash"] = content_hash(row)
+        if row["references"] is None:  # stored as [] (after hashing: the hash of a stored row stays)
+            row["references"] = []
         return row
 
     def _existing_sources(self, provider_ids: list[str]) -> dict[tuple[str, str], dict]:
@@ -311,18 +342,40 @@ class FindingMerger:
                 result[(resource_id, key)] = finding_id
         return result
 
-    def _write_sources(self, created: list[dict], updated: list[dict], touched: list[dict],
-                       now: datetime) -> None:
+    def _insert_sources(self, created: list[dict], now: datetime) -> list[dict]:
+        """Insert new sources; return those a concurrent batch inserted first (none on SQLite).
+
+        On PostgreSQL the insert is ``ON CONFLICT DO NOTHING`` on the record's unique key: a row
+        another batch inserted meanwhile (and committed: the insert waits for it) is skipped,
+        instead of failing the batch with a unique violation, and returned to the caller.
+        Which rows those are is read only when the insert came short (no RETURNING of every
+        row): the rows of these records that this chunk did not write.  SQLite has one writer
+        at a time, so what was read is still what is stored.
+        """
+        if not created:
+            return []
         constants = {"tenant_id": self.tenant_id, "provider": self.provider, "batch_id": self.batch_id,
                      "created_at": now, "updated_at": now}
-        columns = [c.name for c in sources_t.columns if c.name != "id" and c.name not in constants]
-        if created:
-            rows = []
-            for row in created:
-                values = {name: row.get(name) for name in columns}
-                values["references"] = row["references"] or []
-                rows.append(values)
-            insert_rows(self.conn, sources_t, rows, constants=constants)
+        columns = _SOURCE_COLUMNS
+        if not is_postgres(self.conn):
+            insert_rows(self.conn, sources_t, created, constants=constants, columns=columns)
+            return []
+        inserted = insert_count(self.conn, sources_t, created, constants=constants, columns=columns,
+                                conflict=("tenant_id", "provider", "provider_id", "correlation_key"))
+        if inserted == len(created):
+            return []
+        s = sources_t.c
+        theirs = set(self.conn.execute(
+            select(s.provider_id, s.correlation_key).where(
+                s.tenant_id == self.tenant_id, s.provider == self.provider,
+                in_values(self.conn, s.provider_id, sorted({row["provider_id"] for row in created})),
+                or_(s.batch_id.is_distinct_from(self.batch_id), s.created_at != now))).all())
+        lost = [row for row in created if (row["provider_id"], row["correlation_key"]) in theirs]
+        if len(lost) != len(created) - inserted:
+            raise RuntimeError(f"{len(created) - inserted} sources not inserted, {len(lost)} found")
+        return lost
+
+    def _update_sources(self, updated: list[dict], touched: list[dict], now: datetime) -> None:
         if updated:
             fields = ["finding_id", "resource_id", "vendor_id", "state", "title", "severity",
                       "severity_original", "severity_scale", "description", "remediation", "evidence",
@@ -342,6 +395,27 @@ class FindingMerger:
                 for row in sorted(touched, key=lambda r: r["_old"]["id"])
             ], constants={"batch_id": self.batch_id})
 
+    def _drop_empty_findings(self, finding_ids: set[int]) -> None:
+        """Delete findings this chunk inserted that ended with no source, and their "new" events.
+
+        Only after a lost insert race whose record the other batch put on another resource:
+        the finding this batch created for it on its own resource then has nothing to show.
+        It was inserted by this transaction, so no one else has seen it.
+        """
+        ids = sorted(finding_ids)
+        empty = [finding_id for (finding_id,) in self.conn.execute(
+            select(findings_t.c.id).where(
+                findings_t.c.tenant_id == self.tenant_id, in_values(self.conn, findings_t.c.id, ids),
+                ~select(sources_t.c.id).where(sources_t.c.tenant_id == self.tenant_id,
+                                               sources_t.c.finding_id == findings_t.c.id).exists()))]
+        if not empty:
+            return
+        self.conn.execute(events_t.delete().where(
+            events_t.c.tenant_id == self.tenant_id, events_t.c.subject_type == "finding",
+            in_values(self.conn, events_t.c.subject_id, empty), events_t.c.batch_id == self.batch_id))
+        self.conn.execute(findings_t.delete().where(findings_t.c.tenant_id == self.tenant_id,
+                                                    in_values(self.conn, findings_t.c.id, empty)))
+
     # -- findings' state and history ------------------------------------------------------
 
     def _refresh_findings(self, affected: set[int], changed: dict[int, dict], seen_again: set[int],
@@ -350,15 +424,18 @@ class FindingMerger:
         if not affected:
             return
         ids = sorted(affected)
-        current = {
-            row.id: row
-            for row in self.conn.execute(
-                select(findings_t.c.id, findings_t.c.state, findings_t.c.resource_id,
-                       findings_t.c.recommendation_type_id, findings_t.c.state_changed_at,
-                       findings_t.c.resolved_at)
-                .where(findings_t.c.tenant_id == self.tenant_id, in_values(self.conn, findings_t.c.id, ids))
-            )
-        }
+        query = (select(findings_t.c.id, findings_t.c.state, findings_t.c.resource_id,
+                        findings_t.c.recommendation_type_id, findings_t.c.state_changed_at,
+                        findings_t.c.resolved_at)
+                 .where(findings_t.c.tenant_id == self.tenant_id, in_values(self.conn, findings_t.c.id, ids)))
+        if is_postgres(self.conn):
+            # Lock the findings (in id order) before reading their sources: a concurrent batch
+            # that changed another source of one of them has committed by the time the lock is
+            # granted, and the read below sees its change (READ COMMITTED), so neither batch
+            # writes a state computed without the other's source.  FOR NO KEY UPDATE, the lock
+            # the UPDATE below takes anyway: it does not block inserting sources of the finding.
+            query = query.order_by(findings_t.c.id).with_for_update(key_share=True)
+        current = {row.id: row for row in self.conn.execute(query)}
         by_finding: dict[int, list] = defaultdict(list)
         for row in self.conn.execute(
             select(sources_t.c.finding_id, sources_t.c.state, sources_t.c.severity, sources_t.c.title,
@@ -467,42 +544,95 @@ class FindingMerger:
             )
             for resource_id, type_id, open_count, worst in rows:
                 aggregate[(resource_id, type_id)] = (int(open_count or 0), int(worst if worst is not None else -1))
+        type_severity = dict(conn.execute(
+            select(types_t.c.id, types_t.c.severity).where(
+                types_t.c.tenant_id == self.tenant_id,
+                in_values(conn, types_t.c.id, sorted({type_id for _, type_id in pairs})))
+        ).all())
+        events: list[dict] = []
+        pending = pairs
+        for _ in range(LOST_RACE_ROUNDS):
+            inserts, changes = [], []
+            existing = self._existing_recommendations(pending)
+            for pair in pending:
+                open_count, worst = aggregate.get(pair, (0, -1))
+                status = "Unhealthy" if open_count else "Healthy"
+                severity = SEVERITIES[worst] if worst >= 0 else type_severity.get(pair[1], "medium")
+                old = existing.get(pair)
+                if old is None:
+                    if pair not in aggregate:  # no finding of this type on the resource (any more)
+                        continue
+                    inserts.append({"tenant_id": self.tenant_id, "resource_id": pair[0], "type_id": pair[1],
+                                    "status": status, "severity": severity, "first_evaluated": now,
+                                    "status_changed_at": now, "updated_at": now, "comments": [], "tags": []})
+                elif old.status != status or old.severity != severity:
+                    changes.append({"id": old.id, "status": status, "severity": severity,
+                                    "status_changed_at": now if old.status != status
+                                    else old.status_changed_at})
+                    if old.status != status:
+                        events.append({"tenant_id": self.tenant_id, "subject_type": "recommendation",
+                                       "subject_id": old.id, "event": status.lower(), "at": now,
+                                       "cause": self.cause, "batch_id": self.batch_id, "actor": self.provider,
+                                       "details": {"from": old.status}})
+            update_rows(conn, recs_t, changes, constants={"updated_at": now})
+            # ON CONFLICT DO NOTHING: a recommendation another batch inserted meanwhile is read
+            # again and updated (on PostgreSQL the resource locks above make that rare).
+            new = insert_rows(conn, recs_t, inserts, returning=("id", "resource_id", "type_id", "status"),
+                              conflict=("tenant_id", "resource_id", "type_id") if is_postgres(conn) else None)
+            events.extend({"tenant_id": self.tenant_id, "subject_type": "recommendation", "subject_id": rid,
+                           "event": "new", "at": now, "cause": self.cause, "batch_id": self.batch_id,
+                           "actor": self.provider, "details": {"status": status}}
+                          for rid, _, _, status in new)
+            done = {(resource_id, type_id) for _, resource_id, type_id, _ in new}
+            pending = [(row["resource_id"], row["type_id"]) for row in inserts
+                       if (row["resource_id"], row["type_id"]) not in done]
+            if not pending:
+                break
+        else:
+            raise RuntimeError(f"{len(pending)} recommendations kept losing their insert to concurrent "
+                               "batches")
+        insert_rows(conn, events_t, events)
+
+    def _existing_recommendations(self, pairs: list[tuple[int, int]]) -> dict[tuple[int, int], object]:
         existing = {}
         for start in range(0, len(pairs), 5000):
             part = pairs[start : start + 5000]
             query = select(recs_t.c.id, recs_t.c.resource_id, recs_t.c.type_id, recs_t.c.status,
-                           recs_t.c.severity, recs_t.c.status_changed_at).where(recs_t.c.tenant_id == self.tenant_id)
-            for row in conn.execute(pair_join(conn, query, recs_t.c.resource_id, recs_t.c.type_id, part)):
+                           recs_t.c.severity, recs_t.c.status_changed_at).where(
+                recs_t.c.tenant_id == self.tenant_id)
+            for row in self.conn.execute(pair_join(self.conn, query, recs_t.c.resource_id, recs_t.c.type_id,
+                                                   part)):
                 existing[(row.resource_id, row.type_id)] = row
-        type_severity = dict(conn.execute(
-            select(types_t.c.id, types_t.c.severity).where(
-                in_values(conn, types_t.c.id, sorted({t for _, t in pairs})))
-        ).all())
-        inserts, changes, events = [], [], []
-        for pair in pairs:
-            open_count, worst = aggregate.get(pair, (0, -1))
-            status = "Unhealthy" if open_count else "Healthy"
-            severity = SEVERITIES[worst] if worst >= 0 else type_severity.get(pair[1], "medium")
-            old = existing.get(pair)
-            if old is None:
-                inserts.append({"tenant_id": self.tenant_id, "resource_id": pair[0], "type_id": pair[1],
-                                "status": status, "severity": severity, "first_evaluated": now,
-                                "status_changed_at": now, "updated_at": now, "comments": [], "tags": []})
-            elif old.status != status or old.severity != severity:
-                changes.append({"id": old.id, "status": status, "severity": severity,
-                                "status_changed_at": now if old.status != status else old.status_changed_at})
-                if old.status != status:
-                    events.append({"tenant_id": self.tenant_id, "subject_type": "recommendation",
-                                   "subject_id": old.id, "event": status.lower(), "at": now,
-                                   "cause": self.cause, "batch_id": self.batch_id, "actor": self.provider,
-                                   "details": {"from": old.status}})
-        if inserts:
-            new_ids = insert_rows(conn, recs_t, inserts, returning=("id", "status"))
-            events.extend({"tenant_id": self.tenant_id, "subject_type": "recommendation", "subject_id": rid,
-                           "event": "new", "at": now, "cause": self.cause, "batch_id": self.batch_id,
-                           "actor": self.provider, "details": {"status": status}} for rid, status in new_ids)
-        update_rows(conn, recs_t, changes, constants={"updated_at": now})
-        insert_rows(conn, events_t, events)
+        return existing
+
+
+def _classify(incoming: dict[tuple[str, str], dict], existing: dict[tuple[str, str], dict]):
+    """Each incoming source row against the stored one: (outcome by identity, created, updated, touched).
+
+    ``updated`` and ``touched`` rows (unchanged content, but seen later) get the stored row as
+    ``_old``; stale rows (older than the stored one) are only counted.
+    """
+    outcome: dict[tuple[str, str], str] = {}
+    created, updated, touched = [], [], []
+    for identity, row in incoming.items():
+        old = existing.get(identity)
+        if old is None:
+            outcome[identity] = "created"
+            created.append(row)
+        elif row["provider_timestamp"] < _aware(old["provider_timestamp"]):
+            outcome[identity] = "stale"
+        elif row["content_hash"] != old["content_hash"] or row["resource_id"] != old["resource_id"]:
+            outcome[identity] = "updated"
+            row["_old"] = old
+            updated.append(row)
+        else:
+            outcome[identity] = "unchanged"
+            if row["provider_timestamp"] > _aware(old["provider_timestamp"]) or _later(
+                row["last_seen"], old["last_seen"]
+            ):
+                row["_old"] = old
+                touched.append(row)
+    return outcome, created, updated, touched
 
 
 def _aggregate(sources) -> dict:
@@ -511,6 +641,12 @@ def _aggregate(sources) -> dict:
     Open sources decide the severity (the worst, then the latest); the latest report
     gives title, description and remediation; seen times span all sources.
     """
+    if len(sources) == 1:  # most findings have one source: the same values, without the searches
+        (only,) = sources
+        return {"open": only["state"] == "open", "severity": only["severity"], "title": only["title"],
+                "description": only["description"], "remediation": only["remediation"],
+                "cvss_score": only["cvss_score"], "first_seen": _aware(only["first_seen"]),
+                "last_seen": _aware(only["last_seen"])}
     any_open = any(s["state"] == "open" for s in sources)
     pool = [s for s in sources if s["state"] == "open"] or sources
     worst = max(pool, key=lambda s: (SEVERITY_RANK.get(s["severity"], 0), _ts(s["provider_timestamp"])))

@@ -30,13 +30,16 @@ both orders:
 
 Everything runs in the batch's transaction with set-based statements (a few per page of
 findings, whatever the number of rows); on PostgreSQL under a per-tenant back-fill lock, so
-two KB pushes never re-key the same findings at once.  Limitations: a detection batch of
-the tenant merging at the same moment is not serialized with the back-fill (resource
-resolution no longer holds the tenant's lock for the whole merge), so if it creates the very
-(resource, CVE) finding a re-key in place targets, the KB batch fails on the findings'
-unique constraint, rolls back whole, and is merged again by the sweep
-(``SWEEP_AFTER_SECONDS``), when that finding exists and the sources join it; a
-vendor-keyed correlation key cut at 300 characters is not recognised (vendor ids are short).
+two KB pushes never re-key the same findings at once.  A detection batch of the tenant
+merging at the same moment is not serialized with the back-fill (resource resolution no
+longer holds the tenant's lock for the whole merge): a finding it creates that the back-fill
+also creates, or a CVE-keyed source it inserts that the back-fill copies, is inserted once
+(``ON CONFLICT DO NOTHING``; the back-fill joins the other batch's finding and keeps its
+source as the current twin).  Limitations: a re-key *in place* is an UPDATE, so if that
+detection batch creates the very (resource, CVE) finding (or CVE-keyed source) a re-key in
+place targets, the KB batch fails on the unique constraint, rolls back whole, and its task is
+retried, when that finding exists and the sources join it; a vendor-keyed correlation key
+cut at 300 characters is not recognised (vendor ids are short).
 """
 
 from __future__ import annotations
@@ -232,7 +235,9 @@ class Backfill:
                 correlation_key=bindparam("_key"), cve=bindparam("_key"), updated_at=utcnow()), in_place)
         if new:
             now = utcnow()
-            statement = insert_for(self.conn, findings_t).returning(
+            # ON CONFLICT DO NOTHING: a finding a concurrent batch created meanwhile is joined instead
+            statement = insert_for(self.conn, findings_t).on_conflict_do_nothing(
+                index_elements=["tenant_id", "resource_id", "correlation_key"]).returning(
                 findings_t.c.id, findings_t.c.resource_id, findings_t.c.correlation_key)
             inserted = self.conn.execute(statement, [{
                 "tenant_id": self.tenant_id, "resource_id": key[0], "correlation_key": key[1], "cve": key[1],
@@ -243,6 +248,9 @@ class Backfill:
             for finding_id, resource_id, key in inserted:
                 targets[(resource_id, key)] = finding_id
                 self.created.add(finding_id)
+            missing = sorted(key for key in new if targets[key] is None)
+            if missing:
+                targets.update(self.merger._select_findings(missing))
         self._events(in_place, merged, targets)
         return targets  # type: ignore[return-value]
 
@@ -306,8 +314,9 @@ class Backfill:
                 {name: bindparam(f"_{name}") for name in fields}
                 | {"content_hash": ENRICHED_HASH, "batch_id": self.batch_id, "updated_at": now}),
                 sorted(updates, key=lambda p: p["_id"]))
-        if copies:
-            conn.execute(sources_t.insert(), copies)
+        if copies:  # a twin a concurrent batch inserted meanwhile is the current one: keep it
+            conn.execute(insert_for(conn, sources_t).on_conflict_do_nothing(
+                index_elements=["tenant_id", "provider", "provider_id", "correlation_key"]), copies)
         # findings this back-fill created get their "new" event, then the refresh their final state
         self.merger._insert_events([self.merger._event(finding_id, "new", now, {"state": "new"}, self.cause)
                                     for finding_id in sorted(self.created)])

@@ -54,7 +54,8 @@ def chunks(values: Sequence, size: int = SQLITE_IN_LIMIT) -> Iterable[Sequence]:
         yield values[start : start + size]
 
 
-__all__ = ["chunks", "in_values", "insert_for", "is_postgres", "literal"]
+__all__ = ["chunks", "in_values", "insert_count", "insert_for", "insert_rows", "is_postgres", "literal",
+           "update_rows"]
 
 
 # -- many rows in one statement ------------------------------------------------------------
@@ -125,18 +126,34 @@ def _unnest_select(conn: Connection, table, names: list[str], rows: Sequence[dic
 
 
 def insert_rows(conn: Connection, table, rows: Sequence[dict], returning: Sequence[str] = (),
-                conflict: Sequence[str] | None = None, constants: dict | None = None) -> list[tuple]:
+                conflict: Sequence[str] | None = None, constants: dict | None = None,
+                columns: Sequence[str] | None = None) -> list[tuple]:
     """Insert ``rows`` (dicts with the same keys) in one statement; return ``returning`` columns.
 
     ``constants`` are column values shared by every row.  ``conflict`` names a unique
     constraint's columns: rows that collide with it are skipped (and not returned); an
-    empty ``conflict`` skips rows that collide with any constraint.  Rows are returned in
-    no particular order.
+    empty ``conflict`` skips rows that collide with any constraint.  ``columns`` names the
+    keys of the rows to insert (default: every key of the first row; the rows may carry
+    others).  Rows are returned in no particular order.
     """
     if not rows:
         return []
+    result = _insert(conn, table, rows, returning, conflict, constants, columns)
+    return [tuple(row) for row in result] if returning else []
+
+
+def insert_count(conn: Connection, table, rows: Sequence[dict], conflict: Sequence[str] | None = None,
+                 constants: dict | None = None, columns: Sequence[str] | None = None) -> int:
+    """``insert_rows`` without RETURNING: how many rows were inserted (not those ``conflict`` skipped)."""
+    if not rows:
+        return 0
+    return _insert(conn, table, rows, (), conflict, constants, columns).rowcount
+
+
+def _insert(conn: Connection, table, rows: Sequence[dict], returning: Sequence[str],
+            conflict: Sequence[str] | None, constants: dict | None, columns: Sequence[str] | None):
     constants = constants or {}
-    names = list(rows[0])
+    names = list(columns) if columns is not None else list(rows[0])
     if is_postgres(conn):
         select_sql, params, output = _unnest_select(conn, table, names, rows, constants)
         column_list = ", ".join(f'"{name}"' for name in output)
@@ -146,8 +163,9 @@ def insert_rows(conn: Connection, table, rows: Sequence[dict], returning: Sequen
             sql += f" ON CONFLICT {target}DO NOTHING"
         if returning:
             sql += f" RETURNING {', '.join(returning)}"
-        result = conn.exec_driver_sql(sql, params)
-        return [tuple(row) for row in result] if returning else []
+        return conn.exec_driver_sql(sql, params)
+    if columns is not None:
+        rows = [{name: row[name] for name in names} for row in rows]
     if constants:
         rows = [dict(row) | constants for row in rows]
     statement = insert_for(conn, table)
@@ -155,9 +173,7 @@ def insert_rows(conn: Connection, table, rows: Sequence[dict], returning: Sequen
         statement = statement.on_conflict_do_nothing(index_elements=list(conflict) or None)
     if returning:
         statement = statement.returning(*[table.c[name] for name in returning])
-        return [tuple(row) for row in conn.execute(statement, list(rows))]
-    conn.execute(statement, list(rows))
-    return []
+    return conn.execute(statement, list(rows))
 
 
 def update_rows(conn: Connection, table, rows: Sequence[dict], key: str = "id",
