@@ -1,7 +1,7 @@
 """recommendation types per tenant
 
 Revision ID: 0005
-Revises: 0003 on this branch; 0004 (batch leases) on main: see ``down_revision``
+Revises: 0004
 Create Date: 2026-12-02
 
 A recommendation type's texts (title, description, remediation) come from the first record
@@ -45,7 +45,7 @@ revision = "0005"
 # This branch (types) was cut before main's 0004 (batch leases, gateway/migrations/versions/
 # 0004_batch_lease.py), which touches only ``batches``: merged with main, this must read "0004"
 # (the two are independent; alembic refuses two heads, so tests/test_migrations.py says so).
-down_revision = "0003"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
