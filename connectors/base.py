@@ -24,6 +24,7 @@ class Connector(Protocol):
 
     FORMAT: str  # the name a push uses: ?format=<FORMAT>
     TITLE: str  # human name, e.g. "Tenable Nessus v2 XML"
+    PRODUCT: str  # the tool that writes the format, e.g. "Nessus", "Tenable.io", "Qualys VMDR"
     CONTENT_TYPES: tuple[str, ...]  # media types a push of this format may carry
     RECORD_KIND: str  # "findings", "alerts" or "knowledge_base"
 

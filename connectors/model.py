@@ -36,7 +36,15 @@ class ResourceRef(msgspec.Struct, kw_only=True):
     ipv6: list[str] = msgspec.field(default_factory=list)
     kind: str | None = None  # vm, host, container_image, cloud_resource, web_app
     name: str | None = None  # display name
-    os: str | None = None
+    os: str | None = None  # plain text ("Microsoft Windows Server 2019"), never a list rendered as text
+    # Identity evidence beyond the classic identifiers (gateway/merge/resources.py decides):
+    instance_id: str | None = None  # a cloud instance id known apart from the resource id (EC2 i-..., Azure vmId)
+    cloud_name: str | None = None  # the cloud resource's `Name` tag: evidence like a hostname
+    network: str | None = None  # the scope its IPs are meaningful in: Tenable network_id, Qualys
+    #                             network id, cloud VPC id; None = the tenant's default scope
+    # Provenance (never identity): the provider's own key of the host record this came from:
+    # Nessus ReportHost name, Tenable asset UUID, Qualys host id, ASFF/CloudGuard resource id.
+    host_key: str | None = None
 
 
 class FindingRecord(msgspec.Struct, kw_only=True):
@@ -67,6 +75,36 @@ class FindingRecord(msgspec.Struct, kw_only=True):
     evidence: str | None = None
     references: list[str] = msgspec.field(default_factory=list)
     extra: dict | None = None  # provider-specific fields worth keeping
+    scan: str | None = None  # provenance: the scan / report / export name the record came from
+    product: str | None = None  # provenance: the tool inside the provider when the format spans
+    #                             several ("Tenable.sc" in a tenable_io push); else the connector's PRODUCT
+
+
+class Observation(msgspec.Struct, kw_only=True):
+    """An informational fact a scanner reports about a resource: never a finding.
+
+    OS detection, installed software, open ports and services, FQDN/MAC/hostname facts,
+    traceroute...  (Nessus severity 0, Qualys "Information Gathered" / type Info, Tenable.io
+    ``info``).  Identity facts it carries belong in ``resource`` too (e.g. the FQDN of Nessus
+    plugin 12053 "Host Fully Qualified Domain Name (FQDN) Resolution"), so that they feed
+    the resource's identifiers.  (tenant, provider, provider_id) identifies it across pushes.
+    """
+
+    provider_id: str
+    resource: ResourceRef
+    name: str  # the check's title, e.g. "OS Identification"
+    category: str = "other"  # os | software | port | service | identity | network | other
+    value: str | None = None  # the fact itself, short: "Linux Kernel 5.15", "443/tcp https"
+    vendor_id: str | None = None  # plugin id, QID
+    port: int | None = None
+    protocol: str | None = None  # tcp | udp | icmp
+    service: str | None = None  # www, ssh, ...
+    evidence: str | None = None  # the scanner's output, e.g. plugin_output
+    first_seen: datetime | None = None
+    last_seen: datetime | None = None
+    provider_timestamp: datetime | None = None
+    scan: str | None = None
+    product: str | None = None
 
 
 class AlertRecord(msgspec.Struct, kw_only=True):
@@ -118,4 +156,4 @@ class VulnerabilityInfo(msgspec.Struct, kw_only=True):
     provider_timestamp: datetime | None = None
 
 
-Record = FindingRecord | AlertRecord | VulnerabilityInfo | Rejected
+Record = FindingRecord | Observation | AlertRecord | VulnerabilityInfo | Rejected
