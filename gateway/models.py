@@ -191,22 +191,25 @@ class Resource(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     tags: Mapped[list] = mapped_column(JSON, default=list)
+    # Set when later evidence (or an admin) proved this resource to be another one: everything
+    # it had moved there, and the id answers with the surviving id (migration 0006).
+    merged_into: Mapped[int | None] = mapped_column(BigId)
 
 
 class ResourceIdentifier(Base):
+    """One identifier of a resource, normalized (gateway/merge/resources.py).
+
+    No identifier is unique: two machines may share a short name, a MAC (clones), an FQDN
+    (the rules decide, not the schema).  IP addresses carry their network scope after a
+    ``%`` (``10.0.0.5%vpc-0abc``) unless they are public or in the tenant's default scope;
+    agent ids carry their vendor (``tenable:<uuid>``); ``name`` rows are the short names
+    the rules compare (hostname, first label of an FQDN, NetBIOS name, cloud Name tag).
+    """
+
     __tablename__ = "resource_identifiers"
     __table_args__ = (
         Index("ix_resource_identifiers_resource", "resource_id"),
-        # A strong or medium identifier names one resource; IP addresses may repeat.
-        Index(
-            "uq_resource_identifiers_unique_kinds",
-            "tenant_id",
-            "kind",
-            "value",
-            unique=True,
-            sqlite_where=text("kind NOT IN ('ipv4', 'ipv6')"),
-            postgresql_where=text("kind NOT IN ('ipv4', 'ipv6')"),
-        ),
+        Index("ix_resource_identifiers_value", "tenant_id", "kind", "value"),
     )
 
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
@@ -353,6 +356,81 @@ class FindingSource(Base):
     last_seen: Mapped[datetime | None]
     provider_timestamp: Mapped[datetime]
     content_hash: Mapped[str] = mapped_column(String(32))
+    batch_id: Mapped[int | None] = mapped_column(BigId)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # provenance (migration 0006): the tool, the format, the scan and the provider's host record
+    product: Mapped[str | None] = mapped_column(String(100))
+    format: Mapped[str | None] = mapped_column(String(50))
+    scan: Mapped[str | None] = mapped_column(String(500))
+    host_key: Mapped[str | None] = mapped_column(String(500))
+
+
+class ResourceSource(Base):
+    """A provider's host record merged into a resource (provenance), with what it contributed."""
+
+    __tablename__ = "resource_sources"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "provider", "record_key", name="uq_resource_sources_record"),
+        Index("ix_resource_sources_resource", "tenant_id", "resource_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(Integer)
+    resource_id: Mapped[int] = mapped_column(BigId, ForeignKey("resources.id", ondelete="CASCADE"))
+    provider: Mapped[str] = mapped_column(String(100))
+    product: Mapped[str | None] = mapped_column(String(100))
+    # host_key when the provider gave one, else a digest of the record's identifiers
+    record_key: Mapped[str] = mapped_column(String(500))
+    host_key: Mapped[str | None] = mapped_column(String(500))
+    identifiers: Mapped[dict] = mapped_column(JSON, default=dict)  # kind -> [values] it contributed
+    first_seen: Mapped[datetime | None]
+    last_seen: Mapped[datetime | None]
+    batch_id: Mapped[int | None] = mapped_column(BigId)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ResourceSeparation(Base):
+    """Two resources an admin split apart: never merged again automatically."""
+
+    __tablename__ = "resource_separations"
+
+    tenant_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    resource_a: Mapped[int] = mapped_column(BigId, primary_key=True)  # the smaller id
+    resource_b: Mapped[int] = mapped_column(BigId, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    actor: Mapped[str | None] = mapped_column(String(200))
+
+
+class Observation(Base):
+    """An informational fact a scanner reported about a resource (never a finding)."""
+
+    __tablename__ = "observations"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "provider", "provider_id", name="uq_observations_record"),
+        Index("ix_observations_resource", "tenant_id", "resource_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(Integer)
+    resource_id: Mapped[int] = mapped_column(BigId, ForeignKey("resources.id", ondelete="CASCADE"))
+    provider: Mapped[str] = mapped_column(String(100))
+    product: Mapped[str | None] = mapped_column(String(100))
+    provider_id: Mapped[str] = mapped_column(String(512))
+    vendor_id: Mapped[str | None] = mapped_column(String(100))
+    category: Mapped[str] = mapped_column(String(30))
+    name: Mapped[str] = mapped_column(Text)
+    value: Mapped[str | None] = mapped_column(Text)
+    port: Mapped[int | None] = mapped_column(Integer)
+    protocol: Mapped[str | None] = mapped_column(String(20))
+    service: Mapped[str | None] = mapped_column(String(100))
+    evidence: Mapped[str | None] = mapped_column(Text)
+    scan: Mapped[str | None] = mapped_column(String(500))
+    host_key: Mapped[str | None] = mapped_column(String(500))
+    first_seen: Mapped[datetime | None]
+    last_seen: Mapped[datetime | None]
+    provider_timestamp: Mapped[datetime]
     batch_id: Mapped[int | None] = mapped_column(BigId)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)

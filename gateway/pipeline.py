@@ -27,7 +27,7 @@ from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 
 import connectors
 from connectors.base import ParseOptions
-from connectors.model import AlertRecord, FindingRecord, FormatError, Rejected, VulnerabilityInfo
+from connectors.model import AlertRecord, FindingRecord, FormatError, Observation, Rejected, VulnerabilityInfo
 from gateway.db import Database
 from gateway.errors import is_unavailable
 from gateway.merge.findings import FindingMerger
@@ -42,7 +42,8 @@ ALERT_SCOPE_REASON = "an alert record needs a client with the alerts.write scope
 
 TERMINAL = ("succeeded", "partiallySucceeded", "failed")
 OPEN_STATUSES = ("accepted", "processing")
-COUNT_KEYS = ("received", "created", "updated", "unchanged", "stale", "resolved", "rejected")
+COUNT_KEYS = ("received", "created", "updated", "unchanged", "stale", "resolved", "rejected", "observations",
+              "duplicatesInPush", "resourcesMerged")
 
 
 class TransientError(Exception):
@@ -387,7 +388,8 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int, owner:
     connector = connectors.get(batch.format)
     options = ParseOptions(provider=batch.provider, received_at=batch.received_at)
     cause = f"batch {batch.id}"
-    finding_merger = FindingMerger(conn, batch.tenant_id, batch.provider, batch.id, batch.received_at, cause)
+    finding_merger = FindingMerger(conn, batch.tenant_id, batch.provider, batch.id, batch.received_at, cause,
+                                   product=getattr(connector, "PRODUCT", None), format=batch.format)
     from gateway.merge.alerts import AlertMerger
     from gateway.merge.knowledge import KnowledgeMerger
 
@@ -404,7 +406,7 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int, owner:
     else:  # SQLite: a second connection would wait for this transaction's lock
         chunks = _chunks(connector.parse(BlobReader(conn, batch.id), options), chunk_size)
     for chunk in chunks:
-        findings, alerts, knowledge = [], [], []
+        findings, alerts, knowledge, observations = [], [], [], []
         for record in chunk:
             received += 1
             if not isinstance(record, Rejected):
@@ -418,6 +420,8 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int, owner:
                     continue
             if isinstance(record, FindingRecord):
                 findings.append(record)
+            elif isinstance(record, Observation):
+                observations.append(record)
             elif isinstance(record, AlertRecord):
                 if may_push_alerts:
                     alerts.append(record)
@@ -436,19 +440,23 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int, owner:
                                        "providerId": clean_text(record.provider_id)})
         if knowledge:
             knowledge_merger.merge_chunk(knowledge)
-        if findings:
-            finding_merger.merge_chunk(knowledge_merger.enrich(findings))
+        if findings or observations:
+            finding_merger.merge_chunk(knowledge_merger.enrich(findings) if findings else [], observations)
         if alerts:
             alert_merger.merge_chunk(alerts)
     if batch.scan_type == "full":
         finding_merger.resolve_unreported()
+        from gateway.merge.observations import remove_unreported
+
+        remove_unreported(finding_merger)
     finding_merger.update_recommendations()
 
     counts = dict.fromkeys(COUNT_KEYS, 0)
     for merger_counts in (finding_merger.counts, alert_merger.counts, knowledge_merger.counts):
         for key, value in merger_counts.items():
             counts[key] = counts.get(key, 0) + value
-    counts["received"] = received
+    # a record repeated in one push is one record (its outputs folded into one)
+    counts["received"] = received - counts.get("duplicatesInPush", 0)
     counts["rejected"] = rejected
     if received and rejected == received:
         status = "failed"

@@ -94,16 +94,22 @@ class FindingMerger:
     """Merges the finding records of one batch, chunk by chunk, inside one transaction."""
 
     def __init__(self, conn: Connection, tenant_id: int, provider: str, batch_id: int | None,
-                 received_at: datetime, cause: str) -> None:
+                 received_at: datetime, cause: str, *, product: str | None = None,
+                 format: str | None = None) -> None:
         self.conn = conn
         self.tenant_id = tenant_id
         self.provider = provider
         self.batch_id = batch_id
         self.received_at = received_at
         self.cause = cause
+        self.product = product
+        self.format = format
+        self.resolve_on_main = False  # set once this batch holds the tenant's resolver lock
+        self._seen_records: set[int] = set()  # 64-bit digests of the provider ids this push merged
         self.counts: Counter = Counter()
         self.reported: set[tuple[str, str]] = set()
         self.scope: set[int] = set()
+        self.observed_resources: set[int] = set()
         self.touched_recommendations: set[tuple[int, int]] = set()
         self._type_ids: dict[str, int] = {}
 
@@ -147,29 +153,75 @@ class FindingMerger:
 
     # -- one chunk ------------------------------------------------------------------------
 
-    def merge_chunk(self, records: Sequence[FindingRecord]) -> None:
-        """Merge a chunk of records (already validated by the connector)."""
-        if not records:
+    def resolve(self, refs: Sequence, seen: Sequence[datetime | None], product: str | None = None,
+                allow_merge: bool = True) -> list[int]:
+        """The resources of the refs (gateway/merge/resources.py); stored resources the evidence
+        proves to be one are merged first, in this transaction."""
+        resolution = resource_identity.resolve_committed(
+            self.conn, self.tenant_id, refs, seen, provider=self.provider, product=product or self.product,
+            batch_id=self.batch_id, allow_merge=allow_merge, on_main=self.resolve_on_main)
+        if resolution.merges:
+            self.resolve_on_main = True  # the tenant's resolver lock is held by this transaction now
+            for loser, survivor in resolution.merges:
+                self.merge_resources(loser, survivor, evidence="identifiers of a later record")
+        return resolution.ids
+
+    def merge_resources(self, loser: int, survivor: int, evidence: str, actor: str | None = None) -> None:
+        """Resource ``loser`` is ``survivor``: move all it holds (gateway/merge/combine.py)."""
+        from gateway.merge.combine import merge_resources
+
+        merge_resources(self, loser, survivor, evidence, actor)
+
+    def merge_chunk(self, records: Sequence[FindingRecord], observations: Sequence = ()) -> None:
+        """Merge a chunk of records (already validated by the connector), and the chunk's observations."""
+        if not records and not observations:
             return
         conn, now = self.conn, utcnow()
-        seen = [r.last_seen or r.provider_timestamp or r.first_seen for r in records]
-        resource_ids = resource_identity.resolve_committed(conn, self.tenant_id, [r.resource for r in records], seen)
+        refs = [r.resource for r in records] + [o.resource for o in observations]
+        seen = [r.last_seen or r.provider_timestamp or r.first_seen for r in records] + \
+               [o.last_seen or o.provider_timestamp or o.first_seen for o in observations]
+        product = next((r.product for r in list(records) + list(observations) if r.product), None)
+        all_ids = self.resolve(refs, seen, product)
+        resource_ids = all_ids[: len(records)]
+        if observations:
+            from gateway.merge.observations import merge_observations
+
+            merge_observations(self, observations, all_ids[len(records):], now)
+        if not records:
+            return
         type_ids = self._type_ids_for(records)
         self.scope.update(resource_ids)
 
         incoming: dict[tuple[str, str], dict] = {}
         record_keys: list[list[tuple[str, str]]] = []
+        in_chunk: set[str] = set()
+        earlier: list[tuple[FindingRecord, int]] = []  # repeats of records an earlier chunk merged
         for index, record in enumerate(records):
+            digest = _digest(record.provider_id)
+            if record.provider_id not in in_chunk and digest in self._seen_records:
+                earlier.append((record, resource_ids[index]))
+                self.counts["duplicatesInPush"] += 1
+                continue
+            self._seen_records.add(digest)
+            repeated = record.provider_id in in_chunk
+            in_chunk.add(record.provider_id)
             keys = []
             for key, cve in correlation_key(self.provider, record):
                 row = self._source_row(record, key, cve, resource_ids[index], type_ids[index])
                 identity = (record.provider_id, key)
                 keys.append(identity)
                 previous = incoming.get(identity)
-                if previous is None or row["provider_timestamp"] >= previous["provider_timestamp"]:
+                if previous is not None and repeated:
+                    incoming[identity] = _fold(previous, row)
+                elif previous is None or row["provider_timestamp"] >= previous["provider_timestamp"]:
                     incoming[identity] = row
-            record_keys.append(keys)
+            if repeated:  # the same record twice in one push: one record, both outputs kept
+                self.counts["duplicatesInPush"] += 1
+            else:
+                record_keys.append(keys)
         self.reported.update(incoming)
+        if earlier:
+            self._fold_stored(earlier)
 
         existing = self._existing_sources(sorted({pid for pid, _ in incoming}))
         outcome, created, updated, touched = _classify(incoming, existing)
@@ -250,6 +302,10 @@ class FindingMerger:
             "first_seen": record.first_seen,
             "last_seen": record.last_seen,
             "provider_timestamp": provider_ts,
+            "product": record.product or self.product,
+            "format": self.format,
+            "scan": (record.scan or None) and record.scan[:500],
+            "host_key": (record.resource.host_key or None) and record.resource.host_key[:500],
         }
         row["content_hash"] = content_hash(row)
         if row["references"] is None:  # stored as [] (after hashing: the hash of a stored row stays)
@@ -273,6 +329,31 @@ class FindingMerger:
         result = self.conn.execute(query)
         keys = list(result.keys())
         return {(row[1], row[2]): dict(zip(keys, row, strict=True)) for row in result}
+
+    def _fold_stored(self, repeats: list[tuple[FindingRecord, int]]) -> None:
+        """Records an earlier chunk of this push merged, seen again: their outputs join the stored evidence.
+
+        The stored content hash stays that of the first occurrence, so the same push again
+        finds the record unchanged; an output already in the evidence is not added twice.
+        """
+        stored = {(row.provider_id, row.correlation_key): row for row in self.conn.execute(
+            select(sources_t.c.id, sources_t.c.provider_id, sources_t.c.correlation_key, sources_t.c.evidence)
+            .where(sources_t.c.tenant_id == self.tenant_id, sources_t.c.provider == self.provider,
+                   in_values(self.conn, sources_t.c.provider_id, sorted({r.provider_id for r, _ in repeats}))))}
+        evidence: dict[int, str | None] = {}
+        for record, _ in repeats:
+            if not record.evidence:
+                continue
+            for key, _ in correlation_key(self.provider, record):
+                row = stored.get((record.provider_id, key))
+                if row is None:
+                    continue
+                current = evidence.get(row.id, row.evidence)
+                if not current or record.evidence not in current:
+                    evidence[row.id] = _join_evidence(current, record.evidence)
+        if evidence:
+            update_rows(self.conn, sources_t, [{"id": sid, "evidence": text_} for sid, text_ in
+                                               sorted(evidence.items())])
 
     def _ensure_findings(self, rows: list[dict], now: datetime) -> dict[tuple[int, str], int]:
         """Finding ids for (resource, correlation key) pairs, inserting missing findings.
@@ -380,7 +461,7 @@ class FindingMerger:
             fields = ["finding_id", "resource_id", "vendor_id", "state", "title", "severity",
                       "severity_original", "severity_scale", "description", "remediation", "evidence",
                       "cvss_score", "cvss_vector", "references", "extra", "last_seen",
-                      "provider_timestamp", "content_hash"]
+                      "provider_timestamp", "content_hash", "product", "format", "scan", "host_key"]
             changes = []
             for row in sorted(updated, key=lambda r: r["_old"]["id"]):
                 change = {"id": row["_old"]["id"]} | {name: row[name] for name in fields}
@@ -391,7 +472,8 @@ class FindingMerger:
         if touched:
             update_rows(self.conn, sources_t, [
                 {"id": row["_old"]["id"], "last_seen": _latest(row["last_seen"], row["_old"]["last_seen"]),
-                 "provider_timestamp": row["provider_timestamp"]}
+                 "provider_timestamp": row["provider_timestamp"], "product": row["product"],
+                 "format": row["format"], "scan": row["scan"], "host_key": row["host_key"]}
                 for row in sorted(touched, key=lambda r: r["_old"]["id"])
             ], constants={"batch_id": self.batch_id})
 
@@ -633,6 +715,30 @@ def _classify(incoming: dict[tuple[str, str], dict], existing: dict[tuple[str, s
                 row["_old"] = old
                 touched.append(row)
     return outcome, created, updated, touched
+
+
+EVIDENCE_SEPARATOR = "\n\n"
+
+
+def _digest(provider_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(provider_id.encode("utf-8", "surrogatepass"), digest_size=8).digest())
+
+
+def _join_evidence(current: str | None, more: str | None) -> str | None:
+    if not more or (current and more in current):
+        return current
+    return f"{current}{EVIDENCE_SEPARATOR}{more}" if current else more
+
+
+def _fold(first: dict, again: dict) -> dict:
+    """One push's two rows of one record: the first, with the evidence of both.
+
+    The content hash stays the first row's: pushing the same file again finds it unchanged.
+    """
+    folded = dict(first)
+    folded["evidence"] = _join_evidence(first["evidence"], again["evidence"])
+    folded["last_seen"] = _latest(again["last_seen"], first["last_seen"])
+    return folded
 
 
 def _aggregate(sources) -> dict:

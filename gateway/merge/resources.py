@@ -1,50 +1,92 @@
-"""Resource identity: which stored resource a scanner's record is about.
+"""Resource identity: which stored resource a scanner's host record is about.
 
-Matching rules (also in the README's concepts section):
+A host record (the ``ResourceRef`` of a finding, observation or alert) is resolved from
+**evidence**: every stored resource that shares any normalized identifier with it is a
+candidate, and the rules below decide, in this order, which candidates it is.  They are
+the rules a security engineer applies by hand when two scanners disagree on names.
 
-* Identifiers are normalized first: FQDNs, hostnames, NetBIOS names, agent ids and
-  Azure resource ids lower-cased (a trailing dot dropped), MACs as aa:bb:cc:dd:ee:ff,
-  IP addresses in their canonical text form.  A hostname with a dot is an FQDN.
-* **Strong** identifiers (cloud resource id, agent/asset UUID, FQDN) identify a
-  resource on their own: a record matches the resource holding any of its strong
-  identifiers (the oldest, if several do).
-* **Medium** identifiers (short hostname, NetBIOS name, MAC) are used only when the
-  record has no strong identifier.  A record with a strong identifier that no
-  resource holds yet becomes a new resource even if its hostname is known: two
-  hosts called ``web`` in two domains stay two resources.
-* **Weak** identifiers (IPv4/IPv6) never merge a record into a resource that was
-  identified otherwise: a private IP alone is ambiguous (10.0.0.5 exists in every
-  network).  A record that carries nothing but IP addresses matches only a resource
-  that was itself created from an IP-only record with the same address.
-* A match adds the record's other strong and medium identifiers to the resource,
-  unless another resource holds them already; resources are never merged into one
-  another automatically.
+Normalization: FQDNs, hostnames, NetBIOS names, cloud ids (Azure ids) and agent ids are
+lower-cased with a trailing dot dropped; a "hostname" with a dot is an FQDN; MACs become
+``aa:bb:cc:dd:ee:ff``; IPs their canonical text.  An EC2 ARN also yields its instance id.
+Agent ids carry their vendor (``tenable:<uuid>``, ``qualys:<id>``): the provider that
+reported them.  The **short names** of a record are its hostname, the first label of each
+FQDN, its NetBIOS name and its cloud ``Name`` tag when that looks like a host name
+(``web-01``, not ``Web server #1``); placeholder names (``localhost``, ``unknown``...) and
+placeholder MACs (all zero, broadcast) are no evidence.  An IP is evidence only **in its
+scope**: the record's network (Tenable network, Qualys network, cloud VPC) for private
+addresses, the tenant's default scope when the record names none; public addresses are
+tenant-wide.  Stored, a scoped IP reads ``10.0.0.5%vpc-0abc`` (the notation of IPv6 zones).
+
+| # | evidence shared with a candidate | decision |
+|---|---|---|
+| 1 | a cloud resource id, a cloud instance id, an agent/asset id (same vendor), or an FQDN | same resource |
+| 2 | a short name, and a MAC | same resource |
+| 3 | a short name, and an IP in the same scope (or one side in the tenant default scope) | same resource |
+| 4 | a MAC, and an IP in the same scope | same resource |
+| 5 | an IP in the same scope, when the record carries nothing but IPs/MACs, or the candidate holds nothing but IPs/MACs, and the candidate is the only resource holding that IP in that scope | same resource |
+| - | a short name alone, a MAC alone, an IP held by several resources or in another scope | nothing |
+
+**Conflicts forbid a merge** whatever else agrees: the record and the candidate both have
+identifiers of one of these kinds and none in common: cloud resource id, cloud instance
+id, FQDN, agent id of one vendor (two Tenable assets with different UUIDs are two machines
+even with one FQDN).  Identifiers of different kinds never conflict (an ARN and an FQDN
+describe one machine together).  A pair an admin split apart never merges again
+automatically (``resource_separations``).
+
+**Later evidence joins resources.**  When a record matches several resources and none of
+them conflicts with the record or with the others, they are one machine: the oldest
+survives and the others are merged into it (``FindingMerger.merge_resources``: findings,
+sources, recommendations, observations, identifiers move in the batch's transaction; the
+old id keeps its row with ``merged_into``).  When candidates conflict with each other, the
+record goes to the best match (lowest rule number, then the resource that already holds
+this provider's host record, then the oldest) and the others stay apart.
+
+Everything is set-based per chunk: one lookup of the chunk's identifiers, one read of the
+candidates' identifiers, then in-memory decisions over the chunk's distinct host records
+(a push names the same few hosts thousands of times), then bulk inserts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import re
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import msgspec
-from sqlalchemy import and_, select, text, update
+from sqlalchemy import and_, bindparam, or_, select, text, update
 from sqlalchemy.engine import Connection
 
-from connectors.model import MEDIUM_IDENTIFIERS, STRONG_IDENTIFIERS, ResourceRef
-from gateway.merge.sql import in_values, insert_rows, is_postgres
-from gateway.models import Resource, ResourceIdentifier, utcnow
+from connectors.model import ResourceRef
+from gateway.merge.sql import in_values, insert_for, insert_rows, is_postgres
+from gateway.models import Resource, ResourceIdentifier, ResourceSeparation, ResourceSource, utcnow
 
 resources = Resource.__table__
 identifiers = ResourceIdentifier.__table__
+separations = ResourceSeparation.__table__
+resource_sources = ResourceSource.__table__
 
-IP_ONLY = "ip_only"
+STRONG = ("cloud_id", "instance_id", "agent_id", "fqdn")  # rule 1, and the kinds that conflict
+NAME, MAC = "name", "mac"
+IPS = ("ipv4", "ipv6")
+KINDS = STRONG + ("hostname", "netbios", "cloud_name", NAME, MAC) + IPS
+MATCH_KINDS = STRONG + (NAME, MAC) + IPS  # the kinds looked up to find candidates
+PLACEHOLDER_NAMES = frozenset({
+    "localhost", "localhost.localdomain", "localdomain", "unknown", "none", "null", "n/a", "na", "-",
+    "default", "host", "computer", "ubuntu", "debian", "amnesiac"})
+PLACEHOLDER_MACS = frozenset({"00:00:00:00:00:00", "ff:ff:ff:ff:ff:ff"})
+TEMP_BASE = 1 << 60  # in-memory ids of resources this chunk creates: above every stored id
+_EC2_ARN = re.compile(r"^arn:aws[a-z-]*:ec2:[^:]*:[^:]*:instance/(i-[0-9a-f]+)$", re.IGNORECASE)
+_HOST_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9_-]{0,62})$")
+RESOLVER_LOCK = 7_000_000_000
 
 
-def _ip(value: str) -> str | None:
+def _ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        return str(ipaddress.ip_address(value.strip().split("%")[0]))
+        return ipaddress.ip_address(value.strip().split("%")[0])
     except ValueError:
         return None
 
@@ -53,51 +95,194 @@ def _mac(value: str) -> str | None:
     digits = "".join(ch for ch in value.lower() if ch in "0123456789abcdef")
     if len(digits) != 12:
         return None
-    return ":".join(digits[i : i + 2] for i in range(0, 12, 2))
+    mac = ":".join(digits[i : i + 2] for i in range(0, 12, 2))
+    return None if mac in PLACEHOLDER_MACS else mac
 
 
-def normalize(ref: ResourceRef) -> dict[str, list[str]]:
-    """The record's identifiers by kind, normalized."""
+def _scoped(ip, network: str | None) -> str:
+    """The stored form of an IP: public ones tenant-wide, private ones in their network's scope."""
+    text_ = str(ip)
+    if network and not ip.is_global:
+        return f"{text_}%{network.strip().lower()[:120]}"
+    return text_
+
+
+def split_scope(value: str) -> tuple[str, str | None]:
+    """``10.0.0.5%vpc-1`` -> (``10.0.0.5``, ``vpc-1``); an unscoped IP -> (ip, None)."""
+    ip, _, scope = value.partition("%")
+    return ip, scope or None
+
+
+def _name(value: str | None) -> str | None:
+    if not value:
+        return None
+    value = value.strip().rstrip(".").lower()
+    if not value or value in PLACEHOLDER_NAMES or _ip(value) is not None:
+        return None
+    label = value.split(".", 1)[0]
+    if not _HOST_LABEL.match(label) or label in PLACEHOLDER_NAMES:
+        return None
+    return label
+
+
+def normalize(ref: ResourceRef, provider: str = "") -> dict[str, list[str]]:
+    """The record's identifiers by kind, normalized (see the module docstring)."""
     ids: dict[str, list[str]] = defaultdict(list)
-    if ref.cloud_id:
+
+    def add(kind: str, value: str | None) -> None:
+        if value and value not in ids[kind]:
+            ids[kind].append(value[:500])
+
+    if ref.cloud_id and ref.cloud_id.strip():
         value = ref.cloud_id.strip()
-        ids["cloud_id"].append(value.lower() if value.startswith("/") else value)
-    if ref.agent_id:
-        ids["agent_id"].append(ref.agent_id.strip().lower())
-    for name in (ref.fqdn, ref.hostname):
-        if name:
-            value = name.strip().rstrip(".").lower()
-            if not value:
-                continue
-            if "." in value and _ip(value) is None:
-                if value not in ids["fqdn"]:
-                    ids["fqdn"].append(value)
-            elif _ip(value) is None:
-                ids["hostname"].append(value)
-    if ref.netbios:
-        ids["netbios"].append(ref.netbios.strip().lower())
+        add("cloud_id", value.lower() if value.startswith("/") else value)
+        arn = _EC2_ARN.match(value)
+        if arn:
+            add("instance_id", arn.group(1).lower())
+    if ref.instance_id and ref.instance_id.strip():
+        add("instance_id", ref.instance_id.strip().lower())
+    if ref.agent_id and ref.agent_id.strip():
+        vendor = (provider or "").strip().lower()
+        add("agent_id", f"{vendor}:{ref.agent_id.strip().lower()}" if vendor else ref.agent_id.strip().lower())
+    for value in (ref.fqdn, ref.hostname):
+        if not value:
+            continue
+        value = value.strip().rstrip(".").lower()
+        if not value or value in PLACEHOLDER_NAMES or _ip(value) is not None:
+            continue
+        add("fqdn" if "." in value else "hostname", value)
+    if ref.netbios and ref.netbios.strip():
+        add("netbios", ref.netbios.strip().lower())
+    if ref.cloud_name and ref.cloud_name.strip():
+        add("cloud_name", ref.cloud_name.strip()[:500])
+    for kind in ("fqdn", "hostname", "netbios"):
+        for value in ids.get(kind, []):
+            add(NAME, _name(value))
+    for value in ids.get("cloud_name", []):
+        add(NAME, _name(value) if "." not in value else None)
     if ref.mac:
-        mac = _mac(ref.mac)
-        if mac:
-            ids["mac"].append(mac)
+        add(MAC, _mac(ref.mac))
     for kind, values in (("ipv4", ref.ipv4), ("ipv6", ref.ipv6)):
-        for value in values:
-            ip = _ip(value)
-            if ip and ip not in ids[kind]:
-                ids[kind].append(ip)
-    if not any(ids.get(kind) for kind in STRONG_IDENTIFIERS + MEDIUM_IDENTIFIERS):
-        ips = ids.get("ipv4", []) + ids.get("ipv6", [])
-        if ips:
-            ids[IP_ONLY].append(ips[0])
-    return dict(ids)
+        for value in values or ():
+            ip = _ip(value) if isinstance(value, str) else None
+            if ip is not None and not ip.is_unspecified and not ip.is_loopback:
+                add(kind, _scoped(ip, ref.network))
+    return {kind: values for kind, values in ids.items() if values}
+
+
+def record_key(ref: ResourceRef, ids: dict[str, list[str]]) -> str:
+    """The provider's key of the host record: its own, else a digest of what identifies it."""
+    if ref.host_key and ref.host_key.strip():
+        return ref.host_key.strip()[:500]
+    payload = msgspec.json.encode({kind: sorted(values) for kind, values in sorted(ids.items())})
+    return "ids:" + hashlib.blake2b(payload, digest_size=16).hexdigest()
 
 
 def _display_name(ref: ResourceRef, ids: dict[str, list[str]]) -> str | None:
     if ref.name:
         return ref.name[:500]
-    for kind in ("fqdn", "hostname", "netbios", "cloud_id", "agent_id", IP_ONLY):
+    for kind in ("fqdn", "hostname", "netbios", "cloud_name", "cloud_id", "instance_id", "agent_id", "ipv4", "ipv6"):
         if ids.get(kind):
-            return ids[kind][0][:500]
+            return split_scope(ids[kind][0])[0][:500] if kind in IPS else ids[kind][0][:500]
+    return None
+
+
+@dataclass
+class Resolution:
+    """Which resource each record is about, and the stored resources proven to be one."""
+
+    ids: list[int]
+    merges: list[tuple[int, int]] = field(default_factory=list)  # (merged away, surviving), in order
+
+
+class _Evidence:
+    """What is known of the candidate resources and the chunk's records, in memory."""
+
+    def __init__(self) -> None:
+        self.holders: dict[tuple[str, str], set[int]] = defaultdict(set)
+        self.of: dict[int, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+        self.apart: set[tuple[int, int]] = set()
+        self.records: dict[tuple[str, str], int] = {}  # (provider, record key) -> resource
+        self.parent: dict[int, int] = {}
+
+    def find(self, rid: int) -> int:
+        while rid in self.parent:
+            rid = self.parent[rid]
+        return rid
+
+    def add(self, rid: int, ids: dict[str, list[str]] | dict[str, set[str]]) -> None:
+        for kind, values in ids.items():
+            for value in values:
+                self.of[rid][kind].add(value)
+                self.holders[(kind, value)].add(rid)
+
+    def absorb(self, loser: int, survivor: int) -> None:
+        self.parent[loser] = survivor
+        for kind, values in self.of.pop(loser, {}).items():
+            for value in values:
+                self.of[survivor][kind].add(value)
+                holders = self.holders[(kind, value)]
+                holders.discard(loser)
+                holders.add(survivor)
+        self.apart = {(survivor if a == loser else a, survivor if b == loser else b) for a, b in self.apart}
+
+    def separated(self, a: int, b: int) -> bool:
+        return (min(a, b), max(a, b)) in self.apart
+
+
+def conflicts(first: dict, second: dict) -> bool:
+    """True when two bodies of evidence name different machines (see the module docstring)."""
+    for kind in ("cloud_id", "instance_id", "fqdn"):
+        mine, theirs = first.get(kind), second.get(kind)
+        if mine and theirs and not set(mine) & set(theirs):
+            return True
+    mine, theirs = first.get("agent_id"), second.get("agent_id")
+    if mine and theirs:
+        by_vendor: dict[str, set[str]] = defaultdict(set)
+        for value in theirs:
+            by_vendor[value.split(":", 1)[0] if ":" in value else ""].add(value)
+        mine_by_vendor: dict[str, set[str]] = defaultdict(set)
+        for value in mine:
+            mine_by_vendor[value.split(":", 1)[0] if ":" in value else ""].add(value)
+        for vendor, values in mine_by_vendor.items():
+            if vendor in by_vendor and not values & by_vendor[vendor]:
+                return True
+    return False
+
+
+def _ip_match(mine: dict, theirs: dict, loose: bool) -> list[str]:
+    """The record's IPs the candidate holds in the same scope (``loose``: or either in the default scope)."""
+    held = {value for kind in IPS for value in theirs.get(kind, ())}
+    found = [value for kind in IPS for value in mine.get(kind, ()) if value in held]
+    if loose and not found:
+        bare_theirs = {split_scope(value)[0]: split_scope(value)[1] for value in held}
+        for kind in IPS:
+            for value in mine.get(kind, ()):
+                ip, scope = split_scope(value)
+                if ip in bare_theirs and (scope is None or bare_theirs[ip] is None):
+                    found.append(value)
+    return found
+
+
+def _only_addresses(evidence: dict) -> bool:
+    return not any(evidence.get(kind) for kind in STRONG + (NAME,))
+
+
+def _rule(record: dict, candidate: dict, unique_ip: callable) -> int | None:
+    """The rule number by which ``candidate`` is the record's resource, or None."""
+    if any(set(record.get(kind, ())) & set(candidate.get(kind, ())) for kind in STRONG):
+        return 1
+    shares_name = bool(set(record.get(NAME, ())) & set(candidate.get(NAME, ())))
+    shares_mac = bool(set(record.get(MAC, ())) & set(candidate.get(MAC, ())))
+    if shares_name and shares_mac:
+        return 2
+    if shares_name and _ip_match(record, candidate, loose=True):
+        return 3
+    exact = _ip_match(record, candidate, loose=False)
+    if shares_mac and exact:
+        return 4
+    if exact and (_only_addresses(record) or _only_addresses(candidate)) and any(unique_ip(v) for v in exact):
+        return 5
     return None
 
 
@@ -106,20 +291,41 @@ def resolve_committed(
     tenant_id: int,
     refs: Sequence[ResourceRef],
     seen: Sequence[datetime | None],
-) -> list[int]:
+    *,
+    provider: str = "",
+    product: str | None = None,
+    batch_id: int | None = None,
+    allow_merge: bool = True,
+    on_main: bool = False,
+) -> Resolution:
     """``resolve`` in a short transaction of its own, committed before the batch's merge goes on.
 
     On PostgreSQL the resolution runs on a second connection under the tenant's lock and
     commits at once, so that concurrent batches of one tenant wait for each other only
     while they resolve resources, not for the length of a whole merge.  Resources and
     identifiers are identity, not findings: a merge that fails later leaves them behind
-    and its retry finds them again.  SQLite has one writer at a time anyway, so there the
+    and its retry finds them again.  When the resolution proves two stored resources to be
+    one, it is rolled back and done again on the batch's own connection (``on_main``),
+    which then holds the tenant's resolver lock until the batch commits: the resources'
+    findings move in the batch's transaction, and no other batch resolves to the resource
+    being merged away meanwhile.  SQLite has one writer at a time anyway, so there the
     resolution is part of the batch's transaction.
     """
-    if not is_postgres(conn):
-        return resolve(conn, tenant_id, refs, seen)
-    with conn.engine.connect() as side, side.begin():
-        return resolve(side, tenant_id, refs, seen)
+    options = {"provider": provider, "product": product, "batch_id": batch_id, "allow_merge": allow_merge}
+    if on_main or not is_postgres(conn):
+        return resolve(conn, tenant_id, refs, seen, **options)
+    with conn.engine.connect() as side:
+        transaction = side.begin()
+        try:
+            result = resolve(side, tenant_id, refs, seen, **options)
+            if result.merges:
+                transaction.rollback()
+                return resolve(conn, tenant_id, refs, seen, **options)
+            transaction.commit()
+            return result
+        finally:
+            if transaction.is_active:
+                transaction.rollback()
 
 
 def resolve(
@@ -127,136 +333,301 @@ def resolve(
     tenant_id: int,
     refs: Sequence[ResourceRef],
     seen: Sequence[datetime | None],
-) -> list[int]:
-    """The resource id of each ref, creating resources and identifiers as needed."""
+    *,
+    provider: str = "",
+    product: str | None = None,
+    batch_id: int | None = None,
+    allow_merge: bool = True,
+) -> Resolution:
+    """The resource of each ref, creating resources, identifiers and host records as needed.
+
+    Stored resources that a record proves to be one are returned as ``merges``; the caller
+    moves what they hold (``FindingMerger.merge_resources``) before using the ids.
+    """
     if is_postgres(conn):
         # One resolver per tenant at a time, so concurrent batches create one resource.
-        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": 7_000_000_000 + tenant_id})
-    cache: dict[bytes, dict[str, list[str]]] = {}
-    normalized = []
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": RESOLVER_LOCK + tenant_id})
+    distinct: dict[bytes, int] = {}
+    order: list[int] = []
+    unique_refs: list[ResourceRef] = []
     for ref in refs:  # a push names the same few hosts thousands of times
         key = msgspec.msgpack.encode(ref)
-        ids = cache.get(key)
-        if ids is None:
-            ids = cache[key] = normalize(ref)
-        normalized.append(ids)
-    wanted: dict[str, set[str]] = defaultdict(set)
-    for ids in normalized:
-        for kind, values in ids.items():
-            if kind in STRONG_IDENTIFIERS or kind in MEDIUM_IDENTIFIERS or kind == IP_ONLY:
-                wanted[kind].update(values)
-    known: dict[tuple[str, str], int] = {}
-    for kind, values in wanted.items():
-        rows = conn.execute(
-            select(identifiers.c.value, identifiers.c.resource_id).where(
-                identifiers.c.tenant_id == tenant_id,
-                identifiers.c.kind == kind,
-                in_values(conn, identifiers.c.value, sorted(values)),
-            )
-        )
-        for value, resource_id in rows:
-            known[(kind, value)] = min(resource_id, known.get((kind, value), resource_id))
+        index = distinct.get(key)
+        if index is None:
+            index = distinct[key] = len(unique_refs)
+            unique_refs.append(ref)
+        order.append(index)
+    evidence = [normalize(ref, provider) for ref in unique_refs]
+    keys = [record_key(ref, ids) for ref, ids in zip(unique_refs, evidence)]
+    last_seen: list[datetime | None] = [None] * len(unique_refs)
+    for index, when in zip(order, seen):
+        if when is not None and (last_seen[index] is None or when > last_seen[index]):
+            last_seen[index] = when
 
-    result: list[int | None] = [None] * len(refs)
-    pending: dict[tuple[str, str], int] = {}  # identifier -> index of a new resource
-    new_groups: list[list[int]] = []
-    for index, ids in enumerate(normalized):
-        tiers = [STRONG_IDENTIFIERS] if any(ids.get(k) for k in STRONG_IDENTIFIERS) else (
-            [MEDIUM_IDENTIFIERS] if any(ids.get(k) for k in MEDIUM_IDENTIFIERS) else [(IP_ONLY,)]
-        )
-        keys = [(kind, value) for tier in tiers for kind in tier for value in ids.get(kind, [])]
-        matches = [known[key] for key in keys if key in known]
-        if matches:
-            result[index] = min(matches)
-            continue
-        group = next((pending[key] for key in keys if key in pending), None)
-        if group is None:
-            group = len(new_groups)
-            new_groups.append([])
-        new_groups[group].append(index)
-        for key in keys:
-            pending.setdefault(key, group)
+    memory = _Evidence()
+    _load(conn, tenant_id, provider, evidence, keys, memory)
+
+    chosen: list[int] = []
+    merges: list[tuple[int, int]] = []
+    new_resources: list[int] = []  # record indexes that start a resource
+    for index, ids in enumerate(evidence):
+        rid = _decide(memory, ids, provider, keys[index], allow_merge, merges)
+        if rid is None:
+            rid = TEMP_BASE + len(new_resources)
+            new_resources.append(index)
+        memory.add(rid, ids)
+        memory.records[(provider, keys[index])] = rid
+        chosen.append(rid)
 
     now = utcnow()
-    if new_groups:
+    real: dict[int, int] = {}
+    roots = [TEMP_BASE + n for n in range(len(new_resources)) if memory.find(TEMP_BASE + n) == TEMP_BASE + n]
+    if roots:
         rows = []
-        for members in new_groups:
-            first = members[0]
-            last_seen = max((seen[i] for i in members if seen[i] is not None), default=None)
-            rows.append({
-                "tenant_id": tenant_id,
-                "kind": refs[first].kind,
-                "name": _display_name(refs[first], normalized[first]),
-                "os": refs[first].os,
-                "first_seen": last_seen,
-                "last_seen": last_seen,
-                "created_at": now,
-                "updated_at": now,
-                "tags": [],
-            })
+        for temp in roots:
+            first = new_resources[temp - TEMP_BASE]
+            members = [i for i, rid in enumerate(chosen) if memory.find(rid) == temp]
+            when = max((last_seen[i] for i in members if last_seen[i] is not None), default=None)
+            rows.append({"tenant_id": tenant_id, "kind": unique_refs[first].kind,
+                         "name": _display_name(unique_refs[first], evidence[first]),
+                         "os": _os(unique_refs[first].os), "first_seen": when, "last_seen": when,
+                         "created_at": now, "updated_at": now, "tags": []})
         new_ids = conn.execute(
-            resources.insert().returning(resources.c.id, sort_by_parameter_order=True), rows
-        ).scalars().all()
-        for group, members in enumerate(new_groups):
-            for index in members:
-                result[index] = new_ids[group]
+            resources.insert().returning(resources.c.id, sort_by_parameter_order=True), rows).scalars().all()
+        real = dict(zip(roots, new_ids))
 
-    _add_identifiers(conn, tenant_id, normalized, result, known)
-    _touch_last_seen(conn, tenant_id, result, seen, now)
-    return [int(r) for r in result]  # type: ignore[arg-type]
+    def final(rid: int) -> int:
+        root = memory.find(rid)
+        return real.get(root, root)
+
+    merges = [(loser, final(survivor)) for loser, survivor in merges]
+    result = [final(chosen[index]) for index in order]
+    by_record = [final(rid) for rid in chosen]
+    _add_identifiers(conn, tenant_id, evidence, by_record)
+    _record_sources(conn, tenant_id, provider, product, batch_id, unique_refs, evidence, keys, by_record,
+                    last_seen, now)
+    _touch(conn, tenant_id, by_record, last_seen, unique_refs, now)
+    return Resolution(ids=result, merges=merges)
 
 
-def _add_identifiers(conn, tenant_id, normalized, result, known) -> None:
+def _decide(memory: _Evidence, ids: dict, provider: str, key: str, allow_merge: bool,
+            merges: list[tuple[int, int]]) -> int | None:
+    candidates = {memory.find(rid) for kind in MATCH_KINDS for value in ids.get(kind, ())
+                  for rid in memory.holders.get((kind, value), ())}
+    if not candidates:
+        return None
+
+    def unique_ip(value: str) -> bool:
+        kind = "ipv6" if ":" in split_scope(value)[0] else "ipv4"
+        return len({memory.find(rid) for rid in memory.holders.get((kind, value), ())}) == 1
+
+    known = memory.records.get((provider, key))
+    known = memory.find(known) if known is not None else None
+    ranked = []
+    for rid in candidates:
+        theirs = memory.of.get(rid, {})
+        if conflicts(ids, theirs):
+            continue
+        rule = _rule(ids, theirs, unique_ip)
+        if rule is not None:
+            ranked.append((rule, rid != known, rid))
+    if not ranked:
+        return None
+    ranked.sort()
+    group = [ranked[0][2]]
+    if allow_merge:
+        combined: dict[str, set[str]] = defaultdict(set)
+        for kind, values in ids.items():
+            combined[kind].update(values)
+        for kind, values in memory.of.get(group[0], {}).items():
+            combined[kind].update(values)
+        for _, _, rid in ranked[1:]:
+            theirs = memory.of.get(rid, {})
+            if conflicts(combined, theirs) or any(memory.separated(rid, other) for other in group):
+                continue
+            group.append(rid)
+            for kind, values in theirs.items():
+                combined[kind].update(values)
+    survivor = min(group)
+    for loser in sorted(group):
+        if loser != survivor:
+            if loser < TEMP_BASE:
+                merges.append((loser, survivor))
+            memory.absorb(loser, survivor)
+    return survivor
+
+
+def _load(conn: Connection, tenant_id: int, provider: str, evidence: list[dict], keys: list[str],
+          memory: _Evidence) -> None:
+    """The candidates of the chunk's records, with all their identifiers, separations and host records."""
+    wanted: dict[str, set[str]] = defaultdict(set)
+    for ids in evidence:
+        for kind in MATCH_KINDS:
+            wanted[kind].update(ids.get(kind, ()))
+    candidates: set[int] = set()
+    for kind, values in sorted(wanted.items()):
+        if not values:
+            continue
+        rows = conn.execute(select(identifiers.c.resource_id).where(
+            identifiers.c.tenant_id == tenant_id, identifiers.c.kind == kind,
+            in_values(conn, identifiers.c.value, sorted(values))))
+        candidates.update(rid for (rid,) in rows)
+    known = dict(conn.execute(select(resource_sources.c.record_key, resource_sources.c.resource_id).where(
+        resource_sources.c.tenant_id == tenant_id, resource_sources.c.provider == provider,
+        in_values(conn, resource_sources.c.record_key, sorted(set(keys))))).all()) if keys else {}
+    candidates.update(known.values())
+    if not candidates:
+        return
+    ordered = sorted(candidates)
+    for start in range(0, len(ordered), 5000):
+        part = ordered[start : start + 5000]
+        for kind, value, rid in conn.execute(select(
+                identifiers.c.kind, identifiers.c.value, identifiers.c.resource_id).where(
+                identifiers.c.tenant_id == tenant_id, in_values(conn, identifiers.c.resource_id, part))):
+            if kind in KINDS:
+                memory.of[rid][kind].add(value)
+                memory.holders[(kind, value)].add(rid)
+        for a, b in conn.execute(select(separations.c.resource_a, separations.c.resource_b).where(
+                separations.c.tenant_id == tenant_id,
+                or_(in_values(conn, separations.c.resource_a, part),
+                    in_values(conn, separations.c.resource_b, part)))):
+            memory.apart.add((min(a, b), max(a, b)))
+    # Holders outside the candidates matter for "the only resource holding that IP": counted above,
+    # since every resource holding one of the chunk's IPs is a candidate.
+    for record, rid in known.items():
+        memory.records[(provider, record)] = rid
+
+
+def _os(value: str | None) -> str | None:
+    return value.strip()[:200] if value and value.strip() else None
+
+
+def _add_identifiers(conn: Connection, tenant_id: int, evidence: list[dict], by_record: list[int]) -> None:
     rows: dict[tuple[str, str, int], dict] = {}
-    for ids, resource_id in zip(normalized, result):
+    for ids, rid in zip(evidence, by_record):
         for kind, values in ids.items():
             for value in values:
-                if kind in ("ipv4", "ipv6"):
-                    key = (kind, value, resource_id)
-                elif (kind, value) in known:
-                    continue
-                else:
-                    key = (kind, value, 0)
-                    known[(kind, value)] = resource_id
-                rows.setdefault(key, {"tenant_id": tenant_id, "kind": kind, "value": value[:500],
-                                      "resource_id": resource_id})
+                rows.setdefault((kind, value, rid), {"tenant_id": tenant_id, "kind": kind, "value": value,
+                                                     "resource_id": rid})
     if not rows:
         return
-    ordered = sorted(rows.values(), key=lambda r: (r["kind"], r["value"], r["resource_id"]))
-    insert_rows(conn, identifiers, ordered, conflict=())
+    existing: set[tuple[str, str, int]] = set()
+    rids = sorted({rid for _, _, rid in rows})
+    for start in range(0, len(rids), 5000):
+        existing.update(conn.execute(select(identifiers.c.kind, identifiers.c.value, identifiers.c.resource_id).where(
+            identifiers.c.tenant_id == tenant_id,
+            in_values(conn, identifiers.c.resource_id, rids[start : start + 5000]))).all())
+    missing = [row for key, row in sorted(rows.items()) if key not in existing]
+    if missing:
+        statement = insert_for(conn, identifiers).on_conflict_do_nothing()
+        conn.execute(statement, missing)
 
 
-def _touch_last_seen(conn, tenant_id, result, seen, now) -> None:
+def _record_sources(conn, tenant_id, provider, product, batch_id, refs, evidence, keys, by_record, last_seen,
+                    now) -> None:
+    """Upsert the provider's host records (provenance): which resource each went into, with what."""
+    rows: dict[str, dict] = {}
+    for ref, ids, key, rid, when in zip(refs, evidence, keys, by_record, last_seen):
+        row = rows.get(key)
+        if row is None:
+            rows[key] = {"tenant_id": tenant_id, "provider": provider, "product": product, "record_key": key,
+                         "host_key": (ref.host_key or "").strip()[:500] or None, "resource_id": rid,
+                         "identifiers": {kind: sorted(values) for kind, values in ids.items() if kind != NAME},
+                         "first_seen": when, "last_seen": when, "batch_id": batch_id,
+                         "created_at": now, "updated_at": now}
+        else:  # one host record with several refs in the chunk (evidence gathered on the way)
+            for kind, values in ids.items():
+                if kind != NAME:
+                    row["identifiers"][kind] = sorted(set(row["identifiers"].get(kind, [])) | set(values))
+            if when is not None and (row["last_seen"] is None or when > row["last_seen"]):
+                row["last_seen"] = when
+            row["resource_id"] = rid
+    stored = {}
+    keys_sorted = sorted(rows)
+    for start in range(0, len(keys_sorted), 5000):
+        for row in conn.execute(select(
+                resource_sources.c.id, resource_sources.c.record_key, resource_sources.c.resource_id,
+                resource_sources.c.identifiers, resource_sources.c.first_seen, resource_sources.c.last_seen,
+                resource_sources.c.product).where(
+                resource_sources.c.tenant_id == tenant_id, resource_sources.c.provider == provider,
+                in_values(conn, resource_sources.c.record_key, keys_sorted[start : start + 5000]))):
+            stored[row.record_key] = row
+    inserts, changes = [], []
+    for key in keys_sorted:
+        row = rows[key]
+        old = stored.get(key)
+        if old is None:
+            inserts.append(row)
+            continue
+        merged = {kind: sorted(set(values) | set(row["identifiers"].get(kind, [])))
+                  for kind, values in (old.identifiers or {}).items()}
+        for kind, values in row["identifiers"].items():
+            merged.setdefault(kind, sorted(values))
+        later = row["last_seen"] is not None and (old.last_seen is None or row["last_seen"] > _aware(old.last_seen))
+        if old.resource_id != row["resource_id"] or merged != (old.identifiers or {}) or later or \
+                (product and old.product != product):
+            changes.append({"id": old.id, "resource_id": row["resource_id"], "identifiers": merged,
+                            "last_seen": row["last_seen"] if later else old.last_seen,
+                            "product": product or old.product, "batch_id": batch_id, "updated_at": now})
+    if inserts:
+        statement = insert_for(conn, resource_sources).on_conflict_do_nothing(
+            index_elements=["tenant_id", "provider", "record_key"])
+        conn.execute(statement, inserts)
+    if changes:
+        statement = update(resource_sources).where(resource_sources.c.id == bindparam("rs_id")).values(
+            resource_id=bindparam("rid"), identifiers=bindparam("idents"), last_seen=bindparam("seen"),
+            product=bindparam("prod"), batch_id=bindparam("batch"), updated_at=bindparam("now"))
+        conn.execute(statement, [{"rs_id": c["id"], "rid": c["resource_id"], "idents": c["identifiers"],
+                                  "seen": c["last_seen"], "prod": c["product"], "batch": c["batch_id"],
+                                  "now": c["updated_at"]} for c in changes])
+
+
+def _aware(value):
+    from datetime import UTC
+
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def _touch(conn, tenant_id, by_record, last_seen, refs, now) -> None:
     latest: dict[int, datetime] = {}
-    for resource_id, when in zip(result, seen):
-        if when is not None and (resource_id not in latest or when > latest[resource_id]):
-            latest[resource_id] = when
-    if not latest:
-        return
-    if is_postgres(conn):
-        ordered = sorted(latest.items())
-        conn.exec_driver_sql(
-            "UPDATE resources AS t SET last_seen = v.seen, updated_at = %s "
-            "FROM unnest(%b::bigint[], %b::timestamptz[]) AS v(id, seen) "
-            "WHERE t.id = v.id AND t.tenant_id = %s AND (t.last_seen IS NULL OR t.last_seen < v.seen)",
-            (now, [rid for rid, _ in ordered], [when for _, when in ordered], tenant_id),
-        )
-        return
-    statement = (
-        update(resources)
-        .where(
-            and_(
-                resources.c.id == _bind("rid"),
-                resources.c.tenant_id == tenant_id,
-                (resources.c.last_seen.is_(None)) | (resources.c.last_seen < _bind("seen")),
+    os_of: dict[int, str] = {}
+    for rid, when, ref in zip(by_record, last_seen, refs):
+        if when is not None and (rid not in latest or when > latest[rid]):
+            latest[rid] = when
+        if ref.os and rid not in os_of:
+            os_of[rid] = _os(ref.os)
+    if latest:
+        if is_postgres(conn):
+            ordered = sorted(latest.items())
+            conn.exec_driver_sql(
+                "UPDATE resources AS t SET last_seen = v.seen, updated_at = %s "
+                "FROM unnest(%b::bigint[], %b::timestamptz[]) AS v(id, seen) "
+                "WHERE t.id = v.id AND t.tenant_id = %s AND (t.last_seen IS NULL OR t.last_seen < v.seen)",
+                (now, [rid for rid, _ in ordered], [when for _, when in ordered], tenant_id),
             )
-        )
-        .values(last_seen=_bind("seen"), updated_at=now)
-    )
-    conn.execute(statement, [{"rid": rid, "seen": when} for rid, when in sorted(latest.items())])
+        else:
+            statement = update(resources).where(and_(
+                resources.c.id == bindparam("rid"), resources.c.tenant_id == tenant_id,
+                (resources.c.last_seen.is_(None)) | (resources.c.last_seen < bindparam("seen")),
+            )).values(last_seen=bindparam("seen"), updated_at=now)
+            conn.execute(statement, [{"rid": rid, "seen": when} for rid, when in sorted(latest.items())])
+    if os_of:  # a resource learns its OS from the first record that names one
+        ordered_os = sorted(os_of.items())
+        if is_postgres(conn):
+            conn.exec_driver_sql(
+                "UPDATE resources AS t SET os = v.os FROM unnest(%b::bigint[], %b::text[]) AS v(id, os) "
+                "WHERE t.id = v.id AND t.tenant_id = %s AND t.os IS NULL",
+                ([rid for rid, _ in ordered_os], [value for _, value in ordered_os], tenant_id))
+        else:
+            statement = update(resources).where(and_(
+                resources.c.id == bindparam("rid"), resources.c.tenant_id == tenant_id, resources.c.os.is_(None),
+            )).values(os=bindparam("os_value"))
+            conn.execute(statement, [{"rid": rid, "os_value": value} for rid, value in ordered_os])
 
 
-def _bind(name: str):
-    from sqlalchemy import bindparam
-
-    return bindparam(name)
+def insert_separation(conn: Connection, tenant_id: int, a: int, b: int, actor: str | None) -> None:
+    insert_rows(conn, separations, [{"tenant_id": tenant_id, "resource_a": min(a, b), "resource_b": max(a, b),
+                                     "created_at": utcnow(), "actor": actor}],
+                conflict=("tenant_id", "resource_a", "resource_b"))
