@@ -5,9 +5,13 @@
       "scan": {"type": "full"},               optional; "full" resolves what is not reported
       "findings": [ {                          one object per provider record
         "id": "provider's own id",             required, unique per provider
-        "resource": {"cloudId", "agentId", "fqdn", "hostname", "netbios", "mac",
-                     "ipv4": [...], "ipv6": [...], "kind", "name", "os"},
-                                               required, at least one identifier
+        "resource": {"cloudId", "instanceId", "agentId", "fqdn", "hostname", "netbios", "mac",
+                     "cloudName", "ipv4": [...], "ipv6": [...], "kind", "name", "os",
+                     "network", "hostKey"},
+                                               required, at least one identifier; "network"
+                                               is the scope of its private IPs (a VPC, a
+                                               scanner network), "hostKey" your own key
+                                               of the host record (provenance)
         "title": "...",                        required
         "severity": "informational|low|medium|high|critical",   required
         "status": "open|fixed",                default open
@@ -53,7 +57,9 @@ RECORD_KIND = "findings"
 
 _RESOURCE_KEYS = {
     "cloudId": "cloud_id",
+    "instanceId": "instance_id",
     "agentId": "agent_id",
+    "cloudName": "cloud_name",
     "fqdn": "fqdn",
     "hostname": "hostname",
     "netbios": "netbios",
@@ -79,7 +85,11 @@ def sniff(head: bytes) -> bool:
 
 class _Resource(msgspec.Struct, rename="camel"):
     cloud_id: str | None = None
+    instance_id: str | None = None
     agent_id: str | None = None
+    cloud_name: str | None = None
+    network: str | None = None
+    host_key: str | None = None
     fqdn: str | None = None
     hostname: str | None = None
     netbios: str | None = None
@@ -235,7 +245,7 @@ def _parse_time(value: str):
     return parse_time(value)  # a push repeats a few scan times thousands of times
 
 
-_RESOURCE_FIELDS = ("cloud_id", "agent_id", "fqdn", "hostname", "netbios", "mac")
+_RESOURCE_FIELDS = ("cloud_id", "instance_id", "agent_id", "fqdn", "hostname", "netbios", "mac", "cloud_name")
 
 
 def to_resource(raw: _Resource | None) -> ResourceRef:
@@ -251,7 +261,7 @@ def to_resource(raw: _Resource | None) -> ResourceRef:
         fields["ipv4"] = raw.ipv4
     if raw.ipv6:
         fields["ipv6"] = raw.ipv6
-    for attr in ("kind", "name", "os"):
+    for attr in ("kind", "name", "os", "network", "host_key"):
         value = getattr(raw, attr)
         if value:
             fields[attr] = value[:_MAX_TEXT]

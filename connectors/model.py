@@ -13,12 +13,10 @@ import msgspec
 SEVERITIES = ("informational", "low", "medium", "high", "critical")
 SEVERITY_RANK = {name: rank for rank, name in enumerate(SEVERITIES)}
 
-# Identifier kinds a resource can carry, from strongest to weakest.
-# Strong ones identify a resource on their own; hostname/netbios only when no
-# strong identifier disagrees; an IP address (weak) never merges on its own
-# with a resource that has a strong identifier.  See gateway/merge/resources.py.
-STRONG_IDENTIFIERS = ("cloud_id", "agent_id", "fqdn")
-MEDIUM_IDENTIFIERS = ("hostname", "netbios", "mac")
+# Identifier kinds a resource can carry, from strongest to weakest; the rules that use
+# them are in gateway/merge/resources.py (its docstring has the table).
+STRONG_IDENTIFIERS = ("cloud_id", "instance_id", "agent_id", "fqdn")
+MEDIUM_IDENTIFIERS = ("hostname", "netbios", "cloud_name", "mac")
 WEAK_IDENTIFIERS = ("ipv4", "ipv6")
 IDENTIFIER_KINDS = STRONG_IDENTIFIERS + MEDIUM_IDENTIFIERS + WEAK_IDENTIFIERS
 

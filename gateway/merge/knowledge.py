@@ -16,8 +16,9 @@ both orders:
     itself is re-keyed in place (same id, history, customer fields; a ``rekeyed``
     event); when one exists (another scanner's, or another QID of the same provider
     naming that CVE), the sources move to it as further sources, and the emptied QID
-    finding is resolved with a ``merged`` event naming the finding it went into.  Its
-    customer fields (assignee, comments, tags) stay on it and are not copied.
+    finding is removed from the findings collection: its history joins the finding it went
+    into (whose ``merged`` event names it), and its assignee, comments and tags are carried
+    over, so the store reads as if the KB had come first.
   - each further CVE: a copy of the source joins the finding of that CVE on the
     resource, created when missing (a ``new`` event).
   - a source whose CVE-keyed twin already exists (the same record was pushed again after
@@ -147,6 +148,7 @@ class Backfill:
         self.cause = f"knowledge base (batch {batch_id})"
         self.merger = FindingMerger(conn, tenant_id, provider, batch_id, utcnow(), self.cause)
         self.created: set[int] = set()  # findings this back-fill created (for their "new" events)
+        self.retired: dict[int, int] = {}  # emptied vendor-keyed finding -> the finding it joined
 
     def run(self, entries: dict[str, dict]) -> None:
         """Back-fill every stored source of these vendor ids that lacks what the entries give."""
@@ -260,15 +262,11 @@ class Backfill:
                 "batch_id": self.batch_id, "actor": self.provider}
         events = [base | {"subject_id": item["_id"], "event": "rekeyed",
                           "details": {"from": item["_from"], "to": item["_key"]}} for item in in_place]
-        retired = []
         for finding_id, key, row in merged:
-            retired.append({"_id": finding_id})
-            events.append(base | {"subject_id": finding_id, "event": "merged", "details": {
-                "from": row["_finding_key"], "into": targets[key], "correlationKey": key[1]}})
+            self.retired[finding_id] = targets[key]
+            events.append(base | {"subject_id": targets[key], "event": "merged", "details": {
+                "from": row["_finding_key"], "mergedFinding": finding_id, "correlationKey": key[1]}})
             self.merger.touched_recommendations.add((row["resource_id"], row["_type"]))
-        if retired:
-            self.conn.execute(update(findings_t).where(findings_t.c.id == bindparam("_id")).values(
-                state="resolved", resolved_at=now, state_changed_at=now, updated_at=now), retired)
         if events:
             self.conn.execute(events_t.insert(), events)
 
@@ -320,7 +318,34 @@ class Backfill:
         # findings this back-fill created get their "new" event, then the refresh their final state
         self.merger._insert_events([self.merger._event(finding_id, "new", now, {"state": "new"}, self.cause)
                                     for finding_id in sorted(self.created)])
-        self.merger._refresh_findings(affected, {}, set(), now, cause=self.cause)
+        dropped = self._drop_retired()
+        self.merger._refresh_findings(affected - dropped, {}, set(), now, cause=self.cause)
+
+    def _drop_retired(self) -> set[int]:
+        """Emptied vendor-keyed findings go: their history joins the finding they went into.
+
+        The store then reads as it would had the KB come first (no resolved "QID nnn" shell);
+        the assignee, comments and tags of the emptied finding are carried over.
+        """
+        dropped: set[int] = set()
+        if not self.retired:
+            return dropped
+        from gateway.merge.combine import _fold_customer_fields
+
+        conn = self.conn
+        for gone, kept in sorted(self.retired.items()):
+            left = conn.execute(select(sources_t.c.id).where(
+                sources_t.c.tenant_id == self.tenant_id, sources_t.c.finding_id == gone).limit(1)).first()
+            if left is not None:  # a source of it stayed (not re-keyed): it is still a finding
+                continue
+            conn.execute(update(events_t).where(
+                events_t.c.tenant_id == self.tenant_id, events_t.c.subject_type == "finding",
+                events_t.c.subject_id == gone).values(subject_id=kept))
+            _fold_customer_fields(conn, findings_t, self.tenant_id, gone, kept)
+            conn.execute(delete(findings_t).where(findings_t.c.tenant_id == self.tenant_id, findings_t.c.id == gone))
+            dropped.add(gone)
+        self.retired.clear()
+        return dropped
 
 
 def _update_params(row: dict, values: dict, key: str, finding_id: int) -> dict:
