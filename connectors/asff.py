@@ -56,6 +56,7 @@ from connectors.model import FindingRecord, Rejected, ResourceRef
 
 FORMAT = "asff"
 TITLE = "AWS Security Finding Format (Security Hub) JSON"
+PRODUCT = "AWS Security Hub"
 CONTENT_TYPES = ("application/json",)
 RECORD_KIND = "findings"
 

@@ -46,6 +46,7 @@ from connectors.model import FindingRecord, Rejected, ResourceRef
 
 FORMAT = "checkpoint"
 TITLE = "Check Point CloudGuard (Dome9) compliance findings JSON"
+PRODUCT = "CloudGuard"
 CONTENT_TYPES = ("application/json",)
 RECORD_KIND = "findings"
 

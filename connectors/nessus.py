@@ -66,6 +66,7 @@ from connectors.model import FindingRecord, FormatError, Rejected, ResourceRef
 
 FORMAT = "nessus"
 TITLE = "Tenable Nessus v2 XML"
+PRODUCT = "Nessus"
 CONTENT_TYPES = ("application/xml", "text/xml", "application/x-nessus+xml")
 RECORD_KIND = "findings"
 

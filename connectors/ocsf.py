@@ -62,6 +62,7 @@ from connectors.model import AlertRecord, FindingRecord, Rejected, ResourceRef
 
 FORMAT = "ocsf"
 TITLE = "OCSF Vulnerability / Compliance / Detection Finding JSON (e.g. Prowler)"
+PRODUCT = "OCSF"
 CONTENT_TYPES = ("application/json",)
 RECORD_KIND = "findings"
 

@@ -64,6 +64,7 @@ from connectors.model import FindingRecord, Rejected, ResourceRef
 
 FORMAT = "qualys_hld"
 TITLE = "Qualys VM Host List Detection XML"
+PRODUCT = "Qualys VMDR"
 CONTENT_TYPES = ("application/xml", "text/xml")
 RECORD_KIND = "findings"
 

@@ -51,6 +51,7 @@ from connectors.model import FindingRecord, FormatError, Rejected, ResourceRef
 
 FORMAT = "tenable_io"
 TITLE = "Tenable.io vulnerability export JSON"
+PRODUCT = "Tenable.io"
 CONTENT_TYPES = ("application/json",)
 RECORD_KIND = "findings"
 
