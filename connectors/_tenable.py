@@ -8,7 +8,9 @@ connectors give the same host, plugin and port.  No connector lives here.
 
 from __future__ import annotations
 
+import ast
 import ipaddress
+import json
 import re
 import uuid
 from collections.abc import Iterable, Iterator
@@ -282,6 +284,35 @@ def host_fields(
     if name:
         fields["name"] = name
     return fields
+
+
+def os_text(value: Any) -> str | None:
+    """An operating system as plain text, never a list rendered as text.
+
+    A list (Tenable.io ``asset.operating_system``, or a Nessus tag holding one rendered
+    as JSON or Python text, ``["Linux Kernel 5.15"]``) is joined with " / ": Tenable lists
+    the candidates when unsure.  A multi-line text (Nessus writes one candidate a line)
+    gives its first line.
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("[") and text.endswith("]"):
+            try:
+                value = json.loads(text)
+            except ValueError:
+                try:
+                    value = ast.literal_eval(text)
+                except (ValueError, SyntaxError, MemoryError, RecursionError):
+                    value = text.strip("[]")
+        else:
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            return lines[0][:500] if lines else None
+    if isinstance(value, (list, tuple)):
+        names = list(dict.fromkeys(str(v).strip() for v in value if isinstance(v, str) and v.strip()))
+        return " / ".join(names)[:500] or None
+    if isinstance(value, str):
+        return os_text(value)
+    return None
 
 
 def host_key(fields: dict[str, Any] | ResourceRef) -> str | None:
