@@ -71,15 +71,20 @@ from urllib.parse import urlsplit
 
 from connectors import xmlsafe
 from connectors._tenable import (
+    FACT_PLUGINS,
     TENABLE_STATES,
     add_ips,
     add_names,
+    all_macs,
     clip,
     host_fields,
     host_key,
+    identity_facts,
     ip_version,
     make_provider_id,
     merge_repeats,
+    observation_category,
+    observation_value,
     os_text,
     parse_any_time,
     pick_cvss,
@@ -102,26 +107,6 @@ _ROOT = re.compile(
     re.DOTALL,
 )
 _UUID_TAGS = ("tenable-uuid", "host-uuid")
-# identity plugins whose output feeds the ResourceRef of every record of the host
-_MAC_PLUGINS = frozenset({"86420", "10150", "35716"})  # Ethernet MAC Addresses, NetBIOS, Ethernet Card
-_FACT_PLUGINS = frozenset({"12053", "11936", "10150", "55472"}) | _MAC_PLUGINS
-_MAC = re.compile(r"(?<![0-9A-Fa-f:-])([0-9A-Fa-f]{2}(?:[:-][0-9A-Fa-f]{2}){5})(?![0-9A-Fa-f:-])")
-_RESOLVES = re.compile(r"resolves as\s+(\S+)", re.IGNORECASE)
-_REMOTE_OS = re.compile(r"Remote operating system\s*:\s*(.+)", re.IGNORECASE)
-_COMPUTER_NAME = re.compile(r"^\s*(\S+)\s*=\s*Computer name\s*$", re.IGNORECASE | re.MULTILINE)
-_DEVICE_HOSTNAME = re.compile(r"Hostname\s*:\s*(\S+)", re.IGNORECASE)
-# Observation category of severity 0 items (else by plugin family, else by title)
-_CATEGORY_PLUGINS = {
-    "12053": "identity", "86420": "identity", "10150": "identity", "55472": "identity", "35716": "identity",
-    "11936": "os", "54615": "os",
-    "11219": "port", "14272": "port", "34220": "port", "34277": "port", "10335": "port",
-    "22964": "service", "11011": "service", "10107": "service", "10736": "service",
-    "20811": "software", "22869": "software", "45590": "software", "58452": "software",
-    "83991": "software", "97993": "software", "178102": "software",
-    "10287": "network", "24272": "network", "25202": "network", "25203": "network",
-    "58651": "network", "103871": "network",
-}
-_SOFTWARE_TITLE = re.compile(r"installed software|software enumeration|software inventory", re.IGNORECASE)
 
 
 def sniff(head: bytes) -> bool:
@@ -206,8 +191,8 @@ class _Host:
         """Identity facts of the host's identity plugins (12053, 86420, 10150, 11936...)."""
         for item in items:
             plugin_id = (item.get("pluginID") or "").strip()
-            if plugin_id in _FACT_PLUGINS:
-                for kind, value in _identity_facts(plugin_id, item.findtext("plugin_output") or ""):
+            if plugin_id in FACT_PLUGINS:
+                for kind, value in identity_facts(plugin_id, item.findtext("plugin_output") or ""):
                     if kind == "mac":
                         self.facts.setdefault("mac", []).append(value)
                     else:
@@ -230,7 +215,7 @@ class _Host:
             for kind in ("hostname", "netbios", "os"):
                 if self.facts.get(kind) and kind not in fields:
                     fields[kind] = self.facts[kind]
-            macs = sorted({m for m in (*_all_macs(self.tags.get("mac-address")), *self.facts.get("mac", ()))})
+            macs = sorted({m for m in (*all_macs(self.tags.get("mac-address")), *self.facts.get("mac", ()))})
             if macs:
                 fields["mac"] = macs[0]  # several adapters: the lowest, so that the choice is stable
             fields["host_key"] = self.name or None
@@ -240,39 +225,6 @@ class _Host:
     def time(self, name: str) -> datetime | None:
         stamp = self.tags.get(f"{name}_TIMESTAMP")
         return parse_any_time(stamp) or parse_any_time(self.tags.get(name))
-
-
-def _all_macs(text: str | None) -> list[str]:
-    """Every MAC address in a text, lower-case colon form."""
-    return [normalize_mac(m) for m in _MAC.findall(text or "")]
-
-
-def normalize_mac(value: str) -> str:
-    digits = re.sub(r"[^0-9a-fA-F]", "", value)
-    return ":".join(digits[i : i + 2] for i in range(0, 12, 2)).lower()
-
-
-def _identity_facts(plugin_id: str, output: str) -> Iterator[tuple[str, str]]:
-    """(kind, value) identity facts in an identity plugin's output."""
-    if plugin_id == "12053":
-        match = _RESOLVES.search(output)
-        if match:
-            yield "fqdn", match.group(1).rstrip(".").lower()
-    elif plugin_id == "11936":
-        match = _REMOTE_OS.search(output)
-        if match:
-            yield "os", match.group(1).strip()
-    elif plugin_id == "10150":
-        match = _COMPUTER_NAME.search(output)
-        if match:
-            yield "netbios", match.group(1)
-    elif plugin_id == "55472":
-        match = _DEVICE_HOSTNAME.search(output)
-        if match and not ip_version(match.group(1)):
-            yield "hostname", match.group(1)
-    if plugin_id in _MAC_PLUGINS:
-        for mac in _all_macs(output):
-            yield "mac", mac
 
 
 def _host_resource(name: str, tags: dict[str, str]) -> dict[str, Any]:
@@ -404,13 +356,13 @@ def _observation(
     if service in ("general", "unknown"):
         service = None
     output = texts.get("plugin_output")
-    category = _category(plugin_id, item.get("pluginFamily") or "", title)
+    category = observation_category(plugin_id, item.get("pluginFamily") or "", title)
     return Observation(
         provider_id=provider_id,
         resource=resource,
         name=title,
         category=category,
-        value=_observation_value(category, plugin_id, output, port, protocol, service),
+        value=observation_value(category, plugin_id, output, port, protocol, service),
         vendor_id=plugin_id,
         port=port,
         protocol=protocol if port is not None else None,
@@ -422,39 +374,3 @@ def _observation(
         scan=scan,
     )
 
-
-def _category(plugin_id: str, family: str, title: str) -> str:
-    if plugin_id in _CATEGORY_PLUGINS:
-        return _CATEGORY_PLUGINS[plugin_id]
-    family = family.strip().lower()
-    if family == "port scanners":
-        return "port"
-    if family == "service detection":
-        return "service"
-    if _SOFTWARE_TITLE.search(title):
-        return "software"
-    return "other"
-
-
-def _observation_value(
-    category: str, plugin_id: str, output: str | None, port: int | None, protocol: str, service: str | None
-) -> str | None:
-    """The fact, short: the OS, the FQDN/MACs/NetBIOS name, "443/tcp", "443/tcp www"..."""
-    if category == "identity":
-        facts = list(_identity_facts(plugin_id, output or ""))
-        macs = sorted({value for kind, value in facts if kind == "mac"})
-        names = [value for kind, value in facts if kind != "mac"]
-        value = ", ".join(names + macs)
-        return value[:500] or None
-    if category == "os":
-        match = _REMOTE_OS.search(output or "")
-        if match:
-            return match.group(1).strip()[:500]
-    if category == "port" and port is not None:
-        return f"{port}/{protocol}"
-    if category == "service" and port is not None:
-        return f"{port}/{protocol} {service}" if service else f"{port}/{protocol}"
-    lines = [line.strip() for line in (output or "").splitlines() if line.strip()]
-    if len(lines) == 1 and len(lines[0]) <= 200:
-        return lines[0]
-    return None
