@@ -13,7 +13,7 @@ import pkgutil
 from types import ModuleType
 
 SUPPORT_MODULES = frozenset({"base", "model", "xmlsafe", "_json", "_qualys", "_tenable"})
-REQUIRED_ATTRIBUTES = ("FORMAT", "TITLE", "CONTENT_TYPES", "RECORD_KIND", "sniff", "parse")
+REQUIRED_ATTRIBUTES = ("FORMAT", "TITLE", "PRODUCT", "CONTENT_TYPES", "RECORD_KIND", "sniff", "parse")
 RECORD_KINDS = ("findings", "alerts", "knowledge_base")
 
 REGISTRY: dict[str, ModuleType] = {}

@@ -9,6 +9,7 @@ becomes the reason of a Rejected record.  No connector lives here.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any, BinaryIO
@@ -223,3 +224,15 @@ def rejected(position: str, exc: Exception, item: Any, id_key: str) -> Rejected:
         reason=str(exc) or type(exc).__name__,
         provider_id=provider_id[:512] if isinstance(provider_id, str) else None,
     )
+
+
+_INSTANCE_ARN = re.compile(r"\Aarn:aws[\w-]*:ec2:[^:]*:[^:]*:instance/(i-[0-9A-Za-z]+)\Z")
+
+
+def instance_from_arn(value: Any) -> str | None:
+    """The EC2 instance id of an instance ARN ("arn:aws:ec2:region:acct:instance/i-..."), else None."""
+    if isinstance(value, str):
+        match = _INSTANCE_ARN.match(value.strip())
+        if match:
+            return match.group(1)
+    return None

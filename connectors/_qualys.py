@@ -245,6 +245,9 @@ def make_resource(
     cloud_id: str | None = None,
     os: str | None = None,
     name: str | None = None,
+    instance_id: str | None = None,
+    network: str | None = None,
+    host_key: str | None = None,
 ) -> ResourceRef:
     """A host ResourceRef; a DNS name goes to fqdn when it has a dot; ValueError without identifiers."""
     fqdn, hostname = value_or_none(fqdn), value_or_none(hostname)
@@ -271,9 +274,12 @@ def make_resource(
         ipv6=list(ipv6),
         kind="host",
         os=value_or_none(os),
+        instance_id=value_or_none(instance_id),
+        network=value_or_none(network),
+        host_key=value_or_none(host_key),
     )
     if not (resource.cloud_id or resource.agent_id or resource.fqdn or resource.hostname
-            or resource.netbios or resource.ipv4 or resource.ipv6):
+            or resource.netbios or resource.ipv4 or resource.ipv6 or resource.instance_id):
         raise ValueError("the host has no identifier (IP, DNS, NetBIOS name, asset or agent id)")
     resource.name = value_or_none(name) or fqdn or hostname or resource.netbios or (
         (ipv4 or ipv6 or [None])[0])
@@ -293,3 +299,55 @@ def compact(mapping: dict) -> dict | None:
     """A dict without its None values, or None when nothing is left."""
     result = {key: value for key, value in mapping.items() if value is not None}
     return result or None
+
+
+# -- observations (information gathered) ----------------------------------------------
+
+# QIDs whose category is known without a title (the HLD output names no titles)
+INFO_QIDS = {
+    "6": "identity",  # DNS Host Name
+    "43007": "identity",  # Network Adapter MAC Address
+    "45017": "os",  # Operating System Detected
+    "82023": "port",  # Open TCP Services List
+    "82004": "port",  # Open UDP Services List
+    "45006": "network",  # Traceroute
+}
+_INFO_TITLES = (
+    (re.compile(r"operating system", re.IGNORECASE), "os"),
+    (re.compile(r"open (?:tcp|udp) services|open ports?", re.IGNORECASE), "port"),
+    (re.compile(r"host ?names?|netbios|mac address|fully qualified|fqdn", re.IGNORECASE), "identity"),
+    (re.compile(r"traceroute|network adapter|routing|ip addresses", re.IGNORECASE), "network"),
+    (re.compile(r"installed (?:software|applications|packages)|software", re.IGNORECASE), "software"),
+    (re.compile(r"service|server (?:type|version)|banner", re.IGNORECASE), "service"),
+)
+
+
+def info_category(qid: str | None, title: str | None = None, default: str = "other") -> str:
+    """The Observation category of an information-gathered QID: by QID, else by its title."""
+    if qid in INFO_QIDS:
+        return INFO_QIDS[qid]
+    for pattern, category in _INFO_TITLES:
+        if title and pattern.search(title):
+            return category
+    return default
+
+
+def info_value(category: str, result: str | None, port: str | None, protocol: str | None) -> str | None:
+    """The fact, short: "443/tcp" for a port, else the result when it is one short line."""
+    if category in ("port", "service") and port and port.isdigit() and port != "0":
+        return f"{port}/{(protocol or 'tcp').lower()}"
+    lines = [line.strip() for line in (result or "").splitlines() if line.strip()]
+    if len(lines) == 1 and len(lines[0]) <= 200:
+        return lines[0]
+    return None
+
+
+def port_number(port: str | None) -> int | None:
+    """A port number, None for none or 0."""
+    return int(port) if port and port.isdigit() and port != "0" else None
+
+
+def qualys_network(value: str | None) -> str | None:
+    """A Qualys network id as a network scope; "0" (the Global Default Network) is no scope."""
+    value = value_or_none(value)
+    return None if value in (None, "0") else value

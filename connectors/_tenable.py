@@ -8,7 +8,9 @@ connectors give the same host, plugin and port.  No connector lives here.
 
 from __future__ import annotations
 
+import ast
 import ipaddress
+import json
 import re
 import uuid
 from collections.abc import Iterable, Iterator
@@ -30,6 +32,27 @@ TENABLE_STATES = {
     "resurfaced": "open",
     "fixed": "fixed",
 }
+# identity plugins whose output feeds the ResourceRef of every record of the host
+_MAC_PLUGINS = frozenset({"86420", "10150", "35716"})  # Ethernet MAC Addresses, NetBIOS, Ethernet Card
+FACT_PLUGINS = frozenset({"12053", "11936", "10150", "55472"}) | _MAC_PLUGINS
+_MAC = re.compile(r"(?<![0-9A-Fa-f:-])([0-9A-Fa-f]{2}(?:[:-][0-9A-Fa-f]{2}){5})(?![0-9A-Fa-f:-])")
+_RESOLVES = re.compile(r"resolves as\s+(\S+)", re.IGNORECASE)
+REMOTE_OS = re.compile(r"Remote operating system\s*:\s*(.+)", re.IGNORECASE)
+_COMPUTER_NAME = re.compile(r"^\s*(\S+)\s*=\s*Computer name\s*$", re.IGNORECASE | re.MULTILINE)
+_DEVICE_HOSTNAME = re.compile(r"Hostname\s*:\s*(\S+)", re.IGNORECASE)
+# Observation category of severity 0 items (else by plugin family, else by title)
+_CATEGORY_PLUGINS = {
+    "12053": "identity", "86420": "identity", "10150": "identity", "55472": "identity", "35716": "identity",
+    "11936": "os", "54615": "os",
+    "11219": "port", "14272": "port", "34220": "port", "34277": "port", "10335": "port",
+    "22964": "service", "11011": "service", "10107": "service", "10736": "service",
+    "20811": "software", "22869": "software", "45590": "software", "58452": "software",
+    "83991": "software", "97993": "software", "178102": "software",
+    "10287": "network", "24272": "network", "25202": "network", "25203": "network",
+    "58651": "network", "103871": "network",
+}
+_SOFTWARE_TITLE = re.compile(r"installed software|software enumeration|software inventory|\binstalled\b",
+                             re.IGNORECASE)
 _MONTHS = {
     name: number
     for number, name in enumerate(
@@ -284,6 +307,35 @@ def host_fields(
     return fields
 
 
+def os_text(value: Any) -> str | None:
+    """An operating system as plain text, never a list rendered as text.
+
+    A list (Tenable.io ``asset.operating_system``, or a Nessus tag holding one rendered
+    as JSON or Python text, ``["Linux Kernel 5.15"]``) is joined with " / ": Tenable lists
+    the candidates when unsure.  A multi-line text (Nessus writes one candidate a line)
+    gives its first line.
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("[") and text.endswith("]"):
+            try:
+                value = json.loads(text)
+            except ValueError:
+                try:
+                    value = ast.literal_eval(text)
+                except (ValueError, SyntaxError, MemoryError, RecursionError):
+                    value = text.strip("[]")
+        else:
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            return lines[0][:500] if lines else None
+    if isinstance(value, (list, tuple)):
+        names = list(dict.fromkeys(str(v).strip() for v in value if isinstance(v, str) and v.strip()))
+        return " / ".join(names)[:500] or None
+    if isinstance(value, str):
+        return os_text(value)
+    return None
+
+
 def host_key(fields: dict[str, Any] | ResourceRef) -> str | None:
     """The identifier that tells a Tenable host from the others, lower-cased, for provider ids.
 
@@ -364,3 +416,77 @@ def clip(text: str | None) -> str | None:
         return None
     text = text.strip()
     return text[:MAX_TEXT] if text else None
+
+
+# -- observations (informational items) ------------------------------------------------
+
+
+def all_macs(text: str | None) -> list[str]:
+    """Every MAC address in a text, lower-case colon form."""
+    return [normalize_mac(m) for m in _MAC.findall(text or "")]
+
+
+def normalize_mac(value: str) -> str:
+    """A MAC address in lower-case colon form."""
+    digits = re.sub(r"[^0-9a-fA-F]", "", value)
+    return ":".join(digits[i : i + 2] for i in range(0, 12, 2)).lower()
+
+
+def identity_facts(plugin_id: str, output: str) -> Iterator[tuple[str, str]]:
+    """(kind, value) identity facts in an identity plugin's output."""
+    if plugin_id == "12053":
+        match = _RESOLVES.search(output)
+        if match:
+            yield "fqdn", match.group(1).rstrip(".").lower()
+    elif plugin_id == "11936":
+        match = REMOTE_OS.search(output)
+        if match:
+            yield "os", match.group(1).strip()
+    elif plugin_id == "10150":
+        match = _COMPUTER_NAME.search(output)
+        if match:
+            yield "netbios", match.group(1)
+    elif plugin_id == "55472":
+        match = _DEVICE_HOSTNAME.search(output)
+        if match and not ip_version(match.group(1)):
+            yield "hostname", match.group(1)
+    if plugin_id in _MAC_PLUGINS:
+        for mac in all_macs(output):
+            yield "mac", mac
+
+
+def observation_category(plugin_id: str, family: str, title: str) -> str:
+    if plugin_id in _CATEGORY_PLUGINS:
+        return _CATEGORY_PLUGINS[plugin_id]
+    family = family.strip().lower()
+    if family == "port scanners":
+        return "port"
+    if family == "service detection":
+        return "service"
+    if _SOFTWARE_TITLE.search(title):
+        return "software"
+    return "other"
+
+
+def observation_value(
+    category: str, plugin_id: str, output: str | None, port: int | None, protocol: str, service: str | None
+) -> str | None:
+    """The fact, short: the OS, the FQDN/MACs/NetBIOS name, "443/tcp", "443/tcp www"..."""
+    if category == "identity":
+        facts = list(identity_facts(plugin_id, output or ""))
+        macs = sorted({value for kind, value in facts if kind == "mac"})
+        names = [value for kind, value in facts if kind != "mac"]
+        value = ", ".join(names + macs)
+        return value[:500] or None
+    if category == "os":
+        match = REMOTE_OS.search(output or "")
+        if match:
+            return match.group(1).strip()[:500]
+    if category == "port" and port is not None:
+        return f"{port}/{protocol}"
+    if category == "service" and port is not None:
+        return f"{port}/{protocol} {service}" if service else f"{port}/{protocol}"
+    lines = [line.strip() for line in (output or "").splitlines() if line.strip()]
+    if len(lines) == 1 and len(lines[0]) <= 200:
+        return lines[0]
+    return None

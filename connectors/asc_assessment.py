@@ -51,6 +51,7 @@ from connectors.model import FindingRecord, Rejected, ResourceRef
 
 FORMAT = "asc_assessment"
 TITLE = "Azure Security Center (Defender for Cloud) security assessments JSON"
+PRODUCT = "Microsoft Defender for Cloud"
 CONTENT_TYPES = ("application/json",)
 RECORD_KIND = "findings"
 

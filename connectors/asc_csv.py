@@ -46,6 +46,7 @@ from connectors.model import FindingRecord, FormatError, Rejected, ResourceRef
 
 FORMAT = "asc_csv"
 TITLE = "Defender for Cloud (Azure Security Center) recommendations CSV export"
+PRODUCT = "Microsoft Defender for Cloud"
 CONTENT_TYPES = ("text/csv",)
 RECORD_KIND = "findings"
 

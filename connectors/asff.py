@@ -9,9 +9,13 @@ object.  Mapping of one finding:
         -> severity; the original value -> severity_original
     Resources[0]: Id (ARN) -> resource.cloud_id, Type -> resource.kind (vm,
         container_image, cloud_resource; the ASFF type -> extra.resourceType),
-        Tags.Name (ECR: repository[:tag]) -> name,
-        Details.AwsEc2Instance.IpV4Addresses/IpV6Addresses -> ipv4/ipv6, the instance id
-        -> extra.instanceId; the ids of further Resources -> extra.otherResources
+        Id -> host_key (provenance), Tags.Name (ECR: repository[:tag]) -> name,
+        Tags.Name -> cloud_name, Details.AwsEc2Instance.IpV4Addresses/IpV6Addresses ->
+        ipv4/ipv6 (the private addresses), Details.AwsEc2Instance.VpcId -> network,
+        the instance id of an instance ARN ("arn:aws:ec2:region:acct:instance/i-...",
+        else Details.AwsEc2Instance.InstanceId) -> instance_id (and extra.instanceId);
+        the ids of further Resources -> extra.otherResources
+    ProductName (else GeneratorId) -> scan
     Vulnerabilities[].Id CVEs (and CVE ids in Title) -> cves; the first non-CVE id
         (e.g. GHSA-...) -> vendor_id; the highest-version Cvss -> cvss_score/vector;
         VulnerablePackages -> evidence (and their Remediation lines -> remediation);
@@ -56,6 +60,7 @@ from connectors.model import FindingRecord, Rejected, ResourceRef
 
 FORMAT = "asff"
 TITLE = "AWS Security Finding Format (Security Hub) JSON"
+PRODUCT = "AWS Security Hub"
 CONTENT_TYPES = ("application/json",)
 RECORD_KIND = "findings"
 
@@ -133,10 +138,12 @@ def _resource(raw: Any, item: dict, extra: dict) -> ResourceRef:
         image_tags = strings(ecr.get("ImageTags"))
         if repository:
             name = f"{repository}:{image_tags[0]}" if image_tags else repository
-    if rtype == "AwsEc2Instance":
-        instance = re.search(r"(i-[0-9A-Za-z]+)$", cloud_id)
-        if instance:
-            extra["instanceId"] = instance.group(1)
+    instance_id = None
+    if rtype == "AwsEc2Instance" or ec2:
+        instance = re.search(r"(?:\A|[:/])(i-[0-9A-Za-z]+)\Z", cloud_id)
+        instance_id = instance.group(1) if instance else clip(ec2.get("InstanceId"), 100)
+        if instance_id:
+            extra["instanceId"] = instance_id
     platform = dict_at(item, "ProductFields").get(
         "aws/inspector/resources/1/resourceDetails/awsEc2InstanceDetails/platform")
     if rtype:
@@ -151,6 +158,10 @@ def _resource(raw: Any, item: dict, extra: dict) -> ResourceRef:
         kind=_RESOURCE_KINDS.get(rtype or "", "cloud_resource"),
         name=name,
         os=clip(platform, 200),
+        instance_id=instance_id,
+        cloud_name=clip(tags.get("Name"), 300),
+        network=clip(ec2.get("VpcId"), 100),
+        host_key=cloud_id,
     )
 
 
@@ -311,4 +322,5 @@ def to_record(item: Any, options: ParseOptions) -> FindingRecord:
         evidence=evidence,
         references=references[:MAX_REFERENCES],
         extra=extra or None,
+        scan=clip(item.get("ProductName"), 300) or clip(item.get("GeneratorId"), 300),
     )

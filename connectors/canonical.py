@@ -52,6 +52,7 @@ from connectors.model import (
 
 FORMAT = "canonical"
 TITLE = "Gateway canonical findings JSON"
+PRODUCT = "Gateway canonical"
 CONTENT_TYPES = ("application/json",)
 RECORD_KIND = "findings"
 

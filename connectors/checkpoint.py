@@ -21,6 +21,17 @@ finding is a rule evaluated on one entity (kind "compliance"):
         organizationalUnitPath, labels, acknowledged -> extra
     createdTime -> first_seen; lastSeenTime -> last_seen; updatedTime -> provider_timestamp
 
+Webhook and remediation-bot deliveries (CloudGuard "continuous compliance" notifications)
+carry the rule and entity as objects and no top-level severity:
+    rule.name -> title, rule.severity -> severity (when the rule gives none: "Medium",
+        severity_scale "cloudguard default"), rule.id / rule.ruleId -> vendor_id
+    entity.id (an ARN or full id preferred, from entity.arn) -> cloud_id, entity.name ->
+        name, entity.type -> kind, entity.vpc (an id or {"id": ...}) -> network,
+        entity.tags Name -> cloud_name; account.id/vendor/name -> extra
+    status "failed" -> open; findingKey -> provider_id.
+Every finding: the cloud id -> host_key; an EC2 instance ARN (or an "i-..." external id)
+-> instance_id; entityNetwork (the VPC of the search API) -> network.
+
 A CloudGuard ruleset/bundle definition (rules with ``logic`` but no entity) is not a
 findings document: its items are rejected with that reason.
 """
@@ -34,6 +45,7 @@ from connectors._json import (
     MAX_TEXT,
     clip,
     dict_at,
+    instance_from_arn,
     iter_json_records,
     json_head,
     rejected,
@@ -46,12 +58,14 @@ from connectors.model import FindingRecord, Rejected, ResourceRef
 
 FORMAT = "checkpoint"
 TITLE = "Check Point CloudGuard (Dome9) compliance findings JSON"
+PRODUCT = "CloudGuard"
 CONTENT_TYPES = ("application/json",)
 RECORD_KIND = "findings"
 
+DEFAULT_SEVERITY = "Medium"  # a webhook/bot finding whose rule names no severity (documented above)
 ENVELOPE_KEYS = ("findings",)
-_MARKERS = (b'"ruleName"', b'"bundleId"', b'"entityDome9Id"', b'"entityExternalId"', b'"findingKey"',
-            b'"ruleLogic"', b'"entityTypeByEnvironmentType"', b'"cloudAccountExternalId"')
+_MARKERS = (b'"ruleName"', b'"rule"', b'"entity"', b'"bundleId"', b'"entityDome9Id"', b'"entityExternalId"',
+            b'"findingKey"', b'"ruleLogic"', b'"entityTypeByEnvironmentType"', b'"cloudAccountExternalId"')
 _FIXED_STATUSES = frozenset({"passed", "pass", "healthy", "resolved", "fixed", "closed", "archived"})
 _RESOURCE_KINDS = {
     "instance": "vm",
@@ -91,18 +105,36 @@ def _is_full_cloud_id(value: Any) -> bool:
 
 
 def _resource(item: dict) -> ResourceRef:
-    entity = dict_at(item, "entityObject")
-    external = clip(item.get("entityExternalId"), 1024)
-    dome9 = clip(item.get("entityDome9Id"), 1024)
+    entity = dict_at(item, "entityObject") or dict_at(item, "entity")
+    external = clip(item.get("entityExternalId"), 1024) or clip(entity.get("id"), 1024)
+    dome9 = clip(item.get("entityDome9Id"), 1024) or clip(entity.get("dome9Id"), 1024)
     candidates = [entity.get("arn"), entity.get("id"), external]
     cloud_id = next((c for c in candidates if _is_full_cloud_id(c)), None) or external or dome9
     if not cloud_id:
-        raise ValueError("'entityExternalId' or 'entityDome9Id' is required: the entity the rule ran on")
+        raise ValueError("'entityExternalId', 'entityDome9Id' or 'entity.id' is required: "
+                         "the entity the rule ran on")
     entity_type = item.get("entityType") if isinstance(item.get("entityType"), str) else ""
+    entity_type = entity_type or (entity.get("type") if isinstance(entity.get("type"), str) else "")
+    name = clip(item.get("entityName"), 300) or clip(entity.get("name"), 300)
+    tags = entity.get("tags")
+    cloud_name = None
+    if isinstance(tags, list):  # [{"key": "Name", "value": "web-1"}]
+        cloud_name = next((clip(t.get("value"), 300) for t in tags if isinstance(t, dict)
+                           and str(t.get("key")) == "Name"), None)
+    elif isinstance(tags, dict):
+        cloud_name = clip(tags.get("Name"), 300)
+    vpc = entity.get("vpc")
+    network = clip(vpc.get("id"), 200) if isinstance(vpc, dict) else clip(vpc, 200)
+    instance = instance_from_arn(cloud_id) or (
+        external if isinstance(external, str) and external.startswith("i-") else None)
     return ResourceRef(
         cloud_id=cloud_id[:1024],
         kind=_RESOURCE_KINDS.get(entity_type.replace(" ", "").lower(), "cloud_resource"),
-        name=clip(item.get("entityName"), 300),
+        name=name,
+        cloud_name=cloud_name,
+        network=network or clip(item.get("entityNetwork"), 200),
+        instance_id=instance,
+        host_key=cloud_id[:1024],
     )
 
 
@@ -125,19 +157,33 @@ def to_record(item: Any) -> FindingRecord:
     provider_id = required_text(item, "findingKey") if item.get("findingKey") else required_text(item, "id")
     if len(provider_id) > 512:
         raise ValueError("'findingKey' is longer than 512 characters")
-    title = required_text(item, "ruleName")
-    raw_severity = item.get("severity")
+    rule = dict_at(item, "rule")
+    if item.get("ruleName") or not rule:
+        title = required_text(item, "ruleName")
+    else:
+        title = required_text(rule, "name")
+    raw_severity = item.get("severity") if item.get("severity") is not None else rule.get("severity")
+    scale = "cloudguard"
+    if raw_severity is None and rule:  # webhook / remediation bot findings: no severity at all
+        raw_severity, scale = DEFAULT_SEVERITY, "cloudguard default"
     severity = severity_from_word(raw_severity) if isinstance(raw_severity, str) else None
     if severity is None:
         raise ValueError(f"'severity' {str(raw_severity)[:40]!r} is not a CloudGuard severity "
                          "(Informational, Low, Medium, High, Critical)")
     rule_id = item.get("ruleId")
+    if rule_id is None:
+        rule_id = rule.get("id", rule.get("ruleId"))
     if isinstance(rule_id, int) and not isinstance(rule_id, bool):
         rule_id = str(rule_id)
     rule_id = clip(rule_id, 300)
     rule_logic = clip(item.get("ruleLogic"), MAX_TEXT)
 
     extra: dict[str, Any] = {}
+    account = dict_at(item, "account")
+    for key, name in (("id", "cloudAccountExternalId"), ("vendor", "cloudAccountType"),
+                      ("name", "cloudAccountName")):
+        if isinstance(account.get(key), str) and account[key] and name not in item:
+            extra[name] = account[key]
     for key in _EXTRA_KEYS:
         value = item.get(key)
         if isinstance(value, (str, int, float)) and not isinstance(value, bool) and value != "":
@@ -161,7 +207,7 @@ def to_record(item: Any) -> FindingRecord:
         title=title,
         severity=severity,
         severity_original=raw_severity,
-        severity_scale="cloudguard",
+        severity_scale=scale,
         vendor_id=rule_id or (rule_logic[:300] if rule_logic else None),
         status=_status(item),
         kind="compliance",

@@ -47,6 +47,7 @@ from connectors.model import SEVERITIES, AlertRecord, Rejected, ResourceRef
 
 FORMAT = "graph_alert"
 TITLE = "Microsoft Graph security alerts JSON (alert and alerts_v2)"
+PRODUCT = "Microsoft Graph"
 CONTENT_TYPES = ("application/json",)
 RECORD_KIND = "alerts"
 

@@ -1,22 +1,36 @@
-"""Tenable Nessus v2 XML (``.nessus``, root ``NessusClientData_v2``) -> FindingRecord.
+"""Tenable Nessus v2 XML (``.nessus``, root ``NessusClientData_v2``) -> FindingRecord, Observation.
 
-The file is streamed with ``xmlsafe.iterparse``: each ``ReportItem`` becomes one record
-and is freed at once, so memory stays flat however many hosts and items there are.
+The file is streamed with ``xmlsafe.iterparse``: each ``ReportHost`` is gathered whole
+(its HostProperties and ReportItems: one host's element, however many hosts there are),
+its records come out, and it is freed, so memory stays flat with the file size (it follows
+the largest host).  Gathering the host first lets identity facts that plugins report late
+in the host (12053, 86420...) reach the ResourceRef of every record of that host.
 
 Resource, from the ``ReportHost``'s ``HostProperties`` tags:
     tenable-uuid, host-uuid -> agent_id (first present; UUIDs in lower-case dashed form)
     host-fqdn -> fqdn (a name without a dot goes to hostname; a URL, as in Tenable WAS
     exports, gives its host name, the URL becomes the display name, kind "web_app")
-    hostname -> hostname, netbios-name -> netbios, mac-address -> mac (first valid),
-    host-ip -> ipv4/ipv6, operating-system -> os (first line)
-    the ReportHost ``name`` attribute is the fallback: an IP address goes to ipv4/ipv6,
-    a name to fqdn when it has a dot, else to hostname.
-Finding, per ReportItem:
+    hostname -> hostname, netbios-name -> netbios, host-ip -> ipv4/ipv6,
+    operating-system -> os (plain text: the first line; a list rendered as text,
+    ``["Linux Kernel 5.15"]``, gives its items joined with " / ")
+    the ReportHost ``name`` attribute -> host_key (provenance), and is the fallback
+    identifier: an IP address goes to ipv4/ipv6, a name to fqdn when it has a dot, else
+    to hostname.
+  then from the host's identity plugins, wherever they are in the host (a tag wins):
+    12053 "Host Fully Qualified Domain Name (FQDN) Resolution" ("x resolves as
+    host.example.com.") -> fqdn (hostname without a dot); 11936 "OS Identification"
+    ("Remote operating system : ...") -> os; 10150 NetBIOS ("NAME = Computer name") ->
+    netbios; 55472 "Device Hostname" ("Hostname : NAME") -> hostname;
+    mac: every MAC of the mac-address tag and of plugins 86420 "Ethernet MAC Addresses",
+    10150 and 35716, lower-case colon form; ResourceRef.mac holds one: the lowest of
+    them, sorted, so the choice does not depend on the order the scanner lists them in.
+Finding, per ReportItem of severity 1-4:
     pluginID -> vendor_id; pluginName (or plugin_name) -> title; description (or
     synopsis) -> description; solution -> remediation ("n/a" dropped); plugin_output ->
     evidence; cve -> cves; see_also lines -> references;
     cvss3_base_score/cvss3_vector, else cvss4_*, else cvss_base_score/cvss_vector (WAS:
-    cvssv3, cvss) -> cvss_score/cvss_vector (v3 vectors prefixed "CVSS:3.0/", v2 bare);
+    cvssv3, cvss) -> cvss_score/cvss_vector (v3 vectors keep or get their "CVSS:3.x/"
+    prefix, v2 bare);
     severity attribute 0-4 -> informational/low/medium/high/critical (scale "nessus 0-4"),
     else risk_factor, else the CVSS score;
     vulnerability_state (Tenable.io exports: Active/New/Resurfaced -> open, Fixed ->
@@ -25,11 +39,22 @@ Finding, per ReportItem:
     (a date like "Thu Jun 22 11:33:59 2017", taken as UTC though Nessus writes the
     scanner's local time there); provider_timestamp is that host end, else last_found.
     provider_id = "<host key>|<pluginID>|<port>/<protocol>", the host key being the
-    first of agent id, fqdn, hostname, IP, netbios, mac (a web app: its URL), so the same
-    host, plugin and port give the same id in every push.
+    first of agent id, fqdn, hostname, IP, netbios, mac (a web app: its URL) from the
+    ReportHost name and HostProperties only (never from plugin facts), so the same host,
+    plugin and port give the same id in every push.
+    ``<Report name=...>`` -> scan (None without a name).
+Observation, per ReportItem of severity 0 (informational: never a finding):
+    provider_id, vendor_id, name (the plugin name), times and scan as for a finding;
+    plugin_output -> evidence; port (0: None)/protocol/svc_name ("general" dropped) ->
+    port/protocol/service; category: identity (12053, 86420, 10150, 55472, 35716), os
+    (11936, 54615), port (family "Port scanners"), service (family "Service detection",
+    22964, 11011, 10107, 10736), software (20811, 22869, 45590, installed software
+    enumerations...), network (traceroute 10287, interfaces, netstat), else other;
+    value: the identity facts (names, then the MACs sorted), the OS, "22/tcp" (port),
+    "443/tcp www" (service), else the output when it is one short line.
 A ReportItem without a pluginID, or a host without any identifier, gives a Rejected
 record ("ReportHost[2]/ReportItem[5]"); the others still come out.  Nessus reports a
-plugin twice on one port when it finds two installs: consecutive items with the same
+plugin twice on one port when it finds two installs: consecutive findings with the same
 provider_id are merged into one record (evidence, CVEs and references of both).
 
 The helpers it shares with the other Tenable connectors (severity, dates, identifiers,
@@ -46,15 +71,21 @@ from urllib.parse import urlsplit
 
 from connectors import xmlsafe
 from connectors._tenable import (
+    FACT_PLUGINS,
     TENABLE_STATES,
     add_ips,
     add_names,
+    all_macs,
     clip,
     host_fields,
     host_key,
+    identity_facts,
     ip_version,
     make_provider_id,
     merge_repeats,
+    observation_category,
+    observation_value,
+    os_text,
     parse_any_time,
     pick_cvss,
     remediation,
@@ -62,10 +93,11 @@ from connectors._tenable import (
     split_references,
 )
 from connectors.base import ParseOptions, find_cves
-from connectors.model import FindingRecord, FormatError, Rejected, ResourceRef
+from connectors.model import FindingRecord, FormatError, Observation, Rejected, ResourceRef
 
 FORMAT = "nessus"
 TITLE = "Tenable Nessus v2 XML"
+PRODUCT = "Nessus"
 CONTENT_TYPES = ("application/xml", "text/xml", "application/x-nessus+xml")
 RECORD_KIND = "findings"
 
@@ -97,42 +129,55 @@ def parse(stream: BinaryIO, options: ParseOptions) -> Iterator[FindingRecord | R
     yield from merge_repeats(_records(stream))
 
 
-def _records(stream: BinaryIO) -> Iterator[FindingRecord | Rejected]:
+def _records(stream: BinaryIO) -> Iterator[FindingRecord | Observation | Rejected]:
+    """Each ReportHost is gathered whole (its HostProperties and ReportItems), then its records
+    come out: identity facts of items late in the host reach every record of the host."""
     host_index = 0
-    item_index = 0
-    host: _Host | None = None
+    scan: str | None = None
     events = xmlsafe.iterparse(
-        stream, tags=("ReportHost", "HostProperties", "ReportItem", "Policy"), events=("start", "end")
+        stream, tags=("Report", "ReportHost", "ReportItem", "Policy"), events=("start", "end")
     )
     for event, element in events:
         tag = element.tag
+        if tag == "Report":
+            if event == "start":
+                scan = clip(element.get("name"))
+            continue
         if event == "start":
-            if tag == "ReportHost":
-                host_index += 1
-                item_index = 0
-                host = _Host(element.get("name"))
             continue
         if tag == "ReportItem":
-            item_index += 1
-            position = f"ReportHost[{host_index}]/ReportItem[{item_index}]"
-            if host is None:
-                yield Rejected(position=position, reason="ReportItem outside a ReportHost")
-            else:
-                yield _item_record(element, host, position)
-        elif tag == "HostProperties" and host is not None:
-            host.add_properties(element)
+            parent = element.getparent()
+            if parent is not None and parent.tag == "ReportHost":
+                continue  # read with its host, at the host's end
+            yield Rejected(position=f"ReportHost[{host_index}]/ReportItem",
+                           reason="ReportItem outside a ReportHost")
         elif tag == "ReportHost":
-            host = None
+            host_index += 1
+            yield from _host_records(element, host_index, scan)
         xmlsafe.release(element)
 
 
+def _host_records(
+    element: Any, host_index: int, scan: str | None
+) -> Iterator[FindingRecord | Observation | Rejected]:
+    host = _Host(element.get("name"))
+    properties = element.find("HostProperties")
+    if properties is not None:
+        host.add_properties(properties)
+    items = element.findall("ReportItem")
+    host.add_facts(items)
+    for item_index, item in enumerate(items, start=1):
+        yield _item_record(item, host, f"ReportHost[{host_index}]/ReportItem[{item_index}]", scan)
+
+
 class _Host:
-    """What a ReportHost says of its host, gathered before its ReportItems."""
+    """What a ReportHost says of its host: HostProperties tags and identity plugins' facts."""
 
     def __init__(self, name: str | None) -> None:
         self.name = (name or "").strip()
         self.tags: dict[str, str] = {}
-        self._resource: dict[str, Any] | None = None
+        self.facts: dict[str, Any] = {}
+        self._resource: ResourceRef | None = None
         self.key: str | None = None
 
     def add_properties(self, element: Any) -> None:
@@ -142,11 +187,39 @@ class _Host:
                 self.tags.setdefault(name, tag.text.strip())
         self._resource = None
 
-    def resource_fields(self) -> dict[str, Any]:
-        """Keyword arguments of the host's ResourceRef (computed once)."""
+    def add_facts(self, items: list[Any]) -> None:
+        """Identity facts of the host's identity plugins (12053, 86420, 10150, 11936...)."""
+        for item in items:
+            plugin_id = (item.get("pluginID") or "").strip()
+            if plugin_id in FACT_PLUGINS:
+                for kind, value in identity_facts(plugin_id, item.findtext("plugin_output") or ""):
+                    if kind == "mac":
+                        self.facts.setdefault("mac", []).append(value)
+                    else:
+                        self.facts.setdefault(kind, value)
+        self._resource = None
+
+    def resource(self) -> ResourceRef | None:
+        """The host's ResourceRef (computed once), None when the host has no identifier.
+
+        The provider-id key comes from the ReportHost name and HostProperties only (as it
+        always has), so a fact a plugin adds never changes the ids of earlier pushes.
+        """
         if self._resource is None:
-            self._resource = _host_resource(self.name, self.tags)
-            self.key = host_key(self._resource)
+            fields = _host_resource(self.name, self.tags)
+            self.key = host_key(fields)
+            if self.key is None:
+                return None
+            if self.facts.get("fqdn") and "fqdn" not in fields and "hostname" not in fields:
+                add_names(fields, self.facts["fqdn"])
+            for kind in ("hostname", "netbios", "os"):
+                if self.facts.get(kind) and kind not in fields:
+                    fields[kind] = self.facts[kind]
+            macs = sorted({m for m in (*all_macs(self.tags.get("mac-address")), *self.facts.get("mac", ()))})
+            if macs:
+                fields["mac"] = macs[0]  # several adapters: the lowest, so that the choice is stable
+            fields["host_key"] = self.name or None
+            self._resource = ResourceRef(**fields)
         return self._resource
 
     def time(self, name: str) -> datetime | None:
@@ -177,20 +250,22 @@ def _host_resource(name: str, tags: dict[str, str]) -> dict[str, Any]:
             add_ips(fields, name)
         elif "fqdn" not in fields and "hostname" not in fields:
             add_names(fields, name)
-    os_name = tags.get("operating-system") or tags.get("os")
+    os_name = os_text(tags.get("operating-system") or tags.get("os"))
     if os_name:
-        fields["os"] = os_name.splitlines()[0].strip()
+        fields["os"] = os_name
     if "name" not in fields and name:
         fields["name"] = name
     return fields
 
 
-def _item_record(item: Any, host: _Host, position: str) -> FindingRecord | Rejected:
+def _item_record(
+    item: Any, host: _Host, position: str, scan: str | None
+) -> FindingRecord | Observation | Rejected:
     plugin_id = (item.get("pluginID") or "").strip()
     if not plugin_id:
         return Rejected(position=position, reason="ReportItem has no pluginID attribute")
-    fields = host.resource_fields()
-    if host.key is None:
+    resource = host.resource()
+    if resource is None:
         return Rejected(position=position, reason="ReportHost has no name and no host identifier tags")
     texts: dict[str, str] = {}
     cves: list[str] = []
@@ -232,6 +307,11 @@ def _item_record(item: Any, host: _Host, position: str) -> FindingRecord | Rejec
     host_end = host.time("HOST_END")
     first_seen = parse_any_time(texts.get("first_found"))
     last_seen = parse_any_time(texts.get("last_found")) or host_end
+    title = item.get("pluginName") or texts.get("plugin_name") or f"Nessus plugin {plugin_id}"
+    if severity["severity"] == "informational":
+        return _observation(item, plugin_id, clip(title.strip()) or f"Nessus plugin {plugin_id}", texts,
+                            resource, make_provider_id(host.key, plugin_id, port, protocol),
+                            first_seen, last_seen, host_end or last_seen, scan)
     extra = {
         "port": port,
         "protocol": protocol,
@@ -242,10 +322,9 @@ def _item_record(item: Any, host: _Host, position: str) -> FindingRecord | Rejec
         extra["cwe"] = list(dict.fromkeys(cwes))
     if texts.get("vpr_score"):
         extra["vpr_score"] = texts["vpr_score"].strip()
-    title = item.get("pluginName") or texts.get("plugin_name") or f"Nessus plugin {plugin_id}"
     return FindingRecord(
         provider_id=make_provider_id(host.key, plugin_id, port, protocol),
-        resource=ResourceRef(**{k: list(v) if isinstance(v, list) else v for k, v in fields.items()}),
+        resource=resource,
         title=clip(title.strip()) or f"Nessus plugin {plugin_id}",
         cves=find_cves(*cves),
         vendor_id=plugin_id,
@@ -260,5 +339,38 @@ def _item_record(item: Any, host: _Host, position: str) -> FindingRecord | Rejec
         evidence=clip(texts.get("plugin_output")),
         references=split_references(see_also),
         extra={k: v for k, v in extra.items() if v},
+        scan=scan,
         **severity,
     )
+
+
+def _observation(
+    item: Any, plugin_id: str, title: str, texts: dict[str, str], resource: ResourceRef, provider_id: str,
+    first_seen: datetime | None, last_seen: datetime | None, timestamp: datetime | None, scan: str | None,
+) -> Observation:
+    """A severity 0 (informational) ReportItem: a fact about the host, never a finding."""
+    port_text = (item.get("port") or "0").strip()
+    protocol = (item.get("protocol") or "tcp").strip().lower()
+    port = int(port_text) if port_text.isdigit() and port_text != "0" else None
+    service = (item.get("svc_name") or "").strip() or None
+    if service in ("general", "unknown"):
+        service = None
+    output = texts.get("plugin_output")
+    category = observation_category(plugin_id, item.get("pluginFamily") or "", title)
+    return Observation(
+        provider_id=provider_id,
+        resource=resource,
+        name=title,
+        category=category,
+        value=observation_value(category, plugin_id, output, port, protocol, service),
+        vendor_id=plugin_id,
+        port=port,
+        protocol=protocol if port is not None else None,
+        service=service,
+        evidence=clip(output),
+        first_seen=first_seen,
+        last_seen=last_seen,
+        provider_timestamp=timestamp,
+        scan=scan,
+    )
+

@@ -11,18 +11,26 @@ FindingRecord (2002, 2003, and 2004 events that carry a check result):
     finding_info.uid (OCSF 1.0: finding.uid) -> provider_id
     finding_info.title -> title; finding_info.desc -> description
     status_detail (else message) -> evidence; risk_details -> extra.riskDetails
-    severity word (Fatal -> critical), else severity_id 1-6 -> severity
+    severity word (Fatal -> critical), else severity_id 1-6 -> severity; severity_id 0
+        (Unknown) and 99 (Other) are valid and give "informational" (severity_original
+        keeps the id); any other value rejects the event, never the batch
+    metadata.product.name -> product (the tool that wrote the event, e.g. "Prowler")
     status_code PASS -> fixed, FAIL -> open, MANUAL -> rejected (the check was not
-        evaluated); else compliance.status_id/status Pass -> fixed, Warning/Fail -> open;
+        evaluated); else compliance.status as producers write it (Pass/PASSED -> fixed,
+        Fail/FAILED/Warning -> open, any case), else compliance.status_id 1 -> fixed,
+        2/3 -> open;
         a status of Suppressed/Resolved overrides to fixed (Prowler's muted findings)
     kind: 2002 -> vulnerability; 2003 and checks -> compliance
     metadata.event_code (the Prowler check id; else compliance.control) -> vendor_id
-    resources[0] (or resource): uid -> cloud_id, name -> name, type -> kind
+    resources[0] (or resource): uid -> cloud_id and host_key, an EC2 instance ARN's
+        instance id (else device.instance_uid) -> instance_id, tags.Name -> cloud_name,
+        device.vpc_uid -> network, name -> name, type -> kind
         (vm, container_image, cloud_resource; the original in extra.resourceType);
         device.hostname/ip/uid/instance_uid/os.name fill the identifiers of a host
     cloud.account.uid/name, cloud.provider, cloud.region -> extra
     compliance (requirements, standards, control) and unmapped.compliance -> extra.compliance
-    remediation.desc -> remediation; remediation.references and unmapped.related_url ->
+    remediation.desc (else the vulnerabilities[].remediation.desc) -> remediation;
+        remediation.references and unmapped.related_url ->
         references (URLs only; CLI/IaC snippets -> extra.remediationSnippets)
     finding_info.first_seen_time (else created_time) -> first_seen;
     finding_info.last_seen_time (else time_dt/time/event_time) -> last_seen;
@@ -52,6 +60,7 @@ from connectors._json import (
     MAX_TEXT,
     clip,
     dict_at,
+    instance_from_arn,
     iter_json_records,
     json_head,
     rejected,
@@ -62,6 +71,7 @@ from connectors.model import AlertRecord, FindingRecord, Rejected, ResourceRef
 
 FORMAT = "ocsf"
 TITLE = "OCSF Vulnerability / Compliance / Detection Finding JSON (e.g. Prowler)"
+PRODUCT = "OCSF"
 CONTENT_TYPES = ("application/json",)
 RECORD_KIND = "findings"
 
@@ -73,7 +83,12 @@ _CLASS_NAMES = {
     "compliancefinding": COMPLIANCE_FINDING,
     "detectionfinding": DETECTION_FINDING,
 }
-_SEVERITY_IDS = {1: "informational", 2: "low", 3: "medium", 4: "high", 5: "critical", 6: "critical"}
+# 0 Unknown and 99 Other are valid OCSF values that say nothing of the risk: "informational"
+# (severity_original keeps "0"/"99"), never a reason to reject the event.
+_SEVERITY_IDS = {0: "informational", 1: "informational", 2: "low", 3: "medium", 4: "high", 5: "critical",
+                 6: "critical", 99: "informational"}
+_COMPLIANCE_STATUSES = {"pass": "fixed", "passed": "fixed", "fail": "open", "failed": "open",
+                        "warning": "open", "warn": "open"}
 _CHECK_CODES = ("PASS", "FAIL", "MANUAL", "MUTED")
 _FIXED_STATUSES = ("suppressed", "resolved")
 _ALERT_STATUSES = {"new": "newAlert", "in progress": "inProgress", "inprogress": "inProgress",
@@ -163,6 +178,8 @@ def _severity(item: dict) -> tuple[str, str]:
         if mapped:
             return mapped, word
     severity_id = item.get("severity_id")
+    if isinstance(severity_id, str) and severity_id.strip().isdigit():
+        severity_id = int(severity_id)
     if isinstance(severity_id, int) and severity_id in _SEVERITY_IDS:
         return _SEVERITY_IDS[severity_id], str(severity_id)
     for vulnerability in item.get("vulnerabilities") or []:
@@ -182,6 +199,16 @@ def _resource(item: dict, extra: dict) -> ResourceRef | None:
     uid = clip(raw.get("uid"), 1024) or clip(device.get("instance_uid"), 1024)
     if uid:
         fields["cloud_id"] = uid
+        fields["host_key"] = uid
+    instance = instance_from_arn(raw.get("uid")) or clip(device.get("instance_uid"), 200)
+    if instance and instance != uid:
+        fields["instance_id"] = instance
+    labels = raw.get("tags") if isinstance(raw.get("tags"), dict) else {}
+    if clip(labels.get("Name"), 300):
+        fields["cloud_name"] = labels["Name"][:300]
+    vpc = clip(device.get("vpc_uid"), 200)
+    if vpc:
+        fields["network"] = vpc
     rtype = clip(raw.get("type"), 200)
     if rtype:
         extra["resourceType"] = rtype
@@ -260,9 +287,11 @@ def _check_status(item: dict, compliance: dict, is_check: bool) -> str:
     else:
         status_id = compliance.get("status_id")
         word = str(compliance.get("status") or "").strip().lower()
-        if status_id == 1 or word == "pass":
+        if word in _COMPLIANCE_STATUSES:  # the word as producers write it: PASSED, FAILED, Warning...
+            result = _COMPLIANCE_STATUSES[word]
+        elif status_id == 1:
             result = "fixed"
-        elif status_id in (2, 3) or word in ("warning", "fail"):
+        elif status_id in (2, 3):
             result = "open"
         elif is_check:
             raise ValueError(f"no check result: status_code {code or None!r}, compliance.status "
@@ -286,7 +315,11 @@ def _vulnerability_fields(vulnerabilities: list[dict]) -> dict[str, Any]:
     others: list[str] = []
     best: tuple[float, float, str | None] | None = None
     packages: list[str] = []
+    fixes: list[str] = []
     for vulnerability in vulnerabilities:
+        fix = clip(dict_at(vulnerability, "remediation").get("desc"))
+        if fix and fix not in fixes:
+            fixes.append(fix)
         cve = dict_at(vulnerability, "cve")
         uid = cve.get("uid")
         if isinstance(uid, str) and uid:
@@ -305,6 +338,7 @@ def _vulnerability_fields(vulnerabilities: list[dict]) -> dict[str, Any]:
         "cvss_score": best[1] if best else None,
         "cvss_vector": best[2] if best else None,
         "evidence": "\n".join(packages)[:MAX_TEXT] if packages else None,
+        "remediation": "\n".join(fixes)[:MAX_TEXT] if fixes else None,
     }
 
 
@@ -363,7 +397,7 @@ def to_record(item: Any) -> FindingRecord | AlertRecord:
         event_code or clip(compliance.get("control"), 300))
     if kind == "vulnerability" and vendor_id is None and not vuln["cves"]:
         vendor_id = event_code
-    remediation = dict_at(item, "remediation")
+    remediation = clip(dict_at(item, "remediation").get("desc")) or vuln["remediation"]
     return FindingRecord(
         provider_id=provider_id,
         resource=resource,
@@ -376,7 +410,7 @@ def to_record(item: Any) -> FindingRecord | AlertRecord:
         status=status,
         kind=kind,
         description=clip(info.get("desc")),
-        remediation=clip(remediation.get("desc")),
+        remediation=remediation,
         evidence=vuln["evidence"] or clip(item.get("status_detail")) or clip(item.get("message")),
         first_seen=_first_time((info, "first_seen_time"), (info, "created_time")),
         last_seen=_first_time((info, "last_seen_time")) or event_time,
@@ -385,6 +419,7 @@ def to_record(item: Any) -> FindingRecord | AlertRecord:
         cvss_vector=vuln["cvss_vector"],
         references=_references(item, extra),
         extra=extra,
+        product=clip(dict_at(item, "metadata", "product").get("name"), 200),
     )
 
 

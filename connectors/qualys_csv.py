@@ -65,6 +65,7 @@ from connectors.model import FindingRecord, FormatError, Rejected
 
 FORMAT = "qualys_csv"
 TITLE = "Qualys VM scan report / VMDR CSV"
+PRODUCT = "Qualys VMDR"
 CONTENT_TYPES = ("text/csv", "application/csv")
 RECORD_KIND = "findings"
 

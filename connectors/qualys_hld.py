@@ -6,12 +6,16 @@ once, and each finished ``HOST`` is freed too, so memory stays flat however larg
 output is.
 
 Resource, from the ``HOST`` element (the fields before its ``DETECTION_LIST``):
-    ID -> extra["host_id"] (a subscription-local number: never used as an identifier)
+    ID -> host_key (provenance) and extra["host_id"]: never an identifier (an IP-tracked
+    host gets a new ID when its IP changes)
     ASSET_ID -> agent_id as "qualys-asset:<id>" (numeric, so namespaced; the same value as
-    the "Asset Id" of the VMDR CSV exports), else QG_HOSTID -> agent_id (the agent UUID)
+    the "Asset Id" of the VMDR CSV exports), else QG_HOSTID -> agent_id (the Cloud Agent
+    UUID); both also in extra
     DNS, else DNS_DATA/FQDN, else DNS_DATA/HOSTNAME -> fqdn when it has a dot, else hostname
     NETBIOS -> netbios, IP -> ipv4 (ipv6 when it is one), IPV6 -> ipv6, OS -> os,
-    CLOUD_RESOURCE_ID, else EC2_INSTANCE_ID -> cloud_id; kind "host"; name = DNS, NetBIOS
+    NETWORK_ID -> network ("0", the Global Default Network, -> None),
+    EC2_INSTANCE_ID, else CLOUD_RESOURCE_ID -> instance_id (never cloud_id: the cloud
+    resource id of other sources is an ARN / full id); kind "host"; name = DNS, NetBIOS
     name or IP.
 Finding, per ``DETECTION``:
     QID -> vendor_id (a string, the key of the knowledge base, see ``qualys_kb``);
@@ -24,6 +28,11 @@ Finding, per ``DETECTION``:
     FIRST_FOUND_DATETIME -> first_seen, LAST_FOUND_DATETIME -> last_seen,
     LAST_UPDATE_DATETIME (else LAST_PROCESSED_DATETIME, else LAST_FIXED_DATETIME) ->
     provider_timestamp; TYPE, SSL, FQDN, INSTANCE, QDS, UNIQUE_VULN_ID -> extra.
+Observation, per DETECTION of TYPE "Info" (information gathered: never a finding):
+    the same provider_id, resource and times; name "QID <qid>"; RESULTS -> evidence (and
+    value when it is one short line); PORT/PROTOCOL -> port/protocol; category by QID
+    (6 DNS Host Name, 43007 MAC: identity; 45017: os; 82023/82004: port; 45006: network),
+    else "other".  No scan name: the output has none (scan None).
     provider_id = UNIQUE_VULN_ID when present, else "<host ID>|<QID>|<PORT>/<PROTOCOL>"
     (with "|<FQDN>" and "|<INSTANCE>" appended when the detection has them, so the
     virtual-host and database-instance variants of one QID stay distinct).
@@ -49,9 +58,14 @@ from connectors._qualys import (
     child_text,
     compact,
     evidence_text,
+    info_category,
+    info_value,
+    is_information,
     make_resource,
     open_document,
+    port_number,
     provider_key,
+    qualys_network,
     qualys_severity,
     qualys_status,
     root_element,
@@ -60,10 +74,11 @@ from connectors._qualys import (
     time_field,
 )
 from connectors.base import ParseOptions
-from connectors.model import FindingRecord, Rejected, ResourceRef
+from connectors.model import FindingRecord, Observation, Rejected, ResourceRef
 
 FORMAT = "qualys_hld"
 TITLE = "Qualys VM Host List Detection XML"
+PRODUCT = "Qualys VMDR"
 CONTENT_TYPES = ("application/xml", "text/xml")
 RECORD_KIND = "findings"
 
@@ -94,7 +109,8 @@ class _Host:
         asset_id = child_text(element, "ASSET_ID")
         qg_host_id = child_text(element, "QG_HOSTID")
         self.extra = {"host_id": self.host_id, "asset_id": asset_id, "qg_host_id": qg_host_id,
-                      "tracking_method": child_text(element, "TRACKING_METHOD")}
+                      "tracking_method": child_text(element, "TRACKING_METHOD"),
+                      "cloud_resource_id": child_text(element, "CLOUD_RESOURCE_ID")}
         try:
             self.resource = make_resource(
                 ips=split_ips(child_text(element, "IP"), child_text(element, "IPV6")),
@@ -103,8 +119,11 @@ class _Host:
                 hostname=child_text(element, "DNS_DATA/HOSTNAME"),
                 netbios=child_text(element, "NETBIOS"),
                 agent_id=asset_agent_id(asset_id) or qg_host_id,
-                cloud_id=child_text(element, "CLOUD_RESOURCE_ID") or child_text(element, "EC2_INSTANCE_ID"),
+                instance_id=(child_text(element, "EC2_INSTANCE_ID")
+                             or child_text(element, "CLOUD_RESOURCE_ID")),
                 os=child_text(element, "OS"),
+                network=qualys_network(child_text(element, "NETWORK_ID")),
+                host_key=self.host_id,
             )
         except ValueError as exc:
             self.error = str(exc)
@@ -152,6 +171,23 @@ def _detection(element: etree._Element, host: _Host, position: str) -> FindingRe
             provider_timestamp = time_field(name, child_text(element, name))
             if provider_timestamp is not None:
                 break
+        if is_information(qualys_type):
+            evidence = evidence_text(child_text(element, "RESULTS"))
+            category = info_category(qid)
+            return Observation(
+                provider_id=provider_id,
+                resource=host.resource,
+                name=f"QID {qid}",
+                category=category,
+                value=info_value(category, evidence, port, protocol),
+                vendor_id=qid,
+                port=port_number(port),
+                protocol=protocol.lower() if protocol and port_number(port) else None,
+                evidence=evidence,
+                first_seen=time_field("FIRST_FOUND_DATETIME", child_text(element, "FIRST_FOUND_DATETIME")),
+                last_seen=time_field("LAST_FOUND_DATETIME", child_text(element, "LAST_FOUND_DATETIME")),
+                provider_timestamp=provider_timestamp,
+            )
         return FindingRecord(
             provider_id=provider_id,
             resource=host.resource,

@@ -42,6 +42,7 @@ from connectors.model import Rejected, VulnerabilityInfo
 
 FORMAT = "qualys_kb"
 TITLE = "Qualys KnowledgeBase XML"
+PRODUCT = "Qualys VMDR"
 CONTENT_TYPES = ("application/xml", "text/xml")
 RECORD_KIND = "knowledge_base"
 

@@ -78,6 +78,7 @@ from connectors.model import FindingRecord, Rejected, ResourceRef
 
 FORMAT = "qualys_scan_xml"
 TITLE = "Qualys VM scan report XML"
+PRODUCT = "Qualys VMDR"
 CONTENT_TYPES = ("application/xml", "text/xml")
 RECORD_KIND = "findings"
 

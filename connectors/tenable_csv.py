@@ -53,6 +53,7 @@ from connectors.model import FindingRecord, FormatError, Rejected, ResourceRef
 
 FORMAT = "tenable_csv"
 TITLE = "Tenable CSV export (Nessus, Tenable.io, Tenable.sc)"
+PRODUCT = "Tenable"
 CONTENT_TYPES = ("text/csv", "application/csv")
 RECORD_KIND = "findings"
 

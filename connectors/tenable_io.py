@@ -1,34 +1,48 @@
-"""Tenable.io vulnerability export JSON -> FindingRecord (and Tenable.sc analysis pages).
+"""Tenable.io vulnerability export JSON -> FindingRecord, Observation (and Tenable.sc analysis pages).
 
 A Tenable.io export chunk (``GET /vulns/export/{uuid}/chunks/{n}``) is a JSON array of
 vulnerability objects; it is streamed item by item with ijson.
 
     asset.uuid (else asset.agent_uuid) -> agent_id (lower-case dashed UUID)
+    asset.uuid -> host_key (provenance: Tenable's key of the asset record)
     asset.fqdn -> fqdn, asset.hostname -> hostname, asset.netbios_name -> netbios,
-    asset.ipv4/ipv6 -> ipv4/ipv6, asset.mac_address -> mac (first valid),
-    asset.operating_system -> os (first); values that are not valid addresses (such as
-    "[REDACTED]") are dropped
+    asset.ipv4/ipv6 -> ipv4/ipv6, asset.mac_address -> mac (the lowest valid one, sorted),
+    asset.operating_system (a list) -> os, its items joined with " / " (plain text);
+    values that are not valid addresses (such as "[REDACTED]") are dropped
+    asset.network_id -> network (the default network 00000000-0000-0000-0000-000000000000
+    -> None: the tenant's default scope)
+    asset.aws_ec2_instance_id (else azure_vm_id, gcp_instance_id) -> instance_id,
+    asset.aws_ec2_name -> cloud_name (when the export carries them)
+    scan.uuid (else scan.schedule_uuid) -> scan
     plugin.id -> vendor_id, plugin.name -> title, plugin.description (else synopsis) ->
     description, plugin.solution -> remediation, plugin.cve -> cves, plugin.see_also ->
     references, output -> evidence,
     plugin.cvss3_base_score/cvss3_vector.raw, else cvss_base_score/cvss_vector.raw ->
-    cvss_score/cvss_vector (a score of 0 without a vector means "none")
+    cvss_score/cvss_vector (a bare v3 vector gets "CVSS:3.0/", a prefixed one is kept; a
+    score of 0 without a vector means "none")
     severity_id 0-4 (else the severity word) -> severity, scale "nessus 0-4"
     state OPEN/NEW/ACTIVE/REOPENED/RESURFACED -> open, FIXED -> fixed
     first_found/last_found -> first_seen/last_seen; provider_timestamp = indexed, else
     last_fixed, else last_found
     provider_id = "<asset uuid>|<plugin id>|<port>/<protocol>"
+Severity info (severity_id 0) items are Observations, never findings: plugin.name ->
+name, plugin.id -> vendor_id, output -> evidence ("[REDACTED]" dropped), port.port (0:
+None)/protocol/service -> port/protocol/service, category and value as in ``nessus``
+(``_tenable.observation_category``/``observation_value``: port scanners "4599/tcp",
+services "80/tcp www", OS, identity facts, installed software...).
 
 A Tenable.sc ``POST /rest/analysis`` page (``{"response": {"results": [...]}}``, tool
 vulndetails) is read too: pluginID, severity.id, ip/dnsName/netbiosName/macAddress/uuid,
 port/protocol, firstSeen/lastSeen (epoch seconds), cve (comma separated), pluginText's
-<plugin_output>; its records are all open (the cumulative view).
+<plugin_output>; its records are all open (the cumulative view); product "Tenable.sc"
+on every record (findings and observations); severity 0 items are Observations.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any, BinaryIO
 
 import ijson
@@ -36,10 +50,15 @@ import ijson
 from connectors._tenable import (
     TENABLE_STATES,
     clip,
+    first_mac,
     host_fields,
     host_key,
     make_provider_id,
     merge_repeats,
+    normalize_uuid,
+    observation_category,
+    observation_value,
+    os_text,
     parse_any_time,
     pick_cvss,
     remediation,
@@ -47,16 +66,20 @@ from connectors._tenable import (
     split_references,
 )
 from connectors.base import ParseOptions, find_cves
-from connectors.model import FindingRecord, FormatError, Rejected, ResourceRef
+from connectors.model import FindingRecord, FormatError, Observation, Rejected, ResourceRef
 
 FORMAT = "tenable_io"
 TITLE = "Tenable.io vulnerability export JSON"
+PRODUCT = "Tenable.io"
 CONTENT_TYPES = ("application/json",)
 RECORD_KIND = "findings"
 
 _IO_ARRAY = re.compile(rb"\A\[\s*\{")
 _IO_KEYS = (b'"plugin"', b'"first_found"', b'"last_found"', b'"agent_uuid"', b'"severity_id"')
 _BOM = b"\xef\xbb\xbf"
+SC_PRODUCT = "Tenable.sc"  # FindingRecord/Observation.product of the Tenable.sc analysis pages
+DEFAULT_NETWORK = "00000000-0000-0000-0000-000000000000"  # Tenable's default network: no scope
+_INSTANCE_KEYS = ("aws_ec2_instance_id", "azure_vm_id", "gcp_instance_id")
 _PLUGIN_OUTPUT = re.compile(r"<plugin_output>(.*?)</plugin_output>", re.DOTALL)
 
 
@@ -108,12 +131,13 @@ def _io_record(item: Any, position: str) -> FindingRecord | Rejected:
         agent_id=_text(asset.get("uuid")) or _text(asset.get("agent_uuid")),
         names=(_first(asset.get("fqdn")), _first(asset.get("hostname"))),
         netbios=_first(asset.get("netbios_name")),
-        mac=_strings(asset.get("mac_address")),
+        mac=sorted(m for m in (first_mac(v) for v in _strings(asset.get("mac_address"))) if m),
         ips=(_strings(asset.get("ipv4")), _strings(asset.get("ipv6"))),
-        os_name=_first(asset.get("operating_system")),
+        os_name=os_text(asset.get("operating_system")),
         name=_first(asset.get("hostname")) or _first(asset.get("fqdn")),
     )
     key = host_key(fields)
+    _asset_evidence(asset, fields)
     port_info = item.get("port") if isinstance(item.get("port"), dict) else {}
     port, protocol = _text(port_info.get("port")) or "0", (_text(port_info.get("protocol")) or "tcp").lower()
     provider_id = make_provider_id(key, plugin_id, port, protocol)
@@ -130,6 +154,16 @@ def _io_record(item: Any, position: str) -> FindingRecord | Rejected:
     if severity is None:
         return Rejected(position=position, reason="no usable 'severity'", provider_id=provider_id)
     last_seen = parse_any_time(_text(item.get("last_found")))
+    provider_timestamp = (parse_any_time(_text(item.get("indexed")))
+                          or parse_any_time(_text(item.get("last_fixed"))) or last_seen)
+    scan_info = item.get("scan") if isinstance(item.get("scan"), dict) else {}
+    scan = _text(scan_info.get("uuid")) or _text(scan_info.get("schedule_uuid"))
+    if severity["severity"] == "informational":
+        return _observation(
+            provider_id, fields, plugin_id, _text(plugin.get("name")), _text(plugin.get("family")),
+            _text(item.get("output")), port, protocol, _text(port_info.get("service")),
+            parse_any_time(_text(item.get("first_found"))), last_seen, provider_timestamp, scan, None,
+        )
     extra = {
         "port": port,
         "protocol": protocol,
@@ -154,16 +188,35 @@ def _io_record(item: Any, position: str) -> FindingRecord | Rejected:
         remediation=remediation(_text(plugin.get("solution"))),
         first_seen=parse_any_time(_text(item.get("first_found"))),
         last_seen=last_seen,
-        provider_timestamp=parse_any_time(_text(item.get("indexed")))
-        or parse_any_time(_text(item.get("last_fixed")))
-        or last_seen,
+        provider_timestamp=provider_timestamp,
         cvss_score=score,
         cvss_vector=vector,
         evidence=clip(_text(item.get("output"))),
         references=split_references(_strings(plugin.get("see_also"))),
         extra={k: v for k, v in extra.items() if v is not None},
+        scan=scan,
         **severity,
     )
+
+
+def _asset_evidence(asset: dict, fields: dict[str, Any]) -> None:
+    """Network scope, host record key and cloud instance of a Tenable.io asset, into fields."""
+    network = _text(asset.get("network_id"))
+    if network and network != DEFAULT_NETWORK:
+        fields["network"] = network
+    uuid = _text(asset.get("uuid"))
+    if uuid:
+        fields["host_key"] = normalize_uuid(uuid)
+    for key in _INSTANCE_KEYS:
+        instance = _first(asset.get(key))
+        if instance:
+            fields["instance_id"] = instance
+            break
+    for key in ("aws_ec2_name", "cloud_name"):
+        name = _first(asset.get(key))
+        if name:
+            fields["cloud_name"] = name
+            break
 
 
 def _sc_records(stream: BinaryIO) -> Iterator[FindingRecord | Rejected]:
@@ -226,6 +279,12 @@ def _sc_record(item: Any, position: str) -> FindingRecord | Rejected:
     family = item.get("family") if isinstance(item.get("family"), dict) else {}
     repository = item.get("repository") if isinstance(item.get("repository"), dict) else {}
     last_seen = parse_any_time(_text(item.get("lastSeen")))
+    if severity["severity"] == "informational":
+        return _observation(
+            provider_id, fields, plugin_id, _text(item.get("pluginName")), _text(family.get("name")),
+            output.group(1) if output else text or None, port, protocol, None,
+            parse_any_time(_text(item.get("firstSeen"))), last_seen, last_seen, None, SC_PRODUCT,
+        )
     extra = {
         "port": port,
         "protocol": protocol,
@@ -248,7 +307,39 @@ def _sc_record(item: Any, position: str) -> FindingRecord | Rejected:
         evidence=clip(output.group(1) if output else text or None),
         references=split_references([_text(item.get("seeAlso"))]),
         extra={k: v for k, v in extra.items() if v is not None},
+        product=SC_PRODUCT,
         **severity,
+    )
+
+
+def _observation(
+    provider_id: str, fields: dict[str, Any], plugin_id: str, name: str | None, family: str | None,
+    output: str | None, port: str, protocol: str, service: str | None, first_seen: datetime | None,
+    last_seen: datetime | None, timestamp: datetime | None, scan: str | None, product: str | None,
+) -> Observation:
+    """An informational item (severity info / 0): a fact about the asset, never a finding."""
+    number = int(port) if port.isdigit() and port != "0" else None
+    title = clip(name) or f"Nessus plugin {plugin_id}"
+    evidence = clip(output)
+    if evidence == "[REDACTED]":
+        evidence = None
+    category = observation_category(plugin_id, family or "", title)
+    return Observation(
+        provider_id=provider_id,
+        resource=ResourceRef(**fields),
+        name=title,
+        category=category,
+        value=observation_value(category, plugin_id, evidence, number, protocol, service),
+        vendor_id=plugin_id,
+        port=number,
+        protocol=protocol if number is not None else None,
+        service=service,
+        evidence=evidence,
+        first_seen=first_seen,
+        last_seen=last_seen,
+        provider_timestamp=timestamp,
+        scan=scan,
+        product=product,
     )
 
 

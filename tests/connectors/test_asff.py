@@ -256,3 +256,18 @@ def test_detect_picks_asff(path):
 def test_sniff_ignores_other_formats():
     others = [p for p in SAMPLES.rglob("*") if p.is_file() and p.parent.name != "aws_asff"]
     assert [p.name for p in others if asff.sniff(p.read_bytes()[:65536])] == []
+
+
+def test_ec2_identity_evidence_and_scan(sample):
+    [record, *_] = parse_all("asff", sample("aws_asff/asff_many_vulns.json").read_bytes())
+    resource = record.resource
+    assert resource.cloud_id == "arn:aws:ec2:eu-west-1:123456789123:instance/i-0asd2da21c8csd28s"
+    assert resource.host_key == resource.cloud_id
+    assert resource.instance_id == "i-0asd2da21c8csd28s"
+    assert resource.network == "vpc-12kk2qwe"  # Details.AwsEc2Instance.VpcId
+    assert resource.cloud_name == "MyServer1"  # Tags.Name
+    assert resource.ipv4 == ["123.123.123.123", "172.31.0.31"]
+    assert record.scan == "Inspector"  # ProductName
+    [inspector] = parse_all("asff", sample("aws_asff/inspector_ec2_cve.json").read_bytes())[:1]
+    assert inspector.resource.instance_id == "i-11111111111111111"  # an ARN without "instance/"
+    assert inspector.resource.network == "vpc-11111111111111111"

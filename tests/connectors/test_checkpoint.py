@@ -187,3 +187,27 @@ def test_detect_search_response_conflicts_only_with_canonical(sample):
 def test_sniff_ignores_other_formats():
     others = [p for p in SAMPLES.rglob("*") if p.is_file() and p.parent.name != "checkpoint_cloudguard"]
     assert [p.name for p in others if checkpoint.sniff(p.read_bytes()[:65536])] == []
+
+
+def test_webhook_and_bot_findings(sample):
+    records = parse_all("checkpoint", sample("checkpoint_cloudguard/webhook_findings.json").read_bytes())
+    sg, instance, bad = records
+    assert (type(sg).__name__, type(instance).__name__, type(bad).__name__) == (
+        "FindingRecord", "FindingRecord", "Rejected")
+    assert sg.provider_id == "Q9qW3tZ1n3l0m2dYk3Y5bA"
+    assert sg.title.startswith("Ensure no security groups allow ingress from 0.0.0.0/0")
+    assert (sg.severity, sg.severity_original, sg.severity_scale) == ("high", "High", "cloudguard")
+    assert (sg.vendor_id, sg.status, sg.kind) == ("D9.AWS.NET.AG2.3.TCP.22", "open", "compliance")
+    assert sg.resource.cloud_id == "arn:aws:ec2:eu-west-1:123456789012:security-group/sg-0a1b2c3d4e5f67890"
+    assert sg.resource.host_key == sg.resource.cloud_id
+    assert (sg.resource.name, sg.resource.cloud_name, sg.resource.network) == (
+        "bastion-ssh", "bastion-ssh", "vpc-0f1e2d3c4b5a69788")
+    assert sg.resource.instance_id is None
+    assert sg.extra["cloudAccountExternalId"] == "123456789012" and sg.extra["cloudAccountType"] == "aws"
+    # no severity anywhere: the documented default, marked by its scale
+    assert (instance.severity, instance.severity_original, instance.severity_scale) == (
+        "medium", "Medium", "cloudguard default")
+    assert instance.vendor_id == "D9.AWS.NET.14"
+    assert (instance.resource.kind, instance.resource.instance_id) == ("vm", "i-0abc1234def567890")
+    assert instance.resource.network == "vpc-0f1e2d3c4b5a69788"
+    assert bad.position == "[2]" and "entity" in bad.reason and bad.provider_id == "no-entity-0001"

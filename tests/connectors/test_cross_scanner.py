@@ -19,14 +19,18 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "cross_scanner"
 CVE = "CVE-1999-0524"
 HOST_FQDN = "demo13.s02.sjc01.qualys.com"
 HOST_IP = "64.41.200.243"
-# Another ReportItem of the same Nessus sample host (nessus_with_cvssv3.nessus, plugin 25220)
-OTHER_NESSUS_ITEM = """<ReportItem port="0" svc_name="general" protocol="tcp" severity="0" pluginID="25220"
-                        pluginName="TCP/IP Timestamps Supported" pluginFamily="General">
-                <description>The remote host implements TCP timestamps, as defined by RFC1323.</description>
-                <plugin_name>TCP/IP Timestamps Supported</plugin_name>
-                <risk_factor>None</risk_factor>
-                <solution>n/a</solution>
-                <synopsis>The remote service implements TCP timestamps.</synopsis>
+# Another ReportItem of the same Nessus sample host (nessus_with_cvssv3.nessus, plugin 40984): a
+# finding (severity 2), so that the full scan reports the host (a severity 0 item would be an Observation)
+OTHER_NESSUS_ITEM = """<ReportItem port="80" svc_name="www" protocol="tcp" severity="2" pluginID="40984"
+                        pluginName="Browsable Web Directories" pluginFamily="CGI abuses">
+                <cvss3_base_score>5.3</cvss3_base_score>
+                <cvss3_vector>CVSS:3.0/AV:N/AC:L/PR:N/UI:N/S:U/C:L/I:N/A:N</cvss3_vector>
+                <description>Multiple Nessus plugins identified directories on the web server that are
+                browsable.
+                </description>
+                <plugin_name>Browsable Web Directories</plugin_name>
+                <risk_factor>Medium</risk_factor>
+                <synopsis>Some directories on the remote web server are browsable.</synopsis>
             </ReportItem>"""
 
 
@@ -41,6 +45,9 @@ def qualys_report(status: str = "New", last_fixed: str | None = None) -> bytes:
 def nessus_scan(host_end: int = 1648044472, state: str | None = None, without_cve_item: bool = False
                 ) -> bytes:
     text = (FIXTURES / "nessus_scan.nessus").read_text()
+    # The sample rates plugin 10114 severity 0 (informational); a severity 0 ReportItem is an
+    # Observation, never a finding, so the item is raised to severity 1 (low) to stay a finding.
+    text = text.replace('severity="0" pluginID="10114"', 'severity="1" pluginID="10114"')
     text = text.replace(">1648044472<", f">{host_end}<")
     if state:
         state_tag = f"<vulnerability_state>{state}</vulnerability_state>"
@@ -99,7 +106,7 @@ def test_same_host_and_cve_from_both_scanners_is_one_resource_and_one_finding(gw
     row = the_cve_finding(gw)
     assert row["cve"] == CVE
     assert row["state"] == "new"
-    assert row["severity"] == "informational"  # Qualys severity 1, Nessus severity 0
+    assert row["severity"] == "low"  # Qualys severity 1 (informational), Nessus severity 1 (low): the higher
     sources = {source["provider"]: source for source in row["sources"]}
     assert set(sources) == {"Qualys", "Tenable"}
     assert sources["Qualys"]["providerId"] == f"{HOST_IP}|82003|/"

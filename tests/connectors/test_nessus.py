@@ -9,7 +9,7 @@ import pytest
 import connectors
 from connectors._tenable import parse_any_time
 from connectors.base import ParseOptions
-from connectors.model import FindingRecord, FormatError, Rejected
+from connectors.model import FindingRecord, FormatError, Observation, Rejected
 from tests.connectors.conftest import parse_all
 
 
@@ -89,19 +89,22 @@ def test_one_finding_with_cves_and_policy(sample):
 
 
 def test_many_from_an_agent_scan(sample):
-    records = _records(sample("nessus_v2_xml/pytenable_example.nessus"))
-    assert len(records) == 230
-    assert all(isinstance(r, FindingRecord) for r in records)
-    assert Counter(r.severity for r in records) == {
-        "informational": 135, "high": 77, "medium": 9, "critical": 7, "low": 2,
-    }
+    everything = _records(sample("nessus_v2_xml/pytenable_example.nessus"))
+    assert len(everything) == 230
+    records = [r for r in everything if isinstance(r, FindingRecord)]
+    observations = [r for r in everything if isinstance(r, Observation)]
+    assert (len(records), len(observations)) == (95, 135)  # severity 0 items are observations
+    assert Counter(r.severity for r in records) == {"high": 77, "medium": 9, "critical": 7, "low": 2}
+    assert {r.scan for r in everything} == {"Test Agent Scan"}
     resource = records[0].resource
     assert resource.agent_id == "22633c46-e142-4c6c-912c-271b15810d47"  # host-uuid
     assert resource.fqdn == "adam.ad.demo.io"
     assert resource.mac == "00:50:56:a6:60:bc"
     assert resource.ipv4 == ["192.168.16.133"]
     assert resource.os == "Microsoft Windows 10 Pro"
-    assert len({r.provider_id for r in records}) == 230
+    assert resource.host_key == "adam"  # the ReportHost name: provenance
+    assert resource.hostname == "ADAM"  # plugin 55472 Device Hostname
+    assert len({r.provider_id for r in everything}) == 230
     word = next(r for r in records if r.vendor_id == "108976")
     assert word.provider_id == "22633c46-e142-4c6c-912c-271b15810d47|108976|445/tcp"
     assert word.title == "Security Updates for Microsoft Word Products (April 2018)"
@@ -115,14 +118,20 @@ def test_many_from_an_agent_scan(sample):
         "http://www.nessus.org/u?e9236b3d", "http://www.nessus.org/u?ca11752e",
         "http://www.nessus.org/u?1213962f", "http://www.nessus.org/u?124b2a7c",
     ]
-    assert sum(len(r.cves) for r in records) == 776
+    assert sum(len(r.cves) for r in records) == 771  # 5 CVEs are on severity 0 items: observations
 
 
 def test_many_hosts(sample):
-    records = _records(sample("nessus_v2_xml/nessus_v_unknown.xml"))
-    assert len(records) == 296
-    assert Counter(r.severity for r in records) == {"informational": 266, "medium": 23, "low": 7}
-    by_host = Counter(r.resource.hostname for r in records)
+    everything = _records(sample("nessus_v2_xml/nessus_v_unknown.xml"))
+    assert len(everything) == 296
+    records = [r for r in everything if isinstance(r, FindingRecord)]
+    assert Counter(r.severity for r in records) == {"medium": 23, "low": 7}
+    observations = [r for r in everything if isinstance(r, Observation)]
+    assert len(observations) == 266
+    assert Counter(o.category for o in observations) == {
+        "other": 92, "service": 87, "port": 38, "identity": 21, "os": 14, "software": 7, "network": 7,
+    }
+    by_host = Counter(r.resource.hostname for r in everything)
     assert len(by_host) == 7 and by_host["qa3app02"] == 45
     rdp = next(r for r in records if r.cves)
     assert rdp.provider_id == "qa3app09|18405|3389/tcp"
@@ -140,6 +149,7 @@ def test_many_hosts(sample):
 def test_repeated_plugin_on_one_port_is_one_record(sample):
     records = _records(sample("nessus_v2_xml/nessus_with_cvssv3.nessus"))
     assert len(records) == 48  # 49 ReportItems, plugin 58987 twice on 80/tcp
+    assert Counter(type(r).__name__ for r in records) == {"FindingRecord": 25, "Observation": 23}
     assert len({r.provider_id for r in records}) == 48
     php = next(r for r in records if r.vendor_id == "58987")
     assert "PHP/5.6.40" in php.evidence and "Installed version : 5.1.6" in php.evidence
@@ -405,3 +415,71 @@ def test_parse_does_not_close_the_stream():
     stream = io.BytesIO(_doc(_host("10.0.0.1", _item("1"))))
     assert len(list(connectors.get("nessus").parse(stream, ParseOptions()))) == 1
     assert not stream.closed
+
+
+def test_identity_facts_after_the_findings_reach_every_record_of_the_host(sample):
+    records = _records(sample("nessus_v2_xml/identity_facts_late.nessus"))
+    assert [(type(r).__name__, r.vendor_id) for r in records] == [
+        ("FindingRecord", "153953"), ("Observation", "11219"), ("Observation", "12053"),
+        ("Observation", "11936"), ("Observation", "86420"), ("Observation", "10150"),
+        ("Observation", "22964"),
+    ]
+    first_host = records[:6]
+    expected = {
+        "fqdn": "db-1.corp.example.com",  # 12053 "10.20.30.40 resolves as db-1.corp.example.com."
+        "os": "Linux Kernel 5.15 on Ubuntu 22.04",  # 11936 "Remote operating system : ..."
+        "mac": "02:42:ac:11:00:02",  # 86420 lists two: the lowest, sorted
+        "netbios": "DB-1",  # 10150 "DB-1 = Computer name"
+        "ipv4": ["10.20.30.40"],
+        "host_key": "10.20.30.40",  # the ReportHost name
+        "kind": "host",
+    }
+    for record in first_host:
+        assert {key: getattr(record.resource, key) for key in expected} == expected
+    finding = records[0]
+    # the provider id keeps its key from the ReportHost name and HostProperties only
+    assert finding.provider_id == "10.20.30.40|153953|22/tcp"
+    assert finding.scan == "Weekly internal scan"
+    assert finding.cvss_vector == "CVSS:3.0/AV:N/AC:H/PR:N/UI:N/S:U/C:H/I:N/A:N"
+    assert finding.last_seen == datetime(2024, 3, 12, 10, 15, 2, tzinfo=UTC)
+
+
+def test_informational_items_are_observations(sample):
+    records = _records(sample("nessus_v2_xml/identity_facts_late.nessus"))
+    observations = {r.vendor_id: r for r in records if isinstance(r, Observation)}
+    summary = {
+        vid: (o.category, o.value, o.port, o.protocol, o.service) for vid, o in observations.items()
+    }
+    assert summary == {
+        "11219": ("port", "22/tcp", 22, "tcp", "ssh"),
+        "12053": ("identity", "db-1.corp.example.com", None, None, None),
+        "11936": ("os", "Linux Kernel 5.15 on Ubuntu 22.04", None, None, None),
+        "86420": ("identity", "02:42:ac:11:00:02, 0a:1b:2c:3d:4e:5f", None, None, None),
+        "10150": ("identity", "DB-1", 137, "udp", "netbios-ns"),
+        "22964": ("service", "443/tcp www", 443, "tcp", "www"),
+    }
+    os_fact = observations["11936"]
+    assert os_fact.name == "OS Identification"
+    assert os_fact.evidence == (
+        "Remote operating system : Linux Kernel 5.15 on Ubuntu 22.04\nConfidence level : 95\nMethod : SSH"
+    )
+    assert os_fact.provider_id == "10.20.30.40|11936|0/tcp"
+    assert os_fact.scan == "Weekly internal scan"
+    assert os_fact.last_seen == datetime(2024, 3, 12, 10, 15, 2, tzinfo=UTC)
+
+
+def test_operating_system_tag_rendered_as_a_list_is_plain_text(sample):
+    service = _records(sample("nessus_v2_xml/identity_facts_late.nessus"))[-1]
+    assert service.resource.os == "Microsoft Windows Server 2019 Standard"
+    assert service.resource.fqdn == "web-2.corp.example.com"
+    assert service.resource.host_key == "web-2.corp.example.com"
+    records = parse_all("nessus", _doc(_host("h1", _item(), tags={
+        "operating-system": "['Linux Kernel 3.10', 'Linux Kernel 4.4']"})))
+    assert records[0].resource.os == "Linux Kernel 3.10 / Linux Kernel 4.4"
+
+
+def test_report_without_name_has_no_scan():
+    doc = (b'<?xml version="1.0" ?><NessusClientData_v2><Report>'
+           + _host("10.0.0.1", _item()).encode() + b"</Report></NessusClientData_v2>")
+    (record,) = parse_all("nessus", doc)
+    assert (record.scan, record.resource.host_key) == (None, "10.0.0.1")

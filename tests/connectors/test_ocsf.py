@@ -234,7 +234,7 @@ def test_unknown_class_and_malformed_events_rejected_with_position(sample):
     auth = {**good, "class_uid": 3002, "class_name": "Authentication"}
     no_uid = copy.deepcopy(good)
     del no_uid["finding_info"]["uid"]
-    bad_severity = {**good, "severity": "Whatever", "severity_id": 0}
+    bad_severity = {**good, "severity": "Whatever", "severity_id": 42}
     records = parse_all("ocsf", json.dumps([good, auth, no_uid, bad_severity, good]).encode())
     assert [type(r).__name__ for r in records] == ["FindingRecord", "Rejected", "Rejected", "Rejected",
                                                    "FindingRecord"]
@@ -269,3 +269,32 @@ def test_detect_inline_events():
 def test_sniff_ignores_other_formats():
     others = [p for p in SAMPLES.rglob("*") if p.is_file() and p.parent.name != "ocsf"]
     assert [p.name for p in others if ocsf.sniff(p.read_bytes()[:65536])] == []
+
+
+def test_field_variants_seen_in_the_field(sample):
+    records = parse_all("ocsf", _load(sample, "field_variants.ocsf.json"))
+    assert [type(r).__name__ for r in records] == ["FindingRecord"] * 4 + ["Rejected"]
+    xz, failed, passed, warning, bad = records
+    # severity_id 99 (Other) and 0 (Unknown) are valid: informational, the original kept
+    assert (xz.severity, xz.severity_original) == ("informational", "99")
+    assert (failed.severity, failed.severity_original) == ("informational", "0")
+    # vulnerabilities[].remediation.desc when the event has no top-level remediation
+    assert xz.remediation == "Downgrade xz-utils to 5.4.x (5.6.1+really5.4.5)."
+    assert xz.cvss_vector == "CVSS:3.1/AV:N/AC:L/PR:N/UI:N/S:C/C:H/I:H/A:H"  # prefix kept
+    assert xz.product == "Trivy"
+    resource = xz.resource
+    assert resource.cloud_id == "arn:aws:ec2:us-east-1:123456789012:instance/i-0abc1234def567890"
+    assert resource.instance_id == "i-0abc1234def567890"
+    assert resource.host_key == resource.cloud_id
+    # compliance.status as producers write it, with or without status_id
+    assert [(r.status, r.kind) for r in (failed, passed, warning)] == [
+        ("open", "compliance"), ("fixed", "compliance"), ("open", "compliance")]
+    assert failed.product == "Cloud Custodian"
+    assert bad.position == "[4]" and "severity" in bad.reason and bad.provider_id == "custodian-bad-severity"
+
+
+def test_severity_ids_without_words():
+    for severity_id, expected in ((0, "informational"), (99, "informational"), ("4", "high")):
+        event = {k: v for k, v in VULNERABILITY.items() if k != "severity"}
+        [record] = parse_all("ocsf", json.dumps([dict(event, severity_id=severity_id)]).encode())
+        assert (record.severity, record.severity_original) == (expected, str(severity_id))

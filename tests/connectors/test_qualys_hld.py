@@ -8,7 +8,7 @@ import pytest
 import connectors
 from connectors._qualys import cvss, html_to_text, root_element
 from connectors.base import ParseOptions
-from connectors.model import FindingRecord, FormatError, Rejected
+from connectors.model import FindingRecord, FormatError, Observation, Rejected
 from tests.connectors.conftest import parse_all
 
 PROLOG = (
@@ -119,7 +119,9 @@ def test_one_detection_all_fields():
     assert record.provider_timestamp == datetime(2024, 4, 30, 9, 0, tzinfo=UTC)
     resource = record.resource
     assert resource.agent_id == "qualys-asset:119586089"
-    assert resource.cloud_id == "i-0abc123"
+    assert resource.cloud_id is None  # an instance id is not a cloud resource id (an ARN elsewhere)
+    assert resource.instance_id == "i-0abc123"
+    assert resource.host_key == "202"  # the host ID: provenance, never identity
     assert resource.hostname == "dc01"
     assert resource.fqdn == "dc01.corp.example"
     assert resource.netbios == "DC01"
@@ -144,9 +146,10 @@ def test_fixed_status_fqdn_dns_and_timestamp_fallbacks():
     assert new.status == "open"
     assert new.provider_id == "303|38740|/"
     assert new.provider_timestamp == datetime(2024, 4, 28, 7, 0, tzinfo=UTC)
-    # information gathered is informational whatever its level; missing STATUS is open
-    assert info.severity == "informational" and info.severity_original == "3"
-    assert info.status == "open"
+    # information gathered is an Observation whatever its level
+    assert isinstance(info, Observation)
+    assert (info.name, info.vendor_id, info.category) == ("QID 45038", "45038", "other")
+    assert (info.port, info.protocol) == (443, "tcp")
     assert info.provider_id == "303|45038|443/tcp|www.corp.example"
 
 
@@ -331,3 +334,34 @@ def test_stream_is_read_incrementally():
     assert first.vendor_id == "1"
     assert stream.tell() < len(data)
     records.close()
+
+
+def test_cloud_agent_host_identity_and_information_gathered(sample):
+    records = parse_all("qualys_hld", sample("qualys_hld_xml/cloud_agent_identity.xml").read_bytes())
+    os_fact, port_fact, finding = records
+    assert [type(r) for r in records] == [Observation, Observation, FindingRecord]
+    resource = finding.resource
+    assert resource == os_fact.resource == port_fact.resource
+    assert resource.agent_id == "qualys-asset:38164291"  # ASSET_ID first, as before
+    assert resource.host_key == "143597851"  # host ID: provenance only
+    assert resource.instance_id == "i-0f1e2d3c4b5a69788"  # EC2_INSTANCE_ID
+    assert resource.cloud_id is None
+    assert resource.network == "1208"  # NETWORK_ID
+    assert resource.fqdn == "ip-172-31-20-15.eu-west-1.compute.internal"
+    assert (resource.netbios, resource.os) == ("IP-172-31-20-15", "Amazon Linux 2")
+    assert resource.ipv4 == ["172.31.20.15"]
+    assert finding.extra["qg_host_id"] == "4c1e7b3a-5f62-4d8e-9a0b-1c2d3e4f5a6b"
+    assert (os_fact.provider_id, os_fact.name, os_fact.category) == ("9188772211", "QID 45017", "os")
+    assert os_fact.evidence == "Operating System\tTechnique\tID\nAmazon Linux 2\tCloud Agent"
+    assert os_fact.last_seen == datetime(2024, 5, 1, 22, 9, 41, tzinfo=UTC)
+    assert (port_fact.category, port_fact.value) == ("port", "22/tcp")
+    assert (port_fact.port, port_fact.protocol) == (22, "tcp")
+    assert (finding.provider_id, finding.severity, finding.status) == ("9188772290", "high", "open")
+
+
+def test_default_network_and_agent_only_host():
+    host = _host(_detection("1001"), host_fields=(
+        "<ID>404</ID><IP>10.0.0.9</IP><NETWORK_ID>0</NETWORK_ID><QG_HOSTID>abc-uuid</QG_HOSTID>"))
+    [record] = parse_all("qualys_hld", _hld(host))
+    resource = record.resource
+    assert (resource.network, resource.agent_id, resource.host_key) == (None, "abc-uuid", "404")

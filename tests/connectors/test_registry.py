@@ -33,3 +33,36 @@ def test_registering_a_duplicate_or_incomplete_module_raises():
         connectors.register(duplicate)
     with pytest.raises(TypeError, match="lacks"):
         connectors.register(type(connectors.get("nessus"))("connectors.empty"))
+
+
+EXPECTED_PRODUCTS = {
+    "asc_assessment": "Microsoft Defender for Cloud",
+    "asc_csv": "Microsoft Defender for Cloud",
+    "asff": "AWS Security Hub",
+    "canonical": "Gateway canonical",
+    "checkpoint": "CloudGuard",
+    "graph_alert": "Microsoft Graph",
+    "nessus": "Nessus",
+    "ocsf": "OCSF",
+    "qualys_csv": "Qualys VMDR",
+    "qualys_hld": "Qualys VMDR",
+    "qualys_kb": "Qualys VMDR",
+    "qualys_scan_xml": "Qualys VMDR",
+    "tenable_csv": "Tenable",
+    "tenable_io": "Tenable.io",
+}
+
+
+def test_every_connector_names_its_product():
+    for name, module in connectors.REGISTRY.items():
+        assert isinstance(module.PRODUCT, str) and module.PRODUCT.strip(), f"{name} has no PRODUCT"
+    assert {name: module.PRODUCT for name, module in connectors.REGISTRY.items()} == EXPECTED_PRODUCTS
+
+
+def test_a_module_without_product_is_refused():
+    incomplete = type(connectors.get("nessus"))("connectors.no_product")
+    for attribute in connectors.REQUIRED_ATTRIBUTES:
+        if attribute != "PRODUCT":
+            setattr(incomplete, attribute, getattr(connectors.get("nessus"), attribute))
+    with pytest.raises(TypeError, match="lacks PRODUCT"):
+        connectors.register(incomplete)

@@ -8,7 +8,7 @@ import pytest
 
 import connectors
 from connectors.base import ParseOptions
-from connectors.model import FindingRecord, FormatError, Rejected
+from connectors.model import FindingRecord, FormatError, Observation, Rejected
 from tests.connectors.conftest import parse_all
 
 VULN = {
@@ -89,27 +89,43 @@ def test_one_vulnerability_fields():
     assert (resource.fqdn, resource.hostname, resource.netbios) == ("db-1.example.com", "db-1", "DB-1")
     assert resource.ipv4 == ["10.0.0.5"] and resource.ipv6 == ["2001:db8::5"]
     assert resource.mac == "00:50:56:a6:60:bc"
-    assert resource.os == "Ubuntu 22.04"
+    assert resource.os == "Ubuntu 22.04 / Linux"  # the list joined: plain text, never "['Ubuntu 22.04', ...]"
+    assert resource.host_key == "e6782de6-e520-4fa8-8ca9-49286d7fca2a"  # asset.uuid: provenance
+    assert (resource.network, resource.instance_id) == (None, None)
+    assert (record.scan, record.product) == (None, None)
 
 
 def test_many_from_a_real_export_chunk(sample):
-    records = _records(sample("tenable_json/jupiterone_tenableio_vulns_export_chunk1.json"))
-    assert len(records) == 103
-    assert all(isinstance(r, FindingRecord) for r in records)
+    everything = _records(sample("tenable_json/jupiterone_tenableio_vulns_export_chunk1.json"))
+    assert len(everything) == 103
+    records = [r for r in everything if isinstance(r, FindingRecord)]
+    observations = [r for r in everything if isinstance(r, Observation)]
+    assert (len(records), len(observations)) == (19, 84)  # severity "info": observations
     severities = Counter(r.severity for r in records)
-    assert severities == {"informational": 84, "high": 12, "medium": 5, "critical": 2}
+    assert severities == {"high": 12, "medium": 5, "critical": 2}
     assert {r.status for r in records} == {"open"}
-    assert len({r.provider_id for r in records}) == 103
-    resource = records[0].resource
+    assert len({r.provider_id for r in everything}) == 103
+    # scan.uuid of the export item; the all-zero default network is no scope
+    assert {r.scan for r in everything} == {"604e71f6-d732-4d8a-bd0d-7b8ea6c88196"}
+    assert {r.resource.network for r in everything} == {None}
+    assert {r.resource.host_key for r in everything} == {"e6782de6-e520-4fa8-8ca9-49286d7fca2a"}
+    resource = everything[0].resource
     assert resource.agent_id == "e6782de6-e520-4fa8-8ca9-49286d7fca2a"
     assert (resource.fqdn, resource.hostname) == ("mbp16inch2021.localdomain", "maxosxj1")
     assert resource.os == "macOS 12.0"
     assert resource.ipv4 == [] and resource.mac is None  # "[REDACTED]" is no address
-    netstat = records[0]
+    netstat = everything[0]
+    assert isinstance(netstat, Observation)
     assert netstat.provider_id == "e6782de6-e520-4fa8-8ca9-49286d7fca2a|14272|4599/tcp"
-    assert netstat.title == "Netstat Portscanner (SSH)"
-    assert (netstat.severity, netstat.cvss_score) == ("informational", None)
-    assert netstat.remediation is None  # "N/A"
+    assert netstat.name == "Netstat Portscanner (SSH)"
+    assert (netstat.category, netstat.value) == ("port", "4599/tcp")
+    assert (netstat.port, netstat.protocol) == (4599, "tcp")
+    assert netstat.evidence is None  # "[REDACTED]"
+    slack = next(o for o in observations if o.vendor_id == "140215")
+    assert (slack.name, slack.category, slack.port) == ("Slack Installed (Mac OS X)", "software", None)
+    assert Counter(o.category for o in observations) == {
+        "other": 36, "port": 27, "software": 15, "identity": 2, "network": 2, "os": 1, "service": 1,
+    }
     macos = next(r for r in records if r.vendor_id == "159106")
     assert macos.title == "macOS 12.x < 12.3 (HT213183)"
     assert macos.severity == "high"
@@ -179,18 +195,20 @@ def test_zero_cvss_without_vector_is_no_score():
 def test_tenable_sc_analysis_page(sample):
     records = _records(sample("tenable_json/pytenable_tenablesc_analysis_vulndetails_page0.json"))
     assert len(records) == 5
+    assert all(isinstance(r, Observation) for r in records)  # severity 0 (Info) items only
+    assert {r.product for r in records} == {"Tenable.sc"}
     assert [r.vendor_id for r in records][:3] == ["10107", "10107", "10114"]
     first = records[0]
     assert first.provider_id == "pfsense.home.cugnet.net|10107|80/tcp"
-    assert first.title == "HTTP Server Type and Version"
-    assert (first.severity, first.severity_original) == ("informational", "0")
+    assert first.name == "HTTP Server Type and Version"
+    assert (first.category, first.value, first.port, first.protocol) == ("service", "80/tcp", 80, "tcp")
     assert first.resource.fqdn == "pfsense.home.cugnet.net"
     assert first.resource.ipv4 == ["192.168.100.1"]
     assert first.evidence == "The remote web server type is :\n\nnginx"
     assert first.first_seen == first.last_seen == datetime(2018, 12, 17, 19, 16, 22, tzinfo=UTC)
     icmp = records[2]
     assert icmp.provider_id == "pfsense.home.cugnet.net|10114|0/icmp"
-    assert icmp.cves == ["CVE-1999-0524"]
+    assert icmp.value == "The difference between the local and remote clocks is 1 second."
     page1 = _records(sample("tenable_json/pytenable_tenablesc_analysis_vulndetails_page1.json"))
     assert len(page1) == 5 and not {r.provider_id for r in page1} & {r.provider_id for r in records}
 
@@ -249,3 +267,36 @@ def test_parse_does_not_close_the_stream():
     stream = io.BytesIO(_chunk(VULN))
     assert len(list(connectors.get("tenable_io").parse(stream, ParseOptions()))) == 1
     assert not stream.closed
+
+
+def test_asset_network_instance_and_scan_provenance():
+    asset = dict(VULN["asset"], network_id="7c3ac6e3-6e0a-4e57-a05c-fd1d1ab1e6f2",
+                 aws_ec2_instance_id="i-0abc1234def567890", aws_ec2_name="db-1-prod",
+                 operating_system=["Linux Kernel 5.15"])
+    scan = {"uuid": "8d1bd2c4-ae5a-4d62-b4b8-8d5d8d6b4c1e", "schedule_uuid": "template-0c7a",
+            "started_at": "2024-02-03T03:00:00Z", "completed_at": "2024-02-03T04:00:00Z"}
+    [record] = parse_all("tenable_io", _chunk(dict(VULN, asset=asset, scan=scan)))
+    resource = record.resource
+    assert resource.network == "7c3ac6e3-6e0a-4e57-a05c-fd1d1ab1e6f2"
+    assert resource.instance_id == "i-0abc1234def567890"
+    assert resource.cloud_name == "db-1-prod"
+    assert resource.os == "Linux Kernel 5.15"
+    assert resource.agent_id == resource.host_key == "e6782de6-e520-4fa8-8ca9-49286d7fca2a"
+    assert record.scan == "8d1bd2c4-ae5a-4d62-b4b8-8d5d8d6b4c1e"
+    only_schedule = dict(VULN, scan={"schedule_uuid": "template-0c7a"},
+                         asset=dict(VULN["asset"], network_id="00000000-0000-0000-0000-000000000000"))
+    [record] = parse_all("tenable_io", _chunk(only_schedule))
+    assert (record.scan, record.resource.network) == ("template-0c7a", None)
+
+
+def test_info_severity_is_an_observation():
+    info = dict(VULN, severity="info", severity_id=0, output="Remote operating system : Linux Kernel 5.15\n",
+                plugin={"id": 11936, "name": "OS Identification", "family": "General"},
+                port={"port": 0, "protocol": "TCP", "service": "general"})
+    [record] = parse_all("tenable_io", _chunk(info))
+    assert isinstance(record, Observation)
+    assert record.provider_id == "e6782de6-e520-4fa8-8ca9-49286d7fca2a|11936|0/tcp"
+    assert (record.name, record.category, record.value) == ("OS Identification", "os", "Linux Kernel 5.15")
+    assert (record.port, record.protocol, record.vendor_id) == (None, None, "11936")
+    assert record.evidence == "Remote operating system : Linux Kernel 5.15"
+    assert record.last_seen == datetime(2024, 2, 3, 4, 5, 6, tzinfo=UTC)
