@@ -13,7 +13,10 @@
    1 GB file peaks about where the 10 MB one does.
 3. End to end: a ``--e2e-findings`` Nessus file pushed over HTTP to the gateway on a
    scratch PostgreSQL database, Redis and ``--workers`` celery worker processes, timed
-   until its batch is merged (machinery from bench/ingest_bench.py).
+   until its batch is merged (machinery from bench/ingest_bench.py); then a Tenable.io
+   export of ``--e2e-findings`` records over ``--e2e-assets`` assets pushed into a store that
+   already holds those assets as resources (a first export of one record per asset), which
+   is where identity resolution works hardest: every asset is a candidate.
 
 Figures only, no assertions.  The machine may be shared: repeat a run before trusting it.
 """
@@ -225,8 +228,36 @@ def synthetic_nessus(target: Path, size: int | None = None, findings: int | None
 # -- end to end ----------------------------------------------------------------------------
 
 
-def end_to_end(findings: int, workers: int, scratch: Path) -> None:
-    """Push one ``findings``-item Nessus file over HTTP; time until its batch is merged."""
+def synthetic_tenable_io(path: Path, records: int, assets: int, seed: int = 7) -> int:
+    """A Tenable.io export of ``records`` vulnerabilities spread over ``assets`` assets."""
+    import random
+
+    rng = random.Random(seed)
+    with path.open("w") as out:
+        out.write("[")
+        for n in range(records):
+            a = n % assets
+            item = {
+                "asset": {"uuid": f"{a:08x}-0000-4000-8000-{a:012x}", "hostname": f"host-{a}",
+                          "fqdn": f"host-{a}.corp.example.com", "ipv4": f"10.{a >> 16 & 255}.{a >> 8 & 255}.{a & 255}",
+                          "mac_address": f"00:50:56:{a >> 16 & 255:02x}:{a >> 8 & 255:02x}:{a & 255:02x}",
+                          "network_id": "00000000-0000-0000-0000-000000000000",
+                          "operating_system": ["Linux Kernel 5.15"]},
+                "plugin": {"id": 100000 + n // assets, "name": f"Synthetic vulnerability {n // assets}",
+                           "cve": [f"CVE-2024-{10000 + n // assets}"], "description": "A description.",
+                           "solution": "Upgrade.", "cvss3_base_score": round(rng.uniform(4, 10), 1)},
+                "port": {"port": 443, "protocol": "TCP"}, "severity": "high", "severity_id": 3,
+                "state": "OPEN", "output": f"output {n}", "first_found": "2024-03-01T00:00:00Z",
+                "last_found": "2024-04-01T00:00:00Z", "indexed": "2024-04-01T00:00:00Z",
+            }
+            out.write(("," if n else "") + json.dumps(item))
+        out.write("]")
+    return records
+
+
+def end_to_end(findings: int, workers: int, scratch: Path, assets: int = 50_000) -> None:
+    """Push one ``findings``-item Nessus file over HTTP; time until its batch is merged.
+    Then a Tenable.io export into a store of ``assets`` resources (see the module docstring)."""
     import redis
     import requests
     from werkzeug.serving import make_server
@@ -263,6 +294,32 @@ def end_to_end(findings: int, workers: int, scratch: Path) -> None:
         gw = Gateway(app)
         tenant = gw.tenant()
         headers = gw.partner("Tenable", [tenant])
+        def timed(format_name: str, content: bytes, content_type: str, tenant: str, headers: dict) -> tuple:
+            started = time.perf_counter()
+            response = requests.post(f"{base}/api/v1/tenants/{tenant}/batches?format={format_name}",
+                                     data=content, headers=headers | {"Content-Type": content_type}, timeout=600)
+            assert response.status_code == 202, response.text
+            batch_id = response.json()["id"]
+            while True:
+                time.sleep(0.2)
+                batch = requests.get(f"{base}/api/v1/tenants/{tenant}/batches/{batch_id}", headers=headers,
+                                     timeout=30).json()
+                if batch["status"] not in ("accepted", "processing"):
+                    return batch, time.perf_counter() - started
+
+        io_tenant = gw.tenant()
+        io_headers = gw.partner("Tenable", [io_tenant])
+        seed_path, push_path = scratch / "seed.json", scratch / "push.json"
+        synthetic_tenable_io(seed_path, assets, assets)
+        batch, seconds = timed("tenable_io", seed_path.read_bytes(), "application/json", io_tenant, io_headers)
+        print(f"e2e tenable_io seed: {assets} assets as resources, {batch['status']} after {seconds:.1f}s")
+        io_count = synthetic_tenable_io(push_path, findings, assets, seed=8)
+        io_body = push_path.read_bytes()
+        batch, seconds = timed("tenable_io", io_body, "application/json", io_tenant, io_headers)
+        print(f"e2e tenable_io push: {io_count} records over {assets} known assets, "
+              f"{len(io_body) / 2**20:.0f} MiB, {workers} workers: {batch['status']} after {seconds:.1f}s = "
+              f"{io_count / seconds:,.0f} records/s; counts {batch['counts']}")
+
         for attempt in ("new", "no-change re-push"):
             started = time.perf_counter()
             response = requests.post(f"{base}/api/v1/tenants/{tenant}/batches?format=nessus", data=body,
@@ -308,6 +365,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="skip the 1 GB Nessus file")
     parser.add_argument("--records", type=int, default=100_000, help="records per synthetic file")
     parser.add_argument("--e2e-findings", type=int, default=100_000)
+    parser.add_argument("--e2e-assets", type=int, default=50_000, help="resources already stored (Tenable.io)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--only-e2e", action="store_true", help="only the end-to-end Nessus push")
@@ -320,7 +378,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="connector-bench-") as scratch_name:
         scratch = Path(scratch_name)
         if args.only_e2e:
-            end_to_end(args.e2e_findings, args.workers, scratch)
+            end_to_end(args.e2e_findings, args.workers, scratch, args.e2e_assets)
             return
         print(f"# samples: {SAMPLES}; {os.cpu_count()} CPUs; one fresh process per run")
         inputs = {fmt: ("sample", path) for fmt, path in largest_samples().items()}
@@ -338,7 +396,7 @@ def main() -> None:
             print(_line(f"nessus {label}", "nessus", run_isolated("nessus", path)))
             path.unlink()
         if not args.skip_e2e:
-            end_to_end(args.e2e_findings, args.workers, scratch)
+            end_to_end(args.e2e_findings, args.workers, scratch, args.e2e_assets)
 
 
 if __name__ == "__main__":
