@@ -1154,10 +1154,14 @@ def _observe(writer: _Writer, rng: random.Random, machine: Machine) -> None:
     elif category == "iptrack":
         machine.situations.add("ip-tracked")
         tio = rng.random() < 0.5
-        writer.qualys(machine, "IP", 2 + tio, netbios=not machine.ip_only and rng.random() < 0.5)
-        writer.nessus(machine, 2 + tio, name_is_ip=True)
+        # dhcp-reuse: it has the IP since the earlier Nessus scan, which saw the dhcp machine there
+        nessus = "dhcp-reuse" not in machine.situations
+        scanners = 1 + tio + nessus
+        writer.qualys(machine, "IP", scanners, netbios=not machine.ip_only and rng.random() < 0.5)
+        if nessus:
+            writer.nessus(machine, scanners, name_is_ip=True)
         if tio:
-            writer.tenable_io(machine, 3, agent=False)
+            writer.tenable_io(machine, scanners, agent=False)
     elif category == "dmz":  # a non-default scanner network: its IPs are another network's too
         machine.situations.add("ip-tracked")
         if machine.ip_only:  # Qualys alone sees it, by its IP in the DMZ scanner network

@@ -266,6 +266,7 @@ def breakdown(s: Score, top: int = 12) -> str:
 
 def run(database_url: str | None, hosts: int, seed: int, orders: list[str]) -> dict[str, Score]:
     """Generate, push in each order into a fresh tenant, and score."""
+    import logging
     import tempfile
     from pathlib import Path
 
@@ -289,6 +290,8 @@ def run(database_url: str | None, hosts: int, seed: int, orders: list[str]) -> d
                 "MERGE_CHUNK_SIZE": 500,
             }
         )
+        for noisy in ("celery", "kombu"):  # a task line per push: the table is what this prints
+            logging.getLogger(noisy).setLevel(logging.ERROR)
         pusher = Pusher(app)
         results = {}
         try:

@@ -21,8 +21,8 @@ from tests.fleet.generate import DEFAULT_NETWORK_UUID, Label, generate
 from tests.fleet.pipeline import ORDERS, Pusher
 from tests.fleet.score import THRESHOLD, breakdown, pair_categories, pair_score, score
 
-HOSTS = 240
-SEED = 11
+HOSTS = 300
+SEED = 7
 
 
 @pytest.fixture(scope="module")
@@ -254,20 +254,35 @@ def _normalized(state: dict) -> dict[str, list]:
     }
 
 
+def _brief(collection: str, row: dict) -> str:
+    """An item as a short line for a failure message: where it is, what it is, then the rest."""
+    if collection == "resources":
+        return f"{row['identifiers']} name={row['name']!r}"
+    head = f"resource={row['resource']} {row['recommendationType']}"
+    if collection == "recommendations":
+        return f"{head} {row['status']} {row['severity']}"
+    sources = [f"{s['provider']}:{s['providerId']}:{s['state']}" for s in row["sources"]]
+    return f"{head} {row['correlationKey']} {row['state']} {row['severity']} {sources}"
+
+
 def _differences(first: dict[str, list], other: dict[str, list], limit: int = 3) -> list[str]:
     problems = []
     for collection in first:
-        mine = {json.dumps(row, sort_keys=True) for row in first[collection]}
-        theirs = {json.dumps(row, sort_keys=True) for row in other[collection]}
         if first[collection] == other[collection]:
             continue
-        only_first, only_other = sorted(mine - theirs), sorted(theirs - mine)
+        mine = {json.dumps(row, sort_keys=True): row for row in first[collection]}
+        theirs = {json.dumps(row, sort_keys=True): row for row in other[collection]}
+        only_first = [mine[k] for k in sorted(mine.keys() - theirs.keys())]
+        only_other = [theirs[k] for k in sorted(theirs.keys() - mine.keys())]
+        examples = (
+            [_brief(collection, row)[:300] for row in only_first[:limit]]
+            + ["--"]
+            + [_brief(collection, row)[:300] for row in only_other[:limit]]
+        )
         problems.append(
             f"{collection}: {len(first[collection])} vs {len(other[collection])} items, "
-            f"{len(only_first)} only in the first, {len(only_other)} only in the other; e.g.\n  "
-            + "\n  ".join(
-                [s[:400] for s in only_first[:limit]] + ["--"] + [s[:400] for s in only_other[:limit]]
-            )
+            f"{len(only_first)} only in the first, {len(only_other)} only in the other; e.g.\n    "
+            + "\n    ".join(examples)
         )
     return problems
 
