@@ -1072,7 +1072,7 @@ class _Writer:
 # -- the fleet --------------------------------------------------------------------------------
 
 
-def generate(seed: int = 7, hosts: int = 300) -> Fleet:
+def generate(seed: int = 7, hosts: int = 250) -> Fleet:
     """A fleet of ``hosts`` machines and the files its scanners write; deterministic from ``seed``."""
     rng = random.Random(seed)
     advisories = _advisories(rng, max(30, hosts // 4))
@@ -1245,7 +1245,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--hosts", type=int, default=300)
+    parser.add_argument("--hosts", type=int, default=250)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     fleet = generate(args.seed, args.hosts)

@@ -248,7 +248,11 @@ def table(rows: dict[str, Score]) -> str:
 
 def breakdown(s: Score, top: int = 12) -> str:
     """The missed and false pairs by category, largest first."""
-    out = []
+    out = [
+        f"pairs (true positive / true / predicted): resources {s.resources.tp}/{s.resources.truth_pairs}/"
+        f"{s.resources.predicted_pairs}, vulnerabilities {s.vulnerabilities.tp}/{s.vulnerabilities.truth_pairs}/"
+        f"{s.vulnerabilities.predicted_pairs}; informational findings {s.informational_findings}"
+    ]
     for title, counter in (
         ("missed resource pairs by machine category", s.missed_resource_by_machine),
         ("false resource pairs by machine categories", s.false_resource_by_machine),
@@ -303,6 +307,23 @@ def run(database_url: str | None, hosts: int, seed: int, orders: list[str]) -> d
     return results
 
 
+def _on_fresh_postgres(admin_url: str, work):
+    import os
+    import uuid
+
+    import psycopg
+
+    name = f"fleet_score_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        return work("postgresql+psycopg://" + admin_url.split("://", 1)[1].rsplit("/", 1)[0] + "/" + name)
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import time
@@ -312,15 +333,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Score the merge's identity resolution on a generated fleet."
     )
-    parser.add_argument("--hosts", type=int, default=300)
+    parser.add_argument("--hosts", type=int, default=250)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--order", default="all", help=f"one of {', '.join(ORDERS)}, or all")
-    parser.add_argument("--database-url", help="a migrated store (default: a fresh SQLite file)")
+    parser.add_argument(
+        "--database-url", help="a store to push into (migrated first; default: a fresh SQLite file)"
+    )
+    parser.add_argument(
+        "--postgres",
+        metavar="ADMIN_URL",
+        nargs="?",
+        const="postgresql://postgres@127.0.0.1:5432/postgres",
+        help="push into a fresh PostgreSQL database created (and dropped) through ADMIN_URL",
+    )
     parser.add_argument("--breakdown", action="store_true", help="missed/false pairs by category")
     args = parser.parse_args(argv)
     orders = list(ORDERS) if args.order == "all" else [args.order]
     started = time.monotonic()
-    results = run(args.database_url, args.hosts, args.seed, orders)
+    if args.postgres:
+        results = _on_fresh_postgres(args.postgres, lambda url: run(url, args.hosts, args.seed, orders))
+    else:
+        results = run(args.database_url, args.hosts, args.seed, orders)
     print(table(results))
     print(
         f"({args.hosts} hosts, seed {args.seed}, {time.monotonic() - started:.1f}s; target >= {THRESHOLD}, "

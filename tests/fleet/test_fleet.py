@@ -21,7 +21,7 @@ from tests.fleet.generate import DEFAULT_NETWORK_UUID, Label, generate
 from tests.fleet.pipeline import ORDERS, Pusher
 from tests.fleet.score import THRESHOLD, breakdown, pair_categories, pair_score, score
 
-HOSTS = 300
+HOSTS = 250
 SEED = 7
 
 
