@@ -250,8 +250,9 @@ def breakdown(s: Score, top: int = 12) -> str:
     """The missed and false pairs by category, largest first."""
     out = [
         f"pairs (true positive / true / predicted): resources {s.resources.tp}/{s.resources.truth_pairs}/"
-        f"{s.resources.predicted_pairs}, vulnerabilities {s.vulnerabilities.tp}/{s.vulnerabilities.truth_pairs}/"
-        f"{s.vulnerabilities.predicted_pairs}; informational findings {s.informational_findings}"
+        f"{s.resources.predicted_pairs}, vulnerabilities {s.vulnerabilities.tp}/"
+        f"{s.vulnerabilities.truth_pairs}/{s.vulnerabilities.predicted_pairs}; "
+        f"informational findings {s.informational_findings}"
     ]
     for title, counter in (
         ("missed resource pairs by machine category", s.missed_resource_by_machine),
