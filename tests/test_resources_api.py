@@ -59,10 +59,7 @@ def record(provider_id: str, resource: ResourceRef, cve: str = "CVE-2024-3094", 
         title=f"Vulnerability {provider_id}",
         severity="high",
         cves=[cve],
-        first_seen=T0,
-        last_seen=T0,
-        provider_timestamp=T0,
-        **fields,
+        **({"first_seen": T0, "last_seen": T0, "provider_timestamp": T0} | fields),
     )
 
 
@@ -70,10 +67,7 @@ def observation(provider_id: str, resource: ResourceRef, **fields) -> Observatio
     return ObservationRecord(
         provider_id=provider_id,
         resource=resource,
-        first_seen=T0,
-        last_seen=T0,
-        provider_timestamp=T0,
-        **fields,
+        **({"first_seen": T0, "last_seen": T0, "provider_timestamp": T0} | fields),
     )
 
 
@@ -679,3 +673,63 @@ def test_merge_and_split_refuse_bad_requests(gw):
         tenant_=stranger,
     )
     assert live_resources(gw, tenant) == 2 and live_resources(gw, stranger) == 1
+
+
+def test_a_split_moves_the_findings_and_observations_of_the_host_records(gw):
+    tenant = gw.tenant()
+    admin = gw.partner("Contoso", [tenant], scopes=ADMIN_SCOPES)
+    tenable_host = ResourceRef(fqdn="db-1.example.com", host_key="db-1")
+    qualys_host = ResourceRef(fqdn="db-1.example.com", host_key="qualys-42")
+
+    def both_scanners(ts=T0):
+        merge_direct(
+            gw,
+            tenant,
+            "Tenable",
+            [record("n-1", tenable_host, provider_timestamp=ts)],
+            [observation("11936", tenable_host, name="OS Identification", category="os")],
+            product="Nessus",
+        )
+        merge_direct(
+            gw,
+            tenant,
+            "Qualys",
+            [
+                record("q-1", qualys_host, provider_timestamp=ts),
+                record("q-2", qualys_host, cve="CVE-2023-4863", provider_timestamp=ts),
+            ],
+            [observation("qualys-os", qualys_host, name="OS", category="os")],
+            product="Qualys VMDR",
+            fmt="qualys_hld",
+        )
+
+    both_scanners()
+    (resource,) = values(gw, tenant, admin, "resources")
+    findings = values(gw, tenant, admin, "findings")
+    assert len(findings) == 2 and {len(f["sources"]) for f in findings} == {1, 2}
+    qualys_record = next(s["id"] for s in resource["sources"] if s["provider"] == "Qualys")
+
+    split = gw.http.post(
+        url(tenant, f"resources/{resource['id']}/split"), json={"sourceIds": [qualys_record]}, headers=admin
+    )
+    assert split.status_code == 201, split.get_json()
+    new = split.get_json()["id"]
+    by_resource: dict[str, list] = {}
+    for row in values(gw, tenant, admin, "findings"):
+        by_resource.setdefault(row["resourceId"], []).append(
+            (row["correlationKey"], sorted(s["provider"] for s in row["sources"]))
+        )
+    assert sorted(by_resource[resource["id"]]) == [("CVE-2024-3094", ["Tenable"])]
+    assert sorted(by_resource[new]) == [("CVE-2023-4863", ["Qualys"]), ("CVE-2024-3094", ["Qualys"])]
+    observed = {
+        r["providerId"]: r["resourceId"]
+        for r in values(gw, tenant, admin, "observations", **{"$orderby": "id"})
+    }
+    assert observed == {"11936": resource["id"], "qualys-os": new}
+    recommendations = values(gw, tenant, admin, "recommendations")
+    assert sorted(r["resourceId"] for r in recommendations) == sorted([resource["id"], new])
+
+    both_scanners(datetime(2024, 4, 2, tzinfo=UTC))  # the next scans: the split holds
+    assert live_resources(gw, tenant) == 2
+    assert {r["resourceId"] for r in values(gw, tenant, admin, "findings")} == {resource["id"], new}
+    assert [s["provider"] for s in get(gw, tenant, admin, f"resources/{new}")["sources"]] == ["Qualys"]
