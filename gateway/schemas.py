@@ -42,6 +42,8 @@ class BatchOut(OutSchema):
 
 class SourceOut(OutSchema):
     provider = fields.String()
+    product = fields.String(allow_none=True)
+    format = fields.String(allow_none=True)
     providerId = fields.String(attribute="provider_id")
     vendorId = fields.String(attribute="vendor_id", allow_none=True)
     state = fields.String()
@@ -56,6 +58,9 @@ class SourceOut(OutSchema):
     firstSeen = fields.DateTime(attribute="first_seen", allow_none=True)
     lastSeen = fields.DateTime(attribute="last_seen", allow_none=True)
     providerTimestamp = fields.DateTime(attribute="provider_timestamp")
+    batchId = _ref("batch_id")
+    scan = fields.String(allow_none=True)
+    hostKey = fields.String(attribute="host_key", allow_none=True)
 
 
 class FindingOut(OutSchema):
@@ -102,16 +107,59 @@ class RecommendationOut(OutSchema):
     tags = fields.List(fields.String())
 
 
+class ResourceSourceOut(OutSchema):
+    """A provider's host record merged into a resource, with the identifiers it contributed."""
+
+    id = _id
+    provider = fields.String()
+    product = fields.String(allow_none=True)
+    hostKey = fields.String(attribute="host_key", allow_none=True)
+    identifiers = fields.Dict()  # presented by gateway.api.collections.present_identifiers
+    firstSeen = fields.DateTime(attribute="first_seen", allow_none=True)
+    lastSeen = fields.DateTime(attribute="last_seen", allow_none=True)
+    batchId = _ref("batch_id")
+
+
 class ResourceOut(OutSchema):
     id = _id
     kind = fields.String(allow_none=True)
     name = fields.String(allow_none=True)
     os = fields.String(allow_none=True)
-    identifiers = fields.Dict(keys=fields.String(), values=fields.List(fields.String()))
+    identifiers = fields.Dict()  # presented by gateway.api.collections.present_identifiers
     firstSeen = fields.DateTime(attribute="first_seen", allow_none=True)
     lastSeen = fields.DateTime(attribute="last_seen", allow_none=True)
     createdAt = fields.DateTime(attribute="created_at")
     tags = fields.List(fields.String())
+    sources = fields.List(fields.Nested(ResourceSourceOut))
+
+
+class ObservationOut(OutSchema):
+    id = _id
+    resourceId = _ref("resource_id")
+    provider = fields.String()
+    product = fields.String(allow_none=True)
+    providerId = fields.String(attribute="provider_id")
+    vendorId = fields.String(attribute="vendor_id", allow_none=True)
+    category = fields.String()
+    name = fields.String()
+    value = fields.String(allow_none=True)
+    port = fields.Integer(allow_none=True)
+    protocol = fields.String(allow_none=True)
+    service = fields.String(allow_none=True)
+    evidence = fields.String(allow_none=True)
+    scan = fields.String(allow_none=True)
+    hostKey = fields.String(attribute="host_key", allow_none=True)
+    batchId = _ref("batch_id")
+    firstSeen = fields.DateTime(attribute="first_seen", allow_none=True)
+    lastSeen = fields.DateTime(attribute="last_seen", allow_none=True)
+    providerTimestamp = fields.DateTime(attribute="provider_timestamp")
+
+
+class MergedOut(OutSchema):
+    """The answer of a resource id that was merged away (301)."""
+
+    id = _id
+    mergedInto = _ref("merged_into")
 
 
 class AlertOut(OutSchema):
@@ -142,6 +190,38 @@ class EventOut(OutSchema):
     actor = fields.String(allow_none=True)
     batchId = _ref("batch_id")
     details = fields.Dict(allow_none=True)
+
+
+class ResourceIdIn(fields.Field):
+    """A resource id as the API writes it (\"42\") or as a JSON integer (42)."""
+
+    default_error_messages = {"invalid": "an id such as '42'"}
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise self.make_error("invalid")
+        text = str(value)
+        if not (text.isascii() and text.isdigit()) or len(text) > 18 or int(text) < 1:
+            raise self.make_error("invalid")
+        return int(text)
+
+
+class ResourceMergeIn(Schema):
+    """The resources to merge into the one named in the path."""
+
+    class Meta:
+        unknown = RAISE
+
+    resourceIds = fields.List(ResourceIdIn(), required=True, validate=validate.Length(min=1, max=100))
+
+
+class ResourceSplitIn(Schema):
+    """The host records (``sources[].id``) to move to a new resource."""
+
+    class Meta:
+        unknown = RAISE
+
+    sourceIds = fields.List(ResourceIdIn(), required=True, validate=validate.Length(min=1, max=1000))
 
 
 class CommentIn(Schema):

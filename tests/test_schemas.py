@@ -11,7 +11,8 @@ from gateway import schemas
 from gateway.schemas import fast_dumper
 
 OUT_SCHEMAS = [schemas.BatchOut, schemas.SourceOut, schemas.FindingOut, schemas.RecommendationOut,
-               schemas.ResourceOut, schemas.AlertOut, schemas.EventOut]
+               schemas.ResourceOut, schemas.AlertOut, schemas.EventOut, schemas.ResourceSourceOut,
+               schemas.ObservationOut, schemas.MergedOut]
 
 
 def _value(field, filled: int):
@@ -43,7 +44,8 @@ def _value(field, filled: int):
 
 def _object(schema_class, filled: int) -> dict:
     obj = {"id": 40 + filled, "resource_id": None if not filled else 3, "cve": "CVE-2024-3094" if filled else None,
-           "provider": "Qualys", "provider_id": "p-1", "vendor_id": "QID-1", "batch_id": filled or None}
+           "provider": "Qualys", "provider_id": "p-1", "vendor_id": "QID-1", "batch_id": filled or None,
+           "merged_into": filled or None}
     for name, field in schema_class().dump_fields.items():
         if type(field) is not fields.Function:
             obj[field.attribute or name] = _value(field, filled)

@@ -6,9 +6,10 @@ from flask import Flask
 
 
 def init_app(app: Flask) -> None:
-    from gateway.api import assessments, batches, collections, health
+    from gateway.api import assessments, batches, collections, health, resources
 
     app.register_blueprint(batches.blueprint)
     app.register_blueprint(collections.blueprint)
+    app.register_blueprint(resources.blueprint)
     app.register_blueprint(health.blueprint)
     app.register_blueprint(assessments.blueprint)

@@ -8,14 +8,17 @@ Secure scores and control profiles plug in as further entries.
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from datetime import UTC, datetime
 
 from flask import Blueprint, current_app, g, jsonify, request, url_for
 from marshmallow import ValidationError
-from sqlalchemy import case, func, literal, literal_column, select
+from sqlalchemy import String, case, func, literal, literal_column, select
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
 
-from connectors.model import IDENTIFIER_KINDS, SEVERITIES
+from connectors.model import SEVERITIES
 from gateway.auth import require_scope, tenant_for_caller
 from gateway.errors import BadRequest, NotFound
 from gateway.models import (
@@ -24,10 +27,12 @@ from gateway.models import (
     Finding,
     FindingSource,
     LifecycleEvent,
+    Observation,
     Recommendation,
     RecommendationType,
     Resource,
     ResourceIdentifier,
+    ResourceSource,
     utcnow,
 )
 from gateway.odata import Field, FilterContext, ListField, json_element, json_elements, parse_select
@@ -49,6 +54,8 @@ from gateway.schemas import (
     EventOut,
     FindingOut,
     FindingPatch,
+    MergedOut,
+    ObservationOut,
     RecommendationOut,
     ResourceOut,
     SourceOut,
@@ -61,6 +68,7 @@ blueprint = Blueprint("collections", __name__, url_prefix=PREFIX)
 F, S, R, RT, RS, A = (Finding.__table__, FindingSource.__table__, Recommendation.__table__,
                       RecommendationType.__table__, Resource.__table__, Alert.__table__)
 RI, EV = ResourceIdentifier.__table__, LifecycleEvent.__table__
+RSRC, OBS = ResourceSource.__table__, Observation.__table__
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 ALERT_SEVERITIES = ("unknown",) + SEVERITIES
 FINDING_STATES = ("new", "active", "resolved", "reopened")
@@ -99,6 +107,66 @@ def _tags(column) -> ListField:
     return ListField(element=json_element, rows=json_elements(column))
 
 
+# -- identifiers ------------------------------------------------------------------------------
+
+# The stored identifier kinds (gateway/merge/resources.py) as the API names them, in output order.
+# ``name`` rows are the short names the identity rules compare (hostname, first label of an FQDN,
+# NetBIOS name, cloud Name tag): shown as ``shortNames``.  IPs are stored with their network scope
+# (``10.0.0.5%vpc-1``); the API shows the address alone in ``ipv4``/``ipv6`` and the scopes apart,
+# in ``ipScopes`` (address -> the scopes it is held in; an address of the tenant's default scope,
+# or a public one, has no entry).
+IDENTIFIER_NAMES = {
+    "cloud_id": "cloudId", "instance_id": "instanceId", "agent_id": "agentId", "fqdn": "fqdn",
+    "hostname": "hostname", "netbios": "netbios", "cloud_name": "cloudName", "name": "shortNames",
+    "mac": "mac", "ipv4": "ipv4", "ipv6": "ipv6",
+}
+IP_KINDS = ("ipv4", "ipv6")
+IDENTIFIER_FIELDS = tuple(IDENTIFIER_NAMES.values()) + ("ipScopes",)  # the keys of ``identifiers``
+
+
+def present_identifiers(pairs) -> dict:
+    """``identifiers`` of a resource or host record from (kind, stored value) pairs."""
+    found: dict[str, list[str]] = {}
+    scopes: dict[str, list[str]] = {}
+    for kind, value in pairs:
+        name = IDENTIFIER_NAMES.get(kind)
+        if name is None:  # a kind the API does not show (none today)
+            continue
+        if kind in IP_KINDS:
+            value, _, scope = value.partition("%")
+            if scope and scope not in scopes.setdefault(value, []):
+                scopes[value].append(scope)
+        values = found.setdefault(name, [])
+        if value not in values:
+            values.append(value)
+    out = {name: sorted(found[name]) for name in IDENTIFIER_NAMES.values() if name in found}
+    scoped = {address: sorted(names) for address, names in sorted(scopes.items()) if names}
+    if scoped:
+        out["ipScopes"] = scoped
+    return out
+
+
+class _BareAddress(FunctionElement):
+    """An identifier value without its ``%scope`` (IPs are stored as ``10.0.0.5%vpc-1``)."""
+
+    type = String()
+    inherit_cache = True
+    name = "bare_address"
+
+
+@compiles(_BareAddress, "postgresql")
+def _bare_address_postgresql(element, compiler, **kw) -> str:
+    (value,) = element.clauses.clauses
+    return compiler.process(func.split_part(value, literal("%"), 1), **kw)
+
+
+@compiles(_BareAddress)
+def _bare_address_default(element, compiler, **kw) -> str:
+    (value,) = element.clauses.clauses
+    cut = func.instr(value, literal("%"))
+    return compiler.process(case((cut > 0, func.substr(value, 1, cut - 1)), else_=value), **kw)
+
+
 # -- serializers ------------------------------------------------------------------------------
 
 
@@ -118,17 +186,27 @@ def _serialize_findings(conn, tenant_id, rows, selected) -> list[dict]:
 
 
 def _serialize_resources(conn, tenant_id, rows, selected) -> list[dict]:
+    """Resources with their identifiers and host records: one query each for the whole page."""
     ids = [row.id for row in rows]
-    identifiers = defaultdict(lambda: defaultdict(list))
+    identifiers = defaultdict(list)
     if ids and (selected is None or "identifiers" in selected):
-        for ident in conn.execute(select(RI).where(RI.c.tenant_id == tenant_id, RI.c.resource_id.in_(ids))
-                                  .order_by(RI.c.kind, RI.c.value)):
-            if ident.kind != "ip_only":
-                identifiers[ident.resource_id][_camel(ident.kind)].append(ident.value)
+        for ident in conn.execute(select(RI.c.resource_id, RI.c.kind, RI.c.value).where(
+                RI.c.tenant_id == tenant_id, RI.c.resource_id.in_(ids)).order_by(RI.c.kind, RI.c.value)):
+            identifiers[ident.resource_id].append((ident.kind, ident.value))
+    sources = defaultdict(list)
+    if ids and (selected is None or "sources" in selected):
+        for source in conn.execute(select(RSRC).where(RSRC.c.tenant_id == tenant_id,
+                                                      RSRC.c.resource_id.in_(ids)).order_by(RSRC.c.id)):
+            data = source._asdict()
+            data["identifiers"] = present_identifiers(
+                (kind, value) for kind, values in sorted((source.identifiers or {}).items())
+                for value in (values if isinstance(values, list) else ()))
+            sources[source.resource_id].append(data)
     out = []
     for row in rows:
         data = row._asdict()
-        data["identifiers"] = dict(identifiers.get(row.id, {}))
+        data["identifiers"] = present_identifiers(identifiers.get(row.id, ()))
+        data["sources"] = sources.get(row.id, [])
         out.append(data)
     return _DUMP_RESOURCES(out)
 
@@ -146,6 +224,7 @@ def _dump(schema):
 _DUMP_FINDINGS = fast_dumper(FindingOut)
 _DUMP_RESOURCES = fast_dumper(ResourceOut)
 _DUMP_EVENTS = fast_dumper(EventOut)
+_DUMP_MERGED = fast_dumper(MergedOut)
 
 
 # -- collections ------------------------------------------------------------------------------
@@ -176,6 +255,8 @@ def _sources(context: FilterContext):
 def _source_fields(sources) -> dict[str, Field]:
     return {
         "provider": _text(sources.c.provider),
+        "product": _text(sources.c.product, nullable=True),
+        "format": _text(sources.c.format, nullable=True),
         "providerId": _text(sources.c.provider_id),
         "vendorId": _text(sources.c.vendor_id, nullable=True),
         "state": Field(sources.c.state, "enum", values=("open", "fixed")),
@@ -185,6 +266,9 @@ def _source_fields(sources) -> dict[str, Field]:
         "firstSeen": _time(sources.c.first_seen, nullable=True),
         "lastSeen": _time(sources.c.last_seen, nullable=True),
         "providerTimestamp": _time(sources.c.provider_timestamp),
+        "batchId": Field(sources.c.batch_id, "id", nullable=True),
+        "scan": _text(sources.c.scan, nullable=True),
+        "hostKey": _text(sources.c.host_key, nullable=True),
     }
 
 
@@ -194,7 +278,58 @@ def _identifiers(kind: str):
         return identifiers, ((identifiers.c.resource_id == RS.c.id)
                              & (identifiers.c.tenant_id == context.tenant_id)
                              & (identifiers.c.kind == kind))
-    return ListField(element=lambda identifiers: Field(identifiers.c.value), rows=rows)
+
+    def element(identifiers) -> Field:  # an IP compares without its scope, as it is shown
+        return Field(_BareAddress(identifiers.c.value) if kind in IP_KINDS else identifiers.c.value)
+
+    return ListField(element=element, rows=rows)
+
+
+def _host_records(context: FilterContext):
+    records = RSRC.alias()
+    return records, (records.c.resource_id == RS.c.id) & (records.c.tenant_id == context.tenant_id)
+
+
+def _host_record_fields(records) -> dict[str, Field]:
+    return {
+        "id": Field(records.c.id, "id"),
+        "provider": _text(records.c.provider),
+        "product": _text(records.c.product, nullable=True),
+        "hostKey": _text(records.c.host_key, nullable=True),
+        "firstSeen": _time(records.c.first_seen, nullable=True),
+        "lastSeen": _time(records.c.last_seen, nullable=True),
+        "batchId": Field(records.c.batch_id, "id", nullable=True),
+    }
+
+
+def _resource_observations(context: FilterContext):
+    observations = OBS.alias()
+    return observations, ((observations.c.resource_id == RS.c.id)
+                          & (observations.c.tenant_id == context.tenant_id))
+
+
+def _observation_fields(table) -> dict[str, Field]:
+    return {
+        "id": Field(table.c.id, "id"),
+        "resourceId": Field(table.c.resource_id, "id"),
+        "provider": _text(table.c.provider),
+        "product": _text(table.c.product, nullable=True),
+        "providerId": _text(table.c.provider_id),
+        "vendorId": _text(table.c.vendor_id, nullable=True),
+        "category": _text(table.c.category),
+        "name": _text(table.c.name),
+        "value": _text(table.c.value, nullable=True),
+        "port": Field(table.c.port, "number", nullable=True),
+        "protocol": _text(table.c.protocol, nullable=True),
+        "service": _text(table.c.service, nullable=True),
+        "evidence": _text(table.c.evidence, nullable=True),
+        "scan": _text(table.c.scan, nullable=True),
+        "hostKey": _text(table.c.host_key, nullable=True),
+        "batchId": Field(table.c.batch_id, "id", nullable=True),
+        "firstSeen": _time(table.c.first_seen, nullable=True),
+        "lastSeen": _time(table.c.last_seen, nullable=True),
+        "providerTimestamp": _time(table.c.provider_timestamp),
+    }
 
 
 def _customer_fields(table) -> dict[str, Field | ListField]:
@@ -332,7 +467,8 @@ COLLECTIONS: dict[str, Collection] = {
     ),
     "resources": Collection(
         name="resources",
-        base=lambda tenant_id: select(RS).where(RS.c.tenant_id == tenant_id),
+        # a resource merged into another is not listed: its id answers 301 with the surviving one
+        base=lambda tenant_id: select(RS).where(RS.c.tenant_id == tenant_id, RS.c.merged_into.is_(None)),
         id_column=RS.c.id,
         fields={
             "id": Field(RS.c.id, "id"),
@@ -343,7 +479,9 @@ COLLECTIONS: dict[str, Collection] = {
             "lastSeen": _time(RS.c.last_seen, nullable=True),
             "createdAt": _time(RS.c.created_at),
             "tags": _tags(RS.c.tags),
-            **{f"identifiers/{_camel(kind)}": _identifiers(kind) for kind in IDENTIFIER_KINDS},
+            **{f"identifiers/{name}": _identifiers(kind) for kind, name in IDENTIFIER_NAMES.items()},
+            "sources": ListField(members=_host_record_fields, rows=_host_records),
+            "observations": ListField(members=_observation_fields, rows=_resource_observations),
         },
         order_fields={
             "id": OrderField(RS.c.id, "int"),
@@ -352,6 +490,20 @@ COLLECTIONS: dict[str, Collection] = {
         default_order=(("id", False),),
         selectable=tuple(ResourceOut().fields),
         serialize=_serialize_resources,
+    ),
+    "observations": Collection(
+        name="observations",
+        base=lambda tenant_id: select(OBS).where(OBS.c.tenant_id == tenant_id),
+        id_column=OBS.c.id,
+        fields=_observation_fields(OBS),
+        order_fields={
+            "id": OrderField(OBS.c.id, "int"),
+            "lastSeen": OrderField(_coalesce_time(OBS.c.last_seen), "datetime"),
+            "firstSeen": OrderField(_coalesce_time(OBS.c.first_seen), "datetime"),
+        },
+        default_order=(("id", False),),
+        selectable=tuple(ObservationOut().fields),
+        serialize=_dump(ObservationOut),
     ),
 }
 
@@ -383,13 +535,20 @@ def _metadata(name: str, selected: tuple[str, ...] | None) -> str:
     return context + (f"({','.join(selected)})" if selected else "")
 
 
-def _list(tenant: str, name: str):
+def _list(tenant: str, name: str, *, tenant_id: int | None = None, within: tuple = (), bound: str = "",
+          endpoint: str | None = None, url_args: dict | None = None):
+    """One page (or the CSV) of a collection; ``within`` narrows it (conditions ANDed to the
+    filter, e.g. one resource's observations) and ``bound`` binds paging tokens to that narrowing."""
     collection = COLLECTIONS[name]
-    tenant_id = _tenant_id(tenant)
+    tenant_id = _tenant_id(tenant) if tenant_id is None else tenant_id
     config = current_app.config
     accept_csv = request.accept_mimetypes.best_match(["application/json", "text/csv"]) == "text/csv"
     list_request = parse_list_args(collection, request.args, _context(tenant_id), config["PAGE_SIZE_DEFAULT"],
                                    config["PAGE_SIZE_MAX"], accept_csv=accept_csv)
+    if within:
+        list_request.conditions = list(within) + list_request.conditions
+        list_request.fingerprint = hashlib.sha256(
+            f"{list_request.fingerprint}\x1f{bound}".encode()).hexdigest()[:24]
     if list_request.csv:
         response = current_app.response_class(stream_csv(_db().engine, collection, tenant_id, list_request),
                                               content_type="text/csv; charset=utf-8")
@@ -407,7 +566,8 @@ def _list(tenant: str, name: str):
         args = request.args.to_dict()
         args.pop("$skip", None)  # the token carries the position
         args["$skiptoken"] = token
-        body["@odata.nextLink"] = url_for("collections.list_" + name, tenant=tenant, _external=True, **args)
+        body["@odata.nextLink"] = url_for(endpoint or "collections.list_" + name, tenant=tenant,
+                                          _external=True, **(url_args or {}), **args)
     return jsonify(body)
 
 
@@ -420,6 +580,37 @@ def _get_one(tenant: str, name: str, item_id: str, selected: tuple[str, ...] | N
         if not rows:
             raise NotFound(f"{name[:-1]} '{item_id}' not found")
         return project(collection.serialize(conn, tenant_id, rows, selected), selected)[0]
+
+
+def resource_state(conn, tenant_id: int, resource_id: int) -> int | None:
+    """The resource's ``merged_into`` (None when it is live); 404 when the tenant has no such resource."""
+    found = conn.execute(select(RS.c.id, RS.c.merged_into).where(RS.c.tenant_id == tenant_id,
+                                                                 RS.c.id == resource_id)).first()
+    if found is None:
+        raise NotFound(f"resource '{resource_id}' not found")
+    return found.merged_into
+
+
+def moved_permanently(old_id: int, survivor: int, location: str):
+    """The answer of a merged-away resource id: 301 to the surviving resource."""
+    response = jsonify(_DUMP_MERGED([{"id": old_id, "merged_into": survivor}])[0])
+    response.status_code = 301
+    response.headers["Location"] = location
+    return response
+
+
+def _get_resource(tenant: str, item_id: str, selected: tuple[str, ...] | None):
+    """A live resource; a merged-away id answers 301 with the surviving one (``merged_into`` is kept
+    flattened to the final survivor by the merge)."""
+    tenant_id = _tenant_id(tenant)
+    resource_id = _item_id("resources", item_id)
+    with _db().engine.connect() as conn:
+        survivor = resource_state(conn, tenant_id, resource_id)
+    if survivor is not None:
+        location = url_for("collections.get_resources", tenant=tenant, item_id=survivor, _external=True,
+                           **request.args.to_dict())
+        return moved_permanently(resource_id, survivor, location)
+    return jsonify(_get_one(tenant, "resources", item_id, selected))
 
 
 def _only(allowed: tuple[str, ...]) -> None:
@@ -440,6 +631,8 @@ def _register(name: str) -> None:
         _only(("$select",))
         selected = parse_select(request.args["$select"], COLLECTIONS[name].selectable) \
             if "$select" in request.args else None
+        if name == "resources":
+            return _get_resource(tenant, item_id, selected)
         return jsonify(_get_one(tenant, name, item_id, selected))
 
     list_view.__doc__ = f"List {name}, scoped to the tenant (OData options; JSON or CSV)."
@@ -533,4 +726,4 @@ for _name, _collection in COLLECTIONS.items():
     if _collection.workflow is not None:
         _register_workflow(_name)
 
-__all__ = ["COLLECTIONS", "ListRequest", "SourceOut", "blueprint"]
+__all__ = ["COLLECTIONS", "IDENTIFIER_FIELDS", "ListRequest", "SourceOut", "blueprint", "present_identifiers"]
