@@ -139,7 +139,9 @@ def test_finding_sources_show_provenance_and_filter_on_it(gw):
     assert keys("sources/any(s: s/batchId eq '13')") == ["CVE-2023-4863"]
     assert keys("sources/any(s: s/format eq 'canonical')") == ["CVE-2021-44228"]
     assert keys("sources/any(s: startswith(s/scan, 'Weekly'))") == ["CVE-2024-3094"]
-    assert keys("sources/any(s: s/product eq null)") == ["CVE-2021-44228"]
+    assert canonical["product"] == "Gateway canonical"  # the connector's PRODUCT
+    assert keys("sources/any(s: s/product eq 'Gateway canonical')") == ["CVE-2021-44228"]
+    assert keys("sources/any(s: s/hostKey eq null)") == ["CVE-2021-44228"]
     selected = values(
         gw,
         tenant,
@@ -583,11 +585,6 @@ def test_manual_merge_and_split_and_the_split_survives_the_next_push(gw):
     assert agent_only[0] not in [s["id"] for s in resources[a]["sources"]]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="resolver: a stored host record matched by a short name alone is "
-    "not reused (gateway/merge/resources.py _decide); see the report",
-)
 def test_a_hostname_only_record_pushed_twice_stays_one_resource(gw):
     tenant = gw.tenant()
     headers = gw.partner("Contoso", [tenant])

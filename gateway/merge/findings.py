@@ -508,7 +508,7 @@ class FindingMerger:
         ids = sorted(affected)
         query = (select(findings_t.c.id, findings_t.c.state, findings_t.c.resource_id,
                         findings_t.c.recommendation_type_id, findings_t.c.state_changed_at,
-                        findings_t.c.resolved_at)
+                        findings_t.c.resolved_at, findings_t.c.created_at)
                  .where(findings_t.c.tenant_id == self.tenant_id, in_values(self.conn, findings_t.c.id, ids)))
         if is_postgres(self.conn):
             # Lock the findings (in id order) before reading their sources: a concurrent batch
@@ -536,7 +536,11 @@ class FindingMerger:
             values = _aggregate(sources)
             any_open = values.pop("open")
             previous = finding.state
-            if previous == "resolved":
+            if previous == "resolved" and any_open and finding.state_changed_at == finding.created_at:
+                # created resolved (its first source said fixed) and never open since: a source
+                # now says open, which makes it new, not reopened (as had that source come first)
+                state = "new"
+            elif previous == "resolved":
                 state = "reopened" if any_open else "resolved"
             elif not any_open:
                 state = "resolved"
@@ -755,8 +759,12 @@ def _aggregate(sources) -> dict:
                 "last_seen": _aware(only["last_seen"])}
     any_open = any(s["state"] == "open" for s in sources)
     pool = [s for s in sources if s["state"] == "open"] or sources
-    worst = max(pool, key=lambda s: (SEVERITY_RANK.get(s["severity"], 0), _ts(s["provider_timestamp"])))
-    latest = max(sources, key=lambda s: _ts(s["provider_timestamp"]))
+    # ties are broken by content, never by the order the store returns rows in: the result is
+    # the same whichever scanner reported first (and on either store)
+    worst = max(pool, key=lambda s: (SEVERITY_RANK.get(s["severity"], 0), _ts(s["provider_timestamp"]),
+                                     s["cvss_score"] or -1.0, s["title"] or ""))
+    latest = max(sources, key=lambda s: (_ts(s["provider_timestamp"]), s["title"] or "", s["description"] or "",
+                                         s["remediation"] or ""))
     return {
         "open": any_open,
         "severity": worst["severity"],

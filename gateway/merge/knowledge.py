@@ -244,7 +244,8 @@ class Backfill:
             inserted = self.conn.execute(statement, [{
                 "tenant_id": self.tenant_id, "resource_id": key[0], "correlation_key": key[1], "cve": key[1],
                 "recommendation_type_id": row["_type"], "kind": "vulnerability", "title": row["title"],
-                "severity": row["severity"], "state": "new", "state_changed_at": now, "created_at": now,
+                "severity": row["severity"], "state": "new" if row["state"] == "open" else "resolved",
+                "resolved_at": None if row["state"] == "open" else now, "state_changed_at": now, "created_at": now,
                 "updated_at": now, "comments": [], "tags": [],
             } for key, row in sorted(new.items())])
             for finding_id, resource_id, key in inserted:

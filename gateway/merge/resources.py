@@ -54,7 +54,7 @@ import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 from sqlalchemy import and_, bindparam, or_, select, text, update
@@ -178,13 +178,51 @@ def record_key(ref: ResourceRef, ids: dict[str, list[str]]) -> str:
     return "ids:" + hashlib.blake2b(payload, digest_size=16).hexdigest()
 
 
-def _display_name(ref: ResourceRef, ids: dict[str, list[str]]) -> str | None:
-    if ref.name:
-        return ref.name[:500]
-    for kind in ("fqdn", "hostname", "netbios", "cloud_name", "cloud_id", "instance_id", "agent_id", "ipv4", "ipv6"):
-        if ids.get(kind):
-            return split_scope(ids[kind][0])[0][:500] if kind in IPS else ids[kind][0][:500]
+NAME_ORDER = ("fqdn", "hostname", "netbios", "cloud_name", "instance_id", "cloud_id", "agent_id", "ipv4", "ipv6")
+
+
+def best_name(ids) -> str | None:
+    """A resource's display name from all its identifiers: the same whichever scanner came first.
+
+    The first kind present in NAME_ORDER, and of its values the smallest (an FQDN before a
+    short name before a NetBIOS name, ..., an address last).
+    """
+    for kind in NAME_ORDER:
+        values = ids.get(kind)
+        if values:
+            value = min(values)
+            if kind in IPS:
+                value = split_scope(value)[0]
+            elif kind == "agent_id":
+                value = value.split(":", 1)[-1]
+            return value[:500]
     return None
+
+
+KIND_ORDER = ("vm", "container_image", "web_app", "cloud_resource", "host")  # the most specific first
+
+
+def better_kind(current: str | None, new: str | None) -> str | None:
+    """The resource kind to keep: the most specific one any scanner named (an EC2 instance is a
+    ``vm`` to the cloud and a ``host`` to its agent: it is a vm)."""
+    if not new:
+        return current
+    if not current:
+        return new[:50]
+    rank = {kind: index for index, kind in enumerate(KIND_ORDER)}
+    return new[:50] if rank.get(new, len(rank)) < rank.get(current, len(rank)) else current
+
+
+def better_os(current: str | None, new: str | None) -> str | None:
+    """The OS text to keep: the most detailed one reported (the longest, then the smallest).
+
+    Scanners name one OS differently ("UBUNTU_22.04", "Ubuntu 22.04", "Linux Kernel 5.15 on
+    Ubuntu 22.04"); keeping the most detailed makes the result independent of push order.
+    """
+    new = _os(new)
+    if new is None or (current is not None and (len(current), current) >= (len(new), new)):
+        return current
+    return new
 
 
 @dataclass
@@ -204,6 +242,10 @@ class _Evidence:
         self.apart: set[tuple[int, int]] = set()
         self.records: dict[tuple[str, str], int] = {}  # (provider, record key) -> resource
         self.parent: dict[int, int] = {}
+        # host records of each resource: (identifiers by kind, last seen), for the age of its IPs
+        self.hosts: dict[int, list[tuple[dict, datetime | None]]] = defaultdict(list)
+        self.described: dict[int, tuple] = {}  # stored (name, os, kind)
+        self._stale: dict[int, frozenset] = {}
 
     def find(self, rid: int) -> int:
         while rid in self.parent:
@@ -216,8 +258,25 @@ class _Evidence:
                 self.of[rid][kind].add(value)
                 self.holders[(kind, value)].add(rid)
 
+    def stale(self, rid: int) -> frozenset:
+        """The resource's addresses that a later host record of the same machine no longer reports.
+
+        DHCP: the same NIC (MAC) or the same name was seen later at other addresses, so an
+        address only an older host record reported is no evidence any more (rule 5).
+        """
+        cached = self._stale.get(rid)
+        if cached is None:
+            cached = self._stale[rid] = _stale_addresses(self.hosts.get(rid, ()))
+        return cached
+
+    def host(self, rid: int, ids: dict, seen: datetime | None) -> None:
+        self.hosts[rid].append(({kind: set(values) for kind, values in ids.items()}, seen))
+        self._stale.pop(rid, None)
+
     def absorb(self, loser: int, survivor: int) -> None:
         self.parent[loser] = survivor
+        self.hosts[survivor].extend(self.hosts.pop(loser, []))
+        self._stale.pop(survivor, None)
         for kind, values in self.of.pop(loser, {}).items():
             for value in values:
                 self.of[survivor][kind].add(value)
@@ -250,25 +309,57 @@ def conflicts(first: dict, second: dict) -> bool:
     return False
 
 
-def _ip_match(mine: dict, theirs: dict, loose: bool) -> list[str]:
-    """The record's IPs the candidate holds in the same scope (``loose``: or either in the default scope)."""
-    held = {value for kind in IPS for value in theirs.get(kind, ())}
-    found = [value for kind in IPS for value in mine.get(kind, ()) if value in held]
-    if loose and not found:
-        bare_theirs = {split_scope(value)[0]: split_scope(value)[1] for value in held}
-        for kind in IPS:
-            for value in mine.get(kind, ()):
-                ip, scope = split_scope(value)
-                if ip in bare_theirs and (scope is None or bare_theirs[ip] is None):
-                    found.append(value)
-    return found
+def _ip_match(mine: dict, theirs: dict, loose: bool, stale: frozenset = frozenset()) -> list[str]:
+    """The record's IPs the candidate holds in the same scope (``loose``: in any scope), not stale."""
+    held = {value for kind in IPS for value in theirs.get(kind, ())} - stale
+    if not loose:
+        return [value for kind in IPS for value in mine.get(kind, ()) if value in held]
+    bare = {split_scope(value)[0] for value in held}
+    return [value for kind in IPS for value in mine.get(kind, ()) if split_scope(value)[0] in bare]
+
+
+STALE_AFTER = timedelta(hours=12)  # scanners of one machine within this window saw the same addresses
+
+
+def _stale_addresses(hosts) -> frozenset:
+    stale: set[str] = set()
+    for ids, seen in hosts:
+        addresses = {v for kind in IPS for v in ids.get(kind, ())}
+        if not addresses or seen is None:
+            continue
+        tie = set(ids.get(MAC, ())) | set(ids.get(NAME, ()))
+        for other, later in hosts:
+            if later is None or later - seen <= STALE_AFTER:
+                continue
+            others = {v for kind in IPS for v in other.get(kind, ())}
+            if others and not others & addresses and tie & (set(other.get(MAC, ())) | set(other.get(NAME, ()))):
+                stale |= addresses
+                break
+    # an address a recent host record still reports is current whatever an older one says
+    return frozenset(stale - _current(hosts, stale))
+
+
+def _current(hosts, stale: set[str]) -> set[str]:
+    if not stale:
+        return set()
+    latest = max((seen for _, seen in hosts if seen is not None), default=None)
+    if latest is None:
+        return set()
+    return {v for ids, seen in hosts if seen is not None and latest - seen <= STALE_AFTER
+            for kind in IPS for v in ids.get(kind, ())}
+
+
+def _strength(evidence: dict) -> int:
+    if any(evidence.get(kind) for kind in STRONG):
+        return 0
+    return 1 if evidence.get(NAME) else 2 if evidence.get(MAC) else 3
 
 
 def _only_addresses(evidence: dict) -> bool:
     return not any(evidence.get(kind) for kind in STRONG + (NAME,))
 
 
-def _rule(record: dict, candidate: dict, unique_ip: callable) -> int | None:
+def _rule(record: dict, candidate: dict, unique_ip, stale: frozenset, record_stale: frozenset) -> int | None:
     """The rule number by which ``candidate`` is the record's resource, or None."""
     if any(set(record.get(kind, ())) & set(candidate.get(kind, ())) for kind in STRONG):
         return 1
@@ -276,12 +367,16 @@ def _rule(record: dict, candidate: dict, unique_ip: callable) -> int | None:
     shares_mac = bool(set(record.get(MAC, ())) & set(candidate.get(MAC, ())))
     if shares_name and shares_mac:
         return 2
+    # a short name and the same address: strong enough in any scope (scanners' network ids
+    # cannot be compared across vendors: Qualys's DMZ and Tenable's DMZ are two ids)
     if shares_name and _ip_match(record, candidate, loose=True):
         return 3
     exact = _ip_match(record, candidate, loose=False)
     if shares_mac and exact:
         return 4
-    if exact and (_only_addresses(record) or _only_addresses(candidate)) and any(unique_ip(v) for v in exact):
+    # an address alone: only a current one (not left behind by a DHCP change), held by no one else
+    fresh = [value for value in _ip_match(record, candidate, loose=False, stale=stale) if value not in record_stale]
+    if fresh and (_only_addresses(record) or _only_addresses(candidate)) and any(unique_ip(v) for v in fresh):
         return 5
     return None
 
@@ -367,17 +462,21 @@ def resolve(
     memory = _Evidence()
     _load(conn, tenant_id, provider, evidence, keys, memory)
 
-    chosen: list[int] = []
+    chosen: list[int] = [0] * len(evidence)
     merges: list[tuple[int, int]] = []
     new_resources: list[int] = []  # record indexes that start a resource
-    for index, ids in enumerate(evidence):
-        rid = _decide(memory, ids, provider, keys[index], allow_merge, merges)
+    # The records that say most first: by the time an IP-only record is decided, the chunk's
+    # named hosts have claimed (or made stale) their addresses, whatever the file's order.
+    for index in sorted(range(len(evidence)), key=lambda i: (_strength(evidence[i]), i)):
+        ids = evidence[index]
+        rid = _decide(memory, ids, provider, keys[index], allow_merge, merges, last_seen[index])
         if rid is None:
             rid = TEMP_BASE + len(new_resources)
             new_resources.append(index)
         memory.add(rid, ids)
+        memory.host(rid, ids, last_seen[index])
         memory.records[(provider, keys[index])] = rid
-        chosen.append(rid)
+        chosen[index] = rid
 
     now = utcnow()
     real: dict[int, int] = {}
@@ -388,9 +487,13 @@ def resolve(
             first = new_resources[temp - TEMP_BASE]
             members = [i for i, rid in enumerate(chosen) if memory.find(rid) == temp]
             when = max((last_seen[i] for i in members if last_seen[i] is not None), default=None)
-            rows.append({"tenant_id": tenant_id, "kind": unique_refs[first].kind,
-                         "name": _display_name(unique_refs[first], evidence[first]),
-                         "os": _os(unique_refs[first].os), "first_seen": when, "last_seen": when,
+            earliest = min((last_seen[i] for i in members if last_seen[i] is not None), default=None)
+            kind = None
+            for index in members:
+                kind = better_kind(kind, unique_refs[index].kind)
+            rows.append({"tenant_id": tenant_id, "kind": kind,
+                         "name": best_name(memory.of.get(temp, evidence[first])),
+                         "os": _best_os(unique_refs, members), "first_seen": earliest, "last_seen": when,
                          "created_at": now, "updated_at": now, "tags": []})
         new_ids = conn.execute(
             resources.insert().returning(resources.c.id, sort_by_parameter_order=True), rows).scalars().all()
@@ -407,28 +510,48 @@ def resolve(
     _record_sources(conn, tenant_id, provider, product, batch_id, unique_refs, evidence, keys, by_record,
                     last_seen, now)
     _touch(conn, tenant_id, by_record, last_seen, unique_refs, now)
+    _describe(conn, tenant_id, memory, unique_refs, chosen, real, final)
     return Resolution(ids=result, merges=merges)
 
 
 def _decide(memory: _Evidence, ids: dict, provider: str, key: str, allow_merge: bool,
-            merges: list[tuple[int, int]]) -> int | None:
+            merges: list[tuple[int, int]], seen: datetime | None = None) -> int | None:
+    known = memory.records.get((provider, key))
+    known = memory.find(known) if known is not None else None
     candidates = {memory.find(rid) for kind in MATCH_KINDS for value in ids.get(kind, ())
                   for rid in memory.holders.get((kind, value), ())}
+    if known is not None:
+        candidates.add(known)
     if not candidates:
         return None
 
     def unique_ip(value: str) -> bool:
         kind = "ipv6" if ":" in split_scope(value)[0] else "ipv4"
-        return len({memory.find(rid) for rid in memory.holders.get((kind, value), ())}) == 1
+        holders = {memory.find(rid) for rid in memory.holders.get((kind, value), ())}
+        return len([rid for rid in holders if value not in memory.stale(rid)]) == 1
 
-    known = memory.records.get((provider, key))
-    known = memory.find(known) if known is not None else None
+    # the record's own addresses are stale when a machine it names by other evidence was seen
+    # later at other addresses (an older scan of a host that has moved on)
+    record_stale: frozenset = frozenset()
+    addresses = {v for kind in IPS for v in ids.get(kind, ())}
+    if addresses and seen is not None:
+        tie = set(ids.get(MAC, ())) | set(ids.get(NAME, ()))
+        for rid in candidates:
+            if any(set(ids.get(kind, ())) & memory.of.get(rid, {}).get(kind, set()) for kind in STRONG + (NAME, MAC)):
+                for other, later in memory.hosts.get(rid, ()):
+                    others = {v for kind in IPS for v in other.get(kind, ())}
+                    if later is not None and later - seen > STALE_AFTER and others and not others & addresses \
+                            and tie & (set(other.get(MAC, ())) | set(other.get(NAME, ()))):
+                        record_stale = frozenset(addresses)
+                        break
     ranked = []
     for rid in candidates:
         theirs = memory.of.get(rid, {})
         if conflicts(ids, theirs):
             continue
-        rule = _rule(ids, theirs, unique_ip)
+        rule = _rule(ids, theirs, unique_ip, memory.stale(rid), record_stale)
+        if rule is None and rid == known:
+            rule = 6  # this provider's own host record, already resolved here: the same machine
         if rule is not None:
             ranked.append((rule, rid != known, rid))
     if not ranked:
@@ -487,6 +610,14 @@ def _load(conn: Connection, tenant_id: int, provider: str, evidence: list[dict],
             if kind in KINDS:
                 memory.of[rid][kind].add(value)
                 memory.holders[(kind, value)].add(rid)
+        for rid, name, os_, kind in conn.execute(select(
+                resources.c.id, resources.c.name, resources.c.os, resources.c.kind).where(
+                resources.c.tenant_id == tenant_id, in_values(conn, resources.c.id, part))):
+            memory.described[rid] = (name, os_, kind)
+        for rid, idents, seen in conn.execute(select(
+                resource_sources.c.resource_id, resource_sources.c.identifiers, resource_sources.c.last_seen).where(
+                resource_sources.c.tenant_id == tenant_id, in_values(conn, resource_sources.c.resource_id, part))):
+            memory.hosts[rid].append((_host_ids(idents), _aware(seen)))
         for a, b in conn.execute(select(separations.c.resource_a, separations.c.resource_b).where(
                 separations.c.tenant_id == tenant_id,
                 or_(in_values(conn, separations.c.resource_a, part),
@@ -496,6 +627,16 @@ def _load(conn: Connection, tenant_id: int, provider: str, evidence: list[dict],
     # since every resource holding one of the chunk's IPs is a candidate.
     for record, rid in known.items():
         memory.records[(provider, record)] = rid
+
+
+def _host_ids(stored: dict | None) -> dict[str, set[str]]:
+    """A stored host record's identifiers, with the short names its names give."""
+    ids = {kind: set(values) for kind, values in (stored or {}).items() if isinstance(values, list)}
+    names = {n for kind in ("fqdn", "hostname", "netbios") for n in map(_name, ids.get(kind, ())) if n}
+    names |= {n for n in map(_name, ids.get("cloud_name", ())) if n}
+    if names:
+        ids[NAME] = names | ids.get(NAME, set())
+    return ids
 
 
 def _os(value: str | None) -> str | None:
@@ -583,21 +724,65 @@ def _record_sources(conn, tenant_id, provider, product, batch_id, refs, evidence
 
 
 def _aware(value):
-    from datetime import UTC
-
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value
 
 
+def _best_os(refs, members) -> str | None:
+    current = None
+    for index in members:
+        current = better_os(current, refs[index].os)
+    return current
+
+
+def _describe(conn, tenant_id, memory: _Evidence, refs, chosen, real, final) -> None:
+    """Name and OS of the stored resources this chunk touched, from all they are now known by."""
+    changes = []
+    touched: dict[int, list[int]] = defaultdict(list)
+    for index, rid in enumerate(chosen):
+        touched[memory.find(rid)].append(index)
+    for root, members in sorted(touched.items()):
+        if root >= TEMP_BASE:
+            continue  # inserted with them
+        name, os_, kind = memory.described.get(root, (None, None, None))
+        new_name = best_name(memory.of.get(root, {})) or name
+        new_os, new_kind = os_, kind
+        for index in members:
+            new_os = better_os(new_os, refs[index].os)
+            new_kind = better_kind(new_kind, refs[index].kind)
+        if (new_name, new_os, new_kind) != (name, os_, kind):
+            changes.append({"rid": final(root), "new_name": new_name, "new_os": new_os, "new_kind": new_kind})
+            memory.described[root] = (new_name, new_os, new_kind)
+    if changes:
+        statement = update(resources).where(resources.c.id == bindparam("rid"), resources.c.tenant_id == tenant_id) \
+            .values(name=bindparam("new_name"), os=bindparam("new_os"), kind=bindparam("new_kind"))
+        conn.execute(statement, changes)
+
+
 def _touch(conn, tenant_id, by_record, last_seen, refs, now) -> None:
+    """Seen times: a resource was first seen at the earliest sighting of it, whatever the push order."""
     latest: dict[int, datetime] = {}
-    os_of: dict[int, str] = {}
-    for rid, when, ref in zip(by_record, last_seen, refs):
+    earliest: dict[int, datetime] = {}
+    for rid, when in zip(by_record, last_seen):
         if when is not None and (rid not in latest or when > latest[rid]):
             latest[rid] = when
-        if ref.os and rid not in os_of:
-            os_of[rid] = _os(ref.os)
+        if when is not None and (rid not in earliest or when < earliest[rid]):
+            earliest[rid] = when
+    if earliest:
+        if is_postgres(conn):
+            ordered = sorted(earliest.items())
+            conn.exec_driver_sql(
+                "UPDATE resources AS t SET first_seen = v.seen "
+                "FROM unnest(%b::bigint[], %b::timestamptz[]) AS v(id, seen) "
+                "WHERE t.id = v.id AND t.tenant_id = %s AND (t.first_seen IS NULL OR t.first_seen > v.seen)",
+                ([rid for rid, _ in ordered], [when for _, when in ordered], tenant_id))
+        else:
+            statement = update(resources).where(and_(
+                resources.c.id == bindparam("rid"), resources.c.tenant_id == tenant_id,
+                (resources.c.first_seen.is_(None)) | (resources.c.first_seen > bindparam("seen")),
+            )).values(first_seen=bindparam("seen"))
+            conn.execute(statement, [{"rid": rid, "seen": when} for rid, when in sorted(earliest.items())])
     if latest:
         if is_postgres(conn):
             ordered = sorted(latest.items())
@@ -613,18 +798,6 @@ def _touch(conn, tenant_id, by_record, last_seen, refs, now) -> None:
                 (resources.c.last_seen.is_(None)) | (resources.c.last_seen < bindparam("seen")),
             )).values(last_seen=bindparam("seen"), updated_at=now)
             conn.execute(statement, [{"rid": rid, "seen": when} for rid, when in sorted(latest.items())])
-    if os_of:  # a resource learns its OS from the first record that names one
-        ordered_os = sorted(os_of.items())
-        if is_postgres(conn):
-            conn.exec_driver_sql(
-                "UPDATE resources AS t SET os = v.os FROM unnest(%b::bigint[], %b::text[]) AS v(id, os) "
-                "WHERE t.id = v.id AND t.tenant_id = %s AND t.os IS NULL",
-                ([rid for rid, _ in ordered_os], [value for _, value in ordered_os], tenant_id))
-        else:
-            statement = update(resources).where(and_(
-                resources.c.id == bindparam("rid"), resources.c.tenant_id == tenant_id, resources.c.os.is_(None),
-            )).values(os=bindparam("os_value"))
-            conn.execute(statement, [{"rid": rid, "os_value": value} for rid, value in ordered_os])
 
 
 def insert_separation(conn: Connection, tenant_id: int, a: int, b: int, actor: str | None) -> None:

@@ -259,12 +259,17 @@ def _advisories(rng: random.Random, count: int) -> list[Advisory]:
 
 
 class _Ips:
+    """Addresses from a /16 (``10.20``) or from the upper half of one (``172.31.128``)."""
+
     def __init__(self, prefix: str) -> None:
         self.prefix, self.next = prefix, 10
+        parts = prefix.split(".")
+        self.base = (int(parts[0]), int(parts[1]), int(parts[2]) if len(parts) > 2 else 0)
 
     def take(self) -> str:
         self.next += 1
-        return f"{self.prefix}.{self.next // 250}.{self.next % 250 + 2}"
+        a, b, c = self.base
+        return f"{a}.{b}.{c + self.next // 250}.{self.next % 250 + 2}"
 
 
 def _machines(rng: random.Random, hosts: int, advisories: list[Advisory]) -> list[Machine]:
@@ -1208,7 +1213,7 @@ def label_records(files: list[FleetFile]) -> dict[tuple[str, str], Label]:
     """(provider, provider_id) -> Label: each connector's parse output paired with what was written."""
     import connectors
     from connectors.base import ParseOptions
-    from connectors.model import FindingRecord
+    from connectors.model import FindingRecord, Observation
 
     labels: dict[tuple[str, str], Label] = {}
     for fleet_file in files:
@@ -1218,7 +1223,7 @@ def label_records(files: list[FleetFile]) -> dict[tuple[str, str], Label]:
         records = list(
             connector.parse(io.BytesIO(fleet_file.body), ParseOptions(provider=fleet_file.provider))
         )
-        odd = [r for r in records if not isinstance(r, FindingRecord)]
+        odd = [r for r in records if not isinstance(r, (FindingRecord, Observation))]
         if odd:
             raise AssertionError(f"{fleet_file.name}: the connector yields {odd[:3]!r}")
         if len(records) != len(fleet_file.expected):

@@ -34,7 +34,8 @@ def fleet():
 def pushed(request, fleet):
     """The fleet pushed in every order of ``ORDERS``, each into a fresh tenant: order -> read-API state."""
     url = request.getfixturevalue("pg_url" if request.param == "postgresql" else "sqlite_url")
-    app = make_app(url, eager=True)
+    # the production chunk size: see the note on IP-only records at chunk boundaries in resources.py
+    app = make_app(url, eager=True, MERGE_CHUNK_SIZE=5000)
     pusher = Pusher(app)
     states = {}
     try:
@@ -236,7 +237,10 @@ def _normalized(state: dict) -> dict[str, list]:
         row = {k: v for k, v in finding.items() if k not in own}
         row["resource"] = resource_keys.get(finding["resourceId"], ["?"])
         row["resolved"] = finding["resolvedAt"] is not None
-        row["sources"] = sorted(finding["sources"], key=lambda s: (s["provider"], s["providerId"]))
+        row["sources"] = sorted(
+            ({k: v for k, v in source.items() if k != "batchId"} for source in finding["sources"]),
+            key=lambda s: (s["provider"], s["providerId"]),
+        )
         findings.append(row)
     recommendations = []
     for recommendation in state["recommendations"]:
