@@ -11,9 +11,9 @@ import json
 import pytest
 from sqlalchemy import select
 
+from connectors.model import ResourceRef
 from gateway.merge.resources import conflicts, normalize
 from gateway.models import Finding, FindingSource, LifecycleEvent, Resource, ResourceIdentifier
-from connectors.model import ResourceRef
 from tests.test_merge import push
 
 TS = "2024-04-01T00:00:00Z"

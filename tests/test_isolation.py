@@ -48,7 +48,9 @@ def knowledge_base(texts: dict[str, str]) -> bytes:
 
 
 def findings_document(texts: dict[str, str]) -> bytes:
-    host = {"fqdn": "db-1.example.com", "ipv4": ["10.0.0.5"], "name": texts["resource_name"]}
+    # the resource's name is its FQDN (gateway/merge/resources.py best_name); the tenant's own text
+    # is its cloud Name tag, which the resource shows among its identifiers
+    host = {"fqdn": "db-1.example.com", "ipv4": ["10.0.0.5"], "cloudName": texts["resource_name"]}
     return document([
         # a CVE under the built-in vulnerability type
         finding("shared-1", cves=["CVE-2024-3094"], title=texts["vuln_title"],

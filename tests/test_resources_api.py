@@ -508,7 +508,7 @@ def test_manual_merge_and_split_and_the_split_survives_the_next_push(gw):
     ]
     push(gw, tenant, headers, document(records))
     by_name = {r["name"]: r["id"] for r in values(gw, tenant, headers, "resources")}
-    a, x, lonely = by_name["a.example.com"], by_name["contoso:x-1"], by_name["lonely.example.com"]
+    a, x, lonely = by_name["a.example.com"], by_name["x-1"], by_name["lonely.example.com"]
 
     merged = gw.http.post(
         url(tenant, f"resources/{a}/merge"), json={"resourceIds": [x, int(lonely)]}, headers=headers

@@ -140,7 +140,8 @@ def merge_resources(merger, loser: int, survivor: int, evidence: str, actor: str
         values["kind"] = loser_row.kind
     if loser_row.tags:
         values["tags"] = list(survivor_row.tags or []) + [t for t in loser_row.tags if t not in (survivor_row.tags or [])]
-    conn.execute(update(resources_t).where(resources_t.c.id == survivor).values(**values))
+    conn.execute(update(resources_t).where(resources_t.c.tenant_id == tenant, resources_t.c.id == survivor)
+                 .values(**values))
     conn.execute(update(resources_t).where(resources_t.c.tenant_id == tenant,
                                            (resources_t.c.id == loser) | (resources_t.c.merged_into == loser))
                  .values(merged_into=survivor, updated_at=now))
@@ -192,11 +193,16 @@ def split_resource(merger, resource_id: int, record_ids: list[int], actor: str |
     staying = [r for r in records if r.id not in set(record_ids)]
     if not moving or not staying:
         raise ValueError("a split needs at least one host record on each side")
-    original = conn.execute(select(resources_t).where(resources_t.c.id == resource_id)).one()
-    names = [v for r in moving for kind in ("fqdn", "hostname", "netbios", "cloud_id")
-             for v in (r.identifiers or {}).get(kind, [])]
+    original = conn.execute(select(resources_t).where(resources_t.c.tenant_id == tenant,
+                                                      resources_t.c.id == resource_id)).one()
+    from gateway.merge.resources import best_name
+
+    moved_ids: dict[str, set[str]] = defaultdict(set)
+    for r in moving:
+        for kind, values in (r.identifiers or {}).items():
+            moved_ids[kind].update(values)
     new_id = conn.execute(resources_t.insert().returning(resources_t.c.id), [{
-        "tenant_id": tenant, "kind": original.kind, "name": (names[0] if names else original.name),
+        "tenant_id": tenant, "kind": original.kind, "name": best_name(moved_ids) or original.name,
         "os": original.os, "first_seen": min((r.first_seen for r in moving if r.first_seen), default=None),
         "last_seen": max((r.last_seen for r in moving if r.last_seen), default=None),
         "created_at": now, "updated_at": now, "tags": []}]).scalar_one()
@@ -274,7 +280,8 @@ def _finding_on(merger, resource_id: int, finding_id: int, key: str, now) -> int
                                                        findings_t.c.correlation_key == key)).scalar()
     if found is not None:
         return found
-    row = conn.execute(select(findings_t).where(findings_t.c.id == finding_id)).one()._asdict()
+    row = conn.execute(select(findings_t).where(findings_t.c.tenant_id == tenant,
+                                                findings_t.c.id == finding_id)).one()._asdict()
     row.pop("id")
     row.update(resource_id=resource_id, created_at=now, updated_at=now, state_changed_at=now,
                comments=[], tags=[], assigned_to=None, status_override=None)

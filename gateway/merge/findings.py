@@ -560,7 +560,10 @@ class FindingMerger:
             if state != previous:
                 if state == "resolved":
                     self.counts["resolved"] += 1
-                events.append(self._event(finding_id, state, now, {"from": previous}, cause_text))
+                # a finding created resolved that a source now reports open is "opened" (state new):
+                # its one "new" event is its creation
+                name = "opened" if state == "new" else state
+                events.append(self._event(finding_id, name, now, {"from": previous}, cause_text))
             elif finding_id in changed:
                 row = changed[finding_id]
                 events.append(self._event(finding_id, "updated", now, {

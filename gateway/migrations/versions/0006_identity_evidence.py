@@ -96,7 +96,7 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("actor", sa.String(200)),
     )
-    observations = op.create_table(
+    op.create_table(
         "observations",
         sa.Column("id", BigId, primary_key=True, autoincrement=True),
         sa.Column("tenant_id", sa.Integer, nullable=False),
@@ -125,7 +125,7 @@ def upgrade() -> None:
     op.create_index("ix_observations_resource", "observations", ["tenant_id", "resource_id", "id"])
 
     _normalize_identifiers(bind)
-    _informational_to_observations(bind, observations)
+    _informational_to_observations(bind)
 
 
 def _normalize_identifiers(bind) -> None:
@@ -152,36 +152,26 @@ def _normalize_identifiers(bind) -> None:
         op.bulk_insert(idents, rows[start : start + CHUNK])
 
 
-def _informational_to_observations(bind, observations) -> None:
-    # a finding is an informational item when every one of its sources is informational
+def _informational_to_observations(bind) -> None:
+    # a finding is an informational item when every one of its sources is informational; a
+    # record with several CVEs had a source per CVE: it becomes one observation (its first source)
+    info = ("f.kind = 'vulnerability' AND NOT EXISTS (SELECT 1 FROM finding_sources o "
+            "WHERE o.finding_id = f.id AND o.severity <> 'informational')")
     rows = bind.execute(sa.text(
-        "SELECT s.id, s.tenant_id, s.finding_id, f.resource_id, s.provider, s.provider_id, s.vendor_id, "
-        "s.title, s.evidence, s.first_seen, s.last_seen, s.provider_timestamp, s.batch_id, "
-        "s.created_at, s.updated_at, f.recommendation_type_id "
-        "FROM findings f JOIN finding_sources s ON s.finding_id = f.id AND s.tenant_id = f.tenant_id "
-        "WHERE f.kind = 'vulnerability' AND NOT EXISTS (SELECT 1 FROM finding_sources o "
-        " WHERE o.finding_id = f.id AND o.severity <> 'informational') "
-        "ORDER BY s.id")).all()
+        "SELECT s.tenant_id, s.finding_id, f.resource_id, f.recommendation_type_id FROM findings f "
+        f"JOIN finding_sources s ON s.finding_id = f.id AND s.tenant_id = f.tenant_id WHERE {info}")).all()
     if not rows:
         return
-    seen: set[tuple[int, str, str]] = set()
-    new_rows = []
-    for row in rows:
-        key = (row.tenant_id, row.provider, row.provider_id)
-        if key in seen:  # one record with several CVEs: one observation
-            continue
-        seen.add(key)
-        new_rows.append({
-            "tenant_id": row.tenant_id, "resource_id": row.resource_id, "provider": row.provider,
-            "product": None, "provider_id": row.provider_id, "vendor_id": row.vendor_id,
-            "category": "other", "name": row.title, "value": None, "port": None, "protocol": None,
-            "service": None, "evidence": row.evidence, "scan": None, "host_key": None,
-            "first_seen": row.first_seen, "last_seen": row.last_seen,
-            "provider_timestamp": row.provider_timestamp, "batch_id": row.batch_id,
-            "created_at": row.created_at, "updated_at": row.updated_at,
-        })
-    for start in range(0, len(new_rows), CHUNK):
-        op.bulk_insert(observations, new_rows[start : start + CHUNK])
+    bind.execute(sa.text(
+        "INSERT INTO observations (tenant_id, resource_id, provider, product, provider_id, vendor_id, category, "
+        "name, value, port, protocol, service, evidence, scan, host_key, first_seen, last_seen, "
+        "provider_timestamp, batch_id, created_at, updated_at) "
+        "SELECT s.tenant_id, f.resource_id, s.provider, NULL, s.provider_id, s.vendor_id, 'other', s.title, "
+        "NULL, NULL, NULL, NULL, s.evidence, NULL, NULL, s.first_seen, s.last_seen, s.provider_timestamp, "
+        "s.batch_id, s.created_at, s.updated_at "
+        "FROM finding_sources s JOIN findings f ON f.id = s.finding_id AND f.tenant_id = s.tenant_id "
+        "WHERE s.id IN (SELECT min(s.id) FROM findings f JOIN finding_sources s ON s.finding_id = f.id "
+        f"AND s.tenant_id = f.tenant_id WHERE {info} GROUP BY s.tenant_id, s.provider, s.provider_id)"))
     finding_ids = sorted({row.finding_id for row in rows})
     pairs = sorted({(row.tenant_id, row.resource_id, row.recommendation_type_id) for row in rows})
     for start in range(0, len(finding_ids), CHUNK):
