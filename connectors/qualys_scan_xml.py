@@ -279,7 +279,8 @@ def _parse_asset_data_report(safe: BinaryIO) -> Iterator[FindingRecord | Observa
                     hosts.append(_report_host(next(element.iterancestors("HOST"), None)))
                     facts.append(HostFacts())
                     host_slot = len(hosts) - 1
-                values = (child_text(element, "QID"), *(child_text(element, path) for path in _DETECTION_PATHS))
+                values = (child_text(element, "QID"),
+                          *(child_text(element, path) for path in _DETECTION_PATHS))
                 if is_information(values[1]):
                     facts[host_slot].add(values[0], values[12])  # QID, RESULT
                 spool.append((host_slot, f"HOST[{host_index}]/VULN_INFO[{item_index}]", *values))

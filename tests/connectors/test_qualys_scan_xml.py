@@ -105,12 +105,15 @@ def test_asset_data_report_sample(sample):
     assert isinstance(dns, Observation)
     assert (dns.name, dns.category, dns.value) == ("DNS Host Name", "identity", "demo13.s02.sjc01.qualys.com")
     assert dns.vendor_id == "6" and dns.evidence.startswith("IP address\tHost name\n64.41.200.243")
-    assert dns.first_seen == dns.last_seen == dns.provider_timestamp == datetime(2019, 7, 31, 21, 57, 48, tzinfo=UTC)
+    seen = datetime(2019, 7, 31, 21, 57, 48, tzinfo=UTC)
+    assert dns.first_seen == dns.last_seen == dns.provider_timestamp == seen
     os_fact = by_id["64.41.200.244|45017|/"]
-    assert (os_fact.category, os_fact.value) == ("os", "Linux 2.4-2.6 / Embedded Device / F5 Networks Big-IP / Linux 2.6")
+    assert (os_fact.category, os_fact.value) == (
+        "os", "Linux 2.4-2.6 / Embedded Device / F5 Networks Big-IP / Linux 2.6")
     # identity facts of information gathered items reach every record of the host, findings too
     mac = by_id["64.41.200.247|43007|/"]
-    assert (mac.name, mac.category, mac.value) == ("Network Adapter MAC Address", "identity", "00:50:56:b2:71:56")
+    assert (mac.name, mac.category, mac.value) == (
+        "Network Adapter MAC Address", "identity", "00:50:56:b2:71:56")
     netbios = by_id["64.41.200.247|82044|/"]
     assert (netbios.category, netbios.value) == ("identity", "TRN-WIN7")
     assert bluekeep.resource.mac == "00:50:56:b2:71:56"
@@ -297,7 +300,8 @@ def test_legacy_scan_identity_facts_reach_every_record_of_the_host():
             b'NBTSTAT\t00:50:56:B2:71:57\tVMWARE\nARP\t00:50:56:A0:00:01\tVMWARE</RESULT></INFO>'
             b'<INFO number="82044" severity="1"><TITLE>NetBIOS Host Name</TITLE><RESULT>DB4</RESULT></INFO>'
             b'<INFO number="45017" severity="2"><TITLE>Operating System Detected</TITLE>'
-            b'<RESULT format="table">Operating System\tTechnique\tID\nLinux 5.x\tTCP/IP Fingerprint\tU1</RESULT>'
+            b'<RESULT format="table">Operating System\tTechnique\tID\n'
+            b'Linux 5.x\tTCP/IP Fingerprint\tU1</RESULT>'
             b'</INFO></CAT></INFOS>'
             b'<SERVICES><CAT value="TCP/IP" port="5432" protocol="tcp"><SERVICE number="82023" severity="1">'
             b'<TITLE>Open TCP Services List</TITLE><RESULT>5432 postgres</RESULT></SERVICE></CAT></SERVICES>'
