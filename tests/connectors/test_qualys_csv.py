@@ -235,8 +235,8 @@ def test_vmdr_many_vulns_cve(sample):
 
 # -- information gathered, identity, network, scan --------------------------------------
 
-IG_HEADER = ('"IP","Network","DNS","NetBIOS","Host ID","OS","QID","Title","Type","Severity","Port","Protocol",'
-             '"Vuln Status","Results","First Detected","Last Detected"\n')
+IG_HEADER = ('"IP","Network","DNS","NetBIOS","Host ID","OS","QID","Title","Type","Severity","Port",'
+             '"Protocol","Vuln Status","Results","First Detected","Last Detected"\n')
 
 
 def _ig_row(qid, title, kind="Ig", severity="1", port="", protocol="", results="", ip="10.9.0.4",
