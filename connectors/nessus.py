@@ -54,8 +54,9 @@ Observation, per ReportItem of severity 0 (informational: never a finding):
     "443/tcp www" (service), else the output when it is one short line.
 A ReportItem without a pluginID, or a host without any identifier, gives a Rejected
 record ("ReportHost[2]/ReportItem[5]"); the others still come out.  Nessus reports a
-plugin twice on one port when it finds two installs: consecutive findings with the same
-provider_id are merged into one record (evidence, CVEs and references of both).
+plugin twice on one port when it finds two installs: consecutive findings (or
+observations) with the same provider_id are merged into one record (evidence, CVEs and
+references of both).
 
 The helpers it shares with the other Tenable connectors (severity, dates, identifiers,
 CVSS, provider id) are in ``_tenable``.

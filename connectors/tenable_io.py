@@ -36,6 +36,8 @@ vulndetails) is read too: pluginID, severity.id, ip/dnsName/netbiosName/macAddre
 port/protocol, firstSeen/lastSeen (epoch seconds), cve (comma separated), pluginText's
 <plugin_output>; its records are all open (the cumulative view); product "Tenable.sc"
 on every record (findings and observations); severity 0 items are Observations.
+Consecutive findings (or observations) with the same provider_id are merged into one
+record (``_tenable.merge_repeats``).
 """
 
 from __future__ import annotations
