@@ -202,7 +202,7 @@ def time_field(name: str, value: str | None) -> datetime | None:
         return None
     try:
         return parse_time(value)
-    except ValueError:
+    except (ValueError, OverflowError, OSError):  # a huge epoch number overflows
         raise ValueError(f"{name} is not an ISO 8601 date-time: {value[:64]!r}") from None
 
 

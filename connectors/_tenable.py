@@ -177,7 +177,10 @@ def parse_any_time(value: str | int | float | None) -> datetime | None:
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        return datetime.fromtimestamp(value, tz=UTC) if value > 0 else None
+        try:
+            return datetime.fromtimestamp(value, tz=UTC) if value > 0 else None
+        except (ValueError, OverflowError, OSError):
+            return None
     text = " ".join(value.split())
     if not text or text in ("-1", "0", "N/A"):
         return None
@@ -196,6 +199,20 @@ def parse_any_time(value: str | int | float | None) -> datetime | None:
         return parse_time(text)
     except (ValueError, OverflowError, OSError):
         return None
+
+
+def strict_time(name: str, value: str | int | float | None) -> datetime | None:
+    """A record's date (as ``parse_any_time`` reads it), None when empty; ValueError naming
+    the field when it is there but unreadable: the record is Rejected, not silently undated."""
+    if value is None or isinstance(value, bool):
+        return None
+    text = str(value).strip()
+    if text in ("", "-1", "0", "N/A", "-"):
+        return None
+    parsed = parse_any_time(value if isinstance(value, (int, float)) else text)
+    if parsed is None:
+        raise ValueError(f"{name} is not a date Tenable writes: {text[:64]!r}")
+    return parsed
 
 
 def _zone_offset(zone: str | None) -> float | None:

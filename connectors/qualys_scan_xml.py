@@ -439,6 +439,13 @@ def _parse_scan(safe: BinaryIO) -> Iterator[FindingRecord | Observation | Reject
     yield from pending
 
 
+def _header_time(value: str | None) -> datetime | None:
+    try:
+        return time_field("DATE", value)
+    except ValueError:
+        return None
+
+
 def _scan_host(element: etree._Element | None) -> _Host:
     if element is None:
         return _Host(None, None, "scan item outside an IP element", {})
@@ -464,7 +471,7 @@ def _scan_record(
             raise ValueError(f"{element.tag} has no number (QID)")
         if host.resource is None:
             raise ValueError(host.error or "the host has no identifier")
-        scanned = time_field("DATE", scan_date)
+        scanned = _header_time(scan_date)  # a bad header DATE is no date, not a bad record
         if element.tag in _LEGACY_INFO:
             return _observation(
                 provider_id=provider_id, resource=host.resource, qid=qid,

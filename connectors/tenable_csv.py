@@ -68,11 +68,11 @@ from connectors._tenable import (
     normalize_uuid,
     observation_category,
     observation_value,
-    parse_any_time,
     pick_cvss,
     remediation,
     severity_fields,
     split_references,
+    strict_time,
     to_score,
 )
 from connectors.base import ParseOptions, find_cves
@@ -252,12 +252,7 @@ def _product(cells: list[str]) -> str | None:
 
 def _time(name: str, value: str | None) -> datetime | None:
     """A date cell (Nessus, Tenable.sc or ISO 8601); ValueError naming the column when unreadable."""
-    if value is None or value.strip() in ("", "-1", "0", "N/A", "-"):
-        return None
-    parsed = parse_any_time(value)
-    if parsed is None:
-        raise ValueError(f"{name} is not a date Tenable writes: {value[:64]!r}")
-    return parsed
+    return strict_time(name, value)
 
 
 def _row_record(
