@@ -224,4 +224,3 @@ def test_tenable_io():
     assert records[1] == Rejected(position="[1]",
         reason="'first_found' is not a date Tenable writes: 'the day before yesterday'",
                                   provider_id=f"{uuid}|187315|23/tcp")
-
