@@ -202,7 +202,7 @@ def time_field(name: str, value: str | None) -> datetime | None:
         return None
     try:
         return parse_time(value)
-    except ValueError:
+    except (ValueError, OverflowError, OSError):  # a huge epoch number overflows
         raise ValueError(f"{name} is not an ISO 8601 date-time: {value[:64]!r}") from None
 
 
@@ -307,6 +307,8 @@ def compact(mapping: dict) -> dict | None:
 INFO_QIDS = {
     "6": "identity",  # DNS Host Name
     "43007": "identity",  # Network Adapter MAC Address
+    "45039": "identity",  # Host Names Found
+    "82044": "identity",  # NetBIOS Host Name
     "45017": "os",  # Operating System Detected
     "82023": "port",  # Open TCP Services List
     "82004": "port",  # Open UDP Services List
@@ -351,3 +353,112 @@ def qualys_network(value: str | None) -> str | None:
     """A Qualys network id as a network scope; "0" (the Global Default Network) is no scope."""
     value = value_or_none(value)
     return None if value in (None, "0") else value
+
+
+# identity facts of information-gathered QIDs: they feed the ResourceRef of every record
+# of the host (its own elements/columns win)
+IDENTITY_QIDS = frozenset({"6", "43007", "45017", "45039", "82044"})
+_MAC = re.compile(r"(?<![0-9A-Fa-f:-])([0-9A-Fa-f]{2}(?:[:-][0-9A-Fa-f]{2}){5})(?![0-9A-Fa-f:-])")
+_TABLE_HEADS = ("ip address", "host name", "operating system", "#table", "method")
+
+
+def _table_rows(result: str) -> list[list[str]]:
+    """The data rows of a Qualys tab-separated RESULT table (header rows dropped)."""
+    rows = []
+    for line in result.splitlines():
+        if not line.strip():
+            continue
+        cells = [cell.strip() for cell in line.split("\t")]
+        if cells[0].lower().startswith(_TABLE_HEADS):
+            continue
+        rows.append(cells)
+    return rows
+
+
+def _mac(value: str) -> str:
+    digits = re.sub(r"[^0-9a-fA-F]", "", value)
+    return ":".join(digits[i : i + 2] for i in range(0, 12, 2)).lower()
+
+
+def identity_facts(qid: str | None, result: str | None) -> list[tuple[str, str]]:
+    """(kind, value) facts of an identity QID's RESULT: dns, netbios, os, mac.
+
+    6 "DNS Host Name" (IP, host name table) and 45039 "Host Names Found" (host name,
+    source table) -> dns; 82044 "NetBIOS Host Name" -> netbios; 45017 "Operating System
+    Detected" (first row of its table) -> os; 43007 "Network Adapter MAC Address" -> mac
+    (every MAC in it, lower-case colon form).
+    """
+    if qid not in IDENTITY_QIDS or not result or not result.strip():
+        return []
+    facts: list[tuple[str, str]] = []
+    if qid == "43007":
+        return [("mac", _mac(mac)) for mac in _MAC.findall(result)]
+    rows = _table_rows(result)
+    if qid == "6":
+        for cells in rows:
+            name = cells[-1]
+            if len(cells) >= 2 and _HOSTNAME.match(name) and _ip(name) is None:
+                facts.append(("dns", name.rstrip(".").lower()))
+    elif qid == "45039":
+        for cells in rows:
+            if _HOSTNAME.match(cells[0]) and _ip(cells[0]) is None:
+                facts.append(("dns", cells[0].rstrip(".").lower()))
+    elif qid == "82044":
+        if rows and len(rows[0]) == 1 and _HOSTNAME.match(rows[0][0]):
+            facts.append(("netbios", rows[0][0]))
+    elif qid == "45017" and rows and rows[0][0]:
+        facts.append(("os", rows[0][0][:500]))
+    return facts
+
+
+class HostFacts:
+    """The identity facts gathered from a host's information-gathered items."""
+
+    __slots__ = ("facts", "macs")
+
+    def __init__(self) -> None:
+        self.facts: dict[str, str] = {}
+        self.macs: set[str] = set()
+
+    def add(self, qid: str | None, result: str | None) -> list[tuple[str, str]]:
+        facts = identity_facts(qid, result)
+        for kind, value in facts:
+            if kind == "mac":
+                self.macs.add(value)
+            else:
+                self.facts.setdefault(kind, value)
+        return facts
+
+    def apply(self, resource: ResourceRef | None) -> None:
+        """Fill what the host's own fields left empty (they win); the lowest MAC, sorted."""
+        if resource is None:
+            return
+        dns = self.facts.get("dns")
+        if dns and not resource.fqdn and not resource.hostname:
+            if "." in dns:
+                resource.fqdn = dns
+            else:
+                resource.hostname = dns
+        if self.facts.get("netbios") and not resource.netbios:
+            resource.netbios = self.facts["netbios"]
+        if self.facts.get("os") and not resource.os:
+            resource.os = self.facts["os"]
+        if self.macs and not resource.mac:
+            resource.mac = sorted(self.macs)[0]
+        if resource.name is None or resource.name in resource.ipv4 + resource.ipv6:
+            resource.name = resource.fqdn or resource.hostname or resource.netbios or resource.name
+
+
+def fact_value(facts: list[tuple[str, str]]) -> str | None:
+    """An identity observation's value: its facts, names first, then the MACs sorted."""
+    names = [value for kind, value in facts if kind != "mac"]
+    macs = sorted({value for kind, value in facts if kind == "mac"})
+    return ", ".join(dict.fromkeys(names + macs))[:500] or None
+
+
+def network_name(value: str | None) -> str | None:
+    """A Qualys network (id or name) as a network scope; the Global Default Network is none."""
+    value = value_or_none(value)
+    if value is None or value == "0" or value.lower() == "global default network":
+        return None
+    return value

@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from connectors.base import parse_time, severity_from_cvss, severity_from_word
-from connectors.model import SEVERITIES, SEVERITY_RANK, FindingRecord, Record, ResourceRef
+from connectors.model import SEVERITIES, SEVERITY_RANK, FindingRecord, Observation, Record, ResourceRef
 
 MAX_TEXT = 65536
 NESSUS_SCALE = "nessus 0-4"
@@ -76,16 +76,20 @@ _ZONES = {
 
 
 def merge_repeats(records: Iterable[Record]) -> Iterator[Record]:
-    """Merge consecutive FindingRecords with the same provider_id into one (streaming).
+    """Merge consecutive FindingRecords (or Observations) with the same provider_id into one (streaming).
 
     Nessus reports a plugin twice on one port when it finds two installs, and CSV exports
-    repeat a row per CVE: one record each, with the CVEs, references and evidence of all.
+    repeat a row per CVE or service: one record each, with the CVEs, references and
+    evidence of all.  Repeats that are not next to each other keep their (equal) provider_id
+    and are folded by the merge.
     """
-    pending: FindingRecord | None = None
+    pending: FindingRecord | Observation | None = None
     for record in records:
-        if isinstance(record, FindingRecord):
-            if pending is not None and pending.provider_id == record.provider_id:
-                pending = merge_records(pending, record)
+        if isinstance(record, (FindingRecord, Observation)):
+            if (pending is not None and type(pending) is type(record)
+                    and pending.provider_id == record.provider_id):
+                pending = (merge_records(pending, record) if isinstance(pending, FindingRecord)
+                           else merge_observations(pending, record))
                 continue
             if pending is not None:
                 yield pending
@@ -97,6 +101,18 @@ def merge_repeats(records: Iterable[Record]) -> Iterator[Record]:
         yield record
     if pending is not None:
         yield pending
+
+
+def merge_observations(first: Observation, second: Observation) -> Observation:
+    """One observation holding what two reports of the same provider id say (both outputs)."""
+    if second.evidence and (not first.evidence or second.evidence not in first.evidence):
+        first.evidence = clip("\n\n".join(filter(None, (first.evidence, second.evidence))))
+    if first.value != second.value:
+        first.value = first.value or second.value
+    first.first_seen = _earliest(first.first_seen, second.first_seen)
+    first.last_seen = _latest(first.last_seen, second.last_seen)
+    first.provider_timestamp = _latest(first.provider_timestamp, second.provider_timestamp)
+    return first
 
 
 def merge_records(first: FindingRecord, second: FindingRecord) -> FindingRecord:
@@ -161,7 +177,10 @@ def parse_any_time(value: str | int | float | None) -> datetime | None:
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        return datetime.fromtimestamp(value, tz=UTC) if value > 0 else None
+        try:
+            return datetime.fromtimestamp(value, tz=UTC) if value > 0 else None
+        except (ValueError, OverflowError, OSError):
+            return None
     text = " ".join(value.split())
     if not text or text in ("-1", "0", "N/A"):
         return None
@@ -180,6 +199,20 @@ def parse_any_time(value: str | int | float | None) -> datetime | None:
         return parse_time(text)
     except (ValueError, OverflowError, OSError):
         return None
+
+
+def strict_time(name: str, value: str | int | float | None) -> datetime | None:
+    """A record's date (as ``parse_any_time`` reads it), None when empty; ValueError naming
+    the field when it is there but unreadable: the record is Rejected, not silently undated."""
+    if value is None or isinstance(value, bool):
+        return None
+    text = str(value).strip()
+    if text in ("", "-1", "0", "N/A", "-"):
+        return None
+    parsed = parse_any_time(value if isinstance(value, (int, float)) else text)
+    if parsed is None:
+        raise ValueError(f"{name} is not a date Tenable writes: {text[:64]!r}")
+    return parsed
 
 
 def _zone_offset(zone: str | None) -> float | None:

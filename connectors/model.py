@@ -36,7 +36,7 @@ class ResourceRef(msgspec.Struct, kw_only=True):
     name: str | None = None  # display name
     os: str | None = None  # plain text ("Microsoft Windows Server 2019"), never a list rendered as text
     # Identity evidence beyond the classic identifiers (gateway/merge/resources.py decides):
-    instance_id: str | None = None  # a cloud instance id known apart from the resource id (EC2 i-..., Azure vmId)
+    instance_id: str | None = None  # a cloud instance id apart from the resource id (EC2 i-..., Azure vmId)
     cloud_name: str | None = None  # the cloud resource's `Name` tag: evidence like a hostname
     network: str | None = None  # the scope its IPs are meaningful in: Tenable network_id, Qualys
     #                             network id, cloud VPC id; None = the tenant's default scope

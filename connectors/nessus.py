@@ -34,7 +34,8 @@ Finding, per ReportItem of severity 1-4:
     severity attribute 0-4 -> informational/low/medium/high/critical (scale "nessus 0-4"),
     else risk_factor, else the CVSS score;
     vulnerability_state (Tenable.io exports: Active/New/Resurfaced -> open, Fixed ->
-    fixed; any other state is Rejected), first_found/last_found -> first_seen/last_seen;
+    fixed; any other state is Rejected), first_found/last_found -> first_seen/last_seen
+    (a value that is no date is Rejected);
     without them last_seen is the host's end: HOST_END_TIMESTAMP (epoch), else HOST_END
     (a date like "Thu Jun 22 11:33:59 2017", taken as UTC though Nessus writes the
     scanner's local time there); provider_timestamp is that host end, else last_found.
@@ -54,8 +55,9 @@ Observation, per ReportItem of severity 0 (informational: never a finding):
     "443/tcp www" (service), else the output when it is one short line.
 A ReportItem without a pluginID, or a host without any identifier, gives a Rejected
 record ("ReportHost[2]/ReportItem[5]"); the others still come out.  Nessus reports a
-plugin twice on one port when it finds two installs: consecutive findings with the same
-provider_id are merged into one record (evidence, CVEs and references of both).
+plugin twice on one port when it finds two installs: consecutive findings (or
+observations) with the same provider_id are merged into one record (evidence, CVEs and
+references of both).
 
 The helpers it shares with the other Tenable connectors (severity, dates, identifiers,
 CVSS, provider id) are in ``_tenable``.
@@ -91,6 +93,7 @@ from connectors._tenable import (
     remediation,
     severity_fields,
     split_references,
+    strict_time,
 )
 from connectors.base import ParseOptions, find_cves
 from connectors.model import FindingRecord, FormatError, Observation, Rejected, ResourceRef
@@ -305,8 +308,12 @@ def _item_record(
             provider_id=make_provider_id(host.key, plugin_id, port, protocol),
         )
     host_end = host.time("HOST_END")
-    first_seen = parse_any_time(texts.get("first_found"))
-    last_seen = parse_any_time(texts.get("last_found")) or host_end
+    try:
+        first_seen = strict_time("first_found", texts.get("first_found"))
+        last_seen = strict_time("last_found", texts.get("last_found")) or host_end
+    except ValueError as exc:
+        return Rejected(position=position, reason=str(exc),
+                        provider_id=make_provider_id(host.key, plugin_id, port, protocol))
     title = item.get("pluginName") or texts.get("plugin_name") or f"Nessus plugin {plugin_id}"
     if severity["severity"] == "informational":
         return _observation(item, plugin_id, clip(title.strip()) or f"Nessus plugin {plugin_id}", texts,

@@ -16,7 +16,8 @@ Streamed with ``xmlsafe.iterparse``; each ``VULN`` is freed once read.  Per ``VU
     cvss_vector;
     LAST_SERVICE_MODIFICATION_DATETIME -> provider_timestamp (an older entry never replaces
     a newer stored one).
-A VULN without a QID, or with a bad date, gives a Rejected record ("VULN[7]").
+A VULN without a QID, with a SEVERITY_LEVEL outside 1-5 or with a bad date gives a
+Rejected record ("VULN[7]"); a VULN without SEVERITY_LEVEL has severity None.
 """
 
 from __future__ import annotations
@@ -70,6 +71,10 @@ def to_entry(element: etree._Element, position: str) -> VulnerabilityInfo | Reje
     if not qid:
         return Rejected(position=position, reason="VULN has no QID")
     level = child_text(element, "SEVERITY_LEVEL")
+    severity = qualys_severity(level, child_text(element, "VULN_TYPE"))
+    if level is not None and severity is None:
+        return Rejected(position=position, reason=f"SEVERITY_LEVEL must be 1-5, not {level[:32]!r}",
+                        provider_id=qid)
     score = vector = None
     for block in ("CVSS_V3", "CVSS"):
         score, vector = cvss(child_text(element, f"{block}/BASE"))
@@ -84,7 +89,7 @@ def to_entry(element: etree._Element, position: str) -> VulnerabilityInfo | Reje
     return VulnerabilityInfo(
         vendor_id=qid,
         title=clip(child_text(element, "TITLE")),
-        severity=qualys_severity(level, child_text(element, "VULN_TYPE")),
+        severity=severity,
         severity_original=level,
         cves=find_cves(*(cve.text for cve in element.iterfind("CVE_LIST/CVE/ID"))),
         description=html_to_text(element.findtext("DIAGNOSIS")),

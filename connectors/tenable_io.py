@@ -23,7 +23,7 @@ vulnerability objects; it is streamed item by item with ijson.
     severity_id 0-4 (else the severity word) -> severity, scale "nessus 0-4"
     state OPEN/NEW/ACTIVE/REOPENED/RESURFACED -> open, FIXED -> fixed
     first_found/last_found -> first_seen/last_seen; provider_timestamp = indexed, else
-    last_fixed, else last_found
+    last_fixed, else last_found (a date field that is there but no date: Rejected)
     provider_id = "<asset uuid>|<plugin id>|<port>/<protocol>"
 Severity info (severity_id 0) items are Observations, never findings: plugin.name ->
 name, plugin.id -> vendor_id, output -> evidence ("[REDACTED]" dropped), port.port (0:
@@ -36,6 +36,8 @@ vulndetails) is read too: pluginID, severity.id, ip/dnsName/netbiosName/macAddre
 port/protocol, firstSeen/lastSeen (epoch seconds), cve (comma separated), pluginText's
 <plugin_output>; its records are all open (the cumulative view); product "Tenable.sc"
 on every record (findings and observations); severity 0 items are Observations.
+Consecutive findings (or observations) with the same provider_id are merged into one
+record (``_tenable.merge_repeats``).
 """
 
 from __future__ import annotations
@@ -59,11 +61,11 @@ from connectors._tenable import (
     observation_category,
     observation_value,
     os_text,
-    parse_any_time,
     pick_cvss,
     remediation,
     severity_fields,
     split_references,
+    strict_time,
 )
 from connectors.base import ParseOptions, find_cves
 from connectors.model import FindingRecord, FormatError, Observation, Rejected, ResourceRef
@@ -153,16 +155,20 @@ def _io_record(item: Any, position: str) -> FindingRecord | Rejected:
     severity = severity_fields(item.get("severity_id"), _text(item.get("severity")), score)
     if severity is None:
         return Rejected(position=position, reason="no usable 'severity'", provider_id=provider_id)
-    last_seen = parse_any_time(_text(item.get("last_found")))
-    provider_timestamp = (parse_any_time(_text(item.get("indexed")))
-                          or parse_any_time(_text(item.get("last_fixed"))) or last_seen)
+    try:
+        first_seen = strict_time("'first_found'", _text(item.get("first_found")))
+        last_seen = strict_time("'last_found'", _text(item.get("last_found")))
+        provider_timestamp = (strict_time("'indexed'", _text(item.get("indexed")))
+                              or strict_time("'last_fixed'", _text(item.get("last_fixed"))) or last_seen)
+    except ValueError as exc:
+        return Rejected(position=position, reason=str(exc), provider_id=provider_id)
     scan_info = item.get("scan") if isinstance(item.get("scan"), dict) else {}
     scan = _text(scan_info.get("uuid")) or _text(scan_info.get("schedule_uuid"))
     if severity["severity"] == "informational":
         return _observation(
             provider_id, fields, plugin_id, _text(plugin.get("name")), _text(plugin.get("family")),
             _text(item.get("output")), port, protocol, _text(port_info.get("service")),
-            parse_any_time(_text(item.get("first_found"))), last_seen, provider_timestamp, scan, None,
+            first_seen, last_seen, provider_timestamp, scan, None,
         )
     extra = {
         "port": port,
@@ -186,7 +192,7 @@ def _io_record(item: Any, position: str) -> FindingRecord | Rejected:
         status=TENABLE_STATES[state],
         description=clip(_text(plugin.get("description")) or _text(plugin.get("synopsis"))),
         remediation=remediation(_text(plugin.get("solution"))),
-        first_seen=parse_any_time(_text(item.get("first_found"))),
+        first_seen=first_seen,
         last_seen=last_seen,
         provider_timestamp=provider_timestamp,
         cvss_score=score,
@@ -278,12 +284,16 @@ def _sc_record(item: Any, position: str) -> FindingRecord | Rejected:
     output = _PLUGIN_OUTPUT.search(text)
     family = item.get("family") if isinstance(item.get("family"), dict) else {}
     repository = item.get("repository") if isinstance(item.get("repository"), dict) else {}
-    last_seen = parse_any_time(_text(item.get("lastSeen")))
+    try:
+        first_seen = strict_time("'firstSeen'", _text(item.get("firstSeen")))
+        last_seen = strict_time("'lastSeen'", _text(item.get("lastSeen")))
+    except ValueError as exc:
+        return Rejected(position=position, reason=str(exc), provider_id=provider_id)
     if severity["severity"] == "informational":
         return _observation(
             provider_id, fields, plugin_id, _text(item.get("pluginName")), _text(family.get("name")),
             output.group(1) if output else text or None, port, protocol, None,
-            parse_any_time(_text(item.get("firstSeen"))), last_seen, last_seen, None, SC_PRODUCT,
+            first_seen, last_seen, last_seen, None, SC_PRODUCT,
         )
     extra = {
         "port": port,
@@ -299,7 +309,7 @@ def _sc_record(item: Any, position: str) -> FindingRecord | Rejected:
         vendor_id=plugin_id,
         description=clip(_text(item.get("description")) or _text(item.get("synopsis"))),
         remediation=remediation(_text(item.get("solution"))),
-        first_seen=parse_any_time(_text(item.get("firstSeen"))),
+        first_seen=first_seen,
         last_seen=last_seen,
         provider_timestamp=last_seen,
         cvss_score=score,

@@ -3,7 +3,7 @@ from datetime import UTC, datetime
 import pytest
 
 import connectors
-from connectors.model import FindingRecord, FormatError, Rejected
+from connectors.model import FindingRecord, FormatError, Observation, Rejected
 from tests.connectors.conftest import parse_all
 
 SCAN = "qualys_scan_report_csv/"
@@ -231,3 +231,75 @@ def test_vmdr_many_vulns_cve(sample):
     assert sqli.provider_timestamp == datetime(2026, 2, 3, 12, 0, tzinfo=UTC)
     assert records[3].resource.ipv4 == ["192.168.1.100", "192.168.1.101"]
     assert records[3].provider_id == "300000004|800004|/"
+
+
+# -- information gathered, identity, network, scan --------------------------------------
+
+IG_HEADER = ('"IP","Network","DNS","NetBIOS","Host ID","OS","QID","Title","Type","Severity","Port",'
+             '"Protocol","Vuln Status","Results","First Detected","Last Detected"\n')
+
+
+def _ig_row(qid, title, kind="Ig", severity="1", port="", protocol="", results="", ip="10.9.0.4",
+            network="Branch-EU", dns="", host_id="88123"):
+    cells = [ip, network, dns, "", host_id, "Linux 5.4", qid, title, kind, severity, port, protocol,
+             "Active" if kind == "Vuln" else "", results, "05/01/2024 09:00:00", "05/02/2024 09:00:00"]
+    return ",".join('"' + cell.replace('"', '""') + '"' for cell in cells) + "\n"
+
+
+def test_information_gathered_rows_are_observations_with_host_facts():
+    data = (PREAMBLE + IG_HEADER
+            + _ig_row("38739", "Deprecated SSH Cryptographic Settings", kind="Vuln", severity="3",
+                      port="22", protocol="tcp")
+            + _ig_row("6", "DNS Host Name", results="IP address\tHost name\n10.9.0.4\tapp4.corp.example")
+            + _ig_row("43007", "Network Adapter MAC Address",
+                      results="Method\tMAC Address\tVendor\nNBTSTAT\t00:50:56:B2:71:58\tVMWARE")
+            + _ig_row("82044", "NetBIOS Host Name", results="APP4")
+            + _ig_row("82023", "Open TCP Services List", port="443", protocol="tcp", results="443 https")
+            + _ig_row("38739", "Deprecated SSH Cryptographic Settings", kind="Vuln", severity="3",
+                      port="22", protocol="tcp", ip="10.9.0.5", network="Global Default Network",
+                      host_id="")).encode()
+    records = parse_all("qualys_csv", data)
+    assert [type(r).__name__ for r in records] == (
+        ["FindingRecord"] + ["Observation"] * 4 + ["FindingRecord"])
+    finding, dns, mac, netbios, port, other = records
+    for record in records[:5]:  # the fact rows come after the finding: the host was gathered first
+        resource = record.resource
+        assert (resource.fqdn, resource.netbios, resource.mac) == (
+            "app4.corp.example", "APP4", "00:50:56:b2:71:58")
+        assert (resource.host_key, resource.network, resource.os) == ("88123", "Branch-EU", "Linux 5.4")
+        assert record.scan == "scan/1714557600.12345"  # the preamble's scan reference
+    assert finding.provider_id == "10.9.0.4|38739|22/tcp" and finding.severity == "medium"
+    assert (dns.name, dns.category, dns.value, dns.vendor_id) == (
+        "DNS Host Name", "identity", "app4.corp.example", "6")
+    assert dns.provider_id == "10.9.0.4|6|/"
+    assert dns.first_seen == datetime(2024, 5, 1, 7, 0, tzinfo=UTC)  # GMT+0200 of the preamble
+    assert dns.last_seen == dns.provider_timestamp == datetime(2024, 5, 2, 7, 0, tzinfo=UTC)
+    assert (mac.category, mac.value) == ("identity", "00:50:56:b2:71:58")
+    assert (netbios.category, netbios.value) == ("identity", "APP4")
+    assert (port.category, port.value, port.port, port.protocol, port.evidence) == (
+        "port", "443/tcp", 443, "tcp", "443 https")
+    # another host: none of the facts, the default network is no scope, the IP is the host key
+    assert (other.resource.mac, other.resource.fqdn, other.resource.network) == (None, None, None)
+    assert other.resource.host_key == "10.9.0.5"
+
+
+def test_scan_title_when_no_scan_reference():
+    preamble = PREAMBLE.replace('"Scan Results","scan/1714557600.12345"', '"Scan Results"').replace(
+        '"Finished","scan/1714557600.12345"', '"Finished",""')
+    [record] = parse_all("qualys_csv", (preamble + HEADER + _row()).encode())
+    assert record.scan == "Quarterly external scan"
+
+
+def test_vmdr_info_rows_are_observations(sample):
+    header = ('"QID","Title","Severity","Type Detected","Last Detected","First Detected","Protocol","Port",'
+              '"Status","Asset Id","Asset Name","Asset IPV4","Results"\n')
+    rows = ('"45017","Operating System Detected","2","Info","Feb 03, 2026 07:00 AM","Jan 01, 2026 10:00 AM",'
+            '"","","ACTIVE","100000001","WEBSERVER01","10.0.0.10","Operating System\tTechnique\tID\n'
+            'Ubuntu 22.04\tAgent\t-"\n'
+            '"100001","Information Disclosure","1","Confirmed","Feb 03, 2026 07:00 AM",'
+            '"Jan 01, 2026 10:00 AM","TCP","80","ACTIVE","100000001","WEBSERVER01","10.0.0.10","x"\n')
+    observation, finding = parse_all("qualys_csv", (header + rows).encode())
+    assert isinstance(observation, Observation) and isinstance(finding, FindingRecord)
+    assert (observation.category, observation.value) == ("os", "Ubuntu 22.04")
+    assert finding.resource.os == observation.resource.os == "Ubuntu 22.04"
+    assert finding.resource.host_key == "100000001"  # the asset id

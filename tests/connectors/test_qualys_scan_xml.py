@@ -4,7 +4,7 @@ from datetime import UTC, datetime
 import pytest
 
 import connectors
-from connectors.model import FindingRecord, FormatError, Rejected
+from connectors.model import FindingRecord, FormatError, Observation, Rejected
 from connectors.qualys_scan_xml import _Spool
 from tests.connectors.conftest import parse_all
 
@@ -50,14 +50,19 @@ def test_asset_data_report_sample(sample):
     assert connectors.detect(data[:65536]) == "qualys_scan_xml"
     records = parse_all("qualys_scan_xml", data)
     assert len(records) == 301
-    assert all(isinstance(r, FindingRecord) for r in records)
     assert len({r.provider_id for r in records}) == 301
     assert Counter(r.resource.ipv4[0] for r in records) == {
         "64.41.200.243": 21, "64.41.200.244": 24, "64.41.200.245": 20, "64.41.200.247": 42,
         "64.41.200.246": 47, "64.41.200.249": 27, "64.41.200.250": 120}
-    assert Counter(r.extra["qualys_type"] for r in records) == {"Ig": 209, "Vuln": 90, "Practice": 2}
-    # information gathered ("Ig") is informational whatever its glossary level
-    assert {r.severity for r in records if r.extra["qualys_type"] == "Ig"} == {"informational"}
+    # information gathered ("Ig") items are observations, never findings
+    observations = [r for r in records if isinstance(r, Observation)]
+    findings = [r for r in records if isinstance(r, FindingRecord)]
+    assert len(observations) == 209 and len(findings) == 92
+    assert Counter(r.extra["qualys_type"] for r in findings) == {"Vuln": 90, "Practice": 2}
+    assert Counter(r.category for r in observations) == {
+        "other": 129, "identity": 26, "service": 26, "port": 14, "network": 7, "os": 7}
+    assert {r.scan for r in records} == {None}  # the ASSET_DATA_REPORT header names no report
+    assert {r.resource.host_key for r in records} == {r.resource.ipv4[0] for r in records}
     by_id = {r.provider_id: r for r in records}
 
     ssh = by_id["64.41.200.243|38739|22/tcp"]
@@ -97,8 +102,24 @@ def test_asset_data_report_sample(sample):
     assert amd.last_seen == datetime(2021, 4, 19, 2, 35, 28, tzinfo=UTC)
 
     dns = by_id["64.41.200.243|6|/"]
-    assert dns.title == "DNS Host Name" and dns.status == "open"  # no VULN_STATUS on "Ig" rows
-    assert "qualys_status" not in dns.extra
+    assert isinstance(dns, Observation)
+    assert (dns.name, dns.category, dns.value) == ("DNS Host Name", "identity", "demo13.s02.sjc01.qualys.com")
+    assert dns.vendor_id == "6" and dns.evidence.startswith("IP address\tHost name\n64.41.200.243")
+    seen = datetime(2019, 7, 31, 21, 57, 48, tzinfo=UTC)
+    assert dns.first_seen == dns.last_seen == dns.provider_timestamp == seen
+    os_fact = by_id["64.41.200.244|45017|/"]
+    assert (os_fact.category, os_fact.value) == (
+        "os", "Linux 2.4-2.6 / Embedded Device / F5 Networks Big-IP / Linux 2.6")
+    # identity facts of information gathered items reach every record of the host, findings too
+    mac = by_id["64.41.200.247|43007|/"]
+    assert (mac.name, mac.category, mac.value) == (
+        "Network Adapter MAC Address", "identity", "00:50:56:b2:71:56")
+    netbios = by_id["64.41.200.247|82044|/"]
+    assert (netbios.category, netbios.value) == ("identity", "TRN-WIN7")
+    assert bluekeep.resource.mac == "00:50:56:b2:71:56"
+    assert {r.resource.mac for r in records if r.resource.ipv4 == ["64.41.200.247"]} == {"00:50:56:b2:71:56"}
+    assert {r.resource.mac for r in records if r.resource.ipv4 == ["64.41.200.243"]} == {None}
+    assert by_id["64.41.200.243|82023|/"].category == "port"
 
 
 def test_report_host_identifiers_status_and_timestamps():
@@ -196,15 +217,20 @@ def test_legacy_scan_no_registered_hostname(sample):
 def test_legacy_scan_all_categories(sample):
     records = parse_all("qualys_scan_xml", sample(DIR + "qualys_infrascan_webgui_multiple.xml").read_bytes())
     assert len(records) == 24
-    assert all(isinstance(r, FindingRecord) for r in records)
-    types = Counter(r.extra["qualys_type"] for r in records)
-    assert types == {"VULN": 6, "PRACTICE": 2, "INFO": 12, "SERVICE": 4}
+    findings = [r for r in records if isinstance(r, FindingRecord)]
+    observations = [r for r in records if isinstance(r, Observation)]
+    assert Counter(r.extra["qualys_type"] for r in findings) == {"VULN": 6, "PRACTICE": 2}
+    assert len(observations) == 16  # 12 INFO + 4 SERVICE: information gathered
     assert Counter(r.resource.ipv4[0] for r in records) == {"10.1.10.1": 12, "10.2.10.2": 12}
     assert len({r.provider_id for r in records}) == 24
+    assert {r.scan for r in records} == {"scan/1222134912.63524"}  # the SCAN's ref
+    assert {r.resource.host_key for r in records} == {"10.1.10.1", "10.2.10.2"}
     by_id = {r.provider_id: r for r in records}
     iptables = by_id["10.1.10.1|45376|/"]
-    assert iptables.title == "Display IP Tables info on Linux OS"
-    assert iptables.severity == "informational" and iptables.severity_original == "3"  # INFO
+    assert (iptables.name, iptables.category, iptables.value) == (
+        "Display IP Tables info on Linux OS", "other", "some output")
+    assert iptables.last_seen == datetime(2019, 4, 2, 10, 14, 53, tzinfo=UTC)
+    assert (by_id["10.1.10.1|82023|/"].category, by_id["10.1.10.1|42017|/"].category) == ("port", "service")
     practice = by_id["10.2.10.2|124848|/"]
     assert practice.severity == "critical" and practice.cves == ["CVE-2016-0636"]
     assert practice.cvss_score == 8.1
@@ -259,3 +285,54 @@ def test_entities_and_truncation_are_refused():
     host = '<HOST><IP>10.0.0.8</IP><VULN_INFO_LIST>' + _vuln_info("200") + "</VULN_INFO_LIST></HOST>"
     with pytest.raises(FormatError, match="well-formed"):
         parse_all("qualys_scan_xml", _report(host, _details("200"))[:-50])
+
+
+def test_legacy_scan_identity_facts_reach_every_record_of_the_host():
+    body = (b'<?xml version="1.0"?><SCAN value="scan/1714557600.1">'
+            b'<HEADER><KEY value="DATE">2024-05-01T10:00:00Z</KEY><KEY value="TITLE">Weekly</KEY></HEADER>'
+            b'<IP value="10.4.4.4"><VULNS><CAT value="Database" port="5432" protocol="tcp">'
+            b'<VULN number="19001" severity="4"><TITLE>PostgreSQL weak auth</TITLE></VULN></CAT></VULNS>'
+            b'<INFOS><CAT value="Information gathering">'
+            b'<INFO number="6" severity="1"><TITLE>DNS Host Name</TITLE>'
+            b'<RESULT format="table">IP address\tHost name\n10.4.4.4\tdb4.corp.example</RESULT></INFO>'
+            b'<INFO number="43007" severity="1"><TITLE>Network Adapter MAC Address</TITLE>'
+            b'<RESULT format="table">#table cols=3\nMethod\tMAC Address\tVendor\n'
+            b'NBTSTAT\t00:50:56:B2:71:57\tVMWARE\nARP\t00:50:56:A0:00:01\tVMWARE</RESULT></INFO>'
+            b'<INFO number="82044" severity="1"><TITLE>NetBIOS Host Name</TITLE><RESULT>DB4</RESULT></INFO>'
+            b'<INFO number="45017" severity="2"><TITLE>Operating System Detected</TITLE>'
+            b'<RESULT format="table">Operating System\tTechnique\tID\n'
+            b'Linux 5.x\tTCP/IP Fingerprint\tU1</RESULT>'
+            b'</INFO></CAT></INFOS>'
+            b'<SERVICES><CAT value="TCP/IP" port="5432" protocol="tcp"><SERVICE number="82023" severity="1">'
+            b'<TITLE>Open TCP Services List</TITLE><RESULT>5432 postgres</RESULT></SERVICE></CAT></SERVICES>'
+            b'</IP><IP value="10.5.5.5"><VULNS><CAT value="x"><VULN number="1" severity="2"><TITLE>t</TITLE>'
+            b'</VULN></CAT></VULNS></IP></SCAN>')
+    records = parse_all("qualys_scan_xml", body)
+    assert [type(r).__name__ for r in records] == ["FindingRecord"] + ["Observation"] * 5 + ["FindingRecord"]
+    vuln, dns, mac, netbios, os_fact, port, other = records
+    for record in records[:6]:  # the fact items come after the finding: the host was gathered first
+        assert record.resource.fqdn == "db4.corp.example"
+        assert record.resource.mac == "00:50:56:a0:00:01"  # the lowest of the two, sorted
+        assert record.resource.netbios == "DB4" and record.resource.os == "Linux 5.x"
+        assert record.resource.host_key == "10.4.4.4" and record.resource.name == "db4.corp.example"
+        assert record.scan == "scan/1714557600.1"
+    assert (dns.category, dns.value) == ("identity", "db4.corp.example")
+    assert (mac.category, mac.value) == ("identity", "00:50:56:a0:00:01, 00:50:56:b2:71:57")
+    assert (netbios.value, os_fact.category, os_fact.value) == ("DB4", "os", "Linux 5.x")
+    assert (port.category, port.value, port.port, port.protocol) == ("port", "5432/tcp", 5432, "tcp")
+    assert port.provider_id == "10.4.4.4|82023|5432/tcp"
+    assert other.resource.mac is None and other.resource.fqdn is None
+
+
+def test_report_host_id_is_the_host_key_and_header_title_the_scan():
+    host = ("<HOST><IP>10.0.0.9</IP><HOST_ID>12345</HOST_ID><VULN_INFO_LIST>" + _vuln_info("100")
+            + '<VULN_INFO><QID id="qid_82044">82044</QID><TYPE>Ig</TYPE><RESULT>APP9</RESULT></VULN_INFO>'
+            + "</VULN_INFO_LIST></HOST>")
+    body = _report(host, _details("100")).replace(
+        b"<HEADER>", b"<HEADER><TITLE>Monthly report</TITLE>")
+    finding, observation = parse_all("qualys_scan_xml", body)
+    assert finding.resource.host_key == "12345" and finding.resource.netbios == "APP9"
+    assert finding.scan == observation.scan == "Monthly report"
+    # an information gathered item needs no glossary entry: "QID <n>" names it
+    assert (observation.name, observation.category, observation.value) == ("QID 82044", "identity", "APP9")
+    assert observation.provider_timestamp == datetime(2024, 5, 1, 10, tzinfo=UTC)  # the report's time

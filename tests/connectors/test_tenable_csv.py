@@ -7,7 +7,7 @@ import pytest
 
 import connectors
 from connectors.base import ParseOptions
-from connectors.model import FindingRecord, FormatError, Rejected
+from connectors.model import FindingRecord, FormatError, Observation, Rejected
 from tests.connectors.conftest import parse_all
 
 NESSUS_HEADER = [
@@ -87,20 +87,24 @@ def test_many_nessus_default_and_all_columns(sample):
     # 30 rows: plugin 22964 twice in a row on 443/tcp (two services) is one record
     assert len(default) == len(everything) == 29
     assert [r.provider_id for r in default] == [r.provider_id for r in everything]
-    assert Counter(r.severity for r in default) == {"informational": 28, "medium": 1}
+    # Risk "None" rows are observations, never findings
+    assert Counter(type(r).__name__ for r in default) == {"Observation": 28, "FindingRecord": 1}
+    assert {r.product for r in default + everything} == {"Nessus"}  # Plugin ID, Risk, Host
     assert {r.resource.ipv4[0] for r in default} == {"52.208.101.182"}
+    assert {r.resource.host_key for r in default} == {"52.208.101.182"}
     web = default[0]
+    assert isinstance(web, Observation)
     assert web.provider_id == "52.208.101.182|10107|80/tcp"
-    assert web.title == "HTTP Server Type and Version"
-    assert (web.severity, web.severity_original) == ("informational", "None")
+    assert (web.name, web.category, web.vendor_id) == ("HTTP Server Type and Version", "service", "10107")
+    assert (web.port, web.protocol, web.value) == (80, "tcp", "80/tcp")
     assert web.evidence == "The remote web server type is :\n\nCowboy"
-    assert web.remediation is None  # "n/a"
     tls = next(r for r in default if r.provider_id == "52.208.101.182|22964|443/tcp")
     assert tls.evidence == (
         "A TLSv1 server answered on this port.\n\nA web server is running on this port through TLSv1."
     )
+    assert tls.category == "service"
     weak_hash = next(r for r in default if r.vendor_id == "95631")
-    assert weak_hash.cves == ["CVE-2004-2761"]
+    assert isinstance(weak_hash, Observation)  # Risk "None" though it names CVE-2004-2761
     csp = next(r for r in everything if r.vendor_id == "104743")
     assert (csp.severity, csp.cvss_score) == ("medium", 6.5)  # the v3 column wins when present
     assert next(r for r in default if r.vendor_id == "104743").cvss_score == 6.1
@@ -267,3 +271,122 @@ def test_large_cells_and_open_stream():
     [record] = connectors.get("tenable_csv").parse(stream, ParseOptions())
     assert len(record.evidence) == 65536
     assert not stream.closed
+
+
+# ---- products, observations, Tenable VM's dotted semicolon export -------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "product"),
+    [
+        ("nessus-template.csv", "Nessus"), ("nessus_many_vuln2-all.csv", "Nessus"),
+        ("tenable_many_vuln.csv", "Tenable.io"), ("issue_11102.csv", "Tenable.sc"),
+        ("issue_9612.csv", "Tenable.sc"), ("nessus_many_vuln.csv", "Tenable.sc"),
+        ("tenable_vm_export.csv", "Tenable.io"),
+    ],
+)
+def test_product_from_the_column_set(sample, name, product):
+    assert {r.product for r in _records(sample(f"tenable_csv/{name}"))} == {product}
+
+
+def test_product_unknown_when_the_columns_do_not_tell():
+    header = [h for h in NESSUS_HEADER if h != "Risk"] + ["Severity"]
+    [record] = parse_all("tenable_csv", _csv(ROW, header=header))
+    assert record.product is None  # the connector's PRODUCT "Tenable" applies
+
+
+def test_info_rows_are_observations():
+    info = dict(ROW, **{"Plugin ID": "11219", "Risk": "None", "CVE": "", "CVSS": "", "Port": "443",
+                        "Name": "Nessus SYN scanner", "Plugin Output": "Port 443/tcp was found to be open"})
+    sc_info = {"Plugin": "19506", "Plugin Name": "Nessus Scan Information", "Family": "Settings",
+               "Severity": "Info", "IP Address": "10.0.0.9", "Port": "0", "Protocol": "TCP"}
+    [observation] = parse_all("tenable_csv", _csv(info))
+    assert isinstance(observation, Observation)
+    assert observation.provider_id == "192.168.0.100|11219|443/tcp"
+    assert (observation.name, observation.category, observation.value) == (
+        "Nessus SYN scanner", "port", "443/tcp")
+    assert (observation.port, observation.protocol, observation.vendor_id) == (443, "tcp", "11219")
+    assert observation.evidence == "Port 443/tcp was found to be open"
+    header = ["Plugin", "Plugin Name", "Family", "Severity", "IP Address", "Port", "Protocol"]
+    [sc] = parse_all("tenable_csv", _csv(sc_info, header=header))
+    assert isinstance(sc, Observation) and sc.product == "Tenable.sc"
+    assert (sc.name, sc.port, sc.protocol) == ("Nessus Scan Information", None, None)
+
+
+def test_tenable_vm_dotted_semicolon_export(sample):
+    data = sample("tenable_csv/tenable_vm_export.csv").read_bytes()
+    assert connectors.detect(data[:65536]) == "tenable_csv"
+    records = parse_all("tenable_csv", data)
+    web_uuid, db_uuid = "6f1c0f86-3b55-4f0e-9a43-2d8e6f4b1c21", "0b5a1d8e-9f2c-4d3e-8a7b-6c5d4e3f2a1b"
+    assert [(type(r).__name__, r.provider_id) for r in records] == [
+        ("FindingRecord", f"{web_uuid}|42873|443/tcp"),
+        ("Observation", f"{web_uuid}|19506|0/tcp"),
+        ("FindingRecord", f"{web_uuid}|42873|8443/tcp"),
+        ("Observation", f"{web_uuid}|11219|443/tcp"),
+        # the same plugin on the same asset and port, rows apart: the same provider_id (the merge folds)
+        ("FindingRecord", f"{web_uuid}|42873|443/tcp"),
+        ("FindingRecord", f"{db_uuid}|156032|0/tcp"),
+        ("FindingRecord", f"{db_uuid}|97833|445/tcp"),
+    ]
+    assert {r.product for r in records} == {"Tenable.io"}
+    sweet32, info, _, syn, again, log4j, smb = records
+    assert sweet32.title == "SSL Medium Strength Cipher Suites Supported (SWEET32)"
+    assert sweet32.vendor_id == "42873"
+    assert (sweet32.severity, sweet32.severity_original, sweet32.severity_scale) == (
+        "high", "High", "tenable risk factor")
+    assert (sweet32.cvss_score, sweet32.cvss_vector) == (7.5, "CVSS:3.0/AV:N/AC:L/PR:N/UI:N/S:U/C:H/I:N/A:N")
+    assert sweet32.cves == ["CVE-2016-2183"]
+    assert sweet32.status == "open"  # ACTIVE
+    assert sweet32.first_seen == datetime(2024, 3, 1, 10, 0, tzinfo=UTC)
+    seen = datetime(2024, 5, 2, 8, 15, 30, 123000, tzinfo=UTC)
+    assert sweet32.last_seen == sweet32.provider_timestamp == seen
+    assert sweet32.remediation.startswith("Reconfigure the affected application")
+    assert sweet32.description.startswith("The remote host supports the use of SSL ciphers")
+    assert sweet32.evidence.endswith("DES-CBC3-SHA ; 0x00, 0x0A ; RSA")  # semicolons inside a quoted cell
+    assert sweet32.extra == {"port": "443", "protocol": "tcp", "plugin_family": "General", "vpr_score": "5.1"}
+    web = sweet32.resource
+    assert (web.agent_id, web.host_key) == (web_uuid, web_uuid)
+    assert (web.fqdn, web.hostname, web.name) == ("web-01.corp.example", "web-01", "web-01")
+    assert (web.ipv4, web.mac, web.os) == (["10.20.0.11"], "00:50:56:a6:60:bc", "Ubuntu 22.04")
+    assert web.network is None  # the all-zero default network is no scope
+    assert again.status == "open" and again.last_seen == datetime(2024, 5, 3, 9, tzinfo=UTC)  # RESURFACED
+    assert again.evidence.endswith("EDH-RSA-DES-CBC3-SHA ; 0x00, 0x16 ; DH")
+    assert (info.name, info.category, info.port, info.evidence) == (
+        "Nessus Scan Information", "other", None, "Nessus version : 10.7.2\nScan type : Normal")
+    assert (syn.category, syn.value, syn.port, syn.protocol) == ("port", "443/tcp", 443, "tcp")
+    assert log4j.status == "fixed" and log4j.severity == "critical"  # FIXED
+    assert log4j.cves == ["CVE-2021-44228", "CVE-2021-45046"]
+    assert (log4j.cvss_score, log4j.cvss_vector) == (10.0, "CVSS:3.0/AV:N/AC:L/PR:N/UI:N/S:U/C:H/I:H/A:H")
+    db = log4j.resource
+    assert (db.agent_id, db.host_key, db.hostname, db.fqdn) == (db_uuid, db_uuid, "db-02", None)
+    assert db.network == "5f0a3c1e-7b2d-4c8e-9f1a-2b3c4d5e6f70"
+    assert db.os == "Microsoft Windows Server 2019" and db.mac is None
+    assert smb.status == "open" and smb.evidence is None  # NEW
+    assert smb.cves == ["CVE-2017-0143", "CVE-2017-0144", "CVE-2017-0145"]
+
+
+def test_same_plugin_asset_and_port_keep_one_provider_id_across_the_file():
+    """Rows of one (host, plugin, port) apart from each other: equal ids, each with its output."""
+    first = dict(ROW, **{"Plugin Output": "first install"})
+    other = dict(ROW, **{"Plugin ID": "11213", "Name": "HTTP TRACE", "CVE": ""})
+    second = dict(ROW, **{"Plugin Output": "second install"})
+    records = parse_all("tenable_csv", _csv(first, other, second))
+    assert [r.provider_id for r in records] == [
+        "192.168.0.100|187315|22/tcp", "192.168.0.100|11213|22/tcp", "192.168.0.100|187315|22/tcp"]
+    assert [records[0].evidence, records[2].evidence] == ["first install", "second install"]
+
+
+def test_semicolon_header_is_sniffed_even_with_commas_in_cells():
+    header = ["asset.id", "asset.display_ipv4_address", "definition.id", "definition.name", "severity",
+              "state", "port", "protocol", "output"]
+    row = {"asset.id": "11111111-2222-3333-4444-555555555555", "asset.display_ipv4_address": "10.1.1.1",
+           "definition.id": "10863", "definition.name": "SSL Certificate Information", "severity": "Info",
+           "state": "ACTIVE", "port": "443", "protocol": "TCP", "output": "a, b, c, d, e, f, g, h"}
+    out = io.StringIO()
+    writer = csv.writer(out, delimiter=";")
+    writer.writerow(header)
+    writer.writerow([row[name] for name in header])
+    [record] = parse_all("tenable_csv", out.getvalue().encode())
+    assert isinstance(record, Observation)
+    assert record.provider_id == "11111111-2222-3333-4444-555555555555|10863|443/tcp"
+    assert record.evidence == "a, b, c, d, e, f, g, h"
