@@ -18,10 +18,16 @@ from tests.conftest import PG_ADMIN
 
 
 def push(gw, tenant, headers, body, format):
-    response = gw.http.post(f"/api/v1/tenants/{tenant}/batches?format={format}", data=body,
-                            headers=headers | {"Content-Type": "application/xml"})
+    response = gw.http.post(
+        f"/api/v1/tenants/{tenant}/batches?format={format}",
+        data=body,
+        headers=headers | {"Content-Type": "application/xml"},
+    )
     assert response.status_code == 202, response.get_json()
-    return gw.http.get(f"/api/v1/tenants/{tenant}/batches/{response.get_json()['id']}", headers=headers).get_json()
+    return gw.http.get(
+        f"/api/v1/tenants/{tenant}/batches/{response.get_json()['id']}", headers=headers
+    ).get_json()
+
 
 FIXTURE = Path(__file__).parent / "fixtures" / "nessus_v2_xml" / "identity_facts_late.nessus"
 
@@ -36,7 +42,9 @@ def test_a_nessus_file_with_severity_0_items_yields_observations_and_identifiers
     assert batch["counts"]["observations"] == informational
     with gw.db.sessions() as session:
         # no informational item became a finding
-        assert not session.scalars(select(FindingSource).where(FindingSource.severity == "informational")).all()
+        assert not session.scalars(
+            select(FindingSource).where(FindingSource.severity == "informational")
+        ).all()
         assert session.scalar(select(Finding.id).limit(1)) is not None  # the real vulnerabilities did
         observations = session.scalars(select(Observation)).all()
         assert len(observations) == informational
@@ -45,8 +53,12 @@ def test_a_nessus_file_with_severity_0_items_yields_observations_and_identifiers
         assert by_plugin["11936"].category == "os"
         # the FQDN only plugin 12053 gave (the host's tags name none) is an identifier of the resource
         resource_id = by_plugin["12053"].resource_id
-        idents = {(i.kind, i.value) for i in session.scalars(
-            select(ResourceIdentifier).where(ResourceIdentifier.resource_id == resource_id))}
+        idents = {
+            (i.kind, i.value)
+            for i in session.scalars(
+                select(ResourceIdentifier).where(ResourceIdentifier.resource_id == resource_id)
+            )
+        }
         assert ("fqdn", "db-1.corp.example.com") in idents
         assert ("ipv4", "10.20.30.40") in idents
     # the read API serves them under the resource, filterable
@@ -70,40 +82,120 @@ def _seed(url: str) -> None:
     engine = make_engine(url)
     try:
         with engine.begin() as conn:
+
             def insert(table: str, **values) -> int:
                 columns = ", ".join(f'"{name}"' for name in values)
                 marks = ", ".join(f":{name}" for name in values)
-                return conn.execute(text(f"INSERT INTO {table} ({columns}) VALUES ({marks}) RETURNING id"),
-                                    values).scalar_one()
+                return conn.execute(
+                    text(f"INSERT INTO {table} ({columns}) VALUES ({marks}) RETURNING id"), values
+                ).scalar_one()
 
             tenant = insert("tenants", external_id="t-0006", name="t", created_at=T0)
-            resource = insert("resources", tenant_id=tenant, kind="host", name="db-1", created_at=T0, updated_at=T0,
-                              tags="[]")
-            for kind, value in (("fqdn", "db-1.example.com"), ("agent_id", "abc"), ("ip_only", "10.0.0.5"),
-                                ("ipv4", "10.0.0.5")):
-                conn.execute(text("INSERT INTO resource_identifiers (tenant_id, kind, value, resource_id) "
-                                  "VALUES (:t, :k, :v, :r)"), {"t": tenant, "k": kind, "v": value, "r": resource})
-            type_id = insert("recommendation_types", tenant_id=tenant, key="vulnerability-assessment",
-                             title="Vulnerabilities", kind="vulnerability", severity="high", categories="[]")
-            common = {"tenant_id": tenant, "resource_id": resource, "recommendation_type_id": type_id,
-                      "kind": "vulnerability", "state_changed_at": T0, "created_at": T0, "updated_at": T0,
-                      "comments": "[]", "tags": "[]"}
-            info = insert("findings", correlation_key="Tenable/19506", title="Nessus Scan Information",
-                          severity="informational", state="new", **common)
-            real = insert("findings", correlation_key="CVE-2024-3094", cve="CVE-2024-3094", title="xz backdoor",
-                          severity="critical", state="resolved", **common)
-            source = {"tenant_id": tenant, "resource_id": resource, "provider": "Tenable", "state": "open",
-                      "provider_timestamp": T0, "content_hash": "x", "references": "[]", "created_at": T0,
-                      "updated_at": T0}
-            insert("finding_sources", finding_id=info, provider_id="h|19506|0", correlation_key="Tenable/19506",
-                   vendor_id="19506", title="Nessus Scan Information", severity="informational",
-                   evidence="Nessus version : 10.7", **source)
-            insert("finding_sources", finding_id=real, provider_id="h|1|0", correlation_key="CVE-2024-3094",
-                   vendor_id="1", title="xz backdoor", severity="critical", **(source | {"state": "fixed"}))
+            resource = insert(
+                "resources",
+                tenant_id=tenant,
+                kind="host",
+                name="db-1",
+                created_at=T0,
+                updated_at=T0,
+                tags="[]",
+            )
+            for kind, value in (
+                ("fqdn", "db-1.example.com"),
+                ("agent_id", "abc"),
+                ("ip_only", "10.0.0.5"),
+                ("ipv4", "10.0.0.5"),
+            ):
+                conn.execute(
+                    text(
+                        "INSERT INTO resource_identifiers (tenant_id, kind, value, resource_id) "
+                        "VALUES (:t, :k, :v, :r)"
+                    ),
+                    {"t": tenant, "k": kind, "v": value, "r": resource},
+                )
+            type_id = insert(
+                "recommendation_types",
+                tenant_id=tenant,
+                key="vulnerability-assessment",
+                title="Vulnerabilities",
+                kind="vulnerability",
+                severity="high",
+                categories="[]",
+            )
+            common = {
+                "tenant_id": tenant,
+                "resource_id": resource,
+                "recommendation_type_id": type_id,
+                "kind": "vulnerability",
+                "state_changed_at": T0,
+                "created_at": T0,
+                "updated_at": T0,
+                "comments": "[]",
+                "tags": "[]",
+            }
+            info = insert(
+                "findings",
+                correlation_key="Tenable/19506",
+                title="Nessus Scan Information",
+                severity="informational",
+                state="new",
+                **common,
+            )
+            real = insert(
+                "findings",
+                correlation_key="CVE-2024-3094",
+                cve="CVE-2024-3094",
+                title="xz backdoor",
+                severity="critical",
+                state="resolved",
+                **common,
+            )
+            source = {
+                "tenant_id": tenant,
+                "resource_id": resource,
+                "provider": "Tenable",
+                "state": "open",
+                "provider_timestamp": T0,
+                "content_hash": "x",
+                "references": "[]",
+                "created_at": T0,
+                "updated_at": T0,
+            }
+            insert(
+                "finding_sources",
+                finding_id=info,
+                provider_id="h|19506|0",
+                correlation_key="Tenable/19506",
+                vendor_id="19506",
+                title="Nessus Scan Information",
+                severity="informational",
+                evidence="Nessus version : 10.7",
+                **source,
+            )
+            insert(
+                "finding_sources",
+                finding_id=real,
+                provider_id="h|1|0",
+                correlation_key="CVE-2024-3094",
+                vendor_id="1",
+                title="xz backdoor",
+                severity="critical",
+                **(source | {"state": "fixed"}),
+            )
             # Unhealthy only because of the informational finding
-            insert("recommendations", tenant_id=tenant, resource_id=resource, type_id=type_id, status="Unhealthy",
-                   severity="informational", first_evaluated=T0, status_changed_at=T0, updated_at=T0,
-                   comments="[]", tags="[]")
+            insert(
+                "recommendations",
+                tenant_id=tenant,
+                resource_id=resource,
+                type_id=type_id,
+                status="Unhealthy",
+                severity="informational",
+                first_evaluated=T0,
+                status_changed_at=T0,
+                updated_at=T0,
+                comments="[]",
+                tags="[]",
+            )
     finally:
         engine.dispose()
 
@@ -117,13 +209,19 @@ def _check_0006(url: str) -> None:
         with engine.connect() as conn:
             keys = [row[0] for row in conn.execute(text("SELECT correlation_key FROM findings ORDER BY id"))]
             assert keys == ["CVE-2024-3094"]
-            [(name, evidence, vendor)] = conn.execute(text("SELECT name, evidence, vendor_id FROM observations")).all()
+            [(name, evidence, vendor)] = conn.execute(
+                text("SELECT name, evidence, vendor_id FROM observations")
+            ).all()
             assert (name, evidence, vendor) == ("Nessus Scan Information", "Nessus version : 10.7", "19506")
             assert conn.execute(text("SELECT count(*) FROM finding_sources")).scalar_one() == 1
             assert conn.execute(text("SELECT status FROM recommendations")).scalar_one() == "Healthy"
             idents = set(conn.execute(text("SELECT kind, value FROM resource_identifiers")).all())
-            assert idents == {("fqdn", "db-1.example.com"), ("agent_id", "tenable:abc"), ("ipv4", "10.0.0.5"),
-                              ("name", "db-1")}
+            assert idents == {
+                ("fqdn", "db-1.example.com"),
+                ("agent_id", "tenable:abc"),
+                ("ipv4", "10.0.0.5"),
+                ("name", "db-1"),
+            }
     finally:
         engine.dispose()
     upgrade(url)

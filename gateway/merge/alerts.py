@@ -44,7 +44,7 @@ class AlertMerger:
                 conn, self.tenant_id, [records[i].resource for i in with_resource],
                 [records[i].last_modified or records[i].created for i in with_resource],
                 provider=self.provider, batch_id=self.batch_id, allow_merge=False).ids
-            resource_ids = dict(zip(with_resource, resolved))
+            resource_ids = dict(zip(with_resource, resolved, strict=True))
         rows: dict[str, dict] = {}
         for index, record in enumerate(records):
             row = {

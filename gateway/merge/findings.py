@@ -160,10 +160,16 @@ class FindingMerger:
         resolution = resource_identity.resolve_committed(
             self.conn, self.tenant_id, refs, seen, provider=self.provider, product=product or self.product,
             batch_id=self.batch_id, allow_merge=allow_merge, on_main=self.resolve_on_main)
-        if resolution.merges:
+        if resolution.merges or resolution.detach:
             self.resolve_on_main = True  # the tenant's resolver lock is held by this transaction now
             for loser, survivor in resolution.merges:
                 self.merge_resources(loser, survivor, evidence="identifiers of a later record")
+            if resolution.detach:
+                from gateway.merge.combine import split_resource
+
+                for resource_id, source_id in resolution.detach:
+                    split_resource(self, resource_id, [source_id], actor="identity resolution",
+                                   reevaluate=False)
         return resolution.ids
 
     def merge_resources(self, loser: int, survivor: int, evidence: str, actor: str | None = None) -> None:
@@ -176,7 +182,7 @@ class FindingMerger:
         """Merge a chunk of records (already validated by the connector), and the chunk's observations."""
         if not records and not observations:
             return
-        conn, now = self.conn, utcnow()
+        now = utcnow()
         refs = [r.resource for r in records] + [o.resource for o in observations]
         seen = [r.last_seen or r.provider_timestamp or r.first_seen for r in records] + \
                [o.last_seen or o.provider_timestamp or o.first_seen for o in observations]

@@ -18,37 +18,69 @@ from gateway.merge.sql import in_values, insert_for, is_postgres, update_rows
 from gateway.models import Observation
 
 observations_t = Observation.__table__
-FIELDS = ("resource_id", "product", "vendor_id", "category", "name", "value", "port", "protocol", "service",
-          "evidence", "scan", "host_key", "first_seen", "last_seen", "provider_timestamp")
+FIELDS = (
+    "resource_id",
+    "product",
+    "vendor_id",
+    "category",
+    "name",
+    "value",
+    "port",
+    "protocol",
+    "service",
+    "evidence",
+    "scan",
+    "host_key",
+    "first_seen",
+    "last_seen",
+    "provider_timestamp",
+)
 
 
-def merge_observations(merger, records: Sequence[ObservationRecord], resource_ids: Sequence[int],
-                       now: datetime) -> None:
+def merge_observations(
+    merger, records: Sequence[ObservationRecord], resource_ids: Sequence[int], now: datetime
+) -> None:
     conn, tenant = merger.conn, merger.tenant_id
     rows: dict[str, dict] = {}
-    for record, resource_id in zip(records, resource_ids):
+    for record, resource_id in zip(records, resource_ids, strict=True):
         row = {
-            "resource_id": resource_id, "product": record.product or merger.product,
-            "provider_id": record.provider_id[:512], "vendor_id": (record.vendor_id or None) and record.vendor_id[:100],
-            "category": (record.category or "other")[:30], "name": record.name or record.vendor_id or "observation",
-            "value": record.value, "port": record.port, "protocol": (record.protocol or None) and record.protocol[:20],
-            "service": (record.service or None) and record.service[:100], "evidence": record.evidence,
+            "resource_id": resource_id,
+            "product": record.product or merger.product,
+            "provider_id": record.provider_id[:512],
+            "vendor_id": (record.vendor_id or None) and record.vendor_id[:100],
+            "category": (record.category or "other")[:30],
+            "name": record.name or record.vendor_id or "observation",
+            "value": record.value,
+            "port": record.port,
+            "protocol": (record.protocol or None) and record.protocol[:20],
+            "service": (record.service or None) and record.service[:100],
+            "evidence": record.evidence,
             "scan": (record.scan or None) and record.scan[:500],
             "host_key": (record.resource.host_key or None) and record.resource.host_key[:500],
-            "first_seen": record.first_seen, "last_seen": record.last_seen,
+            "first_seen": record.first_seen,
+            "last_seen": record.last_seen,
             "provider_timestamp": record.provider_timestamp or record.last_seen or merger.received_at,
         }
         previous = rows.get(row["provider_id"])
         if previous is not None:  # repeated in one push: one observation, both outputs kept
             if row["evidence"] and row["evidence"] not in (previous["evidence"] or ""):
-                previous["evidence"] = f"{previous['evidence']}\n\n{row['evidence']}" if previous["evidence"] \
+                previous["evidence"] = (
+                    f"{previous['evidence']}\n\n{row['evidence']}"
+                    if previous["evidence"]
                     else row["evidence"]
+                )
             continue
         rows[row["provider_id"]] = row
-    query = select(observations_t.c.id, observations_t.c.provider_id, observations_t.c.provider_timestamp,
-                   *[observations_t.c[name] for name in FIELDS if name != "provider_timestamp"]).where(
-        observations_t.c.tenant_id == tenant, observations_t.c.provider == merger.provider,
-        in_values(conn, observations_t.c.provider_id, sorted(rows)))
+    query = select(
+        observations_t.c.id,
+        observations_t.c.provider_id,
+        observations_t.c.provider_timestamp,
+        *[observations_t.c[name] for name in FIELDS if name != "provider_timestamp"],
+    ).where(
+        observations_t.c.tenant_id == tenant,
+        observations_t.c.provider == merger.provider,
+        in_values(conn, observations_t.c.provider_id, sorted(rows)),
+    )
     if is_postgres(conn):
         query = query.with_for_update()
     existing = {row.provider_id: row for row in conn.execute(query)}
@@ -56,8 +88,16 @@ def merge_observations(merger, records: Sequence[ObservationRecord], resource_id
     for provider_id, row in rows.items():
         old = existing.get(provider_id)
         if old is None:
-            inserts.append(row | {"tenant_id": tenant, "provider": merger.provider, "batch_id": merger.batch_id,
-                                  "created_at": now, "updated_at": now})
+            inserts.append(
+                row
+                | {
+                    "tenant_id": tenant,
+                    "provider": merger.provider,
+                    "batch_id": merger.batch_id,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+            )
             continue
         stored_ts = old.provider_timestamp
         if stored_ts is not None and stored_ts.tzinfo is None:
@@ -68,14 +108,22 @@ def merge_observations(merger, records: Sequence[ObservationRecord], resource_id
             merger.counts["stale"] += 1
             continue
         change = {"id": old.id, "batch_id": merger.batch_id}
-        if any(getattr(old, name) != row[name] for name in FIELDS if name not in ("first_seen", "provider_timestamp")):
+        if any(
+            getattr(old, name) != row[name]
+            for name in FIELDS
+            if name not in ("first_seen", "provider_timestamp")
+        ):
             change |= {name: row[name] for name in FIELDS if name != "first_seen"} | {"updated_at": now}
         else:
             change |= {"last_seen": row["last_seen"], "provider_timestamp": row["provider_timestamp"]}
         changes.append(change)
     if inserts:
-        conn.execute(insert_for(conn, observations_t).on_conflict_do_nothing(
-            index_elements=["tenant_id", "provider", "provider_id"]), inserts)
+        conn.execute(
+            insert_for(conn, observations_t).on_conflict_do_nothing(
+                index_elements=["tenant_id", "provider", "provider_id"]
+            ),
+            inserts,
+        )
     by_shape: dict[tuple, list[dict]] = {}
     for change in changes:
         by_shape.setdefault(tuple(sorted(change)), []).append(change)
@@ -90,8 +138,12 @@ def remove_unreported(merger) -> int:
     scope = sorted(merger.scope | merger.observed_resources)
     removed = 0
     for start in range(0, len(scope), 5000):
-        removed += merger.conn.execute(observations_t.delete().where(
-            observations_t.c.tenant_id == merger.tenant_id, observations_t.c.provider == merger.provider,
-            in_values(merger.conn, observations_t.c.resource_id, scope[start : start + 5000]),
-            observations_t.c.batch_id.is_distinct_from(merger.batch_id))).rowcount
+        removed += merger.conn.execute(
+            observations_t.delete().where(
+                observations_t.c.tenant_id == merger.tenant_id,
+                observations_t.c.provider == merger.provider,
+                in_values(merger.conn, observations_t.c.resource_id, scope[start : start + 5000]),
+                observations_t.c.batch_id.is_distinct_from(merger.batch_id),
+            )
+        ).rowcount
     return removed

@@ -17,14 +17,28 @@ scope**: the record's network (Tenable network, Qualys network, cloud VPC) for p
 addresses, the tenant's default scope when the record names none; public addresses are
 tenant-wide.  Stored, a scoped IP reads ``10.0.0.5%vpc-0abc`` (the notation of IPv6 zones).
 
-| # | evidence shared with a candidate | decision |
-|---|---|---|
-| 1 | a cloud resource id, a cloud instance id, an agent/asset id (same vendor), or an FQDN | same resource |
-| 2 | a short name, and a MAC | same resource |
-| 3 | a short name, and an IP in the same scope (or one side in the tenant default scope) | same resource |
-| 4 | a MAC, and an IP in the same scope | same resource |
-| 5 | an IP in the same scope, when the record carries nothing but IPs/MACs, or the candidate holds nothing but IPs/MACs, and the candidate is the only resource holding that IP in that scope | same resource |
-| - | a short name alone, a MAC alone, an IP held by several resources or in another scope | nothing |
+| # | evidence shared with a candidate                                   | decision      |
+|---|--------------------------------------------------------------------|---------------|
+| 1 | a cloud resource id, a cloud instance id, an agent/asset id of the  | same resource |
+|   | same vendor, or an FQDN                                            |               |
+| 2 | a short name, and a MAC                                            | same resource |
+| 3 | a short name, and an IP (in any scope: scanners' network ids cannot | same resource |
+|   | be compared across vendors, and name + address together is strong) |               |
+| 4 | a MAC, and an IP in the same scope                                 | same resource |
+| 5 | a *current* IP in the same scope, when the record or the candidate  | same resource |
+|   | carries nothing but addresses, and no other resource holds that IP  |               |
+|   | there currently                                                    |               |
+| 6 | the candidate already holds this provider's host record (same host  | same resource |
+|   | key) and nothing conflicts                                         |               |
+| - | a short name alone, a MAC alone, an IP held by several resources,   | nothing       |
+|   | or in another scope, or left behind                                |               |
+
+An address is **left behind** (no evidence for rule 5) when a host record of the same
+machine (sharing a MAC or a short name) seen more than ``STALE_AFTER`` later reports other
+addresses and not this one, and no recent host record still reports it: the DHCP case,
+where yesterday's address of one machine is today's address of another.  A record's own
+addresses are left behind likewise when the machine its other evidence names was seen
+later elsewhere (an older scan pushed after a newer one).
 
 **Conflicts forbid a merge** whatever else agrees: the record and the candidate both have
 identifiers of one of these kinds and none in common: cloud resource id, cloud instance
@@ -41,9 +55,20 @@ old id keeps its row with ``merged_into``).  When candidates conflict with each 
 record goes to the best match (lowest rule number, then the resource that already holds
 this provider's host record, then the oldest) and the others stay apart.
 
+**Order.**  Within a chunk the host records that say most are decided first (strong
+identifiers, then names, then MACs, then bare addresses), so an IP-only record meets the
+chunk's named hosts whatever the file's order.  A resource's display name, OS and kind are
+computed from everything known of it (``best_name``, ``better_os``, ``better_kind``), its
+first and last seen span every sighting: the store reads the same whichever push came first.
+An IP-only record decided before the named record that shows its address was left behind
+(an earlier chunk or batch) may have joined the machine that left it: when the named record
+arrives, such address-only host records are split off again (``Resolution.detach``, a
+``split`` event by "identity resolution", and a separation so the address does not join
+them again).
+
 Everything is set-based per chunk: one lookup of the chunk's identifiers, one read of the
-candidates' identifiers, then in-memory decisions over the chunk's distinct host records
-(a push names the same few hosts thousands of times), then bulk inserts.
+candidates' identifiers and host records, then in-memory decisions over the chunk's distinct
+host records (a push names the same few hosts thousands of times), then bulk inserts.
 """
 
 from __future__ import annotations
@@ -74,9 +99,25 @@ NAME, MAC = "name", "mac"
 IPS = ("ipv4", "ipv6")
 KINDS = STRONG + ("hostname", "netbios", "cloud_name", NAME, MAC) + IPS
 MATCH_KINDS = STRONG + (NAME, MAC) + IPS  # the kinds looked up to find candidates
-PLACEHOLDER_NAMES = frozenset({
-    "localhost", "localhost.localdomain", "localdomain", "unknown", "none", "null", "n/a", "na", "-",
-    "default", "host", "computer", "ubuntu", "debian", "amnesiac"})
+PLACEHOLDER_NAMES = frozenset(
+    {
+        "localhost",
+        "localhost.localdomain",
+        "localdomain",
+        "unknown",
+        "none",
+        "null",
+        "n/a",
+        "na",
+        "-",
+        "default",
+        "host",
+        "computer",
+        "ubuntu",
+        "debian",
+        "amnesiac",
+    }
+)
 PLACEHOLDER_MACS = frozenset({"00:00:00:00:00:00", "ff:ff:ff:ff:ff:ff"})
 TEMP_BASE = 1 << 60  # in-memory ids of resources this chunk creates: above every stored id
 _EC2_ARN = re.compile(r"^arn:aws[a-z-]*:ec2:[^:]*:[^:]*:instance/(i-[0-9a-f]+)$", re.IGNORECASE)
@@ -143,7 +184,9 @@ def normalize(ref: ResourceRef, provider: str = "") -> dict[str, list[str]]:
         add("instance_id", ref.instance_id.strip().lower())
     if ref.agent_id and ref.agent_id.strip():
         vendor = (provider or "").strip().lower()
-        add("agent_id", f"{vendor}:{ref.agent_id.strip().lower()}" if vendor else ref.agent_id.strip().lower())
+        add(
+            "agent_id", f"{vendor}:{ref.agent_id.strip().lower()}" if vendor else ref.agent_id.strip().lower()
+        )
     for value in (ref.fqdn, ref.hostname):
         if not value:
             continue
@@ -178,7 +221,17 @@ def record_key(ref: ResourceRef, ids: dict[str, list[str]]) -> str:
     return "ids:" + hashlib.blake2b(payload, digest_size=16).hexdigest()
 
 
-NAME_ORDER = ("fqdn", "hostname", "netbios", "cloud_name", "instance_id", "cloud_id", "agent_id", "ipv4", "ipv6")
+NAME_ORDER = (
+    "fqdn",
+    "hostname",
+    "netbios",
+    "cloud_name",
+    "instance_id",
+    "cloud_id",
+    "agent_id",
+    "ipv4",
+    "ipv6",
+)
 
 
 def best_name(ids) -> str | None:
@@ -231,6 +284,9 @@ class Resolution:
 
     ids: list[int]
     merges: list[tuple[int, int]] = field(default_factory=list)  # (merged away, surviving), in order
+    # (resource, host record id): address-only host records that joined a machine by an address
+    # it has since left; the caller splits them off (gateway/merge/combine.py split_resource)
+    detach: list[tuple[int, int]] = field(default_factory=list)
 
 
 class _Evidence:
@@ -245,6 +301,8 @@ class _Evidence:
         # host records of each resource: (identifiers by kind, last seen), for the age of its IPs
         self.hosts: dict[int, list[tuple[dict, datetime | None]]] = defaultdict(list)
         self.described: dict[int, tuple] = {}  # stored (name, os, kind)
+        # stored host records of the candidates: (row id, (provider, record key), ids, last seen)
+        self.stored_hosts: dict[int, list[tuple]] = defaultdict(list)
         self._stale: dict[int, frozenset] = {}
 
     def find(self, rid: int) -> int:
@@ -332,7 +390,11 @@ def _stale_addresses(hosts) -> frozenset:
             if later is None or later - seen <= STALE_AFTER:
                 continue
             others = {v for kind in IPS for v in other.get(kind, ())}
-            if others and not others & addresses and tie & (set(other.get(MAC, ())) | set(other.get(NAME, ()))):
+            if (
+                others
+                and not others & addresses
+                and tie & (set(other.get(MAC, ())) | set(other.get(NAME, ())))
+            ):
                 stale |= addresses
                 break
     # an address a recent host record still reports is current whatever an older one says
@@ -345,8 +407,13 @@ def _current(hosts, stale: set[str]) -> set[str]:
     latest = max((seen for _, seen in hosts if seen is not None), default=None)
     if latest is None:
         return set()
-    return {v for ids, seen in hosts if seen is not None and latest - seen <= STALE_AFTER
-            for kind in IPS for v in ids.get(kind, ())}
+    return {
+        v
+        for ids, seen in hosts
+        if seen is not None and latest - seen <= STALE_AFTER
+        for kind in IPS
+        for v in ids.get(kind, ())
+    }
 
 
 def _strength(evidence: dict) -> int:
@@ -375,7 +442,9 @@ def _rule(record: dict, candidate: dict, unique_ip, stale: frozenset, record_sta
     if shares_mac and exact:
         return 4
     # an address alone: only a current one (not left behind by a DHCP change), held by no one else
-    fresh = [value for value in _ip_match(record, candidate, loose=False, stale=stale) if value not in record_stale]
+    fresh = [
+        value for value in _ip_match(record, candidate, loose=False, stale=stale) if value not in record_stale
+    ]
     if fresh and (_only_addresses(record) or _only_addresses(candidate)) and any(unique_ip(v) for v in fresh):
         return 5
     return None
@@ -413,7 +482,7 @@ def resolve_committed(
         transaction = side.begin()
         try:
             result = resolve(side, tenant_id, refs, seen, **options)
-            if result.merges:
+            if result.merges or result.detach:
                 transaction.rollback()
                 return resolve(conn, tenant_id, refs, seen, **options)
             transaction.commit()
@@ -453,9 +522,9 @@ def resolve(
             unique_refs.append(ref)
         order.append(index)
     evidence = [normalize(ref, provider) for ref in unique_refs]
-    keys = [record_key(ref, ids) for ref, ids in zip(unique_refs, evidence)]
+    keys = [record_key(ref, ids) for ref, ids in zip(unique_refs, evidence, strict=True)]
     last_seen: list[datetime | None] = [None] * len(unique_refs)
-    for index, when in zip(order, seen):
+    for index, when in zip(order, seen, strict=True):
         if when is not None and (last_seen[index] is None or when > last_seen[index]):
             last_seen[index] = when
 
@@ -491,13 +560,25 @@ def resolve(
             kind = None
             for index in members:
                 kind = better_kind(kind, unique_refs[index].kind)
-            rows.append({"tenant_id": tenant_id, "kind": kind,
-                         "name": best_name(memory.of.get(temp, evidence[first])),
-                         "os": _best_os(unique_refs, members), "first_seen": earliest, "last_seen": when,
-                         "created_at": now, "updated_at": now, "tags": []})
-        new_ids = conn.execute(
-            resources.insert().returning(resources.c.id, sort_by_parameter_order=True), rows).scalars().all()
-        real = dict(zip(roots, new_ids))
+            rows.append(
+                {
+                    "tenant_id": tenant_id,
+                    "kind": kind,
+                    "name": best_name(memory.of.get(temp, evidence[first])),
+                    "os": _best_os(unique_refs, members),
+                    "first_seen": earliest,
+                    "last_seen": when,
+                    "created_at": now,
+                    "updated_at": now,
+                    "tags": [],
+                }
+            )
+        new_ids = (
+            conn.execute(resources.insert().returning(resources.c.id, sort_by_parameter_order=True), rows)
+            .scalars()
+            .all()
+        )
+        real = dict(zip(roots, new_ids, strict=True))
 
     def final(rid: int) -> int:
         root = memory.find(rid)
@@ -507,19 +588,68 @@ def resolve(
     result = [final(chosen[index]) for index in order]
     by_record = [final(rid) for rid in chosen]
     _add_identifiers(conn, tenant_id, evidence, by_record)
-    _record_sources(conn, tenant_id, provider, product, batch_id, unique_refs, evidence, keys, by_record,
-                    last_seen, now)
+    _record_sources(
+        conn, tenant_id, provider, product, batch_id, unique_refs, evidence, keys, by_record, last_seen, now
+    )
     _touch(conn, tenant_id, by_record, last_seen, unique_refs, now)
     _describe(conn, tenant_id, memory, unique_refs, chosen, real, final)
-    return Resolution(ids=result, merges=merges)
+    here = {(provider, key) for key in keys}
+    detach = _left_behind(memory, {memory.find(rid) for rid in chosen}, here) if allow_merge else []
+    return Resolution(ids=result, merges=merges, detach=[(final(rid), source_id) for rid, source_id in detach])
 
 
-def _decide(memory: _Evidence, ids: dict, provider: str, key: str, allow_merge: bool,
-            merges: list[tuple[int, int]], seen: datetime | None = None) -> int | None:
+def _left_behind(memory: _Evidence, touched: set[int], here: set[tuple[str, str]]) -> list[tuple[int, int]]:
+    """Address-only host records that joined a machine by an address the machine has left.
+
+    A stored host record with nothing but addresses, all of which the resource's named host
+    records (a name, a MAC or a strong identifier) no longer report as current, while a
+    named record at least as recent shows the machine elsewhere: it is another machine that
+    took the address over (DHCP), joined before the move was known.  Records of this chunk
+    are left alone (they were decided with what is known now).
+    """
+    found = []
+    for rid in sorted(touched):
+        if rid >= TEMP_BASE:
+            continue
+        named = [(ids, seen) for ids, seen in memory.hosts.get(rid, ()) if not _only_addresses(ids) or ids.get(MAC)]
+        named_seen = [seen for _, seen in named if seen is not None]
+        if not named_seen:
+            continue
+        latest = max(named_seen)
+        current = {
+            v
+            for ids, seen in named
+            if seen is not None and latest - seen <= STALE_AFTER
+            for kind in IPS
+            for v in ids.get(kind, ())
+        }
+        ever = {v for ids, _ in named for kind in IPS for v in ids.get(kind, ())}
+        for source_id, record, ids, seen in memory.stored_hosts.get(rid, ()):
+            if record in here or not _only_addresses(ids) or ids.get(MAC) or seen is None:
+                continue
+            addresses = {v for kind in IPS for v in ids.get(kind, ())}
+            if addresses and addresses & ever and not addresses & current and latest >= seen - STALE_AFTER:
+                found.append((rid, source_id))
+    return found
+
+
+def _decide(
+    memory: _Evidence,
+    ids: dict,
+    provider: str,
+    key: str,
+    allow_merge: bool,
+    merges: list[tuple[int, int]],
+    seen: datetime | None = None,
+) -> int | None:
     known = memory.records.get((provider, key))
     known = memory.find(known) if known is not None else None
-    candidates = {memory.find(rid) for kind in MATCH_KINDS for value in ids.get(kind, ())
-                  for rid in memory.holders.get((kind, value), ())}
+    candidates = {
+        memory.find(rid)
+        for kind in MATCH_KINDS
+        for value in ids.get(kind, ())
+        for rid in memory.holders.get((kind, value), ())
+    }
     if known is not None:
         candidates.add(known)
     if not candidates:
@@ -537,11 +667,19 @@ def _decide(memory: _Evidence, ids: dict, provider: str, key: str, allow_merge: 
     if addresses and seen is not None:
         tie = set(ids.get(MAC, ())) | set(ids.get(NAME, ()))
         for rid in candidates:
-            if any(set(ids.get(kind, ())) & memory.of.get(rid, {}).get(kind, set()) for kind in STRONG + (NAME, MAC)):
+            if any(
+                set(ids.get(kind, ())) & memory.of.get(rid, {}).get(kind, set())
+                for kind in STRONG + (NAME, MAC)
+            ):
                 for other, later in memory.hosts.get(rid, ()):
                     others = {v for kind in IPS for v in other.get(kind, ())}
-                    if later is not None and later - seen > STALE_AFTER and others and not others & addresses \
-                            and tie & (set(other.get(MAC, ())) | set(other.get(NAME, ()))):
+                    if (
+                        later is not None
+                        and later - seen > STALE_AFTER
+                        and others
+                        and not others & addresses
+                        and tie & (set(other.get(MAC, ())) | set(other.get(NAME, ())))
+                    ):
                         record_stale = frozenset(addresses)
                         break
     ranked = []
@@ -580,8 +718,9 @@ def _decide(memory: _Evidence, ids: dict, provider: str, key: str, allow_merge: 
     return survivor
 
 
-def _load(conn: Connection, tenant_id: int, provider: str, evidence: list[dict], keys: list[str],
-          memory: _Evidence) -> None:
+def _load(
+    conn: Connection, tenant_id: int, provider: str, evidence: list[dict], keys: list[str], memory: _Evidence
+) -> None:
     """The candidates of the chunk's records, with all their identifiers, separations and host records."""
     wanted: dict[str, set[str]] = defaultdict(set)
     for ids in evidence:
@@ -591,37 +730,72 @@ def _load(conn: Connection, tenant_id: int, provider: str, evidence: list[dict],
     for kind, values in sorted(wanted.items()):
         if not values:
             continue
-        rows = conn.execute(select(identifiers.c.resource_id).where(
-            identifiers.c.tenant_id == tenant_id, identifiers.c.kind == kind,
-            in_values(conn, identifiers.c.value, sorted(values))))
+        rows = conn.execute(
+            select(identifiers.c.resource_id).where(
+                identifiers.c.tenant_id == tenant_id,
+                identifiers.c.kind == kind,
+                in_values(conn, identifiers.c.value, sorted(values)),
+            )
+        )
         candidates.update(rid for (rid,) in rows)
-    known = dict(conn.execute(select(resource_sources.c.record_key, resource_sources.c.resource_id).where(
-        resource_sources.c.tenant_id == tenant_id, resource_sources.c.provider == provider,
-        in_values(conn, resource_sources.c.record_key, sorted(set(keys))))).all()) if keys else {}
+    known = (
+        dict(
+            conn.execute(
+                select(resource_sources.c.record_key, resource_sources.c.resource_id).where(
+                    resource_sources.c.tenant_id == tenant_id,
+                    resource_sources.c.provider == provider,
+                    in_values(conn, resource_sources.c.record_key, sorted(set(keys))),
+                )
+            ).all()
+        )
+        if keys
+        else {}
+    )
     candidates.update(known.values())
     if not candidates:
         return
     ordered = sorted(candidates)
     for start in range(0, len(ordered), 5000):
         part = ordered[start : start + 5000]
-        for kind, value, rid in conn.execute(select(
-                identifiers.c.kind, identifiers.c.value, identifiers.c.resource_id).where(
-                identifiers.c.tenant_id == tenant_id, in_values(conn, identifiers.c.resource_id, part))):
+        for kind, value, rid in conn.execute(
+            select(identifiers.c.kind, identifiers.c.value, identifiers.c.resource_id).where(
+                identifiers.c.tenant_id == tenant_id, in_values(conn, identifiers.c.resource_id, part)
+            )
+        ):
             if kind in KINDS:
                 memory.of[rid][kind].add(value)
                 memory.holders[(kind, value)].add(rid)
-        for rid, name, os_, kind in conn.execute(select(
-                resources.c.id, resources.c.name, resources.c.os, resources.c.kind).where(
-                resources.c.tenant_id == tenant_id, in_values(conn, resources.c.id, part))):
+        for rid, name, os_, kind in conn.execute(
+            select(resources.c.id, resources.c.name, resources.c.os, resources.c.kind).where(
+                resources.c.tenant_id == tenant_id, in_values(conn, resources.c.id, part)
+            )
+        ):
             memory.described[rid] = (name, os_, kind)
-        for rid, idents, seen in conn.execute(select(
-                resource_sources.c.resource_id, resource_sources.c.identifiers, resource_sources.c.last_seen).where(
-                resource_sources.c.tenant_id == tenant_id, in_values(conn, resource_sources.c.resource_id, part))):
-            memory.hosts[rid].append((_host_ids(idents), _aware(seen)))
-        for a, b in conn.execute(select(separations.c.resource_a, separations.c.resource_b).where(
+        for rid, idents, seen, source_id, key, source_provider in conn.execute(
+            select(
+                resource_sources.c.resource_id,
+                resource_sources.c.identifiers,
+                resource_sources.c.last_seen,
+                resource_sources.c.id,
+                resource_sources.c.record_key,
+                resource_sources.c.provider,
+            ).where(
+                resource_sources.c.tenant_id == tenant_id,
+                in_values(conn, resource_sources.c.resource_id, part),
+            )
+        ):
+            ids = _host_ids(idents)
+            memory.hosts[rid].append((ids, _aware(seen)))
+            memory.stored_hosts[rid].append((source_id, (source_provider, key), ids, _aware(seen)))
+        for a, b in conn.execute(
+            select(separations.c.resource_a, separations.c.resource_b).where(
                 separations.c.tenant_id == tenant_id,
-                or_(in_values(conn, separations.c.resource_a, part),
-                    in_values(conn, separations.c.resource_b, part)))):
+                or_(
+                    in_values(conn, separations.c.resource_a, part),
+                    in_values(conn, separations.c.resource_b, part),
+                ),
+            )
+        ):
             memory.apart.add((min(a, b), max(a, b)))
     # Holders outside the candidates matter for "the only resource holding that IP": counted above,
     # since every resource holding one of the chunk's IPs is a candidate.
@@ -645,37 +819,54 @@ def _os(value: str | None) -> str | None:
 
 def _add_identifiers(conn: Connection, tenant_id: int, evidence: list[dict], by_record: list[int]) -> None:
     rows: dict[tuple[str, str, int], dict] = {}
-    for ids, rid in zip(evidence, by_record):
+    for ids, rid in zip(evidence, by_record, strict=True):
         for kind, values in ids.items():
             for value in values:
-                rows.setdefault((kind, value, rid), {"tenant_id": tenant_id, "kind": kind, "value": value,
-                                                     "resource_id": rid})
+                rows.setdefault(
+                    (kind, value, rid),
+                    {"tenant_id": tenant_id, "kind": kind, "value": value, "resource_id": rid},
+                )
     if not rows:
         return
     existing: set[tuple[str, str, int]] = set()
     rids = sorted({rid for _, _, rid in rows})
     for start in range(0, len(rids), 5000):
-        existing.update(conn.execute(select(identifiers.c.kind, identifiers.c.value, identifiers.c.resource_id).where(
-            identifiers.c.tenant_id == tenant_id,
-            in_values(conn, identifiers.c.resource_id, rids[start : start + 5000]))).all())
+        existing.update(
+            conn.execute(
+                select(identifiers.c.kind, identifiers.c.value, identifiers.c.resource_id).where(
+                    identifiers.c.tenant_id == tenant_id,
+                    in_values(conn, identifiers.c.resource_id, rids[start : start + 5000]),
+                )
+            ).all()
+        )
     missing = [row for key, row in sorted(rows.items()) if key not in existing]
     if missing:
         statement = insert_for(conn, identifiers).on_conflict_do_nothing()
         conn.execute(statement, missing)
 
 
-def _record_sources(conn, tenant_id, provider, product, batch_id, refs, evidence, keys, by_record, last_seen,
-                    now) -> None:
+def _record_sources(
+    conn, tenant_id, provider, product, batch_id, refs, evidence, keys, by_record, last_seen, now
+) -> None:
     """Upsert the provider's host records (provenance): which resource each went into, with what."""
     rows: dict[str, dict] = {}
-    for ref, ids, key, rid, when in zip(refs, evidence, keys, by_record, last_seen):
+    for ref, ids, key, rid, when in zip(refs, evidence, keys, by_record, last_seen, strict=True):
         row = rows.get(key)
         if row is None:
-            rows[key] = {"tenant_id": tenant_id, "provider": provider, "product": product, "record_key": key,
-                         "host_key": (ref.host_key or "").strip()[:500] or None, "resource_id": rid,
-                         "identifiers": {kind: sorted(values) for kind, values in ids.items() if kind != NAME},
-                         "first_seen": when, "last_seen": when, "batch_id": batch_id,
-                         "created_at": now, "updated_at": now}
+            rows[key] = {
+                "tenant_id": tenant_id,
+                "provider": provider,
+                "product": product,
+                "record_key": key,
+                "host_key": (ref.host_key or "").strip()[:500] or None,
+                "resource_id": rid,
+                "identifiers": {kind: sorted(values) for kind, values in ids.items() if kind != NAME},
+                "first_seen": when,
+                "last_seen": when,
+                "batch_id": batch_id,
+                "created_at": now,
+                "updated_at": now,
+            }
         else:  # one host record with several refs in the chunk (evidence gathered on the way)
             for kind, values in ids.items():
                 if kind != NAME:
@@ -686,12 +877,21 @@ def _record_sources(conn, tenant_id, provider, product, batch_id, refs, evidence
     stored = {}
     keys_sorted = sorted(rows)
     for start in range(0, len(keys_sorted), 5000):
-        for row in conn.execute(select(
-                resource_sources.c.id, resource_sources.c.record_key, resource_sources.c.resource_id,
-                resource_sources.c.identifiers, resource_sources.c.first_seen, resource_sources.c.last_seen,
-                resource_sources.c.product).where(
-                resource_sources.c.tenant_id == tenant_id, resource_sources.c.provider == provider,
-                in_values(conn, resource_sources.c.record_key, keys_sorted[start : start + 5000]))):
+        for row in conn.execute(
+            select(
+                resource_sources.c.id,
+                resource_sources.c.record_key,
+                resource_sources.c.resource_id,
+                resource_sources.c.identifiers,
+                resource_sources.c.first_seen,
+                resource_sources.c.last_seen,
+                resource_sources.c.product,
+            ).where(
+                resource_sources.c.tenant_id == tenant_id,
+                resource_sources.c.provider == provider,
+                in_values(conn, resource_sources.c.record_key, keys_sorted[start : start + 5000]),
+            )
+        ):
             stored[row.record_key] = row
     inserts, changes = [], []
     for key in keys_sorted:
@@ -700,27 +900,65 @@ def _record_sources(conn, tenant_id, provider, product, batch_id, refs, evidence
         if old is None:
             inserts.append(row)
             continue
-        merged = {kind: sorted(set(values) | set(row["identifiers"].get(kind, [])))
-                  for kind, values in (old.identifiers or {}).items()}
+        merged = {
+            kind: sorted(set(values) | set(row["identifiers"].get(kind, [])))
+            for kind, values in (old.identifiers or {}).items()
+        }
         for kind, values in row["identifiers"].items():
             merged.setdefault(kind, sorted(values))
-        later = row["last_seen"] is not None and (old.last_seen is None or row["last_seen"] > _aware(old.last_seen))
-        if old.resource_id != row["resource_id"] or merged != (old.identifiers or {}) or later or \
-                (product and old.product != product):
-            changes.append({"id": old.id, "resource_id": row["resource_id"], "identifiers": merged,
-                            "last_seen": row["last_seen"] if later else old.last_seen,
-                            "product": product or old.product, "batch_id": batch_id, "updated_at": now})
+        later = row["last_seen"] is not None and (
+            old.last_seen is None or row["last_seen"] > _aware(old.last_seen)
+        )
+        if (
+            old.resource_id != row["resource_id"]
+            or merged != (old.identifiers or {})
+            or later
+            or (product and old.product != product)
+        ):
+            changes.append(
+                {
+                    "id": old.id,
+                    "resource_id": row["resource_id"],
+                    "identifiers": merged,
+                    "last_seen": row["last_seen"] if later else old.last_seen,
+                    "product": product or old.product,
+                    "batch_id": batch_id,
+                    "updated_at": now,
+                }
+            )
     if inserts:
         statement = insert_for(conn, resource_sources).on_conflict_do_nothing(
-            index_elements=["tenant_id", "provider", "record_key"])
+            index_elements=["tenant_id", "provider", "record_key"]
+        )
         conn.execute(statement, inserts)
     if changes:
-        statement = update(resource_sources).where(resource_sources.c.id == bindparam("rs_id")).values(
-            resource_id=bindparam("rid"), identifiers=bindparam("idents"), last_seen=bindparam("seen"),
-            product=bindparam("prod"), batch_id=bindparam("batch"), updated_at=bindparam("now"))
-        conn.execute(statement, [{"rs_id": c["id"], "rid": c["resource_id"], "idents": c["identifiers"],
-                                  "seen": c["last_seen"], "prod": c["product"], "batch": c["batch_id"],
-                                  "now": c["updated_at"]} for c in changes])
+        statement = (
+            update(resource_sources)
+            .where(resource_sources.c.id == bindparam("rs_id"))
+            .values(
+                resource_id=bindparam("rid"),
+                identifiers=bindparam("idents"),
+                last_seen=bindparam("seen"),
+                product=bindparam("prod"),
+                batch_id=bindparam("batch"),
+                updated_at=bindparam("now"),
+            )
+        )
+        conn.execute(
+            statement,
+            [
+                {
+                    "rs_id": c["id"],
+                    "rid": c["resource_id"],
+                    "idents": c["identifiers"],
+                    "seen": c["last_seen"],
+                    "prod": c["product"],
+                    "batch": c["batch_id"],
+                    "now": c["updated_at"],
+                }
+                for c in changes
+            ],
+        )
 
 
 def _aware(value):
@@ -755,8 +993,11 @@ def _describe(conn, tenant_id, memory: _Evidence, refs, chosen, real, final) -> 
             changes.append({"rid": final(root), "new_name": new_name, "new_os": new_os, "new_kind": new_kind})
             memory.described[root] = (new_name, new_os, new_kind)
     if changes:
-        statement = update(resources).where(resources.c.id == bindparam("rid"), resources.c.tenant_id == tenant_id) \
+        statement = (
+            update(resources)
+            .where(resources.c.id == bindparam("rid"), resources.c.tenant_id == tenant_id)
             .values(name=bindparam("new_name"), os=bindparam("new_os"), kind=bindparam("new_kind"))
+        )
         conn.execute(statement, changes)
 
 
@@ -764,7 +1005,7 @@ def _touch(conn, tenant_id, by_record, last_seen, refs, now) -> None:
     """Seen times: a resource was first seen at the earliest sighting of it, whatever the push order."""
     latest: dict[int, datetime] = {}
     earliest: dict[int, datetime] = {}
-    for rid, when in zip(by_record, last_seen):
+    for rid, when in zip(by_record, last_seen, strict=True):
         if when is not None and (rid not in latest or when > latest[rid]):
             latest[rid] = when
         if when is not None and (rid not in earliest or when < earliest[rid]):
@@ -776,12 +1017,20 @@ def _touch(conn, tenant_id, by_record, last_seen, refs, now) -> None:
                 "UPDATE resources AS t SET first_seen = v.seen "
                 "FROM unnest(%b::bigint[], %b::timestamptz[]) AS v(id, seen) "
                 "WHERE t.id = v.id AND t.tenant_id = %s AND (t.first_seen IS NULL OR t.first_seen > v.seen)",
-                ([rid for rid, _ in ordered], [when for _, when in ordered], tenant_id))
+                ([rid for rid, _ in ordered], [when for _, when in ordered], tenant_id),
+            )
         else:
-            statement = update(resources).where(and_(
-                resources.c.id == bindparam("rid"), resources.c.tenant_id == tenant_id,
-                (resources.c.first_seen.is_(None)) | (resources.c.first_seen > bindparam("seen")),
-            )).values(first_seen=bindparam("seen"))
+            statement = (
+                update(resources)
+                .where(
+                    and_(
+                        resources.c.id == bindparam("rid"),
+                        resources.c.tenant_id == tenant_id,
+                        (resources.c.first_seen.is_(None)) | (resources.c.first_seen > bindparam("seen")),
+                    )
+                )
+                .values(first_seen=bindparam("seen"))
+            )
             conn.execute(statement, [{"rid": rid, "seen": when} for rid, when in sorted(earliest.items())])
     if latest:
         if is_postgres(conn):
@@ -793,14 +1042,32 @@ def _touch(conn, tenant_id, by_record, last_seen, refs, now) -> None:
                 (now, [rid for rid, _ in ordered], [when for _, when in ordered], tenant_id),
             )
         else:
-            statement = update(resources).where(and_(
-                resources.c.id == bindparam("rid"), resources.c.tenant_id == tenant_id,
-                (resources.c.last_seen.is_(None)) | (resources.c.last_seen < bindparam("seen")),
-            )).values(last_seen=bindparam("seen"), updated_at=now)
+            statement = (
+                update(resources)
+                .where(
+                    and_(
+                        resources.c.id == bindparam("rid"),
+                        resources.c.tenant_id == tenant_id,
+                        (resources.c.last_seen.is_(None)) | (resources.c.last_seen < bindparam("seen")),
+                    )
+                )
+                .values(last_seen=bindparam("seen"), updated_at=now)
+            )
             conn.execute(statement, [{"rid": rid, "seen": when} for rid, when in sorted(latest.items())])
 
 
 def insert_separation(conn: Connection, tenant_id: int, a: int, b: int, actor: str | None) -> None:
-    insert_rows(conn, separations, [{"tenant_id": tenant_id, "resource_a": min(a, b), "resource_b": max(a, b),
-                                     "created_at": utcnow(), "actor": actor}],
-                conflict=("tenant_id", "resource_a", "resource_b"))
+    insert_rows(
+        conn,
+        separations,
+        [
+            {
+                "tenant_id": tenant_id,
+                "resource_a": min(a, b),
+                "resource_b": max(a, b),
+                "created_at": utcnow(),
+                "actor": actor,
+            }
+        ],
+        conflict=("tenant_id", "resource_a", "resource_b"),
+    )

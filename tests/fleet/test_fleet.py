@@ -34,8 +34,7 @@ def fleet():
 def pushed(request, fleet):
     """The fleet pushed in every order of ``ORDERS``, each into a fresh tenant: order -> read-API state."""
     url = request.getfixturevalue("pg_url" if request.param == "postgresql" else "sqlite_url")
-    # the production chunk size: see the note on IP-only records at chunk boundaries in resources.py
-    app = make_app(url, eager=True, MERGE_CHUNK_SIZE=5000)
+    app = make_app(url, eager=True)
     pusher = Pusher(app)
     states = {}
     try:

@@ -36,8 +36,13 @@ BigId = sa.BigInteger().with_variant(sa.Integer, "sqlite")
 CHUNK = 500
 SEVERITIES = ("informational", "low", "medium", "high", "critical")
 
-idents = sa.table("resource_identifiers", sa.column("tenant_id", sa.Integer), sa.column("kind", sa.String),
-                  sa.column("value", sa.String), sa.column("resource_id", sa.BigInteger))
+idents = sa.table(
+    "resource_identifiers",
+    sa.column("tenant_id", sa.Integer),
+    sa.column("kind", sa.String),
+    sa.column("value", sa.String),
+    sa.column("resource_id", sa.BigInteger),
+)
 
 
 def _json():
@@ -131,19 +136,31 @@ def upgrade() -> None:
 def _normalize_identifiers(bind) -> None:
     bind.execute(sa.delete(idents).where(idents.c.kind == "ip_only"))
     # agent ids carry their vendor: the provider of the resource's sources
-    rows = bind.execute(sa.text(
-        "SELECT i.tenant_id, i.value, i.resource_id, "
-        "(SELECT min(s.provider) FROM finding_sources s WHERE s.tenant_id = i.tenant_id "
-        " AND s.resource_id = i.resource_id) FROM resource_identifiers i WHERE i.kind = 'agent_id'")).all()
+    rows = bind.execute(
+        sa.text(
+            "SELECT i.tenant_id, i.value, i.resource_id, "
+            "(SELECT min(s.provider) FROM finding_sources s WHERE s.tenant_id = i.tenant_id "
+            " AND s.resource_id = i.resource_id) FROM resource_identifiers i WHERE i.kind = 'agent_id'"
+        )
+    ).all()
     for tenant_id, value, resource_id, provider in rows:
         if provider and ":" not in value:
-            bind.execute(sa.update(idents).where(
-                idents.c.tenant_id == tenant_id, idents.c.kind == "agent_id", idents.c.value == value,
-                idents.c.resource_id == resource_id).values(value=f"{provider.strip().lower()}:{value}"[:500]))
+            bind.execute(
+                sa.update(idents)
+                .where(
+                    idents.c.tenant_id == tenant_id,
+                    idents.c.kind == "agent_id",
+                    idents.c.value == value,
+                    idents.c.resource_id == resource_id,
+                )
+                .values(value=f"{provider.strip().lower()}:{value}"[:500])
+            )
     names: set[tuple[int, str, int]] = set()
-    for tenant_id, kind, value, resource_id in bind.execute(sa.select(
-            idents.c.tenant_id, idents.c.kind, idents.c.value, idents.c.resource_id).where(
-            idents.c.kind.in_(("fqdn", "hostname", "netbios")))):
+    for tenant_id, kind, value, resource_id in bind.execute(
+        sa.select(idents.c.tenant_id, idents.c.kind, idents.c.value, idents.c.resource_id).where(
+            idents.c.kind.in_(("fqdn", "hostname", "netbios"))
+        )
+    ):
         name = _short_name(kind, value)
         if name:
             names.add((tenant_id, name, resource_id))
@@ -155,53 +172,89 @@ def _normalize_identifiers(bind) -> None:
 def _informational_to_observations(bind) -> None:
     # a finding is an informational item when every one of its sources is informational; a
     # record with several CVEs had a source per CVE: it becomes one observation (its first source)
-    info = ("f.kind = 'vulnerability' AND NOT EXISTS (SELECT 1 FROM finding_sources o "
-            "WHERE o.finding_id = f.id AND o.severity <> 'informational')")
-    rows = bind.execute(sa.text(
-        "SELECT s.tenant_id, s.finding_id, f.resource_id, f.recommendation_type_id FROM findings f "
-        f"JOIN finding_sources s ON s.finding_id = f.id AND s.tenant_id = f.tenant_id WHERE {info}")).all()
+    info = (
+        "f.kind = 'vulnerability' AND NOT EXISTS (SELECT 1 FROM finding_sources o "
+        "WHERE o.finding_id = f.id AND o.severity <> 'informational')"
+    )
+    rows = bind.execute(
+        sa.text(
+            "SELECT s.tenant_id, s.finding_id, f.resource_id, f.recommendation_type_id FROM findings f "
+            f"JOIN finding_sources s ON s.finding_id = f.id AND s.tenant_id = f.tenant_id WHERE {info}"
+        )
+    ).all()
     if not rows:
         return
-    bind.execute(sa.text(
-        "INSERT INTO observations (tenant_id, resource_id, provider, product, provider_id, vendor_id, category, "
-        "name, value, port, protocol, service, evidence, scan, host_key, first_seen, last_seen, "
-        "provider_timestamp, batch_id, created_at, updated_at) "
-        "SELECT s.tenant_id, f.resource_id, s.provider, NULL, s.provider_id, s.vendor_id, 'other', s.title, "
-        "NULL, NULL, NULL, NULL, s.evidence, NULL, NULL, s.first_seen, s.last_seen, s.provider_timestamp, "
-        "s.batch_id, s.created_at, s.updated_at "
-        "FROM finding_sources s JOIN findings f ON f.id = s.finding_id AND f.tenant_id = s.tenant_id "
-        "WHERE s.id IN (SELECT min(s.id) FROM findings f JOIN finding_sources s ON s.finding_id = f.id "
-        f"AND s.tenant_id = f.tenant_id WHERE {info} GROUP BY s.tenant_id, s.provider, s.provider_id)"))
+    bind.execute(
+        sa.text(
+            "INSERT INTO observations (tenant_id, resource_id, provider, product, provider_id, vendor_id, category, "
+            "name, value, port, protocol, service, evidence, scan, host_key, first_seen, last_seen, "
+            "provider_timestamp, batch_id, created_at, updated_at) "
+            "SELECT s.tenant_id, f.resource_id, s.provider, NULL, s.provider_id, s.vendor_id, 'other', s.title, "
+            "NULL, NULL, NULL, NULL, s.evidence, NULL, NULL, s.first_seen, s.last_seen, s.provider_timestamp, "
+            "s.batch_id, s.created_at, s.updated_at "
+            "FROM finding_sources s JOIN findings f ON f.id = s.finding_id AND f.tenant_id = s.tenant_id "
+            "WHERE s.id IN (SELECT min(s.id) FROM findings f JOIN finding_sources s ON s.finding_id = f.id "
+            f"AND s.tenant_id = f.tenant_id WHERE {info} GROUP BY s.tenant_id, s.provider, s.provider_id)"
+        )
+    )
     finding_ids = sorted({row.finding_id for row in rows})
     pairs = sorted({(row.tenant_id, row.resource_id, row.recommendation_type_id) for row in rows})
     for start in range(0, len(finding_ids), CHUNK):
         part = finding_ids[start : start + CHUNK]
-        bind.execute(sa.text("DELETE FROM finding_sources WHERE finding_id IN :ids").bindparams(
-            sa.bindparam("ids", expanding=True)), {"ids": part})
-        bind.execute(sa.text("DELETE FROM findings WHERE id IN :ids").bindparams(
-            sa.bindparam("ids", expanding=True)), {"ids": part})
+        bind.execute(
+            sa.text("DELETE FROM finding_sources WHERE finding_id IN :ids").bindparams(
+                sa.bindparam("ids", expanding=True)
+            ),
+            {"ids": part},
+        )
+        bind.execute(
+            sa.text("DELETE FROM findings WHERE id IN :ids").bindparams(sa.bindparam("ids", expanding=True)),
+            {"ids": part},
+        )
     rank = " ".join(f"WHEN '{name}' THEN {index}" for index, name in enumerate(SEVERITIES))
     for tenant_id, resource_id, type_id in pairs:
-        open_count, worst = bind.execute(sa.text(
-            f"SELECT count(*), max(CASE severity {rank} ELSE 0 END) FROM findings "
-            "WHERE tenant_id = :t AND resource_id = :r AND recommendation_type_id = :y "
-            "AND state <> 'resolved'"), {"t": tenant_id, "r": resource_id, "y": type_id}).one()
-        remaining = bind.execute(sa.text(
-            "SELECT count(*) FROM findings WHERE tenant_id = :t AND resource_id = :r "
-            "AND recommendation_type_id = :y"), {"t": tenant_id, "r": resource_id, "y": type_id}).scalar()
+        open_count, worst = bind.execute(
+            sa.text(
+                f"SELECT count(*), max(CASE severity {rank} ELSE 0 END) FROM findings "
+                "WHERE tenant_id = :t AND resource_id = :r AND recommendation_type_id = :y "
+                "AND state <> 'resolved'"
+            ),
+            {"t": tenant_id, "r": resource_id, "y": type_id},
+        ).one()
+        remaining = bind.execute(
+            sa.text(
+                "SELECT count(*) FROM findings WHERE tenant_id = :t AND resource_id = :r "
+                "AND recommendation_type_id = :y"
+            ),
+            {"t": tenant_id, "r": resource_id, "y": type_id},
+        ).scalar()
         if not remaining:
-            bind.execute(sa.text("DELETE FROM recommendations WHERE tenant_id = :t AND resource_id = :r "
-                                 "AND type_id = :y"), {"t": tenant_id, "r": resource_id, "y": type_id})
+            bind.execute(
+                sa.text(
+                    "DELETE FROM recommendations WHERE tenant_id = :t AND resource_id = :r AND type_id = :y"
+                ),
+                {"t": tenant_id, "r": resource_id, "y": type_id},
+            )
             continue
         status = "Unhealthy" if open_count else "Healthy"
         values = {"t": tenant_id, "r": resource_id, "y": type_id, "status": status}
         if open_count:
             values["severity"] = SEVERITIES[int(worst or 0)]
-            bind.execute(sa.text("UPDATE recommendations SET status = :status, severity = :severity "
-                                 "WHERE tenant_id = :t AND resource_id = :r AND type_id = :y"), values)
+            bind.execute(
+                sa.text(
+                    "UPDATE recommendations SET status = :status, severity = :severity "
+                    "WHERE tenant_id = :t AND resource_id = :r AND type_id = :y"
+                ),
+                values,
+            )
         else:
-            bind.execute(sa.text("UPDATE recommendations SET status = :status WHERE tenant_id = :t "
-                                 "AND resource_id = :r AND type_id = :y"), values)
+            bind.execute(
+                sa.text(
+                    "UPDATE recommendations SET status = :status WHERE tenant_id = :t "
+                    "AND resource_id = :r AND type_id = :y"
+                ),
+                values,
+            )
 
 
 def downgrade() -> None:
@@ -213,9 +266,14 @@ def downgrade() -> None:
     bind = op.get_bind()
     bind.execute(sa.delete(idents).where(idents.c.kind.in_(("name", "instance_id", "cloud_name"))))
     op.drop_index("ix_resource_identifiers_value", table_name="resource_identifiers")
-    op.create_index("uq_resource_identifiers_unique_kinds", "resource_identifiers", ["tenant_id", "kind", "value"],
-                    unique=True, sqlite_where=sa.text("kind NOT IN ('ipv4', 'ipv6')"),
-                    postgresql_where=sa.text("kind NOT IN ('ipv4', 'ipv6')"))
+    op.create_index(
+        "uq_resource_identifiers_unique_kinds",
+        "resource_identifiers",
+        ["tenant_id", "kind", "value"],
+        unique=True,
+        sqlite_where=sa.text("kind NOT IN ('ipv4', 'ipv6')"),
+        postgresql_where=sa.text("kind NOT IN ('ipv4', 'ipv6')"),
+    )
     with op.batch_alter_table("finding_sources") as batch:
         for column in ("host_key", "scan", "format", "product"):
             batch.drop_column(column)
