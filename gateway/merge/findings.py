@@ -62,7 +62,8 @@ VULNERABILITY_TYPE = {
 
 _OUTCOME_PRIORITY = ("created", "updated", "stale", "unchanged")
 LOST_RACE_ROUNDS = 5  # a row whose conflicting row is deleted again and again (a KB back-fill) ends here
-RECOMMENDATION_LOCKS = 7101  # advisory lock space: one lock per resource while its recommendations are recomputed
+RECOMMENDATION_LOCKS = 7101  # advisory lock space: the locks taken while recommendations are recomputed
+RECOMMENDATION_BUCKETS = 128  # resources of a tenant share this many locks (see update_recommendations)
 
 
 def correlation_key(provider: str, record: FindingRecord) -> list[tuple[str, str | None]]:
@@ -620,11 +621,15 @@ class FindingMerger:
         if is_postgres(conn):
             # Concurrent batches on the same resources take turns here, and each counts the
             # findings the other committed (READ COMMITTED: every statement sees the latest).
+            # One lock per bucket of resources, not per resource: a merge holds at most
+            # RECOMMENDATION_BUCKETS locks whatever its size (the server's lock table is shared and
+            # sized by max_locks_per_transaction), taken in order so two merges never deadlock.
             conn.execute(text(
-                "SELECT pg_advisory_xact_lock(:space, (r % 2147483647)::int) "
-                "FROM (SELECT r FROM unnest(:ids) AS r ORDER BY r) AS ordered"
-            ).bindparams(bindparam("ids", type_=ARRAY(BigInteger))), {"space": RECOMMENDATION_LOCKS,
-                                                                        "ids": resource_ids})
+                "SELECT pg_advisory_xact_lock(:space, (:tenant * :buckets + b)::int) "
+                "FROM (SELECT DISTINCT r % :buckets AS b FROM unnest(:ids) AS r ORDER BY 1) AS ordered"
+            ).bindparams(bindparam("ids", type_=ARRAY(BigInteger))), {
+                "space": RECOMMENDATION_LOCKS, "ids": resource_ids, "buckets": RECOMMENDATION_BUCKETS,
+                "tenant": self.tenant_id % (2**31 // RECOMMENDATION_BUCKETS)})
         rank = case(*[(findings_t.c.severity == name, index) for index, name in enumerate(SEVERITIES)],
                     else_=0)
         aggregate: dict[tuple[int, int], tuple[int, int]] = {}
