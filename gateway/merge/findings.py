@@ -107,6 +107,7 @@ class FindingMerger:
         self.format = format
         self.resolve_on_main = False  # set once this batch holds the tenant's resolver lock
         self._seen_records: set[int] = set()  # 64-bit digests of the provider ids this push merged
+        self._identity_cache: dict[bytes, dict] = {}  # normalized host records of this batch
         self.counts: Counter = Counter()
         self.reported: set[tuple[str, str]] = set()
         self.scope: set[int] = set()
@@ -160,7 +161,8 @@ class FindingMerger:
         proves to be one are merged first, in this transaction."""
         resolution = resource_identity.resolve_committed(
             self.conn, self.tenant_id, refs, seen, provider=self.provider, product=product or self.product,
-            batch_id=self.batch_id, allow_merge=allow_merge, on_main=self.resolve_on_main)
+            batch_id=self.batch_id, allow_merge=allow_merge, on_main=self.resolve_on_main,
+            cache=self._identity_cache)
         if resolution.merges or resolution.detach:
             self.resolve_on_main = True  # the tenant's resolver lock is held by this transaction now
             for loser, survivor in resolution.merges:

@@ -80,13 +80,14 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 
 import msgspec
 from sqlalchemy import and_, bindparam, or_, select, text, update
 from sqlalchemy.engine import Connection
 
 from connectors.model import ResourceRef
-from gateway.merge.sql import in_values, insert_for, insert_rows, is_postgres
+from gateway.merge.sql import in_values, insert_rows, is_postgres, update_rows
 from gateway.models import Resource, ResourceIdentifier, ResourceSeparation, ResourceSource, utcnow
 
 resources = Resource.__table__
@@ -123,9 +124,16 @@ TEMP_BASE = 1 << 60  # in-memory ids of resources this chunk creates: above ever
 _EC2_ARN = re.compile(r"^arn:aws[a-z-]*:ec2:[^:]*:[^:]*:instance/(i-[0-9a-f]+)$", re.IGNORECASE)
 _HOST_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9_-]{0,62})$")
 RESOLVER_LOCK = 7_000_000_000
+IDENTITY_CACHE = 100_000  # normalized host records a batch keeps (about 1 KiB each)
 
 
+_NOT_AN_ADDRESS = re.compile(r"[^0-9a-fA-F:.%\s]")
+
+
+@lru_cache(maxsize=65536)
 def _ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if _NOT_AN_ADDRESS.search(value):  # a name: no need to ask ipaddress
+        return None
     try:
         return ipaddress.ip_address(value.strip().split("%")[0])
     except ValueError:
@@ -301,6 +309,7 @@ class _Evidence:
         # host records of each resource: (identifiers by kind, last seen), for the age of its IPs
         self.hosts: dict[int, list[tuple[dict, datetime | None]]] = defaultdict(list)
         self.described: dict[int, tuple] = {}  # stored (name, os, kind)
+        self.stored: set[tuple[str, str, int]] = set()  # (kind, value, resource) as read from the store
         # stored host records of the candidates: (row id, (provider, record key), ids, last seen)
         self.stored_hosts: dict[int, list[tuple]] = defaultdict(list)
         self._stale: dict[int, frozenset] = {}
@@ -461,6 +470,7 @@ def resolve_committed(
     batch_id: int | None = None,
     allow_merge: bool = True,
     on_main: bool = False,
+    cache: dict | None = None,
 ) -> Resolution:
     """``resolve`` in a short transaction of its own, committed before the batch's merge goes on.
 
@@ -475,7 +485,8 @@ def resolve_committed(
     being merged away meanwhile.  SQLite has one writer at a time anyway, so there the
     resolution is part of the batch's transaction.
     """
-    options = {"provider": provider, "product": product, "batch_id": batch_id, "allow_merge": allow_merge}
+    options = {"provider": provider, "product": product, "batch_id": batch_id, "allow_merge": allow_merge,
+               "cache": cache}
     if on_main or not is_postgres(conn):
         return resolve(conn, tenant_id, refs, seen, **options)
     with conn.engine.connect() as side:
@@ -502,6 +513,7 @@ def resolve(
     product: str | None = None,
     batch_id: int | None = None,
     allow_merge: bool = True,
+    cache: dict | None = None,
 ) -> Resolution:
     """The resource of each ref, creating resources, identifiers and host records as needed.
 
@@ -521,22 +533,46 @@ def resolve(
             index = distinct[key] = len(unique_refs)
             unique_refs.append(ref)
         order.append(index)
-    evidence = [normalize(ref, provider) for ref in unique_refs]
+    if cache is None:
+        evidence = [normalize(ref, provider) for ref in unique_refs]
+    else:  # a batch names a host in many chunks: normalize it once per batch
+        evidence = []
+        for ref, encoded in zip(unique_refs, distinct, strict=True):
+            ids = cache.get(encoded)
+            if ids is None:
+                ids = normalize(ref, provider)
+                if len(cache) < IDENTITY_CACHE:
+                    cache[encoded] = ids
+            evidence.append(ids)
     keys = [record_key(ref, ids) for ref, ids in zip(unique_refs, evidence, strict=True)]
     last_seen: list[datetime | None] = [None] * len(unique_refs)
     for index, when in zip(order, seen, strict=True):
         if when is not None and (last_seen[index] is None or when > last_seen[index]):
             last_seen[index] = when
 
+    # A host record this provider pushed before, that brings nothing new, stays where it is: the
+    # rules are symmetric, so what could join it would have been decided when it first came.
+    # Only the other records are looked up (most records of a re-push are such known ones).
+    stored_hosts = _stored_host_records(conn, tenant_id, provider, sorted(set(keys)))
+    fast: dict[int, int] = {}
+    for index, ids in enumerate(evidence):
+        row = stored_hosts.get(keys[index])
+        if row is not None and _within(ids, row.identifiers):
+            fast[index] = row.resource_id
+    slow = [index for index in range(len(evidence)) if index not in fast]
+
     memory = _Evidence()
-    _load(conn, tenant_id, provider, evidence, keys, memory)
+    _load(conn, tenant_id, provider, [evidence[i] for i in slow],
+          {keys[i]: stored_hosts[keys[i]].resource_id for i in slow if keys[i] in stored_hosts}, memory)
 
     chosen: list[int] = [0] * len(evidence)
+    for index, rid in fast.items():
+        chosen[index] = rid
     merges: list[tuple[int, int]] = []
     new_resources: list[int] = []  # record indexes that start a resource
     # The records that say most first: by the time an IP-only record is decided, the chunk's
     # named hosts have claimed (or made stale) their addresses, whatever the file's order.
-    for index in sorted(range(len(evidence)), key=lambda i: (_strength(evidence[i]), i)):
+    for index in sorted(slow, key=lambda i: (_strength(evidence[i]), i)):
         ids = evidence[index]
         rid = _decide(memory, ids, provider, keys[index], allow_merge, merges, last_seen[index])
         if rid is None:
@@ -552,9 +588,12 @@ def resolve(
     roots = [TEMP_BASE + n for n in range(len(new_resources)) if memory.find(TEMP_BASE + n) == TEMP_BASE + n]
     if roots:
         rows = []
+        members_of: dict[int, list[int]] = defaultdict(list)
+        for i, rid in enumerate(chosen):
+            members_of[memory.find(rid)].append(i)
         for temp in roots:
             first = new_resources[temp - TEMP_BASE]
-            members = [i for i, rid in enumerate(chosen) if memory.find(rid) == temp]
+            members = members_of[temp]
             when = max((last_seen[i] for i in members if last_seen[i] is not None), default=None)
             earliest = min((last_seen[i] for i in members if last_seen[i] is not None), default=None)
             kind = None
@@ -587,12 +626,14 @@ def resolve(
     merges = [(loser, final(survivor)) for loser, survivor in merges]
     result = [final(chosen[index]) for index in order]
     by_record = [final(rid) for rid in chosen]
-    _add_identifiers(conn, tenant_id, evidence, by_record)
+    _add_identifiers(conn, tenant_id, [{} if i in fast else ids for i, ids in enumerate(evidence)], by_record,
+                     memory.stored)
     _record_sources(
-        conn, tenant_id, provider, product, batch_id, unique_refs, evidence, keys, by_record, last_seen, now
+        conn, tenant_id, provider, product, batch_id, unique_refs, evidence, keys, by_record, last_seen, now,
+        stored_hosts,
     )
     _touch(conn, tenant_id, by_record, last_seen, unique_refs, now)
-    _describe(conn, tenant_id, memory, unique_refs, chosen, real, final)
+    _describe(conn, tenant_id, memory, unique_refs, chosen, real, final, set(fast.values()))
     here = {(provider, key) for key in keys}
     detach = _left_behind(memory, {memory.find(rid) for rid in chosen}, here) if allow_merge else []
     return Resolution(ids=result, merges=merges, detach=[(final(rid), source_id) for rid, source_id in detach])
@@ -719,7 +760,7 @@ def _decide(
 
 
 def _load(
-    conn: Connection, tenant_id: int, provider: str, evidence: list[dict], keys: list[str], memory: _Evidence
+    conn: Connection, tenant_id: int, provider: str, evidence: list[dict], known: dict[str, int], memory: _Evidence
 ) -> None:
     """The candidates of the chunk's records, with all their identifiers, separations and host records."""
     wanted: dict[str, set[str]] = defaultdict(set)
@@ -738,19 +779,6 @@ def _load(
             )
         )
         candidates.update(rid for (rid,) in rows)
-    known = (
-        dict(
-            conn.execute(
-                select(resource_sources.c.record_key, resource_sources.c.resource_id).where(
-                    resource_sources.c.tenant_id == tenant_id,
-                    resource_sources.c.provider == provider,
-                    in_values(conn, resource_sources.c.record_key, sorted(set(keys))),
-                )
-            ).all()
-        )
-        if keys
-        else {}
-    )
     candidates.update(known.values())
     if not candidates:
         return
@@ -762,6 +790,7 @@ def _load(
                 identifiers.c.tenant_id == tenant_id, in_values(conn, identifiers.c.resource_id, part)
             )
         ):
+            memory.stored.add((kind, value, rid))
             if kind in KINDS:
                 memory.of[rid][kind].add(value)
                 memory.holders[(kind, value)].add(rid)
@@ -803,6 +832,41 @@ def _load(
         memory.records[(provider, record)] = rid
 
 
+def _stored_host_records(conn: Connection, tenant_id: int, provider: str, keys: list[str]) -> dict:
+    """The provider's stored host records of these keys: record key -> row."""
+    stored = {}
+    for start in range(0, len(keys), 5000):
+        for row in conn.execute(
+            select(
+                resource_sources.c.id,
+                resource_sources.c.record_key,
+                resource_sources.c.resource_id,
+                resource_sources.c.identifiers,
+                resource_sources.c.first_seen,
+                resource_sources.c.last_seen,
+                resource_sources.c.product,
+            ).where(
+                resource_sources.c.tenant_id == tenant_id,
+                resource_sources.c.provider == provider,
+                in_values(conn, resource_sources.c.record_key, keys[start : start + 5000]),
+            )
+        ):
+            stored[row.record_key] = row
+    return stored
+
+
+def _within(ids: dict, stored: dict | None) -> bool:
+    """True when a record's identifiers are all among those its stored host record contributed."""
+    stored = stored or {}
+    for kind, values in ids.items():
+        if kind == NAME:
+            continue
+        have = stored.get(kind)
+        if not have or not set(values) <= set(have):
+            return False
+    return True
+
+
 def _host_ids(stored: dict | None) -> dict[str, set[str]]:
     """A stored host record's identifiers, with the short names its names give."""
     ids = {kind: set(values) for kind, values in (stored or {}).items() if isinstance(values, list)}
@@ -817,7 +881,8 @@ def _os(value: str | None) -> str | None:
     return value.strip()[:200] if value and value.strip() else None
 
 
-def _add_identifiers(conn: Connection, tenant_id: int, evidence: list[dict], by_record: list[int]) -> None:
+def _add_identifiers(conn: Connection, tenant_id: int, evidence: list[dict], by_record: list[int],
+                     stored: set[tuple[str, str, int]]) -> None:
     rows: dict[tuple[str, str, int], dict] = {}
     for ids, rid in zip(evidence, by_record, strict=True):
         for kind, values in ids.items():
@@ -828,25 +893,13 @@ def _add_identifiers(conn: Connection, tenant_id: int, evidence: list[dict], by_
                 )
     if not rows:
         return
-    existing: set[tuple[str, str, int]] = set()
-    rids = sorted({rid for _, _, rid in rows})
-    for start in range(0, len(rids), 5000):
-        existing.update(
-            conn.execute(
-                select(identifiers.c.kind, identifiers.c.value, identifiers.c.resource_id).where(
-                    identifiers.c.tenant_id == tenant_id,
-                    in_values(conn, identifiers.c.resource_id, rids[start : start + 5000]),
-                )
-            ).all()
-        )
-    missing = [row for key, row in sorted(rows.items()) if key not in existing]
-    if missing:
-        statement = insert_for(conn, identifiers).on_conflict_do_nothing()
-        conn.execute(statement, missing)
+    missing = [row for key, row in sorted(rows.items()) if key not in stored]
+    if missing:  # ON CONFLICT DO NOTHING: a row a resource merge moved here meanwhile
+        insert_rows(conn, identifiers, missing, conflict=())
 
 
 def _record_sources(
-    conn, tenant_id, provider, product, batch_id, refs, evidence, keys, by_record, last_seen, now
+    conn, tenant_id, provider, product, batch_id, refs, evidence, keys, by_record, last_seen, now, stored
 ) -> None:
     """Upsert the provider's host records (provenance): which resource each went into, with what."""
     rows: dict[str, dict] = {}
@@ -874,26 +927,8 @@ def _record_sources(
             if when is not None and (row["last_seen"] is None or when > row["last_seen"]):
                 row["last_seen"] = when
             row["resource_id"] = rid
-    stored = {}
     keys_sorted = sorted(rows)
-    for start in range(0, len(keys_sorted), 5000):
-        for row in conn.execute(
-            select(
-                resource_sources.c.id,
-                resource_sources.c.record_key,
-                resource_sources.c.resource_id,
-                resource_sources.c.identifiers,
-                resource_sources.c.first_seen,
-                resource_sources.c.last_seen,
-                resource_sources.c.product,
-            ).where(
-                resource_sources.c.tenant_id == tenant_id,
-                resource_sources.c.provider == provider,
-                in_values(conn, resource_sources.c.record_key, keys_sorted[start : start + 5000]),
-            )
-        ):
-            stored[row.record_key] = row
-    inserts, changes = [], []
+    inserts, changes, seen_only = [], [], []
     for key in keys_sorted:
         row = rows[key]
         old = stored.get(key)
@@ -909,12 +944,12 @@ def _record_sources(
         later = row["last_seen"] is not None and (
             old.last_seen is None or row["last_seen"] > _aware(old.last_seen)
         )
-        if (
-            old.resource_id != row["resource_id"]
-            or merged != (old.identifiers or {})
-            or later
-            or (product and old.product != product)
-        ):
+        if old.resource_id == row["resource_id"] and merged == (old.identifiers or {}) and \
+                not (product and old.product != product):
+            if later:  # the common case of a re-push: only the sighting moves
+                seen_only.append({"id": old.id, "last_seen": row["last_seen"], "batch_id": batch_id,
+                                  "updated_at": now})
+        else:
             changes.append(
                 {
                     "id": old.id,
@@ -927,38 +962,11 @@ def _record_sources(
                 }
             )
     if inserts:
-        statement = insert_for(conn, resource_sources).on_conflict_do_nothing(
-            index_elements=["tenant_id", "provider", "record_key"]
-        )
-        conn.execute(statement, inserts)
-    if changes:
-        statement = (
-            update(resource_sources)
-            .where(resource_sources.c.id == bindparam("rs_id"))
-            .values(
-                resource_id=bindparam("rid"),
-                identifiers=bindparam("idents"),
-                last_seen=bindparam("seen"),
-                product=bindparam("prod"),
-                batch_id=bindparam("batch"),
-                updated_at=bindparam("now"),
-            )
-        )
-        conn.execute(
-            statement,
-            [
-                {
-                    "rs_id": c["id"],
-                    "rid": c["resource_id"],
-                    "idents": c["identifiers"],
-                    "seen": c["last_seen"],
-                    "prod": c["product"],
-                    "batch": c["batch_id"],
-                    "now": c["updated_at"],
-                }
-                for c in changes
-            ],
-        )
+        insert_rows(conn, resource_sources, inserts, conflict=("tenant_id", "provider", "record_key"))
+    if changes:  # one statement (unnest on PostgreSQL), not one per host record
+        update_rows(conn, resource_sources, sorted(changes, key=lambda c: c["id"]))
+    if seen_only:
+        update_rows(conn, resource_sources, sorted(seen_only, key=lambda c: c["id"]))
 
 
 def _aware(value):
@@ -974,8 +982,20 @@ def _best_os(refs, members) -> str | None:
     return current
 
 
-def _describe(conn, tenant_id, memory: _Evidence, refs, chosen, real, final) -> None:
-    """Name and OS of the stored resources this chunk touched, from all they are now known by."""
+def _describe(conn, tenant_id, memory: _Evidence, refs, chosen, real, final, known_only: set[int]) -> None:
+    """Name, OS and kind of the stored resources this chunk touched, from all they are now known by.
+
+    ``known_only``: resources only known host records reached (nothing new: the name stays);
+    their OS and kind may still improve.
+    """
+    missing = sorted(rid for rid in known_only if memory.find(rid) not in memory.described)
+    for start in range(0, len(missing), 5000):
+        for rid, name, os_, kind in conn.execute(
+            select(resources.c.id, resources.c.name, resources.c.os, resources.c.kind).where(
+                resources.c.tenant_id == tenant_id, in_values(conn, resources.c.id, missing[start : start + 5000])
+            )
+        ):
+            memory.described[rid] = (name, os_, kind)
     changes = []
     touched: dict[int, list[int]] = defaultdict(list)
     for index, rid in enumerate(chosen):
@@ -984,7 +1004,7 @@ def _describe(conn, tenant_id, memory: _Evidence, refs, chosen, real, final) -> 
         if root >= TEMP_BASE:
             continue  # inserted with them
         name, os_, kind = memory.described.get(root, (None, None, None))
-        new_name = best_name(memory.of.get(root, {})) or name
+        new_name = (best_name(memory.of[root]) if root in memory.of else None) or name
         new_os, new_kind = os_, kind
         for index in members:
             new_os = better_os(new_os, refs[index].os)
@@ -992,13 +1012,9 @@ def _describe(conn, tenant_id, memory: _Evidence, refs, chosen, real, final) -> 
         if (new_name, new_os, new_kind) != (name, os_, kind):
             changes.append({"rid": final(root), "new_name": new_name, "new_os": new_os, "new_kind": new_kind})
             memory.described[root] = (new_name, new_os, new_kind)
-    if changes:
-        statement = (
-            update(resources)
-            .where(resources.c.id == bindparam("rid"), resources.c.tenant_id == tenant_id)
-            .values(name=bindparam("new_name"), os=bindparam("new_os"), kind=bindparam("new_kind"))
-        )
-        conn.execute(statement, changes)
+    if changes:  # the ids are the tenant's: they came from its identifiers
+        update_rows(conn, resources, [{"id": c["rid"], "name": c["new_name"], "os": c["new_os"],
+                                       "kind": c["new_kind"]} for c in sorted(changes, key=lambda c: c["rid"])])
 
 
 def _touch(conn, tenant_id, by_record, last_seen, refs, now) -> None:
