@@ -523,3 +523,21 @@ def observation_value(
     if len(lines) == 1 and len(lines[0]) <= 200:
         return lines[0]
     return None
+
+
+def tenable_observation(
+    *, provider_id: str, resource: ResourceRef, title: str, plugin_id: str, family: str | None,
+    output: str | None, port: int | None, protocol: str | None, service: str | None,
+    first_seen: datetime | None, last_seen: datetime | None, provider_timestamp: datetime | None,
+    scan: str | None = None, product: str | None = None,
+) -> Observation:
+    """A Tenable informational item (severity 0 / info) as an Observation: category and value
+    from the plugin (``observation_category``, ``observation_value``), the output as evidence."""
+    category = observation_category(plugin_id, family or "", title)
+    return Observation(
+        provider_id=provider_id, resource=resource, name=title, category=category,
+        value=observation_value(category, plugin_id, output, port, protocol, service),
+        vendor_id=plugin_id, port=port, protocol=protocol if port is not None else None, service=service,
+        evidence=output, first_seen=first_seen, last_seen=last_seen, provider_timestamp=provider_timestamp,
+        scan=scan, product=product,
+    )

@@ -85,8 +85,6 @@ from connectors._tenable import (
     ip_version,
     make_provider_id,
     merge_repeats,
-    observation_category,
-    observation_value,
     os_text,
     parse_any_time,
     pick_cvss,
@@ -94,6 +92,7 @@ from connectors._tenable import (
     severity_fields,
     split_references,
     strict_time,
+    tenable_observation,
 )
 from connectors.base import ParseOptions, find_cves
 from connectors.model import FindingRecord, FormatError, Observation, Rejected, ResourceRef
@@ -363,21 +362,9 @@ def _observation(
     if service in ("general", "unknown"):
         service = None
     output = texts.get("plugin_output")
-    category = observation_category(plugin_id, item.get("pluginFamily") or "", title)
-    return Observation(
-        provider_id=provider_id,
-        resource=resource,
-        name=title,
-        category=category,
-        value=observation_value(category, plugin_id, output, port, protocol, service),
-        vendor_id=plugin_id,
-        port=port,
-        protocol=protocol if port is not None else None,
-        service=service,
-        evidence=clip(output),
-        first_seen=first_seen,
-        last_seen=last_seen,
-        provider_timestamp=timestamp,
-        scan=scan,
+    return tenable_observation(
+        provider_id=provider_id, resource=resource, title=title, plugin_id=plugin_id,
+        family=item.get("pluginFamily"), output=clip(output), port=port, protocol=protocol, service=service,
+        first_seen=first_seen, last_seen=last_seen, provider_timestamp=timestamp, scan=scan,
     )
 

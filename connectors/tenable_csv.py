@@ -66,13 +66,12 @@ from connectors._tenable import (
     make_provider_id,
     merge_repeats,
     normalize_uuid,
-    observation_category,
-    observation_value,
     pick_cvss,
     remediation,
     severity_fields,
     split_references,
     strict_time,
+    tenable_observation,
     to_score,
 )
 from connectors.base import ParseOptions, find_cves
@@ -317,22 +316,11 @@ def _row_record(
     resource = ResourceRef(**fields)
     if severity["severity"] == "informational":
         number = int(port) if port.isdigit() and port != "0" else None
-        category = observation_category(plugin_id, get("family") or "", title)
-        return Observation(
-            provider_id=provider_id,
-            resource=resource,
-            name=title,
-            category=category,
-            value=observation_value(category, plugin_id, evidence, number, protocol, None),
-            vendor_id=plugin_id,
-            port=number,
-            protocol=protocol if number is not None else None,
-            evidence=evidence,
-            first_seen=first_seen,
-            last_seen=last_seen,
-            provider_timestamp=provider_timestamp,
-            scan=clip(get("scan")),
-            product=product,
+        return tenable_observation(
+            provider_id=provider_id, resource=resource, title=title, plugin_id=plugin_id,
+            family=get("family"), output=evidence, port=number, protocol=protocol, service=None,
+            first_seen=first_seen, last_seen=last_seen, provider_timestamp=provider_timestamp,
+            scan=clip(get("scan")), product=product,
         )
     extra = {"port": port, "protocol": protocol, "plugin_family": get("family"),
              "repository": get("repository"), "vpr_score": get("vpr")}

@@ -58,14 +58,13 @@ from connectors._tenable import (
     make_provider_id,
     merge_repeats,
     normalize_uuid,
-    observation_category,
-    observation_value,
     os_text,
     pick_cvss,
     remediation,
     severity_fields,
     split_references,
     strict_time,
+    tenable_observation,
 )
 from connectors.base import ParseOptions, find_cves
 from connectors.model import FindingRecord, FormatError, Observation, Rejected, ResourceRef
@@ -333,23 +332,11 @@ def _observation(
     evidence = clip(output)
     if evidence == "[REDACTED]":
         evidence = None
-    category = observation_category(plugin_id, family or "", title)
-    return Observation(
-        provider_id=provider_id,
-        resource=ResourceRef(**fields),
-        name=title,
-        category=category,
-        value=observation_value(category, plugin_id, evidence, number, protocol, service),
-        vendor_id=plugin_id,
-        port=number,
-        protocol=protocol if number is not None else None,
-        service=service,
-        evidence=evidence,
-        first_seen=first_seen,
-        last_seen=last_seen,
-        provider_timestamp=timestamp,
-        scan=scan,
-        product=product,
+    return tenable_observation(
+        provider_id=provider_id, resource=ResourceRef(**fields), title=title, plugin_id=plugin_id,
+        family=family,
+        output=evidence, port=number, protocol=protocol, service=service, first_seen=first_seen,
+        last_seen=last_seen, provider_timestamp=timestamp, scan=scan, product=product,
     )
 
 
