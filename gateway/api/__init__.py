@@ -6,10 +6,12 @@ from flask import Flask
 
 
 def init_app(app: Flask) -> None:
-    from gateway.api import assessments, batches, collections, health, resources
+    from gateway.api import assessments, batches, collections, discovery, health, metadata, resources
 
     app.register_blueprint(batches.blueprint)
     app.register_blueprint(collections.blueprint)
     app.register_blueprint(resources.blueprint)
     app.register_blueprint(health.blueprint)
     app.register_blueprint(assessments.blueprint)
+    app.register_blueprint(discovery.blueprint)
+    app.register_blueprint(metadata.blueprint)
