@@ -37,7 +37,7 @@ class BatchOut(OutSchema):
         lambda obj: int((_get(obj, "counts") or {}).get("rejected", 0)) > len(_get(obj, "rejections") or []))
     rejectionsUrl = fields.Function(lambda obj: _rejections_url(obj))
     staleDetails = fields.Function(lambda obj: _get(obj, "stale_details") or [])
-    progress = fields.Dict(allow_none=True)
+    progress = fields.Function(lambda obj: _get(obj, "progress"))
     bodyCheck = fields.String(attribute="body_check", allow_none=True)
     error = fields.String(allow_none=True)
     attempts = fields.Integer()
