@@ -164,12 +164,14 @@ def batch() -> None:
 
 def _store_error(exc: Exception) -> click.ClickException:
     first = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    return click.ClickException(f"the store could not be read: {first[0][:300] if first else type(exc).__name__}")
+    detail = first[0][:300] if first else type(exc).__name__
+    return click.ClickException(f"the store could not be read: {detail}")
 
 
 @batch.command("list")
 @click.option("--tenant", "tenant_id", help="only this tenant's batches (its id in URLs)")
-@click.option("--status", type=click.Choice(["accepted", "processing", "succeeded", "partiallySucceeded", "failed"]))
+@click.option("--status", type=click.Choice(["accepted", "processing", "succeeded", "partiallySucceeded",
+                                             "failed"]))
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10000))
 def batch_list(tenant_id: str | None, status: str | None, limit: int) -> None:
     """The newest batches: id, tenant, provider, format, status, received, counts."""
@@ -188,11 +190,12 @@ def batch_list(tenant_id: str | None, status: str | None, limit: int) -> None:
                 query = query.where(Batch.tenant_id == found)
             if status is not None:
                 query = query.where(Batch.status == status)
-            rows = session.execute(query.order_by(Batch.received_at.desc(), Batch.id.desc()).limit(limit)).all()
+            query = query.order_by(Batch.received_at.desc(), Batch.id.desc()).limit(limit)
+            rows = session.execute(query).all()
             for row, external_id in rows:
                 counts = row.counts or {}
-                summary = " ".join(f"{key}={counts[key]}" for key in ("received", "created", "updated", "stale",
-                                                                     "rejected") if key in counts)
+                keys = ("received", "created", "updated", "stale", "rejected")
+                summary = " ".join(f"{key}={counts[key]}" for key in keys if key in counts)
                 click.echo(f"{row.id}\t{external_id}\t{row.provider}\t{row.format}\t{row.status}\t"
                            f"{row.received_at.isoformat()}\t{summary}")
     except SQLAlchemyError as exc:

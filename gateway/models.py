@@ -164,7 +164,8 @@ class BatchRejection(Base):
 
     __tablename__ = "batch_rejections"
 
-    batch_id: Mapped[int] = mapped_column(BigId, ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True)
+    batch_id: Mapped[int] = mapped_column(BigId, ForeignKey("batches.id", ondelete="CASCADE"),
+                                          primary_key=True)
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     tenant_id: Mapped[int] = mapped_column(Integer)
     position: Mapped[str | None] = mapped_column(Text)

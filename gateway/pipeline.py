@@ -427,9 +427,10 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int, owner:
 
     def reject(position, reason, provider_id) -> None:
         nonlocal rejected
-        entry = {"position": clean_text(position), "reason": clean_text(reason), "providerId": clean_text(provider_id)}
-        chunk_rejections.append({"seq": rejected, "position": entry["position"], "reason": entry["reason"] or "",
-                                 "provider_id": entry["providerId"]})
+        entry = {"position": clean_text(position), "reason": clean_text(reason),
+                 "providerId": clean_text(provider_id)}
+        chunk_rejections.append({"seq": rejected, "position": entry["position"],
+                                 "reason": entry["reason"] or "", "provider_id": entry["providerId"]})
         rejected += 1
         if len(rejections) < max_rejections:
             rejections.append(entry)

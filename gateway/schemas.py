@@ -52,8 +52,8 @@ def _rejections_url(obj) -> str | None:
 
     if not has_request_context() or not (request.view_args or {}).get("tenant"):
         return None
-    return url_for("batches.list_rejections", tenant=request.view_args["tenant"], batch_id=str(_get(obj, "id")),
-                   _external=True)
+    return url_for("batches.list_rejections", tenant=request.view_args["tenant"],
+                   batch_id=str(_get(obj, "id")), _external=True)
 
 
 class SourceOut(OutSchema):

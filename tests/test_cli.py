@@ -293,9 +293,11 @@ def test_batch_list_and_show(gw, gateway_cli):
     headers = gw.partner("Qualys", [tenant])
     from tests.factories import document, finding
 
-    pushed = gw.http.post(f"/api/v1/tenants/{tenant}/batches?format=canonical", data=document([finding("q-1")]),
+    pushed = gw.http.post(f"/api/v1/tenants/{tenant}/batches?format=canonical",
+                          data=document([finding("q-1")]),
                           headers=headers | {"Content-Type": "application/json"}).get_json()["id"]
-    lines = gateway_cli("batch", "list", "--tenant", tenant, "--status", "succeeded", "--limit", "5").splitlines()
+    lines = gateway_cli("batch", "list", "--tenant", tenant, "--status", "succeeded",
+                        "--limit", "5").splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{pushed}\t{tenant}\tQualys\tcanonical\tsucceeded")
     assert gateway_cli("batch", "list", "--tenant", tenant, "--status", "failed") == ""
     shown = json.loads(gateway_cli("batch", "show", pushed))

@@ -793,7 +793,8 @@ def test_the_ingest_endpoints_answer_as_documented(world, merged):
     world.call("GET", T + "/batches", f"{ACME}/batches?status=nope", 400, headers=world.auth)
     world.call("GET", T + "/batches", "/api/v1/tenants/nobody/batches", 404, headers=world.auth)
     rejections = T + "/batches/{batch_id}/rejections"
-    page = world.call("GET", rejections, f"{ACME}/batches/{merged['id']}/rejections", 200, headers=world.auth)[0]
+    page = world.call("GET", rejections, f"{ACME}/batches/{merged['id']}/rejections", 200,
+                      headers=world.auth)[0]
     assert page["@odata.count"] == done["counts"]["rejected"] == len(page["value"])
     world.call("GET", rejections, f"{ACME}/batches/{merged['id']}/rejections?$top=0", 400, headers=world.auth)
     world.call("GET", rejections, f"{ACME}/batches/999999/rejections", 404, headers=world.auth)

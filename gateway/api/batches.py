@@ -122,8 +122,10 @@ def list_batches(tenant: str):
             try:
                 at, last_id = datetime.fromisoformat(cursor[0]), int(cursor[1])
             except (ValueError, TypeError, IndexError):
-                raise BadRequest("'$skiptoken' is not a valid paging token", code="invalidSkipToken") from None
-            query = query.where(or_(Batch.received_at < at, and_(Batch.received_at == at, Batch.id < last_id)))
+                raise BadRequest("'$skiptoken' is not a valid paging token",
+                                 code="invalidSkipToken") from None
+            query = query.where(or_(Batch.received_at < at,
+                                    and_(Batch.received_at == at, Batch.id < last_id)))
         rows = session.scalars(query.order_by(Batch.received_at.desc(), Batch.id.desc()).limit(top + 1)).all()
         body: dict = {"value": BatchOut(many=True).dump(rows[:top])}
         if len(rows) > top:

@@ -486,7 +486,8 @@ class FindingMerger:
             update_rows(self.conn, sources_t, [
                 {"id": row["_old"]["id"], "last_seen": _latest(row["last_seen"], row["_old"]["last_seen"]),
                  "provider_timestamp": row["provider_timestamp"],
-                 "provider_timestamp_is_fallback": row["provider_timestamp_is_fallback"], "product": row["product"],
+                 "provider_timestamp_is_fallback": row["provider_timestamp_is_fallback"],
+                 "product": row["product"],
                  "format": row["format"], "scan": row["scan"], "host_key": row["host_key"]}
                 for row in sorted(touched, key=lambda r: r["_old"]["id"])
             ], constants={"batch_id": self.batch_id})
@@ -759,7 +760,9 @@ def _classify(incoming: dict[tuple[str, str], dict], existing: dict[tuple[str, s
             outcome[identity] = "unchanged"
             if row["provider_timestamp"] > _aware(old["provider_timestamp"]) or _later(
                 row["last_seen"], old["last_seen"]
-            ) or bool(old.get("provider_timestamp_is_fallback")) != bool(row["provider_timestamp_is_fallback"]):
+            ) or bool(old.get("provider_timestamp_is_fallback")) != bool(
+                row["provider_timestamp_is_fallback"]
+            ):
                 row["_old"] = old
                 touched.append(row)
     return outcome, created, updated, touched
