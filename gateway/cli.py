@@ -157,6 +157,76 @@ def client_rotate(client_id: str) -> None:
     click.echo(f"revoked {revoked} access token(s)")
 
 
+@main.group()
+def batch() -> None:
+    """Inspect pushed batches."""
+
+
+def _store_error(exc: Exception) -> click.ClickException:
+    first = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    detail = first[0][:300] if first else type(exc).__name__
+    return click.ClickException(f"the store could not be read: {detail}")
+
+
+@batch.command("list")
+@click.option("--tenant", "tenant_id", help="only this tenant's batches (its id in URLs)")
+@click.option("--status", type=click.Choice(["accepted", "processing", "succeeded", "partiallySucceeded",
+                                             "failed"]))
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10000))
+def batch_list(tenant_id: str | None, status: str | None, limit: int) -> None:
+    """The newest batches: id, tenant, provider, format, status, received, counts."""
+    from sqlalchemy import select
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from gateway.models import Batch
+
+    try:
+        with _store() as db, db.sessions() as session:
+            query = select(Batch, Tenant.external_id).join(Tenant, Tenant.id == Batch.tenant_id)
+            if tenant_id is not None:
+                found = session.scalar(select(Tenant.id).where(Tenant.external_id == tenant_id))
+                if found is None:
+                    raise click.UsageError(f"unknown tenant: {tenant_id}")
+                query = query.where(Batch.tenant_id == found)
+            if status is not None:
+                query = query.where(Batch.status == status)
+            query = query.order_by(Batch.received_at.desc(), Batch.id.desc()).limit(limit)
+            rows = session.execute(query).all()
+            for row, external_id in rows:
+                counts = row.counts or {}
+                keys = ("received", "created", "updated", "stale", "rejected")
+                summary = " ".join(f"{key}={counts[key]}" for key in keys if key in counts)
+                click.echo(f"{row.id}\t{external_id}\t{row.provider}\t{row.format}\t{row.status}\t"
+                           f"{row.received_at.isoformat()}\t{summary}")
+    except SQLAlchemyError as exc:
+        raise _store_error(exc) from None
+
+
+@batch.command("show")
+@click.argument("batch_id")
+def batch_show(batch_id: str) -> None:
+    """One batch as the API answers it (JSON), with its tenant."""
+    import json
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from gateway.models import Batch
+    from gateway.schemas import BatchOut
+
+    if not (batch_id.isascii() and batch_id.isdigit() and len(batch_id) < 19):
+        raise click.UsageError(f"not a batch id: {batch_id}")
+    try:
+        with _store() as db, db.sessions() as session:
+            row = session.get(Batch, int(batch_id))
+            if row is None:
+                raise click.UsageError(f"unknown batch: {batch_id}")
+            body = BatchOut().dump(row)
+            body["tenant"] = session.get(Tenant, row.tenant_id).external_id
+    except SQLAlchemyError as exc:
+        raise _store_error(exc) from None
+    click.echo(json.dumps(body, indent=2))
+
+
 @main.command("worker")
 @click.option("--concurrency", "-c", default=2, show_default=True)
 @click.option("--beat/--no-beat", default=False, help="also run the periodic sweep in this process")

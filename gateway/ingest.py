@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import zlib
 from dataclasses import dataclass
 from typing import BinaryIO
 
 import msgspec
+from lxml import etree
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
@@ -79,9 +81,48 @@ def read_body(stream: BinaryIO, encoding: str, declared_length: int | None, limi
 
 
 LENIENT_JSON_BYTES = 16 * 1024 * 1024
+# Bodies up to this size go through a whole well-formedness pass before the 202 (the
+# app setting WELLFORMED_CHECK_MAX_BYTES overrides it); larger ones skip it, and the batch
+# says so (``bodyCheck: skipped``): their errors show when the worker parses them.
+WELLFORMED_CHECK_MAX_BYTES = 256 * 1024 * 1024
+_FEED_SIZE = 1 << 20
 
 
-def _lenient_envelope(body: bytes, error: msgspec.DecodeError) -> _Envelope:
+def _json_error(error: msgspec.DecodeError, body: bytes) -> str:
+    """msgspec's message, with the byte offset named even for a truncated document."""
+    message = str(error)
+    if "truncated" in message:
+        return f"the body is not well-formed JSON: it ends early, at byte offset {len(body)} (truncated)"
+    match = re.search(r"\(byte (\d+)\)", message)
+    if match:
+        return (f"the body is not well-formed JSON at byte offset {match.group(1)}: "
+                f"{message[: match.start()].strip()}")
+    return f"the body is not well-formed JSON: {message}"
+
+
+def check_xml(body: bytes) -> None:
+    """Stream the whole body through lxml (nothing resolved, loaded or fetched; memory flat).
+
+    The prolog is checked first by :mod:`connectors.xmlsafe` (no internal DTD subset, an
+    ASCII-compatible encoding); a syntax error is a 400 naming its line and column.
+    """
+    parser = etree.XMLPullParser(events=("end",), resolve_entities=False, no_network=True, load_dtd=False,
+                                 dtd_validation=False, huge_tree=False, remove_comments=True, remove_pis=True)
+    view = memoryview(body)
+    try:
+        for start in range(0, len(body), _FEED_SIZE):
+            parser.feed(bytes(view[start : start + _FEED_SIZE]))
+            for _, element in parser.read_events():
+                xmlsafe.release(element)
+        parser.close()
+    except etree.XMLSyntaxError as exc:
+        line, column = getattr(exc, "position", None) or (exc.lineno, 0)
+        reason = re.sub(r",? line \d+, column \d+$", "", str(exc.msg or exc))
+        raise BadRequest(f"the body is not well-formed XML at line {line}, column {column}: {reason}",
+                         code="malformedBody") from None
+
+
+def _lenient_envelope(body: bytes, error: msgspec.DecodeError, message: str | None = None) -> _Envelope:
     """Read a document msgspec refused only for an escaped UTF-16 surrogate without its pair.
 
     Such a document is well-formed JSON; the records holding the lone surrogate are
@@ -102,16 +143,23 @@ def _lenient_envelope(body: bytes, error: msgspec.DecodeError) -> _Envelope:
                     raise BadRequest(f"the body is not a canonical findings document: {exc}",
                                      code="invalidDocument") from None
             return _Envelope()
-    raise BadRequest(f"the body is not well-formed JSON: {error}", code="malformedBody") from None
+    raise BadRequest(message or f"the body is not well-formed JSON: {error}", code="malformedBody") from None
 
 
-def check_body(push: Push, body: bytes) -> str:
-    """Cheap checks that the body is this format and well-formed; return the scan type."""
+def check_body(push: Push, body: bytes, check_limit: int = WELLFORMED_CHECK_MAX_BYTES) -> tuple[str, str]:
+    """Checks that the body is this format and well-formed; return (scan type, body check).
+
+    The body check is ``passed`` (a JSON or XML body went through a whole well-formedness
+    pass), ``skipped`` (larger than ``check_limit``) or ``notNeeded`` (CSV).
+    """
     if not body.strip():
         raise BadRequest("the body is empty", code="emptyBody")
     connector = connectors.get(push.format)
     scan_type = push.scan_type
+    within = len(body) <= check_limit
+    body_check = "notNeeded"
     if "json" in connector.CONTENT_TYPES[0]:
+        body_check = "passed"
         if push.format == "canonical":
             try:
                 envelope = msgspec.json.decode(body, type=_Envelope)
@@ -119,7 +167,7 @@ def check_body(push: Push, body: bytes) -> str:
                 raise BadRequest(f"the body is not a canonical findings document: {exc}",
                                  code="invalidDocument") from None
             except msgspec.DecodeError as exc:
-                envelope = _lenient_envelope(body, exc)
+                envelope = _lenient_envelope(body, exc, _json_error(exc, body))
             if envelope.provider is not None and envelope.provider != push.provider:
                 raise Forbidden(
                     f"this client pushes as provider '{push.provider}', not '{envelope.provider}'",
@@ -130,11 +178,13 @@ def check_body(push: Push, body: bytes) -> str:
                 raise BadRequest("'scan.type' must be 'full' or 'incremental'", code="invalidDocument")
             if declared and push.scan_type == "unspecified":
                 scan_type = declared
-        else:
-            try:
-                msgspec.json.decode(body)
+        elif within:
+            try:  # validated whole, nothing built (msgspec.Raw)
+                msgspec.json.decode(body, type=msgspec.Raw)
             except msgspec.DecodeError as exc:
-                _lenient_envelope(body, exc)
+                _lenient_envelope(body, exc, _json_error(exc, body))
+        else:
+            body_check = "skipped"
     elif "xml" in connector.CONTENT_TYPES[0]:
         import io
 
@@ -144,27 +194,33 @@ def check_body(push: Push, body: bytes) -> str:
             raise BadRequest(str(exc), code="malformedBody") from None
         if not body.lstrip()[:1] == b"<" and not body.startswith(b"\xef\xbb\xbf<"):
             raise BadRequest("the body is not XML", code="malformedBody")
+        if within:
+            check_xml(body)
+            body_check = "passed"
+        else:
+            body_check = "skipped"
     if not connector.sniff(body[:65536]):
         raise BadRequest(f"the body does not look like format '{push.format}' ({connector.TITLE})",
                          code="wrongFormat")
-    return "incremental" if scan_type == "unspecified" else scan_type
+    return ("incremental" if scan_type == "unspecified" else scan_type), body_check
 
 
-def store_batch(db: Database, push: Push, body: bytes) -> tuple[Batch, bool]:
+def store_batch(db: Database, push: Push, body: bytes,
+                check_limit: int = WELLFORMED_CHECK_MAX_BYTES) -> tuple[Batch, bool]:
     """Commit the batch and its bytes; return (batch, replayed) for Idempotency-Key replays."""
     digest = hashlib.sha256(body).hexdigest()
     if push.idempotency_key:
         existing = _existing(db, push)
         if existing is not None:
             return _replay(existing, digest, push), True
-    scan_type = check_body(push, body)
+    scan_type, body_check = check_body(push, body, check_limit)
     try:
         with db.session() as session:
             batch = Batch(
                 tenant_id=push.tenant_id, client_pk=push.client_pk, provider=push.provider,
                 format=push.format, content_type=push.content_type, scan_type=scan_type,
                 body_sha256=digest, body_size=len(body), idempotency_key=push.idempotency_key,
-                status="accepted", counts={}, rejections=[], received_at=utcnow(),
+                status="accepted", counts={}, rejections=[], received_at=utcnow(), body_check=body_check,
             )
             session.add(batch)
             session.flush()

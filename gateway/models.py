@@ -153,6 +153,24 @@ class Batch(Base):
     enqueued_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    # migration 0007: live progress of the merge, why records were stale, the body's check
+    progress: Mapped[dict | None] = mapped_column(JSON)
+    stale_details: Mapped[list | None] = mapped_column(JSON)
+    body_check: Mapped[str | None] = mapped_column(String(20))
+
+
+class BatchRejection(Base):
+    """One rejected record of a batch (all of them, no cap): written per chunk by the merge."""
+
+    __tablename__ = "batch_rejections"
+
+    batch_id: Mapped[int] = mapped_column(BigId, ForeignKey("batches.id", ondelete="CASCADE"),
+                                          primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    tenant_id: Mapped[int] = mapped_column(Integer)
+    position: Mapped[str | None] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text)
+    provider_id: Mapped[str | None] = mapped_column(Text)
 
 
 class BatchBlob(Base):
@@ -355,6 +373,9 @@ class FindingSource(Base):
     first_seen: Mapped[datetime | None]
     last_seen: Mapped[datetime | None]
     provider_timestamp: Mapped[datetime]
+    # migration 0007: the provider timestamp is the batch's receive time (the record had none)
+    provider_timestamp_is_fallback: Mapped[bool] = mapped_column(Boolean, default=False,
+                                                                 server_default=text("false"))
     content_hash: Mapped[str] = mapped_column(String(32))
     batch_id: Mapped[int | None] = mapped_column(BigId)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -31,12 +31,14 @@ from connectors.model import AlertRecord, FindingRecord, FormatError, Observatio
 from gateway.db import Database
 from gateway.errors import is_unavailable
 from gateway.merge.findings import FindingMerger
-from gateway.models import Batch, BatchBlob, OAuthClient, utcnow
+from gateway.merge.sql import insert_rows
+from gateway.models import Batch, BatchBlob, BatchRejection, OAuthClient, utcnow
 
 log = logging.getLogger(__name__)
 
 batches = Batch.__table__
 blobs = BatchBlob.__table__
+rejections_t = BatchRejection.__table__
 clients = OAuthClient.__table__
 ALERT_SCOPE_REASON = "an alert record needs a client with the alerts.write scope"
 
@@ -289,6 +291,8 @@ def _claim(db: Database, batch_id: int, owner: str, max_attempts: int, lease_sec
                 or_(batches.c.lease_owner.is_(None), batches.c.lease_owner == owner,
                     batches.c.lease_expires_at.is_(None), batches.c.lease_expires_at <= now),
             ).values(status="processing", attempts=batches.c.attempts + 1, started_at=now,
+                     progress={"chunks": 0, "recordsParsed": 0, "recordsMerged": 0, "recordsRejected": 0,
+                               "done": False, "updatedAt": now.isoformat()},
                      lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds))
         ).rowcount
         return None if claimed else "busy"
@@ -384,6 +388,28 @@ def _is_transient(exc: DBAPIError) -> bool:
     return "database is locked" in str(exc)
 
 
+def _progress(chunks: int, parsed: int, rejected: int, done: bool) -> dict:
+    return {"chunks": chunks, "recordsParsed": parsed, "recordsMerged": parsed - rejected,
+            "recordsRejected": rejected, "done": done, "updatedAt": utcnow().isoformat()}
+
+
+def _write_progress(engine, batch_id: int, owner: str, progress: dict) -> None:
+    """Record a merge's progress in a short transaction of its own (PostgreSQL).
+
+    The merge's own transaction is invisible until it commits, so progress is written beside
+    it: the update takes no lock the merge holds (the merge locks the batch row only in its
+    last statement; its rejection rows take a key-share lock, which a non-key update does not
+    wait for).  On SQLite the merge holds the only write lock, so progress is kept in memory
+    and written with the final status.  A failed write is only logged: progress is advisory.
+    """
+    try:
+        with engine.begin() as other:
+            other.execute(update(batches).where(batches.c.id == batch_id, batches.c.lease_owner == owner,
+                                                batches.c.status == "processing").values(progress=progress))
+    except Exception as exc:  # noqa: BLE001 - the merge sees real trouble itself
+        log.warning("batch %s: progress not recorded: %s", batch_id, exc)
+
+
 def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int, owner: str) -> str:
     connector = connectors.get(batch.format)
     options = ParseOptions(provider=batch.provider, received_at=batch.received_at)
@@ -395,8 +421,20 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int, owner:
 
     alert_merger = AlertMerger(conn, batch.tenant_id, batch.provider, batch.id, cause)
     knowledge_merger = KnowledgeMerger(conn, batch.tenant_id, batch.provider, batch.id)
-    received = rejected = 0
-    rejections: list[dict] = []
+    received = rejected = chunk_count = 0
+    rejections: list[dict] = []  # the first ``max_rejections``, embedded in the batch's answer
+    chunk_rejections: list[dict] = []  # every one, written to batch_rejections once per chunk
+
+    def reject(position, reason, provider_id) -> None:
+        nonlocal rejected
+        entry = {"position": clean_text(position), "reason": clean_text(reason),
+                 "providerId": clean_text(provider_id)}
+        chunk_rejections.append({"seq": rejected, "position": entry["position"],
+                                 "reason": entry["reason"] or "", "provider_id": entry["providerId"]})
+        rejected += 1
+        if len(rejections) < max_rejections:
+            rejections.append(entry)
+
     # Alerts need alerts.write: a findings format that carries some (OCSF Detection findings)
     # lands them only for a client registered with that scope.
     client_scopes = conn.execute(select(clients.c.scope).where(clients.c.id == batch.client_pk)).scalar() or ""
@@ -412,11 +450,8 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int, owner:
             if not isinstance(record, Rejected):
                 problem = unstorable_text(record)
                 if problem:
-                    rejected += 1
-                    if len(rejections) < max_rejections:
-                        rejections.append({"position": f"record {received - 1}", "reason": problem,
-                                           "providerId": clean_text(getattr(record, "provider_id", None)
-                                                                    or getattr(record, "vendor_id", None))})
+                    reject(f"record {received - 1}", problem,
+                           getattr(record, "provider_id", None) or getattr(record, "vendor_id", None))
                     continue
             if isinstance(record, FindingRecord):
                 findings.append(record)
@@ -426,24 +461,25 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int, owner:
                 if may_push_alerts:
                     alerts.append(record)
                 else:  # a findings format that also carries alerts (OCSF detections)
-                    rejected += 1
-                    if len(rejections) < max_rejections:
-                        rejections.append({"position": f"record {received - 1}", "reason": ALERT_SCOPE_REASON,
-                                           "providerId": record.provider_id})
+                    reject(f"record {received - 1}", ALERT_SCOPE_REASON, record.provider_id)
             elif isinstance(record, VulnerabilityInfo):
                 knowledge.append(record)
             elif isinstance(record, Rejected):
-                rejected += 1
-                if len(rejections) < max_rejections:
-                    rejections.append({"position": clean_text(record.position),
-                                       "reason": clean_text(record.reason),
-                                       "providerId": clean_text(record.provider_id)})
+                reject(record.position, record.reason, record.provider_id)
         if knowledge:
             knowledge_merger.merge_chunk(knowledge)
         if findings or observations:
             finding_merger.merge_chunk(knowledge_merger.enrich(findings) if findings else [], observations)
         if alerts:
             alert_merger.merge_chunk(alerts)
+        if chunk_rejections:  # one statement per chunk, in the merge's transaction
+            insert_rows(conn, rejections_t, chunk_rejections, constants={"batch_id": batch.id,
+                                                                         "tenant_id": batch.tenant_id})
+            chunk_rejections.clear()
+        chunk_count += 1
+        progress = _progress(chunk_count, received, rejected, done=False)
+        if conn.dialect.name == "postgresql":
+            _write_progress(conn.engine, batch.id, owner, progress)
     if batch.scan_type == "full":
         finding_merger.resolve_unreported()
         from gateway.merge.observations import remove_unreported
@@ -468,6 +504,8 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int, owner:
         update(batches).where(batches.c.id == batch.id, batches.c.lease_owner == owner,
                               batches.c.status == "processing").values(
             status=status, counts=counts, rejections=rejections, finished_at=utcnow(),
+            progress=_progress(chunk_count, received, rejected, done=True),
+            stale_details=finding_merger.stale_examples,
             error="every record was rejected" if status == "failed" else None,
             lease_owner=None, lease_expires_at=None,
         )

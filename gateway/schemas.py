@@ -33,11 +33,27 @@ class BatchOut(OutSchema):
     idempotencyKey = fields.String(attribute="idempotency_key", allow_none=True)
     counts = fields.Dict()
     rejections = fields.List(fields.Dict())
+    rejectionsTruncated = fields.Function(
+        lambda obj: int((_get(obj, "counts") or {}).get("rejected", 0)) > len(_get(obj, "rejections") or []))
+    rejectionsUrl = fields.Function(lambda obj: _rejections_url(obj))
+    staleDetails = fields.Function(lambda obj: _get(obj, "stale_details") or [])
+    progress = fields.Function(lambda obj: _get(obj, "progress"))
+    bodyCheck = fields.String(attribute="body_check", allow_none=True)
     error = fields.String(allow_none=True)
     attempts = fields.Integer()
     receivedAt = fields.DateTime(attribute="received_at")
     startedAt = fields.DateTime(attribute="started_at", allow_none=True)
     finishedAt = fields.DateTime(attribute="finished_at", allow_none=True)
+
+
+def _rejections_url(obj) -> str | None:
+    """The batch's full list of rejected records (in a request naming a tenant), else None."""
+    from flask import has_request_context, request, url_for
+
+    if not has_request_context() or not (request.view_args or {}).get("tenant"):
+        return None
+    return url_for("batches.list_rejections", tenant=request.view_args["tenant"],
+                   batch_id=str(_get(obj, "id")), _external=True)
 
 
 class SourceOut(OutSchema):

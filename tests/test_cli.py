@@ -284,3 +284,29 @@ def test_the_embedded_servers_request_line_fits_every_documented_limit(pg_gw, li
     _check_documented_limits(pg_gw, port)
     status, kind, _ = _send(port, "GET", "/healthz?x=" + "a" * 70_000, {})
     assert status == 414  # the server's own cap, far above any request within the documented limits
+
+
+def test_batch_list_and_show(gw, gateway_cli):
+    import json
+
+    tenant = gw.tenant()
+    headers = gw.partner("Qualys", [tenant])
+    from tests.factories import document, finding
+
+    pushed = gw.http.post(f"/api/v1/tenants/{tenant}/batches?format=canonical",
+                          data=document([finding("q-1")]),
+                          headers=headers | {"Content-Type": "application/json"}).get_json()["id"]
+    lines = gateway_cli("batch", "list", "--tenant", tenant, "--status", "succeeded",
+                        "--limit", "5").splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{pushed}\t{tenant}\tQualys\tcanonical\tsucceeded")
+    assert gateway_cli("batch", "list", "--tenant", tenant, "--status", "failed") == ""
+    shown = json.loads(gateway_cli("batch", "show", pushed))
+    assert shown["id"] == pushed and shown["tenant"] == tenant and shown["counts"]["created"] == 1
+    for args, message in ((["batch", "show", "999999"], "unknown batch: 999999"),
+                          (["batch", "show", "x"], "not a batch id: x"),
+                          (["batch", "list", "--tenant", "nobody"], "unknown tenant: nobody")):
+        result = CliRunner().invoke(cli.main, args, env=gateway_cli.env)
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    broken = CliRunner().invoke(cli.main, ["batch", "list"],
+                                env=gateway_cli.env | {"GATEWAY_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/x"})
+    assert broken.exit_code == 1 and len(broken.output.strip().splitlines()) == 1, broken.output

@@ -793,6 +793,16 @@ def test_the_ingest_endpoints_answer_as_documented(world, merged):
     world.call("GET", batch, f"{ACME}/batches/999999", 404, headers=world.auth)
     world.call("GET", batch, f"{ACME}/batches/not-an-id", 404, headers=world.auth)
     world.call("GET", batch, f"{ACME}/batches/{merged['id']}", 401)
+    listed = world.call("GET", T + "/batches", f"{ACME}/batches?$top=1", 200, headers=world.auth)[0]
+    assert listed["value"] and "@odata.nextLink" in listed
+    world.call("GET", T + "/batches", f"{ACME}/batches?status=nope", 400, headers=world.auth)
+    world.call("GET", T + "/batches", "/api/v1/tenants/nobody/batches", 404, headers=world.auth)
+    rejections = T + "/batches/{batch_id}/rejections"
+    page = world.call("GET", rejections, f"{ACME}/batches/{merged['id']}/rejections", 200,
+                      headers=world.auth)[0]
+    assert page["@odata.count"] == done["counts"]["rejected"] == len(page["value"])
+    world.call("GET", rejections, f"{ACME}/batches/{merged['id']}/rejections?$top=0", 400, headers=world.auth)
+    world.call("GET", rejections, f"{ACME}/batches/999999/rejections", 404, headers=world.auth)
 
 
 @pytest.mark.parametrize("name", sorted(COLLECTIONS))

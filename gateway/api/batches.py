@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from flask import Blueprint, current_app, g, jsonify, request, url_for
-from sqlalchemy import select
+from itsdangerous import BadSignature, URLSafeSerializer
+from sqlalchemy import and_, or_, select
 
 import connectors
 from gateway.auth import require_scope, tenant_for_caller
 from gateway.errors import BadRequest, Forbidden, NotFound, UnsupportedMediaType
-from gateway.ingest import Push, read_body, store_batch
-from gateway.models import Batch
+from gateway.ingest import WELLFORMED_CHECK_MAX_BYTES, Push, read_body, store_batch
+from gateway.models import Batch, BatchRejection
 from gateway.schemas import BatchOut
 
 blueprint = Blueprint("batches", __name__, url_prefix="/api/v1/tenants/<tenant>")
@@ -19,6 +22,144 @@ _SCOPE_FOR_KIND = {"findings": "findings.write", "knowledge_base": "findings.wri
 
 def _db():
     return current_app.extensions["gateway.db"]
+
+
+DEFAULT_TOP = 100
+MAX_TOP = 1000
+BATCH_STATUSES = ("accepted", "processing", "succeeded", "partiallySucceeded", "failed")
+
+
+def _visible(query, tenant_id: int):
+    """The tenant's batches the caller may see: all of them with security.read, else its own."""
+    query = query.where(Batch.tenant_id == tenant_id)
+    if "security.read" not in g.caller.scopes:
+        query = query.where(Batch.client_pk == g.caller.client_pk)
+    return query
+
+
+def _find_batch(session, tenant_row, batch_id: str) -> Batch:
+    batch = None
+    if batch_id.isascii() and batch_id.isdigit() and len(batch_id) < 19:
+        batch = session.scalar(_visible(select(Batch).where(Batch.id == int(batch_id)), tenant_row.id))
+    if batch is None:
+        raise NotFound(f"batch '{batch_id}' not found")
+    return batch
+
+
+def _serializer() -> URLSafeSerializer:
+    return URLSafeSerializer(current_app.config["SECRET_KEY"], salt="gateway.batches.cursor.v1")
+
+
+def _top() -> int:
+    raw = request.args.get("$top")
+    if raw is None:
+        return DEFAULT_TOP
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_TOP:
+        raise BadRequest(f"'$top' must be an integer from 1 to {MAX_TOP}", code="invalidParameter")
+    return int(raw)
+
+
+def _cursor(fingerprint: list):
+    """The keyset position a ``$skiptoken`` carries, checked to belong to this query; or None."""
+    token = request.args.get("$skiptoken")
+    if token is None:
+        return None
+    try:
+        data = _serializer().loads(token)
+    except BadSignature:
+        raise BadRequest("'$skiptoken' is not a valid paging token", code="invalidSkipToken") from None
+    if not isinstance(data, dict) or data.get("f") != fingerprint or not isinstance(data.get("v"), list):
+        raise BadRequest("'$skiptoken' does not belong to this query", code="invalidSkipToken")
+    return data["v"]
+
+
+def _when(name: str) -> datetime | None:
+    raw = request.args.get(name)
+    if raw is None:
+        return None
+    try:
+        value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadRequest(f"'{name}' must be an ISO 8601 date-time, e.g. 2026-01-31T12:00:00Z",
+                         code="invalidParameter") from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _next_link(endpoint: str, token: str, **values) -> str:
+    args = {k: v for k, v in request.args.items() if k != "$skiptoken"}
+    args["$skiptoken"] = token
+    return url_for(endpoint, **values, **args, _external=True)
+
+
+@blueprint.get("/batches")
+@require_scope("security.read", "findings.write", "alerts.write")
+def list_batches(tenant: str):
+    """The tenant's batches, newest first (a provider client's own only), with keyset paging."""
+    status = request.args.get("status")
+    if status is not None and status not in BATCH_STATUSES:
+        raise BadRequest("'status' must be one of: " + ", ".join(BATCH_STATUSES), code="invalidParameter")
+    format_name = request.args.get("format")
+    if format_name is not None and format_name not in connectors.formats():
+        raise BadRequest(f"unknown format '{format_name}'; one of: " + ", ".join(connectors.formats()),
+                         code="unknownFormat")
+    after, before = _when("receivedAfter"), _when("receivedBefore")
+    top = _top()
+    with _db().sessions() as session:
+        tenant_row = tenant_for_caller(session, tenant)
+        fingerprint = [tenant_row.id, g.caller.client_pk if "security.read" not in g.caller.scopes else None,
+                       status, format_name, after and after.isoformat(), before and before.isoformat()]
+        query = _visible(select(Batch), tenant_row.id)
+        if status is not None:
+            query = query.where(Batch.status == status)
+        if format_name is not None:
+            query = query.where(Batch.format == format_name)
+        if after is not None:
+            query = query.where(Batch.received_at > after)
+        if before is not None:
+            query = query.where(Batch.received_at < before)
+        cursor = _cursor(fingerprint)
+        if cursor is not None:
+            try:
+                at, last_id = datetime.fromisoformat(cursor[0]), int(cursor[1])
+            except (ValueError, TypeError, IndexError):
+                raise BadRequest("'$skiptoken' is not a valid paging token",
+                                 code="invalidSkipToken") from None
+            query = query.where(or_(Batch.received_at < at,
+                                    and_(Batch.received_at == at, Batch.id < last_id)))
+        rows = session.scalars(query.order_by(Batch.received_at.desc(), Batch.id.desc()).limit(top + 1)).all()
+        body: dict = {"value": BatchOut(many=True).dump(rows[:top])}
+        if len(rows) > top:
+            last = rows[top - 1]
+            token = _serializer().dumps({"f": fingerprint, "v": [last.received_at.isoformat(), last.id]})
+            body["@odata.nextLink"] = _next_link("batches.list_batches", token, tenant=tenant)
+    return jsonify(body)
+
+
+@blueprint.get("/batches/<batch_id>/rejections")
+@require_scope("security.read", "findings.write", "alerts.write")
+def list_rejections(tenant: str, batch_id: str):
+    """Every rejected record of a batch, in order, with keyset paging."""
+    top = _top()
+    with _db().sessions() as session:
+        tenant_row = tenant_for_caller(session, tenant)
+        batch = _find_batch(session, tenant_row, batch_id)
+        fingerprint = [tenant_row.id, batch.id]
+        query = select(BatchRejection).where(BatchRejection.tenant_id == tenant_row.id,
+                                             BatchRejection.batch_id == batch.id)
+        cursor = _cursor(fingerprint)
+        if cursor is not None:
+            if len(cursor) != 1 or not isinstance(cursor[0], int):
+                raise BadRequest("'$skiptoken' is not a valid paging token", code="invalidSkipToken")
+            query = query.where(BatchRejection.seq > cursor[0])
+        rows = session.scalars(query.order_by(BatchRejection.seq).limit(top + 1)).all()
+        body: dict = {"@odata.count": int((batch.counts or {}).get("rejected", 0)),
+                      "value": [{"seq": row.seq, "position": row.position, "reason": row.reason,
+                                 "providerId": row.provider_id} for row in rows[:top]]}
+        if len(rows) > top:
+            token = _serializer().dumps({"f": fingerprint, "v": [rows[top - 1].seq]})
+            body["@odata.nextLink"] = _next_link("batches.list_rejections", token, tenant=tenant,
+                                                 batch_id=batch_id)
+    return jsonify(body)
 
 
 @blueprint.post("/batches")
@@ -63,7 +204,8 @@ def push_batch(tenant: str):
         content_encoding=request.headers.get("Content-Encoding", ""),
         declared_length=request.content_length, scan_type=scan_type, idempotency_key=idempotency_key,
     )
-    batch, replayed = store_batch(_db(), push, body)
+    batch, replayed = store_batch(_db(), push, body, current_app.config.get(
+        "WELLFORMED_CHECK_MAX_BYTES", WELLFORMED_CHECK_MAX_BYTES))
     if not replayed:
         from workers.tasks import enqueue
 
@@ -85,10 +227,5 @@ def get_batch(tenant: str, batch_id: str):
     """A batch's status, counts and rejected records."""
     with _db().sessions() as session:
         tenant_row = tenant_for_caller(session, tenant)
-        batch = None
-        if batch_id.isascii() and batch_id.isdigit() and len(batch_id) < 19:
-            batch = session.scalar(
-                select(Batch).where(Batch.id == int(batch_id), Batch.tenant_id == tenant_row.id))
-        if batch is None:
-            raise NotFound(f"batch '{batch_id}' not found")
+        batch = _find_batch(session, tenant_row, batch_id)
     return jsonify(BatchOut().dump(batch))

@@ -114,6 +114,7 @@ class FindingMerger:
         self.observed_resources: set[int] = set()
         self.touched_recommendations: set[tuple[int, int]] = set()
         self._type_ids: dict[str, int] = {}
+        self.stale_examples: list[dict] = []  # a few records counted stale, and what they lost to
 
     # -- recommendation types -------------------------------------------------------------
 
@@ -233,7 +234,7 @@ class FindingMerger:
             self._fold_stored(earlier)
 
         existing = self._existing_sources(sorted({pid for pid, _ in incoming}))
-        outcome, created, updated, touched = _classify(incoming, existing)
+        outcome, created, updated, touched = _classify(incoming, existing, self.stale_examples)
         moved = [row for row in updated if row["resource_id"] != row["_old"]["resource_id"]]
         finding_ids = self._ensure_findings(created + moved, now)
         for row in created + moved:
@@ -254,7 +255,7 @@ class FindingMerger:
             recheck |= {row["finding_id"] for row in lost} & created_ids
             again, created_again, updated_again, touched_again = _classify(
                 {(row["provider_id"], row["correlation_key"]): row for row in lost},
-                self._existing_sources(sorted({row["provider_id"] for row in lost})))
+                self._existing_sources(sorted({row["provider_id"] for row in lost})), self.stale_examples)
             outcome.update(again)
             for row in updated_again + touched_again:
                 if row["resource_id"] == row["_old"]["resource_id"]:
@@ -311,6 +312,7 @@ class FindingMerger:
             "first_seen": record.first_seen,
             "last_seen": record.last_seen,
             "provider_timestamp": provider_ts,
+            "provider_timestamp_is_fallback": not (record.provider_timestamp or record.last_seen),
             "product": record.product or self.product,
             "format": self.format,
             "scan": (record.scan or None) and record.scan[:500],
@@ -327,6 +329,7 @@ class FindingMerger:
         query = (
             select(sources_t.c.id, sources_t.c.provider_id, sources_t.c.correlation_key,
                    sources_t.c.finding_id, sources_t.c.resource_id, sources_t.c.provider_timestamp,
+                   sources_t.c.provider_timestamp_is_fallback, sources_t.c.batch_id,
                    sources_t.c.content_hash, sources_t.c.state, sources_t.c.first_seen,
                    sources_t.c.last_seen)
             .where(sources_t.c.tenant_id == self.tenant_id, sources_t.c.provider == self.provider,
@@ -470,7 +473,8 @@ class FindingMerger:
             fields = ["finding_id", "resource_id", "vendor_id", "state", "title", "severity",
                       "severity_original", "severity_scale", "description", "remediation", "evidence",
                       "cvss_score", "cvss_vector", "references", "extra", "last_seen",
-                      "provider_timestamp", "content_hash", "product", "format", "scan", "host_key"]
+                      "provider_timestamp", "provider_timestamp_is_fallback", "content_hash", "product",
+                      "format", "scan", "host_key"]
             changes = []
             for row in sorted(updated, key=lambda r: r["_old"]["id"]):
                 change = {"id": row["_old"]["id"]} | {name: row[name] for name in fields}
@@ -481,7 +485,9 @@ class FindingMerger:
         if touched:
             update_rows(self.conn, sources_t, [
                 {"id": row["_old"]["id"], "last_seen": _latest(row["last_seen"], row["_old"]["last_seen"]),
-                 "provider_timestamp": row["provider_timestamp"], "product": row["product"],
+                 "provider_timestamp": row["provider_timestamp"],
+                 "provider_timestamp_is_fallback": row["provider_timestamp_is_fallback"],
+                 "product": row["product"],
                  "format": row["format"], "scan": row["scan"], "host_key": row["host_key"]}
                 for row in sorted(touched, key=lambda r: r["_old"]["id"])
             ], constants={"batch_id": self.batch_id})
@@ -708,11 +714,27 @@ class FindingMerger:
         return existing
 
 
-def _classify(incoming: dict[tuple[str, str], dict], existing: dict[tuple[str, str], dict]):
+STALE_EXAMPLES = 10
+
+
+def _older(row: dict, old: dict) -> bool:
+    """The incoming row is older than the stored one (and so stale).
+
+    A stored timestamp that is only a fallback (the receive time of a batch whose record had
+    no time of its own) is older than any real provider timestamp.
+    """
+    if old.get("provider_timestamp_is_fallback") and not row.get("provider_timestamp_is_fallback"):
+        return False
+    return row["provider_timestamp"] < _aware(old["provider_timestamp"])
+
+
+def _classify(incoming: dict[tuple[str, str], dict], existing: dict[tuple[str, str], dict],
+              stale_examples: list[dict] | None = None):
     """Each incoming source row against the stored one: (outcome by identity, created, updated, touched).
 
     ``updated`` and ``touched`` rows (unchanged content, but seen later) get the stored row as
-    ``_old``; stale rows (older than the stored one) are only counted.
+    ``_old``; stale rows (older than the stored one) are only counted, and the first few
+    described in ``stale_examples``.
     """
     outcome: dict[tuple[str, str], str] = {}
     created, updated, touched = [], [], []
@@ -721,8 +743,15 @@ def _classify(incoming: dict[tuple[str, str], dict], existing: dict[tuple[str, s
         if old is None:
             outcome[identity] = "created"
             created.append(row)
-        elif row["provider_timestamp"] < _aware(old["provider_timestamp"]):
+        elif _older(row, old):
             outcome[identity] = "stale"
+            if stale_examples is not None and len(stale_examples) < STALE_EXAMPLES:
+                stale_examples.append({
+                    "providerId": row["provider_id"], "correlationKey": row["correlation_key"],
+                    "providerTimestamp": _aware(row["provider_timestamp"]).isoformat(),
+                    "storedProviderTimestamp": _aware(old["provider_timestamp"]).isoformat(),
+                    "storedFromBatch": None if old.get("batch_id") is None else str(old["batch_id"]),
+                })
         elif row["content_hash"] != old["content_hash"] or row["resource_id"] != old["resource_id"]:
             outcome[identity] = "updated"
             row["_old"] = old
@@ -731,6 +760,8 @@ def _classify(incoming: dict[tuple[str, str], dict], existing: dict[tuple[str, s
             outcome[identity] = "unchanged"
             if row["provider_timestamp"] > _aware(old["provider_timestamp"]) or _later(
                 row["last_seen"], old["last_seen"]
+            ) or bool(old.get("provider_timestamp_is_fallback")) != bool(
+                row["provider_timestamp_is_fallback"]
             ):
                 row["_old"] = old
                 touched.append(row)
