@@ -7,6 +7,7 @@ from sqlalchemy import select
 
 import connectors
 from gateway.auth import require_scope, tenant_for_caller
+from gateway import logs
 from gateway.errors import BadRequest, Forbidden, NotFound, UnsupportedMediaType
 from gateway.ingest import Push, read_body, store_batch
 from gateway.models import Batch
@@ -64,6 +65,7 @@ def push_batch(tenant: str):
         declared_length=request.content_length, scan_type=scan_type, idempotency_key=idempotency_key,
     )
     batch, replayed = store_batch(_db(), push, body)
+    logs.bind(batch_id=batch.id)  # on the request's remaining log lines (reset at teardown)
     if not replayed:
         from workers.tasks import enqueue
 
