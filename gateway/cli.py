@@ -90,7 +90,7 @@ def migrate_command() -> None:
     if applied:
         click.echo(f"applied {len(applied)} migration(s) to {describe_store(url)} "
                    f"(from {before or 'an empty store'}): {', '.join(applied)}")
-    click.echo(f"database is up to date (revision {applied[-1] if applied else before})")
+    click.echo(f"database is up to date (revision {applied[-1].split()[0] if applied else before})")
 
 
 @main.command("check")

@@ -165,7 +165,7 @@ def mask_url(url: str | None) -> str:
 def describe_store(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme.startswith("sqlite"):
-        return f"SQLite {parts.path or url}"
+        return f"SQLite {url.split(':///', 1)[1] if ':///' in url else url}"
     return f"PostgreSQL {parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
 
 

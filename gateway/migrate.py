@@ -51,7 +51,8 @@ def applied_upgrade(database_url: str) -> tuple[str | None, list[str]]:
     before = current_revision(database_url)
     config = alembic_config(database_url)
     script = ScriptDirectory.from_config(config)
-    pending = [rev.revision for rev in script.iterate_revisions("head", before)]
+    pending = [f"{rev.revision} ({(rev.doc or '').strip().rstrip('.')})" if rev.doc else rev.revision
+               for rev in script.iterate_revisions("head", before)]
     pending.reverse()
     command.upgrade(config, "head")
     return before, pending

@@ -20,7 +20,8 @@ from tests.conftest import QUEUE, REDIS_URL, SECRET, make_app, wait_for
 DOCUMENT = {"findings": [
     {"id": "f-1", "resource": {"hostname": "web-1"}, "title": "xz", "severity": "critical",
      "cves": ["CVE-2024-3094"]},
-    {"id": "f-2", "resource": {"hostname": "web-2"}, "title": "tls", "severity": "low", "cves": ["CVE-2024-0001"]},
+    {"id": "f-2", "resource": {"hostname": "web-2"}, "title": "tls", "severity": "low",
+     "cves": ["CVE-2024-0001"]},
     {"id": "f-3", "resource": {}, "title": "no resource"},
 ]}
 
@@ -199,9 +200,9 @@ def test_a_bad_request_id_is_replaced_and_a_missing_one_generated(gw):
 
 
 def test_the_json_format_puts_the_ids_on_each_line():
-    record = logging.getLogRecordFactory()("gateway.x", logging.INFO, __file__, 1, "merged %s", ("b",), None)
+    factory = logging.getLogRecordFactory()
     with logs.context(request_id="r-1", batch_id=7):
-        record = logging.getLogRecordFactory()("gateway.x", logging.INFO, __file__, 1, "merged %s", ("b",), None)
+        record = factory("gateway.x", logging.INFO, __file__, 1, "merged %s", ("b",), None)
     line = json.loads(logs.formatter("json").format(record))
     assert line["message"] == "merged b" and line["request_id"] == "r-1" and line["batch_id"] == "7"
     assert line["level"] == "INFO" and line["logger"] == "gateway.x" and "tenant" not in line

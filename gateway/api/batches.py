@@ -6,8 +6,8 @@ from flask import Blueprint, current_app, g, jsonify, request, url_for
 from sqlalchemy import select
 
 import connectors
-from gateway.auth import require_scope, tenant_for_caller
 from gateway import logs
+from gateway.auth import require_scope, tenant_for_caller
 from gateway.errors import BadRequest, Forbidden, NotFound, UnsupportedMediaType
 from gateway.ingest import Push, read_body, store_batch
 from gateway.models import Batch
