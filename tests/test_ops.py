@@ -293,3 +293,32 @@ def test_api_and_worker_say_what_they_use_with_secrets_masked(clean_env, pg_url,
     assert lines == [f"gateway {role}: store {host}, broker redis://:***@127.0.0.1:6379/5, queue gateway, "
                      "logs json" for role in ("api", "worker")]
     assert not [r for r in caplog.records if "hunter2" in r.getMessage()]
+
+
+def test_a_real_worker_logs_json_lines_with_the_pushs_request_id(pg_gw, redis_clean, tmp_path):
+    from gateway.models import Batch
+    from tests.test_pipeline import _logged_worker, _stop
+
+    process, log = _logged_worker(pg_gw.app.config["DATABASE_URL"], tmp_path / "worker.log", concurrency=1)
+    try:
+        tenant = pg_gw.tenant()
+        headers = pg_gw.partner("Contoso", [tenant])
+        response = push(pg_gw, tenant, headers, request_id="real-worker-1")
+        batch_id = response.get_json()["id"]
+
+        def finished():
+            with pg_gw.db.sessions() as session:
+                return session.get(Batch, int(batch_id)).status not in ("accepted", "processing")
+
+        wait_for(finished, timeout=60)
+        wait_for(lambda: "merged" in (tmp_path / "worker.log").read_text(), timeout=10)
+    finally:
+        _stop(process, log)
+    lines = [json.loads(line) for line in (tmp_path / "worker.log").read_text().splitlines()
+             if line.startswith("{")]
+    assert lines, (tmp_path / "worker.log").read_text()[-2000:]
+    assert lines[0]["message"].startswith("gateway worker: store PostgreSQL")
+    of_batch = [line for line in lines if line.get("batch_id") == batch_id]
+    assert [line["message"] for line in of_batch if line["logger"] == "workers.tasks"] == \
+        [f"batch {batch_id} merged: partiallySucceeded"]
+    assert all(line["request_id"] == "real-worker-1" for line in of_batch)
