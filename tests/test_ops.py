@@ -322,3 +322,20 @@ def test_a_real_worker_logs_json_lines_with_the_pushs_request_id(pg_gw, redis_cl
     assert [line["message"] for line in of_batch if line["logger"] == "workers.tasks"] == \
         [f"batch {batch_id} merged: partiallySucceeded"]
     assert all(line["request_id"] == "real-worker-1" for line in of_batch)
+
+
+def test_the_celery_worker_refuses_a_private_store_with_one_line(tmp_path):
+    import os
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {name: value for name, value in os.environ.items() if not name.startswith("GATEWAY_")}
+    env.update(GATEWAY_HOME=str(tmp_path), GATEWAY_BROKER_URL=REDIS_URL, PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-m", "celery", "-A", "workers.app", "worker"], env=env,
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"gateway worker: this worker takes tasks from {REDIS_URL} but would merge into a "
+        "private SQLite store")
+    assert "Traceback" not in result.stderr
