@@ -32,6 +32,7 @@ from flask import Flask, current_app, g, jsonify, request, url_for
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from gateway import logs
 from gateway.errors import Forbidden, NotFound, Unauthorized
 from gateway.models import ClientTenant, OAuthClient, OAuthToken, Tenant
 
@@ -315,6 +316,7 @@ def require_scope(*scopes: str) -> Callable:
         @wraps(view)
         def wrapper(*args, **kwargs):
             caller = authenticate()
+            logs.bind(client_id=caller.client_id)  # reset with the request's ids at teardown
             if not caller.scopes.intersection(scopes):
                 raise Forbidden(
                     f"the access token lacks the required scope ({' or '.join(scopes)})",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -14,9 +15,18 @@ from typing import Any
 
 import click
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from gateway.auth import SCOPES, hash_secret, new_client_secret, revoke_client_tokens
-from gateway.config import load_config
+from gateway.config import (
+    ConfigError,
+    check_startup,
+    describe_store,
+    effective,
+    load_config,
+    mask_url,
+    unknown_environment_names,
+)
 from gateway.db import Database
 from gateway.models import ClientTenant, OAuthClient, Tenant, utcnow
 
@@ -24,26 +34,105 @@ from gateway.models import ClientTenant, OAuthClient, Tenant, utcnow
 @contextmanager
 def _store() -> Iterator[Database]:
     """The configured store, its engine closed when the command is done."""
-    db = Database(load_config()["DATABASE_URL"])
+    db = Database(_config()["DATABASE_URL"])
     try:
         yield db
     finally:
         db.dispose()
 
 
-@click.group()
+def _config() -> dict[str, Any]:
+    config = load_config()
+    for name in unknown_environment_names():
+        click.echo(f"warning: unknown setting {name} ignored", err=True)
+    return config
+
+
+def _one_line(exc: BaseException) -> str:
+    """What went wrong, in one line, for errors a command does not handle itself."""
+    if isinstance(exc, ConfigError):
+        return f"configuration: {exc}"
+    if isinstance(exc, DBAPIError):
+        text = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
+        if re.search(r"no such table|relation .* does not exist", text) or "UndefinedTable" in type(
+                exc.orig).__name__:
+            return "the store has no schema (or an old one): run gateway migrate"
+        if isinstance(exc, OperationalError):
+            return f"the store does not answer: {text}"
+        return f"the store refused the change: {text}"
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+class Group(click.Group):
+    """Errors end a command with one line on stderr and status 1, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit, KeyboardInterrupt):
+            raise
+        except (ConfigError, DBAPIError) as exc:
+            raise click.ClickException(_one_line(exc)) from None
+
+
+@click.group(cls=Group)
 def main() -> None:
     """Partner integration gateway."""
 
 
 @main.command("migrate")
 def migrate_command() -> None:
-    """Apply the database migrations (creates the schema on a new database)."""
-    from gateway.migrate import upgrade
+    """Apply the database migrations (creates the schema on a new database); say which."""
+    from gateway.migrate import applied_upgrade
 
-    url = load_config()["DATABASE_URL"]
-    upgrade(url)
-    click.echo("database is up to date")
+    url = _config()["DATABASE_URL"]
+    before, applied = applied_upgrade(url)
+    if applied:
+        click.echo(f"applied {len(applied)} migration(s) to {describe_store(url)} "
+                   f"(from {before or 'an empty store'}): {', '.join(applied)}")
+    click.echo(f"database is up to date (revision {applied[-1].split()[0] if applied else before})")
+
+
+@main.command("check")
+def check_command() -> None:
+    """Print the effective configuration (secrets masked) and test the store and the broker."""
+    from gateway.api.health import check_broker, check_store
+
+    config = _config()
+    for name, value in effective(config).items():
+        click.echo(f"{name}={value}")
+    failed = False
+    db = Database(config["DATABASE_URL"])
+    try:
+        state, revision = check_store(db.engine)
+        if state == "up":
+            click.echo(f"store: ok ({describe_store(config['DATABASE_URL'])}, revision {revision})")
+        else:
+            failed = True
+            click.echo(f"store: not migrated (revision {revision or 'none'}): run gateway migrate")
+    except Exception as exc:  # noqa: BLE001
+        failed = True
+        click.echo(f"store: FAILED ({describe_store(config['DATABASE_URL'])}): {_first_line(exc)}")
+    finally:
+        db.dispose()
+    try:
+        check_broker(config["BROKER_URL"], timeout=3)
+        click.echo(f"broker: ok ({mask_url(config['BROKER_URL'])})")
+    except Exception as exc:  # noqa: BLE001
+        failed = True
+        click.echo(f"broker: FAILED ({mask_url(config['BROKER_URL'])}): {_first_line(exc)}")
+    try:
+        check_startup(config, "api")
+    except ConfigError as exc:
+        failed = True
+        click.echo(f"settings: FAILED: {exc}")
+    if failed:
+        raise SystemExit(1)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @main.group()
@@ -57,8 +146,11 @@ def tenant() -> None:
 def tenant_create(name: str, external_id: str | None) -> None:
     """Create a tenant and print its id."""
     external_id = external_id or str(uuid.uuid4())
-    with _store() as db, db.session() as session:
-        session.add(Tenant(external_id=external_id, name=name))
+    try:
+        with _store() as db, db.session() as session:
+            session.add(Tenant(external_id=external_id, name=name))
+    except IntegrityError:
+        raise click.ClickException(f"a tenant with id {external_id} already exists") from None
     click.echo(external_id)
 
 
@@ -259,17 +351,41 @@ def run(host: str, port: int, worker_count: int) -> None:
         [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--beat", "--loglevel=INFO",
          f"--concurrency={worker_count}",
          "--schedule", os.path.join(env["GATEWAY_HOME"], "celerybeat-schedule")],
-        env=env,
+        env=env, start_new_session=True,  # its own group: stopped (with its children) by us, not by a tty
     )
-    click.echo(f"gateway on http://{host}:{port} (store: {config['DATABASE_URL']}); worker pid {worker_process.pid}")
+    click.echo(f"gateway on http://{host}:{port} (store: {describe_store(config['DATABASE_URL'])}); "
+               f"worker pid {worker_process.pid}")
+
+    def _stop(signum, frame):  # SIGTERM (and SIGINT) end the server; the worker is stopped below
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         run_simple(host, port, create_app(overrides), threaded=True, use_reloader=False)
+    except KeyboardInterrupt:
+        pass
     finally:
-        worker_process.send_signal(signal.SIGTERM)
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_IGN if sig == signal.SIGINT else handler)
+        _stop_worker(worker_process)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        click.echo("gateway stopped")
+
+
+def _stop_worker(process: subprocess.Popen) -> None:
+    """Warm shutdown of the worker and its beat and pool (SIGTERM), then SIGKILL of its group."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
         try:
-            worker_process.wait(timeout=20)
+            process.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            worker_process.kill()
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # whatever of its group is left (pool children)
+    except (ProcessLookupError, PermissionError):
+        pass
+    process.wait()
 
 
 def embedded_overrides(host: str, port: int, configured_issuer: str | None) -> dict[str, Any]:

@@ -1,11 +1,29 @@
-"""Configuration: defaults, then GATEWAY_* environment variables, then a test mapping."""
+"""Configuration: defaults, then GATEWAY_* environment variables, then a mapping (tests, ``gateway run``).
+
+The settings are typed (pydantic-settings) and checked when a process starts, so that a
+misconfiguration stops it with one clear line (:class:`ConfigError`) instead of a traceback
+later: a value of the wrong type names its variable, an unknown ``GATEWAY_*`` name is warned
+about, production (a PostgreSQL store named by the environment) needs a secret key and an
+issuer, and a worker does not merge into a private embedded store its API never reads.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A setting that stops the process from starting; its message is one line."""
 
 
 def instance_dir() -> Path:
@@ -23,50 +41,149 @@ def _instance_secret(home: Path) -> str:
     return path.read_text().strip()
 
 
-INT_SETTINGS = {
-    "MAX_BODY_BYTES",
-    "TOKEN_TTL_SECONDS",
-    "MERGE_CHUNK_SIZE",
-    "SWEEP_AFTER_SECONDS",
-    "MAX_ATTEMPTS",
-    "LEASE_SECONDS",
-    "MAX_REJECTION_DETAILS",
-    "PAGE_SIZE_DEFAULT",
-    "PAGE_SIZE_MAX",
-}
+class Settings(BaseSettings):
+    """Every ``GATEWAY_*`` setting, with its type and default (README, "Operate")."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", case_sensitive=False, extra="ignore")
+
+    database_url: str | None = None
+    broker_url: str | None = None
+    secret_key: str | None = None
+    issuer: str | None = None
+    max_body_bytes: int = 256 * 1024 * 1024
+    token_ttl_seconds: int = 3600
+    merge_chunk_size: int = 5000
+    sweep_after_seconds: int = 300
+    max_attempts: int = 5
+    lease_seconds: int = 60
+    max_rejection_details: int = 1000
+    wellformed_check_max_bytes: int = 256 * 1024 * 1024  # larger bodies skip the check before 202
+    page_size_default: int = 100
+    page_size_max: int = 1000
+    task_always_eager: bool = False
+    task_queue: str = "gateway"
+    log_format: Literal["json", "text"] | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    metrics_token: str | None = None
+
+
+# Read elsewhere (directly from the environment) or by the tests and tools: known, not warned about.
+OTHER_NAMES = {"HOME", "VISIBILITY_TIMEOUT", "SWEEP_INTERVAL", "TEST_PG_ADMIN", "TEST_REDIS",
+               "TEST_WORKER_LOG", "FUZZ_EXAMPLES", "FUZZ_OUTPUT", "FUZZ_SECONDS", "SAMPLES", "TIMEOUT"}
+FIELDS = {name.upper() for name in Settings.model_fields}
+INT_SETTINGS = {name.upper() for name, field in Settings.model_fields.items() if field.annotation is int}
+SECRET_SETTINGS = {"SECRET_KEY", "METRICS_TOKEN"}
+_TYPE_WORDS = {"int_parsing": "an integer", "int_from_float": "an integer", "bool_parsing": "true or false",
+               "literal_error": None}
+
+
+def unknown_environment_names(environ: dict[str, str] | None = None) -> list[str]:
+    """``GATEWAY_*`` variables that no part of the gateway reads (a typo, or an old name)."""
+    environ = os.environ if environ is None else environ
+    return sorted(name for name in environ if name.startswith("GATEWAY_")
+                  and name[len("GATEWAY_"):] not in FIELDS | OTHER_NAMES)
+
+
+def _message(error: dict, overrides: dict[str, Any]) -> str:
+    field = str(error["loc"][0]).upper()
+    name = field if field in overrides else f"GATEWAY_{field}"
+    kind = _TYPE_WORDS.get(error["type"], "")
+    if kind:
+        return f"{name} must be {kind}, got {error['input']!r}"
+    if error["type"] == "literal_error":
+        return f"{name} must be {error['ctx']['expected']}, got {error['input']!r}"
+    return f"{name}: {error['msg']}, got {error['input']!r}"
+
+
+def load_settings(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The typed settings as an upper-case mapping: defaults < environment < ``overrides``."""
+    overrides = dict(overrides or {})
+    known = {key.lower(): value for key, value in overrides.items() if key in FIELDS}
+    try:
+        settings = Settings(**known)
+    except ValidationError as exc:
+        raise ConfigError("; ".join(_message(error, overrides) for error in exc.errors())) from None
+    config = {key.upper(): value for key, value in settings.model_dump().items()}
+    config.update({key: value for key, value in overrides.items() if key not in FIELDS})
+    return config
 
 
 def load_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Build the configuration mapping."""
-    home = instance_dir() if not (overrides or {}).get("DATABASE_URL") and not os.environ.get(
-        "GATEWAY_DATABASE_URL"
-    ) else None
-    config: dict[str, Any] = {
-        "DATABASE_URL": f"sqlite:///{home / 'gateway.sqlite3'}" if home else None,
-        "BROKER_URL": f"sqla+sqlite:///{home / 'broker.sqlite3'}" if home else "redis://127.0.0.1:6379/0",
-        "SECRET_KEY": None,
-        "MAX_BODY_BYTES": 256 * 1024 * 1024,
-        "TOKEN_TTL_SECONDS": 3600,
-        "MERGE_CHUNK_SIZE": 5000,
-        "SWEEP_AFTER_SECONDS": 300,
-        "MAX_ATTEMPTS": 5,
-        "LEASE_SECONDS": 60,
-        "MAX_REJECTION_DETAILS": 1000,
-        "PAGE_SIZE_DEFAULT": 100,
-        "PAGE_SIZE_MAX": 1000,
-        "ISSUER": None,
-        "TASK_ALWAYS_EAGER": False,
-        "TASK_QUEUE": "gateway",
-    }
-    for key in list(config):
-        value = os.environ.get(f"GATEWAY_{key}")
-        if value is not None:
-            config[key] = int(value) if key in INT_SETTINGS else value
-    if isinstance(config["TASK_ALWAYS_EAGER"], str):
-        config["TASK_ALWAYS_EAGER"] = config["TASK_ALWAYS_EAGER"].lower() in ("1", "true", "yes")
-    config.update(overrides or {})
+    """Build the configuration mapping (types checked; see :func:`check_startup` for the rest)."""
+    overrides = overrides or {}
+    config = load_settings(overrides)
+    home = instance_dir() if not config["DATABASE_URL"] else None
     if not config["DATABASE_URL"]:
-        config["DATABASE_URL"] = f"sqlite:///{instance_dir() / 'gateway.sqlite3'}"
+        config["DATABASE_URL"] = f"sqlite:///{home / 'gateway.sqlite3'}"
+    if not config["BROKER_URL"]:
+        config["BROKER_URL"] = (f"sqla+sqlite:///{home / 'broker.sqlite3'}" if home
+                                else "redis://127.0.0.1:6379/0")
+    # Where the store came from: the production checks apply to what the environment names.
+    config["STORE_FROM_ENVIRONMENT"] = ("DATABASE_URL" not in overrides
+                                        and bool(os.environ.get("GATEWAY_DATABASE_URL")))
     if not config["SECRET_KEY"]:
-        config["SECRET_KEY"] = _instance_secret(instance_dir())
+        if config["STORE_FROM_ENVIRONMENT"] and is_production(config):
+            config["SECRET_KEY"] = None  # check_startup refuses: no generated key in production
+        else:
+            config["SECRET_KEY"] = _instance_secret(instance_dir())
+    if config["LOG_FORMAT"] is None:
+        config["LOG_FORMAT"] = "json" if is_production(config) else "text"
     return config
+
+
+def is_production(config: dict[str, Any]) -> bool:
+    return str(config.get("DATABASE_URL") or "").startswith("postgresql")
+
+
+def check_startup(config: dict[str, Any], role: str) -> None:
+    """Refuse to start a misconfigured ``role`` ("api" or "worker") with one line."""
+    if config.get("STORE_FROM_ENVIRONMENT") and is_production(config):
+        missing = [name for name in ("SECRET_KEY", "ISSUER") if not config.get(name)
+                   and (name != "ISSUER" or (role == "api" and not config.get("ISSUER_FROM_REQUEST")))]
+        if missing:
+            raise ConfigError("production (a PostgreSQL store) needs "
+                              + " and ".join(f"GATEWAY_{name}" for name in missing))
+    if (role == "worker" and not os.environ.get("GATEWAY_DATABASE_URL")
+            and str(config["DATABASE_URL"]).startswith("sqlite")
+            and not str(config["BROKER_URL"]).startswith("sqla+")):
+        raise ConfigError(
+            f"this worker takes tasks from {mask_url(config['BROKER_URL'])} but would merge into a private "
+            f"SQLite store ({config['DATABASE_URL']}): set GATEWAY_DATABASE_URL to the API's store")
+
+
+def mask_url(url: str | None) -> str:
+    """The URL with its password (if any) replaced by ``***``."""
+    if not url:
+        return str(url)
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    userinfo = f"{parts.username}:***" if parts.username else ":***"
+    return urlunsplit(parts._replace(netloc=f"{userinfo}@{netloc[-1]}"))
+
+
+def describe_store(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme.startswith("sqlite"):
+        return f"SQLite {url.split(':///', 1)[1] if ':///' in url else url}"
+    return f"PostgreSQL {parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
+
+
+def startup_line(config: dict[str, Any], role: str) -> str:
+    """What a process uses, in one line, secrets masked."""
+    return (f"gateway {role}: store {describe_store(config['DATABASE_URL'])}, broker "
+            f"{mask_url(config['BROKER_URL'])}, queue {config['TASK_QUEUE']}, logs {config['LOG_FORMAT']}")
+
+
+def effective(config: dict[str, Any]) -> dict[str, str]:
+    """The settings for display: every typed setting, secrets and URL passwords masked."""
+    shown = {}
+    for name in sorted(FIELDS):
+        value = config.get(name)
+        if name in SECRET_SETTINGS and value:
+            value = "***"
+        elif name.endswith("_URL"):
+            value = mask_url(value)
+        shown[name] = "" if value is None else str(value)
+    return shown

@@ -254,7 +254,8 @@ def test_the_documented_production_command_serves_every_documented_limit(pg_gw, 
     for option, value in (("-b", f"127.0.0.1:{port}"), ("-w", "1")):
         words[words.index(option) + 1] = value
     env = dict(os.environ, GATEWAY_DATABASE_URL=pg_url, GATEWAY_BROKER_URL=REDIS_URL,
-               GATEWAY_SECRET_KEY=SECRET, GATEWAY_TASK_QUEUE=QUEUE, PYTHONPATH=str(ROOT))
+               GATEWAY_SECRET_KEY=SECRET, GATEWAY_TASK_QUEUE=QUEUE, GATEWAY_ISSUER="http://127.0.0.1",
+               PYTHONPATH=str(ROOT))
     server = subprocess.Popen([sys.executable, "-m", *words], cwd=ROOT, env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

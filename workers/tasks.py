@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 import uuid
 from datetime import timedelta
 
@@ -11,6 +12,7 @@ from celery import shared_task
 from flask import current_app
 from sqlalchemy import or_, select, update
 
+from gateway import logs, metrics
 from gateway.models import Batch, utcnow
 from gateway.pipeline import OPEN_STATUSES, TransientError, process_batch
 
@@ -20,7 +22,7 @@ PROCESS_BATCH = "workers.tasks.process_batch"
 
 
 @shared_task(name=PROCESS_BATCH, bind=True, acks_late=True, max_retries=None)
-def process_batch_task(self, batch_id: int, owner: str | None = None) -> str:
+def process_batch_task(self, batch_id: int, owner: str | None = None, request_id: str | None = None) -> str:
     """Merge one batch; retried soon after a deadlock or a lost connection.
 
     A retry carries the lease ``owner`` of the attempt it repeats, so it takes its own
@@ -29,16 +31,36 @@ def process_batch_task(self, batch_id: int, owner: str | None = None) -> str:
     """
     config = current_app.config
     owner = owner or uuid.uuid4().hex
+    db = current_app.extensions["gateway.db"]
+    # The push's request id (carried in the task's kwargs) and the batch id on every line of the merge.
+    with logs.context(batch_id=batch_id, request_id=request_id):
+        started = time.perf_counter()
+        try:
+            status = process_batch(db, int(batch_id), chunk_size=config["MERGE_CHUNK_SIZE"],
+                                   max_rejections=config["MAX_REJECTION_DETAILS"], owner=owner,
+                                   max_attempts=config["MAX_ATTEMPTS"], lease_seconds=config["LEASE_SECONDS"])
+        except TransientError as exc:
+            # Soon and often: a restarted database is back within seconds, and the batch with it.
+            delay = min(5.0, 0.5 * 2 ** min(self.request.retries, 4)) + random.uniform(0, 0.5)
+            log.warning("batch %s hit a transient error, retrying in %.1fs: %s", batch_id, delay, exc)
+            raise self.retry(countdown=delay, kwargs={"owner": owner, "request_id": request_id}) from exc
+        if status != "busy":
+            _observe(db, int(batch_id), status, time.perf_counter() - started)
+        log.info("batch %s merged: %s", batch_id, status)
+        return status
+
+
+def _observe(db, batch_id: int, status: str, seconds: float) -> None:
+    """The merge's metrics: duration, records merged and rejected (from the batch's counts)."""
     try:
-        return process_batch(current_app.extensions["gateway.db"], int(batch_id),
-                             chunk_size=config["MERGE_CHUNK_SIZE"],
-                             max_rejections=config["MAX_REJECTION_DETAILS"], owner=owner,
-                             max_attempts=config["MAX_ATTEMPTS"], lease_seconds=config["LEASE_SECONDS"])
-    except TransientError as exc:
-        # Soon and often: a restarted database is back within seconds, and the batch with it.
-        delay = min(5.0, 0.5 * 2 ** min(self.request.retries, 4)) + random.uniform(0, 0.5)
-        log.warning("batch %s hit a transient error, retrying in %.1fs: %s", batch_id, delay, exc)
-        raise self.retry(countdown=delay, kwargs={"owner": owner}) from exc
+        with db.engine.connect() as conn:
+            row = conn.execute(select(Batch.__table__.c.format, Batch.__table__.c.counts)
+                               .where(Batch.__table__.c.id == batch_id)).first()
+    except Exception:  # noqa: BLE001 - metrics never fail a merge
+        log.warning("could not read the counts of batch %s for the metrics", batch_id, exc_info=True)
+        return
+    if row is not None:
+        metrics.observe_merge(row.format, status, seconds, row.counts)
 
 
 @shared_task(name="workers.tasks.requeue_unprocessed_batches", acks_late=True)
@@ -77,8 +99,15 @@ def requeue(db, older_than_seconds: int) -> int:
 
 def enqueue(db, batch_id: int) -> bool:
     """Send the batch's task; record when.  A broker failure is logged: the sweep retries."""
+    with logs.context(batch_id=batch_id):
+        return _enqueue(db, batch_id)
+
+
+def _enqueue(db, batch_id: int) -> bool:
+    request_id = logs.get("request_id")
     try:
-        process_batch_task.apply_async(args=[batch_id])
+        process_batch_task.apply_async(args=[batch_id],
+                                       kwargs={"request_id": request_id} if request_id else {})
     except Exception:  # the batch is durable; the periodic sweep enqueues it again
         log.exception("could not enqueue batch %s", batch_id)
         return False

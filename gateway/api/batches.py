@@ -9,6 +9,7 @@ from itsdangerous import BadSignature, URLSafeSerializer
 from sqlalchemy import and_, or_, select
 
 import connectors
+from gateway import logs
 from gateway.auth import require_scope, tenant_for_caller
 from gateway.errors import BadRequest, Forbidden, NotFound, UnsupportedMediaType
 from gateway.ingest import WELLFORMED_CHECK_MAX_BYTES, Push, read_body, store_batch
@@ -206,6 +207,7 @@ def push_batch(tenant: str):
     )
     batch, replayed = store_batch(_db(), push, body, current_app.config.get(
         "WELLFORMED_CHECK_MAX_BYTES", WELLFORMED_CHECK_MAX_BYTES))
+    logs.bind(batch_id=batch.id)  # on the request's remaining log lines (reset at teardown)
     if not replayed:
         from workers.tasks import enqueue
 
