@@ -47,7 +47,8 @@ def test_the_documented_example_reads_back_in_the_v2_shape(gw):
     one = gw.http.get(f"{v2_url(tenant)}/{alert['id']}", headers=headers)
     assert one.status_code == 200 and one.get_json() == alert
     # the legacy collection still serves the same alert
-    legacy = gw.http.get(f"/api/v1/tenants/{tenant}/security/alerts/{alert['id']}", headers=headers).get_json()
+    legacy = gw.http.get(f"/api/v1/tenants/{tenant}/security/alerts/{alert['id']}",
+                         headers=headers).get_json()
     assert legacy["title"] == EXAMPLE["title"] and legacy["status"] == "newAlert"
     assert legacy["vendorInformation"]["providerAlertId"] == EXAMPLE["id"]
 
@@ -98,7 +99,8 @@ def test_patch_status_classification_determination_with_a_lifecycle_event(gw):
         assert response.status_code == 400 and response.get_json()["error"]["code"] == "invalidBody", bad
     reader = gw.partner("Reader", [tenant], scopes="security.read")
     assert gw.http.patch(url, json={"status": "new"}, headers=reader).status_code == 403
-    assert gw.http.patch(f"{v2_url(tenant)}/999999", json={"status": "new"}, headers=headers).status_code == 404
+    missing = gw.http.patch(f"{v2_url(tenant)}/999999", json={"status": "new"}, headers=headers)
+    assert missing.status_code == 404
 
 
 def test_comments_good_and_bad_shape(gw):
@@ -108,7 +110,8 @@ def test_comments_good_and_bad_shape(gw):
     response = gw.http.post(url, json=good, headers=headers)
     assert response.status_code == 200, response.get_json()
     [comment] = response.get_json()["value"]
-    assert comment["comment"] == "Demo for docs" and comment["createdByDisplayName"] and comment["createdDateTime"]
+    assert comment["comment"] == "Demo for docs"
+    assert comment["createdByDisplayName"] and comment["createdDateTime"]
     second = gw.http.post(url, json={"comment": "second"}, headers=headers).get_json()["value"]
     assert [c["comment"] for c in second] == ["Demo for docs", "second"]
     for bad in ({"text": "legacy shape"}, {"comment": ""}, ["x"], {"@odata.type": "other", "comment": "x"},
@@ -170,7 +173,8 @@ def test_filters_paging_and_tenant_isolation(gw):
     assert ids("mitreTechniques/any(t: t eq 'T1564.001')") == ["a-0", "a-1", "a-2", "a-3"]
     page = gw.http.get(v2_url(tenant), headers=headers, query_string={
         "$top": "2", "$count": "true", "$orderby": "severity desc", "$select": "id,severity"}).get_json()
-    assert page["@odata.count"] == 4 and len(page["value"]) == 2 and set(page["value"][0]) == {"id", "severity"}
+    assert page["@odata.count"] == 4 and len(page["value"]) == 2
+    assert set(page["value"][0]) == {"id", "severity"}
     rest = gw.http.get(page["@odata.nextLink"].split("localhost", 1)[1], headers=headers).get_json()
     assert [a["severity"] for a in page["value"] + rest["value"]] == ["high", "high", "high", "low"]
     assert gw.http.get(v2_url(tenant), headers=headers,

@@ -36,7 +36,8 @@ from gateway.schemas import (
 A, RI, TENANTS = Alert.__table__, ResourceIdentifier.__table__, Tenant.__table__
 V2_SEVERITIES = ("unknown", "informational", "low", "medium", "high")
 STATUS_FOR_V2 = {"new": "newAlert", "inProgress": "inProgress", "resolved": "resolved"}
-FEEDBACK_FOR_CLASSIFICATION = {"unknown": None, "truePositive": "truePositive", "falsePositive": "falsePositive",
+FEEDBACK_FOR_CLASSIFICATION = {"unknown": None, "truePositive": "truePositive",
+                               "falsePositive": "falsePositive",
                                "informationalExpectedActivity": "benignPositive"}
 EVIDENCE_TYPE = "#microsoft.graph.security.{}"
 _EXTRA_TEXT = ("productName", "detectorId", "alertWebUrl", "incidentWebUrl", "actorDisplayName",
@@ -56,7 +57,8 @@ DETERMINATION = func.coalesce(A.c.determination, _const("unknown"))
 
 
 def _rank(expression, values):
-    return case(*[(expression == _const(name), literal_column(str(rank))) for rank, name in enumerate(values)],
+    return case(*[(expression == _const(name), literal_column(str(rank)))
+                  for rank, name in enumerate(values)],
                 else_=literal_column("-1"))
 
 
@@ -99,11 +101,13 @@ def _text(value) -> str | None:
 
 def serialize(conn, tenant_id: int, rows, selected) -> list[dict]:
     """A page of alerts in the v2 shape: one query for the page's resource identifiers, one for the tenant."""
-    resource_ids = sorted({row.resource_id for row in rows if row.resource_id is not None and not row.evidence})
+    resource_ids = sorted({row.resource_id for row in rows
+                           if row.resource_id is not None and not row.evidence})
     identifiers: dict[int, dict[str, list[str]]] = defaultdict(dict)
     if resource_ids and (selected is None or "evidence" in selected):
         for ident in conn.execute(select(RI.c.resource_id, RI.c.kind, RI.c.value).where(
-                RI.c.tenant_id == tenant_id, RI.c.resource_id.in_(resource_ids)).order_by(RI.c.kind, RI.c.value)):
+                RI.c.tenant_id == tenant_id, RI.c.resource_id.in_(resource_ids))
+                .order_by(RI.c.kind, RI.c.value)):
             identifiers[ident.resource_id].setdefault(ident.kind, []).append(ident.value)
     external = conn.execute(select(TENANTS.c.external_id).where(TENANTS.c.id == tenant_id)).scalar_one()
     out = []
@@ -137,11 +141,12 @@ _DUMP = fast_dumper(AlertV2Out)
 
 
 def _stamp(table, changes: dict, now: datetime) -> dict:
-    """v2 words to the stored ones (status, feedback); resolving sets resolvedDateTime, reopening clears it."""
+    """v2 words to the stored ones; resolving sets resolvedDateTime, reopening clears it."""
     values: dict = {"last_modified_date_time": now}
     if "status" in changes:
         values["status"] = STATUS_FOR_V2[changes["status"]]
-        values["closed_date_time"] = (func.coalesce(table.c.closed_date_time, literal(now, table.c.closed_date_time.type))
+        closed = table.c.closed_date_time
+        values["closed_date_time"] = (func.coalesce(closed, literal(now, closed.type))
                                       if changes["status"] == "resolved" else None)
     if "classification" in changes:
         values["feedback"] = FEEDBACK_FOR_CLASSIFICATION[changes["classification"]]

@@ -20,6 +20,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
 from connectors.model import SEVERITIES
+from gateway.api import alerts_v2
 from gateway.auth import require_scope, tenant_for_caller
 from gateway.errors import BadRequest, NotFound
 from gateway.models import (
@@ -49,7 +50,6 @@ from gateway.query import (
     run_list,
     stream_csv,
 )
-from gateway.api import alerts_v2
 from gateway.schemas import (
     ALERT_COMMENT_TYPE,
     AlertCommentIn,
@@ -743,7 +743,8 @@ def _v2_edit(tenant: str, item_id: str, changes: dict) -> int:
     tenant_id = _tenant_id(tenant)
     condition = A.c.id == _item_id("alerts_v2", item_id)
     with _db().engine.begin() as conn:
-        if not apply_edit(conn, collection, tenant_id, [condition], changes, g.caller.client_id, utcnow(), EV):
+        if not apply_edit(conn, collection, tenant_id, [condition], changes, g.caller.client_id, utcnow(),
+                          EV):
             raise NotFound(f"alert '{item_id[:40]}' not found")
     return tenant_id
 
@@ -772,7 +773,8 @@ def comment_alert_v2(tenant: str, item_id: str):
         comment = AlertCommentIn().load(payload)["comment"]
     except ValidationError as exc:
         raise BadRequest(shape + ": " + "; ".join(f"{k}: {v}" for k, v in exc.messages.items()),
-                         code="invalidBody", details={"expected": COMMENT_SHAPE, "errors": exc.messages}) from None
+                         code="invalidBody",
+                         details={"expected": COMMENT_SHAPE, "errors": exc.messages}) from None
     _v2_edit(tenant, item_id, {"comments": [{"text": comment}]})
     alert = _get_one(tenant, "alerts_v2", item_id, ("id", "comments"))
     return jsonify({"@odata.context": f"{request.url_root}api/v1/$metadata#Collection("
@@ -780,6 +782,7 @@ def comment_alert_v2(tenant: str, item_id: str):
 
 
 blueprint.add_url_rule("/alerts_v2/<item_id>", "patch_alerts_v2", patch_alert_v2, methods=["PATCH"])
-blueprint.add_url_rule("/alerts_v2/<item_id>/comments", "comment_alerts_v2", comment_alert_v2, methods=["POST"])
+blueprint.add_url_rule("/alerts_v2/<item_id>/comments", "comment_alerts_v2", comment_alert_v2,
+                       methods=["POST"])
 
 __all__ = ["COLLECTIONS", "IDENTIFIER_FIELDS", "ListRequest", "SourceOut", "blueprint", "present_identifiers"]

@@ -23,7 +23,8 @@ PROVIDER_FIELDS = ("title", "description", "severity", "category", "provider_sta
                    "extra", "created_date_time", "last_modified_date_time", "resource_id", "incident_id",
                    "service_source", "detection_source", "mitre_techniques", "first_activity_date_time",
                    "last_activity_date_time", "evidence")
-_TIMES = ("created_date_time", "last_modified_date_time", "first_activity_date_time", "last_activity_date_time")
+_TIMES = ("created_date_time", "last_modified_date_time", "first_activity_date_time",
+          "last_activity_date_time")
 # A v2 push's classification gives the legacy feedback its first value too (and the other way round
 # in the API): informationalExpectedActivity is Graph v2's word for the legacy benignPositive.
 FEEDBACK_FOR_CLASSIFICATION = {"truePositive": "truePositive", "falsePositive": "falsePositive",
@@ -64,11 +65,13 @@ class AlertMerger:
                 "provider_timestamp": record.provider_timestamp or record.last_modified or record.created or now,
                 "incident_id": record.incident_id, "service_source": record.service_source,
                 "detection_source": record.detection_source, "mitre_techniques": record.mitre_techniques,
-                "first_activity_date_time": record.first_activity, "last_activity_date_time": record.last_activity,
+                "first_activity_date_time": record.first_activity,
+                "last_activity_date_time": record.last_activity,
                 "evidence": record.evidence,
             }
             row["content_hash"] = hashlib.blake2b(msgspec.msgpack.encode(
-                [row[name] for name in PROVIDER_FIELDS if name not in _TIMES] + [str(row[name]) for name in _TIMES]
+                [row[name] for name in PROVIDER_FIELDS if name not in _TIMES]
+                + [str(row[name]) for name in _TIMES]
             ), digest_size=16).hexdigest()
             row["_first_words"] = {"classification": record.classification,
                                    "determination": record.determination,
@@ -133,13 +136,14 @@ class AlertMerger:
                 self.counts["updated"] += 1
         if changes:
             # lastUpdateDateTime never moves back: a customer edit stamped it later than the push says
-            stored, incoming = (alerts_t.c.last_modified_date_time,
-                                bindparam("_last_modified_date_time", type_=alerts_t.c.last_modified_date_time.type))
+            stored = alerts_t.c.last_modified_date_time
+            incoming = bindparam("_last_modified_date_time", type_=stored.type)
             conn.execute(
                 update(alerts_t).where(alerts_t.c.id == bindparam("_id")).values(
                     {k: bindparam(f"_{k}") for k in PROVIDER_FIELDS + ("provider_timestamp", "content_hash")}
                     | {"updated_at": now,
-                       "last_modified_date_time": case((stored.is_(None), incoming), (incoming.is_(None), stored),
+                       "last_modified_date_time": case((stored.is_(None), incoming),
+                                                       (incoming.is_(None), stored),
                                                        (incoming > stored, incoming), else_=stored)}),
                 sorted(changes, key=lambda c: c["_id"]),
             )
