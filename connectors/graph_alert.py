@@ -29,6 +29,7 @@ or ``evidence``/``serviceSource``/``providerAlertId``/``lastUpdateDateTime`` (v2
 from __future__ import annotations
 
 import ipaddress
+import json
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
@@ -177,6 +178,49 @@ def _v2_resource(item: dict, extra: dict) -> ResourceRef | None:
     return None
 
 
+_CLASSIFICATIONS = ("unknown", "falsePositive", "truePositive", "informationalExpectedActivity")
+DETERMINATIONS = ("unknown", "apt", "malware", "securityPersonnel", "securityTesting", "unwantedSoftware",
+                  "other", "multiStagedAttack", "compromisedAccount", "phishing", "maliciousUserActivity",
+                  "notMalicious", "notEnoughDataToValidate", "confirmedUserActivity",
+                  "lineOfBusinessApplication")
+_MAX_EVIDENCE_BYTES = 16_384
+
+
+def _kept_evidence(item: dict) -> list[dict] | None:
+    """The typed evidence objects as pushed (at most _MAX_EVIDENCE, each at most 16 KiB of JSON)."""
+    kept = []
+    for entry in item.get("evidence") or []:
+        if not isinstance(entry, dict) or not isinstance(entry.get("@odata.type"), str):
+            continue
+        if len(json.dumps(entry, default=str)) <= _MAX_EVIDENCE_BYTES:
+            kept.append(entry)
+        if len(kept) == _MAX_EVIDENCE:
+            break
+    return kept or None
+
+
+def _word(item: dict, key: str, allowed: tuple[str, ...]) -> str | None:
+    value = item.get(key)
+    return value if isinstance(value, str) and value in allowed else None
+
+
+def _v2_state(item: dict) -> dict[str, Any]:
+    """The alerts_v2 fields the store keeps in columns of their own."""
+    techniques = [t[:50] for t in strings(item.get("mitreTechniques"))][:100]
+    return {
+        "incident_id": clip(str(item["incidentId"]) if isinstance(item.get("incidentId"), (str, int))
+                            and not isinstance(item.get("incidentId"), bool) else None, 200),
+        "service_source": clip(item.get("serviceSource"), 100),
+        "detection_source": clip(item.get("detectionSource"), 100),
+        "mitre_techniques": techniques or None,
+        "first_activity": time_field(item, "firstActivityDateTime"),
+        "last_activity": time_field(item, "lastActivityDateTime"),
+        "evidence": _kept_evidence(item),
+        "classification": _word(item, "classification", _CLASSIFICATIONS),
+        "determination": _word(item, "determination", DETERMINATIONS),
+    }
+
+
 def _severity(item: dict, extra: dict) -> str:
     raw = item.get("severity")
     if not isinstance(raw, str) or not raw.strip():
@@ -251,7 +295,9 @@ def to_record(item: Any) -> AlertRecord:
             extra[key] = value.isoformat()
     created = time_field(item, "createdDateTime")
     modified = time_field(item, modified_key)
+    v2_state = _v2_state(item) if v2 else {}
     return AlertRecord(
+        **v2_state,
         provider_id=provider_id,
         title=title,
         severity=severity,

@@ -120,6 +120,16 @@ class AlertRecord(msgspec.Struct, kw_only=True):
     resource: ResourceRef | None = None
     recommended_actions: list[str] = msgspec.field(default_factory=list)
     extra: dict | None = None
+    # Graph alerts_v2 state (None when the format has none of it)
+    incident_id: str | None = None
+    service_source: str | None = None
+    detection_source: str | None = None
+    mitre_techniques: list[str] | None = None
+    first_activity: datetime | None = None
+    last_activity: datetime | None = None
+    evidence: list[dict] | None = None  # typed evidence objects, each with its "@odata.type"
+    classification: str | None = None  # the provider's first word on these customer-owned fields
+    determination: str | None = None
 
 
 class Rejected(msgspec.Struct, kw_only=True):

@@ -502,7 +502,17 @@ class Alert(Base):
     content_hash: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
-    # customer-owned
+    # provider-owned, filled by a push in Graph's alerts_v2 shape (migration 0008)
+    incident_id: Mapped[str | None] = mapped_column(String(200))
+    service_source: Mapped[str | None] = mapped_column(String(100))
+    detection_source: Mapped[str | None] = mapped_column(String(100))
+    mitre_techniques: Mapped[list | None] = mapped_column(JSON)
+    first_activity_date_time: Mapped[datetime | None]
+    last_activity_date_time: Mapped[datetime | None]
+    evidence: Mapped[list | None] = mapped_column(JSON)  # the partner's typed evidence objects
+    # customer-owned (a v2 push gives their first value when it creates the alert)
+    classification: Mapped[str | None] = mapped_column(String(40))
+    determination: Mapped[str | None] = mapped_column(String(40))
     status: Mapped[str] = mapped_column(String(20), default="newAlert")
     assigned_to: Mapped[str | None] = mapped_column(String(200))
     feedback: Mapped[str | None] = mapped_column(String(30))

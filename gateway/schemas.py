@@ -198,6 +198,40 @@ class AlertOut(OutSchema):
                                                      "providerAlertId": _get(obj, "provider_id")})
 
 
+class AlertV2Out(OutSchema):
+    """An alert in the Microsoft Graph security ``alert`` (alerts_v2) shape."""
+
+    id = fields.String()
+    providerAlertId = fields.String()
+    incidentId = fields.String(allow_none=True)
+    status = fields.String()
+    severity = fields.String()
+    classification = fields.String()
+    determination = fields.String()
+    serviceSource = fields.String(allow_none=True)
+    detectionSource = fields.String(allow_none=True)
+    productName = fields.String(allow_none=True)
+    detectorId = fields.String(allow_none=True)
+    tenantId = fields.String()
+    title = fields.String()
+    description = fields.String(allow_none=True)
+    recommendedActions = fields.String(allow_none=True)
+    category = fields.String(allow_none=True)
+    assignedTo = fields.String(allow_none=True)
+    alertWebUrl = fields.String(allow_none=True)
+    incidentWebUrl = fields.String(allow_none=True)
+    actorDisplayName = fields.String(allow_none=True)
+    threatDisplayName = fields.String(allow_none=True)
+    mitreTechniques = fields.List(fields.String())
+    createdDateTime = fields.DateTime(allow_none=True)
+    lastUpdateDateTime = fields.DateTime(allow_none=True)
+    resolvedDateTime = fields.DateTime(allow_none=True)
+    firstActivityDateTime = fields.DateTime(allow_none=True)
+    lastActivityDateTime = fields.DateTime(allow_none=True)
+    comments = fields.List(fields.Dict())
+    evidence = fields.List(fields.Dict())
+
+
 class EventOut(OutSchema):
     id = _id
     event = fields.String()
@@ -276,6 +310,40 @@ class AlertPatch(Schema):
     comments = fields.List(fields.Nested(CommentIn), validate=validate.Length(max=200))
     tags = _tags
     closedDateTime = fields.AwareDateTime(allow_none=True)
+
+
+V2_STATUSES = ("new", "inProgress", "resolved")
+V2_CLASSIFICATIONS = ("unknown", "falsePositive", "truePositive", "informationalExpectedActivity")
+V2_DETERMINATIONS = ("unknown", "apt", "malware", "securityPersonnel", "securityTesting", "unwantedSoftware",
+                     "other", "multiStagedAttack", "compromisedAccount", "phishing", "maliciousUserActivity",
+                     "notMalicious", "notEnoughDataToValidate", "confirmedUserActivity",
+                     "lineOfBusinessApplication")
+
+
+class AlertV2Patch(Schema):
+    """Customer-owned fields of an alert, as Graph's alerts_v2 update takes them."""
+
+    class Meta:
+        unknown = RAISE
+
+    status = fields.String(validate=validate.OneOf(V2_STATUSES))
+    classification = fields.String(validate=validate.OneOf(V2_CLASSIFICATIONS))
+    determination = fields.String(validate=validate.OneOf(V2_DETERMINATIONS))
+    assignedTo = fields.String(allow_none=True, validate=validate.Length(max=200))
+
+
+ALERT_COMMENT_TYPE = "microsoft.graph.security.alertComment"
+
+
+class AlertCommentIn(Schema):
+    """Graph's alertComment, as ``POST .../alerts_v2/{id}/comments`` takes it."""
+
+    class Meta:
+        unknown = RAISE
+
+    odata_type = fields.String(data_key="@odata.type", validate=validate.OneOf(
+        [ALERT_COMMENT_TYPE, "#" + ALERT_COMMENT_TYPE]))
+    comment = fields.String(required=True, validate=validate.Length(min=1, max=4000))
 
 
 # -- fast dumping --------------------------------------------------------------------------------

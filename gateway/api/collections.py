@@ -8,6 +8,7 @@ Secure scores and control profiles plug in as further entries.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections import defaultdict
 from datetime import UTC, datetime
@@ -19,6 +20,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
 from connectors.model import SEVERITIES
+from gateway.api import alerts_v2
 from gateway.auth import require_scope, tenant_for_caller
 from gateway.errors import BadRequest, NotFound
 from gateway.models import (
@@ -49,6 +51,8 @@ from gateway.query import (
     stream_csv,
 )
 from gateway.schemas import (
+    ALERT_COMMENT_TYPE,
+    AlertCommentIn,
     AlertOut,
     AlertPatch,
     EventOut,
@@ -349,6 +353,9 @@ def _stamp_alert(table, changes: dict, now: datetime) -> dict:
                                                                                          table.c.closed_date_time.type))
         else:
             values["closed_date_time"] = None
+    if "feedback" in changes:  # Graph v2's classification is the same verdict in today's words
+        values["classification"] = {v: k for k, v in alerts_v2.FEEDBACK_FOR_CLASSIFICATION.items()
+                                    if v}.get(changes["feedback"])
     return values
 
 
@@ -491,6 +498,8 @@ COLLECTIONS: dict[str, Collection] = {
         selectable=tuple(ResourceOut().fields),
         serialize=_serialize_resources,
     ),
+    # Graph's alert (v2) shape of the same rows; its edits are Graph's (PATCH one, comments), below
+    "alerts_v2": alerts_v2.COLLECTION,
     "observations": Collection(
         name="observations",
         base=lambda tenant_id: select(OBS).where(OBS.c.tenant_id == tenant_id),
@@ -725,5 +734,55 @@ def _register_workflow(name: str) -> None:
 for _name, _collection in COLLECTIONS.items():
     if _collection.workflow is not None:
         _register_workflow(_name)
+
+# -- alerts_v2 edits (Graph's: update one alert, add a comment) -------------------------------------
+
+
+def _v2_edit(tenant: str, item_id: str, changes: dict) -> int:
+    collection = dataclasses.replace(alerts_v2.COLLECTION, workflow=alerts_v2.WORKFLOW)
+    tenant_id = _tenant_id(tenant)
+    condition = A.c.id == _item_id("alerts_v2", item_id)
+    with _db().engine.begin() as conn:
+        if not apply_edit(conn, collection, tenant_id, [condition], changes, g.caller.client_id, utcnow(),
+                          EV):
+            raise NotFound(f"alert '{item_id[:40]}' not found")
+    return tenant_id
+
+
+@require_scope("alerts.manage")
+def patch_alert_v2(tenant: str, item_id: str):
+    """Update the customer-owned fields of one alert (status, classification, determination, assignedTo)."""
+    _only(())
+    changes = _changes(dataclasses.replace(alerts_v2.COLLECTION, workflow=alerts_v2.WORKFLOW))
+    _v2_edit(tenant, item_id, changes)
+    return jsonify(_get_one(tenant, "alerts_v2", item_id))
+
+
+COMMENT_SHAPE = {"@odata.type": ALERT_COMMENT_TYPE, "comment": "text of the comment"}
+
+
+@require_scope("alerts.manage")
+def comment_alert_v2(tenant: str, item_id: str):
+    """Add a comment to one alert; answer its comments, as Graph does."""
+    _only(())
+    payload = request.get_json(silent=True)
+    shape = 'the body is {"@odata.type": "' + ALERT_COMMENT_TYPE + '", "comment": "..."}'
+    if not isinstance(payload, dict):
+        raise BadRequest(shape, code="invalidBody", details={"expected": COMMENT_SHAPE})
+    try:
+        comment = AlertCommentIn().load(payload)["comment"]
+    except ValidationError as exc:
+        raise BadRequest(shape + ": " + "; ".join(f"{k}: {v}" for k, v in exc.messages.items()),
+                         code="invalidBody",
+                         details={"expected": COMMENT_SHAPE, "errors": exc.messages}) from None
+    _v2_edit(tenant, item_id, {"comments": [{"text": comment}]})
+    alert = _get_one(tenant, "alerts_v2", item_id, ("id", "comments"))
+    return jsonify({"@odata.context": f"{request.url_root}api/v1/$metadata#Collection("
+                                      f"microsoft.graph.security.alertComment)", "value": alert["comments"]})
+
+
+blueprint.add_url_rule("/alerts_v2/<item_id>", "patch_alerts_v2", patch_alert_v2, methods=["PATCH"])
+blueprint.add_url_rule("/alerts_v2/<item_id>/comments", "comment_alerts_v2", comment_alert_v2,
+                       methods=["POST"])
 
 __all__ = ["COLLECTIONS", "IDENTIFIER_FIELDS", "ListRequest", "SourceOut", "blueprint", "present_identifiers"]

@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 import msgspec
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, case, select, update
 from sqlalchemy.engine import Connection
 
 from connectors.model import AlertRecord
@@ -20,7 +20,15 @@ events_t = LifecycleEvent.__table__
 
 LOST_RACE_ROUNDS = 5
 PROVIDER_FIELDS = ("title", "description", "severity", "category", "provider_status", "recommended_actions",
-                   "extra", "created_date_time", "last_modified_date_time", "resource_id")
+                   "extra", "created_date_time", "last_modified_date_time", "resource_id", "incident_id",
+                   "service_source", "detection_source", "mitre_techniques", "first_activity_date_time",
+                   "last_activity_date_time", "evidence")
+_TIMES = ("created_date_time", "last_modified_date_time", "first_activity_date_time",
+          "last_activity_date_time")
+# A v2 push's classification gives the legacy feedback its first value too (and the other way round
+# in the API): informationalExpectedActivity is Graph v2's word for the legacy benignPositive.
+FEEDBACK_FOR_CLASSIFICATION = {"truePositive": "truePositive", "falsePositive": "falsePositive",
+                               "informationalExpectedActivity": "benignPositive"}
 
 
 class AlertMerger:
@@ -55,12 +63,19 @@ class AlertMerger:
                 "recommended_actions": record.recommended_actions, "extra": record.extra,
                 "created_date_time": record.created, "last_modified_date_time": record.last_modified,
                 "provider_timestamp": record.provider_timestamp or record.last_modified or record.created or now,
+                "incident_id": record.incident_id, "service_source": record.service_source,
+                "detection_source": record.detection_source, "mitre_techniques": record.mitre_techniques,
+                "first_activity_date_time": record.first_activity,
+                "last_activity_date_time": record.last_activity,
+                "evidence": record.evidence,
             }
             row["content_hash"] = hashlib.blake2b(msgspec.msgpack.encode(
-                [row[name] for name in PROVIDER_FIELDS if name not in ("created_date_time",
-                                                                       "last_modified_date_time")]
-                + [str(row["created_date_time"]), str(row["last_modified_date_time"])]
+                [row[name] for name in PROVIDER_FIELDS if name not in _TIMES]
+                + [str(row[name]) for name in _TIMES]
             ), digest_size=16).hexdigest()
+            row["_first_words"] = {"classification": record.classification,
+                                   "determination": record.determination,
+                                   "feedback": FEEDBACK_FOR_CLASSIFICATION.get(record.classification or "")}
             previous = rows.get(record.provider_id)
             if previous is None or row["provider_timestamp"] >= previous["provider_timestamp"]:
                 rows[record.provider_id] = row
@@ -107,8 +122,9 @@ class AlertMerger:
         for provider_id, row in rows.items():
             old = existing.get(provider_id)
             if old is None:
-                inserts.append(row | {"status": "newAlert", "comments": [], "tags": [], "created_at": now,
-                                      "updated_at": now})
+                inserts.append({k: v for k, v in row.items() if k != "_first_words"} | row["_first_words"]
+                               | {"status": "newAlert", "comments": [], "tags": [], "created_at": now,
+                                  "updated_at": now})
             elif row["provider_timestamp"] < old.provider_timestamp:
                 self.counts["stale"] += 1
             elif row["content_hash"] == old.content_hash:
@@ -119,10 +135,16 @@ class AlertMerger:
                 events.append(self._event(old.id, "updated", now))
                 self.counts["updated"] += 1
         if changes:
+            # lastUpdateDateTime never moves back: a customer edit stamped it later than the push says
+            stored = alerts_t.c.last_modified_date_time
+            incoming = bindparam("_last_modified_date_time", type_=stored.type)
             conn.execute(
                 update(alerts_t).where(alerts_t.c.id == bindparam("_id")).values(
                     {k: bindparam(f"_{k}") for k in PROVIDER_FIELDS + ("provider_timestamp", "content_hash")}
-                    | {"updated_at": now}),
+                    | {"updated_at": now,
+                       "last_modified_date_time": case((stored.is_(None), incoming),
+                                                       (incoming.is_(None), stored),
+                                                       (incoming > stored, incoming), else_=stored)}),
                 sorted(changes, key=lambda c: c["_id"]),
             )
         if events:

@@ -236,5 +236,17 @@ def test_defender_endpoint_vulnerability_reports_are_not_alerts():
 
 
 def test_sniff_ignores_other_formats():
-    others = [p for p in SAMPLES.rglob("*") if p.is_file()]
+    others = [p for p in SAMPLES.rglob("*") if p.is_file() and p.parent.name != "graph"]
     assert [p.name for p in others if graph_alert.sniff(p.read_bytes()[:65536])] == []
+
+
+def test_the_documented_v2_example_keeps_its_v2_state():
+    document = (SAMPLES / "graph" / "alert_v2_example.json").read_bytes()
+    assert graph_alert.sniff(document)
+    [alert] = parse_all("graph_alert", document)
+    assert (alert.incident_id, alert.service_source, alert.detection_source) == (
+        "28282", "microsoftDefenderForEndpoint", "antivirus")
+    assert alert.mitre_techniques == ["T1564.001"] and alert.classification == "unknown"
+    assert [e["@odata.type"].rsplit(".", 1)[-1] for e in alert.evidence] == [
+        "deviceEvidence", "fileEvidence", "userEvidence"]
+    assert alert.first_activity == datetime(2021, 4, 26, 7, 45, 50, 116000, tzinfo=UTC)
