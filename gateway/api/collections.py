@@ -535,7 +535,7 @@ def _context(tenant_id: int) -> FilterContext:
 
 def _item_id(name: str, item_id: str) -> int:
     if not (item_id.isascii() and item_id.isdigit()) or len(item_id) > 18:
-        raise NotFound(f"{name[:-1]} '{item_id[:40]}' not found")
+        raise NotFound(f"{_singular(name)} '{item_id[:40]}' not found")
     return int(item_id)
 
 
@@ -587,7 +587,7 @@ def _get_one(tenant: str, name: str, item_id: str, selected: tuple[str, ...] | N
         rows = conn.execute(collection.base(tenant_id).where(collection.id_column == _item_id(name,
                                                                                               item_id))).all()
         if not rows:
-            raise NotFound(f"{name[:-1]} '{item_id}' not found")
+            raise NotFound(f"{_singular(name)} '{item_id}' not found")
         return project(collection.serialize(conn, tenant_id, rows, selected), selected)[0]
 
 
@@ -677,7 +677,7 @@ def _patch(tenant: str, name: str, item_id: str):
     with _db().engine.begin() as conn:
         if not apply_edit(conn, collection, tenant_id, [condition], changes, g.caller.client_id, utcnow(),
                           EV):
-            raise NotFound(f"{name[:-1]} '{item_id}' not found")
+            raise NotFound(f"{_singular(name)} '{item_id}' not found")
     if "return=representation" in request.headers.get("Prefer", ""):
         return jsonify(_get_one(tenant, name, item_id))
     response = current_app.response_class(status=204)
@@ -786,3 +786,8 @@ blueprint.add_url_rule("/alerts_v2/<item_id>/comments", "comment_alerts_v2", com
                        methods=["POST"])
 
 __all__ = ["COLLECTIONS", "IDENTIFIER_FIELDS", "ListRequest", "SourceOut", "blueprint", "present_identifiers"]
+
+
+def _singular(collection: str) -> str:
+    """"alerts" -> "alert", "alerts_v2" -> "alert" (for messages)."""
+    return collection.removesuffix("_v2").removesuffix("s")

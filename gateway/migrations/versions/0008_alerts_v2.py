@@ -1,7 +1,7 @@
 """alerts in Graph's alerts_v2 shape
 
 Revision ID: 0008
-Revises: 0006
+Revises: 0007
 Create Date: 2026-12-05
 
 Additive: the state the Graph security ``alert`` (v2) resource has and the store lacked.
@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0008"
-down_revision = "0006"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 
