@@ -210,3 +210,20 @@ def test_a_limit_setting_is_checked_at_start():
     with pytest.raises(ConfigError, match="RATELIMIT_PUSH"):
         load_settings({"RATELIMIT_PUSH": "fast"})
     assert load_settings({"RATELIMIT_PUSH": "0"})["RATELIMIT_PUSH"] == ""
+
+
+def test_every_limited_operation_documents_its_429():
+    import yaml
+
+    from tests.conftest import ROOT
+
+    spec = yaml.safe_load((ROOT / "openapi" / "openapi.yaml").read_text())
+    for path, item in spec["paths"].items():
+        for method, op in item.items():
+            if op.get("security") or path.startswith("/oauth/"):
+                ref = op["responses"]["429"]["$ref"]
+                assert ref.endswith("/TooManyRequests" if path.startswith("/api/") else "/OAuthTooManyRequests"), (
+                    method, path)
+    for name in ("TooManyRequests", "OAuthTooManyRequests"):
+        headers = spec["components"]["responses"][name]["headers"]
+        assert {"Retry-After", "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset"} <= set(headers)
