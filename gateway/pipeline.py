@@ -23,7 +23,7 @@ from itertools import islice
 import msgspec
 from sqlalchemy import or_, select, update
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DataError, DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 
 import connectors
 from connectors.base import ParseOptions

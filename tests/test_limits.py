@@ -220,10 +220,10 @@ def test_every_limited_operation_documents_its_429():
     spec = yaml.safe_load((ROOT / "openapi" / "openapi.yaml").read_text())
     for path, item in spec["paths"].items():
         for method, op in item.items():
-            if op.get("security") or path.startswith("/oauth/"):
-                ref = op["responses"]["429"]["$ref"]
-                assert ref.endswith("/TooManyRequests" if path.startswith("/api/") else "/OAuthTooManyRequests"), (
-                    method, path)
+            if not isinstance(op, dict) or not (op.get("security") or path.startswith("/oauth/")):
+                continue
+            wanted = "/TooManyRequests" if path.startswith("/api/") else "/OAuthTooManyRequests"
+            assert op["responses"]["429"]["$ref"].endswith(wanted), (method, path)
     for name in ("TooManyRequests", "OAuthTooManyRequests"):
         headers = spec["components"]["responses"][name]["headers"]
         assert {"Retry-After", "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset"} <= set(headers)
