@@ -36,13 +36,14 @@ def create_app(config: dict[str, Any] | None = None, role: str = "api") -> Flask
     db = Database(app.config["DATABASE_URL"])
     app.extensions["gateway.db"] = db
 
-    from gateway import auth, errors, metrics
+    from gateway import auth, errors, metrics, ratelimit
     from gateway.api import init_app as init_api
     from workers.celery_app import celery_init_app
 
     _init_request_context(app)
     metrics.init_app(app)
     errors.init_app(app)
+    ratelimit.init_app(app)
     auth.init_app(app)
     init_api(app)
     celery_init_app(app)

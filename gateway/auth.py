@@ -32,8 +32,8 @@ from flask import Flask, current_app, g, jsonify, request, url_for
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from gateway import logs
-from gateway.errors import Forbidden, NotFound, Unauthorized
+from gateway import logs, ratelimit
+from gateway.errors import Forbidden, NotFound, TooManyRequests, Unauthorized
 from gateway.models import ClientTenant, OAuthClient, OAuthToken, Tenant
 
 log = logging.getLogger(__name__)
@@ -321,9 +321,11 @@ def require_scope(*scopes: str) -> Callable:
                 raise Forbidden(
                     f"the access token lacks the required scope ({' or '.join(scopes)})",
                     code="insufficientScope",
-                    headers={"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{" ".join(scopes)}"'},
+                    headers={"WWW-Authenticate":
+                             f'Bearer error="insufficient_scope", scope="{" ".join(scopes)}"'},
                 )
             g.caller = caller
+            ratelimit.check_call(caller.client_pk)
             return view(*args, **kwargs)
 
         wrapper.required_scopes = scopes  # read by the spec test
@@ -381,6 +383,25 @@ def request_problem() -> str | None:
     return None
 
 
+def presented_client_id() -> str:
+    """The client id an OAuth request authenticates as (HTTP Basic or the form), if any."""
+    basic = request.authorization
+    if basic is not None and basic.type == "basic" and basic.username:
+        return basic.username[:200]
+    value = request.form.get("client_id") if request.mimetype == "application/x-www-form-urlencoded" else None
+    return (value or "")[:200]
+
+
+def _too_many(error: str, description: str, headers: dict[str, str]):
+    """A 429 in RFC 6749's error shape (RFC 6585 section 4), with Retry-After."""
+    response = jsonify({"error": error, "error_description": description})
+    response.status_code = 429
+    response.headers.update(headers)
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["Pragma"] = "no-cache"
+    return response
+
+
 def init_app(app: Flask) -> None:
     """Mount the token, revocation, introspection and metadata endpoints."""
     app.config.setdefault("OAUTH2_TOKEN_EXPIRES_IN", {"client_credentials": app.config["TOKEN_TTL_SECONDS"]})
@@ -392,6 +413,27 @@ def init_app(app: Flask) -> None:
     authorization.register_endpoint(Introspection)
 
     def respond(create: Callable[[], Any]):
+        limits = ratelimit.current()
+        client_id = presented_client_id()
+        locked = limits.locked_for(client_id)
+        if locked:
+            return _too_many("invalid_client", f"too many failed attempts; try again in {locked} seconds",
+                             {"Retry-After": str(locked)})
+        try:
+            checks = [(limits.token, "token.address", request.remote_addr or "-")]
+            if client_id:
+                checks.append((limits.token, "token.client", client_id))
+            window = limits.consume(checks)
+        except TooManyRequests as exc:
+            return _too_many("invalid_request", exc.message, exc.headers)
+        response = _respond(create)
+        if response.status_code == 401 and client_id:
+            limits.failed(client_id)
+        if window is not None:
+            g.ratelimit_window = window
+        return response
+
+    def _respond(create: Callable[[], Any]):
         problem = request_problem()
         if problem is not None:
             # RFC 6749 5.2: error_description holds %x20-21 / %x23-5B / %x5D-7E only, and a

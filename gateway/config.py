@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import ValidationError
+from pydantic import ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,31 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     metrics_token: str | None = None
+    # Rate limits and quotas (gateway.ratelimit; README, "Limits"). A limit is "<count>/<period>"
+    # ("120/minute", "10/second", "1000/hour"); an empty value or 0 turns that one limit off.
+    ratelimit_enabled: bool = True
+    ratelimit_storage_url: str | None = None  # default: the broker's Redis, else this process's memory
+    ratelimit_push: str = "120/minute"  # pushes per client
+    ratelimit_push_bytes_per_minute: int = 1024 * 1024 * 1024  # pushed bytes per client
+    ratelimit_tenant_push: str = "600/minute"  # pushes per tenant, all clients together
+    ratelimit_tenant_push_bytes_per_minute: int = 4 * 1024 * 1024 * 1024
+    ratelimit_read: str = "600/minute"  # every other authenticated API call, per client
+    ratelimit_token: str = "30/minute"  # OAuth endpoint calls per client id, and per remote address
+    token_lockout_failures: int = 10  # failed client authentications in the window lock the client id
+    token_lockout_window_seconds: int = 600
+    token_lockout_seconds: int = 900
+
+    @field_validator("ratelimit_push", "ratelimit_tenant_push", "ratelimit_read", "ratelimit_token")
+    @classmethod
+    def _a_limit(cls, value: str) -> str:
+        from limits import parse
+
+        if value and value.strip() and value.strip() != "0":
+            try:
+                parse(value)
+            except ValueError:
+                raise ValueError('must be a limit such as "120/minute" (or empty for none)') from None
+        return "" if value.strip() == "0" else value
 
 
 # Read elsewhere (directly from the environment) or by the tests and tools: known, not warned about.
@@ -126,6 +151,10 @@ def load_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
             config["SECRET_KEY"] = None  # check_startup refuses: no generated key in production
         else:
             config["SECRET_KEY"] = _instance_secret(instance_dir())
+    if not config["RATELIMIT_STORAGE_URL"]:
+        from gateway.ratelimit import storage_url
+
+        config["RATELIMIT_STORAGE_URL"] = storage_url(config)
     if config["LOG_FORMAT"] is None:
         config["LOG_FORMAT"] = "json" if is_production(config) else "text"
     return config

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
-
 import re
+from typing import Any
 
 from flask import Flask, jsonify, request
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError
@@ -59,6 +58,12 @@ class PayloadTooLarge(APIError):
 
 class UnsupportedMediaType(APIError):
     status, code = 415, "unsupportedMediaType"
+
+
+class TooManyRequests(APIError):
+    """A rate limit or quota is spent (gateway.ratelimit); answered with Retry-After."""
+
+    status, code = 429, "tooManyRequests"
 
 
 _HTTP_CODES = {
@@ -136,7 +141,8 @@ def check_request_text():
         if path:
             where = f"the JSON body at {path[:120]}"
     if where is not None:
-        message = f"{where} contains a character that is not allowed (NUL, U+0000, or an unpaired UTF-16 surrogate)"
+        message = (f"{where} contains a character that is not allowed (NUL, U+0000, or an unpaired "
+                   "UTF-16 surrogate)")
         if request.path.startswith("/oauth/"):  # the OAuth endpoints answer in RFC 6749's error shape
             response = jsonify({"error": "invalid_request", "error_description": message})
             response.status_code = 400

@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN = os.environ.get("GATEWAY_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS", "redis://127.0.0.1:6379/11")
 SECRET = "test-secret-key"
+# Rate limits are opt-in per test (tests/test_limits.py): off for the apps and servers tests start.
+os.environ.setdefault("GATEWAY_RATELIMIT_ENABLED", "false")
 # One queue per test session, so that concurrent runs on one Redis never take each other's tasks.
 QUEUE = f"gateway-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
@@ -74,7 +76,8 @@ def store_url(request):
 def make_app(database_url: str, eager: bool, **overrides):
     config = {"DATABASE_URL": database_url, "BROKER_URL": REDIS_URL, "SECRET_KEY": SECRET,
               "TASK_QUEUE": QUEUE,
-              "TASK_ALWAYS_EAGER": eager, "MERGE_CHUNK_SIZE": 50}
+              "TASK_ALWAYS_EAGER": eager, "MERGE_CHUNK_SIZE": 50,
+              "RATELIMIT_ENABLED": False}  # rate limits are opt-in per test (tests/test_limits.py)
     config.update(overrides)
     return create_app(config)
 
@@ -173,7 +176,8 @@ class Worker:
 
     def __init__(self, database_url: str, concurrency: int = 1, extra_env: dict | None = None) -> None:
         env = dict(os.environ)
-        env.update({"GATEWAY_DATABASE_URL": database_url, "GATEWAY_BROKER_URL": REDIS_URL, "GATEWAY_TASK_QUEUE": QUEUE,
+        env.update({"GATEWAY_DATABASE_URL": database_url, "GATEWAY_BROKER_URL": REDIS_URL,
+                    "GATEWAY_TASK_QUEUE": QUEUE,
                     "GATEWAY_SECRET_KEY": SECRET, "GATEWAY_MERGE_CHUNK_SIZE": "50",
                     "PYTHONPATH": str(ROOT)})
         env.update(extra_env or {})

@@ -61,6 +61,9 @@ NON_ERROR_BODIES = {
     ("/oauth/revoke", "401"): "OAuthError",
     ("/oauth/introspect", "400"): "OAuthError",
     ("/oauth/introspect", "401"): "OAuthError",
+    ("/oauth/token", "429"): "OAuthError",
+    ("/oauth/revoke", "429"): "OAuthError",
+    ("/oauth/introspect", "429"): "OAuthError",
     ("/readyz", "503"): "Readiness",
 }
 

@@ -24,8 +24,9 @@ from flask import Blueprint, current_app, g, jsonify, request
 from sqlalchemy import select
 
 from connectors.asc_assessment import FORMAT, assessment_from_put_body, normalize_resource_id
+from gateway import ratelimit
 from gateway.auth import require_scope, tenant_for_caller
-from gateway.errors import unstorable_path, BadRequest, UnsupportedMediaType
+from gateway.errors import BadRequest, UnsupportedMediaType, unstorable_path
 from gateway.ingest import Push, read_body, store_batch
 from gateway.models import Batch, FindingSource
 from gateway.pipeline import TransientError, process_batch
@@ -50,12 +51,14 @@ def put_assessment(tenant: str, name: str):
     """Create or update one assessment; answer 201/200 with it as stored."""
     with _db().sessions() as session:
         tenant_row = tenant_for_caller(session, tenant)
+    ratelimit.before_push_body(tenant_row.id)
     if (request.mimetype or "").lower() != "application/json":
         raise UnsupportedMediaType(
             f"an assessment takes Content-Type application/json, not '{request.mimetype or 'none'}'")
     limit = min(current_app.config["MAX_BODY_BYTES"], MAX_ASSESSMENT_BYTES)
     raw = read_body(request.stream, request.headers.get("Content-Encoding", "").strip().lower(),
                     request.content_length, limit)
+    ratelimit.after_push_body(tenant_row.id, len(raw))
     document = normalized_document(name, raw, request.args.get("resourceId"))
     push = Push(
         tenant_id=tenant_row.id, client_pk=g.caller.client_pk, provider=g.caller.provider, format=FORMAT,

@@ -9,7 +9,7 @@ from itsdangerous import BadSignature, URLSafeSerializer
 from sqlalchemy import and_, or_, select
 
 import connectors
-from gateway import logs
+from gateway import logs, ratelimit
 from gateway.auth import require_scope, tenant_for_caller
 from gateway.errors import BadRequest, Forbidden, NotFound, UnsupportedMediaType
 from gateway.ingest import WELLFORMED_CHECK_MAX_BYTES, Push, read_body, store_batch
@@ -169,8 +169,8 @@ def push_batch(tenant: str):
     """Accept a batch: 202 once its bytes are committed, then the worker merges it."""
     format_name = request.args.get("format")
     if not format_name:
-        raise BadRequest("the 'format' query parameter is required; one of: " + ", ".join(connectors.formats()),
-                         code="missingFormat")
+        raise BadRequest("the 'format' query parameter is required; one of: "
+                         + ", ".join(connectors.formats()), code="missingFormat")
     scan_type = request.args.get("scanType", "unspecified")
     if scan_type not in ("unspecified", "full", "incremental"):
         raise BadRequest("'scanType' must be 'full' or 'incremental'", code="invalidParameter")
@@ -179,9 +179,11 @@ def push_batch(tenant: str):
         raise BadRequest("Idempotency-Key must be 1 to 200 characters", code="invalidParameter")
     with _db().sessions() as session:
         tenant_row = tenant_for_caller(session, tenant)
+    ratelimit.before_push_body(tenant_row.id)
     limit = current_app.config["MAX_BODY_BYTES"]
     body = read_body(request.stream, request.headers.get("Content-Encoding", "").strip().lower(),
                      request.content_length, limit)
+    ratelimit.after_push_body(tenant_row.id, len(body))
     if format_name == "auto":
         format_name = connectors.detect(body[:65536]) or ""
         if not format_name:

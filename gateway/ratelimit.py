@@ -1,0 +1,253 @@
+"""Rate limits and quotas, counted in a storage every API process shares (Redis in production).
+
+Built on the ``limits`` package (the counting core of Flask-Limiter) with fixed windows: the
+keys here are known only inside a view (the authenticated client, the tenant once the client
+is checked to be enabled for it, a push's byte count once its body is read, an OAuth client's
+failed authentications), which Flask-Limiter's per-route decorators do not express, and the
+answers carry the IETF ``RateLimit-*`` fields with a reset in seconds.
+
+* pushes: requests and bytes per minute per client, and per tenant;
+* every other authenticated API call (reads, workflow changes): requests per minute per client;
+* the OAuth endpoints: requests per minute per client id and per remote address, and a lockout
+  of a client id after repeated failed authentications.
+
+A storage that cannot be reached lets the request through (logged): limits protect the
+service, they never stop it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Flask, current_app, g, request
+from limits import RateLimitItem, RateLimitItemPerMinute, RateLimitItemPerSecond, parse
+from limits.storage import storage_from_string
+from limits.strategies import FixedWindowRateLimiter
+
+from gateway.errors import PayloadTooLarge, TooManyRequests
+
+log = logging.getLogger(__name__)
+
+PUSH_ENDPOINTS = {"batches.push_batch", "assessments.put_assessment"}
+
+
+@dataclass(frozen=True)
+class Window:
+    """One limit's state after a request: what the ``RateLimit-*`` fields say."""
+
+    limit: int
+    remaining: int
+    reset: int  # seconds until the window ends
+
+    def headers(self) -> dict[str, str]:
+        return {"RateLimit-Limit": str(self.limit), "RateLimit-Remaining": str(self.remaining),
+                "RateLimit-Reset": str(self.reset)}
+
+
+def parse_limit(value: str | None) -> RateLimitItem | None:
+    """"120/minute" (any ``limits`` notation) as an item; None for an empty value (no limit)."""
+    if not value or not value.strip():
+        return None
+    return parse(value)
+
+
+def storage_url(config: dict[str, Any]) -> str:
+    """The counters' storage: the setting, else the broker's Redis, else this process's memory."""
+    if config.get("RATELIMIT_STORAGE_URL"):
+        return config["RATELIMIT_STORAGE_URL"]
+    broker = str(config.get("BROKER_URL") or "")
+    return broker if broker.startswith(("redis://", "rediss://", "redis+unix://")) else "memory://"
+
+
+class Limits:
+    """The configured limits of one app and the storage of their counters."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.enabled = bool(config["RATELIMIT_ENABLED"])
+        self.prefix = str(config.get("RATELIMIT_KEY_PREFIX") or "gateway")
+        self.storage = storage_from_string(storage_url(config))
+        self.limiter = FixedWindowRateLimiter(self.storage)
+        self.push = parse_limit(config["RATELIMIT_PUSH"])
+        self.tenant_push = parse_limit(config["RATELIMIT_TENANT_PUSH"])
+        self.read = parse_limit(config["RATELIMIT_READ"])
+        self.token = parse_limit(config["RATELIMIT_TOKEN"])
+        push_bytes = config["RATELIMIT_PUSH_BYTES_PER_MINUTE"]
+        tenant_bytes = config["RATELIMIT_TENANT_PUSH_BYTES_PER_MINUTE"]
+        self.push_bytes = RateLimitItemPerMinute(push_bytes) if push_bytes > 0 else None
+        self.tenant_push_bytes = RateLimitItemPerMinute(tenant_bytes) if tenant_bytes > 0 else None
+        failures = config["TOKEN_LOCKOUT_FAILURES"]
+        self.failures = (RateLimitItemPerSecond(failures, config["TOKEN_LOCKOUT_WINDOW_SECONDS"])
+                         if failures > 0 else None)
+        self.lockout = RateLimitItemPerSecond(1, max(1, config["TOKEN_LOCKOUT_SECONDS"]))
+
+    # -- counting ------------------------------------------------------------------------
+
+    def _ids(self, kind: str, key: str) -> tuple[str, ...]:
+        return (self.prefix, kind, key)
+
+    def _window(self, item: RateLimitItem, ids: tuple[str, ...]) -> Window:
+        stats = self.limiter.get_window_stats(item, *ids)
+        reset = max(1, math.ceil(stats.reset_time - time.time())) if stats.reset_time else item.get_expiry()
+        return Window(item.amount, stats.remaining, reset)
+
+    def consume(self, checks: list[tuple[RateLimitItem | None, str, str]], cost: int = 1,
+                unit: str = "requests") -> Window | None:
+        """Count ``cost`` against each ``(item, kind, key)``; 429 (nothing counted) when one is spent.
+
+        Returns the state of the limit nearest exhaustion, for the ``RateLimit-*`` fields.
+        """
+        checks = [(item, self._ids(kind, key)) for item, kind, key in checks if item is not None]
+        if not self.enabled or not checks:
+            return None
+        try:
+            for item, ids in checks:
+                if not self.limiter.test(item, *ids, cost=cost):
+                    self._refuse(item, ids, unit)
+            windows = []
+            for item, ids in checks:
+                if not self.limiter.hit(item, *ids, cost=cost):
+                    self._refuse(item, ids, unit)
+                windows.append(self._window(item, ids))
+        except TooManyRequests:
+            raise
+        except Exception as exc:  # the storage is down: let the request through
+            log.warning("rate limit storage unavailable, request not limited: %s", type(exc).__name__)
+            return None
+        return min(windows, key=lambda w: w.remaining / w.limit)
+
+    def _refuse(self, item: RateLimitItem, ids: tuple[str, ...], unit: str) -> None:
+        window = self._window(item, ids)
+        window = Window(window.limit, 0, window.reset)
+        what = "bytes pushed" if unit == "bytes" else "requests"
+        scope = {"client": "this client", "tenant": "this tenant", "address": "this address",
+                 "token": "this client"}.get(ids[1].split(".")[-1], "this caller")
+        raise TooManyRequests(
+            f"too many {what} for {scope} (limit {item.amount} per {_per(item)}); "
+            f"try again in {window.reset} seconds",
+            headers={"Retry-After": str(window.reset), **window.headers()})
+
+    # -- the token endpoint's lockout ----------------------------------------------------
+
+    def locked_for(self, client_id: str) -> int:
+        """Seconds the client id stays locked out after too many failed authentications; 0 if not."""
+        if not self.enabled or self.failures is None or not client_id:
+            return 0
+        try:
+            ids = self._ids("lockout", client_id)
+            if self.limiter.test(self.lockout, *ids):
+                return 0
+            return self._window(self.lockout, ids).reset
+        except Exception as exc:
+            log.warning("rate limit storage unavailable, lockout not checked: %s", type(exc).__name__)
+            return 0
+
+    def failed(self, client_id: str) -> None:
+        """Count one failed authentication; lock the client id out at the configured number."""
+        if not self.enabled or self.failures is None or not client_id:
+            return
+        try:
+            ids = self._ids("auth-failures", client_id)
+            self.limiter.hit(self.failures, *ids)
+            if not self.limiter.test(self.failures, *ids):
+                self.limiter.hit(self.lockout, *self._ids("lockout", client_id))
+                self.limiter.clear(self.failures, *ids)
+                log.warning("client %s locked out for %s seconds after %s failed authentications",
+                            client_id[:80], self.lockout.get_expiry(), self.failures.amount)
+        except Exception as exc:
+            log.warning("rate limit storage unavailable, failure not counted: %s", type(exc).__name__)
+
+
+def _per(item: RateLimitItem) -> str:
+    seconds = item.get_expiry()
+    for size, name in ((86400, "day"), (3600, "hour"), (60, "minute"), (1, "second")):
+        if seconds % size == 0:
+            count = seconds // size
+            return name if count == 1 else f"{count} {name}s"
+    return f"{seconds} seconds"
+
+
+def current() -> Limits:
+    return current_app.extensions["gateway.limits"]
+
+
+def _remember(window: Window | None) -> None:
+    if window is not None:
+        g.ratelimit_window = window
+
+
+def check_call(client_pk: int) -> None:
+    """An authenticated API call: a push counts against the push limit, any other call the read limit."""
+    limits = current()
+    if request.endpoint in PUSH_ENDPOINTS:
+        _remember(limits.consume([(limits.push, "push.client", str(client_pk))]))
+    else:
+        _remember(limits.consume([(limits.read, "read.client", str(client_pk))]))
+
+
+def check_tenant_push(tenant_id: int) -> None:
+    """A push to a tenant the client is enabled for: the tenant's request limit."""
+    limits = current()
+    window = limits.consume([(limits.tenant_push, "push.tenant", str(tenant_id))])
+    if window is not None and ("ratelimit_window" not in g
+                               or window.remaining / window.limit < g.ratelimit_window.remaining
+                               / g.ratelimit_window.limit):
+        g.ratelimit_window = window
+
+
+def check_push_bytes(client_pk: int, tenant_id: int, size: int, declared: bool = False) -> None:
+    """A push's bytes against the client's and the tenant's bytes per minute.
+
+    ``declared``: only check that ``size`` (the Content-Length) still fits, before the body is read;
+    otherwise count it.
+    """
+    limits = current()
+    if not limits.enabled:
+        return
+    checks = [(limits.push_bytes, "push-bytes.client", str(client_pk)),
+              (limits.tenant_push_bytes, "push-bytes.tenant", str(tenant_id))]
+    for item, _, _ in checks:
+        if item is not None and size > item.amount:
+            raise PayloadTooLarge(f"the body ({size} bytes) is larger than the push quota of "
+                                  f"{item.amount} bytes per minute")
+    if size <= 0:
+        return
+    if declared:
+        try:
+            for item, kind, key in checks:
+                if item is not None and not limits.limiter.test(item, *limits._ids(kind, key), cost=size):
+                    limits._refuse(item, limits._ids(kind, key), "bytes")
+        except TooManyRequests:
+            raise
+        except Exception as exc:
+            log.warning("rate limit storage unavailable, request not limited: %s", type(exc).__name__)
+        return
+    limits.consume(checks, cost=size, unit="bytes")
+
+
+def before_push_body(tenant_id: int) -> None:
+    """A push to a tenant its client is enabled for, before its body is read: the tenant's
+    request limit, and whether a declared (uncompressed) Content-Length still fits the quotas."""
+    check_tenant_push(tenant_id)
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if request.content_length and encoding in ("", "identity"):
+        check_push_bytes(g.caller.client_pk, tenant_id, request.content_length, declared=True)
+
+
+def after_push_body(tenant_id: int, size: int) -> None:
+    """Count the push's bytes (as stored, after gunzip) against the client's and tenant's quotas."""
+    check_push_bytes(g.caller.client_pk, tenant_id, size)
+
+
+def init_app(app: Flask) -> None:
+    app.extensions["gateway.limits"] = Limits(app.config)
+
+    @app.after_request
+    def _ratelimit_headers(response):
+        window = g.pop("ratelimit_window", None)
+        if window is not None and response.status_code != 429:
+            response.headers.update(window.headers())
+        return response
