@@ -28,7 +28,7 @@ NAMESPACE = "gateway.security"
 EDMX = "http://docs.oasis-open.org/odata/ns/edmx"
 EDM = "http://docs.oasis-open.org/odata/ns/edm"
 ENTITY_NAMES = {"alerts": "alert", "recommendations": "recommendation", "findings": "finding",
-                "resources": "resource", "observations": "observation"}
+                "resources": "resource", "observations": "observation", "alerts_v2": "alertV2"}
 _CONTEXT = FilterContext(tenant_id=0, dialect="sqlite")  # only to name the tables of list fields
 
 
@@ -149,7 +149,8 @@ def _serializer_fields(collection: Collection) -> dict:
     """The output fields of a collection, from the marshmallow schema of its items."""
     from gateway import schemas
 
-    out = getattr(schemas, entity_name(collection.name).title() + "Out")
+    entity = entity_name(collection.name)
+    out = getattr(schemas, entity[0].upper() + entity[1:] + "Out")
     return {name: field for name, field in out().fields.items() if name in collection.selectable}
 
 
