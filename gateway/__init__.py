@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import Flask, g, request
 
-from gateway import logs
+from gateway import logs, tracing
 from gateway.config import check_startup, load_config, startup_line, unknown_environment_names
 from gateway.db import Database
 
@@ -25,6 +25,7 @@ def create_app(config: dict[str, Any] | None = None, role: str = "api") -> Flask
     app.config.update(load_config(config))
     app.config["MAX_CONTENT_LENGTH"] = None  # the ingest view enforces its own limit, with a JSON 413
     app.json.sort_keys = False
+    app.config["OTEL_ON"] = tracing.configure(app.config, role)  # imports opentelemetry only when on
     logs.configure(app.config["LOG_FORMAT"], app.config["LOG_LEVEL"])
     for name in unknown_environment_names():
         if name not in _warned:
@@ -40,6 +41,7 @@ def create_app(config: dict[str, Any] | None = None, role: str = "api") -> Flask
     from gateway.api import init_app as init_api
     from workers.celery_app import celery_init_app
 
+    tracing.init_app(app)  # before the request context: its server span is current in our hooks
     _init_request_context(app)
     metrics.init_app(app)
     errors.init_app(app)
@@ -59,6 +61,7 @@ def _init_request_context(app: Flask) -> None:
         g.request_id = request_id
         tenant = (request.view_args or {}).get("tenant")
         g.log_tokens = logs.bind(request_id=request_id, tenant=tenant, batch_id=None, client_id=None)
+        tracing.set_attributes(request_id=request_id, tenant=tenant)
 
     @app.after_request
     def _return_id(response):

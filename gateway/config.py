@@ -78,6 +78,11 @@ class Settings(BaseSettings):
     token_lockout_failures: int = 10  # failed client authentications in the window lock the client id
     token_lockout_window_seconds: int = 600
     token_lockout_seconds: int = 900
+    # Tracing (gateway.tracing; README, "Tracing"): off unless enabled, or an exporter that exports is named.
+    # The OTLP exporter reads the standard OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME, ...
+    otel_enabled: bool | None = None
+    otel_exporter: Literal["otlp", "console", "none"] | None = None  # default when enabled: otlp
+    otel_console_file: str | None = None  # the console exporter's file (one JSON span a line); else stdout
 
     @field_validator("ratelimit_push", "ratelimit_tenant_push", "ratelimit_read", "ratelimit_token")
     @classmethod

@@ -23,7 +23,10 @@ _context: dict[str, contextvars.ContextVar] = {
 }
 REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces, at most 128 characters
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s %(batch_id)s]: %(message)s"
+TRACE_FORMAT = " trace=%(trace_id)s span=%(span_id)s"  # after the text lines' ids, when tracing is on
 JSON_FIELDS = ["asctime", "levelname", "name", "message"]
+TRACE_FIELDS = ("trace_id", "span_id")
+_trace_ids = None  # gateway.tracing.current_ids, once tracing is on in this process
 
 
 def valid_request_id(value: str | None) -> str | None:
@@ -68,7 +71,15 @@ def _record_factory(*args, **kwargs) -> logging.LogRecord:
     for name, var in _context.items():
         if not hasattr(record, name):
             setattr(record, name, var.get())
+    trace_id, span_id = _trace_ids() if _trace_ids is not None else (None, None)
+    record.trace_id, record.span_id = trace_id, span_id
     return record
+
+
+def set_trace_ids(getter) -> None:
+    """Let tracing put the current ``trace_id``/``span_id`` on every record (``getter`` returns them)."""
+    global _trace_ids
+    _trace_ids = getter
 
 
 class GatewayJsonFormatter(JsonFormatter):
@@ -76,15 +87,17 @@ class GatewayJsonFormatter(JsonFormatter):
 
     def add_fields(self, log_record, record, message_dict) -> None:
         super().add_fields(log_record, record, message_dict)
-        for name in CONTEXT_FIELDS:
+        for name in CONTEXT_FIELDS + TRACE_FIELDS:
             if log_record.get(name) is None:
                 log_record.pop(name, None)
 
 
 def formatter(kind: str) -> logging.Formatter:
     if kind == "json":
-        return GatewayJsonFormatter(JSON_FIELDS + list(CONTEXT_FIELDS),
+        return GatewayJsonFormatter(JSON_FIELDS + list(CONTEXT_FIELDS + TRACE_FIELDS),
                                     rename_fields={"asctime": "time", "levelname": "level", "name": "logger"})
+    if _trace_ids is not None:
+        return logging.Formatter(TEXT_FORMAT.replace("]: ", "]" + TRACE_FORMAT + ": "))
     return logging.Formatter(TEXT_FORMAT)
 
 

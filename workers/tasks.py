@@ -12,7 +12,7 @@ from celery import shared_task
 from flask import current_app
 from sqlalchemy import or_, select, update
 
-from gateway import logs, metrics
+from gateway import logs, metrics, tracing
 from gateway.models import Batch, utcnow
 from gateway.pipeline import OPEN_STATUSES, TransientError, process_batch
 
@@ -33,7 +33,8 @@ def process_batch_task(self, batch_id: int, owner: str | None = None, request_id
     owner = owner or uuid.uuid4().hex
     db = current_app.extensions["gateway.db"]
     # The push's request id (carried in the task's kwargs) and the batch id on every line of the merge.
-    with logs.context(batch_id=batch_id, request_id=request_id):
+    with logs.context(batch_id=batch_id, request_id=request_id), \
+            tracing.span("gateway.merge", batch_id=int(batch_id), request_id=request_id) as span:
         started = time.perf_counter()
         try:
             status = process_batch(db, int(batch_id), chunk_size=config["MERGE_CHUNK_SIZE"],
@@ -44,23 +45,28 @@ def process_batch_task(self, batch_id: int, owner: str | None = None, request_id
             delay = min(5.0, 0.5 * 2 ** min(self.request.retries, 4)) + random.uniform(0, 0.5)
             log.warning("batch %s hit a transient error, retrying in %.1fs: %s", batch_id, delay, exc)
             raise self.retry(countdown=delay, kwargs={"owner": owner, "request_id": request_id}) from exc
-        if status != "busy":
-            _observe(db, int(batch_id), status, time.perf_counter() - started)
+        if status != "busy" or span is not None:
+            _observe(db, int(batch_id), status, time.perf_counter() - started, span)
         log.info("batch %s merged: %s", batch_id, status)
         return status
 
 
-def _observe(db, batch_id: int, status: str, seconds: float) -> None:
-    """The merge's metrics: duration, records merged and rejected (from the batch's counts)."""
+def _observe(db, batch_id: int, status: str, seconds: float, span=None) -> None:
+    """The merge's metrics (duration, records merged and rejected) and span attributes."""
     try:
         with db.engine.connect() as conn:
-            row = conn.execute(select(Batch.__table__.c.format, Batch.__table__.c.counts)
+            row = conn.execute(select(Batch.__table__.c.format, Batch.__table__.c.counts,
+                                      Batch.__table__.c.tenant_id)
                                .where(Batch.__table__.c.id == batch_id)).first()
     except Exception:  # noqa: BLE001 - metrics never fail a merge
         log.warning("could not read the counts of batch %s for the metrics", batch_id, exc_info=True)
         return
-    if row is not None:
+    if row is None:
+        return
+    if status != "busy":
         metrics.observe_merge(row.format, status, seconds, row.counts)
+    if span is not None:
+        span.set_attributes(tracing.merge_attributes(status, row.tenant_id, row.format, row.counts))
 
 
 @shared_task(name="workers.tasks.requeue_unprocessed_batches", acks_late=True)
