@@ -227,3 +227,71 @@ def test_every_limited_operation_documents_its_429():
     for name in ("TooManyRequests", "OAuthTooManyRequests"):
         headers = spec["components"]["responses"][name]["headers"]
         assert {"Retry-After", "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset"} <= set(headers)
+
+
+def test_two_gunicorn_servers_share_the_counters(pg_gw, pg_url):
+    """Two API processes (two gunicorn servers, as the README runs the API) count one client together."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    from tests.conftest import QUEUE, ROOT, SECRET
+    from tests.test_cli import _documented_gunicorn_command, _free_port
+
+    tenant = pg_gw.tenant()
+    headers = pg_gw.partner("Qualys", [tenant])  # a fresh client: its counters start at zero
+    servers, ports = [], []
+    try:
+        for _ in range(2):
+            words = _documented_gunicorn_command()
+            port = _free_port()
+            for option, value in (("-b", f"127.0.0.1:{port}"), ("-w", "1")):
+                words[words.index(option) + 1] = value
+            env = dict(os.environ, GATEWAY_DATABASE_URL=pg_url, GATEWAY_BROKER_URL=REDIS_URL,
+                       GATEWAY_SECRET_KEY=SECRET, GATEWAY_TASK_QUEUE=QUEUE, GATEWAY_ISSUER="http://127.0.0.1",
+                       GATEWAY_RATELIMIT_ENABLED="true", GATEWAY_RATELIMIT_STORAGE_URL=REDIS_URL,
+                       GATEWAY_RATELIMIT_READ="4/hour", PYTHONPATH=str(ROOT))
+            servers.append(subprocess.Popen([sys.executable, "-m", *words], cwd=ROOT, env=env,
+                                            start_new_session=True, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.DEVNULL))
+            ports.append(port)
+        for server, port in zip(servers, ports, strict=True):
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5):
+                        break
+                except OSError:
+                    assert server.poll() is None, "gunicorn exited"
+                    assert time.monotonic() < deadline, "gunicorn did not start"
+                    time.sleep(0.2)
+
+        def get(port: int) -> tuple[int, dict]:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1/tenants/{tenant}/batches",
+                                             headers=headers)
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return response.status, dict(response.headers)
+            except urllib.error.HTTPError as error:
+                return error.code, dict(error.headers)
+
+        first, second = ports
+        assert [get(first)[0] for _ in range(3)] == [200, 200, 200]
+        status, seen = get(second)  # the other process knows the first one's three
+        assert status == 200 and seen["RateLimit-Remaining"] == "0"
+        for port in ports:
+            status, seen = get(port)
+            assert status == 429 and int(seen["Retry-After"]) >= 1
+    finally:
+        for server in servers:
+            os.killpg(server.pid, signal.SIGTERM)
+        for server in servers:
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
