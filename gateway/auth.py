@@ -325,7 +325,7 @@ def require_scope(*scopes: str) -> Callable:
                              f'Bearer error="insufficient_scope", scope="{" ".join(scopes)}"'},
                 )
             g.caller = caller
-            ratelimit.check_call(caller.client_pk)
+            ratelimit.check_call(caller.client_id)
             return view(*args, **kwargs)
 
         wrapper.required_scopes = scopes  # read by the spec test

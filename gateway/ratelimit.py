@@ -179,26 +179,30 @@ def _remember(window: Window | None) -> None:
         g.ratelimit_window = window
 
 
-def check_call(client_pk: int) -> None:
-    """An authenticated API call: a push counts against the push limit, any other call the read limit."""
+def check_call(client_id: str) -> None:
+    """An authenticated API call: a push counts against the push limit, any other call the read limit.
+
+    Counters are keyed by the public ids (OAuth client id, tenant external id), never by row ids:
+    two stores that share one Redis (staging and production, or test runs) never count together.
+    """
     limits = current()
     if request.endpoint in PUSH_ENDPOINTS:
-        _remember(limits.consume([(limits.push, "push.client", str(client_pk))]))
+        _remember(limits.consume([(limits.push, "push.client", client_id)]))
     else:
-        _remember(limits.consume([(limits.read, "read.client", str(client_pk))]))
+        _remember(limits.consume([(limits.read, "read.client", client_id)]))
 
 
-def check_tenant_push(tenant_id: int) -> None:
+def check_tenant_push(tenant: str) -> None:
     """A push to a tenant the client is enabled for: the tenant's request limit."""
     limits = current()
-    window = limits.consume([(limits.tenant_push, "push.tenant", str(tenant_id))])
+    window = limits.consume([(limits.tenant_push, "push.tenant", tenant)])
     if window is not None and ("ratelimit_window" not in g
                                or window.remaining / window.limit < g.ratelimit_window.remaining
                                / g.ratelimit_window.limit):
         g.ratelimit_window = window
 
 
-def check_push_bytes(client_pk: int, tenant_id: int, size: int, declared: bool = False) -> None:
+def check_push_bytes(client_id: str, tenant: str, size: int, declared: bool = False) -> None:
     """A push's bytes against the client's and the tenant's bytes per minute.
 
     ``declared``: only check that ``size`` (the Content-Length) still fits, before the body is read;
@@ -207,8 +211,8 @@ def check_push_bytes(client_pk: int, tenant_id: int, size: int, declared: bool =
     limits = current()
     if not limits.enabled:
         return
-    checks = [(limits.push_bytes, "push-bytes.client", str(client_pk)),
-              (limits.tenant_push_bytes, "push-bytes.tenant", str(tenant_id))]
+    checks = [(limits.push_bytes, "push-bytes.client", client_id),
+              (limits.tenant_push_bytes, "push-bytes.tenant", tenant)]
     for item, _, _ in checks:
         if item is not None and size > item.amount:
             raise PayloadTooLarge(f"the body ({size} bytes) is larger than the push quota of "
@@ -228,18 +232,18 @@ def check_push_bytes(client_pk: int, tenant_id: int, size: int, declared: bool =
     limits.consume(checks, cost=size, unit="bytes")
 
 
-def before_push_body(tenant_id: int) -> None:
+def before_push_body(tenant: str) -> None:
     """A push to a tenant its client is enabled for, before its body is read: the tenant's
     request limit, and whether a declared (uncompressed) Content-Length still fits the quotas."""
-    check_tenant_push(tenant_id)
+    check_tenant_push(tenant)
     encoding = request.headers.get("Content-Encoding", "").strip().lower()
     if request.content_length and encoding in ("", "identity"):
-        check_push_bytes(g.caller.client_pk, tenant_id, request.content_length, declared=True)
+        check_push_bytes(g.caller.client_id, tenant, request.content_length, declared=True)
 
 
-def after_push_body(tenant_id: int, size: int) -> None:
+def after_push_body(tenant: str, size: int) -> None:
     """Count the push's bytes (as stored, after gunzip) against the client's and tenant's quotas."""
-    check_push_bytes(g.caller.client_pk, tenant_id, size)
+    check_push_bytes(g.caller.client_id, tenant, size)
 
 
 def init_app(app: Flask) -> None:

@@ -51,14 +51,14 @@ def put_assessment(tenant: str, name: str):
     """Create or update one assessment; answer 201/200 with it as stored."""
     with _db().sessions() as session:
         tenant_row = tenant_for_caller(session, tenant)
-    ratelimit.before_push_body(tenant_row.id)
+    ratelimit.before_push_body(tenant_row.external_id)
     if (request.mimetype or "").lower() != "application/json":
         raise UnsupportedMediaType(
             f"an assessment takes Content-Type application/json, not '{request.mimetype or 'none'}'")
     limit = min(current_app.config["MAX_BODY_BYTES"], MAX_ASSESSMENT_BYTES)
     raw = read_body(request.stream, request.headers.get("Content-Encoding", "").strip().lower(),
                     request.content_length, limit)
-    ratelimit.after_push_body(tenant_row.id, len(raw))
+    ratelimit.after_push_body(tenant_row.external_id, len(raw))
     document = normalized_document(name, raw, request.args.get("resourceId"))
     push = Push(
         tenant_id=tenant_row.id, client_pk=g.caller.client_pk, provider=g.caller.provider, format=FORMAT,

@@ -179,11 +179,11 @@ def push_batch(tenant: str):
         raise BadRequest("Idempotency-Key must be 1 to 200 characters", code="invalidParameter")
     with _db().sessions() as session:
         tenant_row = tenant_for_caller(session, tenant)
-    ratelimit.before_push_body(tenant_row.id)
+    ratelimit.before_push_body(tenant_row.external_id)
     limit = current_app.config["MAX_BODY_BYTES"]
     body = read_body(request.stream, request.headers.get("Content-Encoding", "").strip().lower(),
                      request.content_length, limit)
-    ratelimit.after_push_body(tenant_row.id, len(body))
+    ratelimit.after_push_body(tenant_row.external_id, len(body))
     if format_name == "auto":
         format_name = connectors.detect(body[:65536]) or ""
         if not format_name:
