@@ -162,3 +162,19 @@ def test_stored_rows_equal_a_reference_computation(gw, pushes):
         assert stored == _reference(gw, tenant)
         total = sum(r[3] for r in stored.values())
         assert history(gw, tenant)[-1].current == round(total, 4)
+
+
+def test_cli_score_show(gw, monkeypatch):
+    from click.testing import CliRunner
+
+    from gateway.cli import main
+
+    tenant = gw.tenant()
+    headers = gw.partner("Qualys", [tenant])
+    push(gw, tenant, headers, document([vuln("v1", "a.example.com"),
+                                        vuln("v2", "b.example.com", status="fixed")]))
+    monkeypatch.setenv("GATEWAY_DATABASE_URL", gw.db.engine.url.render_as_string(hide_password=False))
+    result = CliRunner().invoke(main, ["score", "show", "--tenant", tenant, "--recount"])
+    assert result.exit_code == 0, result.output
+    assert "Secure Score: 3 of 6 (50.00%)" in result.output
+    assert "Remediate vulnerabilities" in result.output
