@@ -400,3 +400,34 @@ def embedded_overrides(host: str, port: int, configured_issuer: str | None) -> d
 
 if __name__ == "__main__":
     main()
+
+
+@main.group()
+def score() -> None:
+    """Secure Score."""
+
+
+@score.command("show")
+@click.option("--tenant", "tenant_id", required=True, help="the tenant (its id in URLs)")
+@click.option("--recount", is_flag=True, help="recount every control of the tenant first (a store migrated "
+              "from before Secure Score)")
+def score_show(tenant_id: str, recount: bool) -> None:
+    """Print the tenant's Secure Score and its per-control table."""
+    from gateway.score.controls import BY_ID
+    from gateway.score.upkeep import recount as recount_controls
+    from gateway.score.upkeep import tenant_score
+
+    with _store() as db, db.engine.begin() as conn:
+        pk = conn.execute(select(Tenant.id).where(Tenant.external_id == tenant_id)).scalar()
+        if pk is None:
+            raise click.ClickException(f"no tenant {tenant_id}")
+        if recount:
+            recount_controls(conn, pk)
+        result = tenant_score(conn, pk)
+    percent = result["percentage"] * 100
+    click.echo(f"Secure Score: {result['current']:g} of {result['max']:g} ({percent:.2f}%)")
+    click.echo(f"{'control':<45}{'score':>8}{'max':>6}{'healthy':>9}{'unhealthy':>11}{'n/a':>6}")
+    for row in result["controls"]:
+        title = BY_ID[row.control].title if row.control in BY_ID else row.control
+        click.echo(f"{title:<45}{row.current:>8.2f}{row.max:>6g}{row.healthy:>9}{row.unhealthy:>11}"
+                   f"{row.not_applicable:>6}")

@@ -260,7 +260,38 @@ class RecommendationType(Base):
     remediation: Mapped[str | None] = mapped_column(Text)
     severity: Mapped[str] = mapped_column(String(20), default="medium")
     categories: Mapped[list] = mapped_column(JSON, default=list)
-    control: Mapped[str | None] = mapped_column(String(100))
+    control: Mapped[str | None] = mapped_column(String(100))  # gateway/score/controls.py
+
+
+class SecureScoreControl(Base):
+    """A tenant's current score of one control (migration 0009): kept up to date by every merge
+    that changes recommendations of the control (gateway/score/upkeep.py)."""
+
+    __tablename__ = "secure_score_controls"
+
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    control: Mapped[str] = mapped_column(String(100), primary_key=True)
+    healthy: Mapped[int] = mapped_column(Integer, default=0)
+    unhealthy: Mapped[int] = mapped_column(Integer, default=0)
+    not_applicable: Mapped[int] = mapped_column(Integer, default=0)
+    current: Mapped[float] = mapped_column(Float, default=0.0)
+    max: Mapped[float] = mapped_column(Float, default=0.0)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class SecureScore(Base):
+    """The tenant's score each time it changed (migration 0009), with its control scores."""
+
+    __tablename__ = "secure_scores"
+    __table_args__ = (Index("ix_secure_scores_tenant_id", "tenant_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    current: Mapped[float] = mapped_column(Float)
+    max: Mapped[float] = mapped_column(Float)
+    percentage: Mapped[float] = mapped_column(Float)
+    control_scores: Mapped[list] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Recommendation(Base):
@@ -268,6 +299,8 @@ class Recommendation(Base):
     __table_args__ = (
         UniqueConstraint("tenant_id", "resource_id", "type_id", name="uq_recommendations_subject"),
         Index("ix_recommendations_tenant_status", "tenant_id", "status", "id"),
+        # the Secure Score recount of a control (gateway/score/upkeep.py), index-only
+        Index("ix_recommendations_tenant_type", "tenant_id", "type_id", "resource_id", "status"),
         ForeignKeyConstraint(["tenant_id", "type_id"],
                              ["recommendation_types.tenant_id", "recommendation_types.id"],
                              name="fk_recommendations_tenant_type"),

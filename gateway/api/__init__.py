@@ -6,7 +6,7 @@ from flask import Flask
 
 
 def init_app(app: Flask) -> None:
-    from gateway.api import assessments, batches, collections, discovery, health, metadata, resources
+    from gateway.api import assessments, batches, collections, discovery, health, metadata, resources, score
 
     app.register_blueprint(batches.blueprint)
     app.register_blueprint(collections.blueprint)
@@ -15,3 +15,4 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(assessments.blueprint)
     app.register_blueprint(discovery.blueprint)
     app.register_blueprint(metadata.blueprint)
+    app.register_blueprint(score.blueprint)

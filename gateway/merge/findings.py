@@ -38,6 +38,8 @@ from gateway.models import (
     RecommendationType,
     utcnow,
 )
+from gateway.score import controls as score_controls
+from gateway.score import upkeep as score_upkeep
 
 findings_t = Finding.__table__
 sources_t = FindingSource.__table__
@@ -129,7 +131,7 @@ class FindingMerger:
                 record.recommendation == VULNERABILITY_TYPE["key"]:
             return VULNERABILITY_TYPE
         key = record.recommendation or f"{self.provider}:{record.vendor_id or record.title}"
-        return {
+        spec = {
             "key": key[:300],
             "title": record.title[:500],
             "description": record.description,
@@ -140,6 +142,8 @@ class FindingMerger:
             "categories": [],
             "control": None,
         }
+        spec["control"] = score_controls.resolve(spec)  # the type's Secure Score control, once
+        return spec
 
     def _type_ids_for(self, records: Sequence[FindingRecord]) -> list[int]:
         specs = [self._type_spec(record) for record in records]
@@ -700,6 +704,9 @@ class FindingMerger:
             raise RuntimeError(f"{len(pending)} recommendations kept losing their insert to concurrent "
                                "batches")
         insert_rows(conn, events_t, events)
+        # the Secure Score of the controls of the touched types, in this transaction
+        score_upkeep.recount(conn, self.tenant_id, score_upkeep.controls_of_types(
+            conn, self.tenant_id, {type_id for _, type_id in pairs}))
 
     def _existing_recommendations(self, pairs: list[tuple[int, int]]) -> dict[tuple[int, int], object]:
         existing = {}

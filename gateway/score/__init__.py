@@ -1,0 +1,1 @@
+"""Secure Score: control definitions (``controls``) and the stored score's upkeep (``upkeep``)."""
