@@ -631,6 +631,11 @@ class FindingMerger:
         pairs = sorted(self.touched_recommendations)
         resource_ids = sorted({resource_id for resource_id, _ in pairs})
         if is_postgres(conn):
+            # The tenant's score lock first (recount takes it again, re-entrantly), then the
+            # buckets: whoever holds a bucket also holds the score lock, so two merges never wait
+            # for each other in a cycle, even when one transaction comes here twice (a KB back-fill).
+            conn.execute(text("SELECT pg_advisory_xact_lock(:space, :tenant)"),
+                         {"space": score_upkeep.SCORE_LOCKS, "tenant": self.tenant_id})
             # Concurrent batches on the same resources take turns here, and each counts the
             # findings the other committed (READ COMMITTED: every statement sees the latest).
             # One lock per bucket of resources, not per resource: a merge holds at most
