@@ -485,8 +485,13 @@ def resolve_committed(
     being merged away meanwhile.  SQLite has one writer at a time anyway, so there the
     resolution is part of the batch's transaction.
     """
-    options = {"provider": provider, "product": product, "batch_id": batch_id, "allow_merge": allow_merge,
-               "cache": cache}
+    options = {
+        "provider": provider,
+        "product": product,
+        "batch_id": batch_id,
+        "allow_merge": allow_merge,
+        "cache": cache,
+    }
     if on_main or not is_postgres(conn):
         return resolve(conn, tenant_id, refs, seen, **options)
     with conn.engine.connect() as side:
@@ -562,8 +567,14 @@ def resolve(
     slow = [index for index in range(len(evidence)) if index not in fast]
 
     memory = _Evidence()
-    _load(conn, tenant_id, provider, [evidence[i] for i in slow],
-          {keys[i]: stored_hosts[keys[i]].resource_id for i in slow if keys[i] in stored_hosts}, memory)
+    _load(
+        conn,
+        tenant_id,
+        provider,
+        [evidence[i] for i in slow],
+        {keys[i]: stored_hosts[keys[i]].resource_id for i in slow if keys[i] in stored_hosts},
+        memory,
+    )
 
     chosen: list[int] = [0] * len(evidence)
     for index, rid in fast.items():
@@ -626,17 +637,34 @@ def resolve(
     merges = [(loser, final(survivor)) for loser, survivor in merges]
     result = [final(chosen[index]) for index in order]
     by_record = [final(rid) for rid in chosen]
-    _add_identifiers(conn, tenant_id, [{} if i in fast else ids for i, ids in enumerate(evidence)], by_record,
-                     memory.stored)
+    _add_identifiers(
+        conn,
+        tenant_id,
+        [{} if i in fast else ids for i, ids in enumerate(evidence)],
+        by_record,
+        memory.stored,
+    )
     _record_sources(
-        conn, tenant_id, provider, product, batch_id, unique_refs, evidence, keys, by_record, last_seen, now,
+        conn,
+        tenant_id,
+        provider,
+        product,
+        batch_id,
+        unique_refs,
+        evidence,
+        keys,
+        by_record,
+        last_seen,
+        now,
         stored_hosts,
     )
     _touch(conn, tenant_id, by_record, last_seen, unique_refs, now)
     _describe(conn, tenant_id, memory, unique_refs, chosen, real, final, set(fast.values()))
     here = {(provider, key) for key in keys}
     detach = _left_behind(memory, {memory.find(rid) for rid in chosen}, here) if allow_merge else []
-    return Resolution(ids=result, merges=merges, detach=[(final(rid), source_id) for rid, source_id in detach])
+    return Resolution(
+        ids=result, merges=merges, detach=[(final(rid), source_id) for rid, source_id in detach]
+    )
 
 
 def _left_behind(memory: _Evidence, touched: set[int], here: set[tuple[str, str]]) -> list[tuple[int, int]]:
@@ -652,7 +680,9 @@ def _left_behind(memory: _Evidence, touched: set[int], here: set[tuple[str, str]
     for rid in sorted(touched):
         if rid >= TEMP_BASE:
             continue
-        named = [(ids, seen) for ids, seen in memory.hosts.get(rid, ()) if not _only_addresses(ids) or ids.get(MAC)]
+        named = [
+            (ids, seen) for ids, seen in memory.hosts.get(rid, ()) if not _only_addresses(ids) or ids.get(MAC)
+        ]
         named_seen = [seen for _, seen in named if seen is not None]
         if not named_seen:
             continue
@@ -760,7 +790,12 @@ def _decide(
 
 
 def _load(
-    conn: Connection, tenant_id: int, provider: str, evidence: list[dict], known: dict[str, int], memory: _Evidence
+    conn: Connection,
+    tenant_id: int,
+    provider: str,
+    evidence: list[dict],
+    known: dict[str, int],
+    memory: _Evidence,
 ) -> None:
     """The candidates of the chunk's records, with all their identifiers, separations and host records."""
     wanted: dict[str, set[str]] = defaultdict(set)
@@ -881,8 +916,13 @@ def _os(value: str | None) -> str | None:
     return value.strip()[:200] if value and value.strip() else None
 
 
-def _add_identifiers(conn: Connection, tenant_id: int, evidence: list[dict], by_record: list[int],
-                     stored: set[tuple[str, str, int]]) -> None:
+def _add_identifiers(
+    conn: Connection,
+    tenant_id: int,
+    evidence: list[dict],
+    by_record: list[int],
+    stored: set[tuple[str, str, int]],
+) -> None:
     rows: dict[tuple[str, str, int], dict] = {}
     for ids, rid in zip(evidence, by_record, strict=True):
         for kind, values in ids.items():
@@ -944,11 +984,15 @@ def _record_sources(
         later = row["last_seen"] is not None and (
             old.last_seen is None or row["last_seen"] > _aware(old.last_seen)
         )
-        if old.resource_id == row["resource_id"] and merged == (old.identifiers or {}) and \
-                not (product and old.product != product):
+        if (
+            old.resource_id == row["resource_id"]
+            and merged == (old.identifiers or {})
+            and not (product and old.product != product)
+        ):
             if later:  # the common case of a re-push: only the sighting moves
-                seen_only.append({"id": old.id, "last_seen": row["last_seen"], "batch_id": batch_id,
-                                  "updated_at": now})
+                seen_only.append(
+                    {"id": old.id, "last_seen": row["last_seen"], "batch_id": batch_id, "updated_at": now}
+                )
         else:
             changes.append(
                 {
@@ -992,7 +1036,8 @@ def _describe(conn, tenant_id, memory: _Evidence, refs, chosen, real, final, kno
     for start in range(0, len(missing), 5000):
         for rid, name, os_, kind in conn.execute(
             select(resources.c.id, resources.c.name, resources.c.os, resources.c.kind).where(
-                resources.c.tenant_id == tenant_id, in_values(conn, resources.c.id, missing[start : start + 5000])
+                resources.c.tenant_id == tenant_id,
+                in_values(conn, resources.c.id, missing[start : start + 5000]),
             )
         ):
             memory.described[rid] = (name, os_, kind)
@@ -1013,8 +1058,14 @@ def _describe(conn, tenant_id, memory: _Evidence, refs, chosen, real, final, kno
             changes.append({"rid": final(root), "new_name": new_name, "new_os": new_os, "new_kind": new_kind})
             memory.described[root] = (new_name, new_os, new_kind)
     if changes:  # the ids are the tenant's: they came from its identifiers
-        update_rows(conn, resources, [{"id": c["rid"], "name": c["new_name"], "os": c["new_os"],
-                                       "kind": c["new_kind"]} for c in sorted(changes, key=lambda c: c["rid"])])
+        update_rows(
+            conn,
+            resources,
+            [
+                {"id": c["rid"], "name": c["new_name"], "os": c["new_os"], "kind": c["new_kind"]}
+                for c in sorted(changes, key=lambda c: c["rid"])
+            ],
+        )
 
 
 def _touch(conn, tenant_id, by_record, last_seen, refs, now) -> None:
@@ -1026,50 +1077,42 @@ def _touch(conn, tenant_id, by_record, last_seen, refs, now) -> None:
             latest[rid] = when
         if when is not None and (rid not in earliest or when < earliest[rid]):
             earliest[rid] = when
-    if earliest:
-        if is_postgres(conn):
-            ordered = sorted(earliest.items())
-            conn.exec_driver_sql(
-                "UPDATE resources AS t SET first_seen = v.seen "
-                "FROM unnest(%b::bigint[], %b::timestamptz[]) AS v(id, seen) "
-                "WHERE t.id = v.id AND t.tenant_id = %s AND (t.first_seen IS NULL OR t.first_seen > v.seen)",
-                ([rid for rid, _ in ordered], [when for _, when in ordered], tenant_id),
+    _move_seen(conn, tenant_id, "first_seen", earliest, earlier=True)
+    _move_seen(conn, tenant_id, "last_seen", latest, earlier=False, now=now)
+
+
+def _move_seen(
+    conn, tenant_id: int, column: str, values: dict[int, datetime], earlier: bool, now=None
+) -> None:
+    """Move each resource's ``column`` to its value when that is earlier (first seen) or later (last seen)."""
+    if not values:
+        return
+    ordered = sorted(values.items())
+    op = ">" if earlier else "<"
+    if is_postgres(conn):
+        touch = ", updated_at = %s" if now is not None else ""
+        conn.exec_driver_sql(
+            f"UPDATE resources AS t SET {column} = v.seen{touch} "
+            "FROM unnest(%b::bigint[], %b::timestamptz[]) AS v(id, seen) "
+            f"WHERE t.id = v.id AND t.tenant_id = %s AND (t.{column} IS NULL OR t.{column} {op} v.seen)",
+            ((now,) if now is not None else ())
+            + ([rid for rid, _ in ordered], [when for _, when in ordered], tenant_id),
+        )
+        return
+    current = resources.c[column]
+    moved = current > bindparam("seen") if earlier else current < bindparam("seen")
+    statement = (
+        update(resources)
+        .where(
+            and_(
+                resources.c.id == bindparam("rid"),
+                resources.c.tenant_id == tenant_id,
+                current.is_(None) | moved,
             )
-        else:
-            statement = (
-                update(resources)
-                .where(
-                    and_(
-                        resources.c.id == bindparam("rid"),
-                        resources.c.tenant_id == tenant_id,
-                        (resources.c.first_seen.is_(None)) | (resources.c.first_seen > bindparam("seen")),
-                    )
-                )
-                .values(first_seen=bindparam("seen"))
-            )
-            conn.execute(statement, [{"rid": rid, "seen": when} for rid, when in sorted(earliest.items())])
-    if latest:
-        if is_postgres(conn):
-            ordered = sorted(latest.items())
-            conn.exec_driver_sql(
-                "UPDATE resources AS t SET last_seen = v.seen, updated_at = %s "
-                "FROM unnest(%b::bigint[], %b::timestamptz[]) AS v(id, seen) "
-                "WHERE t.id = v.id AND t.tenant_id = %s AND (t.last_seen IS NULL OR t.last_seen < v.seen)",
-                (now, [rid for rid, _ in ordered], [when for _, when in ordered], tenant_id),
-            )
-        else:
-            statement = (
-                update(resources)
-                .where(
-                    and_(
-                        resources.c.id == bindparam("rid"),
-                        resources.c.tenant_id == tenant_id,
-                        (resources.c.last_seen.is_(None)) | (resources.c.last_seen < bindparam("seen")),
-                    )
-                )
-                .values(last_seen=bindparam("seen"), updated_at=now)
-            )
-            conn.execute(statement, [{"rid": rid, "seen": when} for rid, when in sorted(latest.items())])
+        )
+        .values({column: bindparam("seen"), **({"updated_at": now} if now is not None else {})})
+    )
+    conn.execute(statement, [{"rid": rid, "seen": when} for rid, when in ordered])
 
 
 def insert_separation(conn: Connection, tenant_id: int, a: int, b: int, actor: str | None) -> None:
