@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import subprocess
 import sys
@@ -31,6 +32,20 @@ SECRET = "test-secret-key"
 os.environ.setdefault("GATEWAY_RATELIMIT_ENABLED", "false")
 # One queue per test session, so that concurrent runs on one Redis never take each other's tasks.
 QUEUE = f"gateway-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@contextlib.contextmanager
+def scratch_postgres(prefix: str = "gw_scratch"):
+    """A fresh, empty PostgreSQL database for one test (no migrations applied), dropped afterwards."""
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield PG_ADMIN.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
 
 
 @pytest.fixture(scope="session")

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, datetime
 
-import psycopg
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -14,7 +12,7 @@ from sqlalchemy import MetaData, inspect, text
 from gateway.db import make_engine
 from gateway.migrate import alembic_config, downgrade, upgrade
 from gateway.models import Base
-from tests.conftest import PG_ADMIN
+from tests.conftest import scratch_postgres
 
 
 def _modelled(obj, name, type_, reflected, compare_to) -> bool:
@@ -48,14 +46,8 @@ def test_migrations_on_sqlite(tmp_path):
 
 
 def test_migrations_on_postgresql():
-    name = f"gw_mig_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        _check(PG_ADMIN.rsplit("/", 1)[0] + "/" + name)
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    with scratch_postgres("gw_mig") as url:
+        _check(url)
 
 
 # -- migration 0005: recommendation types per tenant, on existing data ---------------------------
@@ -202,11 +194,5 @@ def test_migration_0005_on_existing_data_on_sqlite(tmp_path):
 
 
 def test_migration_0005_on_existing_data_on_postgresql():
-    name = f"gw_mig_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        _check_types_migration_on_data(PG_ADMIN.rsplit("/", 1)[0] + "/" + name)
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    with scratch_postgres("gw_mig") as url:
+        _check_types_migration_on_data(url)

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-import psycopg
 import pytest
 from sqlalchemy import select, text
 
 from gateway.db import make_engine
 from gateway.migrate import upgrade
 from gateway.models import Finding, FindingSource, Observation, ResourceIdentifier
-from tests.conftest import PG_ADMIN
+from tests.conftest import scratch_postgres
 
 
 def push(gw, tenant, headers, body, format):
@@ -232,15 +229,8 @@ def test_migration_0006_on_existing_data_on_sqlite(tmp_path):
 
 
 def test_migration_0006_on_existing_data_on_postgresql():
-    name = f"gw_m6_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        _check_0006(PG_ADMIN.rsplit("/", 1)[0] + "/" + name)
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    with scratch_postgres("gw_m6") as url:
+        _check_0006(url)
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -115,17 +115,7 @@ def merge_resources(merger, loser: int, survivor: int, evidence: str, actor: str
             .where(sources_t.c.tenant_id == tenant, sources_t.c.finding_id == gone)
             .values(finding_id=kept, resource_id=survivor)
         )
-        conn.execute(
-            update(events_t)
-            .where(
-                events_t.c.tenant_id == tenant,
-                events_t.c.subject_type == "finding",
-                events_t.c.subject_id == gone,
-            )
-            .values(subject_id=kept)
-        )
-        _fold_customer_fields(conn, findings_t, tenant, gone, kept)
-        conn.execute(findings_t.delete().where(findings_t.c.tenant_id == tenant, findings_t.c.id == gone))
+        fold_into(conn, findings_t, "finding", tenant, gone, kept)
         events.append(
             {
                 "tenant_id": tenant,
@@ -157,17 +147,7 @@ def merge_resources(merger, loser: int, survivor: int, evidence: str, actor: str
     ).all():
         if type_id in rec_theirs:
             kept = rec_theirs[type_id]
-            conn.execute(
-                update(events_t)
-                .where(
-                    events_t.c.tenant_id == tenant,
-                    events_t.c.subject_type == "recommendation",
-                    events_t.c.subject_id == rid,
-                )
-                .values(subject_id=kept)
-            )
-            _fold_customer_fields(conn, recs_t, tenant, rid, kept)
-            conn.execute(recs_t.delete().where(recs_t.c.tenant_id == tenant, recs_t.c.id == rid))
+            fold_into(conn, recs_t, "recommendation", tenant, rid, kept)
         else:
             conn.execute(
                 update(recs_t)
@@ -278,6 +258,19 @@ def merge_resources(merger, loser: int, survivor: int, evidence: str, actor: str
     )
     insert_rows(conn, events_t, events)
     merger.counts["resourcesMerged"] += 1
+
+
+def fold_into(conn, table, subject_type: str, tenant: int, gone: int, kept: int) -> None:
+    """Row ``gone`` (a finding or recommendation) became ``kept``: its history is re-pointed to
+    ``kept``, its customer fields are carried over, and it is deleted."""
+    conn.execute(
+        update(events_t)
+        .where(events_t.c.tenant_id == tenant, events_t.c.subject_type == subject_type,
+               events_t.c.subject_id == gone)
+        .values(subject_id=kept)
+    )
+    _fold_customer_fields(conn, table, tenant, gone, kept)
+    conn.execute(table.delete().where(table.c.tenant_id == tenant, table.c.id == gone))
 
 
 def _fold_customer_fields(conn, table, tenant: int, gone: int, kept: int) -> None:

@@ -331,7 +331,7 @@ class Backfill:
         dropped: set[int] = set()
         if not self.retired:
             return dropped
-        from gateway.merge.combine import _fold_customer_fields
+        from gateway.merge.combine import fold_into
 
         conn = self.conn
         for gone, kept in sorted(self.retired.items()):
@@ -339,11 +339,7 @@ class Backfill:
                 sources_t.c.tenant_id == self.tenant_id, sources_t.c.finding_id == gone).limit(1)).first()
             if left is not None:  # a source of it stayed (not re-keyed): it is still a finding
                 continue
-            conn.execute(update(events_t).where(
-                events_t.c.tenant_id == self.tenant_id, events_t.c.subject_type == "finding",
-                events_t.c.subject_id == gone).values(subject_id=kept))
-            _fold_customer_fields(conn, findings_t, self.tenant_id, gone, kept)
-            conn.execute(delete(findings_t).where(findings_t.c.tenant_id == self.tenant_id, findings_t.c.id == gone))
+            fold_into(conn, findings_t, "finding", self.tenant_id, gone, kept)
             dropped.add(gone)
         self.retired.clear()
         return dropped
