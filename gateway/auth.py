@@ -43,6 +43,7 @@ SCOPES = {
     "alerts.write": "Push partner alerts",
     "security.read": "Read alerts, recommendations, findings, resources and batches",
     "alerts.manage": "Change workflow fields (status, assignee, feedback, comments, tags)",
+    "posture.manage": "Change security policies, exemptions, governance and alert suppression rules",
     "admin": "Administer tenants, clients, policies and exports",
 }
 
