@@ -261,6 +261,10 @@ class RecommendationType(Base):
     severity: Mapped[str] = mapped_column(String(20), default="medium")
     categories: Mapped[list] = mapped_column(JSON, default=list)
     control: Mapped[str | None] = mapped_column(String(100))  # gateway/score/controls.py
+    # the tenant's security policy as it applies to this type (migration 0010, gateway/posture/policy.py):
+    # a disabled type's recommendations are NotApplicable; a severity override replaces the computed one
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
+    severity_override: Mapped[str | None] = mapped_column(String(20))
 
 
 class SecureScoreControl(Base):
@@ -294,6 +298,70 @@ class SecureScore(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class PolicySetting(Base):
+    """One entry of a tenant's security policy (migration 0010, gateway/posture/policy.py): for a
+    recommendation type, a provider or a control, whether it is enabled; for a type, also a
+    severity override and the control it counts in."""
+
+    __tablename__ = "policy_settings"
+    __table_args__ = (UniqueConstraint("tenant_id", "scope", "target", name="uq_policy_settings_target"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    scope: Mapped[str] = mapped_column(String(30))  # recommendationType | provider | control
+    target: Mapped[str] = mapped_column(String(300))
+    enabled: Mapped[bool | None] = mapped_column(Boolean)  # None: this entry does not say
+    severity: Mapped[str | None] = mapped_column(String(20))
+    control: Mapped[str | None] = mapped_column(String(100))
+    description: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(200))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_by: Mapped[str | None] = mapped_column(String(200))
+
+
+class ControlProfile(Base):
+    """A Secure Score control as a tenant sees it (migration 0010): the built-in controls (rows made
+    on first use) and the tenant's custom controls, with Graph's control state updates."""
+
+    __tablename__ = "control_profiles"
+
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    control: Mapped[str] = mapped_column(String(100), primary_key=True)
+    builtin: Mapped[bool] = mapped_column(Boolean, default=True)
+    title: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str | None] = mapped_column(Text)
+    category: Mapped[str | None] = mapped_column(String(50))
+    max_score: Mapped[float] = mapped_column(Float)
+    rank: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(20), default="Default")  # Default | Ignored | ThirdParty | Reviewed
+    state_updates: Mapped[list] = mapped_column(JSON, default=list)  # Graph's controlStateUpdates
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Exemption(Base):
+    """Accepted or mitigated risk (migration 0010, gateway/posture/exemptions.py): the
+    recommendations in its scope are NotApplicable (cause Exempt) until it expires or is deleted."""
+
+    __tablename__ = "exemptions"
+    __table_args__ = (Index("ix_exemptions_tenant_expiry", "tenant_id", "expired_at", "expires_on"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    display_name: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str | None] = mapped_column(Text)
+    category: Mapped[str] = mapped_column(String(20))  # mitigated | waiver
+    type_id: Mapped[int | None] = mapped_column(Integer)  # a recommendation type of the tenant
+    resource_id: Mapped[int | None] = mapped_column(BigId)
+    resource_filter: Mapped[str | None] = mapped_column(Text)  # OData $filter on resources
+    expires_on: Mapped[datetime | None]
+    expired_at: Mapped[datetime | None]  # set when it expired: it no longer applies
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(200))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_by: Mapped[str | None] = mapped_column(String(200))
+
+
 class Recommendation(Base):
     __tablename__ = "recommendations"
     __table_args__ = (
@@ -301,6 +369,7 @@ class Recommendation(Base):
         Index("ix_recommendations_tenant_status", "tenant_id", "status", "id"),
         # the Secure Score recount of a control (gateway/score/upkeep.py), index-only
         Index("ix_recommendations_tenant_type", "tenant_id", "type_id", "resource_id", "status"),
+        Index("ix_recommendations_tenant_exemption", "tenant_id", "exemption_id"),
         ForeignKeyConstraint(["tenant_id", "type_id"],
                              ["recommendation_types.tenant_id", "recommendation_types.id"],
                              name="fk_recommendations_tenant_type"),
@@ -310,8 +379,14 @@ class Recommendation(Base):
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
     resource_id: Mapped[int] = mapped_column(BigId, ForeignKey("resources.id"))
     type_id: Mapped[int] = mapped_column(Integer)  # the tenant's type: (tenant_id, type_id) is a foreign key
+    # the effective status: NotApplicable (with status_cause) when the type is disabled by the
+    # tenant's policy or an exemption covers the recommendation, else actual_status (migration 0010)
     status: Mapped[str] = mapped_column(String(20))  # Healthy | Unhealthy | NotApplicable
-    severity: Mapped[str] = mapped_column(String(20))
+    severity: Mapped[str] = mapped_column(String(20))  # the policy's override, else actual_severity
+    actual_status: Mapped[str] = mapped_column(String(20))  # what the findings say: Healthy | Unhealthy
+    actual_severity: Mapped[str] = mapped_column(String(20))
+    status_cause: Mapped[str | None] = mapped_column(String(40))  # DisabledByPolicy | Exempt
+    exemption_id: Mapped[int | None] = mapped_column(BigId)
     first_evaluated: Mapped[datetime] = mapped_column(default=utcnow)
     status_changed_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)

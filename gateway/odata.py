@@ -36,7 +36,7 @@ class Field:
 
     ``type`` is ``string``, ``enum`` (``values`` allowed; with ``rank``, ``gt``/``lt`` compare
     the position in ``values``), ``id`` (a decimal id, given as ``'42'`` or ``42``),
-    ``number`` or ``datetime``.
+    ``number``, ``datetime`` or ``bool`` (``true``/``false``).
     """
 
     expression: ColumnElement
@@ -310,6 +310,10 @@ class _Translator:
             if spec.type == "enum" and node.val not in spec.values:
                 raise _Invalid(f"'{name}' is one of {', '.join(spec.values)}", shown)
             return node.val
+        if spec.type == "bool":
+            if not isinstance(node, ast.Boolean):
+                raise _Invalid(f"'{name}' takes true or false", shown)
+            return bool(node.py_val)
         if spec.type == "id":
             text = node.val if isinstance(node, (ast.String, ast.Integer)) else ""
             if not (text.isascii() and text.isdigit()) or len(text) > 18:

@@ -92,6 +92,8 @@ class FindingOut(OutSchema):
     severity = fields.String()
     cvssScore = fields.Float(attribute="cvss_score", allow_none=True)
     state = fields.String()
+    exemptionId = _ref("exemption_id")
+    policy = fields.Function(lambda obj: {"enabled": bool(_get(obj, "type_enabled"))})
     firstSeen = fields.DateTime(attribute="first_seen", allow_none=True)
     lastSeen = fields.DateTime(attribute="last_seen", allow_none=True)
     resolvedAt = fields.DateTime(attribute="resolved_at", allow_none=True)
@@ -112,7 +114,13 @@ class RecommendationOut(OutSchema):
     displayName = fields.String(attribute="type_title")
     kind = fields.String(attribute="type_kind")
     status = fields.String()
+    statusCause = fields.String(attribute="status_cause", allow_none=True)
     severity = fields.String()
+    actualStatus = fields.String(attribute="actual_status")
+    actualSeverity = fields.String(attribute="actual_severity")
+    exemptionId = _ref("exemption_id")
+    policy = fields.Function(lambda obj: {"enabled": bool(_get(obj, "type_enabled")),
+                                          "severityOverride": _get(obj, "type_severity_override")})
     remediation = fields.String(attribute="type_remediation", allow_none=True)
     firstEvaluated = fields.DateTime(attribute="first_evaluated")
     statusChangedAt = fields.DateTime(attribute="status_changed_at")
@@ -121,6 +129,41 @@ class RecommendationOut(OutSchema):
     assignedTo = fields.String(attribute="assigned_to", allow_none=True)
     comments = fields.List(fields.Dict())
     tags = fields.List(fields.String())
+
+
+class PolicyOut(OutSchema):
+    """One entry of the tenant's security policy (gateway/posture/policy.py)."""
+
+    id = _id
+    scope = fields.String()
+    target = fields.String()
+    enabled = fields.Boolean(allow_none=True)
+    severity = fields.String(allow_none=True)
+    control = fields.String(allow_none=True)
+    description = fields.String(allow_none=True)
+    createdDateTime = fields.DateTime(attribute="created_at")
+    createdBy = fields.String(attribute="created_by", allow_none=True)
+    lastModifiedDateTime = fields.DateTime(attribute="updated_at")
+    lastModifiedBy = fields.String(attribute="updated_by", allow_none=True)
+
+
+class ExemptionOut(OutSchema):
+    """An exemption (gateway/posture/exemptions.py)."""
+
+    id = _id
+    displayName = fields.String(attribute="display_name")
+    description = fields.String(allow_none=True)
+    category = fields.String()
+    recommendationType = fields.String(attribute="type_key", allow_none=True)
+    resourceId = _ref("resource_id")
+    resourceFilter = fields.String(attribute="resource_filter", allow_none=True)
+    expiresOn = fields.DateTime(attribute="expires_on", allow_none=True)
+    state = fields.Function(lambda obj: "expired" if _get(obj, "expired_at") is not None else "active")
+    expiredDateTime = fields.DateTime(attribute="expired_at", allow_none=True)
+    createdDateTime = fields.DateTime(attribute="created_at")
+    createdBy = fields.String(attribute="created_by", allow_none=True)
+    lastModifiedDateTime = fields.DateTime(attribute="updated_at")
+    lastModifiedBy = fields.String(attribute="updated_by", allow_none=True)
 
 
 class ResourceSourceOut(OutSchema):

@@ -48,11 +48,12 @@ SPEC_URI = "urn:gateway:openapi"
 SCHEMAS = "#/components/schemas/"
 
 OUT_SCHEMAS = ["FindingOut", "RecommendationOut", "ResourceOut", "AlertOut", "BatchOut", "SourceOut",
-               "EventOut", "ResourceSourceOut", "ObservationOut", "MergedOut", "AlertV2Out"]
+               "EventOut", "ResourceSourceOut", "ObservationOut", "MergedOut", "AlertV2Out", "PolicyOut",
+               "ExemptionOut"]
 PATCH_SCHEMAS = ["FindingPatch", "AlertPatch", "AlertV2Patch"]
 OUT_FOR_COLLECTION = {"findings": "FindingOut", "recommendations": "RecommendationOut",
                       "resources": "ResourceOut", "alerts": "AlertOut", "observations": "ObservationOut",
-                      "alerts_v2": "AlertV2Out"}
+                      "alerts_v2": "AlertV2Out", "policies": "PolicyOut", "exemptions": "ExemptionOut"}
 # Answers that are not the gateway's Error body: authlib's RFC 6749 errors and the readiness probe.
 NON_ERROR_BODIES = {
     ("/oauth/token", "400"): "OAuthError",
@@ -378,6 +379,8 @@ def _check_type(spec: dict, field: fields.Field, prop: dict, where: str) -> None
         assert types == {"string"} and prop.get("format") == "date-time", where
     elif isinstance(field, fields.Integer):
         assert types == {"integer"}, where
+    elif isinstance(field, fields.Boolean):
+        assert types == {"boolean"}, where
     elif isinstance(field, fields.Float):
         assert types == {"number"}, where
     elif isinstance(field, fields.String):
@@ -421,6 +424,8 @@ def _check_input(spec: dict, field: fields.Field, prop: dict, where: str) -> Non
     for validator in field.validators:
         if isinstance(validator, validate.OneOf):
             assert [v for v in prop.get("enum", []) if v is not None] == list(validator.choices), where
+        elif isinstance(validator, validate.Regexp):
+            assert prop.get("pattern") == validator.regex.pattern, where
         elif isinstance(validator, validate.Length):
             is_list = isinstance(field, fields.List)
             low, high = ("minItems", "maxItems") if is_list else ("minLength", "maxLength")
@@ -441,6 +446,8 @@ def _check_input(spec: dict, field: fields.Field, prop: dict, where: str) -> Non
         assert schema_types(spec, prop) == {"string"} and prop.get("format") == "date-time", where
     elif isinstance(field, fields.String):
         assert schema_types(spec, prop) == {"string"}, where
+    elif isinstance(field, fields.Boolean):
+        assert schema_types(spec, prop) == {"boolean"}, where
     else:
         raise AssertionError(f"{where}: {type(field).__name__} is not compared")
 
@@ -459,6 +466,13 @@ def _check_input_schema(spec: dict, schema_class: type, name: str) -> None:
 @pytest.mark.parametrize("name", PATCH_SCHEMAS)
 def test_patch_schemas_match_the_marshmallow_schemas(spec, name):
     _check_input_schema(spec, getattr(schemas, name), name)
+
+
+@pytest.mark.parametrize("name", ["PolicyIn", "PolicyPatch", "ExemptionIn", "ExemptionPatch"])
+def test_posture_input_schemas_match_the_marshmallow_schemas(spec, name):
+    from gateway.api import posture
+
+    _check_input_schema(spec, getattr(posture, name), name)
 
 
 def test_patch_operations_take_their_patch_schema_and_prefer(spec):
@@ -646,7 +660,8 @@ class World:
         self.db = app.extensions["gateway.db"]
         with self.db.session() as session:
             session.add(Tenant(external_id="acme", name="Acme"))
-        self.writer = self.client("contoso", "findings.write alerts.write security.read alerts.manage admin")
+        self.writer = self.client("contoso", "findings.write alerts.write security.read alerts.manage "
+                                                "posture.manage admin")
         self.reader = self.client("reader", "security.read")
         self.auth = {"Authorization": "Bearer " + self.token(self.writer)}
         self.read_only = {"Authorization": "Bearer " + self.token(self.reader)}
@@ -709,7 +724,42 @@ def merged(world) -> dict:
     if "graph_alert" in connectors.formats():
         alerts = world.push("format=graph_alert", 202, json.dumps(GRAPH_ALERTS).encode())
         process_batch(world.db, int(alerts["id"]))
+    # a policy entry and an exemption, so that their collections have items
+    world.call("POST", T + "/security/policies", f"{ACME}/security/policies", 201, headers=world.auth,
+               json={"scope": "provider", "target": "nobody", "enabled": False})
+    world.call("POST", T + "/security/exemptions", f"{ACME}/security/exemptions", 201, headers=world.auth,
+               json={"displayName": "web-1", "category": "waiver", "resourceFilter": "name eq 'web-1'"})
     return accepted
+
+
+def test_the_posture_endpoints_answer_as_documented(world, merged):
+    call, auth = world.call, world.auth
+    policies, exemptions = f"{ACME}/security/policies", f"{ACME}/security/exemptions"
+    entry = call("POST", T + "/security/policies", policies, 201, headers=auth,
+                 json={"scope": "recommendationType", "target": "x-type", "severity": "low"})[0]
+    call("POST", T + "/security/policies", policies, 409, headers=auth,
+         json={"scope": "recommendationType", "target": "x-type", "enabled": True})
+    call("POST", T + "/security/policies", policies, 400, headers=auth, json={"scope": "x", "target": "y"})
+    call("POST", T + "/security/policies", policies, 403, headers=world.read_only,
+         json={"scope": "provider", "target": "y", "enabled": True})
+    one = T + "/security/policies/{item_id}"
+    call("PATCH", one, f"{policies}/{entry['id']}", 200, headers=auth, json={"enabled": False})
+    call("PATCH", one, f"{policies}/{entry['id']}", 400, headers=auth, json={"scope": "control"})
+    call("PATCH", one, f"{policies}/999999", 404, headers=auth, json={"enabled": False})
+    call("DELETE", one, f"{policies}/{entry['id']}", 204, headers=auth)
+    call("DELETE", one, f"{policies}/{entry['id']}", 404, headers=auth)
+    made = call("POST", T + "/security/exemptions", exemptions, 201, headers=auth,
+                json={"displayName": "none", "category": "mitigated", "resourceFilter": "name eq 'zzz'",
+                      "expiresOn": "2099-01-01T00:00:00Z"})[0]
+    assert made["matchedRecommendationCount"] == 0
+    call("POST", T + "/security/exemptions", exemptions, 400, headers=auth, json={"displayName": "x"})
+    one = T + "/security/exemptions/{item_id}"
+    call("PATCH", one, f"{exemptions}/{made['id']}", 200, headers=auth, json={"description": "checked"})
+    call("PATCH", one, f"{exemptions}/{made['id']}", 200, headers=auth,
+         json={"expiresOn": "2001-01-01T00:00:00Z"})
+    call("PATCH", one, f"{exemptions}/{made['id']}", 409, headers=auth, json={"description": "again"})
+    call("DELETE", one, f"{exemptions}/{made['id']}", 204, headers=auth)
+    call("DELETE", one, f"{exemptions}/{made['id']}", 404, headers=auth)
 
 
 def observe(db, tenant: str, provider: str, observations: list) -> None:

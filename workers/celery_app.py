@@ -40,7 +40,11 @@ def celery_init_app(app: Flask) -> Celery:
             "requeue-unprocessed-batches": {
                 "task": "workers.tasks.requeue_unprocessed_batches",
                 "schedule": float(os.environ.get("GATEWAY_SWEEP_INTERVAL", "60")),
-            }
+            },
+            "expire-exemptions": {
+                "task": "workers.tasks.expire_exemptions",
+                "schedule": float(os.environ.get("GATEWAY_EXPIRY_INTERVAL", "60")),
+            },
         },
         imports=("workers.tasks",),
     )

@@ -6,7 +6,7 @@ import logging
 import random
 import time
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from celery import shared_task
 from flask import current_app
@@ -73,6 +73,29 @@ def _observe(db, batch_id: int, status: str, seconds: float, span=None) -> None:
 def requeue_unprocessed_batches() -> int:
     """Find batches left unprocessed (a lost message, a killed worker) and enqueue them again."""
     return requeue(current_app.extensions["gateway.db"], current_app.config["SWEEP_AFTER_SECONDS"])
+
+
+@shared_task(name="workers.tasks.expire_exemptions", acks_late=True)
+def expire_exemptions(now: str | None = None) -> int:
+    """End the exemptions whose expiry has passed (beat, every minute); ``now`` (ISO 8601) is
+    for tests and replays."""
+    return expire_due_exemptions(current_app.extensions["gateway.db"],
+                                 datetime.fromisoformat(now) if now else None)
+
+
+def expire_due_exemptions(db, now: datetime | None = None) -> int:
+    """Each due exemption ends in its own transaction (its tenant's recommendations return to
+    their real status, with events and the score recounted); returns how many ended."""
+    from gateway.posture import exemptions
+
+    total = 0
+    while True:
+        with db.engine.begin() as conn:
+            ended = exemptions.expire(conn, now, limit=1)
+        if not ended:
+            return total
+        total += len(ended)
+        log.info("exemption %s of tenant %s expired", ended[0][1], ended[0][0])
 
 
 def requeue(db, older_than_seconds: int) -> int:

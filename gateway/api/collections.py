@@ -20,7 +20,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
 from connectors.model import SEVERITIES
-from gateway.api import alerts_v2
+from gateway.api import alerts_v2, posture_collections
 from gateway.auth import require_scope, tenant_for_caller
 from gateway.errors import BadRequest, NotFound
 from gateway.models import (
@@ -238,15 +238,25 @@ _DUMP_MERGED = fast_dumper(MergedOut)
 # key (tenant_id, type id) keeps a row from referring to another tenant's type at all).
 
 
+# A finding's exemption is its recommendation's (same resource, same type): read, not copied,
+# so an exemption covering 100,000 recommendations writes no finding.
+FINDING_EXEMPTION = (select(R.c.exemption_id)
+                     .where(R.c.tenant_id == F.c.tenant_id, R.c.resource_id == F.c.resource_id,
+                            R.c.type_id == F.c.recommendation_type_id)
+                     .scalar_subquery())
+
+
 def _finding_base(tenant_id: int):
-    return (select(F, RT.c.key.label("recommendation_type_key"))
+    return (select(F, RT.c.key.label("recommendation_type_key"), RT.c.enabled.label("type_enabled"),
+                   FINDING_EXEMPTION.label("exemption_id"))
             .join(RT, (RT.c.id == F.c.recommendation_type_id) & (RT.c.tenant_id == tenant_id))
             .where(F.c.tenant_id == tenant_id))
 
 
 def _rec_base(tenant_id: int):
     return (select(R, RT.c.key.label("type_key"), RT.c.title.label("type_title"),
-                   RT.c.kind.label("type_kind"), RT.c.remediation.label("type_remediation"))
+                   RT.c.kind.label("type_kind"), RT.c.remediation.label("type_remediation"),
+                   RT.c.enabled.label("type_enabled"), RT.c.severity_override.label("type_severity_override"))
             .join(RT, (RT.c.id == R.c.type_id) & (RT.c.tenant_id == tenant_id))
             .where(R.c.tenant_id == tenant_id))
 
@@ -410,6 +420,12 @@ COLLECTIONS: dict[str, Collection] = {
             "displayName": _text(RT.c.title),
             "kind": _text(RT.c.kind),
             "status": Field(R.c.status, "enum", values=("Healthy", "Unhealthy", "NotApplicable")),
+            "statusCause": Field(R.c.status_cause, "enum", nullable=True, values=("DisabledByPolicy", "Exempt")),
+            "actualStatus": Field(R.c.actual_status, "enum", values=("Healthy", "Unhealthy")),
+            "actualSeverity": _severity(R.c.actual_severity),
+            "exemptionId": Field(R.c.exemption_id, "id", nullable=True),
+            "policy/enabled": Field(RT.c.enabled, "bool"),
+            "policy/severityOverride": Field(RT.c.severity_override, "enum", nullable=True, values=SEVERITIES),
             "severity": _severity(R.c.severity),
             "firstEvaluated": _time(R.c.first_evaluated),
             "statusChangedAt": _time(R.c.status_changed_at),
@@ -453,6 +469,8 @@ COLLECTIONS: dict[str, Collection] = {
             "updatedAt": _time(F.c.updated_at),
             # A finding is one CVE on one resource: its cves list is its cve column (empty when NULL).
             "cves": ListField(element=lambda _: Field(F.c.cve, nullable=True)),
+            "exemptionId": Field(FINDING_EXEMPTION, "id", nullable=True),
+            "policy/enabled": Field(RT.c.enabled, "bool"),
             "sources": ListField(members=_source_fields, rows=_sources),
             **_customer_fields(F),
         },
@@ -500,6 +518,9 @@ COLLECTIONS: dict[str, Collection] = {
     ),
     # Graph's alert (v2) shape of the same rows; its edits are Graph's (PATCH one, comments), below
     "alerts_v2": alerts_v2.COLLECTION,
+    # the tenant's security policy and exemptions (edits in gateway/api/posture.py)
+    "policies": posture_collections.POLICIES,
+    "exemptions": posture_collections.EXEMPTIONS,
     "observations": Collection(
         name="observations",
         base=lambda tenant_id: select(OBS).where(OBS.c.tenant_id == tenant_id),
@@ -789,5 +810,6 @@ __all__ = ["COLLECTIONS", "IDENTIFIER_FIELDS", "ListRequest", "SourceOut", "blue
 
 
 def _singular(collection: str) -> str:
-    """"alerts" -> "alert", "alerts_v2" -> "alert" (for messages)."""
-    return collection.removesuffix("_v2").removesuffix("s")
+    """"alerts" -> "alert", "alerts_v2" -> "alert", "policies" -> "policy" (for messages)."""
+    name = collection.removesuffix("_v2")
+    return name[:-3] + "y" if name.endswith("ies") else name.removesuffix("s")

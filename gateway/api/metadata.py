@@ -28,7 +28,8 @@ NAMESPACE = "gateway.security"
 EDMX = "http://docs.oasis-open.org/odata/ns/edmx"
 EDM = "http://docs.oasis-open.org/odata/ns/edm"
 ENTITY_NAMES = {"alerts": "alert", "recommendations": "recommendation", "findings": "finding",
-                "resources": "resource", "observations": "observation", "alerts_v2": "alertV2"}
+                "resources": "resource", "observations": "observation", "alerts_v2": "alertV2",
+                "policies": "policy", "exemptions": "exemption"}
 _CONTEXT = FilterContext(tenant_id=0, dialect="sqlite")  # only to name the tables of list fields
 
 
@@ -43,7 +44,7 @@ def edm_type(field: Field) -> str:
     if field.type == "number":
         column_type = getattr(field.expression, "type", None)
         return "Edm.Int64" if isinstance(column_type, Integer) else "Edm.Double"
-    if field.type == "boolean":
+    if field.type in ("boolean", "bool"):
         return "Edm.Boolean"
     return "Edm.String"  # string, enum (its values are in the spec), id (decimal strings)
 

@@ -31,6 +31,7 @@ from sqlalchemy import func, select, text, update
 from gateway.merge.sql import in_values, insert_rows
 from gateway.models import (
     Alert,
+    Exemption,
     Finding,
     FindingSource,
     LifecycleEvent,
@@ -48,6 +49,7 @@ findings_t = Finding.__table__
 sources_t = FindingSource.__table__
 events_t = LifecycleEvent.__table__
 recs_t = Recommendation.__table__
+exemptions_t = Exemption.__table__
 idents_t = ResourceIdentifier.__table__
 rsources_t = ResourceSource.__table__
 observations_t = Observation.__table__
@@ -131,6 +133,12 @@ def merge_resources(merger, loser: int, survivor: int, evidence: str, actor: str
         )
         refresh.add(kept)
 
+    # exemptions scoped to the loser now name the survivor (the recommendations move below)
+    conn.execute(
+        update(exemptions_t)
+        .where(exemptions_t.c.tenant_id == tenant, exemptions_t.c.resource_id == loser)
+        .values(resource_id=survivor)
+    )
     # recommendations
     rec_theirs = {
         type_id: rid

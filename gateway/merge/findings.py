@@ -38,6 +38,9 @@ from gateway.models import (
     RecommendationType,
     utcnow,
 )
+from gateway.posture import exemptions as posture_exemptions
+from gateway.posture import policy as posture_policy
+from gateway.posture import status as posture_status
 from gateway.score import controls as score_controls
 from gateway.score import upkeep as score_upkeep
 
@@ -115,6 +118,8 @@ class FindingMerger:
         self.scope: set[int] = set()
         self.observed_resources: set[int] = set()
         self.touched_recommendations: set[tuple[int, int]] = set()
+        # (recommendation id, effective status before (None: new), after) of every change of status
+        self.recommendation_transitions: list[tuple[int, str | None, str]] = []
         self._type_ids: dict[str, int] = {}
         self.stale_examples: list[dict] = []  # a few records counted stale, and what they lost to
 
@@ -661,36 +666,54 @@ class FindingMerger:
             )
             for resource_id, type_id, open_count, worst in rows:
                 aggregate[(resource_id, type_id)] = (int(open_count or 0), int(worst if worst is not None else -1))
-        type_severity = dict(conn.execute(
-            select(types_t.c.id, types_t.c.severity).where(
-                types_t.c.tenant_id == self.tenant_id,
-                in_values(conn, types_t.c.id, sorted({type_id for _, type_id in pairs})))
-        ).all())
+        type_ids = sorted({type_id for _, type_id in pairs})
+        # the tenant's policy as it applies to the touched types (new ones included), then the
+        # types' settings and the exemptions that apply: read under the score lock, so a policy
+        # change or an exemption committed meanwhile is seen (and one committed later sees this)
+        if posture_policy.has_settings(conn, self.tenant_id):
+            posture_policy.settle(conn, self.tenant_id, type_ids, cause=self.cause, actor=self.provider, now=now)
+        type_rows = {row.id: row for row in conn.execute(
+            select(types_t.c.id, types_t.c.severity, types_t.c.enabled, types_t.c.severity_override).where(
+                types_t.c.tenant_id == self.tenant_id, in_values(conn, types_t.c.id, type_ids)))}
+        active_exemptions = posture_exemptions.active(conn, self.tenant_id, now)
         events: list[dict] = []
         pending = pairs
         for _ in range(LOST_RACE_ROUNDS):
             inserts, changes = [], []
             existing = self._existing_recommendations(pending)
+            covered = posture_exemptions.covering(
+                conn, self.tenant_id, [pair for pair in pending if pair not in existing and pair in aggregate],
+                active_exemptions) if active_exemptions else {}
             for pair in pending:
                 open_count, worst = aggregate.get(pair, (0, -1))
-                status = "Unhealthy" if open_count else "Healthy"
-                severity = SEVERITIES[worst] if worst >= 0 else type_severity.get(pair[1], "medium")
+                actual = "Unhealthy" if open_count else "Healthy"
+                kind = type_rows.get(pair[1])
+                actual_severity = SEVERITIES[worst] if worst >= 0 else (kind.severity if kind else "medium")
+                enabled, override = (kind.enabled, kind.severity_override) if kind else (True, None)
                 old = existing.get(pair)
+                exemption_id = covered.get(pair) if old is None else old.exemption_id
+                status, cause, severity = posture_status.effective(actual, actual_severity, enabled, override,
+                                                                   exemption_id)
                 if old is None:
                     if pair not in aggregate:  # no finding of this type on the resource (any more)
                         continue
                     inserts.append({"tenant_id": self.tenant_id, "resource_id": pair[0], "type_id": pair[1],
-                                    "status": status, "severity": severity, "first_evaluated": now,
+                                    "status": status, "severity": severity, "actual_status": actual,
+                                    "actual_severity": actual_severity, "status_cause": cause,
+                                    "exemption_id": exemption_id, "first_evaluated": now,
                                     "status_changed_at": now, "updated_at": now, "comments": [], "tags": []})
-                elif old.status != status or old.severity != severity:
-                    changes.append({"id": old.id, "status": status, "severity": severity,
+                elif (old.status, old.severity, old.status_cause, old.actual_status, old.actual_severity) != \
+                        (status, severity, cause, actual, actual_severity):
+                    changes.append({"id": old.id, "status": status, "severity": severity, "status_cause": cause,
+                                    "actual_status": actual, "actual_severity": actual_severity,
                                     "status_changed_at": now if old.status != status
                                     else old.status_changed_at})
                     if old.status != status:
+                        self.recommendation_transitions.append((old.id, old.status, status))
                         events.append({"tenant_id": self.tenant_id, "subject_type": "recommendation",
                                        "subject_id": old.id, "event": status.lower(), "at": now,
                                        "cause": self.cause, "batch_id": self.batch_id, "actor": self.provider,
-                                       "details": {"from": old.status}})
+                                       "details": {"from": old.status, "cause": cause}})
             update_rows(conn, recs_t, changes, constants={"updated_at": now})
             # ON CONFLICT DO NOTHING: a recommendation another batch inserted meanwhile is read
             # again and updated (on PostgreSQL the resource locks above make that rare).
@@ -700,6 +723,7 @@ class FindingMerger:
                            "event": "new", "at": now, "cause": self.cause, "batch_id": self.batch_id,
                            "actor": self.provider, "details": {"status": status}}
                           for rid, _, _, status in new)
+            self.recommendation_transitions.extend((rid, None, status) for rid, _, _, status in new)
             done = {(resource_id, type_id) for _, resource_id, type_id, _ in new}
             pending = [(row["resource_id"], row["type_id"]) for row in inserts
                        if (row["resource_id"], row["type_id"]) not in done]
@@ -710,15 +734,15 @@ class FindingMerger:
                                "batches")
         insert_rows(conn, events_t, events)
         # the Secure Score of the controls of the touched types, in this transaction
-        score_upkeep.recount(conn, self.tenant_id, score_upkeep.controls_of_types(
-            conn, self.tenant_id, {type_id for _, type_id in pairs}))
+        score_upkeep.recount(conn, self.tenant_id, score_upkeep.controls_of_types(conn, self.tenant_id, type_ids))
 
     def _existing_recommendations(self, pairs: list[tuple[int, int]]) -> dict[tuple[int, int], object]:
         existing = {}
         for start in range(0, len(pairs), 5000):
             part = pairs[start : start + 5000]
             query = select(recs_t.c.id, recs_t.c.resource_id, recs_t.c.type_id, recs_t.c.status,
-                           recs_t.c.severity, recs_t.c.status_changed_at).where(
+                           recs_t.c.severity, recs_t.c.status_changed_at, recs_t.c.actual_status,
+                           recs_t.c.actual_severity, recs_t.c.status_cause, recs_t.c.exemption_id).where(
                 recs_t.c.tenant_id == self.tenant_id)
             for row in self.conn.execute(pair_join(self.conn, query, recs_t.c.resource_id, recs_t.c.type_id,
                                                    part)):

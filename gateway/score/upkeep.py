@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection
 
 from gateway.merge.sql import in_values, insert_for, is_postgres
 from gateway.models import Recommendation, RecommendationType, SecureScore, SecureScoreControl, utcnow
-from gateway.score.controls import BY_ID
+from gateway.posture import profiles
 
 R, RT = Recommendation.__table__, RecommendationType.__table__
 SSC, SS = SecureScoreControl.__table__, SecureScore.__table__
@@ -58,14 +58,14 @@ def recount(conn: Connection, tenant_id: int, controls: Iterable[str] | None = N
             SSC.c.tenant_id == tenant_id)).scalars()))
     now = utcnow()
     rows = []
+    scoring = profiles.scoring(conn, tenant_id, wanted)
     for control in wanted:
         found = counts.get(control)
         good, bad, na = (int(found.healthy or 0), int(found.unhealthy or 0), int(found.na or 0)) \
             if found else (0, 0, 0)
-        max_score = float(BY_ID[control].max_score) if control in BY_ID else 0.0
+        current, max_score = profiles.counted(*scoring[control], good, bad)
         rows.append({"tenant_id": tenant_id, "control": control, "healthy": good, "unhealthy": bad,
-                     "not_applicable": na, "current": control_score(max_score, good, bad), "max": max_score,
-                     "updated_at": now})
+                     "not_applicable": na, "current": current, "max": max_score, "updated_at": now})
     statement = insert_for(conn, SSC)
     conn.execute(statement.on_conflict_do_update(
         index_elements=["tenant_id", "control"],
