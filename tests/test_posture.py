@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
 
-from gateway.models import LifecycleEvent, Recommendation, Tenant
+from gateway.models import LifecycleEvent, Tenant
 from tests.factories import document
 from tests.test_merge import push
 from tests.test_score import compliance, history, rows_of, vuln

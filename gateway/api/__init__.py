@@ -6,7 +6,17 @@ from flask import Flask
 
 
 def init_app(app: Flask) -> None:
-    from gateway.api import assessments, batches, collections, discovery, health, metadata, posture, resources, score
+    from gateway.api import (
+        assessments,
+        batches,
+        collections,
+        discovery,
+        health,
+        metadata,
+        posture,
+        resources,
+        score,
+    )
 
     app.register_blueprint(batches.blueprint)
     app.register_blueprint(collections.blueprint)
