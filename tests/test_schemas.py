@@ -12,7 +12,7 @@ from gateway.schemas import fast_dumper
 
 OUT_SCHEMAS = [schemas.BatchOut, schemas.SourceOut, schemas.FindingOut, schemas.RecommendationOut,
                schemas.ResourceOut, schemas.AlertOut, schemas.EventOut, schemas.ResourceSourceOut,
-               schemas.ObservationOut, schemas.MergedOut]
+               schemas.ObservationOut, schemas.MergedOut, schemas.AlertSuppressionRuleOut]
 
 
 def _value(field, filled: int):
@@ -46,7 +46,8 @@ def _object(schema_class, filled: int) -> dict:
     obj = {"id": 40 + filled, "resource_id": None if not filled else 3, "cve": "CVE-2024-3094" if filled else None,
            "provider": "Qualys", "provider_id": "p-1", "vendor_id": "QID-1", "batch_id": filled or None,
            "merged_into": filled or None, "stale_details": [{"providerId": "p-1"}] if filled else None,
-           "progress": {"chunks": filled} if filled else None}
+           "progress": {"chunks": filled} if filled else None, "suppressed_by": filled or None,
+           "conditions": [{"field": "alert.title", "operator": "in", "value": ["a", "b"]}] if filled else []}
     for name, field in schema_class().dump_fields.items():
         if type(field) is not fields.Function:
             obj[field.attribute or name] = _value(field, filled)

@@ -7,6 +7,7 @@ from flask import Flask
 
 def init_app(app: Flask) -> None:
     from gateway.api import assessments, batches, collections, discovery, health, metadata, resources, score
+    from gateway.api import suppression as suppression_rules
 
     app.register_blueprint(batches.blueprint)
     app.register_blueprint(collections.blueprint)
@@ -16,3 +17,4 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(discovery.blueprint)
     app.register_blueprint(metadata.blueprint)
     app.register_blueprint(score.blueprint)
+    app.register_blueprint(suppression_rules.blueprint)

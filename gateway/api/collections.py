@@ -21,6 +21,7 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from connectors.model import SEVERITIES
 from gateway.api import alerts_v2
+from gateway.api import suppression as suppression_rules
 from gateway.auth import require_scope, tenant_for_caller
 from gateway.errors import BadRequest, NotFound
 from gateway.models import (
@@ -383,6 +384,7 @@ COLLECTIONS: dict[str, Collection] = {
             "resourceId": Field(A.c.resource_id, "id", nullable=True),
             "vendorInformation/provider": _text(A.c.provider),
             "vendorInformation/providerAlertId": _text(A.c.provider_id),
+            "suppressedBy": Field(A.c.suppressed_by, "id", nullable=True),
             "tags": _tags(A.c.tags),
             "recommendedActions": _tags(A.c.recommended_actions),
         },
@@ -500,6 +502,7 @@ COLLECTIONS: dict[str, Collection] = {
     ),
     # Graph's alert (v2) shape of the same rows; its edits are Graph's (PATCH one, comments), below
     "alerts_v2": alerts_v2.COLLECTION,
+    "alertSuppressionRules": suppression_rules.COLLECTION,  # writes: gateway/api/suppression.py
     "observations": Collection(
         name="observations",
         base=lambda tenant_id: select(OBS).where(OBS.c.tenant_id == tenant_id),
