@@ -513,8 +513,9 @@ def validate_rule(payload: Any, *, now: datetime, current: Mapping | None = None
     values: dict[str, Any] = {}
     if "name" in payload:
         name = _text(payload, "name", MAX_NAME_LENGTH, errors)
-        if isinstance(name, str) and name.strip() and not all(c.isalnum() or c in "-_." for c in name):
-            errors["name"] = "letters, digits, '-', '_' and '.' only"
+        if isinstance(name, str) and name.strip() and not all(
+                c.isascii() and (c.isalnum() or c in "-_.") for c in name):
+            errors["name"] = "ASCII letters, digits, '-', '_' and '.' only"
         values["name"] = name
     if "alertType" in payload:
         alert_type = _text(payload, "alertType", MAX_ALERT_TYPE_LENGTH, errors)

@@ -383,6 +383,7 @@ GOOD = {"name": "ok", "alertType": "Malware", "reason": "FalsePositive"}
     (GOOD | {"expirationDateUtc": "2020-01-01T00:00:00Z"}, "expirationDateUtc"),
     (GOOD | {"expirationDateUtc": "2099-01-01T00:00:00"}, "expirationDateUtc"),
     (GOOD | {"name": "has spaces"}, "name"),
+    (GOOD | {"name": "rùle"}, "name"),
     (GOOD | {"alertType": "  "}, "alertType"),
     (GOOD | {"severity": "high"}, "severity"),
     ({"alertType": "Malware", "reason": "Other"}, "name"),
