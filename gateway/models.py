@@ -627,6 +627,31 @@ class Alert(Base):
     comments: Mapped[list] = mapped_column(JSON, default=list)
     tags: Mapped[list] = mapped_column(JSON, default=list)
     closed_date_time: Mapped[datetime | None]
+    # the suppression rule that resolved the alert (migration 0011): no foreign key, so the id of a
+    # deleted rule stays (its ``suppressed`` event names it too)
+    suppressed_by: Mapped[int | None] = mapped_column(BigId)
+
+
+class AlertSuppressionRule(Base):
+    """A tenant's alert suppression rule (migration 0011; gateway/suppression.py): alerts of its
+    type matching all its conditions are stored already resolved."""
+
+    __tablename__ = "alert_suppression_rules"
+    __table_args__ = (UniqueConstraint("tenant_id", "name", name="uq_alert_suppression_rules_name"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    name: Mapped[str] = mapped_column(String(260))
+    alert_type: Mapped[str] = mapped_column(String(500))  # '*': every type
+    conditions: Mapped[list] = mapped_column(JSON, default=list)  # [{field, operator, value}], all of them
+    reason: Mapped[str] = mapped_column(String(40))
+    comment: Mapped[str | None] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(20), default="Enabled")  # Enabled | Disabled
+    expiration_date_utc: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(200))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_by: Mapped[str | None] = mapped_column(String(200))
 
 
 class LifecycleEvent(Base):

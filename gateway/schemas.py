@@ -239,6 +239,7 @@ class AlertOut(OutSchema):
     resourceId = _ref("resource_id")
     vendorInformation = fields.Function(lambda obj: {"provider": _get(obj, "provider"),
                                                      "providerAlertId": _get(obj, "provider_id")})
+    suppressedBy = _ref("suppressed_by")
 
 
 class AlertV2Out(OutSchema):
@@ -273,6 +274,25 @@ class AlertV2Out(OutSchema):
     lastActivityDateTime = fields.DateTime(allow_none=True)
     comments = fields.List(fields.Dict())
     evidence = fields.List(fields.Dict())
+    suppressedBy = fields.String(allow_none=True)
+
+
+class AlertSuppressionRuleOut(OutSchema):
+    """A suppression rule: ASC's alertsSuppressionRule properties, flat (gateway/suppression.py)."""
+
+    id = _id
+    name = fields.String()
+    alertType = fields.String(attribute="alert_type")
+    reason = fields.String()
+    comment = fields.String(allow_none=True)
+    state = fields.String(attribute="shown_state")
+    expirationDateUtc = fields.DateTime(attribute="expiration_date_utc", allow_none=True)
+    suppressionAlertsScope = fields.Function(lambda obj: {"allOf": [
+        {"field": c["field"], c["operator"]: c["value"]} for c in _get(obj, "conditions") or ()]})
+    createdDateTime = fields.DateTime(attribute="created_at")
+    createdBy = fields.String(attribute="created_by", allow_none=True)
+    lastModifiedUtc = fields.DateTime(attribute="updated_at")
+    lastModifiedBy = fields.String(attribute="updated_by", allow_none=True)
 
 
 class EventOut(OutSchema):

@@ -49,11 +49,12 @@ SCHEMAS = "#/components/schemas/"
 
 OUT_SCHEMAS = ["FindingOut", "RecommendationOut", "ResourceOut", "AlertOut", "BatchOut", "SourceOut",
                "EventOut", "ResourceSourceOut", "ObservationOut", "MergedOut", "AlertV2Out", "PolicyOut",
-               "ExemptionOut"]
+               "ExemptionOut", "AlertSuppressionRuleOut"]
 PATCH_SCHEMAS = ["FindingPatch", "AlertPatch", "AlertV2Patch"]
 OUT_FOR_COLLECTION = {"findings": "FindingOut", "recommendations": "RecommendationOut",
                       "resources": "ResourceOut", "alerts": "AlertOut", "observations": "ObservationOut",
-                      "alerts_v2": "AlertV2Out", "policies": "PolicyOut", "exemptions": "ExemptionOut"}
+                      "alerts_v2": "AlertV2Out", "policies": "PolicyOut", "exemptions": "ExemptionOut",
+                      "alertSuppressionRules": "AlertSuppressionRuleOut"}
 # Answers that are not the gateway's Error body: authlib's RFC 6749 errors and the readiness probe.
 NON_ERROR_BODIES = {
     ("/oauth/token", "400"): "OAuthError",
@@ -649,8 +650,15 @@ GRAPH_ALERTS = {"value": [{
 }]}
 
 
+SUPPRESSION_RULE = {"name": "lab-scans", "alertType": "CredentialAccess", "reason": "BenignPositive",
+                    "comment": "the red team's lab", "expirationDateUtc": "2099-01-01T00:00:00Z",
+                    "suppressionAlertsScope": {"allOf": [
+                        {"field": "entities.host.fqdn", "in": ["lab-1.contoso.com", "lab-2.contoso.com"]},
+                        {"field": "alert.title", "contains": "scan"}]}}
+
+
 class World:
-    """A tenant, two clients, their tokens, and a test client that checks every answer."""
+    """A tenant, three clients, their tokens, and a test client that checks every answer."""
 
     def __init__(self, app, spec, registry) -> None:
         self.app = app
@@ -665,6 +673,7 @@ class World:
         self.reader = self.client("reader", "security.read")
         self.auth = {"Authorization": "Bearer " + self.token(self.writer)}
         self.read_only = {"Authorization": "Bearer " + self.token(self.reader)}
+        self.posture = {"Authorization": "Bearer " + self.token(self.client("poster", "posture.manage"))}
 
     def client(self, provider: str, scopes: str) -> tuple[str, str]:
         client_id, secret = f"{provider}-client", f"{provider}-secret-value"
@@ -729,6 +738,8 @@ def merged(world) -> dict:
                json={"scope": "provider", "target": "nobody", "enabled": False})
     world.call("POST", T + "/security/exemptions", f"{ACME}/security/exemptions", 201, headers=world.auth,
                json={"displayName": "web-1", "category": "waiver", "resourceFilter": "name eq 'web-1'"})
+    world.call("POST", T + "/security/alertSuppressionRules", f"{ACME}/security/alertSuppressionRules", 201,
+               json=SUPPRESSION_RULE, headers=world.posture)
     return accepted
 
 
@@ -938,6 +949,60 @@ def test_the_workflow_endpoints_answer_as_documented(world, merged):
     world.call("PATCH", alert, f"{ACME}/security/alerts/1", 400,
                json={"closedDateTime": "2024-01-01T00:00:00"},
                headers=world.auth)
+
+
+def test_the_suppression_rule_endpoints_answer_as_documented(world, merged):
+    from gateway.pipeline import process_batch
+
+    collection, one = T + "/security/alertSuppressionRules", T + "/security/alertSuppressionRules/{item_id}"
+    apply, url = one + "/apply", f"{ACME}/security/alertSuppressionRules"
+    pushed = {"value": [GRAPH_ALERTS["value"][0] | {"id": "alert-suppress-1", "title": "Nightly port sweep",
+                                                    "hostStates": [{"fqdn": "scanner-9.contoso.com"}]}]}
+    process_batch(world.db, int(world.push("format=graph_alert", 202, json.dumps(pushed).encode())["id"]))
+    body = {"name": "port-sweeps", "alertType": "*", "reason": "ValidActivity",
+            "suppressionAlertsScope": {"allOf": [{"field": "entities.host.hostname", "equals": "scanner-9"}]}}
+    posture, reader = world.posture, world.read_only
+    dry = world.call("POST", collection, url + "?dryRun=true", 200, json=body, headers=posture)[0]
+    assert dry == {"ruleId": None, "dryRun": True, "appliedAlertCount": 1}
+    created, response = world.call("POST", collection, url, 201, json=body, headers=posture)
+    assert created["appliedAlertCount"] == 0 and created["state"] == "Enabled"
+    assert response.headers["Location"].endswith(f"{url}/{created['id']}")
+    world.call("POST", collection, url, 409, json=body, headers=posture)
+    world.call("POST", collection, url, 400, json=body | {"name": "x", "reason": "Because"}, headers=posture)
+    world.call("POST", collection, url, 400, json={"name": "y"}, headers=posture)
+    world.call("POST", collection, url + "?applyToExisting=maybe", 400, json=body, headers=posture)
+    world.call("POST", collection, url, 403, json=body, headers=reader)
+    world.call("POST", collection, url, 401, json=body)
+    world.call("POST", collection, "/api/v1/tenants/nobody/security/alertSuppressionRules", 404, json=body,
+               headers=posture)
+    item = f"{url}/{created['id']}"
+    assert world.call("GET", one, item, 200, headers=reader)[0]["name"] == "port-sweeps"
+    world.call("POST", apply, item + "/apply?dryRun=true", 200, headers=posture)
+    applied = world.call("POST", apply, item + "/apply", 200, headers=posture)[0]
+    assert applied == {"ruleId": created["id"], "dryRun": False, "appliedAlertCount": 1}
+    alerts = world.call("GET", T + "/security/alerts_v2", f"{ACME}/security/alerts_v2", 200, headers=reader,
+                        query_string={"$filter": f"suppressedBy eq '{created['id']}'"})[0]["value"]
+    assert [(a["providerAlertId"], a["status"]) for a in alerts] == [("alert-suppress-1", "resolved")]
+    changed = world.call("PATCH", one, item, 200, json={"state": "Disabled", "comment": None},
+                         headers=posture)[0]
+    assert changed["state"] == "Disabled"
+    world.call("POST", apply, item + "/apply", 409, headers=posture)
+    world.call("POST", apply, item + "/apply", 403, headers=reader)
+    world.call("POST", apply, f"{url}/999999/apply", 404, headers=posture)
+    world.call("PATCH", one, item, 400, json={"suppressionAlertsScope": {"allOf": [{"field": "nope"}]}},
+               headers=posture)
+    world.call("PATCH", one, item, 400, json={}, headers=posture)
+    world.call("PATCH", one, item, 409, json={"name": "lab-scans"}, headers=posture)
+    world.call("PATCH", one, item, 403, json={"state": "Enabled"}, headers=reader)
+    world.call("PATCH", one, f"{url}/999999", 404, json={"state": "Enabled"}, headers=posture)
+    world.call("DELETE", one, item, 403, headers=reader)
+    world.call("DELETE", one, item + "?x=1", 400, headers=posture)
+    world.call("DELETE", one, item, 204, headers=posture)
+    world.call("DELETE", one, item, 404, headers=posture)
+    world.call("GET", one, item, 404, headers=reader)
+    legacy = world.call("GET", T + "/security/alerts", f"{ACME}/security/alerts", 200, headers=reader,
+                        query_string={"$filter": "suppressedBy ne null"})[0]["value"]
+    assert [a["suppressedBy"] for a in legacy] == [created["id"]]  # kept after the rule is deleted
 
 
 def test_the_assessment_endpoint_answers_as_documented(world):

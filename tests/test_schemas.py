@@ -12,7 +12,8 @@ from gateway.schemas import fast_dumper
 
 OUT_SCHEMAS = [schemas.BatchOut, schemas.SourceOut, schemas.FindingOut, schemas.RecommendationOut,
                schemas.ResourceOut, schemas.AlertOut, schemas.EventOut, schemas.ResourceSourceOut,
-               schemas.ObservationOut, schemas.MergedOut, schemas.PolicyOut, schemas.ExemptionOut]
+               schemas.ObservationOut, schemas.MergedOut, schemas.PolicyOut, schemas.ExemptionOut,
+               schemas.AlertSuppressionRuleOut]
 
 
 def _value(field, filled: int):
@@ -48,7 +49,8 @@ def _object(schema_class, filled: int) -> dict:
            "merged_into": filled or None, "stale_details": [{"providerId": "p-1"}] if filled else None,
            "progress": {"chunks": filled} if filled else None, "exemption_id": filled or None,
            "type_enabled": bool(filled % 2), "type_severity_override": "high" if filled else None,
-           "expired_at": None if filled % 2 else datetime(2024, 4, 1, tzinfo=UTC)}
+           "expired_at": None if filled % 2 else datetime(2024, 4, 1, tzinfo=UTC), "suppressed_by": filled or None,
+           "conditions": [{"field": "alert.title", "operator": "in", "value": ["a", "b"]}] if filled else []}
     for name, field in schema_class().dump_fields.items():
         if type(field) is not fields.Function:
             obj[field.attribute or name] = _value(field, filled)

@@ -17,6 +17,7 @@ def init_app(app: Flask) -> None:
         resources,
         score,
     )
+    from gateway.api import suppression as suppression_rules
 
     app.register_blueprint(batches.blueprint)
     app.register_blueprint(collections.blueprint)
@@ -27,3 +28,4 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(metadata.blueprint)
     app.register_blueprint(score.blueprint)
     app.register_blueprint(posture.blueprint)
+    app.register_blueprint(suppression_rules.blueprint)

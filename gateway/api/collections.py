@@ -21,6 +21,7 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from connectors.model import SEVERITIES
 from gateway.api import alerts_v2, posture_collections
+from gateway.api import suppression as suppression_rules
 from gateway.auth import require_scope, tenant_for_caller
 from gateway.errors import BadRequest, NotFound
 from gateway.models import (
@@ -393,6 +394,7 @@ COLLECTIONS: dict[str, Collection] = {
             "resourceId": Field(A.c.resource_id, "id", nullable=True),
             "vendorInformation/provider": _text(A.c.provider),
             "vendorInformation/providerAlertId": _text(A.c.provider_id),
+            "suppressedBy": Field(A.c.suppressed_by, "id", nullable=True),
             "tags": _tags(A.c.tags),
             "recommendedActions": _tags(A.c.recommended_actions),
         },
@@ -521,6 +523,7 @@ COLLECTIONS: dict[str, Collection] = {
     # the tenant's security policy and exemptions (edits in gateway/api/posture.py)
     "policies": posture_collections.POLICIES,
     "exemptions": posture_collections.EXEMPTIONS,
+    "alertSuppressionRules": suppression_rules.COLLECTION,  # writes: gateway/api/suppression.py
     "observations": Collection(
         name="observations",
         base=lambda tenant_id: select(OBS).where(OBS.c.tenant_id == tenant_id),
