@@ -166,6 +166,75 @@ class ExemptionOut(OutSchema):
     lastModifiedBy = fields.String(attribute="updated_by", allow_none=True)
 
 
+class ControlScoreOut(OutSchema):
+    """One control's part of a Secure Score (Graph's controlScores item)."""
+
+    controlName = fields.String()
+    score = fields.Float()
+    maxScore = fields.Float()
+    healthyResourceCount = fields.Integer()
+    unhealthyResourceCount = fields.Integer()
+
+
+class SecureScoreOut(OutSchema):
+    """The tenant's Secure Score at one time (Graph's secureScore): a history row."""
+
+    id = _id
+    currentScore = fields.Float(attribute="current")
+    maxScore = fields.Float(attribute="max")
+    percentage = fields.Float()
+    controlScores = fields.List(fields.Nested(ControlScoreOut), attribute="control_scores")
+    createdDateTime = fields.DateTime(attribute="created_at")
+
+
+class SecureScoreControlOut(OutSchema):
+    """The tenant's current score of one control (the stored row, gateway/score/upkeep.py)."""
+
+    id = _id
+    displayName = fields.String(attribute="display_name")
+    controlCategory = fields.String(attribute="category", allow_none=True)
+    currentScore = fields.Float(attribute="current")
+    maxScore = fields.Float(attribute="max")
+    percentage = fields.Float()
+    healthyResourceCount = fields.Integer(attribute="healthy")
+    unhealthyResourceCount = fields.Integer(attribute="unhealthy")
+    notApplicableResourceCount = fields.Integer(attribute="not_applicable")
+    weight = fields.Float()
+    state = fields.String()
+    updatedDateTime = fields.DateTime(attribute="updated_at")
+
+
+class ControlStateUpdateOut(OutSchema):
+    """One of Graph's controlStateUpdates of a control profile."""
+
+    assignedTo = fields.String(allow_none=True)
+    comment = fields.String(allow_none=True)
+    state = fields.String()
+    updatedBy = fields.String()
+    updatedDateTime = fields.String()
+
+
+class SecureScoreControlProfileOut(OutSchema):
+    """A Secure Score control as the tenant has it (Graph's secureScoreControlProfile)."""
+
+    id = _id
+    controlName = fields.String(attribute="control")
+    title = fields.String()
+    description = fields.String(allow_none=True)
+    remediation = fields.String(allow_none=True)  # Graph's name: what to do (the description)
+    maxScore = fields.Float(attribute="max_score")
+    controlCategory = fields.String(attribute="category", allow_none=True)
+    rank = fields.Integer()
+    deprecated = fields.Boolean()
+    tier = fields.String()
+    service = fields.String()
+    builtIn = fields.Boolean(attribute="builtin")
+    state = fields.String()
+    controlStateUpdates = fields.List(fields.Nested(ControlStateUpdateOut), attribute="state_updates")
+    vendorInformation = fields.Dict(attribute="vendor_information")
+    lastModifiedDateTime = fields.DateTime(attribute="updated_at")
+
+
 class ResourceSourceOut(OutSchema):
     """A provider's host record merged into a resource, with the identifiers it contributed."""
 

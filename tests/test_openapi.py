@@ -49,12 +49,15 @@ SCHEMAS = "#/components/schemas/"
 
 OUT_SCHEMAS = ["FindingOut", "RecommendationOut", "ResourceOut", "AlertOut", "BatchOut", "SourceOut",
                "EventOut", "ResourceSourceOut", "ObservationOut", "MergedOut", "AlertV2Out", "PolicyOut",
-               "ExemptionOut", "AlertSuppressionRuleOut"]
+               "ExemptionOut", "AlertSuppressionRuleOut", "SecureScoreOut", "ControlScoreOut",
+               "SecureScoreControlOut", "SecureScoreControlProfileOut", "ControlStateUpdateOut"]
 PATCH_SCHEMAS = ["FindingPatch", "AlertPatch", "AlertV2Patch"]
 OUT_FOR_COLLECTION = {"findings": "FindingOut", "recommendations": "RecommendationOut",
                       "resources": "ResourceOut", "alerts": "AlertOut", "observations": "ObservationOut",
                       "alerts_v2": "AlertV2Out", "policies": "PolicyOut", "exemptions": "ExemptionOut",
-                      "alertSuppressionRules": "AlertSuppressionRuleOut"}
+                      "alertSuppressionRules": "AlertSuppressionRuleOut",
+                      "secureScores": "SecureScoreOut", "secureScoreControls": "SecureScoreControlOut",
+                      "secureScoreControlProfiles": "SecureScoreControlProfileOut"}
 # Answers that are not the gateway's Error body: authlib's RFC 6749 errors and the readiness probe.
 NON_ERROR_BODIES = {
     ("/oauth/token", "400"): "OAuthError",
@@ -431,6 +434,9 @@ def _check_input(spec: dict, field: fields.Field, prop: dict, where: str) -> Non
             is_list = isinstance(field, fields.List)
             low, high = ("minItems", "maxItems") if is_list else ("minLength", "maxLength")
             assert prop.get(low) == validator.min and prop.get(high) == validator.max, where
+        elif isinstance(validator, validate.Range):
+            assert validator.min_inclusive and validator.max_inclusive, where
+            assert (prop.get("minimum"), prop.get("maximum")) == (validator.min, validator.max), where
         else:
             raise AssertionError(f"{where}: validator {validator!r} is not compared")
     if isinstance(field, fields.List):
@@ -449,6 +455,8 @@ def _check_input(spec: dict, field: fields.Field, prop: dict, where: str) -> Non
         assert schema_types(spec, prop) == {"string"}, where
     elif isinstance(field, fields.Boolean):
         assert schema_types(spec, prop) == {"boolean"}, where
+    elif isinstance(field, fields.Float):
+        assert schema_types(spec, prop) == {"number"}, where
     else:
         raise AssertionError(f"{where}: {type(field).__name__} is not compared")
 
@@ -474,6 +482,13 @@ def test_posture_input_schemas_match_the_marshmallow_schemas(spec, name):
     from gateway.api import posture
 
     _check_input_schema(spec, getattr(posture, name), name)
+
+
+@pytest.mark.parametrize("name", ["ControlProfileIn", "ControlProfilePatch", "ControlStateUpdateIn"])
+def test_score_input_schemas_match_the_marshmallow_schemas(spec, name):
+    from gateway.api import score
+
+    _check_input_schema(spec, getattr(score, name), name)
 
 
 def test_patch_operations_take_their_patch_schema_and_prefer(spec):
@@ -771,6 +786,58 @@ def test_the_posture_endpoints_answer_as_documented(world, merged):
     call("PATCH", one, f"{exemptions}/{made['id']}", 409, headers=auth, json={"description": "again"})
     call("DELETE", one, f"{exemptions}/{made['id']}", 204, headers=auth)
     call("DELETE", one, f"{exemptions}/{made['id']}", 404, headers=auth)
+
+
+def test_the_score_endpoints_answer_as_documented(world, merged):
+    call, auth, reader = world.call, world.auth, world.read_only
+    listing = T + "/security/secureScoreControlProfiles"
+    one = listing + "/{item_id}"
+    profiles = f"{ACME}/security/secureScoreControlProfiles"
+    made, response = call("POST", listing, profiles, 201, headers=auth,
+                          json={"title": "Own control", "maxScore": 3, "controlCategory": "Apps"})
+    assert made["id"] == "own-control" and response.headers["Location"].endswith(f"{profiles}/own-control")
+    call("POST", listing, profiles, 409, headers=auth, json={"title": "Own control", "maxScore": 1})
+    call("POST", listing, profiles, 409, headers=auth, json={"id": "enable-mfa", "title": "x", "maxScore": 1})
+    call("POST", listing, profiles, 400, headers=auth, json={"title": "", "maxScore": 1})
+    call("POST", listing, profiles, 400, headers=auth, json={"title": "x", "maxScore": "many"})
+    call("POST", listing, profiles, 403, headers=reader, json={"title": "x", "maxScore": 1})
+    call("POST", listing, profiles, 401, json={"title": "x", "maxScore": 1})
+    call("POST", listing, "/api/v1/tenants/nobody/security/secureScoreControlProfiles", 404, headers=auth,
+         json={"title": "x", "maxScore": 1})
+    own = f"{profiles}/own-control"
+    changed = call("PATCH", one, own, 200, headers=auth, json={
+        "maxScore": 4,
+        "controlStateUpdates": [{"state": "Reviewed", "comment": "checked", "assignedTo": "sam"}]})[0]
+    assert changed["maxScore"] == 4.0 and changed["state"] == "Reviewed"
+    for state in ("Ignored", "ThirdParty", "Default"):
+        call("PATCH", one, f"{profiles}/enable-mfa", 200, headers=auth,
+             json={"controlStateUpdates": [{"state": state}]})
+    call("PATCH", one, f"{profiles}/enable-mfa", 400, headers=auth, json={"title": "mine now"})
+    call("PATCH", one, f"{profiles}/enable-mfa", 400, headers=auth, json={"controlStateUpdates": [{}]})
+    call("PATCH", one, f"{profiles}/nothing", 404, headers=auth, json={"maxScore": 1})
+    call("PATCH", one, own, 403, headers=reader, json={"maxScore": 1})
+    entry = call("POST", T + "/security/policies", f"{ACME}/security/policies", 201, headers=auth,
+                 json={"scope": "recommendationType", "target": "own-type", "control": "own-control"})[0]
+    call("DELETE", one, own, 409, headers=auth)
+    call("DELETE", one, f"{profiles}/enable-mfa", 409, headers=auth)
+    call("DELETE", one, own, 403, headers=reader)
+    call("DELETE", T + "/security/policies/{item_id}", f"{ACME}/security/policies/{entry['id']}", 204,
+         headers=auth)
+    call("DELETE", one, own, 204, headers=auth)
+    call("DELETE", one, own, 404, headers=auth)
+
+    scoped, url = T + "/security/secureScores/scoped", f"{ACME}/security/secureScores/scoped"
+    body = call("GET", scoped, url, 200, headers=reader, query_string={"resourceFilter": "id ne '0'"})[0]
+    assert body["resourceCount"] >= 1
+    nothing = call("GET", scoped, url, 200, headers=reader,
+                   query_string={"resourceFilter": "name eq 'zzz'"})[0]
+    assert (nothing["resourceCount"], nothing["maxScore"], nothing["controlScores"]) == (0, 0.0, [])
+    for bad in ({"resourceFilter": "nothing eq 1"}, {}, {"resourceFilter": "name eq"},
+                {"resourceFilter": "id ne '0'", "$top": "1"}):
+        call("GET", scoped, url, 400, headers=reader, query_string=bad)
+    call("GET", scoped, url, 401, query_string={"resourceFilter": "id ne '0'"})
+    call("GET", scoped, "/api/v1/tenants/nobody/security/secureScores/scoped", 404, headers=reader,
+         query_string={"resourceFilter": "id ne '0'"})
 
 
 def observe(db, tenant: str, provider: str, observations: list) -> None:

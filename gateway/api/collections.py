@@ -20,7 +20,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
 from connectors.model import SEVERITIES
-from gateway.api import alerts_v2, posture_collections
+from gateway.api import alerts_v2, posture_collections, score_collections
 from gateway.api import suppression as suppression_rules
 from gateway.auth import require_scope, tenant_for_caller
 from gateway.errors import BadRequest, NotFound
@@ -524,6 +524,10 @@ COLLECTIONS: dict[str, Collection] = {
     "policies": posture_collections.POLICIES,
     "exemptions": posture_collections.EXEMPTIONS,
     "alertSuppressionRules": suppression_rules.COLLECTION,  # writes: gateway/api/suppression.py
+    # the Secure Score: history, per-control rows, control profiles (edits in gateway/api/score.py)
+    "secureScores": score_collections.SECURE_SCORES,
+    "secureScoreControls": score_collections.SECURE_SCORE_CONTROLS,
+    "secureScoreControlProfiles": score_collections.SECURE_SCORE_CONTROL_PROFILES,
     "observations": Collection(
         name="observations",
         base=lambda tenant_id: select(OBS).where(OBS.c.tenant_id == tenant_id),
@@ -553,11 +557,19 @@ def _tenant_id(tenant: str) -> int:
         return tenant_for_caller(session, tenant).id
 
 
+def _prepare(collection: Collection, tenant_id: int) -> None:
+    if collection.prepare is not None:
+        with _db().engine.begin() as conn:
+            collection.prepare(conn, tenant_id)
+
+
 def _context(tenant_id: int) -> FilterContext:
     return FilterContext(tenant_id=tenant_id, dialect=_db().engine.dialect.name)
 
 
 def _item_id(name: str, item_id: str) -> int:
+    if isinstance(COLLECTIONS[name].id_column.type, String) and 0 < len(item_id) <= 100:
+        return item_id  # a named key (a control id)
     if not (item_id.isascii() and item_id.isdigit()) or len(item_id) > 18:
         raise NotFound(f"{_singular(name)} '{item_id[:40]}' not found")
     return int(item_id)
@@ -578,6 +590,7 @@ def _list(tenant: str, name: str, *, tenant_id: int | None = None, within: tuple
     accept_csv = request.accept_mimetypes.best_match(["application/json", "text/csv"]) == "text/csv"
     list_request = parse_list_args(collection, request.args, _context(tenant_id), config["PAGE_SIZE_DEFAULT"],
                                    config["PAGE_SIZE_MAX"], accept_csv=accept_csv)
+    _prepare(collection, tenant_id)
     if within:
         list_request.conditions = list(within) + list_request.conditions
         list_request.fingerprint = hashlib.sha256(
@@ -607,6 +620,7 @@ def _list(tenant: str, name: str, *, tenant_id: int | None = None, within: tuple
 def _get_one(tenant: str, name: str, item_id: str, selected: tuple[str, ...] | None = None) -> dict:
     collection = COLLECTIONS[name]
     tenant_id = _tenant_id(tenant)
+    _prepare(collection, tenant_id)
     with _db().engine.connect() as conn:
         rows = conn.execute(collection.base(tenant_id).where(collection.id_column == _item_id(name,
                                                                                               item_id))).all()

@@ -30,7 +30,9 @@ EDM = "http://docs.oasis-open.org/odata/ns/edm"
 ENTITY_NAMES = {"alerts": "alert", "recommendations": "recommendation", "findings": "finding",
                 "resources": "resource", "observations": "observation", "alerts_v2": "alertV2",
                 "policies": "policy", "exemptions": "exemption",
-                "alertSuppressionRules": "alertSuppressionRule"}
+                "alertSuppressionRules": "alertSuppressionRule", "secureScores": "secureScore",
+                "secureScoreControls": "secureScoreControl",
+                "secureScoreControlProfiles": "secureScoreControlProfile"}
 _CONTEXT = FilterContext(tenant_id=0, dialect="sqlite")  # only to name the tables of list fields
 
 
