@@ -20,7 +20,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
 from connectors.model import SEVERITIES
-from gateway.api import alerts_v2, posture_collections
+from gateway.api import alerts_v2, governance_collections, posture_collections
 from gateway.auth import require_scope, tenant_for_caller
 from gateway.errors import BadRequest, NotFound
 from gateway.models import (
@@ -186,6 +186,8 @@ def _serialize_findings(conn, tenant_id, rows, selected) -> list[dict]:
         data = row._asdict()
         data["sources"] = sources.get(row.id, [])
         out.append(data)
+    if out and (selected is None or "governance" in selected):
+        governance_collections.add_to_findings(conn, tenant_id, out)
     return _DUMP_FINDINGS(out)
 
 
@@ -256,8 +258,11 @@ def _finding_base(tenant_id: int):
 def _rec_base(tenant_id: int):
     return (select(R, RT.c.key.label("type_key"), RT.c.title.label("type_title"),
                    RT.c.kind.label("type_kind"), RT.c.remediation.label("type_remediation"),
-                   RT.c.enabled.label("type_enabled"), RT.c.severity_override.label("type_severity_override"))
+                   RT.c.enabled.label("type_enabled"), RT.c.severity_override.label("type_severity_override"),
+                   *governance_collections.REC_COLUMNS)
             .join(RT, (RT.c.id == R.c.type_id) & (RT.c.tenant_id == tenant_id))
+            # its current governance assignment, if any
+            .outerjoin(governance_collections.REC_GA, governance_collections.REC_JOIN)
             .where(R.c.tenant_id == tenant_id))
 
 
@@ -426,6 +431,7 @@ COLLECTIONS: dict[str, Collection] = {
             "exemptionId": Field(R.c.exemption_id, "id", nullable=True),
             "policy/enabled": Field(RT.c.enabled, "bool"),
             "policy/severityOverride": Field(RT.c.severity_override, "enum", nullable=True, values=SEVERITIES),
+            **governance_collections.RECOMMENDATION_FIELDS,
             "severity": _severity(R.c.severity),
             "firstEvaluated": _time(R.c.first_evaluated),
             "statusChangedAt": _time(R.c.status_changed_at),
@@ -440,7 +446,7 @@ COLLECTIONS: dict[str, Collection] = {
         default_order=(("id", False),),
         selectable=tuple(RecommendationOut().fields),
         count_base=lambda tenant_id: select(R.c.id).where(R.c.tenant_id == tenant_id),
-        count_joined=(RT,),
+        count_joined=(RT, governance_collections.REC_GA),
         serialize=_dump(RecommendationOut),
         workflow=Workflow(table=R, subject="recommendation", patch_schema=FindingPatch,
                           columns=_CUSTOMER_COLUMNS),
@@ -471,6 +477,7 @@ COLLECTIONS: dict[str, Collection] = {
             "cves": ListField(element=lambda _: Field(F.c.cve, nullable=True)),
             "exemptionId": Field(FINDING_EXEMPTION, "id", nullable=True),
             "policy/enabled": Field(RT.c.enabled, "bool"),
+            **governance_collections.FINDING_FIELDS,
             "sources": ListField(members=_source_fields, rows=_sources),
             **_customer_fields(F),
         },
@@ -521,6 +528,9 @@ COLLECTIONS: dict[str, Collection] = {
     # the tenant's security policy and exemptions (edits in gateway/api/posture.py)
     "policies": posture_collections.POLICIES,
     "exemptions": posture_collections.EXEMPTIONS,
+    # governance rules and assignments (edits in gateway/api/governance.py)
+    "governanceRules": governance_collections.RULES,
+    "governanceAssignments": governance_collections.ASSIGNMENTS,
     "observations": Collection(
         name="observations",
         base=lambda tenant_id: select(OBS).where(OBS.c.tenant_id == tenant_id),
