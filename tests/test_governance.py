@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select, update
 
-from gateway.models import LifecycleEvent, Resource, Tenant
+from gateway.models import GovernanceRule, LifecycleEvent, Resource, Tenant
 from tests.factories import document, finding
 from tests.test_merge import push
 from tests.test_score import compliance, vuln
@@ -349,6 +349,27 @@ def test_conditions_on_provider_resource_filter_and_owner_by_tag(gw):
     assert either["matchedRecommendationCount"] == 2  # logging on db-1, the critical one on db-2
     assert len(_list(gw, tenant, qualys, "governanceRules", "ownerSource/type eq 'ByTag'")) == 1
     assert len(_list(gw, tenant, qualys, "governanceRules", "rulePriority ge 3")) == 2
+    # a stored filter the resources collection no longer accepts skips its rule, not the merge
+    with gw.db.engine.begin() as conn:
+        conn.execute(
+            update(GovernanceRule.__table__)
+            .where(GovernanceRule.__table__.c.id == int(nothing["id"]))
+            .values(
+                condition_sets=[
+                    {
+                        "conditions": [
+                            {"property": "resourceFilter", "operator": "Matches", "value": "gone eq 1"}
+                        ]
+                    }
+                ]
+            )
+        )
+    batch = push(gw, tenant, tenable, document([vuln("web-t3", "web-3.example.com")]))
+    assert batch["status"] == "succeeded"
+    assert (
+        _by_host(gw, tenant, qualys)[("web-3.example.com", "vulnerability-assessment")]["governance"]["owner"]
+        == "tenable-team@example.com"
+    )
 
 
 def test_completed_when_fixed_and_the_overdue_filter(gw):
@@ -741,45 +762,58 @@ def test_merged_resources_keep_one_current_assignment_per_recommendation(gw):
     tenant = gw.tenant()
     headers = gw.partner("Qualys", [tenant], scopes=MANAGE + " admin")
     _rule(gw, tenant, headers, rulePriority=1)
+    pairs = [(kind, host) for kind in ("v", "t", "m") for host in ("a", "b")]
     push(
         gw,
         tenant,
         headers,
         document(
             [
-                vuln("v-a", "a.example.com"),
-                vuln("v-b", "b.example.com"),
-                _rule_finding("t-a", "a.example.com", "tls"),
-                _rule_finding("t-b", "b.example.com", "tls"),
+                vuln(f"{kind}-{host}", f"{host}.example.com")
+                if kind == "v"
+                else _rule_finding(f"{kind}-{host}", f"{host}.example.com", {"t": "tls", "m": "mfa"}[kind])
+                for kind, host in pairs
             ]
         ),
     )
-    recs = _by_host(gw, tenant, headers)
-    assert all(r["governance"] for r in recs.values())
-    survivor = recs[("a.example.com", "tls")]["resourceId"]
-    loser = recs[("b.example.com", "tls")]["resourceId"]
-    # the survivor's tls recommendation has no assignment any more: the loser's becomes its assignment
-    kept_tls = recs[("b.example.com", "tls")]["governance"]["assignmentId"]
-    gone_vuln = recs[("b.example.com", "vulnerability-assessment")]["governance"]["assignmentId"]
-    kept_vuln = recs[("a.example.com", "vulnerability-assessment")]["governance"]["assignmentId"]
-    assert (
-        gw.http.delete(
-            SEC.format(tenant)
-            + "governanceAssignments/"
-            + recs[("a.example.com", "tls")]["governance"]["assignmentId"],
-            headers=headers,
-        ).status_code
-        == 204
+    # a's mfa is fixed: its assignment completed; a's tls assignment is deleted
+    push(
+        gw,
+        tenant,
+        headers,
+        document([_rule_finding("m-a", "a.example.com", "mfa", status="fixed", ts="2024-04-02T00:00:00Z")]),
     )
+    recs = {key: r["governance"]["assignmentId"] for key, r in _by_host(gw, tenant, headers).items()}
+    deleted = gw.http.delete(
+        SEC.format(tenant) + "governanceAssignments/" + recs[("a.example.com", "tls")], headers=headers
+    )
+    assert deleted.status_code == 204
+    survivor, loser = (_by_host(gw, tenant, headers)[(f"{h}.example.com", "tls")]["resourceId"] for h in "ab")
     merged = gw.http.post(
         SEC.format(tenant) + f"resources/{survivor}/merge", json={"resourceIds": [loser]}, headers=headers
     )
     assert merged.status_code == 200, merged.get_json()
-    recs = {key[1]: r for key, r in _by_host(gw, tenant, headers).items()}
-    assert len(recs) == 2 and {r["resourceId"] for r in recs.values()} == {survivor}
-    assert recs["tls"]["governance"]["assignmentId"] == kept_tls
-    assert recs["vulnerability-assessment"]["governance"]["assignmentId"] == kept_vuln
-    # the other one of the folded recommendation is closed, and belongs to the surviving recommendation
-    gone = gw.http.get(SEC.format(tenant) + f"governanceAssignments/{gone_vuln}", headers=headers).get_json()
-    assert (gone["state"], gone["recommendationId"]) == ("completed", recs["vulnerability-assessment"]["id"])
-    assert len(_list(gw, tenant, headers, "governanceAssignments", "state eq 'open'")) == 2
+    after = {key[1]: r for key, r in _by_host(gw, tenant, headers).items()}
+    assert len(after) == 3 and {r["resourceId"] for r in after.values()} == {survivor}
+    # one current assignment each: the survivor's open one, else the open one of the folded recommendation
+    assert {kind: r["governance"]["assignmentId"] for kind, r in after.items()} == {
+        "vulnerability-assessment": recs[("a.example.com", "vulnerability-assessment")],
+        "tls": recs[("b.example.com", "tls")],
+        "mfa": recs[("b.example.com", "mfa")],
+    }
+    assert {r["governance"]["completedDateTime"] for r in after.values()} == {None}
+    # the folded recommendation's other open assignment is completed, on the surviving recommendation
+    gone_id = recs[("b.example.com", "vulnerability-assessment")]
+    gone = gw.http.get(SEC.format(tenant) + f"governanceAssignments/{gone_id}", headers=headers).get_json()
+    assert (gone["state"], gone["recommendationId"]) == ("completed", after["vulnerability-assessment"]["id"])
+    assert (int(gone_id), "completed") in _events(gw, tenant, "governanceAssignment")
+    states = sorted(
+        (a["recommendationType"], a["state"]) for a in _list(gw, tenant, headers, "governanceAssignments")
+    )
+    assert states == [
+        ("mfa", "completed"),
+        ("mfa", "open"),
+        ("tls", "open"),
+        ("vulnerability-assessment", "completed"),
+        ("vulnerability-assessment", "open"),
+    ]

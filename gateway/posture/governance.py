@@ -38,6 +38,7 @@ look at governance).
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
@@ -47,6 +48,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql import ColumnElement
 
+from gateway.errors import BadRequest
 from gateway.merge.sql import in_values, insert_rows
 from gateway.models import (
     Finding,
@@ -62,6 +64,7 @@ from gateway.models import (
 )
 from gateway.posture.exemptions import resource_query
 
+log = logging.getLogger(__name__)
 GR, GA = GovernanceRule.__table__, GovernanceAssignment.__table__
 R, RT, RS = Recommendation.__table__, RecommendationType.__table__, Resource.__table__
 F, S, EV = Finding.__table__, FindingSource.__table__, LifecycleEvent.__table__
@@ -257,7 +260,11 @@ def _owners(conn: Connection, tenant_id: int, rule, matched: list[tuple[int, int
 
 
 def _matches(conn: Connection, tenant_id: int, rule, where: list[ColumnElement]) -> list[tuple[int, int]]:
-    condition = rule_sql(conn, tenant_id, rule.condition_sets or [])
+    try:
+        condition = rule_sql(conn, tenant_id, rule.condition_sets or [])
+    except BadRequest as exc:  # a stored resource filter the resources collection no longer accepts
+        log.warning("governance rule %s of tenant %s skipped: %s", rule.id, tenant_id, exc.message)
+        return []
     query = (
         select(R.c.id, R.c.resource_id)
         .select_from(_joined())
@@ -491,21 +498,42 @@ def after_merge(
 
 
 def fold(conn: Connection, tenant_id: int, gone: int, kept: int, now: datetime | None = None) -> None:
-    """Recommendation ``gone`` became ``kept`` (resources merged): its assignments move to ``kept``.
-    When ``kept`` has a current assignment of its own, that one stays current and an open one of
-    ``gone`` is completed (its recommendation no longer exists on its own)."""
+    """Recommendation ``gone`` became ``kept`` (resources merged): its assignments move to ``kept``,
+    which keeps one current assignment: an open one (its own first), else its own latest.  An open
+    assignment of ``gone`` that does not become current is completed, with an event."""
     now = now or utcnow()
-    theirs = conn.execute(
-        select(GA.c.id).where(GA.c.tenant_id == tenant_id, GA.c.recommendation_id == kept, GA.c.latest)
-    ).first()
+
+    def current(recommendation_id: int):
+        return conn.execute(
+            select(GA.c.id, GA.c.completed_at).where(
+                GA.c.tenant_id == tenant_id, GA.c.recommendation_id == recommendation_id, GA.c.latest
+            )
+        ).first()
+
+    theirs, ours = current(kept), current(gone)
     values: dict = {"recommendation_id": kept}
-    if theirs is not None:
-        conn.execute(
-            update(GA)
-            .where(GA.c.tenant_id == tenant_id, GA.c.recommendation_id == gone, GA.c.completed_at.is_(None))
-            .values(completed_at=now, updated_at=now)
-        )
-        values["latest"] = False
+    if theirs is not None and ours is not None:
+        if theirs.completed_at is not None and ours.completed_at is None:
+            conn.execute(update(GA).where(GA.c.id == theirs.id).values(latest=False))  # the open one wins
+        else:
+            values["latest"] = False
+            if ours.completed_at is None:
+                conn.execute(update(GA).where(GA.c.id == ours.id).values(completed_at=now, updated_at=now))
+                insert_rows(
+                    conn,
+                    EV,
+                    [
+                        _event(
+                            tenant_id,
+                            ours.id,
+                            "completed",
+                            now,
+                            f"recommendation {gone} merged into {kept}",
+                            None,
+                            {"recommendationId": str(kept), "mergedInto": str(theirs.id)},
+                        )
+                    ],
+                )
     conn.execute(
         update(GA).where(GA.c.tenant_id == tenant_id, GA.c.recommendation_id == gone).values(**values)
     )
