@@ -362,6 +362,69 @@ class Exemption(Base):
     updated_by: Mapped[str | None] = mapped_column(String(200))
 
 
+class GovernanceRule(Base):
+    """A governance rule (migration 0013, gateway/posture/governance.py): new Unhealthy
+    recommendations matching its conditions get an owner and a due date, the first enabled rule in
+    priority order (lowest number first) that matches."""
+
+    __tablename__ = "governance_rules"
+    __table_args__ = (UniqueConstraint("tenant_id", "rule_priority", name="uq_governance_rules_priority"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    display_name: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str | None] = mapped_column(Text)
+    rule_priority: Mapped[int] = mapped_column(Integer)
+    rule_type: Mapped[str] = mapped_column(String(20), default="Integrated")
+    source_resource_type: Mapped[str] = mapped_column(String(30), default="Assessments")
+    condition_sets: Mapped[list] = mapped_column(JSON, default=list)  # OR of sets, each an AND of conditions
+    owner_source_type: Mapped[str] = mapped_column(String(20))  # Manually | ByTag
+    owner_source_value: Mapped[str] = mapped_column(String(320))  # the owner, or the tag naming it
+    remediation_seconds: Mapped[int] = mapped_column(Integer)  # remediationTimeframe
+    is_grace_period: Mapped[bool] = mapped_column(Boolean, default=False)
+    email_notification: Mapped[dict] = mapped_column(JSON, default=dict)  # governanceEmailNotification
+    is_disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(200))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_by: Mapped[str | None] = mapped_column(String(200))
+
+
+class GovernanceAssignment(Base):
+    """An owner and a due date on a recommendation (migration 0013), by hand or by a rule.
+
+    ``latest`` marks the recommendation's current assignment (what the recommendation shows): at
+    most one per recommendation, and an open one (``completed_at`` NULL) is always the latest, so
+    a recommendation has at most one open assignment.  Completed when the findings are fixed."""
+
+    __tablename__ = "governance_assignments"
+    __table_args__ = (
+        Index("ux_governance_assignments_latest", "tenant_id", "recommendation_id", unique=True,
+              postgresql_where=text("latest"), sqlite_where=text("latest = 1")),
+        Index("ix_governance_assignments_tenant_id", "tenant_id", "id"),
+        Index("ix_governance_assignments_recommendation", "recommendation_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    recommendation_id: Mapped[int] = mapped_column(BigId, ForeignKey("recommendations.id",
+                                                                     ondelete="CASCADE"))
+    rule_id: Mapped[int | None] = mapped_column(BigId)  # the rule that made it (None: by hand)
+    owner: Mapped[str | None] = mapped_column(String(320))
+    due_date: Mapped[datetime]  # remediationDueDate
+    is_grace_period: Mapped[bool] = mapped_column(Boolean, default=False)
+    remediation_eta: Mapped[datetime | None]
+    eta_justification: Mapped[str | None] = mapped_column(Text)
+    # ticketNumber, ticketLink, ticketStatus
+    additional_data: Mapped[dict] = mapped_column(JSON, default=dict)
+    latest: Mapped[bool] = mapped_column(Boolean, default=True)
+    completed_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(200))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_by: Mapped[str | None] = mapped_column(String(200))
+
+
 class Recommendation(Base):
     __tablename__ = "recommendations"
     __table_args__ = (

@@ -94,6 +94,8 @@ class FindingOut(OutSchema):
     state = fields.String()
     exemptionId = _ref("exemption_id")
     policy = fields.Function(lambda obj: {"enabled": bool(_get(obj, "type_enabled"))})
+    # its recommendation's (gateway/api/governance_collections.py adds it to a page)
+    governance = fields.Function(lambda obj: _maybe(obj, "governance"))
     firstSeen = fields.DateTime(attribute="first_seen", allow_none=True)
     lastSeen = fields.DateTime(attribute="last_seen", allow_none=True)
     resolvedAt = fields.DateTime(attribute="resolved_at", allow_none=True)
@@ -121,6 +123,7 @@ class RecommendationOut(OutSchema):
     exemptionId = _ref("exemption_id")
     policy = fields.Function(lambda obj: {"enabled": bool(_get(obj, "type_enabled")),
                                           "severityOverride": _get(obj, "type_severity_override")})
+    governance = fields.Function(lambda obj: recommendation_governance(obj))
     remediation = fields.String(attribute="type_remediation", allow_none=True)
     firstEvaluated = fields.DateTime(attribute="first_evaluated")
     statusChangedAt = fields.DateTime(attribute="status_changed_at")
@@ -233,6 +236,81 @@ class SecureScoreControlProfileOut(OutSchema):
     controlStateUpdates = fields.List(fields.Nested(ControlStateUpdateOut), attribute="state_updates")
     vendorInformation = fields.Dict(attribute="vendor_information")
     lastModifiedDateTime = fields.DateTime(attribute="updated_at")
+
+
+def _maybe(obj, name):
+    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+
+
+def _iso(value):
+    return None if value is None else value.isoformat()
+
+
+def recommendation_governance(obj) -> dict | None:
+    """A recommendation's current governance assignment (the ``gov_*`` columns of its row), or None."""
+    if _maybe(obj, "gov_id") is None:
+        return None
+    rule_id = _maybe(obj, "gov_rule_id")
+    return {"assignmentId": str(_maybe(obj, "gov_id")), "ruleId": None if rule_id is None else str(rule_id),
+            "owner": _maybe(obj, "gov_owner"), "dueDate": _iso(_maybe(obj, "gov_due_date")),
+            "isGracePeriod": bool(_maybe(obj, "gov_is_grace_period")),
+            "isOverdue": bool(_maybe(obj, "gov_overdue")),
+            "completedDateTime": _iso(_maybe(obj, "gov_completed_at"))}
+
+
+def _timeframe(obj) -> str:
+    from gateway.posture.governance import format_timeframe
+
+    return format_timeframe(_get(obj, "remediation_seconds"))
+
+
+class GovernanceRuleOut(OutSchema):
+    """A governance rule (gateway/posture/governance.py), in ASC's shape."""
+
+    id = _id
+    displayName = fields.String(attribute="display_name")
+    description = fields.String(allow_none=True)
+    rulePriority = fields.Integer(attribute="rule_priority")
+    ruleType = fields.String(attribute="rule_type")
+    sourceResourceType = fields.String(attribute="source_resource_type")
+    conditionSets = fields.List(fields.Dict(), attribute="condition_sets")
+    ownerSource = fields.Function(lambda obj: {"type": _get(obj, "owner_source_type"),
+                                               "value": _get(obj, "owner_source_value")})
+    remediationTimeframe = fields.Function(_timeframe)
+    isGracePeriod = fields.Boolean(attribute="is_grace_period")
+    governanceEmailNotification = fields.Function(lambda obj: {
+        "disableManagerEmailNotification": bool((_get(obj, "email_notification") or {}).get(
+            "disableManagerEmailNotification", False)),
+        "disableOwnerEmailNotification": bool((_get(obj, "email_notification") or {}).get(
+            "disableOwnerEmailNotification", False))})
+    isDisabled = fields.Boolean(attribute="is_disabled")
+    createdDateTime = fields.DateTime(attribute="created_at")
+    createdBy = fields.String(attribute="created_by", allow_none=True)
+    lastModifiedDateTime = fields.DateTime(attribute="updated_at")
+    lastModifiedBy = fields.String(attribute="updated_by", allow_none=True)
+
+
+class GovernanceAssignmentOut(OutSchema):
+    """An owner and a due date on a recommendation, in ASC's shape plus its state."""
+
+    id = _id
+    recommendationId = _ref("recommendation_id")
+    resourceId = _ref("resource_id")
+    recommendationType = fields.String(attribute="type_key")
+    ruleId = _ref("rule_id")
+    owner = fields.String(allow_none=True)
+    remediationDueDate = fields.DateTime(attribute="due_date")
+    isGracePeriod = fields.Boolean(attribute="is_grace_period")
+    isOverdue = fields.Boolean(attribute="overdue")
+    remediationEta = fields.Function(lambda obj: None if _get(obj, "remediation_eta") is None else {
+        "eta": _get(obj, "remediation_eta").isoformat(), "justification": _get(obj, "eta_justification")})
+    additionalData = fields.Dict(attribute="additional_data")
+    state = fields.Function(lambda obj: "open" if _get(obj, "completed_at") is None else "completed")
+    completedDateTime = fields.DateTime(attribute="completed_at", allow_none=True)
+    createdDateTime = fields.DateTime(attribute="created_at")
+    createdBy = fields.String(attribute="created_by", allow_none=True)
+    lastModifiedDateTime = fields.DateTime(attribute="updated_at")
+    lastModifiedBy = fields.String(attribute="updated_by", allow_none=True)
 
 
 class ResourceSourceOut(OutSchema):

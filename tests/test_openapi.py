@@ -50,14 +50,17 @@ SCHEMAS = "#/components/schemas/"
 OUT_SCHEMAS = ["FindingOut", "RecommendationOut", "ResourceOut", "AlertOut", "BatchOut", "SourceOut",
                "EventOut", "ResourceSourceOut", "ObservationOut", "MergedOut", "AlertV2Out", "PolicyOut",
                "ExemptionOut", "AlertSuppressionRuleOut", "SecureScoreOut", "ControlScoreOut",
-               "SecureScoreControlOut", "SecureScoreControlProfileOut", "ControlStateUpdateOut"]
+               "SecureScoreControlOut", "SecureScoreControlProfileOut", "ControlStateUpdateOut",
+               "GovernanceRuleOut", "GovernanceAssignmentOut"]
 PATCH_SCHEMAS = ["FindingPatch", "AlertPatch", "AlertV2Patch"]
 OUT_FOR_COLLECTION = {"findings": "FindingOut", "recommendations": "RecommendationOut",
                       "resources": "ResourceOut", "alerts": "AlertOut", "observations": "ObservationOut",
                       "alerts_v2": "AlertV2Out", "policies": "PolicyOut", "exemptions": "ExemptionOut",
                       "alertSuppressionRules": "AlertSuppressionRuleOut",
                       "secureScores": "SecureScoreOut", "secureScoreControls": "SecureScoreControlOut",
-                      "secureScoreControlProfiles": "SecureScoreControlProfileOut"}
+                      "secureScoreControlProfiles": "SecureScoreControlProfileOut",
+                      "governanceRules": "GovernanceRuleOut",
+                      "governanceAssignments": "GovernanceAssignmentOut"}
 # Answers that are not the gateway's Error body: authlib's RFC 6749 errors and the readiness probe.
 NON_ERROR_BODIES = {
     ("/oauth/token", "400"): "OAuthError",
@@ -141,7 +144,8 @@ def schema_types(spec: dict, schema: dict) -> set[str]:
 def nullable(spec: dict, schema: dict) -> bool:
     schema = deref(spec, schema)
     declared = schema.get("type")
-    return declared == "null" or (isinstance(declared, list) and "null" in declared)
+    return declared == "null" or (isinstance(declared, list) and "null" in declared) or any(
+        nullable(spec, alternative) for alternative in schema.get("anyOf", ()))
 
 
 def _absolute_refs(node: Any) -> Any:
@@ -423,7 +427,7 @@ def test_out_schemas_match_the_marshmallow_schemas(spec, name):
 
 def _check_input(spec: dict, field: fields.Field, prop: dict, where: str) -> None:
     """A marshmallow input field's type, nullability and validators match the spec property."""
-    prop = deref(spec, prop)
+    raw, prop = prop, deref(spec, prop)
     assert nullable(spec, prop) == field.allow_none, f"{where}: nullable"
     for validator in field.validators:
         if isinstance(validator, validate.OneOf):
@@ -457,6 +461,17 @@ def _check_input(spec: dict, field: fields.Field, prop: dict, where: str) -> Non
         assert schema_types(spec, prop) == {"boolean"}, where
     elif isinstance(field, fields.Float):
         assert schema_types(spec, prop) == {"number"}, where
+    elif isinstance(field, fields.Integer):
+        assert schema_types(spec, prop) == {"integer"}, where
+    elif isinstance(field, fields.Nested):  # an object: its schema by reference (or that or null)
+        nested = field.nested if isinstance(field.nested, type) else type(field.nested)
+        refs = [raw.get("$ref")] + [alternative.get("$ref") for alternative in prop.get("anyOf", ())]
+        assert SCHEMAS + nested.__name__ in refs, where
+        _check_input_schema(spec, nested, nested.__name__)
+    elif type(field).__name__ == "TextOrTexts":  # a governance condition's value: a string or strings
+        kinds = {alternative.get("type") for alternative in prop["anyOf"]}
+        items = prop["anyOf"][1]["items"]
+        assert kinds == {"string", "array"} and items.get("type") == "string", where
     else:
         raise AssertionError(f"{where}: {type(field).__name__} is not compared")
 
@@ -489,6 +504,14 @@ def test_score_input_schemas_match_the_marshmallow_schemas(spec, name):
     from gateway.api import score
 
     _check_input_schema(spec, getattr(score, name), name)
+
+
+@pytest.mark.parametrize("name", ["GovernanceRuleIn", "GovernanceRulePatch", "GovernanceApplyIn",
+                                  "GovernanceAssignmentIn", "GovernanceAssignmentPatch"])
+def test_governance_input_schemas_match_the_marshmallow_schemas(spec, name):
+    from gateway.api import governance
+
+    _check_input_schema(spec, getattr(governance, name), name)
 
 
 def test_patch_operations_take_their_patch_schema_and_prefer(spec):
@@ -755,6 +778,18 @@ def merged(world) -> dict:
                json={"displayName": "web-1", "category": "waiver", "resourceFilter": "name eq 'web-1'"})
     world.call("POST", T + "/security/alertSuppressionRules", f"{ACME}/security/alertSuppressionRules", 201,
                json=SUPPRESSION_RULE, headers=world.posture)
+    # a governance rule and an assignment, so that theirs have items
+    world.call("POST", T + "/security/governanceRules", f"{ACME}/security/governanceRules", 201,
+               headers=world.auth,
+               json={"displayName": "everything", "rulePriority": 100, "conditionSets": [],
+                     "ownerSource": {"type": "Manually", "value": "sam@contoso.com"},
+                     "remediationTimeframe": "7.00:00:00"})
+    unhealthy = world.call("GET", T + "/security/recommendations", f"{ACME}/security/recommendations", 200,
+                           headers=world.auth,
+                           query_string={"$filter": "actualStatus eq 'Unhealthy'"})[0]["value"]
+    world.call("POST", T + "/security/governanceAssignments", f"{ACME}/security/governanceAssignments", 201,
+               headers=world.auth, json={"recommendationId": unhealthy[0]["id"], "owner": "sam@contoso.com",
+                                         "remediationDueDate": "2001-01-01T00:00:00Z"})
     return accepted
 
 
@@ -838,6 +873,61 @@ def test_the_score_endpoints_answer_as_documented(world, merged):
     call("GET", scoped, url, 401, query_string={"resourceFilter": "id ne '0'"})
     call("GET", scoped, "/api/v1/tenants/nobody/security/secureScores/scoped", 404, headers=reader,
          query_string={"resourceFilter": "id ne '0'"})
+
+
+def test_the_governance_endpoints_answer_as_documented(world, merged):
+    call, auth = world.call, world.auth
+    rules, assignments = f"{ACME}/security/governanceRules", f"{ACME}/security/governanceAssignments"
+    body = {"displayName": "high", "rulePriority": 7, "isGracePeriod": True,
+            "conditionSets": [{"conditions": [{"property": "severity", "operator": "In", "value": ["high"]},
+                                              {"property": "resourceFilter", "operator": "Matches",
+                                               "value": "name eq 'nothing'"}]}],
+            "ownerSource": {"type": "ByTag", "value": "owner"}, "remediationTimeframe": "1.12:00:00",
+            "governanceEmailNotification": {"disableManagerEmailNotification": True}}
+    rule = call("POST", T + "/security/governanceRules", rules, 201, headers=auth, json=body)[0]
+    assert rule["matchedRecommendationCount"] == 0
+    call("POST", T + "/security/governanceRules", rules, 409, headers=auth, json=body)
+    call("POST", T + "/security/governanceRules", rules, 400, headers=auth, json={**body, "rulePriority": -1})
+    call("POST", T + "/security/governanceRules", rules, 403, headers=world.read_only, json=body)
+    one = T + "/security/governanceRules/{item_id}"
+    call("PATCH", one, f"{rules}/{rule['id']}", 200, headers=auth, json={"description": "checked"})
+    call("PATCH", one, f"{rules}/{rule['id']}", 400, headers=auth, json={"remediationTimeframe": "soon"})
+    call("PATCH", one, f"{rules}/{rule['id']}", 409, headers=auth, json={"rulePriority": 100})
+    call("PATCH", one, f"{rules}/999999", 404, headers=auth, json={"description": "x"})
+    apply = T + "/security/governanceRules/{item_id}/apply"
+    counted = call("POST", apply, f"{rules}/{rule['id']}/apply", 200, headers=auth, json={"dryRun": True})[0]
+    assert counted == {"id": rule["id"], "dryRun": True, "assignedCount": 0}
+    call("POST", apply, f"{rules}/{rule['id']}/apply", 200, headers=auth)
+    call("POST", apply, f"{rules}/{rule['id']}/apply", 400, headers=auth, json={"dryRun": "maybe"})
+    call("POST", apply, f"{rules}/999999/apply", 404, headers=auth)
+    call("PATCH", one, f"{rules}/{rule['id']}", 200, headers=auth, json={"isDisabled": True})
+    call("POST", apply, f"{rules}/{rule['id']}/apply", 409, headers=auth)
+    call("DELETE", one, f"{rules}/{rule['id']}", 204, headers=auth)
+    call("DELETE", one, f"{rules}/{rule['id']}", 404, headers=auth)
+
+    # the fixture's assignment is past due, but its recommendation is exempt (NotApplicable): not overdue
+    recommendations = call("GET", T + "/security/recommendations", f"{ACME}/security/recommendations", 200,
+                           headers=auth,
+                           query_string={"$filter": "governance/assignmentId ne null"})[0]["value"]
+    assert len(recommendations) == 1 and recommendations[0]["governance"]["isOverdue"] is False
+    assert call("GET", T + "/security/recommendations", f"{ACME}/security/recommendations", 200, headers=auth,
+                query_string={"$filter": "governance/isOverdue eq true"})[0]["value"] == []
+    existing = recommendations[0]["governance"]["assignmentId"]
+    call("POST", T + "/security/governanceAssignments", assignments, 409, headers=auth,
+         json={"recommendationId": recommendations[0]["id"], "owner": "kim@contoso.com",
+               "remediationDueDate": "2030-01-01T00:00:00Z"})
+    call("POST", T + "/security/governanceAssignments", assignments, 400, headers=auth, json={"owner": "kim"})
+    one = T + "/security/governanceAssignments/{item_id}"
+    changed = call("PATCH", one, f"{assignments}/{existing}", 200, headers=auth, json={
+        "remediationEta": {"eta": "2030-01-01T00:00:00Z", "justification": "window"},
+        "additionalData": {"ticketNumber": 12, "ticketLink": "https://itsm.contoso.com/12"}})[0]
+    assert changed["remediationEta"]["justification"] == "window"
+    call("PATCH", one, f"{assignments}/{existing}", 400, headers=auth, json={"owner": ""})
+    call("PATCH", one, f"{assignments}/999999", 404, headers=auth, json={"owner": "x"})
+    findings = call("GET", T + "/security/findings", f"{ACME}/security/findings", 200,
+                    headers=world.read_only,
+                    query_string={"$filter": "governance/owner eq 'sam@contoso.com'"})[0]["value"]
+    assert findings and {f["governance"]["assignmentId"] for f in findings} == {existing}
 
 
 def observe(db, tenant: str, provider: str, observations: list) -> None:

@@ -11,6 +11,7 @@ def init_app(app: Flask) -> None:
         batches,
         collections,
         discovery,
+        governance,
         health,
         metadata,
         posture,
@@ -29,3 +30,4 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(score.blueprint)
     app.register_blueprint(posture.blueprint)
     app.register_blueprint(suppression_rules.blueprint)
+    app.register_blueprint(governance.blueprint)

@@ -20,7 +20,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
 from connectors.model import SEVERITIES
-from gateway.api import alerts_v2, posture_collections, score_collections
+from gateway.api import alerts_v2, governance_collections, posture_collections, score_collections
 from gateway.api import suppression as suppression_rules
 from gateway.auth import require_scope, tenant_for_caller
 from gateway.errors import BadRequest, NotFound
@@ -187,6 +187,8 @@ def _serialize_findings(conn, tenant_id, rows, selected) -> list[dict]:
         data = row._asdict()
         data["sources"] = sources.get(row.id, [])
         out.append(data)
+    if out and (selected is None or "governance" in selected):
+        governance_collections.add_to_findings(conn, tenant_id, out)
     return _DUMP_FINDINGS(out)
 
 
@@ -257,8 +259,11 @@ def _finding_base(tenant_id: int):
 def _rec_base(tenant_id: int):
     return (select(R, RT.c.key.label("type_key"), RT.c.title.label("type_title"),
                    RT.c.kind.label("type_kind"), RT.c.remediation.label("type_remediation"),
-                   RT.c.enabled.label("type_enabled"), RT.c.severity_override.label("type_severity_override"))
+                   RT.c.enabled.label("type_enabled"), RT.c.severity_override.label("type_severity_override"),
+                   *governance_collections.REC_COLUMNS)
             .join(RT, (RT.c.id == R.c.type_id) & (RT.c.tenant_id == tenant_id))
+            # its current governance assignment, if any
+            .outerjoin(governance_collections.REC_GA, governance_collections.REC_JOIN)
             .where(R.c.tenant_id == tenant_id))
 
 
@@ -428,6 +433,7 @@ COLLECTIONS: dict[str, Collection] = {
             "exemptionId": Field(R.c.exemption_id, "id", nullable=True),
             "policy/enabled": Field(RT.c.enabled, "bool"),
             "policy/severityOverride": Field(RT.c.severity_override, "enum", nullable=True, values=SEVERITIES),
+            **governance_collections.RECOMMENDATION_FIELDS,
             "severity": _severity(R.c.severity),
             "firstEvaluated": _time(R.c.first_evaluated),
             "statusChangedAt": _time(R.c.status_changed_at),
@@ -442,7 +448,7 @@ COLLECTIONS: dict[str, Collection] = {
         default_order=(("id", False),),
         selectable=tuple(RecommendationOut().fields),
         count_base=lambda tenant_id: select(R.c.id).where(R.c.tenant_id == tenant_id),
-        count_joined=(RT,),
+        count_joined=(RT, governance_collections.REC_GA),
         serialize=_dump(RecommendationOut),
         workflow=Workflow(table=R, subject="recommendation", patch_schema=FindingPatch,
                           columns=_CUSTOMER_COLUMNS),
@@ -473,6 +479,7 @@ COLLECTIONS: dict[str, Collection] = {
             "cves": ListField(element=lambda _: Field(F.c.cve, nullable=True)),
             "exemptionId": Field(FINDING_EXEMPTION, "id", nullable=True),
             "policy/enabled": Field(RT.c.enabled, "bool"),
+            **governance_collections.FINDING_FIELDS,
             "sources": ListField(members=_source_fields, rows=_sources),
             **_customer_fields(F),
         },
@@ -528,6 +535,9 @@ COLLECTIONS: dict[str, Collection] = {
     "secureScores": score_collections.SECURE_SCORES,
     "secureScoreControls": score_collections.SECURE_SCORE_CONTROLS,
     "secureScoreControlProfiles": score_collections.SECURE_SCORE_CONTROL_PROFILES,
+    # governance rules and assignments (edits in gateway/api/governance.py)
+    "governanceRules": governance_collections.RULES,
+    "governanceAssignments": governance_collections.ASSIGNMENTS,
     "observations": Collection(
         name="observations",
         base=lambda tenant_id: select(OBS).where(OBS.c.tenant_id == tenant_id),

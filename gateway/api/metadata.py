@@ -32,7 +32,8 @@ ENTITY_NAMES = {"alerts": "alert", "recommendations": "recommendation", "finding
                 "policies": "policy", "exemptions": "exemption",
                 "alertSuppressionRules": "alertSuppressionRule", "secureScores": "secureScore",
                 "secureScoreControls": "secureScoreControl",
-                "secureScoreControlProfiles": "secureScoreControlProfile"}
+                "secureScoreControlProfiles": "secureScoreControlProfile", "governanceRules": "governanceRule",
+                "governanceAssignments": "governanceAssignment"}
 _CONTEXT = FilterContext(tenant_id=0, dialect="sqlite")  # only to name the tables of list fields
 
 
