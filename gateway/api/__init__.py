@@ -12,6 +12,7 @@ def init_app(app: Flask) -> None:
         collections,
         discovery,
         health,
+        itsm,
         metadata,
         posture,
         resources,
@@ -27,3 +28,4 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(metadata.blueprint)
     app.register_blueprint(score.blueprint)
     app.register_blueprint(posture.blueprint)
+    app.register_blueprint(itsm.blueprint)
