@@ -104,7 +104,8 @@ class Settings(BaseSettings):
 
 # Read elsewhere (directly from the environment) or by the tests and tools: known, not warned about.
 OTHER_NAMES = {"HOME", "VISIBILITY_TIMEOUT", "SWEEP_INTERVAL", "TEST_PG_ADMIN", "TEST_REDIS",
-               "TEST_WORKER_LOG", "ITSM_INTERVAL", "FUZZ_EXAMPLES", "FUZZ_OUTPUT", "FUZZ_SECONDS", "SAMPLES", "TIMEOUT"}
+               "TEST_WORKER_LOG", "FUZZ_EXAMPLES", "FUZZ_OUTPUT", "FUZZ_SECONDS", "SAMPLES", "TIMEOUT"}
+OTHER_NAMES |= {"ITSM_INTERVAL"}  # the ITSM beat interval (workers/celery_app.py)
 FIELDS = {name.upper() for name in Settings.model_fields}
 INT_SETTINGS = {name.upper() for name, field in Settings.model_fields.items() if field.annotation is int}
 SECRET_SETTINGS = {"SECRET_KEY", "METRICS_TOKEN", "SECRETS_KEYS"}

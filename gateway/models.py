@@ -665,7 +665,7 @@ class ItsmConnection(Base):
     base_url: Mapped[str] = mapped_column(String(2000))
     auth: Mapped[str] = mapped_column(String(20))  # basic | oauth | bearer
     username: Mapped[str | None] = mapped_column(String(300))  # user, Jira email or OAuth client id
-    secret: Mapped[str | None] = mapped_column(Text)  # Fernet token of the password / API token / client secret
+    secret: Mapped[str | None] = mapped_column(Text)  # Fernet token of the password, API token, client secret
     secret_hint: Mapped[str | None] = mapped_column(String(20))
     webhook_secret: Mapped[str | None] = mapped_column(Text)  # Fernet token
     settings: Mapped[dict] = mapped_column(JSON, default=dict)  # table, project, mappings, labels...

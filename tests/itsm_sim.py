@@ -57,6 +57,7 @@ class Sim:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # an answer is two writes: no 40 ms delayed-ACK stall
 
             def log_message(self, *args):  # quiet
                 pass
@@ -104,8 +105,12 @@ class Sim:
         if api and self.down:
             return self._send(h, 503, {"error": {"message": "Service Unavailable"}, "status": "failure"})
         if fault == "429":
-            return self._send(h, 429, self.error_body(429, "Too many requests"),
-                              {"Retry-After": retry_after or self.retry_after})
+            return self._send(
+                h,
+                429,
+                self.error_body(429, "Too many requests"),
+                {"Retry-After": retry_after or self.retry_after},
+            )
         if fault == "500":
             return self._send(h, 500, self.error_body(500, "Internal server error"))
         if fault == "timeout":
@@ -178,8 +183,12 @@ class ServiceNowSim(Sim):
         self.users = {user: password}
         self.oauth_clients: dict[str, str] = {}
         self.tokens: dict[str, str] = {}
-        self.tables: dict[str, dict[str, dict]] = {"incident": {}, "sn_si_incident": {}, "sys_journal_field": {},
-                                                   "sys_user": {}}
+        self.tables: dict[str, dict[str, dict]] = {
+            "incident": {},
+            "sn_si_incident": {},
+            "sys_journal_field": {},
+            "sys_user": {},
+        }
         self.counter = 10000
 
     def is_api(self, path: str) -> bool:
@@ -203,18 +212,26 @@ class ServiceNowSim(Sim):
 
     def journal(self, sys_id: str, element: str | None = None) -> list[dict]:
         with self.lock:
-            return [e for e in self.tables["sys_journal_field"].values()
-                    if e["element_id"] == sys_id and (element is None or e["element"] == element)]
+            return [
+                e
+                for e in self.tables["sys_journal_field"].values()
+                if e["element_id"] == sys_id and (element is None or e["element"] == element)
+            ]
 
     def route(self, method, path, query, raw, user):
         if path == "/oauth_token.do" and method == "POST":
             form = {k: v[-1] for k, v in parse_qs(raw.decode()).items()}
-            if form.get("grant_type") != "client_credentials" or \
-                    self.oauth_clients.get(form.get("client_id", "")) != form.get("client_secret"):
+            if form.get("grant_type") != "client_credentials" or self.oauth_clients.get(
+                form.get("client_id", "")
+            ) != form.get("client_secret"):
                 return 401, {"error_description": "access_denied", "error": "server_error"}, {}
             token = uuid.uuid4().hex
             self.tokens[token] = form["client_id"]
-            return 200, {"access_token": token, "token_type": "Bearer", "expires_in": 1799, "scope": "useraccount"}, {}
+            return (
+                200,
+                {"access_token": token, "token_type": "Bearer", "expires_in": 1799, "scope": "useraccount"},
+                {},
+            )
         match = re.fullmatch(r"/api/now/table/([A-Za-z0-9_]+)(?:/([0-9a-f]{32}))?", path)
         if not match:
             return 400, self.error_body(400, "Requested URI does not represent any resource"), {}
@@ -230,12 +247,24 @@ class ServiceNowSim(Sim):
                 found.sort(key=lambda r: r.get(field, ""), reverse=bool(desc))
             offset = int(query.get("sysparm_offset") or 0)
             limit = int(query.get("sysparm_limit") or 10000)
-            page = found[offset:offset + limit]
-            return 200, {"result": [self._fields(r, fields) for r in page]}, {"X-Total-Count": str(len(found))}
+            page = found[offset : offset + limit]
+            return (
+                200,
+                {"result": [self._fields(r, fields) for r in page]},
+                {"X-Total-Count": str(len(found))},
+            )
         if sys_id is not None and sys_id not in rows:
-            return 404, {"error": {"message": "No Record found",
-                                   "detail": "Record doesn't exist or ACL restricts the record retrieval"},
-                         "status": "failure"}, {}
+            return (
+                404,
+                {
+                    "error": {
+                        "message": "No Record found",
+                        "detail": "Record doesn't exist or ACL restricts the record retrieval",
+                    },
+                    "status": "failure",
+                },
+                {},
+            )
         if method == "GET":
             return 200, {"result": self._fields(rows[sys_id], fields)}, {}
         try:
@@ -245,9 +274,18 @@ class ServiceNowSim(Sim):
         if not isinstance(body, dict):
             return 400, self.error_body(400, "Exception while reading request"), {}
         if method == "POST" and sys_id is None:
-            record = {"sys_id": uuid.uuid4().hex, "sys_created_on": stamp(), "sys_created_by": user or "",
-                      "state": "1", "active": "true", "assigned_to": "", "close_code": "", "close_notes": "",
-                      "correlation_id": "", "correlation_display": ""}
+            record = {
+                "sys_id": uuid.uuid4().hex,
+                "sys_created_on": stamp(),
+                "sys_created_by": user or "",
+                "state": "1",
+                "active": "true",
+                "assigned_to": "",
+                "close_code": "",
+                "close_notes": "",
+                "correlation_id": "",
+                "correlation_display": "",
+            }
             if table in ("incident", "sn_si_incident"):
                 self.counter += 1
                 record["number"] = ("INC" if table == "incident" else "SIR") + f"{self.counter:07d}"
@@ -255,13 +293,16 @@ class ServiceNowSim(Sim):
             if error:
                 return error
             rows[record["sys_id"]] = record
-            return 201, {"result": self._fields(record, fields)}, {"Location": f"{self.url}/api/now/table/{table}/{record['sys_id']}"}
+            return (
+                201,
+                {"result": self._fields(record, fields)},
+                {"Location": f"{self.url}/api/now/table/{table}/{record['sys_id']}"},
+            )
         if method in ("PATCH", "PUT"):
-            record = dict(rows[sys_id])
+            record = rows[sys_id]  # changed in place, and only when the change is valid
             error = self._apply(table, record, body, user)
             if error:
                 return error
-            rows[sys_id] = record
             return 200, {"result": self._fields(record, fields)}, {}
         return 405, self.error_body(405, "Method not Supported"), {}
 
@@ -271,11 +312,23 @@ class ServiceNowSim(Sim):
         merged = {**record, **changes}
         if "state" in changes and changes["state"] not in self.STATES:
             return 400, self.error_body(400, f"Invalid state {changes['state']}"), {}
-        if merged.get("state") == "6" and record.get("state") != "6" and not (
-                merged.get("close_code") and merged.get("close_notes")):
-            return 403, {"error": {"message": "Operation Failed", "detail": "Data Policy Exception: \n\tThe "
-                                   "following fields are mandatory: Resolution code, Resolution notes"},
-                         "status": "failure"}, {}
+        if (
+            merged.get("state") == "6"
+            and record.get("state") != "6"
+            and not (merged.get("close_code") and merged.get("close_notes"))
+        ):
+            return (
+                403,
+                {
+                    "error": {
+                        "message": "Operation Failed",
+                        "detail": "Data Policy Exception: \n\tThe "
+                        "following fields are mandatory: Resolution code, Resolution notes",
+                    },
+                    "status": "failure",
+                },
+                {},
+            )
         if merged.get("state") in ("6", "7") and record.get("state") not in ("6", "7"):
             merged["resolved_at"] = stamp()
         if merged.get("state") not in ("6", "7", "8"):
@@ -289,8 +342,15 @@ class ServiceNowSim(Sim):
         record.update(merged)
         for element, value in notes.items():
             if value:
-                entry = {"sys_id": uuid.uuid4().hex, "element": element, "element_id": record["sys_id"],
-                         "name": table, "value": str(value), "sys_created_on": stamp(), "sys_created_by": user or ""}
+                entry = {
+                    "sys_id": uuid.uuid4().hex,
+                    "element": element,
+                    "element_id": record["sys_id"],
+                    "name": table,
+                    "value": str(value),
+                    "sys_created_on": stamp(),
+                    "sys_created_by": user or "",
+                }
                 self.tables["sys_journal_field"][entry["sys_id"]] = entry
         return None
 
@@ -310,9 +370,17 @@ class ServiceNowSim(Sim):
             else:
                 return False
             have = str(record.get(field, ""))
-            ok = {">=": have >= value, "<=": have <= value, "!=": have != value, ">": have > value,
-                  "<": have < value, "=": have == value, "LIKE": value in have,
-                  "STARTSWITH": have.startswith(value), "IN": have in value.split(",")}[op]
+            ok = {
+                ">=": have >= value,
+                "<=": have <= value,
+                "!=": have != value,
+                ">": have > value,
+                "<": have < value,
+                "=": have == value,
+                "LIKE": value in have,
+                "STARTSWITH": have.startswith(value),
+                "IN": have in value.split(","),
+            }[op]
             if not ok:
                 return False
         return True
@@ -327,12 +395,20 @@ DEFAULT_WORKFLOW = {
 
 
 class JiraSim(Sim):
-    def __init__(self, email: str = "bot@example.com", token: str = "jira-api-token-0123456789",
-                 projects=("SEC",), workflow: dict | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        email: str = "bot@example.com",
+        token: str = "jira-api-token-0123456789",
+        projects=("SEC",),
+        workflow: dict | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         self.accounts = {email: token}
         self.bearer: set[str] = set()
-        self.projects = {key: {"id": str(10000 + i), "key": key, "name": key} for i, key in enumerate(projects)}
+        self.projects = {
+            key: {"id": str(10000 + i), "key": key, "name": key} for i, key in enumerate(projects)
+        }
         self.workflow = workflow or DEFAULT_WORKFLOW
         self.issues: dict[str, dict] = {}
         self.by_id: dict[str, str] = {}
@@ -392,13 +468,25 @@ class JiraSim(Sim):
             return 404, self.error_body(404, "Not found"), {}
         issue = self._issue(m.group(1))
         if issue is None:
-            return 404, self.error_body(404, "Issue does not exist or you do not have permission to see it."), {}
+            return (
+                404,
+                self.error_body(404, "Issue does not exist or you do not have permission to see it."),
+                {},
+            )
         key, sub = issue["key"], m.group(2) or ""
         if sub == "" and method == "GET":
             wanted = [f for f in (query.get("fields") or "").split(",") if f]
             fields = {k: v for k, v in issue["fields"].items() if not wanted or k in wanted}
-            return 200, {"id": issue["id"], "key": key, "self": f"{self.url}/rest/api/3/issue/{issue['id']}",
-                         "fields": fields}, {}
+            return (
+                200,
+                {
+                    "id": issue["id"],
+                    "key": key,
+                    "self": f"{self.url}/rest/api/3/issue/{issue['id']}",
+                    "fields": fields,
+                },
+                {},
+            )
         if sub == "" and method == "PUT":
             fields = body.get("fields") or {}
             priority = (fields.get("priority") or {}).get("name")
@@ -409,27 +497,52 @@ class JiraSim(Sim):
             return 204, None, {}
         if sub == "/transitions" and method == "GET":
             current = issue["fields"]["status"]["id"]
-            return 200, {"transitions": [
-                {"id": tid, "name": name, "to": self.status(to), "hasScreen": False, "isAvailable": True}
-                for tid, name, to in self.workflow["transitions"] if to != current]}, {}
+            return (
+                200,
+                {
+                    "transitions": [
+                        {
+                            "id": tid,
+                            "name": name,
+                            "to": self.status(to),
+                            "hasScreen": False,
+                            "isAvailable": True,
+                        }
+                        for tid, name, to in self.workflow["transitions"]
+                        if to != current
+                    ]
+                },
+                {},
+            )
         if sub == "/transitions" and method == "POST":
             tid = str((body.get("transition") or {}).get("id"))
             target = next((to for t, _, to in self.workflow["transitions"] if t == tid), None)
             if target is None or target == issue["fields"]["status"]["id"]:
-                return 400, {"errorMessages": [f"Transition id '{tid}' is not valid for this issue."],
-                             "errors": {}}, {}
+                return (
+                    400,
+                    {"errorMessages": [f"Transition id '{tid}' is not valid for this issue."], "errors": {}},
+                    {},
+                )
             issue["fields"]["status"] = self.status(target)
-            issue["fields"]["resolution"] = {"name": "Done"} if self.status(target)["statusCategory"]["key"] \
-                == "done" else None
+            issue["fields"]["resolution"] = (
+                {"name": "Done"} if self.status(target)["statusCategory"]["key"] == "done" else None
+            )
             self._touch(issue)
             return 204, None, {}
         if sub == "/comment" and method == "GET":
             comments = self.comments.get(key, [])
-            return 200, {"startAt": 0, "maxResults": len(comments), "total": len(comments), "comments": comments}, {}
+            return (
+                200,
+                {"startAt": 0, "maxResults": len(comments), "total": len(comments), "comments": comments},
+                {},
+            )
         if sub == "/comment" and method == "POST":
-            comment = {"id": str(len(self.comments.get(key, [])) + 10000), "body": body.get("body"),
-                       "author": {"emailAddress": user, "displayName": user},
-                       "created": datetime.now(UTC).isoformat()}
+            comment = {
+                "id": str(len(self.comments.get(key, [])) + 10000),
+                "body": body.get("body"),
+                "author": {"emailAddress": user, "displayName": user},
+                "created": datetime.now(UTC).isoformat(),
+            }
             self.comments.setdefault(key, []).append(comment)
             self._touch(issue)
             return 201, comment, {}
@@ -456,15 +569,22 @@ class JiraSim(Sim):
         if "priority" in fields and (fields["priority"] or {}).get("name") not in self.priorities:
             errors["priority"] = "Specify a valid priority."
         description = fields.get("description")
-        if description is not None and not (isinstance(description, dict) and description.get("type") == "doc"):
+        if description is not None and not (
+            isinstance(description, dict) and description.get("type") == "doc"
+        ):
             errors["description"] = "Operation value must be an Atlassian Document."
         if errors:
             return 400, {"errorMessages": [], "errors": errors}, {}
         self.counter += 1
         key = f"{project['key']}-{self.counter - 10000}"
         first = next(sid for sid, (_, cat) in self.workflow["statuses"].items() if cat == "new")
-        fields.update(status=self.status(first), created=datetime.now(UTC).isoformat(), assignee=None,
-                      reporter={"emailAddress": user}, resolution=None)
+        fields.update(
+            status=self.status(first),
+            created=datetime.now(UTC).isoformat(),
+            assignee=None,
+            reporter={"emailAddress": user},
+            resolution=None,
+        )
         issue = {"id": str(self.counter), "key": key, "fields": fields}
         self._touch(issue)
         self.issues[key] = issue
@@ -477,7 +597,7 @@ class JiraSim(Sim):
         jql = str(body.get("jql") or "")
         order = re.search(r"\s+ORDER BY\s+(\w+)\s*(ASC|DESC)?\s*$", jql, re.I)
         if order:
-            jql = jql[:order.start()]
+            jql = jql[: order.start()]
         terms = [t.strip() for t in re.split(r"\s+AND\s+", jql, flags=re.I) if t.strip()]
         found = list(self.issues.values())
         for term in terms:
@@ -487,15 +607,25 @@ class JiraSim(Sim):
             field, op, value = m.groups()
             found = [i for i in found if self._jql(i, field, op, value)]
         if order:
-            found.sort(key=lambda i: str(i["fields"].get(order.group(1).lower(), "")),
-                       reverse=(order.group(2) or "").upper() == "DESC")
+            found.sort(
+                key=lambda i: str(i["fields"].get(order.group(1).lower(), "")),
+                reverse=(order.group(2) or "").upper() == "DESC",
+            )
         start = int(body.get("nextPageToken") or 0)
         size = int(body.get("maxResults") or 50)
-        page = found[start:start + size]
+        page = found[start : start + size]
         wanted = body.get("fields") or []
-        out = {"issues": [{"id": i["id"], "key": i["key"],
-                           "fields": {k: v for k, v in i["fields"].items() if k in wanted}} for i in page],
-               "isLast": start + size >= len(found)}
+        out = {
+            "issues": [
+                {
+                    "id": i["id"],
+                    "key": i["key"],
+                    "fields": {k: v for k, v in i["fields"].items() if k in wanted},
+                }
+                for i in page
+            ],
+            "isLast": start + size >= len(found),
+        }
         if not out["isLast"]:
             out["nextPageToken"] = str(start + size)
         return 200, out, {}
@@ -509,6 +639,12 @@ class JiraSim(Sim):
             return issue["key"].split("-")[0] == value
         if field in ("updated", "created"):
             have = fields.get(field, "")[:16].replace("T", " ")
-            return {">=": have >= value, ">": have > value, "<=": have <= value, "<": have < value,
-                    "=": have == value, "!=": have != value}[op]
+            return {
+                ">=": have >= value,
+                ">": have > value,
+                "<=": have <= value,
+                "<": have < value,
+                "=": have == value,
+                "!=": have != value,
+            }[op]
         return False

@@ -45,7 +45,8 @@ def celery_init_app(app: Flask) -> Celery:
                 "task": "workers.tasks.expire_exemptions",
                 "schedule": float(os.environ.get("GATEWAY_EXPIRY_INTERVAL", "60")),
             },
-            "itsm-tick": {  # ITSM sync: scan every connection's feed, deliver what waits (gateway/itsm/tasks.py)
+            # ITSM sync: scan every connection's feed, deliver what waits (gateway/itsm/tasks.py)
+            "itsm-tick": {
                 "task": "gateway.itsm.tick",
                 "schedule": float(os.environ.get("GATEWAY_ITSM_INTERVAL", "30")),
             },

@@ -34,8 +34,13 @@ from gateway.schemas import fast_dumper
 
 PREFIX = "/api/v1/tenants/<tenant>"
 blueprint = Blueprint("itsm", __name__, url_prefix=PREFIX)
-CN, RU, TK, TI, OP = (ItsmConnection.__table__, ItsmRule.__table__, ItsmTicket.__table__,
-                      ItsmTicketItem.__table__, ItsmOp.__table__)
+CN, RU, TK, TI, OP = (
+    ItsmConnection.__table__,
+    ItsmRule.__table__,
+    ItsmTicket.__table__,
+    ItsmTicketItem.__table__,
+    ItsmOp.__table__,
+)
 TEST_TIMEOUT = 5.0
 
 
@@ -66,20 +71,37 @@ def _serialize_connections(conn, tenant_id, rows, selected):
     ids = [row.id for row in rows]
     pending, parked = {}, {}
     if ids:
-        pending = dict(conn.execute(select(OP.c.connection_id, func.count()).where(
-            OP.c.connection_id.in_(ids), OP.c.status == "pending").group_by(OP.c.connection_id)).all())
-        parked = dict(conn.execute(select(TK.c.connection_id, func.count()).where(
-            TK.c.connection_id.in_(ids), TK.c.sync_state == "parked").group_by(TK.c.connection_id)).all())
-    return _DUMP_CONNECTIONS([{**row._asdict(), "pending_ops": pending.get(row.id, 0),
-                               "parked_tickets": parked.get(row.id, 0)} for row in rows])
+        pending = dict(
+            conn.execute(
+                select(OP.c.connection_id, func.count())
+                .where(OP.c.connection_id.in_(ids), OP.c.status == "pending")
+                .group_by(OP.c.connection_id)
+            ).all()
+        )
+        parked = dict(
+            conn.execute(
+                select(TK.c.connection_id, func.count())
+                .where(TK.c.connection_id.in_(ids), TK.c.sync_state == "parked")
+                .group_by(TK.c.connection_id)
+            ).all()
+        )
+    return _DUMP_CONNECTIONS(
+        [
+            {**row._asdict(), "pending_ops": pending.get(row.id, 0), "parked_tickets": parked.get(row.id, 0)}
+            for row in rows
+        ]
+    )
 
 
 def _serialize_tickets(conn, tenant_id, rows, selected):
     items = defaultdict(list)
     ids = [row.id for row in rows]
     if ids:
-        for item in conn.execute(select(TI).where(TI.c.tenant_id == tenant_id, TI.c.ticket_id.in_(ids))
-                                 .order_by(TI.c.subject_type, TI.c.subject_id)):
+        for item in conn.execute(
+            select(TI)
+            .where(TI.c.tenant_id == tenant_id, TI.c.ticket_id.in_(ids))
+            .order_by(TI.c.subject_type, TI.c.subject_id)
+        ):
             items[item.ticket_id].append(item._asdict())
     return _DUMP_TICKETS([{**row._asdict(), "items": items.get(row.id, [])} for row in rows])
 
@@ -137,20 +159,27 @@ COLLECTIONS: dict[str, Collection] = {
             "id": Field(TK.c.id, "id"),
             "connectionId": Field(TK.c.connection_id, "id"),
             "ruleId": Field(TK.c.rule_id, "id", nullable=True),
-            "subjectType": Field(TK.c.subject_type, "enum", values=("finding", "recommendation", "alert",
-                                                                     "resource")),
+            "subjectType": Field(
+                TK.c.subject_type, "enum", values=("finding", "recommendation", "alert", "resource")
+            ),
             "subjectId": Field(TK.c.subject_id, "id"),
             "collection": Field(TK.c.collection, "enum", values=itsm_schemas.COLLECTIONS),
             "syncState": Field(TK.c.sync_state, "enum", values=("pending", "synced", "parked")),
             "remoteKey": _text(TK.c.remote_key, True),
             "remoteState": _text(TK.c.remote_state, True),
             "desiredState": Field(TK.c.desired_state, "enum", values=("open", "resolved")),
-            "severity": Field(TK.c.severity, "enum", nullable=True, values=itsm_schemas.SEVERITIES + ("unknown",)),
+            "severity": Field(
+                TK.c.severity, "enum", nullable=True, values=itsm_schemas.SEVERITIES + ("unknown",)
+            ),
             "lastSyncedDateTime": _time(TK.c.last_synced_at, True),
             "createdDateTime": _time(TK.c.created_at),
-            "items": ListField(members=lambda t: {"subjectType": _text(t.c.subject_type),
-                                                  "subjectId": Field(t.c.subject_id, "id")},
-                               rows=_ticket_items),
+            "items": ListField(
+                members=lambda t: {
+                    "subjectType": _text(t.c.subject_type),
+                    "subjectId": Field(t.c.subject_id, "id"),
+                },
+                rows=_ticket_items,
+            ),
         },
         order_fields={"id": OrderField(TK.c.id, "int"), "updatedAt": OrderField(TK.c.updated_at, "datetime")},
         default_order=(("id", False),),
@@ -165,17 +194,26 @@ def _list(tenant: str, name: str):
     tenant_id = _tenant_id(tenant)
     config = current_app.config
     accept_csv = request.accept_mimetypes.best_match(["application/json", "text/csv"]) == "text/csv"
-    list_request = parse_list_args(collection, request.args, _context(tenant_id), config["PAGE_SIZE_DEFAULT"],
-                                   config["PAGE_SIZE_MAX"], accept_csv=accept_csv)
+    list_request = parse_list_args(
+        collection,
+        request.args,
+        _context(tenant_id),
+        config["PAGE_SIZE_DEFAULT"],
+        config["PAGE_SIZE_MAX"],
+        accept_csv=accept_csv,
+    )
     if list_request.csv:
-        response = current_app.response_class(stream_csv(_db().engine, collection, tenant_id, list_request),
-                                              content_type="text/csv; charset=utf-8")
+        response = current_app.response_class(
+            stream_csv(_db().engine, collection, tenant_id, list_request),
+            content_type="text/csv; charset=utf-8",
+        )
         response.headers["Content-Disposition"] = f'attachment; filename="{name}.csv"'
         return response
     with _db().engine.connect() as conn:
         total = count(conn, collection, tenant_id, list_request) if list_request.count else None
-        values, token = run_list(conn, collection, tenant_id, list_request, config["SECRET_KEY"],
-                                 request.args.get("$skiptoken"))
+        values, token = run_list(
+            conn, collection, tenant_id, list_request, config["SECRET_KEY"], request.args.get("$skiptoken")
+        )
     context = f"{request.url_root}api/v1/$metadata#itsm/{name}"
     if list_request.select:
         context += f"({','.join(list_request.select)})"
@@ -215,8 +253,11 @@ def _register(name: str, scopes: tuple[str, ...]) -> None:
     @require_scope(*scopes)
     def get_view(tenant: str, item_id: str):
         _only(("$select",))
-        selected = parse_select(request.args["$select"], COLLECTIONS[name].selectable) \
-            if "$select" in request.args else None
+        selected = (
+            parse_select(request.args["$select"], COLLECTIONS[name].selectable)
+            if "$select" in request.args
+            else None
+        )
         return jsonify(_get_one(tenant, name, item_id, selected))
 
     list_view.__doc__ = f"List the tenant's ITSM {name} (OData options; JSON or CSV)."
@@ -241,8 +282,11 @@ def _body(schema: Schema, partial: bool = False) -> dict:
         return schema.load(payload, partial=partial)
     except ValidationError as exc:
         messages = exc.messages if isinstance(exc.messages, dict) else {"_schema": exc.messages}
-        raise BadRequest("invalid fields: " + "; ".join(f"{k}: {v}" for k, v in messages.items()),
-                         code="invalidBody", details=messages) from None
+        raise BadRequest(
+            "invalid fields: " + "; ".join(f"{k}: {v}" for k, v in messages.items()),
+            code="invalidBody",
+            details=messages,
+        ) from None
 
 
 def _invalid(field: str, message: str) -> BadRequest:
@@ -252,7 +296,9 @@ def _invalid(field: str, message: str) -> BadRequest:
 def _created(name: str, tenant: str, item_id: int, status: int = 201):
     response = jsonify(_get_one(tenant, name, str(item_id)))
     response.status_code = status
-    response.headers["Location"] = url_for(f"itsm.get_{name}", tenant=tenant, item_id=str(item_id), _external=True)
+    response.headers["Location"] = url_for(
+        f"itsm.get_{name}", tenant=tenant, item_id=str(item_id), _external=True
+    )
     return response
 
 
@@ -275,7 +321,9 @@ def _check_connection(kind: str, auth: str, username, secret_set: bool, settings
     if kind == "jira" and auth not in ("basic", "bearer"):
         raise _invalid("auth", "Jira takes basic (email + API token) or bearer")
     if auth in ("basic", "oauth") and not username:
-        raise _invalid("username", f"{auth} authentication needs a username (a Jira email, an OAuth client id)")
+        raise _invalid(
+            "username", f"{auth} authentication needs a username (a Jira email, an OAuth client id)"
+        )
     if not secret_set:
         raise _invalid("secret", "the connection needs its password, API token or client secret")
     if kind == "jira" and not settings.get("projectKey"):
@@ -286,8 +334,14 @@ def _split(data: dict) -> tuple[dict, dict]:
     """(column values, settings) of a connection body."""
     settings = {name: data.pop(name) for name in itsm_schemas.SETTINGS if name in data}
     columns = {}
-    for name, column in (("name", "name"), ("kind", "kind"), ("baseUrl", "base_url"), ("auth", "auth"),
-                         ("username", "username"), ("enabled", "enabled")):
+    for name, column in (
+        ("name", "name"),
+        ("kind", "kind"),
+        ("baseUrl", "base_url"),
+        ("auth", "auth"),
+        ("username", "username"),
+        ("enabled", "enabled"),
+    ):
         if name in data:
             columns[column] = data[name]
     return columns, settings
@@ -306,14 +360,30 @@ def create_connection(tenant: str):
     from gateway.itsm import feed
 
     with _db().engine.begin() as conn:
-        if conn.execute(select(CN.c.id).where(CN.c.tenant_id == tenant_id, CN.c.name == columns["name"])).first():
+        if conn.execute(
+            select(CN.c.id).where(CN.c.tenant_id == tenant_id, CN.c.name == columns["name"])
+        ).first():
             raise Conflict(f"the tenant already has a connection named '{columns['name'][:100]}'")
-        connection_id = conn.execute(CN.insert().values(
-            tenant_id=tenant_id, secret=_encrypt(secret), secret_hint=vault.hint(secret),
-            webhook_secret=_encrypt(stdlib_secrets.token_urlsafe(32)), settings=settings,
-            enabled=columns.pop("enabled", True), health="unknown", consecutive_failures=0,
-            feed_state=feed.start(conn), created_at=now, updated_at=now, created_by=g.caller.client_id,
-            updated_by=g.caller.client_id, **columns).returning(CN.c.id)).scalar_one()
+        connection_id = conn.execute(
+            CN.insert()
+            .values(
+                tenant_id=tenant_id,
+                secret=_encrypt(secret),
+                secret_hint=vault.hint(secret),
+                webhook_secret=_encrypt(stdlib_secrets.token_urlsafe(32)),
+                settings=settings,
+                enabled=columns.pop("enabled", True),
+                health="unknown",
+                consecutive_failures=0,
+                feed_state=feed.start(conn),
+                created_at=now,
+                updated_at=now,
+                created_by=g.caller.client_id,
+                updated_by=g.caller.client_id,
+                **columns,
+            )
+            .returning(CN.c.id)
+        ).scalar_one()
     return _created("connections", tenant, connection_id)
 
 
@@ -343,15 +413,25 @@ def patch_connection(tenant: str, item_id: str):
         settings = {**(old.settings or {}), **changes}
         settings = {k: v for k, v in settings.items() if v is not None}
         merged = {**old._asdict(), **columns, **values}
-        _check_connection(merged["kind"], merged["auth"], merged.get("username"), merged["secret"] is not None,
-                          settings)
-        if "name" in columns and conn.execute(select(CN.c.id).where(
-                CN.c.tenant_id == tenant_id, CN.c.name == columns["name"], CN.c.id != old.id)).first():
+        _check_connection(
+            merged["kind"], merged["auth"], merged.get("username"), merged["secret"] is not None, settings
+        )
+        if (
+            "name" in columns
+            and conn.execute(
+                select(CN.c.id).where(
+                    CN.c.tenant_id == tenant_id, CN.c.name == columns["name"], CN.c.id != old.id
+                )
+            ).first()
+        ):
             raise Conflict(f"the tenant already has a connection named '{columns['name'][:100]}'")
         if columns.get("enabled") is True or "secret" in values:  # try again at once
             values.update(retry_at=None)
-        conn.execute(update(CN).where(CN.c.id == old.id).values(settings=settings, updated_at=now,
-                                                               updated_by=g.caller.client_id, **columns, **values))
+        conn.execute(
+            update(CN)
+            .where(CN.c.id == old.id)
+            .values(settings=settings, updated_at=now, updated_by=g.caller.client_id, **columns, **values)
+        )
     return jsonify(_get_one(tenant, "connections", item_id))
 
 
@@ -387,8 +467,15 @@ def test_connection(tenant: str, item_id: str):
     try:
         client.test()
     except RemoteError as exc:
-        stage = ("reachability" if exc.status is None else "credentials" if exc.status in (401, 403)
-                 else "configuration" if 400 <= exc.status < 500 else "service")
+        stage = (
+            "reachability"
+            if exc.status is None
+            else "credentials"
+            if exc.status in (401, 403)
+            else "configuration"
+            if 400 <= exc.status < 500
+            else "service"
+        )
         return jsonify({"ok": False, "stage": stage, "status": exc.status, "message": exc.message})
     finally:
         client.close()
@@ -414,16 +501,32 @@ def create_rule(tenant: str):
     tenant_id, now = _tenant_id(tenant), utcnow()
     with _db().engine.begin() as conn:
         connection_id = int(data["connectionId"])
-        if conn.execute(select(CN.c.id).where(CN.c.tenant_id == tenant_id, CN.c.id == connection_id)).first() is None:
+        if (
+            conn.execute(select(CN.c.id).where(CN.c.tenant_id == tenant_id, CN.c.id == connection_id)).first()
+            is None
+        ):
             raise _invalid("connectionId", f"the tenant has no connection '{connection_id}'")
         if data.get("grouping") == "resource" and data["collection"] == "alerts":
             raise _invalid("grouping", "alerts are ticketed one by one")
         _check_filter(conn, tenant_id, data["collection"], data.get("filter"))
-        rule_id = conn.execute(RU.insert().values(
-            tenant_id=tenant_id, connection_id=connection_id, name=data["name"], collection=data["collection"],
-            filter=data.get("filter"), grouping=data.get("grouping", "item"), mode=data.get("mode", "automatic"),
-            enabled=data.get("enabled", True), created_at=now, updated_at=now, created_by=g.caller.client_id,
-            updated_by=g.caller.client_id).returning(RU.c.id)).scalar_one()
+        rule_id = conn.execute(
+            RU.insert()
+            .values(
+                tenant_id=tenant_id,
+                connection_id=connection_id,
+                name=data["name"],
+                collection=data["collection"],
+                filter=data.get("filter"),
+                grouping=data.get("grouping", "item"),
+                mode=data.get("mode", "automatic"),
+                enabled=data.get("enabled", True),
+                created_at=now,
+                updated_at=now,
+                created_by=g.caller.client_id,
+                updated_by=g.caller.client_id,
+            )
+            .returning(RU.c.id)
+        ).scalar_one()
     return _created("rules", tenant, rule_id)
 
 
@@ -434,16 +537,20 @@ def patch_rule(tenant: str, item_id: str):
     data = _body(itsm_schemas.RulePatch(), partial=True)
     tenant_id = _tenant_id(tenant)
     with _db().engine.begin() as conn:
-        old = conn.execute(select(RU).where(RU.c.tenant_id == tenant_id,
-                                            RU.c.id == _item_id("rules", item_id))).first()
+        old = conn.execute(
+            select(RU).where(RU.c.tenant_id == tenant_id, RU.c.id == _item_id("rules", item_id))
+        ).first()
         if old is None:
             raise NotFound(f"rule '{item_id[:40]}' not found")
         if data.get("grouping") == "resource" and old.collection == "alerts":
             raise _invalid("grouping", "alerts are ticketed one by one")
         if "filter" in data:
             _check_filter(conn, tenant_id, old.collection, data["filter"])
-        conn.execute(update(RU).where(RU.c.id == old.id).values(updated_at=utcnow(), updated_by=g.caller.client_id,
-                                                               **data))
+        conn.execute(
+            update(RU)
+            .where(RU.c.id == old.id)
+            .values(updated_at=utcnow(), updated_by=g.caller.client_id, **data)
+        )
     return jsonify(_get_one(tenant, "rules", item_id))
 
 
@@ -453,8 +560,9 @@ def delete_rule(tenant: str, item_id: str):
     _only(())
     tenant_id = _tenant_id(tenant)
     with _db().engine.begin() as conn:
-        if not conn.execute(delete(RU).where(RU.c.tenant_id == tenant_id,
-                                             RU.c.id == _item_id("rules", item_id))).rowcount:
+        if not conn.execute(
+            delete(RU).where(RU.c.tenant_id == tenant_id, RU.c.id == _item_id("rules", item_id))
+        ).rowcount:
             raise NotFound(f"rule '{item_id[:40]}' not found")
     return _no_content()
 
@@ -475,17 +583,22 @@ def _manual(tenant: str, collection: str, item_id: str):
     subject = sync.SUBJECT_OF[collection]
     number = _item_id(collection, item_id)
     with _db().engine.begin() as conn:
-        connection = conn.execute(select(CN).where(CN.c.tenant_id == tenant_id,
-                                                   CN.c.id == int(data["connectionId"]))).first()
+        connection = conn.execute(
+            select(CN).where(CN.c.tenant_id == tenant_id, CN.c.id == int(data["connectionId"]))
+        ).first()
         if connection is None:
             raise _invalid("connectionId", f"the tenant has no connection '{data['connectionId']}'")
         if not sync.item_states(conn, tenant_id, subject, [number]):
             raise NotFound(f"{subject} '{item_id[:40]}' not found")
-        rule = conn.execute(select(RU).where(RU.c.connection_id == connection.id, RU.c.collection == collection,
-                                             RU.c.enabled.is_(True)).order_by(RU.c.id)).first()
+        rule = conn.execute(
+            select(RU)
+            .where(RU.c.connection_id == connection.id, RU.c.collection == collection, RU.c.enabled.is_(True))
+            .order_by(RU.c.id)
+        ).first()
         grouping = rule.grouping if rule is not None else "item"
-        tickets, made = sync.open_tickets(conn, tenant_id, connection.id, collection, [number], grouping,
-                                          None, g.caller.client_id)
+        tickets, made = sync.open_tickets(
+            conn, tenant_id, connection.id, collection, [number], grouping, None, g.caller.client_id
+        )
     _send_deliver(connection.id)
     return _created("tickets", tenant, tickets[0], 201 if made else 200)
 
@@ -496,8 +609,9 @@ def _register_manual(collection: str) -> None:
         return _manual(tenant, collection, item_id)
 
     view.__doc__ = f"Open a ticket for one of the tenant's {collection} now (or answer the one it has)."
-    blueprint.add_url_rule(f"/security/{collection}/<item_id>/tickets", f"ticket_{collection}", view,
-                           methods=["POST"])
+    blueprint.add_url_rule(
+        f"/security/{collection}/<item_id>/tickets", f"ticket_{collection}", view, methods=["POST"]
+    )
 
 
 for _collection in ("findings", "recommendations", "alerts"):
@@ -511,14 +625,23 @@ def resync_ticket(tenant: str, item_id: str):
     _only(())
     tenant_id = _tenant_id(tenant)
     with _db().engine.begin() as conn:
-        ticket = conn.execute(select(TK).where(TK.c.tenant_id == tenant_id,
-                                               TK.c.id == _item_id("tickets", item_id))).first()
+        ticket = conn.execute(
+            select(TK).where(TK.c.tenant_id == tenant_id, TK.c.id == _item_id("tickets", item_id))
+        ).first()
         if ticket is None:
             raise NotFound(f"ticket '{item_id[:40]}' not found")
-        conn.execute(update(OP).where(OP.c.ticket_id == ticket.id, OP.c.status == "parked")
-                     .values(status="pending", attempts=0))
-        conn.execute(update(TK).where(TK.c.id == ticket.id).values(
-            sync_state="synced" if ticket.remote_id else "pending", last_error=None, updated_at=utcnow()))
+        conn.execute(
+            update(OP)
+            .where(OP.c.ticket_id == ticket.id, OP.c.status == "parked")
+            .values(status="pending", attempts=0)
+        )
+        conn.execute(
+            update(TK)
+            .where(TK.c.id == ticket.id)
+            .values(
+                sync_state="synced" if ticket.remote_id else "pending", last_error=None, updated_at=utcnow()
+            )
+        )
         conn.execute(update(CN).where(CN.c.id == ticket.connection_id).values(retry_at=None))
         sync.refresh_tickets(conn, tenant_id, {ticket.id}, "resync")
     _send_deliver(ticket.connection_id)
@@ -529,11 +652,13 @@ def resync_ticket(tenant: str, item_id: str):
 
 blueprint.add_url_rule("/itsm/connections", "create_connection", create_connection, methods=["POST"])
 blueprint.add_url_rule("/itsm/connections/<item_id>", "patch_connection", patch_connection, methods=["PATCH"])
-blueprint.add_url_rule("/itsm/connections/<item_id>", "delete_connection", delete_connection, methods=["DELETE"])
-blueprint.add_url_rule("/itsm/connections/<item_id>/test", "test_connection", test_connection, methods=["POST"])
+blueprint.add_url_rule(
+    "/itsm/connections/<item_id>", "delete_connection", delete_connection, methods=["DELETE"]
+)
+blueprint.add_url_rule(
+    "/itsm/connections/<item_id>/test", "test_connection", test_connection, methods=["POST"]
+)
 blueprint.add_url_rule("/itsm/rules", "create_rule", create_rule, methods=["POST"])
 blueprint.add_url_rule("/itsm/rules/<item_id>", "patch_rule", patch_rule, methods=["PATCH"])
 blueprint.add_url_rule("/itsm/rules/<item_id>", "delete_rule", delete_rule, methods=["DELETE"])
 blueprint.add_url_rule("/itsm/tickets/<item_id>/resync", "resync_ticket", resync_ticket, methods=["POST"])
-
-

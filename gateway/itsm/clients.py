@@ -23,17 +23,34 @@ import requests
 
 SEVERITY_RANK = {"informational": 0, "low": 1, "medium": 2, "high": 3, "critical": 4}
 # ServiceNow's priority matrix: (urgency, impact) per severity -> priority 1 (critical) to 5 (planning)
-SN_URGENCY_IMPACT = {"critical": ("1", "1"), "high": ("1", "2"), "medium": ("2", "2"), "low": ("3", "2"),
-                     "informational": ("3", "3")}
+SN_URGENCY_IMPACT = {
+    "critical": ("1", "1"),
+    "high": ("1", "2"),
+    "medium": ("2", "2"),
+    "low": ("3", "2"),
+    "informational": ("3", "3"),
+}
 SN_STATES = {"1": "New", "2": "In Progress", "3": "On Hold", "6": "Resolved", "7": "Closed", "8": "Canceled"}
 SN_DONE = {"6", "7", "8"}
-JIRA_PRIORITIES = {"critical": "Highest", "high": "High", "medium": "Medium", "low": "Low",
-                   "informational": "Lowest"}
+JIRA_PRIORITIES = {
+    "critical": "Highest",
+    "high": "High",
+    "medium": "Medium",
+    "low": "Low",
+    "informational": "Lowest",
+}
 
 
 class RemoteError(Exception):
-    def __init__(self, message: str, *, status: int | None = None, retryable: bool = False,
-                 retry_after: float | None = None, connection_level: bool = False) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retryable: bool = False,
+        retry_after: float | None = None,
+        connection_level: bool = False,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
@@ -106,14 +123,24 @@ class Client:
     def close(self) -> None:
         self.session.close()
 
-    def request(self, method: str, path: str, *, params: dict | None = None, body: Any = None,
-                data: dict | None = None) -> Any:
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict | None = None,
+        body: Any = None,
+        data: dict | None = None,
+    ) -> Any:
         url = path if path.startswith("http") else self.base + path
         try:
-            response = self.session.request(method, url, params=params, json=body, data=data,
-                                            timeout=self.timeout, allow_redirects=False)
+            response = self.session.request(
+                method, url, params=params, json=body, data=data, timeout=self.timeout, allow_redirects=False
+            )
         except requests.Timeout:
-            raise RemoteError(f"{method} {path}: no answer within {self.timeout[1]:g}s", retryable=True) from None
+            raise RemoteError(
+                f"{method} {path}: no answer within {self.timeout[1]:g}s", retryable=True
+            ) from None
         except requests.ConnectionError as exc:
             reason = type(exc.__context__ or exc).__name__
             raise RemoteError(f"{method} {path}: connection failed ({reason})", retryable=True) from None
@@ -124,13 +151,20 @@ class Client:
             try:
                 return response.json()
             except ValueError:
-                raise RemoteError(f"{method} {path}: answered {status} with a body that is not JSON",
-                                  status=status, retryable=True) from None
+                raise RemoteError(
+                    f"{method} {path}: answered {status} with a body that is not JSON",
+                    status=status,
+                    retryable=True,
+                ) from None
         text = _error_text(response)
         message = f"{method} {path}: {status} {text}".strip()
         if status == 429 or status >= 500:
-            raise RemoteError(message, status=status, retryable=True,
-                              retry_after=retry_after_seconds(response.headers.get("Retry-After")))
+            raise RemoteError(
+                message,
+                status=status,
+                retryable=True,
+                retry_after=retry_after_seconds(response.headers.get("Retry-After")),
+            )
         if status == 401 or (300 <= status < 400):
             raise RemoteError(message, status=status, retryable=True, connection_level=True)
         raise RemoteError(message, status=status)
@@ -148,12 +182,21 @@ class ServiceNow(Client):
 
     def request(self, method, path, **kwargs):
         if self.connection.auth == "oauth" and self._token is None:
-            token = super().request("POST", "/oauth_token.do", data={
-                "grant_type": "client_credentials", "client_id": self.connection.username or "",
-                "client_secret": self.connection.secret or ""})
+            token = super().request(
+                "POST",
+                "/oauth_token.do",
+                data={
+                    "grant_type": "client_credentials",
+                    "client_id": self.connection.username or "",
+                    "client_secret": self.connection.secret or "",
+                },
+            )
             if not isinstance(token, dict) or not token.get("access_token"):
-                raise RemoteError("POST /oauth_token.do: no access token in the answer", connection_level=True,
-                                  retryable=True)
+                raise RemoteError(
+                    "POST /oauth_token.do: no access token in the answer",
+                    connection_level=True,
+                    retryable=True,
+                )
             self._token = token["access_token"]
             self.session.headers["Authorization"] = f"Bearer {self._token}"
         return super().request(method, path, **kwargs)
@@ -177,9 +220,15 @@ class ServiceNow(Client):
         return str(record.get("state", "")) in SN_DONE
 
     def find(self, marker: str) -> dict | None:
-        answer = self.request("GET", self._path(), params={
-            "sysparm_query": f"correlation_id={marker}", "sysparm_fields": "sys_id,number,state,correlation_id",
-            "sysparm_limit": "1"})
+        answer = self.request(
+            "GET",
+            self._path(),
+            params={
+                "sysparm_query": f"correlation_id={marker}",
+                "sysparm_fields": "sys_id,number,state,correlation_id",
+                "sysparm_limit": "1",
+            },
+        )
         found = (answer or {}).get("result") or []
         return found[0] if found else None
 
@@ -189,10 +238,14 @@ class ServiceNow(Client):
     def create(self, marker: str, ticket: dict) -> dict:
         settings = self.settings
         urgency, impact = SN_URGENCY_IMPACT.get(ticket["severity"], ("2", "2"))
-        fields = {settings.get("shortDescriptionField") or "short_description": ticket["title"][:160],
-                  settings.get("descriptionField") or "description": ticket["description"],
-                  "urgency": urgency, "impact": impact,
-                  "correlation_id": marker, "correlation_display": "Partner Gateway"}
+        fields = {
+            settings.get("shortDescriptionField") or "short_description": ticket["title"][:160],
+            settings.get("descriptionField") or "description": ticket["description"],
+            "urgency": urgency,
+            "impact": impact,
+            "correlation_id": marker,
+            "correlation_display": "Partner Gateway",
+        }
         for name in ("assignment_group", "category"):
             key = "assignmentGroup" if name == "assignment_group" else "category"
             if settings.get(key):
@@ -208,24 +261,37 @@ class ServiceNow(Client):
         record = self.get(sys_id)
         if self.is_done(record):
             return record
-        return self.update(sys_id, {"state": str(self.settings.get("resolvedState") or "6"),
-                                    "close_code": self.settings.get("closeCode") or "Solved (Permanently)",
-                                    "close_notes": notes})
+        return self.update(
+            sys_id,
+            {
+                "state": str(self.settings.get("resolvedState") or "6"),
+                "close_code": self.settings.get("closeCode") or "Solved (Permanently)",
+                "close_notes": notes,
+            },
+        )
 
     def reopen(self, sys_id: str, note: str) -> dict:
         record = self.get(sys_id)
         if not self.is_done(record):
             return record
-        return self.update(sys_id, {"state": str(self.settings.get("reopenState") or "2"), "work_notes": note})
+        return self.update(
+            sys_id, {"state": str(self.settings.get("reopenState") or "2"), "work_notes": note}
+        )
 
     def set_severity(self, sys_id: str, severity: str) -> dict:
         urgency, impact = SN_URGENCY_IMPACT.get(severity, ("2", "2"))
         return self.update(sys_id, {"urgency": urgency, "impact": impact})
 
     def has_note(self, sys_id: str, marker: str) -> bool:
-        answer = self.request("GET", "/api/now/table/sys_journal_field", params={
-            "sysparm_query": f"element_id={sys_id}^valueLIKE{marker}", "sysparm_fields": "sys_id",
-            "sysparm_limit": "1"})
+        answer = self.request(
+            "GET",
+            "/api/now/table/sys_journal_field",
+            params={
+                "sysparm_query": f"element_id={sys_id}^valueLIKE{marker}",
+                "sysparm_fields": "sys_id",
+                "sysparm_limit": "1",
+            },
+        )
         return bool((answer or {}).get("result"))
 
     def note(self, sys_id: str, text: str) -> dict:
@@ -255,38 +321,58 @@ class Jira(Client):
         return (status.get("statusCategory") or {}).get("key") or ""
 
     def find(self, marker: str) -> dict | None:
-        answer = self.request("POST", "/rest/api/3/search/jql", body={
-            "jql": f'labels = "{marker}"', "fields": ["status"], "maxResults": 2})
+        answer = self.request(
+            "POST",
+            "/rest/api/3/search/jql",
+            body={"jql": f'labels = "{marker}"', "fields": ["status"], "maxResults": 2},
+        )
         issues = (answer or {}).get("issues") or []
         return issues[0] if issues else None
 
     def get(self, key: str) -> dict:
-        return self.request("GET", f"/rest/api/3/issue/{quote(key)}", params={"fields": "status,priority"}) or {}
+        return (
+            self.request("GET", f"/rest/api/3/issue/{quote(key)}", params={"fields": "status,priority"}) or {}
+        )
 
     def create(self, marker: str, ticket: dict, item_ref: dict) -> dict:
         settings = self.settings
-        fields = {"project": {"key": settings.get("projectKey")},
-                  "issuetype": {"name": settings.get("issueType") or "Task"},
-                  "summary": ticket["title"][:255], "description": adf(ticket["description"]),
-                  "labels": sorted({marker, *(settings.get("labels") or [])})}
+        fields = {
+            "project": {"key": settings.get("projectKey")},
+            "issuetype": {"name": settings.get("issueType") or "Task"},
+            "summary": ticket["title"][:255],
+            "description": adf(ticket["description"]),
+            "labels": sorted({marker, *(settings.get("labels") or [])}),
+        }
         priority = (settings.get("priorityMap") or JIRA_PRIORITIES).get(ticket["severity"])
         if priority and settings.get("setPriority", True):
             fields["priority"] = {"name": priority}
-        answer = self.request("POST", "/rest/api/3/issue", body={
-            "fields": fields, "properties": [{"key": self.PROPERTY, "value": item_ref}]})
+        answer = self.request(
+            "POST",
+            "/rest/api/3/issue",
+            body={"fields": fields, "properties": [{"key": self.PROPERTY, "value": item_ref}]},
+        )
         return answer or {}
 
     def _transition(self, key: str, want_done: bool) -> bool:
         answer = self.request("GET", f"/rest/api/3/issue/{quote(key)}/transitions") or {}
-        candidates = [t for t in answer.get("transitions") or []
-                      if (((t.get("to") or {}).get("statusCategory") or {}).get("key") == "done") == want_done]
+        candidates = [
+            t
+            for t in answer.get("transitions") or []
+            if (((t.get("to") or {}).get("statusCategory") or {}).get("key") == "done") == want_done
+        ]
         if not want_done:  # back to work: prefer "To Do" (new) over "In Progress" (indeterminate)
-            candidates.sort(key=lambda t: ((t.get("to") or {}).get("statusCategory") or {}).get("key") != "new")
+            candidates.sort(
+                key=lambda t: ((t.get("to") or {}).get("statusCategory") or {}).get("key") != "new"
+            )
         if not candidates:
-            raise RemoteError(f"issue {key} offers no transition into a "
-                              f"{'done' if want_done else 'not done'} status")
-        self.request("POST", f"/rest/api/3/issue/{quote(key)}/transitions",
-                     body={"transition": {"id": candidates[0]["id"]}})
+            raise RemoteError(
+                f"issue {key} offers no transition into a {'done' if want_done else 'not done'} status"
+            )
+        self.request(
+            "POST",
+            f"/rest/api/3/issue/{quote(key)}/transitions",
+            body={"transition": {"id": candidates[0]["id"]}},
+        )
         return True
 
     def resolve(self, key: str, notes: str) -> dict:
@@ -304,11 +390,15 @@ class Jira(Client):
     def set_severity(self, key: str, severity: str) -> dict:
         priority = (self.settings.get("priorityMap") or JIRA_PRIORITIES).get(severity)
         if priority and self.settings.get("setPriority", True):
-            self.request("PUT", f"/rest/api/3/issue/{quote(key)}", body={"fields": {"priority": {"name": priority}}})
+            self.request(
+                "PUT", f"/rest/api/3/issue/{quote(key)}", body={"fields": {"priority": {"name": priority}}}
+            )
         return {}
 
     def has_note(self, key: str, marker: str) -> bool:
-        answer = self.request("GET", f"/rest/api/3/issue/{quote(key)}/comment", params={"maxResults": "100"}) or {}
+        answer = (
+            self.request("GET", f"/rest/api/3/issue/{quote(key)}/comment", params={"maxResults": "100"}) or {}
+        )
         return any(marker in adf_text(c.get("body")) for c in answer.get("comments") or [])
 
     def note(self, key: str, text: str) -> dict:
@@ -320,9 +410,14 @@ class Jira(Client):
 
 def adf(text: str) -> dict:
     """Plain text as an Atlassian Document Format document (one paragraph per line)."""
-    return {"type": "doc", "version": 1, "content": [
-        {"type": "paragraph", "content": [{"type": "text", "text": line}] if line else []}
-        for line in text.split("\n")]}
+    return {
+        "type": "doc",
+        "version": 1,
+        "content": [
+            {"type": "paragraph", "content": [{"type": "text", "text": line}] if line else []}
+            for line in text.split("\n")
+        ],
+    }
 
 
 def adf_text(document: Any) -> str:

@@ -51,8 +51,15 @@ def backoff(base: float, attempt: int, cap: float = MAX_RETRY_DELAY) -> float:
 
 
 def connection_for(config, row) -> Connection:
-    return Connection(id=row.id, kind=row.kind, base_url=row.base_url, auth=row.auth, username=row.username,
-                      secret=vault.decrypt(config, row.secret), settings=dict(row.settings or {}))
+    return Connection(
+        id=row.id,
+        kind=row.kind,
+        base_url=row.base_url,
+        auth=row.auth,
+        username=row.username,
+        secret=vault.decrypt(config, row.secret),
+        settings=dict(row.settings or {}),
+    )
 
 
 class Delivery:
@@ -63,34 +70,62 @@ class Delivery:
         self.owner = owner or uuid.uuid4().hex
         self.base = float(config.get("ITSM_RETRY_BASE_SECONDS") or 1.0)
         self.timeout = float(config.get("ITSM_TIMEOUT_SECONDS") or 20.0)
+        self.conn = None
+        self.healthy = False
+        self.last_success = None
 
     # -- lease --------------------------------------------------------------------------------
 
     def _claim(self) -> bool:
         now = utcnow()
         with self.db.engine.begin() as conn:
-            claimed = conn.execute(update(CN).where(
-                CN.c.id == self.connection_id, CN.c.enabled.is_(True),
-                or_(CN.c.lease_owner.is_(None), CN.c.lease_expires_at < now, CN.c.lease_owner == self.owner),
-            ).values(lease_owner=self.owner, lease_expires_at=now + timedelta(seconds=LEASE_SECONDS))).rowcount
+            claimed = conn.execute(
+                update(CN)
+                .where(
+                    CN.c.id == self.connection_id,
+                    CN.c.enabled.is_(True),
+                    or_(
+                        CN.c.lease_owner.is_(None),
+                        CN.c.lease_expires_at < now,
+                        CN.c.lease_owner == self.owner,
+                    ),
+                )
+                .values(lease_owner=self.owner, lease_expires_at=now + timedelta(seconds=LEASE_SECONDS))
+            ).rowcount
         return bool(claimed)
 
     def _release(self) -> None:
         with self.db.engine.begin() as conn:
-            conn.execute(update(CN).where(CN.c.id == self.connection_id, CN.c.lease_owner == self.owner)
-                         .values(lease_owner=None, lease_expires_at=None))
+            conn.execute(
+                update(CN)
+                .where(CN.c.id == self.connection_id, CN.c.lease_owner == self.owner)
+                .values(lease_owner=None, lease_expires_at=None)
+            )
 
     def _renew(self, conn) -> bool:
         now = utcnow()
-        return bool(conn.execute(update(CN).where(CN.c.id == self.connection_id, CN.c.lease_owner == self.owner)
-                                 .values(lease_expires_at=now + timedelta(seconds=LEASE_SECONDS))).rowcount)
+        return bool(
+            conn.execute(
+                update(CN)
+                .where(CN.c.id == self.connection_id, CN.c.lease_owner == self.owner)
+                .values(lease_expires_at=now + timedelta(seconds=LEASE_SECONDS))
+            ).rowcount
+        )
 
     # -- the queue ----------------------------------------------------------------------------
 
     def pending(self, conn, limit: int = 100) -> list:
-        return conn.execute(select(OP).join(TK, TK.c.id == OP.c.ticket_id).where(
-            OP.c.connection_id == self.connection_id, OP.c.status == "pending", TK.c.sync_state != "parked",
-        ).order_by(OP.c.id).limit(limit)).all()
+        return conn.execute(
+            select(OP)
+            .join(TK, TK.c.id == OP.c.ticket_id)
+            .where(
+                OP.c.connection_id == self.connection_id,
+                OP.c.status == "pending",
+                TK.c.sync_state != "parked",
+            )
+            .order_by(OP.c.id)
+            .limit(limit)
+        ).all()
 
     def run(self, budget_seconds: float = 300.0) -> tuple[str, float | None]:
         """Deliver until the queue is empty, the budget is spent or the system fails:
@@ -123,23 +158,19 @@ class Delivery:
         except vault.SecretsUnavailable as exc:
             self._failed(RemoteError(str(exc), connection_level=True, retryable=True))
             return "waiting", MAX_RETRY_DELAY
+        self.healthy = row.health == "healthy" and not row.consecutive_failures
+        # one database connection for the whole run: a transaction per step, no pool checkout each time
+        self.conn = self.db.engine.connect()
         try:
             while time.monotonic() < deadline:
-                with self.db.engine.connect() as conn:
-                    ops = self.pending(conn)
+                with self.conn.begin():
+                    ops = self.pending(self.conn)
                 if not ops:
                     return "idle", None
                 for op in ops:
-                    with self.db.engine.begin() as conn:
-                        if not self._renew(conn):
-                            return "busy", None
-                        current = conn.execute(select(OP.c.status).where(OP.c.id == op.id)).scalar()
-                        ticket = conn.execute(select(TK).where(TK.c.id == op.ticket_id)).first()
-                    if current != "pending" or ticket is None:
-                        continue
-                    if ticket.sync_state == "parked":
-                        continue
-                    failure = self._attempt(client, op, ticket)
+                    failure = self._attempt(client, op)
+                    if failure == "lost":
+                        return "busy", None
                     if failure is not None:
                         return "waiting", failure
                     if time.monotonic() >= deadline:
@@ -147,18 +178,34 @@ class Delivery:
             return "more", 0.0
         finally:
             client.close()
+            self.conn.close()
+            self.conn = None
 
-    def _attempt(self, client, op, ticket) -> float | None:
-        """Run one operation, retrying in place; None when done or parked, else the wait before
-        the queue is tried again."""
+    def _attempt(self, client, op):
+        """Run one operation, retrying in place: None when done, parked or no longer pending; "lost"
+        when the lease is lost; else the wait before the queue is tried again."""
         for attempt in range(INLINE_ATTEMPTS):
-            with self.db.engine.begin() as conn:  # committed before the call: a retry looks up first
-                conn.execute(update(OP).where(OP.c.id == op.id).values(attempts=OP.c.attempts + 1))
+            conn = self.conn
+            with conn.begin():  # committed before the call: a retry looks up first
+                if not self._renew(conn):
+                    return "lost"
+                attempts = conn.execute(
+                    update(OP)
+                    .where(OP.c.id == op.id, OP.c.status == "pending")
+                    .values(attempts=OP.c.attempts + 1)
+                    .returning(OP.c.attempts)
+                ).scalar()
+                if attempts is None:
+                    return None
                 if op.kind == "create":
-                    conn.execute(update(TK).where(TK.c.id == ticket.id)
-                                 .values(create_attempts=TK.c.create_attempts + 1))
-                ticket = conn.execute(select(TK).where(TK.c.id == ticket.id)).first()
-                attempts = conn.execute(select(OP.c.attempts).where(OP.c.id == op.id)).scalar()
+                    conn.execute(
+                        update(TK)
+                        .where(TK.c.id == op.ticket_id)
+                        .values(create_attempts=TK.c.create_attempts + 1)
+                    )
+                ticket = conn.execute(select(TK).where(TK.c.id == op.ticket_id)).first()
+                if ticket.sync_state == "parked":
+                    return None
                 content = sync.describe(conn, ticket) if op.kind in ("create", "resolve", "reopen") else None
             try:
                 result = self._execute(client, op, ticket, attempts, content)
@@ -189,14 +236,24 @@ class Delivery:
                 if client.connection.kind == "servicenow":
                     record = client.create(mark, content)
                 else:
-                    record = client.create(mark, content, {"connection": ticket.connection_id,
-                                                           "subjectType": ticket.subject_type,
-                                                           "subjectId": ticket.subject_id,
-                                                           "items": content["ids"]})
+                    record = client.create(
+                        mark,
+                        content,
+                        {
+                            "connection": ticket.connection_id,
+                            "subjectType": ticket.subject_type,
+                            "subjectId": ticket.subject_id,
+                            "items": content["ids"],
+                        },
+                    )
             return self._remote(client, record)
         if not ticket.remote_id:
             raise RemoteError("the ticket has no remote record (its creation is parked)")
-        ref = ticket.remote_id if client.connection.kind == "servicenow" else (ticket.remote_key or ticket.remote_id)
+        ref = (
+            ticket.remote_id
+            if client.connection.kind == "servicenow"
+            else (ticket.remote_key or ticket.remote_id)
+        )
         if kind == "resolve":
             return self._remote(client, client.resolve(ref, self._notes(content, "resolved")), keep=ticket)
         if kind == "reopen":
@@ -217,8 +274,10 @@ class Delivery:
         ids = ", ".join(map(str, (content or {}).get("ids") or []))
         kind = (content or {}).get("kind") or "item"
         if what == "resolved":
-            return (f"Resolved by the partner gateway: every {kind} of this ticket ({ids}) is resolved "
-                    "(its scanners report it fixed, or a full scan no longer reports it).")
+            return (
+                f"Resolved by the partner gateway: every {kind} of this ticket ({ids}) is resolved "
+                "(its scanners report it fixed, or a full scan no longer reports it)."
+            )
         return f"Reopened by the partner gateway: {kind} {ids} is open again (a scanner reports it)."
 
     @staticmethod
@@ -245,46 +304,75 @@ class Delivery:
     # -- outcomes -----------------------------------------------------------------------------
 
     def _done(self, op, ticket, result: dict) -> None:
-        now = utcnow()
-        with self.db.engine.begin() as conn:
-            conn.execute(update(OP).where(OP.c.id == op.id).values(status="done", done_at=now, last_error=None))
-            conn.execute(update(TK).where(TK.c.id == ticket.id).values(
-                sync_state="synced", last_error=None, last_synced_at=now, updated_at=now, **result))
-            conn.execute(update(CN).where(CN.c.id == self.connection_id, or_(
-                CN.c.health != "healthy", CN.c.consecutive_failures != 0, CN.c.last_success_at.is_(None),
-                CN.c.last_success_at < now - timedelta(seconds=5))).values(
-                health="healthy", consecutive_failures=0, last_success_at=now, retry_at=None))
+        now, conn = utcnow(), self.conn
+        with conn.begin():
+            conn.execute(
+                update(OP).where(OP.c.id == op.id).values(status="done", done_at=now, last_error=None)
+            )
+            conn.execute(
+                update(TK)
+                .where(TK.c.id == ticket.id)
+                .values(sync_state="synced", last_error=None, last_synced_at=now, updated_at=now, **result)
+            )
+            if (
+                not self.healthy
+                or self.last_success is None
+                or now - self.last_success > timedelta(seconds=5)
+            ):
+                conn.execute(
+                    update(CN)
+                    .where(CN.c.id == self.connection_id)
+                    .values(health="healthy", consecutive_failures=0, last_success_at=now, retry_at=None)
+                )
+                self.healthy, self.last_success = True, now
 
     def _park(self, op, ticket, exc: RemoteError) -> None:
-        now = utcnow()
+        now, conn = utcnow(), self.conn
         log.warning("ITSM connection %s: ticket %s parked: %s", self.connection_id, ticket.id, exc)
-        with self.db.engine.begin() as conn:
+        with conn.begin():
             conn.execute(update(OP).where(OP.c.id == op.id).values(status="parked", last_error=str(exc)))
-            conn.execute(update(TK).where(TK.c.id == ticket.id).values(
-                sync_state="parked", last_error=str(exc), updated_at=now))
+            conn.execute(
+                update(TK)
+                .where(TK.c.id == ticket.id)
+                .values(sync_state="parked", last_error=str(exc), updated_at=now)
+            )
 
     def _failed(self, exc: RemoteError, retry_after: float | None = None) -> float:
         now = utcnow()
+        self.healthy = False
         with self.db.engine.begin() as conn:
-            failures = (conn.execute(select(CN.c.consecutive_failures).where(CN.c.id == self.connection_id))
-                        .scalar() or 0) + 1
+            failures = (
+                conn.execute(select(CN.c.consecutive_failures).where(CN.c.id == self.connection_id)).scalar()
+                or 0
+            ) + 1
             wait = retry_after if retry_after is not None else backoff(self.base, failures)
             wait = min(MAX_RETRY_DELAY, wait)
             degraded = failures >= DEGRADED_AFTER or exc.connection_level
-            conn.execute(update(CN).where(CN.c.id == self.connection_id).values(
-                consecutive_failures=failures, last_error=str(exc), last_failure_at=now,
-                retry_at=now + timedelta(seconds=wait), **({"health": "degraded"} if degraded else {})))
-        log.warning("ITSM connection %s failed (%d in a row), next try in %.1fs: %s", self.connection_id,
-                    failures, wait, exc)
+            conn.execute(
+                update(CN)
+                .where(CN.c.id == self.connection_id)
+                .values(
+                    consecutive_failures=failures,
+                    last_error=str(exc),
+                    last_failure_at=now,
+                    retry_at=now + timedelta(seconds=wait),
+                    **({"health": "degraded"} if degraded else {}),
+                )
+            )
+        log.warning(
+            "ITSM connection %s failed (%d in a row), next try in %.1fs: %s",
+            self.connection_id,
+            failures,
+            wait,
+            exc,
+        )
         return wait
 
 
 def queue_counts(conn, connection_id: int) -> dict:
     from sqlalchemy import func
 
-    rows = conn.execute(select(OP.c.status, func.count()).where(OP.c.connection_id == connection_id)
-                        .group_by(OP.c.status)).all()
+    rows = conn.execute(
+        select(OP.c.status, func.count()).where(OP.c.connection_id == connection_id).group_by(OP.c.status)
+    ).all()
     return {status: count for status, count in rows}
-
-
-

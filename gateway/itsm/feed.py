@@ -49,9 +49,12 @@ def _db_now(conn) -> datetime:
 
 def _oldest_writer(conn) -> datetime | None:
     """When the oldest other writing transaction of this database began (None: there is none)."""
-    return conn.execute(text(
-        "SELECT min(xact_start) FROM pg_stat_activity WHERE datname = current_database() "
-        "AND pid <> pg_backend_pid() AND backend_xid IS NOT NULL")).scalar()
+    return conn.execute(
+        text(
+            "SELECT min(xact_start) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND backend_xid IS NOT NULL"
+        )
+    ).scalar()
 
 
 def read(conn, tenant_id: int, state: dict | None, limit: int = 5000) -> tuple[list, dict, bool]:
@@ -66,11 +69,15 @@ def read(conn, tenant_id: int, state: dict | None, limit: int = 5000) -> tuple[l
     if gaps:
         if postgres:
             oldest = _oldest_writer(conn)
-        for index, (low, high, seen) in enumerate(gaps):
+        for index, (_low, _high, seen) in enumerate(gaps):
             first_seen = datetime.fromisoformat(seen)
             if not postgres or oldest is None or oldest > first_seen or now - first_seen > GAP_MAX_AGE:
                 final.add(index)
-    ids = conn.execute(select(EV.c.id).where(EV.c.id > watermark).order_by(EV.c.id).limit(limit)).scalars().all()
+    ids = (
+        conn.execute(select(EV.c.id).where(EV.c.id > watermark).order_by(EV.c.id).limit(limit))
+        .scalars()
+        .all()
+    )
     more = len(ids) == limit
     top = ids[-1] if ids else watermark
     expected = watermark + 1
@@ -80,16 +87,22 @@ def read(conn, tenant_id: int, state: dict | None, limit: int = 5000) -> tuple[l
         expected = value + 1
     ranges = [and_(EV.c.id >= low, EV.c.id <= high) for low, high, _ in gaps]
     window = and_(EV.c.id > watermark, EV.c.id <= top)
-    events = conn.execute(select(EV).where(
-        EV.c.tenant_id == tenant_id, EV.c.subject_type.in_(SUBJECTS), or_(window, *ranges)).order_by(EV.c.id)).all()
+    events = conn.execute(
+        select(EV)
+        .where(EV.c.tenant_id == tenant_id, EV.c.subject_type.in_(SUBJECTS), or_(window, *ranges))
+        .order_by(EV.c.id)
+    ).all()
     # what is left of the gaps: the ids still missing, unless final
     kept = []
     old = len(state.get("gaps") or [])
     for index, (low, high, seen) in enumerate(gaps):
         if index < old and index in final:
             continue
-        present = sorted(conn.execute(select(EV.c.id).where(EV.c.id >= low, EV.c.id <= high)).scalars()) \
-            if index < old else []
+        present = (
+            sorted(conn.execute(select(EV.c.id).where(EV.c.id >= low, EV.c.id <= high)).scalars())
+            if index < old
+            else []
+        )
         cursor = low
         for value in present + [high + 1]:
             if value > cursor:

@@ -1,4 +1,5 @@
-"""marshmallow schemas of the ITSM API (gateway/api/itsm.py): ``...Out`` answers, ``...In``/``...Patch`` edits.
+"""marshmallow schemas of the ITSM API (gateway/api/itsm.py): ``...Out`` answers, ``...In`` and ``...Patch``
+edits.
 A connection's secret is load-only: no answer ever carries it (``hasSecret``, ``secretHint``)."""
 
 from __future__ import annotations
@@ -14,8 +15,18 @@ GROUPINGS = ("item", "resource")
 MODES = ("automatic", "manual")
 SEVERITIES = ("informational", "low", "medium", "high", "critical")
 # settings kept in itsm_connections.settings, as the API names them
-SETTINGS = ("table", "shortDescriptionField", "descriptionField", "assignmentGroup", "category", "closeCode",
-            "projectKey", "issueType", "labels", "priorityMap")
+SETTINGS = (
+    "table",
+    "shortDescriptionField",
+    "descriptionField",
+    "assignmentGroup",
+    "category",
+    "closeCode",
+    "projectKey",
+    "issueType",
+    "labels",
+    "priorityMap",
+)
 
 
 def _setting(name: str):
@@ -130,19 +141,24 @@ class ConnectionPatch(Schema):
     assignmentGroup = fields.String(allow_none=True, validate=validate.Length(min=1, max=200))
     category = fields.String(allow_none=True, validate=validate.Length(min=1, max=200))
     closeCode = fields.String(allow_none=True, validate=validate.Length(min=1, max=200))
-    projectKey = fields.String(allow_none=True, validate=validate.Regexp(r"^[A-Z][A-Z0-9_]{0,19}$",
-                                                                          error="a Jira project key"))
+    projectKey = fields.String(
+        allow_none=True, validate=validate.Regexp(r"^[A-Z][A-Z0-9_]{0,19}$", error="a Jira project key")
+    )
     issueType = fields.String(allow_none=True, validate=validate.Length(min=1, max=100))
-    labels = fields.List(fields.String(validate=validate.Regexp(r"^\S{1,255}$", error="a label without spaces")),
-                         allow_none=True, validate=validate.Length(max=20))
+    labels = fields.List(
+        fields.String(validate=validate.Regexp(r"^\S{1,255}$", error="a label without spaces")),
+        allow_none=True,
+        validate=validate.Length(max=20),
+    )
     priorityMap = fields.Nested(PriorityMapIn, allow_none=True)
 
 
 class ConnectionIn(ConnectionPatch):
     name = fields.String(required=True, validate=_NAME)
     kind = fields.String(required=True, validate=validate.OneOf(KINDS))
-    baseUrl = fields.String(required=True, validate=validate.Regexp(r"^https?://[^\s/?#]+[^\s?#]*$",
-                                                                    error="an http(s) URL"))
+    baseUrl = fields.String(
+        required=True, validate=validate.Regexp(r"^https?://[^\s/?#]+[^\s?#]*$", error="an http(s) URL")
+    )
     auth = fields.String(required=True, validate=validate.OneOf(AUTHS))
 
 
@@ -159,7 +175,9 @@ class RulePatch(Schema):
 
 class RuleIn(RulePatch):
     name = fields.String(required=True, validate=_NAME)
-    connectionId = fields.String(required=True, validate=validate.Regexp(r"^[0-9]{1,18}$", error="an id such as '42'"))
+    connectionId = fields.String(
+        required=True, validate=validate.Regexp(r"^[0-9]{1,18}$", error="an id such as '42'")
+    )
     collection = fields.String(required=True, validate=validate.OneOf(COLLECTIONS))
 
 
@@ -167,4 +185,6 @@ class TicketIn(Schema):
     class Meta:
         unknown = RAISE
 
-    connectionId = fields.String(required=True, validate=validate.Regexp(r"^[0-9]{1,18}$", error="an id such as '42'"))
+    connectionId = fields.String(
+        required=True, validate=validate.Regexp(r"^[0-9]{1,18}$", error="an id such as '42'")
+    )

@@ -74,7 +74,9 @@ def tick() -> int:
     db, now = _db(), utcnow()
     with db.engine.connect() as conn:
         rows = conn.execute(select(CN.c.id, CN.c.retry_at).where(CN.c.enabled.is_(True))).all()
-        pending = set(conn.execute(select(OP.c.connection_id).where(OP.c.status == "pending").distinct()).scalars())
+        pending = set(
+            conn.execute(select(OP.c.connection_id).where(OP.c.status == "pending").distinct()).scalars()
+        )
     for row in rows:
         send_scan(row.id)
         if row.id in pending and (row.retry_at is None or row.retry_at <= now):
@@ -100,9 +102,14 @@ def after_merge(db, batch_id: int) -> None:
     """A batch merged: scan the feeds of its tenant's connections now (never fails the merge)."""
     try:
         with db.engine.connect() as conn:
-            tenant_id = conn.execute(select(Batch.__table__.c.tenant_id)
-                                     .where(Batch.__table__.c.id == batch_id)).scalar()
-            ids = conn.execute(select(CN.c.id).where(CN.c.tenant_id == tenant_id, CN.c.enabled.is_(True))).scalars().all()
+            tenant_id = conn.execute(
+                select(Batch.__table__.c.tenant_id).where(Batch.__table__.c.id == batch_id)
+            ).scalar()
+            ids = (
+                conn.execute(select(CN.c.id).where(CN.c.tenant_id == tenant_id, CN.c.enabled.is_(True)))
+                .scalars()
+                .all()
+            )
     except Exception:  # noqa: BLE001
         log.warning("could not read the ITSM connections after batch %s", batch_id, exc_info=True)
         return

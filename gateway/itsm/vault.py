@@ -40,8 +40,10 @@ def keys(config: dict[str, Any]) -> list[str]:
     if found:
         return found
     if config.get("STORE_FROM_ENVIRONMENT") and is_production(config):
-        raise SecretsUnavailable("GATEWAY_SECRETS_KEYS is not set: a production store never keeps ITSM "
-                                 "secrets under a generated key")
+        raise SecretsUnavailable(
+            "GATEWAY_SECRETS_KEYS is not set: a production store never keeps ITSM "
+            "secrets under a generated key"
+        )
     return [_generated_key()]
 
 
@@ -49,8 +51,9 @@ def _fernet(config: dict[str, Any]) -> MultiFernet:
     try:
         return MultiFernet([Fernet(key.encode()) for key in keys(config)])
     except ValueError:
-        raise SecretsUnavailable("GATEWAY_SECRETS_KEYS must be Fernet keys (32 url-safe base64 bytes), "
-                                 "comma-separated") from None
+        raise SecretsUnavailable(
+            "GATEWAY_SECRETS_KEYS must be Fernet keys (32 url-safe base64 bytes), comma-separated"
+        ) from None
 
 
 def encrypt(config: dict[str, Any], secret: str | None) -> str | None:
@@ -65,8 +68,10 @@ def decrypt(config: dict[str, Any], token: str | None) -> str | None:
     try:
         return _fernet(config).decrypt(token.encode()).decode()
     except InvalidToken:
-        raise SecretsUnavailable("a stored ITSM secret cannot be decrypted with GATEWAY_SECRETS_KEYS "
-                                 "(was its key removed before `gateway itsm rotate-secrets`?)") from None
+        raise SecretsUnavailable(
+            "a stored ITSM secret cannot be decrypted with GATEWAY_SECRETS_KEYS "
+            "(was its key removed before `gateway itsm rotate-secrets`?)"
+        ) from None
 
 
 def rotate(config: dict[str, Any], token: str | None) -> str | None:

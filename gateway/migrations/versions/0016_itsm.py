@@ -44,12 +44,15 @@ def upgrade() -> None:
         sa.Column("health", sa.String(20), nullable=False),
         sa.Column("last_error", sa.Text, nullable=True),
         sa.Column("consecutive_failures", sa.Integer, nullable=False),
-        _time("last_success_at"), _time("last_failure_at"), _time("retry_at"),
+        _time("last_success_at"),
+        _time("last_failure_at"),
+        _time("retry_at"),
         sa.Column("feed_state", _json(), nullable=True),
         sa.Column("poll_state", _json(), nullable=True),
         sa.Column("lease_owner", sa.String(100), nullable=True),
         _time("lease_expires_at"),
-        _time("created_at", False), _time("updated_at", False),
+        _time("created_at", False),
+        _time("updated_at", False),
         sa.Column("created_by", sa.String(200), nullable=True),
         sa.Column("updated_by", sa.String(200), nullable=True),
         sa.UniqueConstraint("tenant_id", "name", name="uq_itsm_connections_name"),
@@ -58,15 +61,17 @@ def upgrade() -> None:
         "itsm_rules",
         sa.Column("id", BigId, primary_key=True),
         sa.Column("tenant_id", sa.Integer, sa.ForeignKey("tenants.id"), nullable=False),
-        sa.Column("connection_id", BigId, sa.ForeignKey("itsm_connections.id", ondelete="CASCADE"),
-                  nullable=False),
+        sa.Column(
+            "connection_id", BigId, sa.ForeignKey("itsm_connections.id", ondelete="CASCADE"), nullable=False
+        ),
         sa.Column("name", sa.String(200), nullable=False),
         sa.Column("collection", sa.String(30), nullable=False),
         sa.Column("filter", sa.Text, nullable=True),
         sa.Column("grouping", sa.String(20), nullable=False),
         sa.Column("mode", sa.String(20), nullable=False),
         sa.Column("enabled", sa.Boolean, nullable=False),
-        _time("created_at", False), _time("updated_at", False),
+        _time("created_at", False),
+        _time("updated_at", False),
         sa.Column("created_by", sa.String(200), nullable=True),
         sa.Column("updated_by", sa.String(200), nullable=True),
     )
@@ -75,8 +80,9 @@ def upgrade() -> None:
         "itsm_tickets",
         sa.Column("id", BigId, primary_key=True),
         sa.Column("tenant_id", sa.Integer, sa.ForeignKey("tenants.id"), nullable=False),
-        sa.Column("connection_id", BigId, sa.ForeignKey("itsm_connections.id", ondelete="CASCADE"),
-                  nullable=False),
+        sa.Column(
+            "connection_id", BigId, sa.ForeignKey("itsm_connections.id", ondelete="CASCADE"), nullable=False
+        ),
         sa.Column("rule_id", BigId, nullable=True),
         sa.Column("subject_type", sa.String(20), nullable=False),
         sa.Column("subject_id", BigId, nullable=False),
@@ -90,7 +96,9 @@ def upgrade() -> None:
         sa.Column("severity", sa.String(20), nullable=True),
         sa.Column("create_attempts", sa.Integer, nullable=False),
         sa.Column("last_error", sa.Text, nullable=True),
-        _time("last_synced_at"), _time("created_at", False), _time("updated_at", False),
+        _time("last_synced_at"),
+        _time("created_at", False),
+        _time("updated_at", False),
         sa.Column("created_by", sa.String(200), nullable=True),
         sa.UniqueConstraint("connection_id", "subject_type", "subject_id", name="uq_itsm_tickets_subject"),
     )
@@ -103,15 +111,20 @@ def upgrade() -> None:
         sa.Column("tenant_id", sa.Integer, nullable=False),
         sa.Column("connection_id", BigId, nullable=False),
         _time("added_at", False),
-        sa.UniqueConstraint("connection_id", "subject_type", "subject_id", name="uq_itsm_ticket_items_subject"),
+        sa.UniqueConstraint(
+            "connection_id", "subject_type", "subject_id", name="uq_itsm_ticket_items_subject"
+        ),
     )
-    op.create_index("ix_itsm_ticket_items_subject", "itsm_ticket_items", ["tenant_id", "subject_type", "subject_id"])
+    op.create_index(
+        "ix_itsm_ticket_items_subject", "itsm_ticket_items", ["tenant_id", "subject_type", "subject_id"]
+    )
     op.create_table(
         "itsm_ops",
         sa.Column("id", BigId, primary_key=True),
         sa.Column("tenant_id", sa.Integer, nullable=False),
-        sa.Column("connection_id", BigId, sa.ForeignKey("itsm_connections.id", ondelete="CASCADE"),
-                  nullable=False),
+        sa.Column(
+            "connection_id", BigId, sa.ForeignKey("itsm_connections.id", ondelete="CASCADE"), nullable=False
+        ),
         sa.Column("ticket_id", BigId, sa.ForeignKey("itsm_tickets.id", ondelete="CASCADE"), nullable=False),
         sa.Column("kind", sa.String(20), nullable=False),
         sa.Column("payload", _json(), nullable=False),
@@ -119,7 +132,8 @@ def upgrade() -> None:
         sa.Column("status", sa.String(20), nullable=False),
         sa.Column("attempts", sa.Integer, nullable=False),
         sa.Column("last_error", sa.Text, nullable=True),
-        _time("created_at", False), _time("done_at"),
+        _time("created_at", False),
+        _time("done_at"),
         sa.UniqueConstraint("ticket_id", "dedupe_key", name="uq_itsm_ops_dedupe"),
     )
     op.create_index("ix_itsm_ops_queue", "itsm_ops", ["connection_id", "status", "id"])
