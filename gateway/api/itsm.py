@@ -312,7 +312,7 @@ def _encrypt(secret: str | None) -> str | None:
     try:
         return vault.encrypt(current_app.config, secret)
     except vault.SecretsUnavailable as exc:
-        raise SecretsUnavailableError(str(exc)) from None
+        raise SecretsUnavailableError(str(exc), headers={"Retry-After": "60"}) from None
 
 
 def _check_connection(kind: str, auth: str, username, secret_set: bool, settings: dict) -> None:
@@ -462,7 +462,7 @@ def test_connection(tenant: str, item_id: str):
     try:
         connection = connection_for(current_app.config, row)
     except vault.SecretsUnavailable as exc:
-        raise SecretsUnavailableError(str(exc)) from None
+        raise SecretsUnavailableError(str(exc), headers={"Retry-After": "60"}) from None
     client = client_for(connection, TEST_TIMEOUT)
     try:
         client.test()

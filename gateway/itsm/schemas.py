@@ -114,17 +114,6 @@ _NAME = validate.Length(min=1, max=200)
 _FIELD = validate.Regexp(r"^[a-z][a-z0-9_]{0,79}$", error="a ServiceNow field or table name")
 
 
-class PriorityMapIn(Schema):
-    class Meta:
-        unknown = RAISE
-
-    critical = fields.String(validate=validate.Length(min=1, max=100))
-    high = fields.String(validate=validate.Length(min=1, max=100))
-    medium = fields.String(validate=validate.Length(min=1, max=100))
-    low = fields.String(validate=validate.Length(min=1, max=100))
-    informational = fields.String(validate=validate.Length(min=1, max=100))
-
-
 class ConnectionPatch(Schema):
     class Meta:
         unknown = RAISE
@@ -150,7 +139,8 @@ class ConnectionPatch(Schema):
         allow_none=True,
         validate=validate.Length(max=20),
     )
-    priorityMap = fields.Nested(PriorityMapIn, allow_none=True)
+    priorityMap = fields.Dict(keys=fields.String(validate=validate.OneOf(SEVERITIES)),
+                              values=fields.String(validate=validate.Length(min=1, max=100)), allow_none=True)
 
 
 class ConnectionIn(ConnectionPatch):
