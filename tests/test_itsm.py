@@ -510,3 +510,71 @@ def test_a_refused_ticket_is_parked_and_the_rest_continue(pg_gw, itsm_worker):
             ).scalar()
     finally:
         jira.stop()
+
+
+# -- the feed: ids that commit out of order ---------------------------------------------------------
+
+
+def test_the_feed_sees_an_event_that_commits_after_a_later_id(pg_url):
+    """Transaction A takes an event id and commits after transaction B took and committed a larger one:
+    the feed reads B's event, keeps A's id as a gap, and reads A's event once it commits."""
+    import psycopg
+
+    from gateway.db import Database
+    from gateway.itsm import feed
+    from tests.conftest import wipe
+
+    db = Database(pg_url)
+    wipe(db)
+    insert = (
+        "INSERT INTO lifecycle_events (tenant_id, subject_type, subject_id, event, at, cause) "
+        "VALUES (%s, 'finding', %s, 'new', now(), 'test') RETURNING id"
+    )
+    dsn = pg_url.replace("postgresql+psycopg://", "postgresql://")
+    try:
+        with db.engine.begin() as conn:
+            state = feed.start(conn)
+        with psycopg.connect(dsn) as slow, psycopg.connect(dsn, autocommit=True) as fast:
+            first = slow.execute(insert, (7, 1)).fetchone()[0]
+            second = fast.execute(insert, (7, 2)).fetchone()[0]
+            assert second > first
+            with db.engine.begin() as conn:
+                events, state, _ = feed.read(conn, 7, state)
+            assert [e.subject_id for e in events] == [2] and state["gaps"][0][:2] == [first, first]
+            with db.engine.begin() as conn:  # still running: the gap stays
+                events, state, _ = feed.read(conn, 7, state)
+            assert events == [] and len(state["gaps"]) == 1
+            slow.commit()
+        with db.engine.begin() as conn:
+            events, state, _ = feed.read(conn, 7, state)
+        assert [e.subject_id for e in events] == [1] and state["gaps"] == []
+        with db.engine.begin() as conn:
+            events, state, _ = feed.read(conn, 7, state)
+        assert events == [] and state["watermark"] == second
+    finally:
+        db.dispose()
+
+
+def test_gateway_itsm_commands(gw, sn, monkeypatch):
+    from click.testing import CliRunner
+
+    from gateway.cli import main
+
+    tenant, auth = _itsm(gw)
+    made = connect(gw, tenant, auth, sn_body(sn))
+    monkeypatch.setenv("GATEWAY_DATABASE_URL", gw.app.config["DATABASE_URL"])
+    monkeypatch.setenv("GATEWAY_SECRETS_KEYS", Fernet.generate_key().decode() + "," + KEY)
+    monkeypatch.setenv("GATEWAY_SECRET_KEY", "x")
+    runner = CliRunner()
+    listed = runner.invoke(main, ["itsm", "list", "--tenant", tenant])
+    assert listed.exit_code == 0 and "snow" in listed.output and "sn-password" not in listed.output
+    rotated = runner.invoke(main, ["itsm", "rotate-secrets"])
+    assert rotated.exit_code == 0, rotated.output
+    with gw.db.engine.connect() as conn:
+        stored = conn.execute(
+            select(ItsmConnection.secret).where(ItsmConnection.id == int(made["id"]))
+        ).scalar()
+    with pytest.raises(vault.SecretsUnavailable):
+        vault.decrypt({"SECRETS_KEYS": KEY}, stored)  # only the new first key opens it now
+    assert runner.invoke(main, ["itsm", "resync", "--ticket", "999999"]).exit_code == 1
+    assert len(runner.invoke(main, ["itsm", "new-key"]).output.strip()) == 44

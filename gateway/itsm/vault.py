@@ -76,7 +76,14 @@ def decrypt(config: dict[str, Any], token: str | None) -> str | None:
 
 def rotate(config: dict[str, Any], token: str | None) -> str | None:
     """The token re-encrypted with the first key."""
-    return None if token is None else _fernet(config).rotate(token.encode()).decode()
+    if token is None:
+        return None
+    try:
+        return _fernet(config).rotate(token.encode()).decode()
+    except InvalidToken:
+        raise SecretsUnavailable(
+            "a stored ITSM secret cannot be decrypted with GATEWAY_SECRETS_KEYS"
+        ) from None
 
 
 def hint(secret: str | None) -> str | None:
