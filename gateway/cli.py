@@ -532,3 +532,8 @@ def score_show(tenant_id: str, recount: bool) -> None:
         title = BY_ID[row.control].title if row.control in BY_ID else row.control
         click.echo(f"{title:<45}{row.current:>8.2f}{row.max:>6g}{row.healthy:>9}{row.unhealthy:>11}"
                    f"{row.not_applicable:>6}")
+
+
+from gateway.itsm.cli import itsm as _itsm  # noqa: E402 - the `gateway itsm` commands
+
+main.add_command(_itsm)

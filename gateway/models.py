@@ -733,3 +733,132 @@ class LifecycleEvent(Base):
     batch_id: Mapped[int | None] = mapped_column(BigId)
     actor: Mapped[str | None] = mapped_column(String(200))
     details: Mapped[dict | None] = mapped_column(JSON)
+
+
+# ITSM ticket sync (issue 12, migration 0016; gateway/itsm/).  A connection's secrets are stored
+# encrypted (gateway/itsm/secrets.py), never returned by the API.  A ticket is a link between an
+# item (or a group of items: ``itsm_ticket_items``) and one record of the ITSM system; the row is
+# committed before the remote record is created, and an item belongs to at most one ticket per
+# connection (the unique constraints), so a retry or a second worker never makes a second ticket.
+
+
+class ItsmConnection(Base):
+    __tablename__ = "itsm_connections"
+    __table_args__ = (UniqueConstraint("tenant_id", "name", name="uq_itsm_connections_name"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    name: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(20))  # servicenow | jira
+    base_url: Mapped[str] = mapped_column(String(2000))
+    auth: Mapped[str] = mapped_column(String(20))  # basic | oauth | bearer
+    username: Mapped[str | None] = mapped_column(String(300))  # user, Jira email or OAuth client id
+    secret: Mapped[str | None] = mapped_column(Text)  # Fernet token of the password, API token, client secret
+    secret_hint: Mapped[str | None] = mapped_column(String(20))
+    webhook_secret: Mapped[str | None] = mapped_column(Text)  # Fernet token
+    settings: Mapped[dict] = mapped_column(JSON, default=dict)  # table, project, mappings, labels...
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    health: Mapped[str] = mapped_column(String(20), default="unknown")  # unknown | healthy | degraded
+    last_error: Mapped[str | None] = mapped_column(Text)
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
+    last_success_at: Mapped[datetime | None]
+    last_failure_at: Mapped[datetime | None]
+    retry_at: Mapped[datetime | None]  # delivery waits until then (backoff, Retry-After)
+    feed_state: Mapped[dict | None] = mapped_column(JSON)  # gateway/itsm/feed.py: watermark and gaps
+    poll_state: Mapped[dict | None] = mapped_column(JSON)  # inbound polling watermark
+    lease_owner: Mapped[str | None] = mapped_column(String(100))  # the worker delivering its queue
+    lease_expires_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(200))
+    updated_by: Mapped[str | None] = mapped_column(String(200))
+
+
+class ItsmRule(Base):
+    __tablename__ = "itsm_rules"
+    __table_args__ = (Index("ix_itsm_rules_connection", "connection_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    connection_id: Mapped[int] = mapped_column(BigId, ForeignKey("itsm_connections.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    collection: Mapped[str] = mapped_column(String(30))  # findings | recommendations | alerts
+    filter: Mapped[str | None] = mapped_column(Text)  # an OData $filter on the collection
+    grouping: Mapped[str] = mapped_column(String(20))  # item | resource
+    mode: Mapped[str] = mapped_column(String(20))  # automatic | manual
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(200))
+    updated_by: Mapped[str | None] = mapped_column(String(200))
+
+
+class ItsmTicket(Base):
+    __tablename__ = "itsm_tickets"
+    __table_args__ = (
+        UniqueConstraint("connection_id", "subject_type", "subject_id", name="uq_itsm_tickets_subject"),
+        Index("ix_itsm_tickets_tenant_id", "tenant_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    connection_id: Mapped[int] = mapped_column(BigId, ForeignKey("itsm_connections.id", ondelete="CASCADE"))
+    rule_id: Mapped[int | None] = mapped_column(BigId)  # the rule that made it; NULL: by hand
+    # what the ticket is for: an item (finding, recommendation, alert) or a group (resource)
+    subject_type: Mapped[str] = mapped_column(String(20))
+    subject_id: Mapped[int] = mapped_column(BigId)
+    collection: Mapped[str] = mapped_column(String(30))  # the collection of its items
+    sync_state: Mapped[str] = mapped_column(String(20), default="pending")  # pending | synced | parked
+    remote_id: Mapped[str | None] = mapped_column(String(100))  # sys_id | Jira issue id
+    remote_key: Mapped[str | None] = mapped_column(String(100))  # INC0010001 | SEC-12
+    remote_url: Mapped[str | None] = mapped_column(String(2000))
+    remote_state: Mapped[str | None] = mapped_column(String(100))  # as the ITSM names it
+    desired_state: Mapped[str] = mapped_column(String(20), default="open")  # open | resolved
+    severity: Mapped[str | None] = mapped_column(String(20))  # the severity the ticket was last given
+    create_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_synced_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(200))
+
+
+class ItsmTicketItem(Base):
+    """An item a ticket covers (one, or a resource's findings): at most one ticket per connection."""
+
+    __tablename__ = "itsm_ticket_items"
+    __table_args__ = (
+        UniqueConstraint("connection_id", "subject_type", "subject_id", name="uq_itsm_ticket_items_subject"),
+        Index("ix_itsm_ticket_items_subject", "tenant_id", "subject_type", "subject_id"),
+    )
+
+    ticket_id: Mapped[int] = mapped_column(BigId, ForeignKey("itsm_tickets.id", ondelete="CASCADE"),
+                                           primary_key=True)
+    subject_type: Mapped[str] = mapped_column(String(20), primary_key=True)
+    subject_id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(Integer)
+    connection_id: Mapped[int] = mapped_column(BigId)
+    added_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ItsmOp(Base):
+    """One pending change of a remote record, delivered in id order per connection."""
+
+    __tablename__ = "itsm_ops"
+    __table_args__ = (
+        UniqueConstraint("ticket_id", "dedupe_key", name="uq_itsm_ops_dedupe"),
+        Index("ix_itsm_ops_queue", "connection_id", "status", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(Integer)
+    connection_id: Mapped[int] = mapped_column(BigId, ForeignKey("itsm_connections.id", ondelete="CASCADE"))
+    ticket_id: Mapped[int] = mapped_column(BigId, ForeignKey("itsm_tickets.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(20))  # create | resolve | reopen | severity | comment
+    payload: Mapped[dict] = mapped_column(JSON, default=dict)
+    dedupe_key: Mapped[str | None] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(20), default="pending")  # pending | done | parked
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    done_at: Mapped[datetime | None]

@@ -320,8 +320,46 @@ ITEM_FOR_COLLECTION = {name: out[:-3] for name, out in OUT_FOR_COLLECTION.items(
 
 @pytest.mark.parametrize("name", sorted(COLLECTIONS))
 def test_collection_list_parameters(app, spec, name):
-    collection = COLLECTIONS[name]
-    path = COLLECTION_PATH + name
+    _check_list_parameters(app, spec, COLLECTIONS[name], COLLECTION_PATH + name, ITEM_FOR_COLLECTION[name],
+                           OUT_FOR_COLLECTION[name])
+
+
+# the ITSM collections (gateway/api/itsm.py), under /api/v1/tenants/{tenant}/itsm/
+ITSM_OUT = {"connections": ("ConnectionOut", "ItsmConnectionOut"), "rules": ("RuleOut", "ItsmRuleOut"),
+            "tickets": ("TicketOut", "ItsmTicketOut")}
+
+
+@pytest.mark.parametrize("name", sorted(ITSM_OUT))
+def test_itsm_collection_list_parameters(app, spec, name):
+    from gateway.api.itsm import COLLECTIONS as ITSM_COLLECTIONS
+
+    out = ITSM_OUT[name][1]
+    _check_list_parameters(app, spec, ITSM_COLLECTIONS[name], "/api/v1/tenants/{tenant}/itsm/" + name,
+                           out[:-3], out)
+
+
+@pytest.mark.parametrize("pair", sorted(ITSM_OUT.values()) + [("TicketItemOut", "TicketItemOut")])
+def test_itsm_out_schemas_match_the_marshmallow_schemas(spec, pair):
+    from gateway.itsm import schemas as itsm_schemas
+
+    name, documented_name = pair
+    declared = getattr(itsm_schemas, name)().fields
+    documented = spec["components"]["schemas"][documented_name]
+    assert set(documented["properties"]) == set(declared)
+    assert set(documented["required"]) == set(declared), "every field is always dumped"
+    assert documented.get("additionalProperties") is False
+    for field_name, field in declared.items():
+        _check_type(spec, field, documented["properties"][field_name], f"{name}.{field_name}")
+
+
+@pytest.mark.parametrize("name", ["ConnectionIn", "ConnectionPatch", "RuleIn", "RulePatch", "TicketIn"])
+def test_itsm_input_schemas_match_the_marshmallow_schemas(spec, name):
+    from gateway.itsm import schemas as itsm_schemas
+
+    _check_input_schema(spec, getattr(itsm_schemas, name), name)
+
+
+def _check_list_parameters(app, spec, collection, path: str, item: str, out: str) -> None:
     params = query_parameters(spec, path, "GET")
     assert set(params) == set(LIST_OPTIONS)
 
@@ -334,7 +372,6 @@ def test_collection_list_parameters(app, spec, name):
         f for f, spec_ in collection.fields.items() if isinstance(spec_, ListField)]
     assert params["$filter"]["schema"]["$ref"] == SCHEMAS + "Filter"
 
-    item = ITEM_FOR_COLLECTION[name]
     select = params["$select"]
     assert select["style"] == "form" and select["explode"] is False
     assert select["schema"]["items"]["$ref"] == SCHEMAS + item + "Field"
@@ -359,14 +396,15 @@ def test_collection_list_parameters(app, spec, name):
     listing = operation(spec, path, "GET")["responses"]["200"]["content"]["application/json"]["schema"]
     assert listing["$ref"] == SCHEMAS + item + "List"
     envelope = deref(spec, listing)
-    alternatives = [SCHEMAS + OUT_FOR_COLLECTION[name], SCHEMAS + item + "Selection"]
+    alternatives = [SCHEMAS + out, SCHEMAS + item + "Selection"]
     assert [a["$ref"] for a in envelope["properties"]["value"]["items"]["anyOf"]] == alternatives
     one = operation(spec, path + "/{item_id}", "GET")["responses"]["200"]["content"]["application/json"]
     assert [a["$ref"] for a in one["schema"]["anyOf"]] == alternatives
     assert set(query_parameters(spec, path + "/{item_id}", "GET")) == {"$select"}
 
 
-@pytest.mark.parametrize("item", sorted(ITEM_FOR_COLLECTION.values()))
+@pytest.mark.parametrize("item", sorted(ITEM_FOR_COLLECTION.values()) + sorted(
+    out[:-3] for _, out in ITSM_OUT.values()))
 def test_the_list_envelope(spec, item):
     """Each list answer has its own typed model (one object, no ``$ref`` with siblings, so that
     client generators keep it)."""
@@ -472,6 +510,12 @@ def _check_input(spec: dict, field: fields.Field, prop: dict, where: str) -> Non
         kinds = {alternative.get("type") for alternative in prop["anyOf"]}
         items = prop["anyOf"][1]["items"]
         assert kinds == {"string", "array"} and items.get("type") == "string", where
+    elif isinstance(field, fields.Dict):  # keys and values checked like fields
+        assert schema_types(spec, prop) == {"object"}, where
+        if field.key_field is not None:
+            _check_input(spec, field.key_field, {"type": "string", **prop["propertyNames"]}, where + "{key}")
+        if field.value_field is not None:
+            _check_input(spec, field.value_field, prop["additionalProperties"], where + "{value}")
     else:
         raise AssertionError(f"{where}: {type(field).__name__} is not compared")
 
@@ -1244,3 +1288,94 @@ def test_the_resource_endpoints_answer_as_documented(world, merged):
                                    headers=admin)
     assert response.headers["Location"].endswith(f"{base}/{created['id']}")
     assert [s["id"] for s in created["sources"]] == [record]
+
+
+def test_the_itsm_endpoints_answer_as_documented(world, merged):
+    from cryptography.fernet import Fernet
+
+    from tests.itsm_sim import JiraSim, ServiceNowSim
+
+    world.app.config["SECRETS_KEYS"] = Fernet.generate_key().decode()
+    sn, jira = ServiceNowSim(), JiraSim()
+    call = world.call
+    admin = {"Authorization": "Bearer " + world.token(world.client("itsm", "itsm.manage security.read"))}
+    reader = world.read_only
+    try:
+        base, path = f"{ACME}/itsm", T + "/itsm"
+        body = {"name": "snow", "kind": "servicenow", "baseUrl": sn.url, "auth": "basic",
+                "username": "gateway",
+                "secret": "sn-password-0123456789", "assignmentGroup": "secops"}
+        made = call("POST", path + "/connections", base + "/connections", 201, json=body, headers=admin)[0]
+        call("POST", path + "/connections", base + "/connections", 409, json=body, headers=admin)
+        call("POST", path + "/connections", base + "/connections", 400, json={"name": "x"}, headers=admin)
+        call("POST", path + "/connections", base + "/connections", 403, json=body, headers=reader)
+        call("POST", path + "/connections", base + "/connections", 401, json=body)
+        issues = call("POST", path + "/connections", base + "/connections", 201, headers=admin, json={
+            "name": "jira", "kind": "jira", "baseUrl": jira.url, "auth": "basic",
+            "username": "bot@example.com",
+            "secret": "jira-api-token-0123456789", "projectKey": "SEC", "labels": ["security"],
+            "priorityMap": {"critical": "Highest"}})[0]
+        one = path + "/connections/{item_id}"
+        call("PATCH", one, f"{base}/connections/{made['id']}", 200, json={"category": "security"},
+             headers=admin)
+        call("PATCH", one, f"{base}/connections/{made['id']}", 400, json={"kind": "jira"}, headers=admin)
+        call("PATCH", one, f"{base}/connections/999999", 404, json={"enabled": False}, headers=admin)
+        test = path + "/connections/{item_id}/test"
+        tested = call("POST", test, f"{base}/connections/{made['id']}/test", 200, headers=admin)[0]
+        assert tested["ok"] is True
+        call("POST", test, f"{base}/connections/999999/test", 404, headers=admin)
+
+        rules = path + "/rules"
+        rule = call("POST", rules, base + "/rules", 201, headers=admin, json={
+            "name": "high", "connectionId": made["id"], "collection": "findings",
+            "filter": "severity ge 'high'"})[0]
+        call("POST", rules, base + "/rules", 400, headers=admin, json={
+            "name": "bad", "connectionId": made["id"], "collection": "findings", "filter": "nothing eq 1"})
+        call("PATCH", rules + "/{item_id}", f"{base}/rules/{rule['id']}", 200, json={"mode": "manual"},
+             headers=admin)
+        call("PATCH", rules + "/{item_id}", f"{base}/rules/{rule['id']}", 400, json={"collection": "alerts"},
+             headers=admin)
+
+        finding_id = world.call("GET", T + "/security/findings", f"{ACME}/security/findings", 200,
+                                headers=reader)[0]["value"][0]["id"]
+        manual = T + "/security/findings/{item_id}/tickets"
+        url = f"{ACME}/security/findings/{finding_id}/tickets"
+        ticket = call("POST", manual, url, 201, json={"connectionId": made["id"]}, headers=admin)[0]
+        again = call("POST", manual, url, 200, json={"connectionId": made["id"]}, headers=admin)[0]
+        assert again["id"] == ticket["id"]
+        call("POST", manual, url, 400, json={"connectionId": "999999"}, headers=admin)
+        call("POST", manual, f"{ACME}/security/findings/999999/tickets", 404,
+             json={"connectionId": made["id"]}, headers=admin)
+        call("POST", manual, url, 403, json={"connectionId": made["id"]}, headers=reader)
+        resync = path + "/tickets/{item_id}/resync"
+        call("POST", resync, f"{base}/tickets/{ticket['id']}/resync", 202, headers=admin)
+        call("POST", resync, f"{base}/tickets/999999/resync", 404, headers=admin)
+
+        for name, headers in (("connections", admin), ("rules", admin), ("tickets", reader)):
+            listing = call("GET", f"{path}/{name}", f"{base}/{name}", 200, headers=headers)[0]
+            assert listing["value"], name
+            for item in listing["value"]:
+                call("GET", f"{path}/{name}/{{item_id}}", f"{base}/{name}/{item['id']}", 200, headers=headers)
+                call("GET", f"{path}/{name}/{{item_id}}", f"{base}/{name}/{item['id']}", 200, headers=headers,
+                     query_string={"$select": "id"})
+            call("GET", f"{path}/{name}/{{item_id}}", f"{base}/{name}/999999", 404, headers=headers)
+            bads = ({"$orderby": "nothing"}, {"$top": "0"}, {"$filter": "nothing eq 1"}, {"$skiptoken": "x"})
+            for bad in bads:
+                call("GET", f"{path}/{name}", f"{base}/{name}", 400, headers=headers, query_string=bad)
+            call("GET", f"{path}/{name}", f"/api/v1/tenants/nobody/itsm/{name}", 404, headers=headers)
+            call("GET", f"{path}/{name}", f"{base}/{name}", 401)
+            page = call("GET", f"{path}/{name}", f"{base}/{name}", 200, headers=headers,
+                        query_string={"$top": "1", "$count": "true"})[0]
+            while "@odata.nextLink" in page:
+                page = call("GET", f"{path}/{name}", page["@odata.nextLink"], 200, headers=headers)[0]
+            call("GET", f"{path}/{name}", f"{base}/{name}", 200, headers=headers,
+                 query_string={"$format": "csv"})
+        call("GET", f"{path}/connections", f"{base}/connections", 403, headers=reader)
+
+        call("DELETE", rules + "/{item_id}", f"{base}/rules/{rule['id']}", 204, headers=admin)
+        call("DELETE", rules + "/{item_id}", f"{base}/rules/{rule['id']}", 404, headers=admin)
+        call("DELETE", one, f"{base}/connections/{issues['id']}", 204, headers=admin)
+        call("DELETE", one, f"{base}/connections/{issues['id']}", 404, headers=admin)
+    finally:
+        sn.stop()
+        jira.stop()

@@ -13,6 +13,7 @@ def init_app(app: Flask) -> None:
         discovery,
         governance,
         health,
+        itsm,
         metadata,
         posture,
         resources,
@@ -31,3 +32,4 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(posture.blueprint)
     app.register_blueprint(suppression_rules.blueprint)
     app.register_blueprint(governance.blueprint)
+    app.register_blueprint(itsm.blueprint)

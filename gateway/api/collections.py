@@ -578,7 +578,8 @@ def _context(tenant_id: int) -> FilterContext:
 
 
 def _item_id(name: str, item_id: str) -> int:
-    if isinstance(COLLECTIONS[name].id_column.type, String) and 0 < len(item_id) <= 100:
+    collection = COLLECTIONS.get(name)  # (other modules' collections have decimal ids)
+    if collection is not None and isinstance(collection.id_column.type, String) and 0 < len(item_id) <= 100:
         return item_id  # a named key (a control id)
     if not (item_id.isascii() and item_id.isdigit()) or len(item_id) > 18:
         raise NotFound(f"{_singular(name)} '{item_id[:40]}' not found")
