@@ -44,6 +44,7 @@ SCOPES = {
     "security.read": "Read alerts, recommendations, findings, resources and batches",
     "alerts.manage": "Change workflow fields (status, assignee, feedback, comments, tags)",
     "posture.manage": "Change security policies, exemptions, governance and alert suppression rules",
+    "exports.manage": "Manage continuous export: destinations, test deliveries, replay, secret rotation",
     "admin": "Administer tenants, clients, policies and exports",
 }
 

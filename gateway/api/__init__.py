@@ -11,6 +11,7 @@ def init_app(app: Flask) -> None:
         batches,
         collections,
         discovery,
+        exports,
         health,
         metadata,
         posture,
@@ -27,3 +28,4 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(metadata.blueprint)
     app.register_blueprint(score.blueprint)
     app.register_blueprint(posture.blueprint)
+    app.register_blueprint(exports.blueprint)

@@ -20,7 +20,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
 from connectors.model import SEVERITIES
-from gateway.api import alerts_v2, posture_collections
+from gateway.api import alerts_v2, event_collection, posture_collections
 from gateway.auth import require_scope, tenant_for_caller
 from gateway.errors import BadRequest, NotFound
 from gateway.models import (
@@ -521,6 +521,8 @@ COLLECTIONS: dict[str, Collection] = {
     # the tenant's security policy and exemptions (edits in gateway/api/posture.py)
     "policies": posture_collections.POLICIES,
     "exemptions": posture_collections.EXEMPTIONS,
+    # the outbox, read-only (gateway/export/; pushed to destinations by gateway/api/exports.py's)
+    "events": event_collection.EVENTS,
     "observations": Collection(
         name="observations",
         base=lambda tenant_id: select(OBS).where(OBS.c.tenant_id == tenant_id),
