@@ -45,6 +45,7 @@ SCOPES = {
     "alerts.manage": "Change workflow fields (status, assignee, feedback, comments, tags)",
     "posture.manage": "Change security policies, exemptions, governance and alert suppression rules",
     "itsm.manage": "Manage ITSM connections (ServiceNow, Jira), sync rules and tickets",
+    "exports.manage": "Manage continuous export: destinations, test deliveries, replay, secret rotation",
     "admin": "Administer tenants, clients, policies and exports",
 }
 

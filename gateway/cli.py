@@ -534,6 +534,78 @@ def score_show(tenant_id: str, recount: bool) -> None:
                    f"{row.not_applicable:>6}")
 
 
+@main.group("export")
+def export_group() -> None:
+    """Continuous export: a tenant's event destinations."""
+
+
+def _tenant_pk(conn, tenant_id: str) -> int:
+    pk = conn.execute(select(Tenant.id).where(Tenant.external_id == tenant_id)).scalar()
+    if pk is None:
+        raise click.ClickException(f"no tenant {tenant_id}")
+    return pk
+
+
+@export_group.command("list")
+@click.option("--tenant", "tenant_id", required=True, help="the tenant (its id in URLs)")
+def export_list(tenant_id: str) -> None:
+    """Print the tenant's destinations: state, position, lag and last error."""
+    from gateway.export.delivery import lag
+    from gateway.models import ExportDestination
+
+    destinations = ExportDestination.__table__
+    with _store() as db, db.engine.connect() as conn:
+        pk = _tenant_pk(conn, tenant_id)
+        rows = conn.execute(select(destinations).where(destinations.c.tenant_id == pk)
+                            .order_by(destinations.c.id)).all()
+        now = utcnow()
+        click.echo(f"{'id':>5}  {'kind':<8} {'state':<8} {'cursor':>8} {'pending':>8} {'lag s':>8}  "
+                   "name / url / last error")
+        for row in rows:
+            behind = lag(conn, row, now)
+            click.echo(f"{row.id:>5}  {row.kind:<8} {row.state:<8} {row.cursor_seq:>8} "
+                       f"{behind['pending_events']:>8} {behind['lag_seconds']:>8.1f}  {row.display_name}")
+            click.echo(f"{'':>7}{row.url}")
+            if row.last_error:
+                at = row.last_error_at.isoformat() if row.last_error_at else ""
+                click.echo(f"{'':>7}last error {at}: {row.last_error}")
+
+
+@export_group.command("replay")
+@click.option("--tenant", "tenant_id", required=True, help="the tenant (its id in URLs)")
+@click.option("--id", "export_id", required=True, type=int, help="the destination's id")
+@click.option("--since", required=True, help="an event id (that event and later ones) or an ISO 8601 time")
+def export_replay(tenant_id: str, export_id: int, since: str) -> None:
+    """Deliver again from an event id or a time (the destination's cursor moves back there)."""
+    from datetime import UTC, datetime
+
+    from gateway.export.delivery import replay
+    from gateway.models import ExportDestination
+
+    destinations = ExportDestination.__table__
+    if since.isascii() and since.isdigit():
+        point: int | datetime = int(since)
+    else:
+        try:
+            point = datetime.fromisoformat(since.replace("Z", "+00:00"))
+        except ValueError:
+            raise click.ClickException("--since is an event id or an ISO 8601 time") from None
+        point = point.replace(tzinfo=point.tzinfo or UTC).astimezone(UTC)
+    with _store() as db, db.engine.begin() as conn:
+        pk = _tenant_pk(conn, tenant_id)
+        row = conn.execute(select(destinations).where(destinations.c.tenant_id == pk,
+                                                      destinations.c.id == export_id)).first()
+        if row is None:
+            raise click.ClickException(f"no export {export_id} for tenant {tenant_id}")
+        moved = replay(conn, row, point, "cli", utcnow())
+    if moved["fromEventId"] is None:
+        click.echo(f"export {export_id}: nothing to replay since {since}")
+    else:
+        click.echo(f"export {export_id}: delivering again from event {moved['fromEventId']} "
+                   f"(cursor {moved['cursorSequence']})")
+
+
+
 from gateway.itsm.cli import itsm as _itsm  # noqa: E402 - the `gateway itsm` commands
 
 main.add_command(_itsm)

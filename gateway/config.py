@@ -88,6 +88,21 @@ class Settings(BaseSettings):
     secrets_keys: str | None = None
     itsm_timeout_seconds: float = 20.0  # every call to ServiceNow / Jira (connect and read)
     itsm_retry_base_seconds: float = 1.0  # first backoff of a failed call, doubled per attempt, with jitter
+    # Continuous export (gateway/export/; README, "Continuous export")
+    export_dispatch_interval: float = 2.0  # seconds between runs of the export beat task
+    export_timeout_seconds: float = 10.0  # one delivery's connect + answer timeout
+    export_test_timeout_seconds: float = 5.0  # the test-delivery endpoint's (it answers in the request)
+    export_retry_base_seconds: float = 1.0  # backoff after the first failure, doubling up to the max
+    export_retry_max_seconds: float = 300.0
+    export_failing_after_seconds: int = 600  # failing that long marks a destination ``failing``
+    export_lease_seconds: int = 60  # a delivering worker's hold on a destination
+    export_secret_overlap_seconds: int = 86400  # after a rotation the old secret signs too, this long
+    export_allow_private_targets: bool = False  # loopback/private/link-local URLs (SSRF guard off)
+    export_max_batch_size: int = 100
+    export_delivery_log_size: int = 100  # deliveries kept per destination
+    export_max_destinations: int = 50  # per tenant
+    event_retention_days: int = 30  # export-only events (batch.finished, secureScore.changed); 0: keep
+    event_prune_interval: float = 3600.0
 
     @field_validator("ratelimit_push", "ratelimit_tenant_push", "ratelimit_read", "ratelimit_token")
     @classmethod

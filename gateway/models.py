@@ -718,10 +718,22 @@ class AlertSuppressionRule(Base):
 
 
 class LifecycleEvent(Base):
-    """A stored transition or change, with time and cause: history is never rewritten."""
+    """A stored transition or change, with time and cause: history is never rewritten.
+
+    It is also the outbox of continuous export (gateway/export/): ``seq`` is the event's position
+    in commit order, assigned after commit by the sequencer (NULL until then), which destinations'
+    cursors and pulling clients follow (migration 0015).
+    """
 
     __tablename__ = "lifecycle_events"
-    __table_args__ = (Index("ix_lifecycle_events_subject", "tenant_id", "subject_type", "subject_id", "id"),)
+    __table_args__ = (
+        Index("ix_lifecycle_events_subject", "tenant_id", "subject_type", "subject_id", "id"),
+        # the sequencer's work list, and the tenant's events in commit order (migration 0015)
+        Index("ix_lifecycle_events_unsequenced", "id", postgresql_where=text("seq IS NULL"),
+              sqlite_where=text("seq IS NULL")),
+        Index("ix_lifecycle_events_tenant_seq", "tenant_id", "seq", postgresql_where=text("seq IS NOT NULL"),
+              sqlite_where=text("seq IS NOT NULL")),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     tenant_id: Mapped[int] = mapped_column(Integer)  # no FK: see 'Hot tables' above
@@ -733,6 +745,7 @@ class LifecycleEvent(Base):
     batch_id: Mapped[int | None] = mapped_column(BigId)
     actor: Mapped[str | None] = mapped_column(String(200))
     details: Mapped[dict | None] = mapped_column(JSON)
+    seq: Mapped[int | None] = mapped_column(BigId)  # migration 0015: the position in commit order
 
 
 # ITSM ticket sync (issue 12, migration 0016; gateway/itsm/).  A connection's secrets are stored
@@ -862,3 +875,78 @@ class ItsmOp(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     done_at: Mapped[datetime | None]
+
+
+class EventSequencer(Base):
+    """The last position the sequencer gave an event (one row; gateway/export/events.py)."""
+
+    __tablename__ = "event_sequencer"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    last_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class ExportDestination(Base):
+    """Where a tenant's events go (migration 0015, gateway/export/): a kind (``webhook``, ...), its
+    URL and options, a filter, a secret (encrypted), the delivery cursor and the delivery state."""
+
+    __tablename__ = "export_destinations"
+    __table_args__ = (Index("ix_export_destinations_tenant", "tenant_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    display_name: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(30))
+    url: Mapped[str] = mapped_column(Text)
+    event_types: Mapped[list] = mapped_column(JSON, default=list)
+    filter: Mapped[str | None] = mapped_column(Text)
+    batch_size: Mapped[int] = mapped_column(Integer, default=1)
+    options: Mapped[dict] = mapped_column(JSON, default=dict)  # kind-specific, never secret
+    state: Mapped[str] = mapped_column(String(20), default="active")  # active | failing | paused
+    secret: Mapped[str | None] = mapped_column(Text)  # encrypted (gateway/export/secrets.py)
+    secret_hint: Mapped[str | None] = mapped_column(String(40))
+    previous_secret: Mapped[str | None] = mapped_column(Text)  # encrypted; signs too until it expires
+    previous_secret_expires_at: Mapped[datetime | None]
+    secret_rotated_at: Mapped[datetime | None]
+    version: Mapped[int] = mapped_column(Integer, default=1)  # the ETag
+    # delivery: the last position delivered, the batch being delivered (retried as it is), the state
+    cursor_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    pending: Mapped[dict | None] = mapped_column(JSON)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    failing_since: Mapped[datetime | None]
+    next_attempt_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_error_at: Mapped[datetime | None]
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_delivered_at: Mapped[datetime | None]
+    delivered_events: Mapped[int] = mapped_column(BigInteger, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(100))
+    lease_expires_at: Mapped[datetime | None]
+    enqueued_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(200))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_by: Mapped[str | None] = mapped_column(String(200))
+
+
+class ExportDelivery(Base):
+    """One delivery attempt to a destination (the recent ones are kept: EXPORT_DELIVERY_LOG_SIZE)."""
+
+    __tablename__ = "export_deliveries"
+    __table_args__ = (Index("ix_export_deliveries_destination", "destination_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    destination_id: Mapped[int] = mapped_column(ForeignKey("export_destinations.id", ondelete="CASCADE"))
+    tenant_id: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    message_id: Mapped[str] = mapped_column(String(100))
+    outcome: Mapped[str] = mapped_column(String(20))  # delivered | failed | test
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    event_count: Mapped[int] = mapped_column(Integer, default=0)
+    first_event_id: Mapped[int | None] = mapped_column(BigId)
+    last_event_id: Mapped[int | None] = mapped_column(BigId)
+    first_seq: Mapped[int | None] = mapped_column(BigInteger)
+    last_seq: Mapped[int | None] = mapped_column(BigInteger)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    duration_ms: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)

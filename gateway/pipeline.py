@@ -30,6 +30,7 @@ from connectors.base import ParseOptions
 from connectors.model import AlertRecord, FindingRecord, FormatError, Observation, Rejected, VulnerabilityInfo
 from gateway.db import Database
 from gateway.errors import is_unavailable
+from gateway.export import events as outbox
 from gateway.merge.findings import FindingMerger
 from gateway.merge.sql import insert_rows
 from gateway.models import Batch, BatchBlob, BatchRejection, OAuthClient, utcnow
@@ -278,11 +279,15 @@ def _claim(db: Database, batch_id: int, owner: str, max_attempts: int, lease_sec
             error = f"gave up after {batch.attempts} merge attempts"
             if batch.error:
                 error += f"; the last one: {batch.error}"
-            conn.execute(
+            ended = conn.execute(
                 update(batches).where(batches.c.id == batch_id, batches.c.status.in_(OPEN_STATUSES))
                 .values(status="failed", error=error[:2000], counts=dict.fromkeys(COUNT_KEYS, 0),
                         rejections=[], finished_at=now, lease_owner=None, lease_expires_at=None)
-            )
+                .returning(batches.c.tenant_id, batches.c.provider)
+            ).first()
+            if ended is not None:
+                outbox.batch_finished(conn, ended.tenant_id, batch_id, "failed", dict.fromkeys(COUNT_KEYS, 0),
+                                      ended.provider, error)
             log.error("batch %s failed: %s", batch_id, error)
             return "failed"
         claimed = conn.execute(
@@ -331,12 +336,16 @@ class Heartbeat:
 
 def _finish_failed(db: Database, batch_id: int, owner: str, error: str) -> None:
     with db.engine.begin() as conn:
-        conn.execute(
+        ended = conn.execute(
             update(batches).where(batches.c.id == batch_id, batches.c.status.in_(OPEN_STATUSES),
                                   or_(batches.c.lease_owner.is_(None), batches.c.lease_owner == owner))
             .values(status="failed", error=error, counts=dict.fromkeys(COUNT_KEYS, 0), rejections=[],
                     finished_at=utcnow(), lease_owner=None, lease_expires_at=None)
-        )
+            .returning(batches.c.tenant_id, batches.c.provider)
+        ).first()
+        if ended is not None:
+            outbox.batch_finished(conn, ended.tenant_id, batch_id, "failed", dict.fromkeys(COUNT_KEYS, 0),
+                                  ended.provider, error)
 
 
 def _fail_unexpected(db: Database, batch_id: int, owner: str, exc: Exception) -> str:
@@ -512,4 +521,5 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int, owner:
     ).rowcount
     if not finished:  # the lease expired and another worker took the batch: roll this merge back
         raise LeaseLost(batch.id)
+    outbox.batch_finished(conn, batch.tenant_id, batch.id, status, counts, batch.provider)
     return status

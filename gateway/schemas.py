@@ -452,6 +452,80 @@ class EventOut(OutSchema):
     details = fields.Dict(allow_none=True)
 
 
+class StoreEventOut(OutSchema):
+    """An event of the outbox as ``.../security/events`` shows it (gateway/export/delivery.py ``present``)."""
+
+    id = _id
+    sequence = fields.Integer(attribute="seq", allow_none=True)
+    type = fields.String()
+    timestamp = fields.DateTime(attribute="at")
+    subjectType = fields.String(attribute="subject_type")
+    subjectId = _ref("subject_id")
+    event = fields.String()
+    cause = fields.String()
+    actor = fields.String(allow_none=True)
+    batchId = _ref("batch_id")
+    details = fields.Dict(allow_none=True)
+
+
+class ExportStatusOut(OutSchema):
+    """Where a destination's delivery stands (gateway/export/delivery.py)."""
+
+    cursorSequence = fields.Integer(attribute="cursor_seq")
+    latestSequence = fields.Integer(attribute="latest_sequence")
+    pendingEvents = fields.Integer(attribute="pending_events")
+    lagSeconds = fields.Float(attribute="lag_seconds")
+    deliveredEvents = fields.Integer(attribute="delivered_events")
+    consecutiveFailures = fields.Integer(attribute="attempts")
+    lastDeliveredDateTime = fields.DateTime(attribute="last_delivered_at", allow_none=True)
+    lastStatusCode = fields.Integer(attribute="last_status_code", allow_none=True)
+    lastError = fields.String(attribute="last_error", allow_none=True)
+    lastErrorDateTime = fields.DateTime(attribute="last_error_at", allow_none=True)
+    failingSince = fields.DateTime(attribute="failing_since", allow_none=True)
+    nextAttemptDateTime = fields.DateTime(attribute="next_attempt_at", allow_none=True)
+
+
+class ExportOut(OutSchema):
+    """A destination of the tenant's events (secrets are never shown: only a hint)."""
+
+    id = _id
+    displayName = fields.String(attribute="display_name")
+    kind = fields.String()
+    url = fields.String()
+    eventTypes = fields.List(fields.String(), attribute="event_types")
+    filter = fields.String(allow_none=True)
+    batchSize = fields.Integer(attribute="batch_size")
+    options = fields.Dict()
+    state = fields.String()
+    secretHint = fields.String(attribute="secret_hint", allow_none=True)
+    secretRotatedDateTime = fields.DateTime(attribute="secret_rotated_at", allow_none=True)
+    previousSecretExpiresDateTime = fields.DateTime(attribute="previous_secret_expires_at", allow_none=True)
+    etag = fields.Function(lambda obj: f'"{_get(obj, "id")}.{_get(obj, "version")}"')
+    status = fields.Function(lambda obj: ExportStatusOut().dump(_get(obj, "status")))
+    createdDateTime = fields.DateTime(attribute="created_at")
+    createdBy = fields.String(attribute="created_by", allow_none=True)
+    lastModifiedDateTime = fields.DateTime(attribute="updated_at")
+    lastModifiedBy = fields.String(attribute="updated_by", allow_none=True)
+
+
+class ExportDeliveryOut(OutSchema):
+    """One delivery attempt of a destination (the recent ones are kept)."""
+
+    id = _id
+    dateTime = fields.DateTime(attribute="at")
+    messageId = fields.String(attribute="message_id")
+    outcome = fields.String()
+    attempt = fields.Integer()
+    eventCount = fields.Integer(attribute="event_count")
+    firstEventId = _ref("first_event_id")
+    lastEventId = _ref("last_event_id")
+    firstSequence = fields.Integer(attribute="first_seq", allow_none=True)
+    lastSequence = fields.Integer(attribute="last_seq", allow_none=True)
+    statusCode = fields.Integer(attribute="status_code", allow_none=True)
+    durationMs = fields.Integer(attribute="duration_ms", allow_none=True)
+    error = fields.String(allow_none=True)
+
+
 class ResourceIdIn(fields.Field):
     """A resource id as the API writes it (\"42\") or as a JSON integer (42)."""
 

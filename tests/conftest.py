@@ -30,6 +30,8 @@ REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS", "redis://127.0.0.1:6379/11")
 SECRET = "test-secret-key"
 # Rate limits are opt-in per test (tests/test_limits.py): off for the apps and servers tests start.
 os.environ.setdefault("GATEWAY_RATELIMIT_ENABLED", "false")
+# Export destinations in tests are loopback receivers (tests/receiver.py): the SSRF guard lets them through.
+os.environ.setdefault("GATEWAY_EXPORT_ALLOW_PRIVATE_TARGETS", "true")
 # One queue per test session, so that concurrent runs on one Redis never take each other's tasks.
 QUEUE = f"gateway-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 

@@ -51,7 +51,8 @@ OUT_SCHEMAS = ["FindingOut", "RecommendationOut", "ResourceOut", "AlertOut", "Ba
                "EventOut", "ResourceSourceOut", "ObservationOut", "MergedOut", "AlertV2Out", "PolicyOut",
                "ExemptionOut", "AlertSuppressionRuleOut", "SecureScoreOut", "ControlScoreOut",
                "SecureScoreControlOut", "SecureScoreControlProfileOut", "ControlStateUpdateOut",
-               "GovernanceRuleOut", "GovernanceAssignmentOut"]
+               "GovernanceRuleOut", "GovernanceAssignmentOut",
+               "StoreEventOut", "ExportOut", "ExportStatusOut", "ExportDeliveryOut"]
 PATCH_SCHEMAS = ["FindingPatch", "AlertPatch", "AlertV2Patch"]
 OUT_FOR_COLLECTION = {"findings": "FindingOut", "recommendations": "RecommendationOut",
                       "resources": "ResourceOut", "alerts": "AlertOut", "observations": "ObservationOut",
@@ -60,7 +61,8 @@ OUT_FOR_COLLECTION = {"findings": "FindingOut", "recommendations": "Recommendati
                       "secureScores": "SecureScoreOut", "secureScoreControls": "SecureScoreControlOut",
                       "secureScoreControlProfiles": "SecureScoreControlProfileOut",
                       "governanceRules": "GovernanceRuleOut",
-                      "governanceAssignments": "GovernanceAssignmentOut"}
+                      "governanceAssignments": "GovernanceAssignmentOut",
+                      "events": "StoreEventOut"}
 # Answers that are not the gateway's Error body: authlib's RFC 6749 errors and the readiness probe.
 NON_ERROR_BODIES = {
     ("/oauth/token", "400"): "OAuthError",
@@ -512,9 +514,9 @@ def _check_input(spec: dict, field: fields.Field, prop: dict, where: str) -> Non
         assert kinds == {"string", "array"} and items.get("type") == "string", where
     elif isinstance(field, fields.Dict):  # keys and values checked like fields
         assert schema_types(spec, prop) == {"object"}, where
-        if field.key_field is not None:
+        if field.key_field is not None and "propertyNames" in prop:
             _check_input(spec, field.key_field, {"type": "string", **prop["propertyNames"]}, where + "{key}")
-        if field.value_field is not None:
+        if field.value_field is not None and isinstance(prop.get("additionalProperties"), dict):
             _check_input(spec, field.value_field, prop["additionalProperties"], where + "{value}")
     else:
         raise AssertionError(f"{where}: {type(field).__name__} is not compared")
@@ -556,6 +558,13 @@ def test_governance_input_schemas_match_the_marshmallow_schemas(spec, name):
     from gateway.api import governance
 
     _check_input_schema(spec, getattr(governance, name), name)
+
+
+@pytest.mark.parametrize("name", ["ExportIn", "ExportPatch", "ExportReplayIn", "ExportRotateIn"])
+def test_export_input_schemas_match_the_marshmallow_schemas(spec, name):
+    from gateway.api import exports
+
+    _check_input_schema(spec, getattr(exports, name), name)
 
 
 def test_patch_operations_take_their_patch_schema_and_prefer(spec):
@@ -751,7 +760,7 @@ class World:
         with self.db.session() as session:
             session.add(Tenant(external_id="acme", name="Acme"))
         self.writer = self.client("contoso", "findings.write alerts.write security.read alerts.manage "
-                                                "posture.manage admin")
+                                                "posture.manage exports.manage admin")
         self.reader = self.client("reader", "security.read")
         self.auth = {"Authorization": "Bearer " + self.token(self.writer)}
         self.read_only = {"Authorization": "Bearer " + self.token(self.reader)}
@@ -972,6 +981,77 @@ def test_the_governance_endpoints_answer_as_documented(world, merged):
                     headers=world.read_only,
                     query_string={"$filter": "governance/owner eq 'sam@contoso.com'"})[0]["value"]
     assert findings and {f["governance"]["assignmentId"] for f in findings} == {existing}
+
+
+def test_the_export_endpoints_answer_as_documented(world, merged):
+    from gateway.export import events as outbox
+    from tests.receiver import Receiver
+
+    call, auth = world.call, world.auth
+    exports, one = f"{ACME}/exports", T + "/exports/{export_id}"
+    call("POST", T + "/exports", exports, 400, headers=auth,  # loopback, and the setting is off by default
+         json={"displayName": "local", "url": "http://127.0.0.1:9/hook"})
+    receiver = Receiver()
+    world.app.config["EXPORT_ALLOW_PRIVATE_TARGETS"] = True
+    try:
+        made, response = call("POST", T + "/exports", exports, 201, headers=auth, json={
+            "displayName": "SIEM", "url": receiver.url, "eventTypes": ["finding.*", "alert.*"],
+            "filter": "severity ge 'medium'", "batchSize": 10})
+        receiver.secrets.append(made["secret"])
+        url = f"{exports}/{made['id']}"
+        assert response.headers["Location"].endswith(url)
+        call("POST", T + "/exports", exports, 400, headers=auth, json={"displayName": "x"})
+        call("POST", T + "/exports", exports, 400, headers=auth,
+             json={"displayName": "x", "url": receiver.url, "filter": "nothing eq 1"})
+        call("POST", T + "/exports", exports, 400, headers=auth,
+             json={"displayName": "x", "url": receiver.url, "secret": "not-a-secret"})
+        call("POST", T + "/exports", exports, 403, headers=world.read_only,
+             json={"displayName": "x", "url": receiver.url})
+        call("POST", T + "/exports", "/api/v1/tenants/nobody/exports", 404, headers=auth,
+             json={"displayName": "x", "url": receiver.url})
+        listed = call("GET", T + "/exports", exports, 200, headers=auth)[0]
+        assert [item["id"] for item in listed["value"]] == [made["id"]]
+        call("GET", T + "/exports", exports, 400, headers=auth, query_string={"x": "1"})
+        shown, response = call("GET", one, url, 200, headers=auth)
+        assert "secret" not in shown and response.headers["ETag"] == shown["etag"]
+        call("GET", one, f"{exports}/999999", 404, headers=auth)
+        call("GET", one, f"{exports}/x", 404, headers=auth)
+        call("PATCH", one, url, 428, headers=auth, json={"batchSize": 2})
+        call("PATCH", one, url, 412, headers=auth | {"If-Match": '"0.0"'}, json={"batchSize": 2})
+        changed, response = call("PATCH", one, url, 200, headers=auth | {"If-Match": shown["etag"]},
+                                 json={"batchSize": 2, "state": "paused"})
+        assert changed["state"] == "paused" and response.headers["ETag"] != shown["etag"]
+        call("PATCH", one, url, 400, headers=auth | {"If-Match": "*"}, json={"batchSize": 0})
+        call("PATCH", one, url, 400, headers=auth | {"If-Match": "*"}, json={})
+        tested = call("POST", one + "/test", url + "/test", 200, headers=auth)[0]
+        assert tested["delivered"] is True and tested["statusCode"] == 200
+        rotated = call("POST", one + "/rotateSecret", url + "/rotateSecret", 200, headers=auth)[0]
+        assert rotated["secret"] != made["secret"] and rotated["previousSecretExpiresDateTime"]
+        call("POST", one + "/rotateSecret", url + "/rotateSecret", 400, headers=auth, json={"secret": "x"})
+        outbox.sequence_events(world.db)
+        with world.db.engine.connect() as conn:
+            first = conn.execute(select(outbox.EV.c.id).order_by(outbox.EV.c.id).limit(1)).scalar_one()
+        replay = (one + "/replay", url + "/replay")
+        replayed = call("POST", *replay, 202, headers=auth, json={"since": str(first)})[0]
+        assert replayed["replay"]["fromEventId"] == str(first)
+        call("POST", *replay, 202, headers=auth, json={"since": "2024-01-01T00:00:00Z"})
+        call("POST", one + "/replay", url + "/replay", 400, headers=auth, json={"since": "whenever"})
+        log = call("GET", one + "/deliveries", url + "/deliveries", 200, headers=auth)[0]
+        assert [item["outcome"] for item in log["value"]] == ["test"]
+        call("GET", one + "/deliveries", f"{exports}/999999/deliveries", 404, headers=auth)
+        events = call("GET", T + "/security/events", f"{ACME}/security/events", 200, headers=world.read_only,
+                      query_string={"$filter": "sequence gt 0", "$orderby": "sequence"})[0]
+        assert events["value"] and events["value"][0]["id"] == str(first)
+        world.app.config["EXPORT_ALLOW_PRIVATE_TARGETS"] = False
+        call("PATCH", one, url, 400, headers=auth | {"If-Match": "*"}, json={"url": "http://10.1.2.3/"})
+        current = call("GET", one, url, 200, headers=auth)[0]
+        call("DELETE", one, url, 428, headers=auth)
+        call("DELETE", one, url, 412, headers=auth | {"If-Match": shown["etag"]})
+        call("DELETE", one, url, 204, headers=auth | {"If-Match": current["etag"]})
+        call("DELETE", one, url, 404, headers=auth | {"If-Match": current["etag"]})
+    finally:
+        world.app.config["EXPORT_ALLOW_PRIVATE_TARGETS"] = False
+        receiver.stop()
 
 
 def observe(db, tenant: str, provider: str, observations: list) -> None:

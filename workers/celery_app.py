@@ -50,8 +50,19 @@ def celery_init_app(app: Flask) -> Celery:
                 "task": "gateway.itsm.tick",
                 "schedule": float(os.environ.get("GATEWAY_ITSM_INTERVAL", "30")),
             },
+            # continuous export (workers/export_tasks.py): sequence events, enqueue deliveries; retention
+            "dispatch-exports": {
+                "task": "workers.export_tasks.dispatch_exports",
+                "schedule": float(app.config.get("EXPORT_DISPATCH_INTERVAL") or 2.0),
+                # runs that waited behind a long task are dropped, not piled up: the next one does their work
+                "options": {"expires": max(10.0, 5 * float(app.config.get("EXPORT_DISPATCH_INTERVAL") or 2.0))},
+            },
+            "prune-events": {
+                "task": "workers.export_tasks.prune_events",
+                "schedule": float(app.config.get("EVENT_PRUNE_INTERVAL") or 3600.0),
+            },
         },
-        imports=("workers.tasks", "gateway.itsm.tasks"),
+        imports=("workers.tasks", "workers.export_tasks", "gateway.itsm.tasks"),
     )
     celery.set_default()
     app.extensions["celery"] = celery

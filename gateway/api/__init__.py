@@ -11,6 +11,7 @@ def init_app(app: Flask) -> None:
         batches,
         collections,
         discovery,
+        exports,
         governance,
         health,
         itsm,
@@ -33,3 +34,4 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(suppression_rules.blueprint)
     app.register_blueprint(governance.blueprint)
     app.register_blueprint(itsm.blueprint)
+    app.register_blueprint(exports.blueprint)

@@ -20,7 +20,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
 from connectors.model import SEVERITIES
-from gateway.api import alerts_v2, governance_collections, posture_collections, score_collections
+from gateway.api import alerts_v2, event_collection, governance_collections, posture_collections, score_collections
 from gateway.api import suppression as suppression_rules
 from gateway.auth import require_scope, tenant_for_caller
 from gateway.errors import BadRequest, NotFound
@@ -538,6 +538,8 @@ COLLECTIONS: dict[str, Collection] = {
     # governance rules and assignments (edits in gateway/api/governance.py)
     "governanceRules": governance_collections.RULES,
     "governanceAssignments": governance_collections.ASSIGNMENTS,
+    # the outbox, read-only (gateway/export/; pushed to destinations by gateway/api/exports.py's)
+    "events": event_collection.EVENTS,
     "observations": Collection(
         name="observations",
         base=lambda tenant_id: select(OBS).where(OBS.c.tenant_id == tenant_id),

@@ -33,7 +33,8 @@ ENTITY_NAMES = {"alerts": "alert", "recommendations": "recommendation", "finding
                 "alertSuppressionRules": "alertSuppressionRule", "secureScores": "secureScore",
                 "secureScoreControls": "secureScoreControl",
                 "secureScoreControlProfiles": "secureScoreControlProfile", "governanceRules": "governanceRule",
-                "governanceAssignments": "governanceAssignment"}
+                "governanceAssignments": "governanceAssignment",
+                "events": "storeEvent"}
 _CONTEXT = FilterContext(tenant_id=0, dialect="sqlite")  # only to name the tables of list fields
 
 

@@ -141,9 +141,13 @@ def write_history(conn: Connection, tenant_id: int, now) -> None:
     if last is not None and (last.current, last.max, last.control_scores) == \
             (score["current"], score["max"], score["control_scores"]):
         return
-    conn.execute(SS.insert().values(tenant_id=tenant_id, current=score["current"], max=score["max"],
-                                    percentage=score["percentage"], control_scores=score["control_scores"],
-                                    created_at=now))
+    score_id = conn.execute(SS.insert().values(
+        tenant_id=tenant_id, current=score["current"], max=score["max"], percentage=score["percentage"],
+        control_scores=score["control_scores"], created_at=now).returning(SS.c.id)).scalar_one()
+    from gateway.export.events import score_changed  # the outbox's secureScore.changed, beside the row
+
+    score_changed(conn, tenant_id, score_id, now, score["current"], score["max"], score["percentage"],
+                  None if last is None else (last.current, last.max))
 
 
 def controls_of_types(conn: Connection, tenant_id: int, type_ids: Iterable[int]) -> list[str]:
