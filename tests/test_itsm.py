@@ -578,3 +578,92 @@ def test_gateway_itsm_commands(gw, sn, monkeypatch):
         vault.decrypt({"SECRETS_KEYS": KEY}, stored)  # only the new first key opens it now
     assert runner.invoke(main, ["itsm", "resync", "--ticket", "999999"]).exit_code == 1
     assert len(runner.invoke(main, ["itsm", "new-key"]).output.strip()) == 44
+
+
+# -- inbound sync (item 5): polling, webhooks, no echo ----------------------------------------------
+
+
+def _item(gw, tenant, auth, finding_id) -> dict:
+    response = gw.http.get(f"/api/v1/tenants/{tenant}/security/findings/{finding_id}", headers=auth)
+    assert response.status_code == 200
+    return response.get_json()
+
+
+def _history(gw, tenant, auth, finding_id) -> list[dict]:
+    url = f"/api/v1/tenants/{tenant}/security/findings/{finding_id}/history"
+    return gw.http.get(url, headers=auth).get_json()["value"]
+
+
+def _ticketed(gw, sim, body, grouping="item", count=1):
+    """A tenant, a connection with an automatic rule, ``count`` findings on one host ticketed
+    (eager tasks: the merge scans and delivers in the request)."""
+    tenant, auth = _itsm(gw)
+    made = connect(gw, tenant, auth, body)
+    rule(gw, tenant, auth, made["id"], grouping=grouping)
+    push(gw, tenant, auth, [finding(f"i-{n}", "app-1.example.com", (f"CVE-2024-3{n:04d}",)) for n in range(count)])
+    links = tickets(gw, tenant, auth)
+    assert links and all(t["syncState"] == "synced" for t in links), links
+    return tenant, auth, made, links
+
+
+def _poll(gw, connection_id) -> int:
+    from gateway.itsm import inbound
+
+    with gw.app.app_context():
+        return inbound.poll(gw.db, gw.app.config, int(connection_id))
+
+
+def _tick(gw) -> None:
+    from gateway.itsm import tasks
+
+    with gw.app.app_context():
+        tasks.tick()
+
+
+def test_servicenow_assignee_closure_and_comments_come_back_by_polling(gw, sn):
+    tenant, auth, made, (link,) = _ticketed(gw, sn, sn_body(sn))
+    finding_id = link["items"][0]["subjectId"]
+    sys_id = link["remoteId"]
+    sn.human(sys_id, user="alice", assigned_to="bob", comments="Looking at it")
+    assert _poll(gw, made["id"]) >= 1
+    item = _item(gw, tenant, auth, finding_id)
+    assert item["assignedTo"] == "bob"
+    assert [(c["text"], c["by"]) for c in item["comments"]] == [("Looking at it", "alice")]
+    edits = [e for e in _history(gw, tenant, auth, finding_id) if e["event"] == "edited"]
+    assert edits and all(e["actor"] == f"itsm:{made['id']}" for e in edits)
+    # polled again: nothing new, nothing written twice
+    assert _poll(gw, made["id"]) == 0
+    assert len(_item(gw, tenant, auth, finding_id)["comments"]) == 1
+    # a customer reassigns on the gateway; an unrelated poll does not undo it
+    gw.http.patch(f"/api/v1/tenants/{tenant}/security/findings/{finding_id}", json={"assignedTo": "carol"},
+                  headers=auth)
+    _poll(gw, made["id"])
+    assert _item(gw, tenant, auth, finding_id)["assignedTo"] == "carol"
+    # closed as risk accepted -> statusOverride; the provider's state stays the scanner's
+    sn.human(sys_id, state="7", close_code="Risk Accepted", close_notes="accepted by the CISO")
+    _tick(gw)
+    item = _item(gw, tenant, auth, finding_id)
+    assert item["statusOverride"] == "riskAccepted" and item["state"] != "resolved"
+    # reopened in ServiceNow: the override the ITSM set is cleared
+    sn.human(sys_id, state="2")
+    _poll(gw, made["id"])
+    assert _item(gw, tenant, auth, finding_id)["statusOverride"] is None
+
+
+def test_jira_assignee_and_wont_do_come_back_by_polling_for_every_item_of_a_group(gw, jira):
+    tenant, auth, made, (link,) = _ticketed(gw, jira, jira_body(jira), grouping="resource", count=2)
+    key = link["remoteKey"]
+    jira.assign(key, "dave@example.com")
+    jira.add_comment(key, "Patch scheduled for Friday", user="erin@example.com")
+    assert _poll(gw, made["id"]) >= 2
+    for item in link["items"]:
+        body = _item(gw, tenant, auth, item["subjectId"])
+        assert body["assignedTo"] == "dave@example.com"
+        assert [(c["text"], c["by"]) for c in body["comments"]] == [
+            ("Patch scheduled for Friday", "erin@example.com")
+        ]
+    jira.move(key, "10001", resolution="Won't Do")
+    _poll(gw, made["id"])
+    assert {_item(gw, tenant, auth, i["subjectId"])["statusOverride"] for i in link["items"]} == {"riskAccepted"}
+    # a plain Done (fixed) is the provider's business, not a risk acceptance
+    assert _poll(gw, made["id"]) == 0
