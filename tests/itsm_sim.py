@@ -487,8 +487,12 @@ class JiraSim(Sim):
             "webhookEvent": event,
             "issue_event_type_name": "issue_generic" if event == "jira:issue_updated" else "issue_commented",
             "user": {"emailAddress": user, "displayName": user},
-            "issue": {"id": issue["id"], "key": key, "self": f"{self.url}/rest/api/3/issue/{issue['id']}",
-                      "fields": json.loads(json.dumps(issue["fields"]))},
+            "issue": {
+                "id": issue["id"],
+                "key": key,
+                "self": f"{self.url}/rest/api/3/issue/{issue['id']}",
+                "fields": json.loads(json.dumps(issue["fields"])),
+            },
         }
         if comment is not None:
             payload["comment"] = comment
@@ -500,8 +504,13 @@ class JiraSim(Sim):
         with self.lock:
             issue = self.issues[key]
             issue["fields"]["assignee"] = (
-                {"accountId": uuid.uuid5(uuid.NAMESPACE_DNS, email).hex[:24], "emailAddress": email,
-                 "displayName": email.split("@")[0].title()} if email else None
+                {
+                    "accountId": uuid.uuid5(uuid.NAMESPACE_DNS, email).hex[:24],
+                    "emailAddress": email,
+                    "displayName": email.split("@")[0].title(),
+                }
+                if email
+                else None
             )
             self._touch(issue)
         return self._event(key, "jira:issue_updated", user, changelog=[{"field": "assignee"}])

@@ -600,7 +600,12 @@ def _ticketed(gw, sim, body, grouping="item", count=1):
     tenant, auth = _itsm(gw)
     made = connect(gw, tenant, auth, body)
     rule(gw, tenant, auth, made["id"], grouping=grouping)
-    push(gw, tenant, auth, [finding(f"i-{n}", "app-1.example.com", (f"CVE-2024-3{n:04d}",)) for n in range(count)])
+    push(
+        gw,
+        tenant,
+        auth,
+        [finding(f"i-{n}", "app-1.example.com", (f"CVE-2024-3{n:04d}",)) for n in range(count)],
+    )
     links = tickets(gw, tenant, auth)
     assert links and all(t["syncState"] == "synced" for t in links), links
     return tenant, auth, made, links
@@ -635,8 +640,9 @@ def test_servicenow_assignee_closure_and_comments_come_back_by_polling(gw, sn):
     assert _poll(gw, made["id"]) == 0
     assert len(_item(gw, tenant, auth, finding_id)["comments"]) == 1
     # a customer reassigns on the gateway; an unrelated poll does not undo it
-    gw.http.patch(f"/api/v1/tenants/{tenant}/security/findings/{finding_id}", json={"assignedTo": "carol"},
-                  headers=auth)
+    gw.http.patch(
+        f"/api/v1/tenants/{tenant}/security/findings/{finding_id}", json={"assignedTo": "carol"}, headers=auth
+    )
     _poll(gw, made["id"])
     assert _item(gw, tenant, auth, finding_id)["assignedTo"] == "carol"
     # closed as risk accepted -> statusOverride; the provider's state stays the scanner's
@@ -664,6 +670,162 @@ def test_jira_assignee_and_wont_do_come_back_by_polling_for_every_item_of_a_grou
         ]
     jira.move(key, "10001", resolution="Won't Do")
     _poll(gw, made["id"])
-    assert {_item(gw, tenant, auth, i["subjectId"])["statusOverride"] for i in link["items"]} == {"riskAccepted"}
+    assert {_item(gw, tenant, auth, i["subjectId"])["statusOverride"] for i in link["items"]} == {
+        "riskAccepted"
+    }
     # a plain Done (fixed) is the provider's business, not a risk acceptance
     assert _poll(gw, made["id"]) == 0
+
+
+def _webhook_secret(gw, tenant, auth, connection_id) -> dict:
+    url = f"/api/v1/tenants/{tenant}/itsm/connections/{connection_id}/rotateWebhookSecret"
+    response = gw.http.post(url, headers=auth)
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()
+
+
+def _receiver(gw, connection_id):
+    def send(body, headers):
+        return gw.http.post(f"/api/v1/itsm/webhooks/{connection_id}", data=body, headers=headers)
+
+    return send
+
+
+def test_servicenow_and_jira_webhooks_apply_once_and_forged_ones_change_nothing(gw, sn, jira):
+    tenant, auth, snow, (incident,) = _ticketed(gw, sn, sn_body(sn))
+    answer = _webhook_secret(gw, tenant, auth, snow["id"])
+    assert (
+        answer["webhookUrl"].endswith(f"/api/v1/itsm/webhooks/{snow['id']}")
+        and len(answer["webhookSecret"]) > 30
+    )
+    sn.webhooks_to(_receiver(gw, snow["id"]), answer["webhookSecret"])
+    finding_id = incident["items"][0]["subjectId"]
+    response = sn.human(incident["remoteId"], user="alice", assigned_to="bob", work_notes="on it")
+    assert response.status_code == 200 and response.get_json()["edits"] >= 1
+    item = _item(gw, tenant, auth, finding_id)
+    assert item["assignedTo"] == "bob" and [c["by"] for c in item["comments"]] == ["alice"]
+    # the same delivery again: idempotent
+    body, headers = sn.sent_webhooks[-1]
+    again = gw.http.post(f"/api/v1/itsm/webhooks/{snow['id']}", data=body, headers=headers)
+    assert again.status_code == 200 and again.get_json()["edits"] == 0
+    # the poll afterwards finds it all taken in
+    assert _poll(gw, snow["id"]) == 0
+    assert len(_item(gw, tenant, auth, finding_id)["comments"]) == 1
+    # forged: a wrong secret, no signature, a tampered body, an unknown connection -> 401, nothing changes
+    before = (_item(gw, tenant, auth, finding_id), _history(gw, tenant, auth, finding_id))
+    forged = json.dumps(
+        {
+            "record": {
+                "sys_id": incident["remoteId"],
+                "state": "8",
+                "assigned_to": "mallory",
+                "sys_updated_on": "2999-01-01 00:00:00",
+            }
+        }
+    ).encode()
+    import hashlib
+    import hmac
+
+    bad = "sha256=" + hmac.new(b"not-the-secret", forged, hashlib.sha256).hexdigest()
+    tampered = headers[sn.SIGNATURE_HEADER]
+    for path, sent_headers in (
+        (snow["id"], {"X-Gateway-Signature": bad}),
+        (snow["id"], {}),
+        (snow["id"], {"X-Gateway-Signature": tampered}),
+        (snow["id"], {"X-Gateway-Token": "guess"}),
+        ("999999", {"X-Gateway-Signature": bad}),
+    ):
+        response = gw.http.post(
+            f"/api/v1/itsm/webhooks/{path}",
+            data=forged,
+            headers={"Content-Type": "application/json", **sent_headers},
+        )
+        assert response.status_code == 401, response.get_json()
+        assert response.get_json()["error"]["code"] == "invalidSignature"
+    assert (_item(gw, tenant, auth, finding_id), _history(gw, tenant, auth, finding_id)) == before
+    # closure by webhook
+    sn.human(incident["remoteId"], state="8")
+    assert _item(gw, tenant, auth, finding_id)["statusOverride"] == "riskAccepted"
+    # a rotated secret: the old one is refused
+    old = sn.webhook_secret
+    _webhook_secret(gw, tenant, auth, snow["id"])
+    assert sn.human(incident["remoteId"], assigned_to="zed").status_code == 401
+    assert _item(gw, tenant, auth, finding_id)["assignedTo"] == "bob" and old
+
+    # Jira: X-Hub-Signature, issue and comment events
+    issues = connect(gw, tenant, auth, jira_body(jira))
+    rule(gw, tenant, auth, issues["id"])
+    push(gw, tenant, auth, [finding("j-1", "app-2.example.com", ("CVE-2024-39999",))])
+    link = tickets(gw, tenant, auth, f"&$filter=connectionId eq '{issues['id']}'")[0]
+    jira.webhooks_to(
+        _receiver(gw, issues["id"]), _webhook_secret(gw, tenant, auth, issues["id"])["webhookSecret"]
+    )
+    jira_item = link["items"][0]["subjectId"]
+    assert jira.assign(link["remoteKey"], "dave@example.com").status_code == 200
+    assert jira.add_comment(link["remoteKey"], "Will fix", user="erin@example.com").status_code == 200
+    assert jira.move(link["remoteKey"], "10001", resolution="Won't Fix").status_code == 200
+    body = _item(gw, tenant, auth, jira_item)
+    assert body["assignedTo"] == "dave@example.com" and body["statusOverride"] == "riskAccepted"
+    assert [(c["text"], c["by"]) for c in body["comments"]] == [("Will fix", "erin@example.com")]
+    assert _poll(gw, issues["id"]) == 0
+
+
+def test_no_comment_echo_after_three_round_trips(gw, jira, sn):
+    for sim, body in ((jira, jira_body(jira)), (sn, sn_body(sn))):
+        tenant, auth, made, (link,) = _ticketed(gw, sim, body)
+        finding_id = link["items"][0]["subjectId"]
+        url = f"/api/v1/tenants/{tenant}/security/findings/{finding_id}"
+
+        def remote_comments(sim=sim, link=link):
+            if sim is jira:
+                return [c for c in jira.comments.get(link["remoteKey"], [])]
+            return sn.journal(link["remoteId"])
+
+        start = len(remote_comments())  # what the gateway wrote when it made the ticket
+        for n in range(3):
+            if sim is jira:
+                jira.add_comment(link["remoteKey"], f"from the ITSM {n}", user="erin@example.com")
+            else:
+                sn.human(link["remoteId"], user="erin", comments=f"from the ITSM {n}")
+            _tick(gw)  # poll: the ITSM comment comes in
+            response = gw.http.patch(
+                url, json={"comments": [{"text": f"from the gateway {n}"}]}, headers=auth
+            )
+            assert response.status_code == 204
+            _tick(gw)  # scan + deliver: the customer's comment goes out
+            _tick(gw)  # poll again: the gateway's own comment is not taken back
+            _tick(gw)
+        comments = _item(gw, tenant, auth, finding_id)["comments"]
+        assert sorted(c["text"] for c in comments) == sorted(
+            [f"from the ITSM {n}" for n in range(3)] + [f"from the gateway {n}" for n in range(3)]
+        )
+        texts = [(jira_text(c) if sim is jira else c["value"]) for c in remote_comments()]
+        assert len(texts) == start + 6, texts
+        assert sum("from the gateway" in t for t in texts) == 3
+        assert sum("from the ITSM" in t for t in texts) == 3
+
+
+def jira_text(comment):
+    from gateway.itsm.clients import adf_text
+
+    return adf_text(comment["body"])
+
+
+def test_webhooks_are_per_connection_and_tenant(gw, sn):
+    tenant, auth, mine, (link,) = _ticketed(gw, sn, sn_body(sn))
+    other, other_auth = _itsm(gw)
+    theirs = connect(gw, other, other_auth, sn_body(sn))
+    their_secret = _webhook_secret(gw, other, other_auth, theirs["id"])["webhookSecret"]
+    # another tenant cannot rotate (or learn) this connection's secret
+    url = f"/api/v1/tenants/{other}/itsm/connections/{mine['id']}/rotateWebhookSecret"
+    assert gw.http.post(url, headers=other_auth).status_code == 404
+    # signed with the other tenant's secret: refused on this connection; on its own connection the
+    # record (this tenant's ticket) is not found and nothing changes
+    finding_id = link["items"][0]["subjectId"]
+    sn.webhooks_to(_receiver(gw, mine["id"]), their_secret)
+    assert sn.human(link["remoteId"], assigned_to="mallory").status_code == 401
+    sn.webhooks_to(_receiver(gw, theirs["id"]), their_secret)
+    response = sn.human(link["remoteId"], assigned_to="mallory", comments="hello")
+    assert response.status_code == 200 and response.get_json()["edits"] == 0
+    item = _item(gw, tenant, auth, finding_id)
+    assert item["assignedTo"] is None and item["comments"] == []

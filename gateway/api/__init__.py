@@ -33,3 +33,4 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(suppression_rules.blueprint)
     app.register_blueprint(governance.blueprint)
     app.register_blueprint(itsm.blueprint)
+    app.register_blueprint(itsm.webhooks)

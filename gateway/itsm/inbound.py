@@ -97,7 +97,10 @@ def jira_snapshot(issue: dict) -> dict:
     fields = issue.get("fields") or {}
     status = fields.get("status") or {}
     category = (status.get("statusCategory") or {}).get("key")
-    names = {str(status.get("name") or "").lower(), str((fields.get("resolution") or {}).get("name") or "").lower()}
+    names = {
+        str(status.get("name") or "").lower(),
+        str((fields.get("resolution") or {}).get("name") or "").lower(),
+    }
     risk = category == "done" and bool(names & JIRA_RISK_NAMES)
     return {
         "remote_id": str(issue.get("id") or ""),
@@ -171,7 +174,9 @@ def take_in(conn, connection, snap: dict | None, comments=(), ticket=None) -> in
     changes: dict = {}
     clear_override = False
     full = snap is not None and "closure" in snap
-    stale = full and bool(previous.get("updated") and snap["updated"] and snap["updated"] < previous["updated"])
+    stale = full and bool(
+        previous.get("updated") and snap["updated"] and snap["updated"] < previous["updated"]
+    )
     if full and not stale:
         if snap["assignee"] != previous.get("assignee") and (
             not snap["assignee"] or snap["assignee"] != connection.username
@@ -204,7 +209,9 @@ def take_in(conn, connection, snap: dict | None, comments=(), ticket=None) -> in
     if not changes and not clear_override:
         return 0
     items = conn.execute(
-        select(TI.c.subject_type, TI.c.subject_id).where(TI.c.ticket_id == ticket.id).order_by(TI.c.subject_id)
+        select(TI.c.subject_type, TI.c.subject_id)
+        .where(TI.c.ticket_id == ticket.id)
+        .order_by(TI.c.subject_id)
     ).all()
     now, who, written = utcnow(), actor(connection), 0
     for item in items:
@@ -214,9 +221,7 @@ def take_in(conn, connection, snap: dict | None, comments=(), ticket=None) -> in
         allowed = {k: v for k, v in changes.items() if k in collection.workflow.columns}
         condition = collection.id_column == item.subject_id
         if allowed:
-            written += apply_edit(
-                conn, collection, ticket.tenant_id, [condition], allowed, who, now, EV
-            )
+            written += apply_edit(conn, collection, ticket.tenant_id, [condition], allowed, who, now, EV)
         if clear_override and "statusOverride" in collection.workflow.columns:
             column = collection.workflow.table.c[collection.workflow.columns["statusOverride"]]
             written += apply_edit(
@@ -315,9 +320,14 @@ def poll_jira(client, connection, state: dict, start: datetime):
         labels = (issue.get("fields") or {}).get("labels")
         if labels is not None and not any(str(label).startswith(marker) for label in labels):
             continue
-        comments = client.request(
-            "GET", f"/rest/api/3/issue/{issue['key']}/comment", params={"maxResults": "100", "orderBy": "created"}
-        ) or {}
+        comments = (
+            client.request(
+                "GET",
+                f"/rest/api/3/issue/{issue['key']}/comment",
+                params={"maxResults": "100", "orderBy": "created"},
+            )
+            or {}
+        )
         out.append((jira_snapshot(issue), [jira_comment(c) for c in comments.get("comments") or []]))
         updated = str((issue.get("fields") or {}).get("updated") or "")[:16].replace("T", " ")
         newest = max(newest, updated)

@@ -29,7 +29,12 @@ from .deliver import Delivery
 
 log = logging.getLogger(__name__)
 CN, OP = ItsmConnection.__table__, ItsmOp.__table__
-SCAN, DELIVER, TICK, POLL = "gateway.itsm.scan", "gateway.itsm.deliver", "gateway.itsm.tick", "gateway.itsm.poll"
+SCAN, DELIVER, TICK, POLL = (
+    "gateway.itsm.scan",
+    "gateway.itsm.deliver",
+    "gateway.itsm.tick",
+    "gateway.itsm.poll",
+)
 
 
 def _db():
