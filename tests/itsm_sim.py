@@ -248,7 +248,8 @@ class ServiceNowSim(Sim):
             assert error is None, error
             new = [e for k, e in self.tables["sys_journal_field"].items() if k not in before]
             payload = {
-                "record": {k: record.get(k, "") for k in self.WEBHOOK_FIELDS},
+                # the business rule sends each field's value and display value (a reference's name)
+                "record": self._display_all({k: record.get(k, "") for k in self.WEBHOOK_FIELDS}),
                 "journal": [
                     {k: e[k] for k in ("sys_id", "element", "value", "sys_created_by", "sys_created_on")}
                     for e in new
@@ -294,9 +295,12 @@ class ServiceNowSim(Sim):
             offset = int(query.get("sysparm_offset") or 0)
             limit = int(query.get("sysparm_limit") or 10000)
             page = found[offset : offset + limit]
+            shown = [self._fields(r, fields) for r in page]
+            if query.get("sysparm_display_value") == "all":
+                shown = [self._display_all(r) for r in shown]
             return (
                 200,
-                {"result": [self._fields(r, fields) for r in page]},
+                {"result": shown},
                 {"X-Total-Count": str(len(found))},
             )
         if sys_id is not None and sys_id not in rows:
@@ -399,6 +403,32 @@ class ServiceNowSim(Sim):
                 }
                 self.tables["sys_journal_field"][entry["sys_id"]] = entry
         return None
+
+    def _display_all(self, record: dict) -> dict:
+        """``sysparm_display_value=all``: each field as its value and its display value (a reference
+        to ``sys_user`` shows the user's name, a state its label)."""
+        out = {}
+        for name, value in record.items():
+            shown = value
+            if name in ("assigned_to", "caller_id") and value in self.tables["sys_user"]:
+                shown = self.tables["sys_user"][value].get("name", value)
+            elif name == "state":
+                shown = {
+                    "1": "New",
+                    "2": "In Progress",
+                    "3": "On Hold",
+                    "6": "Resolved",
+                    "7": "Closed",
+                    "8": "Canceled",
+                }.get(value, value)
+            out[name] = {"display_value": shown, "value": value}
+        return out
+
+    def user(self, name: str, user_name: str | None = None) -> str:
+        """A ``sys_user`` record (a person to assign): its sys_id."""
+        sys_id = uuid.uuid4().hex
+        self.tables["sys_user"][sys_id] = {"sys_id": sys_id, "name": name, "user_name": user_name or name}
+        return sys_id
 
     @staticmethod
     def _fields(record: dict, fields: list[str]) -> dict:

@@ -629,10 +629,11 @@ def test_servicenow_assignee_closure_and_comments_come_back_by_polling(gw, sn):
     tenant, auth, made, (link,) = _ticketed(gw, sn, sn_body(sn))
     finding_id = link["items"][0]["subjectId"]
     sys_id = link["remoteId"]
-    sn.human(sys_id, user="alice", assigned_to="bob", comments="Looking at it")
+    bob = sn.user("Bob Builder", "bob")  # assigned_to is a reference: the gateway shows the name
+    sn.human(sys_id, user="alice", assigned_to=bob, comments="Looking at it")
     assert _poll(gw, made["id"]) >= 1
     item = _item(gw, tenant, auth, finding_id)
-    assert item["assignedTo"] == "bob"
+    assert item["assignedTo"] == "Bob Builder"
     assert [(c["text"], c["by"]) for c in item["comments"]] == [("Looking at it", "alice")]
     edits = [e for e in _history(gw, tenant, auth, finding_id) if e["event"] == "edited"]
     assert edits and all(e["actor"] == f"itsm:{made['id']}" for e in edits)
@@ -700,10 +701,11 @@ def test_servicenow_and_jira_webhooks_apply_once_and_forged_ones_change_nothing(
     )
     sn.webhooks_to(_receiver(gw, snow["id"]), answer["webhookSecret"])
     finding_id = incident["items"][0]["subjectId"]
-    response = sn.human(incident["remoteId"], user="alice", assigned_to="bob", work_notes="on it")
+    bob = sn.user("Bob Builder", "bob")
+    response = sn.human(incident["remoteId"], user="alice", assigned_to=bob, work_notes="on it")
     assert response.status_code == 200 and response.get_json()["edits"] >= 1
     item = _item(gw, tenant, auth, finding_id)
-    assert item["assignedTo"] == "bob" and [c["by"] for c in item["comments"]] == ["alice"]
+    assert item["assignedTo"] == "Bob Builder" and [c["by"] for c in item["comments"]] == ["alice"]
     # the same delivery again: idempotent
     body, headers = sn.sent_webhooks[-1]
     again = gw.http.post(f"/api/v1/itsm/webhooks/{snow['id']}", data=body, headers=headers)
@@ -750,7 +752,7 @@ def test_servicenow_and_jira_webhooks_apply_once_and_forged_ones_change_nothing(
     old = sn.webhook_secret
     _webhook_secret(gw, tenant, auth, snow["id"])
     assert sn.human(incident["remoteId"], assigned_to="zed").status_code == 401
-    assert _item(gw, tenant, auth, finding_id)["assignedTo"] == "bob" and old
+    assert _item(gw, tenant, auth, finding_id)["assignedTo"] == "Bob Builder" and old
 
     # Jira: X-Hub-Signature, issue and comment events
     issues = connect(gw, tenant, auth, jira_body(jira))

@@ -80,13 +80,20 @@ def _display(value) -> str | None:
     return value or None
 
 
+def _value(value) -> str:
+    """The stored value of a ServiceNow field (``sysparm_display_value=all`` answers both)."""
+    if isinstance(value, dict):
+        value = value.get("value")
+    return str(value or "").strip()
+
+
 def sn_snapshot(record: dict) -> dict:
-    state = str(_display(record.get("state")) or "")
-    code = (_display(record.get("close_code")) or "").lower()
+    state = _value(record.get("state"))
+    code = _value(record.get("close_code")).lower()
     risk = state == "8" or (state in ("6", "7") and code in SN_RISK_CODES)
     return {
-        "remote_id": _display(record.get("sys_id")),
-        "updated": _display(record.get("sys_updated_on")) or "",
+        "remote_id": _value(record.get("sys_id")),
+        "updated": _value(record.get("sys_updated_on")),
         "assignee": _display(record.get("assigned_to")),
         "closure": "riskAccepted" if risk else None,
         "state": SN_STATES.get(state, state),
@@ -122,9 +129,9 @@ def jira_comment(comment: dict) -> dict:
 
 def sn_comment(entry: dict) -> dict:
     return {
-        "id": str(_display(entry.get("sys_id"))),
-        "author": _display(entry.get("sys_created_by")) or "unknown",
-        "text": str(_display(entry.get("value")) or "").strip(),
+        "id": _value(entry.get("sys_id")),
+        "author": _value(entry.get("sys_created_by")) or "unknown",
+        "text": _value(entry.get("value")),
     }
 
 
@@ -258,7 +265,8 @@ def poll_servicenow(client, connection, state: dict, start: datetime):
             params={
                 "sysparm_query": query,
                 "sysparm_fields": "sys_id,number,state,close_code,assigned_to,sys_updated_on",
-                "sysparm_display_value": "false",
+                # the assignee's name (a reference's value is a sys_id), the rest as stored
+                "sysparm_display_value": "all",
                 "sysparm_limit": str(PAGE),
                 "sysparm_offset": str(offset),
             },
@@ -269,7 +277,7 @@ def poll_servicenow(client, connection, state: dict, start: datetime):
             break
         offset += PAGE
     journal: dict[str, list] = {}
-    ids = [r["sys_id"] for r in records if r.get("sys_id")]
+    ids = [_value(r.get("sys_id")) for r in records if r.get("sys_id")]
     for n in range(0, len(ids), 50):
         chunk, offset = ids[n : n + 50], 0
         while True:
@@ -290,8 +298,9 @@ def poll_servicenow(client, connection, state: dict, start: datetime):
             if len(page) < PAGE:
                 break
             offset += PAGE
-    newest = max([since] + [str(r.get("sys_updated_on") or "") for r in records])
-    return [(sn_snapshot(r), journal.get(r["sys_id"], [])) for r in records], {**state, "since": newest}
+    newest = max([since] + [_value(r.get("sys_updated_on")) for r in records])
+    snapshots = [sn_snapshot(r) for r in records]
+    return [(snap, journal.get(snap["remote_id"], [])) for snap in snapshots], {**state, "since": newest}
 
 
 def poll_jira(client, connection, state: dict, start: datetime):
