@@ -669,6 +669,14 @@ def test_jira_assignee_and_wont_do_come_back_by_polling_for_every_item_of_a_grou
         assert [(c["text"], c["by"]) for c in body["comments"]] == [
             ("Patch scheduled for Friday", "erin@example.com")
         ]
+    jira.down = True  # a failed poll keeps its watermark and says why
+    assert _poll(gw, made["id"]) == 0
+    with gw.db.engine.connect() as conn:
+        state = conn.execute(
+            select(ItsmConnection.poll_state).where(ItsmConnection.id == int(made["id"]))
+        ).scalar()
+    assert "503" in state["lastError"]
+    jira.down = False
     jira.move(key, "10001", resolution="Won't Do")
     _poll(gw, made["id"])
     assert {_item(gw, tenant, auth, i["subjectId"])["statusOverride"] for i in link["items"]} == {

@@ -366,8 +366,11 @@ def poll(db, config, connection_id: int) -> int:
             changed, state = poll_servicenow(client, row, dict(row.poll_state or {}), start)
         else:
             changed, state = poll_jira(client, row, dict(row.poll_state or {}), start)
-    except RemoteError as exc:
+    except RemoteError as exc:  # the watermark stays: the next tick reads the same changes again
         log.warning("ITSM connection %s: poll failed: %s", connection_id, exc)
+        failed = {**(row.poll_state or {}), "lastError": str(exc)[:500], "lastErrorAt": utcnow().isoformat()}
+        with db.engine.begin() as conn:
+            conn.execute(update(CN).where(CN.c.id == row.id).values(poll_state=failed))
         return 0
     finally:
         client.close()
@@ -375,6 +378,8 @@ def poll(db, config, connection_id: int) -> int:
     with db.engine.begin() as conn:
         for snap, comments in changed:
             written += take_in(conn, row, snap, comments)
+        state = {k: v for k, v in state.items() if k not in ("lastError", "lastErrorAt")}
+        state["lastPolledAt"] = utcnow().isoformat()
         conn.execute(update(CN).where(CN.c.id == row.id).values(poll_state=state))
     return written
 
