@@ -826,6 +826,7 @@ class ItsmTicket(Base):
     remote_key: Mapped[str | None] = mapped_column(String(100))  # INC0010001 | SEC-12
     remote_url: Mapped[str | None] = mapped_column(String(2000))
     remote_state: Mapped[str | None] = mapped_column(String(100))  # as the ITSM names it
+    inbound: Mapped[dict | None] = mapped_column(JSON)  # gateway/itsm/inbound.py: what the ticket last said
     desired_state: Mapped[str] = mapped_column(String(20), default="open")  # open | resolved
     severity: Mapped[str | None] = mapped_column(String(20))  # the severity the ticket was last given
     create_attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -852,6 +853,18 @@ class ItsmTicketItem(Base):
     tenant_id: Mapped[int] = mapped_column(Integer)
     connection_id: Mapped[int] = mapped_column(BigId)
     added_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ItsmInboundSeen(Base):
+    """A remote comment or webhook delivery already taken in (gateway/itsm/inbound.py)."""
+
+    __tablename__ = "itsm_inbound_seen"
+
+    connection_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("itsm_connections.id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(String(300), primary_key=True)
+    seen_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class ItsmOp(Base):

@@ -349,7 +349,7 @@ def apply_edit(conn: Connection, collection: Collection, tenant_id: int, conditi
     values: dict[str, Any] = {}
     for key, value in changes.items():
         if key == "comments":
-            value = [{"text": c["text"], "by": actor, "at": now.isoformat()} for c in value]
+            value = [{"text": c["text"], "by": c.get("by") or actor, "at": now.isoformat()} for c in value]
             values[workflow.columns[key]] = json_append(table.c[workflow.columns[key]], value, dialect)
         else:
             values[workflow.columns[key]] = value

@@ -19,6 +19,8 @@ answers every call 503.
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import random
 import re
@@ -53,6 +55,7 @@ class Sim:
         self.slow_seconds = 2.0
         self.down = False
         self.calls: list[tuple[str, str, int | str]] = []
+        self.sent_webhooks: list[tuple[bytes, dict]] = []
         sim = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -72,6 +75,27 @@ class Sim:
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
+
+    # -- webhooks: what the product sends when a person changes a record ------------------------
+
+    def webhooks_to(self, send, secret: str | None, token: str | None = None) -> None:
+        """Send webhooks with ``send(body_bytes, headers)`` (the gateway's receiver), signed with
+        ``secret`` (HMAC-SHA256 of the body) or carrying a shared ``token``."""
+        self.send, self.webhook_secret, self.webhook_token = send, secret, token
+
+    def _webhook(self, payload: dict, headers: dict | None = None):
+        send = getattr(self, "send", None)
+        if send is None:
+            return None
+        body = json.dumps(payload).encode()
+        headers = {"Content-Type": "application/json", **(headers or {})}
+        if self.webhook_secret:
+            digest = hmac.new(self.webhook_secret.encode(), body, hashlib.sha256).hexdigest()
+            headers[self.SIGNATURE_HEADER] = "sha256=" + digest
+        if self.webhook_token:
+            headers["X-Gateway-Token"] = self.webhook_token
+        self.sent_webhooks.append((body, headers))
+        return send(body, headers)
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -210,6 +234,29 @@ class ServiceNowSim(Sim):
     def incidents(self) -> dict[str, dict]:
         return self.tables["incident"]
 
+    SIGNATURE_HEADER = "X-Gateway-Signature"
+    WEBHOOK_FIELDS = ("sys_id", "number", "state", "close_code", "assigned_to", "sys_updated_on")
+
+    def human(self, sys_id: str, user: str = "alice", table: str = "incident", **fields):
+        """A person changes the record in the UI (``work_notes``/``comments`` add journal entries);
+        the table's business rule then sends its outbound REST message, the record and the new
+        journal entries."""
+        with self.lock:
+            record = self.tables[table][sys_id]
+            before = set(self.tables["sys_journal_field"])
+            error = self._apply(table, record, dict(fields), user)
+            assert error is None, error
+            new = [e for k, e in self.tables["sys_journal_field"].items() if k not in before]
+            payload = {
+                # the business rule sends each field's value and display value (a reference's name)
+                "record": self._display_all({k: record.get(k, "") for k in self.WEBHOOK_FIELDS}),
+                "journal": [
+                    {k: e[k] for k in ("sys_id", "element", "value", "sys_created_by", "sys_created_on")}
+                    for e in new
+                ],
+            }
+        return self._webhook(payload)
+
     def journal(self, sys_id: str, element: str | None = None) -> list[dict]:
         with self.lock:
             return [
@@ -248,9 +295,12 @@ class ServiceNowSim(Sim):
             offset = int(query.get("sysparm_offset") or 0)
             limit = int(query.get("sysparm_limit") or 10000)
             page = found[offset : offset + limit]
+            shown = [self._fields(r, fields) for r in page]
+            if query.get("sysparm_display_value") == "all":
+                shown = [self._display_all(r) for r in shown]
             return (
                 200,
-                {"result": [self._fields(r, fields) for r in page]},
+                {"result": shown},
                 {"X-Total-Count": str(len(found))},
             )
         if sys_id is not None and sys_id not in rows:
@@ -354,6 +404,32 @@ class ServiceNowSim(Sim):
                 self.tables["sys_journal_field"][entry["sys_id"]] = entry
         return None
 
+    def _display_all(self, record: dict) -> dict:
+        """``sysparm_display_value=all``: each field as its value and its display value (a reference
+        to ``sys_user`` shows the user's name, a state its label)."""
+        out = {}
+        for name, value in record.items():
+            shown = value
+            if name in ("assigned_to", "caller_id") and value in self.tables["sys_user"]:
+                shown = self.tables["sys_user"][value].get("name", value)
+            elif name == "state":
+                shown = {
+                    "1": "New",
+                    "2": "In Progress",
+                    "3": "On Hold",
+                    "6": "Resolved",
+                    "7": "Closed",
+                    "8": "Canceled",
+                }.get(value, value)
+            out[name] = {"display_value": shown, "value": value}
+        return out
+
+    def user(self, name: str, user_name: str | None = None) -> str:
+        """A ``sys_user`` record (a person to assign): its sys_id."""
+        sys_id = uuid.uuid4().hex
+        self.tables["sys_user"][sys_id] = {"sys_id": sys_id, "name": name, "user_name": user_name or name}
+        return sys_id
+
     @staticmethod
     def _fields(record: dict, fields: list[str]) -> dict:
         return {k: record.get(k, "") for k in fields} if fields else dict(record)
@@ -431,6 +507,66 @@ class JiraSim(Sim):
         if kind.lower() == "bearer" and token.strip() in self.bearer:
             return "bearer"
         return None
+
+    SIGNATURE_HEADER = "X-Hub-Signature"
+
+    def _event(self, key: str, event: str, user: str, comment: dict | None = None, changelog=None):
+        issue = self.issues[key]
+        payload = {
+            "timestamp": int(time.time() * 1000),
+            "webhookEvent": event,
+            "issue_event_type_name": "issue_generic" if event == "jira:issue_updated" else "issue_commented",
+            "user": {"emailAddress": user, "displayName": user},
+            "issue": {
+                "id": issue["id"],
+                "key": key,
+                "self": f"{self.url}/rest/api/3/issue/{issue['id']}",
+                "fields": json.loads(json.dumps(issue["fields"])),
+            },
+        }
+        if comment is not None:
+            payload["comment"] = comment
+        if changelog:
+            payload["changelog"] = {"id": str(uuid.uuid4().int % 10**6), "items": changelog}
+        return self._webhook(payload, {"X-Atlassian-Webhook-Identifier": uuid.uuid4().hex})
+
+    def assign(self, key: str, email: str | None, user: str = "alice@example.com"):
+        with self.lock:
+            issue = self.issues[key]
+            issue["fields"]["assignee"] = (
+                {
+                    "accountId": uuid.uuid5(uuid.NAMESPACE_DNS, email).hex[:24],
+                    "emailAddress": email,
+                    "displayName": email.split("@")[0].title(),
+                }
+                if email
+                else None
+            )
+            self._touch(issue)
+        return self._event(key, "jira:issue_updated", user, changelog=[{"field": "assignee"}])
+
+    def move(self, key: str, status_id: str, resolution: str | None = None, user: str = "alice@example.com"):
+        with self.lock:
+            issue = self.issues[key]
+            issue["fields"]["status"] = self.status(status_id)
+            done = self.status(status_id)["statusCategory"]["key"] == "done"
+            issue["fields"]["resolution"] = {"name": resolution or "Done"} if done else None
+            self._touch(issue)
+        return self._event(key, "jira:issue_updated", user, changelog=[{"field": "status"}])
+
+    def add_comment(self, key: str, text: str, user: str = "alice@example.com"):
+        from gateway.itsm.clients import adf
+
+        with self.lock:
+            comment = {
+                "id": str(len(self.comments.get(key, [])) + 10000),
+                "body": adf(text),
+                "author": {"emailAddress": user, "displayName": user},
+                "created": datetime.now(UTC).isoformat(),
+            }
+            self.comments.setdefault(key, []).append(comment)
+            self._touch(self.issues[key])
+        return self._event(key, "comment_created", user, comment=comment)
 
     def status(self, status_id: str) -> dict:
         name, category = self.workflow["statuses"][status_id]

@@ -578,3 +578,264 @@ def test_gateway_itsm_commands(gw, sn, monkeypatch):
         vault.decrypt({"SECRETS_KEYS": KEY}, stored)  # only the new first key opens it now
     assert runner.invoke(main, ["itsm", "resync", "--ticket", "999999"]).exit_code == 1
     assert len(runner.invoke(main, ["itsm", "new-key"]).output.strip()) == 44
+
+
+# -- inbound sync (item 5): polling, webhooks, no echo ----------------------------------------------
+
+
+def _item(gw, tenant, auth, finding_id) -> dict:
+    response = gw.http.get(f"/api/v1/tenants/{tenant}/security/findings/{finding_id}", headers=auth)
+    assert response.status_code == 200
+    return response.get_json()
+
+
+def _history(gw, tenant, auth, finding_id) -> list[dict]:
+    url = f"/api/v1/tenants/{tenant}/security/findings/{finding_id}/history"
+    return gw.http.get(url, headers=auth).get_json()["value"]
+
+
+def _ticketed(gw, sim, body, grouping="item", count=1):
+    """A tenant, a connection with an automatic rule, ``count`` findings on one host ticketed
+    (eager tasks: the merge scans and delivers in the request)."""
+    tenant, auth = _itsm(gw)
+    made = connect(gw, tenant, auth, body)
+    rule(gw, tenant, auth, made["id"], grouping=grouping)
+    push(
+        gw,
+        tenant,
+        auth,
+        [finding(f"i-{n}", "app-1.example.com", (f"CVE-2024-3{n:04d}",)) for n in range(count)],
+    )
+    links = tickets(gw, tenant, auth)
+    assert links and all(t["syncState"] == "synced" for t in links), links
+    return tenant, auth, made, links
+
+
+def _poll(gw, connection_id) -> int:
+    from gateway.itsm import inbound
+
+    with gw.app.app_context():
+        return inbound.poll(gw.db, gw.app.config, int(connection_id))
+
+
+def _tick(gw) -> None:
+    from gateway.itsm import tasks
+
+    with gw.app.app_context():
+        tasks.tick()
+
+
+def test_servicenow_assignee_closure_and_comments_come_back_by_polling(gw, sn):
+    tenant, auth, made, (link,) = _ticketed(gw, sn, sn_body(sn))
+    finding_id = link["items"][0]["subjectId"]
+    sys_id = link["remoteId"]
+    bob = sn.user("Bob Builder", "bob")  # assigned_to is a reference: the gateway shows the name
+    sn.human(sys_id, user="alice", assigned_to=bob, comments="Looking at it")
+    assert _poll(gw, made["id"]) >= 1
+    item = _item(gw, tenant, auth, finding_id)
+    assert item["assignedTo"] == "Bob Builder"
+    assert [(c["text"], c["by"]) for c in item["comments"]] == [("Looking at it", "alice")]
+    edits = [e for e in _history(gw, tenant, auth, finding_id) if e["event"] == "edited"]
+    assert edits and all(e["actor"] == f"itsm:{made['id']}" for e in edits)
+    # polled again: nothing new, nothing written twice
+    assert _poll(gw, made["id"]) == 0
+    assert len(_item(gw, tenant, auth, finding_id)["comments"]) == 1
+    # a customer reassigns on the gateway; an unrelated poll does not undo it
+    gw.http.patch(
+        f"/api/v1/tenants/{tenant}/security/findings/{finding_id}", json={"assignedTo": "carol"}, headers=auth
+    )
+    _poll(gw, made["id"])
+    assert _item(gw, tenant, auth, finding_id)["assignedTo"] == "carol"
+    # closed as risk accepted -> statusOverride; the provider's state stays the scanner's
+    sn.human(sys_id, state="7", close_code="Risk Accepted", close_notes="accepted by the CISO")
+    _tick(gw)
+    item = _item(gw, tenant, auth, finding_id)
+    assert item["statusOverride"] == "riskAccepted" and item["state"] != "resolved"
+    # reopened in ServiceNow: the override the ITSM set is cleared
+    sn.human(sys_id, state="2")
+    _poll(gw, made["id"])
+    assert _item(gw, tenant, auth, finding_id)["statusOverride"] is None
+
+
+def test_jira_assignee_and_wont_do_come_back_by_polling_for_every_item_of_a_group(gw, jira):
+    tenant, auth, made, (link,) = _ticketed(gw, jira, jira_body(jira), grouping="resource", count=2)
+    key = link["remoteKey"]
+    jira.assign(key, "dave@example.com")
+    jira.add_comment(key, "Patch scheduled for Friday", user="erin@example.com")
+    assert _poll(gw, made["id"]) >= 2
+    for item in link["items"]:
+        body = _item(gw, tenant, auth, item["subjectId"])
+        assert body["assignedTo"] == "dave@example.com"
+        assert [(c["text"], c["by"]) for c in body["comments"]] == [
+            ("Patch scheduled for Friday", "erin@example.com")
+        ]
+    jira.down = True  # a failed poll keeps its watermark and says why
+    assert _poll(gw, made["id"]) == 0
+    with gw.db.engine.connect() as conn:
+        state = conn.execute(
+            select(ItsmConnection.poll_state).where(ItsmConnection.id == int(made["id"]))
+        ).scalar()
+    assert "503" in state["lastError"]
+    jira.down = False
+    jira.move(key, "10001", resolution="Won't Do")
+    _poll(gw, made["id"])
+    assert {_item(gw, tenant, auth, i["subjectId"])["statusOverride"] for i in link["items"]} == {
+        "riskAccepted"
+    }
+    # a plain Done (fixed) is the provider's business, not a risk acceptance
+    assert _poll(gw, made["id"]) == 0
+
+
+def _webhook_secret(gw, tenant, auth, connection_id) -> dict:
+    url = f"/api/v1/tenants/{tenant}/itsm/connections/{connection_id}/rotateWebhookSecret"
+    response = gw.http.post(url, headers=auth)
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()
+
+
+def _receiver(gw, connection_id):
+    def send(body, headers):
+        return gw.http.post(f"/api/v1/itsm/webhooks/{connection_id}", data=body, headers=headers)
+
+    return send
+
+
+def test_servicenow_and_jira_webhooks_apply_once_and_forged_ones_change_nothing(gw, sn, jira):
+    tenant, auth, snow, (incident,) = _ticketed(gw, sn, sn_body(sn))
+    answer = _webhook_secret(gw, tenant, auth, snow["id"])
+    assert (
+        answer["webhookUrl"].endswith(f"/api/v1/itsm/webhooks/{snow['id']}")
+        and len(answer["webhookSecret"]) > 30
+    )
+    sn.webhooks_to(_receiver(gw, snow["id"]), answer["webhookSecret"])
+    finding_id = incident["items"][0]["subjectId"]
+    bob = sn.user("Bob Builder", "bob")
+    response = sn.human(incident["remoteId"], user="alice", assigned_to=bob, work_notes="on it")
+    assert response.status_code == 200 and response.get_json()["edits"] >= 1
+    item = _item(gw, tenant, auth, finding_id)
+    assert item["assignedTo"] == "Bob Builder" and [c["by"] for c in item["comments"]] == ["alice"]
+    # the same delivery again: idempotent
+    body, headers = sn.sent_webhooks[-1]
+    again = gw.http.post(f"/api/v1/itsm/webhooks/{snow['id']}", data=body, headers=headers)
+    assert again.status_code == 200 and again.get_json()["edits"] == 0
+    # the poll afterwards finds it all taken in
+    assert _poll(gw, snow["id"]) == 0
+    assert len(_item(gw, tenant, auth, finding_id)["comments"]) == 1
+    # forged: a wrong secret, no signature, a tampered body, an unknown connection -> 401, nothing changes
+    before = (_item(gw, tenant, auth, finding_id), _history(gw, tenant, auth, finding_id))
+    forged = json.dumps(
+        {
+            "record": {
+                "sys_id": incident["remoteId"],
+                "state": "8",
+                "assigned_to": "mallory",
+                "sys_updated_on": "2999-01-01 00:00:00",
+            }
+        }
+    ).encode()
+    import hashlib
+    import hmac
+
+    bad = "sha256=" + hmac.new(b"not-the-secret", forged, hashlib.sha256).hexdigest()
+    tampered = headers[sn.SIGNATURE_HEADER]
+    for path, sent_headers in (
+        (snow["id"], {"X-Gateway-Signature": bad}),
+        (snow["id"], {}),
+        (snow["id"], {"X-Gateway-Signature": tampered}),
+        (snow["id"], {"X-Gateway-Token": "guess"}),
+        ("999999", {"X-Gateway-Signature": bad}),
+    ):
+        response = gw.http.post(
+            f"/api/v1/itsm/webhooks/{path}",
+            data=forged,
+            headers={"Content-Type": "application/json", **sent_headers},
+        )
+        assert response.status_code == 401, response.get_json()
+        assert response.get_json()["error"]["code"] == "invalidSignature"
+    assert (_item(gw, tenant, auth, finding_id), _history(gw, tenant, auth, finding_id)) == before
+    # closure by webhook
+    sn.human(incident["remoteId"], state="8")
+    assert _item(gw, tenant, auth, finding_id)["statusOverride"] == "riskAccepted"
+    # a rotated secret: the old one is refused
+    old = sn.webhook_secret
+    _webhook_secret(gw, tenant, auth, snow["id"])
+    assert sn.human(incident["remoteId"], assigned_to="zed").status_code == 401
+    assert _item(gw, tenant, auth, finding_id)["assignedTo"] == "Bob Builder" and old
+
+    # Jira: X-Hub-Signature, issue and comment events
+    issues = connect(gw, tenant, auth, jira_body(jira))
+    rule(gw, tenant, auth, issues["id"])
+    push(gw, tenant, auth, [finding("j-1", "app-2.example.com", ("CVE-2024-39999",))])
+    link = tickets(gw, tenant, auth, f"&$filter=connectionId eq '{issues['id']}'")[0]
+    jira.webhooks_to(
+        _receiver(gw, issues["id"]), _webhook_secret(gw, tenant, auth, issues["id"])["webhookSecret"]
+    )
+    jira_item = link["items"][0]["subjectId"]
+    assert jira.assign(link["remoteKey"], "dave@example.com").status_code == 200
+    assert jira.add_comment(link["remoteKey"], "Will fix", user="erin@example.com").status_code == 200
+    assert jira.move(link["remoteKey"], "10001", resolution="Won't Fix").status_code == 200
+    body = _item(gw, tenant, auth, jira_item)
+    assert body["assignedTo"] == "dave@example.com" and body["statusOverride"] == "riskAccepted"
+    assert [(c["text"], c["by"]) for c in body["comments"]] == [("Will fix", "erin@example.com")]
+    assert _poll(gw, issues["id"]) == 0
+
+
+def test_no_comment_echo_after_three_round_trips(gw, jira, sn):
+    for sim, body in ((jira, jira_body(jira)), (sn, sn_body(sn))):
+        tenant, auth, made, (link,) = _ticketed(gw, sim, body)
+        finding_id = link["items"][0]["subjectId"]
+        url = f"/api/v1/tenants/{tenant}/security/findings/{finding_id}"
+
+        def remote_comments(sim=sim, link=link):
+            if sim is jira:
+                return [c for c in jira.comments.get(link["remoteKey"], [])]
+            return sn.journal(link["remoteId"])
+
+        start = len(remote_comments())  # what the gateway wrote when it made the ticket
+        for n in range(3):
+            if sim is jira:
+                jira.add_comment(link["remoteKey"], f"from the ITSM {n}", user="erin@example.com")
+            else:
+                sn.human(link["remoteId"], user="erin", comments=f"from the ITSM {n}")
+            _tick(gw)  # poll: the ITSM comment comes in
+            response = gw.http.patch(
+                url, json={"comments": [{"text": f"from the gateway {n}"}]}, headers=auth
+            )
+            assert response.status_code == 204
+            _tick(gw)  # scan + deliver: the customer's comment goes out
+            _tick(gw)  # poll again: the gateway's own comment is not taken back
+            _tick(gw)
+        comments = _item(gw, tenant, auth, finding_id)["comments"]
+        assert sorted(c["text"] for c in comments) == sorted(
+            [f"from the ITSM {n}" for n in range(3)] + [f"from the gateway {n}" for n in range(3)]
+        )
+        texts = [(jira_text(c) if sim is jira else c["value"]) for c in remote_comments()]
+        assert len(texts) == start + 6, texts
+        assert sum("from the gateway" in t for t in texts) == 3
+        assert sum("from the ITSM" in t for t in texts) == 3
+
+
+def jira_text(comment):
+    from gateway.itsm.clients import adf_text
+
+    return adf_text(comment["body"])
+
+
+def test_webhooks_are_per_connection_and_tenant(gw, sn):
+    tenant, auth, mine, (link,) = _ticketed(gw, sn, sn_body(sn))
+    other, other_auth = _itsm(gw)
+    theirs = connect(gw, other, other_auth, sn_body(sn))
+    their_secret = _webhook_secret(gw, other, other_auth, theirs["id"])["webhookSecret"]
+    # another tenant cannot rotate (or learn) this connection's secret
+    url = f"/api/v1/tenants/{other}/itsm/connections/{mine['id']}/rotateWebhookSecret"
+    assert gw.http.post(url, headers=other_auth).status_code == 404
+    # signed with the other tenant's secret: refused on this connection; on its own connection the
+    # record (this tenant's ticket) is not found and nothing changes
+    finding_id = link["items"][0]["subjectId"]
+    sn.webhooks_to(_receiver(gw, mine["id"]), their_secret)
+    assert sn.human(link["remoteId"], assigned_to="mallory").status_code == 401
+    sn.webhooks_to(_receiver(gw, theirs["id"]), their_secret)
+    response = sn.human(link["remoteId"], assigned_to="mallory", comments="hello")
+    assert response.status_code == 200 and response.get_json()["edits"] == 0
+    item = _item(gw, tenant, auth, finding_id)
+    assert item["assignedTo"] is None and item["comments"] == []

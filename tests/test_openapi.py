@@ -1452,6 +1452,36 @@ def test_the_itsm_endpoints_answer_as_documented(world, merged):
                  query_string={"$format": "csv"})
         call("GET", f"{path}/connections", f"{base}/connections", 403, headers=reader)
 
+        # inbound: the webhook secret, answered once, and the receiver (no token; signed body)
+        import hashlib
+        import hmac
+        import json as jsonlib
+
+        rotate = path + "/connections/{item_id}/rotateWebhookSecret"
+        secret = call("POST", rotate, f"{base}/connections/{made['id']}/rotateWebhookSecret", 200,
+                      headers=admin)[0]["webhookSecret"]
+        call("POST", rotate, f"{base}/connections/999999/rotateWebhookSecret", 404, headers=admin)
+        call("POST", rotate, f"{base}/connections/{made['id']}/rotateWebhookSecret", 403, headers=reader)
+        call("POST", rotate, f"{base}/connections/{made['id']}/rotateWebhookSecret", 401)
+        hook = "/api/v1/itsm/webhooks/{connection}"
+        raw = jsonlib.dumps({"record": {"sys_id": "0" * 32, "state": "2",
+                                        "sys_updated_on": "2026-01-01 00:00:00"}})
+        digest = hmac.new(secret.encode(), raw.encode(), hashlib.sha256).hexdigest()
+        signed = {"X-Gateway-Signature": "sha256=" + digest}
+        receipt = call("POST", hook, f"/api/v1/itsm/webhooks/{made['id']}", 200, data=raw, headers=signed,
+                       content_type="application/json")[0]
+        assert receipt == {"accepted": True, "duplicate": False, "edits": 0}
+        call("POST", hook, f"/api/v1/itsm/webhooks/{made['id']}", 200, data=raw, headers=signed,
+             content_type="application/json")
+        call("POST", hook, f"/api/v1/itsm/webhooks/{made['id']}", 401, data=raw,
+             headers={"X-Gateway-Signature": "sha256=00"}, content_type="application/json")
+        call("POST", hook, "/api/v1/itsm/webhooks/999999", 401, data=raw, headers=signed,
+             content_type="application/json")
+        call("POST", hook, f"/api/v1/itsm/webhooks/{made['id']}", 400, data=raw, headers=signed,
+             content_type="application/json", query_string={"x": "1"})
+        call("POST", hook, f"/api/v1/itsm/webhooks/{made['id']}", 400, data="[1]",
+             headers={"X-Gateway-Token": secret}, content_type="application/json")
+
         call("DELETE", rules + "/{item_id}", f"{base}/rules/{rule['id']}", 204, headers=admin)
         call("DELETE", rules + "/{item_id}", f"{base}/rules/{rule['id']}", 404, headers=admin)
         call("DELETE", one, f"{base}/connections/{issues['id']}", 204, headers=admin)

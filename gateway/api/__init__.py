@@ -35,3 +35,4 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(governance.blueprint)
     app.register_blueprint(itsm.blueprint)
     app.register_blueprint(exports.blueprint)
+    app.register_blueprint(itsm.webhooks)

@@ -13,6 +13,9 @@ connections and rules too (they describe the tenant's ITSM), reading tickets ``s
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import secrets as stdlib_secrets
 from collections import defaultdict
 
@@ -20,14 +23,23 @@ from flask import Blueprint, current_app, g, jsonify, request, url_for
 from marshmallow import Schema, ValidationError
 from sqlalchemy import delete, func, select, update
 
+from gateway import ratelimit
 from gateway.api.collections import _context, _item_id, _only, _tenant_id
 from gateway.auth import require_scope
 from gateway.errors import APIError, BadRequest, Conflict, NotFound
+from gateway.itsm import inbound, sync, vault
 from gateway.itsm import schemas as itsm_schemas
-from gateway.itsm import sync, vault
 from gateway.itsm.clients import RemoteError, client_for
 from gateway.itsm.deliver import connection_for
-from gateway.models import ItsmConnection, ItsmOp, ItsmRule, ItsmTicket, ItsmTicketItem, utcnow
+from gateway.models import (
+    ItsmConnection,
+    ItsmInboundSeen,
+    ItsmOp,
+    ItsmRule,
+    ItsmTicket,
+    ItsmTicketItem,
+    utcnow,
+)
 from gateway.odata import Field, ListField, parse_select
 from gateway.query import Collection, OrderField, count, parse_list_args, project, run_list, stream_csv
 from gateway.schemas import fast_dumper
@@ -46,6 +58,10 @@ TEST_TIMEOUT = 5.0
 
 class SecretsUnavailableError(APIError):
     status, code = 503, "secretsUnavailable"
+
+
+class InvalidSignature(APIError):
+    status, code = 401, "invalidSignature"
 
 
 def _db():
@@ -447,6 +463,9 @@ def delete_connection(tenant: str, item_id: str):
         conn.execute(delete(TI).where(TI.c.ticket_id.in_(ticket_ids)))
         conn.execute(delete(TK).where(TK.c.connection_id == row.id))
         conn.execute(delete(RU).where(RU.c.connection_id == row.id))
+        conn.execute(
+            delete(ItsmInboundSeen.__table__).where(ItsmInboundSeen.__table__.c.connection_id == row.id)
+        )
         conn.execute(delete(CN).where(CN.c.id == row.id))
     return _no_content()
 
@@ -662,3 +681,108 @@ blueprint.add_url_rule("/itsm/rules", "create_rule", create_rule, methods=["POST
 blueprint.add_url_rule("/itsm/rules/<item_id>", "patch_rule", patch_rule, methods=["PATCH"])
 blueprint.add_url_rule("/itsm/rules/<item_id>", "delete_rule", delete_rule, methods=["DELETE"])
 blueprint.add_url_rule("/itsm/tickets/<item_id>/resync", "resync_ticket", resync_ticket, methods=["POST"])
+
+
+# -- inbound: webhook receivers --------------------------------------------------------------------
+
+webhooks = Blueprint("itsm_webhooks", __name__)
+SIGNATURE_HEADERS = ("X-Hub-Signature-256", "X-Hub-Signature", "X-Gateway-Signature")
+TOKEN_HEADER = "X-Gateway-Token"
+_DUMMY_SECRET = stdlib_secrets.token_bytes(32)
+
+
+def webhook_path(connection_id) -> str:
+    return f"/api/v1/itsm/webhooks/{connection_id}"
+
+
+@require_scope("itsm.manage")
+def rotate_webhook_secret(tenant: str, item_id: str):
+    """A new webhook secret for the connection, answered this once (the old one stops working):
+    configure it in the ITSM's webhook (Jira: the webhook's secret; ServiceNow: the outbound REST
+    message signs the body with HMAC-SHA256 in ``X-Gateway-Signature`` or sends ``X-Gateway-Token``)."""
+    _only(())
+    tenant_id, secret = _tenant_id(tenant), stdlib_secrets.token_urlsafe(32)
+    with _db().engine.begin() as conn:
+        row = _connection(conn, tenant_id, item_id, lock=True)
+        conn.execute(
+            update(CN)
+            .where(CN.c.id == row.id)
+            .values(webhook_secret=_encrypt(secret), updated_at=utcnow(), updated_by=g.caller.client_id)
+        )
+    return jsonify(
+        {
+            "webhookUrl": request.url_root.rstrip("/") + webhook_path(row.id),
+            "webhookSecret": secret,
+            "signatureHeader": "X-Hub-Signature" if row.kind == "jira" else "X-Gateway-Signature",
+            "tokenHeader": TOKEN_HEADER,
+        }
+    )
+
+
+def _verified(secret: str | None, raw: bytes) -> bool:
+    """An HMAC-SHA256 signature of the body (``sha256=<hex>``) or the shared token, compared in
+    constant time; an unknown connection is compared against a random secret (same work, no hint)."""
+    key = secret.encode() if secret else _DUMMY_SECRET
+    expected = "sha256=" + hmac.new(key, raw, hashlib.sha256).hexdigest()
+    ok = False
+    for name in SIGNATURE_HEADERS:
+        given = request.headers.get(name)
+        if given is not None:
+            ok = hmac.compare_digest(expected.encode(), given.strip().encode()) or ok
+    token = request.headers.get(TOKEN_HEADER)
+    if token is not None:
+        ok = hmac.compare_digest(key, token.strip().encode()) or ok
+    return ok and secret is not None
+
+
+def receive_webhook(connection: str):
+    """A ServiceNow outbound REST message or a Jira webhook about a ticket: its assignee, closure and
+    comments become the items' customer-owned fields.  No token: the connection's webhook secret signs
+    the body (or is sent as a shared token).  Idempotent: a delivery or comment seen before changes
+    nothing."""
+    _only(())
+    limits = ratelimit.current()
+    window = limits.consume(
+        [
+            (limits.read, "webhook.connection", connection[:40]),
+            (limits.read, "webhook.address", request.remote_addr or "-"),
+        ]
+    )
+    if window is not None:
+        g.ratelimit_window = window
+    raw = request.get_data(cache=True)
+    row = None
+    if connection.isascii() and connection.isdigit() and len(connection) <= 18:
+        with _db().engine.connect() as conn:
+            row = conn.execute(select(CN).where(CN.c.id == int(connection))).first()
+    try:
+        secret = vault.decrypt(current_app.config, row.webhook_secret) if row is not None else None
+    except vault.SecretsUnavailable as exc:
+        raise SecretsUnavailableError(str(exc), headers={"Retry-After": "60"}) from None
+    if not _verified(secret, raw) or not row.enabled:
+        raise InvalidSignature("the webhook's signature or token is not the connection's")
+    try:
+        payload = json.loads(raw)
+    except ValueError:
+        payload = None
+    if not isinstance(payload, dict):
+        raise BadRequest("the body must be a JSON object", code="invalidBody")
+    snap, comments, delivery = inbound.parse_webhook(row.kind, payload)
+    delivery = request.headers.get("X-Atlassian-Webhook-Identifier") or delivery
+    delivery = delivery or hashlib.sha256(raw).hexdigest()
+    with _db().engine.begin() as conn:
+        if inbound.seen(conn, row.id, f"webhook:{delivery}"):
+            return jsonify({"accepted": True, "duplicate": True, "edits": 0})
+        edits = inbound.take_in(conn, row, snap, comments)
+    return jsonify({"accepted": True, "duplicate": False, "edits": edits})
+
+
+blueprint.add_url_rule(
+    "/itsm/connections/<item_id>/rotateWebhookSecret",
+    "rotate_webhook_secret",
+    rotate_webhook_secret,
+    methods=["POST"],
+)
+webhooks.add_url_rule(
+    "/api/v1/itsm/webhooks/<connection>", "receive_webhook", receive_webhook, methods=["POST"]
+)

@@ -254,15 +254,17 @@ class Delivery:
             if client.connection.kind == "servicenow"
             else (ticket.remote_key or ticket.remote_id)
         )
+        tag = f"[gw-op-{op.id}]"  # inbound sync never takes back what carries it (gateway/itsm/inbound.py)
         if kind == "resolve":
-            return self._remote(client, client.resolve(ref, self._notes(content, "resolved")), keep=ticket)
+            notes = self._notes(content, "resolved") + "\n" + tag
+            return self._remote(client, client.resolve(ref, notes), keep=ticket)
         if kind == "reopen":
-            return self._remote(client, client.reopen(ref, self._notes(content, "reopened")), keep=ticket)
+            notes = self._notes(content, "reopened") + "\n" + tag
+            return self._remote(client, client.reopen(ref, notes), keep=ticket)
         if kind == "severity":
             client.set_severity(ref, op.payload.get("severity") or "medium")
             return {}
         if kind == "comment":
-            tag = f"[gw-op-{op.id}]"
             if attempts > 1 and client.has_note(ref, tag):
                 return {}
             client.note(ref, f"{op.payload.get('text', '')}\n{tag}")

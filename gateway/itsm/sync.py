@@ -333,6 +333,28 @@ def _evidence_comment(conn, tenant_id: int, event) -> dict | None:
     return {"text": text}
 
 
+def _customer_comments(conn, ticket_id: int, event) -> int:
+    """Comments a customer added to an item (PATCH) go to its ticket, one operation per comment.
+    An edit the ITSM itself made (actor ``itsm:...``, gateway/itsm/inbound.py) is never sent back."""
+    if (event.actor or "").startswith("itsm:"):
+        return 0
+    comments = (event.details or {}).get("comments") or []
+    if not comments:
+        return 0
+    ticket = conn.execute(select(TK).where(TK.c.id == ticket_id)).first()
+    queued = 0
+    for n, comment in enumerate(comments):
+        text = f"Comment by {comment.get('by') or event.actor} on {event.subject_type} {event.subject_id}:\n"
+        queued += _queue(
+            conn,
+            ticket,
+            "comment",
+            f"edit:{event.id}:{n}",
+            {"text": text + str(comment.get("text") or ""), "item": [event.subject_type, event.subject_id]},
+        )
+    return queued
+
+
 def scan(conn, connection, limit: int = 5000) -> tuple[int, bool]:
     """Process the connection's feed once (in the caller's transaction): (operations queued, more)."""
     tenant_id = connection.tenant_id
@@ -365,6 +387,9 @@ def process_events(conn, connection, events) -> int:
             ticketed[(subject_type, row.subject_id)] = row.ticket_id
     for event in events:
         ticket_id = ticketed.get((event.subject_type, event.subject_id))
+        if ticket_id is not None and event.event == "edited":
+            queued += _customer_comments(conn, ticket_id, event)
+            continue
         if ticket_id is not None and event.subject_type == "finding" and event.event == "updated":
             comment = _evidence_comment(conn, tenant_id, event)
             if comment:

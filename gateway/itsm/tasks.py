@@ -4,6 +4,8 @@
   transaction holding the connection's row lock; then ``itsm.deliver`` if anything was queued.
 * ``itsm.deliver`` (connection id): the queue, in order (gateway/itsm/deliver.py); when the system
   fails, the task sends itself again for when the connection's ``retry_at`` comes.
+* ``itsm.poll`` (connection id): inbound sync, the records changed since the connection's watermark
+  taken back as the items' customer-owned fields (gateway/itsm/inbound.py).
 * ``itsm.tick`` (beat, every ``GATEWAY_ITSM_INTERVAL`` seconds, 30): a scan of every enabled
   connection, and a delivery of every queue with pending work, so that a lost message or a worker
   killed mid-task delays the sync and loses nothing.
@@ -27,7 +29,12 @@ from .deliver import Delivery
 
 log = logging.getLogger(__name__)
 CN, OP = ItsmConnection.__table__, ItsmOp.__table__
-SCAN, DELIVER, TICK = "gateway.itsm.scan", "gateway.itsm.deliver", "gateway.itsm.tick"
+SCAN, DELIVER, TICK, POLL = (
+    "gateway.itsm.scan",
+    "gateway.itsm.deliver",
+    "gateway.itsm.tick",
+    "gateway.itsm.poll",
+)
 
 
 def _db():
@@ -69,6 +76,14 @@ def deliver(connection_id: int) -> str:
     return outcome
 
 
+@shared_task(name=POLL, acks_late=True)
+def poll(connection_id: int) -> int:
+    """Inbound sync of one connection: its records changed since its watermark (gateway/itsm/inbound.py)."""
+    from . import inbound
+
+    return inbound.poll(_db(), current_app.config, int(connection_id))
+
+
 @shared_task(name=TICK, acks_late=True)
 def tick() -> int:
     db, now = _db(), utcnow()
@@ -79,6 +94,8 @@ def tick() -> int:
         )
     for row in rows:
         send_scan(row.id)
+        if row.retry_at is None or row.retry_at <= now:
+            send_poll(row.id)
         if row.id in pending and (row.retry_at is None or row.retry_at <= now):
             send_deliver(row.id)
     return len(rows)
@@ -89,6 +106,13 @@ def send_scan(connection_id: int) -> None:
         scan.apply_async(args=[connection_id])
     except Exception:  # noqa: BLE001 - the tick sends it again
         log.warning("could not send the ITSM scan of connection %s", connection_id, exc_info=True)
+
+
+def send_poll(connection_id: int) -> None:
+    try:
+        poll.apply_async(args=[connection_id])
+    except Exception:  # noqa: BLE001 - the tick sends it again
+        log.warning("could not send the ITSM poll of connection %s", connection_id, exc_info=True)
 
 
 def send_deliver(connection_id: int, countdown: float | None = None) -> None:
