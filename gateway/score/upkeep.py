@@ -56,6 +56,8 @@ def recount(conn: Connection, tenant_id: int, controls: Iterable[str] | None = N
     if wanted is None:
         wanted = sorted(set(counts) | set(conn.execute(select(SSC.c.control).where(
             SSC.c.tenant_id == tenant_id)).scalars()))
+        if not wanted:  # a tenant without recommendations or control rows: nothing to count
+            return
     now = utcnow()
     rows = []
     scoring = profiles.scoring(conn, tenant_id, wanted)
