@@ -20,6 +20,8 @@ or ``evidence``/``serviceSource``/``providerAlertId``/``lastUpdateDateTime`` (v2
     resource, v2: the first deviceEvidence: deviceDnsName -> fqdn/hostname, mdeDeviceId ->
         agent_id, ipInterfaces -> ipv4/ipv6, osPlatform -> os; else the first
         azureResourceEvidence resourceId -> cloud_id
+    extra, legacy: hostStates, userStates, processes, fileStates, networkConnections (their
+        text fields and fileHash, at most 20 each: what suppression rules match on)
     extra: vendorInformation (legacy), serviceSource, detectionSource, productName,
         providerAlertId, incidentId, classification, determination, alertWebUrl,
         mitreTechniques (v2), an evidence summary (type, name, verdict), the other
@@ -178,6 +180,44 @@ def _v2_resource(item: dict, extra: dict) -> ResourceRef | None:
     return None
 
 
+# The entity states of a legacy alert kept in ``extra`` under their Graph names (at most
+# _MAX_ENTITIES each, text fields only, each clipped): what suppression rules match on
+# (gateway/suppression.py).  ``fileHash`` is Graph's {hashType, hashValue}.
+_ENTITY_FIELDS = {
+    "hostStates": ("fqdn", "netBiosName", "privateIpAddress", "publicIpAddress"),
+    "userStates": ("accountName", "domainName", "userPrincipalName", "logonIp"),
+    "processes": ("name", "commandLine", "path", "accountName", "parentProcessName", "fileHash"),
+    "fileStates": ("name", "path", "fileHash"),
+    "networkConnections": ("sourceAddress", "destinationAddress", "natSourceAddress", "natDestinationAddress",
+                           "destinationDomain", "destinationUrl"),
+}
+_MAX_ENTITIES = 20
+_MAX_ENTITY_TEXT = 4000
+
+
+def _legacy_entities(item: dict, extra: dict) -> None:
+    for key, names in _ENTITY_FIELDS.items():
+        kept = []
+        for state in item.get(key) or []:
+            if not isinstance(state, dict):
+                continue
+            entry: dict[str, Any] = {}
+            for name in names:
+                value = state.get(name)
+                if name == "fileHash" and isinstance(value, dict):
+                    digest = clip(value.get("hashValue"), 200)
+                    if digest:
+                        entry[name] = {"hashType": clip(value.get("hashType"), 50), "hashValue": digest}
+                elif clip(value, _MAX_ENTITY_TEXT):
+                    entry[name] = value[:_MAX_ENTITY_TEXT]
+            if entry:
+                kept.append(entry)
+            if len(kept) == _MAX_ENTITIES:
+                break
+        if kept:
+            extra[key] = kept
+
+
 _CLASSIFICATIONS = ("unknown", "falsePositive", "truePositive", "informationalExpectedActivity")
 DETERMINATIONS = ("unknown", "apt", "malware", "securityPersonnel", "securityTesting", "unwantedSoftware",
                   "other", "multiStagedAttack", "compromisedAccount", "phishing", "maliciousUserActivity",
@@ -276,6 +316,7 @@ def to_record(item: Any) -> AlertRecord:
         if vendor:
             extra["vendorInformation"] = vendor
         keys = ("azureTenantId", "confidence", "activityGroupName", "riskScore")
+        _legacy_entities(item, extra)
         users = [u.get("userPrincipalName") for u in item.get("userStates") or [] if isinstance(u, dict)]
         if any(isinstance(u, str) for u in users):
             extra["users"] = [u for u in users if isinstance(u, str)][:20]

@@ -45,12 +45,14 @@ AlertRecord: a Detection Finding (2004) with no check result (no status_code
 PASS/FAIL/MANUAL and no compliance) is a threat detection: severity, title, desc,
 resource, finding_info.types[0] (else category_name) -> category, status New/In
 Progress/Suppressed/Resolved -> newAlert/inProgress/resolved, remediation.desc ->
-recommended_actions, attacks (MITRE) -> extra.
+recommended_actions, attacks (MITRE) and evidences (at most 20; what suppression rules
+match on) -> extra.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, BinaryIO
@@ -423,6 +425,24 @@ def to_record(item: Any) -> FindingRecord | AlertRecord:
     )
 
 
+_MAX_EVIDENCES = 20
+_MAX_EVIDENCE_BYTES = 16_384
+
+
+def _kept_evidences(item: dict) -> list[dict]:
+    """The detection's evidence artifacts (OCSF 1.1 ``evidences``: process, file, user, actor,
+    endpoints, url...), at most _MAX_EVIDENCES of at most 16 KiB of JSON each."""
+    kept = []
+    for evidence in item.get("evidences") or []:
+        if not isinstance(evidence, dict) or not evidence:
+            continue
+        if len(json.dumps(evidence, default=str)) <= _MAX_EVIDENCE_BYTES:
+            kept.append(evidence)
+        if len(kept) == _MAX_EVIDENCES:
+            break
+    return kept
+
+
 def _alert(item: dict, info: dict, provider_id: str, title: str, severity: str,
            resource: ResourceRef | None, event_time: datetime | None, extra: dict) -> AlertRecord:
     status_word = str(item.get("status") or "").strip().lower()
@@ -433,6 +453,9 @@ def _alert(item: dict, info: dict, provider_id: str, title: str, severity: str,
         extra["attacks"] = attacks[:20]
     types = strings(info.get("types"))
     remediation = clip(dict_at(item, "remediation").get("desc"))
+    evidences = _kept_evidences(item)
+    if evidences:
+        extra["evidences"] = evidences
     return AlertRecord(
         provider_id=provider_id,
         title=title,

@@ -44,6 +44,7 @@ SCOPES = {
     "security.read": "Read alerts, recommendations, findings, resources and batches",
     "alerts.manage": "Change workflow fields (status, assignee, feedback, comments, tags)",
     "posture.manage": "Change security policies, exemptions, governance and alert suppression rules",
+    "itsm.manage": "Manage ITSM connections (ServiceNow, Jira), sync rules and tickets",
     "admin": "Administer tenants, clients, policies and exports",
 }
 

@@ -399,6 +399,107 @@ def embedded_overrides(host: str, port: int, configured_issuer: str | None) -> d
 
 
 @main.group()
+def suppression() -> None:
+    """Alert suppression rules (gateway/suppression.py; the API: .../security/alertSuppressionRules)."""
+
+
+def _tenant_pk(conn, tenant_id: str) -> int:
+    pk = conn.execute(select(Tenant.id).where(Tenant.external_id == tenant_id)).scalar()
+    if pk is None:
+        raise click.ClickException(f"no tenant {tenant_id}")
+    return pk
+
+
+@suppression.command("list")
+@click.option("--tenant", "tenant_id", required=True, help="the tenant (its id in URLs)")
+def suppression_list(tenant_id: str) -> None:
+    """The tenant's rules: id, name, state, alert type, reason, expiry, conditions."""
+    import json
+
+    from gateway import suppression as rules
+    from gateway.models import AlertSuppressionRule as Rule
+
+    with _store() as db, db.engine.connect() as conn:
+        pk, now = _tenant_pk(conn, tenant_id), rules.clock()
+        for row in conn.execute(select(Rule.__table__).where(Rule.tenant_id == pk).order_by(Rule.id)):
+            state = "Expired" if row.state == "Enabled" and not rules.is_active(row, now) else row.state
+            expiry = row.expiration_date_utc.isoformat() if row.expiration_date_utc else "-"
+            click.echo(f"{row.id}\t{row.name}\t{state}\t{row.alert_type}\t{row.reason}\t{expiry}\t"
+                       f"{json.dumps(row.conditions)}")
+
+
+@suppression.command("create")
+@click.option("--tenant", "tenant_id", required=True, help="the tenant (its id in URLs)")
+@click.option("--name", required=True)
+@click.option("--alert-type", required=True,
+              help="the alert's category, v2 detectorId or title; * for every type")
+@click.option("--reason", required=True, type=click.Choice(
+    ["FalsePositive", "BenignPositive", "ValidActivity", "RiskAccepted", "Other"]))
+@click.option("--condition", "conditions", multiple=True, nargs=3, metavar="FIELD OPERATOR VALUE",
+              help="e.g. entities.ip.address in 10.0.0.4,10.0.0.5 (all must hold; repeatable)")
+@click.option("--comment")
+@click.option("--expires", help="expirationDateUtc, ISO 8601 with an offset")
+@click.option("--apply-to-existing", is_flag=True, help="also suppress the open alerts it matches now")
+@click.option("--dry-run", is_flag=True, help="create nothing; print how many open alerts it would suppress")
+def suppression_create(tenant_id: str, name: str, alert_type: str, reason: str, conditions: tuple,
+                       comment: str | None, expires: str | None, apply_to_existing: bool,
+                       dry_run: bool) -> None:
+    """Create a rule (as POST .../alertSuppressionRules does) and print its id."""
+    from gateway import suppression as rules
+    from gateway.models import AlertSuppressionRule as Rule
+
+    scope = [{"field": field, operator: value.split(",") if operator == "in" else value}
+             for field, operator, value in conditions]
+    body: dict[str, Any] = {"name": name, "alertType": alert_type, "reason": reason,
+                            "suppressionAlertsScope": {"allOf": scope}}
+    if comment is not None:
+        body["comment"] = comment
+    if expires is not None:
+        body["expirationDateUtc"] = expires
+    now = rules.clock()
+    try:
+        values = rules.validate_rule(body, now=now)
+    except rules.RuleError as exc:
+        raise click.ClickException(str(exc)) from None
+    with _store() as db, db.engine.begin() as conn:
+        pk = _tenant_pk(conn, tenant_id)
+        if dry_run:
+            count = rules.apply_rule(conn, pk, rules.Rule.from_row(values | {"id": 0}), actor="cli", now=now,
+                                     dry_run=True)
+            click.echo(f"would suppress {count} open alerts")
+            return
+        if conn.execute(select(Rule.id).where(Rule.tenant_id == pk, Rule.name == name)).first():
+            raise click.ClickException(f"the tenant already has a rule named {name}")
+        rule_id = conn.execute(Rule.__table__.insert().values(
+            tenant_id=pk, created_at=now, created_by="cli", updated_at=now, updated_by="cli", **values)
+            .returning(Rule.id)).scalar_one()
+        applied = rules.apply_rule(conn, pk, rules.Rule.from_row(values | {"id": rule_id}), actor="cli",
+                                   now=now) if apply_to_existing else 0
+    click.echo(rule_id)
+    if apply_to_existing:
+        click.echo(f"suppressed {applied} open alerts", err=True)
+
+
+@suppression.command("disable")
+@click.option("--tenant", "tenant_id", required=True, help="the tenant (its id in URLs)")
+@click.argument("rule")
+def suppression_disable(tenant_id: str, rule: str) -> None:
+    """Disable a rule (by id or name); the alerts it suppressed stay as they are."""
+    from gateway import suppression as rules
+    from gateway.models import AlertSuppressionRule as Rule
+
+    with _store() as db, db.engine.begin() as conn:
+        pk = _tenant_pk(conn, tenant_id)
+        by_id = rule.isascii() and rule.isdigit() and len(rule) < 19
+        which = Rule.id == int(rule) if by_id else Rule.name == rule
+        done = conn.execute(Rule.__table__.update().where(Rule.tenant_id == pk, which).values(
+            state="Disabled", updated_at=rules.clock(), updated_by="cli")).rowcount
+    if not done:
+        raise click.ClickException(f"the tenant has no rule {rule}")
+    click.echo(f"disabled {rule}")
+
+
+@main.group()
 def score() -> None:
     """Secure Score."""
 
@@ -443,13 +544,6 @@ def _actor() -> str:
     except Exception:  # noqa: BLE001 - no login name (a container): still say it was the command line
         user = "unknown"
     return f"cli:{user}"
-
-
-def _tenant_pk(conn, external_id: str) -> int:
-    pk = conn.execute(select(Tenant.id).where(Tenant.external_id == external_id)).scalar()
-    if pk is None:
-        raise click.ClickException(f"no tenant {external_id}")
-    return pk
 
 
 @contextmanager
@@ -678,5 +772,11 @@ def exemption_delete(tenant_id: str, exemption_id: int) -> None:
     _score_line(tenant_id)
 
 
+from gateway.itsm.cli import itsm as _itsm  # noqa: E402 - the `gateway itsm` commands
+
+main.add_command(_itsm)
+
+
 if __name__ == "__main__":
     main()
+

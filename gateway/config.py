@@ -83,6 +83,11 @@ class Settings(BaseSettings):
     otel_enabled: bool | None = None
     otel_exporter: Literal["otlp", "console", "none"] | None = None  # default when enabled: otlp
     otel_console_file: str | None = None  # the console exporter's file (one JSON span a line); else stdout
+    # ITSM ticket sync (gateway/itsm/; README, "ITSM ticket sync"). SECRETS_KEYS: comma-separated Fernet
+    # keys; the first encrypts, all decrypt (rotation). Unset: generated in GATEWAY_HOME (embedded only).
+    secrets_keys: str | None = None
+    itsm_timeout_seconds: float = 20.0  # every call to ServiceNow / Jira (connect and read)
+    itsm_retry_base_seconds: float = 1.0  # first backoff of a failed call, doubled per attempt, with jitter
 
     @field_validator("ratelimit_push", "ratelimit_tenant_push", "ratelimit_read", "ratelimit_token")
     @classmethod
@@ -100,9 +105,10 @@ class Settings(BaseSettings):
 # Read elsewhere (directly from the environment) or by the tests and tools: known, not warned about.
 OTHER_NAMES = {"HOME", "VISIBILITY_TIMEOUT", "SWEEP_INTERVAL", "TEST_PG_ADMIN", "TEST_REDIS",
                "TEST_WORKER_LOG", "FUZZ_EXAMPLES", "FUZZ_OUTPUT", "FUZZ_SECONDS", "SAMPLES", "TIMEOUT"}
+OTHER_NAMES |= {"ITSM_INTERVAL"}  # the ITSM beat interval (workers/celery_app.py)
 FIELDS = {name.upper() for name in Settings.model_fields}
 INT_SETTINGS = {name.upper() for name, field in Settings.model_fields.items() if field.annotation is int}
-SECRET_SETTINGS = {"SECRET_KEY", "METRICS_TOKEN"}
+SECRET_SETTINGS = {"SECRET_KEY", "METRICS_TOKEN", "SECRETS_KEYS"}
 _TYPE_WORDS = {"int_parsing": "an integer", "int_from_float": "an integer", "bool_parsing": "true or false",
                "literal_error": None}
 

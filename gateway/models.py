@@ -362,6 +362,69 @@ class Exemption(Base):
     updated_by: Mapped[str | None] = mapped_column(String(200))
 
 
+class GovernanceRule(Base):
+    """A governance rule (migration 0013, gateway/posture/governance.py): new Unhealthy
+    recommendations matching its conditions get an owner and a due date, the first enabled rule in
+    priority order (lowest number first) that matches."""
+
+    __tablename__ = "governance_rules"
+    __table_args__ = (UniqueConstraint("tenant_id", "rule_priority", name="uq_governance_rules_priority"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    display_name: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str | None] = mapped_column(Text)
+    rule_priority: Mapped[int] = mapped_column(Integer)
+    rule_type: Mapped[str] = mapped_column(String(20), default="Integrated")
+    source_resource_type: Mapped[str] = mapped_column(String(30), default="Assessments")
+    condition_sets: Mapped[list] = mapped_column(JSON, default=list)  # OR of sets, each an AND of conditions
+    owner_source_type: Mapped[str] = mapped_column(String(20))  # Manually | ByTag
+    owner_source_value: Mapped[str] = mapped_column(String(320))  # the owner, or the tag naming it
+    remediation_seconds: Mapped[int] = mapped_column(Integer)  # remediationTimeframe
+    is_grace_period: Mapped[bool] = mapped_column(Boolean, default=False)
+    email_notification: Mapped[dict] = mapped_column(JSON, default=dict)  # governanceEmailNotification
+    is_disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(200))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_by: Mapped[str | None] = mapped_column(String(200))
+
+
+class GovernanceAssignment(Base):
+    """An owner and a due date on a recommendation (migration 0013), by hand or by a rule.
+
+    ``latest`` marks the recommendation's current assignment (what the recommendation shows): at
+    most one per recommendation, and an open one (``completed_at`` NULL) is always the latest, so
+    a recommendation has at most one open assignment.  Completed when the findings are fixed."""
+
+    __tablename__ = "governance_assignments"
+    __table_args__ = (
+        Index("ux_governance_assignments_latest", "tenant_id", "recommendation_id", unique=True,
+              postgresql_where=text("latest"), sqlite_where=text("latest = 1")),
+        Index("ix_governance_assignments_tenant_id", "tenant_id", "id"),
+        Index("ix_governance_assignments_recommendation", "recommendation_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    recommendation_id: Mapped[int] = mapped_column(BigId, ForeignKey("recommendations.id",
+                                                                     ondelete="CASCADE"))
+    rule_id: Mapped[int | None] = mapped_column(BigId)  # the rule that made it (None: by hand)
+    owner: Mapped[str | None] = mapped_column(String(320))
+    due_date: Mapped[datetime]  # remediationDueDate
+    is_grace_period: Mapped[bool] = mapped_column(Boolean, default=False)
+    remediation_eta: Mapped[datetime | None]
+    eta_justification: Mapped[str | None] = mapped_column(Text)
+    # ticketNumber, ticketLink, ticketStatus
+    additional_data: Mapped[dict] = mapped_column(JSON, default=dict)
+    latest: Mapped[bool] = mapped_column(Boolean, default=True)
+    completed_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(200))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_by: Mapped[str | None] = mapped_column(String(200))
+
+
 class Recommendation(Base):
     __tablename__ = "recommendations"
     __table_args__ = (
@@ -627,6 +690,31 @@ class Alert(Base):
     comments: Mapped[list] = mapped_column(JSON, default=list)
     tags: Mapped[list] = mapped_column(JSON, default=list)
     closed_date_time: Mapped[datetime | None]
+    # the suppression rule that resolved the alert (migration 0011): no foreign key, so the id of a
+    # deleted rule stays (its ``suppressed`` event names it too)
+    suppressed_by: Mapped[int | None] = mapped_column(BigId)
+
+
+class AlertSuppressionRule(Base):
+    """A tenant's alert suppression rule (migration 0011; gateway/suppression.py): alerts of its
+    type matching all its conditions are stored already resolved."""
+
+    __tablename__ = "alert_suppression_rules"
+    __table_args__ = (UniqueConstraint("tenant_id", "name", name="uq_alert_suppression_rules_name"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    name: Mapped[str] = mapped_column(String(260))
+    alert_type: Mapped[str] = mapped_column(String(500))  # '*': every type
+    conditions: Mapped[list] = mapped_column(JSON, default=list)  # [{field, operator, value}], all of them
+    reason: Mapped[str] = mapped_column(String(40))
+    comment: Mapped[str | None] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(20), default="Enabled")  # Enabled | Disabled
+    expiration_date_utc: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(200))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_by: Mapped[str | None] = mapped_column(String(200))
 
 
 class LifecycleEvent(Base):
@@ -645,3 +733,132 @@ class LifecycleEvent(Base):
     batch_id: Mapped[int | None] = mapped_column(BigId)
     actor: Mapped[str | None] = mapped_column(String(200))
     details: Mapped[dict | None] = mapped_column(JSON)
+
+
+# ITSM ticket sync (issue 12, migration 0016; gateway/itsm/).  A connection's secrets are stored
+# encrypted (gateway/itsm/secrets.py), never returned by the API.  A ticket is a link between an
+# item (or a group of items: ``itsm_ticket_items``) and one record of the ITSM system; the row is
+# committed before the remote record is created, and an item belongs to at most one ticket per
+# connection (the unique constraints), so a retry or a second worker never makes a second ticket.
+
+
+class ItsmConnection(Base):
+    __tablename__ = "itsm_connections"
+    __table_args__ = (UniqueConstraint("tenant_id", "name", name="uq_itsm_connections_name"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    name: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(20))  # servicenow | jira
+    base_url: Mapped[str] = mapped_column(String(2000))
+    auth: Mapped[str] = mapped_column(String(20))  # basic | oauth | bearer
+    username: Mapped[str | None] = mapped_column(String(300))  # user, Jira email or OAuth client id
+    secret: Mapped[str | None] = mapped_column(Text)  # Fernet token of the password, API token, client secret
+    secret_hint: Mapped[str | None] = mapped_column(String(20))
+    webhook_secret: Mapped[str | None] = mapped_column(Text)  # Fernet token
+    settings: Mapped[dict] = mapped_column(JSON, default=dict)  # table, project, mappings, labels...
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    health: Mapped[str] = mapped_column(String(20), default="unknown")  # unknown | healthy | degraded
+    last_error: Mapped[str | None] = mapped_column(Text)
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
+    last_success_at: Mapped[datetime | None]
+    last_failure_at: Mapped[datetime | None]
+    retry_at: Mapped[datetime | None]  # delivery waits until then (backoff, Retry-After)
+    feed_state: Mapped[dict | None] = mapped_column(JSON)  # gateway/itsm/feed.py: watermark and gaps
+    poll_state: Mapped[dict | None] = mapped_column(JSON)  # inbound polling watermark
+    lease_owner: Mapped[str | None] = mapped_column(String(100))  # the worker delivering its queue
+    lease_expires_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(200))
+    updated_by: Mapped[str | None] = mapped_column(String(200))
+
+
+class ItsmRule(Base):
+    __tablename__ = "itsm_rules"
+    __table_args__ = (Index("ix_itsm_rules_connection", "connection_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    connection_id: Mapped[int] = mapped_column(BigId, ForeignKey("itsm_connections.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    collection: Mapped[str] = mapped_column(String(30))  # findings | recommendations | alerts
+    filter: Mapped[str | None] = mapped_column(Text)  # an OData $filter on the collection
+    grouping: Mapped[str] = mapped_column(String(20))  # item | resource
+    mode: Mapped[str] = mapped_column(String(20))  # automatic | manual
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(200))
+    updated_by: Mapped[str | None] = mapped_column(String(200))
+
+
+class ItsmTicket(Base):
+    __tablename__ = "itsm_tickets"
+    __table_args__ = (
+        UniqueConstraint("connection_id", "subject_type", "subject_id", name="uq_itsm_tickets_subject"),
+        Index("ix_itsm_tickets_tenant_id", "tenant_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    connection_id: Mapped[int] = mapped_column(BigId, ForeignKey("itsm_connections.id", ondelete="CASCADE"))
+    rule_id: Mapped[int | None] = mapped_column(BigId)  # the rule that made it; NULL: by hand
+    # what the ticket is for: an item (finding, recommendation, alert) or a group (resource)
+    subject_type: Mapped[str] = mapped_column(String(20))
+    subject_id: Mapped[int] = mapped_column(BigId)
+    collection: Mapped[str] = mapped_column(String(30))  # the collection of its items
+    sync_state: Mapped[str] = mapped_column(String(20), default="pending")  # pending | synced | parked
+    remote_id: Mapped[str | None] = mapped_column(String(100))  # sys_id | Jira issue id
+    remote_key: Mapped[str | None] = mapped_column(String(100))  # INC0010001 | SEC-12
+    remote_url: Mapped[str | None] = mapped_column(String(2000))
+    remote_state: Mapped[str | None] = mapped_column(String(100))  # as the ITSM names it
+    desired_state: Mapped[str] = mapped_column(String(20), default="open")  # open | resolved
+    severity: Mapped[str | None] = mapped_column(String(20))  # the severity the ticket was last given
+    create_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_synced_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(200))
+
+
+class ItsmTicketItem(Base):
+    """An item a ticket covers (one, or a resource's findings): at most one ticket per connection."""
+
+    __tablename__ = "itsm_ticket_items"
+    __table_args__ = (
+        UniqueConstraint("connection_id", "subject_type", "subject_id", name="uq_itsm_ticket_items_subject"),
+        Index("ix_itsm_ticket_items_subject", "tenant_id", "subject_type", "subject_id"),
+    )
+
+    ticket_id: Mapped[int] = mapped_column(BigId, ForeignKey("itsm_tickets.id", ondelete="CASCADE"),
+                                           primary_key=True)
+    subject_type: Mapped[str] = mapped_column(String(20), primary_key=True)
+    subject_id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(Integer)
+    connection_id: Mapped[int] = mapped_column(BigId)
+    added_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ItsmOp(Base):
+    """One pending change of a remote record, delivered in id order per connection."""
+
+    __tablename__ = "itsm_ops"
+    __table_args__ = (
+        UniqueConstraint("ticket_id", "dedupe_key", name="uq_itsm_ops_dedupe"),
+        Index("ix_itsm_ops_queue", "connection_id", "status", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(Integer)
+    connection_id: Mapped[int] = mapped_column(BigId, ForeignKey("itsm_connections.id", ondelete="CASCADE"))
+    ticket_id: Mapped[int] = mapped_column(BigId, ForeignKey("itsm_tickets.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(20))  # create | resolve | reopen | severity | comment
+    payload: Mapped[dict] = mapped_column(JSON, default=dict)
+    dedupe_key: Mapped[str | None] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(20), default="pending")  # pending | done | parked
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    done_at: Mapped[datetime | None]

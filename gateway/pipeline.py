@@ -45,7 +45,7 @@ ALERT_SCOPE_REASON = "an alert record needs a client with the alerts.write scope
 TERMINAL = ("succeeded", "partiallySucceeded", "failed")
 OPEN_STATUSES = ("accepted", "processing")
 COUNT_KEYS = ("received", "created", "updated", "unchanged", "stale", "resolved", "rejected", "observations",
-              "duplicatesInPush", "resourcesMerged")
+              "duplicatesInPush", "resourcesMerged", "suppressed")
 
 
 class TransientError(Exception):

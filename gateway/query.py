@@ -77,6 +77,9 @@ class Collection:
     # a count can be an index-only scan.
     count_base: Callable[[int], Select] | None = None
     count_joined: tuple[Table, ...] = ()
+    # (conn, tenant id): makes rows the reads need (e.g. a tenant's built-in control profiles), in a
+    # short transaction of its own before each read
+    prepare: Callable[[Connection, int], None] | None = None
 
 
 @dataclass
@@ -210,7 +213,8 @@ def _page(conn: Connection, collection: Collection, tenant_id: int, request: Lis
         return rows, None
     rows = rows[:limit]
     last = rows[-1]._mapping
-    return rows, ([last[f"_o{i}"] for i in range(len(expressions))], int(last["id"]))
+    last_id = last["id"] if isinstance(last["id"], str) else int(last["id"])  # str: a named key
+    return rows, ([last[f"_o{i}"] for i in range(len(expressions))], last_id)
 
 
 def count(conn: Connection, collection: Collection, tenant_id: int, request: ListRequest) -> int:
@@ -234,7 +238,7 @@ def run_list(conn: Connection, collection: Collection, tenant_id: int, request: 
         cursor = decode_cursor(secret, skiptoken, tenant_id, request)
         values = cursor.get("v")
         if not isinstance(values, list) or len(values) != len(request.order) or not isinstance(
-                cursor.get("id"), int):
+                cursor.get("id"), int | str):
             raise _bad_token()
         after = (values, cursor["id"])
     rows, last = _page(conn, collection, tenant_id, request, after, request.top, 0 if after else request.skip)

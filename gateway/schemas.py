@@ -94,6 +94,8 @@ class FindingOut(OutSchema):
     state = fields.String()
     exemptionId = _ref("exemption_id")
     policy = fields.Function(lambda obj: {"enabled": bool(_get(obj, "type_enabled"))})
+    # its recommendation's (gateway/api/governance_collections.py adds it to a page)
+    governance = fields.Function(lambda obj: _maybe(obj, "governance"))
     firstSeen = fields.DateTime(attribute="first_seen", allow_none=True)
     lastSeen = fields.DateTime(attribute="last_seen", allow_none=True)
     resolvedAt = fields.DateTime(attribute="resolved_at", allow_none=True)
@@ -121,6 +123,7 @@ class RecommendationOut(OutSchema):
     exemptionId = _ref("exemption_id")
     policy = fields.Function(lambda obj: {"enabled": bool(_get(obj, "type_enabled")),
                                           "severityOverride": _get(obj, "type_severity_override")})
+    governance = fields.Function(lambda obj: recommendation_governance(obj))
     remediation = fields.String(attribute="type_remediation", allow_none=True)
     firstEvaluated = fields.DateTime(attribute="first_evaluated")
     statusChangedAt = fields.DateTime(attribute="status_changed_at")
@@ -160,6 +163,150 @@ class ExemptionOut(OutSchema):
     expiresOn = fields.DateTime(attribute="expires_on", allow_none=True)
     state = fields.Function(lambda obj: "expired" if _get(obj, "expired_at") is not None else "active")
     expiredDateTime = fields.DateTime(attribute="expired_at", allow_none=True)
+    createdDateTime = fields.DateTime(attribute="created_at")
+    createdBy = fields.String(attribute="created_by", allow_none=True)
+    lastModifiedDateTime = fields.DateTime(attribute="updated_at")
+    lastModifiedBy = fields.String(attribute="updated_by", allow_none=True)
+
+
+class ControlScoreOut(OutSchema):
+    """One control's part of a Secure Score (Graph's controlScores item)."""
+
+    controlName = fields.String()
+    score = fields.Float()
+    maxScore = fields.Float()
+    healthyResourceCount = fields.Integer()
+    unhealthyResourceCount = fields.Integer()
+
+
+class SecureScoreOut(OutSchema):
+    """The tenant's Secure Score at one time (Graph's secureScore): a history row."""
+
+    id = _id
+    currentScore = fields.Float(attribute="current")
+    maxScore = fields.Float(attribute="max")
+    percentage = fields.Float()
+    controlScores = fields.List(fields.Nested(ControlScoreOut), attribute="control_scores")
+    createdDateTime = fields.DateTime(attribute="created_at")
+
+
+class SecureScoreControlOut(OutSchema):
+    """The tenant's current score of one control (the stored row, gateway/score/upkeep.py)."""
+
+    id = _id
+    displayName = fields.String(attribute="display_name")
+    controlCategory = fields.String(attribute="category", allow_none=True)
+    currentScore = fields.Float(attribute="current")
+    maxScore = fields.Float(attribute="max")
+    percentage = fields.Float()
+    healthyResourceCount = fields.Integer(attribute="healthy")
+    unhealthyResourceCount = fields.Integer(attribute="unhealthy")
+    notApplicableResourceCount = fields.Integer(attribute="not_applicable")
+    weight = fields.Float()
+    state = fields.String()
+    updatedDateTime = fields.DateTime(attribute="updated_at")
+
+
+class ControlStateUpdateOut(OutSchema):
+    """One of Graph's controlStateUpdates of a control profile."""
+
+    assignedTo = fields.String(allow_none=True)
+    comment = fields.String(allow_none=True)
+    state = fields.String()
+    updatedBy = fields.String()
+    updatedDateTime = fields.String()
+
+
+class SecureScoreControlProfileOut(OutSchema):
+    """A Secure Score control as the tenant has it (Graph's secureScoreControlProfile)."""
+
+    id = _id
+    controlName = fields.String(attribute="control")
+    title = fields.String()
+    description = fields.String(allow_none=True)
+    remediation = fields.String(allow_none=True)  # Graph's name: what to do (the description)
+    maxScore = fields.Float(attribute="max_score")
+    controlCategory = fields.String(attribute="category", allow_none=True)
+    rank = fields.Integer()
+    deprecated = fields.Boolean()
+    tier = fields.String()
+    service = fields.String()
+    builtIn = fields.Boolean(attribute="builtin")
+    state = fields.String()
+    controlStateUpdates = fields.List(fields.Nested(ControlStateUpdateOut), attribute="state_updates")
+    vendorInformation = fields.Dict(attribute="vendor_information")
+    lastModifiedDateTime = fields.DateTime(attribute="updated_at")
+
+
+def _maybe(obj, name):
+    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+
+
+def _iso(value):
+    return None if value is None else value.isoformat()
+
+
+def recommendation_governance(obj) -> dict | None:
+    """A recommendation's current governance assignment (the ``gov_*`` columns of its row), or None."""
+    if _maybe(obj, "gov_id") is None:
+        return None
+    rule_id = _maybe(obj, "gov_rule_id")
+    return {"assignmentId": str(_maybe(obj, "gov_id")), "ruleId": None if rule_id is None else str(rule_id),
+            "owner": _maybe(obj, "gov_owner"), "dueDate": _iso(_maybe(obj, "gov_due_date")),
+            "isGracePeriod": bool(_maybe(obj, "gov_is_grace_period")),
+            "isOverdue": bool(_maybe(obj, "gov_overdue")),
+            "completedDateTime": _iso(_maybe(obj, "gov_completed_at"))}
+
+
+def _timeframe(obj) -> str:
+    from gateway.posture.governance import format_timeframe
+
+    return format_timeframe(_get(obj, "remediation_seconds"))
+
+
+class GovernanceRuleOut(OutSchema):
+    """A governance rule (gateway/posture/governance.py), in ASC's shape."""
+
+    id = _id
+    displayName = fields.String(attribute="display_name")
+    description = fields.String(allow_none=True)
+    rulePriority = fields.Integer(attribute="rule_priority")
+    ruleType = fields.String(attribute="rule_type")
+    sourceResourceType = fields.String(attribute="source_resource_type")
+    conditionSets = fields.List(fields.Dict(), attribute="condition_sets")
+    ownerSource = fields.Function(lambda obj: {"type": _get(obj, "owner_source_type"),
+                                               "value": _get(obj, "owner_source_value")})
+    remediationTimeframe = fields.Function(_timeframe)
+    isGracePeriod = fields.Boolean(attribute="is_grace_period")
+    governanceEmailNotification = fields.Function(lambda obj: {
+        "disableManagerEmailNotification": bool((_get(obj, "email_notification") or {}).get(
+            "disableManagerEmailNotification", False)),
+        "disableOwnerEmailNotification": bool((_get(obj, "email_notification") or {}).get(
+            "disableOwnerEmailNotification", False))})
+    isDisabled = fields.Boolean(attribute="is_disabled")
+    createdDateTime = fields.DateTime(attribute="created_at")
+    createdBy = fields.String(attribute="created_by", allow_none=True)
+    lastModifiedDateTime = fields.DateTime(attribute="updated_at")
+    lastModifiedBy = fields.String(attribute="updated_by", allow_none=True)
+
+
+class GovernanceAssignmentOut(OutSchema):
+    """An owner and a due date on a recommendation, in ASC's shape plus its state."""
+
+    id = _id
+    recommendationId = _ref("recommendation_id")
+    resourceId = _ref("resource_id")
+    recommendationType = fields.String(attribute="type_key")
+    ruleId = _ref("rule_id")
+    owner = fields.String(allow_none=True)
+    remediationDueDate = fields.DateTime(attribute="due_date")
+    isGracePeriod = fields.Boolean(attribute="is_grace_period")
+    isOverdue = fields.Boolean(attribute="overdue")
+    remediationEta = fields.Function(lambda obj: None if _get(obj, "remediation_eta") is None else {
+        "eta": _get(obj, "remediation_eta").isoformat(), "justification": _get(obj, "eta_justification")})
+    additionalData = fields.Dict(attribute="additional_data")
+    state = fields.Function(lambda obj: "open" if _get(obj, "completed_at") is None else "completed")
+    completedDateTime = fields.DateTime(attribute="completed_at", allow_none=True)
     createdDateTime = fields.DateTime(attribute="created_at")
     createdBy = fields.String(attribute="created_by", allow_none=True)
     lastModifiedDateTime = fields.DateTime(attribute="updated_at")
@@ -239,6 +386,7 @@ class AlertOut(OutSchema):
     resourceId = _ref("resource_id")
     vendorInformation = fields.Function(lambda obj: {"provider": _get(obj, "provider"),
                                                      "providerAlertId": _get(obj, "provider_id")})
+    suppressedBy = _ref("suppressed_by")
 
 
 class AlertV2Out(OutSchema):
@@ -273,6 +421,25 @@ class AlertV2Out(OutSchema):
     lastActivityDateTime = fields.DateTime(allow_none=True)
     comments = fields.List(fields.Dict())
     evidence = fields.List(fields.Dict())
+    suppressedBy = fields.String(allow_none=True)
+
+
+class AlertSuppressionRuleOut(OutSchema):
+    """A suppression rule: ASC's alertsSuppressionRule properties, flat (gateway/suppression.py)."""
+
+    id = _id
+    name = fields.String()
+    alertType = fields.String(attribute="alert_type")
+    reason = fields.String()
+    comment = fields.String(allow_none=True)
+    state = fields.String(attribute="shown_state")
+    expirationDateUtc = fields.DateTime(attribute="expiration_date_utc", allow_none=True)
+    suppressionAlertsScope = fields.Function(lambda obj: {"allOf": [
+        {"field": c["field"], c["operator"]: c["value"]} for c in _get(obj, "conditions") or ()]})
+    createdDateTime = fields.DateTime(attribute="created_at")
+    createdBy = fields.String(attribute="created_by", allow_none=True)
+    lastModifiedUtc = fields.DateTime(attribute="updated_at")
+    lastModifiedBy = fields.String(attribute="updated_by", allow_none=True)
 
 
 class EventOut(OutSchema):

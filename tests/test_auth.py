@@ -22,7 +22,7 @@ def test_metadata_lists_endpoints_and_scopes(pg_gw):
     assert body["grant_types_supported"] == ["client_credentials"]
     assert body["token_endpoint"].endswith("/oauth/token")
     assert set(body["scopes_supported"]) == {"findings.write", "alerts.write", "security.read",
-                                             "alerts.manage", "posture.manage", "admin"}
+                                             "alerts.manage", "posture.manage", "itsm.manage", "admin"}
 
 
 def test_token_issued_and_secret_stored_hashed(pg_gw):

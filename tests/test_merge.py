@@ -39,7 +39,7 @@ def test_push_merges_fields_and_counts(gw):
     assert batch["status"] == "succeeded"
     assert batch["counts"] == {"received": 3, "created": 3, "updated": 0, "unchanged": 0, "stale": 0,
                                "resolved": 0, "rejected": 0, "observations": 0, "duplicatesInPush": 0,
-                               "resourcesMerged": 0}
+                               "resourcesMerged": 0, "suppressed": 0}
     rows = findings_of(gw, tenant, headers)
     assert len(rows) == 4  # q-2 names two CVEs: one finding per CVE
     by_key = {row["correlationKey"]: row for row in rows}

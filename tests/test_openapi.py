@@ -49,11 +49,18 @@ SCHEMAS = "#/components/schemas/"
 
 OUT_SCHEMAS = ["FindingOut", "RecommendationOut", "ResourceOut", "AlertOut", "BatchOut", "SourceOut",
                "EventOut", "ResourceSourceOut", "ObservationOut", "MergedOut", "AlertV2Out", "PolicyOut",
-               "ExemptionOut"]
+               "ExemptionOut", "AlertSuppressionRuleOut", "SecureScoreOut", "ControlScoreOut",
+               "SecureScoreControlOut", "SecureScoreControlProfileOut", "ControlStateUpdateOut",
+               "GovernanceRuleOut", "GovernanceAssignmentOut"]
 PATCH_SCHEMAS = ["FindingPatch", "AlertPatch", "AlertV2Patch"]
 OUT_FOR_COLLECTION = {"findings": "FindingOut", "recommendations": "RecommendationOut",
                       "resources": "ResourceOut", "alerts": "AlertOut", "observations": "ObservationOut",
-                      "alerts_v2": "AlertV2Out", "policies": "PolicyOut", "exemptions": "ExemptionOut"}
+                      "alerts_v2": "AlertV2Out", "policies": "PolicyOut", "exemptions": "ExemptionOut",
+                      "alertSuppressionRules": "AlertSuppressionRuleOut",
+                      "secureScores": "SecureScoreOut", "secureScoreControls": "SecureScoreControlOut",
+                      "secureScoreControlProfiles": "SecureScoreControlProfileOut",
+                      "governanceRules": "GovernanceRuleOut",
+                      "governanceAssignments": "GovernanceAssignmentOut"}
 # Answers that are not the gateway's Error body: authlib's RFC 6749 errors and the readiness probe.
 NON_ERROR_BODIES = {
     ("/oauth/token", "400"): "OAuthError",
@@ -137,7 +144,8 @@ def schema_types(spec: dict, schema: dict) -> set[str]:
 def nullable(spec: dict, schema: dict) -> bool:
     schema = deref(spec, schema)
     declared = schema.get("type")
-    return declared == "null" or (isinstance(declared, list) and "null" in declared)
+    return declared == "null" or (isinstance(declared, list) and "null" in declared) or any(
+        nullable(spec, alternative) for alternative in schema.get("anyOf", ()))
 
 
 def _absolute_refs(node: Any) -> Any:
@@ -312,8 +320,46 @@ ITEM_FOR_COLLECTION = {name: out[:-3] for name, out in OUT_FOR_COLLECTION.items(
 
 @pytest.mark.parametrize("name", sorted(COLLECTIONS))
 def test_collection_list_parameters(app, spec, name):
-    collection = COLLECTIONS[name]
-    path = COLLECTION_PATH + name
+    _check_list_parameters(app, spec, COLLECTIONS[name], COLLECTION_PATH + name, ITEM_FOR_COLLECTION[name],
+                           OUT_FOR_COLLECTION[name])
+
+
+# the ITSM collections (gateway/api/itsm.py), under /api/v1/tenants/{tenant}/itsm/
+ITSM_OUT = {"connections": ("ConnectionOut", "ItsmConnectionOut"), "rules": ("RuleOut", "ItsmRuleOut"),
+            "tickets": ("TicketOut", "ItsmTicketOut")}
+
+
+@pytest.mark.parametrize("name", sorted(ITSM_OUT))
+def test_itsm_collection_list_parameters(app, spec, name):
+    from gateway.api.itsm import COLLECTIONS as ITSM_COLLECTIONS
+
+    out = ITSM_OUT[name][1]
+    _check_list_parameters(app, spec, ITSM_COLLECTIONS[name], "/api/v1/tenants/{tenant}/itsm/" + name,
+                           out[:-3], out)
+
+
+@pytest.mark.parametrize("pair", sorted(ITSM_OUT.values()) + [("TicketItemOut", "TicketItemOut")])
+def test_itsm_out_schemas_match_the_marshmallow_schemas(spec, pair):
+    from gateway.itsm import schemas as itsm_schemas
+
+    name, documented_name = pair
+    declared = getattr(itsm_schemas, name)().fields
+    documented = spec["components"]["schemas"][documented_name]
+    assert set(documented["properties"]) == set(declared)
+    assert set(documented["required"]) == set(declared), "every field is always dumped"
+    assert documented.get("additionalProperties") is False
+    for field_name, field in declared.items():
+        _check_type(spec, field, documented["properties"][field_name], f"{name}.{field_name}")
+
+
+@pytest.mark.parametrize("name", ["ConnectionIn", "ConnectionPatch", "RuleIn", "RulePatch", "TicketIn"])
+def test_itsm_input_schemas_match_the_marshmallow_schemas(spec, name):
+    from gateway.itsm import schemas as itsm_schemas
+
+    _check_input_schema(spec, getattr(itsm_schemas, name), name)
+
+
+def _check_list_parameters(app, spec, collection, path: str, item: str, out: str) -> None:
     params = query_parameters(spec, path, "GET")
     assert set(params) == set(LIST_OPTIONS)
 
@@ -326,7 +372,6 @@ def test_collection_list_parameters(app, spec, name):
         f for f, spec_ in collection.fields.items() if isinstance(spec_, ListField)]
     assert params["$filter"]["schema"]["$ref"] == SCHEMAS + "Filter"
 
-    item = ITEM_FOR_COLLECTION[name]
     select = params["$select"]
     assert select["style"] == "form" and select["explode"] is False
     assert select["schema"]["items"]["$ref"] == SCHEMAS + item + "Field"
@@ -351,14 +396,15 @@ def test_collection_list_parameters(app, spec, name):
     listing = operation(spec, path, "GET")["responses"]["200"]["content"]["application/json"]["schema"]
     assert listing["$ref"] == SCHEMAS + item + "List"
     envelope = deref(spec, listing)
-    alternatives = [SCHEMAS + OUT_FOR_COLLECTION[name], SCHEMAS + item + "Selection"]
+    alternatives = [SCHEMAS + out, SCHEMAS + item + "Selection"]
     assert [a["$ref"] for a in envelope["properties"]["value"]["items"]["anyOf"]] == alternatives
     one = operation(spec, path + "/{item_id}", "GET")["responses"]["200"]["content"]["application/json"]
     assert [a["$ref"] for a in one["schema"]["anyOf"]] == alternatives
     assert set(query_parameters(spec, path + "/{item_id}", "GET")) == {"$select"}
 
 
-@pytest.mark.parametrize("item", sorted(ITEM_FOR_COLLECTION.values()))
+@pytest.mark.parametrize("item", sorted(ITEM_FOR_COLLECTION.values()) + sorted(
+    out[:-3] for _, out in ITSM_OUT.values()))
 def test_the_list_envelope(spec, item):
     """Each list answer has its own typed model (one object, no ``$ref`` with siblings, so that
     client generators keep it)."""
@@ -419,7 +465,7 @@ def test_out_schemas_match_the_marshmallow_schemas(spec, name):
 
 def _check_input(spec: dict, field: fields.Field, prop: dict, where: str) -> None:
     """A marshmallow input field's type, nullability and validators match the spec property."""
-    prop = deref(spec, prop)
+    raw, prop = prop, deref(spec, prop)
     assert nullable(spec, prop) == field.allow_none, f"{where}: nullable"
     for validator in field.validators:
         if isinstance(validator, validate.OneOf):
@@ -430,6 +476,9 @@ def _check_input(spec: dict, field: fields.Field, prop: dict, where: str) -> Non
             is_list = isinstance(field, fields.List)
             low, high = ("minItems", "maxItems") if is_list else ("minLength", "maxLength")
             assert prop.get(low) == validator.min and prop.get(high) == validator.max, where
+        elif isinstance(validator, validate.Range):
+            assert validator.min_inclusive and validator.max_inclusive, where
+            assert (prop.get("minimum"), prop.get("maximum")) == (validator.min, validator.max), where
         else:
             raise AssertionError(f"{where}: validator {validator!r} is not compared")
     if isinstance(field, fields.List):
@@ -448,6 +497,25 @@ def _check_input(spec: dict, field: fields.Field, prop: dict, where: str) -> Non
         assert schema_types(spec, prop) == {"string"}, where
     elif isinstance(field, fields.Boolean):
         assert schema_types(spec, prop) == {"boolean"}, where
+    elif isinstance(field, fields.Float):
+        assert schema_types(spec, prop) == {"number"}, where
+    elif isinstance(field, fields.Integer):
+        assert schema_types(spec, prop) == {"integer"}, where
+    elif isinstance(field, fields.Nested):  # an object: its schema by reference (or that or null)
+        nested = field.nested if isinstance(field.nested, type) else type(field.nested)
+        refs = [raw.get("$ref")] + [alternative.get("$ref") for alternative in prop.get("anyOf", ())]
+        assert SCHEMAS + nested.__name__ in refs, where
+        _check_input_schema(spec, nested, nested.__name__)
+    elif type(field).__name__ == "TextOrTexts":  # a governance condition's value: a string or strings
+        kinds = {alternative.get("type") for alternative in prop["anyOf"]}
+        items = prop["anyOf"][1]["items"]
+        assert kinds == {"string", "array"} and items.get("type") == "string", where
+    elif isinstance(field, fields.Dict):  # keys and values checked like fields
+        assert schema_types(spec, prop) == {"object"}, where
+        if field.key_field is not None:
+            _check_input(spec, field.key_field, {"type": "string", **prop["propertyNames"]}, where + "{key}")
+        if field.value_field is not None:
+            _check_input(spec, field.value_field, prop["additionalProperties"], where + "{value}")
     else:
         raise AssertionError(f"{where}: {type(field).__name__} is not compared")
 
@@ -473,6 +541,21 @@ def test_posture_input_schemas_match_the_marshmallow_schemas(spec, name):
     from gateway.api import posture
 
     _check_input_schema(spec, getattr(posture, name), name)
+
+
+@pytest.mark.parametrize("name", ["ControlProfileIn", "ControlProfilePatch", "ControlStateUpdateIn"])
+def test_score_input_schemas_match_the_marshmallow_schemas(spec, name):
+    from gateway.api import score
+
+    _check_input_schema(spec, getattr(score, name), name)
+
+
+@pytest.mark.parametrize("name", ["GovernanceRuleIn", "GovernanceRulePatch", "GovernanceApplyIn",
+                                  "GovernanceAssignmentIn", "GovernanceAssignmentPatch"])
+def test_governance_input_schemas_match_the_marshmallow_schemas(spec, name):
+    from gateway.api import governance
+
+    _check_input_schema(spec, getattr(governance, name), name)
 
 
 def test_patch_operations_take_their_patch_schema_and_prefer(spec):
@@ -649,8 +732,15 @@ GRAPH_ALERTS = {"value": [{
 }]}
 
 
+SUPPRESSION_RULE = {"name": "lab-scans", "alertType": "CredentialAccess", "reason": "BenignPositive",
+                    "comment": "the red team's lab", "expirationDateUtc": "2099-01-01T00:00:00Z",
+                    "suppressionAlertsScope": {"allOf": [
+                        {"field": "entities.host.fqdn", "in": ["lab-1.contoso.com", "lab-2.contoso.com"]},
+                        {"field": "alert.title", "contains": "scan"}]}}
+
+
 class World:
-    """A tenant, two clients, their tokens, and a test client that checks every answer."""
+    """A tenant, three clients, their tokens, and a test client that checks every answer."""
 
     def __init__(self, app, spec, registry) -> None:
         self.app = app
@@ -665,6 +755,7 @@ class World:
         self.reader = self.client("reader", "security.read")
         self.auth = {"Authorization": "Bearer " + self.token(self.writer)}
         self.read_only = {"Authorization": "Bearer " + self.token(self.reader)}
+        self.posture = {"Authorization": "Bearer " + self.token(self.client("poster", "posture.manage"))}
 
     def client(self, provider: str, scopes: str) -> tuple[str, str]:
         client_id, secret = f"{provider}-client", f"{provider}-secret-value"
@@ -729,6 +820,20 @@ def merged(world) -> dict:
                json={"scope": "provider", "target": "nobody", "enabled": False})
     world.call("POST", T + "/security/exemptions", f"{ACME}/security/exemptions", 201, headers=world.auth,
                json={"displayName": "web-1", "category": "waiver", "resourceFilter": "name eq 'web-1'"})
+    world.call("POST", T + "/security/alertSuppressionRules", f"{ACME}/security/alertSuppressionRules", 201,
+               json=SUPPRESSION_RULE, headers=world.posture)
+    # a governance rule and an assignment, so that theirs have items
+    world.call("POST", T + "/security/governanceRules", f"{ACME}/security/governanceRules", 201,
+               headers=world.auth,
+               json={"displayName": "everything", "rulePriority": 100, "conditionSets": [],
+                     "ownerSource": {"type": "Manually", "value": "sam@contoso.com"},
+                     "remediationTimeframe": "7.00:00:00"})
+    unhealthy = world.call("GET", T + "/security/recommendations", f"{ACME}/security/recommendations", 200,
+                           headers=world.auth,
+                           query_string={"$filter": "actualStatus eq 'Unhealthy'"})[0]["value"]
+    world.call("POST", T + "/security/governanceAssignments", f"{ACME}/security/governanceAssignments", 201,
+               headers=world.auth, json={"recommendationId": unhealthy[0]["id"], "owner": "sam@contoso.com",
+                                         "remediationDueDate": "2001-01-01T00:00:00Z"})
     return accepted
 
 
@@ -760,6 +865,113 @@ def test_the_posture_endpoints_answer_as_documented(world, merged):
     call("PATCH", one, f"{exemptions}/{made['id']}", 409, headers=auth, json={"description": "again"})
     call("DELETE", one, f"{exemptions}/{made['id']}", 204, headers=auth)
     call("DELETE", one, f"{exemptions}/{made['id']}", 404, headers=auth)
+
+
+def test_the_score_endpoints_answer_as_documented(world, merged):
+    call, auth, reader = world.call, world.auth, world.read_only
+    listing = T + "/security/secureScoreControlProfiles"
+    one = listing + "/{item_id}"
+    profiles = f"{ACME}/security/secureScoreControlProfiles"
+    made, response = call("POST", listing, profiles, 201, headers=auth,
+                          json={"title": "Own control", "maxScore": 3, "controlCategory": "Apps"})
+    assert made["id"] == "own-control" and response.headers["Location"].endswith(f"{profiles}/own-control")
+    call("POST", listing, profiles, 409, headers=auth, json={"title": "Own control", "maxScore": 1})
+    call("POST", listing, profiles, 409, headers=auth, json={"id": "enable-mfa", "title": "x", "maxScore": 1})
+    call("POST", listing, profiles, 400, headers=auth, json={"title": "", "maxScore": 1})
+    call("POST", listing, profiles, 400, headers=auth, json={"title": "x", "maxScore": "many"})
+    call("POST", listing, profiles, 403, headers=reader, json={"title": "x", "maxScore": 1})
+    call("POST", listing, profiles, 401, json={"title": "x", "maxScore": 1})
+    call("POST", listing, "/api/v1/tenants/nobody/security/secureScoreControlProfiles", 404, headers=auth,
+         json={"title": "x", "maxScore": 1})
+    own = f"{profiles}/own-control"
+    changed = call("PATCH", one, own, 200, headers=auth, json={
+        "maxScore": 4,
+        "controlStateUpdates": [{"state": "Reviewed", "comment": "checked", "assignedTo": "sam"}]})[0]
+    assert changed["maxScore"] == 4.0 and changed["state"] == "Reviewed"
+    for state in ("Ignored", "ThirdParty", "Default"):
+        call("PATCH", one, f"{profiles}/enable-mfa", 200, headers=auth,
+             json={"controlStateUpdates": [{"state": state}]})
+    call("PATCH", one, f"{profiles}/enable-mfa", 400, headers=auth, json={"title": "mine now"})
+    call("PATCH", one, f"{profiles}/enable-mfa", 400, headers=auth, json={"controlStateUpdates": [{}]})
+    call("PATCH", one, f"{profiles}/nothing", 404, headers=auth, json={"maxScore": 1})
+    call("PATCH", one, own, 403, headers=reader, json={"maxScore": 1})
+    entry = call("POST", T + "/security/policies", f"{ACME}/security/policies", 201, headers=auth,
+                 json={"scope": "recommendationType", "target": "own-type", "control": "own-control"})[0]
+    call("DELETE", one, own, 409, headers=auth)
+    call("DELETE", one, f"{profiles}/enable-mfa", 409, headers=auth)
+    call("DELETE", one, own, 403, headers=reader)
+    call("DELETE", T + "/security/policies/{item_id}", f"{ACME}/security/policies/{entry['id']}", 204,
+         headers=auth)
+    call("DELETE", one, own, 204, headers=auth)
+    call("DELETE", one, own, 404, headers=auth)
+
+    scoped, url = T + "/security/secureScores/scoped", f"{ACME}/security/secureScores/scoped"
+    body = call("GET", scoped, url, 200, headers=reader, query_string={"resourceFilter": "id ne '0'"})[0]
+    assert body["resourceCount"] >= 1
+    nothing = call("GET", scoped, url, 200, headers=reader,
+                   query_string={"resourceFilter": "name eq 'zzz'"})[0]
+    assert (nothing["resourceCount"], nothing["maxScore"], nothing["controlScores"]) == (0, 0.0, [])
+    for bad in ({"resourceFilter": "nothing eq 1"}, {}, {"resourceFilter": "name eq"},
+                {"resourceFilter": "id ne '0'", "$top": "1"}):
+        call("GET", scoped, url, 400, headers=reader, query_string=bad)
+    call("GET", scoped, url, 401, query_string={"resourceFilter": "id ne '0'"})
+    call("GET", scoped, "/api/v1/tenants/nobody/security/secureScores/scoped", 404, headers=reader,
+         query_string={"resourceFilter": "id ne '0'"})
+
+
+def test_the_governance_endpoints_answer_as_documented(world, merged):
+    call, auth = world.call, world.auth
+    rules, assignments = f"{ACME}/security/governanceRules", f"{ACME}/security/governanceAssignments"
+    body = {"displayName": "high", "rulePriority": 7, "isGracePeriod": True,
+            "conditionSets": [{"conditions": [{"property": "severity", "operator": "In", "value": ["high"]},
+                                              {"property": "resourceFilter", "operator": "Matches",
+                                               "value": "name eq 'nothing'"}]}],
+            "ownerSource": {"type": "ByTag", "value": "owner"}, "remediationTimeframe": "1.12:00:00",
+            "governanceEmailNotification": {"disableManagerEmailNotification": True}}
+    rule = call("POST", T + "/security/governanceRules", rules, 201, headers=auth, json=body)[0]
+    assert rule["matchedRecommendationCount"] == 0
+    call("POST", T + "/security/governanceRules", rules, 409, headers=auth, json=body)
+    call("POST", T + "/security/governanceRules", rules, 400, headers=auth, json={**body, "rulePriority": -1})
+    call("POST", T + "/security/governanceRules", rules, 403, headers=world.read_only, json=body)
+    one = T + "/security/governanceRules/{item_id}"
+    call("PATCH", one, f"{rules}/{rule['id']}", 200, headers=auth, json={"description": "checked"})
+    call("PATCH", one, f"{rules}/{rule['id']}", 400, headers=auth, json={"remediationTimeframe": "soon"})
+    call("PATCH", one, f"{rules}/{rule['id']}", 409, headers=auth, json={"rulePriority": 100})
+    call("PATCH", one, f"{rules}/999999", 404, headers=auth, json={"description": "x"})
+    apply = T + "/security/governanceRules/{item_id}/apply"
+    counted = call("POST", apply, f"{rules}/{rule['id']}/apply", 200, headers=auth, json={"dryRun": True})[0]
+    assert counted == {"id": rule["id"], "dryRun": True, "assignedCount": 0}
+    call("POST", apply, f"{rules}/{rule['id']}/apply", 200, headers=auth)
+    call("POST", apply, f"{rules}/{rule['id']}/apply", 400, headers=auth, json={"dryRun": "maybe"})
+    call("POST", apply, f"{rules}/999999/apply", 404, headers=auth)
+    call("PATCH", one, f"{rules}/{rule['id']}", 200, headers=auth, json={"isDisabled": True})
+    call("POST", apply, f"{rules}/{rule['id']}/apply", 409, headers=auth)
+    call("DELETE", one, f"{rules}/{rule['id']}", 204, headers=auth)
+    call("DELETE", one, f"{rules}/{rule['id']}", 404, headers=auth)
+
+    # the fixture's assignment is past due, but its recommendation is exempt (NotApplicable): not overdue
+    recommendations = call("GET", T + "/security/recommendations", f"{ACME}/security/recommendations", 200,
+                           headers=auth,
+                           query_string={"$filter": "governance/assignmentId ne null"})[0]["value"]
+    assert len(recommendations) == 1 and recommendations[0]["governance"]["isOverdue"] is False
+    assert call("GET", T + "/security/recommendations", f"{ACME}/security/recommendations", 200, headers=auth,
+                query_string={"$filter": "governance/isOverdue eq true"})[0]["value"] == []
+    existing = recommendations[0]["governance"]["assignmentId"]
+    call("POST", T + "/security/governanceAssignments", assignments, 409, headers=auth,
+         json={"recommendationId": recommendations[0]["id"], "owner": "kim@contoso.com",
+               "remediationDueDate": "2030-01-01T00:00:00Z"})
+    call("POST", T + "/security/governanceAssignments", assignments, 400, headers=auth, json={"owner": "kim"})
+    one = T + "/security/governanceAssignments/{item_id}"
+    changed = call("PATCH", one, f"{assignments}/{existing}", 200, headers=auth, json={
+        "remediationEta": {"eta": "2030-01-01T00:00:00Z", "justification": "window"},
+        "additionalData": {"ticketNumber": 12, "ticketLink": "https://itsm.contoso.com/12"}})[0]
+    assert changed["remediationEta"]["justification"] == "window"
+    call("PATCH", one, f"{assignments}/{existing}", 400, headers=auth, json={"owner": ""})
+    call("PATCH", one, f"{assignments}/999999", 404, headers=auth, json={"owner": "x"})
+    findings = call("GET", T + "/security/findings", f"{ACME}/security/findings", 200,
+                    headers=world.read_only,
+                    query_string={"$filter": "governance/owner eq 'sam@contoso.com'"})[0]["value"]
+    assert findings and {f["governance"]["assignmentId"] for f in findings} == {existing}
 
 
 def observe(db, tenant: str, provider: str, observations: list) -> None:
@@ -940,6 +1152,60 @@ def test_the_workflow_endpoints_answer_as_documented(world, merged):
                headers=world.auth)
 
 
+def test_the_suppression_rule_endpoints_answer_as_documented(world, merged):
+    from gateway.pipeline import process_batch
+
+    collection, one = T + "/security/alertSuppressionRules", T + "/security/alertSuppressionRules/{item_id}"
+    apply, url = one + "/apply", f"{ACME}/security/alertSuppressionRules"
+    pushed = {"value": [GRAPH_ALERTS["value"][0] | {"id": "alert-suppress-1", "title": "Nightly port sweep",
+                                                    "hostStates": [{"fqdn": "scanner-9.contoso.com"}]}]}
+    process_batch(world.db, int(world.push("format=graph_alert", 202, json.dumps(pushed).encode())["id"]))
+    body = {"name": "port-sweeps", "alertType": "*", "reason": "ValidActivity",
+            "suppressionAlertsScope": {"allOf": [{"field": "entities.host.hostname", "equals": "scanner-9"}]}}
+    posture, reader = world.posture, world.read_only
+    dry = world.call("POST", collection, url + "?dryRun=true", 200, json=body, headers=posture)[0]
+    assert dry == {"ruleId": None, "dryRun": True, "appliedAlertCount": 1}
+    created, response = world.call("POST", collection, url, 201, json=body, headers=posture)
+    assert created["appliedAlertCount"] == 0 and created["state"] == "Enabled"
+    assert response.headers["Location"].endswith(f"{url}/{created['id']}")
+    world.call("POST", collection, url, 409, json=body, headers=posture)
+    world.call("POST", collection, url, 400, json=body | {"name": "x", "reason": "Because"}, headers=posture)
+    world.call("POST", collection, url, 400, json={"name": "y"}, headers=posture)
+    world.call("POST", collection, url + "?applyToExisting=maybe", 400, json=body, headers=posture)
+    world.call("POST", collection, url, 403, json=body, headers=reader)
+    world.call("POST", collection, url, 401, json=body)
+    world.call("POST", collection, "/api/v1/tenants/nobody/security/alertSuppressionRules", 404, json=body,
+               headers=posture)
+    item = f"{url}/{created['id']}"
+    assert world.call("GET", one, item, 200, headers=reader)[0]["name"] == "port-sweeps"
+    world.call("POST", apply, item + "/apply?dryRun=true", 200, headers=posture)
+    applied = world.call("POST", apply, item + "/apply", 200, headers=posture)[0]
+    assert applied == {"ruleId": created["id"], "dryRun": False, "appliedAlertCount": 1}
+    alerts = world.call("GET", T + "/security/alerts_v2", f"{ACME}/security/alerts_v2", 200, headers=reader,
+                        query_string={"$filter": f"suppressedBy eq '{created['id']}'"})[0]["value"]
+    assert [(a["providerAlertId"], a["status"]) for a in alerts] == [("alert-suppress-1", "resolved")]
+    changed = world.call("PATCH", one, item, 200, json={"state": "Disabled", "comment": None},
+                         headers=posture)[0]
+    assert changed["state"] == "Disabled"
+    world.call("POST", apply, item + "/apply", 409, headers=posture)
+    world.call("POST", apply, item + "/apply", 403, headers=reader)
+    world.call("POST", apply, f"{url}/999999/apply", 404, headers=posture)
+    world.call("PATCH", one, item, 400, json={"suppressionAlertsScope": {"allOf": [{"field": "nope"}]}},
+               headers=posture)
+    world.call("PATCH", one, item, 400, json={}, headers=posture)
+    world.call("PATCH", one, item, 409, json={"name": "lab-scans"}, headers=posture)
+    world.call("PATCH", one, item, 403, json={"state": "Enabled"}, headers=reader)
+    world.call("PATCH", one, f"{url}/999999", 404, json={"state": "Enabled"}, headers=posture)
+    world.call("DELETE", one, item, 403, headers=reader)
+    world.call("DELETE", one, item + "?x=1", 400, headers=posture)
+    world.call("DELETE", one, item, 204, headers=posture)
+    world.call("DELETE", one, item, 404, headers=posture)
+    world.call("GET", one, item, 404, headers=reader)
+    legacy = world.call("GET", T + "/security/alerts", f"{ACME}/security/alerts", 200, headers=reader,
+                        query_string={"$filter": "suppressedBy ne null"})[0]["value"]
+    assert [a["suppressedBy"] for a in legacy] == [created["id"]]  # kept after the rule is deleted
+
+
 def test_the_assessment_endpoint_answers_as_documented(world):
     path = T + "/assessments/{name}"
     name = "8bb8be0a-6010-4789-812f-e4d661c4ed0e"
@@ -1022,3 +1288,94 @@ def test_the_resource_endpoints_answer_as_documented(world, merged):
                                    headers=admin)
     assert response.headers["Location"].endswith(f"{base}/{created['id']}")
     assert [s["id"] for s in created["sources"]] == [record]
+
+
+def test_the_itsm_endpoints_answer_as_documented(world, merged):
+    from cryptography.fernet import Fernet
+
+    from tests.itsm_sim import JiraSim, ServiceNowSim
+
+    world.app.config["SECRETS_KEYS"] = Fernet.generate_key().decode()
+    sn, jira = ServiceNowSim(), JiraSim()
+    call = world.call
+    admin = {"Authorization": "Bearer " + world.token(world.client("itsm", "itsm.manage security.read"))}
+    reader = world.read_only
+    try:
+        base, path = f"{ACME}/itsm", T + "/itsm"
+        body = {"name": "snow", "kind": "servicenow", "baseUrl": sn.url, "auth": "basic",
+                "username": "gateway",
+                "secret": "sn-password-0123456789", "assignmentGroup": "secops"}
+        made = call("POST", path + "/connections", base + "/connections", 201, json=body, headers=admin)[0]
+        call("POST", path + "/connections", base + "/connections", 409, json=body, headers=admin)
+        call("POST", path + "/connections", base + "/connections", 400, json={"name": "x"}, headers=admin)
+        call("POST", path + "/connections", base + "/connections", 403, json=body, headers=reader)
+        call("POST", path + "/connections", base + "/connections", 401, json=body)
+        issues = call("POST", path + "/connections", base + "/connections", 201, headers=admin, json={
+            "name": "jira", "kind": "jira", "baseUrl": jira.url, "auth": "basic",
+            "username": "bot@example.com",
+            "secret": "jira-api-token-0123456789", "projectKey": "SEC", "labels": ["security"],
+            "priorityMap": {"critical": "Highest"}})[0]
+        one = path + "/connections/{item_id}"
+        call("PATCH", one, f"{base}/connections/{made['id']}", 200, json={"category": "security"},
+             headers=admin)
+        call("PATCH", one, f"{base}/connections/{made['id']}", 400, json={"kind": "jira"}, headers=admin)
+        call("PATCH", one, f"{base}/connections/999999", 404, json={"enabled": False}, headers=admin)
+        test = path + "/connections/{item_id}/test"
+        tested = call("POST", test, f"{base}/connections/{made['id']}/test", 200, headers=admin)[0]
+        assert tested["ok"] is True
+        call("POST", test, f"{base}/connections/999999/test", 404, headers=admin)
+
+        rules = path + "/rules"
+        rule = call("POST", rules, base + "/rules", 201, headers=admin, json={
+            "name": "high", "connectionId": made["id"], "collection": "findings",
+            "filter": "severity ge 'high'"})[0]
+        call("POST", rules, base + "/rules", 400, headers=admin, json={
+            "name": "bad", "connectionId": made["id"], "collection": "findings", "filter": "nothing eq 1"})
+        call("PATCH", rules + "/{item_id}", f"{base}/rules/{rule['id']}", 200, json={"mode": "manual"},
+             headers=admin)
+        call("PATCH", rules + "/{item_id}", f"{base}/rules/{rule['id']}", 400, json={"collection": "alerts"},
+             headers=admin)
+
+        finding_id = world.call("GET", T + "/security/findings", f"{ACME}/security/findings", 200,
+                                headers=reader)[0]["value"][0]["id"]
+        manual = T + "/security/findings/{item_id}/tickets"
+        url = f"{ACME}/security/findings/{finding_id}/tickets"
+        ticket = call("POST", manual, url, 201, json={"connectionId": made["id"]}, headers=admin)[0]
+        again = call("POST", manual, url, 200, json={"connectionId": made["id"]}, headers=admin)[0]
+        assert again["id"] == ticket["id"]
+        call("POST", manual, url, 400, json={"connectionId": "999999"}, headers=admin)
+        call("POST", manual, f"{ACME}/security/findings/999999/tickets", 404,
+             json={"connectionId": made["id"]}, headers=admin)
+        call("POST", manual, url, 403, json={"connectionId": made["id"]}, headers=reader)
+        resync = path + "/tickets/{item_id}/resync"
+        call("POST", resync, f"{base}/tickets/{ticket['id']}/resync", 202, headers=admin)
+        call("POST", resync, f"{base}/tickets/999999/resync", 404, headers=admin)
+
+        for name, headers in (("connections", admin), ("rules", admin), ("tickets", reader)):
+            listing = call("GET", f"{path}/{name}", f"{base}/{name}", 200, headers=headers)[0]
+            assert listing["value"], name
+            for item in listing["value"]:
+                call("GET", f"{path}/{name}/{{item_id}}", f"{base}/{name}/{item['id']}", 200, headers=headers)
+                call("GET", f"{path}/{name}/{{item_id}}", f"{base}/{name}/{item['id']}", 200, headers=headers,
+                     query_string={"$select": "id"})
+            call("GET", f"{path}/{name}/{{item_id}}", f"{base}/{name}/999999", 404, headers=headers)
+            bads = ({"$orderby": "nothing"}, {"$top": "0"}, {"$filter": "nothing eq 1"}, {"$skiptoken": "x"})
+            for bad in bads:
+                call("GET", f"{path}/{name}", f"{base}/{name}", 400, headers=headers, query_string=bad)
+            call("GET", f"{path}/{name}", f"/api/v1/tenants/nobody/itsm/{name}", 404, headers=headers)
+            call("GET", f"{path}/{name}", f"{base}/{name}", 401)
+            page = call("GET", f"{path}/{name}", f"{base}/{name}", 200, headers=headers,
+                        query_string={"$top": "1", "$count": "true"})[0]
+            while "@odata.nextLink" in page:
+                page = call("GET", f"{path}/{name}", page["@odata.nextLink"], 200, headers=headers)[0]
+            call("GET", f"{path}/{name}", f"{base}/{name}", 200, headers=headers,
+                 query_string={"$format": "csv"})
+        call("GET", f"{path}/connections", f"{base}/connections", 403, headers=reader)
+
+        call("DELETE", rules + "/{item_id}", f"{base}/rules/{rule['id']}", 204, headers=admin)
+        call("DELETE", rules + "/{item_id}", f"{base}/rules/{rule['id']}", 404, headers=admin)
+        call("DELETE", one, f"{base}/connections/{issues['id']}", 204, headers=admin)
+        call("DELETE", one, f"{base}/connections/{issues['id']}", 404, headers=admin)
+    finally:
+        sn.stop()
+        jira.stop()

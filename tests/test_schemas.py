@@ -12,7 +12,9 @@ from gateway.schemas import fast_dumper
 
 OUT_SCHEMAS = [schemas.BatchOut, schemas.SourceOut, schemas.FindingOut, schemas.RecommendationOut,
                schemas.ResourceOut, schemas.AlertOut, schemas.EventOut, schemas.ResourceSourceOut,
-               schemas.ObservationOut, schemas.MergedOut, schemas.PolicyOut, schemas.ExemptionOut]
+               schemas.ObservationOut, schemas.MergedOut, schemas.PolicyOut, schemas.ExemptionOut,
+               schemas.AlertSuppressionRuleOut,
+               schemas.GovernanceRuleOut, schemas.GovernanceAssignmentOut]
 
 
 def _value(field, filled: int):
@@ -48,7 +50,19 @@ def _object(schema_class, filled: int) -> dict:
            "merged_into": filled or None, "stale_details": [{"providerId": "p-1"}] if filled else None,
            "progress": {"chunks": filled} if filled else None, "exemption_id": filled or None,
            "type_enabled": bool(filled % 2), "type_severity_override": "high" if filled else None,
-           "expired_at": None if filled % 2 else datetime(2024, 4, 1, tzinfo=UTC)}
+           "expired_at": None if filled % 2 else datetime(2024, 4, 1, tzinfo=UTC), "suppressed_by": filled or None,
+           "conditions": [{"field": "alert.title", "operator": "in", "value": ["a", "b"]}] if filled else [],
+           # governance (rules, assignments, a recommendation's current assignment, a finding's)
+           "owner_source_type": "ByTag" if filled % 2 else "Manually", "owner_source_value": f"o{filled}",
+           "remediation_seconds": 86400 * filled + 61,
+           "email_notification": {"disableOwnerEmailNotification": True} if filled else {},
+           "remediation_eta": datetime(2024, 5, 1, tzinfo=UTC) if filled else None,
+           "eta_justification": "window" if filled else None, "gov_id": filled or None,
+           "gov_rule_id": filled or None, "gov_owner": "sam",
+           "gov_due_date": datetime(2024, 5, 1, tzinfo=UTC),
+           "gov_is_grace_period": 1, "gov_overdue": filled % 2, "gov_completed_at": None,
+           "governance": {"owner": "sam"} if filled else None,
+           "recommendation_id": 50 + filled, "rule_id": filled or None}
     for name, field in schema_class().dump_fields.items():
         if type(field) is not fields.Function:
             obj[field.attribute or name] = _value(field, filled)

@@ -107,7 +107,10 @@ def test_a_real_worker_continues_the_api_request_trace(pg_url, redis_clean, expo
             if not spans_file.exists():
                 return None
             found = [json.loads(line) for line in spans_file.read_text().splitlines() if line.strip()]
-            return found if any(s["name"] == "gateway.merge" for s in found) else None
+            # the task's consumer span ends (and is written) after the merge span inside it
+            done = any(s["name"] == "gateway.merge" for s in found) and any(
+                s["kind"] == "SpanKind.CONSUMER" for s in found)
+            return found if done else None
 
         found = wait_for(worker_spans, timeout=60)
         consumer = next(s for s in found if s["kind"] == "SpanKind.CONSUMER")

@@ -45,8 +45,13 @@ def celery_init_app(app: Flask) -> Celery:
                 "task": "workers.tasks.expire_exemptions",
                 "schedule": float(os.environ.get("GATEWAY_EXPIRY_INTERVAL", "60")),
             },
+            # ITSM sync: scan every connection's feed, deliver what waits (gateway/itsm/tasks.py)
+            "itsm-tick": {
+                "task": "gateway.itsm.tick",
+                "schedule": float(os.environ.get("GATEWAY_ITSM_INTERVAL", "30")),
+            },
         },
-        imports=("workers.tasks",),
+        imports=("workers.tasks", "gateway.itsm.tasks"),
     )
     celery.set_default()
     app.extensions["celery"] = celery

@@ -47,6 +47,10 @@ def process_batch_task(self, batch_id: int, owner: str | None = None, request_id
             raise self.retry(countdown=delay, kwargs={"owner": owner, "request_id": request_id}) from exc
         if status != "busy" or span is not None:
             _observe(db, int(batch_id), status, time.perf_counter() - started, span)
+        if status in ("succeeded", "partiallySucceeded"):
+            from gateway.itsm.tasks import after_merge
+
+            after_merge(db, int(batch_id))  # ITSM tickets follow the merge at once (never fails it)
         log.info("batch %s merged: %s", batch_id, status)
         return status
 

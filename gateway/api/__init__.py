@@ -11,12 +11,15 @@ def init_app(app: Flask) -> None:
         batches,
         collections,
         discovery,
+        governance,
         health,
+        itsm,
         metadata,
         posture,
         resources,
         score,
     )
+    from gateway.api import suppression as suppression_rules
 
     app.register_blueprint(batches.blueprint)
     app.register_blueprint(collections.blueprint)
@@ -27,3 +30,6 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(metadata.blueprint)
     app.register_blueprint(score.blueprint)
     app.register_blueprint(posture.blueprint)
+    app.register_blueprint(suppression_rules.blueprint)
+    app.register_blueprint(governance.blueprint)
+    app.register_blueprint(itsm.blueprint)

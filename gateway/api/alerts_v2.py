@@ -12,6 +12,8 @@ The same rows as the legacy ``alerts`` collection, shown the way Graph shows the
                  alert's resource: a deviceEvidence (FQDN, hostname, IPs), an ipEvidence per IP and
                  an azureResourceEvidence for a cloud id
     lastUpdateDateTime, resolvedDateTime   lastModifiedDateTime, closedDateTime of the legacy shape
+    suppressedBy the id of the suppression rule that resolved the alert (gateway/suppression.py), or
+                 null (not Graph's: the gateway's own, as in the legacy shape)
 """
 
 from __future__ import annotations
@@ -128,6 +130,7 @@ def serialize(conn, tenant_id: int, rows, selected) -> list[dict]:
             "firstActivityDateTime": row.first_activity_date_time,
             "lastActivityDateTime": row.last_activity_date_time,
             "comments": v2_comments(row.comments), "evidence": evidence,
+            "suppressedBy": None if row.suppressed_by is None else str(row.suppressed_by),
         }
         for key in _EXTRA_TEXT:
             item[key] = _text(extra.get(key))
@@ -191,6 +194,7 @@ COLLECTION = Collection(
         "resolvedDateTime": _time(A.c.closed_date_time),
         "firstActivityDateTime": _time(A.c.first_activity_date_time),
         "lastActivityDateTime": _time(A.c.last_activity_date_time),
+        "suppressedBy": Field(A.c.suppressed_by, "id", nullable=True),
         "mitreTechniques": ListField(element=json_element, rows=json_elements(A.c.mitre_techniques)),
     },
     order_fields={

@@ -20,7 +20,8 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
 from connectors.model import SEVERITIES
-from gateway.api import alerts_v2, posture_collections
+from gateway.api import alerts_v2, governance_collections, posture_collections, score_collections
+from gateway.api import suppression as suppression_rules
 from gateway.auth import require_scope, tenant_for_caller
 from gateway.errors import BadRequest, NotFound
 from gateway.models import (
@@ -186,6 +187,8 @@ def _serialize_findings(conn, tenant_id, rows, selected) -> list[dict]:
         data = row._asdict()
         data["sources"] = sources.get(row.id, [])
         out.append(data)
+    if out and (selected is None or "governance" in selected):
+        governance_collections.add_to_findings(conn, tenant_id, out)
     return _DUMP_FINDINGS(out)
 
 
@@ -256,8 +259,11 @@ def _finding_base(tenant_id: int):
 def _rec_base(tenant_id: int):
     return (select(R, RT.c.key.label("type_key"), RT.c.title.label("type_title"),
                    RT.c.kind.label("type_kind"), RT.c.remediation.label("type_remediation"),
-                   RT.c.enabled.label("type_enabled"), RT.c.severity_override.label("type_severity_override"))
+                   RT.c.enabled.label("type_enabled"), RT.c.severity_override.label("type_severity_override"),
+                   *governance_collections.REC_COLUMNS)
             .join(RT, (RT.c.id == R.c.type_id) & (RT.c.tenant_id == tenant_id))
+            # its current governance assignment, if any
+            .outerjoin(governance_collections.REC_GA, governance_collections.REC_JOIN)
             .where(R.c.tenant_id == tenant_id))
 
 
@@ -393,6 +399,7 @@ COLLECTIONS: dict[str, Collection] = {
             "resourceId": Field(A.c.resource_id, "id", nullable=True),
             "vendorInformation/provider": _text(A.c.provider),
             "vendorInformation/providerAlertId": _text(A.c.provider_id),
+            "suppressedBy": Field(A.c.suppressed_by, "id", nullable=True),
             "tags": _tags(A.c.tags),
             "recommendedActions": _tags(A.c.recommended_actions),
         },
@@ -426,6 +433,7 @@ COLLECTIONS: dict[str, Collection] = {
             "exemptionId": Field(R.c.exemption_id, "id", nullable=True),
             "policy/enabled": Field(RT.c.enabled, "bool"),
             "policy/severityOverride": Field(RT.c.severity_override, "enum", nullable=True, values=SEVERITIES),
+            **governance_collections.RECOMMENDATION_FIELDS,
             "severity": _severity(R.c.severity),
             "firstEvaluated": _time(R.c.first_evaluated),
             "statusChangedAt": _time(R.c.status_changed_at),
@@ -440,7 +448,7 @@ COLLECTIONS: dict[str, Collection] = {
         default_order=(("id", False),),
         selectable=tuple(RecommendationOut().fields),
         count_base=lambda tenant_id: select(R.c.id).where(R.c.tenant_id == tenant_id),
-        count_joined=(RT,),
+        count_joined=(RT, governance_collections.REC_GA),
         serialize=_dump(RecommendationOut),
         workflow=Workflow(table=R, subject="recommendation", patch_schema=FindingPatch,
                           columns=_CUSTOMER_COLUMNS),
@@ -471,6 +479,7 @@ COLLECTIONS: dict[str, Collection] = {
             "cves": ListField(element=lambda _: Field(F.c.cve, nullable=True)),
             "exemptionId": Field(FINDING_EXEMPTION, "id", nullable=True),
             "policy/enabled": Field(RT.c.enabled, "bool"),
+            **governance_collections.FINDING_FIELDS,
             "sources": ListField(members=_source_fields, rows=_sources),
             **_customer_fields(F),
         },
@@ -521,6 +530,14 @@ COLLECTIONS: dict[str, Collection] = {
     # the tenant's security policy and exemptions (edits in gateway/api/posture.py)
     "policies": posture_collections.POLICIES,
     "exemptions": posture_collections.EXEMPTIONS,
+    "alertSuppressionRules": suppression_rules.COLLECTION,  # writes: gateway/api/suppression.py
+    # the Secure Score: history, per-control rows, control profiles (edits in gateway/api/score.py)
+    "secureScores": score_collections.SECURE_SCORES,
+    "secureScoreControls": score_collections.SECURE_SCORE_CONTROLS,
+    "secureScoreControlProfiles": score_collections.SECURE_SCORE_CONTROL_PROFILES,
+    # governance rules and assignments (edits in gateway/api/governance.py)
+    "governanceRules": governance_collections.RULES,
+    "governanceAssignments": governance_collections.ASSIGNMENTS,
     "observations": Collection(
         name="observations",
         base=lambda tenant_id: select(OBS).where(OBS.c.tenant_id == tenant_id),
@@ -550,11 +567,20 @@ def _tenant_id(tenant: str) -> int:
         return tenant_for_caller(session, tenant).id
 
 
+def _prepare(collection: Collection, tenant_id: int) -> None:
+    if collection.prepare is not None:
+        with _db().engine.begin() as conn:
+            collection.prepare(conn, tenant_id)
+
+
 def _context(tenant_id: int) -> FilterContext:
     return FilterContext(tenant_id=tenant_id, dialect=_db().engine.dialect.name)
 
 
 def _item_id(name: str, item_id: str) -> int:
+    collection = COLLECTIONS.get(name)  # (other modules' collections have decimal ids)
+    if collection is not None and isinstance(collection.id_column.type, String) and 0 < len(item_id) <= 100:
+        return item_id  # a named key (a control id)
     if not (item_id.isascii() and item_id.isdigit()) or len(item_id) > 18:
         raise NotFound(f"{_singular(name)} '{item_id[:40]}' not found")
     return int(item_id)
@@ -575,6 +601,7 @@ def _list(tenant: str, name: str, *, tenant_id: int | None = None, within: tuple
     accept_csv = request.accept_mimetypes.best_match(["application/json", "text/csv"]) == "text/csv"
     list_request = parse_list_args(collection, request.args, _context(tenant_id), config["PAGE_SIZE_DEFAULT"],
                                    config["PAGE_SIZE_MAX"], accept_csv=accept_csv)
+    _prepare(collection, tenant_id)
     if within:
         list_request.conditions = list(within) + list_request.conditions
         list_request.fingerprint = hashlib.sha256(
@@ -604,6 +631,7 @@ def _list(tenant: str, name: str, *, tenant_id: int | None = None, within: tuple
 def _get_one(tenant: str, name: str, item_id: str, selected: tuple[str, ...] | None = None) -> dict:
     collection = COLLECTIONS[name]
     tenant_id = _tenant_id(tenant)
+    _prepare(collection, tenant_id)
     with _db().engine.connect() as conn:
         rows = conn.execute(collection.base(tenant_id).where(collection.id_column == _item_id(name,
                                                                                               item_id))).all()

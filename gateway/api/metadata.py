@@ -29,7 +29,11 @@ EDMX = "http://docs.oasis-open.org/odata/ns/edmx"
 EDM = "http://docs.oasis-open.org/odata/ns/edm"
 ENTITY_NAMES = {"alerts": "alert", "recommendations": "recommendation", "findings": "finding",
                 "resources": "resource", "observations": "observation", "alerts_v2": "alertV2",
-                "policies": "policy", "exemptions": "exemption"}
+                "policies": "policy", "exemptions": "exemption",
+                "alertSuppressionRules": "alertSuppressionRule", "secureScores": "secureScore",
+                "secureScoreControls": "secureScoreControl",
+                "secureScoreControlProfiles": "secureScoreControlProfile", "governanceRules": "governanceRule",
+                "governanceAssignments": "governanceAssignment"}
 _CONTEXT = FilterContext(tenant_id=0, dialect="sqlite")  # only to name the tables of list fields
 
 

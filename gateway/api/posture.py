@@ -10,7 +10,7 @@ controls that moved (gateway/posture/).  Each edit is itself an event (subject `
 
 from __future__ import annotations
 
-from datetime import UTC
+from datetime import UTC, datetime
 
 from flask import Blueprint, current_app, g, jsonify, request, url_for
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
@@ -40,6 +40,15 @@ def _body(schema: Schema, partial: bool = False) -> dict:
         messages = exc.messages if isinstance(exc.messages, dict) else {"_schema": exc.messages}
         raise BadRequest("invalid fields: " + "; ".join(f"{k}: {v}" for k, v in messages.items()),
                          code="invalidBody", details=messages) from None
+
+
+def _event(tenant_id: int, subject: str, subject_id: int, event: str, now: datetime, details: dict) -> dict:
+    """The event row of an edit by the calling client (the posture edits' own: edits.event)."""
+    return edits.event(tenant_id, subject, subject_id, event, now, g.caller.client_id, details)
+
+
+def _plain(value):
+    return value.isoformat() if isinstance(value, datetime) else value
 
 
 def _created(name: str, endpoint: str, tenant: str, item_id: int, extra: dict | None = None):

@@ -1,126 +1,144 @@
-"""Secure Score reads under ``/api/v1/tenants/<tenant>/security``: ``secureScores`` (the history,
-newest first, Graph's secureScore shape), ``secureScoreControls`` (the tenant's stored per-control
-rows) and ``secureScoreControlProfiles`` (the control definitions).  ``$top`` and
-``@odata.nextLink`` paging; every query names the tenant."""
+"""Secure Score under ``/api/v1/tenants/<tenant>/security``.
+
+Reads are OData collections served by gateway/api/collections.py (``secureScores``,
+``secureScoreControls``, ``secureScoreControlProfiles``: gateway/api/score_collections.py).  Here:
+
+* the edits of control profiles (scope ``posture.manage``): ``POST .../secureScoreControlProfiles``
+  adds a custom control, ``PATCH .../secureScoreControlProfiles/{id}`` changes a custom control's
+  definition and/or appends Graph ``controlStateUpdates`` (any control; the latest state applies),
+  ``DELETE`` removes a custom control no policy entry names.  A new max score or state recounts the
+  control in the same transaction (the stored score and its history move with it);
+* ``GET .../secureScores/scoped?resourceFilter=<OData $filter on resources>`` (``security.read``):
+  the score of the matching resources only, computed on request as the stored score is.
+"""
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify, request, url_for
-from sqlalchemy import select
+from flask import Blueprint, current_app, g, jsonify, request
+from marshmallow import RAISE, Schema, fields, validate
+from sqlalchemy import func, select
 
-from gateway.auth import require_scope, tenant_for_caller
+from gateway.api.collections import _get_one, _item_id, _only, _tenant_id
+from gateway.api.posture import _body, _created, _no_content
+from gateway.auth import require_scope
 from gateway.errors import BadRequest
-from gateway.models import SecureScore, SecureScoreControl
-from gateway.score.controls import BY_ID, CONTROLS
+from gateway.models import utcnow
+from gateway.posture import profiles
+from gateway.posture.exemptions import resource_query
+from gateway.score import profile_edits, upkeep
 
 PREFIX = "/api/v1/tenants/<tenant>/security"
 blueprint = Blueprint("score", __name__, url_prefix=PREFIX)
-SS, SSC = SecureScore.__table__, SecureScoreControl.__table__
-ALLOWED = ("$top", "$skiptoken")
+PROFILES = "secureScoreControlProfiles"
 
 
 def _db():
     return current_app.extensions["gateway.db"]
 
 
-def _tenant_id(tenant: str) -> int:
-    with _db().sessions() as session:
-        return tenant_for_caller(session, tenant).id
+# -- control profiles -------------------------------------------------------------------------------
 
 
-def _paging() -> tuple[int, int | None]:
-    unknown = sorted(set(request.args) - set(ALLOWED))
-    if unknown:
-        raise BadRequest(f"unknown query parameter '{unknown[0][:40]}'; allowed: {', '.join(ALLOWED)}",
-                         code="invalidParameter")
-    config = current_app.config
-    top_text = request.args.get("$top")
-    top = config["PAGE_SIZE_DEFAULT"]
-    if top_text is not None:
-        highest = config["PAGE_SIZE_MAX"]
-        if not (top_text.isascii() and top_text.isdigit()) or not 1 <= int(top_text) <= highest:
-            raise BadRequest(f"$top must be a whole number from 1 to {config['PAGE_SIZE_MAX']}",
-                             code="invalidParameter")
-        top = int(top_text)
-    token = request.args.get("$skiptoken")
-    if token is not None and not (token.isascii() and token.isdigit() and len(token) <= 18):
-        raise BadRequest("invalid $skiptoken: follow @odata.nextLink as it is", code="invalidSkipToken")
-    return top, None if token is None else int(token)
+class ControlStateUpdateIn(Schema):
+    """One of Graph's controlStateUpdates; ``updatedBy`` (the client) and ``updatedDateTime`` (now)
+    are stamped by the gateway."""
+
+    class Meta:
+        unknown = RAISE
+
+    state = fields.String(required=True, validate=validate.OneOf(profiles.STATES))
+    comment = fields.String(allow_none=True, validate=validate.Length(max=2000))
+    assignedTo = fields.String(allow_none=True, validate=validate.Length(max=200))
 
 
-def _page(tenant: str, endpoint: str, name: str, values: list[dict], next_token: int | None):
-    body = {"@odata.context": f"{request.url_root}api/v1/$metadata#security/{name}", "value": values}
-    if next_token is not None:
-        args = request.args.to_dict()
-        args["$skiptoken"] = str(next_token)
-        body["@odata.nextLink"] = url_for(endpoint, tenant=tenant, _external=True, **args)
-    return jsonify(body)
+class ControlProfilePatch(Schema):
+    class Meta:
+        unknown = RAISE
+
+    title = fields.String(validate=validate.Length(min=1, max=200))
+    description = fields.String(allow_none=True, validate=validate.Length(max=4000))
+    maxScore = fields.Float(validate=validate.Range(min=0, max=1000))
+    controlCategory = fields.String(allow_none=True, validate=validate.Length(min=1, max=50))
+    controlStateUpdates = fields.List(fields.Nested(ControlStateUpdateIn),
+                                      validate=validate.Length(min=1, max=10))
 
 
-def _time(value) -> str:
-    return value.isoformat().replace("+00:00", "Z")
+class ControlProfileIn(Schema):
+    class Meta:
+        unknown = RAISE
+
+    id = fields.String(validate=validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+                                                error="letters, digits, '.', '_' and '-', at most 100"))
+    title = fields.String(required=True, validate=validate.Length(min=1, max=200))
+    description = fields.String(allow_none=True, validate=validate.Length(max=4000))
+    maxScore = fields.Float(required=True, validate=validate.Range(min=0, max=1000))
+    controlCategory = fields.String(allow_none=True, validate=validate.Length(min=1, max=50))
 
 
-@require_scope("security.read")
-def list_secure_scores(tenant: str):
-    """The tenant's Secure Score each time it changed, newest first."""
-    top, token = _paging()
+@require_scope("posture.manage")
+def create_control_profile(tenant: str):
+    """Add a custom Secure Score control; map recommendation types to it with policy entries."""
+    _only(())
+    data = _body(ControlProfileIn())
     tenant_id = _tenant_id(tenant)
-    query = select(SS).where(SS.c.tenant_id == tenant_id)
-    if token is not None:
-        query = query.where(SS.c.id < token)
-    with _db().engine.connect() as conn:
-        rows = conn.execute(query.order_by(SS.c.id.desc()).limit(top + 1)).all()
-    more = len(rows) > top
-    rows = rows[:top]
-    values = [{"id": str(row.id), "currentScore": row.current, "maxScore": row.max,
-               "percentage": row.percentage, "controlScores": row.control_scores or [],
-               "createdDateTime": _time(row.created_at)} for row in rows]
-    return _page(tenant, "score.list_secure_scores", "secureScores", values, rows[-1].id if more else None)
+    with _db().engine.begin() as conn:
+        control = profile_edits.create(conn, tenant_id, data, actor=g.caller.client_id, now=utcnow())
+    return _created(PROFILES, f"collections.get_{PROFILES}", tenant, control)
 
 
-def _offset_page(tenant: str, endpoint: str, name: str, values: list[dict]):
-    top, token = _paging()
-    start = token or 0
-    more = len(values) > start + top
-    return _page(tenant, endpoint, name, values[start : start + top], start + top if more else None)
+@require_scope("posture.manage")
+def patch_control_profile(tenant: str, item_id: str):
+    """Append control state updates (any control) or change a custom control's definition."""
+    _only(())
+    data = _body(ControlProfilePatch())  # no field is required (partial would reach the nested ones)
+    tenant_id, control = _tenant_id(tenant), _item_id(PROFILES, item_id)
+    with _db().engine.begin() as conn:
+        profile_edits.edit(conn, tenant_id, control, data, actor=g.caller.client_id, now=utcnow())
+    return jsonify(_get_one(tenant, PROFILES, control))
+
+
+@require_scope("posture.manage")
+def delete_control_profile(tenant: str, item_id: str):
+    """Delete a custom control (409 while the security policy names it)."""
+    _only(())
+    tenant_id, control = _tenant_id(tenant), _item_id(PROFILES, item_id)
+    with _db().engine.begin() as conn:
+        profile_edits.remove(conn, tenant_id, control, actor=g.caller.client_id, now=utcnow())
+    return _no_content()
+
+
+# -- the score of a scope -----------------------------------------------------------------------------
+
+
+def _bad_filter(message: str, code: str = "invalidParameter") -> BadRequest:
+    return BadRequest(f"resourceFilter: {message}", code=code, details={"resourceFilter": [message]})
 
 
 @require_scope("security.read")
-def list_secure_score_controls(tenant: str):
-    """The tenant's current score of each control (stored rows)."""
+def scoped_secure_score(tenant: str):
+    """The Secure Score of the tenant's resources matching an OData $filter on resources, now."""
+    _only(("resourceFilter",))
+    given = request.args.getlist("resourceFilter")
+    if len(given) != 1 or not given[0].strip():
+        raise _bad_filter("give one OData $filter on resources, e.g. tags/any(t: t eq 'pci')")
     tenant_id = _tenant_id(tenant)
     with _db().engine.connect() as conn:
-        rows = conn.execute(select(SSC).where(SSC.c.tenant_id == tenant_id).order_by(SSC.c.control)).all()
-    total_max = sum(row.max for row in rows if row.healthy + row.unhealthy) or 0.0
-    values = []
-    for row in rows:
-        control = BY_ID.get(row.control)
-        applies = bool(row.healthy + row.unhealthy)
-        values.append({
-            "id": row.control, "displayName": control.title if control else row.control,
-            "currentScore": row.current, "maxScore": row.max,
-            "percentage": round(row.current / row.max, 4) if row.max and applies else 0.0,
-            "healthyResourceCount": row.healthy, "unhealthyResourceCount": row.unhealthy,
-            "notApplicableResourceCount": row.not_applicable,
-            "weight": round(row.max / total_max, 4) if total_max and applies else 0.0,
-            "updatedDateTime": _time(row.updated_at),
-        })
-    return _offset_page(tenant, "score.list_secure_score_controls", "secureScoreControls", values)
+        try:
+            resources = resource_query(conn, tenant_id, given[0])
+        except BadRequest as exc:
+            raise _bad_filter(exc.message, exc.code) from None
+        score = upkeep.scoped_score(conn, tenant_id, resources)
+        matched = conn.execute(select(func.count()).select_from(resources.subquery())).scalar_one()
+    return jsonify({
+        "resourceFilter": given[0], "resourceCount": matched, "currentScore": score["current"],
+        "maxScore": score["max"], "percentage": score["percentage"], "controlScores": score["control_scores"],
+        "createdDateTime": utcnow().isoformat(),
+    })
 
 
-@require_scope("security.read")
-def list_secure_score_control_profiles(tenant: str):
-    """The Secure Score control definitions."""
-    _tenant_id(tenant)
-    values = [{"id": c.id, "title": c.title, "maxScore": c.max_score, "description": c.description,
-               "controlCategory": c.category} for c in CONTROLS]
-    return _offset_page(tenant, "score.list_secure_score_control_profiles", "secureScoreControlProfiles",
-                        values)
-
-
-blueprint.add_url_rule("/secureScores", "list_secure_scores", list_secure_scores, methods=["GET"])
-blueprint.add_url_rule("/secureScoreControls", "list_secure_score_controls", list_secure_score_controls,
-                       methods=["GET"])
-blueprint.add_url_rule("/secureScoreControlProfiles", "list_secure_score_control_profiles",
-                       list_secure_score_control_profiles, methods=["GET"])
+blueprint.add_url_rule(f"/{PROFILES}", "create_control_profile", create_control_profile, methods=["POST"])
+blueprint.add_url_rule(f"/{PROFILES}/<item_id>", "patch_control_profile", patch_control_profile,
+                       methods=["PATCH"])
+blueprint.add_url_rule(f"/{PROFILES}/<item_id>", "delete_control_profile", delete_control_profile,
+                       methods=["DELETE"])
+blueprint.add_url_rule("/secureScores/scoped", "scoped_secure_score", scoped_secure_score, methods=["GET"])

@@ -1,4 +1,9 @@
-"""Merge partner alerts: provider fields only; the customer's workflow fields stay."""
+"""Merge partner alerts: provider fields only; the customer's workflow fields stay.
+
+An alert the merge creates that an active suppression rule of the tenant matches is inserted
+already resolved, with ``suppressed_by`` and a ``suppressed`` event (gateway/suppression.py); an
+update of a stored alert is never re-suppressed.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from sqlalchemy import bindparam, case, select, update
 from sqlalchemy.engine import Connection
 
 from connectors.model import AlertRecord
+from gateway import suppression
 from gateway.merge import resources as resource_identity
 from gateway.merge.sql import in_values, insert_for, is_postgres
 from gateway.models import Alert, LifecycleEvent, utcnow
@@ -41,6 +47,7 @@ class AlertMerger:
         self.batch_id = batch_id
         self.cause = cause
         self.counts: Counter = Counter()
+        self._rules: list[suppression.Rule] | None = None  # the tenant's active rules, loaded once
 
     def merge_chunk(self, records: Sequence[AlertRecord]) -> list[int]:
         """Merge alerts; return their ids in record order."""
@@ -88,10 +95,19 @@ class AlertMerger:
             # read is skipped (after that batch commits) and merged again as an update of that row.
             statement = insert_for(conn, alerts_t).on_conflict_do_nothing(
                 index_elements=["tenant_id", "provider", "provider_id"])
+            suppressed = self._suppress(inserts, now)
             new = conn.execute(statement.returning(alerts_t.c.id, alerts_t.c.provider_id), inserts).all()
             self.counts["created"] += len(new)
             if new:
-                conn.execute(events_t.insert(), [self._event(alert_id, "new", now) for alert_id, _ in new])
+                events = [self._event(alert_id, "new", now) for alert_id, _ in new]
+                for alert_id, provider_id in new:
+                    rule = suppressed.get(provider_id)
+                    if rule is not None:
+                        events.append(suppression.event(self.tenant_id, alert_id, rule, now,
+                                                        actor=self.provider, batch_id=self.batch_id,
+                                                        existing=False))
+                        self.counts["suppressed"] += 1
+                conn.execute(events_t.insert(), events)
             inserted = {provider_id for _, provider_id in new}
             pending = {row["provider_id"]: rows[row["provider_id"]] for row in inserts
                        if row["provider_id"] not in inserted}
@@ -150,6 +166,24 @@ class AlertMerger:
         if events:
             conn.execute(events_t.insert(), events)
         return inserts
+
+    def _suppress(self, inserts: list[dict], now) -> dict[str, suppression.Rule]:
+        """Resolve the new alerts an active rule matches, in their insert rows (every row gets
+        ``suppressed_by``: one INSERT statement takes rows of one shape); the rule of each."""
+        if self._rules is None:
+            self._rules = suppression.active_rules(self.conn, self.tenant_id, suppression.clock())
+        found: dict[str, suppression.Rule] = {}
+        identifiers = suppression.resource_identifiers(
+            self.conn, self.tenant_id, (row["resource_id"] for row in inserts)) if self._rules else {}
+        for row in inserts:
+            rule = suppression.first_match(self._rules, row | {
+                "resource_identifiers": identifiers.get(row["resource_id"], ())}) if self._rules else None
+            row["suppressed_by"] = rule.id if rule else None
+            row["closed_date_time"] = now if rule else None
+            if rule is not None:
+                row["status"] = "resolved"
+                found[row["provider_id"]] = rule
+        return found
 
     def _event(self, alert_id: int, event: str, now) -> dict:
         return {"tenant_id": self.tenant_id, "subject_type": "alert", "subject_id": alert_id, "event": event,

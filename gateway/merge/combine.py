@@ -308,6 +308,10 @@ def fold_into(conn, table, subject_type: str, tenant: int, gone: int, kept: int)
         .values(subject_id=kept)
     )
     _fold_customer_fields(conn, table, tenant, gone, kept)
+    if table is recs_t:  # its governance assignments move too (gateway/posture/governance.py)
+        from gateway.posture import governance
+
+        governance.fold(conn, tenant, gone, kept)
     conn.execute(table.delete().where(table.c.tenant_id == tenant, table.c.id == gone))
 
 

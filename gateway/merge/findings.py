@@ -39,6 +39,7 @@ from gateway.models import (
     utcnow,
 )
 from gateway.posture import exemptions as posture_exemptions
+from gateway.posture import governance as posture_governance
 from gateway.posture import policy as posture_policy
 from gateway.posture import status as posture_status
 from gateway.score import controls as score_controls
@@ -120,6 +121,8 @@ class FindingMerger:
         self.touched_recommendations: set[tuple[int, int]] = set()
         # (recommendation id, effective status before (None: new), after) of every change of status
         self.recommendation_transitions: list[tuple[int, str | None, str]] = []
+        # (recommendation id, actual status before, after) of every change of an existing one's actual status
+        self.actual_transitions: list[tuple[int, str, str]] = []
         self._type_ids: dict[str, int] = {}
         self.stale_examples: list[dict] = []  # a few records counted stale, and what they lost to
 
@@ -633,6 +636,7 @@ class FindingMerger:
         if not self.touched_recommendations:
             return
         conn, now = self.conn, utcnow()
+        first, first_actual = len(self.recommendation_transitions), len(self.actual_transitions)
         pairs = sorted(self.touched_recommendations)
         resource_ids = sorted({resource_id for resource_id, _ in pairs})
         if is_postgres(conn):
@@ -708,6 +712,8 @@ class FindingMerger:
                                     "actual_status": actual, "actual_severity": actual_severity,
                                     "status_changed_at": now if old.status != status
                                     else old.status_changed_at})
+                    if old.actual_status != actual:
+                        self.actual_transitions.append((old.id, old.actual_status, actual))
                     if old.status != status:
                         self.recommendation_transitions.append((old.id, old.status, status))
                         events.append({"tenant_id": self.tenant_id, "subject_type": "recommendation",
@@ -735,6 +741,10 @@ class FindingMerger:
         insert_rows(conn, events_t, events)
         # the Secure Score of the controls of the touched types, in this transaction
         score_upkeep.recount(conn, self.tenant_id, score_upkeep.controls_of_types(conn, self.tenant_id, type_ids))
+        # governance: complete the assignments of fixed recommendations, assign new Unhealthy ones by rule
+        posture_governance.after_merge(conn, self.tenant_id, self.recommendation_transitions[first:],
+                                       self.actual_transitions[first_actual:], now, cause=self.cause,
+                                       actor=self.provider, batch_id=self.batch_id)
 
     def _existing_recommendations(self, pairs: list[tuple[int, int]]) -> dict[tuple[int, int], object]:
         existing = {}

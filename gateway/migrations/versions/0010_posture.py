@@ -28,9 +28,11 @@ def _json():
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("recommendation_types") as batch:
-        batch.add_column(sa.Column("enabled", sa.Boolean, nullable=False, server_default=sa.text("true")))
-        batch.add_column(sa.Column("severity_override", sa.String(20), nullable=True))
+    # plain ADD COLUMN (no batch rebuild on SQLite: findings and recommendations refer to the
+    # types, and dropping the table to rebuild it would break those foreign keys)
+    op.add_column("recommendation_types",
+                  sa.Column("enabled", sa.Boolean, nullable=False, server_default=sa.text("true")))
+    op.add_column("recommendation_types", sa.Column("severity_override", sa.String(20), nullable=True))
     with op.batch_alter_table("recommendations") as batch:
         batch.add_column(sa.Column("actual_status", sa.String(20), nullable=True))
         batch.add_column(sa.Column("actual_severity", sa.String(20), nullable=True))
