@@ -499,10 +499,6 @@ def suppression_disable(tenant_id: str, rule: str) -> None:
     click.echo(f"disabled {rule}")
 
 
-if __name__ == "__main__":
-    main()
-
-
 @main.group()
 def score() -> None:
     """Secure Score."""
@@ -605,7 +601,253 @@ def export_replay(tenant_id: str, export_id: int, since: str) -> None:
                    f"(cursor {moved['cursorSequence']})")
 
 
+# -- security policy and exemptions ------------------------------------------------------------------
+# The same edits as the API (gateway/posture/edits.py): one transaction each, under the tenant's score
+# lock, with the recommendations, the Secure Score and the events brought up to date; the actor of
+# the events is ``cli:<user>``.
+
+
+def _actor() -> str:
+    import getpass
+
+    try:
+        user = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no login name (a container): still say it was the command line
+        user = "unknown"
+    return f"cli:{user}"
+
+
+@contextmanager
+def _posture_edit(tenant_id: str) -> Iterator[tuple[Any, int]]:
+    """A transaction on the store and the tenant's pk; an edit the API would refuse (400, 404,
+    409) ends the command with the API's message."""
+    from gateway.errors import APIError
+
+    try:
+        with _store() as db, db.engine.begin() as conn:
+            yield conn, _tenant_pk(conn, tenant_id)
+    except APIError as exc:
+        raise click.ClickException(exc.message) from None
+
+
+def _score_line(tenant_id: str) -> None:
+    from gateway.score.upkeep import tenant_score
+
+    with _store() as db, db.engine.connect() as conn:
+        result = tenant_score(conn, _tenant_pk(conn, tenant_id))
+    percent = result["percentage"] * 100
+    click.echo(f"Secure Score: {result['current']:g} of {result['max']:g} ({percent:.2f}%)")
+
+
+def _policy_target(type_key: str | None, control: str | None, provider: str | None) -> tuple[str, str]:
+    given = [(scope, value) for scope, value in (("recommendationType", type_key), ("control", control),
+                                                 ("provider", provider)) if value is not None]
+    if len(given) != 1:
+        raise click.UsageError("name one target: --type KEY, --control ID or --provider NAME")
+    return given[0]
+
+
+_SEVERITIES = ("informational", "low", "medium", "high", "critical")
+_TARGET_OPTIONS = (
+    click.option("--type", "type_key", metavar="KEY", help="a recommendation type (its key)"),
+    click.option("--control", metavar="ID", help="a Secure Score control (its id)"),
+    click.option("--provider", metavar="NAME", help="a provider (every type it created)"),
+)
+
+
+def _targets(command):
+    for option in reversed(_TARGET_OPTIONS):
+        command = option(command)
+    return command
+
+
+@main.group()
+def policy() -> None:
+    """The tenant's security policy: entries for a recommendation type, a control or a provider."""
+
+
+@policy.command("list")
+@click.option("--tenant", "tenant_id", required=True, help="the tenant (its id in URLs)")
+def policy_list(tenant_id: str) -> None:
+    """List the policy entries: id, scope, target, enabled, severity, control, last changed by."""
+    from gateway.models import PolicySetting
+
+    ps = PolicySetting.__table__
+    with _store() as db, db.engine.connect() as conn:
+        rows = conn.execute(select(ps).where(ps.c.tenant_id == _tenant_pk(conn, tenant_id))
+                            .order_by(ps.c.id)).all()
+    for row in rows:
+        enabled = "-" if row.enabled is None else ("enabled" if row.enabled else "disabled")
+        click.echo(f"{row.id}\t{row.scope}\t{row.target}\t{enabled}\t{row.severity or '-'}\t"
+                   f"{row.control or '-'}\t{row.updated_by or '-'}\t{row.updated_at.isoformat()}")
+
+
+@policy.command("set")
+@click.option("--tenant", "tenant_id", required=True, help="the tenant (its id in URLs)")
+@_targets
+@click.option("--enable/--disable", "enabled", default=None,
+              help="count the target's recommendations, or not")
+@click.option("--severity", type=click.Choice((*_SEVERITIES, "default")),
+              help="a type's severity override ('default': no override)")
+@click.option("--control-map", "control_map", metavar="ID",
+              help="the control a type counts in ('default': the one it resolves to)")
+@click.option("--description", help="why the entry exists")
+def policy_set(tenant_id: str, type_key: str | None, control: str | None, provider: str | None,
+               enabled: bool | None, severity: str | None, control_map: str | None,
+               description: str | None) -> None:
+    """Create or change the entry of one target; its recommendations and the score change now."""
+    from gateway.posture import edits
+
+    scope, target = _policy_target(type_key, control, provider)
+    data: dict[str, Any] = {}
+    if enabled is not None:
+        data["enabled"] = enabled
+    if severity is not None:
+        data["severity"] = None if severity == "default" else severity
+    if control_map is not None:
+        data["control"] = None if control_map == "default" else control_map
+    if description is not None:
+        data["description"] = description
+    if not data:
+        raise click.UsageError("nothing to set: give --enable/--disable, --severity, --control-map or "
+                               "--description")
+    with _posture_edit(tenant_id) as (conn, pk):
+        from gateway.posture import status as posture_status
+
+        posture_status.lock_tenant(conn, pk)  # the entry read and its change, one turn of the lock
+        existing = edits.find_policy(conn, pk, scope, target)
+        if existing is None:
+            policy_id, changed = edits.create_policy(conn, pk, {"scope": scope, "target": target, **data},
+                                                     actor=_actor())
+            done = "created"
+        else:
+            policy_id = existing.id
+            changed = edits.update_policy(conn, pk, policy_id, data, actor=_actor())
+            done = "updated"
+    click.echo(f"{done} policy entry {policy_id} ({scope} {target}): "
+               f"{changed} recommendation type(s) changed")
+    _score_line(tenant_id)
+
+
+@policy.command("delete")
+@click.option("--tenant", "tenant_id", required=True, help="the tenant (its id in URLs)")
+@click.argument("entry_id", required=False, type=int)
+@_targets
+def policy_delete(tenant_id: str, entry_id: int | None, type_key: str | None, control: str | None,
+                  provider: str | None) -> None:
+    """Delete an entry (by its id, or by its target): what it concerned returns to the defaults."""
+    from gateway.posture import edits
+
+    if entry_id is not None and (type_key, control, provider) != (None, None, None):
+        raise click.UsageError("give the entry's id or its target, not both")
+    target = None if entry_id is not None else _policy_target(type_key, control, provider)
+    with _posture_edit(tenant_id) as (conn, pk):
+        if target is not None:
+            from gateway.posture import status as posture_status
+
+            posture_status.lock_tenant(conn, pk)
+            found = edits.find_policy(conn, pk, *target)
+            if found is None:
+                raise click.ClickException(f"the policy has no entry for {target[0]} '{target[1]}'")
+            entry_id = found.id
+        changed = edits.delete_policy(conn, pk, entry_id, actor=_actor())
+    click.echo(f"deleted policy entry {entry_id}: {changed} recommendation type(s) changed")
+    _score_line(tenant_id)
+
+
+@main.group()
+def exemption() -> None:
+    """Exemptions: recommendations waived (risk accepted) or mitigated, on a scope, until they expire."""
+
+
+@exemption.command("list")
+@click.option("--tenant", "tenant_id", required=True, help="the tenant (its id in URLs)")
+@click.option("--state", type=click.Choice(["active", "expired"]), help="only active or expired ones")
+def exemption_list(tenant_id: str, state: str | None) -> None:
+    """List exemptions: id, state, category, scope, expiry, name."""
+    from gateway.models import Exemption, RecommendationType
+
+    ex, rt = Exemption.__table__, RecommendationType.__table__
+    with _store() as db, db.engine.connect() as conn:
+        query = (select(ex, rt.c.key.label("type_key"))
+                 .outerjoin(rt, (rt.c.tenant_id == ex.c.tenant_id) & (rt.c.id == ex.c.type_id))
+                 .where(ex.c.tenant_id == _tenant_pk(conn, tenant_id)).order_by(ex.c.id))
+        if state == "active":
+            query = query.where(ex.c.expired_at.is_(None))
+        elif state == "expired":
+            query = query.where(ex.c.expired_at.is_not(None))
+        rows = conn.execute(query).all()
+    for row in rows:
+        scope = " ".join(part for part in (
+            row.type_key and f"type={row.type_key}", row.resource_id and f"resource={row.resource_id}",
+            row.resource_filter and f"filter={row.resource_filter}") if part)
+        expires = row.expires_on.isoformat() if row.expires_on else "never"
+        click.echo(f"{row.id}\t{'expired' if row.expired_at else 'active'}\t{row.category}\t{scope}\t"
+                   f"{expires}\t{row.display_name}")
+
+
+def _expiry(value: str | None):
+    from datetime import UTC, datetime
+
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"not an ISO 8601 date and time: {value}", param_hint="--expires") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@exemption.command("create")
+@click.option("--tenant", "tenant_id", required=True, help="the tenant (its id in URLs)")
+@click.option("--name", required=True, help="its display name")
+@click.option("--category", required=True, type=click.Choice(["mitigated", "waiver"]),
+              help="waiver: risk accepted; mitigated: handled otherwise")
+@click.option("--type", "type_key", metavar="KEY", help="scope: a recommendation type (its key)")
+@click.option("--resource", "resource_id", metavar="ID", help="scope: one resource (its id)")
+@click.option("--filter", "resource_filter", metavar="ODATA",
+              help="scope: resources matching an OData $filter")
+@click.option("--expires", help="when it ends (ISO 8601; UTC when no offset is given)")
+@click.option("--description", help="why")
+def exemption_create(tenant_id: str, name: str, category: str, type_key: str | None, resource_id: str | None,
+                     resource_filter: str | None, expires: str | None, description: str | None) -> None:
+    """Exempt the recommendations in a scope (a type, a resource or a filter, or a type with one of
+    the others): they are NotApplicable now, and so is every later one in the scope."""
+    from gateway.posture import edits
+
+    if resource_id is not None and not (resource_id.isascii() and resource_id.isdigit()
+                                        and len(resource_id) < 19):
+        raise click.BadParameter(f"not a resource id: {resource_id}", param_hint="--resource")
+    data = {"displayName": name, "category": category, "description": description,
+            "recommendationType": type_key, "resourceId": resource_id, "resourceFilter": resource_filter,
+            "expiresOn": _expiry(expires)}
+    with _posture_edit(tenant_id) as (conn, pk):
+        exemption_id, matched = edits.create_exemption(conn, pk, data, actor=_actor())
+    click.echo(f"created exemption {exemption_id}: its scope holds {matched} recommendation(s)")
+    if not matched:
+        click.echo("warning: the exemption covers no recommendation yet (it will cover later ones in "
+                   "its scope)", err=True)
+    _score_line(tenant_id)
+
+
+@exemption.command("delete")
+@click.option("--tenant", "tenant_id", required=True, help="the tenant (its id in URLs)")
+@click.argument("exemption_id", type=int)
+def exemption_delete(tenant_id: str, exemption_id: int) -> None:
+    """Delete an exemption: what it covered returns to its real status at once."""
+    from gateway.posture import edits
+
+    with _posture_edit(tenant_id) as (conn, pk):
+        released = edits.delete_exemption(conn, pk, exemption_id, actor=_actor())
+    click.echo(f"deleted exemption {exemption_id}: {released} recommendation(s) released")
+    _score_line(tenant_id)
+
 
 from gateway.itsm.cli import itsm as _itsm  # noqa: E402 - the `gateway itsm` commands
 
 main.add_command(_itsm)
+
+
+if __name__ == "__main__":
+    main()
+

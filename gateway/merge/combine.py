@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, or_, select, text, update
 
 from gateway.merge.sql import in_values, insert_rows
 from gateway.models import (
@@ -162,6 +162,7 @@ def merge_resources(merger, loser: int, survivor: int, evidence: str, actor: str
                 .where(recs_t.c.tenant_id == tenant, recs_t.c.id == rid)
                 .values(resource_id=survivor)
             )
+    _cover_survivor(merger, survivor, now)
     for (type_id,) in conn.execute(
         select(findings_t.c.recommendation_type_id)
         .where(findings_t.c.tenant_id == tenant, findings_t.c.resource_id == survivor)
@@ -266,6 +267,35 @@ def merge_resources(merger, loser: int, survivor: int, evidence: str, actor: str
     )
     insert_rows(conn, events_t, events)
     merger.counts["resourcesMerged"] += 1
+
+
+def _cover_survivor(merger, survivor: int, now) -> None:
+    """The exemptions of the surviving resource (its own, and the loser's, which now name it) hold
+    every recommendation on it: those no exemption covers yet (the survivor's own, or the loser's
+    that moved or were folded into them) are covered now, and each names the oldest exemption
+    holding it, as a new recommendation on it would; the batch's ``update_recommendations``
+    re-derives their status."""
+    from gateway.posture import exemptions as posture_exemptions
+
+    conn, tenant = merger.conn, merger.tenant_id
+    for exemption in posture_exemptions.active(conn, tenant, now):
+        if exemption.resource_id != survivor:
+            continue
+        query = select(recs_t.c.id, recs_t.c.type_id).where(
+            recs_t.c.tenant_id == tenant, recs_t.c.resource_id == survivor,
+            or_(recs_t.c.exemption_id.is_(None), recs_t.c.exemption_id > exemption.id),
+        )
+        if exemption.type_id is not None:
+            query = query.where(recs_t.c.type_id == exemption.type_id)
+        found = conn.execute(query).all()
+        if not found:
+            continue
+        conn.execute(
+            update(recs_t)
+            .where(recs_t.c.tenant_id == tenant, in_values(conn, recs_t.c.id, [rid for rid, _ in found]))
+            .values(exemption_id=exemption.id)
+        )
+        merger.touched_recommendations.update((survivor, type_id) for _, type_id in found)
 
 
 def fold_into(conn, table, subject_type: str, tenant: int, gone: int, kept: int) -> None:

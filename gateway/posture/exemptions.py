@@ -106,14 +106,14 @@ def apply(
     posture_status.lock_tenant(conn, tenant_id)
     row = conn.execute(select(EX).where(EX.c.tenant_id == tenant_id, EX.c.id == exemption_id)).one()
     scope = scope_condition(conn, tenant_id, row)
-    conn.execute(update(R).where(scope, R.c.exemption_id.is_(None)).values(exemption_id=exemption_id))
-    posture_status.refresh(
+    posture_status.refresh(  # cover them and re-derive their status: one UPDATE
         conn,
         tenant_id,
-        R.c.exemption_id == exemption_id,
+        and_(scope, R.c.exemption_id.is_(None)),
         cause=f"exemption {exemption_id} ({row.category})",
         actor=actor,
         now=now,
+        exemption_id=exemption_id,
     )
     in_scope = conn.execute(select(func.count()).select_from(R).where(scope)).scalar_one()
     conn.execute(
@@ -151,22 +151,14 @@ def release(
                 .where(R.c.exemption_id == exemption_id, scope_condition(conn, tenant_id, other))
                 .values(exemption_id=other.id)
             )
-    released = conn.execute(
-        update(R)
-        .where(R.c.tenant_id == tenant_id, R.c.exemption_id == exemption_id)
-        .values(exemption_id=None)
-    ).rowcount
-    posture_status.refresh(
+    released = posture_status.refresh(  # release the rest and re-derive their status: one UPDATE
         conn,
         tenant_id,
-        and_(
-            R.c.status == "NotApplicable",
-            R.c.status_cause == posture_status.EXEMPT,
-            R.c.exemption_id.is_(None),
-        ),
+        R.c.exemption_id == exemption_id,
         cause=f"exemption {exemption_id} {event}",
         actor=actor,
         now=now,
+        exemption_id=None,
     )
     conn.execute(
         EV.insert().values(

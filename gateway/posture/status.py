@@ -30,6 +30,7 @@ from sqlalchemy import (
     and_,
     case,
     cast,
+    false,
     func,
     insert,
     literal,
@@ -37,6 +38,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    true,
     update,
 )
 from sqlalchemy.engine import Connection
@@ -62,13 +64,20 @@ def effective(
     return actual_status, None, severity
 
 
-def _expressions():
+KEEP = object()  # ``refresh``'s exemption_id: the recommendations keep the one they have
+
+
+def _expressions(exemption_id=KEEP):
+    if exemption_id is KEEP:
+        exempt = R.c.exemption_id.is_not(None)
+    else:
+        exempt = true() if exemption_id is not None else false()
     status = case(
         (RT.c.enabled.is_(False), "NotApplicable"),
-        (R.c.exemption_id.is_not(None), "NotApplicable"),
+        (exempt, "NotApplicable"),
         else_=R.c.actual_status,
     )
-    cause = case((RT.c.enabled.is_(False), DISABLED), (R.c.exemption_id.is_not(None), EXEMPT), else_=None)
+    cause = case((RT.c.enabled.is_(False), DISABLED), (exempt, EXEMPT), else_=None)
     severity = func.coalesce(RT.c.severity_override, R.c.actual_severity)
     return status, cause, severity
 
@@ -92,12 +101,17 @@ def refresh(
     actor: str | None,
     now: datetime | None = None,
     controls: set[str] | None = None,
+    exemption_id=KEEP,
 ) -> int:
     """Re-derive the effective status of the tenant's recommendations matching ``condition``
     (all when None), write a history event for each whose status changes, and recount the
-    controls whose counts may have moved (those, plus ``controls``).  Returns how many changed."""
+    controls whose counts may have moved (those, plus ``controls``).  Returns how many changed.
+
+    With ``exemption_id`` (an id, or None), the recommendations matching ``condition`` are given
+    that exemption in the same UPDATE that re-derives their status (one pass over the rows, not
+    two, when an exemption covers or releases them); it then returns how many it updated."""
     now = now or utcnow()
-    status, status_cause, severity = _expressions()
+    status, status_cause, severity = _expressions(exemption_id)
     joined = and_(RT.c.tenant_id == R.c.tenant_id, RT.c.id == R.c.type_id)
     where = [R.c.tenant_id == tenant_id, joined]
     if condition is not None:
@@ -138,17 +152,18 @@ def refresh(
             .where(*where[:1], *where[2:], R.c.status != status),
         )
     )
-    changed = conn.execute(
-        update(R)
-        .where(*where, differs)
-        .values(
-            status=status,
-            status_cause=status_cause,
-            severity=severity,
-            updated_at=now,
-            status_changed_at=case((R.c.status != status, now), else_=R.c.status_changed_at),
-        )
-    ).rowcount
+    values = {
+        "status": status,
+        "status_cause": status_cause,
+        "severity": severity,
+        "updated_at": now,
+        "status_changed_at": case((R.c.status != status, now), else_=R.c.status_changed_at),
+    }
+    if exemption_id is not KEEP:
+        values["exemption_id"] = exemption_id
+    else:
+        where.append(differs)
+    changed = conn.execute(update(R).where(*where).values(**values)).rowcount
     if touched:
         upkeep.recount(conn, tenant_id, touched)
     return changed
