@@ -381,6 +381,13 @@ class FindingSource(Base):
             "tenant_id", "provider", "provider_id", "correlation_key", name="uq_finding_sources_record"
         ),
         Index("ix_finding_sources_finding", "finding_id"),
+        # any() over a finding's sources by provider, in finding order (migration 0012).  Its
+        # predicate holds for every row: only the statements that name it (gateway/api/
+        # collections.py ``_sources``) use the index, never a merge's lookup by record key, for
+        # which it would look as cheap as the unique key without statistics and read all the
+        # provider's sources for each key.
+        Index("ix_finding_sources_tenant_provider", "tenant_id", "provider", "finding_id",
+              postgresql_where=text("finding_id IS NOT NULL"), sqlite_where=text("finding_id IS NOT NULL")),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
