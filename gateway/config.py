@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     max_attempts: int = 5
     lease_seconds: int = 60
     max_rejection_details: int = 1000
+    # ANALYZE after a merge (PostgreSQL; gateway/pipeline.py analyze_if_due): a table the merges
+    # changed by this many rows, or this share of its rows, since its last ANALYZE. 0 turns it off.
+    analyze_after_rows: int = 50_000
+    analyze_after_growth: float = 0.1
     wellformed_check_max_bytes: int = 256 * 1024 * 1024  # larger bodies skip the check before 202
     page_size_default: int = 100
     page_size_max: int = 1000

@@ -432,7 +432,10 @@ class Recommendation(Base):
         Index("ix_recommendations_tenant_status", "tenant_id", "status", "id"),
         # the Secure Score recount of a control (gateway/score/upkeep.py), index-only
         Index("ix_recommendations_tenant_type", "tenant_id", "type_id", "resource_id", "status"),
-        Index("ix_recommendations_tenant_exemption", "tenant_id", "exemption_id"),
+        # partial: only exempt rows, so a lookup by (tenant, resource, type) never ties with it when
+        # the table has no statistics (tests/test_plans.py)
+        Index("ix_recommendations_tenant_exemption", "tenant_id", "exemption_id",
+              postgresql_where=text("exemption_id IS NOT NULL"), sqlite_where=text("exemption_id IS NOT NULL")),
         ForeignKeyConstraint(["tenant_id", "type_id"],
                              ["recommendation_types.tenant_id", "recommendation_types.id"],
                              name="fk_recommendations_tenant_type"),
@@ -519,6 +522,13 @@ class FindingSource(Base):
             "tenant_id", "provider", "provider_id", "correlation_key", name="uq_finding_sources_record"
         ),
         Index("ix_finding_sources_finding", "finding_id"),
+        # any() over a finding's sources by provider, in finding order (migration 0012).  Its
+        # predicate holds for every row: only the statements that name it (gateway/api/
+        # collections.py ``_sources``) use the index, never a merge's lookup by record key, for
+        # which it would look as cheap as the unique key without statistics and read all the
+        # provider's sources for each key.
+        Index("ix_finding_sources_tenant_provider", "tenant_id", "provider", "finding_id",
+              postgresql_where=text("finding_id IS NOT NULL"), sqlite_where=text("finding_id IS NOT NULL")),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)

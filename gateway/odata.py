@@ -20,8 +20,9 @@ from odata_query import ast
 from odata_query import exceptions as odata_errors
 from odata_query.grammar import ODataLexer, ODataParser
 from odata_query.roundtrip import AstToODataVisitor
-from sqlalchemy import String, and_, false, func, literal, not_, or_, select, true, type_coerce
+from sqlalchemy import Select, String, and_, false, func, literal, not_, or_, select, true, type_coerce
 from sqlalchemy.sql import ColumnElement
+from sqlalchemy.sql.util import find_tables
 
 from gateway.errors import BadRequest
 
@@ -60,6 +61,12 @@ class ListField:
     element: Callable[[Any], Field] | None = None
     members: Callable[[Any], dict[str, Field]] | None = None
     rows: Callable[[FilterContext], tuple[Any, ColumnElement]] | None = None
+    # ``owner(rows, context)``: the element column holding its owner's id, and the condition that
+    # scopes the elements to the tenant (``rows``' link without the tie to the outer row).  A
+    # ``$count`` whose whole filter is one ``any()`` of the field then counts the distinct owners
+    # of the matching elements, from the elements alone (``ParsedFilter.owners``).  Declare it
+    # only where every element in that scope belongs to a row of the collection.
+    owner: Callable[[Any, FilterContext], tuple[ColumnElement, ColumnElement]] | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,10 @@ class FilterContext:
 class ParsedFilter:
     condition: ColumnElement
     canonical: str  # the filter re-rendered from its syntax tree (for the paging fingerprint)
+    # When the whole filter is one any() of a list field with an ``owner`` and its lambda names
+    # the elements only: the owners' ids of the matching elements (a SELECT of one column, with
+    # repeats), whose distinct count is the filter's count.
+    owners: Select | None = None
 
 
 class _Invalid(Exception):
@@ -121,8 +132,9 @@ def parse_filter(text: str, fields: dict[str, Field | ListField], context: Filte
         raise _bad("nested too deeply") from None
     if tree is None:
         raise _bad("empty")
+    translator = _Translator(fields, context)
     try:
-        condition = _Translator(fields, context).condition(tree)
+        condition = translator.condition(tree)
     except _Invalid as exc:
         where = text.find(exc.token)
         at = f" at position {where}" if where >= 0 else ""
@@ -130,7 +142,7 @@ def parse_filter(text: str, fields: dict[str, Field | ListField], context: Filte
                          code="invalidFilter") from None
     except RecursionError:
         raise _bad("nested too deeply") from None
-    return ParsedFilter(condition=condition, canonical=_render(tree))
+    return ParsedFilter(condition=condition, canonical=_render(tree), owners=translator.owners.get(id(tree)))
 
 
 def parse_select(text: str, selectable: tuple[str, ...]) -> tuple[str, ...]:
@@ -153,6 +165,7 @@ class _Translator:
         self.context = context
         self.scopes: list[tuple[str, Field | dict[str, Field]]] = []
         self.depth = 0
+        self.owners: dict[int, Select] = {}  # id of an any() node -> its owners (ParsedFilter.owners)
 
     # -- conditions ----------------------------------------------------------------------------
 
@@ -276,6 +289,10 @@ class _Translator:
             return or_(not_(present), matched) if every else and_(present, matched)
         if every:
             return not_(select(literal(1)).select_from(rows).where(link, not_(matched)).exists())
+        named = set(find_tables(matched, check_columns=True, include_aliases=True))
+        if spec.owner is not None and named <= {rows}:  # the lambda names the elements only
+            owner, scope = spec.owner(rows, self.context)
+            self.owners[id(node)] = select(owner).select_from(rows).where(scope, matched)
         return select(literal(1)).select_from(rows).where(link, matched).exists()
 
     # -- operands ------------------------------------------------------------------------------

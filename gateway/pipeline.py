@@ -15,13 +15,14 @@ import logging
 import queue
 import re
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from itertools import islice
 
 import msgspec
-from sqlalchemy import or_, select, update
+from sqlalchemy import or_, select, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 
@@ -208,14 +209,16 @@ class LeaseLost(Exception):
 
 
 def process_batch(db: Database, batch_id: int, chunk_size: int = 5000, max_rejections: int = 1000, *,
-                  owner: str | None = None, max_attempts: int = 5, lease_seconds: int = 60) -> str:
+                  owner: str | None = None, max_attempts: int = 5, lease_seconds: int = 60,
+                  analyze_after_rows: int = 50_000, analyze_after_growth: float = 0.1) -> str:
     """Merge a batch once; return its final status, or ``"busy"`` if another worker holds it.
 
     ``owner`` names this merge's lease: a retry of the same task passes the same owner so it
     takes its own lease back at once.  A database error that may pass (lost connection,
     deadlock, a locked SQLite file) raises :class:`TransientError` from every step, the claim
     included; any other error ends the batch ``failed`` with the error recorded, and so does
-    a batch claimed ``max_attempts`` times without finishing.
+    a batch claimed ``max_attempts`` times without finishing.  After a merge that landed, the
+    tables the merges grew are analyzed when due (:func:`analyze_if_due`).
     """
     owner = owner or uuid.uuid4().hex
     try:
@@ -233,7 +236,7 @@ def process_batch(db: Database, batch_id: int, chunk_size: int = 5000, max_rejec
     try:
         with db.engine.begin() as conn:
             batch = conn.execute(select(batches).where(batches.c.id == batch_id)).first()
-            return _merge(conn, batch, chunk_size, max_rejections, owner)
+            status = _merge(conn, batch, chunk_size, max_rejections, owner)
     except FormatError as exc:
         _finish_failed(db, batch_id, owner, clean_text(str(exc))[:2000])
         log.info("batch %s failed: %s", batch_id, exc)
@@ -253,6 +256,54 @@ def process_batch(db: Database, batch_id: int, chunk_size: int = 5000, max_rejec
             heartbeat.stop()
         if collecting:
             gc.enable()
+    if status != "failed":
+        analyze_if_due(db, analyze_after_rows, analyze_after_growth, batch_id)
+    return status
+
+
+# The tables a merge writes, and the fewest changed rows that make one worth analyzing.
+ANALYZED_TABLES = ("findings", "finding_sources", "lifecycle_events", "resources", "resource_identifiers",
+                   "resource_sources", "recommendations", "observations", "alerts")
+ANALYZE_MIN_ROWS = 1000
+
+
+def analyze_if_due(db: Database, after_rows: int, after_growth: float,
+                   batch_id: int | None = None) -> list[str]:
+    """ANALYZE the merged tables that changed enough since their last ANALYZE; their names.
+
+    PostgreSQL plans from the statistics ANALYZE leaves (rows per tenant, per provider...).
+    A store whose autovacuum is off never gets them, and even with autovacuum a table of 100M
+    rows waits for 10M changed rows: a tenant created since then is a guess of 0.5% of each
+    table, which sends ``$count`` and pages with ``any()`` filters down plans that read all of
+    a big tenant's rows.  So after each merge that landed, a table is analyzed once the rows
+    changed since its last ANALYZE (``pg_stat_user_tables.n_mod_since_analyze``, every
+    batch's together) reach ``after_rows``, or ``after_growth`` of the table's rows when that
+    is less (at least ``ANALYZE_MIN_ROWS``).  Outside the merge's transaction (it has
+    committed), each table in a transaction of its own, skipping a table another session is
+    analyzing or vacuuming; a failure is logged, never the batch's.  (The merge's own lookups
+    do not depend on statistics: gateway/merge/sql.py ``keyed``.)
+    """
+    if not db.is_postgres or after_rows <= 0:
+        return []
+    try:
+        with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            changed = conn.execute(text(
+                "SELECT s.relname, s.n_mod_since_analyze, greatest(c.reltuples, 0) "
+                "FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid "
+                "WHERE s.relname = ANY(:names) ORDER BY s.relname"),
+                {"names": list(ANALYZED_TABLES)}).all()
+            due = [name for name, modified, size in changed
+                   if modified >= min(after_rows, max(ANALYZE_MIN_ROWS, after_growth * size))]
+            if due:
+                started = time.perf_counter()
+                conn.exec_driver_sql(f"ANALYZE (SKIP_LOCKED) {', '.join(due)}")
+                log.info("analyzed %s after batch %s in %.1fs (rows changed since their last analyze: %s)",
+                         ", ".join(due), batch_id, time.perf_counter() - started,
+                         ", ".join(f"{name} {modified}" for name, modified, _ in changed if name in due))
+            return due
+    except Exception as exc:  # noqa: BLE001 - statistics are advisory: the batch has landed
+        log.warning("tables not analyzed after batch %s: %s", batch_id, exc)
+        return []
 
 
 def _claim(db: Database, batch_id: int, owner: str, max_attempts: int, lease_seconds: int) -> str | None:

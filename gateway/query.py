@@ -92,6 +92,7 @@ class ListRequest:
     skip: int = 0
     count: bool = False
     csv: bool = False
+    owners: Select | None = None  # the filter's ParsedFilter.owners (see ``count``)
 
 
 def _invalid(message: str) -> BadRequest:
@@ -132,16 +133,16 @@ def parse_list_args(collection: Collection, args, context: FilterContext, defaul
     if count_text is not None and count_text not in ("true", "false"):
         raise _invalid("'$count' is true or false")
     order = _parse_order(collection, args.get("$orderby"))
-    conditions, canonical = [], ""
+    conditions, canonical, owners = [], "", None
     if "$filter" in args:
         parsed = parse_filter(args["$filter"], collection.fields, context)
         conditions.append(parsed.condition)
-        canonical = parsed.canonical
+        canonical, owners = parsed.canonical, parsed.owners
     selected = parse_select(args["$select"], collection.selectable) if "$select" in args else None
     fingerprint = hashlib.sha256("\x1f".join(
         [collection.name, repr(order), canonical, ",".join(selected or ())]).encode()).hexdigest()[:24]
     return ListRequest(top=top, order=order, conditions=conditions, fingerprint=fingerprint, select=selected,
-                       skip=skip, count=count_text == "true", csv=as_csv)
+                       skip=skip, count=count_text == "true", csv=as_csv, owners=owners)
 
 
 def _parse_order(collection: Collection, text: str | None) -> list[tuple[str, bool]]:
@@ -218,7 +219,17 @@ def _page(conn: Connection, collection: Collection, tenant_id: int, request: Lis
 
 
 def count(conn: Connection, collection: Collection, tenant_id: int, request: ListRequest) -> int:
-    """How many rows the filter matches (``$count=true``)."""
+    """How many rows the filter matches (``$count=true``).
+
+    A filter that is one ``any()`` of a list field with an owner (``sources/any(s: s/provider eq
+    'Tenable')``) is counted from the matching elements alone: their distinct owners, one scan
+    of an index on the elements (finding_sources (tenant_id, provider, finding_id), migration
+    0012).  The EXISTS the filter is otherwise joins every owner row to its elements: 1 s for
+    400,000 of a 1M-finding tenant with statistics, tens of seconds without (issue 17).
+    """
+    if request.owners is not None:
+        owners = request.owners.distinct().subquery()
+        return conn.execute(select(func.count()).select_from(owners)).scalar_one()
     named = {table for condition in request.conditions
              for table in find_tables(condition, check_columns=True, include_aliases=True)}
     if collection.count_base is not None and not named & set(collection.count_joined):

@@ -39,7 +39,9 @@ def process_batch_task(self, batch_id: int, owner: str | None = None, request_id
         try:
             status = process_batch(db, int(batch_id), chunk_size=config["MERGE_CHUNK_SIZE"],
                                    max_rejections=config["MAX_REJECTION_DETAILS"], owner=owner,
-                                   max_attempts=config["MAX_ATTEMPTS"], lease_seconds=config["LEASE_SECONDS"])
+                                   max_attempts=config["MAX_ATTEMPTS"], lease_seconds=config["LEASE_SECONDS"],
+                                   analyze_after_rows=config["ANALYZE_AFTER_ROWS"],
+                                   analyze_after_growth=config["ANALYZE_AFTER_GROWTH"])
         except TransientError as exc:
             # Soon and often: a restarted database is back within seconds, and the batch with it.
             delay = min(5.0, 0.5 * 2 ** min(self.request.retries, 4)) + random.uniform(0, 0.5)

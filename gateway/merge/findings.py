@@ -27,6 +27,7 @@ from gateway.merge.sql import (
     insert_for,
     insert_rows,
     is_postgres,
+    keyed,
     pair_join,
     update_rows,
 )
@@ -245,7 +246,7 @@ class FindingMerger:
         if earlier:
             self._fold_stored(earlier)
 
-        existing = self._existing_sources(sorted({pid for pid, _ in incoming}))
+        existing = self._existing_sources(sorted(incoming))
         outcome, created, updated, touched = _classify(incoming, existing, self.stale_examples)
         moved = [row for row in updated if row["resource_id"] != row["_old"]["resource_id"]]
         finding_ids = self._ensure_findings(created + moved, now)
@@ -267,7 +268,8 @@ class FindingMerger:
             recheck |= {row["finding_id"] for row in lost} & created_ids
             again, created_again, updated_again, touched_again = _classify(
                 {(row["provider_id"], row["correlation_key"]): row for row in lost},
-                self._existing_sources(sorted({row["provider_id"] for row in lost})), self.stale_examples)
+                self._existing_sources(sorted({(row["provider_id"], row["correlation_key"])
+                                               for row in lost})), self.stale_examples)
             outcome.update(again)
             for row in updated_again + touched_again:
                 if row["resource_id"] == row["_old"]["resource_id"]:
@@ -335,22 +337,32 @@ class FindingMerger:
             row["references"] = []
         return row
 
-    def _existing_sources(self, provider_ids: list[str]) -> dict[tuple[str, str], dict]:
-        if not provider_ids:
+    def _existing_sources(self, identities: list[tuple[str, str]]) -> dict[tuple[str, str], dict]:
+        """The stored sources of these (provider id, correlation key) identities, locked on PostgreSQL."""
+        if not identities:
             return {}
-        query = (
-            select(sources_t.c.id, sources_t.c.provider_id, sources_t.c.correlation_key,
-                   sources_t.c.finding_id, sources_t.c.resource_id, sources_t.c.provider_timestamp,
-                   sources_t.c.provider_timestamp_is_fallback, sources_t.c.batch_id,
-                   sources_t.c.content_hash, sources_t.c.state, sources_t.c.first_seen,
-                   sources_t.c.last_seen)
-            .where(sources_t.c.tenant_id == self.tenant_id, sources_t.c.provider == self.provider,
-                   in_values(self.conn, sources_t.c.provider_id, provider_ids))
-            .order_by(sources_t.c.id)
-        )
+        s = sources_t.c
+        columns = (s.id, s.provider_id, s.correlation_key, s.finding_id, s.resource_id, s.provider_timestamp,
+                   s.provider_timestamp_is_fallback, s.batch_id, s.content_hash, s.state, s.first_seen,
+                   s.last_seen)
+        mine = (s.tenant_id == self.tenant_id, s.provider == self.provider)
         if is_postgres(self.conn):
-            query = query.with_for_update()
-        result = self.conn.execute(query)
+            # Found through the unique index, one identity at a time (gateway/merge/sql.py ``keyed``),
+            # then locked in id order, as they always were: two batches of the same records lock
+            # them in the same order and never wait for each other in a cycle.  The lock reads them
+            # by primary key alone (they are the tenant's and provider's, found just above): beside
+            # the tenant and provider, which the planner guesses pick 0.0025% of the table, the
+            # primary key would not be sure to win over a scan of the provider's sources per id.
+            ids = sorted(self.conn.execute(keyed(self.conn, select(s.id).where(*mine),
+                                                 (s.provider_id, s.correlation_key), identities,
+                                                 unique=True)).scalars())
+            if not ids:
+                return {}
+            result = self.conn.execute(keyed(self.conn, select(*columns).with_for_update(), (s.id,), ids,
+                                             unique=True))
+        else:
+            result = self.conn.execute(select(*columns).where(*mine, in_values(
+                self.conn, s.provider_id, sorted({pid for pid, _ in identities}))).order_by(s.id))
         keys = list(result.keys())
         return {(row[1], row[2]): dict(zip(keys, row, strict=True)) for row in result}
 
@@ -360,10 +372,17 @@ class FindingMerger:
         The stored content hash stays that of the first occurrence, so the same push again
         finds the record unchanged; an output already in the evidence is not added twice.
         """
-        stored = {(row.provider_id, row.correlation_key): row for row in self.conn.execute(
-            select(sources_t.c.id, sources_t.c.provider_id, sources_t.c.correlation_key, sources_t.c.evidence)
-            .where(sources_t.c.tenant_id == self.tenant_id, sources_t.c.provider == self.provider,
-                   in_values(self.conn, sources_t.c.provider_id, sorted({r.provider_id for r, _ in repeats}))))}
+        s = sources_t.c
+        query = select(s.id, s.provider_id, s.correlation_key, s.evidence).where(
+            s.tenant_id == self.tenant_id, s.provider == self.provider)
+        if is_postgres(self.conn):
+            identities = sorted({(record.provider_id, key) for record, _ in repeats
+                                 for key, _ in correlation_key(self.provider, record)})
+            query = keyed(self.conn, query, (s.provider_id, s.correlation_key), identities, unique=True)
+        else:
+            query = query.where(in_values(self.conn, s.provider_id,
+                                          sorted({record.provider_id for record, _ in repeats})))
+        stored = {(row.provider_id, row.correlation_key): row for row in self.conn.execute(query)}
         evidence: dict[int, str | None] = {}
         for record, _ in repeats:
             if not record.evidence:
@@ -470,11 +489,12 @@ class FindingMerger:
         if inserted == len(created):
             return []
         s = sources_t.c
-        theirs = set(self.conn.execute(
-            select(s.provider_id, s.correlation_key).where(
+        theirs = set(self.conn.execute(keyed(
+            self.conn, select(s.provider_id, s.correlation_key).where(
                 s.tenant_id == self.tenant_id, s.provider == self.provider,
-                in_values(self.conn, s.provider_id, sorted({row["provider_id"] for row in created})),
-                or_(s.batch_id.is_distinct_from(self.batch_id), s.created_at != now))).all())
+                or_(s.batch_id.is_distinct_from(self.batch_id), s.created_at != now)),
+            (s.provider_id, s.correlation_key),
+            sorted({(row["provider_id"], row["correlation_key"]) for row in created}), unique=True)).all())
         lost = [row for row in created if (row["provider_id"], row["correlation_key"]) in theirs]
         if len(lost) != len(created) - inserted:
             raise RuntimeError(f"{len(created) - inserted} sources not inserted, {len(lost)} found")
@@ -536,21 +556,28 @@ class FindingMerger:
         query = (select(findings_t.c.id, findings_t.c.state, findings_t.c.resource_id,
                         findings_t.c.recommendation_type_id, findings_t.c.state_changed_at,
                         findings_t.c.resolved_at, findings_t.c.created_at)
-                 .where(findings_t.c.tenant_id == self.tenant_id, in_values(self.conn, findings_t.c.id, ids)))
+                 .where(findings_t.c.tenant_id == self.tenant_id))
         if is_postgres(self.conn):
-            # Lock the findings (in id order) before reading their sources: a concurrent batch
-            # that changed another source of one of them has committed by the time the lock is
-            # granted, and the read below sees its change (READ COMMITTED), so neither batch
-            # writes a state computed without the other's source.  FOR NO KEY UPDATE, the lock
-            # the UPDATE below takes anyway: it does not block inserting sources of the finding.
-            query = query.order_by(findings_t.c.id).with_for_update(key_share=True)
+            # Lock the findings (in id order: ``keyed`` reads the sorted ids in turn) before reading
+            # their sources: a concurrent batch that changed another source of one of them has
+            # committed by the time the lock is granted, and the read below sees its change (READ
+            # COMMITTED), so neither batch writes a state computed without the other's source.  FOR
+            # NO KEY UPDATE, the lock the UPDATE below takes anyway: it does not block inserting
+            # sources of the finding.
+            query = keyed(self.conn, query.with_for_update(key_share=True), (findings_t.c.id,), ids,
+                          unique=True)
+        else:
+            query = query.where(in_values(self.conn, findings_t.c.id, ids))
         current = {row.id: row for row in self.conn.execute(query)}
         by_finding: dict[int, list] = defaultdict(list)
-        for row in self.conn.execute(
+        # The sources of the tenant's findings just read, by finding id alone (a source is its
+        # finding's tenant's): one index, whatever the statistics say of the tenant.
+        for row in self.conn.execute(keyed(
+            self.conn,
             select(sources_t.c.finding_id, sources_t.c.state, sources_t.c.severity, sources_t.c.title,
                    sources_t.c.description, sources_t.c.remediation, sources_t.c.cvss_score,
-                   sources_t.c.first_seen, sources_t.c.last_seen, sources_t.c.provider_timestamp)
-            .where(sources_t.c.tenant_id == self.tenant_id, in_values(self.conn, sources_t.c.finding_id, ids))
+                   sources_t.c.first_seen, sources_t.c.last_seen, sources_t.c.provider_timestamp),
+            (sources_t.c.finding_id,), sorted(current))
         ):
             by_finding[row.finding_id].append(row._mapping)
 

@@ -87,7 +87,7 @@ from sqlalchemy import and_, bindparam, or_, select, text, update
 from sqlalchemy.engine import Connection
 
 from connectors.model import ResourceRef
-from gateway.merge.sql import in_values, insert_rows, is_postgres, update_rows
+from gateway.merge.sql import in_values, insert_rows, is_postgres, keyed, update_rows
 from gateway.models import Resource, ResourceIdentifier, ResourceSeparation, ResourceSource, utcnow
 
 resources = Resource.__table__
@@ -807,10 +807,13 @@ def _load(
         if not values:
             continue
         rows = conn.execute(
-            select(identifiers.c.resource_id).where(
-                identifiers.c.tenant_id == tenant_id,
-                identifiers.c.kind == kind,
-                in_values(conn, identifiers.c.value, sorted(values)),
+            keyed(
+                conn,
+                select(identifiers.c.resource_id).where(
+                    identifiers.c.tenant_id == tenant_id, identifiers.c.kind == kind
+                ),
+                (identifiers.c.value,),
+                sorted(values),
             )
         )
         candidates.update(rid for (rid,) in rows)
@@ -820,9 +823,16 @@ def _load(
     ordered = sorted(candidates)
     for start in range(0, len(ordered), 5000):
         part = ordered[start : start + 5000]
+        # By resource id alone (the candidates are the tenant's: found through its identifiers and
+        # host records): beside ``tenant_id = :t`` the primary key (tenant, kind, value, resource)
+        # looks cheaper to the planner without statistics, and it reads all the tenant's
+        # identifiers for each id.
         for kind, value, rid in conn.execute(
-            select(identifiers.c.kind, identifiers.c.value, identifiers.c.resource_id).where(
-                identifiers.c.tenant_id == tenant_id, in_values(conn, identifiers.c.resource_id, part)
+            keyed(
+                conn,
+                select(identifiers.c.kind, identifiers.c.value, identifiers.c.resource_id),
+                (identifiers.c.resource_id,),
+                part,
             )
         ):
             memory.stored.add((kind, value, rid))
@@ -830,22 +840,30 @@ def _load(
                 memory.of[rid][kind].add(value)
                 memory.holders[(kind, value)].add(rid)
         for rid, name, os_, kind in conn.execute(
-            select(resources.c.id, resources.c.name, resources.c.os, resources.c.kind).where(
-                resources.c.tenant_id == tenant_id, in_values(conn, resources.c.id, part)
+            keyed(
+                conn,
+                select(resources.c.id, resources.c.name, resources.c.os, resources.c.kind).where(
+                    resources.c.tenant_id == tenant_id
+                ),
+                (resources.c.id,),
+                part,
+                unique=True,
             )
         ):
             memory.described[rid] = (name, os_, kind)
         for rid, idents, seen, source_id, key, source_provider in conn.execute(
-            select(
-                resource_sources.c.resource_id,
-                resource_sources.c.identifiers,
-                resource_sources.c.last_seen,
-                resource_sources.c.id,
-                resource_sources.c.record_key,
-                resource_sources.c.provider,
-            ).where(
-                resource_sources.c.tenant_id == tenant_id,
-                in_values(conn, resource_sources.c.resource_id, part),
+            keyed(
+                conn,
+                select(
+                    resource_sources.c.resource_id,
+                    resource_sources.c.identifiers,
+                    resource_sources.c.last_seen,
+                    resource_sources.c.id,
+                    resource_sources.c.record_key,
+                    resource_sources.c.provider,
+                ).where(resource_sources.c.tenant_id == tenant_id),
+                (resource_sources.c.resource_id,),
+                part,
             )
         ):
             ids = _host_ids(idents)
@@ -872,18 +890,20 @@ def _stored_host_records(conn: Connection, tenant_id: int, provider: str, keys: 
     stored = {}
     for start in range(0, len(keys), 5000):
         for row in conn.execute(
-            select(
-                resource_sources.c.id,
-                resource_sources.c.record_key,
-                resource_sources.c.resource_id,
-                resource_sources.c.identifiers,
-                resource_sources.c.first_seen,
-                resource_sources.c.last_seen,
-                resource_sources.c.product,
-            ).where(
-                resource_sources.c.tenant_id == tenant_id,
-                resource_sources.c.provider == provider,
-                in_values(conn, resource_sources.c.record_key, keys[start : start + 5000]),
+            keyed(
+                conn,
+                select(
+                    resource_sources.c.id,
+                    resource_sources.c.record_key,
+                    resource_sources.c.resource_id,
+                    resource_sources.c.identifiers,
+                    resource_sources.c.first_seen,
+                    resource_sources.c.last_seen,
+                    resource_sources.c.product,
+                ).where(resource_sources.c.tenant_id == tenant_id, resource_sources.c.provider == provider),
+                (resource_sources.c.record_key,),
+                keys[start : start + 5000],
+                unique=True,
             )
         ):
             stored[row.record_key] = row
@@ -1035,9 +1055,14 @@ def _describe(conn, tenant_id, memory: _Evidence, refs, chosen, real, final, kno
     missing = sorted(rid for rid in known_only if memory.find(rid) not in memory.described)
     for start in range(0, len(missing), 5000):
         for rid, name, os_, kind in conn.execute(
-            select(resources.c.id, resources.c.name, resources.c.os, resources.c.kind).where(
-                resources.c.tenant_id == tenant_id,
-                in_values(conn, resources.c.id, missing[start : start + 5000]),
+            keyed(
+                conn,
+                select(resources.c.id, resources.c.name, resources.c.os, resources.c.kind).where(
+                    resources.c.tenant_id == tenant_id
+                ),
+                (resources.c.id,),
+                missing[start : start + 5000],
+                unique=True,
             )
         ):
             memory.described[rid] = (name, os_, kind)
@@ -1091,10 +1116,15 @@ def _move_seen(
     op = ">" if earlier else "<"
     if is_postgres(conn):
         touch = ", updated_at = %s" if now is not None else ""
+        # The tenant's resources among the ids are found key by key (a LATERAL subquery per id, as
+        # gateway/merge/sql.py ``keyed`` does): with ``t.tenant_id = %s`` beside the join, a store
+        # without statistics read all the tenant's resources for every chunk.
         conn.exec_driver_sql(
             f"UPDATE resources AS t SET {column} = v.seen{touch} "
-            "FROM unnest(%b::bigint[], %b::timestamptz[]) AS v(id, seen) "
-            f"WHERE t.id = v.id AND t.tenant_id = %s AND (t.{column} IS NULL OR t.{column} {op} v.seen)",
+            "FROM (SELECT r.id, k.seen FROM unnest(%b::bigint[], %b::timestamptz[]) AS k(id, seen) "
+            "CROSS JOIN LATERAL (SELECT id FROM resources WHERE id = k.id AND tenant_id = %s LIMIT 1) AS r"
+            ") AS v "
+            f"WHERE t.id = v.id AND (t.{column} IS NULL OR t.{column} {op} v.seen)",
             ((now,) if now is not None else ())
             + ([rid for rid, _ in ordered], [when for _, when in ordered], tenant_id),
         )

@@ -42,7 +42,9 @@ def upgrade() -> None:
     with op.batch_alter_table("recommendations") as batch:
         batch.alter_column("actual_status", existing_type=sa.String(20), nullable=False)
         batch.alter_column("actual_severity", existing_type=sa.String(20), nullable=False)
-    op.create_index("ix_recommendations_tenant_exemption", "recommendations", ["tenant_id", "exemption_id"])
+    op.create_index("ix_recommendations_tenant_exemption", "recommendations", ["tenant_id", "exemption_id"],
+                    postgresql_where=sa.text("exemption_id IS NOT NULL"),
+                    sqlite_where=sa.text("exemption_id IS NOT NULL"))
     op.create_table(
         "policy_settings",
         sa.Column("id", sa.Integer, primary_key=True),

@@ -1,0 +1,394 @@
+"""One push of a million findings, and a sequence of pushes into one tenant, end to end on PostgreSQL.
+
+    .venv/bin/python bench/million.py --findings 1000000 --hosts 100000 [--repush 100000]
+    .venv/bin/python bench/million.py --sequence 10x100000 [--hosts 10000]
+
+Creates a scratch PostgreSQL database (migrated; autovacuum left as the server has it), starts
+the API under gunicorn (one worker process, as the README runs it) and ``--workers`` celery
+worker processes on Redis, each in a process of its own, and pushes canonical findings over
+HTTP with a ``findings.write`` token:
+
+* ``--findings N --hosts H``: one push of N findings over H hosts (N/H CVEs on each host), timed
+  from the request to the batch's final status: findings/s, the 202's delay, the peak RSS of
+  the API and of each worker process, and the most locks held meanwhile (``pg_locks`` polled
+  every 0.2 s: all locks of the database's sessions, the most one session held, advisory locks)
+  against the server's lock table (``max_locks_per_transaction`` x connections).  With
+  ``--repush M`` the push's first M findings are pushed again unchanged, and the rows that
+  push read from ``finding_sources`` are printed (``pg_stat_user_tables``, after a pause for
+  the statistics to be flushed).
+* ``--sequence KxM``: K pushes of M new findings each into one tenant, on the same ``--hosts``
+  hosts: each push's time and its ratio to the first (the tenant grows to K x M findings).
+
+A warm-up push of 200 findings runs first, so that worker start-up is not timed.  Figures, not
+assertions.  The scratch database and the Redis queue are removed at the end, also on error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+import psycopg
+import redis
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.ingest_bench import REDIS, create_database, drop_database  # noqa: E402
+from gateway import create_app  # noqa: E402
+from gateway.migrate import upgrade  # noqa: E402
+from tests.conftest import Gateway  # noqa: E402
+
+SEVERITIES = ("low", "medium", "high", "critical")
+
+
+def write_body(path: Path, tag: str, count: int, hosts: int, cve_base: int = 10000) -> int:
+    """A canonical document of ``count`` findings ``{tag}-{n}``; finding n is on host n mod
+    ``hosts`` and names CVE number ``cve_base + n // hosts`` (distinct on each host).  Its size."""
+    with open(path, "w") as out:
+        out.write('{"findings":[')
+        for n in range(count):
+            host = n % hosts
+            out.write(
+                f'{"," if n else ""}{{"id":"{tag}-{n}","resource":{{"fqdn":"h{host}.bench.example.com",'
+                f'"ipv4":["10.{host >> 16 & 255}.{host >> 8 & 255}.{host & 255}"]}},'
+                f'"title":"Vulnerability {n % 5000}","severity":"{SEVERITIES[n % 4]}",'
+                f'"cves":["CVE-2024-{cve_base + n // hosts}"],"status":"open",'
+                f'"lastSeen":"2024-04-01T00:00:00Z","providerTimestamp":"2024-04-01T00:00:00Z"}}'
+            )
+        out.write("]}")
+    return path.stat().st_size
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (Linux /proc)."""
+    found, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        found.append(current)
+        try:
+            with open(f"/proc/{current}/task/{current}/children") as f:
+                pending.extend(int(child) for child in f.read().split())
+        except OSError:
+            continue
+    return found
+
+
+def _peak_rss_mib(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+class LockWatch:
+    """Polls ``pg_locks`` for the database's other sessions and keeps the maxima."""
+
+    def __init__(self, url: str, interval: float = 0.2) -> None:
+        self.url, self.interval = url, interval
+        self.most = {"total": 0, "one session": 0, "advisory": 0}
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            while not self.stopped.wait(self.interval):
+                total, advisory, one = conn.execute("""
+                    SELECT sum(n), sum(advisory), max(n) FROM (
+                        SELECT count(*) AS n, count(*) FILTER (WHERE l.locktype = 'advisory') AS advisory
+                        FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                        WHERE a.datname = current_database() AND l.pid <> pg_backend_pid()
+                        GROUP BY l.pid) per_session""").fetchone()
+                for key, value in (("total", total), ("advisory", advisory), ("one session", one)):
+                    self.most[key] = max(self.most[key], int(value or 0))
+
+    def reset(self) -> None:
+        self.most = dict.fromkeys(self.most, 0)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=5)
+
+
+class Stack:
+    """The API (gunicorn) and the workers (celery), each a process of its own, on one database."""
+
+    def __init__(self, url: str, workers: int) -> None:
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.queue = f"million-{uuid.uuid4().hex[:6]}"
+        self.env = dict(
+            os.environ,
+            GATEWAY_DATABASE_URL=url,
+            GATEWAY_BROKER_URL=REDIS,
+            GATEWAY_SECRET_KEY="bench",
+            GATEWAY_ISSUER=self.base,
+            GATEWAY_TASK_QUEUE=self.queue,
+            GATEWAY_RATELIMIT_ENABLED="false",
+            GATEWAY_MAX_BODY_BYTES=str(2**30),
+            GATEWAY_LOG_LEVEL="WARNING",
+            PYTHONPATH=str(ROOT),
+        )
+        self.api = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "-w",
+                "1",
+                "--timeout",
+                "3600",
+                "-b",
+                f"127.0.0.1:{self.port}",
+                "--limit-request-line",
+                "0",
+                "gateway:create_app()",
+            ],
+            env=self.env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.workers = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "workers.app",
+                    "worker",
+                    "--concurrency=1",
+                    "--loglevel=WARNING",
+                    "--without-gossip",
+                    "--without-mingle",
+                    "-n",
+                    f"million{n}@%h",
+                ],
+                env=self.env,
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            for n in range(workers)
+        ]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                requests.get(f"{self.base}/healthz", timeout=10)
+                return
+            except (requests.ConnectionError, requests.Timeout):
+                time.sleep(0.3)
+        raise SystemExit("the API did not start")
+
+    def peaks(self) -> str:
+        api = max((_peak_rss_mib(pid) for pid in _tree(self.api.pid)[1:]), default=0.0)
+        workers = [max(_peak_rss_mib(pid) for pid in _tree(worker.pid)) for worker in self.workers]
+        return f"peak RSS: API (gunicorn worker) {api:,.0f} MiB, celery worker(s) " + ", ".join(
+            f"{mib:,.0f} MiB" for mib in workers
+        )
+
+    def stop(self) -> None:
+        for process in [self.api, *self.workers]:
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for process in [self.api, *self.workers]:
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+        redis.Redis.from_url(REDIS).delete(self.queue)
+
+
+def push(stack: Stack, tenant: str, headers: dict, path: Path) -> tuple[dict, float, float]:
+    """(the batch at its end, seconds to the 202, seconds to the end)."""
+    started = time.perf_counter()
+    with open(path, "rb") as body:
+        response = requests.post(
+            f"{stack.base}/api/v1/tenants/{tenant}/batches?format=canonical",
+            data=body,
+            headers=headers | {"Content-Type": "application/json"},
+            timeout=3600,
+        )
+    accepted = time.perf_counter() - started
+    if response.status_code != 202:
+        raise SystemExit(f"push answered {response.status_code}: {response.text[:300]}")
+    batch_id = response.json()["id"]
+    while True:
+        time.sleep(0.5)
+        batch = requests.get(
+            f"{stack.base}/api/v1/tenants/{tenant}/batches/{batch_id}", headers=headers, timeout=60
+        ).json()
+        if batch["status"] not in ("accepted", "processing"):
+            return batch, accepted, time.perf_counter() - started
+
+
+def _when(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _source_reads(url: str) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        return int(
+            conn.execute("""
+            SELECT t.seq_tup_read + coalesce(sum(i.idx_tup_read), 0)
+            FROM pg_stat_user_tables t LEFT JOIN pg_stat_user_indexes i ON i.relid = t.relid
+            WHERE t.relname = 'finding_sources' GROUP BY t.seq_tup_read""").fetchone()[0]
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--findings", type=int, default=1_000_000)
+    parser.add_argument("--hosts", type=int, default=100_000)
+    parser.add_argument(
+        "--sequence", help="KxM: K pushes of M new findings into one tenant (instead of one push)"
+    )
+    parser.add_argument(
+        "--repush", type=int, default=0, help="then push the first M findings again, unchanged"
+    )
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args()
+
+    name, url = create_database("gw_million")
+    stack = watch = None
+    scratch = Path(tempfile.mkdtemp(prefix="million-"))
+    try:
+        upgrade(url)
+        with psycopg.connect(url, autocommit=True) as conn:
+            settings = dict(
+                conn.execute(
+                    "SELECT name, setting FROM pg_settings WHERE name IN ('max_locks_per_transaction', "
+                    "'max_connections', 'max_prepared_transactions', 'autovacuum')"
+                ).fetchall()
+            )
+        table = int(settings["max_locks_per_transaction"]) * (
+            int(settings["max_connections"]) + int(settings["max_prepared_transactions"])
+        )
+        print(
+            f"PostgreSQL: max_locks_per_transaction {settings['max_locks_per_transaction']}, "
+            f"max_connections {settings['max_connections']} (lock table {table:,} entries), "
+            f"autovacuum {settings['autovacuum']}; {os.cpu_count()} CPUs",
+            flush=True,
+        )
+        app = create_app(
+            {
+                "DATABASE_URL": url,
+                "BROKER_URL": "memory://",
+                "SECRET_KEY": "bench",
+                "RATELIMIT_ENABLED": False,
+            }
+        )
+        gw = Gateway(app)
+        stack = Stack(url, args.workers)
+        warm = gw.tenant()
+        warm_headers = gw.partner("WarmUp", [warm], scopes="findings.write")
+        write_body(scratch / "warm.json", "warm", 200, 50)
+        push(stack, warm, warm_headers, scratch / "warm.json")
+        tenant = gw.tenant()
+        headers = gw.partner("BenchScanner", [tenant], scopes="findings.write")
+        watch = LockWatch(url)
+        if args.sequence:
+            count, size = (int(part) for part in args.sequence.lower().split("x"))
+            ratios: list[tuple[float, float]] = []
+            for n in range(count):
+                path = scratch / "push.json"
+                mib = (
+                    write_body(path, f"s{n}", size, args.hosts, cve_base=10000 + n * (size // args.hosts + 1))
+                    / 2**20
+                )
+                watch.reset()
+                batch, accepted, seconds = push(stack, tenant, headers, path)
+                if batch["status"] != "succeeded":
+                    raise SystemExit(f"batch {batch['id']}: {batch.get('error')}")
+                # the worker's merge alone (from its claim to its commit), without the upload or a
+                # wait behind the previous batch's ANALYZE
+                merge = (_when(batch["finishedAt"]) - _when(batch["startedAt"])).total_seconds()
+                ratios.append((seconds, merge))
+                print(
+                    f"push {n + 1:>2}/{count}: {size:,} new findings ({mib:.0f} MiB) on {args.hosts:,} hosts "
+                    f"into a tenant of {n * size:,}: {seconds:.1f}s end to end = {size / seconds:,.0f} "
+                    f"findings/s, {seconds / ratios[0][0]:.2f}x the first; merge {merge:.1f}s, "
+                    f"{merge / ratios[0][1]:.2f}x the first; locks at most {watch.most['total']} "
+                    f"(one session {watch.most['one session']}, advisory {watch.most['advisory']})",
+                    flush=True,
+                )
+            for label, index in (("end to end", 0), ("merge", 1)):
+                spread = [pair[index] / ratios[0][index] for pair in ratios]
+                print(f"{label}: each push {min(spread):.2f}x to {max(spread):.2f}x the first", flush=True)
+        else:
+            path = scratch / "push.json"
+            mib = write_body(path, "m", args.findings, args.hosts) / 2**20
+            batch, accepted, seconds = push(stack, tenant, headers, path)
+            print(
+                f"one push of {args.findings:,} findings ({mib:.0f} MiB) over {args.hosts:,} hosts, "
+                f"{args.workers} worker(s): 202 after {accepted:.1f}s, {batch['status']} after "
+                f"{seconds:.1f}s = {args.findings / seconds:,.0f} findings/s end to end; "
+                f"counts {batch['counts']}",
+                flush=True,
+            )
+            print(
+                f"locks held at most: {watch.most['total']} in all sessions of the database, "
+                f"{watch.most['one session']} by one session, {watch.most['advisory']} advisory "
+                f"(server lock table: {table:,})",
+                flush=True,
+            )
+            if batch["status"] != "succeeded":
+                raise SystemExit(f"batch {batch['id']}: {batch.get('error')}")
+            if args.repush:
+                again = scratch / "again.json"
+                write_body(again, "m", args.repush, args.hosts)
+                time.sleep(11)  # every session's table statistics flushed
+                before = _source_reads(url)
+                batch, accepted, seconds = push(stack, tenant, headers, again)
+                time.sleep(11)
+                print(
+                    f"unchanged re-push of the first {args.repush:,}: {batch['status']} after "
+                    f"{seconds:.1f}s = {args.repush / seconds:,.0f} findings/s; counts {batch['counts']}; "
+                    f"finding_sources rows read (sequential + index entries) {_source_reads(url) - before:,}",
+                    flush=True,
+                )
+        print(stack.peaks(), flush=True)
+        app.extensions["gateway.db"].dispose()
+    finally:
+        if watch is not None:
+            watch.stop()
+        if stack is not None:
+            stack.stop()
+        for item in scratch.iterdir():
+            item.unlink()
+        scratch.rmdir()
+        drop_database(name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,443 @@
+"""Plans on a store PostgreSQL never analyzed (issue 17), and the ANALYZE after a large merge.
+
+A tenant created since the last ANALYZE, or a store whose autovacuum is off, has no statistics:
+the planner guesses that ``tenant_id = :t AND provider = :p`` picks a handful of rows, and the
+merge's former lookups (``provider_id = ANY(:ids)`` beside them) read all the tenant's sources
+for every chunk.  Here a scratch store is filled through the merge itself, never analyzed
+(autovacuum off on every table), and the statements a second round of merges issues are
+captured and explained: each lookup by key runs through the index of its key.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import event, text
+
+from connectors.model import FindingRecord, ResourceRef
+from gateway import create_app
+from gateway.db import Database
+from gateway.merge.findings import FindingMerger
+from gateway.migrate import upgrade
+from gateway.models import Base, Tenant
+from gateway.pipeline import ANALYZED_TABLES, analyze_if_due
+from tests.conftest import Gateway, scratch_postgres
+from tests.factories import document, finding
+
+SEEN = datetime(2024, 4, 1, tzinfo=UTC)
+LATER = datetime(2024, 5, 1, tzinfo=UTC)
+HOSTS = 2000
+RECORDS = 4000  # Qualys: two CVEs on each host
+TENABLE = 1000  # Tenable: the first CVE of the first 1,000 hosts
+BIG_TABLES = {
+    "finding_sources",
+    "findings",
+    "resources",
+    "resource_identifiers",
+    "resource_sources",
+    "recommendations",
+    "lifecycle_events",
+}
+
+
+def _record(prefix: str, n: int, host: int, cve: int, title: str, seen: datetime) -> FindingRecord:
+    return FindingRecord(
+        provider_id=f"{prefix}-{n}",
+        title=title,
+        severity="high",
+        cves=[f"CVE-2024-{cve:04d}"],
+        last_seen=seen,
+        provider_timestamp=seen,
+        resource=ResourceRef(fqdn=f"host-{host}.example.com", ipv4=[f"10.1.{host >> 8 & 255}.{host & 255}"]),
+    )
+
+
+def _merge(db: Database, tenant_id: int, provider: str, records: list[FindingRecord]) -> None:
+    with db.engine.begin() as conn:
+        merger = FindingMerger(conn, tenant_id, provider, None, SEEN, "test")
+        for start in range(0, len(records), 1000):
+            merger.merge_chunk(records[start : start + 1000])
+        merger.update_recommendations()
+
+
+@pytest.fixture(scope="module")
+def store():
+    """A migrated scratch store holding one tenant's merged findings, never analyzed, and the
+    statements of a second round of merges: Qualys again (half of its records changed) and
+    Tenable on the same hosts and CVEs (new sources of existing findings, new host records)."""
+    with scratch_postgres("gw_plans") as url:
+        upgrade(url)
+        db = Database(url)
+        try:
+            with db.engine.begin() as conn:
+                for table in Base.metadata.sorted_tables:
+                    conn.execute(text(f"ALTER TABLE {table.name} SET (autovacuum_enabled = false)"))
+            with db.session() as session:
+                tenant = Tenant(external_id="plans", name="plans")
+                session.add(tenant)
+                session.flush()
+                tenant_id = tenant.id
+            _merge(
+                db,
+                tenant_id,
+                "Qualys",
+                [_record("q", n, n % HOSTS, n // HOSTS, "Vulnerability", SEEN) for n in range(RECORDS)],
+            )
+            captured: list[tuple[str, object]] = []
+
+            def capture(conn, cursor, statement, parameters, context, executemany) -> None:
+                if not executemany:
+                    captured.append((statement, parameters))
+
+            event.listen(db.engine, "before_cursor_execute", capture)
+            try:
+                _merge(
+                    db,
+                    tenant_id,
+                    "Qualys",
+                    [
+                        _record("q", n, n % HOSTS, n // HOSTS, f"Changed {n % 2}", LATER)
+                        for n in range(0, RECORDS, 4)
+                    ],
+                )
+                _merge(
+                    db,
+                    tenant_id,
+                    "Tenable",
+                    [_record("t", n, n, 0, "Tenable's title", LATER) for n in range(TENABLE)],
+                )
+            finally:
+                event.remove(db.engine, "before_cursor_execute", capture)
+            yield url, db, tenant_id, captured
+        finally:
+            db.dispose()
+
+
+def _plan(db: Database, statement: str, parameters) -> dict:
+    with db.engine.connect() as conn:
+        (document_,) = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + statement, parameters).one()
+    return (json.loads(document_) if isinstance(document_, str) else document_)[0]["Plan"]
+
+
+def _nodes(plan: dict):
+    yield plan
+    for child in plan.get("Plans", ()):
+        yield from _nodes(child)
+
+
+def _lookups(captured, table: str, *keys: str) -> list[tuple[str, object]]:
+    """The captured key-by-key lookups of ``table`` on these key columns."""
+    return [
+        (statement, parameters)
+        for statement, parameters in captured
+        if "JOIN LATERAL" in statement
+        and statement.lstrip().startswith("SELECT")
+        and f"FROM {table} \n" in statement
+        and all(f"{table}.{key} = wanted.k{index}" in statement for index, key in enumerate(keys))
+    ]
+
+
+def test_the_store_is_never_analyzed(store):
+    _, db, _, _ = store
+    with db.engine.connect() as conn:
+        assert (
+            conn.execute(
+                text("SELECT count(*) FROM pg_stats WHERE tablename = ANY(:t)"), {"t": sorted(BIG_TABLES)}
+            ).scalar_one()
+            == 0
+        )
+        assert (
+            conn.execute(
+                text("SELECT max(reltuples) FROM pg_class WHERE relname = ANY(:t)"), {"t": sorted(BIG_TABLES)}
+            ).scalar_one()
+            < 0
+        )  # not even vacuumed
+
+
+def test_the_source_lookup_runs_through_the_unique_index_on_an_unanalyzed_store(store):
+    _, db, tenant_id, captured = store
+    lookups = _lookups(captured, "finding_sources", "provider_id", "correlation_key")
+    assert lookups, "the merges looked their sources up by (provider id, correlation key)"
+    for statement, parameters in lookups:
+        plan = _plan(db, statement, parameters)
+        scans = [node for node in _nodes(plan) if node.get("Relation Name") == "finding_sources"]
+        assert [node["Node Type"] for node in scans] == ["Index Scan"], scans
+        assert scans[0]["Index Name"] == "uq_finding_sources_record"
+        condition = scans[0]["Index Cond"]
+        assert "provider_id" in condition and "correlation_key" in condition, condition
+        assert plan["Node Type"] == "Nested Loop"  # one index lookup per key, in key order
+    # the lock of the sources found, in id order: by primary key
+    locks = _lookups(captured, "finding_sources", "id")
+    assert locks
+    for statement, parameters in locks:
+        scans = [
+            node
+            for node in _nodes(_plan(db, statement, parameters))
+            if node.get("Relation Name") == "finding_sources"
+        ]
+        assert [(node["Node Type"], node["Index Name"]) for node in scans] == [
+            ("Index Scan", "finding_sources_pkey")
+        ]
+    # The shape it replaced, on this same store, reads every source of the provider for a chunk:
+    # (tenant_id, provider) is the index condition and the ids are a filter.
+    old = _plan(
+        db,
+        "SELECT id FROM finding_sources WHERE tenant_id = %(t)s AND provider = %(p)s "
+        "AND provider_id = ANY(%(ids)s::varchar[])",
+        {"t": tenant_id, "p": "Qualys", "ids": [f"q-{n}" for n in range(0, RECORDS, 4)]},
+    )
+    assert "provider_id" not in old.get("Index Cond", ""), old
+
+
+def test_every_lookup_of_the_merges_reads_by_key(store):
+    """No key-by-key lookup of the merges falls back to a sequential scan, or to an index whose
+    condition leaves the key out (which would read the tenant's range for every key)."""
+    _, db, _, captured = store
+    lookups = [(s, p) for s, p in captured if "JOIN LATERAL" in s and s.lstrip().startswith("SELECT")]
+    tables = set()
+    for statement, parameters in lookups:
+        plan = _plan(db, statement, parameters)
+        assert plan["Node Type"] == "Nested Loop", statement
+        for node in _nodes(plan):
+            table = node.get("Relation Name")
+            if table is None:
+                continue
+            tables.add(table)
+            assert node["Node Type"] != "Seq Scan", (statement, node)
+            # the key is in the index condition (a Bitmap Heap Scan rechecks its bitmap's)
+            assert "wanted." in node.get("Index Cond", "") + node.get("Recheck Cond", ""), (statement, node)
+    # the sources, the findings (another provider's finding of the same CVE), recommendations,
+    # and the resources' identifiers, host records and rows
+    assert {
+        "finding_sources",
+        "findings",
+        "recommendations",
+        "resources",
+        "resource_identifiers",
+        "resource_sources",
+    } <= tables, tables
+
+
+def test_a_count_of_sources_any_uses_the_provider_index_on_an_unanalyzed_store(store):
+    url, _, _, _ = store
+    app = create_app(
+        {"DATABASE_URL": url, "BROKER_URL": "memory://", "SECRET_KEY": "plans", "RATELIMIT_ENABLED": False}
+    )
+    engine = app.extensions["gateway.db"].engine
+    captured: list[tuple[str, object]] = []
+    event.listen(
+        engine,
+        "before_cursor_execute",
+        lambda conn, cursor, statement, parameters, context, many: captured.append((statement, parameters)),
+    )
+    try:
+        gw = Gateway(app)
+        headers = gw.partner("Reader", ["plans"], scopes="security.read")
+        url_ = "/api/v1/tenants/plans/security/findings"
+        body = gw.http.get(
+            url_,
+            query_string={
+                "$filter": "sources/any(s: s/provider eq 'Tenable')",
+                "$count": "true",
+                "$top": "1",
+            },
+            headers=headers,
+        ).get_json()
+        assert body["@odata.count"] == TENABLE
+        ((statement, parameters),) = [(s, p) for s, p in captured if "count(" in s and "finding_sources" in s]
+        with engine.connect() as conn:
+            (plan,) = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + statement, parameters).one()
+        nodes = list(_nodes(plan[0]["Plan"]))
+        scans = [node for node in nodes if node.get("Relation Name")]
+        assert [(node["Relation Name"], node["Index Name"]) for node in scans] == [
+            ("finding_sources", "ix_finding_sources_tenant_provider")
+        ], scans
+        assert scans[0]["Node Type"] in ("Index Only Scan", "Index Scan")
+        assert "provider" in scans[0]["Index Cond"]
+        # the same count through the findings (another condition beside the any())
+        both = gw.http.get(
+            url_,
+            query_string={
+                "$filter": "sources/any(s: s/provider eq 'Tenable') and severity eq 'high'",
+                "$count": "true",
+                "$top": "1",
+            },
+            headers=headers,
+        ).get_json()
+        assert both["@odata.count"] == TENABLE
+    finally:
+        app.extensions["gateway.db"].dispose()
+
+
+def test_a_count_of_an_any_filter_is_the_number_of_rows_it_lists(gw):
+    """The count of a lone sources/any() (distinct findings of the matching sources) is what the
+    list holds, on both stores; a lambda naming a finding field is counted through the findings."""
+    tenant = gw.tenant()
+    qualys, tenable = gw.partner("Qualys", [tenant]), gw.partner("Tenable", [tenant])
+    push = "/api/v1/tenants/{}/batches?format=canonical"
+    # Tenable: two records on one finding (two ports), and one finding Qualys does not report
+    assert (
+        gw.http.post(
+            push.format(tenant),
+            data=document(
+                [
+                    finding(f"q-{n}", host=f"h{n}.example.com", severity=("high", "low")[n % 2])
+                    for n in range(6)
+                ]
+            ),
+            headers=qualys | {"Content-Type": "application/json"},
+        ).status_code
+        == 202
+    )
+    assert (
+        gw.http.post(
+            push.format(tenant),
+            data=document(
+                [
+                    finding("t-1", host="h1.example.com"),
+                    finding("t-1b", host="h1.example.com"),
+                    finding("t-2", host="h2.example.com", severity="low"),
+                    finding("t-9", host="h9.example.com"),
+                ]
+            ),
+            headers=tenable | {"Content-Type": "application/json"},
+        ).status_code
+        == 202
+    )
+    url = f"/api/v1/tenants/{tenant}/security/findings"
+    for text_ in (
+        "sources/any(s: s/provider eq 'Tenable')",
+        "sources/any(s: s/provider eq 'Qualys')",
+        "sources/any(s: s/severity eq 'low')",
+        "sources/any()",
+        "sources/any(s: s/provider eq 'None')",
+        "sources/any(s: s/provider eq 'Tenable' and severity eq 'low')",
+        "sources/any(s: s/provider eq 'Tenable') and severity eq 'low'",
+    ):
+        listed = gw.http.get(url, query_string={"$filter": text_, "$top": "1000"}, headers=qualys).get_json()
+        counted = gw.http.get(
+            url, query_string={"$filter": text_, "$count": "true", "$top": "1"}, headers=qualys
+        ).get_json()
+        assert counted["@odata.count"] == len(listed["value"]), text_
+    assert (
+        gw.http.get(
+            url,
+            query_string={"$filter": "sources/any(s: s/provider eq 'Tenable')", "$count": "true"},
+            headers=qualys,
+        ).get_json()["@odata.count"]
+        == 3
+    )
+
+
+def _wait_for_statistics(db: Database, expected: dict[str, int]) -> None:
+    """Until the sessions' table statistics (flushed when idle, at most every second) count the
+    ``expected`` changed rows of each table."""
+    deadline = time.monotonic() + 20
+    while True:
+        with db.engine.connect() as conn:
+            conn.execute(text("SELECT pg_stat_clear_snapshot()"))
+            changed = dict(
+                conn.execute(
+                    text(
+                        "SELECT relname, n_mod_since_analyze FROM pg_stat_user_tables WHERE relname = ANY(:t)"
+                    ),
+                    {"t": list(expected)},
+                ).all()
+            )
+        if all(changed.get(table, 0) >= rows for table, rows in expected.items()):
+            return
+        assert time.monotonic() < deadline, (changed, expected)
+        time.sleep(0.5)
+
+
+def test_analyze_runs_on_the_tables_a_merge_grew_once_enough_rows_changed():
+    with scratch_postgres("gw_analyze") as url:
+        upgrade(url)
+        db = Database(url)
+        try:
+            with db.engine.begin() as conn:
+                for table in Base.metadata.sorted_tables:
+                    conn.execute(text(f"ALTER TABLE {table.name} SET (autovacuum_enabled = false)"))
+            with db.session() as session:
+                tenant = Tenant(external_id="analyze", name="analyze")
+                session.add(tenant)
+                session.flush()
+                tenant_id = tenant.id
+            _merge(
+                db, tenant_id, "Qualys", [_record("q", n, n % 300, n // 300, "V", SEEN) for n in range(600)]
+            )
+            # 600 sources and findings on 300 resources (an FQDN, an address and a name each)
+            _wait_for_statistics(
+                db, {"finding_sources": 600, "findings": 600, "resources": 300, "resource_identifiers": 900}
+            )
+            assert analyze_if_due(db, after_rows=50_000, after_growth=0.1) == []  # under 1,000 rows: not yet
+            assert analyze_if_due(db, after_rows=0, after_growth=0.1) == []  # turned off
+            analyzed = analyze_if_due(db, after_rows=500, after_growth=0.1)
+            assert {"finding_sources", "findings", "lifecycle_events"} <= set(analyzed)
+            assert "resources" not in analyzed  # 300 rows changed: under the 500
+            assert set(analyzed) <= set(ANALYZED_TABLES)
+            with db.engine.connect() as conn:
+                conn.execute(text("SELECT pg_stat_clear_snapshot()"))
+                stats = dict(
+                    conn.execute(
+                        text(
+                            "SELECT relname, last_analyze IS NOT NULL FROM pg_stat_user_tables "
+                            "WHERE relname = ANY(:t)"
+                        ),
+                        {"t": list(ANALYZED_TABLES)},
+                    ).all()
+                )
+                assert stats["finding_sources"] and stats["findings"]
+                assert (
+                    conn.execute(
+                        text("SELECT reltuples FROM pg_class WHERE relname = 'finding_sources'")
+                    ).scalar_one()
+                    == 600
+                )
+                assert (
+                    conn.execute(
+                        text(
+                            "SELECT count(*) FROM pg_stats WHERE tablename = 'finding_sources' "
+                            "AND attname = 'tenant_id'"
+                        )
+                    ).scalar_one()
+                    == 1
+                )
+            # analyzed: nothing is due until the rows change again
+            assert analyze_if_due(db, after_rows=500, after_growth=0.1) == []
+        finally:
+            db.dispose()
+
+
+def test_a_worker_analyzes_with_its_settings_after_a_merge_that_landed(pg_url, monkeypatch):
+    from gateway import pipeline
+    from tests.conftest import make_app
+
+    calls = []
+    monkeypatch.setattr(
+        pipeline,
+        "analyze_if_due",
+        lambda db, rows, growth, batch_id=None: calls.append((rows, growth, batch_id)) or [],
+    )
+    app = make_app(pg_url, eager=True, ANALYZE_AFTER_ROWS=1234, ANALYZE_AFTER_GROWTH=0.25)
+    try:
+        gw = Gateway(app)
+        tenant = gw.tenant()
+        headers = gw.partner("Qualys", [tenant])
+        response = gw.http.post(
+            f"/api/v1/tenants/{tenant}/batches?format=canonical",
+            data=document([finding("q-1")]),
+            headers=headers | {"Content-Type": "application/json"},
+        )
+        assert response.status_code == 202
+        batch_id = int(response.get_json()["id"])
+        assert (
+            gw.http.get(f"/api/v1/tenants/{tenant}/batches/{batch_id}", headers=headers).get_json()["status"]
+            == "succeeded"
+        )
+        assert calls == [(1234, 0.25, batch_id)]
+    finally:
+        app.extensions["gateway.db"].dispose()
