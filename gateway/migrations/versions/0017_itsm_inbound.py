@@ -1,9 +1,11 @@
-"""ITSM inbound sync: what each ticket last said (assignee, closure), and the remote comments and
-webhook deliveries already taken in (idempotency of polling and webhooks)
+"""ITSM inbound sync: each ticket's last state, remote comments and webhooks already taken in
 
 Revision ID: 0017
 Revises: 0015
 Create Date: 2026-12-02
+
+What each ticket last said (assignee, closure), and the remote comments and webhook deliveries
+already taken in: polling and webhooks are idempotent.
 """
 
 import sqlalchemy as sa
