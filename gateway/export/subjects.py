@@ -22,7 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Connection
 
 from gateway.errors import BadRequest
-from gateway.models import Batch, SecureScore
+from gateway.models import Batch
 from gateway.odata import FilterContext, parse_filter
 
 # subject type -> the collection (gateway.api.collections.COLLECTIONS) that shows it
@@ -34,7 +34,7 @@ COLLECTION_OF = {
     "policy": "policies",
     "exemption": "exemptions",
 }
-B, SS = Batch.__table__, SecureScore.__table__
+B = Batch.__table__
 
 
 def _collections():
@@ -119,14 +119,9 @@ def render(conn: Connection, tenant_id: int, wanted: dict[str, set[int]]) -> dic
 
             for row in conn.execute(select(B).where(B.c.tenant_id == tenant_id, B.c.id.in_(ids))):
                 out[("batch", row.id)] = BatchOut().dump(row._asdict())
-        elif subject_type == "secureScore":
-            for row in conn.execute(select(SS).where(SS.c.tenant_id == tenant_id, SS.c.id.in_(ids))):
-                out[("secureScore", row.id)] = {
-                    "id": str(row.id),
-                    "currentScore": row.current,
-                    "maxScore": row.max,
-                    "percentage": row.percentage,
-                    "controlScores": row.control_scores or [],
-                    "createdDateTime": row.created_at.isoformat().replace("+00:00", "Z"),
-                }
+        elif subject_type == "secureScore":  # as an item of .../secureScores shows it (same serializer)
+            collection = _collections()["secureScores"]
+            rows = conn.execute(collection.base(tenant_id).where(collection.id_column.in_(ids))).all()
+            for item in collection.serialize(conn, tenant_id, rows, None):
+                out[("secureScore", int(item["id"]))] = item
     return out
