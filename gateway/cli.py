@@ -856,3 +856,6 @@ main.add_command(_itsm)
 if __name__ == "__main__":
     main()
 
+from gateway.vault_cli import secrets as _secrets  # noqa: E402 - the `gateway secrets` commands
+
+main.add_command(_secrets)

@@ -92,6 +92,7 @@ class Settings(BaseSettings):
     secrets_keys: str | None = None
     itsm_timeout_seconds: float = 20.0  # every call to ServiceNow / Jira (connect and read)
     itsm_retry_base_seconds: float = 1.0  # first backoff of a failed call, doubled per attempt, with jitter
+    itsm_delivery_lanes: int = 4  # operations a connection's delivery sends at a time (by ticket id)
     # Continuous export (gateway/export/; README, "Continuous export")
     export_dispatch_interval: float = 2.0  # seconds between runs of the export beat task
     export_timeout_seconds: float = 10.0  # one delivery's connect + answer timeout

@@ -226,7 +226,7 @@ def create_export(tenant: str):
                 batch_size=data.get("batchSize", 1),
                 options=data.get("options", {}),
                 state=data.get("state", "active"),
-                secret=export_secrets.seal(current_app.config["SECRET_KEY"], secret) if secret else None,
+                secret=export_secrets.seal(current_app.config, secret) if secret else None,
                 secret_hint=export_secrets.hint(secret) if secret else None,
                 secret_rotated_at=now if secret else None,
                 version=1,
@@ -388,7 +388,7 @@ def rotate_export_secret(tenant: str, export_id: str):
             update(DEST)
             .where(DEST.c.id == row.id)
             .values(
-                secret=export_secrets.seal(current_app.config["SECRET_KEY"], secret),
+                secret=export_secrets.seal(current_app.config, secret),
                 secret_hint=export_secrets.hint(secret),
                 previous_secret=row.secret,
                 previous_secret_expires_at=now + overlap if row.secret else None,

@@ -380,9 +380,9 @@ def _send(
 def _target(config: dict, dest, now: datetime, timeout: float) -> kinds.Target:
     found = []
     if dest.secret:
-        found.append(unseal(config["SECRET_KEY"], dest.secret))
+        found.append(unseal(config, dest.secret))
     if dest.previous_secret and dest.previous_secret_expires_at and dest.previous_secret_expires_at > now:
-        found.append(unseal(config["SECRET_KEY"], dest.previous_secret))
+        found.append(unseal(config, dest.previous_secret))
     return kinds.Target(
         destination_id=dest.id,
         url=dest.url,

@@ -42,6 +42,7 @@ from gateway.models import (
     LifecycleEvent,
     utcnow,
 )
+from gateway.vault import SecretsUnavailable
 
 from .clients import SN_STATES, RemoteError, adf_text
 
@@ -343,6 +344,10 @@ def poll_jira(client, connection, state: dict, start: datetime):
     return out, {**state, "since": newest}
 
 
+def _stamp() -> str:
+    return utcnow().isoformat().replace("+00:00", "Z")
+
+
 def poll(db, config, connection_id: int) -> int:
     """One poll of a connection: its records changed since the watermark taken in, the watermark
     moved in the same transaction.  Returns how many item edits were written."""
@@ -359,27 +364,29 @@ def poll(db, config, connection_id: int) -> int:
     if not has_tickets:
         return 0
     timeout = float(config.get("ITSM_TIMEOUT_SECONDS") or 20.0)
-    client = client_for(connection_for(config, row), timeout)
     start = row.created_at - timedelta(minutes=1)
+    client = None
     try:
+        client = client_for(connection_for(config, row), timeout)
         if row.kind == "servicenow":
             changed, state = poll_servicenow(client, row, dict(row.poll_state or {}), start)
         else:
             changed, state = poll_jira(client, row, dict(row.poll_state or {}), start)
-    except RemoteError as exc:  # the watermark stays: the next tick reads the same changes again
+    except (RemoteError, SecretsUnavailable) as exc:  # the watermark stays: the next tick reads again
         log.warning("ITSM connection %s: poll failed: %s", connection_id, exc)
-        failed = {**(row.poll_state or {}), "lastError": str(exc)[:500], "lastErrorAt": utcnow().isoformat()}
+        # shown as the connection's ``inbound`` (kept after a later success, with its time)
+        failed = {**(row.poll_state or {}), "lastError": str(exc)[:500], "lastErrorAt": _stamp()}
         with db.engine.begin() as conn:
             conn.execute(update(CN).where(CN.c.id == row.id).values(poll_state=failed))
         return 0
     finally:
-        client.close()
+        if client is not None:
+            client.close()
     written = 0
     with db.engine.begin() as conn:
         for snap, comments in changed:
             written += take_in(conn, row, snap, comments)
-        state = {k: v for k, v in state.items() if k not in ("lastError", "lastErrorAt")}
-        state["lastPolledAt"] = utcnow().isoformat()
+        state["lastPolledAt"] = _stamp()
         conn.execute(update(CN).where(CN.c.id == row.id).values(poll_state=state))
     return written
 

@@ -65,6 +65,17 @@ class ConnectionOut(OutSchema):
     createdBy = fields.String(attribute="created_by", allow_none=True)
     lastModifiedDateTime = fields.DateTime(attribute="updated_at")
     lastModifiedBy = fields.String(attribute="updated_by", allow_none=True)
+    inbound = fields.Function(lambda obj: _inbound(_get(obj, "poll_state")))
+
+
+def _inbound(state: dict | None) -> dict:
+    """The connection's polling health (gateway/itsm/inbound.py keeps it in ``poll_state``)."""
+    state = state or {}
+    return {
+        "lastPollDateTime": state.get("lastPolledAt"),
+        "lastError": state.get("lastError"),
+        "lastErrorDateTime": state.get("lastErrorAt"),
+    }
 
 
 class RuleOut(OutSchema):
