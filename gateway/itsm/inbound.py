@@ -96,6 +96,7 @@ def sn_snapshot(record: dict) -> dict:
         "remote_id": _value(record.get("sys_id")),
         "updated": _value(record.get("sys_updated_on")),
         "assignee": _display(record.get("assigned_to")),
+        "assigneeId": _value(record.get("assigned_to")) or None,  # the sys_user sys_id
         "closure": "riskAccepted" if risk else None,
         "state": SN_STATES.get(state, state),
         "done": state in ("6", "7", "8"),
@@ -117,6 +118,7 @@ def jira_snapshot(issue: dict) -> dict:
         "key": issue.get("key"),
         "updated": str(fields.get("updated") or ""),
         "assignee": _display(fields.get("assignee")),
+        "assigneeId": (fields.get("assignee") or {}).get("accountId"),
         "closure": "riskAccepted" if risk else None,
         "state": status.get("name"),
         "done": category == "done",
@@ -194,8 +196,10 @@ def take_in(conn, connection, snap: dict | None, comments=(), ticket=None) -> in
         previous.get("updated") and snap["updated"] and snap["updated"] < previous["updated"]
     )
     if full and not stale:
-        if snap["assignee"] != previous.get("assignee") and (
-            not snap["assignee"] or snap["assignee"] != connection.username
+        if (
+            snap["assignee"] != previous.get("assignee")
+            and (not snap["assignee"] or snap["assignee"] != connection.username)
+            and not itsm_items.assigned_by_gateway(previous, snap)
         ):
             changes["assignedTo"] = snap["assignee"]
         if snap["closure"] != previous.get("closure"):

@@ -32,7 +32,7 @@ from collections import defaultdict
 from datetime import timedelta
 from urllib.parse import quote
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from gateway.models import (
     Alert,
@@ -352,6 +352,10 @@ def customer_fields(conn, connection, ticket_id: int, event) -> int:
     if "assignedTo" in details:
         person = details["assignedTo"]
         remote = ((connection.settings or {}).get("assigneeMap") or {}).get(person) if person else None
+        if remote != (ticket.inbound or {}).get("sentAssignee"):
+            # recorded before the call: the record then naming that person is the gateway's doing
+            inbound = {**(ticket.inbound or {}), "sentAssignee": remote}
+            conn.execute(update(TK).where(TK.c.id == ticket.id).values(inbound=inbound))
         if remote:
             wanted["assignedTo"] = ("assign", {"assignee": remote, "person": person, "item": item})
         else:
@@ -367,6 +371,13 @@ def customer_fields(conn, connection, ticket_id: int, event) -> int:
             payload["text"] += f" ({event.subject_type} {event.subject_id}, by {event.actor})."
         queued += _queue(conn, ticket, kind, f"edit:{event.id}:{name}", payload)
     return queued
+
+
+def assigned_by_gateway(previous: dict, snap: dict) -> bool:
+    """Whether the record's assignee is the one the gateway last sent (ServiceNow sys_id, Jira
+    account id): not taken back in, even when a webhook of that change comes before its answer."""
+    sent = previous.get("sentAssignee")
+    return bool(sent) and snap.get("assigneeId") == sent
 
 
 def execute(client, op, ticket, ref: str) -> dict:
