@@ -51,7 +51,7 @@ OUT_SCHEMAS = ["FindingOut", "RecommendationOut", "ResourceOut", "AlertOut", "Ba
                "EventOut", "ResourceSourceOut", "ObservationOut", "MergedOut", "AlertV2Out", "PolicyOut",
                "ExemptionOut", "AlertSuppressionRuleOut", "SecureScoreOut", "ControlScoreOut",
                "SecureScoreControlOut", "SecureScoreControlProfileOut", "ControlStateUpdateOut",
-               "GovernanceRuleOut", "GovernanceAssignmentOut",
+               "GovernanceRuleOut", "GovernanceAssignmentOut", "ItemTicketOut",
                "StoreEventOut", "ExportOut", "ExportStatusOut", "ExportDeliveryOut"]
 PATCH_SCHEMAS = ["FindingPatch", "AlertPatch", "AlertV2Patch"]
 OUT_FOR_COLLECTION = {"findings": "FindingOut", "recommendations": "RecommendationOut",

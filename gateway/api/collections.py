@@ -24,6 +24,7 @@ from gateway.api import alerts_v2, event_collection, governance_collections, pos
 from gateway.api import suppression as suppression_rules
 from gateway.auth import require_scope, tenant_for_caller
 from gateway.errors import BadRequest, NotFound
+from gateway.itsm import items as itsm_items
 from gateway.models import (
     Alert,
     Epoch,
@@ -566,6 +567,10 @@ COLLECTIONS: dict[str, Collection] = {
         serialize=_dump(ObservationOut),
     ),
 }
+
+
+# findings, recommendations and alerts show their ITSM tickets and filter on them (gateway/itsm/items.py)
+itsm_items.install(COLLECTIONS)
 
 
 # -- views ------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from sqlalchemy import or_, select, update
 
 from gateway.models import ItsmConnection, ItsmOp, ItsmTicket, utcnow
 
+from . import items as itsm_items
 from . import sync, vault
 from .clients import Connection, RemoteError, client_for
 
@@ -329,15 +330,19 @@ class Delivery:
             else (ticket.remote_key or ticket.remote_id)
         )
         tag = f"[gw-op-{op.id}]"  # inbound sync never takes back what carries it (gateway/itsm/inbound.py)
-        if kind == "resolve":
-            notes = self._notes(content, "resolved") + "\n" + tag
-            return self._remote(client, client.resolve(ref, notes), keep=ticket)
+        if kind == "resolve":  # the connection's close code and notes template: gateway/itsm/items.py
+            notes = itsm_items.close_notes(client.settings, content, self._notes(content, "resolved"))
+            notes += "\n" + tag
+            exempt = bool((content or {}).get("exempt"))
+            return self._remote(client, client.resolve(ref, notes, exempt=exempt), keep=ticket)
         if kind == "reopen":
             notes = self._notes(content, "reopened") + "\n" + tag
             return self._remote(client, client.reopen(ref, notes), keep=ticket)
         if kind == "severity":
             client.set_severity(ref, op.payload.get("severity") or "medium")
             return {}
+        if kind in itsm_items.OPERATIONS:  # the assignee the customer set (gateway/itsm/items.py)
+            return itsm_items.execute(client, op, ticket, ref)
         if kind == "comment":
             if attempts > 1 and client.has_note(ref, tag):
                 return {}

@@ -44,6 +44,7 @@ from gateway.models import (
 )
 from gateway.vault import SecretsUnavailable
 
+from . import items as itsm_items
 from .clients import SN_STATES, RemoteError, adf_text
 
 log = logging.getLogger(__name__)
@@ -96,8 +97,11 @@ def sn_snapshot(record: dict) -> dict:
         "remote_id": _value(record.get("sys_id")),
         "updated": _value(record.get("sys_updated_on")),
         "assignee": _display(record.get("assigned_to")),
+        "assigneeId": _value(record.get("assigned_to")) or None,  # the sys_user sys_id
         "closure": "riskAccepted" if risk else None,
         "state": SN_STATES.get(state, state),
+        "done": state in ("6", "7", "8"),
+        "closeCode": _value(record.get("close_code")) or None,
     }
 
 
@@ -115,8 +119,12 @@ def jira_snapshot(issue: dict) -> dict:
         "key": issue.get("key"),
         "updated": str(fields.get("updated") or ""),
         "assignee": _display(fields.get("assignee")),
+        "assigneeId": (fields.get("assignee") or {}).get("accountId"),
         "closure": "riskAccepted" if risk else None,
         "state": status.get("name"),
+        "done": category == "done",
+        "closeCode": (fields.get("resolution") or {}).get("name")
+        or (status.get("name") if category == "done" else None),
     }
 
 
@@ -181,13 +189,18 @@ def take_in(conn, connection, snap: dict | None, comments=(), ticket=None) -> in
     previous = dict(ticket.inbound or {})
     changes: dict = {}
     clear_override = False
+    followed = 0  # alerts closed or reopened with the record (gateway/itsm/items.py)
     full = snap is not None and "closure" in snap
+    if full:
+        snap = itsm_items.classify(connection, snap)
     stale = full and bool(
         previous.get("updated") and snap["updated"] and snap["updated"] < previous["updated"]
     )
     if full and not stale:
-        if snap["assignee"] != previous.get("assignee") and (
-            not snap["assignee"] or snap["assignee"] != connection.username
+        if (
+            snap["assignee"] != previous.get("assignee")
+            and (not snap["assignee"] or snap["assignee"] != connection.username)
+            and not itsm_items.assigned_by_gateway(previous, snap)
         ):
             changes["assignedTo"] = snap["assignee"]
         if snap["closure"] != previous.get("closure"):
@@ -195,13 +208,17 @@ def take_in(conn, connection, snap: dict | None, comments=(), ticket=None) -> in
                 changes["statusOverride"] = "riskAccepted"
             elif previous.get("closure") == "riskAccepted":
                 clear_override = True
+        followed, keep, values = itsm_items.follow(
+            conn, connection, ticket, previous, snap, actor(connection), utcnow()
+        )
         inbound = {
             **previous,
             "assignee": snap["assignee"],
             "closure": snap["closure"],
             "updated": snap["updated"] or previous.get("updated"),
+            **keep,
         }
-        values = {"inbound": inbound, "updated_at": utcnow()}
+        values.update(inbound=inbound, updated_at=utcnow())
         if snap.get("state"):
             values["remote_state"] = snap["state"]
         conn.execute(update(TK).where(TK.c.id == ticket.id).values(**values))
@@ -215,14 +232,14 @@ def take_in(conn, connection, snap: dict | None, comments=(), ticket=None) -> in
     if new_comments:
         changes["comments"] = new_comments
     if not changes and not clear_override:
-        return 0
-    items = conn.execute(
+        return followed
+    linked = conn.execute(
         select(TI.c.subject_type, TI.c.subject_id)
         .where(TI.c.ticket_id == ticket.id)
         .order_by(TI.c.subject_id)
     ).all()
-    now, who, written = utcnow(), actor(connection), 0
-    for item in items:
+    now, who, written = utcnow(), actor(connection), followed
+    for item in linked:
         collection = COLLECTIONS.get(COLLECTION_OF.get(item.subject_type, ""))
         if collection is None or collection.workflow is None:
             continue
