@@ -50,6 +50,7 @@ from sqlalchemy.engine import Connection
 
 from gateway.export import events as outbox
 from gateway.export import kinds, subjects
+from gateway.export import metrics as export_metrics
 from gateway.export.secrets import SecretUnreadable, unseal
 from gateway.models import ExportDelivery, ExportDestination, LifecycleEvent, Tenant, utcnow
 
@@ -364,6 +365,7 @@ def _step(conn: Connection, config: dict, destination_id: int, owner: str, now: 
     else:
         outcome = _send(config, dest, now, config["EXPORT_TIMEOUT_SECONDS"], message_id, rendered)
     status = _record(conn, config, dest, owner, pending, message_id, outcome, now)
+    export_metrics.observe(dest.kind, dest.id, outcome.ok, rendered, utcnow())
     return status, (len(rendered) if outcome.ok else 0)
 
 
