@@ -851,3 +851,7 @@ main.add_command(_itsm)
 if __name__ == "__main__":
     main()
 
+
+from gateway.automation.cli import automation as _automation  # noqa: E402 - `gateway automation`
+
+main.add_command(_automation)
