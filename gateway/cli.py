@@ -853,9 +853,14 @@ from gateway.itsm.cli import itsm as _itsm  # noqa: E402 - the `gateway itsm` co
 main.add_command(_itsm)
 
 
-if __name__ == "__main__":
-    main()
-
 from gateway.vault_cli import secrets as _secrets  # noqa: E402 - the `gateway secrets` commands
 
 main.add_command(_secrets)
+
+from gateway.automation.cli import automation as _automation  # noqa: E402 - `gateway automation`
+
+main.add_command(_automation)
+
+
+if __name__ == "__main__":
+    main()

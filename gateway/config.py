@@ -108,6 +108,10 @@ class Settings(BaseSettings):
     export_max_destinations: int = 50  # per tenant
     event_retention_days: int = 30  # export-only events (batch.finished, secureScore.changed); 0: keep
     event_prune_interval: float = 3600.0
+    # Export snapshots and workflow automation (gateway/export/snapshot.py, gateway/automation/)
+    snapshot_slice_size: int = 500  # subjects read (and rendered) per keyset slice of a snapshot
+    automation_max_rules: int = 50  # per tenant
+    automation_max_chain: int = 3  # an edit made by this many rules in a row triggers no further rule
 
     @field_validator("ratelimit_push", "ratelimit_tenant_push", "ratelimit_read", "ratelimit_token")
     @classmethod

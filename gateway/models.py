@@ -973,3 +973,83 @@ class ExportDelivery(Base):
     status_code: Mapped[int | None] = mapped_column(Integer)
     duration_ms: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
+
+
+# Export snapshots and workflow automation (issue 13 items 3-4, migration 0019).
+
+
+class ExportSnapshot(Base):
+    """A job delivering the current state of a destination's filtered collections as
+    ``<subject>.snapshot`` events (gateway/export/snapshot.py), walked by id in keyset slices."""
+
+    __tablename__ = "export_snapshots"
+    __table_args__ = (Index("ix_export_snapshots_destination", "destination_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    destination_id: Mapped[int] = mapped_column(ForeignKey("export_destinations.id", ondelete="CASCADE"))
+    state: Mapped[str] = mapped_column(String(20), default="queued")  # queued | running | succeeded | failed
+    subjects: Mapped[list] = mapped_column(JSON, default=list)  # subject types, walked in this order
+    subject_index: Mapped[int] = mapped_column(Integer, default=0)
+    after_id: Mapped[int] = mapped_column(BigId, default=0)  # the last id delivered of the current subject
+    delivered: Mapped[int] = mapped_column(BigInteger, default=0)
+    total: Mapped[int | None] = mapped_column(BigInteger)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_error_at: Mapped[datetime | None]
+    next_attempt_at: Mapped[datetime | None]
+    lease_owner: Mapped[str | None] = mapped_column(String(100))
+    lease_expires_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(200))
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AutomationRule(Base):
+    """A tenant's workflow automation rule (gateway/automation/): a trigger (event types and a
+    ``$filter`` on the subject), ordered actions, a cursor over the outbox, the last error."""
+
+    __tablename__ = "automation_rules"
+    __table_args__ = (Index("ix_automation_rules_tenant", "tenant_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    display_name: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str | None] = mapped_column(Text)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    event_types: Mapped[list] = mapped_column(JSON, default=list)
+    filter: Mapped[str | None] = mapped_column(Text)
+    actions: Mapped[list] = mapped_column(JSON, default=list)
+    secret: Mapped[str | None] = mapped_column(Text)  # encrypted (gateway/export/secrets.py): signs webhooks
+    secret_hint: Mapped[str | None] = mapped_column(String(40))
+    version: Mapped[int] = mapped_column(Integer, default=1)  # the ETag
+    cursor_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_error_at: Mapped[datetime | None]
+    last_run_at: Mapped[datetime | None]
+    fired_events: Mapped[int] = mapped_column(BigInteger, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(100))
+    lease_expires_at: Mapped[datetime | None]
+    enqueued_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(200))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_by: Mapped[str | None] = mapped_column(String(200))
+
+
+class AutomationActionDone(Base):
+    """One action of a rule done for one event: each (rule, event, action) runs once."""
+
+    __tablename__ = "automation_actions_done"
+
+    rule_id: Mapped[int] = mapped_column(ForeignKey("automation_rules.id", ondelete="CASCADE"), primary_key=True)
+    event_id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=False)
+    action_index: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    tenant_id: Mapped[int] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(String(20))  # done | skipped
+    detail: Mapped[str | None] = mapped_column(Text)
+    done_at: Mapped[datetime] = mapped_column(default=utcnow)

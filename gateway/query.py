@@ -349,9 +349,9 @@ def json_append(column: ColumnElement, items: list[dict], dialect: str) -> Colum
 
 
 def apply_edit(conn: Connection, collection: Collection, tenant_id: int, conditions: list[ColumnElement],
-               changes: dict, actor: str, now: datetime, events_table: Table) -> int:
+               changes: dict, actor: str, now: datetime, events_table: Table, cause: str = "customer edit") -> int:
     """Apply one edit to every row of the tenant matching ``conditions``: one UPDATE, one INSERT of
-    history events.  Returns how many rows changed."""
+    history events (``cause``: an automation rule's edit names the rule).  Returns how many rows changed."""
     workflow = collection.workflow
     assert workflow is not None
     table = workflow.table
@@ -378,6 +378,6 @@ def apply_edit(conn: Connection, collection: Collection, tenant_id: int, conditi
         conn.execute(events_table.insert(), [
             {"tenant_id": tenant_id, "subject_type": workflow.subject, "subject_id": subject_id,
              "event": "edited",
-             "at": now, "cause": "customer edit", "actor": actor, "batch_id": None, "details": recorded}
+             "at": now, "cause": cause, "actor": actor, "batch_id": None, "details": recorded}
             for subject_id in sorted(ids)])
     return len(ids)

@@ -1489,3 +1489,80 @@ def test_the_itsm_endpoints_answer_as_documented(world, merged):
     finally:
         sn.stop()
         jira.stop()
+
+
+# -- workflow automation and export snapshots (issue 13 items 3-4) -------------------------------------
+
+
+@pytest.mark.parametrize("name", ["AutomationIn", "AutomationPatch", "AutomationTestIn"])
+def test_automation_input_schemas_match_the_marshmallow_schemas(spec, name):
+    from gateway.automation import schemas as automation_schemas
+
+    _check_input_schema(spec, getattr(automation_schemas, name), name)
+
+
+@pytest.mark.parametrize("name", ["AutomationOut", "ExportSnapshotOut"])
+def test_automation_out_schemas_match_the_marshmallow_schemas(spec, name):
+    from gateway.automation import schemas as automation_schemas
+
+    declared = getattr(automation_schemas, name)().fields
+    documented = spec["components"]["schemas"][name]
+    assert set(documented["properties"]) == set(declared)
+    assert set(documented["required"]) == set(declared), "every field is always dumped"
+    assert documented.get("additionalProperties") is False
+    for field_name, field in declared.items():
+        _check_type(spec, field, documented["properties"][field_name], f"{name}.{field_name}")
+
+
+def test_the_automation_and_snapshot_endpoints_answer_as_documented(world, merged):
+    from gateway.export import snapshot
+    from tests.receiver import Receiver
+
+    call, auth = world.call, world.auth
+    rules, one = f"{ACME}/automations", T + "/automations/{rule_id}"
+    receiver = Receiver()
+    world.app.config["EXPORT_ALLOW_PRIVATE_TARGETS"] = True
+    try:
+        body = {"displayName": "triage", "eventTypes": ["finding.*"], "filter": "severity ge 'medium'",
+                "actions": [{"type": "webhook", "url": receiver.url},
+                            {"type": "setFields", "fields": {"assignedTo": "soc"}}]}
+        made, response = call("POST", T + "/automations", rules, 201, headers=auth, json=body)
+        url = f"{rules}/{made['id']}"
+        assert response.headers["Location"].endswith(url)
+        call("POST", T + "/automations", rules, 400, headers=auth, json={"displayName": "x"})
+        call("POST", T + "/automations", rules, 403, headers=world.read_only, json=body)
+        call("POST", T + "/automations", "/api/v1/tenants/nobody/automations", 404, headers=auth, json=body)
+        listed = call("GET", T + "/automations", rules, 200, headers=auth,
+                      query_string={"$count": "true", "$filter": "enabled eq true"})[0]
+        assert listed["@odata.count"] == 1
+        call("GET", T + "/automations", rules, 400, headers=auth, query_string={"$filter": "x eq 1"})
+        shown, response = call("GET", one, url, 200, headers=auth)
+        assert "secret" not in shown
+        call("GET", one, f"{rules}/999999", 404, headers=auth)
+        call("PATCH", one, url, 428, headers=auth, json={"enabled": False})
+        call("PATCH", one, url, 412, headers=auth | {"If-Match": '"0.0"'}, json={"enabled": False})
+        changed = call("PATCH", one, url, 200, headers=auth | {"If-Match": shown["etag"]}, json={"enabled": False})[0]
+        call("PATCH", one, url, 400, headers=auth | {"If-Match": "*"}, json={})
+        dry = call("POST", one + "/test", url + "/test", 200, headers=auth)[0]
+        assert dry["event"]["type"].startswith("finding.")
+        call("POST", one + "/test", url + "/test", 400, headers=auth, json={"eventId": "x"})
+        call("DELETE", one, url, 428, headers=auth)
+        call("DELETE", one, url, 204, headers=auth | {"If-Match": changed["etag"]})
+
+        exports = f"{ACME}/exports"
+        export = call("POST", T + "/exports", exports, 201, headers=auth, json={
+            "displayName": "SIEM", "url": receiver.url, "eventTypes": ["finding.*"]})[0]
+        receiver.secrets.append(export["secret"])
+        start = (T + "/exports/{export_id}/snapshot", f"{exports}/{export['id']}/snapshot")
+        job, response = call("POST", *start, 202, headers=auth)
+        assert job["state"] == "queued"
+        call("POST", *start, 409, headers=auth)
+        call("POST", T + "/exports/{export_id}/snapshot", f"{exports}/999999/snapshot", 404, headers=auth)
+        snapshot.run(world.db, world.app.config, int(job["id"]))
+        job_path = T + "/exports/{export_id}/snapshots/{snapshot_id}"
+        done = call("GET", job_path, response.headers["Location"].split("localhost", 1)[1], 200, headers=auth)[0]
+        assert done["state"] == "succeeded" and done["delivered"] == done["total"] > 0
+        call("GET", job_path, f"{exports}/{export['id']}/snapshots/999999", 404, headers=auth)
+    finally:
+        world.app.config["EXPORT_ALLOW_PRIVATE_TARGETS"] = False
+        receiver.stop()

@@ -61,8 +61,14 @@ def celery_init_app(app: Flask) -> Celery:
                 "task": "workers.export_tasks.prune_events",
                 "schedule": float(app.config.get("EVENT_PRUNE_INTERVAL") or 3600.0),
             },
+            # workflow automation and export snapshots (workers/automation_tasks.py)
+            "dispatch-automations": {
+                "task": "workers.automation_tasks.dispatch_automations",
+                "schedule": float(app.config.get("EXPORT_DISPATCH_INTERVAL") or 2.0),
+                "options": {"expires": max(10.0, 5 * float(app.config.get("EXPORT_DISPATCH_INTERVAL") or 2.0))},
+            },
         },
-        imports=("workers.tasks", "workers.export_tasks", "gateway.itsm.tasks"),
+        imports=("workers.tasks", "workers.export_tasks", "gateway.itsm.tasks", "workers.automation_tasks"),
     )
     celery.set_default()
     app.extensions["celery"] = celery

@@ -36,3 +36,9 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(itsm.blueprint)
     app.register_blueprint(exports.blueprint)
     app.register_blueprint(itsm.webhooks)
+    # export snapshots and workflow automation (issue 13 items 3-4)
+    from gateway.api import export_snapshots
+    from gateway.automation import api as automations
+
+    app.register_blueprint(export_snapshots.blueprint)
+    app.register_blueprint(automations.blueprint)
