@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     broker_url: str | None = None
     secret_key: str | None = None
     issuer: str | None = None
-    max_body_bytes: int = 256 * 1024 * 1024
+    max_body_bytes: int = 8 * 1024 * 1024 * 1024  # bodies over 1 MiB are streamed (gateway/streaming.py)
     token_ttl_seconds: int = 3600
     merge_chunk_size: int = 5000
     sweep_after_seconds: int = 300
@@ -112,6 +112,10 @@ class Settings(BaseSettings):
     snapshot_slice_size: int = 500  # subjects read (and rendered) per keyset slice of a snapshot
     automation_max_rules: int = 50  # per tenant
     automation_max_chain: int = 3  # an edit made by this many rules in a row triggers no further rule
+    # Streamed pushes and multipart uploads (gateway/streaming.py, gateway/uploads.py)
+    gzip_max_ratio: float = 100.0  # a gzip body expanding more than this many times is a bomb: 413
+    receiving_timeout_seconds: int = 600  # a push whose bytes stop arriving this long is marked failed
+    upload_expiry_seconds: int = 86400  # an unfinished multipart upload is deleted this long after creation
 
     @field_validator("ratelimit_push", "ratelimit_tenant_push", "ratelimit_read", "ratelimit_token")
     @classmethod

@@ -598,7 +598,9 @@ def test_the_batch_schemas_follow_the_pipeline(spec):
     from gateway.pipeline import COUNT_KEYS, OPEN_STATUSES, TERMINAL
 
     documented = spec["components"]["schemas"]
-    assert documented["BatchStatus"]["enum"] == list(OPEN_STATUSES + TERMINAL)
+    from gateway.streaming import RECEIVING
+
+    assert documented["BatchStatus"]["enum"] == [RECEIVING, *OPEN_STATUSES, *TERMINAL]
     assert list(documented["BatchOut"]["properties"]["counts"]["properties"]) == list(COUNT_KEYS)
     assert documented["Severity"]["enum"] == list(SEVERITIES)
     identifiers = deref(spec, documented["ResourceOut"]["properties"]["identifiers"])["properties"]

@@ -157,3 +157,12 @@ def _enqueue(db, batch_id: int) -> bool:
     except Exception:  # noqa: BLE001 - the task is sent; the time is only a hint for the sweep
         log.warning("could not record when batch %s was enqueued", batch_id, exc_info=True)
     return True
+
+
+@shared_task(name="workers.tasks.sweep_incomplete_uploads", acks_late=True)
+def sweep_incomplete_uploads() -> int:
+    """Streamed pushes whose bytes stopped arriving end ``failed``; expired multipart uploads are deleted."""
+    from gateway import streaming
+
+    db = current_app.extensions["gateway.db"]
+    return streaming.fail_abandoned(db)
