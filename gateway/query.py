@@ -35,6 +35,8 @@ MAX_SKIP = 10_000
 CSV_BATCH = 1000
 LIST_OPTIONS = ("$filter", "$select", "$orderby", "$top", "$skip", "$skiptoken", "$count", "$format")
 FORMATS = {"json": "json", "application/json": "json", "csv": "csv", "text/csv": "csv"}
+# JSON Lines (gateway/bulk_export.py): one object per line, the whole result like CSV
+FORMATS |= {"jsonl": "jsonl", "application/x-ndjson": "jsonl", "application/jsonl": "jsonl"}
 _CSV_RISKY = ("=", "+", "-", "@", "\t", "\r")
 
 
@@ -92,6 +94,7 @@ class ListRequest:
     skip: int = 0
     count: bool = False
     csv: bool = False
+    jsonl: bool = False  # the whole result as JSON Lines (gateway/bulk_export.py)
     owners: Select | None = None  # the filter's ParsedFilter.owners (see ``count``)
 
 
@@ -109,7 +112,7 @@ def _whole_number(args, name: str, default: int, low: int, high: int) -> int:
 
 
 def parse_list_args(collection: Collection, args, context: FilterContext, default_top: int, max_top: int,
-                    accept_csv: bool = False) -> ListRequest:
+                    accept_csv: bool = False, accept_jsonl: bool = False) -> ListRequest:
     """Read the OData options of a list (or CSV) request; 400 on anything not allowed."""
     unknown = sorted(set(args) - set(LIST_OPTIONS))
     if unknown:
@@ -119,12 +122,14 @@ def parse_list_args(collection: Collection, args, context: FilterContext, defaul
         raise _invalid(f"'{repeated[0]}' is given more than once")
     wanted_format = args.get("$format")
     if wanted_format is not None and wanted_format.lower() not in FORMATS:
-        raise _invalid("'$format' is json or csv")
-    as_csv = FORMATS[wanted_format.lower()] == "csv" if wanted_format is not None else accept_csv
-    if as_csv:
+        raise _invalid("'$format' is json, csv or jsonl")
+    chosen = FORMATS[wanted_format.lower()] if wanted_format is not None else (
+        "csv" if accept_csv else "jsonl" if accept_jsonl else "json")
+    as_csv = chosen == "csv"
+    if chosen != "json":
         paging = [name for name in ("$top", "$skip", "$skiptoken", "$count") if name in args]
         if paging:
-            raise _invalid(f"'{paging[0]}' does not apply to CSV, which is the whole result")
+            raise _invalid(f"'{paging[0]}' does not apply to {chosen.upper()}, which is the whole result")
     top = _whole_number(args, "$top", default_top, 1, max_top)
     skip = _whole_number(args, "$skip", 0, 0, MAX_SKIP)
     if skip and "$skiptoken" in args:
@@ -142,7 +147,8 @@ def parse_list_args(collection: Collection, args, context: FilterContext, defaul
     fingerprint = hashlib.sha256("\x1f".join(
         [collection.name, repr(order), canonical, ",".join(selected or ())]).encode()).hexdigest()[:24]
     return ListRequest(top=top, order=order, conditions=conditions, fingerprint=fingerprint, select=selected,
-                       skip=skip, count=count_text == "true", csv=as_csv, owners=owners)
+                       skip=skip, count=count_text == "true", csv=as_csv, owners=owners,
+                       jsonl=chosen == "jsonl")
 
 
 def _parse_order(collection: Collection, text: str | None) -> list[tuple[str, bool]]:
