@@ -1,0 +1,193 @@
+"""Many small pushes at once (issue 14 item 4): every one accepted over a real socket and merged
+by a real worker, and the small batches a worker merges in one task (gateway/smallbatches.py)
+each keep their own status, counts and events, a poison one failing alone."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from sqlalchemy import func, select, text
+
+from gateway.models import Batch, Finding, FindingSource, LifecycleEvent
+from tests.conftest import Gateway, LiveServer, Worker, make_app, wait_for, wipe
+from tests.factories import document, finding
+
+PUSH = "/api/v1/tenants/{tenant}/batches?format=canonical"
+FINAL = ("succeeded", "partiallySucceeded", "failed")
+
+
+@pytest.fixture
+def lazy_gw(store_url, redis_clean):
+    """An app on each store whose pushes are queued in Redis for a worker the test starts."""
+    app = make_app(store_url, eager=False)
+    wipe(app.extensions["gateway.db"])
+    yield Gateway(app)
+    app.extensions["gateway.db"].dispose()
+
+
+def _batches(gw: Gateway) -> dict[int, Batch]:
+    with gw.db.read_sessions() as session:
+        return {batch.id: batch for batch in session.scalars(select(Batch))}
+
+
+def _all_final(gw: Gateway, count: int) -> dict[int, Batch]:
+    rows = _batches(gw)
+    return rows if len(rows) == count and all(b.status in FINAL for b in rows.values()) else {}
+
+
+def _small(batch: int, size: int = 10, **fields) -> bytes:
+    """A push of ``size`` findings, one host and ``size`` CVEs of its own."""
+    return document([finding(f"b{batch}-f{j}", host=f"h{batch}.example.com",
+                             cves=[f"CVE-2024-{100000 + batch * 100 + j}"], **fields) for j in range(size)])
+
+
+def _coalesced(output: str) -> list[str]:
+    return [line for line in output.splitlines() if "merged in the task of batch" in line]
+
+
+def test_many_small_concurrent_pushes_over_a_socket_are_all_accepted_and_merged(lazy_gw):
+    gw = lazy_gw
+    tenant = gw.tenant()
+    clients = [gw.partner(f"Scanner {n}", [tenant]) for n in range(4)]
+    pushes = 80
+    server = LiveServer(gw.app)
+    worker = Worker(gw.app.config["DATABASE_URL"], concurrency=2)
+    try:
+        def push(index: int) -> requests.Response:
+            headers = clients[index % len(clients)] | {"Content-Type": "application/json"}
+            return requests.post(f"{server.url}{PUSH.format(tenant=tenant)}", data=_small(index),
+                                 headers=headers, timeout=60)
+
+        with ThreadPoolExecutor(max_workers=10) as pool:
+            answers = list(pool.map(push, range(pushes)))
+        assert [a.status_code for a in answers] == [202] * pushes, [a.text for a in answers if a.status_code != 202]
+        ids = {int(a.json()["id"]) for a in answers}
+        assert len(ids) == pushes
+        batches = wait_for(lambda: _all_final(gw, pushes), timeout=240, interval=0.5)
+    finally:
+        worker.stop()
+        server.stop()
+    assert set(batches) == ids
+    for batch in batches.values():
+        assert batch.status == "succeeded", (batch.id, batch.error)
+        assert batch.counts["received"] == 10 and batch.counts["created"] == 10, batch.counts
+        assert batch.counts["rejected"] == 0 and batch.attempts == 1
+    with gw.db.read_sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Finding)) == pushes * 10
+        assert session.scalar(select(func.count()).select_from(FindingSource)) == pushes * 10
+
+
+def _start_worker_and_wait(gw: Gateway, count: int, capfd, monkeypatch) -> tuple[dict[int, Batch], str]:
+    """One worker process (one at a time) takes the queued tasks; its log is returned."""
+    monkeypatch.setenv("GATEWAY_TEST_WORKER_LOG", "1")  # the worker's log goes to this test's stderr
+    capfd.readouterr()
+    worker = Worker(gw.app.config["DATABASE_URL"], concurrency=1,
+                    extra_env={"GATEWAY_LOG_FORMAT": "text", "GATEWAY_SMALL_BATCHES_PER_TASK": "20"})
+    try:
+        batches = wait_for(lambda: _all_final(gw, count), timeout=180, interval=0.3)
+    finally:
+        worker.stop()
+    captured = capfd.readouterr()
+    return batches, captured.out + captured.err
+
+
+def test_coalesced_small_batches_keep_their_own_status_counts_and_events(lazy_gw, capfd, monkeypatch):
+    gw = lazy_gw
+    tenant = gw.tenant()
+    headers = gw.partner("Qualys", [tenant]) | {"Content-Type": "application/json"}
+    bad = finding("b2-bad", host="h2.example.com", severity="dreadful")
+    bodies = [
+        _small(0),  # created 10
+        _small(0, severity="low", ts="2024-05-01T00:00:00Z"),  # the same 10, newer: updated 10
+        document([*json.loads(_small(2, size=9))["findings"], bad]),  # 9 created, 1 rejected
+        _small(0, severity="critical", ts="2024-01-01T00:00:00Z"),  # older than what is stored: stale 10
+        _small(0, status="fixed", ts="2024-06-01T00:00:00Z"),  # resolved 10
+        _small(5, size=3),  # created 3
+    ]
+    ids = []
+    for body in bodies:  # queued before any worker runs: the first task finds the rest waiting
+        answer = gw.http.post(PUSH.format(tenant=tenant), data=body, headers=headers)
+        assert answer.status_code == 202, answer.get_json()
+        ids.append(int(answer.get_json()["id"]))
+    batches, output = _start_worker_and_wait(gw, len(bodies), capfd, monkeypatch)
+
+    merged_here = _coalesced(output)
+    assert len(merged_here) == len(bodies) - 1, output[-3000:]  # all but the first, in the first's task
+    assert all(f"in the task of batch {ids[0]}" in line for line in merged_here)
+    expected = [
+        ("succeeded", {"received": 10, "created": 10}),
+        ("succeeded", {"received": 10, "updated": 10}),
+        ("partiallySucceeded", {"received": 10, "created": 9, "rejected": 1}),
+        ("succeeded", {"received": 10, "stale": 10}),
+        ("succeeded", {"received": 10, "updated": 10, "resolved": 10}),
+        ("succeeded", {"received": 3, "created": 3}),
+    ]
+    for batch_id, (status, counts) in zip(ids, expected, strict=True):
+        batch = batches[batch_id]
+        assert batch.status == status, (batch_id, batch.error)
+        named = {key: batch.counts.get(key, 0) for key in counts}
+        others = {key: value for key, value in batch.counts.items() if key not in counts and value}
+        assert named == counts and not others, batch.counts
+        assert batch.attempts == 1 and batch.lease_owner is None and batch.finished_at is not None
+    assert batches[ids[2]].rejections[0]["providerId"] == "b2-bad"
+    with gw.db.read_sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Finding)) == 10 + 9 + 3
+        finished = session.execute(select(LifecycleEvent.subject_id, func.count())
+                                   .where(LifecycleEvent.subject_type == "batch",
+                                          LifecycleEvent.event == "finished")
+                                   .group_by(LifecycleEvent.subject_id)).all()
+        created = dict(session.execute(select(LifecycleEvent.batch_id, func.count())
+                                       .where(LifecycleEvent.subject_type == "finding",
+                                              LifecycleEvent.event == "new")
+                                       .group_by(LifecycleEvent.batch_id)).all())
+        resolved = dict(session.execute(select(LifecycleEvent.batch_id, func.count())
+                                        .where(LifecycleEvent.subject_type == "finding",
+                                               LifecycleEvent.event == "resolved")
+                                        .group_by(LifecycleEvent.batch_id)).all())
+    assert sorted(finished) == sorted((i, 1) for i in ids)  # each batch's own batch.finished, once
+    assert created == {ids[0]: 10, ids[2]: 9, ids[5]: 3}  # each finding's "new" event names its batch
+    assert resolved == {ids[4]: 10}
+
+
+@pytest.fixture
+def poison_trigger(lazy_gw):
+    """A store-side refusal no record check foresees: inserting a finding titled 'poison' raises."""
+    db = lazy_gw.db
+    with db.engine.begin() as conn:
+        if db.is_postgres:
+            conn.execute(text("CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS "
+                              "$$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$"))
+            conn.execute(text("CREATE TRIGGER refuse_poison BEFORE INSERT ON findings FOR EACH ROW "
+                              "WHEN (NEW.title = 'poison') EXECUTE FUNCTION refuse_poison()"))
+        else:
+            conn.execute(text("CREATE TRIGGER refuse_poison BEFORE INSERT ON findings "
+                              "WHEN NEW.title = 'poison' BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"))
+    yield
+    with db.engine.begin() as conn:
+        conn.execute(text("DROP TRIGGER refuse_poison" + (" ON findings" if db.is_postgres else "")))
+        if db.is_postgres:
+            conn.execute(text("DROP FUNCTION refuse_poison()"))
+
+
+def test_a_poison_batch_in_a_coalesced_group_fails_alone(lazy_gw, poison_trigger, capfd, monkeypatch):
+    gw = lazy_gw
+    tenant = gw.tenant()
+    headers = gw.partner("Qualys", [tenant]) | {"Content-Type": "application/json"}
+    bodies = [_small(0), _small(1), _small(2, title="poison"), _small(3), _small(4)]
+    ids = [int(gw.http.post(PUSH.format(tenant=tenant), data=body, headers=headers).get_json()["id"])
+           for body in bodies]
+    batches, output = _start_worker_and_wait(gw, len(bodies), capfd, monkeypatch)
+
+    assert len(_coalesced(output)) == len(bodies) - 1, output[-3000:]
+    poison = batches[ids[2]]
+    assert poison.status == "failed" and "reference" in poison.error and "refused by the test" not in poison.error
+    assert poison.attempts == 1 and poison.lease_owner is None
+    for batch_id in ids[:2] + ids[3:]:
+        batch = batches[batch_id]
+        assert batch.status == "succeeded" and batch.counts["created"] == 10, (batch_id, batch.error)
+    with gw.db.read_sessions() as session:
+        hosts = session.execute(select(FindingSource.batch_id, func.count()).group_by(FindingSource.batch_id)).all()
+    assert dict(hosts) == {batch_id: 10 for batch_id in ids if batch_id != ids[2]}  # nothing of the poison
