@@ -71,7 +71,8 @@ def claim_next(db: Database, tenant_id: int, max_bytes: int, lease_seconds: int)
     with db.engine.begin() as conn:
         batch_id = conn.execute(
             update(batches)
-            .where(batches.c.id == candidate.scalar_subquery(), batches.c.status == "accepted", _lease_free(now))
+            .where(batches.c.id == candidate.scalar_subquery(), batches.c.status == "accepted",
+                   _lease_free(now))
             .values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds))
             .returning(batches.c.id)
         ).scalar()

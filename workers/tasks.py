@@ -59,7 +59,7 @@ def process_batch_task(self, batch_id: int, owner: str | None = None, request_id
     if any(merged in ("succeeded", "partiallySucceeded") for merged in [status, *(s for _, s in group)]):
         from gateway.itsm.tasks import after_merge
 
-        after_merge(db, int(batch_id))  # ITSM tickets follow the merge at once (never fails it), once a tenant
+        after_merge(db, int(batch_id))  # ITSM tickets follow at once (never fails it), once a group
     return status
 
 
