@@ -5,6 +5,12 @@ each keep their own status, counts and events, a poison one failing alone."""
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -12,7 +18,7 @@ import requests
 from sqlalchemy import func, select, text
 
 from gateway.models import Batch, Finding, FindingSource, LifecycleEvent
-from tests.conftest import Gateway, LiveServer, Worker, make_app, wait_for, wipe
+from tests.conftest import QUEUE, REDIS_URL, ROOT, SECRET, Gateway, Worker, make_app, wait_for, wipe
 from tests.factories import document, finding
 
 PUSH = "/api/v1/tenants/{tenant}/batches?format=canonical"
@@ -48,29 +54,77 @@ def _coalesced(output: str) -> list[str]:
     return [line for line in output.splitlines() if "merged in the task of batch" in line]
 
 
-def test_many_small_concurrent_pushes_over_a_socket_are_all_accepted_and_merged(lazy_gw):
+def _documented_api_command(port: int) -> list[str]:
+    """The README's production command for the API, bound to a loopback port."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    line = next(line for line in lines if line.startswith("gunicorn "))
+    args = shlex.split(line.split("#", 1)[0])
+    assert "gthread" in args and int(args[args.index("--threads") + 1]) > 1  # threaded, as documented
+    args[args.index("-b") + 1] = f"127.0.0.1:{port}"
+    return [sys.executable, "-m", *args]
+
+
+class DocumentedApi:
+    """The API under the README's gunicorn command (threaded workers) on a loopback port."""
+
+    def __init__(self, database_url: str) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        env = dict(os.environ, GATEWAY_DATABASE_URL=database_url, GATEWAY_BROKER_URL=REDIS_URL,
+                   GATEWAY_TASK_QUEUE=QUEUE, GATEWAY_SECRET_KEY=SECRET, GATEWAY_ISSUER=self.url,
+                   PYTHONPATH=str(ROOT))
+        self.process = subprocess.Popen(_documented_api_command(port), env=env, cwd=ROOT,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True)
+
+        def up() -> bool:
+            try:
+                return requests.get(f"{self.url}/healthz", timeout=30).status_code == 200
+            except (requests.ConnectionError, requests.Timeout):
+                assert self.process.poll() is None, "gunicorn stopped"
+                return False
+
+        try:
+            wait_for(up, timeout=120, interval=0.2)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+
+def test_many_small_concurrent_pushes_to_the_documented_api_are_all_accepted_and_merged(lazy_gw):
     gw = lazy_gw
     tenant = gw.tenant()
-    clients = [gw.partner(f"Scanner {n}", [tenant]) for n in range(4)]
-    pushes = 80
-    server = LiveServer(gw.app)
+    clients = [gw.partner(f"Scanner {n}", [tenant]) for n in range(5)]
+    pushes = 100
+    api = DocumentedApi(gw.app.config["DATABASE_URL"])
     worker = Worker(gw.app.config["DATABASE_URL"], concurrency=2)
     try:
-        def push(index: int) -> requests.Response:
+        def client(index: int) -> list[requests.Response]:
+            session = requests.Session()  # keep-alive, as a scanner's client would
             headers = clients[index % len(clients)] | {"Content-Type": "application/json"}
-            return requests.post(f"{server.url}{PUSH.format(tenant=tenant)}", data=_small(index),
-                                 headers=headers, timeout=60)
+            return [session.post(f"{api.url}{PUSH.format(tenant=tenant)}", data=_small(number),
+                                 headers=headers, timeout=60) for number in range(index, pushes, 20)]
 
-        with ThreadPoolExecutor(max_workers=10) as pool:
-            answers = list(pool.map(push, range(pushes)))
+        with ThreadPoolExecutor(max_workers=20) as pool:
+            answers = [answer for answers in pool.map(client, range(20)) for answer in answers]
         refused = [a.text for a in answers if a.status_code != 202]
         assert [a.status_code for a in answers] == [202] * pushes, refused
         ids = {int(a.json()["id"]) for a in answers}
         assert len(ids) == pushes
-        batches = wait_for(lambda: _all_final(gw, pushes), timeout=240, interval=0.5)
+        batches = wait_for(lambda: _all_final(gw, pushes), timeout=300, interval=0.5)
     finally:
         worker.stop()
-        server.stop()
+        api.stop()
     assert set(batches) == ids
     for batch in batches.values():
         assert batch.status == "succeeded", (batch.id, batch.error)
@@ -78,7 +132,9 @@ def test_many_small_concurrent_pushes_over_a_socket_are_all_accepted_and_merged(
         assert batch.counts["rejected"] == 0 and batch.attempts == 1
     with gw.db.read_sessions() as session:
         assert session.scalar(select(func.count()).select_from(Finding)) == pushes * 10
-        assert session.scalar(select(func.count()).select_from(FindingSource)) == pushes * 10
+        sources = dict(session.execute(select(FindingSource.batch_id, func.count())
+                                       .group_by(FindingSource.batch_id)).all())
+    assert sources == dict.fromkeys(ids, 10)  # each batch's ten, none doubled
 
 
 def _start_worker_and_wait(gw: Gateway, count: int, capfd, monkeypatch) -> tuple[dict[int, Batch], str]:
