@@ -120,7 +120,8 @@ def _percentile(values: list[float], share: float) -> float:
 
 def _open_batches(url: str) -> int:
     with psycopg.connect(url, autocommit=True) as conn:
-        return conn.execute("SELECT count(*) FROM batches WHERE status IN ('accepted', 'processing')").fetchone()[0]
+        return conn.execute("SELECT count(*) FROM batches "
+                            "WHERE status IN ('accepted', 'processing')").fetchone()[0]
 
 
 def _outcome(url: str, findings: int) -> str:
@@ -191,7 +192,8 @@ def run(mode: str, pushes: int, clients: int, size: int, log_dir: Path) -> None:
             print(f"         all merged {merged:.1f}s after the first push ({pushes / merged:.0f} batches/s, "
                   f"{pushes * size / merged:.0f} findings/s); merged in another batch's task: "
                   f"{stack.coalesced()}")
-            print(f"         {_outcome(url, pushes * size)}")
+            print(f"         {_outcome(url, pushes * size)}; load average after: "
+                  + " ".join(f"{value:.1f}" for value in os.getloadavg()))
         finally:
             stack.stop()
     finally:
@@ -199,7 +201,8 @@ def run(mode: str, pushes: int, clients: int, size: int, log_dir: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", nargs="+", choices=list(API), default=["before", "after"])
     parser.add_argument("--pushes", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=50)
