@@ -17,7 +17,7 @@ import pytest
 import requests
 from sqlalchemy import func, select, text
 
-from gateway.models import Batch, Finding, FindingSource, LifecycleEvent
+from gateway.models import Batch, Finding, FindingSource, LifecycleEvent, utcnow
 from tests.conftest import QUEUE, REDIS_URL, ROOT, SECRET, Gateway, Worker, make_app, wait_for, wipe
 from tests.factories import document, finding
 
@@ -251,3 +251,64 @@ def test_a_poison_batch_in_a_coalesced_group_fails_alone(lazy_gw, poison_trigger
         sources = session.execute(select(FindingSource.batch_id, func.count())
                                   .group_by(FindingSource.batch_id)).all()
     assert dict(sources) == {batch_id: 10 for batch_id in ids if batch_id != ids[2]}  # nothing of the poison
+
+
+def test_a_worker_killed_mid_group_loses_and_doubles_nothing(pg_url, redis_clean, capfd, monkeypatch):
+    """PostgreSQL: the worker dies while merging the third batch of a group; the two before it
+    stay merged once, the one it held is merged again once its lease expires, the rest by
+    their own tasks."""
+    from workers.tasks import requeue
+
+    app = make_app(pg_url, eager=False)
+    gw = Gateway(app)
+    wipe(gw.db)
+    tenant = gw.tenant()
+    headers = gw.partner("Qualys", [tenant]) | {"Content-Type": "application/json"}
+    with gw.db.engine.begin() as conn:  # the third batch's merge stalls inside the store
+        conn.execute(text("CREATE FUNCTION stall() RETURNS trigger LANGUAGE plpgsql AS "
+                          "$$ BEGIN PERFORM pg_sleep(120); RETURN NEW; END $$"))
+        conn.execute(text("CREATE TRIGGER stall BEFORE INSERT ON findings FOR EACH ROW "
+                          "WHEN (NEW.title = 'stall') EXECUTE FUNCTION stall()"))
+    first = None
+    try:
+        bodies = [_small(0), _small(1), _small(2, title="stall"), _small(3), _small(4)]
+        ids = [int(gw.http.post(PUSH.format(tenant=tenant), data=body, headers=headers).get_json()["id"])
+               for body in bodies]
+        first = Worker(pg_url, concurrency=1, extra_env={"GATEWAY_LEASE_SECONDS": "3"})
+        wait_for(lambda: _batches(gw)[ids[2]].status == "processing", timeout=120, interval=0.1)
+        before = _batches(gw)
+        expected = ["succeeded", "succeeded", "processing", "accepted", "accepted"]
+        assert [before[i].status for i in ids] == expected
+        first.kill()
+        with gw.db.engine.begin() as conn:  # the dead worker's stalled statement ends with it
+            conn.execute(text("DROP TRIGGER stall ON findings"))
+            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                              "WHERE datname = current_database() AND wait_event = 'PgSleep'"))
+            conn.execute(text("DROP FUNCTION stall()"))
+        wait_for(lambda: _batches(gw)[ids[2]].lease_expires_at < utcnow(), timeout=30, interval=0.2)
+        with app.app_context():
+            requeue(gw.db, older_than_seconds=0)  # the sweep, as beat runs it
+        second = Worker(pg_url, concurrency=1)
+        try:
+            batches = wait_for(lambda: _all_final(gw, len(ids)), timeout=180, interval=0.3)
+        finally:
+            second.stop()
+    finally:
+        if first is not None:
+            first.kill()
+        with gw.db.engine.begin() as conn:
+            conn.execute(text("DROP TRIGGER IF EXISTS stall ON findings"))
+            conn.execute(text("DROP FUNCTION IF EXISTS stall()"))
+        app.extensions["gateway.db"].dispose()
+    for batch_id in ids:
+        batch = batches[batch_id]
+        assert batch.status == "succeeded" and batch.counts["created"] == 10, (batch_id, batch.counts)
+        assert batch.attempts == (2 if batch_id == ids[2] else 1)
+    assert before[ids[0]].counts == batches[ids[0]].counts and before[ids[1]].counts == batches[ids[1]].counts
+    with gw.db.read_sessions() as session:
+        sources = dict(session.execute(select(FindingSource.batch_id, func.count())
+                                       .group_by(FindingSource.batch_id)).all())
+        finished = session.scalar(select(func.count()).select_from(LifecycleEvent)
+                                  .where(LifecycleEvent.subject_type == "batch"))
+    gw.db.dispose()
+    assert sources == dict.fromkeys(ids, 10) and finished == len(ids)
