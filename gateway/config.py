@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     max_attempts: int = 5
     lease_seconds: int = 60
     max_rejection_details: int = 1000
+    # Many small pushes (gateway/smallbatches.py): the task of a batch of at most this many bytes
+    # also merges the tenant's other queued batches that small, up to this many in all (1: off).
+    small_batch_max_bytes: int = 64 * 1024
+    small_batches_per_task: int = 20
     # ANALYZE after a merge (PostgreSQL; gateway/pipeline.py analyze_if_due): a table the merges
     # changed by this many rows, or this share of its rows, since its last ANALYZE. 0 turns it off.
     analyze_after_rows: int = 50_000

@@ -204,6 +204,9 @@ def _parsed_chunks(engine, batch_id: int, connector, options: ParseOptions, size
         thread.join(timeout=30)
 
 
+INLINE_PARSE_BYTES = 64 * 1024  # bodies this small are parsed in the merging thread
+
+
 class LeaseLost(Exception):
     """Another worker took the batch over (this one's lease expired): its merge is dropped."""
 
@@ -499,7 +502,10 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int, owner:
     # lands them only for a client registered with that scope.
     client_scopes = conn.execute(select(clients.c.scope).where(clients.c.id == batch.client_pk)).scalar() or ""
     may_push_alerts = connector.RECORD_KIND == "alerts" or "alerts.write" in client_scopes.split()
-    if conn.dialect.name == "postgresql":
+    # A small body (issue 14: many small pushes) is parsed inline and reports no progress before
+    # its end: a parse thread, its connection and a progress transaction would cost more than it.
+    ahead = conn.dialect.name == "postgresql" and (batch.body_size or 0) > INLINE_PARSE_BYTES
+    if ahead:
         chunks = _parsed_chunks(conn.engine, batch.id, connector, options, chunk_size)
     else:  # SQLite: a second connection would wait for this transaction's lock
         chunks = _chunks(connector.parse(BlobReader(conn, batch.id), options), chunk_size)
@@ -538,7 +544,7 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int, owner:
             chunk_rejections.clear()
         chunk_count += 1
         progress = _progress(chunk_count, received, rejected, done=False)
-        if conn.dialect.name == "postgresql":
+        if ahead:
             _write_progress(conn.engine, batch.id, owner, progress)
     if batch.scan_type == "full":
         finding_merger.resolve_unreported()
