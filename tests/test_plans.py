@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from datetime import UTC, datetime
 
@@ -26,6 +27,7 @@ from gateway.merge.findings import FindingMerger
 from gateway.merge.observations import remove_unreported
 from gateway.migrate import upgrade
 from gateway.models import Base, Tenant
+from gateway import statistics
 from gateway.pipeline import ANALYZED_TABLES, analyze_if_due
 from tests.conftest import Gateway, scratch_postgres
 from tests.factories import document, finding
@@ -559,6 +561,47 @@ def test_a_worker_analyzes_with_its_settings_after_a_merge_that_landed(pg_url, m
             gw.http.get(f"/api/v1/tenants/{tenant}/batches/{batch_id}", headers=headers).get_json()["status"]
             == "succeeded"
         )
+        assert statistics.wait_for_analysis()
         assert calls == [(1234, 0.25, batch_id)]
     finally:
+        app.extensions["gateway.db"].dispose()
+
+
+def test_the_next_batch_does_not_wait_for_the_statistics_of_the_last(pg_url, monkeypatch):
+    """The statistics round after a merge runs in a thread: while it is stuck, the worker merges
+    the next batches; the rounds asked for meanwhile fold into one more, run when it ends."""
+    from gateway import pipeline
+    from tests.conftest import make_app
+
+    release, started, rounds = threading.Event(), threading.Event(), []
+
+    def stuck_analyze(db, rows, growth, batch_id=None):
+        rounds.append(batch_id)
+        started.set()
+        assert release.wait(60)
+        return []
+
+    monkeypatch.setattr(pipeline, "analyze_if_due", stuck_analyze)
+    app = make_app(pg_url, eager=True, ANALYZE_AFTER_ROWS=1)
+    try:
+        gw = Gateway(app)
+        tenant = gw.tenant()
+        headers = gw.partner("Qualys", [tenant]) | {"Content-Type": "application/json"}
+        url = f"/api/v1/tenants/{tenant}/batches"
+        ids = []
+        for n in range(3):
+            response = gw.http.post(f"{url}?format=canonical", data=document([finding(f"q-{n}")]),
+                                    headers=headers)
+            assert response.status_code == 202
+            ids.append(int(response.get_json()["id"]))
+            # each batch landed while the first batch's round is still stuck
+            assert gw.http.get(f"{url}/{ids[-1]}", headers=headers).get_json()["status"] == "succeeded"
+            assert started.wait(30)
+        assert rounds == [ids[0]]
+        release.set()
+        assert statistics.wait_for_analysis()
+        assert rounds == [ids[0], ids[2]]  # one more round, with the last batch's settings
+    finally:
+        release.set()
+        statistics.wait_for_analysis()
         app.extensions["gateway.db"].dispose()
