@@ -395,6 +395,59 @@ def test_a_count_of_sources_any_uses_the_provider_index_on_an_unanalyzed_store(s
         app.extensions["gateway.db"].dispose()
 
 
+@pytest.mark.parametrize("lambda_", ["s/provider eq 'Tenable'", "s/provider eq 'Qualys' and s/state eq 'fixed'"])
+def test_a_page_of_sources_any_is_read_by_index_in_id_order_on_an_unanalyzed_store(store, lambda_):
+    """A page of findings with a sources/any() filter walks the findings in id order by index and
+    stops at the page's end (each finding's sources looked up by finding), or reads the matching
+    sources from the provider index in finding order: never a scan or sort of all the tenant's rows."""
+    url, _, _, _ = store
+    app = create_app(
+        {"DATABASE_URL": url, "BROKER_URL": "memory://", "SECRET_KEY": "plans", "RATELIMIT_ENABLED": False}
+    )
+    engine = app.extensions["gateway.db"].engine
+    captured: list[tuple[str, object]] = []
+    event.listen(
+        engine,
+        "before_cursor_execute",
+        lambda conn, cursor, statement, parameters, context, many: captured.append((statement, parameters)),
+    )
+    try:
+        gw = Gateway(app)
+        headers = gw.partner("Reader", ["plans"], scopes="security.read")
+        url_ = "/api/v1/tenants/plans/security/findings"
+        pages, token = [], None
+        while len(pages) < 3:
+            query = {"$filter": f"sources/any(s: {lambda_})", "$top": "50", "$select": "id"}
+            if token:
+                query["$skiptoken"] = token
+            body = gw.http.get(url_, query_string=query, headers=headers).get_json()
+            pages.append([item["id"] for item in body["value"]])
+            token = body["@odata.nextLink"].split("$skiptoken=")[1] if "@odata.nextLink" in body else None
+            assert token
+        ids = [int(i) for page in pages for i in page]
+        assert len(ids) == 150 and ids == sorted(ids)
+        statements = [(st, p) for st, p in captured if "finding_sources" in st and "LIMIT" in st]
+        assert len(statements) == 3
+        for number, (statement, parameters) in enumerate(statements):
+            with engine.connect() as conn:
+                (plan,) = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + statement, parameters).one()
+            nodes = list(_nodes(plan[0]["Plan"]))
+            assert not {node["Node Type"] for node in nodes} & {"Seq Scan", "Hash Join"}, json.dumps(nodes)
+            # whatever is sorted or hashed is one page: a Limit lies below it
+            for node in nodes:
+                if node["Node Type"] in ("Sort", "Incremental Sort", "Hash", "Aggregate"):
+                    assert any(below["Node Type"] == "Limit" for below in _nodes(node)), json.dumps(nodes)
+            (sources,) = [node for node in nodes if node.get("Relation Name") == "finding_sources"]
+            assert sources["Node Type"] in ("Index Only Scan", "Index Scan"), json.dumps(nodes)
+            assert sources["Index Name"] == "ix_finding_sources_tenant_provider"
+            if number:  # the next pages start at the cursor in the index
+                assert "finding_id >" in sources["Index Cond"], sources
+            (findings,) = [node for node in nodes if node.get("Relation Name") == "findings"]
+            assert findings["Node Type"] == "Index Scan" and "id =" in findings["Index Cond"], findings
+    finally:
+        app.extensions["gateway.db"].dispose()
+
+
 def test_a_count_of_an_any_filter_is_the_number_of_rows_it_lists(gw):
     """The count of a lone sources/any() (distinct findings of the matching sources) is what the
     list holds, on both stores; a lambda naming a finding field is counted through the findings."""
@@ -605,3 +658,44 @@ def test_the_next_batch_does_not_wait_for_the_statistics_of_the_last(pg_url, mon
         release.set()
         statistics.wait_for_analysis()
         app.extensions["gateway.db"].dispose()
+
+
+def test_pages_of_a_sources_any_filter_hold_what_the_exists_filter_holds(gw):
+    """Paged one by one, in both directions, a lone sources/any() (read from the sources' index)
+    lists the findings that the same condition written as not(all()) (an EXISTS) lists."""
+    tenant = gw.tenant()
+    qualys, tenable = gw.partner("Qualys", [tenant]), gw.partner("Tenable", [tenant])
+    push = f"/api/v1/tenants/{tenant}/batches?format=canonical"
+    json_ = {"Content-Type": "application/json"}
+    body = document([finding(f"q-{n}", host=f"h{n}.example.com", cves=(f"CVE-2024-{n:04d}",))
+                     for n in range(8)])
+    assert gw.http.post(push, data=body, headers=qualys | json_).status_code == 202
+    # two sources on one finding (h1's CVE), and findings on h3, h6 and one Qualys does not have
+    body = document([finding("t-1", host="h1.example.com", cves=("CVE-2024-0001",)),
+                     finding("t-1b", host="h1.example.com", cves=("CVE-2024-0001",)),
+                     finding("t-3", host="h3.example.com", cves=("CVE-2024-0003",)),
+                     finding("t-6", host="h6.example.com", cves=("CVE-2024-0006",)),
+                     finding("t-9", host="h9.example.com", cves=("CVE-2024-0009",))])
+    assert gw.http.post(push, data=body, headers=tenable | json_).status_code == 202
+    url = f"/api/v1/tenants/{tenant}/security/findings"
+
+    def walk(filter_: str, order: str) -> list[str]:
+        ids, query = [], {"$filter": filter_, "$top": "1", "$orderby": order, "$select": "id"}
+        while True:
+            page = gw.http.get(url, query_string=query, headers=qualys).get_json()
+            ids += [item["id"] for item in page["value"]]
+            if "@odata.nextLink" not in page:
+                return ids
+            query["$skiptoken"] = page["@odata.nextLink"].split("$skiptoken=")[1]
+
+    for order in ("id asc", "id desc"):
+        for provider, expected in (("Tenable", 4), ("Qualys", 8), ("None", 0)):
+            lone = walk(f"sources/any(s: s/provider eq '{provider}')", order)
+            exists = walk(f"not sources/all(s: s/provider ne '{provider}')", order)
+            assert lone == exists and len(lone) == expected, (order, provider, lone, exists)
+        assert walk("sources/any(s: s/provider eq 'Tenable')", "id asc") == list(
+            reversed(walk("sources/any(s: s/provider eq 'Tenable')", "id desc")))
+    # $skip on the same shape
+    page = gw.http.get(url, query_string={"$filter": "sources/any(s: s/provider eq 'Qualys')", "$top": "2",
+                                          "$skip": "3", "$select": "id"}, headers=qualys).get_json()
+    assert [item["id"] for item in page["value"]] == walk("sources/any(s: s/provider eq 'Qualys')", "id asc")[3:5]
