@@ -20,14 +20,13 @@ import pytest
 from sqlalchemy import event, text
 
 from connectors.model import AlertRecord, FindingRecord, Observation, ResourceRef
-from gateway import create_app
+from gateway import create_app, statistics
 from gateway.db import Database
 from gateway.merge.alerts import AlertMerger
 from gateway.merge.findings import FindingMerger
 from gateway.merge.observations import remove_unreported
 from gateway.migrate import upgrade
 from gateway.models import Base, Tenant
-from gateway import statistics
 from gateway.pipeline import ANALYZED_TABLES, analyze_if_due
 from tests.conftest import Gateway, scratch_postgres
 from tests.factories import document, finding
@@ -95,11 +94,13 @@ def _pad(db: Database, rows: int = 100_000) -> None:
         other = conn.execute(text("INSERT INTO tenants (external_id, name, created_at) "
                                   "VALUES ('other', 'other', now()) RETURNING id")).scalar_one()
         resource = conn.execute(text("INSERT INTO resources (tenant_id, created_at, updated_at, tags) "
-                                     "VALUES (:t, now(), now(), '[]') RETURNING id"), {"t": other}).scalar_one()
+                                     "VALUES (:t, now(), now(), '[]') RETURNING id"),
+                                {"t": other}).scalar_one()
         conn.execute(text(
             "INSERT INTO observations (tenant_id, resource_id, provider, provider_id, category, name, "
-            "provider_timestamp, created_at, updated_at) SELECT :t, :r, 'Qualys', 'o-' || n, 'port', 'Open port', "
-            "now(), now(), now() FROM generate_series(1, :rows) AS n"), {"t": other, "r": resource, "rows": rows})
+            "provider_timestamp, created_at, updated_at) "
+            "SELECT :t, :r, 'Qualys', 'o-' || n, 'port', 'Open port', now(), now(), now() "
+            "FROM generate_series(1, :rows) AS n"), {"t": other, "r": resource, "rows": rows})
         conn.execute(text(
             "INSERT INTO alerts (tenant_id, provider, provider_id, title, severity, provider_timestamp, "
             "content_hash, created_at, updated_at, recommended_actions, comments, tags, status) "
@@ -270,7 +271,7 @@ def test_every_lookup_of_the_merges_reads_by_key(store):
             # the key is in the index condition (a Bitmap Heap Scan rechecks its bitmap's), or the
             # id of the row looked up by key that this one joins (a finding's sources)
             condition = node.get("Index Cond", "") + node.get("Recheck Cond", "")
-            assert "wanted." in condition or re.search(r"= \w+\.id\)", condition), (statement, json.dumps(plan, indent=1))
+            assert "wanted." in condition or re.search(r"= \w+\.id\)", condition), json.dumps(plan)
     # the sources, the findings (another provider's finding of the same CVE; a resource's
     # findings by type for its recommendations, and its open sources in a full scan),
     # recommendations, alerts, observations, and the resources' identifiers, host records and rows
@@ -318,7 +319,8 @@ def test_a_full_scan_finds_the_open_sources_and_observations_by_resource(store):
             "ix_finding_sources_tenant_provider", "ix_finding_sources_finding"), indexes
         assert "finding_id = wanted.k0" in indexes[0][1], indexes
         assert all(node["Node Type"] != "Seq Scan" for node in nodes), nodes
-    (delete, parameters), = [(st, p) for st, p in captured if st.lstrip().startswith("DELETE FROM observations")]
+    ((delete, parameters),) = [(st, p) for st, p in captured
+                               if st.lstrip().startswith("DELETE FROM observations")]
     scans = _scans(db, delete, parameters)
     assert ("observations", "Index Scan", "ix_observations_resource") in scans, scans
     assert all(kind != "Seq Scan" for _, kind, _ in scans), scans
@@ -395,7 +397,8 @@ def test_a_count_of_sources_any_uses_the_provider_index_on_an_unanalyzed_store(s
         app.extensions["gateway.db"].dispose()
 
 
-@pytest.mark.parametrize("lambda_", ["s/provider eq 'Tenable'", "s/provider eq 'Qualys' and s/state eq 'fixed'"])
+@pytest.mark.parametrize("lambda_", ["s/provider eq 'Tenable'",
+                                     "s/provider eq 'Qualys' and s/state eq 'fixed'"])
 def test_a_page_of_sources_any_is_read_by_index_in_id_order_on_an_unanalyzed_store(store, lambda_):
     """A page of findings with a sources/any() filter walks the findings in id order by index and
     stops at the page's end (each finding's sources looked up by finding), or reads the matching
@@ -698,4 +701,5 @@ def test_pages_of_a_sources_any_filter_hold_what_the_exists_filter_holds(gw):
     # $skip on the same shape
     page = gw.http.get(url, query_string={"$filter": "sources/any(s: s/provider eq 'Qualys')", "$top": "2",
                                           "$skip": "3", "$select": "id"}, headers=qualys).get_json()
-    assert [item["id"] for item in page["value"]] == walk("sources/any(s: s/provider eq 'Qualys')", "id asc")[3:5]
+    qualys_ids = walk("sources/any(s: s/provider eq 'Qualys')", "id asc")
+    assert [item["id"] for item in page["value"]] == qualys_ids[3:5]

@@ -127,7 +127,8 @@ class AlertMerger:
         conn = self.conn
         # found by (tenant, provider, provider id) whatever the statistics, locked in id order
         existing = {row.provider_id: row for row in locked_by_key(
-            conn, (alerts_t.c.id, alerts_t.c.provider_id, alerts_t.c.provider_timestamp, alerts_t.c.content_hash),
+            conn,
+            (alerts_t.c.id, alerts_t.c.provider_id, alerts_t.c.provider_timestamp, alerts_t.c.content_hash),
             (alerts_t.c.tenant_id == self.tenant_id, alerts_t.c.provider == self.provider),
             (alerts_t.c.provider_id,), sorted(rows), alerts_t.c.id)}
         inserts, changes, events = [], [], []
