@@ -208,7 +208,9 @@ def _page(conn: Connection, collection: Collection, tenant_id: int, request: Lis
     """Up to ``limit`` rows after the keyset position ``after``; and the position of the last row
     when more follow."""
     expressions = [(collection.order_fields[name], desc) for name, desc in request.order]
-    query = filtered(collection, tenant_id, request)
+    query = _owners_page(collection, tenant_id, request, after, limit + 1 + offset)
+    if query is None:
+        query = filtered(collection, tenant_id, request)
     if after is not None:
         query = query.where(_after(expressions, after[0], collection.id_column, after[1]))
     order_by = [(f.expression.desc() if desc else f.expression.asc()) for f, desc in expressions]
@@ -222,6 +224,31 @@ def _page(conn: Connection, collection: Collection, tenant_id: int, request: Lis
     last = rows[-1]._mapping
     last_id = last["id"] if isinstance(last["id"], str) else int(last["id"])  # str: a named key
     return rows, ([last[f"_o{i}"] for i in range(len(expressions))], last_id)
+
+
+def _owners_page(collection: Collection, tenant_id: int, request: ListRequest, after: tuple[list, int] | None,
+                 rows: int) -> Select | None:
+    """A page in id order whose whole filter is one ``any()`` of a list field with an owner: the
+    collection's rows whose ids are the first ``rows`` distinct owners of the matching elements
+    after the cursor (None for any other request).
+
+    The owners come in order from the index on the elements (finding_sources (tenant_id,
+    provider, finding_id), migration 0012), so a page reads about a page of elements whatever
+    the statistics.  The EXISTS the filter otherwise is lets the planner, which without
+    statistics guesses that a provider has a handful of sources, hash all the provider's
+    sources, join them to their findings and sort them all, for every page (issue 17).
+    """
+    if request.owners is None or len(request.order) != 1:
+        return None
+    name, desc = request.order[0]
+    if collection.order_fields[name].expression is not collection.id_column:
+        return None
+    owners = request.owners
+    (owner,) = owners.selected_columns
+    if after is not None:
+        owners = owners.where(owner < after[1] if desc else owner > after[1])
+    owners = owners.distinct().order_by(owner.desc() if desc else owner.asc()).limit(rows)
+    return collection.base(tenant_id).where(collection.id_column.in_(owners))
 
 
 def count(conn: Connection, collection: Collection, tenant_id: int, request: ListRequest) -> int:
