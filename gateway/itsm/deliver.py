@@ -147,7 +147,21 @@ class Delivery:
             )
 
     def _renew(self, conn) -> bool:
+        """Whether this run still holds the lease, renewed once less than a safe margin is left (more
+        than a call's timeout, so nobody can claim it during the call): most operations only read the
+        row, and the lanes do not queue on its lock."""
         now = utcnow()
+        held = conn.execute(
+            select(CN.c.lease_owner, CN.c.lease_expires_at).where(CN.c.id == self.connection_id)
+        ).first()
+        if held is None or held.lease_owner != self.owner:
+            return False
+        margin = min(LEASE_SECONDS - 1.0, max(LEASE_SECONDS / 2, 3 * self.timeout))
+        expires = held.lease_expires_at
+        if expires is not None and expires.tzinfo is None:
+            expires = expires.replace(tzinfo=now.tzinfo)
+        if expires is not None and (expires - now).total_seconds() > margin:
+            return True
         return bool(
             conn.execute(
                 update(CN)

@@ -42,8 +42,11 @@ def _db():
     return current_app.extensions["gateway.db"]
 
 
-def scan_connection(db, connection_id: int) -> tuple[int, bool]:
-    """One scan of the connection's feed in one transaction: (operations queued, more to read)."""
+SCAN_SLICE = 500  # events per scan transaction: the first tickets go out while the rest is read
+
+
+def scan_connection(db, connection_id: int, limit: int = SCAN_SLICE) -> tuple[int, bool]:
+    """One slice of the connection's feed in one transaction: (operations queued, more to read)."""
     with db.engine.begin() as conn:
         query = select(CN).where(CN.c.id == connection_id)
         if db.is_postgres:
@@ -51,7 +54,7 @@ def scan_connection(db, connection_id: int) -> tuple[int, bool]:
         row = conn.execute(query).first()
         if row is None or not row.enabled:
             return 0, False
-        return sync.scan(conn, row)
+        return sync.scan(conn, row, limit)
 
 
 @shared_task(name=SCAN, acks_late=True)
@@ -60,13 +63,13 @@ def scan(connection_id: int) -> int:
 
     sequence_events(_db())  # the feed reads events by their position in commit order
     total = 0
-    for _ in range(100):
+    for _ in range(1000):
         queued, more = scan_connection(_db(), int(connection_id))
         total += queued
+        if queued:  # delivery starts with the first slice (a second task finds the lease held)
+            send_deliver(int(connection_id))
         if not more:
             break
-    if total:
-        send_deliver(int(connection_id))
     return total
 
 
