@@ -12,6 +12,7 @@ import re
 import uuid
 
 import pytest
+import yaml
 from sqlalchemy import event, select, update
 
 from gateway.itsm.clients import adf_text
@@ -53,6 +54,18 @@ def security(gw, tenant, auth, collection, query="") -> list[dict]:
 
 def ids(items) -> set[str]:
     return {item["id"] for item in items}
+
+
+def documented(name: str, answer: dict) -> list[str]:
+    """How ``answer`` departs from the spec's schema ``name`` (openapi/openapi.yaml)."""
+    from referencing import Registry
+    from referencing.jsonschema import DRAFT202012
+
+    from tests.test_openapi import SCHEMAS, SPEC_PATH, SPEC_URI, schema_errors
+
+    spec = yaml.safe_load(SPEC_PATH.read_text(encoding="utf-8"))
+    registry = Registry().with_resource(SPEC_URI, DRAFT202012.create_resource(spec))
+    return schema_errors(registry, {"$ref": SCHEMAS + name}, answer)
 
 
 class Queries:
@@ -109,6 +122,7 @@ def test_findings_show_their_tickets_and_filter_on_them(gw, sn, jira):
     assert (
         mine["remoteKey"].startswith("INC") and sn.incidents[mine["remoteId"]]["number"] == mine["remoteKey"]
     )
+    assert documented("FindingOut", high) == []
     assert [t["connectionId"] for t in crit["tickets"]] == sorted([snow["id"], issues["id"]], key=int)
     assert {t["remoteKey"] for t in crit["tickets"]} & set(jira.issues)
     # one item, $select, and the filters
@@ -188,6 +202,7 @@ def test_recommendations_and_alerts_show_their_tickets(gw, sn):
     assert all(a["tickets"][0]["remoteKey"].startswith("INC") for a in alerts)
     recs = security(gw, tenant, auth, "recommendations")
     assert recs and all(len(r["tickets"]) == 1 for r in recs)
+    assert documented("AlertOut", alerts[0]) == [] and documented("RecommendationOut", recs[0]) == []
     assert ids(
         security(gw, tenant, auth, "alerts", "&$filter=tickets/any(t: t/remoteState eq 'New')")
     ) == ids(alerts)
@@ -596,3 +611,33 @@ def test_a_real_worker_sends_the_assignee_and_takes_a_risk_acceptance_in_and_out
     item = _item(gw, tenant, auth, finding_id)
     assert item["assignedTo"] == "bob" and item["statusOverride"] is None
     assert item["tickets"][0]["remoteState"] == "In Progress"
+
+
+def test_a_grouped_ticket_shows_on_each_item_and_its_risk_acceptance_exempts_each_recommendation(gw, sn):
+    tenant, auth = _itsm(gw)
+    made = connect(gw, tenant, auth, sn_body(sn, riskAcceptance={"enabled": True}))
+    rule(gw, tenant, auth, made["id"], grouping="resource")
+    push(
+        gw,
+        tenant,
+        auth,
+        [
+            finding("g-1", "app-1.example.com", ("CVE-2024-0101",)),
+            finding("g-2", "app-1.example.com", ("CVE-2024-0102",), recommendation="os-updates"),
+            finding("g-3", "app-1.example.com", ("CVE-2024-0103",), recommendation="os-updates"),
+        ],
+    )
+    (link,) = tickets(gw, tenant, auth)
+    found = security(gw, tenant, auth, "findings")
+    assert len(found) == 3 and {f["tickets"][0]["id"] for f in found} == {link["id"]}
+    # cancelled (state 8): a risk acceptance without a list of codes; one exemption per recommendation
+    sn.human(link["remoteId"], state="8")
+    _poll(gw, made["id"])
+    exemptions = _exemptions(gw, tenant, auth)
+    assert sorted(e["recommendationType"] for e in exemptions) == sorted(
+        {f["recommendationType"] for f in found}
+    )
+    assert all(_item(gw, tenant, auth, f["id"])["exemptionId"] is not None for f in found)
+    sn.human(link["remoteId"], state="2")
+    _poll(gw, made["id"])
+    assert _exemptions(gw, tenant, auth) == []
