@@ -233,7 +233,9 @@ def follow(conn, connection, ticket, previous: dict, snap: dict, who: str, now) 
         values["desired_state"] = "resolved" if done else "open"
     exemptions = list(previous.get("exemptions") or [])
     if exempting(connection, snap):
-        if not exemptions:
+        # a ticket the gateway itself closed (its items no longer open: fixed, or exempt and
+        # closed with ``closeCodeExempt``) accepts no risk
+        if not exemptions and ticket.desired_state == "open":
             keep["exemptions"] = accept_risk(conn, connection, ticket, snap, who, now)
     elif exemptions:
         revoke_risk(conn, ticket.tenant_id, exemptions, who, now)
