@@ -43,7 +43,7 @@ from gateway.migrate import upgrade  # noqa: E402
 from gateway.models import ExportDestination, LifecycleEvent, OAuthClient, Tenant, utcnow  # noqa: E402
 from gateway.pipeline import process_batch  # noqa: E402
 from tests.receiver import Receiver  # noqa: E402
-from tests.siem_sim import HecCollector, parse_hec_batch  # noqa: E402
+from tests.siem_sim import HecCollector, parse_hec_batch, with_jetstream  # noqa: E402
 
 DEST, EV = ExportDestination.__table__, LifecycleEvent.__table__
 NATS_URL = os.environ.get("BENCH_NATS", "nats://127.0.0.1:4222")
@@ -156,15 +156,7 @@ def sequencer_loop(db, stop: threading.Event) -> None:
 
 
 async def _js(action):
-    import nats
-
-    connection = await nats.connect(
-        NATS_URL, connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0
-    )
-    try:
-        return await action(connection.jetstream())
-    finally:
-        await connection.close()
+    return await with_jetstream(NATS_URL, action)
 
 
 def jetstream_receipts(stream: str) -> list[tuple[dict, float]]:
@@ -318,7 +310,8 @@ def main() -> None:
     args = parser.parse_args()
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
-        f"export bench: {args.findings} findings, {datetime.now(UTC):%H:%M} UTC, {os.cpu_count()} cores, load {load}"
+        f"export bench: {args.findings} findings, {datetime.now(UTC):%H:%M} UTC, "
+        f"{os.cpu_count()} cores, load {load}"
     )
     off = run_off(args.findings)
     print(f"  merge with the outbox off (no destination, no sequencer, no unsequenced index): {off:.2f}s")

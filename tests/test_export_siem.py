@@ -30,6 +30,7 @@ from tests.siem_sim import (
     parse_cef,
     parse_syslog,
     split_frames,
+    with_jetstream,
 )
 from tests.test_export import SCOPES, exports_url, push, run, state, stored_events
 
@@ -400,15 +401,7 @@ def test_syslog_down_then_up_delivers_everything_in_order(gw, started):
 
 
 async def _jetstream(action):
-    import nats
-
-    connection = await nats.connect(
-        NATS_URL, connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0
-    )
-    try:
-        return await action(connection.jetstream())
-    finally:
-        await connection.close()
+    return await with_jetstream(NATS_URL, action)
 
 
 @pytest.fixture

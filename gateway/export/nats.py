@@ -38,7 +38,7 @@ from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.js.errors import APIError, NoStreamResponseError
 
-from gateway.export import kinds, tls
+from gateway.export import kinds, secrets, tls
 from gateway.export.kinds import Outcome, Target, TargetRefused
 
 OPTIONS = {"subjectPrefix": str, "stream": str} | tls.TLS_OPTIONS
@@ -153,7 +153,7 @@ class NatsKind:
         return None
 
     def valid_secret(self, value: str) -> bool:
-        return isinstance(value, str) and 0 < len(value) <= 200 and all(33 <= ord(c) <= 126 for c in value)
+        return secrets.valid_token(value)
 
     def deliver(self, target: Target, message_id: str, events: list[dict]) -> Outcome:
         started = time.monotonic()

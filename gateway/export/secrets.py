@@ -63,3 +63,8 @@ def unseal(secret_key: str, sealed: str) -> str:
             "the destination's secret cannot be decrypted with this GATEWAY_SECRET_KEY "
             "(was it changed? rotate the secret)"
         ) from None
+
+
+def valid_token(value: str) -> bool:
+    """A credential the client gives (a HEC token, a NATS token): 1 to 200 printable ASCII characters."""
+    return isinstance(value, str) and 0 < len(value) <= 200 and all(33 <= ord(c) <= 126 for c in value)
