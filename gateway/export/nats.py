@@ -62,9 +62,15 @@ class _Thread(threading.local):
     """This thread's event loop and open connections."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self._loop: asyncio.AbstractEventLoop | None = None  # made at the first delivery, not at import
         # (server, credentials, options) -> (connection, its JetStream context: one reply inbox each)
         self.connections: dict[tuple, tuple] = {}
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None or self._loop.is_closed():
+            self._loop = asyncio.new_event_loop()
+        return self._loop
 
 
 _local = _Thread()
@@ -214,5 +220,8 @@ kinds.register(NatsKind())
 
 
 def close_connections() -> None:
-    """Close this thread's connections (tests, and a worker shutting down)."""
+    """Close this thread's connections and its event loop (tests, and a worker shutting down)."""
     _drop_connections()
+    if _local._loop is not None:
+        _local._loop.close()
+        _local._loop = None
