@@ -11,6 +11,7 @@ collector (TCP or TLS), each checking what it receives the way the real ones do.
   octet-counted frames, parses each RFC 5424 header and the CEF record in it
   (:func:`parse_cef`, an independent reading of the CEF escaping rules).
 * :func:`make_certificates` makes a CA and a server certificate for ``127.0.0.1`` (cryptography).
+* :func:`with_jetstream` runs a coroutine on a JetStream context of a real NATS server.
 """
 
 from __future__ import annotations
@@ -450,3 +451,14 @@ def make_certificates(directory) -> dict:
         server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     return {"cert": str(cert_file), "key": str(key_file), "ca_pem": ca.public_bytes(pem).decode()}
+
+
+async def with_jetstream(url: str, action):
+    """``await action(jetstream)`` on a fresh connection to the NATS server at ``url``, then close it."""
+    import nats
+
+    connection = await nats.connect(url, connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0)
+    try:
+        return await action(connection.jetstream())
+    finally:
+        await connection.close()

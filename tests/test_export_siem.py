@@ -30,6 +30,7 @@ from tests.siem_sim import (
     parse_cef,
     parse_syslog,
     split_frames,
+    with_jetstream,
 )
 from tests.test_export import SCOPES, exports_url, push, run, state, stored_events
 
@@ -400,15 +401,7 @@ def test_syslog_down_then_up_delivers_everything_in_order(gw, started):
 
 
 async def _jetstream(action):
-    import nats
-
-    connection = await nats.connect(
-        NATS_URL, connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0
-    )
-    try:
-        return await action(connection.jetstream())
-    finally:
-        await connection.close()
+    return await with_jetstream(NATS_URL, action)
 
 
 @pytest.fixture
@@ -447,6 +440,7 @@ def consume(stream: str, durable: str, batch: int = 500) -> list:
             try:
                 messages = await subscription.fetch(batch, timeout=0.5)
             except TimeoutError:
+                await subscription.unsubscribe()
                 return got
             for message in messages:
                 await message.ack_sync()
@@ -600,3 +594,56 @@ def test_metrics_count_deliveries_failures_and_lag_per_destination(gw, started):
         ]
         == 0
     )
+
+
+# -- real workers ----------------------------------------------------------------------------------------
+
+
+def test_a_push_reaches_hec_syslog_and_jetstream_through_real_workers(
+    pg_gw, redis_clean, jetstream, started, tmp_path
+):
+    """Merge, dispatch (beat) and delivery by a real Celery worker process, to all three kinds."""
+    from tests.test_export import BeatWorker
+
+    gw = pg_gw
+    tenant = gw.tenant()
+    headers = gw.partner("Qualys", [tenant], SCOPES)
+    collector = started(HecCollector(TOKEN, ack=True, ack_after=1))
+    listener = started(SyslogCollector())
+    add(
+        gw,
+        tenant,
+        headers,
+        "splunk_hec",
+        collector.url,
+        secret=TOKEN,
+        eventTypes=["finding.*"],
+        batchSize=7,
+        options={"ack": True, "ackPollSeconds": 0.05},
+    )
+    add(gw, tenant, headers, "syslog", listener.url, eventTypes=["finding.*"], batchSize=3)
+    add(
+        gw,
+        tenant,
+        headers,
+        "nats",
+        NATS_URL,
+        eventTypes=["finding.*"],
+        batchSize=20,
+        options={"subjectPrefix": jetstream["prefix"], "stream": jetstream["stream"]},
+    )
+    worker = BeatWorker(gw.app.config["DATABASE_URL"], tmp_path)
+    try:
+        push(gw, tenant, headers, [finding(f"f-{n}", cves=[f"CVE-2024-{2000 + n}"]) for n in range(12)])
+        wait_for(
+            lambda: len(collector.events()) >= 12 and len(listener.events()) >= 12, timeout=120, interval=0.2
+        )
+        durable, got = f"gw-{uuid.uuid4().hex[:8]}", []
+        wait_for(lambda: got.extend(consume(jetstream["stream"], durable)) or len(got) >= 12, timeout=60)
+    finally:
+        worker.stop()
+    wanted = finding_ids(gw, tenant)
+    assert len(wanted) == 12
+    assert [e["id"] for e in collector.events()] == wanted
+    assert [m.cef["ext"]["externalId"] for m in listener.events()] == wanted
+    assert [data["id"] for _, _, data in got] == wanted

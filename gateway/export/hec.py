@@ -37,7 +37,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import requests
 
-from gateway.export import kinds, tls
+from gateway.export import kinds, secrets, tls
 from gateway.export.kinds import Outcome, Target, TargetRefused
 from gateway.export.webhook import USER_AGENT, _reason, _session, retry_after
 
@@ -136,7 +136,7 @@ class SplunkHecKind:
         return None
 
     def valid_secret(self, value: str) -> bool:
-        return isinstance(value, str) and 0 < len(value) <= 200 and all(33 <= ord(c) <= 126 for c in value)
+        return secrets.valid_token(value)
 
     def deliver(self, target: Target, message_id: str, events: list[dict]) -> Outcome:
         started = time.monotonic()

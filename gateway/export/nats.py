@@ -38,7 +38,7 @@ from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.js.errors import APIError, NoStreamResponseError
 
-from gateway.export import kinds, tls
+from gateway.export import kinds, secrets, tls
 from gateway.export.kinds import Outcome, Target, TargetRefused
 
 OPTIONS = {"subjectPrefix": str, "stream": str} | tls.TLS_OPTIONS
@@ -62,9 +62,15 @@ class _Thread(threading.local):
     """This thread's event loop and open connections."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self._loop: asyncio.AbstractEventLoop | None = None  # made at the first delivery, not at import
         # (server, credentials, options) -> (connection, its JetStream context: one reply inbox each)
         self.connections: dict[tuple, tuple] = {}
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None or self._loop.is_closed():
+            self._loop = asyncio.new_event_loop()
+        return self._loop
 
 
 _local = _Thread()
@@ -153,7 +159,7 @@ class NatsKind:
         return None
 
     def valid_secret(self, value: str) -> bool:
-        return isinstance(value, str) and 0 < len(value) <= 200 and all(33 <= ord(c) <= 126 for c in value)
+        return secrets.valid_token(value)
 
     def deliver(self, target: Target, message_id: str, events: list[dict]) -> Outcome:
         started = time.monotonic()
@@ -214,5 +220,8 @@ kinds.register(NatsKind())
 
 
 def close_connections() -> None:
-    """Close this thread's connections (tests, and a worker shutting down)."""
+    """Close this thread's connections and its event loop (tests, and a worker shutting down)."""
     _drop_connections()
+    if _local._loop is not None:
+        _local._loop.close()
+        _local._loop = None

@@ -52,3 +52,8 @@ def seal(config: Mapping[str, Any], value: str) -> str:
 
 def unseal(config: Mapping[str, Any], sealed: str) -> str:
     return vault.decrypt(config, sealed)
+
+
+def valid_token(value: str) -> bool:
+    """A credential the client gives (a HEC token, a NATS token): 1 to 200 printable ASCII characters."""
+    return isinstance(value, str) and 0 < len(value) <= 200 and all(33 <= ord(c) <= 126 for c in value)
