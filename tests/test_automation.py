@@ -673,3 +673,40 @@ def test_a_failed_snapshot_delivery_is_retried_from_where_it_stopped_under_the_s
         assert (
             conn.execute(select(snapshot.SNAP.c.delivered).where(snapshot.SNAP.c.id == job_id)).scalar() == 5
         )
+
+
+def test_a_snapshot_runs_in_a_real_worker(queued_gw, receivers):
+    gw = queued_gw
+    tenant = gw.tenant()
+    headers = gw.partner("Qualys", [tenant], SCOPES)
+    receiver = receivers()
+    export = gw.http.post(
+        exports_url(tenant),
+        headers=headers,
+        json={
+            "displayName": "SIEM",
+            "url": receiver.url,
+            "eventTypes": ["finding.*", "recommendation.*"],
+            "batchSize": 10,
+        },
+    ).get_json()
+    receiver.secrets.append(export["secret"])
+    sqlite = gw.db.engine.dialect.name == "sqlite"
+    worker = Worker(gw.app.config["DATABASE_URL"], concurrency=1 if sqlite else 2)
+    try:
+        records = [finding(f"f-{n}", cves=[f"CVE-2024-{1000 + n}"]) for n in range(25)]
+        merged(gw, tenant, headers, push(gw, tenant, headers, document(records), "canonical"))
+        started = gw.http.post(f"{exports_url(tenant)}/{export['id']}/snapshot", headers=headers)
+        assert started.status_code == 202, started.get_json()
+        job_url = started.headers["Location"].split("localhost", 1)[1]
+        done = wait_for(
+            lambda: (lambda job: job if job["state"] == "succeeded" else None)(
+                gw.http.get(job_url, headers=headers).get_json()
+            ),
+            timeout=120,
+        )
+    finally:
+        worker.stop()
+    assert done["subjectTypes"] == ["finding", "recommendation"] and done["delivered"] == done["total"]
+    types = Counter(e["type"] for e in receiver.events())
+    assert types["finding.snapshot"] == 25 and types["recommendation.snapshot"] == done["total"] - 25
