@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/million.py --findings 1000000 --hosts 100000 [--repush 100000]
     .venv/bin/python bench/million.py --sequence 10x100000 [--hosts 10000]
+    .venv/bin/python bench/million.py --findings 1000000 --hosts 100000 --also 10x100000 --queries 100
 
 Creates a scratch PostgreSQL database (migrated; autovacuum left as the server has it), starts
 the API under gunicorn (one worker process, as the README runs it) and ``--workers`` celery
@@ -18,6 +19,11 @@ HTTP with a ``findings.write`` token:
   the statistics to be flushed).
 * ``--sequence KxM``: K pushes of M new findings each into one tenant, on the same ``--hosts``
   hosts: each push's time and its ratio to the first (the tenant grows to K x M findings).
+  ``--also KxM`` runs it after the one push, into a tenant of its own.
+* ``--queries N``: then, once the worker's statistics round (VACUUM/ANALYZE, in a thread of its
+  own) is over, N timed GETs of the pushed tenant's findings each: ``$count`` without a filter
+  and with ``sources/any(s: s/provider eq ...)`` (every finding matches: the largest count),
+  a page of 100 with that filter, and the filter with a second condition: p50, p99.
 
 A warm-up push of 200 findings runs first, so that worker start-up is not timed.  Figures, not
 assertions.  The scratch database and the Redis queue are removed at the end, also on error.
@@ -264,6 +270,82 @@ def _source_reads(url: str) -> int:
         )
 
 
+def sequence(stack: Stack, tenant: str, headers: dict, spec: str, hosts: int, scratch: Path,
+             watch: LockWatch) -> None:
+    """``spec`` = KxM: K pushes of M new findings into ``tenant``; each push's time against the first."""
+    count, size = (int(part) for part in spec.lower().split("x"))
+    ratios: list[tuple[float, float]] = []
+    for n in range(count):
+        path = scratch / "push.json"
+        mib = write_body(path, f"s{n}", size, hosts, cve_base=10000 + n * (size // hosts + 1)) / 2**20
+        watch.reset()
+        batch, accepted, seconds = push(stack, tenant, headers, path)
+        if batch["status"] != "succeeded":
+            raise SystemExit(f"batch {batch['id']}: {batch.get('error')}")
+        # the worker's merge alone (from its claim to its commit), without the upload
+        merge = (_when(batch["finishedAt"]) - _when(batch["startedAt"])).total_seconds()
+        ratios.append((seconds, merge))
+        print(
+            f"push {n + 1:>2}/{count}: {size:,} new findings ({mib:.0f} MiB) on {hosts:,} hosts "
+            f"into a tenant of {n * size:,}: {seconds:.1f}s end to end = {size / seconds:,.0f} "
+            f"findings/s, {seconds / ratios[0][0]:.2f}x the first; merge {merge:.1f}s, "
+            f"{merge / ratios[0][1]:.2f}x the first; locks at most {watch.most['total']} "
+            f"(one session {watch.most['one session']}, advisory {watch.most['advisory']})",
+            flush=True,
+        )
+    for label, index in (("end to end", 0), ("merge", 1)):
+        spread = [pair[index] / ratios[0][index] for pair in ratios]
+        print(f"{label}: each push {min(spread):.2f}x to {max(spread):.2f}x the first", flush=True)
+
+
+def _statistics_settled(url: str, timeout: float = 600) -> float:
+    """Wait until no VACUUM or ANALYZE of the worker's statistics thread runs; the seconds waited."""
+    started = time.perf_counter()
+    with psycopg.connect(url, autocommit=True) as conn:
+        while time.perf_counter() - started < timeout:
+            busy = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                "AND (query ILIKE 'VACUUM%%' OR query ILIKE 'ANALYZE%%') AND state = 'active'"
+                                ).fetchone()[0]
+            if not busy:
+                break
+            time.sleep(0.5)
+    return time.perf_counter() - started
+
+
+def _quantile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+def queries(stack: Stack, url: str, gw: Gateway, tenant: str, provider: str, repeat: int) -> None:
+    """Time ``repeat`` GETs of each query on the pushed tenant over HTTP (after one warm-up): p50, p99."""
+    waited = _statistics_settled(url)
+    print(f"queries: waited {waited:.1f}s for the statistics round after the last push", flush=True)
+    headers = gw.partner("BenchReader", [tenant], scopes="security.read")
+    any_ = f"sources/any(s: s/provider eq '{provider}')"
+    shapes = {
+        "$count, no filter": {"$count": "true", "$top": "1"},
+        "$count, sources/any()": {"$count": "true", "$top": "1", "$filter": any_},
+        "page of 100, sources/any()": {"$top": "100", "$filter": any_},
+        "$count, any() and severity": {"$count": "true", "$top": "1",
+                                       "$filter": f"{any_} and severity eq 'high'"},
+    }
+    for label, query in shapes.items():
+        ms, answer = [], None
+        for n in range(repeat + 1):
+            started = time.perf_counter()
+            response = requests.get(f"{stack.base}/api/v1/tenants/{tenant}/security/findings", params=query,
+                                    headers=headers, timeout=600)
+            if n:  # the first is the warm-up
+                ms.append((time.perf_counter() - started) * 1000)
+            if response.status_code != 200:
+                raise SystemExit(f"{label}: {response.status_code} {response.text[:300]}")
+            answer = response.json()
+        count = answer.get("@odata.count", len(answer["value"]))
+        print(f"GET findings {label:<28} ({count:,}): p50 {_quantile(ms, 0.5):7.1f} ms  "
+              f"p99 {_quantile(ms, 0.99):7.1f} ms  ({repeat} runs)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -277,6 +359,9 @@ def main() -> None:
         "--repush", type=int, default=0, help="then push the first M findings again, unchanged"
     )
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--also", help="KxM: after the one push, the K x M sequence into another tenant")
+    parser.add_argument("--queries", type=int, default=0,
+                        help="then time N counts and pages of the pushed tenant with a sources/any() filter")
     args = parser.parse_args()
 
     name, url = create_database("gw_million")
@@ -315,36 +400,11 @@ def main() -> None:
         write_body(scratch / "warm.json", "warm", 200, 50)
         push(stack, warm, warm_headers, scratch / "warm.json")
         tenant = gw.tenant()
-        headers = gw.partner("BenchScanner", [tenant], scopes="findings.write")
+        headers = gw.partner("SequenceScanner" if args.sequence else "BenchScanner", [tenant],
+                             scopes="findings.write")
         watch = LockWatch(url)
         if args.sequence:
-            count, size = (int(part) for part in args.sequence.lower().split("x"))
-            ratios: list[tuple[float, float]] = []
-            for n in range(count):
-                path = scratch / "push.json"
-                mib = (
-                    write_body(path, f"s{n}", size, args.hosts, cve_base=10000 + n * (size // args.hosts + 1))
-                    / 2**20
-                )
-                watch.reset()
-                batch, accepted, seconds = push(stack, tenant, headers, path)
-                if batch["status"] != "succeeded":
-                    raise SystemExit(f"batch {batch['id']}: {batch.get('error')}")
-                # the worker's merge alone (from its claim to its commit), without the upload or a
-                # wait behind the previous batch's ANALYZE
-                merge = (_when(batch["finishedAt"]) - _when(batch["startedAt"])).total_seconds()
-                ratios.append((seconds, merge))
-                print(
-                    f"push {n + 1:>2}/{count}: {size:,} new findings ({mib:.0f} MiB) on {args.hosts:,} hosts "
-                    f"into a tenant of {n * size:,}: {seconds:.1f}s end to end = {size / seconds:,.0f} "
-                    f"findings/s, {seconds / ratios[0][0]:.2f}x the first; merge {merge:.1f}s, "
-                    f"{merge / ratios[0][1]:.2f}x the first; locks at most {watch.most['total']} "
-                    f"(one session {watch.most['one session']}, advisory {watch.most['advisory']})",
-                    flush=True,
-                )
-            for label, index in (("end to end", 0), ("merge", 1)):
-                spread = [pair[index] / ratios[0][index] for pair in ratios]
-                print(f"{label}: each push {min(spread):.2f}x to {max(spread):.2f}x the first", flush=True)
+            sequence(stack, tenant, headers, args.sequence, args.hosts, scratch, watch)
         else:
             path = scratch / "push.json"
             mib = write_body(path, "m", args.findings, args.hosts) / 2**20
@@ -377,7 +437,14 @@ def main() -> None:
                     f"finding_sources rows read (sequential + index entries) {_source_reads(url) - before:,}",
                     flush=True,
                 )
+        if args.also:  # the sequence too, into a tenant of its own, after the single push
+            also = gw.tenant()
+            also_headers = gw.partner("SequenceScanner", [also], scopes="findings.write")
+            sequence(stack, also, also_headers, args.also, args.hosts, scratch, watch)
         print(stack.peaks(), flush=True)
+        if args.queries:
+            provider = "SequenceScanner" if args.sequence else "BenchScanner"
+            queries(stack, url, gw, tenant, provider, args.queries)
         app.extensions["gateway.db"].dispose()
     finally:
         if watch is not None:

@@ -510,6 +510,7 @@ def score() -> None:
               "from before Secure Score)")
 def score_show(tenant_id: str, recount: bool) -> None:
     """Print the tenant's Secure Score and its per-control table."""
+    from gateway.models import ControlProfile
     from gateway.score.controls import BY_ID
     from gateway.score.upkeep import recount as recount_controls
     from gateway.score.upkeep import tenant_score
@@ -521,11 +522,15 @@ def score_show(tenant_id: str, recount: bool) -> None:
         if recount:
             recount_controls(conn, pk)
         result = tenant_score(conn, pk)
+        # custom controls have their title only in the tenant's control profiles
+        titles = {control.id: control.title for control in BY_ID.values()}
+        titles.update(conn.execute(select(ControlProfile.control, ControlProfile.title).where(
+            ControlProfile.tenant_id == pk, ControlProfile.builtin.is_(False))).all())
     percent = result["percentage"] * 100
     click.echo(f"Secure Score: {result['current']:g} of {result['max']:g} ({percent:.2f}%)")
     click.echo(f"{'control':<45}{'score':>8}{'max':>6}{'healthy':>9}{'unhealthy':>11}{'n/a':>6}")
     for row in result["controls"]:
-        title = BY_ID[row.control].title if row.control in BY_ID else row.control
+        title = titles.get(row.control) or row.control
         click.echo(f"{title:<45}{row.current:>8.2f}{row.max:>6g}{row.healthy:>9}{row.unhealthy:>11}"
                    f"{row.not_applicable:>6}")
 
@@ -848,10 +853,14 @@ from gateway.itsm.cli import itsm as _itsm  # noqa: E402 - the `gateway itsm` co
 main.add_command(_itsm)
 
 
-if __name__ == "__main__":
-    main()
+from gateway.vault_cli import secrets as _secrets  # noqa: E402 - the `gateway secrets` commands
 
+main.add_command(_secrets)
 
 from gateway.automation.cli import automation as _automation  # noqa: E402 - `gateway automation`
 
 main.add_command(_automation)
+
+
+if __name__ == "__main__":
+    main()

@@ -50,13 +50,17 @@ class Settings(BaseSettings):
     broker_url: str | None = None
     secret_key: str | None = None
     issuer: str | None = None
-    max_body_bytes: int = 256 * 1024 * 1024
+    max_body_bytes: int = 8 * 1024 * 1024 * 1024  # bodies over 1 MiB are streamed (gateway/streaming.py)
     token_ttl_seconds: int = 3600
     merge_chunk_size: int = 5000
     sweep_after_seconds: int = 300
     max_attempts: int = 5
     lease_seconds: int = 60
     max_rejection_details: int = 1000
+    # Many small pushes (gateway/smallbatches.py): the task of a batch of at most this many bytes
+    # also merges the tenant's other queued batches that small, up to this many in all (1: off).
+    small_batch_max_bytes: int = 64 * 1024
+    small_batches_per_task: int = 20
     # ANALYZE after a merge (PostgreSQL; gateway/pipeline.py analyze_if_due): a table the merges
     # changed by this many rows, or this share of its rows, since its last ANALYZE. 0 turns it off.
     analyze_after_rows: int = 50_000
@@ -92,6 +96,7 @@ class Settings(BaseSettings):
     secrets_keys: str | None = None
     itsm_timeout_seconds: float = 20.0  # every call to ServiceNow / Jira (connect and read)
     itsm_retry_base_seconds: float = 1.0  # first backoff of a failed call, doubled per attempt, with jitter
+    itsm_delivery_lanes: int = 4  # operations a connection's delivery sends at a time (by ticket id)
     # Continuous export (gateway/export/; README, "Continuous export")
     export_dispatch_interval: float = 2.0  # seconds between runs of the export beat task
     export_timeout_seconds: float = 10.0  # one delivery's connect + answer timeout
@@ -111,6 +116,10 @@ class Settings(BaseSettings):
     snapshot_slice_size: int = 500  # subjects read (and rendered) per keyset slice of a snapshot
     automation_max_rules: int = 50  # per tenant
     automation_max_chain: int = 3  # an edit made by this many rules in a row triggers no further rule
+    # Streamed pushes and multipart uploads (gateway/streaming.py, gateway/uploads.py)
+    gzip_max_ratio: float = 100.0  # a gzip body expanding more than this many times is a bomb: 413
+    receiving_timeout_seconds: int = 600  # a push whose bytes stop arriving this long is marked failed
+    upload_expiry_seconds: int = 86400  # an unfinished multipart upload is deleted this long after creation
 
     @field_validator("ratelimit_push", "ratelimit_tenant_push", "ratelimit_read", "ratelimit_token")
     @classmethod

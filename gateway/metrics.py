@@ -144,6 +144,9 @@ def metrics():
         processes = REGISTRY
     store = CollectorRegistry(auto_describe=False)
     store.register(StoreCollector(current_app._get_current_object()))
+    from gateway.export.metrics import ExportCollector  # per destination: pending events, lag
+
+    store.register(ExportCollector(current_app._get_current_object()))
     return Response(generate_latest(processes) + generate_latest(store), mimetype=CONTENT_TYPE_LATEST)
 
 

@@ -35,6 +35,8 @@ MAX_SKIP = 10_000
 CSV_BATCH = 1000
 LIST_OPTIONS = ("$filter", "$select", "$orderby", "$top", "$skip", "$skiptoken", "$count", "$format")
 FORMATS = {"json": "json", "application/json": "json", "csv": "csv", "text/csv": "csv"}
+# JSON Lines (gateway/bulk_export.py): one object per line, the whole result like CSV
+FORMATS |= {"jsonl": "jsonl", "application/x-ndjson": "jsonl", "application/jsonl": "jsonl"}
 _CSV_RISKY = ("=", "+", "-", "@", "\t", "\r")
 
 
@@ -92,6 +94,7 @@ class ListRequest:
     skip: int = 0
     count: bool = False
     csv: bool = False
+    jsonl: bool = False  # the whole result as JSON Lines (gateway/bulk_export.py)
     owners: Select | None = None  # the filter's ParsedFilter.owners (see ``count``)
 
 
@@ -109,7 +112,7 @@ def _whole_number(args, name: str, default: int, low: int, high: int) -> int:
 
 
 def parse_list_args(collection: Collection, args, context: FilterContext, default_top: int, max_top: int,
-                    accept_csv: bool = False) -> ListRequest:
+                    accept_csv: bool = False, accept_jsonl: bool = False) -> ListRequest:
     """Read the OData options of a list (or CSV) request; 400 on anything not allowed."""
     unknown = sorted(set(args) - set(LIST_OPTIONS))
     if unknown:
@@ -119,12 +122,14 @@ def parse_list_args(collection: Collection, args, context: FilterContext, defaul
         raise _invalid(f"'{repeated[0]}' is given more than once")
     wanted_format = args.get("$format")
     if wanted_format is not None and wanted_format.lower() not in FORMATS:
-        raise _invalid("'$format' is json or csv")
-    as_csv = FORMATS[wanted_format.lower()] == "csv" if wanted_format is not None else accept_csv
-    if as_csv:
+        raise _invalid("'$format' is json, csv or jsonl")
+    chosen = FORMATS[wanted_format.lower()] if wanted_format is not None else (
+        "csv" if accept_csv else "jsonl" if accept_jsonl else "json")
+    as_csv = chosen == "csv"
+    if chosen != "json":
         paging = [name for name in ("$top", "$skip", "$skiptoken", "$count") if name in args]
         if paging:
-            raise _invalid(f"'{paging[0]}' does not apply to CSV, which is the whole result")
+            raise _invalid(f"'{paging[0]}' does not apply to {chosen.upper()}, which is the whole result")
     top = _whole_number(args, "$top", default_top, 1, max_top)
     skip = _whole_number(args, "$skip", 0, 0, MAX_SKIP)
     if skip and "$skiptoken" in args:
@@ -142,7 +147,8 @@ def parse_list_args(collection: Collection, args, context: FilterContext, defaul
     fingerprint = hashlib.sha256("\x1f".join(
         [collection.name, repr(order), canonical, ",".join(selected or ())]).encode()).hexdigest()[:24]
     return ListRequest(top=top, order=order, conditions=conditions, fingerprint=fingerprint, select=selected,
-                       skip=skip, count=count_text == "true", csv=as_csv, owners=owners)
+                       skip=skip, count=count_text == "true", csv=as_csv, owners=owners,
+                       jsonl=chosen == "jsonl")
 
 
 def _parse_order(collection: Collection, text: str | None) -> list[tuple[str, bool]]:
@@ -202,7 +208,9 @@ def _page(conn: Connection, collection: Collection, tenant_id: int, request: Lis
     """Up to ``limit`` rows after the keyset position ``after``; and the position of the last row
     when more follow."""
     expressions = [(collection.order_fields[name], desc) for name, desc in request.order]
-    query = filtered(collection, tenant_id, request)
+    query = _owners_page(collection, tenant_id, request, after, limit + 1 + offset)
+    if query is None:
+        query = filtered(collection, tenant_id, request)
     if after is not None:
         query = query.where(_after(expressions, after[0], collection.id_column, after[1]))
     order_by = [(f.expression.desc() if desc else f.expression.asc()) for f, desc in expressions]
@@ -216,6 +224,31 @@ def _page(conn: Connection, collection: Collection, tenant_id: int, request: Lis
     last = rows[-1]._mapping
     last_id = last["id"] if isinstance(last["id"], str) else int(last["id"])  # str: a named key
     return rows, ([last[f"_o{i}"] for i in range(len(expressions))], last_id)
+
+
+def _owners_page(collection: Collection, tenant_id: int, request: ListRequest, after: tuple[list, int] | None,
+                 rows: int) -> Select | None:
+    """A page in id order whose whole filter is one ``any()`` of a list field with an owner: the
+    collection's rows whose ids are the first ``rows`` distinct owners of the matching elements
+    after the cursor (None for any other request).
+
+    The owners come in order from the index on the elements (finding_sources (tenant_id,
+    provider, finding_id), migration 0012), so a page reads about a page of elements whatever
+    the statistics.  The EXISTS the filter otherwise is lets the planner, which without
+    statistics guesses that a provider has a handful of sources, hash all the provider's
+    sources, join them to their findings and sort them all, for every page (issue 17).
+    """
+    if request.owners is None or len(request.order) != 1:
+        return None
+    name, desc = request.order[0]
+    if collection.order_fields[name].expression is not collection.id_column:
+        return None
+    owners = request.owners
+    (owner,) = owners.selected_columns
+    if after is not None:
+        owners = owners.where(owner < after[1] if desc else owner > after[1])
+    owners = owners.distinct().order_by(owner.desc() if desc else owner.asc()).limit(rows)
+    return collection.base(tenant_id).where(collection.id_column.in_(owners))
 
 
 def count(conn: Connection, collection: Collection, tenant_id: int, request: ListRequest) -> int:

@@ -255,3 +255,19 @@ def init_app(app: Flask) -> None:
         if window is not None and response.status_code != 429:
             response.headers.update(window.headers())
         return response
+
+
+def count_arriving_bytes(tenant: str, size: int, total: int) -> None:
+    """A streamed push (gateway/streaming.py): count ``size`` more bytes as they arrive, ``total`` so far.
+
+    A body that grows past a whole quota is 413 (it can never fit), as a declared one is.
+    """
+    limits = current()
+    if not limits.enabled:
+        return
+    for item in (limits.push_bytes, limits.tenant_push_bytes):
+        if item is not None and total > item.amount:
+            raise PayloadTooLarge(f"the body (over {item.amount} bytes) is larger than the push quota of "
+                                  f"{item.amount} bytes per minute")
+    limits.consume([(limits.push_bytes, "push-bytes.client", g.caller.client_id),
+                    (limits.tenant_push_bytes, "push-bytes.tenant", tenant)], cost=size, unit="bytes")

@@ -79,6 +79,19 @@ class SourceOut(OutSchema):
     hostKey = fields.String(attribute="host_key", allow_none=True)
 
 
+class ItemTicketOut(OutSchema):
+    """A ticket of an item (finding, recommendation, alert) in one ITSM connection (gateway/itsm/items.py)."""
+
+    id = _id
+    connectionId = _ref("connection_id")
+    remoteId = fields.String(attribute="remote_id", allow_none=True)
+    remoteKey = fields.String(attribute="remote_key", allow_none=True)
+    remoteUrl = fields.String(attribute="remote_url", allow_none=True)
+    remoteState = fields.String(attribute="remote_state", allow_none=True)
+    syncState = fields.String(attribute="sync_state")
+    lastSyncedDateTime = fields.DateTime(attribute="last_synced_at", allow_none=True)
+
+
 class FindingOut(OutSchema):
     id = _id
     resourceId = _ref("resource_id")
@@ -107,6 +120,7 @@ class FindingOut(OutSchema):
     comments = fields.List(fields.Dict())
     tags = fields.List(fields.String())
     sources = fields.List(fields.Nested(SourceOut))
+    tickets = fields.List(fields.Nested(ItemTicketOut))  # gateway/itsm/items.py adds them to a page
 
 
 class RecommendationOut(OutSchema):
@@ -132,6 +146,7 @@ class RecommendationOut(OutSchema):
     assignedTo = fields.String(attribute="assigned_to", allow_none=True)
     comments = fields.List(fields.Dict())
     tags = fields.List(fields.String())
+    tickets = fields.List(fields.Nested(ItemTicketOut))  # gateway/itsm/items.py adds them to a page
 
 
 class PolicyOut(OutSchema):
@@ -387,6 +402,7 @@ class AlertOut(OutSchema):
     vendorInformation = fields.Function(lambda obj: {"provider": _get(obj, "provider"),
                                                      "providerAlertId": _get(obj, "provider_id")})
     suppressedBy = _ref("suppressed_by")
+    tickets = fields.List(fields.Nested(ItemTicketOut))  # gateway/itsm/items.py adds them to a page
 
 
 class AlertV2Out(OutSchema):

@@ -56,6 +56,8 @@ class Sim:
         self.down = False
         self.calls: list[tuple[str, str, int | str]] = []
         self.sent_webhooks: list[tuple[bytes, dict]] = []
+        self.created: dict[str, float] = {}  # marker -> when its record was created (time.time())
+        self.faults_served: dict[str, int] = {}
         sim = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -124,8 +126,13 @@ class Sim:
         length = int(h.headers.get("Content-Length") or 0)
         raw = h.rfile.read(length) if length else b""
         query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+        if parts.path.startswith("/_sim/"):
+            return self._control(h, parts.path, raw)
         api = self.is_api(parts.path)
         fault, retry_after = self._draw() if api else (None, None)
+        if fault:
+            with self.lock:
+                self.faults_served[fault] = self.faults_served.get(fault, 0) + 1
         if api and self.down:
             return self._send(h, 503, {"error": {"message": "Service Unavailable"}, "status": "failure"})
         if fault == "429":
@@ -154,6 +161,33 @@ class Sim:
         if fault == "drop":
             return self._drop(h)
         self._send(h, status, body, headers)
+
+    def stats(self) -> dict:
+        with self.lock:
+            return {
+                "calls": len(self.calls),
+                "records": len(self.created),
+                "created": dict(self.created),
+                "faults": dict(self.faults_served),
+                "status": {
+                    str(code): sum(1 for *_, status in self.calls if status == code)
+                    for code in sorted({status for *_, status in self.calls}, key=str)
+                },
+            }
+
+    def _control(self, h, path: str, raw: bytes) -> None:
+        """The simulator's own endpoints (``python -m tests.itsm_sim``): ``GET /_sim/stats``;
+        ``POST /_sim/faults`` with ``{"rates": {...}, "retryAfter": "0", "down": false}``."""
+        if path == "/_sim/stats":
+            return self._send(h, 200, self.stats())
+        if path == "/_sim/faults" and h.command == "POST":
+            body = json.loads(raw or b"{}")
+            with self.lock:
+                self.rates = {k: float(v) for k, v in (body.get("rates") or {}).items() if k in FAULTS}
+                self.retry_after = str(body.get("retryAfter", self.retry_after))
+                self.down = bool(body.get("down", False))
+            return self._send(h, 200, {"rates": self.rates, "retryAfter": self.retry_after})
+        return self._send(h, 404, {"error": "no such control"})
 
     @staticmethod
     def _drop(h) -> None:
@@ -343,6 +377,8 @@ class ServiceNowSim(Sim):
             if error:
                 return error
             rows[record["sys_id"]] = record
+            if record.get("correlation_id"):
+                self.created[record["correlation_id"]] = time.time()
             return (
                 201,
                 {"result": self._fields(record, fields)},
@@ -724,6 +760,9 @@ class JiraSim(Sim):
         issue = {"id": str(self.counter), "key": key, "fields": fields}
         self._touch(issue)
         self.issues[key] = issue
+        for label in fields.get("labels") or []:
+            if str(label).startswith("gw-"):
+                self.created[label] = time.time()
         self.by_id[issue["id"]] = key
         for prop in body.get("properties") or []:
             self.properties.setdefault(key, {})[prop["key"]] = prop["value"]
@@ -784,3 +823,25 @@ class JiraSim(Sim):
                 "!=": have != value,
             }[op]
         return False
+
+
+def main() -> None:
+    """Serve one simulator in this process until killed; print its URL as the first line."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description="A loopback ServiceNow or Jira (tests/itsm_sim.py).")
+    parser.add_argument("kind", choices=("servicenow", "jira"))
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    sim = ServiceNowSim(seed=args.seed) if args.kind == "servicenow" else JiraSim(seed=args.seed)
+    print(sim.url, flush=True)
+    try:
+        sim.thread.join()
+    except KeyboardInterrupt:
+        pass
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

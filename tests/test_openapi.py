@@ -51,7 +51,7 @@ OUT_SCHEMAS = ["FindingOut", "RecommendationOut", "ResourceOut", "AlertOut", "Ba
                "EventOut", "ResourceSourceOut", "ObservationOut", "MergedOut", "AlertV2Out", "PolicyOut",
                "ExemptionOut", "AlertSuppressionRuleOut", "SecureScoreOut", "ControlScoreOut",
                "SecureScoreControlOut", "SecureScoreControlProfileOut", "ControlStateUpdateOut",
-               "GovernanceRuleOut", "GovernanceAssignmentOut",
+               "GovernanceRuleOut", "GovernanceAssignmentOut", "ItemTicketOut",
                "StoreEventOut", "ExportOut", "ExportStatusOut", "ExportDeliveryOut"]
 PATCH_SCHEMAS = ["FindingPatch", "AlertPatch", "AlertV2Patch"]
 OUT_FOR_COLLECTION = {"findings": "FindingOut", "recommendations": "RecommendationOut",
@@ -598,7 +598,9 @@ def test_the_batch_schemas_follow_the_pipeline(spec):
     from gateway.pipeline import COUNT_KEYS, OPEN_STATUSES, TERMINAL
 
     documented = spec["components"]["schemas"]
-    assert documented["BatchStatus"]["enum"] == list(OPEN_STATUSES + TERMINAL)
+    from gateway.streaming import RECEIVING
+
+    assert documented["BatchStatus"]["enum"] == [RECEIVING, *OPEN_STATUSES, *TERMINAL]
     assert list(documented["BatchOut"]["properties"]["counts"]["properties"]) == list(COUNT_KEYS)
     assert documented["Severity"]["enum"] == list(SEVERITIES)
     identifiers = deref(spec, documented["ResourceOut"]["properties"]["identifiers"])["properties"]

@@ -11,16 +11,20 @@ captured and explained: each lookup by key runs through the index of its key.
 from __future__ import annotations
 
 import json
+import re
+import threading
 import time
 from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import event, text
 
-from connectors.model import FindingRecord, ResourceRef
-from gateway import create_app
+from connectors.model import AlertRecord, FindingRecord, Observation, ResourceRef
+from gateway import create_app, statistics
 from gateway.db import Database
+from gateway.merge.alerts import AlertMerger
 from gateway.merge.findings import FindingMerger
+from gateway.merge.observations import remove_unreported
 from gateway.migrate import upgrade
 from gateway.models import Base, Tenant
 from gateway.pipeline import ANALYZED_TABLES, analyze_if_due
@@ -32,6 +36,7 @@ LATER = datetime(2024, 5, 1, tzinfo=UTC)
 HOSTS = 2000
 RECORDS = 4000  # Qualys: two CVEs on each host
 TENABLE = 1000  # Tenable: the first CVE of the first 1,000 hosts
+FULL_SCAN = 999  # the batch id of the full scan (observations keep it; no batch row is needed)
 BIG_TABLES = {
     "finding_sources",
     "findings",
@@ -55,12 +60,52 @@ def _record(prefix: str, n: int, host: int, cve: int, title: str, seen: datetime
     )
 
 
-def _merge(db: Database, tenant_id: int, provider: str, records: list[FindingRecord]) -> None:
+def _observation(prefix: str, n: int, host: int, seen: datetime) -> Observation:
+    return Observation(provider_id=f"{prefix}-o{n}", name="Open port", category="port", value=f"{n}/tcp",
+                       last_seen=seen, provider_timestamp=seen,
+                       resource=ResourceRef(fqdn=f"host-{host}.example.com"))
+
+
+def _alert(prefix: str, n: int, host: int, seen: datetime) -> AlertRecord:
+    return AlertRecord(provider_id=f"{prefix}-a{n}", title=f"Alert {n}", severity="high", created=seen,
+                       last_modified=seen, resource=ResourceRef(fqdn=f"host-{host}.example.com"))
+
+
+def _merge(db: Database, tenant_id: int, provider: str, records: list[FindingRecord],
+           observations: list[Observation] = (), alerts: list[AlertRecord] = (), full_scan: bool = False,
+           batch_id: int | None = None) -> None:
     with db.engine.begin() as conn:
-        merger = FindingMerger(conn, tenant_id, provider, None, SEEN, "test")
+        merger = FindingMerger(conn, tenant_id, provider, batch_id, SEEN, "test")
         for start in range(0, len(records), 1000):
-            merger.merge_chunk(records[start : start + 1000])
+            merger.merge_chunk(records[start : start + 1000], observations[start : start + 1000])
+        if alerts:
+            AlertMerger(conn, tenant_id, provider, None, "test").merge_chunk(alerts)
+        if full_scan:
+            merger.resolve_unreported()
+            remove_unreported(merger)
         merger.update_recommendations()
+
+
+def _pad(db: Database, rows: int = 100_000) -> None:
+    """Another tenant's alerts and observations, written by SQL: on tables of a few thousand rows
+    every index of the tenant looks like one page, and the plans of a real store's lookups
+    (where ``tenant_id = :t`` alone is 0.5% of the table) would be a tie."""
+    with db.engine.begin() as conn:
+        other = conn.execute(text("INSERT INTO tenants (external_id, name, created_at) "
+                                  "VALUES ('other', 'other', now()) RETURNING id")).scalar_one()
+        resource = conn.execute(text("INSERT INTO resources (tenant_id, created_at, updated_at, tags) "
+                                     "VALUES (:t, now(), now(), '[]') RETURNING id"),
+                                {"t": other}).scalar_one()
+        conn.execute(text(
+            "INSERT INTO observations (tenant_id, resource_id, provider, provider_id, category, name, "
+            "provider_timestamp, created_at, updated_at) "
+            "SELECT :t, :r, 'Qualys', 'o-' || n, 'port', 'Open port', now(), now(), now() "
+            "FROM generate_series(1, :rows) AS n"), {"t": other, "r": resource, "rows": rows})
+        conn.execute(text(
+            "INSERT INTO alerts (tenant_id, provider, provider_id, title, severity, provider_timestamp, "
+            "content_hash, created_at, updated_at, recommended_actions, comments, tags, status) "
+            "SELECT :t, 'Qualys', 'a-' || n, 'Alert', 'high', now(), 'x', now(), now(), '[]', '[]', '[]', "
+            "'newAlert' FROM generate_series(1, :rows) AS n"), {"t": other, "rows": rows})
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +125,14 @@ def store():
                 session.add(tenant)
                 session.flush()
                 tenant_id = tenant.id
+            _pad(db)
             _merge(
                 db,
                 tenant_id,
                 "Qualys",
                 [_record("q", n, n % HOSTS, n // HOSTS, "Vulnerability", SEEN) for n in range(RECORDS)],
+                [_observation("q", n, n % HOSTS, SEEN) for n in range(RECORDS)],
+                [_alert("q", n, n % HOSTS, SEEN) for n in range(HOSTS)],
             )
             captured: list[tuple[str, object]] = []
 
@@ -102,12 +150,25 @@ def store():
                         _record("q", n, n % HOSTS, n // HOSTS, f"Changed {n % 2}", LATER)
                         for n in range(0, RECORDS, 4)
                     ],
+                    [_observation("q", n, n % HOSTS, LATER) for n in range(0, RECORDS, 4)],
+                    [_alert("q", n, n % HOSTS, LATER) for n in range(0, HOSTS, 2)],
                 )
                 _merge(
                     db,
                     tenant_id,
                     "Tenable",
                     [_record("t", n, n, 0, "Tenable's title", LATER) for n in range(TENABLE)],
+                )
+                # a full scan of the hosts 0 mod 4 reporting only their first CVE and observation:
+                # their other sources are resolved and their other observations removed
+                _merge(
+                    db,
+                    tenant_id,
+                    "Qualys",
+                    [_record("q", n, n, 0, "Vulnerability", LATER) for n in range(0, HOSTS, 4)],
+                    [_observation("q", n, n, LATER) for n in range(0, HOSTS, 4)],
+                    full_scan=True,
+                    batch_id=FULL_SCAN,
                 )
             finally:
                 event.remove(db.engine, "before_cursor_execute", capture)
@@ -207,18 +268,82 @@ def test_every_lookup_of_the_merges_reads_by_key(store):
                 continue
             tables.add(table)
             assert node["Node Type"] != "Seq Scan", (statement, node)
-            # the key is in the index condition (a Bitmap Heap Scan rechecks its bitmap's)
-            assert "wanted." in node.get("Index Cond", "") + node.get("Recheck Cond", ""), (statement, node)
-    # the sources, the findings (another provider's finding of the same CVE), recommendations,
-    # and the resources' identifiers, host records and rows
+            # the key is in the index condition (a Bitmap Heap Scan rechecks its bitmap's), or the
+            # id of the row looked up by key that this one joins (a finding's sources)
+            condition = node.get("Index Cond", "") + node.get("Recheck Cond", "")
+            assert "wanted." in condition or re.search(r"= \w+\.id\)", condition), json.dumps(plan)
+    # the sources, the findings (another provider's finding of the same CVE; a resource's
+    # findings by type for its recommendations, and its open sources in a full scan),
+    # recommendations, alerts, observations, and the resources' identifiers, host records and rows
     assert {
+        "alerts",
         "finding_sources",
         "findings",
+        "observations",
         "recommendations",
         "resources",
         "resource_identifiers",
         "resource_sources",
     } <= tables, tables
+
+
+def _scans(db: Database, statement: str, parameters) -> list[tuple[str, str, str | None]]:
+    """(table, node type, index) of every scan of a table in the statement's plan."""
+    return [(node["Relation Name"], node["Node Type"], node.get("Index Name"))
+            for node in _nodes(_plan(db, statement, parameters)) if node.get("Relation Name")]
+
+
+def test_the_recommendations_aggregate_reads_each_resource_by_key(store):
+    _, db, _, captured = store
+    aggregates = [(st, p) for st, p in _lookups(captured, "findings", "resource_id") if "GROUP BY" in st]
+    assert aggregates, "update_recommendations counted the findings of the touched resources"
+    for statement, parameters in aggregates:
+        assert _scans(db, statement, parameters) == [("findings", "Index Scan", "uq_findings_subject")]
+
+
+def test_a_full_scan_finds_the_open_sources_and_observations_by_resource(store):
+    """resolve_unreported reads a resource's findings by key and their sources by finding;
+    remove_unreported deletes the observations it finds by resource, by primary key."""
+    _, db, tenant_id, captured = store
+    findings_of = [(st, p) for st, p in _lookups(captured, "findings", "resource_id") if "GROUP BY" not in st]
+    assert findings_of, "the full scan looked its resources' findings up"
+    for statement, parameters in findings_of:
+        assert _scans(db, statement, parameters) == [("findings", "Index Scan", "uq_findings_subject")]
+    sources_of = _lookups(captured, "finding_sources", "finding_id")
+    assert sources_of, "the full scan looked the findings' sources up"
+    for statement, parameters in sources_of:
+        nodes = list(_nodes(_plan(db, statement, parameters)))
+        # an Index Scan, or a Bitmap Index Scan and its heap scan: by the finding
+        indexes = [(node["Index Name"], node["Index Cond"]) for node in nodes if "Index Name" in node]
+        assert len(indexes) == 1 and indexes[0][0] in (
+            "ix_finding_sources_tenant_provider", "ix_finding_sources_finding"), indexes
+        assert "finding_id = wanted.k0" in indexes[0][1], indexes
+        assert all(node["Node Type"] != "Seq Scan" for node in nodes), nodes
+    ((delete, parameters),) = [(st, p) for st, p in captured
+                               if st.lstrip().startswith("DELETE FROM observations")]
+    scans = _scans(db, delete, parameters)
+    assert ("observations", "Index Scan", "ix_observations_resource") in scans, scans
+    assert all(kind != "Seq Scan" for _, kind, _ in scans), scans
+    with db.engine.connect() as conn:
+        # the hosts 0 mod 4 keep the one CVE and observation the full scan reported
+        assert conn.execute(text("SELECT count(*) FROM finding_sources WHERE tenant_id = :t AND provider = "
+                                 "'Qualys' AND state = 'fixed'"), {"t": tenant_id}).scalar_one() == HOSTS // 4
+        assert conn.execute(text("SELECT count(*) FROM observations WHERE tenant_id = :t"),
+                            {"t": tenant_id}).scalar_one() == RECORDS - HOSTS // 4
+
+
+def test_alerts_and_observations_are_found_by_record_key(store):
+    _, db, _, captured = store
+    for table, index in (("alerts", "uq_alerts_record"), ("observations", "uq_observations_record")):
+        lookups = _lookups(captured, table, "provider_id")
+        assert lookups, table
+        for statement, parameters in lookups:
+            assert _scans(db, statement, parameters) == [(table, "Index Scan", index)], statement
+        # and locked by primary key, in id order
+        locks = [(st, p) for st, p in _lookups(captured, table, "id") if "FOR UPDATE" in st]
+        assert locks, table
+        for statement, parameters in locks:
+            assert _scans(db, statement, parameters) == [(table, "Index Scan", f"{table}_pkey")]
 
 
 def test_a_count_of_sources_any_uses_the_provider_index_on_an_unanalyzed_store(store):
@@ -268,6 +393,60 @@ def test_a_count_of_sources_any_uses_the_provider_index_on_an_unanalyzed_store(s
             headers=headers,
         ).get_json()
         assert both["@odata.count"] == TENABLE
+    finally:
+        app.extensions["gateway.db"].dispose()
+
+
+@pytest.mark.parametrize("lambda_", ["s/provider eq 'Tenable'",
+                                     "s/provider eq 'Qualys' and s/state eq 'fixed'"])
+def test_a_page_of_sources_any_is_read_by_index_in_id_order_on_an_unanalyzed_store(store, lambda_):
+    """A page of findings with a sources/any() filter walks the findings in id order by index and
+    stops at the page's end (each finding's sources looked up by finding), or reads the matching
+    sources from the provider index in finding order: never a scan or sort of all the tenant's rows."""
+    url, _, _, _ = store
+    app = create_app(
+        {"DATABASE_URL": url, "BROKER_URL": "memory://", "SECRET_KEY": "plans", "RATELIMIT_ENABLED": False}
+    )
+    engine = app.extensions["gateway.db"].engine
+    captured: list[tuple[str, object]] = []
+    event.listen(
+        engine,
+        "before_cursor_execute",
+        lambda conn, cursor, statement, parameters, context, many: captured.append((statement, parameters)),
+    )
+    try:
+        gw = Gateway(app)
+        headers = gw.partner("Reader", ["plans"], scopes="security.read")
+        url_ = "/api/v1/tenants/plans/security/findings"
+        pages, token = [], None
+        while len(pages) < 3:
+            query = {"$filter": f"sources/any(s: {lambda_})", "$top": "50", "$select": "id"}
+            if token:
+                query["$skiptoken"] = token
+            body = gw.http.get(url_, query_string=query, headers=headers).get_json()
+            pages.append([item["id"] for item in body["value"]])
+            token = body["@odata.nextLink"].split("$skiptoken=")[1] if "@odata.nextLink" in body else None
+            assert token
+        ids = [int(i) for page in pages for i in page]
+        assert len(ids) == 150 and ids == sorted(ids)
+        statements = [(st, p) for st, p in captured if "finding_sources" in st and "LIMIT" in st]
+        assert len(statements) == 3
+        for number, (statement, parameters) in enumerate(statements):
+            with engine.connect() as conn:
+                (plan,) = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + statement, parameters).one()
+            nodes = list(_nodes(plan[0]["Plan"]))
+            assert not {node["Node Type"] for node in nodes} & {"Seq Scan", "Hash Join"}, json.dumps(nodes)
+            # whatever is sorted or hashed is one page: a Limit lies below it
+            for node in nodes:
+                if node["Node Type"] in ("Sort", "Incremental Sort", "Hash", "Aggregate"):
+                    assert any(below["Node Type"] == "Limit" for below in _nodes(node)), json.dumps(nodes)
+            (sources,) = [node for node in nodes if node.get("Relation Name") == "finding_sources"]
+            assert sources["Node Type"] in ("Index Only Scan", "Index Scan"), json.dumps(nodes)
+            assert sources["Index Name"] == "ix_finding_sources_tenant_provider"
+            if number:  # the next pages start at the cursor in the index
+                assert "finding_id >" in sources["Index Cond"], sources
+            (findings,) = [node for node in nodes if node.get("Relation Name") == "findings"]
+            assert findings["Node Type"] == "Index Scan" and "id =" in findings["Index Cond"], findings
     finally:
         app.extensions["gateway.db"].dispose()
 
@@ -438,6 +617,89 @@ def test_a_worker_analyzes_with_its_settings_after_a_merge_that_landed(pg_url, m
             gw.http.get(f"/api/v1/tenants/{tenant}/batches/{batch_id}", headers=headers).get_json()["status"]
             == "succeeded"
         )
+        assert statistics.wait_for_analysis()
         assert calls == [(1234, 0.25, batch_id)]
     finally:
         app.extensions["gateway.db"].dispose()
+
+
+def test_the_next_batch_does_not_wait_for_the_statistics_of_the_last(pg_url, monkeypatch):
+    """The statistics round after a merge runs in a thread: while it is stuck, the worker merges
+    the next batches; the rounds asked for meanwhile fold into one more, run when it ends."""
+    from gateway import pipeline
+    from tests.conftest import make_app
+
+    release, started, rounds = threading.Event(), threading.Event(), []
+
+    def stuck_analyze(db, rows, growth, batch_id=None):
+        rounds.append(batch_id)
+        started.set()
+        assert release.wait(60)
+        return []
+
+    monkeypatch.setattr(pipeline, "analyze_if_due", stuck_analyze)
+    app = make_app(pg_url, eager=True, ANALYZE_AFTER_ROWS=1)
+    try:
+        gw = Gateway(app)
+        tenant = gw.tenant()
+        headers = gw.partner("Qualys", [tenant]) | {"Content-Type": "application/json"}
+        url = f"/api/v1/tenants/{tenant}/batches"
+        ids = []
+        for n in range(3):
+            response = gw.http.post(f"{url}?format=canonical", data=document([finding(f"q-{n}")]),
+                                    headers=headers)
+            assert response.status_code == 202
+            ids.append(int(response.get_json()["id"]))
+            # each batch landed while the first batch's round is still stuck
+            assert gw.http.get(f"{url}/{ids[-1]}", headers=headers).get_json()["status"] == "succeeded"
+            assert started.wait(30)
+        assert rounds == [ids[0]]
+        release.set()
+        assert statistics.wait_for_analysis()
+        assert rounds == [ids[0], ids[2]]  # one more round, with the last batch's settings
+    finally:
+        release.set()
+        statistics.wait_for_analysis()
+        app.extensions["gateway.db"].dispose()
+
+
+def test_pages_of_a_sources_any_filter_hold_what_the_exists_filter_holds(gw):
+    """Paged one by one, in both directions, a lone sources/any() (read from the sources' index)
+    lists the findings that the same condition written as not(all()) (an EXISTS) lists."""
+    tenant = gw.tenant()
+    qualys, tenable = gw.partner("Qualys", [tenant]), gw.partner("Tenable", [tenant])
+    push = f"/api/v1/tenants/{tenant}/batches?format=canonical"
+    json_ = {"Content-Type": "application/json"}
+    body = document([finding(f"q-{n}", host=f"h{n}.example.com", cves=(f"CVE-2024-{n:04d}",))
+                     for n in range(8)])
+    assert gw.http.post(push, data=body, headers=qualys | json_).status_code == 202
+    # two sources on one finding (h1's CVE), and findings on h3, h6 and one Qualys does not have
+    body = document([finding("t-1", host="h1.example.com", cves=("CVE-2024-0001",)),
+                     finding("t-1b", host="h1.example.com", cves=("CVE-2024-0001",)),
+                     finding("t-3", host="h3.example.com", cves=("CVE-2024-0003",)),
+                     finding("t-6", host="h6.example.com", cves=("CVE-2024-0006",)),
+                     finding("t-9", host="h9.example.com", cves=("CVE-2024-0009",))])
+    assert gw.http.post(push, data=body, headers=tenable | json_).status_code == 202
+    url = f"/api/v1/tenants/{tenant}/security/findings"
+
+    def walk(filter_: str, order: str) -> list[str]:
+        ids, query = [], {"$filter": filter_, "$top": "1", "$orderby": order, "$select": "id"}
+        while True:
+            page = gw.http.get(url, query_string=query, headers=qualys).get_json()
+            ids += [item["id"] for item in page["value"]]
+            if "@odata.nextLink" not in page:
+                return ids
+            query["$skiptoken"] = page["@odata.nextLink"].split("$skiptoken=")[1]
+
+    for order in ("id asc", "id desc"):
+        for provider, expected in (("Tenable", 4), ("Qualys", 8), ("None", 0)):
+            lone = walk(f"sources/any(s: s/provider eq '{provider}')", order)
+            exists = walk(f"not sources/all(s: s/provider ne '{provider}')", order)
+            assert lone == exists and len(lone) == expected, (order, provider, lone, exists)
+        assert walk("sources/any(s: s/provider eq 'Tenable')", "id asc") == list(
+            reversed(walk("sources/any(s: s/provider eq 'Tenable')", "id desc")))
+    # $skip on the same shape
+    page = gw.http.get(url, query_string={"$filter": "sources/any(s: s/provider eq 'Qualys')", "$top": "2",
+                                          "$skip": "3", "$select": "id"}, headers=qualys).get_json()
+    qualys_ids = walk("sources/any(s: s/provider eq 'Qualys')", "id asc")
+    assert [item["id"] for item in page["value"]] == qualys_ids[3:5]

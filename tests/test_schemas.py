@@ -14,7 +14,7 @@ OUT_SCHEMAS = [schemas.BatchOut, schemas.SourceOut, schemas.FindingOut, schemas.
                schemas.ResourceOut, schemas.AlertOut, schemas.EventOut, schemas.ResourceSourceOut,
                schemas.ObservationOut, schemas.MergedOut, schemas.PolicyOut, schemas.ExemptionOut,
                schemas.AlertSuppressionRuleOut,
-               schemas.GovernanceRuleOut, schemas.GovernanceAssignmentOut]
+               schemas.GovernanceRuleOut, schemas.GovernanceAssignmentOut, schemas.ItemTicketOut]
 
 
 def _value(field, filled: int):
@@ -62,7 +62,8 @@ def _object(schema_class, filled: int) -> dict:
            "gov_due_date": datetime(2024, 5, 1, tzinfo=UTC),
            "gov_is_grace_period": 1, "gov_overdue": filled % 2, "gov_completed_at": None,
            "governance": {"owner": "sam"} if filled else None,
-           "recommendation_id": 50 + filled, "rule_id": filled or None}
+           "recommendation_id": 50 + filled, "rule_id": filled or None,
+           "connection_id": 60 + filled}  # an item's ticket (ItemTicketOut)
     for name, field in schema_class().dump_fields.items():
         if type(field) is not fields.Function:
             obj[field.attribute or name] = _value(field, filled)

@@ -354,7 +354,7 @@ def _events(gw, tenant: str, subject: str) -> list[tuple]:
                                .order_by(LifecycleEvent.id)).all()
 
 
-def test_a_custom_control_counts_once_a_type_is_mapped_to_it(gw):
+def test_a_custom_control_counts_once_a_type_is_mapped_to_it(gw, monkeypatch):
     tenant = gw.tenant()
     headers = gw.partner("CheckPoint", [tenant], scopes=MANAGE)
     hosts = ["a.example.com", "b.example.com", "c.example.com"]
@@ -412,6 +412,15 @@ def test_a_custom_control_counts_once_a_type_is_mapped_to_it(gw):
     assert len(history(gw, tenant)) == before + 1 and history(gw, tenant)[-1].max == 9.0
     assert _expected(gw, tenant)[:3] == (history(gw, tenant)[-1].current, history(gw, tenant)[-1].max,
                                          history(gw, tenant)[-1].percentage)
+    # the CLI's table names a custom control by its title, as the API does
+    from click.testing import CliRunner
+
+    from gateway.cli import main
+    monkeypatch.setenv("GATEWAY_DATABASE_URL", gw.db.engine.url.render_as_string(hide_password=False))
+    shown = CliRunner().invoke(main, ["score", "show", "--tenant", tenant])
+    assert shown.exit_code == 0, shown.output
+    line = next(line for line in shown.output.splitlines() if "build agents" in line)
+    assert line.startswith("Harden the build agents") and line.split()[-5:-3] == ["3.00", "9"], line
     # a built-in control's definition is fixed
     fixed = _patch(gw, tenant, headers, "secureScoreControlProfiles/enable-mfa", {"maxScore": 1})
     assert fixed.status_code == 400 and "maxScore" in fixed.get_json()["error"]["message"]

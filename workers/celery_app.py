@@ -57,6 +57,11 @@ def celery_init_app(app: Flask) -> Celery:
                 # runs that waited behind a long task are dropped, not piled up: the next one does their work
                 "options": {"expires": max(10.0, 5 * float(app.config.get("EXPORT_DISPATCH_INTERVAL") or 2.0))},
             },
+            # pushes abandoned mid-body, expired multipart uploads (gateway/streaming.py, uploads.py)
+            "sweep-incomplete-uploads": {
+                "task": "workers.tasks.sweep_incomplete_uploads",
+                "schedule": float(os.environ.get("GATEWAY_SWEEP_INTERVAL", "60")),
+            },
             "prune-events": {
                 "task": "workers.export_tasks.prune_events",
                 "schedule": float(app.config.get("EVENT_PRUNE_INTERVAL") or 3600.0),

@@ -12,7 +12,7 @@ from celery import shared_task
 from flask import current_app
 from sqlalchemy import or_, select, update
 
-from gateway import logs, metrics, tracing
+from gateway import logs, metrics, smallbatches, tracing
 from gateway.models import Batch, utcnow
 from gateway.pipeline import OPEN_STATUSES, TransientError, process_batch
 
@@ -35,6 +35,9 @@ def process_batch_task(self, batch_id: int, owner: str | None = None, request_id
     # The push's request id (carried in the task's kwargs) and the batch id on every line of the merge.
     with logs.context(batch_id=batch_id, request_id=request_id), \
             tracing.span("gateway.merge", batch_id=int(batch_id), request_id=request_id) as span:
+        finished = smallbatches.finished_status(db, int(batch_id))
+        if finished is not None:  # merged already (in another small batch's task): nothing to do
+            return finished
         started = time.perf_counter()
         try:
             status = process_batch(db, int(batch_id), chunk_size=config["MERGE_CHUNK_SIZE"],
@@ -49,12 +52,15 @@ def process_batch_task(self, batch_id: int, owner: str | None = None, request_id
             raise self.retry(countdown=delay, kwargs={"owner": owner, "request_id": request_id}) from exc
         if status != "busy" or span is not None:
             _observe(db, int(batch_id), status, time.perf_counter() - started, span)
-        if status in ("succeeded", "partiallySucceeded"):
-            from gateway.itsm.tasks import after_merge
-
-            after_merge(db, int(batch_id))  # ITSM tickets follow the merge at once (never fails it)
         log.info("batch %s merged: %s", batch_id, status)
-        return status
+    # The tenant's other queued small batches, merged here one by one (gateway/smallbatches.py).
+    group = [] if status == "busy" else smallbatches.merge_queued(
+        db, int(batch_id), config, observe=lambda other, *args: _observe(db, other, *args), enqueue=enqueue)
+    if any(merged in ("succeeded", "partiallySucceeded") for merged in [status, *(s for _, s in group)]):
+        from gateway.itsm.tasks import after_merge
+
+        after_merge(db, int(batch_id))  # ITSM tickets follow at once (never fails it), once a group
+    return status
 
 
 def _observe(db, batch_id: int, status: str, seconds: float, span=None) -> None:
@@ -157,3 +163,12 @@ def _enqueue(db, batch_id: int) -> bool:
     except Exception:  # noqa: BLE001 - the task is sent; the time is only a hint for the sweep
         log.warning("could not record when batch %s was enqueued", batch_id, exc_info=True)
     return True
+
+
+@shared_task(name="workers.tasks.sweep_incomplete_uploads", acks_late=True)
+def sweep_incomplete_uploads() -> int:
+    """Streamed pushes whose bytes stopped arriving end ``failed``; expired multipart uploads are deleted."""
+    from gateway import streaming
+
+    db = current_app.extensions["gateway.db"]
+    return streaming.fail_abandoned(db)

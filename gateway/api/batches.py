@@ -12,9 +12,10 @@ import connectors
 from gateway import logs, ratelimit
 from gateway.auth import require_scope, tenant_for_caller
 from gateway.errors import BadRequest, Forbidden, NotFound, UnsupportedMediaType
-from gateway.ingest import WELLFORMED_CHECK_MAX_BYTES, Push, read_body, store_batch
+from gateway.ingest import WELLFORMED_CHECK_MAX_BYTES, Push, store_batch
 from gateway.models import Batch, BatchRejection
 from gateway.schemas import BatchOut
+from gateway.streaming import STREAM_THRESHOLD, Inflow, read_head, store_streamed
 
 blueprint = Blueprint("batches", __name__, url_prefix="/api/v1/tenants/<tenant>")
 
@@ -27,7 +28,7 @@ def _db():
 
 DEFAULT_TOP = 100
 MAX_TOP = 1000
-BATCH_STATUSES = ("accepted", "processing", "succeeded", "partiallySucceeded", "failed")
+BATCH_STATUSES = ("receiving", "accepted", "processing", "succeeded", "partiallySucceeded", "failed")
 
 
 def _visible(query, tenant_id: int):
@@ -180,12 +181,16 @@ def push_batch(tenant: str):
     with _db().sessions() as session:
         tenant_row = tenant_for_caller(session, tenant)
     ratelimit.before_push_body(tenant_row.external_id)
-    limit = current_app.config["MAX_BODY_BYTES"]
-    body = read_body(request.stream, request.headers.get("Content-Encoding", "").strip().lower(),
-                     request.content_length, limit)
-    ratelimit.after_push_body(tenant_row.external_id, len(body))
+    config = current_app.config
+    inflow = Inflow(request.stream, request.headers.get("Content-Encoding", "").strip().lower(),
+                    request.content_length, config["MAX_BODY_BYTES"], config["GZIP_MAX_RATIO"])
+    chunks = inflow.chunks()
+    head = read_head(chunks, STREAM_THRESHOLD + 1)
+    streamed = len(head) > STREAM_THRESHOLD  # a large body is stored piece by piece (gateway/streaming.py)
+    if not streamed:
+        ratelimit.after_push_body(tenant_row.external_id, len(head))
     if format_name == "auto":
-        format_name = connectors.detect(body[:65536]) or ""
+        format_name = connectors.detect(head[:65536]) or ""
         if not format_name:
             raise BadRequest("the format could not be detected; name it with ?format=", code="unknownFormat")
     try:
@@ -207,8 +212,16 @@ def push_batch(tenant: str):
         content_encoding=request.headers.get("Content-Encoding", ""),
         declared_length=request.content_length, scan_type=scan_type, idempotency_key=idempotency_key,
     )
-    batch, replayed = store_batch(_db(), push, body, current_app.config.get(
-        "WELLFORMED_CHECK_MAX_BYTES", WELLFORMED_CHECK_MAX_BYTES))
+    check_limit = config.get("WELLFORMED_CHECK_MAX_BYTES", WELLFORMED_CHECK_MAX_BYTES)
+    if streamed:
+        encoding = request.headers.get("Content-Encoding", "").strip().lower()
+        batch, replayed = store_streamed(
+            _db(), push, head, chunks, check_limit=check_limit,
+            declared_length=request.content_length if encoding in ("", "identity") else None,
+            timeout_seconds=config["RECEIVING_TIMEOUT_SECONDS"],
+            on_piece=lambda size: ratelimit.count_arriving_bytes(tenant_row.external_id, size, inflow.total))
+    else:
+        batch, replayed = store_batch(_db(), push, head, check_limit)
     logs.bind(batch_id=batch.id)  # on the request's remaining log lines (reset at teardown)
     if not replayed:
         from workers.tasks import enqueue

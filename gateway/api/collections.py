@@ -20,10 +20,12 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
 from connectors.model import SEVERITIES
+from gateway import bulk_export
 from gateway.api import alerts_v2, event_collection, governance_collections, posture_collections, score_collections
 from gateway.api import suppression as suppression_rules
 from gateway.auth import require_scope, tenant_for_caller
 from gateway.errors import BadRequest, NotFound
+from gateway.itsm import items as itsm_items
 from gateway.models import (
     Alert,
     Epoch,
@@ -49,7 +51,6 @@ from gateway.query import (
     parse_list_args,
     project,
     run_list,
-    stream_csv,
 )
 from gateway.schemas import (
     ALERT_COMMENT_TYPE,
@@ -568,6 +569,10 @@ COLLECTIONS: dict[str, Collection] = {
 }
 
 
+# findings, recommendations and alerts show their ITSM tickets and filter on them (gateway/itsm/items.py)
+itsm_items.install(COLLECTIONS)
+
+
 # -- views ------------------------------------------------------------------------------------
 
 
@@ -611,19 +616,16 @@ def _list(tenant: str, name: str, *, tenant_id: int | None = None, within: tuple
     collection = COLLECTIONS[name]
     tenant_id = _tenant_id(tenant) if tenant_id is None else tenant_id
     config = current_app.config
-    accept_csv = request.accept_mimetypes.best_match(["application/json", "text/csv"]) == "text/csv"
     list_request = parse_list_args(collection, request.args, _context(tenant_id), config["PAGE_SIZE_DEFAULT"],
-                                   config["PAGE_SIZE_MAX"], accept_csv=accept_csv)
+                                   config["PAGE_SIZE_MAX"], **bulk_export.accepted(request.accept_mimetypes))
     _prepare(collection, tenant_id)
     if within:
         list_request.conditions = list(within) + list_request.conditions
         list_request.fingerprint = hashlib.sha256(
             f"{list_request.fingerprint}\x1f{bound}".encode()).hexdigest()[:24]
-    if list_request.csv:
-        response = current_app.response_class(stream_csv(_db().engine, collection, tenant_id, list_request),
-                                              content_type="text/csv; charset=utf-8")
-        response.headers["Content-Disposition"] = f'attachment; filename="{name}.csv"'
-        return response
+    if bulk_export.export_format(list_request):  # the whole result, CSV or JSON Lines
+        return bulk_export.export_response(current_app.response_class, _db().engine, collection, tenant_id,
+                                           list_request, name, current_app.json.default)
     with _db().engine.connect() as conn:
         total = count(conn, collection, tenant_id, list_request) if list_request.count else None
         values, token = run_list(conn, collection, tenant_id, list_request, config["SECRET_KEY"],

@@ -201,6 +201,9 @@ def create_export(tenant: str):
     _check(kind_name, data)
     kind = kinds.get(kind_name)
     secret = data.get("secret") or (kind.new_secret() if kind.uses_secret else None)
+    if not secret and getattr(kind, "secret_required", False):
+        raise _invalid("secret", f"a {kind_name} destination needs its secret: {kind.secret_hint}")
+    shown = secret if secret and (getattr(kind, "echoes_secret", True) or "secret" not in data) else None
     now = utcnow()
     with _db().engine.begin() as conn:
         count = conn.execute(
@@ -224,7 +227,7 @@ def create_export(tenant: str):
                 batch_size=data.get("batchSize", 1),
                 options=data.get("options", {}),
                 state=data.get("state", "active"),
-                secret=export_secrets.seal(current_app.config["SECRET_KEY"], secret) if secret else None,
+                secret=export_secrets.seal(current_app.config, secret) if secret else None,
                 secret_hint=export_secrets.hint(secret) if secret else None,
                 secret_rotated_at=now if secret else None,
                 version=1,
@@ -239,7 +242,7 @@ def create_export(tenant: str):
             .returning(DEST.c.id)
         ).scalar_one()
         row = _row(conn, tenant_id, str(export_id))
-    response = _answer(row, 201, {"secret": secret} if secret else None)
+    response = _answer(row, 201, {"secret": shown} if shown else None)
     response.headers["Location"] = url_for(
         "exports.get_export", tenant=tenant, export_id=export_id, _external=True
     )
@@ -381,12 +384,14 @@ def rotate_export_secret(tenant: str, export_id: str):
         if data.get("secret") is not None and not kind.valid_secret(data["secret"]):
             raise _invalid("secret", kind.secret_hint)
         secret = data.get("secret") or kind.new_secret()
+        if not secret:
+            raise _invalid("secret", f"give the {row.kind} destination's new secret: {kind.secret_hint}")
         overlap = timedelta(seconds=current_app.config["EXPORT_SECRET_OVERLAP_SECONDS"])
         conn.execute(
             update(DEST)
             .where(DEST.c.id == row.id)
             .values(
-                secret=export_secrets.seal(current_app.config["SECRET_KEY"], secret),
+                secret=export_secrets.seal(current_app.config, secret),
                 secret_hint=export_secrets.hint(secret),
                 previous_secret=row.secret,
                 previous_secret_expires_at=now + overlap if row.secret else None,
@@ -397,7 +402,7 @@ def rotate_export_secret(tenant: str, export_id: str):
             )
         )
         row = _row(conn, tenant_id, export_id)
-    return _answer(row, 200, {"secret": secret})
+    return _answer(row, 200, {"secret": secret} if getattr(kind, "echoes_secret", True) else None)
 
 
 @require_scope("exports.manage")

@@ -23,7 +23,7 @@ from flask import Blueprint, current_app, g, jsonify, request, url_for
 from marshmallow import Schema, ValidationError
 from sqlalchemy import delete, func, select, update
 
-from gateway import ratelimit
+from gateway import bulk_export, ratelimit
 from gateway.api.collections import _context, _item_id, _only, _tenant_id
 from gateway.auth import require_scope
 from gateway.errors import APIError, BadRequest, Conflict, NotFound
@@ -41,7 +41,7 @@ from gateway.models import (
     utcnow,
 )
 from gateway.odata import Field, ListField, parse_select
-from gateway.query import Collection, OrderField, count, parse_list_args, project, run_list, stream_csv
+from gateway.query import Collection, OrderField, count, parse_list_args, project, run_list
 from gateway.schemas import fast_dumper
 
 PREFIX = "/api/v1/tenants/<tenant>"
@@ -209,22 +209,17 @@ def _list(tenant: str, name: str):
     collection = COLLECTIONS[name]
     tenant_id = _tenant_id(tenant)
     config = current_app.config
-    accept_csv = request.accept_mimetypes.best_match(["application/json", "text/csv"]) == "text/csv"
     list_request = parse_list_args(
         collection,
         request.args,
         _context(tenant_id),
         config["PAGE_SIZE_DEFAULT"],
         config["PAGE_SIZE_MAX"],
-        accept_csv=accept_csv,
+        **bulk_export.accepted(request.accept_mimetypes),
     )
-    if list_request.csv:
-        response = current_app.response_class(
-            stream_csv(_db().engine, collection, tenant_id, list_request),
-            content_type="text/csv; charset=utf-8",
-        )
-        response.headers["Content-Disposition"] = f'attachment; filename="{name}.csv"'
-        return response
+    if bulk_export.export_format(list_request):  # the whole result, CSV or JSON Lines
+        return bulk_export.export_response(current_app.response_class, _db().engine, collection, tenant_id,
+                                           list_request, name, current_app.json.default)
     with _db().engine.connect() as conn:
         total = count(conn, collection, tenant_id, list_request) if list_request.count else None
         values, token = run_list(

@@ -173,7 +173,7 @@ def create_automation(tenant: str):
                 event_types=data.get("eventTypes", ["*"]),
                 filter=data.get("filter"),
                 actions=data["actions"],
-                secret=export_secrets.seal(current_app.config["SECRET_KEY"], secret),
+                secret=export_secrets.seal(current_app.config, secret),
                 secret_hint=export_secrets.hint(secret),
                 version=1,
                 cursor_seq=latest,

@@ -245,7 +245,7 @@ def _secret(config: dict, rule) -> str | None:
     if not rule.secret:
         return None
     try:
-        return unseal(config["SECRET_KEY"], rule.secret)
+        return unseal(config, rule.secret)
     except SecretUnreadable as exc:
         raise actions.ActionFailed(str(exc)) from None
 

@@ -50,6 +50,7 @@ from sqlalchemy.engine import Connection
 
 from gateway.export import events as outbox
 from gateway.export import kinds, lease, subjects
+from gateway.export import metrics as export_metrics
 from gateway.export.secrets import SecretUnreadable, unseal
 from gateway.models import ExportDelivery, ExportDestination, LifecycleEvent, Tenant, utcnow
 
@@ -324,6 +325,7 @@ def _step(conn: Connection, config: dict, destination_id: int, owner: str, now: 
     else:
         outcome = _send(config, dest, now, config["EXPORT_TIMEOUT_SECONDS"], message_id, rendered)
     status = _record(conn, config, dest, owner, pending, message_id, outcome, now)
+    export_metrics.observe(dest.kind, dest.id, outcome.ok, rendered, utcnow())
     return status, (len(rendered) if outcome.ok else 0)
 
 
@@ -340,9 +342,9 @@ def _send(
 def _target(config: dict, dest, now: datetime, timeout: float) -> kinds.Target:
     found = []
     if dest.secret:
-        found.append(unseal(config["SECRET_KEY"], dest.secret))
+        found.append(unseal(config, dest.secret))
     if dest.previous_secret and dest.previous_secret_expires_at and dest.previous_secret_expires_at > now:
-        found.append(unseal(config["SECRET_KEY"], dest.previous_secret))
+        found.append(unseal(config, dest.previous_secret))
     return kinds.Target(
         destination_id=dest.id,
         url=dest.url,

@@ -68,6 +68,8 @@ class DestinationKind(Protocol):
         """Whether a secret given by the client fits the kind."""
 
     secret_hint: str  # what a valid secret looks like, for error messages
+    # optional attributes: ``secret_required`` (the client must give the secret: a HEC token),
+    # ``echoes_secret`` (False: a secret the client gave is not repeated in the answer)
 
     def deliver(self, target: Target, message_id: str, events: list[dict]) -> Outcome:
         """Send ``events`` (rendered, in order) as one delivery; never raise for the receiver's faults."""
@@ -171,7 +173,12 @@ def check_resolved(url: str, allow_private: bool) -> None:
 
 
 def _load_builtin_kinds() -> None:
-    from gateway.export import webhook  # noqa: F401  (registers itself)
+    from gateway.export import (  # noqa: F401  (SIEM and stream kinds)
+        hec,
+        nats,
+        syslog,
+        webhook,  # noqa: F401  (registers itself)
+    )
 
 
 _load_builtin_kinds()

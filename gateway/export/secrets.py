@@ -2,32 +2,27 @@
 
 A webhook secret is Standard Webhooks' ``whsec_`` followed by the base64 of 32 random bytes
 (the HMAC-SHA256 key).  It is shown once, in the answer that creates or rotates it, and stored
-encrypted with Fernet (AES-128-CBC + HMAC-SHA256) under a key derived from ``GATEWAY_SECRET_KEY``
-(so the API and every worker, which share that setting, can read it; changing the setting makes
-the stored secrets unreadable: rotate them afterwards).  What is shown later is a *hint*: the
-prefix and the first four characters, enough to tell two secrets apart.
+encrypted by the gateway's one vault (gateway/vault.py: the first of ``GATEWAY_SECRETS_KEYS``, or
+the key derived from ``GATEWAY_SECRET_KEY``; rotation with ``gateway secrets rotate``).  What is
+shown later is a *hint*: the prefix and the first four characters, enough to tell two secrets
+apart.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import re
 import secrets as random
+from collections.abc import Mapping
+from typing import Any
 
-from cryptography.fernet import Fernet, InvalidToken
+from gateway import vault
 
 PREFIX = "whsec_"
 _WHSEC = re.compile(r"^whsec_[A-Za-z0-9+/]{32,88}={0,2}$")
 
 
-class SecretUnreadable(Exception):
-    """The stored secret cannot be decrypted with this process's ``SECRET_KEY``."""
-
-
-def _fernet(secret_key: str) -> Fernet:
-    digest = hashlib.sha256(b"gateway.export-secrets.v1\x00" + secret_key.encode()).digest()
-    return Fernet(base64.urlsafe_b64encode(digest))
+SecretUnreadable = vault.SecretsUnavailable  # the stored secret cannot be decrypted with this process's keys
 
 
 def new_webhook_secret() -> str:
@@ -51,15 +46,9 @@ def hint(value: str) -> str:
     return (PREFIX if value.startswith(PREFIX) else "") + head[:4] + "…"
 
 
-def seal(secret_key: str, value: str) -> str:
-    return _fernet(secret_key).encrypt(value.encode()).decode()
+def seal(config: Mapping[str, Any], value: str) -> str:
+    return vault.encrypt(config, value)
 
 
-def unseal(secret_key: str, sealed: str) -> str:
-    try:
-        return _fernet(secret_key).decrypt(sealed.encode()).decode()
-    except InvalidToken:
-        raise SecretUnreadable(
-            "the destination's secret cannot be decrypted with this GATEWAY_SECRET_KEY "
-            "(was it changed? rotate the secret)"
-        ) from None
+def unseal(config: Mapping[str, Any], sealed: str) -> str:
+    return vault.decrypt(config, sealed)

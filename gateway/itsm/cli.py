@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import click
-from cryptography.fernet import Fernet
 from sqlalchemy import func, select, update
 
 from gateway.models import ItsmConnection, ItsmOp, ItsmTicket, ItsmTicketItem, Tenant, utcnow
 
-from . import sync, vault
+from . import sync
 
 CN, OP, TK, TI = ItsmConnection.__table__, ItsmOp.__table__, ItsmTicket.__table__, ItsmTicketItem.__table__
 
@@ -99,28 +98,15 @@ def itsm_resync(ticket_id: int | None, tenant_id: str | None, item: str | None) 
 
 @itsm.command("new-key")
 def itsm_new_key() -> None:
-    """Print a new key for GATEWAY_SECRETS_KEYS (put it first, then run rotate-secrets)."""
-    click.echo(Fernet.generate_key().decode())
+    """The same as `gateway secrets new-key` (kept as an alias)."""
+    from gateway.vault_cli import new_key
+
+    new_key.callback()
 
 
 @itsm.command("rotate-secrets")
 def itsm_rotate() -> None:
-    """Re-encrypt every stored ITSM secret with the first key of GATEWAY_SECRETS_KEYS."""
-    from gateway.cli import _config, _store
+    """The same as `gateway secrets rotate` (kept as an alias): every stored secret, ITSM and export."""
+    from gateway.vault_cli import rotate
 
-    config = _config()
-    with _store() as db, db.engine.begin() as conn:
-        rows = conn.execute(select(CN.c.id, CN.c.secret, CN.c.webhook_secret)).all()
-        try:
-            for row in rows:
-                conn.execute(
-                    update(CN)
-                    .where(CN.c.id == row.id)
-                    .values(
-                        secret=vault.rotate(config, row.secret),
-                        webhook_secret=vault.rotate(config, row.webhook_secret),
-                    )
-                )
-        except vault.SecretsUnavailable as exc:
-            raise click.ClickException(str(exc)) from None
-    click.echo(f"re-encrypted the secrets of {len(rows)} connection(s) with the first key")
+    rotate.callback()

@@ -257,15 +257,18 @@ class ServiceNow(Client):
     def update(self, sys_id: str, fields: dict) -> dict:
         return (self.request("PATCH", self._path(sys_id), body=fields) or {}).get("result") or {}
 
-    def resolve(self, sys_id: str, notes: str) -> dict:
+    def resolve(self, sys_id: str, notes: str, exempt: bool = False) -> dict:
+        """Resolved with the connection's ``closeCode`` (``closeCodeExempt`` when every item of the
+        ticket is exempt) and the close notes; a record already done is left as it is."""
         record = self.get(sys_id)
         if self.is_done(record):
             return record
+        code = (exempt and self.settings.get("closeCodeExempt")) or self.settings.get("closeCode")
         return self.update(
             sys_id,
             {
                 "state": str(self.settings.get("resolvedState") or "6"),
-                "close_code": self.settings.get("closeCode") or "Solved (Permanently)",
+                "close_code": code or "Solved (Permanently)",
                 "close_notes": notes,
             },
         )
@@ -364,6 +367,12 @@ class Jira(Client):
             candidates.sort(
                 key=lambda t: ((t.get("to") or {}).get("statusCategory") or {}).get("key") != "new"
             )
+        elif self.settings.get("doneStatus"):  # the connection's preferred done status, else any done one
+            wanted = str(self.settings["doneStatus"]).casefold()
+            candidates.sort(
+                key=lambda t: wanted not in {str((t.get("to") or {}).get("name") or "").casefold(),
+                                             str(t.get("name") or "").casefold()}
+            )
         if not candidates:
             raise RemoteError(
                 f"issue {key} offers no transition into a {'done' if want_done else 'not done'} status"
@@ -375,7 +384,7 @@ class Jira(Client):
         )
         return True
 
-    def resolve(self, key: str, notes: str) -> dict:
+    def resolve(self, key: str, notes: str, exempt: bool = False) -> dict:
         if self.category(self.get(key)) != "done":
             self._transition(key, True)
             self.comment(key, notes)

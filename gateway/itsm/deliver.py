@@ -2,7 +2,14 @@
 
 One worker at a time delivers a connection's queue: it holds the connection's *lease*
 (``lease_owner``, ``lease_expires_at``), renewed before every operation, and stops when it loses it.
-Order is kept per connection (so per item): a failure that a retry may fix stops the queue there.
+
+**Lanes.**  The lease holder sends ``ITSM_DELIVERY_LANES`` (4) operations at a time: one thread per
+lane, each with its own database connection and HTTP session, lane ``n`` taking the operations of
+the tickets whose id is ``n`` modulo the number of lanes, in id order.  A ticket's operations (so an
+item's: an item is in one ticket per connection) stay in one lane, in order.  A ``Retry-After``
+(429, 503) pauses every lane of the connection until it has passed; a failure that ends the run
+(retries spent, a connection-level error) stops every lane after its current call, and a lost lease
+too.  A failure that a retry may fix stops the queue there.
 
 **Exactly one remote record per ticket.**  The ticket row is committed before any remote call (by
 the scan or the API); ``create_attempts`` is incremented and committed before each create, and a
@@ -24,14 +31,17 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 from sqlalchemy import or_, select, update
 
 from gateway.models import ItsmConnection, ItsmOp, ItsmTicket, utcnow
 
+from . import items as itsm_items
 from . import sync, vault
 from .clients import Connection, RemoteError, client_for
 
@@ -62,6 +72,38 @@ def connection_for(config, row) -> Connection:
     )
 
 
+class Lanes:
+    """What the lanes of one run share: the pause a ``Retry-After`` asked for, and the stop."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pause_until = 0.0  # time.monotonic()
+        self.outcome: tuple[str, float | None] | None = None  # ("waiting", s) or ("busy", None)
+        self.stopped = threading.Event()
+
+    def pause(self, seconds: float) -> None:
+        with self.lock:
+            self.pause_until = max(self.pause_until, time.monotonic() + seconds)
+
+    def wait(self) -> bool:
+        """Sleep out the shared pause: False when the run stopped meanwhile."""
+        while not self.stopped.is_set():
+            remaining = self.pause_until - time.monotonic()
+            if remaining <= 0:
+                return True
+            self.stopped.wait(min(remaining, 0.5))
+        return False
+
+    def sleep(self, seconds: float) -> bool:
+        return not self.stopped.wait(seconds)
+
+    def stop(self, outcome: tuple[str, float | None]) -> None:
+        with self.lock:
+            if self.outcome is None or outcome[0] == "busy":
+                self.outcome = outcome
+        self.stopped.set()
+
+
 class Delivery:
     def __init__(self, db, config, connection_id: int, owner: str | None = None) -> None:
         self.db = db
@@ -70,9 +112,11 @@ class Delivery:
         self.owner = owner or uuid.uuid4().hex
         self.base = float(config.get("ITSM_RETRY_BASE_SECONDS") or 1.0)
         self.timeout = float(config.get("ITSM_TIMEOUT_SECONDS") or 20.0)
-        self.conn = None
+        self.lanes = max(1, int(config.get("ITSM_DELIVERY_LANES") or 4))
         self.healthy = False
         self.last_success = None
+        self.health_lock = threading.Lock()
+        self.failed_wait: float | None = None  # a run records its connection's failure once
 
     # -- lease --------------------------------------------------------------------------------
 
@@ -114,8 +158,8 @@ class Delivery:
 
     # -- the queue ----------------------------------------------------------------------------
 
-    def pending(self, conn, limit: int = 100) -> list:
-        return conn.execute(
+    def pending(self, conn, limit: int = 100, lane: int = 0, lanes: int = 1) -> list:
+        query = (
             select(OP)
             .join(TK, TK.c.id == OP.c.ticket_id)
             .where(
@@ -125,7 +169,10 @@ class Delivery:
             )
             .order_by(OP.c.id)
             .limit(limit)
-        ).all()
+        )
+        if lanes > 1:
+            query = query.where(OP.c.ticket_id % lanes == lane)
+        return conn.execute(query).all()
 
     def run(self, budget_seconds: float = 300.0) -> tuple[str, float | None]:
         """Deliver until the queue is empty, the budget is spent or the system fails:
@@ -154,38 +201,63 @@ class Delivery:
 
     def _deliver(self, row, deadline: float) -> tuple[str, float | None]:
         try:
-            client = client_for(connection_for(self.config, row), self.timeout)
+            connection = connection_for(self.config, row)
         except vault.SecretsUnavailable as exc:
             self._failed(RemoteError(str(exc), connection_level=True, retryable=True))
             return "waiting", MAX_RETRY_DELAY
         self.healthy = row.health == "healthy" and not row.consecutive_failures
-        # one database connection for the whole run: a transaction per step, no pool checkout each time
-        self.conn = self.db.engine.connect()
+        self.failed_wait = None
+        shared = Lanes()
+        if self.lanes == 1:
+            ends = [self._lane(connection, 0, 1, deadline, shared)]
+        else:
+            with ThreadPoolExecutor(self.lanes, thread_name_prefix=f"itsm-{self.connection_id}") as pool:
+                futures = [
+                    pool.submit(self._lane, connection, lane, self.lanes, deadline, shared)
+                    for lane in range(self.lanes)
+                ]
+                ends = [future.result() for future in futures]
+        if shared.outcome is not None:
+            return shared.outcome
+        return ("more", 0.0) if "more" in ends else ("idle", None)
+
+    def _lane(self, connection: Connection, lane: int, lanes: int, deadline: float, shared: Lanes) -> str:
+        """Deliver one lane's operations: "idle" (none left), "more" (budget spent) or "stopped"."""
+        client = client_for(connection, self.timeout)
+        # one database connection per lane for the whole run: a transaction per step
+        conn = self.db.engine.connect()
         try:
-            while time.monotonic() < deadline:
-                with self.conn.begin():
-                    ops = self.pending(self.conn)
+            while not shared.stopped.is_set():
+                with conn.begin():
+                    ops = self.pending(conn, lane=lane, lanes=lanes)
                 if not ops:
-                    return "idle", None
+                    return "idle"
                 for op in ops:
-                    failure = self._attempt(client, op)
+                    if not shared.wait():
+                        return "stopped"
+                    failure = self._attempt(conn, client, op, shared)
                     if failure == "lost":
-                        return "busy", None
-                    if failure is not None:
-                        return "waiting", failure
+                        shared.stop(("busy", None))
+                    elif failure is not None:
+                        shared.stop(("waiting", failure))
+                    if shared.stopped.is_set():
+                        return "stopped"
                     if time.monotonic() >= deadline:
-                        break
-            return "more", 0.0
+                        return "more"
+            return "stopped"
+        except BaseException:
+            shared.stop(("waiting", self.base))
+            raise
         finally:
             client.close()
-            self.conn.close()
-            self.conn = None
+            conn.close()
 
-    def _attempt(self, client, op):
+    def _attempt(self, conn, client, op, shared: Lanes):
         """Run one operation, retrying in place: None when done, parked or no longer pending; "lost"
         when the lease is lost; else the wait before the queue is tried again."""
         for attempt in range(INLINE_ATTEMPTS):
-            conn = self.conn
+            if attempt and not shared.wait():
+                return None  # the run stopped: the operation stays pending
             with conn.begin():  # committed before the call: a retry looks up first
                 if not self._renew(conn):
                     return "lost"
@@ -211,15 +283,18 @@ class Delivery:
                 result = self._execute(client, op, ticket, attempts, content)
             except RemoteError as exc:
                 if not exc.retryable:
-                    self._park(op, ticket, exc)
+                    self._park(conn, op, ticket, exc)
                     return None
                 wait = exc.retry_after if exc.retry_after is not None else backoff(self.base, attempt)
                 if exc.connection_level or attempt == INLINE_ATTEMPTS - 1 or wait > INLINE_WAIT_MAX:
-                    return self._failed(exc, exc.retry_after)
+                    return self._failed_once(exc, exc.retry_after)
                 log.info("ITSM connection %s: %s; retrying in %.2fs", self.connection_id, exc, wait)
-                time.sleep(wait)
+                if exc.retry_after is not None:
+                    shared.pause(wait)  # the system asked the connection to wait: every lane does
+                elif not shared.sleep(wait):
+                    return None
                 continue
-            self._done(op, ticket, result)
+            self._done(conn, op, ticket, result)
             return None
         return None  # not reached
 
@@ -255,15 +330,19 @@ class Delivery:
             else (ticket.remote_key or ticket.remote_id)
         )
         tag = f"[gw-op-{op.id}]"  # inbound sync never takes back what carries it (gateway/itsm/inbound.py)
-        if kind == "resolve":
-            notes = self._notes(content, "resolved") + "\n" + tag
-            return self._remote(client, client.resolve(ref, notes), keep=ticket)
+        if kind == "resolve":  # the connection's close code and notes template: gateway/itsm/items.py
+            notes = itsm_items.close_notes(client.settings, content, self._notes(content, "resolved"))
+            notes += "\n" + tag
+            exempt = bool((content or {}).get("exempt"))
+            return self._remote(client, client.resolve(ref, notes, exempt=exempt), keep=ticket)
         if kind == "reopen":
             notes = self._notes(content, "reopened") + "\n" + tag
             return self._remote(client, client.reopen(ref, notes), keep=ticket)
         if kind == "severity":
             client.set_severity(ref, op.payload.get("severity") or "medium")
             return {}
+        if kind in itsm_items.OPERATIONS:  # the assignee the customer set (gateway/itsm/items.py)
+            return itsm_items.execute(client, op, ticket, ref)
         if kind == "comment":
             if attempts > 1 and client.has_note(ref, tag):
                 return {}
@@ -305,8 +384,8 @@ class Delivery:
 
     # -- outcomes -----------------------------------------------------------------------------
 
-    def _done(self, op, ticket, result: dict) -> None:
-        now, conn = utcnow(), self.conn
+    def _done(self, conn, op, ticket, result: dict) -> None:
+        now = utcnow()
         with conn.begin():
             conn.execute(
                 update(OP).where(OP.c.id == op.id).values(status="done", done_at=now, last_error=None)
@@ -316,20 +395,23 @@ class Delivery:
                 .where(TK.c.id == ticket.id)
                 .values(sync_state="synced", last_error=None, last_synced_at=now, updated_at=now, **result)
             )
-            if (
-                not self.healthy
-                or self.last_success is None
-                or now - self.last_success > timedelta(seconds=5)
-            ):
+            with self.health_lock:  # one lane records the connection's health now and then
+                stale = (
+                    not self.healthy
+                    or self.last_success is None
+                    or now - self.last_success > timedelta(seconds=5)
+                )
+                if stale:
+                    self.healthy, self.last_success = True, now
+            if stale:
                 conn.execute(
                     update(CN)
                     .where(CN.c.id == self.connection_id)
                     .values(health="healthy", consecutive_failures=0, last_success_at=now, retry_at=None)
                 )
-                self.healthy, self.last_success = True, now
 
-    def _park(self, op, ticket, exc: RemoteError) -> None:
-        now, conn = utcnow(), self.conn
+    def _park(self, conn, op, ticket, exc: RemoteError) -> None:
+        now = utcnow()
         log.warning("ITSM connection %s: ticket %s parked: %s", self.connection_id, ticket.id, exc)
         with conn.begin():
             conn.execute(update(OP).where(OP.c.id == op.id).values(status="parked", last_error=str(exc)))
@@ -338,6 +420,13 @@ class Delivery:
                 .where(TK.c.id == ticket.id)
                 .values(sync_state="parked", last_error=str(exc), updated_at=now)
             )
+
+    def _failed_once(self, exc: RemoteError, retry_after: float | None = None) -> float:
+        """Record the connection's failure once per run, however many lanes meet it."""
+        with self.health_lock:
+            if self.failed_wait is None:
+                self.failed_wait = self._failed(exc, retry_after)
+            return self.failed_wait
 
     def _failed(self, exc: RemoteError, retry_after: float | None = None) -> float:
         now = utcnow()

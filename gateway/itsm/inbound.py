@@ -42,7 +42,9 @@ from gateway.models import (
     LifecycleEvent,
     utcnow,
 )
+from gateway.vault import SecretsUnavailable
 
+from . import items as itsm_items
 from .clients import SN_STATES, RemoteError, adf_text
 
 log = logging.getLogger(__name__)
@@ -95,8 +97,11 @@ def sn_snapshot(record: dict) -> dict:
         "remote_id": _value(record.get("sys_id")),
         "updated": _value(record.get("sys_updated_on")),
         "assignee": _display(record.get("assigned_to")),
+        "assigneeId": _value(record.get("assigned_to")) or None,  # the sys_user sys_id
         "closure": "riskAccepted" if risk else None,
         "state": SN_STATES.get(state, state),
+        "done": state in ("6", "7", "8"),
+        "closeCode": _value(record.get("close_code")) or None,
     }
 
 
@@ -114,8 +119,12 @@ def jira_snapshot(issue: dict) -> dict:
         "key": issue.get("key"),
         "updated": str(fields.get("updated") or ""),
         "assignee": _display(fields.get("assignee")),
+        "assigneeId": (fields.get("assignee") or {}).get("accountId"),
         "closure": "riskAccepted" if risk else None,
         "state": status.get("name"),
+        "done": category == "done",
+        "closeCode": (fields.get("resolution") or {}).get("name")
+        or (status.get("name") if category == "done" else None),
     }
 
 
@@ -180,13 +189,18 @@ def take_in(conn, connection, snap: dict | None, comments=(), ticket=None) -> in
     previous = dict(ticket.inbound or {})
     changes: dict = {}
     clear_override = False
+    followed = 0  # alerts closed or reopened with the record (gateway/itsm/items.py)
     full = snap is not None and "closure" in snap
+    if full:
+        snap = itsm_items.classify(connection, snap)
     stale = full and bool(
         previous.get("updated") and snap["updated"] and snap["updated"] < previous["updated"]
     )
     if full and not stale:
-        if snap["assignee"] != previous.get("assignee") and (
-            not snap["assignee"] or snap["assignee"] != connection.username
+        if (
+            snap["assignee"] != previous.get("assignee")
+            and (not snap["assignee"] or snap["assignee"] != connection.username)
+            and not itsm_items.assigned_by_gateway(previous, snap)
         ):
             changes["assignedTo"] = snap["assignee"]
         if snap["closure"] != previous.get("closure"):
@@ -194,13 +208,17 @@ def take_in(conn, connection, snap: dict | None, comments=(), ticket=None) -> in
                 changes["statusOverride"] = "riskAccepted"
             elif previous.get("closure") == "riskAccepted":
                 clear_override = True
+        followed, keep, values = itsm_items.follow(
+            conn, connection, ticket, previous, snap, actor(connection), utcnow()
+        )
         inbound = {
             **previous,
             "assignee": snap["assignee"],
             "closure": snap["closure"],
             "updated": snap["updated"] or previous.get("updated"),
+            **keep,
         }
-        values = {"inbound": inbound, "updated_at": utcnow()}
+        values.update(inbound=inbound, updated_at=utcnow())
         if snap.get("state"):
             values["remote_state"] = snap["state"]
         conn.execute(update(TK).where(TK.c.id == ticket.id).values(**values))
@@ -214,14 +232,14 @@ def take_in(conn, connection, snap: dict | None, comments=(), ticket=None) -> in
     if new_comments:
         changes["comments"] = new_comments
     if not changes and not clear_override:
-        return 0
-    items = conn.execute(
+        return followed
+    linked = conn.execute(
         select(TI.c.subject_type, TI.c.subject_id)
         .where(TI.c.ticket_id == ticket.id)
         .order_by(TI.c.subject_id)
     ).all()
-    now, who, written = utcnow(), actor(connection), 0
-    for item in items:
+    now, who, written = utcnow(), actor(connection), followed
+    for item in linked:
         collection = COLLECTIONS.get(COLLECTION_OF.get(item.subject_type, ""))
         if collection is None or collection.workflow is None:
             continue
@@ -343,6 +361,10 @@ def poll_jira(client, connection, state: dict, start: datetime):
     return out, {**state, "since": newest}
 
 
+def _stamp() -> str:
+    return utcnow().isoformat().replace("+00:00", "Z")
+
+
 def poll(db, config, connection_id: int) -> int:
     """One poll of a connection: its records changed since the watermark taken in, the watermark
     moved in the same transaction.  Returns how many item edits were written."""
@@ -359,27 +381,29 @@ def poll(db, config, connection_id: int) -> int:
     if not has_tickets:
         return 0
     timeout = float(config.get("ITSM_TIMEOUT_SECONDS") or 20.0)
-    client = client_for(connection_for(config, row), timeout)
     start = row.created_at - timedelta(minutes=1)
+    client = None
     try:
+        client = client_for(connection_for(config, row), timeout)
         if row.kind == "servicenow":
             changed, state = poll_servicenow(client, row, dict(row.poll_state or {}), start)
         else:
             changed, state = poll_jira(client, row, dict(row.poll_state or {}), start)
-    except RemoteError as exc:  # the watermark stays: the next tick reads the same changes again
+    except (RemoteError, SecretsUnavailable) as exc:  # the watermark stays: the next tick reads again
         log.warning("ITSM connection %s: poll failed: %s", connection_id, exc)
-        failed = {**(row.poll_state or {}), "lastError": str(exc)[:500], "lastErrorAt": utcnow().isoformat()}
+        # shown as the connection's ``inbound`` (kept after a later success, with its time)
+        failed = {**(row.poll_state or {}), "lastError": str(exc)[:500], "lastErrorAt": _stamp()}
         with db.engine.begin() as conn:
             conn.execute(update(CN).where(CN.c.id == row.id).values(poll_state=failed))
         return 0
     finally:
-        client.close()
+        if client is not None:
+            client.close()
     written = 0
     with db.engine.begin() as conn:
         for snap, comments in changed:
             written += take_in(conn, row, snap, comments)
-        state = {k: v for k, v in state.items() if k not in ("lastError", "lastErrorAt")}
-        state["lastPolledAt"] = utcnow().isoformat()
+        state["lastPolledAt"] = _stamp()
         conn.execute(update(CN).where(CN.c.id == row.id).values(poll_state=state))
     return written
 

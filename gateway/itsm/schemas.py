@@ -26,6 +26,12 @@ SETTINGS = (
     "issueType",
     "labels",
     "priorityMap",
+    # gateway/itsm/items.py: close codes and notes, Jira's done status, assignees, risk acceptance
+    "closeCodeExempt",
+    "closeNotesTemplate",
+    "doneStatus",
+    "assigneeMap",
+    "riskAcceptance",
 )
 
 
@@ -61,10 +67,28 @@ class ConnectionOut(OutSchema):
     issueType = _setting("issueType")
     labels = fields.Function(lambda obj: (_get(obj, "settings") or {}).get("labels") or [])
     priorityMap = _setting("priorityMap")
+    closeCodeExempt = _setting("closeCodeExempt")
+    closeNotesTemplate = _setting("closeNotesTemplate")
+    doneStatus = _setting("doneStatus")
+    assigneeMap = fields.Function(lambda obj: (_get(obj, "settings") or {}).get("assigneeMap") or {})
+    riskAcceptance = fields.Function(
+        lambda obj: risk_acceptance((_get(obj, "settings") or {}).get("riskAcceptance"))
+    )
     createdDateTime = fields.DateTime(attribute="created_at")
     createdBy = fields.String(attribute="created_by", allow_none=True)
     lastModifiedDateTime = fields.DateTime(attribute="updated_at")
     lastModifiedBy = fields.String(attribute="updated_by", allow_none=True)
+    inbound = fields.Function(lambda obj: _inbound(_get(obj, "poll_state")))
+
+
+def _inbound(state: dict | None) -> dict:
+    """The connection's polling health (gateway/itsm/inbound.py keeps it in ``poll_state``)."""
+    state = state or {}
+    return {
+        "lastPollDateTime": state.get("lastPolledAt"),
+        "lastError": state.get("lastError"),
+        "lastErrorDateTime": state.get("lastErrorAt"),
+    }
 
 
 class RuleOut(OutSchema):
@@ -110,6 +134,29 @@ class TicketOut(OutSchema):
     lastModifiedDateTime = fields.DateTime(attribute="updated_at")
 
 
+def risk_acceptance(value: dict | None) -> dict:
+    """A connection's ``riskAcceptance`` as answered (off, no codes, no expiry when unset)."""
+    value = value or {}
+    return {
+        "enabled": bool(value.get("enabled")),
+        "closeCodes": list(value.get("closeCodes") or []),
+        "expiresInDays": value.get("expiresInDays"),
+    }
+
+
+class RiskAcceptanceIn(Schema):
+    """Opt-in: a ticket closed with one of ``closeCodes`` exempts its items' recommendations."""
+
+    class Meta:
+        unknown = RAISE
+
+    enabled = fields.Boolean(required=True)
+    closeCodes = fields.List(
+        fields.String(validate=validate.Length(min=1, max=200)), validate=validate.Length(max=50)
+    )
+    expiresInDays = fields.Integer(allow_none=True, validate=validate.Range(min=1, max=3650))
+
+
 _NAME = validate.Length(min=1, max=200)
 _FIELD = validate.Regexp(r"^[a-z][a-z0-9_]{0,79}$", error="a ServiceNow field or table name")
 
@@ -141,6 +188,12 @@ class ConnectionPatch(Schema):
     )
     priorityMap = fields.Dict(keys=fields.String(validate=validate.OneOf(SEVERITIES)),
                               values=fields.String(validate=validate.Length(min=1, max=100)), allow_none=True)
+    closeCodeExempt = fields.String(allow_none=True, validate=validate.Length(min=1, max=200))
+    closeNotesTemplate = fields.String(allow_none=True, validate=validate.Length(min=1, max=4000))
+    doneStatus = fields.String(allow_none=True, validate=validate.Length(min=1, max=100))
+    assigneeMap = fields.Dict(keys=fields.String(validate=validate.Length(min=1, max=200)),
+                              values=fields.String(validate=validate.Length(min=1, max=200)), allow_none=True)
+    riskAcceptance = fields.Nested(RiskAcceptanceIn, allow_none=True)
 
 
 class ConnectionIn(ConnectionPatch):

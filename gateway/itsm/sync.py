@@ -39,6 +39,7 @@ from gateway.models import (
 from gateway.odata import FilterContext, parse_filter
 
 from . import feed
+from . import items as itsm_items
 from .clients import SEVERITY_RANK
 
 CN, RU, TK, TI, OP = (
@@ -389,6 +390,7 @@ def process_events(conn, connection, events) -> int:
         ticket_id = ticketed.get((event.subject_type, event.subject_id))
         if ticket_id is not None and event.event == "edited":
             queued += _customer_comments(conn, ticket_id, event)
+            queued += itsm_items.customer_fields(conn, connection, ticket_id, event)  # assignee, override
             continue
         if ticket_id is not None and event.subject_type == "finding" and event.event == "updated":
             comment = _evidence_comment(conn, tenant_id, event)
@@ -493,7 +495,8 @@ def describe(conn, ticket) -> dict:
     description = "\n".join(
         [f"Opened by the partner gateway for {kind} {', '.join(map(str, ids))}.", ""] + lines
     )
-    return {"title": title, "description": description, "severity": severity, "kind": kind, "ids": ids}
+    return {"title": title, "description": description, "severity": severity, "kind": kind, "ids": ids,
+            "titles": titles, "exempt": itsm_items.all_exempt(conn, ticket.tenant_id, kind, ids)}
 
 
 def marker(ticket) -> str:

@@ -1,7 +1,8 @@
 """Celery tasks of the ITSM sync: every remote call of the sync runs here, never in a request.
 
-* ``itsm.scan`` (connection id): the connection's feed -> tickets and queued operations, in one
-  transaction holding the connection's row lock; then ``itsm.deliver`` if anything was queued.
+* ``itsm.scan`` (connection id): numbers the newly committed events (the export outbox's
+  sequencer), then the connection's feed -> tickets and queued operations, in one transaction
+  holding the connection's row lock; then ``itsm.deliver`` if anything was queued.
 * ``itsm.deliver`` (connection id): the queue, in order (gateway/itsm/deliver.py); when the system
   fails, the task sends itself again for when the connection's ``retry_at`` comes.
 * ``itsm.poll`` (connection id): inbound sync, the records changed since the connection's watermark
@@ -55,6 +56,9 @@ def scan_connection(db, connection_id: int) -> tuple[int, bool]:
 
 @shared_task(name=SCAN, acks_late=True)
 def scan(connection_id: int) -> int:
+    from gateway.export.events import sequence_events
+
+    sequence_events(_db())  # the feed reads events by their position in commit order
     total = 0
     for _ in range(100):
         queued, more = scan_connection(_db(), int(connection_id))

@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection
 from connectors.model import AlertRecord
 from gateway import suppression
 from gateway.merge import resources as resource_identity
-from gateway.merge.sql import in_values, insert_for, is_postgres
+from gateway.merge.sql import insert_for, keyed, locked_by_key
 from gateway.models import Alert, LifecycleEvent, utcnow
 
 alerts_t = Alert.__table__
@@ -115,25 +115,22 @@ class AlertMerger:
                 break
         else:
             raise RuntimeError(f"{len(pending)} alerts kept losing their insert to concurrent batches")
-        ids = {row.provider_id: row.id for row in conn.execute(
-            select(alerts_t.c.id, alerts_t.c.provider_id).where(
-                alerts_t.c.tenant_id == self.tenant_id, alerts_t.c.provider == self.provider,
-                in_values(conn, alerts_t.c.provider_id, sorted(rows))))}
+        ids = {row.provider_id: row.id for row in conn.execute(keyed(
+            conn, select(alerts_t.c.id, alerts_t.c.provider_id).where(
+                alerts_t.c.tenant_id == self.tenant_id, alerts_t.c.provider == self.provider),
+            (alerts_t.c.provider_id,), sorted(rows), unique=True))}
         return [ids[record.provider_id] for record in records]
 
     def _merge_existing(self, rows: dict[str, dict], now) -> list[dict]:
         """Update the stored alerts of ``rows`` (stale and unchanged ones are counted); return the
         rows of alerts not stored yet, to insert."""
         conn = self.conn
-        query = (
-            select(alerts_t.c.id, alerts_t.c.provider_id, alerts_t.c.provider_timestamp, alerts_t.c.content_hash)
-            .where(alerts_t.c.tenant_id == self.tenant_id, alerts_t.c.provider == self.provider,
-                   in_values(conn, alerts_t.c.provider_id, sorted(rows)))
-            .order_by(alerts_t.c.id)
-        )
-        if is_postgres(conn):
-            query = query.with_for_update()
-        existing = {row.provider_id: row for row in conn.execute(query)}
+        # found by (tenant, provider, provider id) whatever the statistics, locked in id order
+        existing = {row.provider_id: row for row in locked_by_key(
+            conn,
+            (alerts_t.c.id, alerts_t.c.provider_id, alerts_t.c.provider_timestamp, alerts_t.c.content_hash),
+            (alerts_t.c.tenant_id == self.tenant_id, alerts_t.c.provider == self.provider),
+            (alerts_t.c.provider_id,), sorted(rows), alerts_t.c.id)}
         inserts, changes, events = [], [], []
         for provider_id, row in rows.items():
             old = existing.get(provider_id)

@@ -635,20 +635,24 @@ class FindingMerger:
         conn, now = self.conn, utcnow()
         stale_sources = []
         scope = sorted(self.scope)
+        s, f = sources_t.c, findings_t.c
+        # The sources of a resource are found through its findings, key by key (``keyed``): the
+        # resources' findings by uq_findings_subject, then their sources by (tenant, provider,
+        # finding).  There is no index on the sources' resource, and ``resource_id = ANY(...)``
+        # beside the tenant and provider reads all the provider's sources whenever the
+        # statistics are missing (as does a join of the two, planned per resource).
+        findings_of = select(f.id).where(f.tenant_id == self.tenant_id)
+        open_sources = select(s.id, s.provider_id, s.correlation_key, s.finding_id).where(
+            s.tenant_id == self.tenant_id, s.provider == self.provider, s.state == "open")
         for start in range(0, len(scope), 5000):
-            query = (
-                select(sources_t.c.id, sources_t.c.provider_id, sources_t.c.correlation_key,
-                       sources_t.c.finding_id)
-                .where(sources_t.c.tenant_id == self.tenant_id, sources_t.c.provider == self.provider,
-                       sources_t.c.state == "open",
-                       in_values(conn, sources_t.c.resource_id, scope[start : start + 5000]))
-                .order_by(sources_t.c.id)
-            )
-            for row in conn.execute(query):
+            finding_ids = conn.execute(keyed(conn, findings_of, (f.resource_id,),
+                                             scope[start : start + 5000])).scalars().all()
+            for row in conn.execute(keyed(conn, open_sources, (s.finding_id,), finding_ids)):
                 if (row.provider_id, row.correlation_key) not in self.reported:
                     stale_sources.append(row)
         if not stale_sources:
             return 0
+        stale_sources.sort(key=lambda row: row.id)
         # the next report of this record must count as a change, not as unchanged
         update_rows(conn, sources_t, [{"id": row.id, "state": "fixed"} for row in stale_sources],
                     constants={"batch_id": self.batch_id, "updated_at": now,
@@ -686,15 +690,15 @@ class FindingMerger:
         rank = case(*[(findings_t.c.severity == name, index) for index, name in enumerate(SEVERITIES)],
                     else_=0)
         aggregate: dict[tuple[int, int], tuple[int, int]] = {}
+        # per resource through uq_findings_subject (tenant_id, resource_id, ...), whatever the statistics
+        per_type = (select(findings_t.c.resource_id, findings_t.c.recommendation_type_id,
+                           func.sum(case((findings_t.c.state != "resolved", 1), else_=0)).label("open"),
+                           func.max(case((findings_t.c.state != "resolved", rank), else_=-1)).label("worst"))
+                    .where(findings_t.c.tenant_id == self.tenant_id)
+                    .group_by(findings_t.c.resource_id, findings_t.c.recommendation_type_id))
         for start in range(0, len(resource_ids), 5000):
-            rows = conn.execute(
-                select(findings_t.c.resource_id, findings_t.c.recommendation_type_id,
-                       func.sum(case((findings_t.c.state != "resolved", 1), else_=0)),
-                       func.max(case((findings_t.c.state != "resolved", rank), else_=-1)))
-                .where(findings_t.c.tenant_id == self.tenant_id,
-                       in_values(conn, findings_t.c.resource_id, resource_ids[start : start + 5000]))
-                .group_by(findings_t.c.resource_id, findings_t.c.recommendation_type_id)
-            )
+            rows = conn.execute(keyed(conn, per_type, (findings_t.c.resource_id,),
+                                      resource_ids[start : start + 5000]))
             for resource_id, type_id, open_count, worst in rows:
                 aggregate[(resource_id, type_id)] = (int(open_count or 0), int(worst if worst is not None else -1))
         type_ids = sorted({type_id for _, type_id in pairs})

@@ -14,7 +14,7 @@ from datetime import datetime
 from sqlalchemy import select
 
 from connectors.model import Observation as ObservationRecord
-from gateway.merge.sql import in_values, insert_for, is_postgres, update_rows
+from gateway.merge.sql import insert_for, keyed, locked_by_key, update_rows
 from gateway.models import Observation
 
 observations_t = Observation.__table__
@@ -71,19 +71,13 @@ def merge_observations(
                 )
             continue
         rows[row["provider_id"]] = row
-    query = select(
-        observations_t.c.id,
-        observations_t.c.provider_id,
-        observations_t.c.provider_timestamp,
-        *[observations_t.c[name] for name in FIELDS if name != "provider_timestamp"],
-    ).where(
-        observations_t.c.tenant_id == tenant,
-        observations_t.c.provider == merger.provider,
-        in_values(conn, observations_t.c.provider_id, sorted(rows)),
-    )
-    if is_postgres(conn):
-        query = query.with_for_update()
-    existing = {row.provider_id: row for row in conn.execute(query)}
+    # found by (tenant, provider, provider id) whatever the statistics, locked in id order
+    existing = {row.provider_id: row for row in locked_by_key(
+        conn,
+        (observations_t.c.id, observations_t.c.provider_id, observations_t.c.provider_timestamp,
+         *[observations_t.c[name] for name in FIELDS if name != "provider_timestamp"]),
+        (observations_t.c.tenant_id == tenant, observations_t.c.provider == merger.provider),
+        (observations_t.c.provider_id,), sorted(rows), observations_t.c.id)}
     inserts, changes = [], []
     for provider_id, row in rows.items():
         old = existing.get(provider_id)
@@ -137,13 +131,12 @@ def remove_unreported(merger) -> int:
     """Full scan: the provider's observations of the scanned resources that this batch did not report."""
     scope = sorted(merger.scope | merger.observed_resources)
     removed = 0
+    o = observations_t.c
     for start in range(0, len(scope), 5000):
+        # looked up resource by resource through (tenant_id, resource_id, id), whatever the statistics
+        unreported = keyed(merger.conn, select(o.id).where(
+            o.tenant_id == merger.tenant_id, o.provider == merger.provider,
+            o.batch_id.is_distinct_from(merger.batch_id)), (o.resource_id,), scope[start : start + 5000])
         removed += merger.conn.execute(
-            observations_t.delete().where(
-                observations_t.c.tenant_id == merger.tenant_id,
-                observations_t.c.provider == merger.provider,
-                in_values(merger.conn, observations_t.c.resource_id, scope[start : start + 5000]),
-                observations_t.c.batch_id.is_distinct_from(merger.batch_id),
-            )
-        ).rowcount
+            observations_t.delete().where(o.tenant_id == merger.tenant_id, o.id.in_(unreported))).rowcount
     return removed

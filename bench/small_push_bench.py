@@ -1,0 +1,217 @@
+"""Many small pushes at once (issue 14 item 4): 1,000 pushes of 10 findings from 50 concurrent clients.
+
+    .venv/bin/python bench/small_push_bench.py                 # before and after, 1,000 x 10, 50 clients
+    .venv/bin/python bench/small_push_bench.py --modes after --pushes 2000
+
+Each mode gets a scratch PostgreSQL database, the API under gunicorn and ``celery worker
+--concurrency=2`` on Redis, as the README's production section runs them:
+
+* ``before``: the earlier documented command (``gunicorn -w 4``, synchronous workers: one
+  request per process at a time) and one task per batch (``GATEWAY_SMALL_BATCHES_PER_TASK=1``);
+* ``threads``: the documented command now (``gunicorn -w 4 -k gthread --threads 8``), one task per batch;
+* ``after``: the documented command and its default, a small batch's task merging the
+  tenant's other queued small batches (gateway/smallbatches.py).
+
+``--clients`` threads, each an OAuth client of its own with a keep-alive session, push
+``--pushes`` canonical documents of ``--findings`` findings (one host, CVEs of their own) to
+one tenant, rate limits on (raised so that the run is not refused).  Printed: the time to
+each 202 (p50, p90, p99, max), pushes/s accepted, the time from the first push until every
+batch is merged, how many batches were merged in another batch's task, and whether every
+batch succeeded with its own counts.  Figures, not assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psycopg
+import redis
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.ingest_bench import create_database, drop_database  # noqa: E402
+from gateway import create_app  # noqa: E402
+from gateway.migrate import upgrade  # noqa: E402
+from tests.conftest import Gateway  # noqa: E402
+from tests.factories import document, finding  # noqa: E402
+
+REDIS = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/12")
+API = {
+    "before": ["-w", "4"],
+    "threads": ["-w", "4", "-k", "gthread", "--threads", "8"],
+    "after": ["-w", "4", "-k", "gthread", "--threads", "8"],
+}
+PER_TASK = {"before": "1", "threads": "1", "after": "20"}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Stack:
+    """gunicorn and one celery worker process (two pool processes) on one scratch database."""
+
+    def __init__(self, url: str, mode: str, log_dir: Path) -> None:
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.queue = f"smallpush-{uuid.uuid4().hex[:6]}"
+        self.worker_log = log_dir / f"worker-{mode}.log"
+        env = dict(os.environ, GATEWAY_DATABASE_URL=url, GATEWAY_BROKER_URL=REDIS, GATEWAY_SECRET_KEY="bench",
+                   GATEWAY_ISSUER=self.base, GATEWAY_TASK_QUEUE=self.queue, GATEWAY_LOG_FORMAT="text",
+                   GATEWAY_RATELIMIT_PUSH="100000/minute", GATEWAY_RATELIMIT_TENANT_PUSH="1000000/minute",
+                   GATEWAY_RATELIMIT_READ="100000/minute",
+                   GATEWAY_SMALL_BATCHES_PER_TASK=PER_TASK[mode], PYTHONPATH=str(ROOT))
+        self.api = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", *API[mode], "-b", f"127.0.0.1:{self.port}",
+             "--limit-request-line", "0", "gateway:create_app()"],
+            env=env | {"GATEWAY_LOG_LEVEL": "WARNING"}, cwd=ROOT, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True)
+        with open(self.worker_log, "w") as log:
+            self.worker = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--concurrency=2",
+                 "--loglevel=INFO", "--without-gossip", "--without-mingle", "-n", f"smallpush-{mode}@%h"],
+                env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                requests.get(f"{self.base}/healthz", timeout=10)
+                return
+            except (requests.ConnectionError, requests.Timeout):
+                time.sleep(0.3)
+        raise SystemExit("the API did not start")
+
+    def coalesced(self) -> int:
+        return self.worker_log.read_text(errors="replace").count("merged in the task of batch")
+
+    def stop(self) -> None:
+        for process in (self.api, self.worker):
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for process in (self.api, self.worker):
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+        redis.Redis.from_url(REDIS).delete(self.queue)
+
+
+def _percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(share * len(ordered)) - 1))]
+
+
+def _open_batches(url: str) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute("SELECT count(*) FROM batches "
+                            "WHERE status IN ('accepted', 'processing')").fetchone()[0]
+
+
+def _outcome(url: str, findings: int) -> str:
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute("SELECT status, count(*), sum((counts->>'created')::int), "
+                            "sum(attempts) FROM batches WHERE tenant_id = "
+                            "(SELECT id FROM tenants WHERE external_id = 'bench') GROUP BY status").fetchall()
+        stored = conn.execute("SELECT count(*) FROM findings").fetchone()[0]
+    right = all(status == "succeeded" for status, *_ in rows)
+    return (", ".join(f"{n} {status} ({created} created, {attempts} attempts)"
+                      for status, n, created, attempts in rows)
+            + f"; {stored} findings stored" + ("" if right else "  <-- NOT ALL SUCCEEDED"))
+
+
+def run(mode: str, pushes: int, clients: int, size: int, log_dir: Path) -> None:
+    name, url = create_database(f"smallpush_{mode}")
+    try:
+        upgrade(url)
+        app = create_app({"DATABASE_URL": url, "BROKER_URL": REDIS, "SECRET_KEY": "bench",
+                          "RATELIMIT_ENABLED": False, "LOG_LEVEL": "WARNING"})
+        gw = Gateway(app)
+        tenant = gw.tenant("bench")
+        headers = [gw.partner(f"Scanner {n}", [tenant]) for n in range(clients)]
+        app.extensions["gateway.db"].dispose()
+        bodies = [document([finding(f"p{i}-f{j}", host=f"h{i}.example.com",
+                                    cves=[f"CVE-2024-{100000 + (i * size + j) % 900000}"])
+                            for j in range(size)]) for i in range(pushes)]
+        stack = Stack(url, mode, log_dir)
+        try:
+            warm = requests.Session()
+            for i in range(4):  # the workers' and API processes' first requests are not timed
+                warm.post(f"{stack.base}/api/v1/tenants/{tenant}/batches?format=canonical",
+                          data=document([finding(f"warm-{i}", host=f"warm{i}.example.com")]),
+                          headers=headers[0] | {"Content-Type": "application/json"}, timeout=60)
+            while _open_batches(url):
+                time.sleep(0.2)
+            latencies: list[float] = []
+            refused: list[str] = []
+            lock = threading.Lock()
+
+            def client(index: int) -> None:
+                session = requests.Session()
+                mine = headers[index] | {"Content-Type": "application/json"}
+                for body in bodies[index::clients]:
+                    started = time.perf_counter()
+                    answer = session.post(f"{stack.base}/api/v1/tenants/{tenant}/batches?format=canonical",
+                                          data=body, headers=mine, timeout=120)
+                    elapsed = time.perf_counter() - started
+                    with lock:
+                        latencies.append(elapsed)
+                        if answer.status_code != 202:
+                            refused.append(f"{answer.status_code} {answer.text[:200]}")
+
+            started = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=clients) as pool:
+                list(pool.map(client, range(clients)))
+            pushed = time.perf_counter() - started
+            while _open_batches(url):
+                time.sleep(0.05)
+            merged = time.perf_counter() - started
+            ms = [value * 1000 for value in latencies]
+            print(f"{mode:8} API gunicorn {' '.join(API[mode])}, SMALL_BATCHES_PER_TASK={PER_TASK[mode]}: "
+                  f"{pushes} pushes x {size} findings, {clients} clients")
+            print(f"         202 latency ms: p50 {_percentile(ms, 0.5):.0f}, p90 {_percentile(ms, 0.9):.0f}, "
+                  f"p99 {_percentile(ms, 0.99):.0f}, max {max(ms):.0f}, mean {statistics.fmean(ms):.0f}; "
+                  f"{pushes / pushed:.0f} pushes/s accepted ({pushed:.1f}s); refused: {len(refused)}"
+                  + (f" e.g. {refused[0]}" if refused else ""))
+            print(f"         all merged {merged:.1f}s after the first push ({pushes / merged:.0f} batches/s, "
+                  f"{pushes * size / merged:.0f} findings/s); merged in another batch's task: "
+                  f"{stack.coalesced()}")
+            print(f"         {_outcome(url, pushes * size)}; load average after: "
+                  + " ".join(f"{value:.1f}" for value in os.getloadavg()))
+        finally:
+            stack.stop()
+    finally:
+        drop_database(name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--modes", nargs="+", choices=list(API), default=["before", "after"])
+    parser.add_argument("--pushes", type=int, default=1000)
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--findings", type=int, default=10, help="findings per push")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="smallpush-") as log_dir:
+        for mode in args.modes:
+            run(mode, args.pushes, args.clients, args.findings, Path(log_dir))
+
+
+if __name__ == "__main__":
+    main()

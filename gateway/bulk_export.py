@@ -1,0 +1,552 @@
+"""The whole of a filtered collection as CSV or JSON Lines, at database speed where it can be.
+
+Two paths give the same bytes:
+
+* **The Python path** (every collection, both stores): the collection's keyset pages of
+  ``CSV_BATCH`` rows, each in its own short transaction, serialized by the collection's own
+  serializer (the objects the paged JSON returns) and written one row or line at a time.
+* **The COPY path** (PostgreSQL, collections with a SQL rendering, ``SQL_RENDERINGS``): the
+  database renders each row's CSV line or JSON line itself and streams them with
+  ``COPY (SELECT ...) TO STDOUT`` in keyset slices of ``COPY_SLICE`` rows.  The slices run in
+  one REPEATABLE READ transaction, so they read one snapshot: no row is missed or repeated
+  whatever is written meanwhile.  The SELECT is the collection's own (its tenant condition first,
+  the ``$filter`` conditions, the ``$orderby`` keyset with the id tie-break); only the
+  columns differ.  Each COPY row is ``line <TAB> keyset-as-JSON``: the keyset of a slice's last
+  row starts the next slice, and is cut from the lines with one regular expression over a block
+  of rows (C speed, no Python work per row).  Memory stays flat: one block at a time.
+
+The SQL rendering repeats the Python serialization rules byte for byte: strings through
+``to_json`` (which escapes exactly what ``json.dumps(ensure_ascii=False)`` escapes), datetimes
+as ``datetime.isoformat`` writes them (microseconds only when not zero, the session's offset),
+floats as ``repr`` writes them, JSON columns re-spaced to ``separators=(",", ":")``; CSV cells
+with the same formula escaping (``query.csv_cell``) and the quoting of Python's ``csv`` module.
+tests/test_bulk_export.py compares both paths byte for byte.  A collection (or a ``$select``
+naming a field) without a rendering, and SQLite, take the Python path.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Numeric, Text, and_, case, cast, func, literal, literal_column, select
+from sqlalchemy.dialects.postgresql import aggregate_order_by
+from sqlalchemy.engine import Engine
+from sqlalchemy.sql import ColumnElement
+
+from gateway import query
+from gateway.models import Finding, FindingSource, GovernanceAssignment, Recommendation, RecommendationType
+from gateway.posture import governance
+from gateway.query import Collection, ListRequest
+
+COPY_SLICE = 50_000  # rows a COPY statement reads; the next one starts after its last row
+_BLOCK = 1 << 18  # bytes of COPY output handled (and sent) at once
+MEDIA = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson; charset=utf-8"}
+EXTENSIONS = {"csv": "csv", "jsonl": "jsonl"}
+ACCEPTED = ["application/json", "text/csv", "application/x-ndjson", "application/jsonl"]
+
+
+def accepted(accept) -> dict[str, bool]:
+    """``parse_list_args``'s ``accept_csv`` and ``accept_jsonl`` from an Accept header (JSON on ties)."""
+    best = accept.best_match(ACCEPTED)
+    return {
+        "accept_csv": best == "text/csv",
+        "accept_jsonl": best in ("application/x-ndjson", "application/jsonl"),
+    }
+
+
+def export_format(request: ListRequest) -> str | None:
+    """``csv``, ``jsonl`` or None (a JSON page)."""
+    return "csv" if request.csv else "jsonl" if request.jsonl else None
+
+
+def export_response(
+    response_class,
+    engine: Engine,
+    collection: Collection,
+    tenant_id: int,
+    request: ListRequest,
+    name: str,
+    json_default: Callable | None = None,
+):
+    """The streamed download of the whole filtered collection in the request's format."""
+    wanted = export_format(request)
+    assert wanted is not None
+    response = response_class(
+        stream(engine, collection, tenant_id, request, wanted, json_default=json_default),
+        content_type=MEDIA[wanted],
+    )
+    response.headers["Content-Disposition"] = f'attachment; filename="{name}.{EXTENSIONS[wanted]}"'
+    return response
+
+
+def copy_rendering(engine: Engine, collection: Collection, request: ListRequest) -> SqlRendering | None:
+    """The collection's SQL rendering when the COPY path can serve the request (PostgreSQL, every
+    selected field rendered), else None."""
+    rendering = SQL_RENDERINGS.get(collection.name)
+    if rendering is None or engine.dialect.name != "postgresql":
+        return None
+    return (
+        rendering
+        if all(name in rendering.fields for name in request.select or collection.selectable)
+        else None
+    )
+
+
+def stream(
+    engine: Engine,
+    collection: Collection,
+    tenant_id: int,
+    request: ListRequest,
+    wanted: str,
+    *,
+    fast: bool = True,
+    json_default: Callable | None = None,
+) -> Iterator[bytes]:
+    """The export's bytes: by COPY where the store and the selection allow (``fast``), else in Python."""
+    rendering = copy_rendering(engine, collection, request) if fast else None
+    if rendering is not None:
+        return _copy_stream(engine, collection, rendering, tenant_id, request, wanted)
+    if wanted == "csv":
+        return _python_csv(engine, collection, tenant_id, request)
+    return _python_jsonl(engine, collection, tenant_id, request, json_default)
+
+
+# -- the Python path -------------------------------------------------------------------------------
+
+
+def jsonl_line(item: dict, default: Callable | None = None) -> str:
+    """One object as a JSON Lines line (compact, UTF-8 as is)."""
+    return json.dumps(item, ensure_ascii=False, separators=(",", ":"), default=default) + "\n"
+
+
+def _python_pages(
+    engine: Engine, collection: Collection, tenant_id: int, request: ListRequest
+) -> Iterator[list]:
+    """The objects of the paged JSON, ``query.CSV_BATCH`` at a time, each batch in its own transaction."""
+    after = None
+    while True:
+        with engine.connect() as conn:
+            rows, after = query._page(conn, collection, tenant_id, request, after, query.CSV_BATCH)
+            objects = query.project(
+                collection.serialize(conn, tenant_id, rows, request.select), request.select
+            )
+        yield objects  # with the connection given back: each batch is a short transaction of its own
+        if after is None:
+            return
+        # the position as a cursor carries it (``query._after`` reads datetimes from ISO text)
+        after = (
+            [value.isoformat() if isinstance(value, datetime) else value for value in after[0]],
+            after[1],
+        )
+
+
+def _python_csv(
+    engine: Engine, collection: Collection, tenant_id: int, request: ListRequest
+) -> Iterator[bytes]:
+    columns = request.select or collection.selectable
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    writer.writerow(columns)
+    for objects in _python_pages(engine, collection, tenant_id, request):
+        writer.writerows([query.csv_cell(item[name]) for name in columns] for item in objects)
+        yield buffer.getvalue().encode()
+        buffer.seek(0)
+        buffer.truncate()
+
+
+def _python_jsonl(
+    engine: Engine, collection: Collection, tenant_id: int, request: ListRequest, default: Callable | None
+) -> Iterator[bytes]:
+    for objects in _python_pages(engine, collection, tenant_id, request):
+        yield "".join(jsonl_line(item, default) for item in objects).encode()
+
+
+# -- the COPY path ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SqlField:
+    """A field rendered by the database: ``json`` its JSON text (never NULL: ``null``); ``text`` the
+    raw string of a string field (NULL when null), None for other values, whose CSV cell is their
+    JSON text (and empty for null)."""
+
+    json: ColumnElement
+    text: ColumnElement | None = None
+
+
+@dataclass(frozen=True)
+class SqlRendering:
+    """A collection's fields as SQL (tenant id -> field name -> SqlField)."""
+
+    fields: tuple[str, ...]
+    render: Callable[[int], dict[str, SqlField]]
+
+
+def _lit(text: str) -> ColumnElement:
+    return literal(text, Text)
+
+
+def _concat(*parts: ColumnElement) -> ColumnElement:
+    out = parts[0]
+    for part in parts[1:]:
+        out = out.op("||", return_type=Text)(part)
+    return out
+
+
+def j_string(expression: ColumnElement) -> SqlField:
+    """A string (or null): ``to_json`` escapes what ``json.dumps(ensure_ascii=False)`` escapes."""
+    text = cast(expression, Text)
+    return SqlField(func.coalesce(cast(func.to_json(text), Text), _lit("null")), text)
+
+
+def j_id(expression: ColumnElement) -> SqlField:
+    """An id shown as a decimal string (or null)."""
+    text = cast(expression, Text)
+    return SqlField(func.coalesce(_concat(_lit('"'), text, _lit('"')), _lit("null")), text)
+
+
+def _iso(expression: ColumnElement) -> ColumnElement:
+    """``datetime.isoformat()`` of a timestamptz in the session's time zone (NULL stays NULL)."""
+    full = func.to_char(expression, literal_column("""'YYYY-MM-DD"T"HH24:MI:SS.USTZH:TZM'"""))
+    return func.replace(full, literal_column("'.000000'"), literal_column("''"))
+
+
+def j_time(expression: ColumnElement) -> SqlField:
+    text = _iso(expression)
+    return SqlField(func.coalesce(_concat(_lit('"'), text, _lit('"')), _lit("null")), text)
+
+
+def _bool(expression: ColumnElement) -> ColumnElement:
+    return case((expression, literal_column("'true'")), else_=literal_column("'false'"))
+
+
+def j_bool(expression: ColumnElement) -> SqlField:
+    """A boolean as ``bool()`` sees it (NULL is false)."""
+    return SqlField(_bool(expression))
+
+
+def _float(expression: ColumnElement) -> ColumnElement:
+    """``repr`` of a double: PostgreSQL's shortest text, with ``.0`` on whole numbers and fixed
+    notation below 1e16 (where PostgreSQL switches to an exponent at 1e15)."""
+    text = cast(expression, Text)
+    whole, size = expression == func.trunc(expression), func.abs(expression)
+    exact = cast(cast(text, Numeric()), Text)  # '1.5e+15' -> '1500000000000000'
+    return case(
+        (expression.is_(None), _lit("null")),
+        (and_(whole, size < 1e15), _concat(text, _lit(".0"))),
+        (and_(size >= 1e15, size < 1e16), case((whole, _concat(exact, _lit(".0"))), else_=exact)),
+        else_=text,
+    )
+
+
+def j_float(expression: ColumnElement) -> SqlField:
+    return SqlField(_float(expression))
+
+
+# jsonb's text is spaced (``{"a": 1, "b": [2, 3]}``): outside strings a space follows only ``,`` and
+# ``:``.  Matching whole strings first, and each run of other characters with one optional space
+# after it, drops exactly those spaces.
+_COMPACT = r'("(?:[^"\\]|\\.)*"|[^" ]+) ?'
+
+
+def j_json(expression: ColumnElement) -> SqlField:
+    """A JSON (jsonb) column as ``json.dumps(separators=(",", ":"))`` writes what psycopg reads of it."""
+    compact = func.regexp_replace(
+        cast(expression, Text),
+        literal_column(f"'{_COMPACT}'"),
+        literal_column("'\\1'"),
+        literal_column("'g'"),
+    )
+    return SqlField(
+        func.coalesce(
+            case((cast(expression, Text) == "[]", literal_column("'[]'")), else_=compact), _lit("null")
+        )
+    )
+
+
+def j_object(pairs: list[tuple[str, SqlField]]) -> ColumnElement:
+    """``{"name":value,...}`` from rendered fields, in the given order."""
+    parts: list[ColumnElement] = []
+    for position, (name, rendered) in enumerate(pairs):
+        parts += [_lit(("{" if position == 0 else ",") + json.dumps(name) + ":"), rendered.json]
+    parts.append(_lit("}"))
+    return _concat(*parts)
+
+
+def _csv_cell(rendered: SqlField) -> ColumnElement:
+    """``query.csv_cell`` and the quoting of the ``csv`` module (a cell with , " CR or LF is quoted)."""
+    if rendered.text is not None:
+        text = func.coalesce(rendered.text, _lit(""))
+    else:
+        text = case((rendered.json == "null", _lit("")), else_=rendered.json)
+    risky = func.left(text, 1).in_(
+        [literal_column(f"'{c}'") for c in "=+-@"] + [literal_column("E'\\t'"), literal_column("E'\\r'")]
+    )
+    cell = case((risky, _concat(_lit("'"), text)), else_=text)
+    quoted = _concat(
+        _lit('"'), func.replace(cell, literal_column("'\"'"), literal_column("'\"\"'")), _lit('"')
+    )
+    return case((cell.op("~")(literal_column("E'[,\"\\r\\n]'")), quoted), else_=cell)
+
+
+def _line(rendered: dict[str, SqlField], columns: tuple[str, ...], wanted: str) -> ColumnElement:
+    if wanted == "jsonl":
+        return j_object([(name, rendered[name]) for name in columns])
+    cells = [_csv_cell(rendered[name]) for name in columns]
+    if len(cells) == 1:  # csv writes a lone empty cell as ""
+        cells = [case((cells[0] == "", _lit('""')), else_=cells[0])]
+    parts: list[ColumnElement] = []
+    for position, cell in enumerate(cells):
+        if position:
+            parts.append(_lit(","))
+        parts.append(cell)
+    parts.append(literal_column("E'\\r'"))  # the CR of CRLF; COPY ends each row with the LF
+    return _concat(*parts)
+
+
+_ESCAPED = re.compile(rb"\\[\\nrtbfv]")  # COPY's text format escapes
+_UNESCAPE = {
+    b"\\\\": b"\\",
+    b"\\n": b"\n",
+    b"\\r": b"\r",
+    b"\\t": b"\t",
+    b"\\b": b"\b",
+    b"\\f": b"\f",
+    b"\\v": b"\v",
+}
+_KEYSET = re.compile(rb"\t[^\n]*")  # the keyset column after each line (data tabs are escaped)
+
+
+def _unescape(data: bytes) -> bytes:
+    return _ESCAPED.sub(lambda match: _UNESCAPE[match.group()], data) if b"\\" in data else data
+
+
+def _slice_query(
+    collection: Collection,
+    rendering: SqlRendering,
+    tenant_id: int,
+    request: ListRequest,
+    after: tuple[list, Any] | None,
+    wanted: str,
+):
+    expressions = [(collection.order_fields[name], desc) for name, desc in request.order]
+    statement = query.filtered(collection, tenant_id, request)
+    if after is not None:
+        statement = statement.where(query._after(expressions, after[0], collection.id_column, after[1]))
+    order_by = [(f.expression.desc() if desc else f.expression.asc()) for f, desc in expressions]
+    last_desc = request.order[-1][1] if request.order else False
+    order_by.append(collection.id_column.desc() if last_desc else collection.id_column.asc())
+    keyset = func.json_build_array(*[f.expression for f, _ in expressions], collection.id_column)
+    line = _line(rendering.render(tenant_id), request.select or collection.selectable, wanted)
+    return (
+        statement.with_only_columns(line, cast(keyset, Text), maintain_column_froms=True)
+        .order_by(*order_by)
+        .limit(COPY_SLICE)
+    )
+
+
+def _copy_stream(
+    engine: Engine,
+    collection: Collection,
+    rendering: SqlRendering,
+    tenant_id: int,
+    request: ListRequest,
+    wanted: str,
+) -> Iterator[bytes]:
+    columns = request.select or collection.selectable
+    if wanted == "csv":
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\r\n").writerow(columns)
+        yield buffer.getvalue().encode()
+    with engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn, conn.begin():
+        conn.exec_driver_sql(
+            "SET LOCAL extra_float_digits = 1"
+        )  # shortest exact doubles, as psycopg reads them
+        cursor = conn.connection.dbapi_connection.cursor()
+        after = None
+        while True:
+            compiled = _slice_query(collection, rendering, tenant_id, request, after, wanted).compile(
+                dialect=engine.dialect, compile_kwargs={"render_postcompile": True}
+            )
+            rows, last = 0, b""
+            pending = bytearray()
+            with cursor.copy(f"COPY ({compiled}) TO STDOUT", compiled.params) as copy:
+                for data in copy:
+                    pending += data
+                    if len(pending) >= _BLOCK:
+                        block, last, count = _complete(pending)
+                        rows += count
+                        yield block
+            if pending:
+                block, last, count = _complete(pending)
+                rows += count
+                yield block
+            if rows < COPY_SLICE:
+                return
+            keys = json.loads(_unescape(last))
+            after = (keys[:-1], keys[-1])
+
+
+def _complete(pending: bytearray) -> tuple[bytes, bytes, int]:
+    """The whole rows of ``pending`` as output (cut from it), the last row's keyset, how many rows."""
+    end = pending.rindex(b"\n") + 1
+    rows = bytes(pending[:end])
+    del pending[:end]
+    last = rows[rows.rindex(b"\t") + 1 : -1]
+    return _unescape(_KEYSET.sub(b"", rows)), last, rows.count(b"\n")
+
+
+# -- the renderings --------------------------------------------------------------------------------
+
+F, S, R, RT = (
+    Finding.__table__,
+    FindingSource.__table__,
+    Recommendation.__table__,
+    RecommendationType.__table__,
+)
+GA = GovernanceAssignment.__table__
+
+
+def _finding_sources(tenant_id: int) -> SqlField:
+    """The finding's sources (``SourceOut``, by id), one correlated aggregate."""
+    source = S.alias("export_source")
+    fields = [
+        ("provider", j_string(source.c.provider)),
+        ("product", j_string(source.c.product)),
+        ("format", j_string(source.c.format)),
+        ("providerId", j_string(source.c.provider_id)),
+        ("vendorId", j_string(source.c.vendor_id)),
+        ("state", j_string(source.c.state)),
+        ("title", j_string(source.c.title)),
+        ("severity", j_string(source.c.severity)),
+        ("severityOriginal", j_string(source.c.severity_original)),
+        ("severityScale", j_string(source.c.severity_scale)),
+        ("evidence", j_string(source.c.evidence)),
+        ("cvssScore", j_float(source.c.cvss_score)),
+        ("cvssVector", j_string(source.c.cvss_vector)),
+        ("references", j_json(source.c.references)),
+        ("firstSeen", j_time(source.c.first_seen)),
+        ("lastSeen", j_time(source.c.last_seen)),
+        ("providerTimestamp", j_time(source.c.provider_timestamp)),
+        ("batchId", j_id(source.c.batch_id)),
+        ("scan", j_string(source.c.scan)),
+        ("hostKey", j_string(source.c.host_key)),
+    ]
+    listed = (
+        select(
+            _concat(
+                _lit("["),
+                func.string_agg(j_object(fields), aggregate_order_by(literal_column("','"), source.c.id)),
+                _lit("]"),
+            )
+        )
+        .where(source.c.tenant_id == tenant_id, source.c.finding_id == F.c.id)
+        .scalar_subquery()
+    )
+    return SqlField(func.coalesce(listed, _lit("[]")))
+
+
+def _finding_governance() -> SqlField:
+    """The current assignment of the finding's recommendation (``recommendation_governance``), or null."""
+    recommendation, assignment = R.alias("export_rec"), GA.alias("export_ga")
+    fields = [
+        ("assignmentId", j_id(assignment.c.id)),
+        ("ruleId", j_id(assignment.c.rule_id)),
+        ("owner", j_string(assignment.c.owner)),
+        ("dueDate", j_time(assignment.c.due_date)),
+        ("isGracePeriod", j_bool(assignment.c.is_grace_period)),
+        ("isOverdue", j_bool(governance.overdue(assignment, recommendation.c.status))),
+        ("completedDateTime", j_time(assignment.c.completed_at)),
+    ]
+    found = (
+        select(j_object(fields))
+        .select_from(recommendation.join(assignment, governance.latest_join(assignment, recommendation)))
+        .where(
+            recommendation.c.tenant_id == F.c.tenant_id,
+            recommendation.c.resource_id == F.c.resource_id,
+            recommendation.c.type_id == F.c.recommendation_type_id,
+        )
+        .limit(1)
+        .scalar_subquery()
+    )
+    return SqlField(func.coalesce(found, _lit("null")))
+
+
+def _findings(tenant_id: int) -> dict[str, SqlField]:
+    from gateway.api.collections import FINDING_EXEMPTION  # the paged JSON's own expression
+
+    cve = cast(F.c.cve, Text)
+    return {
+        "id": j_id(F.c.id),
+        "resourceId": j_id(F.c.resource_id),
+        "recommendationType": j_string(RT.c.key),
+        "correlationKey": j_string(F.c.correlation_key),
+        "cves": SqlField(
+            case(
+                (func.coalesce(cve, _lit("")) == "", _lit("[]")),
+                else_=_concat(_lit("["), cast(func.to_json(cve), Text), _lit("]")),
+            )
+        ),
+        "kind": j_string(F.c.kind),
+        "title": j_string(F.c.title),
+        "description": j_string(F.c.description),
+        "remediation": j_string(F.c.remediation),
+        "severity": j_string(F.c.severity),
+        "cvssScore": j_float(F.c.cvss_score),
+        "state": j_string(F.c.state),
+        "exemptionId": j_id(FINDING_EXEMPTION),
+        "policy": SqlField(_concat(_lit('{"enabled":'), _bool(RT.c.enabled), _lit("}"))),
+        "governance": _finding_governance(),
+        "firstSeen": j_time(F.c.first_seen),
+        "lastSeen": j_time(F.c.last_seen),
+        "resolvedAt": j_time(F.c.resolved_at),
+        "stateChangedAt": j_time(F.c.state_changed_at),
+        "createdAt": j_time(F.c.created_at),
+        "updatedAt": j_time(F.c.updated_at),
+        "statusOverride": j_string(F.c.status_override),
+        "assignedTo": j_string(F.c.assigned_to),
+        "comments": j_json(F.c.comments),
+        "tags": j_json(F.c.tags),
+        "sources": _finding_sources(tenant_id),
+    }
+
+
+_FINDING_FIELDS = (
+    "id",
+    "resourceId",
+    "recommendationType",
+    "correlationKey",
+    "cves",
+    "kind",
+    "title",
+    "description",
+    "remediation",
+    "severity",
+    "cvssScore",
+    "state",
+    "exemptionId",
+    "policy",
+    "governance",
+    "firstSeen",
+    "lastSeen",
+    "resolvedAt",
+    "stateChangedAt",
+    "createdAt",
+    "updatedAt",
+    "statusOverride",
+    "assignedTo",
+    "comments",
+    "tags",
+    "sources",
+)
+
+SQL_RENDERINGS: dict[str, SqlRendering] = {
+    "findings": SqlRendering(fields=_FINDING_FIELDS, render=_findings),
+}

@@ -1,0 +1,134 @@
+"""Many small pushes: a worker that merges a small batch also merges its tenant's other queued ones.
+
+A push of ten findings costs a worker far more in the task around it (broker round trips,
+ack, app context, lease claim, metrics, the ITSM scan after it, the ANALYZE check) than in
+its merge.  So the task of a small batch, once its own merge is done, claims the tenant's
+other small batches still ``accepted`` (oldest first, up to ``SMALL_BATCHES_PER_TASK`` in all)
+and merges them one after the other, then runs the per-tenant follow-ups (ITSM scan,
+ANALYZE check) once for the group.
+
+Guarantees, each from the existing lease (``lease_owner``/``lease_expires_at``):
+
+* **Claimed once.** A batch is taken with one ``UPDATE ... WHERE id = (SELECT ... LIMIT 1
+  FOR UPDATE SKIP LOCKED)`` that sets a fresh lease owner only when the lease is free, so two
+  coalescing workers (or a batch's own task) never both merge it; on SQLite the statement runs
+  under ``BEGIN IMMEDIATE``, which serialises it the same way.  The merge itself then goes
+  through :func:`gateway.pipeline.process_batch` with that owner, like any task.
+* **Each batch its own.** Every batch is merged in its own transaction with its own status,
+  counts, rejections, events and ``batch.finished`` outbox row: coalescing changes who runs
+  the merge, not what it writes.  A poison batch ends ``failed`` alone; a transient error
+  (deadlock, lost connection) gives its lease back, re-enqueues it and stops the group.
+* **Never lost or doubled.** A worker killed mid-group loses only the uncommitted merge it was
+  running (rolled back); those before it are committed, those after it were never claimed
+  and are merged by their own tasks.  The one it held is picked up when its lease expires
+  (its own task, redelivered, or the sweep).  The leftover task of a batch merged in another's
+  task finds it finished with one read and does nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import or_, select, update
+
+from gateway import logs, tracing
+from gateway.db import Database
+from gateway.models import Batch, utcnow
+from gateway.pipeline import TERMINAL, TransientError, analyze_if_due, process_batch
+
+log = logging.getLogger(__name__)
+
+batches = Batch.__table__
+DEFAULT_MAX_BYTES = 64 * 1024
+DEFAULT_PER_TASK = 20
+
+
+def finished_status(db: Database, batch_id: int) -> str | None:
+    """The batch's final status if it has one (it was merged in another batch's task), else None."""
+    with db.reader.connect() as conn:
+        status = conn.execute(select(batches.c.status).where(batches.c.id == batch_id)).scalar()
+    return status if status in TERMINAL else None
+
+
+def _lease_free(now):
+    return or_(batches.c.lease_owner.is_(None), batches.c.lease_expires_at.is_(None),
+               batches.c.lease_expires_at <= now)
+
+
+def claim_next(db: Database, tenant_id: int, max_bytes: int, lease_seconds: int) -> tuple[int, str] | None:
+    """Take the lease of the tenant's oldest queued small batch; (batch id, lease owner) or None."""
+    now = utcnow()
+    owner = uuid.uuid4().hex
+    candidate = (select(batches.c.id)
+                 .where(batches.c.tenant_id == tenant_id, batches.c.status == "accepted",
+                        batches.c.body_size <= max_bytes, _lease_free(now))
+                 .order_by(batches.c.id).limit(1))
+    if db.is_postgres:  # a batch another worker is claiming is skipped, never waited on
+        candidate = candidate.with_for_update(skip_locked=True)
+    with db.engine.begin() as conn:
+        batch_id = conn.execute(
+            update(batches)
+            .where(batches.c.id == candidate.scalar_subquery(), batches.c.status == "accepted",
+                   _lease_free(now))
+            .values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds))
+            .returning(batches.c.id)
+        ).scalar()
+    return (batch_id, owner) if batch_id is not None else None
+
+
+def _small_batch_tenant(db: Database, batch_id: int, max_bytes: int) -> int | None:
+    with db.reader.connect() as conn:
+        row = conn.execute(select(batches.c.tenant_id, batches.c.body_size)
+                           .where(batches.c.id == batch_id)).first()
+    return row.tenant_id if row is not None and row.body_size <= max_bytes else None
+
+
+def merge_queued(db: Database, batch_id: int, config: dict[str, Any], observe=None,
+                 enqueue=None) -> list[tuple[int, str]]:
+    """After batch ``batch_id`` (small) merged: merge its tenant's queued small batches in turn.
+
+    Returns (batch id, status) of each batch merged here.  ``observe(batch_id, status,
+    seconds, span)`` records each merge's metrics; ``enqueue(db, batch_id)`` sends a batch's task
+    again (after a transient error).  Nothing happens when the batch is larger
+    than ``SMALL_BATCH_MAX_BYTES`` or ``SMALL_BATCHES_PER_TASK`` is 1 or less.
+    """
+    import time
+
+    max_bytes = int(config.get("SMALL_BATCH_MAX_BYTES", DEFAULT_MAX_BYTES))
+    per_task = int(config.get("SMALL_BATCHES_PER_TASK", DEFAULT_PER_TASK))
+    if per_task <= 1 or max_bytes <= 0:
+        return []
+    tenant_id = _small_batch_tenant(db, batch_id, max_bytes)
+    if tenant_id is None:
+        return []
+    merged: list[tuple[int, str]] = []
+    while len(merged) < per_task - 1:
+        claimed = claim_next(db, tenant_id, max_bytes, config["LEASE_SECONDS"])
+        if claimed is None:
+            break
+        other_id, owner = claimed
+        with logs.context(batch_id=other_id, request_id=None), \
+                tracing.span("gateway.merge", batch_id=int(other_id), coalesced_into=int(batch_id)) as span:
+            started = time.perf_counter()
+            try:
+                status = process_batch(db, other_id, chunk_size=config["MERGE_CHUNK_SIZE"],
+                                       max_rejections=config["MAX_REJECTION_DETAILS"], owner=owner,
+                                       max_attempts=config["MAX_ATTEMPTS"],
+                                       lease_seconds=config["LEASE_SECONDS"], analyze_after_rows=0)
+            except TransientError as exc:
+                # Its lease is given back; its own task may be gone already, so send another.
+                log.warning("batch %s (merged in the task of batch %s) hit a transient error, "
+                            "re-enqueued: %s", other_id, batch_id, exc)
+                if enqueue is not None:
+                    enqueue(db, other_id)
+                break
+            if observe is not None and status != "busy":
+                observe(other_id, status, time.perf_counter() - started, span)
+            log.info("batch %s merged in the task of batch %s: %s", other_id, batch_id, status)
+        merged.append((other_id, status))
+    if merged:
+        analyze_if_due(db, config["ANALYZE_AFTER_ROWS"], config["ANALYZE_AFTER_GROWTH"], batch_id)
+    return merged
