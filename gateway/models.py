@@ -988,7 +988,7 @@ class ExportSnapshot(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
     destination_id: Mapped[int] = mapped_column(ForeignKey("export_destinations.id", ondelete="CASCADE"))
-    state: Mapped[str] = mapped_column(String(20), default="queued")  # queued | running | succeeded | failed
+    state: Mapped[str] = mapped_column(String(20), default="queued")  # queued | running | succeeded
     subjects: Mapped[list] = mapped_column(JSON, default=list)  # subject types, walked in this order
     subject_index: Mapped[int] = mapped_column(Integer, default=0)
     after_id: Mapped[int] = mapped_column(BigId, default=0)  # the last id delivered of the current subject

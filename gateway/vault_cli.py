@@ -6,12 +6,13 @@ import click
 from sqlalchemy import select, update
 
 from gateway import vault
-from gateway.models import ExportDestination, ItsmConnection
+from gateway.models import AutomationRule, ExportDestination, ItsmConnection
 
 # every encrypted column: (table, its columns)
 SEALED = (
     (ItsmConnection.__table__, ("secret", "webhook_secret")),
     (ExportDestination.__table__, ("secret", "previous_secret")),
+    (AutomationRule.__table__, ("secret",)),
 )
 
 

@@ -632,3 +632,81 @@ def _listening(port: int) -> bool:
 
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_a_failed_snapshot_delivery_is_retried_from_where_it_stopped_under_the_same_id(gw, receivers):
+    tenant = gw.tenant()
+    headers = gw.partner("Qualys", [tenant], SCOPES)
+    push(
+        gw,
+        tenant,
+        headers,
+        document([finding(f"f-{n}", cves=[f"CVE-2024-{1000 + n}"]) for n in range(5)]),
+        "canonical",
+    )
+    answers = iter([200, 500])
+    receiver = receivers(respond=lambda d: (next(answers, 200), {}))
+    export = gw.http.post(
+        exports_url(tenant),
+        headers=headers,
+        json={"displayName": "SIEM", "url": receiver.url, "eventTypes": ["finding.*"], "batchSize": 2},
+    ).get_json()
+    receiver.secrets.append(export["secret"])
+    with gw.db.engine.begin() as conn:
+        dest = conn.execute(select(snapshot.DEST).where(snapshot.DEST.c.id == int(export["id"]))).first()
+        job_id = snapshot.start(conn, dest, "test", utcnow())
+    assert snapshot.run(gw.db, gw.app.config, job_id)["status"] == "failed"
+    shown = gw.http.get(
+        f"{exports_url(tenant)}/{export['id']}/snapshots/{job_id}", headers=headers
+    ).get_json()
+    assert shown["state"] == "running" and shown["delivered"] == 2 and "answered 500" in shown["lastError"]
+    assert snapshot.run(gw.db, gw.app.config, job_id)["status"] == "busy", "it waits for its backoff"
+    later = lambda: utcnow() + timedelta(hours=1)  # noqa: E731
+    assert snapshot.run(gw.db, gw.app.config, job_id, clock=later)["status"] == "succeeded"
+    sent = [d.webhook_id for d in receiver.deliveries]
+    assert len(sent) == 4 and sent[1] == sent[2], "the failed batch came again, under the same id"
+    assert sorted(e["subjectId"] for e in receiver.events()) == sorted(
+        {e["subjectId"] for e in receiver.events()}
+    )
+    assert len(receiver.events()) == 5
+    with gw.db.engine.connect() as conn:
+        assert (
+            conn.execute(select(snapshot.SNAP.c.delivered).where(snapshot.SNAP.c.id == job_id)).scalar() == 5
+        )
+
+
+def test_a_snapshot_runs_in_a_real_worker(queued_gw, receivers):
+    gw = queued_gw
+    tenant = gw.tenant()
+    headers = gw.partner("Qualys", [tenant], SCOPES)
+    receiver = receivers()
+    export = gw.http.post(
+        exports_url(tenant),
+        headers=headers,
+        json={
+            "displayName": "SIEM",
+            "url": receiver.url,
+            "eventTypes": ["finding.*", "recommendation.*"],
+            "batchSize": 10,
+        },
+    ).get_json()
+    receiver.secrets.append(export["secret"])
+    sqlite = gw.db.engine.dialect.name == "sqlite"
+    worker = Worker(gw.app.config["DATABASE_URL"], concurrency=1 if sqlite else 2)
+    try:
+        records = [finding(f"f-{n}", cves=[f"CVE-2024-{1000 + n}"]) for n in range(25)]
+        merged(gw, tenant, headers, push(gw, tenant, headers, document(records), "canonical"))
+        started = gw.http.post(f"{exports_url(tenant)}/{export['id']}/snapshot", headers=headers)
+        assert started.status_code == 202, started.get_json()
+        job_url = started.headers["Location"].split("localhost", 1)[1]
+        done = wait_for(
+            lambda: (lambda job: job if job["state"] == "succeeded" else None)(
+                gw.http.get(job_url, headers=headers).get_json()
+            ),
+            timeout=120,
+        )
+    finally:
+        worker.stop()
+    assert done["subjectTypes"] == ["finding", "recommendation"] and done["delivered"] == done["total"]
+    types = Counter(e["type"] for e in receiver.events())
+    assert types["finding.snapshot"] == 25 and types["recommendation.snapshot"] == done["total"] - 25

@@ -144,15 +144,13 @@ def _etag(row) -> str:
     return f'"{row.id}.{row.version}"'
 
 
-def _if_match(row) -> None:
+def _if_match(row, noun: str = "destination") -> None:
     header = request.headers.get("If-Match")
     if header is None:
-        raise PreconditionRequired("this change needs If-Match with the destination's ETag (GET it first)")
+        raise PreconditionRequired(f"this change needs If-Match with the {noun}'s ETag (GET it first)")
     tags = [tag.strip() for tag in header.split(",")]
     if "*" not in tags and _etag(row) not in tags:
-        raise PreconditionFailed(
-            f"the destination changed since (its ETag is now {_etag(row)}): GET it again"
-        )
+        raise PreconditionFailed(f"the {noun} changed since (its ETag is now {_etag(row)}): GET it again")
 
 
 def _row(conn, tenant_id: int, export_id: str, for_update: bool = False):

@@ -91,29 +91,12 @@ def _row(conn, tenant_id: int, rule_id: str, for_update: bool = False):
     return row
 
 
-def _etag(row) -> str:
-    return f'"{row.id}.{row.version}"'
-
-
-def _if_match(row) -> None:
-    header = request.headers.get("If-Match")
-    if header is None:
-        raise export_api.PreconditionRequired(
-            "this change needs If-Match with the automation's ETag (GET it first)"
-        )
-    tags = [tag.strip() for tag in header.split(",")]
-    if "*" not in tags and _etag(row) not in tags:
-        raise export_api.PreconditionFailed(
-            f"the automation changed since (its ETag is now {_etag(row)}): GET it again"
-        )
-
-
 def _answer(row, status: int = 200, extra: dict | None = None):
     body = AutomationOut().dump(row._asdict())
     body.update(extra or {})
     response = jsonify(body)
     response.status_code = status
-    response.headers["ETag"] = _etag(row)
+    response.headers["ETag"] = export_api._etag(row)
     return response
 
 
@@ -190,7 +173,7 @@ def create_automation(tenant: str):
                 event_types=data.get("eventTypes", ["*"]),
                 filter=data.get("filter"),
                 actions=data["actions"],
-                secret=export_secrets.seal(current_app.config["SECRET_KEY"], secret),
+                secret=export_secrets.seal(current_app.config, secret),
                 secret_hint=export_secrets.hint(secret),
                 version=1,
                 cursor_seq=latest,
@@ -232,7 +215,7 @@ def update_automation(tenant: str, rule_id: str):
     now = utcnow()
     with _db().engine.begin() as conn:
         row = _row(conn, tenant_id, rule_id, for_update=True)
-        _if_match(row)
+        export_api._if_match(row, "automation")
         _check(conn, tenant_id, data, row)
         values = {"updated_at": now, "updated_by": g.caller.client_id, "version": row.version + 1}
         for name, column in (
@@ -259,7 +242,7 @@ def delete_automation(tenant: str, rule_id: str):
     tenant_id = export_api._tenant(tenant).id
     with _db().engine.begin() as conn:
         row = _row(conn, tenant_id, rule_id, for_update=True)
-        _if_match(row)
+        export_api._if_match(row, "automation")
         conn.execute(DONE.delete().where(DONE.c.rule_id == row.id))
         conn.execute(RULE.delete().where(RULE.c.id == row.id))
     response = current_app.response_class(status=204)

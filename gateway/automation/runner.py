@@ -33,10 +33,10 @@ from collections import defaultdict
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import exists, or_, select, update
+from sqlalchemy import exists, select, update
 from sqlalchemy.engine import Connection
 
-from gateway.export import delivery, subjects
+from gateway.export import delivery, lease, subjects
 from gateway.export import events as outbox
 from gateway.export import snapshot as snapshots
 from gateway.export.secrets import SecretUnreadable, unseal
@@ -98,22 +98,9 @@ def matching(conn: Connection, rule, events: list, max_chain: int) -> list:
 def due(conn: Connection, now: datetime, lease_seconds: int) -> list[int]:
     """Enabled rules with events after their cursor, past their backoff, not held or recently sent."""
     waiting = exists().where(EV.c.tenant_id == RULE.c.tenant_id, EV.c.seq > RULE.c.cursor_seq)
-    stale = now - timedelta(seconds=lease_seconds)
-    return (
-        conn.execute(
-            select(RULE.c.id)
-            .where(
-                RULE.c.enabled.is_(True),
-                or_(RULE.c.next_attempt_at.is_(None), RULE.c.next_attempt_at <= now),
-                or_(RULE.c.lease_owner.is_(None), RULE.c.lease_expires_at <= now),
-                or_(RULE.c.enqueued_at.is_(None), RULE.c.enqueued_at <= stale),
-                waiting,
-            )
-            .order_by(RULE.c.id)
-        )
-        .scalars()
-        .all()
-    )
+    ready = lease.to_enqueue(RULE, now, lease_seconds)
+    query = select(RULE.c.id).where(RULE.c.enabled.is_(True), *ready, waiting)
+    return conn.execute(query.order_by(RULE.c.id)).scalars().all()
 
 
 def dispatch(
@@ -122,9 +109,9 @@ def dispatch(
     """Sequence new events; enqueue every due rule and snapshot job.  Returns their ids."""
     outbox.sequence_events(db)
     now = utcnow()
-    lease = int(config["EXPORT_LEASE_SECONDS"])
+    lease_seconds = int(config["EXPORT_LEASE_SECONDS"])
     with db.reader.connect() as conn:
-        rule_ids = due(conn, now, lease)
+        rule_ids = due(conn, now, lease_seconds)
         job_ids = snapshots.due(conn, now)
     sent_rules, sent_jobs = [], []
     for rule_id in rule_ids:
@@ -148,36 +135,11 @@ def dispatch(
 # -- a run ----------------------------------------------------------------------------------------
 
 
-def _claim(db, rule_id: int, owner: str, now: datetime, lease: int) -> bool:
-    with db.engine.begin() as conn:
-        return bool(
-            conn.execute(
-                update(RULE)
-                .where(
-                    RULE.c.id == rule_id,
-                    RULE.c.enabled.is_(True),
-                    or_(RULE.c.next_attempt_at.is_(None), RULE.c.next_attempt_at <= now),
-                    or_(
-                        RULE.c.lease_owner.is_(None),
-                        RULE.c.lease_owner == owner,
-                        RULE.c.lease_expires_at <= now,
-                    ),
-                )
-                .values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease), enqueued_at=None)
-            ).rowcount
-        )
-
-
-def _release(db, rule_id: int, owner: str) -> None:
-    try:
-        with db.engine.begin() as conn:
-            conn.execute(
-                update(RULE)
-                .where(RULE.c.id == rule_id, RULE.c.lease_owner == owner)
-                .values(lease_owner=None, lease_expires_at=None)
-            )
-    except Exception:  # noqa: BLE001 - the lease expires anyway
-        log.warning("automation rule %s: lease not released", rule_id, exc_info=True)
+def _claim(db, rule_id: int, owner: str, now: datetime, seconds: int) -> bool:
+    due_now = lease.due(RULE, now)
+    return lease.claim(
+        db, RULE, rule_id, owner, now, seconds, RULE.c.enabled.is_(True), due_now, enqueued_at=None
+    )
 
 
 def is_done(conn: Connection, rule_id: int, event_id: int, index: int) -> bool:
@@ -216,24 +178,26 @@ def run_rule(db, config: dict, rule_id: int, owner: str | None = None, clock=utc
     """Run the rule over the events after its cursor (see the module's docstring):
     ``{"status": idle|failed|busy|budget|gone, "fired": events acted on}``."""
     owner = owner or uuid.uuid4().hex
-    lease = int(config["EXPORT_LEASE_SECONDS"])
-    if not _claim(db, rule_id, owner, clock(), lease):
+    lease_seconds = int(config["EXPORT_LEASE_SECONDS"])
+    if not _claim(db, rule_id, owner, clock(), lease_seconds):
         return {"status": "busy", "fired": 0}
     started, fired = time.monotonic(), 0
     try:
         with db.engine.connect() as conn:
             while True:
-                status, count = _window(conn, config, rule_id, owner, clock, lease)
+                status, count = _window(conn, config, rule_id, owner, clock, lease_seconds)
                 fired += count
                 if status != "continue":
                     return {"status": status, "fired": fired}
-                if time.monotonic() - started > lease / 2:
+                if time.monotonic() - started > lease_seconds / 2:
                     return {"status": "budget", "fired": fired}
     finally:
-        _release(db, rule_id, owner)
+        lease.release(db, RULE, rule_id, owner)
 
 
-def _window(conn: Connection, config: dict, rule_id: int, owner: str, clock, lease: int) -> tuple[str, int]:
+def _window(
+    conn: Connection, config: dict, rule_id: int, owner: str, clock, lease_seconds: int
+) -> tuple[str, int]:
     now = clock()
     with conn.begin():
         rule = conn.execute(select(RULE).where(RULE.c.id == rule_id)).first()
@@ -252,7 +216,7 @@ def _window(conn: Connection, config: dict, rule_id: int, owner: str, clock, lea
         conn.execute(
             update(RULE)
             .where(RULE.c.id == rule.id, RULE.c.lease_owner == owner)
-            .values(lease_expires_at=now + timedelta(seconds=lease), last_run_at=now)
+            .values(lease_expires_at=now + timedelta(seconds=lease_seconds), last_run_at=now)
         )
     fired = 0
     for event in wanted:
@@ -281,7 +245,7 @@ def _secret(config: dict, rule) -> str | None:
     if not rule.secret:
         return None
     try:
-        return unseal(config["SECRET_KEY"], rule.secret)
+        return unseal(config, rule.secret)
     except SecretUnreadable as exc:
         raise actions.ActionFailed(str(exc)) from None
 

@@ -45,11 +45,11 @@ from collections import defaultdict
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import case, exists, func, null, or_, select, update
+from sqlalchemy import case, exists, func, null, select, update
 from sqlalchemy.engine import Connection
 
 from gateway.export import events as outbox
-from gateway.export import kinds, subjects
+from gateway.export import kinds, lease, subjects
 from gateway.export import metrics as export_metrics
 from gateway.export.secrets import SecretUnreadable, unseal
 from gateway.models import ExportDelivery, ExportDestination, LifecycleEvent, Tenant, utcnow
@@ -143,22 +143,9 @@ def sample_event(destination_id: int, tenant: str, actor: str | None, now: datet
 def due(conn: Connection, now: datetime, lease_seconds: int) -> list[int]:
     """Destinations to enqueue now: delivering, past their backoff, not held, with events to go."""
     waiting = exists().where(EV.c.tenant_id == DEST.c.tenant_id, EV.c.seq > DEST.c.cursor_seq)
-    stale = now - timedelta(seconds=lease_seconds)
-    return (
-        conn.execute(
-            select(DEST.c.id)
-            .where(
-                DEST.c.state.in_(DELIVERING),
-                or_(DEST.c.next_attempt_at.is_(None), DEST.c.next_attempt_at <= now),
-                or_(DEST.c.lease_owner.is_(None), DEST.c.lease_expires_at <= now),
-                or_(DEST.c.enqueued_at.is_(None), DEST.c.enqueued_at <= stale),
-                waiting,
-            )
-            .order_by(DEST.c.id)
-        )
-        .scalars()
-        .all()
-    )
+    ready = lease.to_enqueue(DEST, now, lease_seconds)
+    query = select(DEST.c.id).where(DEST.c.state.in_(DELIVERING), *ready, waiting)
+    return conn.execute(query.order_by(DEST.c.id)).scalars().all()
 
 
 def dispatch(db, config: dict, send: Callable[[int], None], now: datetime | None = None) -> list[int]:
@@ -197,40 +184,13 @@ def backoff(
     return delay / 2 + rng() * delay / 2
 
 
-def _claim(db, destination_id: int, owner: str, now: datetime, lease_seconds: int) -> bool:
-    with db.engine.begin() as conn:
-        return bool(
-            conn.execute(
-                update(DEST)
-                .where(
-                    DEST.c.id == destination_id,
-                    DEST.c.state.in_(DELIVERING),
-                    or_(DEST.c.next_attempt_at.is_(None), DEST.c.next_attempt_at <= now),
-                    or_(
-                        DEST.c.lease_owner.is_(None),
-                        DEST.c.lease_owner == owner,
-                        DEST.c.lease_expires_at <= now,
-                    ),
-                )
-                .values(
-                    lease_owner=owner,
-                    lease_expires_at=now + timedelta(seconds=lease_seconds),
-                    enqueued_at=None,
-                )
-            ).rowcount
-        )
+def _claim(db, destination_id: int, owner: str, now: datetime, seconds: int) -> bool:
+    workable = (DEST.c.state.in_(DELIVERING), lease.due(DEST, now))
+    return lease.claim(db, DEST, destination_id, owner, now, seconds, *workable, enqueued_at=None)
 
 
 def _release(db, destination_id: int, owner: str) -> None:
-    try:
-        with db.engine.begin() as conn:
-            conn.execute(
-                update(DEST)
-                .where(DEST.c.id == destination_id, DEST.c.lease_owner == owner)
-                .values(lease_owner=None, lease_expires_at=None)
-            )
-    except Exception:  # noqa: BLE001 - the lease expires anyway
-        log.warning("export %s: lease not released", destination_id, exc_info=True)
+    lease.release(db, DEST, destination_id, owner)
 
 
 def _held(destination_id: int, owner: str, cursor: int):

@@ -28,11 +28,11 @@ import time
 import uuid
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.engine import Connection
 
 from gateway.errors import BadRequest
-from gateway.export import delivery, kinds, subjects
+from gateway.export import delivery, kinds, lease, subjects
 from gateway.models import ExportDestination, ExportSnapshot, Tenant, utcnow
 from gateway.odata import FilterContext, parse_filter
 
@@ -82,51 +82,13 @@ def start(conn: Connection, dest, actor: str | None, now: datetime) -> int | Non
 
 def due(conn: Connection, now: datetime) -> list[int]:
     """Jobs to (re)start now: queued or running, past their backoff, nobody holding their lease."""
-    return (
-        conn.execute(
-            select(SNAP.c.id)
-            .where(
-                SNAP.c.state.in_(RUNNING),
-                or_(SNAP.c.next_attempt_at.is_(None), SNAP.c.next_attempt_at <= now),
-                or_(SNAP.c.lease_owner.is_(None), SNAP.c.lease_expires_at <= now),
-            )
-            .order_by(SNAP.c.id)
-        )
-        .scalars()
-        .all()
-    )
+    query = select(SNAP.c.id).where(SNAP.c.state.in_(RUNNING), lease.due(SNAP, now), lease.free(SNAP, now))
+    return conn.execute(query.order_by(SNAP.c.id)).scalars().all()
 
 
-def _claim(db, snapshot_id: int, owner: str, now: datetime, lease: int) -> bool:
-    with db.engine.begin() as conn:
-        return bool(
-            conn.execute(
-                update(SNAP)
-                .where(
-                    SNAP.c.id == snapshot_id,
-                    SNAP.c.state.in_(RUNNING),
-                    or_(SNAP.c.next_attempt_at.is_(None), SNAP.c.next_attempt_at <= now),
-                    or_(
-                        SNAP.c.lease_owner.is_(None),
-                        SNAP.c.lease_owner == owner,
-                        SNAP.c.lease_expires_at <= now,
-                    ),
-                )
-                .values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease))
-            ).rowcount
-        )
-
-
-def _release(db, snapshot_id: int, owner: str) -> None:
-    try:
-        with db.engine.begin() as conn:
-            conn.execute(
-                update(SNAP)
-                .where(SNAP.c.id == snapshot_id, SNAP.c.lease_owner == owner)
-                .values(lease_owner=None, lease_expires_at=None)
-            )
-    except Exception:  # noqa: BLE001 - the lease expires anyway
-        log.warning("snapshot %s: lease not released", snapshot_id, exc_info=True)
+def _claim(db, snapshot_id: int, owner: str, now: datetime, seconds: int) -> bool:
+    workable = (SNAP.c.state.in_(RUNNING), lease.due(SNAP, now))
+    return lease.claim(db, SNAP, snapshot_id, owner, now, seconds, *workable)
 
 
 def _collection(subject_type: str):
@@ -180,24 +142,24 @@ def run(db, config: dict, snapshot_id: int, owner: str | None = None, clock=utcn
     """Deliver the job from where it stands until done, a delivery fails, or half the lease passed:
     ``{"status": succeeded|failed|busy|budget|gone, "delivered": events, "retryIn": seconds}``."""
     owner = owner or uuid.uuid4().hex
-    lease = int(config["EXPORT_LEASE_SECONDS"])
-    if not _claim(db, snapshot_id, owner, clock(), lease):
+    lease_seconds = int(config["EXPORT_LEASE_SECONDS"])
+    if not _claim(db, snapshot_id, owner, clock(), lease_seconds):
         return {"status": "busy", "delivered": 0}
     started, sent = time.monotonic(), 0
     try:
         with db.engine.connect() as conn:
             while True:
-                status, count, retry_in = _step(conn, config, snapshot_id, owner, clock(), lease)
+                status, count, retry_in = _step(conn, config, snapshot_id, owner, clock(), lease_seconds)
                 sent += count
                 if status != "continue":
                     return {"status": status, "delivered": sent, "retryIn": retry_in}
-                if time.monotonic() - started > lease / 2:
+                if time.monotonic() - started > lease_seconds / 2:
                     return {"status": "budget", "delivered": sent, "retryIn": 0.0}
     finally:
-        _release(db, snapshot_id, owner)
+        lease.release(db, SNAP, snapshot_id, owner)
 
 
-def _step(conn: Connection, config: dict, snapshot_id: int, owner: str, now: datetime, lease: int):
+def _step(conn: Connection, config: dict, snapshot_id: int, owner: str, now: datetime, lease_seconds: int):
     """Read the next slice and deliver it: (status, events delivered, seconds to wait)."""
     with conn.begin():
         job = conn.execute(select(SNAP).where(SNAP.c.id == snapshot_id)).first()
@@ -206,7 +168,7 @@ def _step(conn: Connection, config: dict, snapshot_id: int, owner: str, now: dat
         dest = conn.execute(select(DEST).where(DEST.c.id == job.destination_id)).first()
         if dest is None:
             return "gone", 0, None
-        values = {"lease_expires_at": now + timedelta(seconds=lease), "updated_at": now}
+        values = {"lease_expires_at": now + timedelta(seconds=lease_seconds), "updated_at": now}
         if job.state == "queued":
             values.update(state="running", started_at=now, total=_total(conn, job, dest))
         if job.subject_index >= len(job.subjects):
