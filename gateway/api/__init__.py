@@ -36,3 +36,7 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(itsm.blueprint)
     app.register_blueprint(exports.blueprint)
     app.register_blueprint(itsm.webhooks)
+
+    from gateway.api import uploads  # multipart uploads (gateway/uploads.py)
+
+    app.register_blueprint(uploads.blueprint)
