@@ -219,6 +219,10 @@ def test_an_expired_upload_is_gone(gw):
     part = b"".join(nessus_hosts(findings=5))
     uid = _create(gw, tenant, headers, key="old").get_json()["id"]
     assert _put(gw, tenant, headers, uid, 1, part, sha256=hashlib.sha256(part).hexdigest()).status_code == 201
+    form = gw.http.put(f"/api/v1/tenants/{tenant}/uploads/{uid}/parts/2", data=part,
+                       headers=headers | {"Content-Type": "application/x-www-form-urlencoded",
+                                          "x-checksum-sha256": hashlib.sha256(part).hexdigest()})
+    assert form.status_code == 415 and "application/octet-stream" in form.get_json()["error"]["message"]
     assert uploads.delete_expired(gw.db) == 0  # UPLOAD_EXPIRY_SECONDS (24 h) not reached
     with gw.db.session() as session:  # a day later
         session.get(Upload, uid).expires_at = utcnow() - timedelta(seconds=1)

@@ -135,6 +135,10 @@ def put_part(tenant: str, upload_id: str, part_number: int):
     """Store one part (201 new, 200 replacing the same number): idempotent, retryable, checksummed."""
     tenant_id = _tenant_id(tenant)
     upload = uploads.find(_db(), tenant_id, g.caller.client_pk, upload_id)
+    if request.mimetype not in ("", "application/octet-stream"):  # a form body would be parsed, not streamed
+        raise UnsupportedMediaType(
+            f"a part is sent as application/octet-stream, not '{request.mimetype}'"
+        )
     checksums = uploads.Checksums.from_headers(
         request.headers.get("x-checksum-sha256"), request.headers.get("Content-MD5")
     )
