@@ -141,7 +141,7 @@ class LockWatch:
 class Stack:
     """The API (gunicorn) and the workers (celery), each a process of its own, on one database."""
 
-    def __init__(self, url: str, workers: int) -> None:
+    def __init__(self, url: str, workers: int, **settings: str) -> None:
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.queue = f"million-{uuid.uuid4().hex[:6]}"
@@ -157,6 +157,7 @@ class Stack:
             GATEWAY_LOG_LEVEL="WARNING",
             PYTHONPATH=str(ROOT),
         )
+        self.env.update(settings)  # GATEWAY_* overrides (bench/upload_bench.py)
         self.api = subprocess.Popen(
             [
                 sys.executable,

@@ -86,6 +86,7 @@ UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 # Endpoints that read their body as a stream (a partner's file, perhaps gzipped) and check it
 # themselves: the merge rejects a batch's bad records one by one, the assessment PUT answers 400.
 RAW_BODY_ENDPOINTS = {"batches.push_batch", "assessments.put_assessment"}
+RAW_BODY_ENDPOINTS |= {"uploads.put_part"}  # a part is raw bytes, never parsed (gateway/api/uploads.py)
 RETRY_AFTER_UNAVAILABLE = "5"
 RETRY_AFTER_BUSY = "2"
 

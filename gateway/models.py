@@ -1053,3 +1053,57 @@ class AutomationActionDone(Base):
     outcome: Mapped[str] = mapped_column(String(20))  # done | skipped
     detail: Mapped[str | None] = mapped_column(Text)
     done_at: Mapped[datetime] = mapped_column(default=utcnow)
+# -- multipart uploads (migration 0023; gateway/uploads.py) ---------------------------------------
+
+
+class Upload(Base):
+    """A multipart upload: numbered parts PUT in any order, completed into one batch, else expired."""
+
+    __tablename__ = "uploads"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "client_pk", "idempotency_key", name="uq_uploads_idempotency"),
+        Index("ix_uploads_expires", "expires_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # random: not guessable, not counted
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    client_pk: Mapped[int] = mapped_column(ForeignKey("oauth_clients.id"))
+    provider: Mapped[str] = mapped_column(String(100))
+    format: Mapped[str] = mapped_column(String(50))
+    content_type: Mapped[str] = mapped_column(String(100))
+    content_encoding: Mapped[str] = mapped_column(String(20), default="")
+    scan_type: Mapped[str] = mapped_column(String(20), default="unspecified")
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(20), default="open")  # open | completing | completed
+    batch_id: Mapped[int | None] = mapped_column(BigId)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+    completed_at: Mapped[datetime | None]
+
+
+class UploadPart(Base):
+    """One received part: its size and checksums, and which attempt's pieces hold its bytes."""
+
+    __tablename__ = "upload_parts"
+
+    upload_id: Mapped[str] = mapped_column(String(32), ForeignKey("uploads.id", ondelete="CASCADE"),
+                                           primary_key=True)
+    part_number: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    attempt: Mapped[str] = mapped_column(String(32))
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    md5: Mapped[str] = mapped_column(String(32))
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class UploadPiece(Base):
+    """A part's bytes in 1 MiB pieces, per attempt (a retried part writes beside the one it replaces)."""
+
+    __tablename__ = "upload_pieces"
+
+    upload_id: Mapped[str] = mapped_column(String(32), ForeignKey("uploads.id", ondelete="CASCADE"),
+                                           primary_key=True)
+    part_number: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    attempt: Mapped[str] = mapped_column(String(32), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    data: Mapped[bytes] = mapped_column(LargeBinary)

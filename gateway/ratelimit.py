@@ -33,6 +33,8 @@ from gateway.errors import PayloadTooLarge, TooManyRequests
 log = logging.getLogger(__name__)
 
 PUSH_ENDPOINTS = {"batches.push_batch", "assessments.put_assessment"}
+# multipart uploads (gateway/api/uploads.py): creating, sending a part and completing count as pushes
+PUSH_ENDPOINTS |= {"uploads.create_upload", "uploads.put_part", "uploads.complete_upload"}
 
 
 @dataclass(frozen=True)

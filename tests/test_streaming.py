@@ -27,6 +27,7 @@ from gateway.models import Batch, BatchBlob, utcnow
 from tests.bigfiles import nessus_hosts, nessus_size
 from tests.conftest import QUEUE, REDIS_URL, ROOT, SECRET
 from tests.factories import document, finding
+from tests.test_limits import limited  # noqa: F401 - the fixture
 
 MIB = 1 << 20
 
@@ -289,3 +290,23 @@ def test_the_api_process_memory_stays_flat_for_a_body_many_times_its_bound(gw, s
         )
     assert batch.status == "accepted" and batch.body_size == nessus_size(size=size)
     assert batch.body_check == "passed" and pieces == -(-batch.body_size // MIB)
+
+
+def test_push_bytes_are_counted_as_they_arrive(limited):  # noqa: F811 - the fixture
+    """A streamed body counts against the bytes quota piece by piece: a gzip body (no declared
+    size) that runs past what is left is 429 half-way and leaves nothing; past the whole quota, 413."""
+    gw = limited(RATELIMIT_PUSH_BYTES_PER_MINUTE=3 * MIB + MIB // 2)
+    tenant = gw.tenant()
+    headers = gw.partner("Qualys", [tenant])
+    body = _big_document(800)  # about 2.4 MiB
+    assert 2 * MIB < len(body) < 3 * MIB
+    first = _post(gw, tenant, headers, gzip.compress(body), extra={"Content-Encoding": "gzip"})
+    assert first.status_code == 202
+    second = _post(gw, tenant, headers, gzip.compress(body), extra={"Content-Encoding": "gzip"})
+    assert second.status_code == 429 and "bytes pushed" in second.get_json()["error"]["message"]
+    assert _count(gw, Batch) == 1 and _count(gw, BatchBlob) == 3
+    whole = limited(RATELIMIT_PUSH_BYTES_PER_MINUTE=2 * MIB)
+    tenant = whole.tenant()
+    headers = whole.partner("Qualys", [tenant])
+    too_big = _post(whole, tenant, headers, gzip.compress(body), extra={"Content-Encoding": "gzip"})
+    assert too_big.status_code == 413 and "push quota" in too_big.get_json()["error"]["message"]

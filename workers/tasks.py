@@ -168,7 +168,7 @@ def _enqueue(db, batch_id: int) -> bool:
 @shared_task(name="workers.tasks.sweep_incomplete_uploads", acks_late=True)
 def sweep_incomplete_uploads() -> int:
     """Streamed pushes whose bytes stopped arriving end ``failed``; expired multipart uploads are deleted."""
-    from gateway import streaming
+    from gateway import streaming, uploads
 
     db = current_app.extensions["gateway.db"]
-    return streaming.fail_abandoned(db)
+    return streaming.fail_abandoned(db) + uploads.delete_expired(db)

@@ -42,3 +42,7 @@ def init_app(app: Flask) -> None:
 
     app.register_blueprint(export_snapshots.blueprint)
     app.register_blueprint(automations.blueprint)
+
+    from gateway.api import uploads  # multipart uploads (gateway/uploads.py)
+
+    app.register_blueprint(uploads.blueprint)

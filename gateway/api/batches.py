@@ -222,6 +222,11 @@ def push_batch(tenant: str):
             on_piece=lambda size: ratelimit.count_arriving_bytes(tenant_row.external_id, size, inflow.total))
     else:
         batch, replayed = store_batch(_db(), push, head, check_limit)
+    return accepted(tenant, batch, replayed)
+
+
+def accepted(tenant: str, batch: Batch, replayed: bool):
+    """The 202 of a stored batch (a push, a completed upload), enqueued unless it is a replay."""
     logs.bind(batch_id=batch.id)  # on the request's remaining log lines (reset at teardown)
     if not replayed:
         from workers.tasks import enqueue
@@ -236,6 +241,7 @@ def push_batch(tenant: str):
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
     return response
+
 
 
 @blueprint.get("/batches/<batch_id>")
