@@ -424,7 +424,7 @@ def _copy_stream(
             with cursor.copy(f"COPY ({compiled}) TO STDOUT", compiled.params) as copy:
                 for data in copy:
                     pending += data
-                    if len(pending) >= _BLOCK:
+                    if len(pending) >= _BLOCK and pending.endswith(b"\n"):  # (COPY sends whole rows)
                         block, last, count = _complete(pending)
                         rows += count
                         yield block
