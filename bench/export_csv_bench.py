@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import os
 import sys
 import threading
 import time
@@ -64,6 +65,23 @@ def load(url: str, rows: int, resources: int) -> None:
           f"in {loaded:.1f}s, VACUUM ANALYZE {time.perf_counter() - started - loaded:.1f}s", flush=True)
 
 
+def _backend_cpu(url: str) -> dict[int, float]:
+    """CPU seconds of each PostgreSQL backend connected to the bench database (this machine's /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    with psycopg.connect(url, autocommit=True) as conn:
+        pids = [row[0] for row in conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = "
+                                               "current_database() AND pid <> pg_backend_pid()")]
+    found = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            found[pid] = (int(fields[11]) + int(fields[12])) / ticks
+        except (OSError, IndexError):
+            pass
+    return found
+
+
 def run(engine, tenant_id: int, options: dict, fmt: str, path: str) -> tuple[int, str]:
     """Stream one export; print its figures; (rows, sha256)."""
     collection = COLLECTIONS["findings"]
@@ -75,6 +93,8 @@ def run(engine, tenant_id: int, options: dict, fmt: str, path: str) -> tuple[int
     digest, size, lines = hashlib.sha256(), 0, 0
     _reset_peak()
     base = _rss_kib("VmRSS")
+    url = engine.url.render_as_string(hide_password=False).replace("+psycopg", "")
+    backend_before, cpu_before = _backend_cpu(url), time.process_time()
     started = time.perf_counter()
     for chunk in bulk_export.stream(engine, collection, tenant_id, request, fmt, fast=path == "copy"):
         digest.update(chunk)
@@ -83,8 +103,14 @@ def run(engine, tenant_id: int, options: dict, fmt: str, path: str) -> tuple[int
     elapsed = time.perf_counter() - started
     rows = lines - (fmt == "csv")  # (a CSV cell with a line break would count twice: the loader writes none)
     peak = (_rss_kib("VmHWM") - base) / 1024
+    python_cpu = time.process_time() - cpu_before
+    backend_cpu = sum(seconds - backend_before.get(pid, 0.0) for pid, seconds in _backend_cpu(url).items())
+    # CPU seconds do not depend on how busy the shared machine is: rows per CPU-second of the
+    # busiest process is about the rate of an idle core
     print(f"  {fmt:5} {path:6} {rows:>10,} rows {elapsed:7.1f}s {rows / elapsed:>9,.0f} rows/s "
-          f"{size / elapsed / 2**20:6.1f} MB/s  {size / 2**20:7.1f} MB  peak RSS +{peak:.0f} MiB", flush=True)
+          f"{size / elapsed / 2**20:6.1f} MB/s  {size / 2**20:7.1f} MB  peak RSS +{peak:.0f} MiB  "
+          f"CPU: Python {python_cpu:.1f}s, PostgreSQL {backend_cpu:.1f}s "
+          f"({rows / max(python_cpu, backend_cpu, 1e-9):,.0f} rows per CPU-second of the busier)", flush=True)
     return rows, digest.hexdigest()
 
 
