@@ -12,6 +12,15 @@ by SHA-256 (they must be byte-identical).  Then, unless ``--no-http``, the COPY 
 HTTP from the real endpoint on a loopback socket (``$format=csv`` and ``$format=jsonl``,
 streamed by ``requests``).  Figures only: nothing here asserts a timing (the machine is shared).
 The scratch database is dropped at the end, also on error.
+
+Figures (2 cores shared with ~9 other sessions, load average 11-22; wall times mostly measure
+the load, CPU seconds do not):
+
+    --rows 50000: csv copy 3,814 rows/s (PostgreSQL 2.3 CPU-s: 21,930 rows/CPU-s), python 594 rows/s
+    (Python 13.8 CPU-s: 3,619 rows/CPU-s); jsonl copy 4,670 rows/s (27,027 rows/CPU-s), python
+    713 rows/s (4,277 rows/CPU-s); outputs byte-identical; peak RSS +3 MiB copy, +20 MiB python.
+    --rows 1000000 --paths copy --no-http: csv 200.7 s, 4,982 rows/s, 26,882 rows/CPU-s, peak RSS
+    +12 MiB; jsonl 110.2 s, 9,074 rows/s, 34,235 rows/CPU-s, peak RSS +0 MiB.
 """
 
 from __future__ import annotations
