@@ -115,10 +115,14 @@ def _load_tenant(conn: psycopg.Connection, external_id: str, findings: int, reso
         JOIN (VALUES ('Qualys', 'q-', 0), ('Tenable', 't-', 1)) AS p(provider, prefix, second)
           ON p.second = 0 OR f.id % 5 < 2
         WHERE f.tenant_id = {tenant_id}""")
+    # (the policy's actual_* columns came with migration 0013: load them when the schema has them)
+    actual = conn.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = "
+                          "'recommendations' AND column_name = 'actual_status'").fetchone()[0]
+    columns, values = (", actual_status, actual_severity", ", 'Unhealthy', 'high'") if actual else ("", "")
     conn.execute(f"""
         INSERT INTO recommendations (tenant_id, resource_id, type_id, status, severity, first_evaluated,
-                                     status_changed_at, updated_at, comments, tags)
-        SELECT {tenant_id}, id, {rt}, 'Unhealthy', 'high', now(), now(), now(), '[]', '[]'
+                                     status_changed_at, updated_at, comments, tags{columns})
+        SELECT {tenant_id}, id, {rt}, 'Unhealthy', 'high', now(), now(), now(), '[]', '[]'{values}
         FROM resources WHERE tenant_id = {tenant_id} ORDER BY id LIMIT 1000""")
 
 
