@@ -208,6 +208,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--findings", type=int, default=10, help="findings per push")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # a killed run still stops its servers
     with tempfile.TemporaryDirectory(prefix="smallpush-") as log_dir:
         for mode in args.modes:
             run(mode, args.pushes, args.clients, args.findings, Path(log_dir))
