@@ -372,6 +372,21 @@ def test_a_count_of_sources_any_uses_the_provider_index_on_an_unanalyzed_store(s
             headers=headers,
         ).get_json()
         assert body["@odata.count"] == TENABLE
+        # exactly that shape: the kept count (tests/test_provider_counts.py), no source is read
+        assert [s for s, _ in captured if "provider_finding_counts" in s]
+        assert not [s for s, _ in captured if "count(" in s and "finding_sources" in s]
+        # another lambda on the sources alone: the distinct findings of the provider index's range
+        captured.clear()
+        body = gw.http.get(
+            url_,
+            query_string={
+                "$filter": "sources/any(s: s/provider eq 'Tenable' and s/state eq 'open')",
+                "$count": "true",
+                "$top": "1",
+            },
+            headers=headers,
+        ).get_json()
+        assert body["@odata.count"] == TENABLE
         ((statement, parameters),) = [(s, p) for s, p in captured if "count(" in s and "finding_sources" in s]
         with engine.connect() as conn:
             (plan,) = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + statement, parameters).one()
