@@ -17,7 +17,7 @@ load even as an index-only scan (issue 17 asks for a p99 under 200 ms).  Now the
 On PostgreSQL, statement-level triggers on ``finding_sources`` keep both, whatever the path
 that writes sources (a merge, a resource merge or split, a KB re-keying, a finding or tenant
 deleted): the rows a statement inserted, deleted or moved to another finding (its transition
-tables) are added to or taken from ``provider_findings`` by an upsert on its primary key, whose
+tables, aggregated) are added to or taken from ``provider_findings`` by an upsert on its primary key, whose
 row lock makes two transactions that change the same finding's sources of a provider take
 turns, so the count stays exact under concurrency; a row that appears or reaches zero sources
 is one change of the count.  The change rows are only ever inserted: concurrent merges never
@@ -64,18 +64,15 @@ APPLY = """
 """
 INSERTED = "SELECT tenant_id, provider, finding_id, count(*) AS sources FROM new_rows GROUP BY 1, 2, 3"
 DELETED = "SELECT tenant_id, provider, finding_id, -count(*) AS sources FROM old_rows GROUP BY 1, 2, 3"
+# An UPDATE that set a source's finding (or provider): each row's new key gains one source and
+# its old key loses one; rows that kept their key cancel out.  Aggregates, no join: transition
+# tables have no statistics and no index, and a join of the two was planned as a nested loop.
 MOVED = """
     SELECT tenant_id, provider, finding_id, sum(sources) AS sources FROM (
-        SELECT n.tenant_id, n.provider, n.finding_id, 1 AS sources, o.tenant_id AS t, o.provider AS p,
-               o.finding_id AS f
-        FROM new_rows AS n JOIN old_rows AS o ON o.id = n.id
-    ) AS moved_to
-    WHERE (tenant_id, provider, finding_id) IS DISTINCT FROM (t, p, f) GROUP BY 1, 2, 3
-    UNION ALL
-    SELECT o.tenant_id, o.provider, o.finding_id, -count(*)
-    FROM new_rows AS n JOIN old_rows AS o ON o.id = n.id
-    WHERE (n.tenant_id, n.provider, n.finding_id) IS DISTINCT FROM (o.tenant_id, o.provider, o.finding_id)
-    GROUP BY 1, 2, 3
+        SELECT tenant_id, provider, finding_id, 1 AS sources FROM new_rows
+        UNION ALL
+        SELECT tenant_id, provider, finding_id, -1 FROM old_rows
+    ) AS both_sides GROUP BY 1, 2, 3 HAVING sum(sources) <> 0
 """
 UPKEEP = f"""
 CREATE FUNCTION provider_findings_upkeep() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -84,9 +81,7 @@ BEGIN
         {APPLY.format(changes=INSERTED)}
     ELSIF TG_OP = 'DELETE' THEN
         {APPLY.format(changes=DELETED)}
-    ELSIF EXISTS (SELECT 1 FROM new_rows AS n JOIN old_rows AS o ON o.id = n.id
-                  WHERE (n.tenant_id, n.provider, n.finding_id)
-                        IS DISTINCT FROM (o.tenant_id, o.provider, o.finding_id)) THEN
+    ELSE
         {APPLY.format(changes=MOVED)}
     END IF;
     RETURN NULL;
