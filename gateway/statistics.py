@@ -10,7 +10,7 @@ both take SHARE UPDATE EXCLUSIVE, which conflicts with no INSERT, UPDATE or DELE
 ``SKIP_LOCKED`` skips a table another session is vacuuming or analyzing.
 
 The round also folds the change rows of the kept per-provider finding counts
-(gateway/provider_counts.py ``compact``).
+(gateway/provider_counts.py ``compact``).  A merge after which no table is due starts no thread.
 
 One thread per process at most: a merge that lands while it runs asks for one more round,
 run when the current one ends (with the newest settings), so rounds never pile up.  The
@@ -35,7 +35,10 @@ def analyze_in_background(db: Any, after_rows: int, after_growth: float,
                           batch_id: int | None = None) -> threading.Thread | None:
     """Run ``analyze_if_due`` in this process's statistics thread; the thread (None: nothing to do)."""
     global _running, _again
-    if not getattr(db, "is_postgres", False) or after_rows <= 0:
+    from gateway import pipeline  # looked up at run time: pipeline imports this module
+
+    # a thread only when a table is due (one quick read): most merges start none
+    if not pipeline.analysis_due(db, after_rows, after_growth):
         return None
     arguments = (db, after_rows, after_growth, batch_id)
     with _lock:
