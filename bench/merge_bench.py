@@ -69,6 +69,8 @@ def main() -> None:
     parser.add_argument("--format", choices=("canonical", "nessus"), default="canonical",
                         help="synthetic canonical JSON, or a synthetic Nessus v2 file (bench/connector_bench.py's)")
     parser.add_argument("--profile", choices=("new", "unchanged"), help="print a cProfile of that merge")
+    parser.add_argument("--without-count-triggers", action="store_true",
+                        help="disable the kept provider counts' triggers (migration 0026): their cost")
     args = parser.parse_args()
 
     name = ""
@@ -81,6 +83,11 @@ def main() -> None:
         upgrade(url)
         if args.database == "postgresql":
             preload(url, args.preload)
+            if args.without_count_triggers:
+                import psycopg
+
+                with psycopg.connect(url, autocommit=True) as conn:
+                    conn.execute("ALTER TABLE finding_sources DISABLE TRIGGER USER")
         app = create_app({"DATABASE_URL": url, "BROKER_URL": "memory://", "SECRET_KEY": "bench"})
         db = app.extensions["gateway.db"]
         with db.session() as session:

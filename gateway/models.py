@@ -1107,3 +1107,30 @@ class UploadPiece(Base):
     attempt: Mapped[str] = mapped_column(String(32), primary_key=True)
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     data: Mapped[bytes] = mapped_column(LargeBinary)
+# -- issue 17: findings per provider, counted as sources change (migration 0026) ----------------
+
+
+class ProviderFinding(Base):
+    """A finding that a provider reports, with how many of its sources are that provider's.
+
+    Kept by triggers on finding_sources (PostgreSQL; gateway/provider_counts.py); a row may stay
+    at zero sources."""
+
+    __tablename__ = "provider_findings"
+
+    tenant_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    provider: Mapped[str] = mapped_column(String(100), primary_key=True)
+    finding_id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    sources: Mapped[int] = mapped_column(Integer)
+
+
+class ProviderFindingCount(Base):
+    """A change of the number of a tenant's findings that a provider reports: the count is the sum."""
+
+    __tablename__ = "provider_finding_counts"
+    __table_args__ = (Index("ix_provider_finding_counts_provider", "tenant_id", "provider"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(Integer)
+    provider: Mapped[str] = mapped_column(String(100))
+    findings: Mapped[int] = mapped_column(BigInteger)

@@ -296,13 +296,7 @@ def analyze_if_due(db: Database, after_rows: int, after_growth: float,
         return []
     try:
         with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            changed = conn.execute(text(
-                "SELECT s.relname, s.n_mod_since_analyze, greatest(c.reltuples, 0) "
-                "FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid "
-                "WHERE s.relname = ANY(:names) ORDER BY s.relname"),
-                {"names": list(ANALYZED_TABLES)}).all()
-            due = [name for name, modified, size in changed
-                   if modified >= min(after_rows, max(ANALYZE_MIN_ROWS, after_growth * size))]
+            changed, due = _due(conn, after_rows, after_growth)
             if due:
                 started = time.perf_counter()
                 vacuumed = [name for name in due if name in VACUUMED_TABLES]
@@ -318,6 +312,29 @@ def analyze_if_due(db: Database, after_rows: int, after_growth: float,
     except Exception as exc:  # noqa: BLE001 - statistics are advisory: the batch has landed
         log.warning("tables not analyzed after batch %s: %s", batch_id, exc)
         return []
+
+
+def _due(conn: Connection, after_rows: int, after_growth: float) -> tuple[list, list[str]]:
+    """(every merged table's changed rows, the names of those due for ANALYZE)."""
+    changed = conn.execute(text(
+        "SELECT s.relname, s.n_mod_since_analyze, greatest(c.reltuples, 0) "
+        "FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid "
+        "WHERE s.relname = ANY(:names) ORDER BY s.relname"),
+        {"names": list(ANALYZED_TABLES)}).all()
+    return changed, [name for name, modified, size in changed
+                     if modified >= min(after_rows, max(ANALYZE_MIN_ROWS, after_growth * size))]
+
+
+def analysis_due(db: Database, after_rows: int, after_growth: float) -> bool:
+    """Whether a merged table is due for ANALYZE (one quick read of the statistics views)."""
+    if not db.is_postgres or after_rows <= 0:
+        return False
+    try:
+        with db.engine.connect() as conn:
+            return bool(_due(conn, after_rows, after_growth)[1])
+    except Exception:  # noqa: BLE001 - statistics are advisory: the batch has landed
+        log.warning("could not read the tables' changed rows", exc_info=True)
+        return False
 
 
 def _claim(db: Database, batch_id: int, owner: str, max_attempts: int, lease_seconds: int) -> str | None:

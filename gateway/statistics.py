@@ -9,6 +9,9 @@ connection of its own, and takes the next batch at once.  Neither statement bloc
 both take SHARE UPDATE EXCLUSIVE, which conflicts with no INSERT, UPDATE or DELETE, and
 ``SKIP_LOCKED`` skips a table another session is vacuuming or analyzing.
 
+The round also folds the change rows of the kept per-provider finding counts
+(gateway/provider_counts.py ``compact``).  A merge after which no table is due starts no thread.
+
 One thread per process at most: a merge that lands while it runs asks for one more round,
 run when the current one ends (with the newest settings), so rounds never pile up.  The
 thread is a daemon: a worker that stops mid-ANALYZE loses nothing (statistics are advisory,
@@ -32,7 +35,10 @@ def analyze_in_background(db: Any, after_rows: int, after_growth: float,
                           batch_id: int | None = None) -> threading.Thread | None:
     """Run ``analyze_if_due`` in this process's statistics thread; the thread (None: nothing to do)."""
     global _running, _again
-    if not getattr(db, "is_postgres", False) or after_rows <= 0:
+    from gateway import pipeline  # looked up at run time: pipeline imports this module
+
+    # a thread only when a table is due (one quick read): most merges start none
+    if not pipeline.analysis_due(db, after_rows, after_growth):
         return None
     arguments = (db, after_rows, after_growth, batch_id)
     with _lock:
@@ -61,6 +67,7 @@ def _rounds(arguments: tuple) -> None:
     while True:
         try:
             pipeline.analyze_if_due(*arguments)
+            _compact_counts(arguments[0])
         except Exception:  # noqa: BLE001 - never let the thread die with a round asked for
             log.warning("statistics round after batch %s failed", arguments[3], exc_info=True)
         with _lock:
@@ -68,3 +75,11 @@ def _rounds(arguments: tuple) -> None:
                 _running = None
                 return
             arguments, _again = _again, None
+
+
+def _compact_counts(db: Any) -> None:
+    """Fold the kept per-provider finding counts' change rows (gateway/provider_counts.py)."""
+    from gateway.provider_counts import compact
+
+    with db.engine.begin() as conn:
+        compact(conn)

@@ -9,6 +9,8 @@ from sqlalchemy import Column, Select, bindparam, func, literal, select, true, t
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql import ColumnElement
+from sqlalchemy.sql.elements import BindParameter
+from sqlalchemy.sql.visitors import replacement_traverse
 from sqlalchemy.types import ARRAY, BigInteger, Integer, String
 
 SQLITE_IN_LIMIT = 30000
@@ -68,6 +70,7 @@ def keyed(conn: Connection, query: Select, columns: Sequence[Column], keys: Sequ
         if len(columns) == 1:
             return query.where(columns[0].in_(keys))
         return query.where(tuple_(*columns).in_(keys))
+    query = _unknown_values(query)
     names = [f"k{index}" for index in range(len(columns))]
     arrays = [bindparam(None, keys if len(columns) == 1 else [key[index] for key in keys],
                         type_=ARRAY(_element_type(column))) for index, column in enumerate(columns)]
@@ -95,6 +98,32 @@ def locked_by_key(conn: Connection, columns: Sequence[Column], conditions: Seque
     ids = sorted(conn.execute(keyed(conn, select(id_column).where(*conditions), key_columns, keys,
                                     unique=True)).scalars())
     return conn.execute(keyed(conn, select(*columns).with_for_update(), (id_column,), ids, unique=True))
+
+
+def _unknown_values(query: Select) -> Select:
+    """``query`` with each parameter of its WHERE clause read through a scalar subquery (``tenant_id =
+    (SELECT :t)``), a value the planner does not know when it plans.
+
+    With statistics taken before a tenant existed, ``tenant_id = 3`` is a value the statistics
+    never saw: the planner estimates one row, and an index led by the tenant alone (e.g.
+    (tenant_id, resource_id)) looks as cheap as the unique key, so each key read the whole
+    tenant (a 40,000-finding push into a tenant created after an ANALYZE stalled for minutes on
+    its host records).  For a value it does not know, the planner estimates the column's
+    average share (1 / distinct tenants), and the unique key, which holds the key too, wins.
+    """
+    if query.whereclause is None:
+        return query
+
+    def unknown(element):
+        if isinstance(element, BindParameter):
+            return select(element).scalar_subquery()
+        return None
+
+    # Only the WHERE clause (the select list's literals stay plain): SQLAlchemy has no public
+    # way to replace a Select's criteria, so the copy gets the rewritten clause as its only one.
+    rebuilt = query._generate()
+    rebuilt._where_criteria = (replacement_traverse(query.whereclause, {}, unknown),)
+    return rebuilt
 
 
 def chunks(values: Sequence, size: int = SQLITE_IN_LIMIT) -> Iterable[Sequence]:

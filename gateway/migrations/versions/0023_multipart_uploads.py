@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0023"
-down_revision = "0012"
+down_revision = "0019"
 branch_labels = None
 depends_on = None
 
