@@ -497,6 +497,45 @@ def _finding_sources(tenant_id: int) -> SqlField:
     return SqlField(func.coalesce(listed, _lit("[]")))
 
 
+def _finding_tickets(tenant_id: int) -> SqlField:
+    """The finding's tickets (``ItemTicketOut``, by connection then id, as gateway/itsm/items.py
+    lists them), one correlated aggregate."""
+    from gateway.models import ItsmTicket, ItsmTicketItem
+
+    link, ticket = ItsmTicketItem.__table__.alias("export_link"), ItsmTicket.__table__.alias("export_ticket")
+    fields = [
+        ("id", j_id(ticket.c.id)),
+        ("connectionId", j_id(ticket.c.connection_id)),
+        ("remoteId", j_string(ticket.c.remote_id)),
+        ("remoteKey", j_string(ticket.c.remote_key)),
+        ("remoteUrl", j_string(ticket.c.remote_url)),
+        ("remoteState", j_string(ticket.c.remote_state)),
+        ("syncState", j_string(ticket.c.sync_state)),
+        ("lastSyncedDateTime", j_time(ticket.c.last_synced_at)),
+    ]
+    listed = (
+        select(
+            _concat(
+                _lit("["),
+                func.string_agg(
+                    j_object(fields),
+                    aggregate_order_by(literal_column("','"), ticket.c.connection_id, ticket.c.id),
+                ),
+                _lit("]"),
+            )
+        )
+        .select_from(link.join(ticket, ticket.c.id == link.c.ticket_id))
+        .where(
+            link.c.tenant_id == tenant_id,
+            ticket.c.tenant_id == tenant_id,
+            link.c.subject_type == "finding",
+            link.c.subject_id == F.c.id,
+        )
+        .scalar_subquery()
+    )
+    return SqlField(func.coalesce(listed, _lit("[]")))
+
+
 def _finding_governance() -> SqlField:
     """The current assignment of the finding's recommendation (``recommendation_governance``), or null."""
     recommendation, assignment = R.alias("export_rec"), GA.alias("export_ga")
@@ -559,6 +598,7 @@ def _findings(tenant_id: int) -> dict[str, SqlField]:
         "comments": j_json(F.c.comments),
         "tags": j_json(F.c.tags),
         "sources": _finding_sources(tenant_id),
+        "tickets": _finding_tickets(tenant_id),
     }
 
 
@@ -589,6 +629,7 @@ _FINDING_FIELDS = (
     "comments",
     "tags",
     "sources",
+    "tickets",
 )
 
 SQL_RENDERINGS: dict[str, SqlRendering] = {

@@ -13,7 +13,15 @@ from sqlalchemy import insert, select, update
 
 from gateway import bulk_export, query
 from gateway.api.collections import COLLECTIONS
-from gateway.models import Finding, GovernanceAssignment, Recommendation, Tenant
+from gateway.models import (
+    Finding,
+    GovernanceAssignment,
+    ItsmConnection,
+    ItsmTicket,
+    ItsmTicketItem,
+    Recommendation,
+    Tenant,
+)
 from gateway.odata import FilterContext
 from tests.conftest import Gateway, make_app, wipe
 from tests.factories import document, finding
@@ -70,6 +78,20 @@ def _seed(gw, tenant: str, n: int = 30) -> dict:
                 tenant_id=tenant_id, recommendation_id=recommendation.id, owner="owner@example.com",
                 due_date=datetime.now(UTC) - timedelta(days=30), is_grace_period=False, latest=True,
                 additional_data={}))
+        # tickets: the finding's tickets[] (gateway/itsm/items.py), rendered by both paths alike
+        for key, state, synced in (("INC0010002", "Resolved", datetime(2024, 5, 3, 1, 2, 3, 456, tzinfo=UTC)),
+                                   ("INC0010001", 'New "one", | \\', None)):
+            connection = conn.execute(insert(ItsmConnection).values(
+                tenant_id=tenant_id, name=key, kind="servicenow", base_url="https://sn.example.com",
+                auth="basic", settings={}).returning(ItsmConnection.id)).scalar()
+            ticket = conn.execute(insert(ItsmTicket).values(
+                tenant_id=tenant_id, connection_id=connection, subject_type="finding", subject_id=ids[0],
+                collection="findings", sync_state="synced", remote_id=key.lower(), remote_key=key,
+                remote_url=f"https://sn.example.com/{key}", remote_state=state, last_synced_at=synced,
+            ).returning(ItsmTicket.id)).scalar()
+            conn.execute(insert(ItsmTicketItem).values(
+                ticket_id=ticket, subject_type="finding", subject_id=ids[0], tenant_id=tenant_id,
+                connection_id=connection))
     return qualys
 
 
