@@ -318,6 +318,9 @@ class SyslogCollector:
 
     def __init__(self, port: int | None = None, certificate: tuple[str, str] | None = None) -> None:
         self.messages: list[SyslogMessage] = []
+        # (connection number, arrival) of each message: connections are read by threads of their own, so
+        # messages are listed in the order the sender sent them (connection by connection), not as read
+        self._order: list[tuple[int, int]] = []
         self.errors: list[str] = []
         self.connections = 0
         self.lock = threading.Condition()
@@ -335,14 +338,16 @@ class SyslogCollector:
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
+        accepted = 0
         while self.running:
             try:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+            accepted += 1
+            threading.Thread(target=self._read, args=(conn, accepted), daemon=True).start()
 
-    def _read(self, conn: socket.socket) -> None:
+    def _read(self, conn: socket.socket, number: int = 0) -> None:
         buffer = bytearray()
         try:
             if self.context is not None:
@@ -359,6 +364,7 @@ class SyslogCollector:
                     message = parse_syslog(frame)
                     with self.lock:
                         self.messages.append(message)
+                        self._order.append((number, len(self._order)))
                         self.lock.notify_all()
             if buffer:
                 raise ValueError(f"{len(buffer)} bytes left after the last frame")
@@ -370,7 +376,7 @@ class SyslogCollector:
 
     def events(self) -> list[SyslogMessage]:
         with self.lock:
-            return list(self.messages)
+            return [self.messages[index] for _, index in sorted(self._order)]
 
     def stop(self) -> None:
         self.running = False
