@@ -111,4 +111,9 @@ class Database:
             session.close()
 
     def dispose(self) -> None:
+        # a statistics round (gateway/statistics.py) may still be using this store: let it end first,
+        # else it checks a connection out of the fresh pool dispose leaves, and nothing closes that one
+        from gateway.statistics import wait_for_analysis
+
+        wait_for_analysis(timeout=120)
         self.engine.dispose()

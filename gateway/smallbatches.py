@@ -33,11 +33,12 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import or_, select, update
+from sqlalchemy.exc import DBAPIError
 
 from gateway import logs, tracing
 from gateway.db import Database
 from gateway.models import Batch, utcnow
-from gateway.pipeline import TERMINAL, TransientError, analyze_if_due, process_batch
+from gateway.pipeline import TERMINAL, TransientError, _raise_if_transient, analyze_if_due, process_batch
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,12 @@ DEFAULT_PER_TASK = 20
 
 def finished_status(db: Database, batch_id: int) -> str | None:
     """The batch's final status if it has one (it was merged in another batch's task), else None."""
-    with db.reader.connect() as conn:
-        status = conn.execute(select(batches.c.status).where(batches.c.id == batch_id)).scalar()
+    try:
+        with db.reader.connect() as conn:
+            status = conn.execute(select(batches.c.status).where(batches.c.id == batch_id)).scalar()
+    except DBAPIError as exc:  # the store is down (or restarting): the task retries, as for a merge
+        _raise_if_transient(exc)
+        raise
     return status if status in TERMINAL else None
 
 

@@ -280,10 +280,19 @@ def test_a_worker_killed_mid_group_loses_and_doubles_nothing(pg_url, redis_clean
         expected = ["succeeded", "succeeded", "processing", "accepted", "accepted"]
         assert [before[i].status for i in ids] == expected
         first.kill()
-        with gw.db.engine.begin() as conn:  # the dead worker's stalled statement ends with it
+        # the dead worker's stalled statement ends with it: its backend (which holds the findings
+        # table's lock until it notices) is ended first, else DROP TRIGGER waits behind it
+        def stalled_gone() -> bool:
+            with gw.db.engine.begin() as conn:
+                return not conn.execute(text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                    "AND query LIKE 'INSERT INTO findings%' AND state = 'active'"
+                )).all()
+
+        wait_for(stalled_gone, timeout=30, interval=0.2)
+        with gw.db.engine.begin() as conn:
             conn.execute(text("DROP TRIGGER stall ON findings"))
-            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                              "WHERE datname = current_database() AND wait_event = 'PgSleep'"))
             conn.execute(text("DROP FUNCTION stall()"))
         wait_for(lambda: _batches(gw)[ids[2]].lease_expires_at < utcnow(), timeout=30, interval=0.2)
         with app.app_context():

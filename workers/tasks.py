@@ -35,11 +35,11 @@ def process_batch_task(self, batch_id: int, owner: str | None = None, request_id
     # The push's request id (carried in the task's kwargs) and the batch id on every line of the merge.
     with logs.context(batch_id=batch_id, request_id=request_id), \
             tracing.span("gateway.merge", batch_id=int(batch_id), request_id=request_id) as span:
-        finished = smallbatches.finished_status(db, int(batch_id))
-        if finished is not None:  # merged already (in another small batch's task): nothing to do
-            return finished
         started = time.perf_counter()
         try:
+            finished = smallbatches.finished_status(db, int(batch_id))
+            if finished is not None:  # merged already (in another small batch's task): nothing to do
+                return finished
             status = process_batch(db, int(batch_id), chunk_size=config["MERGE_CHUNK_SIZE"],
                                    max_rejections=config["MAX_REJECTION_DETAILS"], owner=owner,
                                    max_attempts=config["MAX_ATTEMPTS"], lease_seconds=config["LEASE_SECONDS"],
