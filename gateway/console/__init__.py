@@ -25,7 +25,7 @@ def is_console_request() -> bool:
 
 def init_app(app: Flask) -> None:
     """Register the console blueprints, its sessions, CSRF protection and HTML error pages."""
-    from gateway.console import oidc, views
+    from gateway.console import admin_users, oidc, views
     from gateway.console.pages import BLUEPRINTS
 
     app.session_interface = StoreSessionInterface()
@@ -40,6 +40,7 @@ def init_app(app: Flask) -> None:
             csrf.protect()
 
     app.register_blueprint(views.blueprint)
+    app.register_blueprint(admin_users.blueprint)
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
     oidc.init_app(app)
