@@ -177,6 +177,7 @@ def _stage(db: Database, batch, settings: Settings) -> None:
     cut_refs: set[bytes] = set()
     cut_ids: set[int] = set()
     tail: list = []
+    stretch_findings: list[FindingRecord] = []  # since the last cut, in file order (chunk and tail)
     seq = 0
     last_ref: bytes | None = None
     unsent: list[int] = []
@@ -191,6 +192,7 @@ def _stage(db: Database, batch, settings: Settings) -> None:
         nonlocal seq
         if seq not in staged:
             with db.engine.begin() as conn:
+                _create_types(conn, batch, stretch_findings)
                 _insert_chunk(conn, batch, seq, "chunk", current, settings.sub_chunk)
                 insert_rows(conn, rejections_t, stretch_rejections,
                             constants={"batch_id": batch.id, "tenant_id": batch.tenant_id})
@@ -205,6 +207,7 @@ def _stage(db: Database, batch, settings: Settings) -> None:
         current_refs.clear()
         current_ids.clear()
         stretch_rejections.clear()
+        stretch_findings.clear()
         seq += 1
 
     with db.engine.connect() as reader:
@@ -222,6 +225,8 @@ def _stage(db: Database, batch, settings: Settings) -> None:
             if isinstance(record, AlertRecord) and not may_push_alerts:
                 reject(f"record {position}", ALERT_SCOPE_REASON, record.provider_id)
                 continue
+            if isinstance(record, FindingRecord):
+                stretch_findings.append(record)
             if not isinstance(record, FindingRecord | Observation):
                 tail.append(record)  # knowledge-base entries and alerts: merged by the final step
                 continue
@@ -240,12 +245,30 @@ def _stage(db: Database, batch, settings: Settings) -> None:
     if current:
         cut()
     with db.engine.begin() as conn:
+        _create_types(conn, batch, stretch_findings)
         _insert_chunk(conn, batch, seq, "tail", tail, settings.sub_chunk, received=received, rejected=rejected)
         insert_rows(conn, rejections_t, stretch_rejections,
                     constants={"batch_id": batch.id, "tenant_id": batch.tenant_id})
     for unsent_seq in unsent:
         settings.dispatch(batch.id, unsent_seq)
     log.info("batch %s staged in %d chunks and a tail of %d records", batch.id, seq, len(tail))
+
+
+def _create_types(conn, batch, findings: list[FindingRecord]) -> None:
+    """Create the recommendation types these records fall under, committed with their chunk.
+
+    In file order, so the first record of a new type gives its texts, as in one merge; and
+    committed before any chunk merges, so two chunks never wait for each other's insert of
+    the same new type (an insert waits for the uncommitted row of another transaction).
+    """
+    if not findings:
+        return
+    from gateway.merge.knowledge import KnowledgeMerger
+
+    cause = f"batch {batch.id}"
+    merger = FindingMerger(conn, batch.tenant_id, batch.provider, batch.id, batch.received_at, cause,
+                           format=batch.format)
+    merger._type_ids_for(KnowledgeMerger(conn, batch.tenant_id, batch.provider, batch.id).enrich(findings))
 
 
 def _insert_chunk(conn, batch, seq: int, kind: str, records: list, sub_chunk: int, received: int = 0,
