@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     # also merges the tenant's other queued batches that small, up to this many in all (1: off).
     small_batch_max_bytes: int = 64 * 1024
     small_batches_per_task: int = 20
+    # One big batch, many workers (gateway/merge/parallel.py; PostgreSQL): a batch of at least this
+    # many bytes is staged in chunks of about this many records, merged by every free worker. 0: off.
+    parallel_merge_min_bytes: int = 32 * 1024 * 1024
+    parallel_merge_chunk_records: int = 10_000
     # ANALYZE after a merge (PostgreSQL; gateway/pipeline.py analyze_if_due): a table the merges
     # changed by this many rows, or this share of its rows, since its last ANALYZE. 0 turns it off.
     analyze_after_rows: int = 50_000

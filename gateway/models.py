@@ -195,6 +195,33 @@ class BatchChunk(Base):
     merged_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class BatchMergeChunk(Base):
+    """One staged chunk of a big batch merged by several workers (gateway/merge/parallel.py).
+
+    Migration 0028.  ``records`` holds the chunk's parsed and checked records (msgpack); the
+    ``tail`` chunk (the last ``seq``) is written when staging ends and is merged by the final
+    step.  A chunk's merge writes ``state = done`` and its ``result`` in its own transaction.
+    The rows are deleted when the batch is finished.
+    """
+
+    __tablename__ = "batch_merge_chunks"
+
+    batch_id: Mapped[int] = mapped_column(BigId, ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    tenant_id: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(10), default="chunk")  # chunk | tail
+    state: Mapped[str] = mapped_column(String(10), default="pending")  # pending | done
+    records: Mapped[bytes] = mapped_column(LargeBinary)
+    record_count: Mapped[int] = mapped_column(Integer, default=0)
+    received: Mapped[int] = mapped_column(Integer, default=0)  # tail: records parsed in the batch
+    rejected: Mapped[int] = mapped_column(Integer, default=0)  # tail: records rejected in the batch
+    result: Mapped[bytes | None] = mapped_column(LargeBinary)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(100))
+    lease_expires_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+
 class Resource(Base):
     __tablename__ = "resources"
     __table_args__ = (Index("ix_resources_tenant_id", "tenant_id", "id"),)

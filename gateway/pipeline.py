@@ -214,7 +214,8 @@ class LeaseLost(Exception):
 
 def process_batch(db: Database, batch_id: int, chunk_size: int = 5000, max_rejections: int = 1000, *,
                   owner: str | None = None, max_attempts: int = 5, lease_seconds: int = 60,
-                  analyze_after_rows: int = 50_000, analyze_after_growth: float = 0.1) -> str:
+                  analyze_after_rows: int = 50_000, analyze_after_growth: float = 0.1,
+                  parallel=None) -> str:
     """Merge a batch once; return its final status, or ``"busy"`` if another worker holds it.
 
     ``owner`` names this merge's lease: a retry of the same task passes the same owner so it
@@ -223,6 +224,10 @@ def process_batch(db: Database, batch_id: int, chunk_size: int = 5000, max_rejec
     included; any other error ends the batch ``failed`` with the error recorded, and so does
     a batch claimed ``max_attempts`` times without finishing.  After a merge that landed, the
     tables the merges grew are analyzed when due (:func:`analyze_if_due`).
+
+    ``parallel`` (:class:`gateway.merge.parallel.Settings`): a batch at least that big is staged
+    in chunks that several workers merge (gateway/merge/parallel.py); this returns
+    ``processing`` once its chunks are sent, or its final status if they were all merged.
     """
     owner = owner or uuid.uuid4().hex
     try:
@@ -232,6 +237,22 @@ def process_batch(db: Database, batch_id: int, chunk_size: int = 5000, max_rejec
     except DBAPIError as exc:
         _raise_if_transient(exc)
         raise
+    if parallel is not None and db.is_postgres:
+        try:
+            with db.engine.connect() as conn:
+                body_size = conn.execute(select(batches.c.body_size).where(batches.c.id == batch_id)).scalar()
+            if parallel.applies(db, body_size):
+                from gateway.merge import parallel as parallel_merge
+
+                status = parallel_merge.coordinate(db, batch_id, owner, parallel)
+                if status not in ("processing", "failed"):
+                    analyze_in_background(db, analyze_after_rows, analyze_after_growth, batch_id)
+                return status
+        except DBAPIError as exc:
+            if _transient(exc):
+                _release(db, batch_id, owner)
+                raise TransientError(_describe(exc)) from exc
+            return _fail_unexpected(db, batch_id, owner, exc)
     collecting = gc.isenabled()
     # A merge allocates millions of short-lived objects and no long-lived cycles: the cyclic
     # collector would only rescan them (a tenth of the merge's time); it runs after the batch.
