@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     wellformed_check_max_bytes: int = 256 * 1024 * 1024  # larger bodies skip the check before 202
     page_size_default: int = 100
     page_size_max: int = 1000
+    # CSV/JSON Lines exports (gateway/bulk_export.py): PostgreSQL connections that read one export's
+    # slices at once (each a backend, i.e. a core); 1 reads them one after the other.
+    export_connections: int = 2
     task_always_eager: bool = False
     task_queue: str = "gateway"
     log_format: Literal["json", "text"] | None = None
