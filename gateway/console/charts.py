@@ -42,6 +42,8 @@ def line_chart(points: Sequence[tuple[str, float]], *, title: str, max_value: fl
         f'<line class="axis" x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{HEIGHT - PAD}"/>'
         f'<text class="tick" x="2" y="{PAD + 4}">{escape(_fmt(top))}</text>'
         f'<text class="tick" x="2" y="{HEIGHT - PAD + 4}">0</text>'
+        f'<text class="tick" x="{PAD}" y="{HEIGHT - 8}">{escape(points[0][0])}</text>'
+        f'<text class="tick" x="{WIDTH - PAD}" y="{HEIGHT - 8}" text-anchor="end">{escape(points[-1][0])}</text>'
         f'<polyline class="series" fill="none" points="{path}"/>{dots}</svg>')
 
 
