@@ -47,13 +47,20 @@ class IdentityProvider:
 
         @app.get("/.well-known/openid-configuration")
         def discovery():
-            return jsonify({
-                "issuer": self.url, "authorization_endpoint": f"{self.url}/authorize",
-                "token_endpoint": f"{self.url}/token", "jwks_uri": f"{self.url}/jwks",
-                "response_types_supported": ["code"], "subject_types_supported": ["public"],
-                "id_token_signing_alg_values_supported": ["RS256"], "code_challenge_methods_supported": ["S256"],
-                "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
-                "scopes_supported": ["openid", "email", "profile"]})
+            return jsonify(
+                {
+                    "issuer": self.url,
+                    "authorization_endpoint": f"{self.url}/authorize",
+                    "token_endpoint": f"{self.url}/token",
+                    "jwks_uri": f"{self.url}/jwks",
+                    "response_types_supported": ["code"],
+                    "subject_types_supported": ["public"],
+                    "id_token_signing_alg_values_supported": ["RS256"],
+                    "code_challenge_methods_supported": ["S256"],
+                    "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+                    "scopes_supported": ["openid", "email", "profile"],
+                }
+            )
 
         @app.get("/jwks")
         def jwks():
@@ -63,36 +70,67 @@ class IdentityProvider:
         def authorize():
             args = request.args.to_dict()
             self.authorize_requests.append(args)
-            if (args.get("client_id") != self.client_id or args.get("response_type") != "code"
-                    or "openid" not in args.get("scope", "").split()
-                    or args.get("code_challenge_method") != "S256" or not args.get("code_challenge")):
+            if (
+                args.get("client_id") != self.client_id
+                or args.get("response_type") != "code"
+                or "openid" not in args.get("scope", "").split()
+                or args.get("code_challenge_method") != "S256"
+                or not args.get("code_challenge")
+            ):
                 return jsonify({"error": "invalid_request"}), 400
             code = secrets.token_urlsafe(16)
-            self.codes[code] = {"challenge": args["code_challenge"], "redirect_uri": args["redirect_uri"],
-                                "nonce": args.get("nonce"), "claims": dict(self.next_claims)}
-            return redirect(f"{args['redirect_uri']}?{urlencode({'code': code, 'state': args.get('state', '')})}")
+            self.codes[code] = {
+                "challenge": args["code_challenge"],
+                "redirect_uri": args["redirect_uri"],
+                "nonce": args.get("nonce"),
+                "claims": dict(self.next_claims),
+            }
+            return redirect(
+                f"{args['redirect_uri']}?{urlencode({'code': code, 'state': args.get('state', '')})}"
+            )
 
         @app.post("/token")
         def token():
             form = request.form.to_dict()
             self.token_requests.append(form)
             auth = request.authorization
-            client = (auth.username, auth.password) if auth else (form.get("client_id"), form.get("client_secret"))
+            client = (
+                (auth.username, auth.password) if auth else (form.get("client_id"), form.get("client_secret"))
+            )
             if client != (self.client_id, self.client_secret):
                 return jsonify({"error": "invalid_client"}), 401
             grant = self.codes.pop(form.get("code", ""), None)
-            if grant is None or form.get("grant_type") != "authorization_code" \
-                    or form.get("redirect_uri") != grant["redirect_uri"]:
+            if (
+                grant is None
+                or form.get("grant_type") != "authorization_code"
+                or form.get("redirect_uri") != grant["redirect_uri"]
+            ):
                 return jsonify({"error": "invalid_grant"}), 400
             verifier = form.get("code_verifier", "")
-            challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+            challenge = (
+                base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+            )
             if challenge != grant["challenge"]:
-                return jsonify({"error": "invalid_grant", "error_description": "PKCE verification failed"}), 400
+                return jsonify(
+                    {"error": "invalid_grant", "error_description": "PKCE verification failed"}
+                ), 400
             now = int(time.time())
-            claims = {"iss": self.url, "aud": self.audience or self.client_id, "iat": now, "exp": now + 300,
-                      "nonce": grant["nonce"], **grant["claims"]}
+            claims = {
+                "iss": self.url,
+                "aud": self.audience or self.client_id,
+                "iat": now,
+                "exp": now + 300,
+                "nonce": grant["nonce"],
+                **grant["claims"],
+            }
             id_token = jwt.encode({"alg": "RS256", "kid": "test-key-1"}, claims, self.key)
-            return jsonify({"access_token": secrets.token_urlsafe(16), "token_type": "Bearer", "expires_in": 300,
-                            "id_token": id_token})
+            return jsonify(
+                {
+                    "access_token": secrets.token_urlsafe(16),
+                    "token_type": "Bearer",
+                    "expires_in": 300,
+                    "id_token": id_token,
+                }
+            )
 
         return app

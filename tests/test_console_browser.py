@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 
-from tests.browser_support import console_app, console_live, chromium, page, screenshot, sign_in  # noqa: F401
+from tests.browser_support import *  # noqa: F403 - the fixtures: console_app, console_live, chromium, page, screenshot
+from tests.browser_support import sign_in
 from tests.conftest import Gateway
 from tests.console_support import PASSWORD, make_user
 from tests.factories import document, finding
@@ -20,20 +21,49 @@ def _seed(app) -> str:
     headers = gw.partner("Qualys", [tenant])
     hosts = ["a.acme.test", "b.acme.test", "c.acme.test"]
     push(gw, tenant, headers, document([finding(f"v-{h}", h, resource={"fqdn": h}) for h in hosts]))
-    push(gw, tenant, headers, document([finding("v-a.acme.test", hosts[0], resource={"fqdn": hosts[0]},
-                                                status="fixed", ts="2024-04-02T00:00:00Z")]))
+    push(
+        gw,
+        tenant,
+        headers,
+        document(
+            [
+                finding(
+                    "v-a.acme.test",
+                    hosts[0],
+                    resource={"fqdn": hosts[0]},
+                    status="fixed",
+                    ts="2024-04-02T00:00:00Z",
+                )
+            ]
+        ),
+    )
     alerts = gw.partner("Sentinel", [tenant], scopes="alerts.write")
-    body = {"value": [{"id": "a1", "title": "Suspicious sign-in", "severity": "high", "status": "newAlert",
-                       "createdDateTime": "2024-04-01T10:00:00Z", "lastModifiedDateTime": "2024-04-01T11:00:00Z",
-                       "hostStates": [{"fqdn": "a.acme.test"}],
-                       "vendorInformation": {"provider": "Sentinel", "vendor": "Contoso"}}]}
-    response = gw.http.post(f"/api/v1/tenants/{tenant}/batches?format=graph_alert", data=json.dumps(body),
-                            headers=alerts | {"Content-Type": "application/json"})
+    body = {
+        "value": [
+            {
+                "id": "a1",
+                "title": "Suspicious sign-in",
+                "severity": "high",
+                "status": "newAlert",
+                "createdDateTime": "2024-04-01T10:00:00Z",
+                "lastModifiedDateTime": "2024-04-01T11:00:00Z",
+                "hostStates": [{"fqdn": "a.acme.test"}],
+                "vendorInformation": {"provider": "Sentinel", "vendor": "Contoso"},
+            }
+        ]
+    }
+    response = gw.http.post(
+        f"/api/v1/tenants/{tenant}/batches?format=graph_alert",
+        data=json.dumps(body),
+        headers=alerts | {"Content-Type": "application/json"},
+    )
     assert response.status_code == 202
     return tenant
 
 
-def test_reader_signs_in_sees_the_score_chart_cannot_reach_admin_and_signs_out(console_live, page, screenshot):
+def test_reader_signs_in_sees_the_score_chart_cannot_reach_admin_and_signs_out(
+    console_live, page, screenshot
+):
     tenant = _seed(console_live.app)
     make_user(console_live.app, "reader@acme.test", role="reader", tenants=[tenant])
     base = console_live.url
@@ -50,7 +80,10 @@ def test_reader_signs_in_sees_the_score_chart_cannot_reach_admin_and_signs_out(c
     assert chart.locator("circle.point").count() == 2
     box = chart.locator("polyline.series").bounding_box()
     assert box and box["width"] > 100, "the line is drawn across the chart"
-    assert [chart.locator("circle.point").nth(i).get_attribute("data-value") for i in range(2)] == ["0.0", "2.0"]
+    assert [chart.locator("circle.point").nth(i).get_attribute("data-value") for i in range(2)] == [
+        "0.0",
+        "2.0",
+    ]
     # dates shown in the browser's time zone (Europe/Paris), the UTC instant kept in the title
     last_push = page.locator("[data-testid=ingestion-24-hours] time").first
     assert "UTC" not in last_push.inner_text() and last_push.get_attribute("title")
@@ -60,8 +93,9 @@ def test_reader_signs_in_sees_the_score_chart_cannot_reach_admin_and_signs_out(c
     assert high.evaluate("node => getComputedStyle(node).backgroundColor") != "rgba(0, 0, 0, 0)"
     # keyboard: the first Tab lands on the skip link, with a visible focus ring
     page.keyboard.press("Tab")
-    focused = page.evaluate("() => [document.activeElement.className, "
-                            "getComputedStyle(document.activeElement).outlineStyle]")
+    focused = page.evaluate(
+        "() => [document.activeElement.className, getComputedStyle(document.activeElement).outlineStyle]"
+    )
     assert focused == ["skip", "solid"]
     screenshot("overview")
 
@@ -72,12 +106,15 @@ def test_reader_signs_in_sees_the_score_chart_cannot_reach_admin_and_signs_out(c
     screenshot("admin-refused")
     # a forged request from the page, with a valid CSRF token, is refused by the server; without one too
     page.goto(f"{base}/console/t/{tenant}/overview")
-    statuses = page.evaluate("""async (url) => {
+    statuses = page.evaluate(
+        """async (url) => {
         const form = new URLSearchParams({email: "evil@acme.test", role: "admin", password: "x".repeat(12)});
         const withToken = await window.consoleFetch(url, {method: "POST", body: form});
         const without = await fetch(url, {method: "POST", body: form, credentials: "same-origin"});
         return [withToken.status, without.status];
-    }""", f"{base}/console/t/{tenant}/admin/users")
+    }""",
+        f"{base}/console/t/{tenant}/admin/users",
+    )
     assert statuses == [403, 400]
 
     # phone width: nothing wider than the screen

@@ -30,14 +30,22 @@ def idp():
 
 @pytest.fixture
 def oidc_app(store_url, idp):
-    app = make_app(store_url, eager=True, OIDC_ISSUER=idp.url, OIDC_CLIENT_ID=CLIENT_ID,
-                   OIDC_CLIENT_SECRET=CLIENT_SECRET, OIDC_ROLE_CLAIM="groups",
-                   OIDC_ROLE_MAP="sec-admins=admin, sec-analysts=analyst, staff=reader",
-                   OIDC_DEFAULT_TENANTS="acme")
+    app = make_app(
+        store_url,
+        eager=True,
+        OIDC_ISSUER=idp.url,
+        OIDC_CLIENT_ID=CLIENT_ID,
+        OIDC_CLIENT_SECRET=CLIENT_SECRET,
+        OIDC_ROLE_CLAIM="groups",
+        OIDC_ROLE_MAP="sec-admins=admin, sec-analysts=analyst, staff=reader",
+        OIDC_DEFAULT_TENANTS="acme",
+    )
     db = app.extensions["gateway.db"]
     wipe(db)
     with db.session() as session:
-        session.add_all([Tenant(external_id="acme", name="Acme"), Tenant(external_id="globex", name="Globex")])
+        session.add_all(
+            [Tenant(external_id="acme", name="Acme"), Tenant(external_id="globex", name="Globex")]
+        )
     yield app
     db.dispose()
 
@@ -58,7 +66,12 @@ def sign_in(app, idp, claims: dict):
 
 
 def test_oidc_sign_in_provisions_the_user_with_role_and_default_tenants(oidc_app, idp):
-    claims = {"sub": "u-1", "email": "Ana@Acme.test", "email_verified": True, "groups": ["staff", "sec-analysts"]}
+    claims = {
+        "sub": "u-1",
+        "email": "Ana@Acme.test",
+        "email_verified": True,
+        "groups": ["staff", "sec-analysts"],
+    }
     http, response, before, _ = sign_in(oidc_app, idp, claims)
     assert response.status_code == 302 and response.location == "/console/", response.get_data(as_text=True)
     assert session_cookie(http) != before  # a new session id at sign-in
@@ -82,7 +95,9 @@ def test_oidc_sign_in_provisions_the_user_with_role_and_default_tenants(oidc_app
 
 def test_a_token_for_another_audience_is_refused(oidc_app, idp):
     idp.audience = "some-other-client"
-    http, response, _, _ = sign_in(oidc_app, idp, {"sub": "u-2", "email": "eve@acme.test", "groups": ["sec-admins"]})
+    http, response, _, _ = sign_in(
+        oidc_app, idp, {"sub": "u-2", "email": "eve@acme.test", "groups": ["sec-admins"]}
+    )
     assert response.status_code == 401
     assert "not accepted" in response.get_data(as_text=True)
     assert http.get("/console/t/acme/overview").status_code == 302  # not signed in
@@ -91,14 +106,17 @@ def test_a_token_for_another_audience_is_refused(oidc_app, idp):
 
 
 def test_a_person_without_a_mapped_role_is_refused(oidc_app, idp):
-    http, response, _, _ = sign_in(oidc_app, idp, {"sub": "u-3", "email": "bob@acme.test", "groups": ["sales"]})
+    http, response, _, _ = sign_in(
+        oidc_app, idp, {"sub": "u-3", "email": "bob@acme.test", "groups": ["sales"]}
+    )
     assert response.status_code == 403 and "no console role" in response.get_data(as_text=True)
     assert http.get("/console/t/acme/overview").status_code == 302
 
 
 def test_a_replayed_or_forged_callback_signs_nobody_in(oidc_app, idp):
-    http, response, _, callback = sign_in(oidc_app, idp, {"sub": "u-4", "email": "cy@acme.test",
-                                                          "groups": ["staff"]})
+    http, response, _, callback = sign_in(
+        oidc_app, idp, {"sub": "u-4", "email": "cy@acme.test", "groups": ["staff"]}
+    )
     assert response.status_code == 302
     # the same callback in another browser (no state in its session) is refused
     other = oidc_app.test_client()
@@ -110,14 +128,28 @@ def test_a_replayed_or_forged_callback_signs_nobody_in(oidc_app, idp):
 
 
 def test_a_tenant_claim_is_the_authority_on_tenants(store_url, idp):
-    app = make_app(store_url, eager=True, OIDC_ISSUER=idp.url, OIDC_CLIENT_ID=CLIENT_ID,
-                   OIDC_CLIENT_SECRET=CLIENT_SECRET, OIDC_ROLE_MAP="staff=reader", OIDC_TENANT_CLAIM="tenants")
+    app = make_app(
+        store_url,
+        eager=True,
+        OIDC_ISSUER=idp.url,
+        OIDC_CLIENT_ID=CLIENT_ID,
+        OIDC_CLIENT_SECRET=CLIENT_SECRET,
+        OIDC_ROLE_MAP="staff=reader",
+        OIDC_TENANT_CLAIM="tenants",
+    )
     db = app.extensions["gateway.db"]
     wipe(db)
     with db.session() as session:
-        session.add_all([Tenant(external_id="acme", name="Acme"), Tenant(external_id="globex", name="Globex")])
+        session.add_all(
+            [Tenant(external_id="acme", name="Acme"), Tenant(external_id="globex", name="Globex")]
+        )
     try:
-        claims = {"sub": "u-5", "email": "dee@acme.test", "groups": "staff", "tenants": ["acme", "globex", "nope"]}
+        claims = {
+            "sub": "u-5",
+            "email": "dee@acme.test",
+            "groups": "staff",
+            "tenants": ["acme", "globex", "nope"],
+        }
         http, response, _, _ = sign_in(app, idp, claims)
         assert response.status_code == 302
         assert http.get("/console/t/globex/overview").status_code == 200
@@ -125,8 +157,13 @@ def test_a_tenant_claim_is_the_authority_on_tenants(store_url, idp):
         http, response, _, _ = sign_in(app, idp, claims)
         assert http.get("/console/t/globex/overview").status_code == 404
         with db.sessions() as session:
-            granted = set(session.scalars(select(Tenant.external_id).join(
-                ConsoleUserTenant, ConsoleUserTenant.tenant_id == Tenant.id)))
+            granted = set(
+                session.scalars(
+                    select(Tenant.external_id).join(
+                        ConsoleUserTenant, ConsoleUserTenant.tenant_id == Tenant.id
+                    )
+                )
+            )
         assert granted == {"acme"}
     finally:
         db.dispose()
