@@ -164,4 +164,25 @@ class VulnerabilityInfo(msgspec.Struct, kw_only=True):
     provider_timestamp: datetime | None = None
 
 
-Record = FindingRecord | Observation | AlertRecord | VulnerabilityInfo | Rejected
+class IndicatorRecord(msgspec.Struct, kw_only=True):
+    """One threat-intelligence observable (gateway/intel/): an indicator naming several observables
+    (a Graph tiIndicator with an IP and a domain, a STIX pattern with OR) is one record each."""
+
+    external_id: str | None = None  # the Graph id / externalId, the STIX id
+    observable_type: str  # ipv4 ipv6 domain url email md5 sha1 sha256 sha512 (connectors/_indicators.py)
+    value: str  # normalized
+    description: str | None = None
+    threat_type: str | None = None
+    tlp_level: str | None = None
+    confidence: int | None = None  # 0-100
+    action: str | None = None
+    target_product: str | None = None
+    pattern: str | None = None  # the STIX pattern, as pushed
+    tags: list[str] = msgspec.field(default_factory=list)
+    extra: dict | None = None
+    valid_from: datetime | None = None
+    expires_at: datetime | None = None
+    provider_timestamp: datetime | None = None
+
+
+Record = FindingRecord | Observation | AlertRecord | VulnerabilityInfo | IndicatorRecord | Rejected

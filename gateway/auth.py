@@ -46,6 +46,7 @@ SCOPES = {
     "posture.manage": "Change security policies, exemptions, governance and alert suppression rules",
     "itsm.manage": "Manage ITSM connections (ServiceNow, Jira), sync rules and tickets",
     "exports.manage": "Manage continuous export: destinations, test deliveries, replay, secret rotation",
+    "indicators.write": "Push threat-intelligence indicators (Graph tiIndicator, STIX 2.1)",
     "admin": "Administer tenants, clients, policies and exports",
 }
 

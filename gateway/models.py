@@ -1208,3 +1208,99 @@ class ConsoleSession(Base):
     data: Mapped[dict] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+# -- issue 16 part A: threat-intelligence indicators and their matches (migration 0030; gateway/intel/) --
+
+
+class Indicator(Base):
+    """One threat-intelligence observable of a source (a partner's push or a TAXII feed): unique per
+    (tenant, source, observable type, value); stops matching at ``expires_at`` and is then pruned."""
+
+    __tablename__ = "ti_indicators"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "source", "observable_type", "value", name="uq_ti_indicators_observable"),
+        Index("ix_ti_indicators_match", "tenant_id", "observable_type", "value"),
+        Index("ix_ti_indicators_tenant_id", "tenant_id", "id"),
+        Index("ix_ti_indicators_expires", "expires_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    source: Mapped[str] = mapped_column(String(100))  # the pushing provider, or "taxii:<feed name>"
+    observable_type: Mapped[str] = mapped_column(String(20))  # ipv4 ipv6 domain url email md5 sha1 sha256 ...
+    value: Mapped[str] = mapped_column(String(2048))  # normalized (gateway/intel/observables.py)
+    external_id: Mapped[str | None] = mapped_column(String(300))  # the Graph id or the STIX id
+    format: Mapped[str] = mapped_column(String(30))  # graph_tiindicator | stix21
+    description: Mapped[str | None] = mapped_column(Text)
+    threat_type: Mapped[str | None] = mapped_column(String(50))
+    tlp_level: Mapped[str | None] = mapped_column(String(20))
+    confidence: Mapped[int | None] = mapped_column(Integer)
+    action: Mapped[str | None] = mapped_column(String(20))
+    target_product: Mapped[str | None] = mapped_column(String(100))
+    pattern: Mapped[str | None] = mapped_column(Text)
+    tags: Mapped[list] = mapped_column(JSON, default=list)
+    extra: Mapped[dict | None] = mapped_column(JSON)
+    valid_from: Mapped[datetime | None]
+    expires_at: Mapped[datetime | None]
+    provider_timestamp: Mapped[datetime]
+    batch_id: Mapped[int | None] = mapped_column(BigId)  # the batch that last wrote it (None: a feed pull)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AlertObservable(Base):
+    """An observable (IP, domain, URL, hash) named in an alert's evidence, kept by the alert merge so
+    that indicators are matched against alerts with a join (gateway/intel/observables.py)."""
+
+    __tablename__ = "alert_observables"
+    __table_args__ = (Index("ix_alert_observables_match", "tenant_id", "observable_type", "value"),)
+
+    alert_id: Mapped[int] = mapped_column(BigId, ForeignKey("alerts.id", ondelete="CASCADE"), primary_key=True)
+    observable_type: Mapped[str] = mapped_column(String(20), primary_key=True)
+    value: Mapped[str] = mapped_column(String(2048), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(Integer)
+
+
+class IndicatorMatch(Base):
+    """An indicator seen on a subject (an alert, a resource, an event): once per (indicator, subject);
+    ``alert_id`` is the alert it raised or enriched."""
+
+    __tablename__ = "ti_matches"
+    __table_args__ = (
+        UniqueConstraint("indicator_id", "subject_type", "subject_id", name="uq_ti_matches_subject"),
+        Index("ix_ti_matches_tenant", "tenant_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(Integer)
+    indicator_id: Mapped[int] = mapped_column(BigId, ForeignKey("ti_indicators.id", ondelete="CASCADE"))
+    subject_type: Mapped[str] = mapped_column(String(20))  # alert | resource | event
+    subject_id: Mapped[int] = mapped_column(BigId)
+    observable_type: Mapped[str] = mapped_column(String(20))
+    value: Mapped[str] = mapped_column(String(2048))
+    alert_id: Mapped[int | None] = mapped_column(BigId)
+    matched_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class IndicatorFeed(Base):
+    """A TAXII 2.1 collection a tenant pulls indicators from, with its watermark (gateway/intel/taxii.py)."""
+
+    __tablename__ = "ti_feeds"
+    __table_args__ = (UniqueConstraint("tenant_id", "name", name="uq_ti_feeds_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    name: Mapped[str] = mapped_column(String(100))
+    collection_url: Mapped[str] = mapped_column(Text)  # .../collections/<id>/
+    username: Mapped[str | None] = mapped_column(String(300))
+    secret: Mapped[str | None] = mapped_column(Text)  # the password, encrypted (gateway/export/secrets.py)
+    page_size: Mapped[int] = mapped_column(Integer, default=500)
+    interval_seconds: Mapped[int] = mapped_column(Integer, default=3600)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    added_after: Mapped[str | None] = mapped_column(String(40))  # the watermark: the last date_added taken
+    next_token: Mapped[str | None] = mapped_column(String(500))  # a page run that stopped midway resumes here
+    last_pulled_at: Mapped[datetime | None]
+    last_counts: Mapped[dict | None] = mapped_column(JSON)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -24,11 +24,19 @@ from itertools import islice
 import msgspec
 from sqlalchemy import or_, select, text, update
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DataError, DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError
 
 import connectors
 from connectors.base import ParseOptions
-from connectors.model import AlertRecord, FindingRecord, FormatError, Observation, Rejected, VulnerabilityInfo
+from connectors.model import (
+    AlertRecord,
+    FindingRecord,
+    FormatError,
+    IndicatorRecord,
+    Observation,
+    Rejected,
+    VulnerabilityInfo,
+)
 from gateway.db import Database
 from gateway.errors import is_unavailable
 from gateway.export import events as outbox
@@ -533,6 +541,10 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int, owner:
 
     alert_merger = AlertMerger(conn, batch.tenant_id, batch.provider, batch.id, cause)
     knowledge_merger = KnowledgeMerger(conn, batch.tenant_id, batch.provider, batch.id)
+    from gateway.intel import matching as intel_matching
+    from gateway.intel.merge import IndicatorMerger
+
+    indicator_merger = IndicatorMerger(conn, batch.tenant_id, batch.provider, batch.format, batch.id, cause)
     received = rejected = chunk_count = 0
     rejections: list[dict] = []  # the first ``max_rejections``, embedded in the batch's answer
     chunk_rejections: list[dict] = []  # every one, written to batch_rejections once per chunk
@@ -559,7 +571,7 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int, owner:
     else:  # SQLite: a second connection would wait for this transaction's lock
         chunks = _chunks(connector.parse(BlobReader(conn, batch.id), options), chunk_size)
     for chunk in chunks:
-        findings, alerts, knowledge, observations = [], [], [], []
+        findings, alerts, knowledge, observations, indicators = [], [], [], [], []
         for record in chunk:
             received += 1
             if not isinstance(record, Rejected):
@@ -579,14 +591,18 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int, owner:
                     reject(f"record {received - 1}", ALERT_SCOPE_REASON, record.provider_id)
             elif isinstance(record, VulnerabilityInfo):
                 knowledge.append(record)
+            elif isinstance(record, IndicatorRecord):
+                indicators.append(record)
             elif isinstance(record, Rejected):
                 reject(record.position, record.reason, record.provider_id)
         if knowledge:
             knowledge_merger.merge_chunk(knowledge)
         if findings or observations:
             finding_merger.merge_chunk(knowledge_merger.enrich(findings) if findings else [], observations)
-        if alerts:
-            alert_merger.merge_chunk(alerts)
+        if alerts:  # their evidence's observables are kept and matched with the tenant's indicators
+            intel_matching.alerts_merged(conn, batch.tenant_id, alert_merger.merge_chunk(alerts), cause, batch.id)
+        if indicators:  # matched at once with the tenant's alerts and resources (gateway/intel/)
+            indicator_merger.merge_chunk(indicators)
         if chunk_rejections:  # one statement per chunk, in the merge's transaction
             insert_rows(conn, rejections_t, chunk_rejections, constants={"batch_id": batch.id,
                                                                          "tenant_id": batch.tenant_id})
@@ -601,9 +617,11 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int, owner:
 
         remove_unreported(finding_merger)
     finding_merger.update_recommendations()
+    intel_matching.batch_merged(conn, batch.tenant_id, batch.id, cause)  # the resources it reported
 
     counts = dict.fromkeys(COUNT_KEYS, 0)
-    for merger_counts in (finding_merger.counts, alert_merger.counts, knowledge_merger.counts):
+    for merger_counts in (finding_merger.counts, alert_merger.counts, knowledge_merger.counts,
+                          indicator_merger.counts):
         for key, value in merger_counts.items():
             counts[key] = counts.get(key, 0) + value
     # a record repeated in one push is one record (its outputs folded into one)

@@ -21,10 +21,17 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from connectors.model import SEVERITIES
 from gateway import bulk_export
-from gateway.api import alerts_v2, event_collection, governance_collections, posture_collections, score_collections
+from gateway.api import (
+    alerts_v2,
+    event_collection,
+    governance_collections,
+    posture_collections,
+    score_collections,
+)
 from gateway.api import suppression as suppression_rules
 from gateway.auth import require_scope, tenant_for_caller
 from gateway.errors import BadRequest, NotFound
+from gateway.intel import collection as intel_collection
 from gateway.itsm import items as itsm_items
 from gateway.models import (
     Alert,
@@ -552,6 +559,8 @@ COLLECTIONS: dict[str, Collection] = {
     "governanceAssignments": governance_collections.ASSIGNMENTS,
     # the outbox, read-only (gateway/export/; pushed to destinations by gateway/api/exports.py's)
     "events": event_collection.EVENTS,
+    # threat-intelligence indicators, read-only (pushed as batches, pulled from TAXII: gateway/intel/)
+    "indicators": intel_collection.INDICATORS,
     "observations": Collection(
         name="observations",
         base=lambda tenant_id: select(OBS).where(OBS.c.tenant_id == tenant_id),
