@@ -46,7 +46,9 @@ SCOPES = {
     "posture.manage": "Change security policies, exemptions, governance and alert suppression rules",
     "itsm.manage": "Manage ITSM connections (ServiceNow, Jira), sync rules and tickets",
     "exports.manage": "Manage continuous export: destinations, test deliveries, replay, secret rotation",
-    "admin": "Administer tenants, clients, policies and exports",
+    "events.write": "Push host security events (Windows Security events, OCSF activity events)",
+    "rules.manage": "Enable, disable and tune detection rules and create custom ones",
+    "admin": "Administer tenants, clients, policies and exports; push the known-exploited-vulnerabilities list",
 }
 
 

@@ -120,6 +120,10 @@ class Settings(BaseSettings):
     gzip_max_ratio: float = 100.0  # a gzip body expanding more than this many times is a bomb: 413
     receiving_timeout_seconds: int = 600  # a push whose bytes stop arriving this long is marked failed
     upload_expiry_seconds: int = 86400  # an unfinished multipart upload is deleted this long after creation
+    # Security events and detection rules (gateway/detection/; issue 16)
+    security_event_retention_days: int = 31  # event days kept (PostgreSQL: whole day partitions dropped)
+    detection_interval: float = 60.0  # seconds between the beat's rule evaluations
+    security_events_default_hours: int = 24  # the time range of a securityEvents list that names none
 
     @field_validator("ratelimit_push", "ratelimit_tenant_push", "ratelimit_read", "ratelimit_token")
     @classmethod

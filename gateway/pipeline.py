@@ -24,11 +24,19 @@ from itertools import islice
 import msgspec
 from sqlalchemy import or_, select, text, update
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DataError, DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError
 
 import connectors
 from connectors.base import ParseOptions
-from connectors.model import AlertRecord, FindingRecord, FormatError, Observation, Rejected, VulnerabilityInfo
+from connectors.model import (
+    AlertRecord,
+    FindingRecord,
+    FormatError,
+    Observation,
+    Rejected,
+    SecurityEventRecord,
+    VulnerabilityInfo,
+)
 from gateway.db import Database
 from gateway.errors import is_unavailable
 from gateway.export import events as outbox
@@ -512,6 +520,12 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int, owner:
 
     alert_merger = AlertMerger(conn, batch.tenant_id, batch.provider, batch.id, cause)
     knowledge_merger = KnowledgeMerger(conn, batch.tenant_id, batch.provider, batch.id)
+    event_merger = None
+    if connector.RECORD_KIND == "events":  # host security events (gateway/detection/events.py)
+        from gateway.detection.events import EventMerger, configured_retention_days
+
+        event_merger = EventMerger(conn, batch.tenant_id, batch.provider, batch.id,
+                                   configured_retention_days())
     received = rejected = chunk_count = 0
     rejections: list[dict] = []  # the first ``max_rejections``, embedded in the batch's answer
     chunk_rejections: list[dict] = []  # every one, written to batch_rejections once per chunk
@@ -538,7 +552,7 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int, owner:
     else:  # SQLite: a second connection would wait for this transaction's lock
         chunks = _chunks(connector.parse(BlobReader(conn, batch.id), options), chunk_size)
     for chunk in chunks:
-        findings, alerts, knowledge, observations = [], [], [], []
+        findings, alerts, knowledge, observations, events = [], [], [], [], []
         for record in chunk:
             received += 1
             if not isinstance(record, Rejected):
@@ -558,6 +572,12 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int, owner:
                     reject(f"record {received - 1}", ALERT_SCOPE_REASON, record.provider_id)
             elif isinstance(record, VulnerabilityInfo):
                 knowledge.append(record)
+            elif isinstance(record, SecurityEventRecord) and event_merger is not None:
+                outside = event_merger.outside(record)
+                if outside:
+                    reject(f"record {received - 1}", outside, None)
+                else:
+                    events.append(record)
             elif isinstance(record, Rejected):
                 reject(record.position, record.reason, record.provider_id)
         if knowledge:
@@ -566,6 +586,8 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int, owner:
             finding_merger.merge_chunk(knowledge_merger.enrich(findings) if findings else [], observations)
         if alerts:
             alert_merger.merge_chunk(alerts)
+        if events:
+            event_merger.merge_chunk(events)
         if chunk_rejections:  # one statement per chunk, in the merge's transaction
             insert_rows(conn, rejections_t, chunk_rejections, constants={"batch_id": batch.id,
                                                                          "tenant_id": batch.tenant_id})
@@ -582,7 +604,8 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int, owner:
     finding_merger.update_recommendations()
 
     counts = dict.fromkeys(COUNT_KEYS, 0)
-    for merger_counts in (finding_merger.counts, alert_merger.counts, knowledge_merger.counts):
+    for merger_counts in (finding_merger.counts, alert_merger.counts, knowledge_merger.counts,
+                          event_merger.counts if event_merger is not None else {}):
         for key, value in merger_counts.items():
             counts[key] = counts.get(key, 0) + value
     # a record repeated in one push is one record (its outputs folded into one)

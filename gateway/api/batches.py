@@ -19,7 +19,8 @@ from gateway.streaming import STREAM_THRESHOLD, Inflow, read_head, store_streame
 
 blueprint = Blueprint("batches", __name__, url_prefix="/api/v1/tenants/<tenant>")
 
-_SCOPE_FOR_KIND = {"findings": "findings.write", "knowledge_base": "findings.write", "alerts": "alerts.write"}
+_SCOPE_FOR_KIND = {"findings": "findings.write", "knowledge_base": "findings.write", "alerts": "alerts.write",
+                   "events": "events.write"}
 
 
 def _db():
@@ -94,7 +95,7 @@ def _next_link(endpoint: str, token: str, **values) -> str:
 
 
 @blueprint.get("/batches")
-@require_scope("security.read", "findings.write", "alerts.write")
+@require_scope("security.read", "findings.write", "alerts.write", "events.write")
 def list_batches(tenant: str):
     """The tenant's batches, newest first (a provider client's own only), with keyset paging."""
     status = request.args.get("status")
@@ -138,7 +139,7 @@ def list_batches(tenant: str):
 
 
 @blueprint.get("/batches/<batch_id>/rejections")
-@require_scope("security.read", "findings.write", "alerts.write")
+@require_scope("security.read", "findings.write", "alerts.write", "events.write")
 def list_rejections(tenant: str, batch_id: str):
     """Every rejected record of a batch, in order, with keyset paging."""
     top = _top()
@@ -165,7 +166,7 @@ def list_rejections(tenant: str, batch_id: str):
 
 
 @blueprint.post("/batches")
-@require_scope("findings.write", "alerts.write")
+@require_scope("findings.write", "alerts.write", "events.write")
 def push_batch(tenant: str):
     """Accept a batch: 202 once its bytes are committed, then the worker merges it."""
     format_name = request.args.get("format")
@@ -245,7 +246,7 @@ def accepted(tenant: str, batch: Batch, replayed: bool):
 
 
 @blueprint.get("/batches/<batch_id>")
-@require_scope("security.read", "findings.write", "alerts.write")
+@require_scope("security.read", "findings.write", "alerts.write", "events.write")
 def get_batch(tenant: str, batch_id: str):
     """A batch's status, counts and rejected records."""
     with _db().sessions() as session:

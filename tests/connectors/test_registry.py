@@ -13,7 +13,7 @@ import connectors
 def test_every_connector_module_is_registered():
     registered = {module.__name__.rsplit(".", 1)[1] for module in connectors.REGISTRY.values()}
     assert registered == set(connectors.connector_module_names())
-    assert len(registered) == 14  # canonical + the 13 partner formats
+    assert len(registered) == 16  # canonical + the 13 partner formats + 2 security event formats (issue 16)
 
 
 def test_support_modules_exist_and_are_not_connectors():
@@ -44,6 +44,8 @@ EXPECTED_PRODUCTS = {
     "graph_alert": "Microsoft Graph",
     "nessus": "Nessus",
     "ocsf": "OCSF",
+    "ocsf_events": "OCSF",
+    "windows_events": "Windows",
     "qualys_csv": "Qualys VMDR",
     "qualys_hld": "Qualys VMDR",
     "qualys_kb": "Qualys VMDR",
