@@ -140,6 +140,10 @@ class Settings(BaseSettings):
     oidc_role_map: str = ""  # "claim value=role,...", role reader|analyst|admin; no match: refused
     oidc_tenant_claim: str | None = None  # a claim listing tenant ids to grant; else the default below
     oidc_default_tenants: str = ""  # comma-separated tenant ids granted to a user provisioned by OIDC
+    # Security events and detection rules (gateway/detection/; issue 16)
+    security_event_retention_days: int = 31  # event days kept (PostgreSQL: whole day partitions dropped)
+    detection_interval: float = 60.0  # seconds between the beat's rule evaluations
+    security_events_default_hours: int = 24  # the time range of a securityEvents list that names none
 
     @field_validator("ratelimit_push", "ratelimit_tenant_push", "ratelimit_read", "ratelimit_token")
     @classmethod

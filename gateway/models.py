@@ -730,6 +730,8 @@ class Alert(Base):
     # the suppression rule that resolved the alert (migration 0011): no foreign key, so the id of a
     # deleted rule stays (its ``suppressed`` event names it too)
     suppressed_by: Mapped[int | None] = mapped_column(BigId)
+    # the detection rule that raised the alert (migration 0031; gateway/detection/): None for a partner's
+    detection_rule: Mapped[str | None] = mapped_column(String(100))
 
 
 class AlertSuppressionRule(Base):
@@ -1304,3 +1306,100 @@ class IndicatorFeed(Base):
     last_counts: Mapped[dict | None] = mapped_column(JSON)
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# -- issue 16: security events, the KEV catalogue, detection rules (migration 0031; gateway/detection/) ----
+
+
+class SecurityEvent(Base):
+    """One host security event (gateway/detection/events.py).  A hot table: no foreign keys.
+
+    On PostgreSQL it is partitioned by range of ``occurred_at``, one partition a day
+    (``security_events_pYYYYMMDD``), created ahead and dropped whole after the retention period;
+    the primary key holds the partition key, as PostgreSQL requires.  On SQLite ``id`` alone is
+    the (rowid) key of a plain table.
+    """
+
+    __tablename__ = "security_events"
+    __table_args__ = (
+        Index("ix_security_events_tenant_time", "tenant_id", "occurred_at", "id"),
+        Index("ix_security_events_tenant_id", "tenant_id", "id"),
+        Index("ix_security_events_tenant_kind", "tenant_id", "kind", "occurred_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    occurred_at: Mapped[datetime] = mapped_column(primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(Integer)
+    batch_id: Mapped[int | None] = mapped_column(BigId)
+    provider: Mapped[str] = mapped_column(String(100))
+    resource_id: Mapped[int | None] = mapped_column(BigId)
+    kind: Mapped[str] = mapped_column(String(30))
+    event_id: Mapped[int | None] = mapped_column(Integer)
+    outcome: Mapped[str | None] = mapped_column(String(20))
+    user_name: Mapped[str | None] = mapped_column(String(300))
+    target: Mapped[str | None] = mapped_column(String(300))
+    source_ip: Mapped[str | None] = mapped_column(String(64))
+    remote_ip: Mapped[str | None] = mapped_column(String(64))
+    domain: Mapped[str | None] = mapped_column(String(500))
+    process: Mapped[str | None] = mapped_column(String(1000))
+    hash: Mapped[str | None] = mapped_column(String(128))
+    raw: Mapped[dict | None] = mapped_column(JSON)
+    ingested_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class KnownExploitedVulnerability(Base):
+    """One entry of the known-exploited-vulnerabilities catalogue (CISA KEV JSON): global, not per tenant."""
+
+    __tablename__ = "known_exploited_vulnerabilities"
+
+    cve_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    vendor_project: Mapped[str | None] = mapped_column(String(300))
+    product: Mapped[str | None] = mapped_column(String(300))
+    vulnerability_name: Mapped[str | None] = mapped_column(Text)
+    date_added: Mapped[str | None] = mapped_column(String(10))
+    due_date: Mapped[str | None] = mapped_column(String(10))
+    known_ransomware_use: Mapped[str | None] = mapped_column(String(20))
+    catalog_version: Mapped[str | None] = mapped_column(String(40))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DetectionRule(Base):
+    """A tenant's word on a detection rule: a built-in's enabled/threshold override, or a custom rule
+    (``definition`` set)."""
+
+    __tablename__ = "detection_rules"
+    __table_args__ = (UniqueConstraint("tenant_id", "rule_id", name="uq_detection_rules_rule"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    rule_id: Mapped[str] = mapped_column(String(100))
+    definition: Mapped[dict | None] = mapped_column(JSON)
+    enabled: Mapped[bool | None] = mapped_column(Boolean)
+    threshold: Mapped[int | None] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_by: Mapped[str | None] = mapped_column(String(200))
+
+
+class DetectionWatermark(Base):
+    """Where a rule's last evaluation of a tenant's rows stopped: the highest row id it read."""
+
+    __tablename__ = "detection_watermarks"
+
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    rule_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    watermark: Mapped[int] = mapped_column(BigId, default=0)
+    last_run_at: Mapped[datetime | None]
+
+
+class DetectionLink(Base):
+    """A row that made a detection rule raise an alert (an event, a finding, a resource, an alert)."""
+
+    __tablename__ = "detection_links"
+    __table_args__ = (Index("ix_detection_links_tenant_alert", "tenant_id", "alert_id"),)
+
+    alert_id: Mapped[int] = mapped_column(BigId, ForeignKey("alerts.id", ondelete="CASCADE"),
+                                          primary_key=True)
+    row_kind: Mapped[str] = mapped_column(String(20), primary_key=True)  # event | finding | resource | alert
+    row_id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(Integer)
+    row_time: Mapped[datetime | None]

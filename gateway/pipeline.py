@@ -35,6 +35,7 @@ from connectors.model import (
     IndicatorRecord,
     Observation,
     Rejected,
+    SecurityEventRecord,
     VulnerabilityInfo,
 )
 from gateway.db import Database
@@ -545,6 +546,12 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int, owner:
     from gateway.intel.merge import IndicatorMerger
 
     indicator_merger = IndicatorMerger(conn, batch.tenant_id, batch.provider, batch.format, batch.id, cause)
+    event_merger = None
+    if connector.RECORD_KIND == "events":  # host security events (gateway/detection/events.py)
+        from gateway.detection.events import EventMerger, configured_retention_days
+
+        event_merger = EventMerger(conn, batch.tenant_id, batch.provider, batch.id,
+                                   configured_retention_days())
     received = rejected = chunk_count = 0
     rejections: list[dict] = []  # the first ``max_rejections``, embedded in the batch's answer
     chunk_rejections: list[dict] = []  # every one, written to batch_rejections once per chunk
@@ -571,7 +578,7 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int, owner:
     else:  # SQLite: a second connection would wait for this transaction's lock
         chunks = _chunks(connector.parse(BlobReader(conn, batch.id), options), chunk_size)
     for chunk in chunks:
-        findings, alerts, knowledge, observations, indicators = [], [], [], [], []
+        findings, alerts, knowledge, observations, indicators, events = [], [], [], [], [], []
         for record in chunk:
             received += 1
             if not isinstance(record, Rejected):
@@ -593,6 +600,12 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int, owner:
                 knowledge.append(record)
             elif isinstance(record, IndicatorRecord):
                 indicators.append(record)
+            elif isinstance(record, SecurityEventRecord) and event_merger is not None:
+                outside = event_merger.outside(record)
+                if outside:
+                    reject(f"record {received - 1}", outside, None)
+                else:
+                    events.append(record)
             elif isinstance(record, Rejected):
                 reject(record.position, record.reason, record.provider_id)
         if knowledge:
@@ -603,6 +616,8 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int, owner:
             intel_matching.alerts_merged(conn, batch.tenant_id, alert_merger.merge_chunk(alerts), cause, batch.id)
         if indicators:  # matched at once with the tenant's alerts and resources (gateway/intel/)
             indicator_merger.merge_chunk(indicators)
+        if events:
+            event_merger.merge_chunk(events)
         if chunk_rejections:  # one statement per chunk, in the merge's transaction
             insert_rows(conn, rejections_t, chunk_rejections, constants={"batch_id": batch.id,
                                                                          "tenant_id": batch.tenant_id})
@@ -621,7 +636,8 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int, owner:
 
     counts = dict.fromkeys(COUNT_KEYS, 0)
     for merger_counts in (finding_merger.counts, alert_merger.counts, knowledge_merger.counts,
-                          indicator_merger.counts):
+                          indicator_merger.counts,
+                          event_merger.counts if event_merger is not None else {}):
         for key, value in merger_counts.items():
             counts[key] = counts.get(key, 0) + value
     # a record repeated in one push is one record (its outputs folded into one)

@@ -421,6 +421,9 @@ COLLECTIONS: dict[str, Collection] = {
             "suppressedBy": Field(A.c.suppressed_by, "id", nullable=True),
             "tags": _tags(A.c.tags),
             "recommendedActions": _tags(A.c.recommended_actions),
+            # raised by the gateway's own detection rules (gateway/detection/, issue 16)
+            "detectionRule": _text(A.c.detection_rule, nullable=True),
+            "mitreTechniques": _tags(A.c.mitre_techniques),
         },
         order_fields={
             "id": OrderField(A.c.id, "int"),
