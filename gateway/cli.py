@@ -861,6 +861,10 @@ from gateway.automation.cli import automation as _automation  # noqa: E402 - `ga
 
 main.add_command(_automation)
 
+from gateway.console.cli import user as _user  # noqa: E402 - `gateway user` (console users)
+
+main.add_command(_user)
+
 
 if __name__ == "__main__":
     main()

@@ -120,6 +120,19 @@ class Settings(BaseSettings):
     gzip_max_ratio: float = 100.0  # a gzip body expanding more than this many times is a bomb: 413
     receiving_timeout_seconds: int = 600  # a push whose bytes stop arriving this long is marked failed
     upload_expiry_seconds: int = 86400  # an unfinished multipart upload is deleted this long after creation
+    # The console (gateway/console/; README, "Console"): people sign in with local users or OIDC.
+    console_cookie_secure: bool = True  # false only for plain-http development (`gateway run` on loopback)
+    console_session_hours: float = 12.0  # a session unused this long is gone
+    console_lockout_failures: int = 5  # failed sign-ins in a row lock a local user ...
+    console_lockout_seconds: int = 900  # ... this long
+    oidc_issuer: str | None = None  # the identity provider (its /.well-known/openid-configuration)
+    oidc_client_id: str | None = None
+    oidc_client_secret: str | None = None
+    oidc_scope: str = "openid email profile"
+    oidc_role_claim: str = "groups"  # the ID token claim (a string or a list) that names the role
+    oidc_role_map: str = ""  # "claim value=role,...", role reader|analyst|admin; no match: refused
+    oidc_tenant_claim: str | None = None  # a claim listing tenant ids to grant; else the default below
+    oidc_default_tenants: str = ""  # comma-separated tenant ids granted to a user provisioned by OIDC
 
     @field_validator("ratelimit_push", "ratelimit_tenant_push", "ratelimit_read", "ratelimit_token")
     @classmethod
@@ -140,7 +153,7 @@ OTHER_NAMES = {"HOME", "VISIBILITY_TIMEOUT", "SWEEP_INTERVAL", "TEST_PG_ADMIN", 
 OTHER_NAMES |= {"ITSM_INTERVAL"}  # the ITSM beat interval (workers/celery_app.py)
 FIELDS = {name.upper() for name in Settings.model_fields}
 INT_SETTINGS = {name.upper() for name, field in Settings.model_fields.items() if field.annotation is int}
-SECRET_SETTINGS = {"SECRET_KEY", "METRICS_TOKEN", "SECRETS_KEYS"}
+SECRET_SETTINGS = {"SECRET_KEY", "METRICS_TOKEN", "SECRETS_KEYS", "OIDC_CLIENT_SECRET"}
 _TYPE_WORDS = {"int_parsing": "an integer", "int_from_float": "an integer", "bool_parsing": "true or false",
                "literal_error": None}
 

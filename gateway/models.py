@@ -1134,3 +1134,50 @@ class ProviderFindingCount(Base):
     tenant_id: Mapped[int] = mapped_column(Integer)
     provider: Mapped[str] = mapped_column(String(100))
     findings: Mapped[int] = mapped_column(BigInteger)
+
+
+# -- issue 15: the console's people, their tenants and their sessions (migration 0029) -------------
+# People sign in to the console (gateway/console/), separately from partner clients: local users
+# with an argon2id password hash, or users provisioned by OIDC sign-in (``oidc_subject``).
+
+
+class ConsoleUser(Base):
+    """A person who signs in to the console; ``role`` is reader, analyst or admin."""
+
+    __tablename__ = "console_users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    email: Mapped[str] = mapped_column(String(320), unique=True)
+    role: Mapped[str] = mapped_column(String(20))
+    password_hash: Mapped[str | None] = mapped_column(String(200), nullable=True)  # None: OIDC only
+    oidc_subject: Mapped[str | None] = mapped_column(String(400), unique=True, nullable=True)  # issuer|sub
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    failed_logins: Mapped[int] = mapped_column(Integer, default=0)
+    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    time_zone: Mapped[str | None] = mapped_column(String(64), nullable=True)  # None: the browser's
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class ConsoleUserTenant(Base):
+    """A tenant granted to a console user: the user sees only these."""
+
+    __tablename__ = "console_user_tenants"
+
+    user_id: Mapped[int] = mapped_column(ForeignKey("console_users.id", ondelete="CASCADE"), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+
+
+class ConsoleSession(Base):
+    """A server-side console session; the cookie holds a random id, the store only its SHA-256."""
+
+    __tablename__ = "console_sessions"
+    __table_args__ = (Index("ix_console_sessions_expires", "expires_at"),
+                      Index("ix_console_sessions_user", "user_id"))
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("console_users.id", ondelete="CASCADE"),
+                                                nullable=True)
+    data: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -1,5 +1,9 @@
-"""The console's working pages, one blueprint each, at /console/t/<tenant>/<page> (gateway/console
-registers every blueprint of ``BLUEPRINTS``)."""
+"""The console's pages beyond sign-in and the overview: each module here has a blueprint.
+
+``gateway.console.init_app`` registers every blueprint listed in ``BLUEPRINTS``; their URLs live
+under ``/console/t/<tenant>/...`` and their views are guarded by
+``gateway.console.auth.login_required``.
+"""
 
 from __future__ import annotations
 
