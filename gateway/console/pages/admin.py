@@ -5,12 +5,12 @@ health.  Admins only."""
 from __future__ import annotations
 
 from flask import Blueprint, redirect, render_template, request, url_for
-from gateway.console.auth import login_required
 from sqlalchemy import case, func, select
 
 from gateway import clients
 from gateway.api.itsm import COLLECTIONS as ITSM_COLLECTIONS
 from gateway.auth import SCOPES
+from gateway.console.auth import login_required
 from gateway.console.pages import table
 from gateway.console.pages.common import db, refused, tenant_id
 from gateway.errors import APIError
@@ -121,7 +121,7 @@ def providers(tenant: int) -> list[dict]:
     ]
 
 
-@blueprint.get("/")
+@blueprint.get("")
 @login_required(role="admin")
 def index(tenant: str):
     """Clients, providers, ITSM connections and export destinations of the tenant."""

@@ -6,11 +6,11 @@ signed-in user as the actor of an ``edited`` event."""
 from __future__ import annotations
 
 from flask import Blueprint, redirect, render_template, request, url_for
-from gateway.console.auth import login_required
 from marshmallow import ValidationError
 from sqlalchemy import select
 
 from gateway.api.collections import ALERT_SEVERITIES, COLLECTIONS
+from gateway.console.auth import login_required
 from gateway.console.pages import table
 from gateway.console.pages.common import actor, db, refused, tenant_id
 from gateway.console.pages.findings import history_page
@@ -41,7 +41,7 @@ ORDERS = {
 }
 
 
-@blueprint.get("/")
+@blueprint.get("")
 @login_required(role="reader")
 def index(tenant: str):
     """The tenant's alerts, filtered and paged as the URL says, with bulk actions."""

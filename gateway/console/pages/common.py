@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from flask import current_app, render_template
-from gateway.console.auth import current_tenant, current_user
 
+from gateway.console.auth import current_tenant, current_user
 from gateway.errors import APIError
 from gateway.odata import FilterContext
 

@@ -4,11 +4,11 @@ one finding with its sources and history; CSV of the table through the API's bul
 from __future__ import annotations
 
 from flask import Blueprint, render_template, url_for
-from gateway.console.auth import login_required
 
 from connectors.model import SEVERITIES
 from gateway.api.collections import COLLECTIONS, FINDING_STATES
 from gateway.api.event_collection import EVENTS
+from gateway.console.auth import login_required
 from gateway.console.pages import table
 from gateway.console.pages.common import refused, tenant_id
 from gateway.errors import APIError
@@ -60,7 +60,7 @@ def history_page(
     )
 
 
-@blueprint.get("/")
+@blueprint.get("")
 @login_required(role="reader")
 def index(tenant: str):
     """The tenant's findings, filtered and paged as the URL says."""

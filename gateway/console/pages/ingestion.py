@@ -8,10 +8,10 @@ tenant first), declared here: the API's batch listing pages them by hand (gatewa
 from __future__ import annotations
 
 from flask import Blueprint, jsonify, render_template, url_for
-from gateway.console.auth import login_required
 from sqlalchemy import select
 
 from gateway.api.batches import BATCH_STATUSES
+from gateway.console.auth import login_required
 from gateway.console.pages import table
 from gateway.console.pages.common import db, refused, tenant_id
 from gateway.errors import APIError, NotFound
@@ -102,7 +102,7 @@ FILTERS = (
 ORDERS = {"newest": "receivedAt desc", "oldest": "receivedAt"}
 
 
-@blueprint.get("/")
+@blueprint.get("")
 @login_required(role="reader")
 def index(tenant: str):
     """The tenant's batches, newest first."""

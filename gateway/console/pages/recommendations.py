@@ -6,7 +6,6 @@ and due date, through the posture and governance service functions the API calls
 from __future__ import annotations
 
 from flask import Blueprint, redirect, render_template, request, url_for
-from gateway.console.auth import login_required
 from marshmallow import ValidationError
 from sqlalchemy import Float, and_, case, cast, func, literal_column, select
 
@@ -14,6 +13,7 @@ from connectors.model import SEVERITIES
 from gateway.api.collections import COLLECTIONS
 from gateway.api.governance import GovernanceAssignmentIn
 from gateway.api.posture import ExemptionIn
+from gateway.console.auth import login_required
 from gateway.console.pages import table
 from gateway.console.pages.common import actor, db, refused, tenant_id
 from gateway.errors import APIError, BadRequest
@@ -169,7 +169,7 @@ def score() -> dict:
         return upkeep.tenant_score(conn, tenant_id())
 
 
-@blueprint.get("/")
+@blueprint.get("")
 @login_required(role="reader")
 def index(tenant: str):
     """The tenant's Unhealthy recommendations grouped by type, by score impact first."""

@@ -4,10 +4,10 @@ was built from, observations, findings and history."""
 from __future__ import annotations
 
 from flask import Blueprint, redirect, render_template, url_for
-from gateway.console.auth import login_required
 from sqlalchemy import select
 
 from gateway.api.collections import COLLECTIONS, IDENTIFIER_NAMES
+from gateway.console.auth import login_required
 from gateway.console.pages import table
 from gateway.console.pages.common import db, refused, tenant_id
 from gateway.console.pages.findings import ORDERS as FINDING_ORDERS
@@ -30,7 +30,7 @@ FILTERS = (
 ORDERS = {"newest": "id desc", "lastSeen": "lastSeen desc", "oldest": "id"}
 
 
-@blueprint.get("/")
+@blueprint.get("")
 @login_required(role="reader")
 def index(tenant: str):
     """The tenant's live resources, filtered and paged as the URL says."""
