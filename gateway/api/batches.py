@@ -21,7 +21,7 @@ blueprint = Blueprint("batches", __name__, url_prefix="/api/v1/tenants/<tenant>"
 
 _SCOPE_FOR_KIND = {"findings": "findings.write", "knowledge_base": "findings.write", "alerts": "alerts.write",
                    "indicators": "indicators.write",
-                   "events.write"}
+                   "events": "events.write"}
 
 
 def _db():
