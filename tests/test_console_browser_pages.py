@@ -165,4 +165,5 @@ def test_a_screenshot_of_every_page(seeded, page, screenshot):
     # phone width: the findings table scrolls inside the page rather than widening it
     page.set_viewport_size({"width": 390, "height": 800})
     page.goto(f"{base}/findings")
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
     screenshot("findings-phone")
