@@ -861,6 +861,10 @@ from gateway.automation.cli import automation as _automation  # noqa: E402 - `ga
 
 main.add_command(_automation)
 
+from gateway.intel.cli import intel as _intel  # noqa: E402 - `gateway intel feed add|list|pull`
+
+main.add_command(_intel)
+
 
 if __name__ == "__main__":
     main()
