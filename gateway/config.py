@@ -164,6 +164,8 @@ class Settings(BaseSettings):
 OTHER_NAMES = {"HOME", "VISIBILITY_TIMEOUT", "SWEEP_INTERVAL", "TEST_PG_ADMIN", "TEST_REDIS",
                "TEST_WORKER_LOG", "FUZZ_EXAMPLES", "FUZZ_OUTPUT", "FUZZ_SECONDS", "SAMPLES", "TIMEOUT"}
 OTHER_NAMES |= {"ITSM_INTERVAL"}  # the ITSM beat interval (workers/celery_app.py)
+# threat intelligence beat intervals and the sweep's window (workers/celery_app.py, workers/intel_tasks.py)
+OTHER_NAMES |= {"INTEL_PULL_INTERVAL", "INTEL_SWEEP_INTERVAL", "INTEL_PRUNE_INTERVAL", "INTEL_SWEEP_WINDOW"}
 FIELDS = {name.upper() for name in Settings.model_fields}
 INT_SETTINGS = {name.upper() for name, field in Settings.model_fields.items() if field.annotation is int}
 SECRET_SETTINGS = {"SECRET_KEY", "METRICS_TOKEN", "SECRETS_KEYS", "OIDC_CLIENT_SECRET"}

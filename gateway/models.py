@@ -1301,7 +1301,6 @@ class IndicatorFeed(Base):
     interval_seconds: Mapped[int] = mapped_column(Integer, default=3600)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     added_after: Mapped[str | None] = mapped_column(String(40))  # the watermark: the last date_added taken
-    next_token: Mapped[str | None] = mapped_column(String(500))  # a page run that stopped midway resumes here
     last_pulled_at: Mapped[datetime | None]
     last_counts: Mapped[dict | None] = mapped_column(JSON)
     last_error: Mapped[str | None] = mapped_column(Text)

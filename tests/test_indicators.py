@@ -281,3 +281,37 @@ def test_tenant_isolation(gw):
     assert indicators(gw, tenant_b, partner_b) == []
     response = gw.http.get(f"/api/v1/tenants/{tenant_a}/security/indicators", headers=partner_b)
     assert response.status_code == 404
+
+
+# -- through a real worker, over a real socket ------------------------------------------------------
+
+
+def test_pushes_over_http_are_merged_and_matched_by_the_worker(pg_gw, live_server, worker):
+    import requests
+
+    from tests.conftest import wait_for
+
+    tenant, intel = feed(pg_gw)
+    partner = pg_gw.partner("Defender", [tenant])
+
+    def pushed(headers, body, fmt) -> dict:
+        response = requests.post(f"{live_server.url}/api/v1/tenants/{tenant}/batches?format={fmt}", data=body,
+                                 headers=headers | {"Content-Type": "application/json"}, timeout=30)
+        assert response.status_code == 202, response.text
+
+        def final():
+            batch = requests.get(response.json()["statusUrl"], headers=headers, timeout=10).json()
+            return batch if batch["status"] in ("succeeded", "partiallySucceeded", "failed") else None
+
+        return wait_for(final)
+
+    alert = {"@odata.type": "#microsoft.graph.security.fileEvidence", "roles": [], "verdict": "malicious",
+             "fileDetails": {"fileName": "x.exe", "sha256": SHA256.upper()}}
+    assert pushed(partner, v2_alert("w-1", alert), "graph_alert")["status"] == "succeeded"
+    batch = pushed(intel, bundle(stix_indicator(f"[file:hashes.'SHA-256' = '{SHA256}']"),
+                                 stix_indicator("[ipv4-addr:value = '10.0.0.0/8']")), "stix21")
+    assert batch["status"] == "partiallySucceeded" and batch["counts"]["matched"] == 1, batch
+    assert "address range" in batch["rejections"][0]["reason"]
+    page = requests.get(f"{live_server.url}/api/v1/tenants/{tenant}/security/indicators", headers=intel,
+                        params={"$filter": "observableType eq 'sha256'"}, timeout=10).json()
+    assert [(i["value"], i["matchCount"]) for i in page["value"]] == [(SHA256, 1)]

@@ -87,7 +87,6 @@ def upgrade() -> None:
         sa.Column("interval_seconds", sa.Integer(), nullable=False),
         sa.Column("enabled", sa.Boolean(), nullable=False),
         sa.Column("added_after", sa.String(40)),
-        sa.Column("next_token", sa.String(500)),
         sa.Column("last_pulled_at", TS),
         sa.Column("last_counts", JSON),
         sa.Column("last_error", sa.Text()),
