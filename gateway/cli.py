@@ -861,6 +861,10 @@ from gateway.automation.cli import automation as _automation  # noqa: E402 - `ga
 
 main.add_command(_automation)
 
+from gateway.detection.cli import rules as _rules  # noqa: E402 - `gateway rules list|test`
+
+main.add_command(_rules)
+
 
 if __name__ == "__main__":
     main()

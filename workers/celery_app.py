@@ -72,8 +72,19 @@ def celery_init_app(app: Flask) -> Celery:
                 "schedule": float(app.config.get("EXPORT_DISPATCH_INTERVAL") or 2.0),
                 "options": {"expires": max(10.0, 5 * float(app.config.get("EXPORT_DISPATCH_INTERVAL") or 2.0))},
             },
+            # detection (workers/detection_tasks.py): rules over new rows; event partitions and retention
+            "evaluate-detection-rules": {
+                "task": "workers.detection_tasks.evaluate_rules",
+                "schedule": float(app.config.get("DETECTION_INTERVAL") or 60.0),
+                "options": {"expires": max(30.0, 2 * float(app.config.get("DETECTION_INTERVAL") or 60.0))},
+            },
+            "maintain-event-partitions": {
+                "task": "workers.detection_tasks.maintain_event_partitions",
+                "schedule": 3600.0,
+            },
         },
-        imports=("workers.tasks", "workers.export_tasks", "gateway.itsm.tasks", "workers.automation_tasks"),
+        imports=("workers.tasks", "workers.export_tasks", "gateway.itsm.tasks", "workers.automation_tasks",
+                 "workers.detection_tasks"),
     )
     celery.set_default()
     app.extensions["celery"] = celery
