@@ -1039,6 +1039,9 @@ class AutomationRule(Base):
     created_by: Mapped[str | None] = mapped_column(String(200))
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_by: Mapped[str | None] = mapped_column(String(200))
+    # migration 0027: active | failing (failing for AUTOMATION_FAILING_AFTER_SECONDS, lastError shown)
+    state: Mapped[str] = mapped_column(String(20), default="active", server_default="active")
+    failing_since: Mapped[datetime | None]
 
 
 class AutomationActionDone(Base):
