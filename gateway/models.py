@@ -950,6 +950,8 @@ class ExportDestination(Base):
     created_by: Mapped[str | None] = mapped_column(String(200))
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_by: Mapped[str | None] = mapped_column(String(200))
+    # migration 0027: the private key of option ``clientCertificate`` (mTLS), encrypted (gateway/vault.py)
+    client_key: Mapped[str | None] = mapped_column(Text)
 
 
 class ExportDelivery(Base):
