@@ -119,6 +119,7 @@ class Settings(BaseSettings):
     export_delivery_log_size: int = 100  # deliveries kept per destination
     export_max_destinations: int = 50  # per tenant
     event_retention_days: int = 30  # export-only events (batch.finished, secureScore.changed); 0: keep
+    event_retention_max_days: int = 90  # pruned even if a destination is behind (a gap it shows); 0: no cap
     event_prune_interval: float = 3600.0
     # Export snapshots and workflow automation (gateway/export/snapshot.py, gateway/automation/)
     snapshot_slice_size: int = 500  # subjects read (and rendered) per keyset slice of a snapshot

@@ -979,6 +979,8 @@ class ExportDestination(Base):
     created_by: Mapped[str | None] = mapped_column(String(200))
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_by: Mapped[str | None] = mapped_column(String(200))
+    # migration 0027: the private key of option ``clientCertificate`` (mTLS), encrypted (gateway/vault.py)
+    client_key: Mapped[str | None] = mapped_column(Text)
 
 
 class ExportDelivery(Base):
@@ -1068,6 +1070,9 @@ class AutomationRule(Base):
     created_by: Mapped[str | None] = mapped_column(String(200))
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_by: Mapped[str | None] = mapped_column(String(200))
+    # migration 0027: active | failing (failing for AUTOMATION_FAILING_AFTER_SECONDS, lastError shown)
+    state: Mapped[str] = mapped_column(String(20), default="active", server_default="active")
+    failing_since: Mapped[datetime | None]
 
 
 class AutomationActionDone(Base):
