@@ -178,6 +178,7 @@ def _stage(db: Database, batch, settings: Settings) -> set[int]:
     current_ids: set[str] = set()  # provider ids
     cut_refs: set[bytes] = set()
     cut_ids: set[str] = set()
+    tail_ids: set[str] = set()
     last_resource = ref = None
     tail: list = []
     stretch_findings: list[FindingRecord] = []  # since the last cut, in file order (chunk and tail)
@@ -237,8 +238,10 @@ def _stage(db: Database, batch, settings: Settings) -> set[int]:
             if record.resource is not last_resource:  # a connector gives a host's records one ref
                 last_resource, ref = record.resource, msgspec.msgpack.encode(record.resource)
             digest = record.provider_id if isinstance(record, FindingRecord) else None
-            if ref in cut_refs or digest in cut_ids:
+            if ref in cut_refs or digest in cut_ids or digest in tail_ids:
                 tail.append(record)  # its resource or its provider record is in a chunk cut already
+                if digest is not None:  # (or in the tail: the tail keeps its records' order)
+                    tail_ids.add(digest)
                 continue
             if len(current) >= settings.chunk_records and ref != last_ref:
                 cut()
