@@ -22,6 +22,15 @@ merged in three steps:
    last, with the batch's parsed and rejected totals: its presence means staging is complete.
    A staging stopped by a crash starts again from the bytes; the chunks already committed are
    kept (the cut is deterministic) and not sent twice.
+
+   The parse is then the serial part (it was the critical path in the bench: chunks were
+   merged as fast as one worker parsed them), so a format whose document splits into
+   independent parts is not parsed here at all: a Nessus file (``split_nessus``) is cut between
+   its ``ReportHost`` elements into documents of whole hosts (its head and end around each
+   run of hosts), staged as bytes, and each part is parsed and checked by the worker that
+   merges it; its rejections are numbered in the whole file by the final step.  The split
+   applies only to a simple document (one ``Report``, uniquely named hosts, nothing between
+   them, at most ``SPLIT_MAX_BYTES``); any other is parsed here as above.
 2. **Merge chunks** (``workers.tasks.merge_chunk``, any worker): a chunk is claimed with a lease
    of its own and merged with the ordinary mergers (gateway/merge/findings.py etc.), in one
    transaction that also marks it done and stores what the final step needs (counts, the
@@ -50,10 +59,12 @@ concurrent batches of one tenant, which the store already keeps consistent).
 **Scaling.** Nothing in the chunk step is shared but PostgreSQL: each worker process merges a
 chunk with its own connection and transaction; the only tenant-wide lock a chunk takes is the
 short resolver lock around its resource resolution (committed at once, as for concurrent
-batches).  More worker processes (on more cores or machines) take more chunks at once; the
-serial parts are the parse (a quarter of a single merge's Python time, overlapped with the
-chunk merges) and the finish (the recommendations of the touched resources and, for a full
-scan, the resolve), which grow with resources, not records.  Chunk progress is in the batch's
+batches); new recommendation types are committed before a chunk's transaction, so no chunk
+waits for another's uncommitted insert.  More worker processes (on more cores or machines) take
+more chunks at once; the serial parts are the staging (a byte scan for a split Nessus file; for
+other formats the whole parse, overlapped with the chunk merges) and the finish (the
+recommendations of the touched resources and, for a full scan, the resolve), which grow with
+resources, not records.  Chunk progress is in the batch's
 ``progress`` (``chunksTotal``, ``chunksDone``).  SQLite has one writer at a time: batches there
 merge as before.
 """
