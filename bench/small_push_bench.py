@@ -10,7 +10,11 @@ Each mode gets a scratch PostgreSQL database, the API under gunicorn and ``celer
   request per process at a time) and one task per batch (``GATEWAY_SMALL_BATCHES_PER_TASK=1``);
 * ``threads``: the documented command now (``gunicorn -w 4 -k gthread --threads 8``), one task per batch;
 * ``after``: the documented command and its default, a small batch's task merging the
-  tenant's other queued small batches (gateway/smallbatches.py).
+  tenant's other queued small batches (gateway/smallbatches.py), the worker at ``nice -n 10``
+  as the README runs it (``--worker-nice`` sets another value, 0 the old command).
+
+Before the timed pushes every client pushes twice at once and all of that is merged, so each
+API process and thread has made its first requests (its pool's connections) untimed.
 
 ``--clients`` threads, each an OAuth client of its own with a keep-alive session, push
 ``--pushes`` canonical documents of ``--findings`` findings (one host, CVEs of their own) to
