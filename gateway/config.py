@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     issuer: str | None = None
     max_body_bytes: int = 8 * 1024 * 1024 * 1024  # bodies over 1 MiB are streamed (gateway/streaming.py)
     token_ttl_seconds: int = 3600
+    # an API process reuses a successful token check this long (gateway/auth.py TokenCache); 0: off
+    token_cache_seconds: float = 0
     merge_chunk_size: int = 5000
     sweep_after_seconds: int = 300
     max_attempts: int = 5
