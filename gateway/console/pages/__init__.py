@@ -7,4 +7,17 @@ under ``/console/t/<tenant>/...`` and their views are guarded by
 
 from __future__ import annotations
 
-BLUEPRINTS: list = []
+from gateway.console.pages import admin, alerts, findings, ingestion, recommendations, resources
+from gateway.console.pages.common import install
+
+BLUEPRINTS = [
+    recommendations.blueprint,
+    findings.blueprint,
+    resources.blueprint,
+    alerts.blueprint,
+    ingestion.blueprint,
+    admin.blueprint,
+]
+
+for _blueprint in BLUEPRINTS:
+    install(_blueprint)
