@@ -457,6 +457,10 @@ class Recommendation(Base):
     __table_args__ = (
         UniqueConstraint("tenant_id", "resource_id", "type_id", name="uq_recommendations_subject"),
         Index("ix_recommendations_tenant_status", "tenant_id", "status", "id"),
+        # the console's Overview counts unhealthy recommendations by severity, index-only (migration
+        # 0029); partial, so that no lookup by (tenant, resource, type) can take it (tests/test_plans.py)
+        Index("ix_recommendations_tenant_unhealthy_severity", "tenant_id", "severity",
+              postgresql_where=text("status = 'Unhealthy'"), sqlite_where=text("status = 'Unhealthy'")),
         # the Secure Score recount of a control (gateway/score/upkeep.py), index-only
         Index("ix_recommendations_tenant_type", "tenant_id", "type_id", "resource_id", "status"),
         # partial: only exempt rows, so a lookup by (tenant, resource, type) never ties with it when
@@ -689,6 +693,10 @@ class Alert(Base):
         UniqueConstraint("tenant_id", "provider", "provider_id", name="uq_alerts_record"),
         Index("ix_alerts_tenant_id", "tenant_id", "id"),
         Index("ix_alerts_tenant_severity_status", "tenant_id", "severity", "status", "id"),
+        # the console's Overview counts open alerts by severity and status, index-only (migration 0029)
+        Index("ix_alerts_tenant_open", "tenant_id", "severity", "status",
+              postgresql_where=text("status NOT IN ('resolved', 'dismissed')"),
+              sqlite_where=text("status NOT IN ('resolved', 'dismissed')")),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
