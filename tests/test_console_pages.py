@@ -463,3 +463,73 @@ def test_admin_creates_rotates_and_disables_a_client(console):
         f"/console/t/{console.a}/admin/clients/{other_id}/disable", data={"csrf_token": token_of(listing)}
     )
     assert refused.status_code == 404
+
+
+def test_score_impact_is_what_fixing_the_type_adds_to_the_score(gw):
+    """Two types in one control (a policy entry moves ``tls`` into ``enable-mfa``): a type's impact
+    counts only the resources where it is the control's only Unhealthy type, and fixing it raises
+    the score by exactly that."""
+    from tests.test_score import compliance
+
+    tenant = gw.tenant()
+    headers = gw.partner("CheckPoint", [tenant], scopes="findings.write security.read posture.manage")
+    state = {
+        "a": ("open", "open"),
+        "b": ("open", "fixed"),
+        "c": ("fixed", "open"),
+        "d": ("fixed", "fixed"),
+        "e": ("open", None),
+    }
+    records = []
+    for host, (mfa, tls) in state.items():
+        records.append(compliance(f"m-{host}", f"{host}.example.com", "mfa", "MFA should be enabled", mfa))
+        if tls:
+            records.append(
+                compliance(f"t-{host}", f"{host}.example.com", "tls", "TLS 1.2 should be required", tls)
+            )
+    push(gw, tenant, headers, document(records), "canonical")
+    moved = gw.http.post(
+        f"/api/v1/tenants/{tenant}/security/policies",
+        headers=headers,
+        json={"scope": "recommendationType", "target": "tls", "control": "enable-mfa"},
+    )
+    assert moved.status_code == 201, moved.get_json()
+    make_user(gw.app, ANALYST, PASSWORD, "analyst", [tenant])
+    analyst = signed_in(gw, ANALYST)
+    control = gw.http.get(
+        f"/api/v1/tenants/{tenant}/security/secureScoreControls", headers=headers
+    ).get_json()
+    (row,) = [c for c in control["value"] if c["id"] == "enable-mfa"]
+    assert (row["healthyResourceCount"], row["unhealthyResourceCount"]) == (1, 4)
+    max_score = row["maxScore"]
+
+    html = page_text(analyst, f"/console/t/{tenant}/recommendations")
+    shown = re.findall(
+        r"<small>(\w+)</small>.*?<td class=\"unhealthy\">(\d+)</td>\s*<td class=\"impact\">\+([0-9.]+)",
+        html,
+        re.S,
+    )
+    # mfa: Unhealthy on a, b, e; alone on b and e.  tls: Unhealthy on a, c; alone on c (4 + 1 resources count)
+    assert shown == [("mfa", "3", f"{max_score * 2 / 5:.2f}"), ("tls", "2", f"{max_score * 1 / 5:.2f}")]
+    before = score_on(html)
+    push(
+        gw,
+        tenant,
+        headers,
+        document(
+            [
+                compliance(
+                    f"m-{host}",
+                    f"{host}.example.com",
+                    "mfa",
+                    "MFA should be enabled",
+                    "fixed",
+                    ts="2024-05-01T00:00:00Z",
+                )
+                for host in "abe"
+            ]
+        ),
+        "canonical",
+    )
+    after = score_on(page_text(analyst, f"/console/t/{tenant}/recommendations"))
+    assert after - before == pytest.approx(max_score * 2 / 5, abs=0.01)
