@@ -91,7 +91,7 @@ def _backend_cpu(url: str) -> dict[int, float]:
     return found
 
 
-def run(engine, tenant_id: int, options: dict, fmt: str, path: str) -> tuple[int, str]:
+def run(engine, tenant_id: int, options: dict, fmt: str, path: str, connections: int = 1) -> tuple[int, str]:
     """Stream one export; print its figures; (rows, sha256)."""
     collection = COLLECTIONS["findings"]
     context = FilterContext(tenant_id=tenant_id, dialect="postgresql")
@@ -105,7 +105,8 @@ def run(engine, tenant_id: int, options: dict, fmt: str, path: str) -> tuple[int
     url = engine.url.render_as_string(hide_password=False).replace("+psycopg", "")
     backend_before, cpu_before = _backend_cpu(url), time.process_time()
     started = time.perf_counter()
-    for chunk in bulk_export.stream(engine, collection, tenant_id, request, fmt, fast=path == "copy"):
+    for chunk in bulk_export.stream(engine, collection, tenant_id, request, fmt, fast=path == "copy",
+                                    connections=connections):
         digest.update(chunk)
         size += len(chunk)
         lines += chunk.count(b"\n")
@@ -113,13 +114,17 @@ def run(engine, tenant_id: int, options: dict, fmt: str, path: str) -> tuple[int
     rows = lines - (fmt == "csv")  # (a CSV cell with a line break would count twice: the loader writes none)
     peak = (_rss_kib("VmHWM") - base) / 1024
     python_cpu = time.process_time() - cpu_before
-    backend_cpu = sum(seconds - backend_before.get(pid, 0.0) for pid, seconds in _backend_cpu(url).items())
+    backends = [seconds - backend_before.get(pid, 0.0) for pid, seconds in _backend_cpu(url).items()]
+    backend_cpu, busiest_backend = sum(backends), max(backends, default=0.0)
     # CPU seconds do not depend on how busy the shared machine is: rows per CPU-second of the
-    # busiest process is about the rate of an idle core
-    print(f"  {fmt:5} {path:6} {rows:>10,} rows {elapsed:7.1f}s {rows / elapsed:>9,.0f} rows/s "
+    # busiest process (this one, or one PostgreSQL backend) is about the rate on idle cores, one
+    # core per process (the backends of a several-connection export each read some slices)
+    label = f"{path}x{connections}" if path == "copy" else path
+    print(f"  {fmt:5} {label:6} {rows:>10,} rows {elapsed:7.1f}s {rows / elapsed:>9,.0f} rows/s "
           f"{size / elapsed / 2**20:6.1f} MB/s  {size / 2**20:7.1f} MB  peak RSS +{peak:.0f} MiB  "
-          f"CPU: Python {python_cpu:.1f}s, PostgreSQL {backend_cpu:.1f}s "
-          f"({rows / max(python_cpu, backend_cpu, 1e-9):,.0f} rows per CPU-second of the busier)", flush=True)
+          f"CPU: Python {python_cpu:.1f}s, PostgreSQL {backend_cpu:.1f}s (busiest backend "
+          f"{busiest_backend:.1f}s; {rows / max(python_cpu, busiest_backend, 1e-9):,.0f} rows per CPU-second "
+          f"of the busiest process)", flush=True)
     return rows, digest.hexdigest()
 
 
@@ -160,6 +165,8 @@ def main() -> None:
     parser.add_argument("--select")
     parser.add_argument("--formats", default="csv,jsonl")
     parser.add_argument("--paths", default="copy,python")
+    parser.add_argument("--connections", default="1",
+                        help="COPY path: connections sharing the export, e.g. 1,2 (each run separately)")
     parser.add_argument("--no-http", action="store_true")
     args = parser.parse_args()
     logging.disable(logging.INFO)
@@ -179,9 +186,12 @@ def main() -> None:
         for fmt in args.formats.split(","):
             digests = {}
             for path in args.paths.split(","):
-                digests[path] = run(engine, tenant_id, options, fmt, path)
+                for connections in ([int(n) for n in args.connections.split(",")] if path == "copy" else [1]):
+                    digests[f"{path}x{connections}" if path == "copy" else path] = run(
+                        engine, tenant_id, options, fmt, path, connections)
             if len({digest for _, digest in digests.values() if digest}) == 1 and len(digests) > 1:
-                print(f"  {fmt}: the paths' outputs are byte-identical (sha256 {digests['copy'][1][:16]}...)")
+                print(f"  {fmt}: the paths' outputs are byte-identical (sha256 "
+                      f"{next(iter(digests.values()))[1][:16]}...)")
             elif len(digests) > 1:
                 print(f"  {fmt}: the paths' outputs DIFFER: {digests}")
         if not args.no_http:

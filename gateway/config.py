@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     # also merges the tenant's other queued batches that small, up to this many in all (1: off).
     small_batch_max_bytes: int = 64 * 1024
     small_batches_per_task: int = 20
+    # One big batch, many workers (gateway/merge/parallel.py; PostgreSQL): a batch of at least this
+    # many bytes is staged in chunks of about this many records, merged by every free worker. 0: off.
+    parallel_merge_min_bytes: int = 32 * 1024 * 1024
+    parallel_merge_chunk_records: int = 10_000
     # ANALYZE after a merge (PostgreSQL; gateway/pipeline.py analyze_if_due): a table the merges
     # changed by this many rows, or this share of its rows, since its last ANALYZE. 0 turns it off.
     analyze_after_rows: int = 50_000
@@ -68,6 +72,9 @@ class Settings(BaseSettings):
     wellformed_check_max_bytes: int = 256 * 1024 * 1024  # larger bodies skip the check before 202
     page_size_default: int = 100
     page_size_max: int = 1000
+    # CSV/JSON Lines exports (gateway/bulk_export.py): PostgreSQL connections that read one export's
+    # slices at once (each a backend, i.e. a core); 1 reads them one after the other.
+    export_connections: int = 2
     task_always_eager: bool = False
     task_queue: str = "gateway"
     log_format: Literal["json", "text"] | None = None
@@ -105,6 +112,7 @@ class Settings(BaseSettings):
     export_retry_max_seconds: float = 300.0
     export_failing_after_seconds: int = 600  # failing that long marks a destination ``failing``
     export_lease_seconds: int = 60  # a delivering worker's hold on a destination
+    export_pipeline_depth: int = 4  # HTTP deliveries in flight per destination (lanes by subject)
     export_secret_overlap_seconds: int = 86400  # after a rotation the old secret signs too, this long
     export_allow_private_targets: bool = False  # loopback/private/link-local URLs (SSRF guard off)
     export_max_batch_size: int = 100
@@ -115,6 +123,7 @@ class Settings(BaseSettings):
     # Export snapshots and workflow automation (gateway/export/snapshot.py, gateway/automation/)
     snapshot_slice_size: int = 500  # subjects read (and rendered) per keyset slice of a snapshot
     automation_max_rules: int = 50  # per tenant
+    automation_failing_after_seconds: int = 600  # a rule failing that long shows ``failing``
     automation_max_chain: int = 3  # an edit made by this many rules in a row triggers no further rule
     # Streamed pushes and multipart uploads (gateway/streaming.py, gateway/uploads.py)
     gzip_max_ratio: float = 100.0  # a gzip body expanding more than this many times is a bomb: 413
@@ -133,6 +142,10 @@ class Settings(BaseSettings):
     oidc_role_map: str = ""  # "claim value=role,...", role reader|analyst|admin; no match: refused
     oidc_tenant_claim: str | None = None  # a claim listing tenant ids to grant; else the default below
     oidc_default_tenants: str = ""  # comma-separated tenant ids granted to a user provisioned by OIDC
+    # Security events and detection rules (gateway/detection/; issue 16)
+    security_event_retention_days: int = 31  # event days kept (PostgreSQL: whole day partitions dropped)
+    detection_interval: float = 60.0  # seconds between the beat's rule evaluations
+    security_events_default_hours: int = 24  # the time range of a securityEvents list that names none
 
     @field_validator("ratelimit_push", "ratelimit_tenant_push", "ratelimit_read", "ratelimit_token")
     @classmethod
@@ -151,6 +164,8 @@ class Settings(BaseSettings):
 OTHER_NAMES = {"HOME", "VISIBILITY_TIMEOUT", "SWEEP_INTERVAL", "TEST_PG_ADMIN", "TEST_REDIS",
                "TEST_WORKER_LOG", "FUZZ_EXAMPLES", "FUZZ_OUTPUT", "FUZZ_SECONDS", "SAMPLES", "TIMEOUT"}
 OTHER_NAMES |= {"ITSM_INTERVAL"}  # the ITSM beat interval (workers/celery_app.py)
+# threat intelligence beat intervals and the sweep's window (workers/celery_app.py, workers/intel_tasks.py)
+OTHER_NAMES |= {"INTEL_PULL_INTERVAL", "INTEL_SWEEP_INTERVAL", "INTEL_PRUNE_INTERVAL", "INTEL_SWEEP_WINDOW"}
 FIELDS = {name.upper() for name in Settings.model_fields}
 INT_SETTINGS = {name.upper() for name, field in Settings.model_fields.items() if field.annotation is int}
 SECRET_SETTINGS = {"SECRET_KEY", "METRICS_TOKEN", "SECRETS_KEYS", "OIDC_CLIENT_SECRET"}

@@ -195,6 +195,33 @@ class BatchChunk(Base):
     merged_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class BatchMergeChunk(Base):
+    """One staged chunk of a big batch merged by several workers (gateway/merge/parallel.py).
+
+    Migration 0028.  ``records`` holds the chunk's parsed and checked records (msgpack); the
+    ``tail`` chunk (the last ``seq``) is written when staging ends and is merged by the final
+    step.  A chunk's merge writes ``state = done`` and its ``result`` in its own transaction.
+    The rows are deleted when the batch is finished.
+    """
+
+    __tablename__ = "batch_merge_chunks"
+
+    batch_id: Mapped[int] = mapped_column(BigId, ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    tenant_id: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(10), default="chunk")  # chunk | tail
+    state: Mapped[str] = mapped_column(String(10), default="pending")  # pending | done
+    records: Mapped[bytes] = mapped_column(LargeBinary)
+    record_count: Mapped[int] = mapped_column(Integer, default=0)
+    received: Mapped[int] = mapped_column(Integer, default=0)  # tail: records parsed in the batch
+    rejected: Mapped[int] = mapped_column(Integer, default=0)  # tail: records rejected in the batch
+    result: Mapped[bytes | None] = mapped_column(LargeBinary)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(100))
+    lease_expires_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+
 class Resource(Base):
     __tablename__ = "resources"
     __table_args__ = (Index("ix_resources_tenant_id", "tenant_id", "id"),)
@@ -703,6 +730,8 @@ class Alert(Base):
     # the suppression rule that resolved the alert (migration 0011): no foreign key, so the id of a
     # deleted rule stays (its ``suppressed`` event names it too)
     suppressed_by: Mapped[int | None] = mapped_column(BigId)
+    # the detection rule that raised the alert (migration 0031; gateway/detection/): None for a partner's
+    detection_rule: Mapped[str | None] = mapped_column(String(100))
 
 
 class AlertSuppressionRule(Base):
@@ -1181,3 +1210,195 @@ class ConsoleSession(Base):
     data: Mapped[dict] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+# -- issue 16 part A: threat-intelligence indicators and their matches (migration 0030; gateway/intel/) --
+
+
+class Indicator(Base):
+    """One threat-intelligence observable of a source (a partner's push or a TAXII feed): unique per
+    (tenant, source, observable type, value); stops matching at ``expires_at`` and is then pruned."""
+
+    __tablename__ = "ti_indicators"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "source", "observable_type", "value", name="uq_ti_indicators_observable"),
+        Index("ix_ti_indicators_match", "tenant_id", "observable_type", "value"),
+        Index("ix_ti_indicators_tenant_id", "tenant_id", "id"),
+        Index("ix_ti_indicators_expires", "expires_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    source: Mapped[str] = mapped_column(String(100))  # the pushing provider, or "taxii:<feed name>"
+    observable_type: Mapped[str] = mapped_column(String(20))  # ipv4 ipv6 domain url email md5 sha1 sha256 ...
+    value: Mapped[str] = mapped_column(String(2048))  # normalized (gateway/intel/observables.py)
+    external_id: Mapped[str | None] = mapped_column(String(300))  # the Graph id or the STIX id
+    format: Mapped[str] = mapped_column(String(30))  # graph_tiindicator | stix21
+    description: Mapped[str | None] = mapped_column(Text)
+    threat_type: Mapped[str | None] = mapped_column(String(50))
+    tlp_level: Mapped[str | None] = mapped_column(String(20))
+    confidence: Mapped[int | None] = mapped_column(Integer)
+    action: Mapped[str | None] = mapped_column(String(20))
+    target_product: Mapped[str | None] = mapped_column(String(100))
+    pattern: Mapped[str | None] = mapped_column(Text)
+    tags: Mapped[list] = mapped_column(JSON, default=list)
+    extra: Mapped[dict | None] = mapped_column(JSON)
+    valid_from: Mapped[datetime | None]
+    expires_at: Mapped[datetime | None]
+    provider_timestamp: Mapped[datetime]
+    batch_id: Mapped[int | None] = mapped_column(BigId)  # the batch that last wrote it (None: a feed pull)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AlertObservable(Base):
+    """An observable (IP, domain, URL, hash) named in an alert's evidence, kept by the alert merge so
+    that indicators are matched against alerts with a join (gateway/intel/observables.py)."""
+
+    __tablename__ = "alert_observables"
+    __table_args__ = (Index("ix_alert_observables_match", "tenant_id", "observable_type", "value"),)
+
+    alert_id: Mapped[int] = mapped_column(BigId, ForeignKey("alerts.id", ondelete="CASCADE"), primary_key=True)
+    observable_type: Mapped[str] = mapped_column(String(20), primary_key=True)
+    value: Mapped[str] = mapped_column(String(2048), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(Integer)
+
+
+class IndicatorMatch(Base):
+    """An indicator seen on a subject (an alert, a resource, an event): once per (indicator, subject);
+    ``alert_id`` is the alert it raised or enriched."""
+
+    __tablename__ = "ti_matches"
+    __table_args__ = (
+        UniqueConstraint("indicator_id", "subject_type", "subject_id", name="uq_ti_matches_subject"),
+        Index("ix_ti_matches_tenant", "tenant_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(Integer)
+    indicator_id: Mapped[int] = mapped_column(BigId, ForeignKey("ti_indicators.id", ondelete="CASCADE"))
+    subject_type: Mapped[str] = mapped_column(String(20))  # alert | resource | event
+    subject_id: Mapped[int] = mapped_column(BigId)
+    observable_type: Mapped[str] = mapped_column(String(20))
+    value: Mapped[str] = mapped_column(String(2048))
+    alert_id: Mapped[int | None] = mapped_column(BigId)
+    matched_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class IndicatorFeed(Base):
+    """A TAXII 2.1 collection a tenant pulls indicators from, with its watermark (gateway/intel/taxii.py)."""
+
+    __tablename__ = "ti_feeds"
+    __table_args__ = (UniqueConstraint("tenant_id", "name", name="uq_ti_feeds_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    name: Mapped[str] = mapped_column(String(100))
+    collection_url: Mapped[str] = mapped_column(Text)  # .../collections/<id>/
+    username: Mapped[str | None] = mapped_column(String(300))
+    secret: Mapped[str | None] = mapped_column(Text)  # the password, encrypted (gateway/export/secrets.py)
+    page_size: Mapped[int] = mapped_column(Integer, default=500)
+    interval_seconds: Mapped[int] = mapped_column(Integer, default=3600)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    added_after: Mapped[str | None] = mapped_column(String(40))  # the watermark: the last date_added taken
+    last_pulled_at: Mapped[datetime | None]
+    last_counts: Mapped[dict | None] = mapped_column(JSON)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# -- issue 16: security events, the KEV catalogue, detection rules (migration 0031; gateway/detection/) ----
+
+
+class SecurityEvent(Base):
+    """One host security event (gateway/detection/events.py).  A hot table: no foreign keys.
+
+    On PostgreSQL it is partitioned by range of ``occurred_at``, one partition a day
+    (``security_events_pYYYYMMDD``), created ahead and dropped whole after the retention period;
+    the primary key holds the partition key, as PostgreSQL requires.  On SQLite ``id`` alone is
+    the (rowid) key of a plain table.
+    """
+
+    __tablename__ = "security_events"
+    __table_args__ = (
+        Index("ix_security_events_tenant_time", "tenant_id", "occurred_at", "id"),
+        Index("ix_security_events_tenant_id", "tenant_id", "id"),
+        Index("ix_security_events_tenant_kind", "tenant_id", "kind", "occurred_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    occurred_at: Mapped[datetime] = mapped_column(primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(Integer)
+    batch_id: Mapped[int | None] = mapped_column(BigId)
+    provider: Mapped[str] = mapped_column(String(100))
+    resource_id: Mapped[int | None] = mapped_column(BigId)
+    kind: Mapped[str] = mapped_column(String(30))
+    event_id: Mapped[int | None] = mapped_column(Integer)
+    outcome: Mapped[str | None] = mapped_column(String(20))
+    user_name: Mapped[str | None] = mapped_column(String(300))
+    target: Mapped[str | None] = mapped_column(String(300))
+    source_ip: Mapped[str | None] = mapped_column(String(64))
+    remote_ip: Mapped[str | None] = mapped_column(String(64))
+    domain: Mapped[str | None] = mapped_column(String(500))
+    process: Mapped[str | None] = mapped_column(String(1000))
+    hash: Mapped[str | None] = mapped_column(String(128))
+    raw: Mapped[dict | None] = mapped_column(JSON)
+    ingested_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class KnownExploitedVulnerability(Base):
+    """One entry of the known-exploited-vulnerabilities catalogue (CISA KEV JSON): global, not per tenant."""
+
+    __tablename__ = "known_exploited_vulnerabilities"
+
+    cve_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    vendor_project: Mapped[str | None] = mapped_column(String(300))
+    product: Mapped[str | None] = mapped_column(String(300))
+    vulnerability_name: Mapped[str | None] = mapped_column(Text)
+    date_added: Mapped[str | None] = mapped_column(String(10))
+    due_date: Mapped[str | None] = mapped_column(String(10))
+    known_ransomware_use: Mapped[str | None] = mapped_column(String(20))
+    catalog_version: Mapped[str | None] = mapped_column(String(40))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DetectionRule(Base):
+    """A tenant's word on a detection rule: a built-in's enabled/threshold override, or a custom rule
+    (``definition`` set)."""
+
+    __tablename__ = "detection_rules"
+    __table_args__ = (UniqueConstraint("tenant_id", "rule_id", name="uq_detection_rules_rule"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    rule_id: Mapped[str] = mapped_column(String(100))
+    definition: Mapped[dict | None] = mapped_column(JSON)
+    enabled: Mapped[bool | None] = mapped_column(Boolean)
+    threshold: Mapped[int | None] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_by: Mapped[str | None] = mapped_column(String(200))
+
+
+class DetectionWatermark(Base):
+    """Where a rule's last evaluation of a tenant's rows stopped: the highest row id it read."""
+
+    __tablename__ = "detection_watermarks"
+
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    rule_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    watermark: Mapped[int] = mapped_column(BigId, default=0)
+    last_run_at: Mapped[datetime | None]
+
+
+class DetectionLink(Base):
+    """A row that made a detection rule raise an alert (an event, a finding, a resource, an alert)."""
+
+    __tablename__ = "detection_links"
+    __table_args__ = (Index("ix_detection_links_tenant_alert", "tenant_id", "alert_id"),)
+
+    alert_id: Mapped[int] = mapped_column(BigId, ForeignKey("alerts.id", ondelete="CASCADE"),
+                                          primary_key=True)
+    row_kind: Mapped[str] = mapped_column(String(20), primary_key=True)  # event | finding | resource | alert
+    row_id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(Integer)
+    row_time: Mapped[datetime | None]

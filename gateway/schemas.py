@@ -403,6 +403,8 @@ class AlertOut(OutSchema):
                                                      "providerAlertId": _get(obj, "provider_id")})
     suppressedBy = _ref("suppressed_by")
     tickets = fields.List(fields.Nested(ItemTicketOut))  # gateway/itsm/items.py adds them to a page
+    detectionRule = fields.String(attribute="detection_rule", allow_none=True)  # gateway/detection/
+    mitreTechniques = fields.Function(lambda obj: _get(obj, "mitre_techniques") or [])
 
 
 class AlertV2Out(OutSchema):
@@ -711,6 +713,31 @@ def _compile(schema_class):
         return out
 
     return dump
+
+
+class IndicatorOut(OutSchema):
+    """A threat-intelligence indicator (gateway/intel/): one observable of a source, Graph tiIndicator names."""
+
+    id = _id
+    source = fields.String()
+    format = fields.String()
+    externalId = fields.String(attribute="external_id", allow_none=True)
+    observableType = fields.String(attribute="observable_type")
+    value = fields.String()
+    description = fields.String(allow_none=True)
+    threatType = fields.String(attribute="threat_type", allow_none=True)
+    tlpLevel = fields.String(attribute="tlp_level", allow_none=True)
+    confidence = fields.Integer(allow_none=True)
+    action = fields.String(allow_none=True)
+    targetProduct = fields.String(attribute="target_product", allow_none=True)
+    pattern = fields.String(allow_none=True)
+    tags = fields.List(fields.String())
+    validFrom = fields.DateTime(attribute="valid_from", allow_none=True)
+    expirationDateTime = fields.DateTime(attribute="expires_at", allow_none=True)
+    lastReportedDateTime = fields.DateTime(attribute="provider_timestamp")
+    matchCount = fields.Integer(attribute="match_count")
+    createdDateTime = fields.DateTime(attribute="created_at")
+    lastModifiedDateTime = fields.DateTime(attribute="updated_at")
 
 
 def fast_dumper(schema_class):

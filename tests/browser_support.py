@@ -1,7 +1,7 @@
 """Browser test fixtures: the app on PostgreSQL behind a real HTTP server, and Debian's Chromium.
 
-Import the fixtures a test module needs (``from tests.browser_support import console_live, page,
-screenshot  # noqa: F401``).  Chromium is Debian's (``/usr/bin/chromium``, installed by ``.ci/run``
+Import the fixtures in a test module with ``from tests.browser_support import *  # noqa: F403``
+(``__all__`` names them).  Chromium is Debian's (``/usr/bin/chromium``, installed by ``.ci/run``
 when missing), launched by Playwright with ``executable_path``: no browser is ever downloaded.
 Without it the browser tests are skipped, except under CI (``CI=true``), where they fail.
 """
@@ -15,9 +15,16 @@ import pytest
 
 from tests.conftest import LiveServer, make_app, wipe
 
+__all__ = ["console_app", "console_live", "chromium", "page", "screenshot"]
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def _need_chromium() -> None:
@@ -71,7 +78,7 @@ def page(chromium):
 
 @pytest.fixture
 def screenshot(page, tmp_path):
-    """``screenshot(name)`` saves the page as ``<test tmp folder>/screenshots/<name>.png``; returns the path."""
+    """``screenshot(name)`` saves the page as ``<test tmp folder>/screenshots/<name>.png`` (its path)."""
     folder = tmp_path / "screenshots"
     folder.mkdir(exist_ok=True)
 

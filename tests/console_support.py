@@ -15,8 +15,13 @@ def _db(db_or_app) -> Database:
     return db_or_app if isinstance(db_or_app, Database) else db_or_app.extensions["gateway.db"]
 
 
-def make_user(db_or_app, email: str, password: str | None = PASSWORD, role: str = "reader",
-              tenants: list[str] | tuple[str, ...] = ()) -> int:
+def make_user(
+    db_or_app,
+    email: str,
+    password: str | None = PASSWORD,
+    role: str = "reader",
+    tenants: list[str] | tuple[str, ...] = (),
+) -> int:
     """A local console user with these tenant ids granted; returns its id."""
     with _db(db_or_app).session() as session:
         return create_user(session, email, role, list(tenants), password=password).id

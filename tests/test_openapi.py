@@ -52,7 +52,7 @@ OUT_SCHEMAS = ["FindingOut", "RecommendationOut", "ResourceOut", "AlertOut", "Ba
                "ExemptionOut", "AlertSuppressionRuleOut", "SecureScoreOut", "ControlScoreOut",
                "SecureScoreControlOut", "SecureScoreControlProfileOut", "ControlStateUpdateOut",
                "GovernanceRuleOut", "GovernanceAssignmentOut", "ItemTicketOut",
-               "StoreEventOut", "ExportOut", "ExportStatusOut", "ExportDeliveryOut"]
+               "StoreEventOut", "ExportOut", "ExportStatusOut", "ExportDeliveryOut", "IndicatorOut"]
 PATCH_SCHEMAS = ["FindingPatch", "AlertPatch", "AlertV2Patch"]
 OUT_FOR_COLLECTION = {"findings": "FindingOut", "recommendations": "RecommendationOut",
                       "resources": "ResourceOut", "alerts": "AlertOut", "observations": "ObservationOut",
@@ -62,7 +62,7 @@ OUT_FOR_COLLECTION = {"findings": "FindingOut", "recommendations": "Recommendati
                       "secureScoreControlProfiles": "SecureScoreControlProfileOut",
                       "governanceRules": "GovernanceRuleOut",
                       "governanceAssignments": "GovernanceAssignmentOut",
-                      "events": "StoreEventOut"}
+                      "events": "StoreEventOut", "indicators": "IndicatorOut"}
 # Answers that are not the gateway's Error body: authlib's RFC 6749 errors and the readiness probe.
 NON_ERROR_BODIES = {
     ("/oauth/token", "400"): "OAuthError",
@@ -769,7 +769,7 @@ class World:
         with self.db.session() as session:
             session.add(Tenant(external_id="acme", name="Acme"))
         self.writer = self.client("contoso", "findings.write alerts.write security.read alerts.manage "
-                                                "posture.manage exports.manage admin")
+                                                "posture.manage exports.manage admin indicators.write")
         self.reader = self.client("reader", "security.read")
         self.auth = {"Authorization": "Bearer " + self.token(self.writer)}
         self.read_only = {"Authorization": "Bearer " + self.token(self.reader)}
@@ -833,6 +833,12 @@ def merged(world) -> dict:
     if "graph_alert" in connectors.formats():
         alerts = world.push("format=graph_alert", 202, json.dumps(GRAPH_ALERTS).encode())
         process_batch(world.db, int(alerts["id"]))
+    # threat-intelligence indicators (gateway/intel/), so that their collection has items
+    indicators = world.push("format=graph_tiindicator", 202, json.dumps([{
+        "externalId": "ti-1", "targetProduct": "Azure Sentinel", "threatType": "C2", "tlpLevel": "green",
+        "confidence": 60, "expirationDateTime": "2099-01-01T00:00:00Z", "networkIPv4": "203.0.113.5",
+        "tags": ["apt"]}]).encode())
+    process_batch(world.db, int(indicators["id"]))
     # a policy entry and an exemption, so that their collections have items
     world.call("POST", T + "/security/policies", f"{ACME}/security/policies", 201, headers=world.auth,
                json={"scope": "provider", "target": "nobody", "enabled": False})

@@ -72,8 +72,23 @@ def celery_init_app(app: Flask) -> Celery:
                 "schedule": float(app.config.get("EXPORT_DISPATCH_INTERVAL") or 2.0),
                 "options": {"expires": max(10.0, 5 * float(app.config.get("EXPORT_DISPATCH_INTERVAL") or 2.0))},
             },
+            # threat intelligence (workers/intel_tasks.py): TAXII pulls, the matching sweep, expiry
+            "pull-indicator-feeds": {
+                "task": "workers.intel_tasks.pull_feeds",
+                "schedule": float(os.environ.get("GATEWAY_INTEL_PULL_INTERVAL", "60")),
+                "options": {"expires": 300.0},
+            },
+            "sweep-indicator-matches": {
+                "task": "workers.intel_tasks.sweep_matches",
+                "schedule": float(os.environ.get("GATEWAY_INTEL_SWEEP_INTERVAL", "300")),
+            },
+            "prune-indicators": {
+                "task": "workers.intel_tasks.prune_indicators",
+                "schedule": float(os.environ.get("GATEWAY_INTEL_PRUNE_INTERVAL", "3600")),
+            },
         },
-        imports=("workers.tasks", "workers.export_tasks", "gateway.itsm.tasks", "workers.automation_tasks"),
+        imports=("workers.tasks", "workers.export_tasks", "gateway.itsm.tasks", "workers.automation_tasks",
+                 "workers.intel_tasks"),
     )
     celery.set_default()
     app.extensions["celery"] = celery

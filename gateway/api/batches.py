@@ -10,7 +10,7 @@ from sqlalchemy import and_, or_, select
 
 import connectors
 from gateway import logs, ratelimit
-from gateway.auth import require_scope, tenant_for_caller
+from gateway.auth import caller_tenant, require_scope, tenant_for_caller
 from gateway.errors import BadRequest, Forbidden, NotFound, UnsupportedMediaType
 from gateway.ingest import WELLFORMED_CHECK_MAX_BYTES, Push, store_batch
 from gateway.models import Batch, BatchRejection
@@ -19,7 +19,9 @@ from gateway.streaming import STREAM_THRESHOLD, Inflow, read_head, store_streame
 
 blueprint = Blueprint("batches", __name__, url_prefix="/api/v1/tenants/<tenant>")
 
-_SCOPE_FOR_KIND = {"findings": "findings.write", "knowledge_base": "findings.write", "alerts": "alerts.write"}
+_SCOPE_FOR_KIND = {"findings": "findings.write", "knowledge_base": "findings.write", "alerts": "alerts.write",
+                   "indicators": "indicators.write",
+                   "events": "events.write"}
 
 
 def _db():
@@ -94,7 +96,7 @@ def _next_link(endpoint: str, token: str, **values) -> str:
 
 
 @blueprint.get("/batches")
-@require_scope("security.read", "findings.write", "alerts.write")
+@require_scope("security.read", "findings.write", "alerts.write", "indicators.write", "events.write")
 def list_batches(tenant: str):
     """The tenant's batches, newest first (a provider client's own only), with keyset paging."""
     status = request.args.get("status")
@@ -138,7 +140,7 @@ def list_batches(tenant: str):
 
 
 @blueprint.get("/batches/<batch_id>/rejections")
-@require_scope("security.read", "findings.write", "alerts.write")
+@require_scope("security.read", "findings.write", "alerts.write", "indicators.write", "events.write")
 def list_rejections(tenant: str, batch_id: str):
     """Every rejected record of a batch, in order, with keyset paging."""
     top = _top()
@@ -165,7 +167,7 @@ def list_rejections(tenant: str, batch_id: str):
 
 
 @blueprint.post("/batches")
-@require_scope("findings.write", "alerts.write")
+@require_scope("findings.write", "alerts.write", "indicators.write", "events.write")
 def push_batch(tenant: str):
     """Accept a batch: 202 once its bytes are committed, then the worker merges it."""
     format_name = request.args.get("format")
@@ -178,8 +180,7 @@ def push_batch(tenant: str):
     idempotency_key = request.headers.get("Idempotency-Key")
     if idempotency_key is not None and not (1 <= len(idempotency_key) <= 200):
         raise BadRequest("Idempotency-Key must be 1 to 200 characters", code="invalidParameter")
-    with _db().sessions() as session:
-        tenant_row = tenant_for_caller(session, tenant)
+    tenant_row = caller_tenant(tenant)  # read with the token: no query of its own
     ratelimit.before_push_body(tenant_row.external_id)
     config = current_app.config
     inflow = Inflow(request.stream, request.headers.get("Content-Encoding", "").strip().lower(),
@@ -231,7 +232,7 @@ def accepted(tenant: str, batch: Batch, replayed: bool):
     if not replayed:
         from workers.tasks import enqueue
 
-        enqueue(_db(), batch.id)
+        enqueue(_db(), batch.id, recorded=batch.enqueued_at is not None)
     status_url = url_for("batches.get_batch", tenant=tenant, batch_id=batch.id, _external=True)
     response = jsonify({"id": str(batch.id), "status": batch.status if replayed else "accepted",
                         "statusUrl": status_url, "format": batch.format, "scanType": batch.scan_type,
@@ -245,7 +246,7 @@ def accepted(tenant: str, batch: Batch, replayed: bool):
 
 
 @blueprint.get("/batches/<batch_id>")
-@require_scope("security.read", "findings.write", "alerts.write")
+@require_scope("security.read", "findings.write", "alerts.write", "indicators.write", "events.write")
 def get_batch(tenant: str, batch_id: str):
     """A batch's status, counts and rejected records."""
     with _db().sessions() as session:

@@ -21,10 +21,17 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from connectors.model import SEVERITIES
 from gateway import bulk_export
-from gateway.api import alerts_v2, event_collection, governance_collections, posture_collections, score_collections
+from gateway.api import (
+    alerts_v2,
+    event_collection,
+    governance_collections,
+    posture_collections,
+    score_collections,
+)
 from gateway.api import suppression as suppression_rules
 from gateway.auth import require_scope, tenant_for_caller
 from gateway.errors import BadRequest, NotFound
+from gateway.intel import collection as intel_collection
 from gateway.itsm import items as itsm_items
 from gateway.models import (
     Alert,
@@ -414,6 +421,9 @@ COLLECTIONS: dict[str, Collection] = {
             "suppressedBy": Field(A.c.suppressed_by, "id", nullable=True),
             "tags": _tags(A.c.tags),
             "recommendedActions": _tags(A.c.recommended_actions),
+            # raised by the gateway's own detection rules (gateway/detection/, issue 16)
+            "detectionRule": _text(A.c.detection_rule, nullable=True),
+            "mitreTechniques": _tags(A.c.mitre_techniques),
         },
         order_fields={
             "id": OrderField(A.c.id, "int"),
@@ -552,6 +562,8 @@ COLLECTIONS: dict[str, Collection] = {
     "governanceAssignments": governance_collections.ASSIGNMENTS,
     # the outbox, read-only (gateway/export/; pushed to destinations by gateway/api/exports.py's)
     "events": event_collection.EVENTS,
+    # threat-intelligence indicators, read-only (pushed as batches, pulled from TAXII: gateway/intel/)
+    "indicators": intel_collection.INDICATORS,
     "observations": Collection(
         name="observations",
         base=lambda tenant_id: select(OBS).where(OBS.c.tenant_id == tenant_id),
@@ -625,7 +637,8 @@ def _list(tenant: str, name: str, *, tenant_id: int | None = None, within: tuple
             f"{list_request.fingerprint}\x1f{bound}".encode()).hexdigest()[:24]
     if bulk_export.export_format(list_request):  # the whole result, CSV or JSON Lines
         return bulk_export.export_response(current_app.response_class, _db().engine, collection, tenant_id,
-                                           list_request, name, current_app.json.default)
+                                           list_request, name, current_app.json.default,
+                                           connections=config["EXPORT_CONNECTIONS"])
     with _db().engine.connect() as conn:
         total = count(conn, collection, tenant_id, list_request) if list_request.count else None
         values, token = run_list(conn, collection, tenant_id, list_request, config["SECRET_KEY"],

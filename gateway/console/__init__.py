@@ -56,9 +56,15 @@ def _html_errors(app: Flask) -> None:
         if not is_console_request() and json_handler is not None:
             return json_handler(exc)
         status = exc.code or 500
-        message = {400: "The request was not valid.", 401: "Please sign in again.",
-                   403: "Your role does not allow this.", 404: "There is no such page.",
-                   405: "This page does not take that method."}.get(status, exc.name)
+        message = {
+            400: "The request was not valid.",
+            401: "Please sign in again.",
+            403: "Your role does not allow this.",
+            404: "There is no such page.",
+            405: "This page does not take that method.",
+        }.get(status, exc.name)
         if isinstance(exc, CSRFError):
-            message = "The form was out of date or not sent from the console (CSRF check failed). Reload and retry."
+            message = (
+                "The form was out of date or not sent from the console (CSRF check failed). Reload and retry."
+            )
         return render_template("console/error.html", status=status, message=message), status

@@ -24,13 +24,21 @@ def _db():
 
 
 def _users_of_tenant(session, tenant_id: int) -> list[tuple[ConsoleUser, set[int]]]:
-    users = list(session.scalars(
-        select(ConsoleUser).join(ConsoleUserTenant, ConsoleUserTenant.user_id == ConsoleUser.id)
-        .where(ConsoleUserTenant.tenant_id == tenant_id).order_by(ConsoleUser.email)))
+    users = list(
+        session.scalars(
+            select(ConsoleUser)
+            .join(ConsoleUserTenant, ConsoleUserTenant.user_id == ConsoleUser.id)
+            .where(ConsoleUserTenant.tenant_id == tenant_id)
+            .order_by(ConsoleUser.email)
+        )
+    )
     grants: dict[int, set[int]] = {user.id: set() for user in users}
     if users:
-        for user_id, tenant in session.execute(select(ConsoleUserTenant.user_id, ConsoleUserTenant.tenant_id)
-                                               .where(ConsoleUserTenant.user_id.in_(list(grants)))):
+        for user_id, tenant in session.execute(
+            select(ConsoleUserTenant.user_id, ConsoleUserTenant.tenant_id).where(
+                ConsoleUserTenant.user_id.in_(list(grants))
+            )
+        ):
             grants[user_id].add(tenant)
     return [(user, grants[user.id]) for user in users]
 
@@ -39,11 +47,23 @@ def _page(status: int = 200, error: str | None = None, notice: str | None = None
     admin = current_user()
     mine = {ref.id for ref in admin.tenants}
     with _db().read_sessions() as session:
-        rows = [{"user": user, "manageable": tenants <= mine and user.id != admin.id,
-                 "other_tenants": len(tenants - mine)}
-                for user, tenants in _users_of_tenant(session, current_tenant().id)]
-    return render_template("console/admin_users.html", rows=rows, roles=ROLES, error=error, notice=notice,
-                           form=form or {}, now=utcnow()), status
+        rows = [
+            {
+                "user": user,
+                "manageable": tenants <= mine and user.id != admin.id,
+                "other_tenants": len(tenants - mine),
+            }
+            for user, tenants in _users_of_tenant(session, current_tenant().id)
+        ]
+    return render_template(
+        "console/admin_users.html",
+        rows=rows,
+        roles=ROLES,
+        error=error,
+        notice=notice,
+        form=form or {},
+        now=utcnow(),
+    ), status
 
 
 @blueprint.get("")
@@ -75,8 +95,14 @@ def change(tenant: str, user_id: int):
     admin = current_user()
     mine = {ref.id for ref in admin.tenants}
     with _db().session() as session:
-        row = next(((user, tenants) for user, tenants in _users_of_tenant(session, current_tenant().id)
-                    if user.id == user_id), None)
+        row = next(
+            (
+                (user, tenants)
+                for user, tenants in _users_of_tenant(session, current_tenant().id)
+                if user.id == user_id
+            ),
+            None,
+        )
         if row is None:
             abort(404)  # not a user of this tenant: as if it did not exist
         user, tenants = row

@@ -22,8 +22,9 @@ ROLES = ("reader", "analyst", "admin")  # each includes what the one before allo
 ROLE_SCOPES: dict[str, frozenset[str]] = {
     "reader": frozenset({"security.read"}),
     "analyst": frozenset({"security.read", "alerts.manage", "posture.manage"}),
-    "admin": frozenset({"security.read", "alerts.manage", "posture.manage", "itsm.manage", "exports.manage",
-                        "admin"}),
+    "admin": frozenset(
+        {"security.read", "alerts.manage", "posture.manage", "itsm.manage", "exports.manage", "admin"}
+    ),
 }
 
 
@@ -71,8 +72,12 @@ def _load(user_id: int) -> ConsoleIdentity | None:
         rows = db_session.execute(
             select(Tenant.id, Tenant.external_id, Tenant.name)
             .join(ConsoleUserTenant, ConsoleUserTenant.tenant_id == Tenant.id)
-            .where(ConsoleUserTenant.user_id == user.id).order_by(Tenant.name, Tenant.external_id)).all()
-    return ConsoleIdentity(user.id, user.email, user.role, tuple(TenantRef(*row) for row in rows), user.time_zone)
+            .where(ConsoleUserTenant.user_id == user.id)
+            .order_by(Tenant.name, Tenant.external_id)
+        ).all()
+    return ConsoleIdentity(
+        user.id, user.email, user.role, tuple(TenantRef(*row) for row in rows), user.time_zone
+    )
 
 
 def current_user() -> ConsoleIdentity | None:
@@ -88,8 +93,12 @@ def current_tenant() -> TenantRef | None:
     return g.get("console_tenant")
 
 
-def login_required(role: str = "reader") -> Callable:
-    """Guard a console view: sign-in, then role (403), then the URL's tenant grant (404)."""
+def login_required(role: str | Callable = "reader") -> Callable:
+    """Guard a console view: sign-in, then the URL's tenant grant (404), then the role (403).
+
+    ``@login_required(role="analyst")``; a bare ``@login_required`` means ``role="reader"``."""
+    if callable(role):
+        return login_required("reader")(role)
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}")
 

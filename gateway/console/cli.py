@@ -27,7 +27,9 @@ def user() -> None:
 @click.option("--email", required=True)
 @click.option("--role", required=True, type=click.Choice(ROLES), help="reader, analyst or admin")
 @click.option("--tenant", "tenants", multiple=True, required=True, help="a tenant id the user sees (repeat)")
-@click.option("--password-stdin", is_flag=True, help="read the password from the first line of standard input")
+@click.option(
+    "--password-stdin", is_flag=True, help="read the password from the first line of standard input"
+)
 def user_create(email: str, role: str, tenants: tuple[str, ...], password_stdin: bool) -> None:
     """Create a local user (the password is asked for, or read from stdin)."""
     from gateway.cli import _store
@@ -73,7 +75,9 @@ def user_grant(email: str, tenants: tuple[str, ...], revoke: bool) -> None:
     from gateway.console.users import grant
 
     _change(grant, email, tenants, revoke)
-    click.echo(f"{'revoked' if revoke else 'granted'} {', '.join(tenants)} {'from' if revoke else 'to'} {email}")
+    click.echo(
+        f"{'revoked' if revoke else 'granted'} {', '.join(tenants)} {'from' if revoke else 'to'} {email}"
+    )
 
 
 @user.command("role")
@@ -109,10 +113,23 @@ def user_enable(email: str) -> None:
 
 @user.command("password")
 @click.option("--email", required=True)
-@click.option("--password-stdin", is_flag=True, help="read the password from the first line of standard input")
+@click.option(
+    "--password-stdin", is_flag=True, help="read the password from the first line of standard input"
+)
 def user_password(email: str, password_stdin: bool) -> None:
     """Set a local user's password (ends their sessions, lifts a lockout)."""
     from gateway.console.users import set_password
 
     _change(set_password, email, _read_password(password_stdin))
     click.echo(f"password of {email} changed")
+
+
+@user.command("time-zone")
+@click.option("--email", required=True)
+@click.option("--zone", default="", help="an IANA name such as Europe/Paris; empty: the browser's")
+def user_time_zone(email: str, zone: str) -> None:
+    """Show the user's dates in this time zone (by default the console uses the browser's)."""
+    from gateway.console.users import set_time_zone
+
+    _change(set_time_zone, email, zone or None)
+    click.echo(f"{email}: dates in {zone or 'the browser time zone'}")

@@ -39,10 +39,15 @@ def init_app(app: Flask) -> None:
     app.extensions["console.oauth"] = oauth
     issuer = app.config["OIDC_ISSUER"].rstrip("/")
     oauth.register(
-        "idp", client_id=app.config["OIDC_CLIENT_ID"], client_secret=app.config.get("OIDC_CLIENT_SECRET"),
+        "idp",
+        client_id=app.config["OIDC_CLIENT_ID"],
+        client_secret=app.config.get("OIDC_CLIENT_SECRET"),
         server_metadata_url=f"{issuer}/.well-known/openid-configuration",
-        client_kwargs={"scope": app.config.get("OIDC_SCOPE") or "openid email profile",
-                       "code_challenge_method": "S256", "timeout": 10},
+        client_kwargs={
+            "scope": app.config.get("OIDC_SCOPE") or "openid email profile",
+            "code_challenge_method": "S256",
+            "timeout": 10,
+        },
         overwrite=True,
     )
 
@@ -52,7 +57,7 @@ def _client():
 
 
 def role_map(text: str) -> dict[str, str]:
-    """"admins=admin, sec-team=analyst" -> {"admins": "admin", "sec-team": "analyst"}."""
+    """ "admins=admin, sec-team=analyst" -> {"admins": "admin", "sec-team": "analyst"}."""
     mapping = {}
     for item in filter(None, (part.strip() for part in (text or "").split(","))):
         value, _, role = item.rpartition("=")
@@ -84,20 +89,27 @@ def callback():
         token = _client().authorize_access_token()
     except (AuthlibBaseError, JoseError, ValueError) as exc:
         log.info("OIDC sign-in refused: %s", exc)
-        return render_template("console/login.html", error="The identity provider's answer was not accepted.",
-                               oidc=True), 401
+        return render_template(
+            "console/login.html", error="The identity provider's answer was not accepted.", oidc=True
+        ), 401
     claims = dict(token.get("userinfo") or {})
     config = current_app.config
-    role = role_from_claims(claims, config.get("OIDC_ROLE_CLAIM") or "groups", role_map(config.get("OIDC_ROLE_MAP")))
+    role = role_from_claims(
+        claims, config.get("OIDC_ROLE_CLAIM") or "groups", role_map(config.get("OIDC_ROLE_MAP"))
+    )
     email = claims.get("email")
     if role is None or not email or not claims.get("sub"):
         log.info("OIDC sign-in of %s refused: no console role or email in the claims", claims.get("sub"))
-        return render_template("console/login.html", error="Your account has no console role.", oidc=True), 403
+        return render_template(
+            "console/login.html", error="Your account has no console role.", oidc=True
+        ), 403
     try:
         user_id = provision(claims, role)
     except UserError as exc:
         log.info("OIDC sign-in refused: %s", exc)
-        return render_template("console/login.html", error="This account cannot sign in here.", oidc=True), 403
+        return render_template(
+            "console/login.html", error="This account cannot sign in here.", oidc=True
+        ), 403
     if user_id is None:
         return render_template("console/login.html", error="This account is disabled.", oidc=True), 403
     sessions.rotate(session)
@@ -120,7 +132,9 @@ def provision(claims: dict, role: str) -> int | None:
     with db.session() as db_session:
         user = db_session.scalar(select(ConsoleUser).where(ConsoleUser.oidc_subject == subject))
         if user is None:
-            by_email = db_session.scalar(select(ConsoleUser).where(ConsoleUser.email == claims["email"].lower()))
+            by_email = db_session.scalar(
+                select(ConsoleUser).where(ConsoleUser.email == claims["email"].lower())
+            )
             if by_email is not None:
                 # link an existing user only on a verified email and only one not tied to another subject
                 if claims.get("email_verified") is not True or by_email.oidc_subject:
@@ -128,9 +142,18 @@ def provision(claims: dict, role: str) -> int | None:
                 by_email.oidc_subject = subject
                 user = by_email
             else:
-                names = claimed if claimed is not None else [
-                    name.strip() for name in (config.get("OIDC_DEFAULT_TENANTS") or "").split(",") if name.strip()]
-                known = list(db_session.scalars(select(Tenant.external_id).where(Tenant.external_id.in_(names))))
+                names = (
+                    claimed
+                    if claimed is not None
+                    else [
+                        name.strip()
+                        for name in (config.get("OIDC_DEFAULT_TENANTS") or "").split(",")
+                        if name.strip()
+                    ]
+                )
+                known = list(
+                    db_session.scalars(select(Tenant.external_id).where(Tenant.external_id.in_(names)))
+                )
                 user = create_user(db_session, claims["email"], role, known, oidc_subject=subject)
         if user.disabled:
             return None
@@ -138,11 +161,17 @@ def provision(claims: dict, role: str) -> int | None:
         user.last_login_at = utcnow()
         if claimed is not None:  # the identity provider is the authority on this user's tenants
             wanted = set(db_session.scalars(select(Tenant.id).where(Tenant.external_id.in_(list(claimed)))))
-            have = set(db_session.scalars(select(ConsoleUserTenant.tenant_id)
-                                          .where(ConsoleUserTenant.user_id == user.id)))
+            have = set(
+                db_session.scalars(
+                    select(ConsoleUserTenant.tenant_id).where(ConsoleUserTenant.user_id == user.id)
+                )
+            )
             if have - wanted:
-                db_session.execute(delete(ConsoleUserTenant).where(ConsoleUserTenant.user_id == user.id,
-                                                                   ConsoleUserTenant.tenant_id.in_(have - wanted)))
+                db_session.execute(
+                    delete(ConsoleUserTenant).where(
+                        ConsoleUserTenant.user_id == user.id, ConsoleUserTenant.tenant_id.in_(have - wanted)
+                    )
+                )
             for tenant_id in wanted - have:
                 db_session.add(ConsoleUserTenant(user_id=user.id, tenant_id=tenant_id))
         return user.id

@@ -24,15 +24,20 @@ def score_history(conn: Connection, tenant_id: int, points: int = HISTORY_POINTS
     """The newest ``points`` score changes, oldest first."""
     rows = conn.execute(
         select(SecureScore.current, SecureScore.max, SecureScore.percentage, SecureScore.created_at)
-        .where(SecureScore.tenant_id == tenant_id).order_by(SecureScore.id.desc()).limit(points)).all()
+        .where(SecureScore.tenant_id == tenant_id)
+        .order_by(SecureScore.id.desc())
+        .limit(points)
+    ).all()
     return list(reversed(rows))
 
 
 def recommendation_counts(conn: Connection, tenant_id: int) -> dict[str, int]:
     """Unhealthy recommendations by (effective) severity."""
-    rows = conn.execute(select(Recommendation.severity, func.count())
-                        .where(Recommendation.tenant_id == tenant_id, Recommendation.status == "Unhealthy")
-                        .group_by(Recommendation.severity)).all()
+    rows = conn.execute(
+        select(Recommendation.severity, func.count())
+        .where(Recommendation.tenant_id == tenant_id, Recommendation.status == "Unhealthy")
+        .group_by(Recommendation.severity)
+    ).all()
     counts = {severity: 0 for severity in SEVERITIES}
     for severity, number in rows:
         counts[str(severity).lower()] = counts.get(str(severity).lower(), 0) + int(number)
@@ -41,9 +46,11 @@ def recommendation_counts(conn: Connection, tenant_id: int) -> dict[str, int]:
 
 def open_alert_counts(conn: Connection, tenant_id: int) -> tuple[list[str], dict[str, dict[str, int]]]:
     """Open alerts by severity and status: (the statuses present, {severity: {status: count}})."""
-    rows = conn.execute(select(Alert.severity, Alert.status, func.count())
-                        .where(Alert.tenant_id == tenant_id, Alert.status.not_in(CLOSED_ALERTS))
-                        .group_by(Alert.severity, Alert.status)).all()
+    rows = conn.execute(
+        select(Alert.severity, Alert.status, func.count())
+        .where(Alert.tenant_id == tenant_id, Alert.status.not_in(CLOSED_ALERTS))
+        .group_by(Alert.severity, Alert.status)
+    ).all()
     table: dict[str, dict[str, int]] = {severity: {} for severity in SEVERITIES}
     statuses: list[str] = []
     for severity, status, number in rows:
@@ -58,12 +65,28 @@ def ingestion(conn: Connection, tenant_id: int, since) -> list[dict]:
     """Per provider since ``since``: batches, records received, records rejected, the last push."""
     received = func.coalesce(func.sum(Batch.counts["received"].as_integer()), 0)
     rejected = func.coalesce(func.sum(Batch.counts["rejected"].as_integer()), 0)
-    rows = conn.execute(select(Batch.provider, func.count().label("batches"), received.label("records"),
-                               rejected.label("rejected"), func.max(Batch.received_at).label("last_push"))
-                        .where(Batch.tenant_id == tenant_id, Batch.received_at >= since)
-                        .group_by(Batch.provider).order_by(Batch.provider)).all()
-    return [{"provider": row.provider, "batches": int(row.batches), "records": int(row.records or 0),
-             "rejected": int(row.rejected or 0), "last_push": _aware(row.last_push)} for row in rows]
+    rows = conn.execute(
+        select(
+            Batch.provider,
+            func.count().label("batches"),
+            received.label("records"),
+            rejected.label("rejected"),
+            func.max(Batch.received_at).label("last_push"),
+        )
+        .where(Batch.tenant_id == tenant_id, Batch.received_at >= since)
+        .group_by(Batch.provider)
+        .order_by(Batch.provider)
+    ).all()
+    return [
+        {
+            "provider": row.provider,
+            "batches": int(row.batches),
+            "records": int(row.records or 0),
+            "rejected": int(row.rejected or 0),
+            "last_push": _aware(row.last_push),
+        }
+        for row in rows
+    ]
 
 
 def _aware(value):
@@ -87,22 +110,34 @@ def overview(db, tenant_id: int) -> dict:
         "history": history,
         "history_chart": line_chart(
             [(row.created_at.strftime("%Y-%m-%d %H:%M UTC"), round(row.current, 2)) for row in history],
-            title="Secure Score history", max_value=max((row.max for row in history), default=None)),
+            title="Secure Score history",
+            max_value=max((row.max for row in history), default=None),
+        ),
         "controls": controls,
-        "controls_chart": bar_chart([(row["control"], round(row["current"], 2)) for row in controls
-                                     if row["healthy"] + row["unhealthy"]],
-                                    title="Score per control", css_class="chart-controls"),
+        "controls_chart": bar_chart(
+            [
+                (row["control"], round(row["current"], 2))
+                for row in controls
+                if row["healthy"] + row["unhealthy"]
+            ],
+            title="Score per control",
+            css_class="chart-controls",
+        ),
         "recommendations": recommendations,
-        "recommendations_chart": bar_chart([(severity.capitalize(), recommendations[severity])
-                                            for severity in SEVERITIES],
-                                           title="Unhealthy recommendations by severity",
-                                           classes=[f"sev-{severity}" for severity in SEVERITIES],
-                                           css_class="chart-recommendations") if any(recommendations.values())
+        "recommendations_chart": bar_chart(
+            [(severity.capitalize(), recommendations[severity]) for severity in SEVERITIES],
+            title="Unhealthy recommendations by severity",
+            classes=[f"sev-{severity}" for severity in SEVERITIES],
+            css_class="chart-recommendations",
+        )
+        if any(recommendations.values())
         else None,
         "alert_statuses": alert_statuses,
         "alerts": alerts,
         "ingestion": pushes,
-        "ingestion_chart": bar_chart([(row["provider"], row["records"]) for row in pushes["30 days"]],
-                                     title="Records pushed per provider, last 30 days",
-                                     css_class="chart-ingestion"),
+        "ingestion_chart": bar_chart(
+            [(row["provider"], row["records"]) for row in pushes["30 days"]],
+            title="Records pushed per provider, last 30 days",
+            css_class="chart-ingestion",
+        ),
     }

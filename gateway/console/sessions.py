@@ -66,7 +66,9 @@ class StoreSessionInterface(SessionInterface):
         session_id = request.cookies.get(COOKIE_NAME)
         if session_id and 20 <= len(session_id) <= 100:
             with self._db(app).read_sessions() as db_session:
-                row = db_session.scalar(select(ConsoleSession).where(ConsoleSession.id_hash == _hash(session_id)))
+                row = db_session.scalar(
+                    select(ConsoleSession).where(ConsoleSession.id_hash == _hash(session_id))
+                )
             if row is not None and row.expires_at > utcnow():
                 return ConsoleSessionData(dict(row.data), session_id, row.expires_at)
         return ConsoleSessionData()
@@ -82,7 +84,9 @@ class StoreSessionInterface(SessionInterface):
             with db.session() as db_session:
                 for old in filter(None, (session.session_id, session.rotated_from)):
                     db_session.execute(delete(ConsoleSession).where(ConsoleSession.id_hash == _hash(old)))
-            response.delete_cookie(COOKIE_NAME, path=COOKIE_PATH, secure=secure, httponly=True, samesite="Lax")
+            response.delete_cookie(
+                COOKIE_NAME, path=COOKIE_PATH, secure=secure, httponly=True, samesite="Lax"
+            )
             return
         if not session:
             return  # nothing to keep: no row, no cookie (an anonymous GET of the sign-in page)
@@ -93,11 +97,19 @@ class StoreSessionInterface(SessionInterface):
         with db.session() as db_session:
             if session.rotated_from:
                 db_session.execute(
-                    delete(ConsoleSession).where(ConsoleSession.id_hash == _hash(session.rotated_from)))
+                    delete(ConsoleSession).where(ConsoleSession.id_hash == _hash(session.rotated_from))
+                )
             if session.session_id is None:
                 session.session_id = secrets.token_urlsafe(32)
-                db_session.add(ConsoleSession(id_hash=_hash(session.session_id), user_id=session.get("user_id"),
-                                              data=dict(session), created_at=now, expires_at=expires_at))
+                db_session.add(
+                    ConsoleSession(
+                        id_hash=_hash(session.session_id),
+                        user_id=session.get("user_id"),
+                        data=dict(session),
+                        created_at=now,
+                        expires_at=expires_at,
+                    )
+                )
             else:
                 row = db_session.get(ConsoleSession, _hash(session.session_id))
                 if row is None:  # deleted meanwhile (signed out in another tab): start afresh
@@ -107,8 +119,15 @@ class StoreSessionInterface(SessionInterface):
                 row.data = dict(session)
                 row.user_id = session.get("user_id")
                 row.expires_at = expires_at
-        response.set_cookie(COOKIE_NAME, session.session_id, max_age=int(lifetime.total_seconds()),
-                            path=COOKIE_PATH, secure=secure, httponly=True, samesite="Lax")
+        response.set_cookie(
+            COOKIE_NAME,
+            session.session_id,
+            max_age=int(lifetime.total_seconds()),
+            path=COOKIE_PATH,
+            secure=secure,
+            httponly=True,
+            samesite="Lax",
+        )
         response.vary.add("Cookie")
 
 
@@ -127,8 +146,11 @@ def end(session: ConsoleSessionData) -> None:
 def prune(db, limit: int = 1000) -> int:
     """Delete expired sessions (called now and then at sign-in; a beat task may call it too)."""
     with db.session() as db_session:
-        ids = list(db_session.scalars(select(ConsoleSession.id_hash)
-                                      .where(ConsoleSession.expires_at < utcnow()).limit(limit)))
+        ids = list(
+            db_session.scalars(
+                select(ConsoleSession.id_hash).where(ConsoleSession.expires_at < utcnow()).limit(limit)
+            )
+        )
         if ids:
             db_session.execute(delete(ConsoleSession).where(ConsoleSession.id_hash.in_(ids)))
     return len(ids)

@@ -59,8 +59,14 @@ def tenants_by_name(session: Session, names: Iterable[str]) -> list[Tenant]:
     return rows
 
 
-def create_user(session: Session, email: str, role: str, tenants: Iterable[str],
-                password: str | None = None, oidc_subject: str | None = None) -> ConsoleUser:
+def create_user(
+    session: Session,
+    email: str,
+    role: str,
+    tenants: Iterable[str],
+    password: str | None = None,
+    oidc_subject: str | None = None,
+) -> ConsoleUser:
     """Add a user with its tenant grants (in the caller's transaction)."""
     email = email.strip().lower()
     if not EMAIL.match(email):
@@ -72,8 +78,14 @@ def create_user(session: Session, email: str, role: str, tenants: Iterable[str],
     if session.scalar(select(ConsoleUser.id).where(ConsoleUser.email == email)) is not None:
         raise UserError(f"a user {email} already exists")
     rows = tenants_by_name(session, tenants)
-    user = ConsoleUser(email=email, role=role, password_hash=hash_password(password) if password else None,
-                       oidc_subject=oidc_subject, disabled=False, failed_logins=0)
+    user = ConsoleUser(
+        email=email,
+        role=role,
+        password_hash=hash_password(password) if password else None,
+        oidc_subject=oidc_subject,
+        disabled=False,
+        failed_logins=0,
+    )
     session.add(user)
     session.flush()
     for tenant in rows:
@@ -92,11 +104,16 @@ def grant(session: Session, email: str, tenants: Iterable[str], revoke: bool = F
     """Grant (or with ``revoke`` take back) tenants."""
     user = find(session, email)
     rows = tenants_by_name(session, tenants)
-    have = set(session.scalars(select(ConsoleUserTenant.tenant_id).where(ConsoleUserTenant.user_id == user.id)))
+    have = set(
+        session.scalars(select(ConsoleUserTenant.tenant_id).where(ConsoleUserTenant.user_id == user.id))
+    )
     for tenant in rows:
         if revoke and tenant.id in have:
-            session.execute(delete(ConsoleUserTenant).where(ConsoleUserTenant.user_id == user.id,
-                                                            ConsoleUserTenant.tenant_id == tenant.id))
+            session.execute(
+                delete(ConsoleUserTenant).where(
+                    ConsoleUserTenant.user_id == user.id, ConsoleUserTenant.tenant_id == tenant.id
+                )
+            )
         elif not revoke and tenant.id not in have:
             session.add(ConsoleUserTenant(user_id=user.id, tenant_id=tenant.id))
     return user
@@ -129,18 +146,28 @@ def list_users(session: Session) -> list[tuple[ConsoleUser, list[str]]]:
     users = list(session.scalars(select(ConsoleUser).order_by(ConsoleUser.email)))
     grants: dict[int, list[str]] = {}
     for user_id, name in session.execute(
-            select(ConsoleUserTenant.user_id, Tenant.external_id)
-            .join(Tenant, Tenant.id == ConsoleUserTenant.tenant_id).order_by(Tenant.external_id)):
+        select(ConsoleUserTenant.user_id, Tenant.external_id)
+        .join(Tenant, Tenant.id == ConsoleUserTenant.tenant_id)
+        .order_by(Tenant.external_id)
+    ):
         grants.setdefault(user_id, []).append(name)
     return [(user, grants.get(user.id, [])) for user in users]
 
 
-def check_password(session: Session, email: str, password: str, *, max_failures: int, lockout_seconds: int,
-                   now: datetime | None = None) -> SignIn:
+def check_password(
+    session: Session,
+    email: str,
+    password: str,
+    *,
+    max_failures: int,
+    lockout_seconds: int,
+    now: datetime | None = None,
+) -> SignIn:
     """Check a local user's password, counting failures; commit is the caller's."""
     now = now or utcnow()
-    user = session.scalar(select(ConsoleUser).where(ConsoleUser.email == email.strip().lower())
-                          .with_for_update())
+    user = session.scalar(
+        select(ConsoleUser).where(ConsoleUser.email == email.strip().lower()).with_for_update()
+    )
     if user is None or user.password_hash is None:
         _verify(_DUMMY_HASH, password)
         return SignIn(None, "unknown")
@@ -182,4 +209,18 @@ def set_password(session: Session, email: str, password: str) -> ConsoleUser:
     user.failed_logins = 0
     user.locked_until = None
     session.execute(delete(ConsoleSession).where(ConsoleSession.user_id == user.id))
+    return user
+
+
+def set_time_zone(session: Session, email: str, zone: str | None) -> ConsoleUser:
+    """The IANA time zone the console shows the user's dates in (None: the browser's)."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    if zone:
+        try:
+            ZoneInfo(zone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise UserError(f"unknown time zone {zone!r} (an IANA name such as Europe/Paris)") from None
+    user = find(session, email)
+    user.time_zone = zone or None
     return user

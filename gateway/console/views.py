@@ -11,15 +11,25 @@ from gateway.console.auth import current_tenant, current_user, login_required
 from gateway.console.users import check_password
 
 log = logging.getLogger(__name__)
-blueprint = Blueprint("console", __name__, url_prefix="/console", template_folder="templates",
-                      static_folder="static", static_url_path="/static")
+blueprint = Blueprint(
+    "console",
+    __name__,
+    url_prefix="/console",
+    template_folder="templates",
+    static_folder="static",
+    static_url_path="/static",
+)
 
 
 @blueprint.app_context_processor
 def _console_globals():
     if not request.path.startswith("/console"):
         return {}
-    return {"console_user": current_user(), "console_tenant": current_tenant(), "oidc_enabled": oidc.enabled()}
+    return {
+        "console_user": current_user(),
+        "console_tenant": current_tenant(),
+        "oidc_enabled": oidc.enabled(),
+    }
 
 
 def _safe_next(target: str | None) -> str | None:
@@ -42,19 +52,28 @@ def login_post():
     password = request.form.get("password") or ""
     next_url = _safe_next(request.form.get("next"))
     if not email or not password:
-        return render_template("console/login.html", error="Enter your email and password.", email=email,
-                               next=next_url), 400
+        return render_template(
+            "console/login.html", error="Enter your email and password.", email=email, next=next_url
+        ), 400
     config = current_app.config
     db = current_app.extensions["gateway.db"]
     with db.session() as db_session:
-        outcome = check_password(db_session, email, password,
-                                 max_failures=int(config["CONSOLE_LOCKOUT_FAILURES"]),
-                                 lockout_seconds=int(config["CONSOLE_LOCKOUT_SECONDS"]))
+        outcome = check_password(
+            db_session,
+            email,
+            password,
+            max_failures=int(config["CONSOLE_LOCKOUT_FAILURES"]),
+            lockout_seconds=int(config["CONSOLE_LOCKOUT_SECONDS"]),
+        )
     if outcome.user_id is None:
         log.info("console sign-in of %s refused: %s", email, outcome.reason)
         # one message for every reason: the page never tells whether an email exists or is locked
-        return render_template("console/login.html", email=email, next=next_url,
-                               error="Sign-in failed: wrong email or password, or the account is locked."), 401
+        return render_template(
+            "console/login.html",
+            email=email,
+            next=next_url,
+            error="Sign-in failed: wrong email or password, or the account is locked.",
+        ), 401
     sessions.rotate(session)
     session.clear()
     session["user_id"] = outcome.user_id
