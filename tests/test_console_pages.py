@@ -533,3 +533,38 @@ def test_score_impact_is_what_fixing_the_type_adds_to_the_score(gw):
     )
     after = score_on(page_text(analyst, f"/console/t/{tenant}/recommendations"))
     assert after - before == pytest.approx(max_score * 2 / 5, abs=0.01)
+
+
+def test_edits_never_reach_another_tenants_rows(console):
+    push(console, console.b, console.headers_b, graph_alerts(count=1), "graph_alert")
+    b_alert = console.http.get(
+        f"/api/v1/tenants/{console.b}/security/alerts", headers=console.headers_b
+    ).get_json()
+    b_alert_id = b_alert["value"][0]["id"]
+    b_resource = console.http.get(
+        f"/api/v1/tenants/{console.b}/security/resources", headers=console.headers_b
+    ).get_json()["value"][0]["id"]
+    analyst = signed_in(console, ANALYST)
+    queue = page_text(analyst, f"/console/t/{console.a}/alerts")
+    edit = analyst.post(
+        f"/console/t/{console.a}/alerts/edit",
+        data={"csrf_token": token_of(queue), "alert_id": b_alert_id, "status": "resolved"},
+    )
+    assert edit.status_code == 404
+    groups = page_text(analyst, f"/console/t/{console.a}/recommendations")
+    type_url = re.search(r'href="(/console/t/[^"]+/recommendations/types/\d+)"', groups).group(1)
+    exempt = analyst.post(
+        f"{type_url}/exempt",
+        data={"csrf_token": token_of(queue), "category": "waiver", "reason": "x", "resource_id": b_resource},
+    )
+    assert exempt.status_code == 400 and "resourceId" in exempt.get_data(as_text=True)
+    after = console.http.get(
+        f"/api/v1/tenants/{console.b}/security/alerts/{b_alert_id}", headers=console.headers_b
+    ).get_json()
+    assert after["status"] == "newAlert"
+    assert (
+        console.http.get(
+            f"/api/v1/tenants/{console.a}/security/exemptions", headers=console.headers_a
+        ).get_json()["value"]
+        == []
+    )
