@@ -870,6 +870,9 @@ main.add_command(_user)
 from gateway.intel.cli import intel as _intel  # noqa: E402 - `gateway intel feed add|list|pull`
 
 main.add_command(_intel)
+from gateway.detection.cli import rules as _rules  # noqa: E402 - `gateway rules list|test`
+
+main.add_command(_rules)
 
 
 if __name__ == "__main__":
