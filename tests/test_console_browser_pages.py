@@ -167,3 +167,53 @@ def test_a_screenshot_of_every_page(seeded, page, screenshot):
     page.goto(f"{base}/findings")
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
     screenshot("findings-phone")
+
+
+def test_a_merging_batch_shows_its_progress_live(seeded, page, screenshot):
+    """The batch page polls its progress.json while the batch merges (the row is put in the
+    ``processing`` state the merge writes, then moved on as the merge would)."""
+    from sqlalchemy import update
+
+    from gateway.models import Batch
+
+    db = seeded.app.extensions["gateway.db"]
+    with db.engine.begin() as conn:
+        batch_id = conn.execute(Batch.__table__.select().order_by(Batch.id)).first().id
+        conn.execute(
+            update(Batch)
+            .where(Batch.id == batch_id)
+            .values(
+                status="processing",
+                finished_at=None,
+                progress={
+                    "chunks": 1,
+                    "recordsParsed": 50,
+                    "recordsMerged": 50,
+                    "recordsRejected": 0,
+                    "done": False,
+                },
+            )
+        )
+    sign_in(page, seeded.url, "ana@example.com", PASSWORD)
+    page.goto(f"{seeded.url}/console/t/{seeded.tenant}/ingestion/batches/{batch_id}")
+    assert page.locator("#batch-progress .merged").inner_text() == "50"
+    with db.engine.begin() as conn:
+        conn.execute(
+            update(Batch)
+            .where(Batch.id == batch_id)
+            .values(
+                progress={
+                    "chunks": 3,
+                    "recordsParsed": 150,
+                    "recordsMerged": 149,
+                    "recordsRejected": 1,
+                    "done": False,
+                }
+            )
+        )
+    page.wait_for_function("document.querySelector('#batch-progress .merged').textContent === '149'")
+    assert page.locator("#batch-progress .rejected").inner_text() == "1"
+    screenshot("batch-merging")
+    with db.engine.begin() as conn:
+        conn.execute(update(Batch).where(Batch.id == batch_id).values(status="succeeded"))
+    page.wait_for_function("document.querySelector('#batch-status').textContent === 'succeeded'")

@@ -463,3 +463,108 @@ def test_admin_creates_rotates_and_disables_a_client(console):
         f"/console/t/{console.a}/admin/clients/{other_id}/disable", data={"csrf_token": token_of(listing)}
     )
     assert refused.status_code == 404
+
+
+def test_score_impact_is_what_fixing_the_type_adds_to_the_score(gw):
+    """Two types in one control (a policy entry moves ``tls`` into ``enable-mfa``): a type's impact
+    counts only the resources where it is the control's only Unhealthy type, and fixing it raises
+    the score by exactly that."""
+    from tests.test_score import compliance
+
+    tenant = gw.tenant()
+    headers = gw.partner("CheckPoint", [tenant], scopes="findings.write security.read posture.manage")
+    state = {
+        "a": ("open", "open"),
+        "b": ("open", "fixed"),
+        "c": ("fixed", "open"),
+        "d": ("fixed", "fixed"),
+        "e": ("open", None),
+    }
+    records = []
+    for host, (mfa, tls) in state.items():
+        records.append(compliance(f"m-{host}", f"{host}.example.com", "mfa", "MFA should be enabled", mfa))
+        if tls:
+            records.append(
+                compliance(f"t-{host}", f"{host}.example.com", "tls", "TLS 1.2 should be required", tls)
+            )
+    push(gw, tenant, headers, document(records), "canonical")
+    moved = gw.http.post(
+        f"/api/v1/tenants/{tenant}/security/policies",
+        headers=headers,
+        json={"scope": "recommendationType", "target": "tls", "control": "enable-mfa"},
+    )
+    assert moved.status_code == 201, moved.get_json()
+    make_user(gw.app, ANALYST, PASSWORD, "analyst", [tenant])
+    analyst = signed_in(gw, ANALYST)
+    control = gw.http.get(
+        f"/api/v1/tenants/{tenant}/security/secureScoreControls", headers=headers
+    ).get_json()
+    (row,) = [c for c in control["value"] if c["id"] == "enable-mfa"]
+    assert (row["healthyResourceCount"], row["unhealthyResourceCount"]) == (1, 4)
+    max_score = row["maxScore"]
+
+    html = page_text(analyst, f"/console/t/{tenant}/recommendations")
+    shown = re.findall(
+        r"<small>(\w+)</small>.*?<td class=\"unhealthy\">(\d+)</td>\s*<td class=\"impact\">\+([0-9.]+)",
+        html,
+        re.S,
+    )
+    # mfa: Unhealthy on a, b, e; alone on b and e.  tls: Unhealthy on a, c; alone on c (4 + 1 resources count)
+    assert shown == [("mfa", "3", f"{max_score * 2 / 5:.2f}"), ("tls", "2", f"{max_score * 1 / 5:.2f}")]
+    before = score_on(html)
+    push(
+        gw,
+        tenant,
+        headers,
+        document(
+            [
+                compliance(
+                    f"m-{host}",
+                    f"{host}.example.com",
+                    "mfa",
+                    "MFA should be enabled",
+                    "fixed",
+                    ts="2024-05-01T00:00:00Z",
+                )
+                for host in "abe"
+            ]
+        ),
+        "canonical",
+    )
+    after = score_on(page_text(analyst, f"/console/t/{tenant}/recommendations"))
+    assert after - before == pytest.approx(max_score * 2 / 5, abs=0.01)
+
+
+def test_edits_never_reach_another_tenants_rows(console):
+    push(console, console.b, console.headers_b, graph_alerts(count=1), "graph_alert")
+    b_alert = console.http.get(
+        f"/api/v1/tenants/{console.b}/security/alerts", headers=console.headers_b
+    ).get_json()
+    b_alert_id = b_alert["value"][0]["id"]
+    b_resource = console.http.get(
+        f"/api/v1/tenants/{console.b}/security/resources", headers=console.headers_b
+    ).get_json()["value"][0]["id"]
+    analyst = signed_in(console, ANALYST)
+    queue = page_text(analyst, f"/console/t/{console.a}/alerts")
+    edit = analyst.post(
+        f"/console/t/{console.a}/alerts/edit",
+        data={"csrf_token": token_of(queue), "alert_id": b_alert_id, "status": "resolved"},
+    )
+    assert edit.status_code == 404
+    groups = page_text(analyst, f"/console/t/{console.a}/recommendations")
+    type_url = re.search(r'href="(/console/t/[^"]+/recommendations/types/\d+)"', groups).group(1)
+    exempt = analyst.post(
+        f"{type_url}/exempt",
+        data={"csrf_token": token_of(queue), "category": "waiver", "reason": "x", "resource_id": b_resource},
+    )
+    assert exempt.status_code == 400 and "resourceId" in exempt.get_data(as_text=True)
+    after = console.http.get(
+        f"/api/v1/tenants/{console.b}/security/alerts/{b_alert_id}", headers=console.headers_b
+    ).get_json()
+    assert after["status"] == "newAlert"
+    assert (
+        console.http.get(
+            f"/api/v1/tenants/{console.a}/security/exemptions", headers=console.headers_a
+        ).get_json()["value"]
+        == []
+    )

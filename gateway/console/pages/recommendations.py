@@ -58,7 +58,10 @@ def groups(tenant: int) -> Collection:
     A type's score impact is what fixing all of it adds to the score: in its control, each
     resource on which it is the only Unhealthy type turns healthy, worth ``max / (healthy +
     unhealthy)`` of the control (gateway/score/upkeep.py counts the same way).  Built per tenant,
-    so each aggregate reads only that tenant's rows (the index on (tenant, type, resource, status)).
+    so each aggregate reads only that tenant's rows.  In a control of one type every Unhealthy
+    recommendation of the type is the only one on its resource; only controls of several types
+    are grouped by (control, resource), once: a resource with one Unhealthy type there credits it
+    (``min(type_id)`` of a group of one is that type).
     """
     unhealthy = (
         select(R.c.type_id, func.count().label("unhealthy"))
@@ -67,31 +70,29 @@ def groups(tenant: int) -> Collection:
         .subquery("u")
     )
     rt_inner = RT.alias("rt_inner")
+    shared = (
+        select(rt_inner.c.control)
+        .where(rt_inner.c.tenant_id == tenant, rt_inner.c.control.is_not(None))
+        .group_by(rt_inner.c.control)
+        .having(func.count() > 1)
+    )
+    rt_shared = RT.alias("rt_shared")
     per_resource = (
-        select(rt_inner.c.control, R.c.resource_id, func.count().label("n"))
-        .join(rt_inner, and_(rt_inner.c.id == R.c.type_id, rt_inner.c.tenant_id == tenant))
-        .where(R.c.tenant_id == tenant, R.c.status == "Unhealthy", rt_inner.c.control.is_not(None))
-        .group_by(rt_inner.c.control, R.c.resource_id)
+        select(func.count().label("n"), func.min(R.c.type_id).label("type_id"))
+        .join(rt_shared, and_(rt_shared.c.id == R.c.type_id, rt_shared.c.tenant_id == tenant))
+        .where(R.c.tenant_id == tenant, R.c.status == "Unhealthy", rt_shared.c.control.in_(shared))
+        .group_by(rt_shared.c.control, R.c.resource_id)
         .subquery("rc")
     )
-    r_sole, rt_sole = R.alias("r_sole"), RT.alias("rt_sole")
-    sole = (
-        select(r_sole.c.type_id, func.count().label("sole"))
-        .join(rt_sole, and_(rt_sole.c.id == r_sole.c.type_id, rt_sole.c.tenant_id == tenant))
-        .join(
-            per_resource,
-            and_(
-                per_resource.c.control == rt_sole.c.control,
-                per_resource.c.resource_id == r_sole.c.resource_id,
-                per_resource.c.n == 1,
-            ),
-        )
-        .where(r_sole.c.tenant_id == tenant, r_sole.c.status == "Unhealthy")
-        .group_by(r_sole.c.type_id)
+    sole_shared = (
+        select(per_resource.c.type_id, func.count().label("sole"))
+        .where(per_resource.c.n == 1)
+        .group_by(per_resource.c.type_id)
         .subquery("s")
     )
+    sole = case((RT.c.control.in_(shared), func.coalesce(sole_shared.c.sole, 0)), else_=unhealthy.c.unhealthy)
     counted = SSC.c.healthy + SSC.c.unhealthy
-    impact = func.coalesce(cast(SSC.c.max, Float) * sole.c.sole / func.nullif(counted, 0), 0.0)
+    impact = func.coalesce(cast(SSC.c.max, Float) * sole / func.nullif(counted, 0), 0.0)
     severity = func.coalesce(RT.c.severity_override, RT.c.severity)
     base = (
         select(
@@ -106,7 +107,7 @@ def groups(tenant: int) -> Collection:
         )
         .select_from(
             RT.join(unhealthy, unhealthy.c.type_id == RT.c.id)
-            .outerjoin(sole, sole.c.type_id == RT.c.id)
+            .outerjoin(sole_shared, sole_shared.c.type_id == RT.c.id)
             .outerjoin(SSC, and_(SSC.c.tenant_id == tenant, SSC.c.control == RT.c.control))
         )
         .where(RT.c.tenant_id == tenant)
