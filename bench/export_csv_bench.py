@@ -91,7 +91,7 @@ def _backend_cpu(url: str) -> dict[int, float]:
     return found
 
 
-def run(engine, tenant_id: int, options: dict, fmt: str, path: str) -> tuple[int, str]:
+def run(engine, tenant_id: int, options: dict, fmt: str, path: str, connections: int = 1) -> tuple[int, str]:
     """Stream one export; print its figures; (rows, sha256)."""
     collection = COLLECTIONS["findings"]
     context = FilterContext(tenant_id=tenant_id, dialect="postgresql")
@@ -105,7 +105,8 @@ def run(engine, tenant_id: int, options: dict, fmt: str, path: str) -> tuple[int
     url = engine.url.render_as_string(hide_password=False).replace("+psycopg", "")
     backend_before, cpu_before = _backend_cpu(url), time.process_time()
     started = time.perf_counter()
-    for chunk in bulk_export.stream(engine, collection, tenant_id, request, fmt, fast=path == "copy"):
+    for chunk in bulk_export.stream(engine, collection, tenant_id, request, fmt, fast=path == "copy",
+                                    connections=connections):
         digest.update(chunk)
         size += len(chunk)
         lines += chunk.count(b"\n")
@@ -116,7 +117,8 @@ def run(engine, tenant_id: int, options: dict, fmt: str, path: str) -> tuple[int
     backend_cpu = sum(seconds - backend_before.get(pid, 0.0) for pid, seconds in _backend_cpu(url).items())
     # CPU seconds do not depend on how busy the shared machine is: rows per CPU-second of the
     # busiest process is about the rate of an idle core
-    print(f"  {fmt:5} {path:6} {rows:>10,} rows {elapsed:7.1f}s {rows / elapsed:>9,.0f} rows/s "
+    label = f"{path}x{connections}" if path == "copy" else path
+    print(f"  {fmt:5} {label:6} {rows:>10,} rows {elapsed:7.1f}s {rows / elapsed:>9,.0f} rows/s "
           f"{size / elapsed / 2**20:6.1f} MB/s  {size / 2**20:7.1f} MB  peak RSS +{peak:.0f} MiB  "
           f"CPU: Python {python_cpu:.1f}s, PostgreSQL {backend_cpu:.1f}s "
           f"({rows / max(python_cpu, backend_cpu, 1e-9):,.0f} rows per CPU-second of the busier)", flush=True)
@@ -160,6 +162,8 @@ def main() -> None:
     parser.add_argument("--select")
     parser.add_argument("--formats", default="csv,jsonl")
     parser.add_argument("--paths", default="copy,python")
+    parser.add_argument("--connections", default="1",
+                        help="COPY path: connections sharing the export, e.g. 1,2 (each run separately)")
     parser.add_argument("--no-http", action="store_true")
     args = parser.parse_args()
     logging.disable(logging.INFO)
@@ -179,9 +183,12 @@ def main() -> None:
         for fmt in args.formats.split(","):
             digests = {}
             for path in args.paths.split(","):
-                digests[path] = run(engine, tenant_id, options, fmt, path)
+                for connections in ([int(n) for n in args.connections.split(",")] if path == "copy" else [1]):
+                    digests[f"{path}x{connections}" if path == "copy" else path] = run(
+                        engine, tenant_id, options, fmt, path, connections)
             if len({digest for _, digest in digests.values() if digest}) == 1 and len(digests) > 1:
-                print(f"  {fmt}: the paths' outputs are byte-identical (sha256 {digests['copy'][1][:16]}...)")
+                print(f"  {fmt}: the paths' outputs are byte-identical (sha256 "
+                      f"{next(iter(digests.values()))[1][:16]}...)")
             elif len(digests) > 1:
                 print(f"  {fmt}: the paths' outputs DIFFER: {digests}")
         if not args.no_http:

@@ -185,4 +185,30 @@ class IndicatorRecord(msgspec.Struct, kw_only=True):
     provider_timestamp: datetime | None = None
 
 
-Record = FindingRecord | Observation | AlertRecord | VulnerabilityInfo | IndicatorRecord | Rejected
+class SecurityEventRecord(msgspec.Struct, kw_only=True):
+    """One host security event (a logon, a process start, a connection, a group change), normalized.
+
+    ``kind`` is one of ``EVENT_KINDS``; the typed fields are what detection rules query
+    (gateway/detection/); ``raw`` keeps the event as it was sent.
+    """
+
+    occurred_at: datetime
+    kind: str
+    resource: ResourceRef | None = None
+    event_id: int | None = None  # the Windows event id (4625), or the OCSF class_uid (3002)
+    outcome: str | None = None  # success | failure
+    user: str | None = None  # the account the event is about (logon account, new member)
+    target: str | None = None  # the group a member was added to, the account created
+    source_ip: str | None = None  # where a logon came from; a connection's source
+    remote_ip: str | None = None  # a connection's destination
+    domain: str | None = None  # a queried or contacted domain name
+    process: str | None = None  # the process image path
+    hash: str | None = None  # the process image hash (sha256 preferred)
+    raw: dict | None = None
+
+
+EVENT_KINDS = ("logon_success", "logon_failure", "logoff", "process_start", "network_connection",
+               "account_created", "group_member_added", "other")
+
+
+Record = FindingRecord | Observation | AlertRecord | VulnerabilityInfo | IndicatorRecord | SecurityEventRecord | Rejected

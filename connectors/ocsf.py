@@ -57,6 +57,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, BinaryIO
 
+from connectors._events import EVENT_CLASSES, first_class_uid
 from connectors._json import (
     MAX_REFERENCES,
     MAX_TEXT,
@@ -111,7 +112,10 @@ def sniff(head: bytes) -> bool:
     text = json_head(head)
     if text[:1] not in (b"[", b"{"):
         return False
-    return b'"finding_info"' in text or (b'"class_uid"' in text and b'"category_uid"' in text)
+    if b'"finding_info"' in text:
+        return True
+    # OCSF activity events (3002, 1007, 4001) are the ocsf_events format
+    return b'"class_uid"' in text and b'"category_uid"' in text and first_class_uid(text) not in EVENT_CLASSES
 
 
 def parse(stream: BinaryIO, options: ParseOptions) -> Iterator[FindingRecord | AlertRecord | Rejected]:

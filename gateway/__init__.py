@@ -48,6 +48,10 @@ def create_app(config: dict[str, Any] | None = None, role: str = "api") -> Flask
     ratelimit.init_app(app)
     auth.init_app(app)
     init_api(app)
+    if role == "api":
+        from gateway import console
+
+        console.init_app(app)  # the web console (issue 15), after errors: its HTML pages wrap the JSON ones
     celery_init_app(app)
     return app
 

@@ -47,7 +47,9 @@ SCOPES = {
     "itsm.manage": "Manage ITSM connections (ServiceNow, Jira), sync rules and tickets",
     "exports.manage": "Manage continuous export: destinations, test deliveries, replay, secret rotation",
     "indicators.write": "Push threat-intelligence indicators (Graph tiIndicator, STIX 2.1)",
-    "admin": "Administer tenants, clients, policies and exports",
+    "events.write": "Push host security events (Windows Security events, OCSF activity events)",
+    "rules.manage": "Enable, disable and tune detection rules and create custom ones",
+    "admin": "Administer tenants, clients, policies and exports; push the known-exploited-vulnerabilities list",
 }
 
 

@@ -28,17 +28,23 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
+import queue
 import re
+import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Numeric, Text, and_, case, cast, func, literal, literal_column, or_, select
+from sqlalchemy import Numeric, Text, and_, bindparam, case, cast, func, literal, literal_column, or_, select
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.engine import Engine
 from sqlalchemy.sql import ColumnElement
+from sqlalchemy.sql.elements import BindParameter
+from sqlalchemy.sql.visitors import replacement_traverse
 
 from gateway import query
 from gateway.models import Finding, FindingSource, GovernanceAssignment, Recommendation, RecommendationType
@@ -46,6 +52,8 @@ from gateway.posture import governance
 from gateway.query import Collection, ListRequest
 
 COPY_SLICE = 50_000  # rows a COPY statement reads; the next one starts after its last row
+PARALLEL_SLICE = 5_000  # rows of one slice when several connections share an export
+BOUNDARIES_PER_QUERY = 200  # slice starts one numbering query finds
 _BLOCK = 1 << 18  # bytes of COPY output handled (and sent) at once
 MEDIA = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson; charset=utf-8"}
 EXTENSIONS = {"csv": "csv", "jsonl": "jsonl"}
@@ -74,12 +82,14 @@ def export_response(
     request: ListRequest,
     name: str,
     json_default: Callable | None = None,
+    connections: int = 1,
 ):
     """The streamed download of the whole filtered collection in the request's format."""
     wanted = export_format(request)
     assert wanted is not None
     response = response_class(
-        stream(engine, collection, tenant_id, request, wanted, json_default=json_default),
+        stream(engine, collection, tenant_id, request, wanted, json_default=json_default,
+               connections=connections),
         content_type=MEDIA[wanted],
     )
     response.headers["Content-Disposition"] = f'attachment; filename="{name}.{EXTENSIONS[wanted]}"'
@@ -108,9 +118,17 @@ def stream(
     *,
     fast: bool = True,
     json_default: Callable | None = None,
+    connections: int = 1,
+    slice_rows: int | None = None,
 ) -> Iterator[bytes]:
-    """The export's bytes: by COPY where the store and the selection allow (``fast``), else in Python."""
+    """The export's bytes: by COPY where the store and the selection allow (``fast``), else in Python.
+
+    With ``connections`` above 1 the COPY slices (``slice_rows`` each, ``PARALLEL_SLICE`` by
+    default) are read by that many connections at once, all in one snapshot."""
     rendering = copy_rendering(engine, collection, request) if fast else None
+    if rendering is not None and connections > 1 and reads_in_order(engine, collection, tenant_id, request):
+        return _parallel_copy_stream(engine, collection, rendering, tenant_id, request, wanted,
+                                     connections, slice_rows or PARALLEL_SLICE)
     if rendering is not None:
         return _copy_stream(engine, collection, rendering, tenant_id, request, wanted)
     if wanted == "csv":
@@ -351,8 +369,11 @@ def _slice_query(
     request: ListRequest,
     after: tuple[list, Any] | None,
     wanted: str,
+    limit: int | None = None,
+    after_condition: ColumnElement | None = None,
 ):
-    """One slice: the rows after ``after`` in the request's order, each as ``line, keyset JSON``.
+    """One slice: the rows after ``after`` (or ``after_condition``) in the request's order, each as
+    ``line, keyset JSON``.
 
     The inner SELECT renders each field once (a subquery such as a finding's sources runs once a
     row); the outer one builds the line from those columns, which a CSV cell reads several times.
@@ -360,7 +381,9 @@ def _slice_query(
     expressions = [(collection.order_fields[name], desc) for name, desc in request.order]
     statement = query.filtered(collection, tenant_id, request)
     if after is not None:
-        statement = statement.where(query._after(expressions, after[0], collection.id_column, after[1]))
+        after_condition = query._after(expressions, after[0], collection.id_column, after[1])
+    if after_condition is not None:
+        statement = statement.where(after_condition)
     order_by = [(f.expression.desc() if desc else f.expression.asc()) for f, desc in expressions]
     last_desc = request.order[-1][1] if request.order else False
     order_by.append(collection.id_column.desc() if last_desc else collection.id_column.asc())
@@ -375,7 +398,7 @@ def _slice_query(
     inner = (
         statement.with_only_columns(*inner_columns, maintain_column_froms=True)
         .order_by(*order_by)
-        .limit(COPY_SLICE)
+        .limit(COPY_SLICE if limit is None else limit)
         .subquery("export_slice")
     )
     fields = {
@@ -409,33 +432,249 @@ def _copy_stream(
         csv.writer(buffer, lineterminator="\r\n").writerow(columns)
         yield buffer.getvalue().encode()
     with engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn, conn.begin():
-        # shortest exact doubles, as psycopg reads them; no JIT: the subqueries' estimates look costly,
-        # and compiling them took longer than a 20,000-row export runs without it
-        conn.exec_driver_sql("SET LOCAL extra_float_digits = 1")
-        conn.exec_driver_sql("SET LOCAL jit = off")
+        _export_settings(conn)
         cursor = conn.connection.dbapi_connection.cursor()
         after = None
         while True:
-            compiled = _slice_query(collection, rendering, tenant_id, request, after, wanted).compile(
-                dialect=engine.dialect, compile_kwargs={"render_postcompile": True}
-            )
+            statement = _slice_query(collection, rendering, tenant_id, request, after, wanted)
             rows, last = 0, b""
-            pending = bytearray()
-            with cursor.copy(f"COPY ({compiled}) TO STDOUT", compiled.params) as copy:
-                for data in copy:
-                    pending += data
-                    if len(pending) >= _BLOCK and pending.endswith(b"\n"):  # (COPY sends whole rows)
-                        block, last, count = _complete(pending)
-                        rows += count
-                        yield block
-            if pending:
-                block, last, count = _complete(pending)
-                rows += count
+            for block, keyset, count in _copy_blocks(cursor, engine, statement):
+                rows, last = rows + count, keyset
                 yield block
             if rows < COPY_SLICE:
                 return
             keys = json.loads(_unescape(last))
             after = (keys[:-1], keys[-1])
+
+
+def _copy_blocks(cursor, engine: Engine, statement) -> Iterator[tuple[bytes, bytes, int]]:
+    """One slice's COPY output in blocks of whole rows: (lines, the last row's keyset, rows)."""
+    compiled = statement.compile(dialect=engine.dialect, compile_kwargs={"render_postcompile": True})
+    return _copy_text_blocks(cursor, f"COPY ({compiled}) TO STDOUT", compiled.params)
+
+
+def _copy_text_blocks(cursor, text: str, params: dict) -> Iterator[tuple[bytes, bytes, int]]:
+    pending = bytearray()
+    with cursor.copy(text, params) as copy:
+        for data in copy:
+            pending += data
+            if len(pending) >= _BLOCK and pending.endswith(b"\n"):  # (COPY sends whole rows)
+                yield _complete(pending)
+    if pending:
+        yield _complete(pending)
+
+
+def _export_settings(conn) -> None:
+    # shortest exact doubles, as psycopg reads them; no JIT: the subqueries' estimates look costly,
+    # and compiling them took longer than a 20,000-row export runs without it
+    conn.exec_driver_sql("SET LOCAL extra_float_digits = 1")
+    conn.exec_driver_sql("SET LOCAL jit = off")
+
+
+# -- the COPY path on several connections ---------------------------------------------------------
+#
+# One connection renders rows at the speed of one PostgreSQL backend (one core).  To use more,
+# the export's transaction publishes its snapshot (``pg_export_snapshot()``) and ``connections``
+# reader threads, each with a connection of its own that adopts it (``SET TRANSACTION
+# SNAPSHOT``), run the COPY slices at once: every reader sees exactly the rows the export's
+# transaction sees.  Where each slice starts is known beforehand: the export's own connection
+# numbers the filtered rows in the request's order (their keys only, no rendering) and takes
+# the keyset of every ``slice_rows``-th, ``BOUNDARIES_PER_QUERY`` slices at a time.  A slice is
+# then the very statement of the one-connection path (rows after its start, LIMIT slice_rows).
+# The response takes the slices' output in order; at most ``connections + 1`` slices are ahead of
+# it, so memory stays bounded by a few slices whatever the export's size.
+
+
+def _numbering(collection: Collection, tenant_id: int, request: ListRequest, after: tuple[list, Any] | None,
+               slice_rows: int):
+    """The keyset of every ``slice_rows``-th row after ``after``, ``BOUNDARIES_PER_QUERY`` at most."""
+    numbered = _numbered(collection, tenant_id, request, after, slice_rows).subquery("export_numbered")
+    every = numbered.c.position % slice_rows == 0
+    return select(numbered.c.keyset).where(every).order_by(numbered.c.position)
+
+
+def _numbered(collection: Collection, tenant_id: int, request: ListRequest, after: tuple[list, Any] | None,
+              slice_rows: int):
+    """The next ``slice_rows * BOUNDARIES_PER_QUERY`` rows' keysets and positions, in order."""
+    expressions = [(collection.order_fields[name], desc) for name, desc in request.order]
+    order_by = [(f.expression.desc() if desc else f.expression.asc()) for f, desc in expressions]
+    last_desc = request.order[-1][1] if request.order else False
+    order_by.append(collection.id_column.desc() if last_desc else collection.id_column.asc())
+    keyset = cast(func.json_build_array(*[f.expression for f, _ in expressions], collection.id_column), Text)
+    statement = query.filtered(collection, tenant_id, request)
+    if after is not None:
+        statement = statement.where(query._after(expressions, after[0], collection.id_column, after[1]))
+    return (
+        statement.with_only_columns(
+            keyset.label("keyset"),
+            func.row_number().over(order_by=order_by).label("position"),
+            maintain_column_froms=True,
+        )
+        .order_by(*order_by)
+        .limit(slice_rows * BOUNDARIES_PER_QUERY)
+    )
+
+
+def _slice_starts(
+    conn, collection: Collection, tenant_id: int, request: ListRequest, slice_rows: int
+) -> Iterator[tuple[list, Any]]:
+    """The keyset each slice after the first starts after: that of every ``slice_rows``-th row."""
+    after = None
+    while True:
+        starts = conn.execute(_numbering(collection, tenant_id, request, after, slice_rows)).scalars().all()
+        for text in starts:
+            keys = json.loads(text)
+            after = (keys[:-1], keys[-1])
+            yield after
+        if len(starts) < BOUNDARIES_PER_QUERY:
+            return
+
+
+def reads_in_order(engine: Engine, collection: Collection, tenant_id: int, request: ListRequest) -> bool:
+    """Whether PostgreSQL reads the request's rows in its order (an index, no Sort nor Incremental Sort).
+
+    Only then do many short slices pay: a slice that has to sort reads every row after its start,
+    so the more slices, the more of the collection is read again (the one-connection path's
+    large slices read it a few times at most)."""
+    statement = _numbered(collection, tenant_id, request, None, PARALLEL_SLICE)
+    compiled = statement.compile(dialect=engine.dialect, compile_kwargs={"render_postcompile": True})
+    with engine.connect() as conn:
+        plan = conn.exec_driver_sql(f"EXPLAIN (FORMAT JSON) {compiled}", compiled.params).scalar()
+    if isinstance(plan, str):
+        plan = json.loads(plan)
+
+    def sorts(node: dict) -> bool:
+        children = node.get("Plans", ())
+        return node.get("Node Type", "").endswith("Sort") or any(sorts(child) for child in children)
+
+    return not sorts(plan[0]["Plan"])
+
+
+class _SliceStatements:
+    """The SQL of each slice, compiled once per shape of its start condition.
+
+    Building and compiling a slice's SELECT costs some 30 ms of Python (the rendering is a large
+    expression), as much as PostgreSQL takes for a thousand rows.  Slices differ only in the
+    values their start condition compares with, so that condition's bound values get names of
+    their own (``export_after_N``); the compiled text is kept by the condition's own SQL (its
+    shape: a NULL key, say, compares differently) and a slice only sets those values."""
+
+    def __init__(self, engine: Engine, collection: Collection, rendering: SqlRendering, tenant_id: int,
+                 request: ListRequest, wanted: str, slice_rows: int) -> None:
+        self.engine, self.collection, self.rendering = engine, collection, rendering
+        self.tenant_id, self.request, self.wanted, self.slice_rows = tenant_id, request, wanted, slice_rows
+        self.expressions = [(collection.order_fields[name], desc) for name, desc in request.order]
+        self.compiled: dict[str | None, tuple[str, dict]] = {}
+
+    def sql(self, after: tuple[list, Any] | None) -> tuple[str, dict]:
+        """The COPY statement of the slice after ``after`` and its parameters."""
+        condition, values = None, {}
+        if after is not None:
+            def named(element):
+                if isinstance(element, BindParameter):
+                    name = f"export_after_{len(values)}"
+                    values[name] = element.value
+                    return bindparam(name, element.value, type_=element.type)
+                return None
+
+            condition = replacement_traverse(
+                query._after(self.expressions, after[0], self.collection.id_column, after[1]), {}, named)
+        shape = None if condition is None else str(condition.compile(dialect=self.engine.dialect))
+        if shape not in self.compiled:
+            statement = _slice_query(self.collection, self.rendering, self.tenant_id, self.request, None,
+                                     self.wanted, self.slice_rows, after_condition=condition)
+            compiled = statement.compile(dialect=self.engine.dialect,
+                                         compile_kwargs={"render_postcompile": True})
+            self.compiled[shape] = (f"COPY ({compiled}) TO STDOUT", compiled.params)
+        text, params = self.compiled[shape]
+        return text, params | values
+
+
+_SNAPSHOT_ID = re.compile(r"[0-9A-Fa-f-]+")
+
+
+class _SliceReader(threading.Thread):
+    """A connection in the export's snapshot that runs the slices it takes from ``tasks``; each
+    slice's blocks go to its own queue, then None (or the exception that stopped it)."""
+
+    def __init__(self, engine: Engine, snapshot: str, tasks: queue.Queue, stop: threading.Event) -> None:
+        super().__init__(name="export-slice-reader", daemon=True)
+        self.engine, self.snapshot, self.tasks, self.stop = engine, snapshot, tasks, stop
+
+    def run(self) -> None:
+        try:
+            with self.engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn, \
+                    conn.begin():
+                conn.exec_driver_sql(f"SET TRANSACTION SNAPSHOT '{self.snapshot}'")
+                _export_settings(conn)
+                cursor = conn.connection.dbapi_connection.cursor()
+                while (task := self.tasks.get()) is not None:
+                    (text, params), out = task
+                    if self.stop.is_set():  # the response is gone: no more reading
+                        out.put(None)
+                        continue
+                    try:
+                        for block, _, _ in _copy_text_blocks(cursor, text, params):
+                            out.put(block)
+                    except BaseException as exc:
+                        out.put(exc)
+                        raise
+                    out.put(None)
+        except Exception as exc:  # noqa: BLE001 - answered on every slice left, raised by the response
+            while (task := self.tasks.get()) is not None:
+                task[1].put(exc)
+
+
+def _parallel_copy_stream(
+    engine: Engine,
+    collection: Collection,
+    rendering: SqlRendering,
+    tenant_id: int,
+    request: ListRequest,
+    wanted: str,
+    connections: int,
+    slice_rows: int,
+) -> Iterator[bytes]:
+    columns = request.select or collection.selectable
+    if wanted == "csv":
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\r\n").writerow(columns)
+        yield buffer.getvalue().encode()
+    with engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn, conn.begin():
+        _export_settings(conn)
+        snapshot = conn.exec_driver_sql("SELECT pg_export_snapshot()").scalar()
+        assert _SNAPSHOT_ID.fullmatch(snapshot), snapshot
+        tasks: queue.Queue = queue.Queue()
+        stop = threading.Event()
+        readers = [_SliceReader(engine, snapshot, tasks, stop) for _ in range(connections)]
+        for reader in readers:
+            reader.start()
+        try:
+            statements = _SliceStatements(engine, collection, rendering, tenant_id, request, wanted,
+                                          slice_rows)
+            starts = _slice_starts(conn, collection, tenant_id, request, slice_rows)
+            ahead: deque[queue.Queue] = deque()
+            for after in itertools.chain([None], starts):
+                out: queue.Queue = queue.Queue()
+                tasks.put((statements.sql(after), out))
+                ahead.append(out)
+                if len(ahead) > connections:
+                    yield from _slice_output(ahead.popleft())
+            while ahead:
+                yield from _slice_output(ahead.popleft())
+        finally:  # also when the client went away (the generator is closed)
+            stop.set()
+            for _ in readers:
+                tasks.put(None)
+            for reader in readers:
+                reader.join()
+
+
+def _slice_output(out: queue.Queue) -> Iterator[bytes]:
+    while (block := out.get()) is not None:
+        if isinstance(block, BaseException):
+            raise block
+        yield block
 
 
 def _complete(pending: bytearray) -> tuple[bytes, bytes, int]:

@@ -344,6 +344,9 @@ def run(host: str, port: int, worker_count: int) -> None:
 
     config = load_config()
     overrides = embedded_overrides(host, port, config["ISSUER"])
+    if "GATEWAY_CONSOLE_COOKIE_SECURE" not in os.environ:
+        # this server speaks plain http: a Secure console cookie would never be sent back to it
+        overrides["CONSOLE_COOKIE_SECURE"] = False
     upgrade(config["DATABASE_URL"])
     env = dict(os.environ)
     env.setdefault("GATEWAY_HOME", os.environ.get("GATEWAY_HOME", os.path.join(os.getcwd(), "instance")))
@@ -864,6 +867,10 @@ main.add_command(_automation)
 from gateway.intel.cli import intel as _intel  # noqa: E402 - `gateway intel feed add|list|pull`
 
 main.add_command(_intel)
+
+from gateway.console.cli import user as _user  # noqa: E402 - `gateway user` (console users)
+
+main.add_command(_user)
 
 
 if __name__ == "__main__":

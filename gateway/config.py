@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     # also merges the tenant's other queued batches that small, up to this many in all (1: off).
     small_batch_max_bytes: int = 64 * 1024
     small_batches_per_task: int = 20
+    # One big batch, many workers (gateway/merge/parallel.py; PostgreSQL): a batch of at least this
+    # many bytes is staged in chunks of about this many records, merged by every free worker. 0: off.
+    parallel_merge_min_bytes: int = 32 * 1024 * 1024
+    parallel_merge_chunk_records: int = 10_000
     # ANALYZE after a merge (PostgreSQL; gateway/pipeline.py analyze_if_due): a table the merges
     # changed by this many rows, or this share of its rows, since its last ANALYZE. 0 turns it off.
     analyze_after_rows: int = 50_000
@@ -68,6 +72,9 @@ class Settings(BaseSettings):
     wellformed_check_max_bytes: int = 256 * 1024 * 1024  # larger bodies skip the check before 202
     page_size_default: int = 100
     page_size_max: int = 1000
+    # CSV/JSON Lines exports (gateway/bulk_export.py): PostgreSQL connections that read one export's
+    # slices at once (each a backend, i.e. a core); 1 reads them one after the other.
+    export_connections: int = 2
     task_always_eager: bool = False
     task_queue: str = "gateway"
     log_format: Literal["json", "text"] | None = None
@@ -120,6 +127,23 @@ class Settings(BaseSettings):
     gzip_max_ratio: float = 100.0  # a gzip body expanding more than this many times is a bomb: 413
     receiving_timeout_seconds: int = 600  # a push whose bytes stop arriving this long is marked failed
     upload_expiry_seconds: int = 86400  # an unfinished multipart upload is deleted this long after creation
+    # The console (gateway/console/; README, "Console"): people sign in with local users or OIDC.
+    console_cookie_secure: bool = True  # false only for plain-http development (`gateway run` on loopback)
+    console_session_hours: float = 12.0  # a session unused this long is gone
+    console_lockout_failures: int = 5  # failed sign-ins in a row lock a local user ...
+    console_lockout_seconds: int = 900  # ... this long
+    oidc_issuer: str | None = None  # the identity provider (its /.well-known/openid-configuration)
+    oidc_client_id: str | None = None
+    oidc_client_secret: str | None = None
+    oidc_scope: str = "openid email profile"
+    oidc_role_claim: str = "groups"  # the ID token claim (a string or a list) that names the role
+    oidc_role_map: str = ""  # "claim value=role,...", role reader|analyst|admin; no match: refused
+    oidc_tenant_claim: str | None = None  # a claim listing tenant ids to grant; else the default below
+    oidc_default_tenants: str = ""  # comma-separated tenant ids granted to a user provisioned by OIDC
+    # Security events and detection rules (gateway/detection/; issue 16)
+    security_event_retention_days: int = 31  # event days kept (PostgreSQL: whole day partitions dropped)
+    detection_interval: float = 60.0  # seconds between the beat's rule evaluations
+    security_events_default_hours: int = 24  # the time range of a securityEvents list that names none
 
     @field_validator("ratelimit_push", "ratelimit_tenant_push", "ratelimit_read", "ratelimit_token")
     @classmethod
@@ -142,7 +166,7 @@ OTHER_NAMES |= {"ITSM_INTERVAL"}  # the ITSM beat interval (workers/celery_app.p
 OTHER_NAMES |= {"INTEL_PULL_INTERVAL", "INTEL_SWEEP_INTERVAL", "INTEL_PRUNE_INTERVAL", "INTEL_SWEEP_WINDOW"}
 FIELDS = {name.upper() for name in Settings.model_fields}
 INT_SETTINGS = {name.upper() for name, field in Settings.model_fields.items() if field.annotation is int}
-SECRET_SETTINGS = {"SECRET_KEY", "METRICS_TOKEN", "SECRETS_KEYS"}
+SECRET_SETTINGS = {"SECRET_KEY", "METRICS_TOKEN", "SECRETS_KEYS", "OIDC_CLIENT_SECRET"}
 _TYPE_WORDS = {"int_parsing": "an integer", "int_from_float": "an integer", "bool_parsing": "true or false",
                "literal_error": None}
 

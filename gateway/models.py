@@ -195,6 +195,33 @@ class BatchChunk(Base):
     merged_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class BatchMergeChunk(Base):
+    """One staged chunk of a big batch merged by several workers (gateway/merge/parallel.py).
+
+    Migration 0028.  ``records`` holds the chunk's parsed and checked records (msgpack); the
+    ``tail`` chunk (the last ``seq``) is written when staging ends and is merged by the final
+    step.  A chunk's merge writes ``state = done`` and its ``result`` in its own transaction.
+    The rows are deleted when the batch is finished.
+    """
+
+    __tablename__ = "batch_merge_chunks"
+
+    batch_id: Mapped[int] = mapped_column(BigId, ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    tenant_id: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(10), default="chunk")  # chunk | tail
+    state: Mapped[str] = mapped_column(String(10), default="pending")  # pending | done
+    records: Mapped[bytes] = mapped_column(LargeBinary)
+    record_count: Mapped[int] = mapped_column(Integer, default=0)
+    received: Mapped[int] = mapped_column(Integer, default=0)  # tail: records parsed in the batch
+    rejected: Mapped[int] = mapped_column(Integer, default=0)  # tail: records rejected in the batch
+    result: Mapped[bytes | None] = mapped_column(LargeBinary)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(100))
+    lease_expires_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+
 class Resource(Base):
     __tablename__ = "resources"
     __table_args__ = (Index("ix_resources_tenant_id", "tenant_id", "id"),)
@@ -703,6 +730,8 @@ class Alert(Base):
     # the suppression rule that resolved the alert (migration 0011): no foreign key, so the id of a
     # deleted rule stays (its ``suppressed`` event names it too)
     suppressed_by: Mapped[int | None] = mapped_column(BigId)
+    # the detection rule that raised the alert (migration 0031; gateway/detection/): None for a partner's
+    detection_rule: Mapped[str | None] = mapped_column(String(100))
 
 
 class AlertSuppressionRule(Base):
@@ -1134,6 +1163,55 @@ class ProviderFindingCount(Base):
     tenant_id: Mapped[int] = mapped_column(Integer)
     provider: Mapped[str] = mapped_column(String(100))
     findings: Mapped[int] = mapped_column(BigInteger)
+
+
+# -- issue 15: the console's people, their tenants and their sessions (migration 0029) -------------
+# People sign in to the console (gateway/console/), separately from partner clients: local users
+# with an argon2id password hash, or users provisioned by OIDC sign-in (``oidc_subject``).
+
+
+class ConsoleUser(Base):
+    """A person who signs in to the console; ``role`` is reader, analyst or admin."""
+
+    __tablename__ = "console_users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    email: Mapped[str] = mapped_column(String(320), unique=True)
+    role: Mapped[str] = mapped_column(String(20))
+    password_hash: Mapped[str | None] = mapped_column(String(200), nullable=True)  # None: OIDC only
+    oidc_subject: Mapped[str | None] = mapped_column(String(400), unique=True, nullable=True)  # issuer|sub
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    failed_logins: Mapped[int] = mapped_column(Integer, default=0)
+    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    time_zone: Mapped[str | None] = mapped_column(String(64), nullable=True)  # None: the browser's
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class ConsoleUserTenant(Base):
+    """A tenant granted to a console user: the user sees only these."""
+
+    __tablename__ = "console_user_tenants"
+
+    user_id: Mapped[int] = mapped_column(ForeignKey("console_users.id", ondelete="CASCADE"), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+
+
+class ConsoleSession(Base):
+    """A server-side console session; the cookie holds a random id, the store only its SHA-256."""
+
+    __tablename__ = "console_sessions"
+    __table_args__ = (Index("ix_console_sessions_expires", "expires_at"),
+                      Index("ix_console_sessions_user", "user_id"))
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("console_users.id", ondelete="CASCADE"),
+                                                nullable=True)
+    data: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 # -- issue 16 part A: threat-intelligence indicators and their matches (migration 0030; gateway/intel/) --
 
 
@@ -1227,3 +1305,100 @@ class IndicatorFeed(Base):
     last_counts: Mapped[dict | None] = mapped_column(JSON)
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# -- issue 16: security events, the KEV catalogue, detection rules (migration 0031; gateway/detection/) ----
+
+
+class SecurityEvent(Base):
+    """One host security event (gateway/detection/events.py).  A hot table: no foreign keys.
+
+    On PostgreSQL it is partitioned by range of ``occurred_at``, one partition a day
+    (``security_events_pYYYYMMDD``), created ahead and dropped whole after the retention period;
+    the primary key holds the partition key, as PostgreSQL requires.  On SQLite ``id`` alone is
+    the (rowid) key of a plain table.
+    """
+
+    __tablename__ = "security_events"
+    __table_args__ = (
+        Index("ix_security_events_tenant_time", "tenant_id", "occurred_at", "id"),
+        Index("ix_security_events_tenant_id", "tenant_id", "id"),
+        Index("ix_security_events_tenant_kind", "tenant_id", "kind", "occurred_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    occurred_at: Mapped[datetime] = mapped_column(primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(Integer)
+    batch_id: Mapped[int | None] = mapped_column(BigId)
+    provider: Mapped[str] = mapped_column(String(100))
+    resource_id: Mapped[int | None] = mapped_column(BigId)
+    kind: Mapped[str] = mapped_column(String(30))
+    event_id: Mapped[int | None] = mapped_column(Integer)
+    outcome: Mapped[str | None] = mapped_column(String(20))
+    user_name: Mapped[str | None] = mapped_column(String(300))
+    target: Mapped[str | None] = mapped_column(String(300))
+    source_ip: Mapped[str | None] = mapped_column(String(64))
+    remote_ip: Mapped[str | None] = mapped_column(String(64))
+    domain: Mapped[str | None] = mapped_column(String(500))
+    process: Mapped[str | None] = mapped_column(String(1000))
+    hash: Mapped[str | None] = mapped_column(String(128))
+    raw: Mapped[dict | None] = mapped_column(JSON)
+    ingested_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class KnownExploitedVulnerability(Base):
+    """One entry of the known-exploited-vulnerabilities catalogue (CISA KEV JSON): global, not per tenant."""
+
+    __tablename__ = "known_exploited_vulnerabilities"
+
+    cve_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    vendor_project: Mapped[str | None] = mapped_column(String(300))
+    product: Mapped[str | None] = mapped_column(String(300))
+    vulnerability_name: Mapped[str | None] = mapped_column(Text)
+    date_added: Mapped[str | None] = mapped_column(String(10))
+    due_date: Mapped[str | None] = mapped_column(String(10))
+    known_ransomware_use: Mapped[str | None] = mapped_column(String(20))
+    catalog_version: Mapped[str | None] = mapped_column(String(40))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DetectionRule(Base):
+    """A tenant's word on a detection rule: a built-in's enabled/threshold override, or a custom rule
+    (``definition`` set)."""
+
+    __tablename__ = "detection_rules"
+    __table_args__ = (UniqueConstraint("tenant_id", "rule_id", name="uq_detection_rules_rule"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    rule_id: Mapped[str] = mapped_column(String(100))
+    definition: Mapped[dict | None] = mapped_column(JSON)
+    enabled: Mapped[bool | None] = mapped_column(Boolean)
+    threshold: Mapped[int | None] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_by: Mapped[str | None] = mapped_column(String(200))
+
+
+class DetectionWatermark(Base):
+    """Where a rule's last evaluation of a tenant's rows stopped: the highest row id it read."""
+
+    __tablename__ = "detection_watermarks"
+
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    rule_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    watermark: Mapped[int] = mapped_column(BigId, default=0)
+    last_run_at: Mapped[datetime | None]
+
+
+class DetectionLink(Base):
+    """A row that made a detection rule raise an alert (an event, a finding, a resource, an alert)."""
+
+    __tablename__ = "detection_links"
+    __table_args__ = (Index("ix_detection_links_tenant_alert", "tenant_id", "alert_id"),)
+
+    alert_id: Mapped[int] = mapped_column(BigId, ForeignKey("alerts.id", ondelete="CASCADE"),
+                                          primary_key=True)
+    row_kind: Mapped[str] = mapped_column(String(20), primary_key=True)  # event | finding | resource | alert
+    row_id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(Integer)
+    row_time: Mapped[datetime | None]

@@ -35,6 +35,7 @@ from connectors.model import (
     IndicatorRecord,
     Observation,
     Rejected,
+    SecurityEventRecord,
     VulnerabilityInfo,
 )
 from gateway.db import Database
@@ -222,7 +223,8 @@ class LeaseLost(Exception):
 
 def process_batch(db: Database, batch_id: int, chunk_size: int = 5000, max_rejections: int = 1000, *,
                   owner: str | None = None, max_attempts: int = 5, lease_seconds: int = 60,
-                  analyze_after_rows: int = 50_000, analyze_after_growth: float = 0.1) -> str:
+                  analyze_after_rows: int = 50_000, analyze_after_growth: float = 0.1,
+                  parallel=None) -> str:
     """Merge a batch once; return its final status, or ``"busy"`` if another worker holds it.
 
     ``owner`` names this merge's lease: a retry of the same task passes the same owner so it
@@ -231,6 +233,10 @@ def process_batch(db: Database, batch_id: int, chunk_size: int = 5000, max_rejec
     included; any other error ends the batch ``failed`` with the error recorded, and so does
     a batch claimed ``max_attempts`` times without finishing.  After a merge that landed, the
     tables the merges grew are analyzed when due (:func:`analyze_if_due`).
+
+    ``parallel`` (:class:`gateway.merge.parallel.Settings`): a batch at least that big is staged
+    in chunks that several workers merge (gateway/merge/parallel.py); this returns
+    ``processing`` once its chunks are sent, or its final status if they were all merged.
     """
     owner = owner or uuid.uuid4().hex
     try:
@@ -240,6 +246,22 @@ def process_batch(db: Database, batch_id: int, chunk_size: int = 5000, max_rejec
     except DBAPIError as exc:
         _raise_if_transient(exc)
         raise
+    if parallel is not None and db.is_postgres:
+        try:
+            with db.engine.connect() as conn:
+                body_size = conn.execute(select(batches.c.body_size).where(batches.c.id == batch_id)).scalar()
+            if parallel.applies(db, body_size):
+                from gateway.merge import parallel as parallel_merge
+
+                status = parallel_merge.coordinate(db, batch_id, owner, parallel)
+                if status not in ("processing", "failed"):
+                    analyze_in_background(db, analyze_after_rows, analyze_after_growth, batch_id)
+                return status
+        except DBAPIError as exc:
+            if _transient(exc):
+                _release(db, batch_id, owner)
+                raise TransientError(_describe(exc)) from exc
+            return _fail_unexpected(db, batch_id, owner, exc)
     collecting = gc.isenabled()
     # A merge allocates millions of short-lived objects and no long-lived cycles: the cyclic
     # collector would only rescan them (a tenth of the merge's time); it runs after the batch.
@@ -524,7 +546,14 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int, owner:
     from gateway.intel.merge import IndicatorMerger
 
     indicator_merger = IndicatorMerger(conn, batch.tenant_id, batch.provider, batch.format, batch.id, cause)
+    event_merger = None
+    if connector.RECORD_KIND == "events":  # host security events (gateway/detection/events.py)
+        from gateway.detection.events import EventMerger, configured_retention_days
+
+        event_merger = EventMerger(conn, batch.tenant_id, batch.provider, batch.id,
+                                   configured_retention_days())
     received = rejected = chunk_count = 0
+    event_span: tuple = ()  # the first and last time of the events stored (matched with indicators at the end)
     rejections: list[dict] = []  # the first ``max_rejections``, embedded in the batch's answer
     chunk_rejections: list[dict] = []  # every one, written to batch_rejections once per chunk
 
@@ -550,7 +579,7 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int, owner:
     else:  # SQLite: a second connection would wait for this transaction's lock
         chunks = _chunks(connector.parse(BlobReader(conn, batch.id), options), chunk_size)
     for chunk in chunks:
-        findings, alerts, knowledge, observations, indicators = [], [], [], [], []
+        findings, alerts, knowledge, observations, indicators, events = [], [], [], [], [], []
         for record in chunk:
             received += 1
             if not isinstance(record, Rejected):
@@ -572,6 +601,12 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int, owner:
                 knowledge.append(record)
             elif isinstance(record, IndicatorRecord):
                 indicators.append(record)
+            elif isinstance(record, SecurityEventRecord) and event_merger is not None:
+                outside = event_merger.outside(record)
+                if outside:
+                    reject(f"record {received - 1}", outside, None)
+                else:
+                    events.append(record)
             elif isinstance(record, Rejected):
                 reject(record.position, record.reason, record.provider_id)
         if knowledge:
@@ -582,6 +617,10 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int, owner:
             intel_matching.alerts_merged(conn, batch.tenant_id, alert_merger.merge_chunk(alerts), cause, batch.id)
         if indicators:  # matched at once with the tenant's alerts and resources (gateway/intel/)
             indicator_merger.merge_chunk(indicators)
+        if events:
+            event_merger.merge_chunk(events)
+            first, last = min(e.occurred_at for e in events), max(e.occurred_at for e in events)
+            event_span = (min(first, event_span[0]), max(last, event_span[1])) if event_span else (first, last)
         if chunk_rejections:  # one statement per chunk, in the merge's transaction
             insert_rows(conn, rejections_t, chunk_rejections, constants={"batch_id": batch.id,
                                                                          "tenant_id": batch.tenant_id})
@@ -597,10 +636,13 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int, owner:
         remove_unreported(finding_merger)
     finding_merger.update_recommendations()
     intel_matching.batch_merged(conn, batch.tenant_id, batch.id, cause)  # the resources it reported
+    if event_span:  # the events it stored, against the tenant's indicators
+        intel_matching.events_merged(conn, batch.tenant_id, batch.id, *event_span, cause)
 
     counts = dict.fromkeys(COUNT_KEYS, 0)
     for merger_counts in (finding_merger.counts, alert_merger.counts, knowledge_merger.counts,
-                          indicator_merger.counts):
+                          indicator_merger.counts,
+                          event_merger.counts if event_merger is not None else {}):
         for key, value in merger_counts.items():
             counts[key] = counts.get(key, 0) + value
     # a record repeated in one push is one record (its outputs folded into one)

@@ -403,6 +403,8 @@ class AlertOut(OutSchema):
                                                      "providerAlertId": _get(obj, "provider_id")})
     suppressedBy = _ref("suppressed_by")
     tickets = fields.List(fields.Nested(ItemTicketOut))  # gateway/itsm/items.py adds them to a page
+    detectionRule = fields.String(attribute="detection_rule", allow_none=True)  # gateway/detection/
+    mitreTechniques = fields.Function(lambda obj: _get(obj, "mitre_techniques") or [])
 
 
 class AlertV2Out(OutSchema):

@@ -315,3 +315,45 @@ def test_pushes_over_http_are_merged_and_matched_by_the_worker(pg_gw, live_serve
     page = requests.get(f"{live_server.url}/api/v1/tenants/{tenant}/security/indicators", headers=intel,
                         params={"$filter": "observableType eq 'sha256'"}, timeout=10).json()
     assert [(i["value"], i["matchCount"]) for i in page["value"]] == [(SHA256, 1)]
+
+
+# -- security events (gateway/detection/, det16) ------------------------------------------------------
+
+
+def ocsf_network_events(*pairs, host: str = "ws-7.contoso.com") -> bytes:
+    """OCSF Network Activity (4001) events: (remote address, remote host name) each, a minute apart."""
+    base = int((datetime.now(UTC) - timedelta(hours=1)).timestamp() * 1000)
+    return json.dumps([{
+        "class_uid": 4001, "category_uid": 4, "activity_id": 1, "time": base + n * 60_000,
+        "device": {"hostname": host.split(".")[0], "name": host, "ip": "10.9.0.7"},
+        "src_endpoint": {"ip": "10.9.0.7"}, "dst_endpoint": {"ip": address, "hostname": name},
+    } for n, (address, name) in enumerate(pairs)]).encode()
+
+
+def test_events_match_from_both_directions_one_alert_per_indicator_and_resource(gw):
+    tenant, intel = feed(gw)
+    agent = gw.partner("Agent", [tenant], scopes="events.write security.read")
+    # indicator first: two events to the C2 address on one host raise one alert, naming an event
+    push(gw, tenant, intel, json.dumps([ti(networkIPv4="203.0.113.60")]).encode(), "graph_tiindicator")
+    batch = push(gw, tenant, agent, ocsf_network_events(("203.0.113.60", None), ("203.0.113.60", None),
+                                                        ("198.51.100.1", None)), "ocsf_events")
+    assert batch["status"] == "succeeded", batch
+    found = alerts(gw, tenant, agent, **{"$filter": "category eq 'ThreatIntelligenceMatch'"})
+    assert len(found) == 1, found
+    with gw.db.engine.connect() as conn:
+        evidence, resource_id = conn.execute(select(Alert.evidence, Alert.resource_id).where(
+            Alert.id == int(found[0]["id"]))).one()
+        assert conn.execute(select(func.count()).select_from(IndicatorMatch)
+                            .where(IndicatorMatch.subject_type == "event")).scalar() == 2
+    assert evidence[0]["ipAddress"] == "203.0.113.60" and evidence[2]["@odata.type"] == "#gateway.securityEvent"
+    assert resource_id is not None and evidence[2]["resourceId"] == str(resource_id)
+    # event first (a domain), then the indicator: the sweep (the beat's) matches stored events
+    push(gw, tenant, agent, ocsf_network_events(("192.0.2.99", "Beacon.Example.org"), host="ws-8.contoso.com"),
+         "ocsf_events")
+    push(gw, tenant, intel, json.dumps([ti(domainName="beacon.example.org")]).encode(), "graph_tiindicator")
+    from gateway.intel.tasks import sweep_recent
+
+    assert sweep_recent(gw.db, 3600) >= 1
+    assert sweep_recent(gw.db, 3600) == 0  # twice: nothing new
+    found = alerts(gw, tenant, agent, **{"$filter": "category eq 'ThreatIntelligenceMatch'"})
+    assert len(found) == 2 and any("beacon.example.org" in a["title"] for a in found)

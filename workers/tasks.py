@@ -19,6 +19,18 @@ from gateway.pipeline import OPEN_STATUSES, TransientError, process_batch
 log = logging.getLogger(__name__)
 
 PROCESS_BATCH = "workers.tasks.process_batch"
+MERGE_CHUNK = "workers.tasks.merge_chunk"
+
+
+def parallel_settings(config):
+    """The parallel merge's settings (gateway/merge/parallel.py); its chunks go to ``merge_chunk``."""
+    from gateway.merge.parallel import Settings
+
+    return Settings(min_bytes=int(config["PARALLEL_MERGE_MIN_BYTES"]),
+                    chunk_records=max(1, int(config["PARALLEL_MERGE_CHUNK_RECORDS"])),
+                    sub_chunk=int(config["MERGE_CHUNK_SIZE"]), max_rejections=int(config["MAX_REJECTION_DETAILS"]),
+                    lease_seconds=int(config["LEASE_SECONDS"]), max_attempts=int(config["MAX_ATTEMPTS"]),
+                    dispatch=lambda batch_id, seq: merge_chunk_task.apply_async(args=[batch_id, seq]))
 
 
 @shared_task(name=PROCESS_BATCH, bind=True, acks_late=True, max_retries=None)
@@ -44,7 +56,11 @@ def process_batch_task(self, batch_id: int, owner: str | None = None, request_id
                                    max_rejections=config["MAX_REJECTION_DETAILS"], owner=owner,
                                    max_attempts=config["MAX_ATTEMPTS"], lease_seconds=config["LEASE_SECONDS"],
                                    analyze_after_rows=config["ANALYZE_AFTER_ROWS"],
-                                   analyze_after_growth=config["ANALYZE_AFTER_GROWTH"])
+                                   analyze_after_growth=config["ANALYZE_AFTER_GROWTH"],
+                                   parallel=parallel_settings(config))
+            if status == "processing":  # a big batch: its chunks are merged by merge_chunk tasks
+                log.info("batch %s staged for a parallel merge", batch_id)
+                return status
         except TransientError as exc:
             # Soon and often: a restarted database is back within seconds, and the batch with it.
             delay = min(5.0, 0.5 * 2 ** min(self.request.retries, 4)) + random.uniform(0, 0.5)
@@ -60,6 +76,35 @@ def process_batch_task(self, batch_id: int, owner: str | None = None, request_id
         from gateway.itsm.tasks import after_merge
 
         after_merge(db, int(batch_id))  # ITSM tickets follow at once (never fails it), once a group
+    return status
+
+
+@shared_task(name=MERGE_CHUNK, bind=True, acks_late=True, max_retries=None)
+def merge_chunk_task(self, batch_id: int, seq: int, owner: str | None = None) -> str:
+    """Merge one staged chunk of a big batch (gateway/merge/parallel.py); the task that merges
+    the last one finishes the batch.  Retried like ``process_batch`` after a transient error."""
+    from gateway.merge import parallel
+
+    config = current_app.config
+    owner = owner or uuid.uuid4().hex
+    db = current_app.extensions["gateway.db"]
+    with logs.context(batch_id=batch_id), tracing.span("gateway.merge_chunk", batch_id=int(batch_id),
+                                                       chunk=int(seq)):
+        started = time.perf_counter()
+        try:
+            status = parallel.merge_chunk(db, int(batch_id), int(seq), parallel_settings(config), owner=owner)
+        except TransientError as exc:
+            delay = min(5.0, 0.5 * 2 ** min(self.request.retries, 4)) + random.uniform(0, 0.5)
+            log.warning("batch %s chunk %s hit a transient error, retrying in %.1fs: %s", batch_id, seq, delay, exc)
+            raise self.retry(countdown=delay, kwargs={"owner": owner}) from exc
+    if status in ("succeeded", "partiallySucceeded", "failed"):  # this task finished the batch
+        _observe(db, int(batch_id), status, time.perf_counter() - started)
+        if status != "failed":
+            from gateway.itsm.tasks import after_merge
+            from gateway.statistics import analyze_in_background
+
+            analyze_in_background(db, config["ANALYZE_AFTER_ROWS"], config["ANALYZE_AFTER_GROWTH"], int(batch_id))
+            after_merge(db, int(batch_id))
     return status
 
 

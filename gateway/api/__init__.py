@@ -46,3 +46,7 @@ def init_app(app: Flask) -> None:
     from gateway.api import uploads  # multipart uploads (gateway/uploads.py)
 
     app.register_blueprint(uploads.blueprint)
+
+    from gateway.detection import api as detection  # security events, detection rules, KEV (issue 16)
+
+    app.register_blueprint(detection.blueprint)

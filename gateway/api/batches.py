@@ -20,7 +20,8 @@ from gateway.streaming import STREAM_THRESHOLD, Inflow, read_head, store_streame
 blueprint = Blueprint("batches", __name__, url_prefix="/api/v1/tenants/<tenant>")
 
 _SCOPE_FOR_KIND = {"findings": "findings.write", "knowledge_base": "findings.write", "alerts": "alerts.write",
-                   "indicators": "indicators.write"}
+                   "indicators": "indicators.write",
+                   "events": "events.write"}
 
 
 def _db():
@@ -95,7 +96,7 @@ def _next_link(endpoint: str, token: str, **values) -> str:
 
 
 @blueprint.get("/batches")
-@require_scope("security.read", "findings.write", "alerts.write", "indicators.write")
+@require_scope("security.read", "findings.write", "alerts.write", "indicators.write", "events.write")
 def list_batches(tenant: str):
     """The tenant's batches, newest first (a provider client's own only), with keyset paging."""
     status = request.args.get("status")
@@ -139,7 +140,7 @@ def list_batches(tenant: str):
 
 
 @blueprint.get("/batches/<batch_id>/rejections")
-@require_scope("security.read", "findings.write", "alerts.write", "indicators.write")
+@require_scope("security.read", "findings.write", "alerts.write", "indicators.write", "events.write")
 def list_rejections(tenant: str, batch_id: str):
     """Every rejected record of a batch, in order, with keyset paging."""
     top = _top()
@@ -166,7 +167,7 @@ def list_rejections(tenant: str, batch_id: str):
 
 
 @blueprint.post("/batches")
-@require_scope("findings.write", "alerts.write", "indicators.write")
+@require_scope("findings.write", "alerts.write", "indicators.write", "events.write")
 def push_batch(tenant: str):
     """Accept a batch: 202 once its bytes are committed, then the worker merges it."""
     format_name = request.args.get("format")
@@ -246,7 +247,7 @@ def accepted(tenant: str, batch: Batch, replayed: bool):
 
 
 @blueprint.get("/batches/<batch_id>")
-@require_scope("security.read", "findings.write", "alerts.write", "indicators.write")
+@require_scope("security.read", "findings.write", "alerts.write", "indicators.write", "events.write")
 def get_batch(tenant: str, batch_id: str):
     """A batch's status, counts and rejected records."""
     with _db().sessions() as session:

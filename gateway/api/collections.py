@@ -421,6 +421,9 @@ COLLECTIONS: dict[str, Collection] = {
             "suppressedBy": Field(A.c.suppressed_by, "id", nullable=True),
             "tags": _tags(A.c.tags),
             "recommendedActions": _tags(A.c.recommended_actions),
+            # raised by the gateway's own detection rules (gateway/detection/, issue 16)
+            "detectionRule": _text(A.c.detection_rule, nullable=True),
+            "mitreTechniques": _tags(A.c.mitre_techniques),
         },
         order_fields={
             "id": OrderField(A.c.id, "int"),
@@ -634,7 +637,8 @@ def _list(tenant: str, name: str, *, tenant_id: int | None = None, within: tuple
             f"{list_request.fingerprint}\x1f{bound}".encode()).hexdigest()[:24]
     if bulk_export.export_format(list_request):  # the whole result, CSV or JSON Lines
         return bulk_export.export_response(current_app.response_class, _db().engine, collection, tenant_id,
-                                           list_request, name, current_app.json.default)
+                                           list_request, name, current_app.json.default,
+                                           connections=config["EXPORT_CONNECTIONS"])
     with _db().engine.connect() as conn:
         total = count(conn, collection, tenant_id, list_request) if list_request.count else None
         values, token = run_list(conn, collection, tenant_id, list_request, config["SECRET_KEY"],

@@ -498,40 +498,8 @@ def create_assignment(tenant: str):
     recommendation_id = int(data["recommendationId"])
     try:
         with _db().engine.begin() as conn:
-            posture_status.lock_tenant(conn, tenant_id)
-            rec = conn.execute(
-                select(R.c.id, R.c.actual_status).where(
-                    R.c.tenant_id == tenant_id, R.c.id == recommendation_id
-                )
-            ).first()
-            if rec is None:
-                raise _invalid("recommendationId", f"the tenant has no recommendation '{recommendation_id}'")
-            if rec.actual_status != "Unhealthy":
-                raise _invalid(
-                    "recommendationId",
-                    f"recommendation '{recommendation_id}' is {rec.actual_status}: nothing to remediate",
-                )
-            if conn.execute(
-                select(GA.c.id).where(
-                    GA.c.tenant_id == tenant_id,
-                    GA.c.recommendation_id == rec.id,
-                    GA.c.latest,
-                    GA.c.completed_at.is_(None),
-                )
-            ).first():
-                raise Conflict(
-                    f"recommendation '{recommendation_id}' already has an open governance assignment: "
-                    "change it with PATCH"
-                )
-            row = {"recommendation_id": rec.id, **_assignment_values(data)}
-            (assignment_id,) = governance.insert_assignments(
-                conn,
-                tenant_id,
-                [row],
-                now=now,
-                cause=f"assigned by {g.caller.client_id}",
-                actor=g.caller.client_id,
-            )
+            assignment_id = governance.assign(conn, tenant_id, recommendation_id, _assignment_values(data),
+                                              actor=g.caller.client_id, now=now)
     except IntegrityError:
         raise Conflict(
             f"recommendation '{recommendation_id}' already has an open governance assignment"

@@ -26,7 +26,7 @@ from datetime import datetime
 from functools import cache
 from pathlib import Path
 
-from sqlalchemy import and_, case, exists, literal, or_, select, update
+from sqlalchemy import and_, case, exists, func, literal, or_, select, update
 from sqlalchemy.engine import Connection
 
 from connectors.model import AlertRecord
@@ -40,12 +40,17 @@ from gateway.models import (
     LifecycleEvent,
     ResourceIdentifier,
     ResourceSource,
+    SecurityEvent,
     utcnow,
 )
 
 IND, AO, M = Indicator.__table__, AlertObservable.__table__, IndicatorMatch.__table__
 RI, A, EV = ResourceIdentifier.__table__, Alert.__table__, LifecycleEvent.__table__
-RSRC = ResourceSource.__table__
+RSRC, SE = ResourceSource.__table__, SecurityEvent.__table__
+HASH_TYPES = ("md5", "sha1", "sha256", "sha512")
+# the columns of a security event matched, and the indicator types each is compared with
+EVENT_COLUMNS = {"remote_ip": ("ipv4", "ipv6"), "source_ip": ("ipv4", "ipv6"), "domain": ("domain",),
+                 "hash": HASH_TYPES}
 PROVIDER = "Threat Intelligence"  # the provider of the alerts matching raises
 ALERT_TYPE = "ThreatIntelligenceMatch"
 LEVELS = ("informational", "low", "medium", "high")
@@ -104,14 +109,47 @@ def _resource_query(tenant_id: int, now: datetime, restriction):
                    restriction))
 
 
+def _event_queries(tenant_id: int, now: datetime, restriction) -> list:
+    """One query per matched event column (each an equi-join the indicators' index serves)."""
+    queries = []
+    for column, types in EVENT_COLUMNS.items():
+        value = SE.c[column] if column.endswith("_ip") else func.lower(SE.c[column])
+        queries.append(
+            select(IND.c.tenant_id, IND.c.id, literal("event"), SE.c.id, IND.c.observable_type, IND.c.value,
+                   literal(now, M.c.matched_at.type))
+            .select_from(SE.join(IND, and_(IND.c.tenant_id == SE.c.tenant_id, IND.c.observable_type.in_(types),
+                                           IND.c.value == value)))
+            .where(SE.c.tenant_id == tenant_id, SE.c[column].is_not(None), _live(now), restriction))
+    return queries
+
+
 def match_indicators(conn: Connection, tenant_id: int, indicator_ids: Sequence[int], cause: str,
-                     batch_id: int | None = None, now: datetime | None = None) -> int:
-    """Match these indicators against the tenant's alerts and resources; the number of new matches."""
+                     batch_id: int | None = None, now: datetime | None = None, events: bool = False) -> int:
+    """Match these indicators against the tenant's alerts and resources (and, with ``events``, its
+    security events: a pass over the tenant's stored window, left to the sweep); the new matches."""
     if not indicator_ids:
         return 0
     now = now or utcnow()
     new = _insert_matches(conn, _alert_query(tenant_id, now, in_values(conn, IND.c.id, indicator_ids)), now)
     new += _insert_matches(conn, _resource_query(tenant_id, now, in_values(conn, IND.c.id, indicator_ids)), now)
+    if events:
+        for query in _event_queries(tenant_id, now, in_values(conn, IND.c.id, indicator_ids)):
+            new += _insert_matches(conn, query, now)
+    _act(conn, tenant_id, new, cause, batch_id, now)
+    return len(new)
+
+
+def events_merged(conn: Connection, tenant_id: int, batch_id: int, first: datetime, last: datetime,
+                  cause: str) -> int:
+    """After an events merge: match the batch's events (stored between ``first`` and ``last``) against
+    the tenant's live indicators; the new matches."""
+    if not _has_indicators(conn, tenant_id):
+        return 0
+    now = utcnow()
+    restriction = and_(SE.c.batch_id == batch_id, SE.c.occurred_at >= first, SE.c.occurred_at <= last)
+    new = []
+    for query in _event_queries(tenant_id, now, restriction):
+        new += _insert_matches(conn, query, now)
     _act(conn, tenant_id, new, cause, batch_id, now)
     return len(new)
 
@@ -170,9 +208,9 @@ def _act(conn: Connection, tenant_id: int, new: list, cause: str, batch_id: int 
                                      in_values(conn, M.c.subject_id, alert_ids))
                      .values(alert_id=M.c.subject_id))
         _enrich(conn, tenant_id, alert_ids, cause, batch_id, now)
-    resource_matches = [row for row in new if row.subject_type == "resource"]
-    if resource_matches:
-        _raise(conn, tenant_id, resource_matches, cause, batch_id, now)
+    raising = [row for row in new if row.subject_type in ("resource", "event")]
+    if raising:
+        _raise(conn, tenant_id, raising, cause, batch_id, now)
 
 
 def _indicators(conn: Connection, tenant_id: int, ids) -> dict[int, object]:
@@ -235,17 +273,35 @@ def _evidence(indicator, subject: dict) -> list[dict]:
 
 def _raise(conn: Connection, tenant_id: int, matches: list, cause: str, batch_id: int | None,
            now: datetime) -> None:
-    """One ThreatIntelligenceMatch alert per (indicator, resource), through the ordinary alert merge."""
+    """One ThreatIntelligenceMatch alert per (indicator, resource), through the ordinary alert merge: an
+    event on a resource counts as that resource (its alert is raised, or updated to name the event);
+    an event with no resource has an alert of its own."""
     from gateway.merge.alerts import AlertMerger
 
     indicators = _indicators(conn, tenant_id, [m.indicator_id for m in matches])
-    records, keys = [], []
+    event_ids = sorted({m.subject_id for m in matches if m.subject_type == "event"})
+    events = {row.id: row for row in conn.execute(select(
+        SE.c.id, SE.c.resource_id, SE.c.occurred_at, SE.c.kind, SE.c.event_id, SE.c.provider).where(
+        SE.c.tenant_id == tenant_id, in_values(conn, SE.c.id, event_ids)))} if event_ids else {}
+    records, keys, resources = [], [], []
     for match in matches:
         indicator = indicators[match.indicator_id]
-        subject = {"@odata.type": "#gateway.resource", "resourceId": str(match.subject_id),
-                   "identifier": {"kind": RESOURCE_KINDS[indicator.observable_type], "value": indicator.value}}
+        if match.subject_type == "event":
+            event = events[match.subject_id]
+            resource_id = event.resource_id
+            subject = {"@odata.type": "#gateway.securityEvent", "eventId": str(event.id),
+                       "occurredDateTime": event.occurred_at.isoformat(), "kind": event.kind,
+                       "eventCode": event.event_id, "provider": event.provider,
+                       "resourceId": str(resource_id) if resource_id else None}
+            key = f"resource-{resource_id}" if resource_id else f"event-{event.id}"
+        else:
+            resource_id = match.subject_id
+            subject = {"@odata.type": "#gateway.resource", "resourceId": str(resource_id),
+                       "identifier": {"kind": RESOURCE_KINDS[indicator.observable_type], "value": indicator.value}}
+            key = f"resource-{resource_id}"
+        resources.append(resource_id)
         records.append(AlertRecord(
-            provider_id=f"indicator-{indicator.id}/{match.subject_type}-{match.subject_id}",
+            provider_id=f"indicator-{indicator.id}/{key}",
             title=f"Threat intelligence match: {indicator.observable_type} {indicator.value[:200]}",
             severity=severity(indicator.threat_type, indicator.confidence), category=ALERT_TYPE,
             description=(f"The {match.subject_type} {match.subject_id} has the {indicator.observable_type} "
@@ -262,16 +318,17 @@ def _raise(conn: Connection, tenant_id: int, matches: list, cause: str, batch_id
     alert_ids = merger.merge_chunk(records)
     update_rows(conn, M, [{"id": match.id, "alert_id": alert_id} for match, alert_id in zip(keys, alert_ids,
                                                                                              strict=True)])
-    resource_rows = [{"id": alert_id, "resource_id": match.subject_id}
-                     for match, alert_id in zip(keys, alert_ids, strict=True) if match.subject_type == "resource"]
-    update_rows(conn, A, sorted(resource_rows, key=lambda r: r["id"]))
+    resource_rows = {alert_id: resource_id for alert_id, resource_id in zip(alert_ids, resources, strict=True)
+                     if resource_id is not None}
+    update_rows(conn, A, [{"id": alert_id, "resource_id": resource_id}
+                          for alert_id, resource_id in sorted(resource_rows.items())])
 
 
 def sweep(conn: Connection, tenant_id: int, since: datetime, now: datetime | None = None) -> int:
     """Match again the tenant's indicators changed since ``since`` (closes the race of two merges
     committing together); the new matches."""
     ids = conn.execute(select(IND.c.id).where(IND.c.tenant_id == tenant_id, IND.c.updated_at >= since)).scalars().all()
-    return match_indicators(conn, tenant_id, ids, "threat intelligence sweep", None, now)
+    return match_indicators(conn, tenant_id, ids, "threat intelligence sweep", None, now, events=True)
 
 
 def recent_tenants(conn: Connection, since: datetime) -> list[int]:

@@ -48,7 +48,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql import ColumnElement
 
-from gateway.errors import BadRequest
+from gateway.errors import BadRequest, Conflict
 from gateway.merge.sql import in_values, insert_rows
 from gateway.models import (
     Finding,
@@ -62,6 +62,7 @@ from gateway.models import (
     UTCDateTime,
     utcnow,
 )
+from gateway.posture import status as posture_status
 from gateway.posture.exemptions import resource_query
 
 log = logging.getLogger(__name__)
@@ -539,8 +540,35 @@ def fold(conn: Connection, tenant_id: int, gone: int, kept: int, now: datetime |
     )
 
 
+def assign(conn: Connection, tenant_id: int, recommendation_id: int, values: dict, *, actor: str,
+           now: datetime) -> int:
+    """Give one Unhealthy recommendation of the tenant an open assignment by hand (``values``: owner,
+    due_date and the other assignment columns); the API and the console both call it.  400 when
+    the tenant has no such recommendation or it is not Unhealthy, 409 when it has an open one."""
+
+    def invalid(message: str) -> BadRequest:
+        return BadRequest(f"recommendationId: {message}", code="invalidBody",
+                          details={"recommendationId": message})
+
+    posture_status.lock_tenant(conn, tenant_id)
+    rec = conn.execute(select(R.c.id, R.c.actual_status).where(
+        R.c.tenant_id == tenant_id, R.c.id == recommendation_id)).first()
+    if rec is None:
+        raise invalid(f"the tenant has no recommendation '{recommendation_id}'")
+    if rec.actual_status != "Unhealthy":
+        raise invalid(f"recommendation '{recommendation_id}' is {rec.actual_status}: nothing to remediate")
+    if conn.execute(select(GA.c.id).where(GA.c.tenant_id == tenant_id, GA.c.recommendation_id == rec.id,
+                                          GA.c.latest, GA.c.completed_at.is_(None))).first():
+        raise Conflict(f"recommendation '{recommendation_id}' already has an open governance assignment: "
+                       "change it with PATCH")
+    (assignment_id,) = insert_assignments(conn, tenant_id, [{"recommendation_id": rec.id, **values}], now=now,
+                                          cause=f"assigned by {actor}", actor=actor)
+    return assignment_id
+
+
 __all__ = [
     "ASSIGNMENT_SUBJECT",
+    "assign",
     "OPERATORS",
     "OWNER_SOURCES",
     "PROPERTIES",

@@ -224,3 +224,31 @@ def test_tenable_io():
     assert records[1] == Rejected(position="[1]",
         reason="'first_found' is not a date Tenable writes: 'the day before yesterday'",
                                   provider_id=f"{uuid}|187315|23/tcp")
+
+
+WINDOWS_EVENT = {"@timestamp": "2026-12-01T10:00:00Z",
+                 "winlog": {"event_id": 4625, "computer_name": "ws-1.contoso.com",
+                            "event_data": {"TargetUserName": "alice", "IpAddress": "203.0.113.7"}}}
+
+
+def test_windows_events():
+    odd = {**WINDOWS_EVENT, "@timestamp": "yesterday"}  # a malformed date
+    records = parse_all("windows_events", _json([WINDOWS_EVENT, odd, WINDOWS_EVENT], "events"))
+    assert _kinds(records) == ["SecurityEventRecord", "Rejected", "SecurityEventRecord"]
+    assert records[0].kind == "logon_failure" and records[0].source_ip == "203.0.113.7"
+    assert records[0].resource.fqdn == "ws-1.contoso.com" and records[0].user == "alice"
+    assert records[1].position == "events[1]" and "yesterday" in records[1].reason
+
+
+OCSF_LOGON = {"class_uid": 3002, "category_uid": 3, "activity_id": 1, "status_id": 1,
+              "time": 1764583200000, "user": {"name": "root"}, "src_endpoint": {"ip": "198.51.100.4"},
+              "device": {"hostname": "db-2"}}
+
+
+def test_ocsf_events():
+    odd = {**OCSF_LOGON, "class_uid": 2002}  # an OCSF finding among the events
+    records = parse_all("ocsf_events", _json([OCSF_LOGON, odd, OCSF_LOGON]))
+    assert _kinds(records) == ["SecurityEventRecord", "Rejected", "SecurityEventRecord"]
+    assert records[0].kind == "logon_success"
+    assert records[0].occurred_at.isoformat() == "2025-12-01T10:00:00+00:00"
+    assert records[1].position == "[1]" and "class_uid" in records[1].reason

@@ -13,7 +13,7 @@ import connectors
 def test_every_connector_module_is_registered():
     registered = {module.__name__.rsplit(".", 1)[1] for module in connectors.REGISTRY.values()}
     assert registered == set(connectors.connector_module_names())
-    assert len(registered) == 16  # canonical + the 13 partner formats + 2 indicator formats (stix21, graph_tiindicator)
+    assert len(registered) == 18  # canonical + the 13 partner formats + 2 indicator formats + 2 security event formats
 
 
 def test_support_modules_exist_and_are_not_connectors():
@@ -46,6 +46,8 @@ EXPECTED_PRODUCTS = {
     "stix21": "STIX 2.1",
     "nessus": "Nessus",
     "ocsf": "OCSF",
+    "ocsf_events": "OCSF",
+    "windows_events": "Windows",
     "qualys_csv": "Qualys VMDR",
     "qualys_hld": "Qualys VMDR",
     "qualys_kb": "Qualys VMDR",

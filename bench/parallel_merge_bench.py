@@ -1,0 +1,161 @@
+"""One big batch, many workers: a large Nessus file end to end with 1, 2 and 4 worker processes.
+
+    .venv/bin/python bench/parallel_merge_bench.py --findings 120000 --workers 1 2 4 [--repeat 1]
+
+For each run: a scratch PostgreSQL database, the API on a real socket (a thread of this process),
+N ``celery worker --concurrency=1`` processes on Redis, then one Nessus v2 file of ``--findings``
+items (bench/connector_bench.py's synthetic file, 100 items a host) pushed over HTTP and timed
+until its batch is final.  ``single`` is today's merge (``PARALLEL_MERGE_MIN_BYTES=0``, one worker
+merges the batch whatever the others do); ``parallel`` stages the batch in chunks of
+``--chunk-records`` merged by every worker (gateway/merge/parallel.py).  Printed per run: seconds
+from the POST to the 202 and to the final status, findings/s end to end, the chunks, the CPU
+seconds of the workers and of PostgreSQL, and the load average before and after (the machine may
+be shared: quote the load with the figures).  Figures only, no assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _children_cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system) of these processes and their children, from /proc."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        for task in [pid, *_descendants(pid)]:
+            try:
+                fields = Path(f"/proc/{task}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / tick
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                pass
+    return total
+
+
+def _descendants(pid: int) -> list[int]:
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except FileNotFoundError:
+        return []
+    found = []
+    for child in map(int, children):
+        found += [child, *_descendants(child)]
+    return found
+
+
+def run(mode: str, workers: int, body: bytes, count: int, chunk_records: int) -> dict:
+    import logging
+
+    import redis
+    import requests
+    from werkzeug.serving import make_server
+
+    from bench.ingest_bench import DATABASE, REDIS, _cpu_seconds, create_database, drop_database
+    from gateway import create_app
+    from gateway.migrate import upgrade
+    from tests.conftest import Gateway
+
+    name, url = create_database("gw_pmbench")
+    DATABASE["name"] = name  # whose PostgreSQL backends _cpu_seconds counts
+    queue = f"pmbench-{uuid.uuid4().hex[:6]}"
+    processes: list[subprocess.Popen] = []
+    try:
+        upgrade(url)
+        app = create_app({"DATABASE_URL": url, "BROKER_URL": REDIS, "SECRET_KEY": "bench", "TASK_QUEUE": queue,
+                          "RATELIMIT_ENABLED": False})
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
+        server = make_server("127.0.0.1", 0, app, threaded=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        base = f"http://127.0.0.1:{server.server_port}"
+        env = dict(os.environ, GATEWAY_DATABASE_URL=url, GATEWAY_BROKER_URL=REDIS, GATEWAY_SECRET_KEY="bench",
+                   GATEWAY_TASK_QUEUE=queue, PYTHONPATH=str(ROOT), GATEWAY_LOG_LEVEL="WARNING",
+                   GATEWAY_PARALLEL_MERGE_MIN_BYTES="0" if mode == "single" else "1",
+                   GATEWAY_PARALLEL_MERGE_CHUNK_RECORDS=str(chunk_records))
+        for n in range(workers):
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--concurrency=1",
+                 "--loglevel=WARNING", "--without-gossip", "--without-mingle", "-n", f"pmbench{n}@%h"],
+                env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        time.sleep(4)
+        gw = Gateway(app)
+        tenant = gw.tenant()
+        headers = gw.partner("Tenable", [tenant])
+        load_before = os.getloadavg()
+        cpu_before, pg_before = _children_cpu([p.pid for p in processes]), _cpu_seconds()["postgres"]
+        started = time.perf_counter()
+        response = requests.post(f"{base}/api/v1/tenants/{tenant}/batches?format=nessus", data=body,
+                                 headers=headers | {"Content-Type": "application/xml"}, timeout=600)
+        accepted = time.perf_counter() - started
+        assert response.status_code == 202, response.text
+        batch_id = response.json()["id"]
+        while True:
+            time.sleep(0.1)
+            batch = requests.get(f"{base}/api/v1/tenants/{tenant}/batches/{batch_id}", headers=headers,
+                                 timeout=30).json()
+            if batch["status"] not in ("accepted", "processing"):
+                break
+        total = time.perf_counter() - started
+        result = {
+            "mode": mode, "workers": workers, "status": batch["status"], "accepted": accepted, "total": total,
+            "rate": count / total, "chunks": (batch.get("progress") or {}).get("chunksTotal"),
+            "worker_cpu": _children_cpu([p.pid for p in processes]) - cpu_before,
+            "pg_cpu": _cpu_seconds()["postgres"] - pg_before, "load_before": load_before,
+            "load_after": os.getloadavg(), "created": batch["counts"].get("created"),
+        }
+        server.shutdown()
+        app.extensions["gateway.db"].dispose()
+        redis.Redis.from_url(REDIS).delete(queue)
+        return result
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        drop_database(name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--findings", type=int, default=120_000)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--chunk-records", type=int, default=10_000)
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--no-single", action="store_true", help="skip today's single-worker merge")
+    args = parser.parse_args()
+
+    from bench.connector_bench import synthetic_nessus
+
+    scratch = Path(tempfile.mkdtemp())
+    path = scratch / "bench.nessus"
+    count = synthetic_nessus(path, findings=args.findings)
+    body = path.read_bytes()
+    path.unlink()
+    print(f"Nessus file: {count} findings, {len(body) / 2**20:.0f} MiB; {os.cpu_count()} CPUs")
+    plan = ([] if args.no_single else [("single", 1)]) + [("parallel", n) for n in args.workers]
+    for _ in range(args.repeat):
+        for mode, workers in plan:
+            r = run(mode, workers, body, count, args.chunk_records)
+            chunks = "" if r["chunks"] is None else f", {r['chunks']} chunks"
+            print(f"{r['mode']:>8} {r['workers']} worker(s): {r['status']} {r['created']} created, "
+                  f"202 after {r['accepted']:.1f}s, final after {r['total']:.1f}s = {r['rate']:,.0f} findings/s"
+                  f"{chunks}; CPU workers "
+                  f"{r['worker_cpu']:.1f}s, PostgreSQL {r['pg_cpu']:.1f}s; load {r['load_before'][0]:.1f} -> "
+                  f"{r['load_after'][0]:.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,606 @@
+"""One big batch merged by several workers: staged chunks, merged in parallel, finished once.
+
+Where a single-worker merge of a big file spends its time (py-spy and cProfile of a 120,000-record
+Nessus merge, bench/merge_bench.py): about a quarter of the Python time parsing, the rest building
+and writing source, finding and event rows, with PostgreSQL busy for about as long again.  The
+parse already runs one chunk ahead in a thread, so parallelising it alone gains little (a
+previous attempt: 1.03-1.15x): the merge itself, Python and SQL, has to run in several
+processes at once.  So a batch of at least ``PARALLEL_MERGE_MIN_BYTES`` (PostgreSQL only) is
+merged in three steps:
+
+1. **Stage** (the batch's own task, holding the batch's lease): the stored bytes are parsed once,
+   each record checked as in a single merge (rejections keep their positions), and the records
+   are cut into chunks of about ``PARALLEL_MERGE_CHUNK_RECORDS``, **by resource**: a chunk ends
+   only between two records of different resources, and a record whose resource, or whose
+   provider id, is in a chunk already cut goes to the **tail** instead (as do knowledge-base
+   entries and alerts).  So two chunks never hold one resource's records nor one provider
+   record twice, and they do not fight over a resource or a finding.  Each chunk is committed
+   (``batch_merge_chunks``, msgpack of the checked records, with its stretch's rejection rows)
+   and its task sent at once, so workers merge the first chunks while the rest is parsed
+   (when the body passed the well-formedness check before the 202; otherwise every chunk is
+   staged before any is sent, so a malformed file merges nothing).  The tail row is written
+   last, with the batch's parsed and rejected totals: its presence means staging is complete.
+   A staging stopped by a crash starts again from the bytes; the chunks already committed are
+   kept (the cut is deterministic) and not sent twice.
+2. **Merge chunks** (``workers.tasks.merge_chunk``, any worker): a chunk is claimed with a lease
+   of its own and merged with the ordinary mergers (gateway/merge/findings.py etc.), in one
+   transaction that also marks it done and stores what the final step needs (counts, the
+   resources in scope, the reported identities of a full scan, touched recommendations,
+   stale examples, the provider ids seen).  A worker killed mid-chunk loses that transaction
+   only; its chunk's lease expires, the batch's too (chunk merges renew it), and the sweep's
+   task re-sends every pending chunk whose lease is free.  A chunk merged twice is impossible:
+   ``done`` is written in the chunk's transaction, under its lease.
+3. **Finish** (whichever chunk task sees every chunk done, or the batch's task on a resume): the
+   batch row is locked (``FOR UPDATE SKIP LOCKED``: one finisher), the tail is merged with the
+   earlier chunks' provider ids known (a repeat is a repeat, as in one merge), then once for the
+   whole batch: the full-scan resolve and observation removal over every chunk's scope and
+   reported identities, the recommendations of every touched resource (with governance and the
+   Secure Score), and the batch's status, counts, rejections and ``batch.finished`` event; the
+   staged rows are deleted.  A knowledge-base entry in a big batch is merged here, so its
+   back-fill runs once, after every chunk (the store ends as it would had the KB come first).
+
+The outcome is the single merge's: the same mergers see the same records in file order within
+each resource, provider records are never split, counts are sums.  What differs: chunks commit
+before the batch finishes (readers see the batch's findings arrive chunk by chunk), a batch
+failed by an unexpected error after some chunks merged keeps those chunks' findings (its
+stored bytes are kept; a new push merges as an update), and records of one resource named in
+two shapes that identity resolution joins land in different chunks (they are merged like two
+concurrent batches of one tenant, which the store already keeps consistent).
+
+**Scaling.** Nothing in the chunk step is shared but PostgreSQL: each worker process merges a
+chunk with its own connection and transaction; the only tenant-wide lock a chunk takes is the
+short resolver lock around its resource resolution (committed at once, as for concurrent
+batches).  More worker processes (on more cores or machines) take more chunks at once; the
+serial parts are the parse (a quarter of a single merge's Python time, overlapped with the
+chunk merges) and the finish (the recommendations of the touched resources and, for a full
+scan, the resolve), which grow with resources, not records.  Chunk progress is in the batch's
+``progress`` (``chunksTotal``, ``chunksDone``).  SQLite has one writer at a time: batches there
+merge as before.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import timedelta
+
+import msgspec
+from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy.exc import DBAPIError
+
+import connectors
+from connectors.base import ParseOptions
+from connectors.model import AlertRecord, FindingRecord, FormatError, Observation, Rejected, VulnerabilityInfo
+from gateway.db import Database
+from gateway.export import events as outbox
+from gateway.merge.findings import STALE_EXAMPLES, FindingMerger, _digest
+from gateway.merge.sql import insert_rows
+from gateway.models import Batch, BatchMergeChunk, BatchRejection, OAuthClient, utcnow
+
+log = logging.getLogger(__name__)
+
+batches = Batch.__table__
+chunks_t = BatchMergeChunk.__table__
+rejections_t = BatchRejection.__table__
+clients = OAuthClient.__table__
+
+# A staged chunk: its records in sub-chunks of MERGE_CHUNK_SIZE, each split by kind in file order.
+SubChunk = tuple[list[FindingRecord], list[Observation], list[VulnerabilityInfo], list[AlertRecord]]
+_decode_records = msgspec.msgpack.Decoder(list[SubChunk]).decode
+
+
+class ChunkResult(msgspec.Struct):
+    """What the final step needs of a merged chunk."""
+
+    counts: dict[str, int]
+    scope: list[int]
+    observed: list[int]
+    touched: list[tuple[int, int]]
+    reported: list[tuple[str, str]]
+    stale: list[dict]
+    seen: list[int]
+
+
+_decode_result = msgspec.msgpack.Decoder(ChunkResult).decode
+
+
+@dataclass
+class Settings:
+    """The parallel merge's settings (from the app's config) and how a chunk's task is sent."""
+
+    min_bytes: int
+    chunk_records: int
+    sub_chunk: int
+    max_rejections: int
+    lease_seconds: int
+    max_attempts: int
+    dispatch: Callable[[int, int], object]
+
+    def applies(self, db: Database, body_size: int | None) -> bool:
+        return db.is_postgres and self.min_bytes > 0 and (body_size or 0) >= self.min_bytes
+
+
+# -- 1. stage -------------------------------------------------------------------------------
+
+
+def coordinate(db: Database, batch_id: int, owner: str, settings: Settings) -> str:
+    """The batch's task for a big batch (its lease taken): stage it, send its chunks, finish it
+    if every chunk is done already.  Returns ``processing`` while chunks are merged, else the
+    batch's final status."""
+    from gateway.pipeline import Heartbeat, _finish_failed, clean_text
+
+    heartbeat = Heartbeat(db, batch_id, owner, settings.lease_seconds)
+    try:
+        with db.engine.connect() as conn:
+            batch = conn.execute(select(batches).where(batches.c.id == batch_id)).first()
+        try:
+            _stage(db, batch, settings)
+        except FormatError as exc:
+            _finish_failed(db, batch_id, owner, clean_text(str(exc))[:2000])
+            _drop_staged(db, batch)
+            log.info("batch %s failed: %s", batch_id, exc)
+            return "failed"
+        for seq in _abandoned(db, batch):
+            settings.dispatch(batch_id, seq)
+    finally:
+        heartbeat.stop()
+    _write_progress(db, batch)
+    return finish_if_done(db, batch_id, settings) or "processing"
+
+
+def _stage(db: Database, batch, settings: Settings) -> None:
+    """Parse the batch into chunks by resource (committed and sent one by one), then the tail."""
+    with db.engine.connect() as conn:
+        staged = dict(conn.execute(select(chunks_t.c.seq, chunks_t.c.kind).where(
+            chunks_t.c.tenant_id == batch.tenant_id, chunks_t.c.batch_id == batch.id)).all())
+        client_scopes = conn.execute(select(clients.c.scope).where(clients.c.id == batch.client_pk)).scalar() or ""
+    if "tail" in staged.values():
+        return
+    from gateway.pipeline import ALERT_SCOPE_REASON, BlobReader, clean_text, unstorable_text
+
+    connector = connectors.get(batch.format)
+    options = ParseOptions(provider=batch.provider, received_at=batch.received_at)
+    may_push_alerts = connector.RECORD_KIND == "alerts" or "alerts.write" in client_scopes.split()
+    # send each chunk as it is cut only when the body is known to be well formed: a format error
+    # found late then cannot leave earlier chunks merged
+    early = batch.body_check in ("passed", "notNeeded")
+    received = rejected = 0
+    stretch_rejections: list[dict] = []
+    current: list = []
+    current_refs: set[bytes] = set()
+    current_ids: set[int] = set()
+    cut_refs: set[bytes] = set()
+    cut_ids: set[int] = set()
+    tail: list = []
+    stretch_findings: list[FindingRecord] = []  # since the last cut, in file order (chunk and tail)
+    seq = 0
+    last_ref: bytes | None = None
+    unsent: list[int] = []
+
+    def reject(position, reason, provider_id) -> None:
+        nonlocal rejected
+        stretch_rejections.append({"seq": rejected, "position": clean_text(position),
+                                   "reason": clean_text(reason) or "", "provider_id": clean_text(provider_id)})
+        rejected += 1
+
+    def cut() -> None:
+        nonlocal seq
+        if seq not in staged:
+            with db.engine.begin() as conn:
+                _create_types(conn, batch, stretch_findings)
+                _insert_chunk(conn, batch, seq, "chunk", current, settings.sub_chunk)
+                insert_rows(conn, rejections_t, stretch_rejections,
+                            constants={"batch_id": batch.id, "tenant_id": batch.tenant_id})
+            if early:
+                settings.dispatch(batch.id, seq)
+            else:
+                unsent.append(seq)
+            _write_progress(db, batch, parsed=received)
+        cut_refs.update(current_refs)
+        cut_ids.update(current_ids)
+        current.clear()
+        current_refs.clear()
+        current_ids.clear()
+        stretch_rejections.clear()
+        stretch_findings.clear()
+        seq += 1
+
+    with db.engine.connect() as reader:
+        for record in connector.parse(BlobReader(reader, batch.id), options):
+            position = received
+            received += 1
+            if isinstance(record, Rejected):
+                reject(record.position, record.reason, record.provider_id)
+                continue
+            problem = unstorable_text(record)
+            if problem:
+                reject(f"record {position}", problem,
+                       getattr(record, "provider_id", None) or getattr(record, "vendor_id", None))
+                continue
+            if isinstance(record, AlertRecord) and not may_push_alerts:
+                reject(f"record {position}", ALERT_SCOPE_REASON, record.provider_id)
+                continue
+            if isinstance(record, FindingRecord):
+                stretch_findings.append(record)
+            if not isinstance(record, FindingRecord | Observation):
+                tail.append(record)  # knowledge-base entries and alerts: merged by the final step
+                continue
+            ref = msgspec.msgpack.encode(record.resource)
+            digest = _digest(record.provider_id) if isinstance(record, FindingRecord) else None
+            if ref in cut_refs or digest in cut_ids:
+                tail.append(record)  # its resource or its provider record is in a chunk cut already
+                continue
+            if len(current) >= settings.chunk_records and ref != last_ref:
+                cut()
+            current.append(record)
+            current_refs.add(ref)
+            if digest is not None:
+                current_ids.add(digest)
+            last_ref = ref
+    if current:
+        cut()
+    with db.engine.begin() as conn:
+        _create_types(conn, batch, stretch_findings)
+        _insert_chunk(conn, batch, seq, "tail", tail, settings.sub_chunk, received=received, rejected=rejected)
+        insert_rows(conn, rejections_t, stretch_rejections,
+                    constants={"batch_id": batch.id, "tenant_id": batch.tenant_id})
+    for unsent_seq in unsent:
+        settings.dispatch(batch.id, unsent_seq)
+    log.info("batch %s staged in %d chunks and a tail of %d records", batch.id, seq, len(tail))
+
+
+def _create_types(conn, batch, findings: list[FindingRecord]) -> None:
+    """Create the recommendation types these records fall under, committed with their chunk.
+
+    In file order, so the first record of a new type gives its texts, as in one merge; and
+    committed before any chunk merges, so two chunks never wait for each other's insert of
+    the same new type (an insert waits for the uncommitted row of another transaction).
+    """
+    if not findings:
+        return
+    from gateway.merge.knowledge import KnowledgeMerger
+
+    cause = f"batch {batch.id}"
+    merger = FindingMerger(conn, batch.tenant_id, batch.provider, batch.id, batch.received_at, cause,
+                           format=batch.format)
+    merger._type_ids_for(KnowledgeMerger(conn, batch.tenant_id, batch.provider, batch.id).enrich(findings))
+
+
+def _insert_chunk(conn, batch, seq: int, kind: str, records: list, sub_chunk: int, received: int = 0,
+                  rejected: int = 0) -> None:
+    parts: list[SubChunk] = []
+    for start in range(0, len(records), sub_chunk):
+        part: SubChunk = ([], [], [], [])
+        for record in records[start : start + sub_chunk]:
+            index = (0 if isinstance(record, FindingRecord) else 1 if isinstance(record, Observation)
+                     else 2 if isinstance(record, VulnerabilityInfo) else 3)
+            part[index].append(record)
+        parts.append(part)
+    conn.execute(chunks_t.insert().values(
+        batch_id=batch.id, seq=seq, tenant_id=batch.tenant_id, kind=kind, state="pending",
+        records=msgspec.msgpack.encode(parts), record_count=len(records), received=received,
+        rejected=rejected, attempts=0))
+
+
+def _abandoned(db: Database, batch) -> list[int]:
+    """Chunks not merged whose lease is free: never taken, or their worker died."""
+    now = utcnow()
+    with db.engine.connect() as conn:
+        return conn.execute(select(chunks_t.c.seq).where(
+            chunks_t.c.tenant_id == batch.tenant_id, chunks_t.c.batch_id == batch.id,
+            chunks_t.c.kind == "chunk", chunks_t.c.state == "pending",
+            or_(chunks_t.c.lease_owner.is_(None), chunks_t.c.lease_expires_at <= now),
+        ).order_by(chunks_t.c.seq)).scalars().all()
+
+
+def _drop_staged(db: Database, batch) -> None:
+    with db.engine.begin() as conn:
+        conn.execute(delete(chunks_t).where(chunks_t.c.tenant_id == batch.tenant_id,
+                                            chunks_t.c.batch_id == batch.id))
+
+
+def _write_progress(db: Database, batch, parsed: int | None = None) -> None:
+    """The batch's ``progress`` from its staged chunks (a short transaction; advisory)."""
+    try:
+        with db.engine.begin() as conn:
+            rows = conn.execute(select(chunks_t.c.kind, chunks_t.c.state, func.count(),
+                                       func.sum(chunks_t.c.record_count), func.max(chunks_t.c.received),
+                                       func.max(chunks_t.c.rejected))
+                                .where(chunks_t.c.tenant_id == batch.tenant_id, chunks_t.c.batch_id == batch.id)
+                                .group_by(chunks_t.c.kind, chunks_t.c.state)).all()
+            staged = sum(n for kind, _, n, _, _, _ in rows if kind == "chunk")
+            done = sum(n for kind, state, n, _, _, _ in rows if kind == "chunk" and state == "done")
+            merged = sum(int(records or 0) for kind, state, _, records, _, _ in rows
+                         if kind == "chunk" and state == "done")
+            tail = next((row for row in rows if row[0] == "tail"), None)
+            total_rejected = int(tail[5]) if tail is not None else 0
+            progress = {"chunks": done, "chunksTotal": staged if tail is not None else None, "chunksDone": done,
+                        "recordsParsed": int(tail[4]) if tail is not None else (parsed or 0),
+                        "recordsMerged": merged, "recordsRejected": total_rejected, "done": False,
+                        "updatedAt": utcnow().isoformat()}
+            conn.execute(update(batches).where(batches.c.id == batch.id, batches.c.status == "processing")
+                         .values(progress=progress))
+    except Exception as exc:  # noqa: BLE001 - progress is advisory
+        log.warning("batch %s: progress not recorded: %s", batch.id, exc)
+
+
+# -- 2. merge a chunk -----------------------------------------------------------------------
+
+
+class _ChunkHeartbeat:
+    """Renews a chunk's lease, and the batch's (no sweep takes a batch whose chunks are merging)."""
+
+    def __init__(self, db: Database, batch_id: int, seq: int, owner: str, lease_seconds: int) -> None:
+        self.db, self.batch_id, self.seq, self.owner, self.lease_seconds = db, batch_id, seq, owner, lease_seconds
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"lease-chunk-{batch_id}-{seq}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopped.wait(max(0.2, self.lease_seconds / 3)):
+            try:
+                expires = utcnow() + timedelta(seconds=self.lease_seconds)
+                with self.db.engine.begin() as conn:
+                    renewed = conn.execute(update(chunks_t).where(
+                        chunks_t.c.batch_id == self.batch_id, chunks_t.c.seq == self.seq,
+                        chunks_t.c.lease_owner == self.owner).values(lease_expires_at=expires)).rowcount
+                    if renewed:
+                        conn.execute(update(batches).where(batches.c.id == self.batch_id,
+                                                           batches.c.status == "processing")
+                                     .values(lease_expires_at=expires))
+            except Exception as exc:  # noqa: BLE001 - the merge sees the same trouble and decides
+                log.warning("batch %s chunk %s: lease not renewed: %s", self.batch_id, self.seq, exc)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=30)
+
+
+def merge_chunk(db: Database, batch_id: int, seq: int, settings: Settings, owner: str | None = None) -> str:
+    """Merge one staged chunk (``done``, ``busy``: another worker holds it, or the batch's final
+    status when this task finished it).  Raises ``TransientError`` for the task to retry."""
+    from gateway.pipeline import LeaseLost, TransientError, _describe, _transient
+
+    owner = owner or uuid.uuid4().hex
+    now = utcnow()
+    try:
+        with db.engine.begin() as conn:
+            claimed = conn.execute(update(chunks_t).where(
+                chunks_t.c.batch_id == batch_id, chunks_t.c.seq == seq, chunks_t.c.kind == "chunk",
+                chunks_t.c.state == "pending",
+                or_(chunks_t.c.lease_owner.is_(None), chunks_t.c.lease_owner == owner,
+                    chunks_t.c.lease_expires_at <= now),
+            ).values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=settings.lease_seconds),
+                     attempts=chunks_t.c.attempts + 1).returning(chunks_t.c.attempts, chunks_t.c.tenant_id)).first()
+            state = None if claimed else conn.execute(select(chunks_t.c.state).where(
+                chunks_t.c.batch_id == batch_id, chunks_t.c.seq == seq)).scalar()
+    except DBAPIError as exc:
+        if _transient(exc):
+            raise TransientError(_describe(exc)) from exc
+        raise
+    if claimed is None:
+        if state == "done":  # merged already: the batch may still wait for its final step
+            return finish_if_done(db, batch_id, settings) or "done"
+        return "busy" if state is not None else "missing"
+    if claimed.attempts > settings.max_attempts:
+        return _fail(db, batch_id, claimed.tenant_id,
+                     f"chunk {seq} gave up after {claimed.attempts - 1} merge attempts")
+    collecting = gc.isenabled()
+    gc.disable()  # as in a single merge (gateway/pipeline.py): no long-lived cycles to collect
+    heartbeat = _ChunkHeartbeat(db, batch_id, seq, owner, settings.lease_seconds)
+    try:
+        with db.engine.begin() as conn:
+            batch = conn.execute(select(batches).where(batches.c.id == batch_id)).first()
+            if batch is None or batch.status != "processing":
+                return "done"  # the batch was finished (or failed) meanwhile: nothing to merge
+            data = conn.execute(select(chunks_t.c.records).where(
+                chunks_t.c.tenant_id == batch.tenant_id, chunks_t.c.batch_id == batch_id,
+                chunks_t.c.seq == seq)).scalar_one()
+            mergers = _Mergers(conn, batch)
+            mergers.merge(_decode_records(data))
+            result = mergers.result(full=batch.scan_type == "full")
+            finished = conn.execute(update(chunks_t).where(
+                chunks_t.c.batch_id == batch_id, chunks_t.c.seq == seq, chunks_t.c.lease_owner == owner,
+                chunks_t.c.state == "pending",
+            ).values(state="done", result=msgspec.msgpack.encode(result), lease_owner=None,
+                     lease_expires_at=None, finished_at=utcnow())).rowcount
+            if not finished:  # the lease expired and another worker took the chunk: roll back
+                raise LeaseLost(batch_id)
+    except LeaseLost:
+        log.warning("batch %s chunk %s: lease lost to another worker, rolled back", batch_id, seq)
+        return "busy"
+    except DBAPIError as exc:
+        if _transient(exc):
+            _release_chunk(db, batch_id, seq, owner)
+            raise TransientError(_describe(exc)) from exc
+        return _fail_unexpected(db, batch_id, exc)
+    except Exception as exc:  # a defect: the batch fails, visibly
+        return _fail_unexpected(db, batch_id, exc)
+    finally:
+        heartbeat.stop()
+        if collecting:
+            gc.enable()
+    log.info("batch %s chunk %s merged", batch_id, seq)
+    _write_progress(db, batch)
+    return finish_if_done(db, batch_id, settings) or "done"
+
+
+def _release_chunk(db: Database, batch_id: int, seq: int, owner: str) -> None:
+    try:
+        with db.engine.begin() as conn:
+            conn.execute(update(chunks_t).where(chunks_t.c.batch_id == batch_id, chunks_t.c.seq == seq,
+                                                chunks_t.c.lease_owner == owner).values(lease_expires_at=utcnow()))
+    except Exception:  # noqa: BLE001 - the database may be the thing that is down
+        pass
+
+
+class _Mergers:
+    """The mergers of one chunk (or of the final step), fed sub-chunks as a single merge feeds them."""
+
+    def __init__(self, conn, batch) -> None:
+        from gateway.merge.alerts import AlertMerger
+        from gateway.merge.knowledge import KnowledgeMerger
+
+        connector = connectors.get(batch.format)
+        cause = f"batch {batch.id}"
+        self.findings = FindingMerger(conn, batch.tenant_id, batch.provider, batch.id, batch.received_at, cause,
+                                      product=getattr(connector, "PRODUCT", None), format=batch.format)
+        self.alerts = AlertMerger(conn, batch.tenant_id, batch.provider, batch.id, cause)
+        self.knowledge = KnowledgeMerger(conn, batch.tenant_id, batch.provider, batch.id)
+
+    def merge(self, parts: Iterable[SubChunk]) -> None:
+        for findings, observations, knowledge, alerts in parts:
+            if knowledge:
+                self.knowledge.merge_chunk(knowledge)
+            if findings or observations:
+                self.findings.merge_chunk(self.knowledge.enrich(findings) if findings else [], observations)
+            if alerts:
+                self.alerts.merge_chunk(alerts)
+
+    def counts(self) -> Counter:
+        total: Counter = Counter()
+        for counts in (self.findings.counts, self.alerts.counts, self.knowledge.counts):
+            total.update(counts)
+        return total
+
+    def result(self, full: bool) -> ChunkResult:
+        merger = self.findings
+        return ChunkResult(counts=dict(self.counts()), scope=sorted(merger.scope),
+                           observed=sorted(merger.observed_resources),
+                           touched=sorted(merger.touched_recommendations),
+                           reported=sorted(merger.reported) if full else [], stale=merger.stale_examples,
+                           seen=sorted(merger._seen_records))
+
+
+# -- 3. finish ------------------------------------------------------------------------------
+
+
+def finish_if_done(db: Database, batch_id: int, settings: Settings) -> str | None:
+    """Finish the batch if it is staged and every chunk is merged: its final status when this
+    call finished it, else None (chunks left, or another worker finishes or finished it)."""
+    from gateway.pipeline import TransientError, _describe, _transient
+
+    try:
+        return _finish(db, batch_id, settings)
+    except DBAPIError as exc:
+        if _transient(exc):
+            raise TransientError(_describe(exc)) from exc
+        return _fail_unexpected(db, batch_id, exc)
+    except Exception as exc:  # a defect: the batch fails, visibly
+        return _fail_unexpected(db, batch_id, exc)
+
+
+def _finish(db: Database, batch_id: int, settings: Settings) -> str | None:
+    from gateway.merge.observations import remove_unreported
+    from gateway.pipeline import COUNT_KEYS
+
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        with db.engine.begin() as conn:
+            # one finisher: a batch row another finisher holds is skipped, never waited on
+            batch = conn.execute(select(batches).where(batches.c.id == batch_id)
+                                 .with_for_update(skip_locked=True)).first()
+            if batch is None or batch.status != "processing":
+                return None  # being finished by another worker, or finished
+            rows = conn.execute(select(chunks_t.c.seq, chunks_t.c.kind, chunks_t.c.state, chunks_t.c.result,
+                                       chunks_t.c.received, chunks_t.c.rejected)
+                                .where(chunks_t.c.tenant_id == batch.tenant_id, chunks_t.c.batch_id == batch_id)
+                                .order_by(chunks_t.c.seq)).all()
+            tail = next((row for row in rows if row.kind == "tail"), None)
+            if tail is None or any(row.kind == "chunk" and row.state != "done" for row in rows):
+                return None
+            mergers = _Mergers(conn, batch)
+            merger = mergers.findings
+            chunk_counts: Counter = Counter()
+            seen: set[int] = set()
+            for row in rows:
+                if row.kind != "chunk":
+                    continue
+                result = _decode_result(row.result)
+                chunk_counts.update(result.counts)
+                merger.scope.update(result.scope)
+                merger.observed_resources.update(result.observed)
+                merger.touched_recommendations.update(map(tuple, result.touched))
+                merger.reported.update(map(tuple, result.reported))
+                merger.stale_examples.extend(result.stale[: STALE_EXAMPLES - len(merger.stale_examples)])
+                seen.update(result.seen)
+            merger._seen_records = seen  # a tail record an earlier chunk merged is a repeat, as in one merge
+            tail_records = conn.execute(select(chunks_t.c.records).where(
+                chunks_t.c.tenant_id == batch.tenant_id, chunks_t.c.batch_id == batch_id,
+                chunks_t.c.seq == tail.seq)).scalar_one()
+            mergers.merge(_decode_records(tail_records))
+            if batch.scan_type == "full":
+                merger.resolve_unreported()
+                remove_unreported(merger)
+            merger.update_recommendations()
+
+            counts = dict.fromkeys(COUNT_KEYS, 0)
+            for key, value in (chunk_counts + mergers.counts()).items():
+                counts[key] = counts.get(key, 0) + value
+            received, rejected = tail.received, tail.rejected
+            counts["received"] = received - counts.get("duplicatesInPush", 0)
+            counts["rejected"] = rejected
+            rejections = [{"position": r.position, "reason": r.reason, "providerId": r.provider_id}
+                          for r in conn.execute(select(rejections_t.c.position, rejections_t.c.reason,
+                                                       rejections_t.c.provider_id)
+                                                .where(rejections_t.c.tenant_id == batch.tenant_id,
+                                                       rejections_t.c.batch_id == batch_id)
+                                                .order_by(rejections_t.c.seq).limit(settings.max_rejections))]
+            if received and rejected == received:
+                status = "failed"
+            elif rejected:
+                status = "partiallySucceeded"
+            else:
+                status = "succeeded"
+            total = sum(1 for row in rows if row.kind == "chunk")
+            conn.execute(update(batches).where(batches.c.id == batch_id, batches.c.status == "processing").values(
+                status=status, counts=counts, rejections=rejections, finished_at=utcnow(),
+                progress={"chunks": total, "chunksTotal": total, "chunksDone": total, "recordsParsed": received,
+                          "recordsMerged": received - rejected, "recordsRejected": rejected, "done": True,
+                          "updatedAt": utcnow().isoformat()},
+                stale_details=merger.stale_examples,
+                error="every record was rejected" if status == "failed" else None,
+                lease_owner=None, lease_expires_at=None))
+            outbox.batch_finished(conn, batch.tenant_id, batch_id, status, counts, batch.provider)
+            conn.execute(delete(chunks_t).where(chunks_t.c.tenant_id == batch.tenant_id,
+                                                chunks_t.c.batch_id == batch_id))
+    finally:
+        if collecting:
+            gc.enable()
+    log.info("batch %s finished after %d chunks: %s", batch_id, total, status)
+    return status
+
+
+def _fail(db: Database, batch_id: int, tenant_id: int | None, error: str) -> str:
+    """End the batch ``failed`` (whoever holds its lease); chunks merged before stay merged."""
+    from gateway.pipeline import COUNT_KEYS
+
+    with db.engine.begin() as conn:
+        ended = conn.execute(
+            update(batches).where(batches.c.id == batch_id, batches.c.status == "processing")
+            .values(status="failed", error=error[:2000], counts=dict.fromkeys(COUNT_KEYS, 0), rejections=[],
+                    finished_at=utcnow(), lease_owner=None, lease_expires_at=None)
+            .returning(batches.c.tenant_id, batches.c.provider)).first()
+        if ended is not None:
+            outbox.batch_finished(conn, ended.tenant_id, batch_id, "failed", dict.fromkeys(COUNT_KEYS, 0),
+                                  ended.provider, error)
+            conn.execute(delete(chunks_t).where(chunks_t.c.tenant_id == ended.tenant_id,
+                                                chunks_t.c.batch_id == batch_id))
+    log.error("batch %s failed: %s", batch_id, error)
+    return "failed"
+
+
+def _fail_unexpected(db: Database, batch_id: int, exc: Exception) -> str:
+    from sqlalchemy.exc import DataError
+
+    reference = uuid.uuid4().hex[:12]
+    log.error("batch %s failed with an unexpected error (reference %s)", batch_id, reference, exc_info=exc)
+    kind = "a value the store refused" if isinstance(exc, DataError) else "an internal error"
+    return _fail(db, batch_id, None, f"the merge stopped on {kind} (reference {reference}); the batch's "
+                                     "stored bytes are kept; chunks merged before it stay merged")

@@ -1,0 +1,245 @@
+"""One big batch merged by several real worker processes (gateway/merge/parallel.py, issue 14 item 2).
+
+Each test pushes the same files to two tenants: one merged as today by one worker (the parallel
+merge off), one staged in chunks merged by two worker processes; the store must read the same
+through the API (findings, resources, recommendations, batches) and hold the same lifecycle
+events (the export outbox), with ids, times and batch numbers set aside.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from sqlalchemy import func, select
+
+from gateway.models import Batch, BatchMergeChunk, Finding, FindingSource, LifecycleEvent, Tenant
+from gateway.pipeline import process_batch
+from tests.conftest import Worker, wait_for
+from tests.factories import document, finding
+from workers.tasks import requeue
+
+PARALLEL = {"GATEWAY_PARALLEL_MERGE_MIN_BYTES": "1", "GATEWAY_PARALLEL_MERGE_CHUNK_RECORDS": "150"}
+SINGLE = {"GATEWAY_PARALLEL_MERGE_MIN_BYTES": "0"}
+TERMINAL = ("succeeded", "partiallySucceeded", "failed")
+
+
+def _first_push(hosts: int = 24, per_host: int = 40) -> bytes:
+    """Hosts one after the other (chunks are cut between them), plus what must go to the tail:
+    a host named again at the end, a provider record repeated, and records the store refuses."""
+    items = []
+    for h in range(hosts):
+        for j in range(per_host):
+            cves = [f"CVE-2024-{1000 + j}"] + ([f"CVE-2023-{2000 + j}"] if j % 7 == 0 else [])
+            items.append(finding(f"h{h}/p{j}", host=f"h{h}.example.com", cves=cves,
+                                 severity=["low", "medium", "high", "critical"][(h + j) % 4],
+                                 status="fixed" if (h * j) % 11 == 5 else "open"))
+    items += [finding(f"h3/late{j}", host="h3.example.com", cves=[f"CVE-2022-{3000 + j}"]) for j in range(5)]
+    items.append(finding("h1/p2", host="h1.example.com", cves=["CVE-2024-1002"], evidence="seen again"))
+    items += [finding(f"bad-{j}", host="h2.example.com", title="NUL \u0000 inside") for j in range(3)]
+    return document(items)
+
+
+def _full_scan(hosts: int = 12, per_host: int = 40) -> bytes:
+    """A full scan of half the hosts: some findings gone (resolved), some changed, one new."""
+    items = []
+    for h in range(hosts):
+        for j in range(per_host):
+            if j % 5 == 4:
+                continue  # absent from the full scan: resolved
+            cves = [f"CVE-2024-{1000 + j}"] + ([f"CVE-2023-{2000 + j}"] if j % 7 == 0 else [])
+            items.append(finding(f"h{h}/p{j}", host=f"h{h}.example.com", cves=cves,
+                                 severity="critical" if j % 6 == 0 else ["low", "medium", "high", "critical"][(h + j) % 4],
+                                 ts="2024-05-01T00:00:00Z"))
+        items.append(finding(f"h{h}/new", host=f"h{h}.example.com", cves=["CVE-2025-0001"], ts="2024-05-01T00:00:00Z"))
+    return document(items, scan="full")
+
+
+def _push(gw, tenant: str, headers: dict, body: bytes) -> int:
+    response = gw.http.post(f"/api/v1/tenants/{tenant}/batches?format=canonical", data=body,
+                            headers=headers | {"Content-Type": "application/json"})
+    assert response.status_code == 202, response.get_json()
+    return int(response.get_json()["id"])
+
+
+def _batch(gw, tenant: str, headers: dict, batch_id: int) -> dict:
+    return gw.http.get(f"/api/v1/tenants/{tenant}/batches/{batch_id}", headers=headers).get_json()
+
+
+def _final(gw, tenant: str, headers: dict, batch_id: int, timeout: float = 240) -> dict:
+    return wait_for(lambda: (lambda b: b if b["status"] in TERMINAL else None)(_batch(gw, tenant, headers, batch_id)),
+                    timeout=timeout, interval=0.2)
+
+
+def _local(url: str) -> str:
+    return "/" + url.split("://", 1)[1].split("/", 1)[1] if url else ""
+
+
+def _read_all(gw, tenant: str, headers: dict, collection: str) -> list[dict]:
+    rows, url = [], f"/api/v1/tenants/{tenant}/security/{collection}?$top=1000"
+    while url:
+        page = gw.http.get(url, headers=headers).get_json()
+        assert "value" in page, page
+        rows += page["value"]
+        url = _local(page.get("@odata.nextLink", "")) or None
+    return rows
+
+
+def _comparable(value):
+    """A read-API answer without what two tenants and two batches never share (ids, times, links)."""
+    if isinstance(value, dict):
+        return {k: _comparable(v) for k, v in value.items()
+                if not (k == "id" or k.endswith(("Id", "Ids", "DateTime", "Url", "At", "Evaluated"))
+                        or k in ("tenant", "progress", "attempts", "idempotencyKey"))}
+    if isinstance(value, list):
+        return sorted((_comparable(v) for v in value), key=repr)
+    if isinstance(value, str):
+        return re.sub(r"batch \d+", "batch N", value)
+    return value
+
+
+def _events(gw, tenant: str) -> Counter:
+    """The tenant's lifecycle events (the export outbox), by subject's natural key, event and details."""
+    with gw.db.sessions() as session:
+        tenant_id = session.scalar(select(Tenant.id).where(Tenant.external_id == tenant))
+        keys = dict(session.execute(select(Finding.id, Finding.correlation_key)
+                                    .where(Finding.tenant_id == tenant_id)).all())
+        rows = session.execute(select(LifecycleEvent.subject_type, LifecycleEvent.subject_id, LifecycleEvent.event,
+                                      LifecycleEvent.cause, LifecycleEvent.actor, LifecycleEvent.details)
+                               .where(LifecycleEvent.tenant_id == tenant_id)).all()
+    return Counter((kind, keys.get(subject) if kind == "finding" else kind, event,
+                    re.sub(r"batch \d+", "batch N", cause), actor, repr(_comparable(details)))
+                   for kind, subject, event, cause, actor, details in rows)
+
+
+def _snapshot(gw, tenant: str, headers: dict, batch_ids: list[int]) -> dict:
+    return {
+        "findings": _comparable(_read_all(gw, tenant, headers, "findings")),
+        "resources": _comparable(_read_all(gw, tenant, headers, "resources")),
+        "recommendations": _comparable(_read_all(gw, tenant, headers, "recommendations")),
+        "batches": [_comparable(_batch(gw, tenant, headers, b)) for b in batch_ids],
+        "events": _events(gw, tenant),
+    }
+
+
+def _merge_with(gw, env: dict, processes: int, tenant: str, headers: dict, bodies: list[bytes]) -> list[dict]:
+    workers = [Worker(gw.app.config["DATABASE_URL"], extra_env=env) for _ in range(processes)]
+    try:
+        results = []
+        for body in bodies:  # one after the other, as a scanner pushes them
+            results.append(_final(gw, tenant, headers, _push(gw, tenant, headers, body)))
+        return results
+    finally:
+        for process in workers:
+            process.stop()
+
+
+def test_two_workers_merge_a_big_batch_into_the_store_one_worker_makes(pg_gw, redis_clean):
+    bodies = [_first_push(), _full_scan()]
+    single, parallel = pg_gw.tenant(), pg_gw.tenant()
+    headers = {name: pg_gw.partner("Qualys", [name]) for name in (single, parallel)}
+
+    reference = _merge_with(pg_gw, SINGLE, 1, single, headers[single], bodies)
+    results = _merge_with(pg_gw, PARALLEL, 2, parallel, headers[parallel], bodies)
+
+    assert [r["status"] for r in results] == ["partiallySucceeded", "succeeded"]
+    # the first push went in chunks (cut between hosts), the tail after them; progress says so
+    progress = results[0]["progress"]
+    assert progress["chunksTotal"] >= 5 and progress["chunksDone"] == progress["chunksTotal"] and progress["done"]
+    assert "chunksTotal" not in (reference[0]["progress"] or {})
+    first = results[0]["counts"]
+    assert first["rejected"] == 3 and first["duplicatesInPush"] == 1 and first["created"] == 24 * 40 + 5
+    assert results[1]["counts"]["resolved"] > 0 and results[1]["counts"]["updated"] > 0
+    for mine, theirs in zip(results, reference, strict=True):
+        assert _comparable(mine) == _comparable(theirs)
+
+    expected = _snapshot(pg_gw, single, headers[single], [r["id"] for r in reference])
+    actual = _snapshot(pg_gw, parallel, headers[parallel], [r["id"] for r in results])
+    assert len(actual["findings"]) > 1000 and len(actual["resources"]) == 24
+    for part in expected:
+        assert actual[part] == expected[part], part
+    with pg_gw.db.sessions() as session:  # staged chunks are gone once their batch is finished
+        assert session.scalar(select(func.count()).select_from(BatchMergeChunk)) == 0
+
+
+def _chunks(gw, batch_id: int) -> list:
+    with gw.db.sessions() as session:
+        return session.execute(select(BatchMergeChunk.seq, BatchMergeChunk.kind, BatchMergeChunk.state,
+                                      BatchMergeChunk.lease_owner)
+                               .where(BatchMergeChunk.batch_id == batch_id)).all()
+
+
+def _doubled(session, tenant_id: int | None = None) -> list:
+    """Provider records stored twice (by identity), and findings stored twice (by subject)."""
+    s, f = FindingSource, Finding
+    sources = select(s.provider_id, s.correlation_key).group_by(s.tenant_id, s.provider, s.provider_id,
+                                                                s.correlation_key).having(func.count() > 1)
+    findings = select(f.resource_id, f.correlation_key).group_by(f.tenant_id, f.resource_id,
+                                                                f.correlation_key).having(func.count() > 1)
+    if tenant_id is not None:
+        sources, findings = sources.where(s.tenant_id == tenant_id), findings.where(f.tenant_id == tenant_id)
+    return session.execute(sources).all() + session.execute(findings).all()
+
+
+def test_workers_killed_mid_chunk_resume_from_the_chunks_done_without_doubles(pg_gw, redis_clean):
+    big = _first_push(hosts=40, per_host=60)
+    single, parallel = pg_gw.tenant(), pg_gw.tenant()
+    headers = {name: pg_gw.partner("Qualys", [name]) for name in (single, parallel)}
+    batch_id = _push(pg_gw, parallel, headers[parallel], big)
+    env = PARALLEL | {"GATEWAY_PARALLEL_MERGE_CHUNK_RECORDS": "400", "GATEWAY_LEASE_SECONDS": "3"}
+    first = [Worker(pg_gw.app.config["DATABASE_URL"], extra_env=env) for _ in range(2)]
+    try:
+        def mid_chunk():  # a chunk merged and committed, another one being merged right now
+            rows = _chunks(pg_gw, batch_id)
+            done = [r for r in rows if r.kind == "chunk" and r.state == "done"]
+            running = [r for r in rows if r.kind == "chunk" and r.state == "pending" and r.lease_owner]
+            return (done, running) if done and running else None
+
+        done_before, running = wait_for(mid_chunk, timeout=180, interval=0.05)
+    finally:
+        for process in first:
+            process.kill()
+    with pg_gw.db.sessions() as session:
+        assert session.scalar(select(Batch.status).where(Batch.id == batch_id)) == "processing"
+        merged = session.scalar(select(func.count()).select_from(FindingSource))
+        assert 0 < merged < 40 * 60  # the chunks done are committed; the one killed mid-merge left nothing
+        assert _doubled(session) == []
+    assert {r.seq for r in done_before} <= {r.seq for r in _chunks(pg_gw, batch_id) if r.state == "done"}
+
+    second = [Worker(pg_gw.app.config["DATABASE_URL"], extra_env=PARALLEL | {
+        "GATEWAY_PARALLEL_MERGE_CHUNK_RECORDS": "400"}) for _ in range(2)]
+    try:
+        with pg_gw.app.app_context():
+            # the dead workers' leases run out (nobody renews them), then the sweep sends the batch again
+            wait_for(lambda: requeue(pg_gw.db, older_than_seconds=0) == 1, timeout=30, interval=0.5)
+        result = _final(pg_gw, parallel, headers[parallel], batch_id)
+    finally:
+        for process in second:
+            process.stop()
+    assert result["status"] == "partiallySucceeded" and result["attempts"] >= 2
+
+    # the reference: the same bytes merged once by one worker's code path, in this process
+    reference_id = _push(pg_gw, single, headers[single], big)
+    assert process_batch(pg_gw.db, reference_id, chunk_size=50) == "partiallySucceeded"
+    expected = _snapshot(pg_gw, single, headers[single], [reference_id])
+    actual = _snapshot(pg_gw, parallel, headers[parallel], [batch_id])
+    for part in expected:
+        assert actual[part] == expected[part], part
+    with pg_gw.db.sessions() as session:
+        tenant_id = session.scalar(select(Tenant.id).where(Tenant.external_id == parallel))
+        assert _doubled(session, tenant_id) == []
+        assert result["counts"]["created"] == 40 * 60 + 5
+
+
+def test_a_batch_below_the_threshold_merges_as_today(pg_gw, redis_clean):
+    tenant = pg_gw.tenant()
+    headers = pg_gw.partner("Qualys", [tenant])
+    body = _first_push(hosts=4, per_host=10)
+    process = Worker(pg_gw.app.config["DATABASE_URL"],
+                     extra_env=PARALLEL | {"GATEWAY_PARALLEL_MERGE_MIN_BYTES": str(len(body) + 1)})
+    try:
+        result = _final(pg_gw, tenant, headers, _push(pg_gw, tenant, headers, body))
+    finally:
+        process.stop()
+    assert result["status"] == "partiallySucceeded" and "chunksTotal" not in result["progress"]
+    assert result["counts"]["created"] == 4 * 10 + 5 and result["counts"]["duplicatesInPush"] == 1
