@@ -46,37 +46,54 @@ def ip(n: int) -> str:
 def seed(url: str, alerts: int, resources: int) -> tuple[int, int, int]:
     """The tenant, an indicator client and an alert client; alerts and resources in SQL."""
     with psycopg.connect(url, autocommit=True) as conn:
-        tenant = conn.execute("INSERT INTO tenants (external_id, name, created_at) VALUES ('bench', 'bench', now()) "
-                              "RETURNING id").fetchone()[0]
-        clients = [conn.execute(
-            "INSERT INTO oauth_clients (client_id, secret_hash, name, provider, scope, disabled, created_at, "
-            "secret_rotated_at) VALUES (%s, 'x', %s, %s, %s, false, now(), now()) RETURNING id",
-            (name, name, name, scope)).fetchone()[0]
-            for name, scope in (("intel", "indicators.write"), ("defender", "alerts.write"))]
-        conn.execute("""
+        tenant = conn.execute(
+            "INSERT INTO tenants (external_id, name, created_at) VALUES ('bench', 'bench', now()) "
+            "RETURNING id"
+        ).fetchone()[0]
+        clients = [
+            conn.execute(
+                "INSERT INTO oauth_clients (client_id, secret_hash, name, provider, scope, disabled, created_at, "
+                "secret_rotated_at) VALUES (%s, 'x', %s, %s, %s, false, now(), now()) RETURNING id",
+                (name, name, name, scope),
+            ).fetchone()[0]
+            for name, scope in (("intel", "indicators.write"), ("defender", "alerts.write"))
+        ]
+        conn.execute(
+            """
             INSERT INTO alerts (tenant_id, provider, provider_id, title, severity, recommended_actions,
                                 provider_timestamp, content_hash, created_at, updated_at, status, comments, tags)
             SELECT %s, 'Defender', 'seed-' || g, 'seeded alert ' || g, 'medium', '[]', now(), md5(g::text),
                    now(), now(), 'newAlert', '[]', '[]'
-            FROM generate_series(0, %s - 1) g""", (tenant, alerts))
-        conn.execute("""
+            FROM generate_series(0, %s - 1) g""",
+            (tenant, alerts),
+        )
+        conn.execute(
+            """
             INSERT INTO alert_observables (alert_id, observable_type, value, tenant_id)
             SELECT a.id, o.kind, o.value, a.tenant_id FROM alerts a,
                    LATERAL (VALUES ('domain', 'a' || substr(a.provider_id, 6) || '.alerts.example'),
                                    ('ipv4', '172.' || (a.id / 65536 %% 200) || '.' || (a.id / 256 %% 256) || '.'
                                              || (a.id %% 256))) o(kind, value)
-            WHERE a.tenant_id = %s""", (tenant,))
-        conn.execute("""
+            WHERE a.tenant_id = %s""",
+            (tenant,),
+        )
+        conn.execute(
+            """
             INSERT INTO resources (tenant_id, kind, name, created_at, updated_at, tags)
             SELECT %s, 'host', 'r' || g || '.hosts.example', now(), now(), '[]'
-            FROM generate_series(0, %s - 1) g""", (tenant, resources))
-        conn.execute("""
+            FROM generate_series(0, %s - 1) g""",
+            (tenant, resources),
+        )
+        conn.execute(
+            """
             INSERT INTO resource_identifiers (tenant_id, kind, value, resource_id)
             SELECT r.tenant_id, i.kind, i.value, r.id FROM resources r,
                    LATERAL (VALUES ('fqdn', r.name),
                                    ('ipv4', '198.' || (r.id / 65536 %% 200) || '.' || (r.id / 256 %% 256) || '.'
                                              || (r.id %% 256))) i(kind, value)
-            WHERE r.tenant_id = %s""", (tenant,))
+            WHERE r.tenant_id = %s""",
+            (tenant,),
+        )
         conn.execute("ANALYZE")
     return tenant, clients[0], clients[1]
 
@@ -96,26 +113,63 @@ def indicator_body(count: int, hit_rate: float, alerts: int, resources: int) -> 
             observable = {"networkIPv4": ip(n)}
         else:
             observable = {"domainName": f"miss-{n}.example.net"}
-        items.append({"externalId": f"ti-{n}", "targetProduct": "Azure Sentinel", "threatType": "C2",
-                      "confidence": 70, "tlpLevel": "amber", "expirationDateTime": expires,
-                      "lastReportedDateTime": "2026-11-01T00:00:00Z"} | observable)
+        items.append(
+            {
+                "externalId": f"ti-{n}",
+                "targetProduct": "Azure Sentinel",
+                "threatType": "C2",
+                "confidence": 70,
+                "tlpLevel": "amber",
+                "expirationDateTime": expires,
+                "lastReportedDateTime": "2026-11-01T00:00:00Z",
+            }
+            | observable
+        )
     return json.dumps({"value": items}).encode()
 
 
 def alert_body(count: int, every: int, offset: int) -> bytes:
     """Graph alerts_v2 whose first evidence names an indicator's domain (the alert side arriving)."""
-    return json.dumps({"value": [{
-        "id": f"push-{offset + n}", "title": "beacon", "severity": "medium", "status": "new",
-        "serviceSource": "microsoftDefenderForEndpoint", "createdDateTime": "2026-11-02T00:00:00Z",
-        "lastUpdateDateTime": "2026-11-02T00:00:00Z",
-        "evidence": [{"@odata.type": "#microsoft.graph.security.urlEvidence", "url": f"https://miss-{n * every}.example.net/x",
-                      "roles": [], "verdict": "unknown"}]} for n in range(count)]}).encode()
+    return json.dumps(
+        {
+            "value": [
+                {
+                    "id": f"push-{offset + n}",
+                    "title": "beacon",
+                    "severity": "medium",
+                    "status": "new",
+                    "serviceSource": "microsoftDefenderForEndpoint",
+                    "createdDateTime": "2026-11-02T00:00:00Z",
+                    "lastUpdateDateTime": "2026-11-02T00:00:00Z",
+                    "evidence": [
+                        {
+                            "@odata.type": "#microsoft.graph.security.urlEvidence",
+                            "url": f"https://miss-{n * every}.example.net/x",
+                            "roles": [],
+                            "verdict": "unknown",
+                        }
+                    ],
+                }
+                for n in range(count)
+            ]
+        }
+    ).encode()
 
 
-def timed_merge(db, tenant: int, client: int, provider: str, fmt: str, body: bytes, chunk: int) -> tuple[float, dict]:
-    push = Push(tenant_id=tenant, client_pk=client, provider=provider, format=fmt, content_type="application/json",
-                content_encoding="identity", declared_length=len(body), scan_type="unspecified",
-                idempotency_key=None)
+def timed_merge(
+    db, tenant: int, client: int, provider: str, fmt: str, body: bytes, chunk: int
+) -> tuple[float, dict]:
+    push = Push(
+        tenant_id=tenant,
+        client_pk=client,
+        provider=provider,
+        format=fmt,
+        content_type="application/json",
+        content_encoding="identity",
+        declared_length=len(body),
+        scan_type="unspecified",
+        idempotency_key=None,
+    )
     batch, _ = store_batch(db, push, body)
     started = time.perf_counter()
     status = process_batch(db, batch.id, chunk_size=chunk)
@@ -141,33 +195,52 @@ def main() -> None:
         upgrade(url)
         started = time.perf_counter()
         tenant, intel, defender = seed(url, args.alerts, args.resources)
-        print(f"seeded {args.alerts:,} alerts ({2 * args.alerts:,} observables) and {args.resources:,} resources "
-              f"({2 * args.resources:,} identifiers) in {time.perf_counter() - started:.1f}s")
+        print(
+            f"seeded {args.alerts:,} alerts ({2 * args.alerts:,} observables) and {args.resources:,} resources "
+            f"({2 * args.resources:,} identifiers) in {time.perf_counter() - started:.1f}s"
+        )
         db = Database(url)
         try:
             body = indicator_body(args.indicators, args.hit_rate, args.alerts, args.resources)
             elapsed, counts = timed_merge(db, tenant, intel, "intel", "graph_tiindicator", body, args.chunk)
-            print(f"indicator push: {args.indicators:,} indicators merged and matched in {elapsed:.2f}s "
-                  f"({args.indicators / elapsed:,.0f}/s); created {counts.get('created')}, "
-                  f"matches {counts.get('matched')}")
+            print(
+                f"indicator push: {args.indicators:,} indicators merged and matched in {elapsed:.2f}s "
+                f"({args.indicators / elapsed:,.0f}/s); created {counts.get('created')}, "
+                f"matches {counts.get('matched')}"
+            )
             with db.engine.connect() as conn:
-                raised = conn.exec_driver_sql("SELECT count(*) FROM alerts WHERE provider = 'Threat Intelligence'").scalar()
-                enriched = conn.exec_driver_sql("SELECT count(DISTINCT subject_id) FROM ti_matches "
-                                                "WHERE subject_type = 'alert'").scalar()
+                raised = conn.exec_driver_sql(
+                    "SELECT count(*) FROM alerts WHERE provider = 'Threat Intelligence'"
+                ).scalar()
+                enriched = conn.exec_driver_sql(
+                    "SELECT count(DISTINCT subject_id) FROM ti_matches WHERE subject_type = 'alert'"
+                ).scalar()
             print(f"  -> {enriched:,} alerts enriched, {raised:,} ThreatIntelligenceMatch alerts raised")
             elapsed, counts = timed_merge(db, tenant, intel, "intel", "graph_tiindicator", body, args.chunk)
-            print(f"same push again: {elapsed:.2f}s ({args.indicators / elapsed:,.0f}/s); unchanged "
-                  f"{counts.get('unchanged')}, new matches {counts.get('matched', 0)}")
+            print(
+                f"same push again: {elapsed:.2f}s ({args.indicators / elapsed:,.0f}/s); unchanged "
+                f"{counts.get('unchanged')}, new matches {counts.get('matched', 0)}"
+            )
             every = 2  # every second indicator of the push is a 'miss-<even n>' domain
-            elapsed, counts = timed_merge(db, tenant, defender, "Defender", "graph_alert",
-                                          alert_body(args.alert_push, every, 0), args.chunk)
+            elapsed, counts = timed_merge(
+                db,
+                tenant,
+                defender,
+                "Defender",
+                "graph_alert",
+                alert_body(args.alert_push, every, 0),
+                args.chunk,
+            )
             with db.engine.connect() as conn:
                 pushed_matches = conn.exec_driver_sql(
                     "SELECT count(*) FROM ti_matches m JOIN alerts a ON a.id = m.subject_id "
-                    "WHERE m.subject_type = 'alert' AND a.provider_id LIKE 'push-%%'").scalar()
-            print(f"alert push: {args.alert_push:,} alerts merged, observables kept and matched against "
-                  f"{args.indicators:,} indicators in {elapsed:.2f}s ({args.alert_push / elapsed:,.0f}/s); "
-                  f"{pushed_matches:,} matched")
+                    "WHERE m.subject_type = 'alert' AND a.provider_id LIKE 'push-%%'"
+                ).scalar()
+            print(
+                f"alert push: {args.alert_push:,} alerts merged, observables kept and matched against "
+                f"{args.indicators:,} indicators in {elapsed:.2f}s ({args.alert_push / elapsed:,.0f}/s); "
+                f"{pushed_matches:,} matched"
+            )
         finally:
             db.dispose()
     finally:
