@@ -13,7 +13,12 @@ On a scratch PostgreSQL database (migrated, dropped at the end, also on error):
    (the worker's path): the merge, then set-based matching of the new indicators against alerts
    (enrichment) and resources (a ThreatIntelligenceMatch alert each);
 3. pushes the same batch again (unchanged: no new match);
-4. pushes ``--alert-push`` Graph alerts_v2 whose evidence names indicators (the alert side arriving).
+4. pushes ``--alert-push`` Graph alerts_v2 whose evidence names indicators (the alert side arriving);
+5. with ``--events`` (security events, gateway/detection/): seeds that many events over the last
+   7 days in SQL (one in 1,000 to an indicator's address), runs the sweep that matches the
+   indicators against the stored events (the indicator side: one pass over the tenant's events),
+   then pushes ``--event-push`` OCSF Network Activity events (1% to an indicator's address) through
+   ``process_batch`` (the event side arriving: matched against the indicators at ingest).
 
 Prints the time of each step, the rows per second and the matches made.  Figures, not assertions.
 """
@@ -56,7 +61,7 @@ def seed(url: str, alerts: int, resources: int) -> tuple[int, int, int]:
                 "secret_rotated_at) VALUES (%s, 'x', %s, %s, %s, false, now(), now()) RETURNING id",
                 (name, name, name, scope),
             ).fetchone()[0]
-            for name, scope in (("intel", "indicators.write"), ("defender", "alerts.write"))
+            for name, scope in (("intel", "indicators.write"), ("defender", "alerts.write events.write"))
         ]
         conn.execute(
             """
@@ -156,6 +161,42 @@ def alert_body(count: int, every: int, offset: int) -> bytes:
     ).encode()
 
 
+def ip_sql(n: str) -> str:
+    """:func:`ip` in SQL, of the integer expression ``n``."""
+    return (f"(11 + ({n}) / 65536 %% 200) || '.' || (({n}) / 256 %% 256) || '.' || (({n}) %% 256) || '.' "
+            f"|| (7 + ({n}) / 13107200)")
+
+
+def seed_events(db, url: str, tenant: int, count: int, indicators: int) -> None:
+    """``count`` network events over the last 7 days; one in 1,000 to an indicator's (odd n) address."""
+    from gateway.detection.events import DEFAULT_RETENTION_DAYS, ensure_partitions
+
+    ensure_partitions(db.engine, datetime.now(UTC), DEFAULT_RETENTION_DAYS)
+    hit = ip_sql(f"2 * ((g / 1000) %% {max(1, indicators // 2)}) + 1")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"""
+            INSERT INTO security_events (occurred_at, tenant_id, provider, kind, event_id, source_ip, remote_ip,
+                                         ingested_at)
+            SELECT now() - (g %% 604800) * interval '1 second', %s, 'Agent', 'network_connection', 4001,
+                   '10.0.0.' || (g %% 250),
+                   CASE WHEN g %% 1000 = 0 THEN {hit}
+                        ELSE '100.' || (g / 65536 %% 64 + 64) || '.' || (g / 256 %% 256) || '.' || (g %% 256) END,
+                   now()
+            FROM generate_series(0, %s - 1) g""", (tenant, count))
+        conn.execute("ANALYZE security_events")
+
+
+def event_body(count: int, indicators: int) -> bytes:
+    """OCSF Network Activity events: 1% to an indicator's (odd n) address, the rest elsewhere."""
+    base = int((datetime.now(UTC) - timedelta(hours=1)).timestamp() * 1000)
+    return json.dumps([{
+        "class_uid": 4001, "category_uid": 4, "activity_id": 1, "time": base + n,
+        "device": {"hostname": f"ws-{n % 50}", "ip": "10.9.0.7"}, "src_endpoint": {"ip": "10.9.0.7"},
+        "dst_endpoint": {"ip": ip(2 * (n % max(1, indicators // 2)) + 1) if n % 100 == 0
+                         else f"100.{64 + n // 65536 % 64}.{n // 256 % 256}.{n % 256}"},
+    } for n in range(count)]).encode()
+
+
 def timed_merge(
     db, tenant: int, client: int, provider: str, fmt: str, body: bytes, chunk: int
 ) -> tuple[float, dict]:
@@ -189,6 +230,8 @@ def main() -> None:
     parser.add_argument("--hit-rate", type=float, default=0.01)
     parser.add_argument("--alert-push", type=int, default=10_000)
     parser.add_argument("--chunk", type=int, default=5000)
+    parser.add_argument("--events", type=int, default=1_000_000, help="security events seeded (0: none)")
+    parser.add_argument("--event-push", type=int, default=10_000)
     args = parser.parse_args()
     name, url = create_database("gw_intel_bench")
     try:
@@ -241,6 +284,26 @@ def main() -> None:
                 f"{args.indicators:,} indicators in {elapsed:.2f}s ({args.alert_push / elapsed:,.0f}/s); "
                 f"{pushed_matches:,} matched"
             )
+            if args.events:
+                started = time.perf_counter()
+                seed_events(db, url, tenant, args.events, args.indicators)
+                print(f"seeded {args.events:,} security events in {time.perf_counter() - started:.1f}s")
+                from gateway.intel import matching
+
+                started = time.perf_counter()
+                with db.engine.begin() as conn:
+                    found = matching.sweep(conn, tenant, datetime(2000, 1, 1, tzinfo=UTC))
+                elapsed = time.perf_counter() - started
+                print(f"sweep: {args.indicators:,} indicators matched against {args.events:,} stored events in "
+                      f"{elapsed:.2f}s; {found:,} new matches")
+                elapsed, counts = timed_merge(db, tenant, defender, "Agent", "ocsf_events",
+                                              event_body(args.event_push, args.indicators), args.chunk)
+                with db.engine.connect() as conn:
+                    event_matches = conn.exec_driver_sql(
+                        "SELECT count(*) FROM ti_matches WHERE subject_type = 'event'").scalar()
+                print(f"event push: {args.event_push:,} events merged and matched against {args.indicators:,} "
+                      f"indicators in {elapsed:.2f}s ({args.event_push / elapsed:,.0f}/s); created "
+                      f"{counts.get('created')}; event matches in all {event_matches:,}")
         finally:
             db.dispose()
     finally:

@@ -31,7 +31,7 @@ from sqlalchemy.engine import Connection
 
 from connectors.model import AlertRecord
 from gateway.intel import observables
-from gateway.merge.sql import in_values, insert_for, update_rows
+from gateway.merge.sql import in_values, insert_for, is_postgres, update_rows
 from gateway.models import (
     Alert,
     AlertObservable,
@@ -48,6 +48,7 @@ IND, AO, M = Indicator.__table__, AlertObservable.__table__, IndicatorMatch.__ta
 RI, A, EV = ResourceIdentifier.__table__, Alert.__table__, LifecycleEvent.__table__
 RSRC, SE = ResourceSource.__table__, SecurityEvent.__table__
 HASH_TYPES = ("md5", "sha1", "sha256", "sha512")
+HASH_LENGTHS = {"md5": 32, "sha1": 40, "sha256": 64, "sha512": 128}
 # the columns of a security event matched, and the indicator types each is compared with
 EVENT_COLUMNS = {
     "remote_ip": ("ipv4", "ipv6"),
@@ -138,7 +139,9 @@ def _alert_query(tenant_id: int, now: datetime, restriction):
 
 
 def _resource_query(tenant_id: int, now: datetime, restriction):
+    # the kind of each side as a function of the other's, so that either side's index serves the whole key
     kind = case(*[(IND.c.observable_type == k, literal(v)) for k, v in RESOURCE_KINDS.items()])
+    observable_type = case(*[(RI.c.kind == v, literal(k)) for k, v in RESOURCE_KINDS.items()])
     return (
         select(
             IND.c.tenant_id,
@@ -151,12 +154,19 @@ def _resource_query(tenant_id: int, now: datetime, restriction):
         )
         .select_from(
             IND.join(
-                RI, and_(RI.c.tenant_id == IND.c.tenant_id, RI.c.kind == kind, RI.c.value == IND.c.value)
+                RI,
+                and_(
+                    RI.c.tenant_id == IND.c.tenant_id,
+                    RI.c.kind == kind,
+                    IND.c.observable_type == observable_type,
+                    RI.c.value == IND.c.value,
+                ),
             )
         )
         .where(
             IND.c.tenant_id == tenant_id,
             IND.c.observable_type.in_(tuple(RESOURCE_KINDS)),
+            RI.c.kind.in_(tuple(RESOURCE_KINDS.values())),
             _live(now),
             restriction,
         )
@@ -164,10 +174,22 @@ def _resource_query(tenant_id: int, now: datetime, restriction):
 
 
 def _event_queries(tenant_id: int, now: datetime, restriction) -> list:
-    """One query per matched event column (each an equi-join the indicators' index serves)."""
+    """One query per matched event column, each an equi-join on the whole key of the indicators' index
+    (tenant, type, value): the type follows from the value (an address with ':' is IPv6, a hash's
+    length names its algorithm)."""
     queries = []
-    for column, types in EVENT_COLUMNS.items():
-        value = SE.c[column] if column.endswith("_ip") else func.lower(SE.c[column])
+    for column in EVENT_COLUMNS:
+        if column.endswith("_ip"):
+            value = SE.c[column]
+            kind = case((value.like("%:%"), literal("ipv6")), else_=literal("ipv4"))
+        elif column == "domain":
+            value, kind = func.lower(SE.c[column]), literal("domain")
+        else:
+            value = func.lower(SE.c[column])
+            kind = case(
+                *[(func.length(value) == length, literal(name)) for name, length in HASH_LENGTHS.items()],
+                else_=literal("unknown"),
+            )
         queries.append(
             select(
                 IND.c.tenant_id,
@@ -183,7 +205,7 @@ def _event_queries(tenant_id: int, now: datetime, restriction) -> list:
                     IND,
                     and_(
                         IND.c.tenant_id == SE.c.tenant_id,
-                        IND.c.observable_type.in_(types),
+                        IND.c.observable_type == kind,
                         IND.c.value == value,
                     ),
                 )
@@ -212,8 +234,16 @@ def match_indicators(
         conn, _resource_query(tenant_id, now, in_values(conn, IND.c.id, indicator_ids)), now
     )
     if events:
-        for query in _event_queries(tenant_id, now, in_values(conn, IND.c.id, indicator_ids)):
-            new += _insert_matches(conn, query, now)
+        # one pass over the tenant's events, hashed against the indicators: the events' value columns have
+        # no index (a hot table), and a nested loop would read them once per indicator
+        if is_postgres(conn):
+            conn.exec_driver_sql("SET LOCAL enable_nestloop = off")
+        try:
+            for query in _event_queries(tenant_id, now, in_values(conn, IND.c.id, indicator_ids)):
+                new += _insert_matches(conn, query, now)
+        finally:
+            if is_postgres(conn):
+                conn.exec_driver_sql("SET LOCAL enable_nestloop = on")
     _act(conn, tenant_id, new, cause, batch_id, now)
     return len(new)
 
