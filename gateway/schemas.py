@@ -405,6 +405,9 @@ class AlertOut(OutSchema):
     tickets = fields.List(fields.Nested(ItemTicketOut))  # gateway/itsm/items.py adds them to a page
     detectionRule = fields.String(attribute="detection_rule", allow_none=True)  # gateway/detection/
     mitreTechniques = fields.Function(lambda obj: _get(obj, "mitre_techniques") or [])
+    # the indicators its evidence matched (gateway/intel/matching.py keeps them in ``extra``)
+    threatIntelligenceMatches = fields.Function(
+        lambda obj: (_get(obj, "extra") or {}).get("threatIntelligenceMatches") or [])
 
 
 class AlertV2Out(OutSchema):
