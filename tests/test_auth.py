@@ -23,7 +23,7 @@ def test_metadata_lists_endpoints_and_scopes(pg_gw):
     assert body["token_endpoint"].endswith("/oauth/token")
     assert set(body["scopes_supported"]) == {"findings.write", "alerts.write", "security.read",
                                              "alerts.manage", "posture.manage", "itsm.manage", "exports.manage",
-                                             "admin"}
+                                             "events.write", "rules.manage", "admin"}
 
 
 def test_token_issued_and_secret_stored_hashed(pg_gw):

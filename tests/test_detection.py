@@ -677,3 +677,39 @@ def test_rules_list_and_test_print_without_raising(gw, agent):
     assert [line for line in later.stdout.splitlines() if line.startswith("{")] == []  # rows before --since
     unknown = CliRunner().invoke(cli.main, ["rules", "test", "nope", "--tenant", tenant], env=env)
     assert unknown.exit_code != 0 and "no detection rule nope" in unknown.output
+
+
+def test_concurrent_first_batches_create_the_partitions_once(pg_url):
+    """Two workers' first batches of a day both find partitions missing: one creates them, the other
+    waits and finds them (a race here failed batches with 'relation already exists')."""
+    import threading
+
+    from gateway.db import Database
+
+    db = Database(pg_url)
+    try:
+        later = NOW + timedelta(days=400)  # a window of days no other test made
+        errors: list[BaseException] = []
+
+        def create() -> None:
+            try:
+                events.ensure_partitions(db.engine, later, 5)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        events._ensured.clear()
+        threads = [threading.Thread(target=create) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+        with db.engine.connect() as conn:
+            names = set(conn.execute(text(
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                "WHERE i.inhparent = 'security_events'::regclass")).scalars())
+        assert {events.partition_name((later + timedelta(days=n)).date()) for n in range(-4, 3)} <= names
+        events.drop_expired(db.engine, later + timedelta(days=40), 1)  # leave no far-future day behind
+    finally:
+        events._ensured.clear()
+        db.dispose()

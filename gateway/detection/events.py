@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 events_t = SecurityEvent.__table__
 PARTITIONS_AHEAD = 3
+PARTITION_LOCK = 7_316_016  # pg_advisory_lock key of partition creation and dropping
 PARTITION = re.compile(r"\Asecurity_events_p(\d{8})\Z")
 _ensured: set[tuple[str, date]] = set()  # (database url, day) whose partitions this process made
 
@@ -69,23 +70,25 @@ def ensure_partitions(engine: Engine, now: datetime, retention_days: int) -> lis
     oldest, _ = window(now, retention_days)
     days = [oldest.date() + timedelta(days=n) for n in range(retention_days + PARTITIONS_AHEAD)]
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        existing = set(
-            conn.exec_driver_sql(
+        # one creator at a time (a session lock, held for the few statements below): two workers'
+        # first batches of a day would otherwise both see a partition missing and race to create it
+        conn.exec_driver_sql(f"SELECT pg_advisory_lock({PARTITION_LOCK})")
+        try:
+            existing = set(conn.exec_driver_sql(
                 "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-                "WHERE i.inhparent = 'security_events'::regclass"
-            ).scalars()
-        )
-        made = []
-        for day in days:
-            name = partition_name(day)
-            if name in existing:
-                continue
-            conn.exec_driver_sql(
-                f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF security_events "
-                f"FOR VALUES FROM ('{day.isoformat()} 00:00:00+00') "
-                f"TO ('{(day + timedelta(days=1)).isoformat()} 00:00:00+00')"
-            )
-            made.append(name)
+                "WHERE i.inhparent = 'security_events'::regclass").scalars())
+            made = []
+            for day in days:
+                name = partition_name(day)
+                if name in existing:
+                    continue
+                conn.exec_driver_sql(
+                    f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF security_events "
+                    f"FOR VALUES FROM ('{day.isoformat()} 00:00:00+00') "
+                    f"TO ('{(day + timedelta(days=1)).isoformat()} 00:00:00+00')")
+                made.append(name)
+        finally:
+            conn.exec_driver_sql(f"SELECT pg_advisory_unlock({PARTITION_LOCK})")
     _ensured.add(key)
     if made:
         log.info("created security event partitions %s", ", ".join(made))
@@ -110,11 +113,15 @@ def drop_expired(engine: Engine, now: datetime, retention_days: int) -> list[str
             .scalars()
             .all()
         )
-        for name in sorted(names):
-            match = PARTITION.match(name)
-            if match and datetime.strptime(match.group(1), "%Y%m%d").date() < oldest.date():
-                conn.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
-                dropped.append(name)
+        conn.exec_driver_sql(f"SELECT pg_advisory_lock({PARTITION_LOCK})")
+        try:
+            for name in sorted(names):
+                match = PARTITION.match(name)
+                if match and datetime.strptime(match.group(1), "%Y%m%d").date() < oldest.date():
+                    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
+                    dropped.append(name)
+        finally:
+            conn.exec_driver_sql(f"SELECT pg_advisory_unlock({PARTITION_LOCK})")
     if dropped:
         log.info("dropped expired security event partitions %s", ", ".join(dropped))
     return dropped
