@@ -525,6 +525,7 @@ def test_rules_are_listed_tuned_and_created_per_tenant(gw, agent):
         == 5
     )
     assert gw.http.get(f"/api/v1/tenants/{other}/detectionRules", headers=headers).status_code == 404
+    assert gw.http.get(f"/api/v1/tenants/{other}/securityEvents", headers=headers).status_code == 404
 
     # the tuned threshold and the custom rule act on this tenant's rows only
     shell = [win(4688, T0 + timedelta(minutes=m), NewProcessName="C:\\powershell.exe") for m in range(3)]
