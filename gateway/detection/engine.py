@@ -586,12 +586,12 @@ def raise_alerts(conn: Connection, tenant_id: int, hits: list[Hit]) -> list[int]
         )
         for hit in hits
     ]
-    ids = merger.merge_chunk(records)
+    ids = merger.merge_chunk(records, [hit.resource_id for hit in hits])
     for hit, alert_id in zip(hits, ids, strict=True):
         conn.execute(
             update(A)
             .where(A.c.id == alert_id, A.c.tenant_id == tenant_id, A.c.detection_rule.is_(None))
-            .values(detection_rule=hit.rule.id, resource_id=hit.resource_id)
+            .values(detection_rule=hit.rule.id)
         )
     links = [
         {"alert_id": alert_id, "row_kind": kind, "row_id": row_id, "row_time": when}
