@@ -10,8 +10,10 @@
    the workers meanwhile.
 2. Rules: a store of ``--store`` events of one tenant (written in SQL, spread over 7 days),
    every built-in rule's watermark at its end, then ``--new`` new events of the last hour
-   (SQL too); the time of one evaluation of all the tenant's enabled rules
-   (``gateway.detection.engine.evaluate_tenant``), and of a second one (nothing new).
+   (SQL too; one source address per 100 consecutive events: 20 failed logons and 10 successes
+   of a source within 12 minutes, so the brute-force rule has hits); the time of one evaluation
+   of all the tenant's enabled rules (``gateway.detection.engine.evaluate_tenant``, raising the
+   alerts), and of a second one (nothing new).
 Figures, not assertions.
 """
 
@@ -205,7 +207,8 @@ GENERATE = """
                   'process_start','network_connection','logon_failure','logon_failure',
                   'logon_success'])[1 + g %% 10],
            (ARRAY[4688,4688,4688,4688,4688,4688,5156,4625,4625,4624])[1 + g %% 10],
-           NULL, 'user' || (g %% 97), NULL, '10.' || (g %% 200) || '.' || (g %% 250) || '.' || (g %% 7),
+           NULL, 'user' || (g %% 97), NULL,
+           '10.' || ((g / 100) %% 250) || '.' || ((g / 25000) %% 250) || '.1',
            'C:\\app' || (g %% 13) || '.exe', now(), '{"bench": true}'::jsonb
     FROM generate_series(%(first)s, %(last)s) g
 """
