@@ -99,7 +99,7 @@ def setup(findings: int, outbox_on: bool):
 
 
 def destinations(
-    db, tenant_id: int, webhook_url: str, webhook_secret: str, hec_url: str, prefix: str, stream: str
+    db, config, tenant_id: int, webhook_url: str, webhook_secret: str, hec_url: str, prefix: str, stream: str
 ) -> dict[int, str]:
     now = utcnow()
     rows = {
@@ -132,7 +132,7 @@ def destinations(
                     cursor_seq=0,
                     attempts=0,
                     delivered_events=0,
-                    secret=secrets.seal(SECRET_KEY, secret) if secret else None,
+                    secret=secrets.seal(config, secret) if secret else None,
                     created_at=now,
                     updated_at=now,
                 )
@@ -235,7 +235,9 @@ def run_on(findings: int, timeout: float) -> tuple[float, dict, int]:
     name, app, db, tenant_id, batches = setup(findings, outbox_on=True)
     stop = threading.Event()
     try:
-        ids = destinations(db, tenant_id, receiver.url, webhook_secret, collector.url, prefix, stream)
+        ids = destinations(
+            db, app.config, tenant_id, receiver.url, webhook_secret, collector.url, prefix, stream
+        )
         threads = [threading.Thread(target=sequencer_loop, args=(db, stop), daemon=True)] + [
             threading.Thread(target=deliver_loop, args=(db, app.config, i, stop), daemon=True) for i in ids
         ]

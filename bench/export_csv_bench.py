@@ -114,14 +114,17 @@ def run(engine, tenant_id: int, options: dict, fmt: str, path: str, connections:
     rows = lines - (fmt == "csv")  # (a CSV cell with a line break would count twice: the loader writes none)
     peak = (_rss_kib("VmHWM") - base) / 1024
     python_cpu = time.process_time() - cpu_before
-    backend_cpu = sum(seconds - backend_before.get(pid, 0.0) for pid, seconds in _backend_cpu(url).items())
+    backends = [seconds - backend_before.get(pid, 0.0) for pid, seconds in _backend_cpu(url).items()]
+    backend_cpu, busiest_backend = sum(backends), max(backends, default=0.0)
     # CPU seconds do not depend on how busy the shared machine is: rows per CPU-second of the
-    # busiest process is about the rate of an idle core
+    # busiest process (this one, or one PostgreSQL backend) is about the rate on idle cores, one
+    # core per process (the backends of a several-connection export each read some slices)
     label = f"{path}x{connections}" if path == "copy" else path
     print(f"  {fmt:5} {label:6} {rows:>10,} rows {elapsed:7.1f}s {rows / elapsed:>9,.0f} rows/s "
           f"{size / elapsed / 2**20:6.1f} MB/s  {size / 2**20:7.1f} MB  peak RSS +{peak:.0f} MiB  "
-          f"CPU: Python {python_cpu:.1f}s, PostgreSQL {backend_cpu:.1f}s "
-          f"({rows / max(python_cpu, backend_cpu, 1e-9):,.0f} rows per CPU-second of the busier)", flush=True)
+          f"CPU: Python {python_cpu:.1f}s, PostgreSQL {backend_cpu:.1f}s (busiest backend "
+          f"{busiest_backend:.1f}s; {rows / max(python_cpu, busiest_backend, 1e-9):,.0f} rows per CPU-second "
+          f"of the busiest process)", flush=True)
     return rows, digest.hexdigest()
 
 

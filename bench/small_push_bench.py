@@ -56,6 +56,7 @@ API = {
     "after": ["-w", "4", "-k", "gthread", "--threads", "8"],
 }
 PER_TASK = {"before": "1", "threads": "1", "after": "20"}
+NICE = {"before": 0, "threads": 0, "after": 10}  # the README runs workers at a lower CPU priority
 
 
 def _free_port() -> int:
@@ -67,7 +68,7 @@ def _free_port() -> int:
 class Stack:
     """gunicorn and one celery worker process (two pool processes) on one scratch database."""
 
-    def __init__(self, url: str, mode: str, log_dir: Path) -> None:
+    def __init__(self, url: str, mode: str, log_dir: Path, nice: int) -> None:
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.queue = f"smallpush-{uuid.uuid4().hex[:6]}"
@@ -84,8 +85,9 @@ class Stack:
             stderr=subprocess.DEVNULL, start_new_session=True)
         with open(self.worker_log, "w") as log:
             self.worker = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--concurrency=2",
-                 "--loglevel=INFO", "--without-gossip", "--without-mingle", "-n", f"smallpush-{mode}@%h"],
+                ["nice", "-n", str(nice), sys.executable, "-m", "celery", "-A", "workers.app", "worker",
+                 "--concurrency=2", "--loglevel=INFO", "--without-gossip", "--without-mingle",
+                 "-n", f"smallpush-{mode}@%h"],
                 env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -136,7 +138,7 @@ def _outcome(url: str, findings: int) -> str:
             + f"; {stored} findings stored" + ("" if right else "  <-- NOT ALL SUCCEEDED"))
 
 
-def run(mode: str, pushes: int, clients: int, size: int, log_dir: Path) -> None:
+def run(mode: str, pushes: int, clients: int, size: int, log_dir: Path, worker_nice: int | None) -> None:
     name, url = create_database(f"smallpush_{mode}")
     try:
         upgrade(url)
@@ -149,13 +151,18 @@ def run(mode: str, pushes: int, clients: int, size: int, log_dir: Path) -> None:
         bodies = [document([finding(f"p{i}-f{j}", host=f"h{i}.example.com",
                                     cves=[f"CVE-2024-{100000 + (i * size + j) % 900000}"])
                             for j in range(size)]) for i in range(pushes)]
-        stack = Stack(url, mode, log_dir)
+        nice = NICE[mode] if worker_nice is None else worker_nice
+        stack = Stack(url, mode, log_dir, nice)
         try:
-            warm = requests.Session()
-            for i in range(4):  # the workers' and API processes' first requests are not timed
-                warm.post(f"{stack.base}/api/v1/tenants/{tenant}/batches?format=canonical",
-                          data=document([finding(f"warm-{i}", host=f"warm{i}.example.com")]),
-                          headers=headers[0] | {"Content-Type": "application/json"}, timeout=60)
+            def warm(index: int) -> None:  # every API process's and thread's first requests are not
+                session = requests.Session()  # timed (the pool's connections, the first queries)
+                for i in range(2):
+                    session.post(f"{stack.base}/api/v1/tenants/{tenant}/batches?format=canonical",
+                                 data=document([finding(f"warm-{index}-{i}", host=f"w{index}.example.com")]),
+                                 headers=headers[index] | {"Content-Type": "application/json"}, timeout=60)
+
+            with ThreadPoolExecutor(max_workers=clients) as pool:
+                list(pool.map(warm, range(clients)))
             while _open_batches(url):
                 time.sleep(0.2)
             latencies: list[float] = []
@@ -183,7 +190,8 @@ def run(mode: str, pushes: int, clients: int, size: int, log_dir: Path) -> None:
                 time.sleep(0.05)
             merged = time.perf_counter() - started
             ms = [value * 1000 for value in latencies]
-            print(f"{mode:8} API gunicorn {' '.join(API[mode])}, SMALL_BATCHES_PER_TASK={PER_TASK[mode]}: "
+            print(f"{mode:8} API gunicorn {' '.join(API[mode])}, SMALL_BATCHES_PER_TASK={PER_TASK[mode]}, "
+                  f"workers at nice {nice}: "
                   f"{pushes} pushes x {size} findings, {clients} clients")
             print(f"         202 latency ms: p50 {_percentile(ms, 0.5):.0f}, p90 {_percentile(ms, 0.9):.0f}, "
                   f"p99 {_percentile(ms, 0.99):.0f}, max {max(ms):.0f}, mean {statistics.fmean(ms):.0f}; "
@@ -207,11 +215,12 @@ def main() -> None:
     parser.add_argument("--pushes", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--findings", type=int, default=10, help="findings per push")
+    parser.add_argument("--worker-nice", type=int, help="the workers' nice value (default: the mode's)")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # a killed run still stops its servers
     with tempfile.TemporaryDirectory(prefix="smallpush-") as log_dir:
         for mode in args.modes:
-            run(mode, args.pushes, args.clients, args.findings, Path(log_dir))
+            run(mode, args.pushes, args.clients, args.findings, Path(log_dir), args.worker_nice)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ def create_app(config: dict[str, Any] | None = None, role: str = "api") -> Flask
     db = Database(app.config["DATABASE_URL"])
     app.extensions["gateway.db"] = db
 
+    from sqlalchemy.orm import configure_mappers
+
     from gateway import auth, errors, metrics, ratelimit
     from gateway.api import init_app as init_api
     from workers.celery_app import celery_init_app
@@ -53,6 +55,9 @@ def create_app(config: dict[str, Any] | None = None, role: str = "api") -> Flask
 
         console.init_app(app)  # the web console (issue 15), after errors: its HTML pages wrap the JSON ones
     celery_init_app(app)
+    # the ORM's mappers are configured once per process; done here, the first request of each API
+    # process (under load, hundreds of milliseconds) does not pay for it
+    configure_mappers()
     return app
 
 

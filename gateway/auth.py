@@ -29,7 +29,7 @@ from authlib.oauth2.rfc6749.errors import (
 from authlib.oauth2.rfc7009 import RevocationEndpoint
 from authlib.oauth2.rfc7662 import IntrospectionEndpoint
 from flask import Flask, current_app, g, jsonify, request, url_for
-from sqlalchemy import select, update
+from sqlalchemy import and_, select, update
 from sqlalchemy.orm import Session
 
 from gateway import logs, ratelimit
@@ -293,19 +293,30 @@ def _bearer_token() -> str:
     return value.strip()
 
 
-def authenticate() -> Caller:
-    """Check the request's bearer token: known, not expired, not revoked, client enabled."""
+def authenticate(tenant_external_id: str | None = None) -> Caller:
+    """Check the request's bearer token: known, not expired, not revoked, client enabled.
+
+    With ``tenant_external_id`` (the tenant in the path) the same query also reads that tenant
+    if the client is enabled for it, kept for :func:`caller_tenant` (a push then waits on one
+    query fewer before its 202)."""
     token = _bearer_token()
+    statement = (select(OAuthToken, OAuthClient)
+                 .join(OAuthClient, OAuthClient.id == OAuthToken.client_pk)
+                 .where(OAuthToken.token_hash == hash_secret(token)))
+    if tenant_external_id is not None:
+        named = select(Tenant.id).where(Tenant.external_id == tenant_external_id).scalar_subquery()
+        statement = (statement.add_columns(Tenant)
+                     .outerjoin(ClientTenant, and_(ClientTenant.client_pk == OAuthToken.client_pk,
+                                                   ClientTenant.tenant_id == named))
+                     .outerjoin(Tenant, Tenant.id == ClientTenant.tenant_id))
     with _db().sessions() as session:
-        row = session.execute(
-            select(OAuthToken, OAuthClient)
-            .join(OAuthClient, OAuthClient.id == OAuthToken.client_pk)
-            .where(OAuthToken.token_hash == hash_secret(token))
-        ).first()
+        row = session.execute(statement).first()
     invalid = {"WWW-Authenticate": 'Bearer realm="gateway", error="invalid_token"'}
     if row is None:
         raise Unauthorized("the access token is not valid", code="invalidToken", headers=invalid)
-    stored, client = row
+    stored, client = row[0], row[1]
+    if tenant_external_id is not None:
+        g.caller_tenant = (client.id, tenant_external_id, row[2])
     if stored.revoked_at is not None:
         raise Unauthorized("the access token was revoked", code="invalidToken", headers=invalid)
     if _aware(stored.expires_at) <= datetime.now(UTC):
@@ -321,7 +332,7 @@ def require_scope(*scopes: str) -> Callable:
     def decorator(view: Callable) -> Callable:
         @wraps(view)
         def wrapper(*args, **kwargs):
-            caller = authenticate()
+            caller = authenticate(kwargs.get("tenant"))
             logs.bind(client_id=caller.client_id)  # reset with the request's ids at teardown
             if not caller.scopes.intersection(scopes):
                 raise Forbidden(
@@ -350,6 +361,18 @@ def tenant_for_caller(session, tenant_external_id: str) -> Tenant:
     if tenant is None:
         raise NotFound(f"tenant '{tenant_external_id}' not found")
     return tenant
+
+
+def caller_tenant(tenant_external_id: str) -> Tenant:
+    """:func:`tenant_for_caller` in a session of its own, answered from the token's query when it
+    read that tenant (``require_scope`` on a route with a tenant)."""
+    found = g.get("caller_tenant")
+    if found is not None and found[:2] == (g.caller.client_pk, tenant_external_id):
+        if found[2] is None:
+            raise NotFound(f"tenant '{tenant_external_id}' not found")
+        return found[2]
+    with _db().sessions() as session:
+        return tenant_for_caller(session, tenant_external_id)
 
 
 BASIC_CHALLENGE = 'Basic realm="gateway"'

@@ -864,13 +864,15 @@ from gateway.automation.cli import automation as _automation  # noqa: E402 - `ga
 
 main.add_command(_automation)
 
-from gateway.intel.cli import intel as _intel  # noqa: E402 - `gateway intel feed add|list|pull`
-
-main.add_command(_intel)
-
 from gateway.console.cli import user as _user  # noqa: E402 - `gateway user` (console users)
 
 main.add_command(_user)
+from gateway.intel.cli import intel as _intel  # noqa: E402 - `gateway intel feed add|list|pull`
+
+main.add_command(_intel)
+from gateway.detection.cli import rules as _rules  # noqa: E402 - `gateway rules list|test`
+
+main.add_command(_rules)
 
 
 if __name__ == "__main__":

@@ -112,6 +112,7 @@ class Settings(BaseSettings):
     export_retry_max_seconds: float = 300.0
     export_failing_after_seconds: int = 600  # failing that long marks a destination ``failing``
     export_lease_seconds: int = 60  # a delivering worker's hold on a destination
+    export_pipeline_depth: int = 4  # HTTP deliveries in flight per destination (lanes by subject)
     export_secret_overlap_seconds: int = 86400  # after a rotation the old secret signs too, this long
     export_allow_private_targets: bool = False  # loopback/private/link-local URLs (SSRF guard off)
     export_max_batch_size: int = 100
@@ -122,6 +123,7 @@ class Settings(BaseSettings):
     # Export snapshots and workflow automation (gateway/export/snapshot.py, gateway/automation/)
     snapshot_slice_size: int = 500  # subjects read (and rendered) per keyset slice of a snapshot
     automation_max_rules: int = 50  # per tenant
+    automation_failing_after_seconds: int = 600  # a rule failing that long shows ``failing``
     automation_max_chain: int = 3  # an edit made by this many rules in a row triggers no further rule
     # Streamed pushes and multipart uploads (gateway/streaming.py, gateway/uploads.py)
     gzip_max_ratio: float = 100.0  # a gzip body expanding more than this many times is a bomb: 413

@@ -214,13 +214,17 @@ def store_batch(db: Database, push: Push, body: bytes,
         if existing is not None:
             return _replay(existing, digest, push), True
     scan_type, body_check = check_body(push, body, check_limit)
+    now = utcnow()
     try:
         with db.session() as session:
             batch = Batch(
                 tenant_id=push.tenant_id, client_pk=push.client_pk, provider=push.provider,
                 format=push.format, content_type=push.content_type, scan_type=scan_type,
                 body_sha256=digest, body_size=len(body), idempotency_key=push.idempotency_key,
-                status="accepted", counts={}, rejections=[], received_at=utcnow(), body_check=body_check,
+                status="accepted", counts={}, rejections=[], received_at=now, body_check=body_check,
+                # its task is sent right after this commit: recorded here, not in a transaction of
+                # its own after the send (``enqueue(recorded=True)`` clears it if the send fails)
+                enqueued_at=now,
             )
             session.add(batch)
             session.flush()

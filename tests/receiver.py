@@ -23,6 +23,7 @@ class Delivery:
     status: int
     payload: object = None
     verified_by: list[str] = field(default_factory=list)  # which of the known secrets verify it
+    peer: tuple | None = None  # the sender's (address, port): one per TCP connection
 
     @property
     def webhook_id(self) -> str:
@@ -59,6 +60,9 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keeps connections open, as real receivers do
+            disable_nagle_algorithm = True  # else each answer's body waits for the headers' ACK (40 ms)
+
             def do_POST(self):  # noqa: N802 - the http.server API
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
@@ -86,7 +90,7 @@ class Receiver:
     def _handle(self, handler: BaseHTTPRequestHandler, body: bytes) -> None:
         headers = {k.lower(): v for k, v in handler.headers.items()}
         verified, error, payload, verified_by = self.verify(body, headers)
-        delivery = Delivery(headers, body, verified, error, 400, payload, verified_by)
+        delivery = Delivery(headers, body, verified, error, 400, payload, verified_by, handler.client_address)
         status, extra = self.respond(delivery) if verified else (400, {})
         delivery.status = status
         with self.arrived:

@@ -73,6 +73,9 @@ class HecCollector:
         collector = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keeps connections open, as Splunk does
+            disable_nagle_algorithm = True  # else each answer's body waits for the headers' ACK (40 ms)
+
             def do_POST(self):  # noqa: N802 - the http.server API
                 length = int(self.headers.get("Content-Length") or 0)
                 collector._handle(self, self.rfile.read(length))

@@ -269,3 +269,21 @@ def test_the_configured_issuer_names_every_endpoint(pg_url, configured):
 def test_a_malformed_issuer_is_a_configuration_error_at_startup(pg_url, configured):
     with pytest.raises(ValueError, match="GATEWAY_ISSUER"):
         make_app(pg_url, eager=False, ISSUER=configured)
+
+
+def test_a_push_reads_its_tenant_with_the_token(gw):
+    """The push's tenant comes from the token's own query (one query fewer before the 202): only a
+    tenant the client is enabled for is found, and another client's grant does not count."""
+    mine, theirs = gw.tenant(), gw.tenant()
+    headers = gw.partner("Qualys", [mine])
+    gw.partner("Tenable", [theirs])  # enabled for another client only
+    body = document([finding("q-1")])
+    for tenant, expected in ((mine, 202), (theirs, 404), ("no-such-tenant", 404)):
+        response = gw.http.post(f"/api/v1/tenants/{tenant}/batches?format=canonical", data=body,
+                                headers=headers | {"Content-Type": "application/json"})
+        assert response.status_code == expected, (tenant, response.get_json())
+        if expected == 404:
+            assert response.get_json()["error"]["message"] == f"tenant '{tenant}' not found"
+    listed = gw.http.get(f"/api/v1/tenants/{mine}/batches", headers=headers).get_json()["value"]
+    assert len(listed) == 1
+    assert gw.http.get(f"/api/v1/tenants/{theirs}/batches", headers=headers).status_code == 404

@@ -483,6 +483,10 @@ def test_gateway_user_commands(store_url, gw):
     assert http.get(f"/console/t/{other}/overview").status_code == 302  # its sessions ended
     assert run("list").splitlines() == [f"ops@acme.test\tanalyst\tdisabled\t{tenant},{other}"]
     run("enable", "--email", "ops@acme.test")
+    assert "unknown time zone" in run("time-zone", "--email", "ops@acme.test", "--zone", "Mars/Base", code=1)
+    run("time-zone", "--email", "ops@acme.test", "--zone", "Asia/Tokyo")
+    http = login(gw.app.test_client(), "ops@acme.test", "a long password")
+    assert 'data-time-zone="Asia/Tokyo"' in http.get(f"/console/t/{tenant}/overview").get_data(as_text=True)
     run("grant", "--email", "ops@acme.test", "--tenant", other, "--revoke")
     http = login(gw.app.test_client(), "ops@acme.test", "a long password")
     assert http.get(f"/console/t/{other}/overview").status_code == 404

@@ -586,3 +586,94 @@ def test_retention_drops_whole_days(gw, agent):
             assert not any(events.partition_name((NOW - timedelta(days=d)).date()) in names for d in (1, 2))
         else:
             assert result["dropped"] == []
+
+
+# -- through a real worker, and the command line -----------------------------------------------------
+
+
+def test_events_merge_and_rules_run_in_a_real_worker(pg_gw, worker):
+    """A push of events is merged by a Celery worker on Redis; the beat's evaluation task, sent twice
+    (the second copy runs concurrently or after), raises the alert once."""
+    from tests.conftest import QUEUE, wait_for
+
+    tenant = pg_gw.tenant()
+    headers = pg_gw.partner("Winlogbeat", [tenant], EVENTS_SCOPES)
+    body = logons("203.0.113.77", [0, 1, 2, 3, 4], 5) + [
+        win(4688, T0 + timedelta(seconds=n)) for n in range(300)
+    ]
+    answer = pg_gw.http.post(
+        f"/api/v1/tenants/{tenant}/batches?format=windows_events",
+        data=json.dumps(body),
+        headers=headers | {"Content-Type": "application/json"},
+    )
+    assert answer.status_code == 202
+    url = f"/api/v1/tenants/{tenant}/batches/{answer.get_json()['id']}"
+    done = wait_for(
+        lambda: (b := pg_gw.http.get(url, headers=headers).get_json())["status"] == "succeeded" and b,
+        timeout=120,
+    )
+    assert done["counts"]["created"] == 306
+    celery = pg_gw.app.extensions["celery"]
+    for _ in range(2):
+        celery.send_task("workers.detection_tasks.evaluate_rules", queue=QUEUE)
+    wait_for(lambda: detection_alerts(pg_gw, tenant, "failed-logons-then-success"), timeout=120)
+    owner = tenant_id(pg_gw, tenant)
+
+    def evaluated() -> bool:
+        with pg_gw.db.engine.connect() as conn:
+            marks = conn.execute(
+                text(
+                    "SELECT count(*) FROM detection_watermarks WHERE tenant_id = :t "
+                    "AND last_run_at IS NOT NULL"
+                ),
+                {"t": owner},
+            ).scalar()
+        return marks >= len(rule_store.builtins())
+
+    wait_for(evaluated, timeout=120)
+    celery.send_task("workers.detection_tasks.evaluate_rules", queue=QUEUE)
+    celery.send_task("workers.detection_tasks.maintain_event_partitions", queue=QUEUE)
+    wait_for(lambda: redis_empty(), timeout=120)
+    assert len(detection_alerts(pg_gw, tenant, "failed-logons-then-success")) == 1
+
+
+def redis_empty() -> bool:
+    import redis as redis_client
+
+    from tests.conftest import QUEUE, REDIS_URL
+
+    return redis_client.Redis.from_url(REDIS_URL).llen(QUEUE) == 0
+
+
+def test_rules_list_and_test_print_without_raising(gw, agent):
+    from click.testing import CliRunner
+
+    from gateway import cli
+    from tests.conftest import SECRET
+
+    tenant, headers = agent
+    push(gw, headers, tenant, logons("203.0.113.5", [0, 1, 2, 3, 4], 5))
+    env = {"GATEWAY_DATABASE_URL": gw.app.config["DATABASE_URL"], "GATEWAY_SECRET_KEY": SECRET}
+    listed = CliRunner().invoke(
+        cli.main, ["rules", "list", "--tenant", tenant], env=env, catch_exceptions=False
+    )
+    assert listed.exit_code == 0 and "failed-logons-then-success" in listed.output
+    tested = CliRunner().invoke(
+        cli.main,
+        ["rules", "test", "failed-logons-then-success", "--tenant", tenant, "--since", "7d"],
+        env=env,
+        catch_exceptions=False,
+    )
+    assert tested.exit_code == 0, tested.output
+    hits = [json.loads(line) for line in tested.stdout.splitlines() if line.startswith("{")]
+    assert [(h["group"], h["count"]) for h in hits] == [("203.0.113.5", 5)]
+    assert detection_alerts(gw, tenant, "failed-logons-then-success") == []  # nothing raised
+    later = CliRunner().invoke(
+        cli.main,
+        ["rules", "test", "failed-logons-then-success", "--tenant", tenant, "--since", "10m"],
+        env=env,
+        catch_exceptions=False,
+    )
+    assert [line for line in later.stdout.splitlines() if line.startswith("{")] == []  # rows before --since
+    unknown = CliRunner().invoke(cli.main, ["rules", "test", "nope", "--tenant", tenant], env=env)
+    assert unknown.exit_code != 0 and "no detection rule nope" in unknown.output

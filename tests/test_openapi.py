@@ -1581,3 +1581,72 @@ def test_the_automation_and_snapshot_endpoints_answer_as_documented(world, merge
     finally:
         world.app.config["EXPORT_ALLOW_PRIVATE_TARGETS"] = False
         receiver.stop()
+
+
+def test_the_detection_endpoints_answer_as_documented(world, merged):
+    """Security events pushed and listed, detection rules listed, tuned, created, the rows behind a
+    raised alert, the KEV catalogue (gateway/detection/; issue 16)."""
+    from datetime import UTC, datetime, timedelta
+
+    from gateway.detection import engine
+    from gateway.models import Tenant
+    from gateway.pipeline import process_batch
+
+    agent = {"Authorization": "Bearer " + world.token(world.client("Winlogbeat",
+                                                                   "events.write rules.manage"))}
+    admin = {"Authorization": "Bearer " + world.token(world.client("Operator", "admin"))}
+    at = datetime.now(UTC) - timedelta(minutes=30)
+    events = [{"@timestamp": (at + timedelta(minutes=n)).isoformat(),
+               "winlog": {"event_id": 4625 if n < 5 else 4624, "computer_name": "web-1.contoso.com",
+                          "event_data": {"TargetUserName": "alice", "IpAddress": "203.0.113.7"}}}
+              for n in range(6)]
+    pushed = world.push("format=windows_events", 202, json.dumps(events).encode(), headers=agent)
+    process_batch(world.db, int(pushed["id"]))
+    listing, url = T + "/securityEvents", f"{ACME}/securityEvents"
+    page = world.call("GET", listing, url, 200, headers=world.read_only,
+                      query_string={"$top": 2, "$count": "true"})[0]
+    assert page["@odata.count"] == 6 and "@odata.nextLink" in page
+    world.call("GET", listing, url, 200, headers=world.read_only, query_string={"$select": "kind,sourceIp"})
+    world.call("GET", listing, url, 400, headers=world.read_only, query_string={"startDateTime": "soon"})
+    world.call("GET", listing, url, 400, headers=world.read_only, query_string={"$filter": "password eq 'x'"})
+    world.call("GET", listing, url, 403, headers=agent)
+    world.call("GET", listing, url, 401)
+
+    rules, rules_url = T + "/detectionRules", f"{ACME}/detectionRules"
+    one, one_url = rules + "/{rule_id}", rules_url + "/failed-logons-then-success"
+    assert len(world.call("GET", rules, rules_url, 200, headers=world.read_only)[0]["value"]) >= 5
+    world.call("GET", rules, rules_url, 400, headers=world.read_only, query_string={"x": "1"})
+    world.call("GET", one, one_url, 200, headers=agent)
+    world.call("GET", one, rules_url + "/nope", 404, headers=agent)
+    world.call("PATCH", one, one_url, 200, json={"threshold": 5, "enabled": True}, headers=agent)
+    world.call("PATCH", one, one_url, 400, json={"colour": "red"}, headers=agent)
+    world.call("PATCH", one, one_url, 403, json={"enabled": False}, headers=world.read_only)
+    custom = {"id": "many-processes", "title": "Many processes", "severity": "low", "windowMinutes": 5,
+              "threshold": 50, "groupBy": "resource_id",
+              "where": [{"field": "kind", "value": "process_start"}]}
+    created, response = world.call("POST", rules, rules_url, 201, json=custom, headers=agent)
+    assert created["builtIn"] is False and response.headers["Location"].endswith("/many-processes")
+    world.call("POST", rules, rules_url, 409, json=custom, headers=agent)
+    world.call("POST", rules, rules_url, 400, json=custom | {"id": "other-one", "severity": "dire"},
+               headers=agent)
+
+    with world.db.engine.connect() as conn:
+        tenant_id = conn.execute(select(Tenant.id).where(Tenant.external_id == "acme")).scalar_one()
+    assert engine.evaluate_tenant(world.db.engine, tenant_id)["failed-logons-then-success"] == 1
+    alerts = world.call("GET", T + "/security/alerts", f"{ACME}/security/alerts", 200,
+                        headers=world.read_only,
+                        query_string={"$filter": "detectionRule eq 'failed-logons-then-success'"})[0]["value"]
+    assert len(alerts) == 1 and alerts[0]["mitreTechniques"][0] == "T1110"
+    rows = T + "/security/alerts/{alert_id}/detectionRows"
+    linked = world.call("GET", rows, f"{ACME}/security/alerts/{alerts[0]['id']}/detectionRows", 200,
+                        headers=world.read_only)[0]
+    assert len(linked["value"]) == 6
+    world.call("GET", rows, f"{ACME}/security/alerts/99999999/detectionRows", 404, headers=world.read_only)
+
+    kev = "/api/v1/knownExploitedVulnerabilities"
+    catalog = {"catalogVersion": "2026.12.01",
+               "vulnerabilities": [{"cveID": "CVE-2024-3094", "product": "xz"}]}
+    assert world.call("PUT", kev, kev, 200, json=catalog, headers=admin)[0]["count"] == 1
+    world.call("PUT", kev, kev, 400, json={"vulnerabilities": [{"cveID": "nope"}]}, headers=admin)
+    world.call("PUT", kev, kev, 403, json=catalog, headers=world.read_only)
+    assert world.call("GET", kev, kev, 200, headers=world.read_only)[0]["catalogVersion"] == "2026.12.01"

@@ -86,9 +86,19 @@ def celery_init_app(app: Flask) -> Celery:
                 "task": "workers.intel_tasks.prune_indicators",
                 "schedule": float(os.environ.get("GATEWAY_INTEL_PRUNE_INTERVAL", "3600")),
             },
+            # detection (workers/detection_tasks.py): rules over new rows; event partitions and retention
+            "evaluate-detection-rules": {
+                "task": "workers.detection_tasks.evaluate_rules",
+                "schedule": float(app.config.get("DETECTION_INTERVAL") or 60.0),
+                "options": {"expires": max(30.0, 2 * float(app.config.get("DETECTION_INTERVAL") or 60.0))},
+            },
+            "maintain-event-partitions": {
+                "task": "workers.detection_tasks.maintain_event_partitions",
+                "schedule": 3600.0,
+            },
         },
         imports=("workers.tasks", "workers.export_tasks", "gateway.itsm.tasks", "workers.automation_tasks",
-                 "workers.intel_tasks"),
+                 "workers.intel_tasks", "workers.detection_tasks"),
     )
     celery.set_default()
     app.extensions["celery"] = celery

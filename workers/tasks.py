@@ -183,31 +183,40 @@ def requeue(db, older_than_seconds: int) -> int:
     return len(ids)
 
 
-def enqueue(db, batch_id: int) -> bool:
-    """Send the batch's task; record when.  A broker failure is logged: the sweep retries."""
+def enqueue(db, batch_id: int, recorded: bool = False) -> bool:
+    """Send the batch's task; record when.  A broker failure is logged: the sweep retries.
+
+    ``recorded``: the batch was stored with ``enqueued_at`` already set (a push, whose 202 then
+    waits on one transaction fewer); it is cleared if the send fails."""
     with logs.context(batch_id=batch_id):
-        return _enqueue(db, batch_id)
+        return _enqueue(db, batch_id, recorded)
 
 
-def _enqueue(db, batch_id: int) -> bool:
+def _enqueue(db, batch_id: int, recorded: bool = False) -> bool:
     request_id = logs.get("request_id")
     try:
         process_batch_task.apply_async(args=[batch_id],
                                        kwargs={"request_id": request_id} if request_id else {})
     except Exception:  # the batch is durable; the periodic sweep enqueues it again
         log.exception("could not enqueue batch %s", batch_id)
+        if recorded:
+            _record_enqueued(db, batch_id, None)
         return False
+    if not recorded:
+        _record_enqueued(db, batch_id, utcnow())
+    return True
+
+
+def _record_enqueued(db, batch_id: int, when) -> None:
     batches = Batch.__table__
     target = select(batches.c.id).where(batches.c.id == batch_id)
     if db.is_postgres:  # a row being finished by a merge is skipped, not waited on
         target = target.with_for_update(skip_locked=True)
     try:
         with db.engine.begin() as conn:
-            conn.execute(update(batches).where(batches.c.id.in_(target))
-                         .values(enqueued_at=utcnow()))
-    except Exception:  # noqa: BLE001 - the task is sent; the time is only a hint for the sweep
+            conn.execute(update(batches).where(batches.c.id.in_(target)).values(enqueued_at=when))
+    except Exception:  # noqa: BLE001 - the time is only a hint for the sweep
         log.warning("could not record when batch %s was enqueued", batch_id, exc_info=True)
-    return True
 
 
 @shared_task(name="workers.tasks.sweep_incomplete_uploads", acks_late=True)

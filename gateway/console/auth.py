@@ -93,8 +93,12 @@ def current_tenant() -> TenantRef | None:
     return g.get("console_tenant")
 
 
-def login_required(role: str = "reader") -> Callable:
-    """Guard a console view: sign-in, then role (403), then the URL's tenant grant (404)."""
+def login_required(role: str | Callable = "reader") -> Callable:
+    """Guard a console view: sign-in, then the URL's tenant grant (404), then the role (403).
+
+    ``@login_required(role="analyst")``; a bare ``@login_required`` means ``role="reader"``."""
+    if callable(role):
+        return login_required("reader")(role)
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}")
 

@@ -83,7 +83,7 @@ def bar_chart(
             f"{escape(_fmt(value))}</text>"
         )
     return Markup(
-        f'<svg class="chart {css_class}" viewBox="0 0 {WIDTH} {height}" role="img"'
+        f'<svg class="chart bars {css_class}" viewBox="0 0 {WIDTH} {height}" role="img"'
         f' aria-label="{escape(title)}" data-points="{len(bars)}">'
         f"<title>{escape(title)}</title>{''.join(parts)}</svg>"
     )

@@ -122,3 +122,14 @@ def user_password(email: str, password_stdin: bool) -> None:
 
     _change(set_password, email, _read_password(password_stdin))
     click.echo(f"password of {email} changed")
+
+
+@user.command("time-zone")
+@click.option("--email", required=True)
+@click.option("--zone", default="", help="an IANA name such as Europe/Paris; empty: the browser's")
+def user_time_zone(email: str, zone: str) -> None:
+    """Show the user's dates in this time zone (by default the console uses the browser's)."""
+    from gateway.console.users import set_time_zone
+
+    _change(set_time_zone, email, zone or None)
+    click.echo(f"{email}: dates in {zone or 'the browser time zone'}")

@@ -210,3 +210,17 @@ def set_password(session: Session, email: str, password: str) -> ConsoleUser:
     user.locked_until = None
     session.execute(delete(ConsoleSession).where(ConsoleSession.user_id == user.id))
     return user
+
+
+def set_time_zone(session: Session, email: str, zone: str | None) -> ConsoleUser:
+    """The IANA time zone the console shows the user's dates in (None: the browser's)."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    if zone:
+        try:
+            ZoneInfo(zone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise UserError(f"unknown time zone {zone!r} (an IANA name such as Europe/Paris)") from None
+    user = find(session, email)
+    user.time_zone = zone or None
+    return user

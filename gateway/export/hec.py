@@ -113,6 +113,7 @@ class SplunkHecKind:
     name = "splunk_hec"
     schemes = ("https", "http")
     uses_secret = True
+    pipelined = True
     secret_required = True  # the client gives the token; nothing is generated
     echoes_secret = False
     secret_hint = "the HEC token (1 to 200 characters, no spaces)"
@@ -152,7 +153,7 @@ class SplunkHecKind:
         verify = tls.requests_verify(target.options)
         try:
             kinds.check_resolved(target.url, target.allow_private)
-            response = _session().post(
+            response = (target.session or _session()).post(
                 event_url,
                 data=body(events, target.options),
                 headers=headers,
@@ -194,7 +195,7 @@ class SplunkHecKind:
         deadline = time.monotonic() + float(target.options.get("ackTimeoutSeconds", 30))
         interval = float(target.options.get("ackPollSeconds", 1))
         while True:
-            response = _session().post(
+            response = (target.session or _session()).post(
                 ack_url,
                 params={"channel": headers["X-Splunk-Request-Channel"]},
                 data=json.dumps({"acks": [ack_id]}),

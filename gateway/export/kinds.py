@@ -52,6 +52,7 @@ class Target:
     batched: bool = False  # the destination sends several events per delivery
     timeout: float = 10.0
     allow_private: bool = False
+    session: object | None = None  # the HTTP session of the delivering lane (kept for a whole task)
 
 
 class DestinationKind(Protocol):
@@ -68,8 +69,9 @@ class DestinationKind(Protocol):
         """Whether a secret given by the client fits the kind."""
 
     secret_hint: str  # what a valid secret looks like, for error messages
-    # optional attributes: ``secret_required`` (the client must give the secret: a HEC token),
-    # ``echoes_secret`` (False: a secret the client gave is not repeated in the answer)
+    # optional attributes: ``pipelined`` (True: HTTP kinds whose deliveries may travel side by side in
+    # lanes, each lane with its own ``Target.session``), ``secret_required`` (the client must give the
+    # secret: a HEC token), ``echoes_secret`` (False: a secret the client gave is not repeated in the answer)
 
     def deliver(self, target: Target, message_id: str, events: list[dict]) -> Outcome:
         """Send ``events`` (rendered, in order) as one delivery; never raise for the receiver's faults."""

@@ -72,6 +72,7 @@ class WebhookKind:
     name = "webhook"
     schemes = ("https", "http")
     uses_secret = True
+    pipelined = True
     secret_hint = "a Standard Webhooks secret: 'whsec_' and the base64 of 24 to 64 bytes"
 
     def check(self, url: str, options: dict) -> None:
@@ -97,7 +98,7 @@ class WebhookKind:
         }
         try:
             kinds.check_resolved(target.url, target.allow_private)
-            response = _session().post(
+            response = (target.session or _session()).post(
                 target.url, data=data.encode(), headers=headers, timeout=target.timeout, allow_redirects=False
             )
         except TargetRefused as exc:
@@ -138,14 +139,19 @@ class WebhookKind:
 _local = threading.local()
 
 
+def new_session() -> requests.Session:
+    """An HTTP session that keeps connections alive between deliveries and keeps no cookies (a
+    receiver's cookie must not follow the gateway to other deliveries)."""
+    session = requests.Session()
+    session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
+    return session
+
+
 def _session() -> requests.Session:
-    """This thread's HTTP session: connections to a receiver are kept alive between deliveries.
-    It keeps no cookies (a receiver's cookie must not follow the gateway to other deliveries)."""
+    """This thread's HTTP session (deliveries outside a delivery task's lanes: the test delivery)."""
     session = getattr(_local, "session", None)
     if session is None:
-        session = requests.Session()
-        session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
-        _local.session = session
+        session = _local.session = new_session()
     return session
 
 

@@ -78,7 +78,7 @@ from connectors.base import ParseOptions
 from connectors.model import AlertRecord, FindingRecord, FormatError, Observation, Rejected, VulnerabilityInfo
 from gateway.db import Database
 from gateway.export import events as outbox
-from gateway.merge.findings import STALE_EXAMPLES, FindingMerger, _digest
+from gateway.merge.findings import STALE_EXAMPLES, FindingMerger
 from gateway.merge.sql import insert_rows
 from gateway.models import Batch, BatchMergeChunk, BatchRejection, OAuthClient, utcnow
 
@@ -139,28 +139,30 @@ def coordinate(db: Database, batch_id: int, owner: str, settings: Settings) -> s
         with db.engine.connect() as conn:
             batch = conn.execute(select(batches).where(batches.c.id == batch_id)).first()
         try:
-            _stage(db, batch, settings)
+            sent = _stage(db, batch, settings)
         except FormatError as exc:
             _finish_failed(db, batch_id, owner, clean_text(str(exc))[:2000])
             _drop_staged(db, batch)
             log.info("batch %s failed: %s", batch_id, exc)
             return "failed"
-        for seq in _abandoned(db, batch):
-            settings.dispatch(batch_id, seq)
+        for seq in _abandoned(db, batch):  # on a resume: chunks never taken, or whose worker died
+            if seq not in sent:
+                settings.dispatch(batch_id, seq)
     finally:
         heartbeat.stop()
     _write_progress(db, batch)
     return finish_if_done(db, batch_id, settings) or "processing"
 
 
-def _stage(db: Database, batch, settings: Settings) -> None:
-    """Parse the batch into chunks by resource (committed and sent one by one), then the tail."""
+def _stage(db: Database, batch, settings: Settings) -> set[int]:
+    """Parse the batch into chunks by resource (committed and sent one by one), then the tail;
+    the chunks sent."""
     with db.engine.connect() as conn:
         staged = dict(conn.execute(select(chunks_t.c.seq, chunks_t.c.kind).where(
             chunks_t.c.tenant_id == batch.tenant_id, chunks_t.c.batch_id == batch.id)).all())
         client_scopes = conn.execute(select(clients.c.scope).where(clients.c.id == batch.client_pk)).scalar() or ""
     if "tail" in staged.values():
-        return
+        return set()
     from gateway.pipeline import ALERT_SCOPE_REASON, BlobReader, clean_text, unstorable_text
 
     connector = connectors.get(batch.format)
@@ -173,14 +175,16 @@ def _stage(db: Database, batch, settings: Settings) -> None:
     stretch_rejections: list[dict] = []
     current: list = []
     current_refs: set[bytes] = set()
-    current_ids: set[int] = set()
+    current_ids: set[str] = set()  # provider ids
     cut_refs: set[bytes] = set()
-    cut_ids: set[int] = set()
+    cut_ids: set[str] = set()
+    last_resource = ref = None
     tail: list = []
     stretch_findings: list[FindingRecord] = []  # since the last cut, in file order (chunk and tail)
     seq = 0
     last_ref: bytes | None = None
     unsent: list[int] = []
+    sent: set[int] = set()
 
     def reject(position, reason, provider_id) -> None:
         nonlocal rejected
@@ -196,10 +200,10 @@ def _stage(db: Database, batch, settings: Settings) -> None:
                 _insert_chunk(conn, batch, seq, "chunk", current, settings.sub_chunk)
                 insert_rows(conn, rejections_t, stretch_rejections,
                             constants={"batch_id": batch.id, "tenant_id": batch.tenant_id})
+            unsent.append(seq)
             if early:
+                sent.add(seq)
                 settings.dispatch(batch.id, seq)
-            else:
-                unsent.append(seq)
             _write_progress(db, batch, parsed=received)
         cut_refs.update(current_refs)
         cut_ids.update(current_ids)
@@ -230,8 +234,9 @@ def _stage(db: Database, batch, settings: Settings) -> None:
             if not isinstance(record, FindingRecord | Observation):
                 tail.append(record)  # knowledge-base entries and alerts: merged by the final step
                 continue
-            ref = msgspec.msgpack.encode(record.resource)
-            digest = _digest(record.provider_id) if isinstance(record, FindingRecord) else None
+            if record.resource is not last_resource:  # a connector gives a host's records one ref
+                last_resource, ref = record.resource, msgspec.msgpack.encode(record.resource)
+            digest = record.provider_id if isinstance(record, FindingRecord) else None
             if ref in cut_refs or digest in cut_ids:
                 tail.append(record)  # its resource or its provider record is in a chunk cut already
                 continue
@@ -250,8 +255,11 @@ def _stage(db: Database, batch, settings: Settings) -> None:
         insert_rows(conn, rejections_t, stretch_rejections,
                     constants={"batch_id": batch.id, "tenant_id": batch.tenant_id})
     for unsent_seq in unsent:
-        settings.dispatch(batch.id, unsent_seq)
+        if unsent_seq not in sent:
+            sent.add(unsent_seq)
+            settings.dispatch(batch.id, unsent_seq)
     log.info("batch %s staged in %d chunks and a tail of %d records", batch.id, seq, len(tail))
+    return sent
 
 
 def _create_types(conn, batch, findings: list[FindingRecord]) -> None:
