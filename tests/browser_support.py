@@ -53,17 +53,38 @@ def console_live(console_app):
     server.stop()
 
 
-@pytest.fixture(scope="session")
-def chromium():
-    """One Chromium for the session (Playwright's sync API)."""
-    _need_chromium()
-    from playwright.sync_api import sync_playwright
+class _Shared:
+    """One Playwright and one Chromium per test process, however many modules take the fixture.
 
-    playwright = sync_playwright().start()
-    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-    yield browser
-    browser.close()
-    playwright.stop()
+    Each module that imports the fixtures gets its own ``chromium`` fixture, and Playwright's sync
+    API refuses a second start while the first runs: the instances share this one and the last
+    to finish closes it.  Module scope, not session: while Playwright runs, its event loop is the
+    running loop of the main thread and ``asyncio.run`` (the NATS export code) refuses to start,
+    so the browser must be gone before the suite's other modules run."""
+
+    playwright = None
+    browser = None
+    users = 0
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Debian's Chromium, launched by Playwright's sync API (one per test process)."""
+    _need_chromium()
+    if _Shared.browser is None:
+        from playwright.sync_api import sync_playwright
+
+        _Shared.playwright = sync_playwright().start()
+        _Shared.browser = _Shared.playwright.chromium.launch(
+            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+        )
+    _Shared.users += 1
+    yield _Shared.browser
+    _Shared.users -= 1
+    if _Shared.users == 0:
+        _Shared.browser.close()
+        _Shared.playwright.stop()
+        _Shared.browser = _Shared.playwright = None
 
 
 @pytest.fixture
