@@ -156,6 +156,32 @@ def serve(url: str):
     return app, server, timings
 
 
+def statement_times(app, http: requests.Session, link: str, rounds: int = 10) -> None:
+    """The overview's statements, each with its median time over ``rounds`` requests."""
+    from sqlalchemy import event
+
+    engine = app.extensions["gateway.db"].engine
+    spent: dict[str, list[float]] = {}
+
+    def before(conn, cursor, statement, parameters, context, executemany):
+        conn.info["bench_started"] = time.perf_counter()
+
+    def after(conn, cursor, statement, parameters, context, executemany):
+        key = " ".join(statement.split())[:150]
+        spent.setdefault(key, []).append((time.perf_counter() - conn.info.pop("bench_started")) * 1000)
+
+    for reader in (engine,):
+        event.listen(reader, "before_cursor_execute", before)
+        event.listen(reader, "after_cursor_execute", after)
+    for _ in range(rounds):
+        http.get(link, timeout=60)
+    event.remove(engine, "before_cursor_execute", before)
+    event.remove(engine, "after_cursor_execute", after)
+    print("  overview statements (median ms over the requests):")
+    for key, values in sorted(spent.items(), key=lambda item: -statistics.median(item[1])):
+        print(f"    {statistics.median(values):7.1f}  {key}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -211,6 +237,7 @@ def main() -> None:
                 f"{len(response.content):,} bytes)",
                 flush=True,
             )
+        statement_times(app, http, base + f"/console/t/{TENANT}/overview")
         load = os.getloadavg()
         print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
         app.extensions["gateway.db"].dispose()

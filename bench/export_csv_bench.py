@@ -1,7 +1,8 @@
 """Export benchmark: CSV and JSON Lines of a whole findings collection, Python path vs COPY path.
 
     .venv/bin/python bench/export_csv_bench.py [--rows 1000000] [--resources 50000] [--filter ...]
-        [--orderby ...] [--select ...] [--formats csv,jsonl] [--paths copy,python] [--no-http]
+        [--orderby ...] [--select ...] [--formats csv,jsonl] [--paths copy,python] [--connections 1,2]
+        [--no-http]
 
 Creates a scratch PostgreSQL database migrated to head, loads ``--rows`` findings (one or two
 sources each) for one tenant and a tenth as many for another (bench/query_bench.py's set-based
@@ -21,6 +22,10 @@ the load, CPU seconds do not):
     713 rows/s (4,277 rows/CPU-s); outputs byte-identical; peak RSS +3 MiB copy, +20 MiB python.
     --rows 1000000 --paths copy --no-http: csv 200.7 s, 4,982 rows/s, 26,882 rows/CPU-s, peak RSS
     +12 MiB; jsonl 110.2 s, 9,074 rows/s, 34,235 rows/CPU-s, peak RSS +0 MiB.
+    --rows 1000000 --paths copy --connections 1,2 --no-http (load average 11-12): csv x1 74.8 s,
+    13,369 rows/s, 41,152 rows/CPU-s of its backend; csv x2 66.6 s, 15,024 rows/s, 78,740 rows/CPU-s
+    of the busiest backend (two of 12.7 s); jsonl x1 97.1 s, 10,294 rows/s, 46,125 rows/CPU-s;
+    jsonl x2 61.7 s, 16,196 rows/s, 92,937 rows/CPU-s; peak RSS +17 MiB at most; byte-identical.
 """
 
 from __future__ import annotations

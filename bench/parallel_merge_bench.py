@@ -79,14 +79,17 @@ def run(mode: str, workers: int, body: bytes, count: int, chunk_records: int) ->
         threading.Thread(target=server.serve_forever, daemon=True).start()
         base = f"http://127.0.0.1:{server.server_port}"
         env = dict(os.environ, GATEWAY_DATABASE_URL=url, GATEWAY_BROKER_URL=REDIS, GATEWAY_SECRET_KEY="bench",
-                   GATEWAY_TASK_QUEUE=queue, PYTHONPATH=str(ROOT), GATEWAY_LOG_LEVEL="WARNING",
+                   GATEWAY_TASK_QUEUE=queue, PYTHONPATH=str(ROOT),
+                   GATEWAY_LOG_LEVEL="INFO" if os.environ.get("BENCH_WORKER_LOG") else "WARNING",
                    GATEWAY_PARALLEL_MERGE_MIN_BYTES="0" if mode == "single" else "1",
                    GATEWAY_PARALLEL_MERGE_CHUNK_RECORDS=str(chunk_records))
         for n in range(workers):
             processes.append(subprocess.Popen(
                 [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--concurrency=1",
                  "--loglevel=WARNING", "--without-gossip", "--without-mingle", "-n", f"pmbench{n}@%h"],
-                env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                env=env, cwd=ROOT, stderr=subprocess.STDOUT,
+                stdout=open(os.environ["BENCH_WORKER_LOG"] + f".{n}", "w") if os.environ.get("BENCH_WORKER_LOG")
+                else subprocess.DEVNULL))
         time.sleep(4)
         gw = Gateway(app)
         tenant = gw.tenant()

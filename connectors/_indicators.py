@@ -47,8 +47,9 @@ def normalize(observable_type: str, raw: object) -> str:
         parts = urlsplit(value)
         if not parts.scheme or not parts.netloc:
             raise ValueError(f"{value[:80]!r} is not an absolute URL")
-        normalized = urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path, parts.query,
-                                 parts.fragment))
+        normalized = urlunsplit(
+            (parts.scheme.lower(), parts.netloc.lower(), parts.path, parts.query, parts.fragment)
+        )
         if len(normalized) > MAX_VALUE:
             raise ValueError(f"the URL is longer than {MAX_VALUE} characters")
         return normalized
@@ -59,8 +60,10 @@ def normalize(observable_type: str, raw: object) -> str:
     if observable_type in HASH_LENGTHS:
         digest = value.lower()
         if len(digest) != HASH_LENGTHS[observable_type] or not _HEX.match(digest):
-            raise ValueError(f"{value[:80]!r} is not a {observable_type.upper()} hash "
-                             f"({HASH_LENGTHS[observable_type]} hex digits)")
+            raise ValueError(
+                f"{value[:80]!r} is not a {observable_type.upper()} hash "
+                f"({HASH_LENGTHS[observable_type]} hex digits)"
+            )
         return digest
     raise ValueError(f"unknown observable type {observable_type!r}")
 

@@ -33,26 +33,63 @@ RECORD_KIND = "indicators"
 
 ENVELOPE_KEYS = ("value",)
 _MARKERS = (b'"targetProduct"', b"microsoft.graph.tiIndicator")
-THREAT_TYPES = ("Botnet", "C2", "CryptoMining", "Darknet", "DDoS", "MaliciousUrl", "Malware", "Phishing",
-                "Proxy", "PUA", "WatchList")
+THREAT_TYPES = (
+    "Botnet",
+    "C2",
+    "CryptoMining",
+    "Darknet",
+    "DDoS",
+    "MaliciousUrl",
+    "Malware",
+    "Phishing",
+    "Proxy",
+    "PUA",
+    "WatchList",
+)
 ACTIONS = ("unknown", "allow", "block", "alert")
 TLP_LEVELS = ("unknown", "white", "green", "amber", "red")
 OBSERVABLE_FIELDS = {
-    "networkIPv4": "ipv4", "networkSourceIPv4": "ipv4", "networkDestinationIPv4": "ipv4",
-    "networkIPv6": "ipv6", "networkSourceIPv6": "ipv6", "networkDestinationIPv6": "ipv6",
-    "domainName": "domain", "url": "url", "emailSenderAddress": "email",
+    "networkIPv4": "ipv4",
+    "networkSourceIPv4": "ipv4",
+    "networkDestinationIPv4": "ipv4",
+    "networkIPv6": "ipv6",
+    "networkSourceIPv6": "ipv6",
+    "networkDestinationIPv6": "ipv6",
+    "domainName": "domain",
+    "url": "url",
+    "emailSenderAddress": "email",
 }
 HASH_TYPES = {"md5": "md5", "sha1": "sha1", "sha256": "sha256"}
-UNMATCHED_FIELDS = ("networkCidrBlock", "networkSourceCidrBlock", "networkDestinationCidrBlock",
-                    "emailSourceDomain", "emailSourceIpAddress", "fileName", "filePath", "userPrincipalName")
-_EXTRA_KEYS = ("severity", "killChain", "malwareFamilyNames", "activityGroupNames", "knownFalsePositives",
-               "isActive", "azureTenantId", "additionalInformation", "diamondModel")
+UNMATCHED_FIELDS = (
+    "networkCidrBlock",
+    "networkSourceCidrBlock",
+    "networkDestinationCidrBlock",
+    "emailSourceDomain",
+    "emailSourceIpAddress",
+    "fileName",
+    "filePath",
+    "userPrincipalName",
+)
+_EXTRA_KEYS = (
+    "severity",
+    "killChain",
+    "malwareFamilyNames",
+    "activityGroupNames",
+    "knownFalsePositives",
+    "isActive",
+    "azureTenantId",
+    "additionalInformation",
+    "diamondModel",
+)
 
 
 def sniff(head: bytes) -> bool:
     text = json_head(head)
-    return text[:1] in (b"[", b"{") and any(marker in text for marker in _MARKERS) \
+    return (
+        text[:1] in (b"[", b"{")
+        and any(marker in text for marker in _MARKERS)
         and b'"expirationDateTime"' in text
+    )
 
 
 def parse(stream: BinaryIO, options: ParseOptions) -> Iterator[IndicatorRecord | Rejected]:
@@ -61,8 +98,9 @@ def parse(stream: BinaryIO, options: ParseOptions) -> Iterator[IndicatorRecord |
         try:
             yield from to_records(item)
         except (TypeError, ValueError, KeyError) as exc:
-            yield rejected(position, exc, item, "externalId" if isinstance(item, dict)
-                           and "externalId" in item else "id")
+            yield rejected(
+                position, exc, item, "externalId" if isinstance(item, dict) and "externalId" in item else "id"
+            )
 
 
 def _choice(item: dict, key: str, allowed: tuple[str, ...], required: bool = False) -> str | None:
@@ -85,13 +123,17 @@ def observables(item: dict) -> list[tuple[str, str]]:
         hash_type = item.get("fileHashType")
         kind = HASH_TYPES.get(hash_type.lower()) if isinstance(hash_type, str) else None
         if kind is None:
-            raise ValueError(f"'fileHashType' {str(hash_type)[:40]!r} cannot be matched; one of md5, sha1, sha256")
+            raise ValueError(
+                f"'fileHashType' {str(hash_type)[:40]!r} cannot be matched; one of md5, sha1, sha256"
+            )
         found.append((kind, normalize(kind, item["fileHashValue"])))
     if not found:
         unmatched = [key for key in UNMATCHED_FIELDS if item.get(key)]
         if unmatched:
-            raise ValueError(f"'{unmatched[0]}' is not an observable the gateway matches; give one of "
-                             + ", ".join(list(OBSERVABLE_FIELDS) + ["fileHashValue"]))
+            raise ValueError(
+                f"'{unmatched[0]}' is not an observable the gateway matches; give one of "
+                + ", ".join(list(OBSERVABLE_FIELDS) + ["fileHashValue"])
+            )
         raise ValueError("the indicator has no observable (networkIPv4, domainName, url, fileHashValue, ...)")
     return list(dict.fromkeys(found))
 
@@ -108,17 +150,25 @@ def to_records(item: Any) -> list[IndicatorRecord]:
         raise ValueError("'expirationDateTime' is required")
     threat_type = _choice(item, "threatType", THREAT_TYPES, required=True)
     confidence = item.get("confidence")
-    if confidence is not None and (isinstance(confidence, bool) or not isinstance(confidence, int)
-                                   or not 0 <= confidence <= 100):
+    if confidence is not None and (
+        isinstance(confidence, bool) or not isinstance(confidence, int) or not 0 <= confidence <= 100
+    ):
         raise ValueError("'confidence' must be an integer from 0 to 100")
     external_id = clip(item.get("externalId"), 300) or clip(item.get("id"), 300)
     timestamp = time_field(item, "lastReportedDateTime") or time_field(item, "ingestedDateTime")
     extra = {key: item[key] for key in _EXTRA_KEYS if item.get(key) not in (None, "", [])}
     common = dict(
-        external_id=external_id, description=clip(item.get("description"), 4000), threat_type=threat_type,
-        tlp_level=_choice(item, "tlpLevel", TLP_LEVELS), confidence=confidence,
-        action=_choice(item, "action", ACTIONS), target_product=target,
-        tags=[tag[:100] for tag in strings(item.get("tags"))][:50], extra=extra or None,
-        valid_from=None, expires_at=expires, provider_timestamp=timestamp,
+        external_id=external_id,
+        description=clip(item.get("description"), 4000),
+        threat_type=threat_type,
+        tlp_level=_choice(item, "tlpLevel", TLP_LEVELS),
+        confidence=confidence,
+        action=_choice(item, "action", ACTIONS),
+        target_product=target,
+        tags=[tag[:100] for tag in strings(item.get("tags"))][:50],
+        extra=extra or None,
+        valid_from=None,
+        expires_at=expires,
+        provider_timestamp=timestamp,
     )
     return [IndicatorRecord(observable_type=kind, value=value, **common) for kind, value in observables(item)]

@@ -58,14 +58,21 @@ PATHS = {
     ("file", ("hashes", "sha-512")): "sha512",
     ("file", ("hashes", "sha512")): "sha512",
 }
-TLP = {stix2.TLP_WHITE.id: "white", stix2.TLP_GREEN.id: "green", stix2.TLP_AMBER.id: "amber",
-       stix2.TLP_RED.id: "red"}
+TLP = {
+    stix2.TLP_WHITE.id: "white",
+    stix2.TLP_GREEN.id: "green",
+    stix2.TLP_AMBER.id: "amber",
+    stix2.TLP_RED.id: "red",
+}
 
 
 def sniff(head: bytes) -> bool:
     text = json_head(head)
-    return text[:1] in (b"[", b"{") and b'"spec_version"' in text and (
-        b'"bundle"' in text or b'"indicator"' in text)
+    return (
+        text[:1] in (b"[", b"{")
+        and b'"spec_version"' in text
+        and (b'"bundle"' in text or b'"indicator"' in text)
+    )
 
 
 def parse(stream: BinaryIO, options: ParseOptions) -> Iterator[IndicatorRecord | Rejected]:
@@ -154,16 +161,20 @@ def observables(pattern: str) -> list[tuple[str, str]]:
     if listener.problem:
         raise ValueError(f"pattern not evaluated: {listener.problem}")
     found = []
-    comparisons = [(object_type, tuple(str(step).lower() for step in path), literal)
-                   for object_type, tests in compiled.inspect().comparisons.items()
-                   for path, _, literal in tests]
+    comparisons = [
+        (object_type, tuple(str(step).lower() for step in path), literal)
+        for object_type, tests in compiled.inspect().comparisons.items()
+        for path, _, literal in tests
+    ]
     for object_type, steps, literal in comparisons:
         value = _string(literal)
         kind = PATHS.get((object_type, steps))
         if kind is None:
-            raise ValueError(f"pattern not evaluated: {object_type}:{'.'.join(steps)} is not a matched "
-                             "observable (ipv4-addr, ipv6-addr, domain-name, url, email-addr values, "
-                             "file hashes)")
+            raise ValueError(
+                f"pattern not evaluated: {object_type}:{'.'.join(steps)} is not a matched "
+                "observable (ipv4-addr, ipv6-addr, domain-name, url, email-addr values, "
+                "file hashes)"
+            )
         found.append((kind, normalize(kind, value)))
     return list(dict.fromkeys(found))
 
@@ -181,23 +192,36 @@ def to_records(item: Any) -> list[IndicatorRecord]:
         raise ValueError("'spec_version' must be '2.1'")
     indicator = stix2.parse(item, allow_custom=True, version="2.1")
     if indicator.get("pattern_type") != "stix":
-        raise ValueError(f"pattern_type {str(indicator.get('pattern_type'))[:40]!r} is not evaluated; only 'stix'")
+        raise ValueError(
+            f"pattern_type {str(indicator.get('pattern_type'))[:40]!r} is not evaluated; only 'stix'"
+        )
     pairs = observables(indicator.pattern)
     types = [t for t in indicator.get("indicator_types") or [] if isinstance(t, str)]
     markings = [TLP[ref] for ref in indicator.get("object_marking_refs") or [] if ref in TLP]
-    description = "\n\n".join(filter(None, (clip(indicator.get("name"), 300),
-                                            clip(indicator.get("description"), 4000))))
+    description = "\n\n".join(
+        filter(None, (clip(indicator.get("name"), 300), clip(indicator.get("description"), 4000)))
+    )
     extra = {"indicatorTypes": types} if types else {}
-    for key, name in (("kill_chain_phases", "killChainPhases"), ("created_by_ref", "createdByRef"),
-                      ("external_references", "externalReferences")):
+    for key, name in (
+        ("kill_chain_phases", "killChainPhases"),
+        ("created_by_ref", "createdByRef"),
+        ("external_references", "externalReferences"),
+    ):
         if indicator.get(key):
             extra[name] = item[key]
     common = dict(
-        external_id=indicator.id, description=description or None, threat_type=types[0][:50] if types else None,
-        tlp_level=markings[0] if markings else None, confidence=indicator.get("confidence"),
-        action=None, target_product=None, pattern=indicator.pattern[:10000],
-        tags=[label[:100] for label in strings(item.get("labels"))][:50], extra=extra or None,
-        valid_from=_time(indicator.get("valid_from")), expires_at=_time(indicator.get("valid_until")),
+        external_id=indicator.id,
+        description=description or None,
+        threat_type=types[0][:50] if types else None,
+        tlp_level=markings[0] if markings else None,
+        confidence=indicator.get("confidence"),
+        action=None,
+        target_product=None,
+        pattern=indicator.pattern[:10000],
+        tags=[label[:100] for label in strings(item.get("labels"))][:50],
+        extra=extra or None,
+        valid_from=_time(indicator.get("valid_from")),
+        expires_at=_time(indicator.get("valid_until")),
         provider_timestamp=_time(indicator.get("modified")),
     )
     return [IndicatorRecord(observable_type=kind, value=value, **common) for kind, value in pairs]

@@ -11,6 +11,8 @@ import hashlib
 import hmac
 import logging
 import secrets
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -62,6 +64,44 @@ def new_client_secret() -> str:
     return secrets.token_urlsafe(32)
 
 
+class TokenCache:
+    """This process's recent successful token checks, each reused for ``TOKEN_CACHE_SECONDS``.
+
+    A push's 202 otherwise waits on a query for its token (and tenant) every time.  What the
+    cache keeps is what :func:`authenticate` found: the caller, the token's expiry (checked on
+    every use) and the tenant read with it.  A token revoked here (``/oauth/revoke``, a client's
+    tokens revoked with its secret) is forgotten at once; a change made elsewhere (another API
+    process, the CLI disabling a client or withdrawing a tenant) is seen within the TTL.
+    Failed checks are never kept."""
+
+    MAX_ENTRIES = 10_000
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.entries: dict[tuple, tuple[float, Any]] = {}
+        self.lock = threading.Lock()
+
+    def get(self, key: tuple) -> Any | None:
+        entry = self.entries.get(key)
+        return entry[1] if entry is not None and time.monotonic() < entry[0] else None
+
+    def put(self, key: tuple, value: Any) -> None:
+        with self.lock:
+            if len(self.entries) >= self.MAX_ENTRIES:
+                self.entries.clear()
+            self.entries[key] = (time.monotonic() + self.seconds, value)
+
+    def forget(self, token_hash: str | None = None, client_pk: int | None = None) -> None:
+        with self.lock:
+            for key in [key for key, (_, value) in self.entries.items()
+                        if key[0] == token_hash or value[0].client_pk == client_pk]:
+                del self.entries[key]
+
+
+def _token_cache() -> TokenCache | None:
+    return current_app.extensions.get("gateway.token_cache")
+
+
 def revoke_client_tokens(session: Session, client_pk: int) -> int:
     """Revoke every unrevoked token of a client, in the caller's transaction; how many.
 
@@ -69,6 +109,9 @@ def revoke_client_tokens(session: Session, client_pk: int) -> int:
     token never outlives the credentials it was issued for (enabling the client again does not
     bring them back).
     """
+    cache = _token_cache() if current_app else None
+    if cache is not None:
+        cache.forget(client_pk=client_pk)
     result = session.execute(
         update(OAuthToken)
         .where(OAuthToken.client_pk == client_pk, OAuthToken.revoked_at.is_(None))
@@ -211,6 +254,9 @@ class Revocation(_TokenLookup, RevocationEndpoint):
             row = session.get(OAuthToken, token.id)
             if row is not None and row.client_pk == request.client.row.id and row.revoked_at is None:
                 row.revoked_at = datetime.now(UTC)
+                cache = _token_cache()
+                if cache is not None:
+                    cache.forget(token_hash=row.token_hash)
 
 
 class Introspection(_TokenLookup, IntrospectionEndpoint):
@@ -299,10 +345,17 @@ def authenticate(tenant_external_id: str | None = None) -> Caller:
     With ``tenant_external_id`` (the tenant in the path) the same query also reads that tenant
     if the client is enabled for it, kept for :func:`caller_tenant` (a push then waits on one
     query fewer before its 202)."""
-    token = _bearer_token()
+    token_hash = hash_secret(_bearer_token())
+    cache = _token_cache()
+    cached = cache.get((token_hash, tenant_external_id)) if cache is not None else None
+    if cached is not None and cached[1] > datetime.now(UTC):
+        caller, _, tenant = cached
+        if tenant_external_id is not None:
+            g.caller_tenant = (caller.client_pk, tenant_external_id, tenant)
+        return caller
     statement = (select(OAuthToken, OAuthClient)
                  .join(OAuthClient, OAuthClient.id == OAuthToken.client_pk)
-                 .where(OAuthToken.token_hash == hash_secret(token)))
+                 .where(OAuthToken.token_hash == token_hash))
     if tenant_external_id is not None:
         named = select(Tenant.id).where(Tenant.external_id == tenant_external_id).scalar_subquery()
         statement = (statement.add_columns(Tenant)
@@ -323,7 +376,11 @@ def authenticate(tenant_external_id: str | None = None) -> Caller:
         raise Unauthorized("the access token has expired", code="invalidToken", headers=invalid)
     if client.disabled:
         raise Unauthorized("the client is disabled", code="invalidToken", headers=invalid)
-    return Caller(client.id, client.client_id, client.provider, frozenset(stored.scope.split()))
+    caller = Caller(client.id, client.client_id, client.provider, frozenset(stored.scope.split()))
+    if cache is not None:
+        cache.put((token_hash, tenant_external_id),
+                  (caller, _aware(stored.expires_at), row[2] if tenant_external_id is not None else None))
+    return caller
 
 
 def require_scope(*scopes: str) -> Callable:
@@ -436,6 +493,8 @@ def init_app(app: Flask) -> None:
     app.config.setdefault("OAUTH2_TOKEN_EXPIRES_IN", {"client_credentials": app.config["TOKEN_TTL_SECONDS"]})
     app.config.setdefault("OAUTH2_ERROR_URIS", None)
     app.config["ISSUER"] = checked_issuer(app.config.get("ISSUER"))
+    if app.config.get("TOKEN_CACHE_SECONDS", 0) > 0:
+        app.extensions["gateway.token_cache"] = TokenCache(app.config["TOKEN_CACHE_SECONDS"])
     authorization = Authorization(app, query_client=query_client, save_token=save_token)
     authorization.register_grant(ClientCredentialsGrant)
     authorization.register_endpoint(Revocation)

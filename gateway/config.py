@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     issuer: str | None = None
     max_body_bytes: int = 8 * 1024 * 1024 * 1024  # bodies over 1 MiB are streamed (gateway/streaming.py)
     token_ttl_seconds: int = 3600
+    # an API process reuses a successful token check this long (gateway/auth.py TokenCache); 0: off
+    token_cache_seconds: float = 0
     merge_chunk_size: int = 5000
     sweep_after_seconds: int = 300
     max_attempts: int = 5
@@ -119,6 +121,7 @@ class Settings(BaseSettings):
     export_delivery_log_size: int = 100  # deliveries kept per destination
     export_max_destinations: int = 50  # per tenant
     event_retention_days: int = 30  # export-only events (batch.finished, secureScore.changed); 0: keep
+    event_retention_max_days: int = 90  # pruned even if a destination is behind (a gap it shows); 0: no cap
     event_prune_interval: float = 3600.0
     # Export snapshots and workflow automation (gateway/export/snapshot.py, gateway/automation/)
     snapshot_slice_size: int = 500  # subjects read (and rendered) per keyset slice of a snapshot

@@ -457,6 +457,10 @@ class Recommendation(Base):
     __table_args__ = (
         UniqueConstraint("tenant_id", "resource_id", "type_id", name="uq_recommendations_subject"),
         Index("ix_recommendations_tenant_status", "tenant_id", "status", "id"),
+        # the console's Overview counts unhealthy recommendations by severity, index-only (migration
+        # 0029); partial, so that no lookup by (tenant, resource, type) can take it (tests/test_plans.py)
+        Index("ix_recommendations_tenant_unhealthy_severity", "tenant_id", "severity",
+              postgresql_where=text("status = 'Unhealthy'"), sqlite_where=text("status = 'Unhealthy'")),
         # the Secure Score recount of a control (gateway/score/upkeep.py), index-only
         Index("ix_recommendations_tenant_type", "tenant_id", "type_id", "resource_id", "status"),
         # partial: only exempt rows, so a lookup by (tenant, resource, type) never ties with it when
@@ -689,6 +693,10 @@ class Alert(Base):
         UniqueConstraint("tenant_id", "provider", "provider_id", name="uq_alerts_record"),
         Index("ix_alerts_tenant_id", "tenant_id", "id"),
         Index("ix_alerts_tenant_severity_status", "tenant_id", "severity", "status", "id"),
+        # the console's Overview counts open alerts by severity and status, index-only (migration 0029)
+        Index("ix_alerts_tenant_open", "tenant_id", "severity", "status",
+              postgresql_where=text("status NOT IN ('resolved', 'dismissed')"),
+              sqlite_where=text("status NOT IN ('resolved', 'dismissed')")),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -979,6 +987,8 @@ class ExportDestination(Base):
     created_by: Mapped[str | None] = mapped_column(String(200))
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_by: Mapped[str | None] = mapped_column(String(200))
+    # migration 0027: the private key of option ``clientCertificate`` (mTLS), encrypted (gateway/vault.py)
+    client_key: Mapped[str | None] = mapped_column(Text)
 
 
 class ExportDelivery(Base):
@@ -1068,6 +1078,9 @@ class AutomationRule(Base):
     created_by: Mapped[str | None] = mapped_column(String(200))
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_by: Mapped[str | None] = mapped_column(String(200))
+    # migration 0027: active | failing (failing for AUTOMATION_FAILING_AFTER_SECONDS, lastError shown)
+    state: Mapped[str] = mapped_column(String(20), default="active", server_default="active")
+    failing_since: Mapped[datetime | None]
 
 
 class AutomationActionDone(Base):

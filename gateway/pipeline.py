@@ -553,6 +553,7 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int, owner:
         event_merger = EventMerger(conn, batch.tenant_id, batch.provider, batch.id,
                                    configured_retention_days())
     received = rejected = chunk_count = 0
+    event_span: tuple = ()  # the first and last time of the events stored (matched with indicators at the end)
     rejections: list[dict] = []  # the first ``max_rejections``, embedded in the batch's answer
     chunk_rejections: list[dict] = []  # every one, written to batch_rejections once per chunk
 
@@ -618,6 +619,8 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int, owner:
             indicator_merger.merge_chunk(indicators)
         if events:
             event_merger.merge_chunk(events)
+            first, last = min(e.occurred_at for e in events), max(e.occurred_at for e in events)
+            event_span = (min(first, event_span[0]), max(last, event_span[1])) if event_span else (first, last)
         if chunk_rejections:  # one statement per chunk, in the merge's transaction
             insert_rows(conn, rejections_t, chunk_rejections, constants={"batch_id": batch.id,
                                                                          "tenant_id": batch.tenant_id})
@@ -633,6 +636,8 @@ def _merge(conn: Connection, batch, chunk_size: int, max_rejections: int, owner:
         remove_unreported(finding_merger)
     finding_merger.update_recommendations()
     intel_matching.batch_merged(conn, batch.tenant_id, batch.id, cause)  # the resources it reported
+    if event_span:  # the events it stored, against the tenant's indicators
+        intel_matching.events_merged(conn, batch.tenant_id, batch.id, *event_span, cause)
 
     counts = dict.fromkeys(COUNT_KEYS, 0)
     for merger_counts in (finding_merger.counts, alert_merger.counts, knowledge_merger.counts,

@@ -11,6 +11,11 @@ def _get(obj, name):
     return obj[name] if isinstance(obj, dict) else getattr(obj, name)
 
 
+def _techniques(obj) -> list:
+    found = obj.get("mitre_techniques") if isinstance(obj, dict) else getattr(obj, "mitre_techniques", None)
+    return found or []
+
+
 def _ref(name: str):
     return fields.Function(lambda obj: None if _get(obj, name) is None else str(_get(obj, name)))
 
@@ -404,7 +409,10 @@ class AlertOut(OutSchema):
     suppressedBy = _ref("suppressed_by")
     tickets = fields.List(fields.Nested(ItemTicketOut))  # gateway/itsm/items.py adds them to a page
     detectionRule = fields.String(attribute="detection_rule", allow_none=True)  # gateway/detection/
-    mitreTechniques = fields.Function(lambda obj: _get(obj, "mitre_techniques") or [])
+    mitreTechniques = fields.Function(lambda obj: _techniques(obj))  # a partner's may have none: []
+    # the indicators its evidence matched (gateway/intel/matching.py keeps them in ``extra``)
+    threatIntelligenceMatches = fields.Function(
+        lambda obj: (_get(obj, "extra") or {}).get("threatIntelligenceMatches") or [])
 
 
 class AlertV2Out(OutSchema):

@@ -6,13 +6,14 @@ import click
 from sqlalchemy import select, update
 
 from gateway import vault
-from gateway.models import AutomationRule, ExportDestination, ItsmConnection
+from gateway.models import AutomationRule, ExportDestination, IndicatorFeed, ItsmConnection
 
 # every encrypted column: (table, its columns)
 SEALED = (
     (ItsmConnection.__table__, ("secret", "webhook_secret")),
     (ExportDestination.__table__, ("secret", "previous_secret")),
     (AutomationRule.__table__, ("secret",)),
+    (IndicatorFeed.__table__, ("secret",)),  # a TAXII feed's password (gateway/intel/taxii.py)
 )
 
 

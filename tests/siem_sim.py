@@ -61,6 +61,8 @@ class HecCollector:
         ack_after: int = 0,
         port: int | None = None,
         respond: Callable[[HecRequest], tuple[int, dict, dict] | None] | None = None,
+        certificate: tuple[str, str] | None = None,
+        client_ca: str | None = None,
     ) -> None:
         self.token, self.ack, self.ack_after = token, ack, ack_after
         self.respond = respond or (lambda request: None)
@@ -85,7 +87,12 @@ class HecCollector:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", port or 0), Handler)
         self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        scheme = "http"
+        if certificate:  # HTTPS; with ``client_ca``, only for a client certificate that CA signed
+            context = server_context(certificate, client_ca)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_port}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def _answer(self, handler, status: int, body: dict, headers: dict | None = None) -> int:
@@ -319,18 +326,24 @@ def parse_syslog(raw: bytes) -> SyslogMessage:
 class SyslogCollector:
     """A syslog collector on loopback TCP (or TLS with ``certificate=(cert_file, key_file)``)."""
 
-    def __init__(self, port: int | None = None, certificate: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        certificate: tuple[str, str] | None = None,
+        client_ca: str | None = None,
+    ) -> None:
         self.messages: list[SyslogMessage] = []
         # (connection number, arrival) of each message: connections are read by threads of their own, so
         # messages are listed in the order the sender sent them (connection by connection), not as read
         self._order: list[tuple[int, int]] = []
         self.errors: list[str] = []
         self.connections = 0
+        self.live: set[socket.socket] = set()  # open connections, closed by stop() as a real collector's
         self.lock = threading.Condition()
         self.context = None
+        self.peers: list[dict] = []  # the client certificates presented (mutual TLS)
         if certificate:
-            self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            self.context.load_cert_chain(*certificate)
+            self.context = server_context(certificate, client_ca)
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", port or 0))
@@ -348,6 +361,8 @@ class SyslogCollector:
             except OSError:
                 return
             accepted += 1
+            with self.lock:
+                self.live.add(conn)
             threading.Thread(target=self._read, args=(conn, accepted), daemon=True).start()
 
     def _read(self, conn: socket.socket, number: int = 0) -> None:
@@ -357,6 +372,8 @@ class SyslogCollector:
                 conn = self.context.wrap_socket(conn, server_side=True)
             with self.lock:
                 self.connections += 1
+                if self.context is not None and conn.getpeercert():
+                    self.peers.append(conn.getpeercert())
             conn.settimeout(30)
             while True:
                 data = conn.recv(65536)
@@ -373,7 +390,8 @@ class SyslogCollector:
                 raise ValueError(f"{len(buffer)} bytes left after the last frame")
         except (OSError, ValueError) as exc:
             with self.lock:
-                self.errors.append(f"{type(exc).__name__}: {exc}")
+                if self.running:
+                    self.errors.append(f"{type(exc).__name__}: {exc}")
         finally:
             conn.close()
 
@@ -381,9 +399,20 @@ class SyslogCollector:
         with self.lock:
             return [self.messages[index] for _, index in sorted(self._order)]
 
+    def drop_connections(self) -> None:
+        """Close the open connections (what a restart does to its senders)."""
+        with self.lock:
+            live, self.live = list(self.live), set()
+        for conn in live:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def stop(self) -> None:
         self.running = False
         self.sock.close()
+        self.drop_connections()
 
 
 def make_certificates(directory) -> dict:
@@ -459,7 +488,38 @@ def make_certificates(directory) -> dict:
     key_file.write_bytes(
         server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
-    return {"cert": str(cert_file), "key": str(key_file), "ca_pem": ca.public_bytes(pem).decode()}
+    client_key = key()  # a client certificate (mutual TLS) the same CA signs
+    client = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "partner-gateway")]))
+        .issuer_name(ca_name)
+        .public_key(client_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return {
+        "cert": str(cert_file),
+        "key": str(key_file),
+        "ca_pem": ca.public_bytes(pem).decode(),
+        "client_cert_pem": client.public_bytes(pem).decode(),
+        "client_key_pem": client_key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).decode(),
+    }
+
+
+def server_context(certificate: tuple[str, str], client_ca: str | None = None) -> ssl.SSLContext:
+    """A server TLS context; with ``client_ca`` (PEM) it requires a client certificate that CA signed."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*certificate)
+    if client_ca:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cadata=client_ca)
+    return context
 
 
 async def with_jetstream(url: str, action):

@@ -23,7 +23,7 @@ def test_metadata_lists_endpoints_and_scopes(pg_gw):
     assert body["token_endpoint"].endswith("/oauth/token")
     assert set(body["scopes_supported"]) == {"findings.write", "alerts.write", "security.read",
                                              "alerts.manage", "posture.manage", "itsm.manage", "exports.manage",
-                                             "indicators.write", "admin"}
+                                             "indicators.write", "events.write", "rules.manage", "admin"}
 
 
 def test_token_issued_and_secret_stored_hashed(pg_gw):
@@ -287,3 +287,49 @@ def test_a_push_reads_its_tenant_with_the_token(gw):
     listed = gw.http.get(f"/api/v1/tenants/{mine}/batches", headers=headers).get_json()["value"]
     assert len(listed) == 1
     assert gw.http.get(f"/api/v1/tenants/{theirs}/batches", headers=headers).status_code == 404
+
+
+@pytest.fixture
+def cached_gw(pg_url):
+    """A gateway whose API process reuses a successful token check for a minute."""
+    from tests.conftest import Gateway, wipe
+
+    app = make_app(pg_url, eager=True, TOKEN_CACHE_SECONDS=60)
+    wipe(app.extensions["gateway.db"])
+    yield Gateway(app)
+    app.extensions["gateway.db"].dispose()
+
+
+def test_cached_token_checks_skip_the_query_and_revocation_here_ends_them(cached_gw):
+    from sqlalchemy import event
+
+    tenant, other = cached_gw.tenant(), cached_gw.tenant()
+    client_id, secret = cached_gw.client("Qualys", "findings.write security.read", [tenant])
+    token = cached_gw.token(client_id, secret)
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    lookups: list[str] = []
+
+    def count(conn, cursor, statement, *args):
+        if "oauth_tokens" in statement:
+            lookups.append(statement)
+
+    engine = cached_gw.db.engine
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        push = f"/api/v1/tenants/{tenant}/batches?format=canonical"
+        for n in range(3):
+            response = cached_gw.http.post(push, data=document([finding(f"q-{n}")]), headers=headers)
+            assert response.status_code == 202, response.get_json()
+        assert len(lookups) == 1, "the first push checks the token (and its tenant), the others reuse it"
+        refused = f"/api/v1/tenants/{other}/batches?format=canonical"
+        for _ in range(2):  # a tenant the client is not enabled for stays 404, also from the cache
+            response = cached_gw.http.post(refused, data=document([finding("x")]), headers=headers)
+            assert response.status_code == 404
+        assert len(lookups) == 2
+        revoke = cached_gw.http.post("/oauth/revoke", data={"token": token},
+                                     headers=_basic(client_id, secret))
+        assert revoke.status_code == 200
+        after = cached_gw.http.post(push, data=document([finding("q-9")]), headers=headers)
+        assert after.status_code == 401 and "revoked" in after.get_json()["error"]["message"]
+    finally:
+        event.remove(engine, "before_cursor_execute", count)

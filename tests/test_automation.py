@@ -246,7 +246,17 @@ def test_a_failing_rule_shows_its_error_blocks_no_other_rule_and_retries_without
     assert "answered 500" in row.last_error and row.attempts == 1 and row.next_attempt_at is not None
     shown = gw.http.get(f"{automations_url(tenant)}/{failing['id']}", headers=headers).get_json()
     assert "answered 500" in shown["lastError"] and shown["nextAttemptDateTime"]
+    assert shown["state"] == "active" and shown["failingSince"], "failing, but not for long enough yet"
     assert run(gw, failing["id"])["status"] == "busy", "it waits for its backoff"
+    # still failing AUTOMATION_FAILING_AFTER_SECONDS later: the rule shows it, and a filter finds it
+    soon = lambda: utcnow() + timedelta(seconds=gw.app.config["AUTOMATION_FAILING_AFTER_SECONDS"] + 1)  # noqa: E731
+    assert run(gw, failing["id"], clock=soon)["status"] == "failed"
+    shown = gw.http.get(f"{automations_url(tenant)}/{failing['id']}", headers=headers).get_json()
+    assert shown["state"] == "failing" and "answered 500" in shown["lastError"]
+    listed = gw.http.get(
+        automations_url(tenant), query_string={"$filter": "state eq 'failing'"}, headers=headers
+    ).get_json()["value"]
+    assert [r["id"] for r in listed] == [failing["id"]], "the good rule is not failing"
     # a later push is merged as usual (rules never hold the merge)
     push(gw, tenant, headers, graph_alerts("more", "high", 1), "graph_alert")
 
@@ -262,7 +272,8 @@ def test_a_failing_rule_shows_its_error_blocks_no_other_rule_and_retries_without
         tags_edits = [e for e in history(gw, tenant, headers, alert["id"]) if e["event"] == "edited"]
         assert len(tags_edits) == 1, "setFields ran once although the event was taken up again"
         assert alert["tags"] == ["auto"]
-    assert rule_row(gw, failing["id"]).attempts == 0
+    row = rule_row(gw, failing["id"])
+    assert row.attempts == 0 and row.state == "active" and row.failing_since is None, "recovered"
 
 
 def test_rules_do_not_trigger_each_other_forever(gw):

@@ -756,6 +756,22 @@ def test_pruning_keeps_history_and_what_a_destination_still_needs(gw, receivers)
     assert {row.subject_type for row in stored_events(gw, tenant)} == {"finding", "recommendation"}
     assert outbox.prune_events(gw.db, 30) == 0
 
+    # a destination that stays behind past the hard cap: the export-only events go, and it shows the gap
+    push(gw, tenant, headers, [finding("f-2", cves=["CVE-2024-7777"])])
+    sequence(gw)
+    much_later = utcnow() + timedelta(days=100)
+    assert outbox.prune_events(gw.db, 30, now=much_later, max_days=0) == 0, "no cap: kept for it"
+    export_only = [r for r in stored_events(gw, tenant) if r.subject_type in ("batch", "secureScore")]
+    assert export_only, "the push's batch.finished"
+    assert outbox.prune_events(gw.db, 30, now=much_later, max_days=90) == len(export_only)
+    row = state(gw, export["id"])
+    assert (
+        row.last_error.startswith(f"gap: {len(export_only)} export-only events")
+        and "EVENT_RETENTION_MAX_DAYS" in row.last_error
+    )
+    assert {row.subject_type for row in stored_events(gw, tenant)} == {"finding", "recommendation"}
+    assert run(gw, export["id"])["delivered"] == 1, "the history events are all still delivered"
+
 
 # -- real workers -----------------------------------------------------------------------------------------
 

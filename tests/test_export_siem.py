@@ -60,6 +60,7 @@ def started():
         return sim
 
     yield start
+    syslog.close_connections()  # the connections this thread kept to them
     for sim in running:
         sim.stop()
 
@@ -397,6 +398,128 @@ def test_syslog_down_then_up_delivers_everything_in_order(gw, started):
     got = [m.cef["ext"]["externalId"] for m in collector.events()]
     assert got == finding_ids(gw, tenant)
     assert [m.cef["ext"]["cat"] for m in collector.events()] == ["finding.created"] * 3 + ["finding.resolved"]
+
+
+def test_syslog_keeps_one_connection_and_reconnects_when_the_collector_restarts(gw, started):
+    """Deliveries to a syslog destination share one kept connection; a collector that restarts (closing
+    it) gets the next delivery on a new connection, and nothing is lost."""
+    tenant = gw.tenant()
+    headers = gw.partner("Qualys", [tenant], SCOPES)
+    collector = started(SyslogCollector())
+    export = add(gw, tenant, headers, "syslog", collector.url, eventTypes=["finding.*"])
+    for n in range(3):  # three tasks, three deliveries each
+        push(
+            gw,
+            tenant,
+            headers,
+            [finding(f"k-{n}-{m}", cves=[f"CVE-2024-{3000 + 3 * n + m}"]) for m in range(3)],
+        )
+        assert run(gw, export["id"])["delivered"] == 3
+    wait_for(lambda: len(collector.events()) == 9, timeout=10)
+    assert collector.connections == 1, "one connection for every delivery"
+    collector.drop_connections()  # as a restarting collector does
+    push(gw, tenant, headers, [finding("k-after", cves=["CVE-2024-3999"])])
+    assert run(gw, export["id"])["delivered"] == 1
+    wait_for(lambda: len(collector.events()) == 10, timeout=10)
+    assert collector.connections == 2, "a new connection after the collector closed the kept one"
+    ids = [m.cef["ext"]["externalId"] for m in collector.events()]
+    assert ids == finding_ids(gw, tenant), "every event once, in order"
+
+
+def test_mutual_tls_presents_the_client_certificate_and_keeps_its_key_encrypted(gw, started, tmp_path):
+    """HEC over HTTPS and syslog over TLS to collectors that require a client certificate: a destination
+    with ``clientCertificate`` and ``clientKey`` gets through, one without is refused by the collector;
+    the key is stored encrypted and never shown; the pair is checked when saved."""
+    certs = make_certificates(tmp_path)
+    server = (certs["cert"], certs["key"])
+    hec_collector = started(HecCollector(TOKEN, certificate=server, client_ca=certs["ca_pem"]))
+    syslog_collector = started(SyslogCollector(certificate=server, client_ca=certs["ca_pem"]))
+    tenant = gw.tenant()
+    headers = gw.partner("Qualys", [tenant], SCOPES)
+    mtls = {"caCertificate": certs["ca_pem"], "clientCertificate": certs["client_cert_pem"]}
+    key = certs["client_key_pem"]
+    hec_export = add(
+        gw,
+        tenant,
+        headers,
+        "splunk_hec",
+        hec_collector.url,
+        secret=TOKEN,
+        eventTypes=["finding.*"],
+        options=mtls,
+        clientKey=key,
+    )
+    syslog_export = add(
+        gw,
+        tenant,
+        headers,
+        "syslog",
+        syslog_collector.url,
+        eventTypes=["finding.*"],
+        options=mtls,
+        clientKey=key,
+    )
+    without = add(
+        gw,
+        tenant,
+        headers,
+        "splunk_hec",
+        hec_collector.url,
+        secret=TOKEN,
+        eventTypes=["finding.*"],
+        options={"caCertificate": certs["ca_pem"]},
+    )
+    for shown in (hec_export, syslog_export):
+        assert "PRIVATE KEY" not in json.dumps(shown) and "clientKey" not in shown
+        assert shown["options"]["clientCertificate"] == certs["client_cert_pem"], "the certificate is public"
+    stored = state(gw, hec_export["id"]).client_key
+    assert stored and "PRIVATE KEY" not in stored, "the key is stored encrypted"
+    push(gw, tenant, headers, [finding(f"m-{n}", cves=[f"CVE-2024-{4000 + n}"]) for n in range(3)])
+
+    assert run(gw, hec_export["id"])["delivered"] == 3
+    assert sorted(e["id"] for e in hec_collector.events()) == sorted(finding_ids(gw, tenant))
+    assert run(gw, syslog_export["id"])["delivered"] == 3
+    wait_for(lambda: len(syslog_collector.events()) == 3, timeout=10)
+    assert dict(x[0] for x in syslog_collector.peers[0]["subject"])["commonName"] == "partner-gateway"
+    assert run(gw, without["id"])["status"] == "failed", "the collector wants a client certificate"
+    assert len(hec_collector.events()) == 3
+
+    # a PATCH of other options keeps the stored key; the same options with another key are checked
+    url = f"{exports_url(tenant)}/{hec_export['id']}"
+    etag = gw.http.get(url, headers=headers).headers["ETag"]
+    patched = gw.http.patch(
+        url, json={"options": mtls | {"index": "sec"}}, headers=headers | {"If-Match": etag}
+    )
+    assert patched.status_code == 200, patched.get_json()
+    assert state(gw, hec_export["id"]).client_key, "the key is kept"
+    push(gw, tenant, headers, [finding("m-late", cves=["CVE-2024-4999"])])
+    assert run(gw, hec_export["id"])["delivered"] == 1
+    (tmp_path / "other").mkdir()
+    other_key = make_certificates(tmp_path / "other")  # another CA's client certificate and key
+    for body, field in (
+        ({"options": mtls}, "options"),  # a certificate without its key
+        ({"options": {"caCertificate": certs["ca_pem"]}, "clientKey": key}, "clientKey"),  # a key alone
+        ({"options": mtls, "clientKey": other_key["client_key_pem"]}, "options"),  # not the certificate's key
+    ):
+        answer = gw.http.post(
+            exports_url(tenant),
+            json={"displayName": "x", "kind": "syslog", "url": syslog_collector.url} | body,
+            headers=headers,
+        )
+        assert answer.status_code == 400 and field in answer.get_json()["error"]["details"], answer.get_json()
+        assert "PRIVATE KEY" not in answer.get_data(as_text=True)
+    plain = gw.http.post(
+        exports_url(tenant),
+        json={
+            "displayName": "x",
+            "kind": "syslog",
+            "url": "tcp://127.0.0.1:1",
+            "options": mtls,
+            "clientKey": key,
+        },
+        headers=headers,
+    )
+    assert plain.status_code == 400 and "TLS" in plain.get_json()["error"]["message"]
 
 
 # -- NATS JetStream ----------------------------------------------------------------------------------------

@@ -243,3 +243,55 @@ def test_a_batch_below_the_threshold_merges_as_today(pg_gw, redis_clean):
         process.stop()
     assert result["status"] == "partiallySucceeded" and "chunksTotal" not in result["progress"]
     assert result["counts"]["created"] == 4 * 10 + 5 and result["counts"]["duplicatesInPush"] == 1
+
+
+def _nessus_with_a_bad_item() -> bytes:
+    """30 hosts of 20 items (tests/bigfiles.py), one item of the 12th host without a pluginID."""
+    from tests.bigfiles import nessus_hosts
+
+    data = b"".join(nessus_hosts(findings=600, items_per_host=20))
+    marker = b'<ReportHost name="10.0.0.11">'
+    at = data.index(b' pluginID="100003"', data.index(marker))
+    return data[:at] + data[at + len(b' pluginID="100003"'):]
+
+
+def test_a_nessus_file_is_split_between_hosts_and_parsed_by_the_workers_that_merge_it(pg_gw, redis_clean):
+    from pathlib import Path
+
+    from gateway.merge.parallel import split_nessus
+
+    real = (Path(__file__).parent / "fixtures" / "nessus_v2_xml" / "issue_6992.nessus").read_bytes()
+    bodies = [_nessus_with_a_bad_item(), real]
+    assert len(split_nessus(bodies[0], 150)) == 4  # cut between hosts, about 150 items each
+    single, parallel = pg_gw.tenant(), pg_gw.tenant()
+    headers = {name: pg_gw.partner("Tenable", [name]) for name in (single, parallel)}
+
+    def merge_with(env, processes, tenant):
+        workers = [Worker(pg_gw.app.config["DATABASE_URL"], extra_env=env) for _ in range(processes)]
+        try:
+            results = []
+            for body in bodies:
+                response = pg_gw.http.post(f"/api/v1/tenants/{tenant}/batches?format=nessus", data=body,
+                                           headers=headers[tenant] | {"Content-Type": "application/xml"})
+                assert response.status_code == 202, response.get_json()
+                results.append(_final(pg_gw, tenant, headers[tenant], int(response.get_json()["id"])))
+            return results
+        finally:
+            for process in workers:
+                process.stop()
+
+    reference = merge_with(SINGLE, 1, single)
+    results = merge_with(PARALLEL, 2, parallel)
+    assert results[0]["status"] == "partiallySucceeded" and results[0]["progress"]["chunksTotal"] == 4
+    assert results[0]["counts"]["rejected"] == 1 and results[0]["counts"]["received"] == 600
+    # the rejected item's position names its host in the whole file, as one worker names it
+    assert results[0]["rejections"][0]["position"] == reference[0]["rejections"][0]["position"]
+    assert "ReportHost[12]" in results[0]["rejections"][0]["position"]
+    assert results[1]["status"] == reference[1]["status"] and results[1]["counts"]["received"] > 0
+    for mine, theirs in zip(results, reference, strict=True):
+        assert _comparable(mine) == _comparable(theirs)
+    expected = _snapshot(pg_gw, single, headers[single], [r["id"] for r in reference])
+    actual = _snapshot(pg_gw, parallel, headers[parallel], [r["id"] for r in results])
+    assert len(actual["findings"]) >= 599
+    for part in expected:
+        assert actual[part] == expected[part], part

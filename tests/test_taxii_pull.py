@@ -38,12 +38,23 @@ def taxii_server():
     backend.data = {
         "/discovery": {"title": "test", "default": f"{base}/api1/", "api_roots": [f"{base}/api1/"]},
         "api1": {
-            "information": {"title": "api1", "versions": ["application/taxii+json;version=2.1"],
-                            "max_content_length": 10_000_000},
+            "information": {
+                "title": "api1",
+                "versions": ["application/taxii+json;version=2.1"],
+                "max_content_length": 10_000_000,
+            },
             "status": [],
-            "collections": [{"id": COLLECTION_ID, "title": "indicators", "can_read": True, "can_write": True,
-                             "media_types": ["application/stix+json;version=2.1"], "objects": [],
-                             "manifest": []}],
+            "collections": [
+                {
+                    "id": COLLECTION_ID,
+                    "title": "indicators",
+                    "can_read": True,
+                    "can_write": True,
+                    "media_types": ["application/stix+json;version=2.1"],
+                    "objects": [],
+                    "manifest": [],
+                }
+            ],
         },
     }
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -60,12 +71,22 @@ def test_pull_pages_through_the_collection_and_a_second_pull_takes_only_new_obje
     tenant, headers = feed(gw)
     with gw.db.engine.connect() as conn:
         tenant_pk = conn.execute(select(Tenant.id).where(Tenant.external_id == tenant)).scalar()
-    publish(taxii_server, *[stix_indicator(f"[ipv4-addr:value = '192.0.2.{i}']") for i in range(1, 6)],
-            stix_indicator("[ipv4-addr:value = '192.0.2.9'] FOLLOWEDBY [domain-name:value = 'x.example']"),
-            {"type": "identity", "spec_version": "2.1", "id": f"identity--{uuid.uuid4()}", "name": "CERT",
-             "created": "2026-11-01T00:00:00Z", "modified": "2026-11-01T00:00:00Z"})
-    feed_id = taxii.add_feed(gw.db, gw.app.config, tenant_pk, "cert", taxii_server, username=USER,
-                             password=PASSWORD, page_size=2)
+    publish(
+        taxii_server,
+        *[stix_indicator(f"[ipv4-addr:value = '192.0.2.{i}']") for i in range(1, 6)],
+        stix_indicator("[ipv4-addr:value = '192.0.2.9'] FOLLOWEDBY [domain-name:value = 'x.example']"),
+        {
+            "type": "identity",
+            "spec_version": "2.1",
+            "id": f"identity--{uuid.uuid4()}",
+            "name": "CERT",
+            "created": "2026-11-01T00:00:00Z",
+            "modified": "2026-11-01T00:00:00Z",
+        },
+    )
+    feed_id = taxii.add_feed(
+        gw.db, gw.app.config, tenant_pk, "cert", taxii_server, username=USER, password=PASSWORD, page_size=2
+    )
     with gw.db.engine.connect() as conn:
         stored = conn.execute(select(IndicatorFeed.secret)).scalar()
     assert stored and PASSWORD not in stored  # encrypted at rest
@@ -81,8 +102,11 @@ def test_pull_pages_through_the_collection_and_a_second_pull_takes_only_new_obje
         watermark = conn.execute(select(IndicatorFeed.added_after)).scalar()
     assert watermark
 
-    publish(taxii_server, stix_indicator("[domain-name:value = 'new.example']"),
-            stix_indicator("[url:value = 'https://new.example/payload']"))
+    publish(
+        taxii_server,
+        stix_indicator("[domain-name:value = 'new.example']"),
+        stix_indicator("[url:value = 'https://new.example/payload']"),
+    )
     second = taxii.pull(gw.db, feed_id, gw.app.config)
     assert (second["pages"], second["received"], second["created"]) == (1, 2, 2), second
     with gw.db.engine.connect() as conn:
@@ -95,8 +119,9 @@ def test_a_failed_pull_keeps_the_watermark_and_records_the_error(gw, taxii_serve
     tenant, _ = feed(gw)
     with gw.db.engine.connect() as conn:
         tenant_pk = conn.execute(select(Tenant.id).where(Tenant.external_id == tenant)).scalar()
-    feed_id = taxii.add_feed(gw.db, gw.app.config, tenant_pk, "cert", taxii_server, username=USER,
-                             password="wrong")
+    feed_id = taxii.add_feed(
+        gw.db, gw.app.config, tenant_pk, "cert", taxii_server, username=USER, password="wrong"
+    )
     with pytest.raises(requests.HTTPError):  # the server's 401, as taxii2-client raises it
         taxii.pull(gw.db, feed_id, gw.app.config)
     with gw.db.engine.connect() as conn:

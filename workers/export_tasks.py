@@ -47,5 +47,7 @@ def deliver_export(destination_id: int) -> dict:
 def prune_events() -> int:
     """Delete the export-only events past the retention that no destination still needs (beat)."""
     return outbox.prune_events(
-        current_app.extensions["gateway.db"], current_app.config["EVENT_RETENTION_DAYS"]
+        current_app.extensions["gateway.db"],
+        current_app.config["EVENT_RETENTION_DAYS"],
+        max_days=current_app.config["EVENT_RETENTION_MAX_DAYS"],
     )

@@ -19,7 +19,7 @@ from sqlalchemy import func, select, update
 
 from gateway.auth import require_scope, tenant_for_caller
 from gateway.errors import APIError, BadRequest, Conflict, NotFound
-from gateway.export import delivery, kinds, subjects
+from gateway.export import delivery, kinds, subjects, tls
 from gateway.export import secrets as export_secrets
 from gateway.models import ExportDelivery, ExportDestination, LifecycleEvent, utcnow
 from gateway.schemas import ExportDeliveryOut, ExportOut
@@ -53,6 +53,8 @@ class ExportPatch(Schema):
     batchSize = fields.Integer(strict=True, validate=validate.Range(min=1, max=MAX_BATCH_SIZE))
     options = fields.Dict(keys=fields.String())  # kind-specific (gateway/export/kinds.py)
     state = fields.String(validate=validate.OneOf(STATES_SET_BY_CLIENTS))
+    # the private key of option ``clientCertificate`` (mTLS): stored encrypted, never shown
+    clientKey = fields.String(allow_none=True, load_only=True, validate=validate.Length(min=1, max=20000))
 
 
 class ExportIn(ExportPatch):
@@ -120,6 +122,25 @@ def _invalid(field: str, message: str) -> BadRequest:
     return BadRequest(f"{field}: {message}", code="invalidBody", details={field: [message]})
 
 
+def _client_key(data: dict, existing=None) -> str | None:
+    """The client key the destination will have: the one given, else the stored one while the
+    options keep a client certificate (a PATCH that drops the certificate drops the key)."""
+    if "clientKey" in data:
+        return data["clientKey"]
+    options = data.get("options", existing.options if existing is not None else {}) or {}
+    if existing is None or not existing.client_key or not options.get("clientCertificate"):
+        return None
+    try:
+        return export_secrets.unseal(current_app.config, existing.client_key)
+    except export_secrets.SecretUnreadable:
+        raise _invalid("clientKey", "the stored key cannot be decrypted: give it again") from None
+
+
+def _sealed_client_key(data: dict, existing=None) -> str | None:
+    key = _client_key(data, existing)
+    return export_secrets.seal(current_app.config, key) if key else None
+
+
 def _check(kind_name: str, data: dict, existing=None) -> None:
     """The URL, the filter and the secret, checked against the kind and the settings."""
     kind = kinds.get(kind_name)
@@ -128,10 +149,16 @@ def _check(kind_name: str, data: dict, existing=None) -> None:
         kinds.check_url(url, kind.schemes, bool(current_app.config["EXPORT_ALLOW_PRIVATE_TARGETS"]))
     except ValueError as exc:
         raise _invalid("url", f"the URL {exc}") from None
+    options = data.get("options", existing.options if existing is not None else {})
     try:
-        kind.check(url, data.get("options", existing.options if existing is not None else {}))
+        kind.check(url, options)
     except ValueError as exc:
         raise _invalid("options", str(exc)) from None
+    key = _client_key(data, existing)
+    try:
+        tls.check_client_certificate(options if isinstance(options, dict) else {}, key)
+    except ValueError as exc:
+        raise _invalid("clientKey" if "clientKey" in str(exc)[:12] else "options", str(exc)) from None
     patterns = data.get("eventTypes", existing.event_types if existing is not None else ["*"])
     text = data.get("filter", existing.filter if existing is not None else None)
     if text is not None:
@@ -226,6 +253,7 @@ def create_export(tenant: str):
                 filter=data.get("filter"),
                 batch_size=data.get("batchSize", 1),
                 options=data.get("options", {}),
+                client_key=_sealed_client_key(data),
                 state=data.get("state", "active"),
                 secret=export_secrets.seal(current_app.config, secret) if secret else None,
                 secret_hint=export_secrets.hint(secret) if secret else None,
@@ -284,6 +312,8 @@ def update_export(tenant: str, export_id: str):
         ):
             if name in data:
                 values[column] = data[name]
+        if "clientKey" in data or "options" in data:
+            values["client_key"] = _sealed_client_key(data, row)
         if "url" in data:  # a new address is tried at once
             values["next_attempt_at"] = None
         if data.get("state") == "paused":

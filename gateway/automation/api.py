@@ -55,6 +55,7 @@ COLLECTION = Collection(
         "filter": Field(RULE.c.filter, "string", nullable=True),
         "lastError": Field(RULE.c.last_error, "string", nullable=True),
         "lastErrorDateTime": Field(RULE.c.last_error_at, "datetime", nullable=True),
+        "state": Field(RULE.c.state, "enum", values=("active", "failing")),
         "firedEvents": Field(RULE.c.fired_events, "number"),
         "createdDateTime": Field(RULE.c.created_at, "datetime"),
         "lastModifiedDateTime": Field(RULE.c.updated_at, "datetime"),

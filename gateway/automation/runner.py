@@ -16,7 +16,9 @@ now (in SQL, for the window), and for each, in order, runs the actions in order:
   Running the task twice, or replaying events, repeats nothing done.
 * **Errors stay with the rule.**  An action that fails stops the rule at that event: its cursor stays
   before it, ``lastError`` says what failed, and the rule waits ``EXPORT_RETRY_*`` backoff, then
-  takes the event up again (the actions done are not repeated).  Other rules and the merge never
+  takes the event up again (the actions done are not repeated).  A rule that has been failing for
+  ``AUTOMATION_FAILING_AFTER_SECONDS`` (``failingSince``, no event acted on meanwhile) shows
+  ``state: failing``; the first event it gets past makes it ``active`` again.  Other rules and the merge never
   wait for it: each rule is its own task, after the merge committed.
 * **Chain limit.**  A rule's edits are recorded with actor ``automation:<rule ids>``, the chain of
   rules that led to them.  A rule ignores events its own edits caused (its id is in the chain) and
@@ -55,6 +57,7 @@ RULE, DONE, EV, TEN = (
 )
 WINDOW = 200
 ACTOR_PREFIX = "automation:"
+RECOVERED = {"state": "active", "failing_since": None}  # an event acted on (or passed): not failing
 
 
 def chain_of(actor: str | None) -> list[int]:
@@ -230,13 +233,18 @@ def _window(
             conn.execute(
                 update(RULE)
                 .where(RULE.c.id == rule.id, RULE.c.lease_owner == owner)
-                .values(cursor_seq=event.seq, fired_events=RULE.c.fired_events + 1, attempts=0)
+                .values(
+                    cursor_seq=event.seq,
+                    fired_events=RULE.c.fired_events + 1,
+                    attempts=0,
+                    **RECOVERED,
+                )
             )
     with conn.begin():  # past the window (the events after the last one acted on triggered nothing)
         conn.execute(
             update(RULE)
             .where(RULE.c.id == rule.id, RULE.c.lease_owner == owner)
-            .values(cursor_seq=rows[-1].seq, attempts=0, next_attempt_at=None)
+            .values(cursor_seq=rows[-1].seq, attempts=0, next_attempt_at=None, **RECOVERED)
         )
     return "continue", fired
 
@@ -289,7 +297,12 @@ def _act(conn: Connection, config: dict, rule, tenant: str, event, now: datetime
 
 def _failed(conn: Connection, config: dict, rule, owner: str, event, error: str, now: datetime) -> None:
     with conn.begin():
-        attempts = conn.execute(select(RULE.c.attempts).where(RULE.c.id == rule.id)).scalar_one() + 1
+        attempts, failing_since = conn.execute(
+            select(RULE.c.attempts, RULE.c.failing_since).where(RULE.c.id == rule.id)
+        ).one()
+        attempts += 1
+        failing_since = failing_since or now
+        long_enough = (now - failing_since).total_seconds() >= config["AUTOMATION_FAILING_AFTER_SECONDS"]
         delay = delivery.backoff(
             attempts, config["EXPORT_RETRY_BASE_SECONDS"], config["EXPORT_RETRY_MAX_SECONDS"], None
         )
@@ -299,6 +312,8 @@ def _failed(conn: Connection, config: dict, rule, owner: str, event, error: str,
             .values(
                 cursor_seq=event.seq - 1 if event.seq - 1 > rule.cursor_seq else RULE.c.cursor_seq,
                 attempts=attempts,
+                failing_since=failing_since,
+                state="failing" if long_enough else RULE.c.state,
                 next_attempt_at=now + timedelta(seconds=delay),
                 last_error=f"event {event.id}: {error}"[:2000],
                 last_error_at=now,

@@ -73,6 +73,8 @@ class AutomationOut(OutSchema):
     lastError = fields.String(attribute="last_error", allow_none=True)
     lastErrorDateTime = fields.DateTime(attribute="last_error_at", allow_none=True)
     nextAttemptDateTime = fields.DateTime(attribute="next_attempt_at", allow_none=True)
+    state = fields.String()
+    failingSince = fields.DateTime(attribute="failing_since", allow_none=True)
     createdDateTime = fields.DateTime(attribute="created_at")
     createdBy = fields.String(attribute="created_by", allow_none=True)
     lastModifiedDateTime = fields.DateTime(attribute="updated_at")

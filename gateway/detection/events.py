@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, time, timedelta
 
+import msgspec
 from sqlalchemy import delete
 from sqlalchemy.engine import Connection, Engine
 
@@ -33,6 +34,12 @@ log = logging.getLogger(__name__)
 
 events_t = SecurityEvent.__table__
 PARTITIONS_AHEAD = 3
+COPY_EVENTS = (
+    "COPY security_events (occurred_at, tenant_id, batch_id, provider, resource_id, kind, event_id, "
+    "outcome, user_name, target, source_ip, remote_ip, domain, process, hash, raw, ingested_at) "
+    "FROM STDIN"
+)
+PARTITION_LOCK = 7_316_016  # pg_advisory_lock key of partition creation and dropping
 PARTITION = re.compile(r"\Asecurity_events_p(\d{8})\Z")
 _ensured: set[tuple[str, date]] = set()  # (database url, day) whose partitions this process made
 
@@ -69,23 +76,29 @@ def ensure_partitions(engine: Engine, now: datetime, retention_days: int) -> lis
     oldest, _ = window(now, retention_days)
     days = [oldest.date() + timedelta(days=n) for n in range(retention_days + PARTITIONS_AHEAD)]
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        existing = set(
-            conn.exec_driver_sql(
-                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-                "WHERE i.inhparent = 'security_events'::regclass"
-            ).scalars()
-        )
-        made = []
-        for day in days:
-            name = partition_name(day)
-            if name in existing:
-                continue
-            conn.exec_driver_sql(
-                f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF security_events "
-                f"FOR VALUES FROM ('{day.isoformat()} 00:00:00+00') "
-                f"TO ('{(day + timedelta(days=1)).isoformat()} 00:00:00+00')"
+        # one creator at a time (a session lock, held for the few statements below): two workers'
+        # first batches of a day would otherwise both see a partition missing and race to create it
+        conn.exec_driver_sql(f"SELECT pg_advisory_lock({PARTITION_LOCK})")
+        try:
+            existing = set(
+                conn.exec_driver_sql(
+                    "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                    "WHERE i.inhparent = 'security_events'::regclass"
+                ).scalars()
             )
-            made.append(name)
+            made = []
+            for day in days:
+                name = partition_name(day)
+                if name in existing:
+                    continue
+                conn.exec_driver_sql(
+                    f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF security_events "
+                    f"FOR VALUES FROM ('{day.isoformat()} 00:00:00+00') "
+                    f"TO ('{(day + timedelta(days=1)).isoformat()} 00:00:00+00')"
+                )
+                made.append(name)
+        finally:
+            conn.exec_driver_sql(f"SELECT pg_advisory_unlock({PARTITION_LOCK})")
     _ensured.add(key)
     if made:
         log.info("created security event partitions %s", ", ".join(made))
@@ -110,11 +123,15 @@ def drop_expired(engine: Engine, now: datetime, retention_days: int) -> list[str
             .scalars()
             .all()
         )
-        for name in sorted(names):
-            match = PARTITION.match(name)
-            if match and datetime.strptime(match.group(1), "%Y%m%d").date() < oldest.date():
-                conn.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
-                dropped.append(name)
+        conn.exec_driver_sql(f"SELECT pg_advisory_lock({PARTITION_LOCK})")
+        try:
+            for name in sorted(names):
+                match = PARTITION.match(name)
+                if match and datetime.strptime(match.group(1), "%Y%m%d").date() < oldest.date():
+                    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
+                    dropped.append(name)
+        finally:
+            conn.exec_driver_sql(f"SELECT pg_advisory_unlock({PARTITION_LOCK})")
     if dropped:
         log.info("dropped expired security event partitions %s", ", ".join(dropped))
     return dropped
@@ -148,6 +165,7 @@ class EventMerger:
         self.oldest, self.newest = window(self.now, retention_days)
         self.counts: Counter = Counter()
         self._identity_cache: dict = {}
+        self._resolved: dict[bytes, int] = {}  # host record (msgpack of its ResourceRef) -> resource id
         self._ready = False
 
     def outside(self, record: SecurityEventRecord) -> str | None:
@@ -168,47 +186,87 @@ class EventMerger:
         if not self._ready and is_postgres(conn):
             ensure_partitions(conn.engine, self.now, self.retention_days)
         self._ready = True
-        with_resource = [i for i, r in enumerate(records) if r.resource is not None]
-        resource_ids: dict[int, int] = {}
-        if with_resource:
+        # A batch names the same hosts in every chunk: each host record is resolved once per batch
+        # (its first chunk), later chunks reuse the id (an event is not evidence that moves identity).
+        keys = [msgspec.msgpack.encode(r.resource) if r.resource is not None else None for r in records]
+        latest: dict[bytes, datetime] = {}  # each new host record's last event in the chunk
+        for record, key in zip(records, keys, strict=True):
+            if key is not None and key not in self._resolved:
+                seen = latest.get(key)
+                latest[key] = record.occurred_at if seen is None or record.occurred_at > seen else seen
+        unknown = sorted({key: i for i, key in enumerate(keys) if key in latest}.values())
+        if unknown:
             resolved = resource_identity.resolve_committed(
                 conn,
                 self.tenant_id,
-                [records[i].resource for i in with_resource],
-                [records[i].occurred_at for i in with_resource],
+                [records[i].resource for i in unknown],
+                [latest[keys[i]] for i in unknown],
                 provider=self.provider,
                 batch_id=self.batch_id,
                 allow_merge=False,
                 cache=self._identity_cache,
             ).ids
-            resource_ids = dict(zip(with_resource, resolved, strict=True))
-        rows = [
-            {
-                "occurred_at": r.occurred_at,
-                "resource_id": resource_ids.get(i),
-                "kind": r.kind,
-                "event_id": r.event_id,
-                "outcome": r.outcome,
-                "user_name": r.user,
-                "target": r.target,
-                "source_ip": r.source_ip,
-                "remote_ip": r.remote_ip,
-                "domain": r.domain,
-                "process": r.process,
-                "hash": r.hash,
-                "raw": r.raw,
-            }
-            for i, r in enumerate(records)
-        ]
-        insert_rows(
-            conn,
-            events_t,
-            rows,
-            constants={
-                "tenant_id": self.tenant_id,
-                "batch_id": self.batch_id,
-                "provider": self.provider,
-                "ingested_at": self.now,
-            },
-        )
-        self.counts["created"] += len(rows)
+            self._resolved.update({keys[i]: rid for i, rid in zip(unknown, resolved, strict=True)})
+        resource_ids = {i: self._resolved[key] for i, key in enumerate(keys) if key is not None}
+        if is_postgres(conn):
+            self._copy(records, resource_ids)
+        else:
+            rows = [
+                {
+                    "occurred_at": r.occurred_at,
+                    "resource_id": resource_ids.get(i),
+                    "kind": r.kind,
+                    "event_id": r.event_id,
+                    "outcome": r.outcome,
+                    "user_name": r.user,
+                    "target": r.target,
+                    "source_ip": r.source_ip,
+                    "remote_ip": r.remote_ip,
+                    "domain": r.domain,
+                    "process": r.process,
+                    "hash": r.hash,
+                    "raw": r.raw,
+                }
+                for i, r in enumerate(records)
+            ]
+            insert_rows(
+                conn,
+                events_t,
+                rows,
+                constants={
+                    "tenant_id": self.tenant_id,
+                    "batch_id": self.batch_id,
+                    "provider": self.provider,
+                    "ingested_at": self.now,
+                },
+            )
+        self.counts["created"] += len(records)
+
+    def _copy(self, records: Sequence[SecurityEventRecord], resource_ids: dict[int, int]) -> None:
+        """The chunk by ``COPY ... FROM STDIN`` on the batch's own connection (in its transaction)."""
+        encode = msgspec.json.encode
+        tenant, batch, provider, now = self.tenant_id, self.batch_id, self.provider, self.now
+        driver = self.conn.connection.driver_connection
+        with driver.cursor() as cursor, cursor.copy(COPY_EVENTS) as copy:
+            for i, r in enumerate(records):
+                copy.write_row(
+                    (
+                        r.occurred_at,
+                        tenant,
+                        batch,
+                        provider,
+                        resource_ids.get(i),
+                        r.kind,
+                        r.event_id,
+                        r.outcome,
+                        r.user,
+                        r.target,
+                        r.source_ip,
+                        r.remote_ip,
+                        r.domain,
+                        r.process,
+                        r.hash,
+                        None if r.raw is None else encode(r.raw).decode(),
+                        now,
+                    )
+                )

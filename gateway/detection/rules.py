@@ -5,8 +5,9 @@ MITRE ATT&CK ``tactics`` and ``techniques``, ``source`` (the rows it reads: even
 resources, alerts), ``logic`` (how: gateway/detection/engine.py), ``windowMinutes``,
 ``threshold``, ``groupBy`` (comma-separated columns) and, for the ``threshold`` logic,
 ``where`` (conditions ANDed: ``{field, op, value}``, op ``eq``, ``ne``, ``in`` or ``contains``;
-strings compare without case).  A tenant may enable, disable or re-threshold any rule and
-create custom ``threshold`` rules over events (``detection_rules`` rows).
+free text (user, target, domain, process, hash, provider) compares without case).  A tenant may
+enable, disable or re-threshold any rule and create custom ``threshold`` rules over events
+(``detection_rules`` rows).
 """
 
 from __future__ import annotations

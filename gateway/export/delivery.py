@@ -459,6 +459,7 @@ def _target(config: dict, dest, now: datetime, timeout: float) -> kinds.Target:
         batched=dest.batch_size > 1,
         timeout=timeout,
         allow_private=bool(config["EXPORT_ALLOW_PRIVATE_TARGETS"]),
+        client_key=unseal(config, dest.client_key) if dest.client_key else None,
     )
 
 

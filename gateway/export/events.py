@@ -39,7 +39,12 @@ resources and posture edits (DESIGN rule 5) and are never pruned.  The events th
 for export, ``batch.finished`` and ``secureScore.changed`` (the batch row and the score history
 keep the same facts), are pruned after ``EVENT_RETENTION_DAYS`` by :func:`prune_events`, except
 those a destination of the tenant has not passed yet: nothing is dropped that a destination still
-needs (delete a destination you no longer use).
+needs (delete a destination you no longer use).  A destination that stays behind (paused, or
+failing for weeks) would keep them forever, so ``EVENT_RETENTION_MAX_DAYS`` (90; 0: no cap) is a
+hard cap: older export-only events go whatever the cursors, and each destination whose cursor had
+not passed them shows the gap as its ``lastError`` (how many events, of which positions, pruned
+when) rather than skipping them silently.  History events are never pruned, so a destination
+behind the cap loses only ``batch.finished`` and ``secureScore.changed`` events.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
-from sqlalchemy import String, case, func, literal, literal_column, select, text, update
+from sqlalchemy import String, case, func, literal, literal_column, or_, select, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql import ColumnElement
 
@@ -252,12 +257,18 @@ def sequence_events(db, limit: int = SEQUENCE_CHUNK) -> int:
 # -- retention ----------------------------------------------------------------------------------
 
 
-def prune_events(db, retention_days: int, now: datetime | None = None, chunk: int = 5000) -> int:
+def prune_events(
+    db, retention_days: int, now: datetime | None = None, chunk: int = 5000, max_days: int = 0
+) -> int:
     """Delete export-only events older than ``retention_days`` that every destination of their
-    tenant has passed; set-based, in chunks of short transactions.  Returns how many."""
+    tenant has passed, and (``max_days``, the hard cap) those older than ``max_days`` whatever the
+    destinations, showing the gap on each destination that had not passed them; set-based, in
+    chunks of short transactions.  Returns how many."""
     if retention_days <= 0:
         return 0
-    cutoff = (now or utcnow()) - timedelta(days=retention_days)
+    now = now or utcnow()
+    cutoff = now - timedelta(days=retention_days)
+    hard_cutoff = now - timedelta(days=max(max_days, retention_days)) if max_days > 0 else None
     with db.reader.connect() as conn:
         tenants = conn.execute(select(Tenant.id).order_by(Tenant.id)).scalars().all()
     total = 0
@@ -279,9 +290,14 @@ def prune_events(db, retention_days: int, now: datetime | None = None, chunk: in
                         .limit(chunk)
                     )
                     if horizon is not None:
-                        doomed = doomed.where(EV.c.seq <= horizon)
+                        passed = EV.c.seq <= horizon
+                        doomed = doomed.where(
+                            passed if hard_cutoff is None else or_(passed, EV.c.at < hard_cutoff)
+                        )
                     ids = conn.execute(doomed).scalars().all()
                     if ids:
+                        if hard_cutoff is not None and horizon is not None:
+                            _show_gap(conn, tenant_id, ids, now)
                         conn.execute(EV.delete().where(in_values(conn, EV.c.id, ids)))
                 total += len(ids)
                 if len(ids) < chunk:
@@ -289,3 +305,23 @@ def prune_events(db, retention_days: int, now: datetime | None = None, chunk: in
     if total:
         log.info("pruned %d export-only events older than %d days", total, retention_days)
     return total
+
+
+def _show_gap(conn: Connection, tenant_id: int, ids: list[int], now: datetime) -> None:
+    """The destinations whose cursor had not passed events about to be pruned past the hard cap."""
+    low, high, count = conn.execute(
+        select(func.min(EV.c.seq), func.max(EV.c.seq), func.count()).where(in_values(conn, EV.c.id, ids))
+    ).one()
+    behind = (
+        conn.execute(select(DEST.c.id).where(DEST.c.tenant_id == tenant_id, DEST.c.cursor_seq < high))
+        .scalars()
+        .all()
+    )
+    if not behind:
+        return
+    message = (
+        f"gap: {count} export-only events (batch.finished, secureScore.changed) at positions {low}-{high} "
+        f"were pruned on {now:%Y-%m-%d} past EVENT_RETENTION_MAX_DAYS before this destination delivered them"
+    )
+    conn.execute(update(DEST).where(DEST.c.id.in_(behind)).values(last_error=message, last_error_at=now))
+    log.warning("export destinations %s: %s", behind, message)

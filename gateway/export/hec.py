@@ -153,7 +153,7 @@ class SplunkHecKind:
         verify = tls.requests_verify(target.options)
         try:
             kinds.check_resolved(target.url, target.allow_private)
-            response = (target.session or _session()).post(
+            response = _session_for(target).post(
                 event_url,
                 data=body(events, target.options),
                 headers=headers,
@@ -195,7 +195,7 @@ class SplunkHecKind:
         deadline = time.monotonic() + float(target.options.get("ackTimeoutSeconds", 30))
         interval = float(target.options.get("ackPollSeconds", 1))
         while True:
-            response = (target.session or _session()).post(
+            response = _session_for(target).post(
                 ack_url,
                 params={"channel": headers["X-Splunk-Request-Channel"]},
                 data=json.dumps({"acks": [ack_id]}),
@@ -222,6 +222,12 @@ class SplunkHecKind:
                     duration_ms=_ms(started),
                 )
             time.sleep(interval)
+
+
+def _session_for(target: Target):
+    return tls.with_client_certificate(
+        target.session or _session(), target.options, target.client_key, target.destination_id
+    )
 
 
 def _ms(started: float) -> int:

@@ -53,6 +53,7 @@ class Target:
     timeout: float = 10.0
     allow_private: bool = False
     session: object | None = None  # the HTTP session of the delivering lane (kept for a whole task)
+    client_key: str | None = None  # the private key of option ``clientCertificate`` (mTLS), decrypted
 
 
 class DestinationKind(Protocol):

@@ -86,7 +86,12 @@ def _credentials(secrets: list[str]) -> dict:
 
 async def _connection(target: Target):
     parts = urlsplit(target.url)
-    key = (target.url, tuple(target.secrets[:1]), json.dumps(target.options, sort_keys=True))
+    key = (
+        target.url,
+        tuple(target.secrets[:1]),
+        json.dumps(target.options, sort_keys=True),
+        target.client_key,
+    )
     found = _local.connections.get(key)
     if found is not None and found[0].is_connected:
         return found[1]
@@ -99,7 +104,7 @@ async def _connection(target: Target):
     server = f"{'tls' if parts.scheme.lower() == 'tls' else 'nats'}://{parts.hostname}:{parts.port or 4222}"
     extra: dict = _credentials(target.secrets)
     if parts.scheme.lower() == "tls":
-        extra["tls"] = tls.context(target.options)
+        extra["tls"] = tls.context(target.options, target.client_key)
         extra["tls_hostname"] = target.options.get("serverName") or parts.hostname
 
     async def quiet(exc: Exception) -> None:  # the client's default prints every error

@@ -17,14 +17,26 @@ messages say they come from: this machine's name by default), ``appName`` (``par
 ``deviceVendor``/``deviceProduct`` (CEF header), and with ``tls://`` the TLS options of
 gateway/export/tls.py.  No secret (use TLS, and a collector that admits the gateway's address).
 
-A delivery opens a connection, writes the frames of its events in order and closes it; it counts
-as delivered when every byte was written.  Syslog over TCP has no acknowledgement: batches
-(``batchSize`` > 1) send several events on one connection.
+A destination keeps one connection (TCP, or TLS once the handshake is done) open between its
+deliveries, per worker thread: a delivery writes the frames of its events in order on it and counts
+as delivered when every byte was written (syslog over TCP has no acknowledgement; ``batchSize`` > 1
+writes several events at once).  Before a kept connection is reused it is checked: a collector that
+closed it (or sent anything, which a syslog collector never does: a TLS close_notify) makes the
+delivery connect afresh, and so does a connection idle for ``IDLE_SECONDS``.  A write that fails on
+a kept connection is retried once on a new one; a failure on a new connection is the delivery's
+failure (retried with backoff), and the connection is dropped.  The address is checked against the
+outbound-target rules (gateway/export/kinds.py) each time a connection is made.  As with any
+syslog over TCP (RFC 6587 has no acknowledgement), frames written just as the collector goes away
+can be lost without the sender learning it; a collector that must not lose any takes HEC or NATS.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import select
 import socket
+import threading
 import time
 from urllib.parse import urlsplit
 
@@ -32,6 +44,7 @@ from gateway.export import cef, kinds, tls
 from gateway.export.kinds import Outcome, Target, TargetRefused
 
 DEFAULT_PORTS = {"tcp": 514, "tls": 6514}
+IDLE_SECONDS = 60.0  # a kept connection unused this long is closed and made again
 FACILITIES = {
     name: number
     for number, name in enumerate(
@@ -114,19 +127,26 @@ class SyslogKind:
 
     def deliver(self, target: Target, message_id: str, events: list[dict]) -> Outcome:
         started = time.monotonic()
-        parts = urlsplit(target.url)
-        scheme = parts.scheme.lower()
-        port = parts.port or DEFAULT_PORTS[scheme]
         data = b"".join(frame(message(event, target.options, _hostname())) for event in events)
+        key = _key(target)
+        kept = _take(key)
         try:
+            if kept is not None:
+                try:
+                    kept.sendall(data)
+                    _keep(key, kept)
+                    return _sent(events, started, reused=True)
+                except OSError:  # the collector dropped it meanwhile: once more on a new connection
+                    _close(kept)
             kinds.check_resolved(target.url, target.allow_private)
-            with socket.create_connection((parts.hostname, port), timeout=target.timeout) as raw:
-                if scheme == "tls":
-                    server_name = target.options.get("serverName") or parts.hostname
-                    with tls.context(target.options).wrap_socket(raw, server_hostname=server_name) as sock:
-                        sock.sendall(data)
-                else:
-                    raw.sendall(data)
+            sock = _connect(target)
+            try:
+                sock.sendall(data)
+            except BaseException:
+                _close(sock)
+                raise
+            _keep(key, sock)
+            return _sent(events, started, reused=False)
         except TargetRefused as exc:
             return Outcome(False, error=f"refused: {exc}", duration_ms=_ms(started))
         except TimeoutError:
@@ -134,7 +154,86 @@ class SyslogKind:
         except OSError as exc:  # refused, reset, a TLS failure (ssl.SSLError is an OSError)
             reason = getattr(exc, "reason", None) or exc.strerror or str(exc)
             return Outcome(False, error=f"syslog connection failed: {reason}"[:500], duration_ms=_ms(started))
-        return Outcome(True, duration_ms=_ms(started), response_excerpt=f"{len(events)} messages sent")
+
+
+def _sent(events: list[dict], started: float, reused: bool) -> Outcome:
+    how = "on the kept connection" if reused else "on a new connection"
+    return Outcome(True, duration_ms=_ms(started), response_excerpt=f"{len(events)} messages sent {how}")
+
+
+def _connect(target: Target) -> socket.socket:
+    parts = urlsplit(target.url)
+    scheme = parts.scheme.lower()
+    port = parts.port or DEFAULT_PORTS[scheme]
+    raw = socket.create_connection((parts.hostname, port), timeout=target.timeout)
+    try:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if scheme != "tls":
+            return raw
+        server_name = target.options.get("serverName") or parts.hostname
+        return tls.context(target.options, target.client_key).wrap_socket(raw, server_hostname=server_name)
+    except BaseException:
+        raw.close()
+        raise
+
+
+# -- kept connections (per thread: a delivery task's destination is worked by one thread) ----------------
+
+_local = threading.local()
+
+
+def _kept() -> dict:
+    found = getattr(_local, "connections", None)
+    if found is None:
+        found = _local.connections = {}
+    return found
+
+
+def _key(target: Target) -> tuple:
+    """A connection serves one destination with one setting (a changed URL or option connects anew)."""
+    settings = json.dumps([target.url, target.options, target.client_key], sort_keys=True, default=str)
+    return target.destination_id, hashlib.sha256(settings.encode()).hexdigest()
+
+
+def _take(key: tuple) -> socket.socket | None:
+    """The kept connection for ``key`` when it is still good (see the module's docstring)."""
+    entry = _kept().pop(key, None)
+    if entry is None:
+        return None
+    sock, used_at = entry
+    if time.monotonic() - used_at > IDLE_SECONDS or not _open(sock):
+        _close(sock)
+        return None
+    return sock
+
+
+def _keep(key: tuple, sock: socket.socket) -> None:
+    for other in [k for k in _kept() if k[0] == key[0] and k != key]:  # the destination's old setting
+        _close(_kept().pop(other)[0])
+    _kept()[key] = (sock, time.monotonic())
+
+
+def _open(sock: socket.socket) -> bool:
+    """Nothing to read on it: a syslog collector never writes, so readable means closed (or closing)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
+
+
+def _close(sock: socket.socket) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+def close_connections() -> None:
+    """Close this thread's kept connections (tests, and a worker shutting down)."""
+    for sock, _ in _kept().values():
+        _close(sock)
+    _kept().clear()
 
 
 def _hostname() -> str:

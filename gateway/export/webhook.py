@@ -31,7 +31,7 @@ from http.cookiejar import DefaultCookiePolicy
 import requests
 from standardwebhooks.webhooks import Webhook
 
-from gateway.export import kinds, secrets
+from gateway.export import kinds, secrets, tls
 from gateway.export.kinds import Outcome, Target, TargetRefused
 
 USER_AGENT = "partner-gateway-export/1"
@@ -76,8 +76,8 @@ class WebhookKind:
     secret_hint = "a Standard Webhooks secret: 'whsec_' and the base64 of 24 to 64 bytes"
 
     def check(self, url: str, options: dict) -> None:
-        if options:
-            raise ValueError(f"a webhook takes no options (got {', '.join(sorted(options))[:100]})")
+        tls.check_options(options, tls.TLS_OPTIONS, self.name)  # a webhook's options are its TLS ones
+        tls.check_tls(options, url.lower().startswith("https:"))
 
     def new_secret(self) -> str:
         return secrets.new_webhook_secret()
@@ -98,8 +98,16 @@ class WebhookKind:
         }
         try:
             kinds.check_resolved(target.url, target.allow_private)
-            response = (target.session or _session()).post(
-                target.url, data=data.encode(), headers=headers, timeout=target.timeout, allow_redirects=False
+            session = tls.with_client_certificate(
+                target.session or _session(), target.options, target.client_key, target.destination_id
+            )
+            response = session.post(
+                target.url,
+                data=data.encode(),
+                headers=headers,
+                timeout=target.timeout,
+                allow_redirects=False,
+                verify=tls.requests_verify(target.options),
             )
         except TargetRefused as exc:
             return Outcome(False, error=f"refused: {exc}", duration_ms=_ms(started))

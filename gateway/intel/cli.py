@@ -33,13 +33,22 @@ def _tenant_pk(conn, tenant_id: str) -> int:
 @feed.command("add")
 @click.option("--tenant", "tenant_id", required=True, help="the tenant (its id in URLs)")
 @click.option("--name", required=True, help="the feed's name (indicators' source is taxii:<name>)")
-@click.option("--url", "collection_url", required=True, help="the collection: https://host/<root>/collections/<id>/")
+@click.option(
+    "--url", "collection_url", required=True, help="the collection: https://host/<root>/collections/<id>/"
+)
 @click.option("--username", default=None)
 @click.option("--password-env", default=None, help="the environment variable holding the password")
 @click.option("--page-size", default=500, show_default=True, type=int)
 @click.option("--interval", "interval_seconds", default=3600, show_default=True, type=int, help="seconds")
-def feed_add(tenant_id: str, name: str, collection_url: str, username: str | None, password_env: str | None,
-             page_size: int, interval_seconds: int) -> None:
+def feed_add(
+    tenant_id: str,
+    name: str,
+    collection_url: str,
+    username: str | None,
+    password_env: str | None,
+    page_size: int,
+    interval_seconds: int,
+) -> None:
     """Configure a feed (the password is read from an environment variable and stored encrypted)."""
     from gateway.cli import _config, _store
     from gateway.intel import taxii
@@ -52,8 +61,9 @@ def feed_add(tenant_id: str, name: str, collection_url: str, username: str | Non
         with db.engine.connect() as conn:
             pk = _tenant_pk(conn, tenant_id)
         try:
-            feed_id = taxii.add_feed(db, config, pk, name, collection_url, username, password, page_size,
-                                     interval_seconds)
+            feed_id = taxii.add_feed(
+                db, config, pk, name, collection_url, username, password, page_size, interval_seconds
+            )
         except ValueError as exc:
             raise click.ClickException(str(exc)) from None
     click.echo(f"feed {feed_id} added: {name} -> {collection_url}")
@@ -66,13 +76,16 @@ def feed_list(tenant_id: str) -> None:
     from gateway.cli import _store
 
     with _store() as db, db.engine.connect() as conn:
-        rows = conn.execute(select(FEEDS).where(FEEDS.c.tenant_id == _tenant_pk(conn, tenant_id))
-                            .order_by(FEEDS.c.id)).all()
+        rows = conn.execute(
+            select(FEEDS).where(FEEDS.c.tenant_id == _tenant_pk(conn, tenant_id)).order_by(FEEDS.c.id)
+        ).all()
     for row in rows:
-        click.echo(f"{row.id:>4} {row.name} {'on' if row.enabled else 'off'} {row.collection_url} "
-                   f"watermark={row.added_after or '-'} last={row.last_pulled_at or '-'} "
-                   f"counts={json.dumps({k: v for k, v in (row.last_counts or {}).items() if k != 'rejections'})}"
-                   + (f" error={row.last_error[:120]}" if row.last_error else ""))
+        click.echo(
+            f"{row.id:>4} {row.name} {'on' if row.enabled else 'off'} {row.collection_url} "
+            f"watermark={row.added_after or '-'} last={row.last_pulled_at or '-'} "
+            f"counts={json.dumps({k: v for k, v in (row.last_counts or {}).items() if k != 'rejections'})}"
+            + (f" error={row.last_error[:120]}" if row.last_error else "")
+        )
 
 
 @feed.command("pull")

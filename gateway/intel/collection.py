@@ -16,7 +16,7 @@ from gateway.schemas import IndicatorOut, fast_dumper
 IND, M = Indicator.__table__, IndicatorMatch.__table__
 OBSERVABLE_TYPES = ("ipv4", "ipv6", "domain", "url", "email", "md5", "sha1", "sha256", "sha512")
 TLP_LEVELS = ("unknown", "white", "green", "amber", "red")
-_MATCHES = (select(func.count()).where(M.c.indicator_id == IND.c.id).correlate(IND).scalar_subquery())
+_MATCHES = select(func.count()).where(M.c.indicator_id == IND.c.id).correlate(IND).scalar_subquery()
 _DUMP = fast_dumper(IndicatorOut)
 
 

@@ -7,11 +7,9 @@ changed are matched at once (gateway/intel/matching.py), in the merge's transact
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from collections.abc import Sequence
 
-import msgspec
 from sqlalchemy import select
 from sqlalchemy.engine import Connection
 
@@ -21,15 +19,28 @@ from gateway.merge.sql import insert_rows, keyed, update_rows
 from gateway.models import Indicator, utcnow
 
 IND = Indicator.__table__
-CONTENT = ("external_id", "description", "threat_type", "tlp_level", "confidence", "action", "target_product",
-           "pattern", "tags", "extra", "valid_from", "expires_at")
+CONTENT = (
+    "external_id",
+    "description",
+    "threat_type",
+    "tlp_level",
+    "confidence",
+    "action",
+    "target_product",
+    "pattern",
+    "tags",
+    "extra",
+    "valid_from",
+    "expires_at",
+)
 
 
 class IndicatorMerger:
     """Upserts a source's indicators of one tenant, chunk by chunk."""
 
-    def __init__(self, conn: Connection, tenant_id: int, source: str, format: str, batch_id: int | None,
-                 cause: str) -> None:
+    def __init__(
+        self, conn: Connection, tenant_id: int, source: str, format: str, batch_id: int | None, cause: str
+    ) -> None:
         self.conn, self.tenant_id, self.source, self.format = conn, tenant_id, source, format
         self.batch_id, self.cause = batch_id, cause
         self.counts: Counter = Counter()
@@ -41,39 +52,74 @@ class IndicatorMerger:
         for record in records:
             row = {name: getattr(record, name) for name in CONTENT}
             row["provider_timestamp"] = record.provider_timestamp or now
-            row["content_hash"] = hashlib.blake2b(msgspec.json.encode(
-                [row[name] if name not in ("valid_from", "expires_at") else str(row[name]) for name in CONTENT]),
-                digest_size=16).hexdigest()
             key = (record.observable_type, record.value)
             previous = rows.get(key)
             if previous is not None:
                 self.counts["duplicatesInPush"] += 1
             if previous is None or row["provider_timestamp"] >= previous["provider_timestamp"]:
                 rows[key] = row
-        existing = {(row.observable_type, row.value): row for row in conn.execute(keyed(
-            conn, select(IND.c.id, IND.c.observable_type, IND.c.value, IND.c.provider_timestamp,
-                         *[IND.c[name] for name in CONTENT])
-            .where(IND.c.tenant_id == self.tenant_id, IND.c.source == self.source),
-            (IND.c.observable_type, IND.c.value), sorted(rows), unique=True))}
+        existing = {
+            (row.observable_type, row.value): row
+            for row in conn.execute(
+                keyed(
+                    conn,
+                    select(
+                        IND.c.id,
+                        IND.c.observable_type,
+                        IND.c.value,
+                        IND.c.provider_timestamp,
+                        *[IND.c[name] for name in CONTENT],
+                    ).where(IND.c.tenant_id == self.tenant_id, IND.c.source == self.source),
+                    (IND.c.observable_type, IND.c.value),
+                    sorted(rows),
+                    unique=True,
+                )
+            )
+        }
         inserts, changes = [], []
         for (kind, value), row in rows.items():
             old = existing.get((kind, value))
             if old is None:
-                inserts.append({name: row[name] for name in CONTENT} | {
-                    "observable_type": kind, "value": value, "provider_timestamp": row["provider_timestamp"],
-                    "tags": row["tags"] or [], "created_at": now, "updated_at": now})
+                inserts.append(
+                    {name: row[name] for name in CONTENT}
+                    | {
+                        "observable_type": kind,
+                        "value": value,
+                        "provider_timestamp": row["provider_timestamp"],
+                        "tags": row["tags"] or [],
+                        "created_at": now,
+                        "updated_at": now,
+                    }
+                )
             elif row["provider_timestamp"] < old.provider_timestamp:
                 self.counts["stale"] += 1
             elif all(_same(getattr(old, name), row[name]) for name in CONTENT):
                 self.counts["unchanged"] += 1
             else:
-                changes.append({"id": old.id, "provider_timestamp": row["provider_timestamp"],
-                                "tags": row["tags"] or []}
-                               | {name: row[name] for name in CONTENT if name != "tags"})
-        created = [new_id for (new_id,) in insert_rows(
-            conn, IND, inserts, returning=("id",), conflict=("tenant_id", "source", "observable_type", "value"),
-            constants={"tenant_id": self.tenant_id, "source": self.source, "format": self.format,
-                       "batch_id": self.batch_id})] if inserts else []
+                changes.append(
+                    {"id": old.id, "provider_timestamp": row["provider_timestamp"], "tags": row["tags"] or []}
+                    | {name: row[name] for name in CONTENT if name != "tags"}
+                )
+        created = (
+            [
+                new_id
+                for (new_id,) in insert_rows(
+                    conn,
+                    IND,
+                    inserts,
+                    returning=("id",),
+                    conflict=("tenant_id", "source", "observable_type", "value"),
+                    constants={
+                        "tenant_id": self.tenant_id,
+                        "source": self.source,
+                        "format": self.format,
+                        "batch_id": self.batch_id,
+                    },
+                )
+            ]
+            if inserts
+            else []
+        )
         # a row a concurrent push of the same source inserted meanwhile was skipped: its push stands
         self.counts["created"] += len(created)
         self.counts["unchanged"] += len(inserts) - len(created)
@@ -82,8 +128,9 @@ class IndicatorMerger:
             self.counts["updated"] += len(changes)
         touched = created + [change["id"] for change in changes]
         if touched:
-            self.counts["matched"] += matching.match_indicators(conn, self.tenant_id, touched, self.cause,
-                                                                self.batch_id)
+            self.counts["matched"] += matching.match_indicators(
+                conn, self.tenant_id, touched, self.cause, self.batch_id
+            )
         return touched
 
 

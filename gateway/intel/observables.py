@@ -22,8 +22,18 @@ from gateway.models import AlertObservable
 
 AO = AlertObservable.__table__
 HASH_NAMES = {"md5": "md5", "sha1": "sha1", "sha-1": "sha1", "sha256": "sha256", "sha-256": "sha256"}
-_IP_KEYS = ("ipAddress", "senderIp", "sourceAddress", "destinationAddress", "natSourceAddress",
-            "natDestinationAddress", "publicIpAddress", "privateIpAddress", "logonIp", "clientIp")
+_IP_KEYS = (
+    "ipAddress",
+    "senderIp",
+    "sourceAddress",
+    "destinationAddress",
+    "natSourceAddress",
+    "natDestinationAddress",
+    "publicIpAddress",
+    "privateIpAddress",
+    "logonIp",
+    "clientIp",
+)
 _URL_KEYS = ("url", "detectedUrl", "destinationUrl")
 _DOMAIN_KEYS = ("domainName", "destinationDomain", "hostName")
 _FILE_KEYS = ("fileDetails", "imageFile", "parentProcessImageFile")
@@ -67,8 +77,11 @@ def _walk_entry(found: set, entry: dict) -> None:
     for key in _URL_KEYS:
         _add_url(found, entry.get(key))
     for key in _DOMAIN_KEYS:
-        domain = try_normalize("domain", entry.get(key)) if isinstance(entry.get(key), str) \
-            and "." in entry[key] else None
+        domain = (
+            try_normalize("domain", entry.get(key))
+            if isinstance(entry.get(key), str) and "." in entry[key]
+            else None
+        )
         if domain:
             found.add(("domain", domain))
     for address in entry.get("ipInterfaces") or []:
@@ -105,8 +118,9 @@ def of_alert(evidence: Sequence[dict] | None, extra: dict | None) -> set[tuple[s
     return found
 
 
-def store(conn: Connection, tenant_id: int, alerts: Iterable[tuple[int, Sequence[dict] | None, dict | None]]
-          ) -> list[int]:
+def store(
+    conn: Connection, tenant_id: int, alerts: Iterable[tuple[int, Sequence[dict] | None, dict | None]]
+) -> list[int]:
     """Replace the stored observables of the alerts (id, evidence, extra); the ids of those with any."""
     rows, ids, observed = [], [], []
     for alert_id, evidence, extra in alerts:
@@ -114,7 +128,9 @@ def store(conn: Connection, tenant_id: int, alerts: Iterable[tuple[int, Sequence
         found = of_alert(evidence, extra)
         if found:
             observed.append(alert_id)
-        rows += [{"alert_id": alert_id, "observable_type": kind, "value": value} for kind, value in sorted(found)]
+        rows += [
+            {"alert_id": alert_id, "observable_type": kind, "value": value} for kind, value in sorted(found)
+        ]
     if ids:
         conn.execute(delete(AO).where(AO.c.tenant_id == tenant_id, in_values(conn, AO.c.alert_id, ids)))
     insert_rows(conn, AO, rows, constants={"tenant_id": tenant_id})

@@ -55,9 +55,14 @@ def open_collection(feed, config: Mapping[str, Any]) -> tuple[Collection, dict]:
     collection = Collection(feed.collection_url, user=feed.username, password=password)
     headers: dict = {}
     session = collection._conn.session  # taxii2-client returns bodies only; the dates are headers
-    session.hooks["response"].append(lambda response, *args, **kwargs: headers.update(
-        {"last": response.headers.get("X-TAXII-Date-Added-Last")
-         or response.headers.get("X-TAXII-Date-Added-First")}))
+    session.hooks["response"].append(
+        lambda response, *args, **kwargs: headers.update(
+            {
+                "last": response.headers.get("X-TAXII-Date-Added-Last")
+                or response.headers.get("X-TAXII-Date-Added-First")
+            }
+        )
+    )
     original = session.request
     session.request = lambda *args, **kwargs: original(*args, **{"timeout": TIMEOUT_SECONDS} | kwargs)
     return collection, headers
@@ -79,8 +84,9 @@ def pull(db, feed_id: int, config: Mapping[str, Any]) -> dict:
     try:
         for _ in range(MAX_PAGES):
             headers.clear()
-            page = collection.get_objects(limit=feed.page_size, **filters,
-                                          **({"next": next_token} if next_token else {}))
+            page = collection.get_objects(
+                limit=feed.page_size, **filters, **({"next": next_token} if next_token else {})
+            )
             counts["pages"] += 1
             records = []
             for position, item in enumerate(page.get("objects") or []):
@@ -92,8 +98,13 @@ def pull(db, feed_id: int, config: Mapping[str, Any]) -> dict:
                 except (TypeError, ValueError, KeyError, stix_indicators.STIXError) as exc:
                     counts["rejected"] += 1
                     if len(rejections) < MAX_REJECTIONS_KEPT:
-                        rejections.append({"position": f"page {counts['pages']} object {position}",
-                                           "id": str(item.get("id"))[:200], "reason": str(exc)[:500]})
+                        rejections.append(
+                            {
+                                "position": f"page {counts['pages']} object {position}",
+                                "id": str(item.get("id"))[:200],
+                                "reason": str(exc)[:500],
+                            }
+                        )
             if records:
                 with db.engine.begin() as conn:
                     merger = IndicatorMerger(conn, feed.tenant_id, source, "stix21", None, cause)
@@ -106,14 +117,23 @@ def pull(db, feed_id: int, config: Mapping[str, Any]) -> dict:
     except Exception as exc:
         log.warning("TAXII feed %s (tenant %s) failed: %s", feed.name, feed.tenant_id, exc)
         with db.engine.begin() as conn:
-            conn.execute(update(FEEDS).where(FEEDS.c.id == feed_id).values(
-                last_pulled_at=utcnow(), last_error=f"{type(exc).__name__}: {str(exc)[:1000]}",
-                last_counts=dict(counts)))
+            conn.execute(
+                update(FEEDS)
+                .where(FEEDS.c.id == feed_id)
+                .values(
+                    last_pulled_at=utcnow(),
+                    last_error=f"{type(exc).__name__}: {str(exc)[:1000]}",
+                    last_counts=dict(counts),
+                )
+            )
         raise
     summary = dict(counts) | ({"rejections": rejections} if rejections else {})
     with db.engine.begin() as conn:  # the watermark moves only after the last page
-        conn.execute(update(FEEDS).where(FEEDS.c.id == feed_id).values(
-            added_after=newest, last_pulled_at=utcnow(), last_error=None, last_counts=summary))
+        conn.execute(
+            update(FEEDS)
+            .where(FEEDS.c.id == feed_id)
+            .values(added_after=newest, last_pulled_at=utcnow(), last_error=None, last_counts=summary)
+        )
     log.info("TAXII feed %s (tenant %s): %s", feed.name, feed.tenant_id, dict(counts))
     return summary
 
@@ -122,23 +142,49 @@ def due_feeds(db, now: datetime | None = None) -> list[int]:
     """The enabled feeds whose interval has passed since their last pull."""
     now = now or utcnow()
     with db.engine.connect() as conn:
-        rows = conn.execute(select(FEEDS.c.id, FEEDS.c.last_pulled_at, FEEDS.c.interval_seconds).where(
-            FEEDS.c.enabled.is_(True), or_(FEEDS.c.last_pulled_at.is_(None), FEEDS.c.last_pulled_at < now))
-            .order_by(FEEDS.c.id)).all()
-    return [row.id for row in rows
-            if row.last_pulled_at is None or (now - row.last_pulled_at).total_seconds() >= row.interval_seconds]
+        rows = conn.execute(
+            select(FEEDS.c.id, FEEDS.c.last_pulled_at, FEEDS.c.interval_seconds)
+            .where(
+                FEEDS.c.enabled.is_(True), or_(FEEDS.c.last_pulled_at.is_(None), FEEDS.c.last_pulled_at < now)
+            )
+            .order_by(FEEDS.c.id)
+        ).all()
+    return [
+        row.id
+        for row in rows
+        if row.last_pulled_at is None or (now - row.last_pulled_at).total_seconds() >= row.interval_seconds
+    ]
 
 
-def add_feed(db, config: Mapping[str, Any], tenant_id: int, name: str, collection_url: str,
-             username: str | None = None, password: str | None = None, page_size: int = 500,
-             interval_seconds: int = 3600) -> int:
+def add_feed(
+    db,
+    config: Mapping[str, Any],
+    tenant_id: int,
+    name: str,
+    collection_url: str,
+    username: str | None = None,
+    password: str | None = None,
+    page_size: int = 500,
+    interval_seconds: int = 3600,
+) -> int:
     """Configure a feed for a tenant (the password encrypted); its id."""
     if not collection_url.startswith(("https://", "http://")):
         raise ValueError("the collection URL must be http(s)://.../collections/<id>/")
     if not 1 <= page_size <= 10_000 or interval_seconds < 60:
         raise ValueError("the page size is 1 to 10000 and the interval at least 60 seconds")
     with db.engine.begin() as conn:
-        return conn.execute(FEEDS.insert().values(
-            tenant_id=tenant_id, name=name, collection_url=collection_url.rstrip("/") + "/", username=username,
-            secret=vault.encrypt(config, password) if password else None, page_size=page_size,
-            interval_seconds=interval_seconds, enabled=True, created_at=utcnow()).returning(FEEDS.c.id)).scalar()
+        return conn.execute(
+            FEEDS.insert()
+            .values(
+                tenant_id=tenant_id,
+                name=name,
+                collection_url=collection_url.rstrip("/") + "/",
+                username=username,
+                secret=vault.encrypt(config, password) if password else None,
+                page_size=page_size,
+                interval_seconds=interval_seconds,
+                enabled=True,
+                created_at=utcnow(),
+            )
+            .returning(FEEDS.c.id)
+        ).scalar()

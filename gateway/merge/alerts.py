@@ -49,12 +49,17 @@ class AlertMerger:
         self.counts: Counter = Counter()
         self._rules: list[suppression.Rule] | None = None  # the tenant's active rules, loaded once
 
-    def merge_chunk(self, records: Sequence[AlertRecord]) -> list[int]:
-        """Merge alerts; return their ids in record order."""
+    def merge_chunk(self, records: Sequence[AlertRecord],
+                    known_resources: Sequence[int | None] | None = None) -> list[int]:
+        """Merge alerts; return their ids in record order.  ``known_resources`` gives each record's
+        resource id when the caller knows it already (the gateway's detection rules), instead of
+        resolving the records' host records."""
         conn, now = self.conn, utcnow()
         with_resource = [i for i, r in enumerate(records) if r.resource is not None]
         resource_ids: dict[int, int] = {}
-        if with_resource:
+        if known_resources is not None:
+            resource_ids = {i: rid for i, rid in enumerate(known_resources) if rid is not None}
+        elif with_resource:
             resolved = resource_identity.resolve_committed(
                 conn, self.tenant_id, [records[i].resource for i in with_resource],
                 [records[i].last_modified or records[i].created for i in with_resource],

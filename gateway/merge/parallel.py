@@ -22,6 +22,15 @@ merged in three steps:
    last, with the batch's parsed and rejected totals: its presence means staging is complete.
    A staging stopped by a crash starts again from the bytes; the chunks already committed are
    kept (the cut is deterministic) and not sent twice.
+
+   The parse is then the serial part (it was the critical path in the bench: chunks were
+   merged as fast as one worker parsed them), so a format whose document splits into
+   independent parts is not parsed here at all: a Nessus file (``split_nessus``) is cut between
+   its ``ReportHost`` elements into documents of whole hosts (its head and end around each
+   run of hosts), staged as bytes, and each part is parsed and checked by the worker that
+   merges it; its rejections are numbered in the whole file by the final step.  The split
+   applies only to a simple document (one ``Report``, uniquely named hosts, nothing between
+   them, at most ``SPLIT_MAX_BYTES``); any other is parsed here as above.
 2. **Merge chunks** (``workers.tasks.merge_chunk``, any worker): a chunk is claimed with a lease
    of its own and merged with the ordinary mergers (gateway/merge/findings.py etc.), in one
    transaction that also marks it done and stores what the final step needs (counts, the
@@ -50,10 +59,12 @@ concurrent batches of one tenant, which the store already keeps consistent).
 **Scaling.** Nothing in the chunk step is shared but PostgreSQL: each worker process merges a
 chunk with its own connection and transaction; the only tenant-wide lock a chunk takes is the
 short resolver lock around its resource resolution (committed at once, as for concurrent
-batches).  More worker processes (on more cores or machines) take more chunks at once; the
-serial parts are the parse (a quarter of a single merge's Python time, overlapped with the
-chunk merges) and the finish (the recommendations of the touched resources and, for a full
-scan, the resolve), which grow with resources, not records.  Chunk progress is in the batch's
+batches); new recommendation types are committed before a chunk's transaction, so no chunk
+waits for another's uncommitted insert.  More worker processes (on more cores or machines) take
+more chunks at once; the serial parts are the staging (a byte scan for a split Nessus file; for
+other formats the whole parse, overlapped with the chunk merges) and the finish (the
+recommendations of the touched resources and, for a full scan, the resolve), which grow with
+resources, not records.  Chunk progress is in the batch's
 ``progress`` (``chunksTotal``, ``chunksDone``).  SQLite has one writer at a time: batches there
 merge as before.
 """
@@ -61,7 +72,9 @@ merge as before.
 from __future__ import annotations
 
 import gc
+import io
 import logging
+import re
 import threading
 import uuid
 from collections import Counter
@@ -104,6 +117,9 @@ class ChunkResult(msgspec.Struct):
     reported: list[tuple[str, str]]
     stale: list[dict]
     seen: list[int]
+    received: int = 0  # an XML chunk (parsed by its worker): the records it parsed
+    # ... and those it rejected: (index among its records or -1, position, reason, provider id)
+    rejections: list[tuple[int, str | None, str, str | None]] = []
 
 
 _decode_result = msgspec.msgpack.Decoder(ChunkResult).decode
@@ -165,6 +181,12 @@ def _stage(db: Database, batch, settings: Settings) -> set[int]:
         return set()
     from gateway.pipeline import ALERT_SCOPE_REASON, BlobReader, clean_text, unstorable_text
 
+    if batch.format in SPLITTERS and (batch.body_size or 0) <= SPLIT_MAX_BYTES:
+        with db.engine.connect() as reader:
+            split = SPLITTERS[batch.format](BlobReader(reader, batch.id).read(), settings.chunk_records)
+        if split is not None:
+            return _stage_split(db, batch, settings, split, staged)
+
     connector = connectors.get(batch.format)
     options = ParseOptions(provider=batch.provider, received_at=batch.received_at)
     may_push_alerts = connector.RECORD_KIND == "alerts" or "alerts.write" in client_scopes.split()
@@ -178,6 +200,7 @@ def _stage(db: Database, batch, settings: Settings) -> set[int]:
     current_ids: set[str] = set()  # provider ids
     cut_refs: set[bytes] = set()
     cut_ids: set[str] = set()
+    tail_ids: set[str] = set()
     last_resource = ref = None
     tail: list = []
     stretch_findings: list[FindingRecord] = []  # since the last cut, in file order (chunk and tail)
@@ -237,8 +260,10 @@ def _stage(db: Database, batch, settings: Settings) -> set[int]:
             if record.resource is not last_resource:  # a connector gives a host's records one ref
                 last_resource, ref = record.resource, msgspec.msgpack.encode(record.resource)
             digest = record.provider_id if isinstance(record, FindingRecord) else None
-            if ref in cut_refs or digest in cut_ids:
+            if ref in cut_refs or digest in cut_ids or digest in tail_ids:
                 tail.append(record)  # its resource or its provider record is in a chunk cut already
+                if digest is not None:  # (or in the tail: the tail keeps its records' order)
+                    tail_ids.add(digest)
                 continue
             if len(current) >= settings.chunk_records and ref != last_ref:
                 cut()
@@ -262,6 +287,109 @@ def _stage(db: Database, batch, settings: Settings) -> set[int]:
     return sent
 
 
+# -- the parse split too: a Nessus file cut between its ReportHost elements ---------------------
+
+SPLIT_MAX_BYTES = 256 * 1024 * 1024  # the split reads the body whole: larger ones are parsed by one worker
+_HOST_START = re.compile(rb"<ReportHost[\s>]")
+_HOST_NAME = re.compile(rb'\sname\s*=\s*"([^"]*)"')
+_REPORT_START = re.compile(rb"<Report[\s>]")
+
+
+def split_nessus(data: bytes, chunk_records: int) -> list[tuple[int, bytes]] | None:
+    """A Nessus v2 document as several documents of whole hosts: (hosts before it, bytes) each.
+
+    Each part is the document's head (everything before the first ``ReportHost``: the policy,
+    the ``Report`` start tag), some consecutive hosts holding about ``chunk_records`` items, and
+    the document's end; parsed alone, a part gives exactly the records the whole document gives
+    for those hosts (a host's records depend only on its own element; a host's repeats are next
+    to each other).  None when the document is not that simple (one ``Report``, host elements
+    with unique names and only whitespace between them): it is then parsed whole.
+    """
+    starts = [m.start() for m in _HOST_START.finditer(data)]
+    if len(starts) < 2 or len(_REPORT_START.findall(data)) != 1:
+        return None
+    spans, names, items = [], set(), []
+    for index, start in enumerate(starts):
+        end = data.find(b"</ReportHost>", start)
+        if end < 0 or (index + 1 < len(starts) and end > starts[index + 1]):
+            return None
+        end += len(b"</ReportHost>")
+        tag_end = data.find(b">", start)
+        name = _HOST_NAME.search(data, start, tag_end)
+        if name is None or name.group(1) in names:
+            return None  # a host named twice (or unnamed): its records must stay in one part
+        names.add(name.group(1))
+        if spans and data[spans[-1][1] : start].strip():
+            return None  # something between two hosts
+        spans.append((start, end))
+        items.append(data.count(b"<ReportItem", start, end))
+    head, foot = data[: spans[0][0]], data[spans[-1][1] :]
+    if b"<ReportItem" in head or b"<ReportItem" in foot:
+        return None
+    parts, first, count = [], 0, 0
+    for index, (_start, end) in enumerate(spans):
+        count += items[index]
+        if count >= chunk_records or index == len(spans) - 1:
+            parts.append((first, head + data[spans[first][0] : end] + foot))
+            first, count = index + 1, 0
+    return parts if len(parts) > 1 else None
+
+
+SPLITTERS = {"nessus": split_nessus}
+_decode_split = msgspec.msgpack.Decoder(tuple[int, bytes]).decode
+
+
+def _stage_split(db: Database, batch, settings: Settings, parts: list[tuple[int, bytes]],
+                 staged: dict[int, str]) -> set[int]:
+    """Stage the parts of a split document (each parsed by the worker that merges it), then an
+    empty tail; the chunks sent."""
+    sent: set[int] = set()
+    for seq, (hosts_before, data) in enumerate(parts):
+        if seq not in staged:
+            with db.engine.begin() as conn:
+                conn.execute(chunks_t.insert().values(
+                    batch_id=batch.id, seq=seq, tenant_id=batch.tenant_id, kind="xml", state="pending",
+                    records=msgspec.msgpack.encode((hosts_before, data)), record_count=0, received=0,
+                    rejected=0, attempts=0))
+            sent.add(seq)
+            settings.dispatch(batch.id, seq)
+    with db.engine.begin() as conn:
+        _insert_chunk(conn, batch, len(parts), "tail", [], settings.sub_chunk)
+    log.info("batch %s split in %d parts, each parsed and merged by a worker", batch.id, len(parts))
+    return sent
+
+
+def _parse_part(batch, data: bytes, hosts_before: int, may_push_alerts: bool, sub_chunk: int):
+    """A split part's records, checked as in a single merge: (sub-chunks, received, rejections)."""
+    from gateway.pipeline import ALERT_SCOPE_REASON, clean_text, unstorable_text
+
+    connector = connectors.get(batch.format)
+    options = ParseOptions(provider=batch.provider, received_at=batch.received_at)
+    kept, rejections, received = [], [], 0
+
+    def shifted(position):  # the host's index in the whole document
+        return clean_text(re.sub(r"ReportHost\[(\d+)\]",
+                                 lambda m: f"ReportHost[{int(m.group(1)) + hosts_before}]", position or ""))
+
+    for record in connector.parse(io.BytesIO(data), options):
+        index = received
+        received += 1
+        if isinstance(record, Rejected):
+            rejections.append((-1, shifted(record.position), clean_text(record.reason) or "",
+                               clean_text(record.provider_id)))
+            continue
+        problem = unstorable_text(record)
+        if problem:
+            rejections.append((index, None, clean_text(problem) or "", clean_text(
+                getattr(record, "provider_id", None) or getattr(record, "vendor_id", None))))
+            continue
+        if isinstance(record, AlertRecord) and not may_push_alerts:
+            rejections.append((index, None, ALERT_SCOPE_REASON, clean_text(record.provider_id)))
+            continue
+        kept.append(record)
+    return _sub_chunks(kept, sub_chunk), received, rejections
+
+
 def _create_types(conn, batch, findings: list[FindingRecord]) -> None:
     """Create the recommendation types these records fall under, committed with their chunk.
 
@@ -281,6 +409,13 @@ def _create_types(conn, batch, findings: list[FindingRecord]) -> None:
 
 def _insert_chunk(conn, batch, seq: int, kind: str, records: list, sub_chunk: int, received: int = 0,
                   rejected: int = 0) -> None:
+    conn.execute(chunks_t.insert().values(
+        batch_id=batch.id, seq=seq, tenant_id=batch.tenant_id, kind=kind, state="pending",
+        records=msgspec.msgpack.encode(_sub_chunks(records, sub_chunk)), record_count=len(records),
+        received=received, rejected=rejected, attempts=0))
+
+
+def _sub_chunks(records: list, sub_chunk: int) -> list[SubChunk]:
     parts: list[SubChunk] = []
     for start in range(0, len(records), sub_chunk):
         part: SubChunk = ([], [], [], [])
@@ -289,10 +424,7 @@ def _insert_chunk(conn, batch, seq: int, kind: str, records: list, sub_chunk: in
                      else 2 if isinstance(record, VulnerabilityInfo) else 3)
             part[index].append(record)
         parts.append(part)
-    conn.execute(chunks_t.insert().values(
-        batch_id=batch.id, seq=seq, tenant_id=batch.tenant_id, kind=kind, state="pending",
-        records=msgspec.msgpack.encode(parts), record_count=len(records), received=received,
-        rejected=rejected, attempts=0))
+    return parts
 
 
 def _abandoned(db: Database, batch) -> list[int]:
@@ -301,7 +433,7 @@ def _abandoned(db: Database, batch) -> list[int]:
     with db.engine.connect() as conn:
         return conn.execute(select(chunks_t.c.seq).where(
             chunks_t.c.tenant_id == batch.tenant_id, chunks_t.c.batch_id == batch.id,
-            chunks_t.c.kind == "chunk", chunks_t.c.state == "pending",
+            chunks_t.c.kind != "tail", chunks_t.c.state == "pending",
             or_(chunks_t.c.lease_owner.is_(None), chunks_t.c.lease_expires_at <= now),
         ).order_by(chunks_t.c.seq)).scalars().all()
 
@@ -321,10 +453,10 @@ def _write_progress(db: Database, batch, parsed: int | None = None) -> None:
                                        func.max(chunks_t.c.rejected))
                                 .where(chunks_t.c.tenant_id == batch.tenant_id, chunks_t.c.batch_id == batch.id)
                                 .group_by(chunks_t.c.kind, chunks_t.c.state)).all()
-            staged = sum(n for kind, _, n, _, _, _ in rows if kind == "chunk")
-            done = sum(n for kind, state, n, _, _, _ in rows if kind == "chunk" and state == "done")
+            staged = sum(n for kind, _, n, _, _, _ in rows if kind != "tail")
+            done = sum(n for kind, state, n, _, _, _ in rows if kind != "tail" and state == "done")
             merged = sum(int(records or 0) for kind, state, _, records, _, _ in rows
-                         if kind == "chunk" and state == "done")
+                         if kind != "tail" and state == "done")
             tail = next((row for row in rows if row[0] == "tail"), None)
             total_rejected = int(tail[5]) if tail is not None else 0
             progress = {"chunks": done, "chunksTotal": staged if tail is not None else None, "chunksDone": done,
@@ -379,12 +511,12 @@ def merge_chunk(db: Database, batch_id: int, seq: int, settings: Settings, owner
     try:
         with db.engine.begin() as conn:
             claimed = conn.execute(update(chunks_t).where(
-                chunks_t.c.batch_id == batch_id, chunks_t.c.seq == seq, chunks_t.c.kind == "chunk",
+                chunks_t.c.batch_id == batch_id, chunks_t.c.seq == seq, chunks_t.c.kind != "tail",
                 chunks_t.c.state == "pending",
                 or_(chunks_t.c.lease_owner.is_(None), chunks_t.c.lease_owner == owner,
                     chunks_t.c.lease_expires_at <= now),
             ).values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=settings.lease_seconds),
-                     attempts=chunks_t.c.attempts + 1).returning(chunks_t.c.attempts, chunks_t.c.tenant_id)).first()
+                     attempts=chunks_t.c.attempts + 1).returning(chunks_t.c.attempts, chunks_t.c.tenant_id, chunks_t.c.kind)).first()
             state = None if claimed else conn.execute(select(chunks_t.c.state).where(
                 chunks_t.c.batch_id == batch_id, chunks_t.c.seq == seq)).scalar()
     except DBAPIError as exc:
@@ -402,21 +534,40 @@ def merge_chunk(db: Database, batch_id: int, seq: int, settings: Settings, owner
     gc.disable()  # as in a single merge (gateway/pipeline.py): no long-lived cycles to collect
     heartbeat = _ChunkHeartbeat(db, batch_id, seq, owner, settings.lease_seconds)
     try:
+        received, rejections, parts = 0, [], None
+        if claimed.kind == "xml":  # a part of a split document: parsed here, before the merge's transaction
+            with db.engine.connect() as conn:
+                batch = conn.execute(select(batches).where(batches.c.id == batch_id)).first()
+                hosts_before, data = _decode_split(conn.execute(select(chunks_t.c.records).where(
+                    chunks_t.c.tenant_id == claimed.tenant_id, chunks_t.c.batch_id == batch_id,
+                    chunks_t.c.seq == seq)).scalar_one())
+                scopes = conn.execute(select(clients.c.scope).where(clients.c.id == batch.client_pk)).scalar() or ""
+            connector = connectors.get(batch.format)
+            parts, received, rejections = _parse_part(
+                batch, data, hosts_before, connector.RECORD_KIND == "alerts" or "alerts.write" in scopes.split(),
+                settings.sub_chunk)
+            del data
+            with db.engine.begin() as conn:  # new types committed first: no chunk waits on another's insert
+                _create_types(conn, batch, [r for part in parts for r in part[0]])
         with db.engine.begin() as conn:
             batch = conn.execute(select(batches).where(batches.c.id == batch_id)).first()
             if batch is None or batch.status != "processing":
                 return "done"  # the batch was finished (or failed) meanwhile: nothing to merge
-            data = conn.execute(select(chunks_t.c.records).where(
-                chunks_t.c.tenant_id == batch.tenant_id, chunks_t.c.batch_id == batch_id,
-                chunks_t.c.seq == seq)).scalar_one()
+            if parts is None:
+                parts = _decode_records(conn.execute(select(chunks_t.c.records).where(
+                    chunks_t.c.tenant_id == batch.tenant_id, chunks_t.c.batch_id == batch_id,
+                    chunks_t.c.seq == seq)).scalar_one())
             mergers = _Mergers(conn, batch)
-            mergers.merge(_decode_records(data))
+            mergers.merge(parts)
             result = mergers.result(full=batch.scan_type == "full")
+            result.received, result.rejections = received, rejections
             finished = conn.execute(update(chunks_t).where(
                 chunks_t.c.batch_id == batch_id, chunks_t.c.seq == seq, chunks_t.c.lease_owner == owner,
                 chunks_t.c.state == "pending",
             ).values(state="done", result=msgspec.msgpack.encode(result), lease_owner=None,
-                     lease_expires_at=None, finished_at=utcnow())).rowcount
+                     lease_expires_at=None, finished_at=utcnow(),
+                     record_count=received - len(rejections) if claimed.kind == "xml" else chunks_t.c.record_count,
+                     records=b"" if claimed.kind == "xml" else chunks_t.c.records)).rowcount
             if not finished:  # the lease expired and another worker took the chunk: roll back
                 raise LeaseLost(batch_id)
     except LeaseLost:
@@ -521,16 +672,23 @@ def _finish(db: Database, batch_id: int, settings: Settings) -> str | None:
                                 .where(chunks_t.c.tenant_id == batch.tenant_id, chunks_t.c.batch_id == batch_id)
                                 .order_by(chunks_t.c.seq)).all()
             tail = next((row for row in rows if row.kind == "tail"), None)
-            if tail is None or any(row.kind == "chunk" and row.state != "done" for row in rows):
+            if tail is None or any(row.kind != "tail" and row.state != "done" for row in rows):
                 return None
             mergers = _Mergers(conn, batch)
             merger = mergers.findings
             chunk_counts: Counter = Counter()
             seen: set[int] = set()
+            received, rejected = tail.received, tail.rejected
+            split_rejections: list[dict] = []  # the parts' rejections, numbered in the whole document
             for row in rows:
-                if row.kind != "chunk":
+                if row.kind == "tail":
                     continue
                 result = _decode_result(row.result)
+                for index, position, reason, provider_id in result.rejections:
+                    split_rejections.append({"seq": rejected, "reason": reason, "provider_id": provider_id,
+                                             "position": position if index < 0 else f"record {received + index}"})
+                    rejected += 1
+                received += result.received
                 chunk_counts.update(result.counts)
                 merger.scope.update(result.scope)
                 merger.observed_resources.update(result.observed)
@@ -551,7 +709,8 @@ def _finish(db: Database, batch_id: int, settings: Settings) -> str | None:
             counts = dict.fromkeys(COUNT_KEYS, 0)
             for key, value in (chunk_counts + mergers.counts()).items():
                 counts[key] = counts.get(key, 0) + value
-            received, rejected = tail.received, tail.rejected
+            insert_rows(conn, rejections_t, split_rejections,
+                        constants={"batch_id": batch_id, "tenant_id": batch.tenant_id})
             counts["received"] = received - counts.get("duplicatesInPush", 0)
             counts["rejected"] = rejected
             rejections = [{"position": r.position, "reason": r.reason, "providerId": r.provider_id}
@@ -566,7 +725,7 @@ def _finish(db: Database, batch_id: int, settings: Settings) -> str | None:
                 status = "partiallySucceeded"
             else:
                 status = "succeeded"
-            total = sum(1 for row in rows if row.kind == "chunk")
+            total = sum(1 for row in rows if row.kind != "tail")
             conn.execute(update(batches).where(batches.c.id == batch_id, batches.c.status == "processing").values(
                 status=status, counts=counts, rejections=rejections, finished_at=utcnow(),
                 progress={"chunks": total, "chunksTotal": total, "chunksDone": total, "recordsParsed": received,

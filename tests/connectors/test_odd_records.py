@@ -252,3 +252,34 @@ def test_ocsf_events():
     assert records[0].kind == "logon_success"
     assert records[0].occurred_at.isoformat() == "2025-12-01T10:00:00+00:00"
     assert records[1].position == "[1]" and "class_uid" in records[1].reason
+
+
+TI_INDICATOR = {"targetProduct": "Azure Sentinel", "action": "alert", "expirationDateTime": "2027-01-01T00:00:00Z",
+                "threatType": "C2", "tlpLevel": "amber", "confidence": 80, "networkIPv4": "198.51.100.1",
+                "externalId": "e1"}
+
+
+def test_graph_tiindicator():
+    odd = {**TI_INDICATOR, "networkIPv4": "not-an-ip", "externalId": "e2"}  # a bad observable
+    records = parse_all("graph_tiindicator", _json([TI_INDICATOR, odd, TI_INDICATOR], "value"))
+    assert _kinds(records) == ["IndicatorRecord", "Rejected", "IndicatorRecord"]
+    assert (records[0].observable_type, records[0].value) == ("ipv4", "198.51.100.1")
+    assert records[1] == Rejected(position="value[1]", reason="'not-an-ip' is not an IP address", provider_id="e2")
+
+
+def _stix_indicator(pattern: str, n: int) -> dict:
+    return {"type": "indicator", "spec_version": "2.1", "id": f"indicator--0000000{n}-0000-4000-8000-000000000000",
+            "created": "2026-11-01T00:00:00Z", "modified": "2026-11-01T00:00:00Z", "pattern": pattern,
+            "pattern_type": "stix", "valid_from": "2026-11-01T00:00:00Z", "indicator_types": ["malicious-activity"]}
+
+
+def test_stix21():
+    bundle = {"type": "bundle", "id": "bundle--00000000-0000-4000-8000-000000000000",
+              "objects": [_stix_indicator("[ipv4-addr:value = '192.0.2.10']", 1),
+                          _stix_indicator("[process:name = 'evil.exe']", 2),  # a pattern not evaluated
+                          _stix_indicator("[domain-name:value = 'c2.example.net']", 3)]}
+    records = parse_all("stix21", json.dumps(bundle).encode())
+    assert _kinds(records) == ["IndicatorRecord", "Rejected", "IndicatorRecord"]
+    assert (records[2].observable_type, records[2].value) == ("domain", "c2.example.net")
+    assert records[1].position == "objects[1]" and "process:name" in records[1].reason
+    assert records[1].provider_id == "indicator--00000002-0000-4000-8000-000000000000"

@@ -48,7 +48,9 @@ def upgrade() -> None:
         sa.Column("batch_id", BigId),
         sa.Column("created_at", TS, nullable=False),
         sa.Column("updated_at", TS, nullable=False),
-        sa.UniqueConstraint("tenant_id", "source", "observable_type", "value", name="uq_ti_indicators_observable"),
+        sa.UniqueConstraint(
+            "tenant_id", "source", "observable_type", "value", name="uq_ti_indicators_observable"
+        ),
     )
     op.create_index("ix_ti_indicators_match", "ti_indicators", ["tenant_id", "observable_type", "value"])
     op.create_index("ix_ti_indicators_tenant_id", "ti_indicators", ["tenant_id", "id"])
@@ -60,12 +62,16 @@ def upgrade() -> None:
         sa.Column("value", sa.String(2048), primary_key=True),
         sa.Column("tenant_id", sa.Integer(), nullable=False),
     )
-    op.create_index("ix_alert_observables_match", "alert_observables", ["tenant_id", "observable_type", "value"])
+    op.create_index(
+        "ix_alert_observables_match", "alert_observables", ["tenant_id", "observable_type", "value"]
+    )
     op.create_table(
         "ti_matches",
         sa.Column("id", BigId, primary_key=True),
         sa.Column("tenant_id", sa.Integer(), nullable=False),
-        sa.Column("indicator_id", BigId, sa.ForeignKey("ti_indicators.id", ondelete="CASCADE"), nullable=False),
+        sa.Column(
+            "indicator_id", BigId, sa.ForeignKey("ti_indicators.id", ondelete="CASCADE"), nullable=False
+        ),
         sa.Column("subject_type", sa.String(20), nullable=False),
         sa.Column("subject_id", BigId, nullable=False),
         sa.Column("observable_type", sa.String(20), nullable=False),
