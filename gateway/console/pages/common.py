@@ -6,7 +6,6 @@ from flask import current_app, render_template
 
 from gateway.console.auth import current_tenant, current_user
 from gateway.errors import APIError
-from gateway.odata import FilterContext
 
 
 def db():
@@ -22,10 +21,6 @@ def tenant_id() -> int:
     return current_tenant().id
 
 
-def context() -> FilterContext:
-    return FilterContext(tenant_id=tenant_id(), dialect=db().engine.dialect.name)
-
-
 def refused(error: APIError | str, status: int = 400):
     """A page naming what was wrong with the request (never internals), with the error's status."""
     if isinstance(error, APIError):
@@ -35,14 +30,11 @@ def refused(error: APIError | str, status: int = 400):
     return render_template("console/pages/refused.html", message=message, status=status), status
 
 
-ROLES = ("reader", "analyst", "admin")
-
-
 def may(role: str) -> bool:
     """Whether the signed-in user's role is at least ``role`` (templates hide what they may not do;
     the views refuse it anyway)."""
     user = current_user()
-    return user is not None and user.role in ROLES and ROLES.index(user.role) >= ROLES.index(role)
+    return user is not None and user.at_least(role)
 
 
 def install(blueprint) -> None:

@@ -10,8 +10,7 @@ is the API's signed ``$skiptoken`` (carried as ``cursor``).  No page reads more 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from urllib.parse import urlencode
+from dataclasses import dataclass
 
 from flask import current_app, request
 from werkzeug.datastructures import MultiDict
@@ -66,7 +65,6 @@ class Table:
     order: str
     total: int | None = None
     error: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def db():
@@ -193,9 +191,3 @@ def csv_download(
         name,
         current_app.json.default,
     )
-
-
-def with_args(url: str, **args) -> str:
-    """``url`` with query arguments (None values dropped)."""
-    kept = {name: value for name, value in args.items() if value not in (None, "")}
-    return url + ("?" + urlencode(kept) if kept else "")
