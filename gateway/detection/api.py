@@ -11,7 +11,7 @@ import hashlib
 from datetime import UTC, datetime, timedelta
 
 from flask import Blueprint, current_app, g, jsonify, request, url_for
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from werkzeug.datastructures import MultiDict
 
@@ -263,4 +263,4 @@ def get_kev():
     return jsonify(found)
 
 
-__all__ = ["blueprint", "func"]
+__all__ = ["blueprint"]

@@ -25,7 +25,7 @@ import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import String, and_, cast, func, literal, or_, select, update
 from sqlalchemy.engine import Connection
@@ -680,4 +680,4 @@ def evaluate_all(engine, now: datetime | None = None) -> dict[int, dict[str, int
     return results
 
 
-__all__ = ["Hit", "PROVIDER", "date", "evaluate_all", "evaluate_tenant", "find", "raise_alerts", "run_rule"]
+__all__ = ["Hit", "PROVIDER", "evaluate_all", "evaluate_tenant", "find", "raise_alerts", "run_rule"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
@@ -231,4 +231,4 @@ def for_tenant(conn: Connection, tenant_id: int) -> dict[str, Rule]:
     return rules
 
 
-__all__ = ["Rule", "RuleError", "builtins", "for_tenant", "parse", "field"]
+__all__ = ["Rule", "RuleError", "builtins", "for_tenant", "parse"]
