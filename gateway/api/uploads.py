@@ -15,7 +15,7 @@ from gateway.streaming import Inflow
 
 blueprint = Blueprint("uploads", __name__, url_prefix="/api/v1/tenants/<tenant>")
 
-WRITE_SCOPES = ("findings.write", "alerts.write")
+WRITE_SCOPES = ("findings.write", "alerts.write", "indicators.write")  # indicators.write: stix21, graph_tiindicator
 
 
 def _db():
