@@ -516,3 +516,24 @@ def test_events_match_from_both_directions_one_alert_per_indicator_and_resource(
     assert sweep_recent(gw.db, 3600) == 0  # twice: nothing new
     found = alerts(gw, tenant, agent, **{"$filter": "category eq 'ThreatIntelligenceMatch'"})
     assert len(found) == 2 and any("beacon.example.org" in a["title"] for a in found)
+
+
+def test_a_large_stix_bundle_sent_as_a_multipart_upload(gw):
+    import hashlib
+
+    from tests.test_uploads import _complete, _create, _put
+
+    tenant, intel = feed(gw)
+    body = bundle(*[stix_indicator(f"[ipv4-addr:value = '198.51.100.{n}']") for n in range(1, 41)])
+    made = _create(gw, tenant, intel, format="stix21", contentType="application/json")
+    assert made.status_code == 201, made.get_json()
+    upload_id = made.get_json()["id"]
+    half = len(body) // 2
+    for number, part in ((2, body[half:]), (1, body[:half])):
+        sent = _put(gw, tenant, intel, upload_id, number, part, sha256=hashlib.sha256(part).hexdigest())
+        assert sent.status_code in (200, 201), sent.get_json()
+    done = _complete(gw, tenant, intel, upload_id)
+    assert done.status_code == 202, done.get_json()
+    batch = gw.http.get(done.get_json()["statusUrl"].split("localhost", 1)[1], headers=intel).get_json()
+    assert batch["status"] == "succeeded" and batch["counts"]["created"] == 40, batch
+    assert len(indicators(gw, tenant, intel, **{"$top": "100"})) == 40

@@ -15,7 +15,8 @@ from gateway.streaming import Inflow
 
 blueprint = Blueprint("uploads", __name__, url_prefix="/api/v1/tenants/<tenant>")
 
-WRITE_SCOPES = ("findings.write", "alerts.write")
+# indicators.write: the indicator formats (stix21, graph_tiindicator)
+WRITE_SCOPES = ("findings.write", "alerts.write", "indicators.write")
 
 
 def _db():
