@@ -48,6 +48,10 @@ BIG_TABLES = {
 }
 
 
+def _partitioned(conn, table: str) -> bool:
+    return conn.execute(text("SELECT relkind = 'p' FROM pg_class WHERE oid = to_regclass(:t)"), {"t": table}).scalar()
+
+
 def _record(prefix: str, n: int, host: int, cve: int, title: str, seen: datetime) -> FindingRecord:
     return FindingRecord(
         provider_id=f"{prefix}-{n}",
@@ -119,6 +123,8 @@ def store():
         try:
             with db.engine.begin() as conn:
                 for table in Base.metadata.sorted_tables:
+                    if _partitioned(conn, table.name):  # a partitioned parent has no storage options
+                        continue
                     conn.execute(text(f"ALTER TABLE {table.name} SET (autovacuum_enabled = false)"))
             with db.session() as session:
                 tenant = Tenant(external_id="plans", name="plans")
@@ -554,6 +560,8 @@ def test_analyze_runs_on_the_tables_a_merge_grew_once_enough_rows_changed():
         try:
             with db.engine.begin() as conn:
                 for table in Base.metadata.sorted_tables:
+                    if _partitioned(conn, table.name):  # a partitioned parent has no storage options
+                        continue
                     conn.execute(text(f"ALTER TABLE {table.name} SET (autovacuum_enabled = false)"))
             with db.session() as session:
                 tenant = Tenant(external_id="analyze", name="analyze")

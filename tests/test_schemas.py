@@ -63,7 +63,9 @@ def _object(schema_class, filled: int) -> dict:
            "gov_is_grace_period": 1, "gov_overdue": filled % 2, "gov_completed_at": None,
            "governance": {"owner": "sam"} if filled else None,
            "recommendation_id": 50 + filled, "rule_id": filled or None,
-           "connection_id": 60 + filled}  # an item's ticket (ItemTicketOut)
+           "connection_id": 60 + filled,  # an item's ticket (ItemTicketOut)
+           # an alert's threat-intelligence matches (gateway/intel/matching.py keeps them in ``extra``)
+           "extra": {"threatIntelligenceMatches": [{"indicatorId": str(filled)}]} if filled else None}
     for name, field in schema_class().dump_fields.items():
         if type(field) is not fields.Function:
             obj[field.attribute or name] = _value(field, filled)

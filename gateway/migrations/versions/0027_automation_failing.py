@@ -1,5 +1,4 @@
-"""automation_rules.state and failing_since (a rule that keeps failing shows ``failing``);
-export_destinations.client_key (mTLS)
+"""automation_rules.state and failing_since (a failing rule shows it); export_destinations.client_key (mTLS)
 
 Revision ID: 0027
 Revises: 0026
