@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -293,7 +294,12 @@ def test_an_abandoned_export_gives_its_connections_back(pg_index_gw):
     engine = pg_index_gw.db.engine
     tenant_id, request = _list_request(pg_index_gw.db, tenant, {}, "csv")
     chunks = bulk_export.stream(engine, FINDINGS, tenant_id, request, "csv", connections=3, slice_rows=2)
-    next(chunks), next(chunks)
-    assert engine.pool.checkedout() == 4  # the export's own connection and its three readers
-    chunks.close()  # the client went away
+    try:
+        next(chunks), next(chunks)
+        deadline = time.monotonic() + 60  # the readers are threads: each checks out its connection as it starts
+        while engine.pool.checkedout() < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.pool.checkedout() == 4  # the export's own connection and its three readers
+    finally:
+        chunks.close()  # the client went away (also when the check above failed: no connection left behind)
     assert engine.pool.checkedout() == 0
