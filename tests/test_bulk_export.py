@@ -296,7 +296,7 @@ def test_an_abandoned_export_gives_its_connections_back(pg_index_gw):
     chunks = bulk_export.stream(engine, FINDINGS, tenant_id, request, "csv", connections=3, slice_rows=2)
     try:
         next(chunks), next(chunks)
-        deadline = time.monotonic() + 60  # the readers are threads: each checks out its connection as it starts
+        deadline = time.monotonic() + 60  # the readers are threads: each checks out its connection at start
         while engine.pool.checkedout() < 4 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert engine.pool.checkedout() == 4  # the export's own connection and its three readers

@@ -254,9 +254,9 @@ def test_ocsf_events():
     assert records[1].position == "[1]" and "class_uid" in records[1].reason
 
 
-TI_INDICATOR = {"targetProduct": "Azure Sentinel", "action": "alert", "expirationDateTime": "2027-01-01T00:00:00Z",
-                "threatType": "C2", "tlpLevel": "amber", "confidence": 80, "networkIPv4": "198.51.100.1",
-                "externalId": "e1"}
+TI_INDICATOR = {"targetProduct": "Azure Sentinel", "action": "alert",
+                "expirationDateTime": "2027-01-01T00:00:00Z", "threatType": "C2", "tlpLevel": "amber",
+                "confidence": 80, "networkIPv4": "198.51.100.1", "externalId": "e1"}
 
 
 def test_graph_tiindicator():
@@ -264,13 +264,16 @@ def test_graph_tiindicator():
     records = parse_all("graph_tiindicator", _json([TI_INDICATOR, odd, TI_INDICATOR], "value"))
     assert _kinds(records) == ["IndicatorRecord", "Rejected", "IndicatorRecord"]
     assert (records[0].observable_type, records[0].value) == ("ipv4", "198.51.100.1")
-    assert records[1] == Rejected(position="value[1]", reason="'not-an-ip' is not an IP address", provider_id="e2")
+    assert records[1] == Rejected(position="value[1]", reason="'not-an-ip' is not an IP address",
+                                  provider_id="e2")
 
 
 def _stix_indicator(pattern: str, n: int) -> dict:
-    return {"type": "indicator", "spec_version": "2.1", "id": f"indicator--0000000{n}-0000-4000-8000-000000000000",
+    return {"type": "indicator", "spec_version": "2.1",
+            "id": f"indicator--0000000{n}-0000-4000-8000-000000000000",
             "created": "2026-11-01T00:00:00Z", "modified": "2026-11-01T00:00:00Z", "pattern": pattern,
-            "pattern_type": "stix", "valid_from": "2026-11-01T00:00:00Z", "indicator_types": ["malicious-activity"]}
+            "pattern_type": "stix", "valid_from": "2026-11-01T00:00:00Z",
+            "indicator_types": ["malicious-activity"]}
 
 
 def test_stix21():
