@@ -46,14 +46,7 @@ ORDERS = {
 def index(tenant: str):
     """The tenant's alerts, filtered and paged as the URL says, with bulk actions."""
     try:
-        shown = table.page(
-            COLLECTIONS["alerts"],
-            tenant_id(),
-            lambda **a: url_for(".index", tenant=tenant, **a),
-            FILTERS,
-            ORDERS,
-            csv_endpoint_url=lambda **a: url_for(".export", tenant=tenant, **a),
-        )
+        shown = table.listing(COLLECTIONS["alerts"], tenant, FILTERS, ORDERS)
     except APIError as error:
         return refused(error)
     return render_template(

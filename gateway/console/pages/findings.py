@@ -65,14 +65,7 @@ def history_page(
 def index(tenant: str):
     """The tenant's findings, filtered and paged as the URL says."""
     try:
-        shown = table.page(
-            COLLECTIONS["findings"],
-            tenant_id(),
-            lambda **a: url_for(".index", tenant=tenant, **a),
-            FILTERS,
-            ORDERS,
-            csv_endpoint_url=lambda **a: url_for(".export", tenant=tenant, **a),
-        )
+        shown = table.listing(COLLECTIONS["findings"], tenant, FILTERS, ORDERS)
     except APIError as error:
         return refused(error)
     return render_template(

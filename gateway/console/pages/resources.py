@@ -35,14 +35,7 @@ ORDERS = {"newest": "id desc", "lastSeen": "lastSeen desc", "oldest": "id"}
 def index(tenant: str):
     """The tenant's live resources, filtered and paged as the URL says."""
     try:
-        shown = table.page(
-            COLLECTIONS["resources"],
-            tenant_id(),
-            lambda **a: url_for(".index", tenant=tenant, **a),
-            FILTERS,
-            ORDERS,
-            csv_endpoint_url=lambda **a: url_for(".export", tenant=tenant, **a),
-        )
+        shown = table.listing(COLLECTIONS["resources"], tenant, FILTERS, ORDERS)
     except APIError as error:
         return refused(error)
     return render_template(

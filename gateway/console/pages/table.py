@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from flask import current_app, request
+from flask import current_app, request, url_for
 from werkzeug.datastructures import MultiDict
 
 from gateway import bulk_export
+from gateway.console.pages.common import tenant_id
 from gateway.errors import BadRequest
 from gateway.odata import FilterContext
 from gateway.query import Collection, count, parse_list_args, run_list
@@ -156,6 +157,14 @@ def _sort(orders: dict[str, str], sort_param: str | None) -> str:
     if sort not in orders:
         raise BadRequest(f"'{sort_param}' is one of {', '.join(orders)}", code="invalidParameter")
     return sort
+
+
+
+def listing(collection: Collection, tenant: str, filters, orders: dict[str, str]) -> Table:
+    """A page's main table: the URL's filters, sort and cursor on ``collection``, with the CSV link
+    of exactly what it shows (the page's blueprint serves ``.index`` and ``.export``)."""
+    return page(collection, tenant_id(), lambda **a: url_for(".index", tenant=tenant, **a), filters, orders,
+                csv_endpoint_url=lambda **a: url_for(".export", tenant=tenant, **a))
 
 
 def csv_download(
