@@ -141,8 +141,13 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
+ONLY: str | None = None
+
+
 def measure(client, label: str, path: str, repeat: int, warmup: int) -> str:
     """Time GET ``path`` ``repeat`` times; return the body of the last answer."""
+    if ONLY and ONLY not in label:
+        repeat, warmup = 0, 1
     for _ in range(warmup):
         response = client.get(path)
         if response.status_code != 200:
@@ -153,6 +158,8 @@ def measure(client, label: str, path: str, repeat: int, warmup: int) -> str:
         response = client.get(path)
         body = response.get_data(as_text=True)
         seconds.append(time.perf_counter() - started)
+    if not repeat:
+        return response.get_data(as_text=True)
     busy = _machine_busy_seconds() - cpu
     ms = [s * 1000 for s in seconds]
     print(
@@ -176,25 +183,39 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--keep", action="store_true", help="keep the scratch database (its URL is printed)")
+    parser.add_argument("--load-only", action="store_true", help="load and keep the database, time nothing")
+    parser.add_argument(
+        "--url", help="time the pages over a database kept by an earlier --keep/--load-only run (not dropped)"
+    )
+    parser.add_argument("--only", help="time only the pages whose label contains this text")
     args = parser.parse_args()
+    global ONLY
+    ONLY = args.only
     logging.basicConfig(level=logging.WARNING)
-    name, url = create_database("gw_console_bench")
+    if args.url:
+        name, url = None, args.url
+        upgrade(url)  # a kept database follows the code's migrations
+    else:
+        name, url = create_database("gw_console_bench")
     try:
-        started = time.perf_counter()
-        upgrade(url)
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("SELECT setseed(0.42)")
-            _load_tenant(conn, TENANT, args.findings, args.resources)
-            if args.other_findings:
-                _load_tenant(conn, OTHER, args.other_findings, max(1, args.resources // 10))
-        load_console(url, args.alerts, args.batches)
-        print(
-            f"loaded {args.findings:,} findings on {args.resources:,} resources, "
-            f"{args.resources * len(TYPES):,} recommendations, {args.alerts:,} alerts, "
-            f"{args.batches:,} batches "
-            f"(+{args.other_findings:,} findings of another tenant) in {time.perf_counter() - started:.0f} s",
-            flush=True,
-        )
+        if name is not None:
+            started = time.perf_counter()
+            upgrade(url)
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("SELECT setseed(0.42)")
+                _load_tenant(conn, TENANT, args.findings, args.resources)
+                if args.other_findings:
+                    _load_tenant(conn, OTHER, args.other_findings, max(1, args.resources // 10))
+            load_console(url, args.alerts, args.batches)
+            print(
+                f"loaded {args.findings:,} findings on {args.resources:,} resources, "
+                f"{args.resources * len(TYPES):,} recommendations, {args.alerts:,} alerts, "
+                f"{args.batches:,} batches (+{args.other_findings:,} findings of another tenant) "
+                f"in {time.perf_counter() - started:.0f} s",
+                flush=True,
+            )
+        if args.load_only:
+            return
         app = create_app(
             {
                 "DATABASE_URL": url,
@@ -204,8 +225,9 @@ def main() -> None:
                 "SESSION_COOKIE_SECURE": False,
             }
         )
-        make_user(app, "bench@example.com", PASSWORD, "admin", [TENANT])
-        client = login(app.test_client(), "bench@example.com", PASSWORD)
+        email = f"bench-{os.getpid()}@example.com"  # a kept database may hold an earlier run's user
+        make_user(app, email, PASSWORD, "admin", [TENANT])
+        client = login(app.test_client(), email, PASSWORD)
         base = f"/console/t/{TENANT}"
         with psycopg.connect(url, autocommit=True) as conn:
             cve = conn.execute(
@@ -224,6 +246,7 @@ def main() -> None:
         resource_id, alert_id, batch_id, finding_id = ids
         print(f"\n== server time per page ({args.repeat} requests each, after {args.warmup}) ==", flush=True)
         r, w = args.repeat, args.warmup
+        measure(client, "overview", f"{base}/overview", r, w)
         groups = measure(client, "recommendations (by score impact)", f"{base}/recommendations", r, w)
         type_url = re.search(r'href="(/console/t/[^"]+/recommendations/types/\d+)"', groups).group(1)
         measure(client, "recommendation type (Unhealthy)", f"{type_url}?status=Unhealthy", r, w)
@@ -255,11 +278,12 @@ def main() -> None:
         measure(client, "batch (5,000 rejections, page 1)", f"{base}/ingestion/batches/{batch_id}", r, w)
         measure(client, "batch progress.json", f"{base}/ingestion/batches/{batch_id}/progress.json", r, w)
         measure(client, "admin", f"{base}/admin", r, w)
+        measure(client, "admin users", f"{base}/admin/users", r, w)
         app.extensions["gateway.db"].dispose()
     finally:
-        if args.keep:
+        if name is not None and (args.keep or args.load_only):
             print(f"kept {url}")
-        else:
+        elif name is not None:
             drop_database(name)
 
 

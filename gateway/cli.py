@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import signal
 import subprocess
 import sys
@@ -17,7 +16,8 @@ import click
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
-from gateway.auth import SCOPES, hash_secret, new_client_secret, revoke_client_tokens
+from gateway import clients
+from gateway.auth import SCOPES
 from gateway.config import (
     ConfigError,
     check_startup,
@@ -28,7 +28,8 @@ from gateway.config import (
     unknown_environment_names,
 )
 from gateway.db import Database
-from gateway.models import ClientTenant, OAuthClient, Tenant, utcnow
+from gateway.errors import APIError, NotFound
+from gateway.models import OAuthClient, Tenant, utcnow
 
 
 @contextmanager
@@ -183,16 +184,9 @@ def _tenants(session, external_ids: tuple[str, ...]) -> list[Tenant]:
 @click.option("--tenant", "tenants", multiple=True, required=True, help="a tenant id it may act on (repeat)")
 def client_create(name: str, provider: str, scopes: tuple[str, ...], tenants: tuple[str, ...]) -> None:
     """Create a client; print its id and secret (the secret is shown this once)."""
-    client_id = secrets.token_hex(16)
-    secret = new_client_secret()
-    with _store() as db, db.session() as session:
+    with _client_errors(), _store() as db, db.session() as session:
         rows = _tenants(session, tenants)
-        row = OAuthClient(client_id=client_id, secret_hash=hash_secret(secret), name=name, provider=provider,
-                          scope=" ".join(sorted(set(scopes))))
-        session.add(row)
-        session.flush()
-        for tenant_row in rows:
-            session.add(ClientTenant(client_pk=row.id, tenant_id=tenant_row.id))
+        client_id, secret = clients.create(session, [row.id for row in rows], name, provider, list(scopes))
     click.echo(f"client_id={client_id}")
     click.echo(f"client_secret={secret}")
 
@@ -206,22 +200,23 @@ def client_list() -> None:
             click.echo(f"{row.client_id}\t{row.name}\t{row.provider}\t{row.scope}\t{state}")
 
 
-def _client(session, client_id: str) -> OAuthClient:
-    """The client row, locked until the transaction ends (the token endpoint locks it too)."""
-    row = session.scalar(select(OAuthClient).where(OAuthClient.client_id == client_id).with_for_update())
-    if row is None:
-        raise click.UsageError(f"unknown client: {client_id}")
-    return row
+@contextmanager
+def _client_errors(client_id: str = "") -> Iterator[None]:
+    """gateway/clients.py's refusals (the console's 4xx answers) as a one-line usage error."""
+    try:
+        yield
+    except NotFound:
+        raise click.UsageError(f"unknown client: {client_id}") from None
+    except APIError as exc:
+        raise click.UsageError(exc.message) from None
 
 
 @client.command("disable")
 @click.argument("client_id")
 def client_disable(client_id: str) -> None:
     """Disable a client and revoke its tokens (enabling it again does not revive them)."""
-    with _store() as db, db.session() as session:
-        row = _client(session, client_id)
-        row.disabled = True
-        revoked = revoke_client_tokens(session, row.id)
+    with _client_errors(client_id), _store() as db, db.session() as session:
+        revoked = clients.set_disabled(session, None, client_id, True)
     click.echo(f"disabled {client_id}")
     click.echo(f"revoked {revoked} access token(s)")
 
@@ -230,8 +225,8 @@ def client_disable(client_id: str) -> None:
 @click.argument("client_id")
 def client_enable(client_id: str) -> None:
     """Enable a disabled client again (its old tokens stay revoked: it asks for new ones)."""
-    with _store() as db, db.session() as session:
-        _client(session, client_id).disabled = False
+    with _client_errors(client_id), _store() as db, db.session() as session:
+        clients.set_disabled(session, None, client_id, False)
     click.echo(f"enabled {client_id}")
 
 
@@ -239,12 +234,8 @@ def client_enable(client_id: str) -> None:
 @click.argument("client_id")
 def client_rotate(client_id: str) -> None:
     """Give a client a new secret (printed once); the old one and every token issued stop working."""
-    secret = new_client_secret()
-    with _store() as db, db.session() as session:
-        row = _client(session, client_id)
-        row.secret_hash = hash_secret(secret)
-        row.secret_rotated_at = utcnow()
-        revoked = revoke_client_tokens(session, row.id)
+    with _client_errors(client_id), _store() as db, db.session() as session:
+        secret, revoked = clients.rotate_secret(session, None, client_id)
     click.echo(f"client_secret={secret}")
     click.echo(f"revoked {revoked} access token(s)")
 

@@ -25,7 +25,7 @@ from click.testing import CliRunner
 from sqlalchemy import select
 
 from gateway import auth, cli
-from gateway.models import OAuthToken
+from gateway.models import ClientTenant, OAuthClient, OAuthToken, Tenant
 from tests.conftest import QUEUE, REDIS_URL, ROOT, SECRET, make_app
 
 
@@ -140,6 +140,26 @@ def test_a_token_authenticated_with_a_secret_rotated_meanwhile_is_not_issued(gw,
 def test_disable_of_an_unknown_client_is_a_usage_error(gateway_cli):
     result = CliRunner().invoke(cli.main, ["client", "disable", "nobody"], env=gateway_cli.env)
     assert result.exit_code == 2 and "unknown client: nobody" in result.output
+
+
+def test_client_commands_share_the_consoles_rules(gw, gateway_cli):
+    """``gateway client`` goes through gateway/clients.py, as the console's admin page does: the same
+    refusal of a blank name, and a client of two tenants is created once, on both."""
+    first = gateway_cli("tenant", "create", "Contoso").strip()
+    second = gateway_cli("tenant", "create", "Fabrikam").strip()
+    result = CliRunner().invoke(cli.main, ["client", "create", "--name", "  ", "--provider", "Qualys",
+                                           "--tenant", first, "--scope", "findings.write"],
+                                env=gateway_cli.env)
+    assert result.exit_code == 2 and "'name' is 1 to 200 characters" in result.output
+    output = gateway_cli("client", "create", "--name", "both", "--provider", "Qualys", "--tenant", first,
+                         "--tenant", second, "--scope", "findings.write")
+    client_id = dict(line.split("=", 1) for line in output.splitlines())["client_id"]
+    with gw.db.sessions() as session:
+        row = session.scalar(select(OAuthClient).where(OAuthClient.client_id == client_id))
+        tenants = session.scalars(
+            select(Tenant.external_id).join(ClientTenant, ClientTenant.tenant_id == Tenant.id)
+            .where(ClientTenant.client_pk == row.id).order_by(Tenant.external_id)).all()
+    assert (row.name, row.scope, sorted(tenants)) == ("both", "findings.write", sorted([first, second]))
 
 
 # ---- the issuer of `gateway run` (the embedded default) -------------------------------------

@@ -201,7 +201,7 @@ def rotate(tenant: str, client_id: str):
     """A new secret for the client (shown once); its tokens are revoked."""
     try:
         with db().session() as session:
-            secret = clients.rotate_secret(session, tenant_id(), client_id)
+            secret, _ = clients.rotate_secret(session, tenant_id(), client_id)
     except APIError as error:
         return refused(error)
     return _secret_page(client_id, secret, "rotated")
