@@ -15,7 +15,8 @@ The app is served on a loopback socket; a local console user signs in through th
 time of each request (from the app's first ``before_request`` to its last ``after_request``,
 recorded by hooks this script adds to the app instance) and the client's wall time are printed
 as p50/p99, with the rows each page read.  Figures, not assertions; the scratch database is
-dropped at the end, also on error.
+dropped at the end, also on error.  ``--load-only`` loads and keeps it (its URL is printed);
+``--url URL`` times a kept one without loading (and without dropping it).
 """
 
 from __future__ import annotations
@@ -192,14 +193,22 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20_000)
     parser.add_argument("--repeat", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--load-only", action="store_true", help="load and keep the database, time nothing")
+    parser.add_argument("--url", help="time the pages over a database kept by --load-only (not dropped)")
     args = parser.parse_args()
-    name, url = create_database("gw_console_bench")
+    name, url = (None, args.url) if args.url else create_database("gw_console_overview_bench")
     server = None
     try:
         upgrade(url)
-        load_console_data(url, args)
+        if name is not None:
+            load_console_data(url, args)
+        if args.load_only:
+            print(f"kept {url}")
+            name = None
+            return
         app, server, timings = serve(url)
-        make_user(app, "bench@example.com", "a bench password", "admin", [TENANT])
+        email = f"bench-{os.getpid()}@example.com"  # a kept database may hold an earlier run's user
+        make_user(app, email, "a bench password", "admin", [TENANT])
         base = f"http://127.0.0.1:{server.server_port}"
         http = requests.Session()
         page = http.get(f"{base}/console/login", timeout=60).text
@@ -208,7 +217,7 @@ def main() -> None:
             f"{base}/console/login",
             timeout=60,
             allow_redirects=False,
-            data={"email": "bench@example.com", "password": "a bench password", "csrf_token": token},
+            data={"email": email, "password": "a bench password", "csrf_token": token},
         )
         assert answer.status_code == 302, answer.text[:300]
         load = os.getloadavg()
@@ -244,7 +253,8 @@ def main() -> None:
     finally:
         if server is not None:
             server.shutdown()
-        drop_database(name)
+        if name is not None:
+            drop_database(name)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ token for another audience, a person without a mapped role, and a replayed callb
 
 from __future__ import annotations
 
-from urllib.parse import parse_qs, urlsplit
+import re
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 import requests
@@ -50,11 +51,11 @@ def oidc_app(store_url, idp):
     db.dispose()
 
 
-def sign_in(app, idp, claims: dict):
+def sign_in(app, idp, claims: dict, start_path: str = "/console/oidc/login"):
     """Walk the redirects: console -> provider (over its socket) -> console callback."""
     http = app.test_client()
     idp.next_claims = claims
-    start = http.get("/console/oidc/login")
+    start = http.get(start_path)
     assert start.status_code == 302 and start.location.startswith(f"{idp.url}/authorize?")
     before = session_cookie(http)
     answer = requests.get(start.location, allow_redirects=False, timeout=10)
@@ -125,6 +126,31 @@ def test_a_replayed_or_forged_callback_signs_nobody_in(oidc_app, idp):
     # a state that was never issued
     state = parse_qs(urlsplit(callback).query)["state"][0]
     assert other.get(callback.replace(state, "forged-state")).status_code == 401
+
+
+def test_oidc_sign_in_lands_on_the_page_asked_for_and_never_off_site(oidc_app, idp):
+    claims = {"sub": "u-5", "email": "di@acme.test", "email_verified": True, "groups": ["staff"]}
+    # the way a person comes: a console page, the sign-in page, its "organisation" link
+    http = oidc_app.test_client()
+    asked = "/console/t/acme/findings?severity=high&cve=CVE-2024-1"
+    to_login = http.get(asked)
+    assert to_login.status_code == 302
+    login_page = http.get(to_login.location).get_data(as_text=True)
+    link = re.search(r'href="(/console/oidc/login\?next=[^"]+)"', login_page).group(1).replace("&amp;", "&")
+    _, response, _, _ = sign_in(oidc_app, idp, claims, link)
+    assert response.status_code == 302 and response.location == asked
+    for target in (
+        "//evil.example/console/",
+        "https://evil.example/console/",
+        "/console/\\evil.example",
+        "/\\evil.example/console/",
+        "/console//evil.example",
+        "/console/\r\nLocation: https://evil.example",
+        "/elsewhere",
+    ):
+        start = "/console/oidc/login?" + urlencode({"next": target})
+        _, response, _, _ = sign_in(oidc_app, idp, claims, start)
+        assert response.status_code == 302 and response.location == "/console/", (target, response.location)
 
 
 def test_a_tenant_claim_is_the_authority_on_tenants(store_url, idp):

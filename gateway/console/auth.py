@@ -80,6 +80,23 @@ def _load(user_id: int) -> ConsoleIdentity | None:
     )
 
 
+def safe_next(target: str | None) -> str | None:
+    """The page to go to after sign-in, if it is a console path of this site; else None.
+
+    Never another host: no scheme or absolute URL, no scheme-relative ``//host``, no backslash
+    (browsers read ``/\\host`` as ``//host``), no control character or space."""
+    if (
+        not target
+        or len(target) > 2000
+        or not target.startswith("/console/")
+        or "//" in target.split("?", 1)[0]
+        or "\\" in target
+        or any(ord(char) <= 0x20 or ord(char) == 0x7F for char in target)
+    ):
+        return None
+    return target
+
+
 def current_user() -> ConsoleIdentity | None:
     """The signed-in user of this request (read once per request), or None."""
     if "console_user" not in g:

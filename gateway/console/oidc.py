@@ -4,7 +4,9 @@ The identity provider is ``OIDC_ISSUER`` (its discovery document names the endpo
 authlib checks the ID token's signature, issuer, audience (our client id), expiry and nonce.  The
 role comes from ``OIDC_ROLE_CLAIM`` mapped by ``OIDC_ROLE_MAP``; a person whose claim maps to no
 role is refused.  A first sign-in provisions the user, with the tenants of ``OIDC_TENANT_CLAIM``
-(kept in step at each sign-in) or else ``OIDC_DEFAULT_TENANTS``.
+(kept in step at each sign-in) or else ``OIDC_DEFAULT_TENANTS``.  The page asked for before
+sign-in (``/console/oidc/login?next=``) is where the callback lands, if it is a console path of
+this site (:func:`gateway.console.auth.safe_next`: never another host).
 """
 
 from __future__ import annotations
@@ -13,17 +15,18 @@ import logging
 
 from authlib.common.errors import AuthlibBaseError
 from authlib.integrations.flask_client import OAuth
-from flask import Blueprint, Flask, abort, current_app, redirect, render_template, session, url_for
+from flask import Blueprint, Flask, abort, current_app, redirect, render_template, request, session, url_for
 from joserfc.errors import JoseError  # authlib checks ID tokens with joserfc (authlib.jose is deprecated)
 from sqlalchemy import delete, select
 
 from gateway.console import sessions
-from gateway.console.auth import ROLES
+from gateway.console.auth import ROLES, safe_next
 from gateway.console.users import UserError, create_user
 from gateway.models import ConsoleUser, ConsoleUserTenant, Tenant, utcnow
 
 log = logging.getLogger(__name__)
 blueprint = Blueprint("console_oidc", __name__, url_prefix="/console/oidc")
+NEXT_KEY = "oidc_next"  # the page asked for before sign-in, kept in the (pre-sign-in) session
 
 
 def enabled(app: Flask | None = None) -> bool:
@@ -76,8 +79,14 @@ def role_from_claims(claims: dict, claim: str, mapping: dict[str, str]) -> str |
 
 @blueprint.get("/login")
 def login():
+    """To the provider; ``?next=`` (a console path of this site only) is where the callback lands."""
     if not enabled():
         abort(404)
+    next_url = safe_next(request.args.get("next"))
+    if next_url:
+        session[NEXT_KEY] = next_url
+    else:
+        session.pop(NEXT_KEY, None)
     return _client().authorize_redirect(url_for("console_oidc.callback", _external=True))
 
 
@@ -85,6 +94,7 @@ def login():
 def callback():
     if not enabled():
         abort(404)
+    next_url = safe_next(session.pop(NEXT_KEY, None))  # checked again: the session is ours, but cheap
     try:
         token = _client().authorize_access_token()
     except (AuthlibBaseError, JoseError, ValueError) as exc:
@@ -117,7 +127,7 @@ def callback():
         session.pop(key)
     session["user_id"] = user_id
     session["via"] = "oidc"
-    return redirect(url_for("console.index"))
+    return redirect(next_url or url_for("console.index"))
 
 
 def provision(claims: dict, role: str) -> int | None:

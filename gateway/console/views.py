@@ -7,7 +7,7 @@ import logging
 from flask import Blueprint, current_app, g, redirect, render_template, request, session, url_for
 
 from gateway.console import oidc, sessions
-from gateway.console.auth import current_tenant, current_user, login_required
+from gateway.console.auth import current_tenant, current_user, login_required, safe_next
 from gateway.console.users import check_password
 
 log = logging.getLogger(__name__)
@@ -32,25 +32,18 @@ def _console_globals():
     }
 
 
-def _safe_next(target: str | None) -> str | None:
-    """Only a console path of this site (never another host, never a scheme-relative URL)."""
-    if not target or not target.startswith("/console/") or target.startswith("//") or "\\" in target:
-        return None
-    return target
-
-
 @blueprint.get("/login")
 def login():
     if current_user() is not None:
-        return redirect(_safe_next(request.args.get("next")) or url_for("console.index"))
-    return render_template("console/login.html", next=_safe_next(request.args.get("next")))
+        return redirect(safe_next(request.args.get("next")) or url_for("console.index"))
+    return render_template("console/login.html", next=safe_next(request.args.get("next")))
 
 
 @blueprint.post("/login")
 def login_post():
     email = (request.form.get("email") or "").strip()
     password = request.form.get("password") or ""
-    next_url = _safe_next(request.form.get("next"))
+    next_url = safe_next(request.form.get("next"))
     if not email or not password:
         return render_template(
             "console/login.html", error="Enter your email and password.", email=email, next=next_url
