@@ -20,6 +20,10 @@ HTTP with a ``findings.write`` token:
 * ``--sequence KxM``: K pushes of M new findings each into one tenant, on the same ``--hosts``
   hosts: each push's time and its ratio to the first (the tenant grows to K x M findings).
   ``--also KxM`` runs it after the one push, into a tenant of its own.
+* ``--seed N``: before the one push (or the sequence), the pushed tenant is given N findings
+  of its own on N/50 other hosts, loaded set-based (bench/query_bench.py's loader: resources,
+  findings, one or two sources each), then ``VACUUM ANALYZE``: the push's rate into a store that
+  already holds N findings, against ``--seed 0`` (an empty store).
 * ``--queries N``: then, once the worker's statistics round (VACUUM/ANALYZE, in a thread of its
   own) is over, N timed GETs of the pushed tenant's findings each: ``$count`` without a filter
   and with ``sources/any(s: s/provider eq ...)`` (every finding matches: the largest count),
@@ -75,6 +79,24 @@ def write_body(path: Path, tag: str, count: int, hosts: int, cve_base: int = 100
             )
         out.write("]}")
     return path.stat().st_size
+
+
+def seed(url: str, tenant: str, findings: int) -> None:
+    """``findings`` findings of the tenant's own on ``findings / 50`` hosts of their own, set-based."""
+    from bench.query_bench import _load_tenant
+
+    started = time.perf_counter()
+    with psycopg.connect(url, autocommit=True) as conn:
+        tenant_id = conn.execute("SELECT id FROM tenants WHERE external_id = %s", (tenant,)).fetchone()[0]
+        conn.execute("SELECT setseed(0.42)")
+        _load_tenant(conn, f"seed-{tenant}", findings, max(1, findings // 50), tenant_id=tenant_id)
+        loaded = time.perf_counter() - started
+        conn.execute("VACUUM ANALYZE")
+        sizes = conn.execute("SELECT pg_size_pretty(pg_total_relation_size('findings')), "
+                             "pg_size_pretty(pg_total_relation_size('finding_sources'))").fetchone()
+    print(f"seeded the tenant with {findings:,} findings in {loaded:.0f}s, VACUUM ANALYZE "
+          f"{time.perf_counter() - started - loaded:.0f}s; findings {sizes[0]}, finding_sources {sizes[1]} "
+          "with indexes", flush=True)
 
 
 def _free_port() -> int:
@@ -360,6 +382,8 @@ def main() -> None:
         "--repush", type=int, default=0, help="then push the first M findings again, unchanged"
     )
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="first load N findings set-based into the pushed tenant (the store's size)")
     parser.add_argument("--also", help="KxM: after the one push, the K x M sequence into another tenant")
     parser.add_argument("--queries", type=int, default=0,
                         help="then time N counts and pages of the pushed tenant with a sources/any() filter")
@@ -403,6 +427,8 @@ def main() -> None:
         tenant = gw.tenant()
         headers = gw.partner("SequenceScanner" if args.sequence else "BenchScanner", [tenant],
                              scopes="findings.write")
+        if args.seed:
+            seed(url, tenant, args.seed)
         watch = LockWatch(url)
         if args.sequence:
             sequence(stack, tenant, headers, args.sequence, args.hosts, scratch, watch)

@@ -54,14 +54,17 @@ STATE_CASE = """CASE WHEN u2 < 0.05 THEN 'new' WHEN u2 < 0.91 THEN 'active'
 CVE_POOL = 4000
 
 
-def _load_tenant(conn: psycopg.Connection, external_id: str, findings: int, resources: int) -> None:
+def _load_tenant(conn: psycopg.Connection, external_id: str, findings: int, resources: int,
+                 tenant_id: int | None = None) -> None:
     """One tenant's resources (fqdn identifiers), findings (one CVE or QID on one resource each),
-    one or two sources per finding (Qualys, and Tenable for ~40%) and a few recommendations."""
+    one or two sources per finding (Qualys, and Tenable for ~40%) and a few recommendations.
+    ``tenant_id``: load into that existing tenant (its hosts named after ``external_id``)."""
     per_resource = math.ceil(findings / resources)
     if per_resource > 190:
         raise SystemExit("at most 190 findings per resource (CVE keys must be distinct per resource)")
-    tenant_id = conn.execute("INSERT INTO tenants (external_id, name, created_at) VALUES (%s, %s, now()) "
-                             "RETURNING id", (external_id, external_id)).fetchone()[0]
+    if tenant_id is None:
+        tenant_id = conn.execute("INSERT INTO tenants (external_id, name, created_at) VALUES (%s, %s, now()) "
+                                 "RETURNING id", (external_id, external_id)).fetchone()[0]
     conn.execute(f"""
         INSERT INTO resources (tenant_id, kind, name, os, first_seen, last_seen, created_at, updated_at, tags)
         SELECT {tenant_id}, 'vm', 'host' || g || '.{external_id}.example.com', 'Ubuntu 22.04',

@@ -74,7 +74,7 @@ def _free_port() -> int:
 class Stack:
     """gunicorn and one celery worker process (two pool processes) on one scratch database."""
 
-    def __init__(self, url: str, mode: str, log_dir: Path, nice: int) -> None:
+    def __init__(self, url: str, mode: str, log_dir: Path, nice: int, api: list[str]) -> None:
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.queue = f"smallpush-{uuid.uuid4().hex[:6]}"
@@ -86,7 +86,7 @@ class Stack:
                    GATEWAY_SMALL_BATCHES_PER_TASK=PER_TASK[mode], PYTHONPATH=str(ROOT),
                    GATEWAY_TOKEN_CACHE_SECONDS=TOKEN_CACHE[mode])
         self.api = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", *API[mode], "-b", f"127.0.0.1:{self.port}",
+            [sys.executable, "-m", "gunicorn", *api, "-b", f"127.0.0.1:{self.port}",
              "--limit-request-line", "0", "gateway:create_app()"],
             env=env | {"GATEWAY_LOG_LEVEL": "WARNING"}, cwd=ROOT, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -104,6 +104,19 @@ class Stack:
             except (requests.ConnectionError, requests.Timeout):
                 time.sleep(0.3)
         raise SystemExit("the API did not start")
+
+    def api_pids(self) -> list[int]:
+        """The gunicorn worker processes (children of the arbiter)."""
+        children = Path(f"/proc/{self.api.pid}/task/{self.api.pid}/children").read_text()
+        return [int(pid) for pid in children.split()]
+
+    def api_cpu(self) -> list[float]:
+        """CPU seconds used so far by each gunicorn worker process."""
+        seconds = []
+        for child in self.api_pids():
+            fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+            seconds.append((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+        return seconds
 
     def coalesced(self) -> int:
         return self.worker_log.read_text(errors="replace").count("merged in the task of batch")
@@ -145,7 +158,9 @@ def _outcome(url: str, findings: int) -> str:
             + f"; {stored} findings stored" + ("" if right else "  <-- NOT ALL SUCCEEDED"))
 
 
-def run(mode: str, pushes: int, clients: int, size: int, log_dir: Path, worker_nice: int | None) -> None:
+def run(mode: str, pushes: int, clients: int, size: int, log_dir: Path, worker_nice: int | None,
+        api_args: list[str] | None = None, py_spy: str | None = None, skip_merge: bool = False) -> None:
+    api = API[mode] if api_args is None else api_args
     name, url = create_database(f"smallpush_{mode}")
     try:
         upgrade(url)
@@ -159,7 +174,7 @@ def run(mode: str, pushes: int, clients: int, size: int, log_dir: Path, worker_n
                                     cves=[f"CVE-2024-{100000 + (i * size + j) % 900000}"])
                             for j in range(size)]) for i in range(pushes)]
         nice = NICE[mode] if worker_nice is None else worker_nice
-        stack = Stack(url, mode, log_dir, nice)
+        stack = Stack(url, mode, log_dir, nice, api)
         try:
             def warm(index: int) -> None:  # every API process's and thread's first requests are not
                 session = requests.Session()  # timed (the pool's connections, the first queries)
@@ -189,21 +204,34 @@ def run(mode: str, pushes: int, clients: int, size: int, log_dir: Path, worker_n
                         if answer.status_code != 202:
                             refused.append(f"{answer.status_code} {answer.text[:200]}")
 
+            print(f"{mode:8} pushing (API pid {stack.api.pid})", flush=True)
+            cpu_before = stack.api_cpu()
+            spies = [subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(pid),
+                                       "-r", "100", "--idle", "--nonblocking", "-f", "raw",
+                                       "-o", str(Path(py_spy) / f"api-{pid}.txt")],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                     for pid in stack.api_pids()] if py_spy else []
             started = time.perf_counter()
             with ThreadPoolExecutor(max_workers=clients) as pool:
                 list(pool.map(client, range(clients)))
             pushed = time.perf_counter() - started
-            while _open_batches(url):
+            for spy in spies:  # py-spy writes its profile when interrupted
+                spy.send_signal(signal.SIGINT)
+                spy.wait()
+            api_cpu = [after - before for before, after in zip(cpu_before, stack.api_cpu(), strict=False)]
+            while _open_batches(url) and not skip_merge:
                 time.sleep(0.05)
             merged = time.perf_counter() - started
             ms = [value * 1000 for value in latencies]
-            print(f"{mode:8} API gunicorn {' '.join(API[mode])}, SMALL_BATCHES_PER_TASK={PER_TASK[mode]}, "
+            print(f"{mode:8} API gunicorn {' '.join(api)}, SMALL_BATCHES_PER_TASK={PER_TASK[mode]}, "
                   f"workers at nice {nice}: "
                   f"{pushes} pushes x {size} findings, {clients} clients")
             print(f"         202 latency ms: p50 {_percentile(ms, 0.5):.0f}, p90 {_percentile(ms, 0.9):.0f}, "
                   f"p99 {_percentile(ms, 0.99):.0f}, max {max(ms):.0f}, mean {statistics.fmean(ms):.0f}; "
                   f"{pushes / pushed:.0f} pushes/s accepted ({pushed:.1f}s); refused: {len(refused)}"
                   + (f" e.g. {refused[0]}" if refused else ""))
+            print("         CPU seconds of each API process during the pushes: "
+                  + ", ".join(f"{value:.1f}" for value in api_cpu))
             print(f"         all merged {merged:.1f}s after the first push ({pushes / merged:.0f} batches/s, "
                   f"{pushes * size / merged:.0f} findings/s); merged in another batch's task: "
                   f"{stack.coalesced()}")
@@ -223,11 +251,17 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--findings", type=int, default=10, help="findings per push")
     parser.add_argument("--worker-nice", type=int, help="the workers' nice value (default: the mode's)")
+    parser.add_argument("--api", help="gunicorn's options instead of the mode's, e.g. "
+                                      "'-w 4 -k gthread --threads 16'")
+    parser.add_argument("--py-spy", metavar="DIR", help="record the API processes' wall time during the "
+                                                        "pushes (py-spy, raw, one file per process) into DIR")
+    parser.add_argument("--skip-merge", action="store_true", help="do not wait for the merges (profiling)")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # a killed run still stops its servers
     with tempfile.TemporaryDirectory(prefix="smallpush-") as log_dir:
         for mode in args.modes:
-            run(mode, args.pushes, args.clients, args.findings, Path(log_dir), args.worker_nice)
+            run(mode, args.pushes, args.clients, args.findings, Path(log_dir), args.worker_nice,
+                args.api.split() if args.api else None, args.py_spy, args.skip_merge)
 
 
 if __name__ == "__main__":

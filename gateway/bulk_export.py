@@ -30,9 +30,11 @@ import csv
 import io
 import itertools
 import json
+import logging
 import queue
 import re
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -51,9 +53,12 @@ from gateway.models import Finding, FindingSource, GovernanceAssignment, Recomme
 from gateway.posture import governance
 from gateway.query import Collection, ListRequest
 
+log = logging.getLogger(__name__)
+
 COPY_SLICE = 50_000  # rows a COPY statement reads; the next one starts after its last row
 PARALLEL_SLICE = 5_000  # rows of one slice when several connections share an export
 BOUNDARIES_PER_QUERY = 200  # slice starts one numbering query finds
+READER_TIMEOUT = 120.0  # seconds a slice reader may send nothing (EXPORT_READER_TIMEOUT_SECONDS)
 _BLOCK = 1 << 18  # bytes of COPY output handled (and sent) at once
 MEDIA = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson; charset=utf-8"}
 EXTENSIONS = {"csv": "csv", "jsonl": "jsonl"}
@@ -83,13 +88,14 @@ def export_response(
     name: str,
     json_default: Callable | None = None,
     connections: int = 1,
+    reader_timeout: float = READER_TIMEOUT,
 ):
     """The streamed download of the whole filtered collection in the request's format."""
     wanted = export_format(request)
     assert wanted is not None
     response = response_class(
         stream(engine, collection, tenant_id, request, wanted, json_default=json_default,
-               connections=connections),
+               connections=connections, reader_timeout=reader_timeout),
         content_type=MEDIA[wanted],
     )
     response.headers["Content-Disposition"] = f'attachment; filename="{name}.{EXTENSIONS[wanted]}"'
@@ -120,15 +126,17 @@ def stream(
     json_default: Callable | None = None,
     connections: int = 1,
     slice_rows: int | None = None,
+    reader_timeout: float = READER_TIMEOUT,
 ) -> Iterator[bytes]:
     """The export's bytes: by COPY where the store and the selection allow (``fast``), else in Python.
 
     With ``connections`` above 1 the COPY slices (``slice_rows`` each, ``PARALLEL_SLICE`` by
-    default) are read by that many connections at once, all in one snapshot."""
+    default) are read by that many connections at once, all in one snapshot; a reader that sends
+    nothing for ``reader_timeout`` seconds ends the export with :class:`ExportStalled`."""
     rendering = copy_rendering(engine, collection, request) if fast else None
     if rendering is not None and connections > 1 and reads_in_order(engine, collection, tenant_id, request):
         return _parallel_copy_stream(engine, collection, rendering, tenant_id, request, wanted,
-                                     connections, slice_rows or PARALLEL_SLICE)
+                                     connections, slice_rows or PARALLEL_SLICE, reader_timeout)
     if rendering is not None:
         return _copy_stream(engine, collection, rendering, tenant_id, request, wanted)
     if wanted == "csv":
@@ -371,9 +379,11 @@ def _slice_query(
     wanted: str,
     limit: int | None = None,
     after_condition: ColumnElement | None = None,
+    aggregate: bool = False,
 ):
     """One slice: the rows after ``after`` (or ``after_condition``) in the request's order, each as
-    ``line, keyset JSON``.
+    ``line, keyset JSON``; with ``aggregate``, one row: the slice's lines (each with its line
+    end) joined in order, as UTF-8 bytes (``bytea``).
 
     The inner SELECT renders each field once (a subquery such as a finding's sources runs once a
     row); the outer one builds the line from those columns, which a CSV cell reads several times.
@@ -410,12 +420,17 @@ def _slice_query(
         for i, name in enumerate(columns)
     }
     keys = [inner.c[f"_o{i}"] for i in range(len(expressions))]
-    keyset = cast(func.json_build_array(*keys, inner.c._id), Text)
     outer_order = [
         (key.desc() if desc else key.asc()) for key, (_, desc) in zip(keys, expressions, strict=True)
     ]
     outer_order.append(inner.c._id.desc() if last_desc else inner.c._id.asc())
-    return select(_line(fields, columns, wanted), keyset).order_by(*outer_order)
+    line = _line(fields, columns, wanted)
+    if aggregate:  # the CR of a CSV line's CRLF is in the line; COPY would add the LF
+        lines = func.string_agg(_concat(line, literal_column("E'\\n'")),
+                                aggregate_order_by(literal_column("''"), *outer_order))
+        return select(func.convert_to(lines, literal_column("'UTF8'")))
+    keyset = cast(func.json_build_array(*keys, inner.c._id), Text)
+    return select(line, keyset).order_by(*outer_order)
 
 
 def _copy_stream(
@@ -476,13 +491,32 @@ def _export_settings(conn) -> None:
 # One connection renders rows at the speed of one PostgreSQL backend (one core).  To use more,
 # the export's transaction publishes its snapshot (``pg_export_snapshot()``) and ``connections``
 # reader threads, each with a connection of its own that adopts it (``SET TRANSACTION
-# SNAPSHOT``), run the COPY slices at once: every reader sees exactly the rows the export's
+# SNAPSHOT``), run the slices at once: every reader sees exactly the rows the export's
 # transaction sees.  Where each slice starts is known beforehand: the export's own connection
 # numbers the filtered rows in the request's order (their keys only, no rendering) and takes
 # the keyset of every ``slice_rows``-th, ``BOUNDARIES_PER_QUERY`` slices at a time.  A slice is
-# then the very statement of the one-connection path (rows after its start, LIMIT slice_rows).
+# then the very SELECT of the one-connection path (rows after its start, LIMIT slice_rows), its
+# lines joined in order by ``string_agg`` into one ``bytea`` value read in the binary protocol:
+# no keyset column, no COPY escaping to undo, and one message a slice instead of one a row (the
+# COPY rows cost the response's process more CPU than the rest of the export).
 # The response takes the slices' output in order; at most ``connections + 1`` slices are ahead of
 # it, so memory stays bounded by a few slices whatever the export's size.
+#
+# Nothing waits on a reader forever.  A reader can be stuck where no timeout of its own ends it:
+# its COPY waiting for a lock (a queued ``ALTER TABLE`` or ``LOCK TABLE`` waits behind the export's
+# own transaction, and the reader's new lock request behind that: a cycle through Python that
+# PostgreSQL's deadlock detector cannot see), a backend that stopped answering.  The response waits
+# at most ``reader_timeout`` seconds for the next block of output, then ends with
+# :class:`ExportStalled` (the download is cut short: its headers are long sent).  However the
+# export ends, each reader is joined for at most ``reader_timeout`` seconds; one still running is
+# then cancelled (PostgreSQL's cancel request ends its statement, the reader rolls back and gives
+# its connection back) and joined again, and one that even that does not end is left behind, a
+# daemon thread, with a warning logged, so the request ends and the export's own transaction,
+# which may be what the reader waits for, is ended too.
+
+
+class ExportStalled(RuntimeError):
+    """A slice reader sent nothing for the export's ``reader_timeout``."""
 
 
 def _numbering(collection: Collection, tenant_id: int, request: ListRequest, after: tuple[list, Any] | None,
@@ -567,7 +601,7 @@ class _SliceStatements:
         self.compiled: dict[str | None, tuple[str, dict]] = {}
 
     def sql(self, after: tuple[list, Any] | None) -> tuple[str, dict]:
-        """The COPY statement of the slice after ``after`` and its parameters."""
+        """The statement of the slice after ``after`` (its lines as one value) and its parameters."""
         condition, values = None, {}
         if after is not None:
             def named(element):
@@ -582,10 +616,10 @@ class _SliceStatements:
         shape = None if condition is None else str(condition.compile(dialect=self.engine.dialect))
         if shape not in self.compiled:
             statement = _slice_query(self.collection, self.rendering, self.tenant_id, self.request, None,
-                                     self.wanted, self.slice_rows, after_condition=condition)
+                                     self.wanted, self.slice_rows, after_condition=condition, aggregate=True)
             compiled = statement.compile(dialect=self.engine.dialect,
                                          compile_kwargs={"render_postcompile": True})
-            self.compiled[shape] = (f"COPY ({compiled}) TO STDOUT", compiled.params)
+            self.compiled[shape] = (str(compiled), compiled.params)
         text, params = self.compiled[shape]
         return text, params | values
 
@@ -600,29 +634,51 @@ class _SliceReader(threading.Thread):
     def __init__(self, engine: Engine, snapshot: str, tasks: queue.Queue, stop: threading.Event) -> None:
         super().__init__(name="export-slice-reader", daemon=True)
         self.engine, self.snapshot, self.tasks, self.stop = engine, snapshot, tasks, stop
+        # the reader's connection while it holds it (cancel() needs it); the lock keeps a cancel
+        # from reaching the connection after it went back to the pool, maybe to another thread
+        self.dbapi_connection = None
+        self.holding = threading.Lock()
+
+    def cancel(self) -> None:
+        """Ask PostgreSQL to end the reader's running statement (nothing if none runs)."""
+        with self.holding:
+            if self.dbapi_connection is None:
+                return
+            try:
+                self.dbapi_connection.cancel_safe(timeout=10)
+            except Exception:  # noqa: BLE001 - the reader is then left behind, logged by the caller
+                log.warning("could not cancel an export slice reader's statement", exc_info=True)
 
     def run(self) -> None:
         try:
             with self.engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn, \
                     conn.begin():
-                conn.exec_driver_sql(f"SET TRANSACTION SNAPSHOT '{self.snapshot}'")
-                _export_settings(conn)
-                cursor = conn.connection.dbapi_connection.cursor()
-                while (task := self.tasks.get()) is not None:
-                    (text, params), out = task
-                    if self.stop.is_set():  # the response is gone: no more reading
-                        out.put(None)
-                        continue
-                    try:
-                        for block, _, _ in _copy_text_blocks(cursor, text, params):
-                            out.put(block)
-                    except BaseException as exc:
-                        out.put(exc)
-                        raise
-                    out.put(None)
+                with self.holding:
+                    self.dbapi_connection = conn.connection.dbapi_connection
+                try:
+                    self._read(conn)
+                finally:
+                    with self.holding:
+                        self.dbapi_connection = None
         except Exception as exc:  # noqa: BLE001 - answered on every slice left, raised by the response
             while (task := self.tasks.get()) is not None:
                 task[1].put(exc)
+
+    def _read(self, conn) -> None:
+        conn.exec_driver_sql(f"SET TRANSACTION SNAPSHOT '{self.snapshot}'")
+        _export_settings(conn)
+        cursor = conn.connection.dbapi_connection.cursor()
+        while (task := self.tasks.get()) is not None:
+            (text, params), out = task
+            if self.stop.is_set():  # the response is gone: no more reading
+                out.put(None)
+                continue
+            try:  # the slice as one value, in the binary protocol: no escaping, no work per row here
+                out.put(cursor.execute(text, params, binary=True).fetchone()[0] or b"")
+            except BaseException as exc:
+                out.put(exc)
+                raise
+            out.put(None)
 
 
 def _parallel_copy_stream(
@@ -634,6 +690,7 @@ def _parallel_copy_stream(
     wanted: str,
     connections: int,
     slice_rows: int,
+    reader_timeout: float = READER_TIMEOUT,
 ) -> Iterator[bytes]:
     columns = request.select or collection.selectable
     if wanted == "csv":
@@ -659,19 +716,41 @@ def _parallel_copy_stream(
                 tasks.put((statements.sql(after), out))
                 ahead.append(out)
                 if len(ahead) > connections:
-                    yield from _slice_output(ahead.popleft())
+                    yield from _slice_output(ahead.popleft(), reader_timeout)
             while ahead:
-                yield from _slice_output(ahead.popleft())
-        finally:  # also when the client went away (the generator is closed)
+                yield from _slice_output(ahead.popleft(), reader_timeout)
+        finally:  # also when the client went away (the generator is closed) or a reader stalled
             stop.set()
             for _ in readers:
                 tasks.put(None)
-            for reader in readers:
-                reader.join()
+            _end_readers(readers, reader_timeout)
 
 
-def _slice_output(out: queue.Queue) -> Iterator[bytes]:
-    while (block := out.get()) is not None:
+def _end_readers(readers: list[_SliceReader], timeout: float) -> None:
+    """Join the readers, each for at most ``timeout`` seconds; cancel the statement of any still
+    running and join it again; one that does not end even then is left behind (logged)."""
+    deadline = time.monotonic() + timeout
+    for reader in readers:
+        reader.join(max(0.0, deadline - time.monotonic()))
+    for reader in readers:
+        if reader.is_alive():
+            reader.cancel()
+    for reader in readers:
+        reader.join(timeout)
+        if reader.is_alive():
+            log.warning("an export slice reader did not end %.0f s after its statement was cancelled; "
+                        "left behind", timeout)
+
+
+def _slice_output(out: queue.Queue, timeout: float = READER_TIMEOUT) -> Iterator[bytes]:
+    while True:
+        try:
+            block = out.get(timeout=timeout)
+        except queue.Empty:
+            log.error("an export slice reader sent nothing for %.0f s; the export is ended", timeout)
+            raise ExportStalled(f"an export slice reader sent nothing for {timeout:.0f} s") from None
+        if block is None:
+            return
         if isinstance(block, BaseException):
             raise block
         yield block

@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     # CSV/JSON Lines exports (gateway/bulk_export.py): PostgreSQL connections that read one export's
     # slices at once (each a backend, i.e. a core); 1 reads them one after the other.
     export_connections: int = 2
+    # a slice reader that sends nothing this long ends its export with an error (a stuck reader,
+    # e.g. waiting on a lock, must not hold a request and its connections forever)
+    export_reader_timeout_seconds: float = 120
     task_always_eager: bool = False
     task_queue: str = "gateway"
     log_format: Literal["json", "text"] | None = None

@@ -322,3 +322,53 @@ def test_an_abandoned_export_gives_its_connections_back(pg_index_gw):
     finally:
         event.remove(engine.pool, "checkout", checkout)
         event.remove(engine.pool, "checkin", checkin)
+
+
+def test_a_stuck_reader_ends_the_export_and_gives_its_connections_back(pg_index_gw):
+    """A reader that sends nothing for ``reader_timeout`` ends the export (it does not hang the
+    request), its statement is cancelled, and every connection of the export goes back."""
+    tenant = pg_index_gw.tenant()
+    _seed(pg_index_gw, tenant)
+    engine = pg_index_gw.db.engine
+    tenant_id, request = _list_request(pg_index_gw.db, tenant, {}, "csv")
+    held: set[int] = set()  # as above: the connections of the test's thread and of the readers
+
+    def checkout(dbapi_connection, record, proxy) -> None:
+        thread = threading.current_thread()
+        if thread is threading.main_thread() or thread.name == "export-slice-reader":
+            held.add(id(record))
+
+    def checkin(dbapi_connection, record) -> None:
+        held.discard(id(record))
+
+    waiting_sql = ("SELECT count(*) FROM pg_locks WHERE NOT granted"
+                   " AND relation = 'finding_sources'::regclass AND database = "
+                   "(SELECT oid FROM pg_database WHERE datname = current_database())")
+    chunks = bulk_export.stream(engine, FINDINGS, tenant_id, request, "csv", connections=2, slice_rows=5,
+                                reader_timeout=2)
+    header = next(chunks)  # the CSV header: no connection yet
+    assert header.startswith(b"id,")
+    # Another transaction holds the findings' sources exclusively (a migration's ALTER TABLE, say):
+    # each reader's COPY, which lists every finding's sources, waits for that lock, while the
+    # export's own connection (the snapshot, the slice starts) reads the findings alone.
+    with engine.connect() as blocker:
+        blocker.exec_driver_sql("LOCK TABLE finding_sources IN ACCESS EXCLUSIVE MODE")
+        event.listen(engine.pool, "checkout", checkout)
+        event.listen(engine.pool, "checkin", checkin)
+        try:
+            with pytest.raises(bulk_export.ExportStalled, match="sent nothing for 2 s"):
+                for _ in chunks:
+                    pass
+            # nothing of the export waits for the lock any more: the readers' statements were cancelled
+            assert blocker.exec_driver_sql(waiting_sql).scalar() == 0
+        finally:
+            event.remove(engine.pool, "checkout", checkout)
+            event.remove(engine.pool, "checkin", checkin)
+        blocker.rollback()
+    assert not held
+    assert not [thread for thread in threading.enumerate()
+                if thread.name == "export-slice-reader" and thread.is_alive()]
+    # and the export runs whole once the lock is gone
+    assert b"".join(bulk_export.stream(engine, FINDINGS, tenant_id, request, "csv", connections=2,
+                                       slice_rows=5, reader_timeout=2)) == \
+        b"".join(bulk_export.stream(engine, FINDINGS, tenant_id, request, "csv", fast=False))

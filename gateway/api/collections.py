@@ -638,7 +638,8 @@ def _list(tenant: str, name: str, *, tenant_id: int | None = None, within: tuple
     if bulk_export.export_format(list_request):  # the whole result, CSV or JSON Lines
         return bulk_export.export_response(current_app.response_class, _db().engine, collection, tenant_id,
                                            list_request, name, current_app.json.default,
-                                           connections=config["EXPORT_CONNECTIONS"])
+                                           connections=config["EXPORT_CONNECTIONS"],
+                                           reader_timeout=config["EXPORT_READER_TIMEOUT_SECONDS"])
     with _db().engine.connect() as conn:
         total = count(conn, collection, tenant_id, list_request) if list_request.count else None
         values, token = run_list(conn, collection, tenant_id, list_request, config["SECRET_KEY"],
