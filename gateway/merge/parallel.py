@@ -624,7 +624,7 @@ def merge_chunk(db: Database, batch_id: int, seq: int, settings: Settings, owner
                     chunks_t.c.tenant_id == batch.tenant_id, chunks_t.c.batch_id == batch_id,
                     chunks_t.c.seq == seq)).scalar_one())
             mergers = _Mergers(conn, batch)
-            if claimed.bucket is not None::  # its chain's provider records: repeats, as in one merge
+            if claimed.bucket is not None:  # its chain's provider records: repeats, as in one merge
                 for earlier in conn.execute(select(chunks_t.c.result).where(
                         chunks_t.c.tenant_id == batch.tenant_id, chunks_t.c.batch_id == batch_id,
                         chunks_t.c.bucket == claimed.bucket, chunks_t.c.seq < seq,
