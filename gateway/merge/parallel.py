@@ -9,19 +9,34 @@ processes at once.  So a batch of at least ``PARALLEL_MERGE_MIN_BYTES`` (Postgre
 merged in three steps:
 
 1. **Stage** (the batch's own task, holding the batch's lease): the stored bytes are parsed once,
-   each record checked as in a single merge (rejections keep their positions), and the records
-   are cut into chunks of about ``PARALLEL_MERGE_CHUNK_RECORDS``, **by resource**: a chunk ends
-   only between two records of different resources, and a record whose resource, or whose
-   provider id, is in a chunk already cut goes to the **tail** instead (as do knowledge-base
-   entries and alerts).  So two chunks never hold one resource's records nor one provider
-   record twice, and they do not fight over a resource or a finding.  Each chunk is committed
-   (``batch_merge_chunks``, msgpack of the checked records, with its stretch's rejection rows)
-   and its task sent at once, so workers merge the first chunks while the rest is parsed
-   (when the body passed the well-formedness check before the 202; otherwise every chunk is
-   staged before any is sent, so a malformed file merges nothing).  The tail row is written
-   last, with the batch's parsed and rejected totals: its presence means staging is complete.
-   A staging stopped by a crash starts again from the bytes; the chunks already committed are
-   kept (the cut is deterministic) and not sent twice.
+   each record checked as in a single merge (rejections keep their positions), and each
+   finding and observation is routed to one of ``PARALLEL_MERGE_BUCKETS`` **buckets** by a
+   stable hash (CRC-32) of its resource reference (the msgpack of what identity resolution
+   keys on), so every record of one resource lands in one bucket whatever the file's order.
+   A bucket's records are held encoded (msgpack) and cut as a chunk when they reach
+   ``PARALLEL_MERGE_CHUNK_RECORDS``; the chunks of one bucket form a **chain**: each names the
+   one before it (``after_seq``) and is merged only once that one is done (its claim checks it,
+   in SQL), so two chunks merging at once never hold one resource.  A provider record stays in
+   the bucket it was first met in; one met again on a resource of another bucket goes to the
+   **tail** (as does every later record of it, and knowledge-base entries and alerts), so two
+   chunks merging at once never hold one provider record either, and a chunk knows its chain's
+   earlier provider ids (their ``result``): a repeat is a repeat, as in one merge.  The tail is
+   spilled to the store in pieces (``spill`` rows) as it grows.  What stays in memory is the
+   open chunk of each bucket (at most buckets x chunk records, encoded), the tail piece being
+   filled, and an 8-byte digest per distinct provider id (its bucket; about 70 bytes a record
+   in CPython).  Each chunk is committed (``batch_merge_chunks``, with the rejections and the
+   new recommendation types met since the previous row) and sent at once if it is a chain's
+   first or its predecessor is merged already; otherwise the task that merges the predecessor
+   sends it (it looks after its own commit, the staging after the chunk's commit: one of them
+   sees the other).  So workers merge the first chunks while the rest is parsed (when the body
+   passed the well-formedness check before the 202; otherwise no chunk is sent before every
+   one is staged, so a malformed file merges nothing).  The tail row is written last, with the
+   batch's parsed and rejected totals: its presence means staging is complete.  A staging
+   stopped by a crash starts again from the bytes; the rows already committed are kept (the
+   routing and the cut are deterministic for the same settings) and not sent twice.  A file
+   that keeps each resource's records together (as scanners write them) fills the buckets in
+   turn; a file that interleaves resources (round-robin) fills them all at once: either way
+   every bucket's chain advances and up to ``buckets`` chunks merge at the same time.
 
    The parse is then the serial part (it was the critical path in the bench: chunks were
    merged as fast as one worker parsed them), so a format whose document splits into
@@ -32,24 +47,30 @@ merged in three steps:
    applies only to a simple document (one ``Report``, uniquely named hosts, nothing between
    them, at most ``SPLIT_MAX_BYTES``); any other is parsed here as above.
 2. **Merge chunks** (``workers.tasks.merge_chunk``, any worker): a chunk is claimed with a lease
-   of its own and merged with the ordinary mergers (gateway/merge/findings.py etc.), in one
-   transaction that also marks it done and stores what the final step needs (counts, the
-   resources in scope, the reported identities of a full scan, touched recommendations,
-   stale examples, the provider ids seen).  A worker killed mid-chunk loses that transaction
+   of its own (only once its chain predecessor is done) and merged with the ordinary mergers
+   (gateway/merge/findings.py etc.), in one transaction that also marks it done and stores
+   what the final step needs (counts, the resources in scope, the reported identities of a
+   full scan, touched recommendations, stale examples, the provider ids seen); after the
+   commit it sends its chain's next chunk.  A worker killed mid-chunk loses that transaction
    only; its chunk's lease expires, the batch's too (chunk merges renew it), and the sweep's
-   task re-sends every pending chunk whose lease is free.  A chunk merged twice is impossible:
-   ``done`` is written in the chunk's transaction, under its lease.
+   task re-sends every pending chunk whose lease is free and whose predecessor is done (the
+   rest of its chain follows).  A chunk merged twice is impossible: ``done`` is written in the
+   chunk's transaction, under its lease.
 3. **Finish** (whichever chunk task sees every chunk done, or the batch's task on a resume): the
    batch row is locked (``FOR UPDATE SKIP LOCKED``: one finisher), the tail is merged with the
    earlier chunks' provider ids known (a repeat is a repeat, as in one merge), then once for the
    whole batch: the full-scan resolve and observation removal over every chunk's scope and
    reported identities, the recommendations of every touched resource (with governance and the
    Secure Score), and the batch's status, counts, rejections and ``batch.finished`` event; the
-   staged rows are deleted.  A knowledge-base entry in a big batch is merged here, so its
+   staged rows are deleted.  The tail's pieces are read and merged one at a time, in file
+   order.  A knowledge-base entry in a big batch is merged here, so its
    back-fill runs once, after every chunk (the store ends as it would had the KB come first).
 
 The outcome is the single merge's: the same mergers see the same records in file order within
-each resource, provider records are never split, counts are sums.  What differs: chunks commit
+each resource (a bucket's chain keeps its records in file order), provider records are never
+split, counts are sums.  What differs: a provider record met on resources of two buckets is
+merged from the tail, after every chunk, so its resource's records that follow it in the file
+are merged before it (one merge takes it first; a record moved between resources); chunks commit
 before the batch finishes (readers see the batch's findings arrive chunk by chunk), a batch
 failed by an unexpected error after some chunks merged keeps those chunks' findings (its
 stored bytes are kept; a new push merges as an update), and records of one resource named in
@@ -60,13 +81,15 @@ concurrent batches of one tenant, which the store already keeps consistent).
 chunk with its own connection and transaction; the only tenant-wide lock a chunk takes is the
 short resolver lock around its resource resolution (committed at once, as for concurrent
 batches); new recommendation types are committed before a chunk's transaction, so no chunk
-waits for another's uncommitted insert.  More worker processes (on more cores or machines) take
-more chunks at once; the serial parts are the staging (a byte scan for a split Nessus file; for
-other formats the whole parse, overlapped with the chunk merges) and the finish (the
-recommendations of the touched resources and, for a full scan, the resolve), which grow with
-resources, not records.  Chunk progress is in the batch's
-``progress`` (``chunksTotal``, ``chunksDone``).  SQLite has one writer at a time: batches there
-merge as before.
+waits for another's uncommitted insert.  Up to ``PARALLEL_MERGE_BUCKETS`` chunks (one per chain)
+merge at once, so more worker processes (on more cores or machines) take more chunks at once
+as long as the buckets are at least as many as the processes (16 by default; raising it costs
+one open chunk of memory each in the staging task).  The serial parts are the staging (a byte
+scan for a split Nessus file; for other formats the whole parse and the routing, overlapped
+with the chunk merges) and the finish (the tail, the recommendations of the touched resources
+and, for a full scan, the resolve), which grow with resources, not records.  Chunk progress is
+in the batch's ``progress`` (``chunksTotal``, ``chunksDone``).  SQLite has one writer at a time:
+batches there merge as before.
 """
 
 from __future__ import annotations
@@ -756,8 +779,15 @@ def _finish(db: Database, batch_id: int, settings: Settings) -> str | None:
                                  .with_for_update(skip_locked=True)).first()
             if batch is None or batch.status != "processing":
                 return None  # being finished by another worker, or finished
+            # a cheap look first: every chunk task asks, the results are read once, by the finisher
+            states = conn.execute(select(chunks_t.c.kind, chunks_t.c.state, func.count()).where(
+                chunks_t.c.tenant_id == batch.tenant_id, chunks_t.c.batch_id == batch_id)
+                .group_by(chunks_t.c.kind, chunks_t.c.state)).all()
+            if not any(kind == "tail" for kind, _, _ in states) or any(
+                    kind in MERGED_KINDS and state != "done" for kind, state, _ in states):
+                return None
             rows = conn.execute(select(chunks_t.c.seq, chunks_t.c.kind, chunks_t.c.state, chunks_t.c.result,
-                                       chunks_t.c.received, chunks_t.c.rejected)
+                                       chunks_t.c.received, chunks_t.c.rejected, chunks_t.c.record_count)
                                 .where(chunks_t.c.tenant_id == batch.tenant_id, chunks_t.c.batch_id == batch_id)
                                 .order_by(chunks_t.c.seq)).all()
             tail = next((row for row in rows if row.kind == "tail"), None)
@@ -767,6 +797,7 @@ def _finish(db: Database, batch_id: int, settings: Settings) -> str | None:
             merger = mergers.findings
             chunk_counts: Counter = Counter()
             seen: set[int] = set()
+            tail_records = any(row.record_count for row in rows if row.kind in ("spill", "tail"))
             received, rejected = tail.received, tail.rejected
             split_rejections: list[dict] = []  # the parts' rejections, numbered in the whole document
             for row in rows:
@@ -784,7 +815,8 @@ def _finish(db: Database, batch_id: int, settings: Settings) -> str | None:
                 merger.touched_recommendations.update(map(tuple, result.touched))
                 merger.reported.update(map(tuple, result.reported))
                 merger.stale_examples.extend(result.stale[: STALE_EXAMPLES - len(merger.stale_examples)])
-                seen.update(result.seen)
+                if tail_records:  # (only a tail's records need them)
+                    seen.update(result.seen)
             merger._seen_records = seen  # a tail record an earlier chunk merged is a repeat, as in one merge
             for row in rows:  # the tail's spilled pieces, then its last one, in file order, one at a time
                 if row.kind in ("spill", "tail"):
