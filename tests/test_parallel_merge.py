@@ -309,7 +309,8 @@ def _host(h: int) -> dict:
 def _interleaved(hosts: int = 30, per_host: int = 40, scan: str | None = None, skip: int = 0) -> bytes:
     """Round-robin over the hosts (``host = n % hosts``, as bench/million.py writes), so no cut
     between resources exists; plus a provider record repeated on its own host far later (a later
-    chunk of its chain), one named again on another host (the tail), and records the store refuses."""
+    chunk of its chain), some named again on another host (in another bucket: the tail), and
+    records the store refuses."""
     items = []
     for j in range(per_host):
         for h in range(hosts):
@@ -323,7 +324,8 @@ def _interleaved(hosts: int = 30, per_host: int = 40, scan: str | None = None, s
             items += [finding(f"bad-{h}", resource=_host(h), title="NUL \u0000 inside") for h in range(3)]
     if not scan:
         items.append(finding("rr1/p2", resource=_host(1), cves=["CVE-2024-1002"], evidence="seen again"))
-        items.append(finding("rr2/p3", resource=_host(5), cves=["CVE-2024-1003"], evidence="moved"))
+        items += [finding(f"rr{h}/p{h + 1}", resource=_host(h + 3), cves=[f"CVE-2024-{1001 + h}"],
+                          evidence="moved") for h in range(2, 6)]
     return document(items, scan=scan)
 
 
@@ -343,7 +345,7 @@ def test_an_interleaved_file_merged_in_bucket_chains_by_two_workers_as_by_one(pg
     assert progress["done"]
     assert "chunksTotal" not in (reference[0]["progress"] or {})
     first = results[0]["counts"]
-    assert first["rejected"] == 3 and first["duplicatesInPush"] == 2 and first["created"] == hosts * per_host
+    assert first["rejected"] == 3 and first["duplicatesInPush"] == 5 and first["created"] == hosts * per_host
     assert results[1]["counts"]["resolved"] > 0 and results[1]["counts"]["updated"] > 0
     for mine, theirs in zip(results, reference, strict=True):
         assert _comparable(mine) == _comparable(theirs)
@@ -414,4 +416,4 @@ def test_a_worker_killed_mid_chunk_of_a_chain_resumes_without_doubles(pg_gw, red
         assert actual[part] == expected[part], part
     with pg_gw.db.sessions() as session:
         assert _doubled(session, tenant_id) == []
-    assert result["counts"]["created"] == hosts * per_host and result["counts"]["duplicatesInPush"] == 2
+    assert result["counts"]["created"] == hosts * per_host and result["counts"]["duplicatesInPush"] == 5
