@@ -1,6 +1,11 @@
 """One big batch, many workers: a large Nessus file end to end with 1, 2 and 4 worker processes.
 
     .venv/bin/python bench/parallel_merge_bench.py --findings 120000 --workers 1 2 4 [--repeat 1]
+    .venv/bin/python bench/parallel_merge_bench.py --format canonical --findings 200000 --hosts 20000
+
+``--format canonical`` pushes canonical findings written round-robin over ``--hosts`` hosts
+(bench/million.py's file: every resource's records spread over the whole file), which the
+staging routes to resource buckets (``--buckets``) instead of splitting the document.
 
 For each run: a scratch PostgreSQL database, the API on a real socket (a thread of this process),
 N ``celery worker --concurrency=1`` processes on Redis, then one Nessus v2 file of ``--findings``
@@ -54,7 +59,8 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def run(mode: str, workers: int, body: bytes, count: int, chunk_records: int) -> dict:
+def run(mode: str, workers: int, body: bytes, count: int, chunk_records: int, fmt: str = "nessus",
+        buckets: int = 16) -> dict:
     import logging
 
     import redis
@@ -82,7 +88,8 @@ def run(mode: str, workers: int, body: bytes, count: int, chunk_records: int) ->
                    GATEWAY_TASK_QUEUE=queue, PYTHONPATH=str(ROOT),
                    GATEWAY_LOG_LEVEL="INFO" if os.environ.get("BENCH_WORKER_LOG") else "WARNING",
                    GATEWAY_PARALLEL_MERGE_MIN_BYTES="0" if mode == "single" else "1",
-                   GATEWAY_PARALLEL_MERGE_CHUNK_RECORDS=str(chunk_records))
+                   GATEWAY_PARALLEL_MERGE_CHUNK_RECORDS=str(chunk_records),
+                   GATEWAY_PARALLEL_MERGE_BUCKETS=str(buckets))
         for n in range(workers):
             processes.append(subprocess.Popen(
                 [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--concurrency=1",
@@ -93,12 +100,13 @@ def run(mode: str, workers: int, body: bytes, count: int, chunk_records: int) ->
         time.sleep(4)
         gw = Gateway(app)
         tenant = gw.tenant()
-        headers = gw.partner("Tenable", [tenant])
+        headers = gw.partner("Tenable" if fmt == "nessus" else "Qualys", [tenant])
         load_before = os.getloadavg()
         cpu_before, pg_before = _children_cpu([p.pid for p in processes]), _cpu_seconds()["postgres"]
         started = time.perf_counter()
-        response = requests.post(f"{base}/api/v1/tenants/{tenant}/batches?format=nessus", data=body,
-                                 headers=headers | {"Content-Type": "application/xml"}, timeout=600)
+        response = requests.post(f"{base}/api/v1/tenants/{tenant}/batches?format={fmt}", data=body,
+                                 headers=headers | {"Content-Type": "application/xml" if fmt == "nessus"
+                                                    else "application/json"}, timeout=600)
         accepted = time.perf_counter() - started
         assert response.status_code == 202, response.text
         batch_id = response.json()["id"]
@@ -138,20 +146,29 @@ def main() -> None:
     parser.add_argument("--chunk-records", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--no-single", action="store_true", help="skip today's single-worker merge")
+    parser.add_argument("--format", choices=["nessus", "canonical"], default="nessus")
+    parser.add_argument("--hosts", type=int, default=20_000, help="canonical: hosts the findings go round")
+    parser.add_argument("--buckets", type=int, default=16, help="GATEWAY_PARALLEL_MERGE_BUCKETS")
     args = parser.parse_args()
 
-    from bench.connector_bench import synthetic_nessus
-
     scratch = Path(tempfile.mkdtemp())
-    path = scratch / "bench.nessus"
-    count = synthetic_nessus(path, findings=args.findings)
+    path = scratch / "bench.data"
+    if args.format == "nessus":
+        from bench.connector_bench import synthetic_nessus
+
+        count = synthetic_nessus(path, findings=args.findings)
+    else:
+        from bench.million import write_body
+
+        count = args.findings
+        write_body(path, "pm", count, args.hosts)
     body = path.read_bytes()
     path.unlink()
-    print(f"Nessus file: {count} findings, {len(body) / 2**20:.0f} MiB; {os.cpu_count()} CPUs")
+    print(f"{args.format} file: {count} findings, {len(body) / 2**20:.0f} MiB; {os.cpu_count()} CPUs")
     plan = ([] if args.no_single else [("single", 1)]) + [("parallel", n) for n in args.workers]
     for _ in range(args.repeat):
         for mode, workers in plan:
-            r = run(mode, workers, body, count, args.chunk_records)
+            r = run(mode, workers, body, count, args.chunk_records, args.format, args.buckets)
             chunks = "" if r["chunks"] is None else f", {r['chunks']} chunks"
             print(f"{r['mode']:>8} {r['workers']} worker(s): {r['status']} {r['created']} created, "
                   f"202 after {r['accepted']:.1f}s, final after {r['total']:.1f}s = {r['rate']:,.0f} findings/s"

@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     # many bytes is staged in chunks of about this many records, merged by every free worker. 0: off.
     parallel_merge_min_bytes: int = 32 * 1024 * 1024
     parallel_merge_chunk_records: int = 10_000
+    # ... and its records routed to this many buckets by resource: a bucket's chunks merge one after
+    # the other, different buckets' at once (at least the worker processes that merge them).
+    parallel_merge_buckets: int = 16
     # ANALYZE after a merge (PostgreSQL; gateway/pipeline.py analyze_if_due): a table the merges
     # changed by this many rows, or this share of its rows, since its last ANALYZE. 0 turns it off.
     analyze_after_rows: int = 50_000

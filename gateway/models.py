@@ -198,10 +198,12 @@ class BatchChunk(Base):
 class BatchMergeChunk(Base):
     """One staged chunk of a big batch merged by several workers (gateway/merge/parallel.py).
 
-    Migration 0028.  ``records`` holds the chunk's parsed and checked records (msgpack); the
-    ``tail`` chunk (the last ``seq``) is written when staging ends and is merged by the final
-    step.  A chunk's merge writes ``state = done`` and its ``result`` in its own transaction.
-    The rows are deleted when the batch is finished.
+    Migrations 0028, 0032a.  ``records`` holds the chunk's parsed and checked records (msgpack);
+    ``spill`` rows hold pieces of the tail as it is parsed, and the ``tail`` chunk (the last
+    ``seq``) is written when staging ends: both are merged by the final step.  A chunk of a
+    resource ``bucket`` is merged only after ``after_seq`` (the bucket's previous chunk) is done.
+    A chunk's merge writes ``state = done`` and its ``result`` in its own transaction.  The rows
+    are deleted when the batch is finished.
     """
 
     __tablename__ = "batch_merge_chunks"
@@ -209,7 +211,7 @@ class BatchMergeChunk(Base):
     batch_id: Mapped[int] = mapped_column(BigId, ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True)
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     tenant_id: Mapped[int] = mapped_column(Integer)
-    kind: Mapped[str] = mapped_column(String(10), default="chunk")  # chunk | tail
+    kind: Mapped[str] = mapped_column(String(10), default="chunk")  # chunk | xml | spill | tail
     state: Mapped[str] = mapped_column(String(10), default="pending")  # pending | done
     records: Mapped[bytes] = mapped_column(LargeBinary)
     record_count: Mapped[int] = mapped_column(Integer, default=0)
@@ -220,6 +222,8 @@ class BatchMergeChunk(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(100))
     lease_expires_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
+    bucket: Mapped[int | None] = mapped_column(Integer)  # the chain a chunk belongs to
+    after_seq: Mapped[int | None] = mapped_column(Integer)  # the chunk merged before it in its chain
 
 
 class Resource(Base):

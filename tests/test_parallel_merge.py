@@ -295,3 +295,125 @@ def test_a_nessus_file_is_split_between_hosts_and_parsed_by_the_workers_that_mer
     assert len(actual["findings"]) >= 599
     for part in expected:
         assert actual[part] == expected[part], part
+
+
+# -- an interleaved file: every resource's records spread over the whole file -----------------
+
+BUCKETED = PARALLEL | {"GATEWAY_PARALLEL_MERGE_CHUNK_RECORDS": "60", "GATEWAY_PARALLEL_MERGE_BUCKETS": "4"}
+
+
+def _host(h: int) -> dict:
+    return {"fqdn": f"rr{h}.example.com", "ipv4": [f"10.9.{h // 200}.{h % 200 + 1}"]}
+
+
+def _interleaved(hosts: int = 30, per_host: int = 40, scan: str | None = None, skip: int = 0) -> bytes:
+    """Round-robin over the hosts (``host = n % hosts``, as bench/million.py writes), so no cut
+    between resources exists; plus a provider record repeated on its own host far later (a later
+    chunk of its chain), some named again on another host (in another bucket: the tail), and
+    records the store refuses."""
+    items = []
+    for j in range(per_host):
+        for h in range(hosts):
+            if skip and j % skip == skip - 1:
+                continue  # absent from a full scan: resolved
+            items.append(finding(f"rr{h}/p{j}", resource=_host(h), cves=[f"CVE-2024-{1000 + j}"],
+                                 severity=["low", "medium", "high", "critical"][(h + j + bool(scan)) % 4],
+                                 status="fixed" if (h * j) % 13 == 6 else "open",
+                                 ts="2024-05-01T00:00:00Z" if scan else "2024-04-01T00:00:00Z"))
+        if j == per_host // 2 and not scan:
+            items += [finding(f"bad-{h}", resource=_host(h), title="NUL \u0000 inside") for h in range(3)]
+    if not scan:
+        items.append(finding("rr1/p2", resource=_host(1), cves=["CVE-2024-1002"], evidence="seen again"))
+        items += [finding(f"rr{h}/p{h + 1}", resource=_host(h + 3), cves=[f"CVE-2024-{1001 + h}"],
+                          evidence="moved") for h in range(2, 6)]
+    return document(items, scan=scan)
+
+
+def test_an_interleaved_file_merged_in_bucket_chains_by_two_workers_as_by_one(pg_gw, redis_clean):
+    hosts, per_host = 30, 40
+    bodies = [_interleaved(hosts, per_host), _interleaved(hosts // 2, per_host, scan="full", skip=5)]
+    single, parallel = pg_gw.tenant(), pg_gw.tenant()
+    headers = {name: pg_gw.partner("Qualys", [name]) for name in (single, parallel)}
+
+    reference = _merge_with(pg_gw, SINGLE, 1, single, headers[single], bodies)
+    results = _merge_with(pg_gw, BUCKETED, 2, parallel, headers[parallel], bodies)
+
+    assert [r["status"] for r in results] == ["partiallySucceeded", "succeeded"]
+    # 1,200 records in 4 buckets of about 300: chains of several 60-record chunks each
+    progress = results[0]["progress"]
+    assert progress["chunksTotal"] >= 16 and progress["chunksDone"] == progress["chunksTotal"]
+    assert progress["done"]
+    assert "chunksTotal" not in (reference[0]["progress"] or {})
+    first = results[0]["counts"]
+    assert first["rejected"] == 3 and first["duplicatesInPush"] == 5 and first["created"] == hosts * per_host
+    assert results[1]["counts"]["resolved"] > 0 and results[1]["counts"]["updated"] > 0
+    for mine, theirs in zip(results, reference, strict=True):
+        assert _comparable(mine) == _comparable(theirs)
+
+    expected = _snapshot(pg_gw, single, headers[single], [r["id"] for r in reference])
+    actual = _snapshot(pg_gw, parallel, headers[parallel], [r["id"] for r in results])
+    assert len(actual["findings"]) >= hosts * per_host and len(actual["resources"]) == hosts
+    for part in expected:
+        assert actual[part] == expected[part], part
+    with pg_gw.db.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(BatchMergeChunk)) == 0
+        assert _doubled(session) == []
+
+
+def test_a_worker_killed_mid_chunk_of_a_chain_resumes_without_doubles(pg_gw, redis_clean):
+    hosts, per_host = 40, 60
+    big = _interleaved(hosts, per_host)
+    single, parallel = pg_gw.tenant(), pg_gw.tenant()
+    headers = {name: pg_gw.partner("Qualys", [name]) for name in (single, parallel)}
+    batch_id = _push(pg_gw, parallel, headers[parallel], big)
+    env = BUCKETED | {"GATEWAY_PARALLEL_MERGE_CHUNK_RECORDS": "200", "GATEWAY_PARALLEL_MERGE_BUCKETS": "2"}
+    first = [Worker(pg_gw.app.config["DATABASE_URL"], extra_env=env | {"GATEWAY_LEASE_SECONDS": "3"})
+             for _ in range(2)]
+    try:
+        def mid_chain():  # a chunk of a chain being merged after the chunk before it in its chain
+            with pg_gw.db.sessions() as session:
+                rows = session.execute(select(BatchMergeChunk.seq, BatchMergeChunk.state,
+                                              BatchMergeChunk.after_seq, BatchMergeChunk.lease_owner)
+                                       .where(BatchMergeChunk.batch_id == batch_id)).all()
+            done = {r.seq for r in rows if r.state == "done"}
+            running = [r for r in rows if r.state == "pending" and r.lease_owner and r.after_seq in done]
+            return (done, running) if running else None
+
+        done_before, running = wait_for(mid_chain, timeout=180, interval=0.02)
+    finally:
+        for process in first:
+            process.kill()
+    with pg_gw.db.sessions() as session:
+        assert session.scalar(select(Batch.status).where(Batch.id == batch_id)) == "processing"
+        tenant_id = session.scalar(select(Tenant.id).where(Tenant.external_id == parallel))
+        merged = session.scalar(select(func.count()).select_from(FindingSource)
+                                .where(FindingSource.tenant_id == tenant_id))
+        assert 0 < merged < hosts * per_host  # the chunks done are committed; the one killed left nothing
+        assert _doubled(session, tenant_id) == []
+        chains = dict(session.execute(select(BatchMergeChunk.seq, BatchMergeChunk.after_seq)
+                                      .where(BatchMergeChunk.batch_id == batch_id)).all())
+    # every chunk but a chain's first waits for the one before it: the killed one's successors were not merged
+    killed = {r.seq for r in running}
+    later = {seq for seq, after in chains.items() if after in killed}
+    assert later and not later & {r.seq for r in _chunks(pg_gw, batch_id) if r.state == "done"}
+
+    second = [Worker(pg_gw.app.config["DATABASE_URL"], extra_env=env) for _ in range(2)]
+    try:
+        with pg_gw.app.app_context():
+            wait_for(lambda: requeue(pg_gw.db, older_than_seconds=0) == 1, timeout=30, interval=0.5)
+        result = _final(pg_gw, parallel, headers[parallel], batch_id)
+    finally:
+        for process in second:
+            process.stop()
+    assert result["status"] == "partiallySucceeded" and result["attempts"] >= 2
+    assert result["progress"]["chunksTotal"] > 2  # chains, not one chunk a bucket
+
+    reference_id = _push(pg_gw, single, headers[single], big)
+    assert process_batch(pg_gw.db, reference_id, chunk_size=50) == "partiallySucceeded"
+    expected = _snapshot(pg_gw, single, headers[single], [reference_id])
+    actual = _snapshot(pg_gw, parallel, headers[parallel], [batch_id])
+    for part in expected:
+        assert actual[part] == expected[part], part
+    with pg_gw.db.sessions() as session:
+        assert _doubled(session, tenant_id) == []
+    assert result["counts"]["created"] == hosts * per_host and result["counts"]["duplicatesInPush"] == 5

@@ -28,6 +28,7 @@ def parallel_settings(config):
 
     return Settings(min_bytes=int(config["PARALLEL_MERGE_MIN_BYTES"]),
                     chunk_records=max(1, int(config["PARALLEL_MERGE_CHUNK_RECORDS"])),
+                    buckets=max(1, int(config["PARALLEL_MERGE_BUCKETS"])),
                     sub_chunk=int(config["MERGE_CHUNK_SIZE"]), max_rejections=int(config["MAX_REJECTION_DETAILS"]),
                     lease_seconds=int(config["LEASE_SECONDS"]), max_attempts=int(config["MAX_ATTEMPTS"]),
                     dispatch=lambda batch_id, seq: merge_chunk_task.apply_async(args=[batch_id, seq]))

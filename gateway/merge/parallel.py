@@ -9,19 +9,34 @@ processes at once.  So a batch of at least ``PARALLEL_MERGE_MIN_BYTES`` (Postgre
 merged in three steps:
 
 1. **Stage** (the batch's own task, holding the batch's lease): the stored bytes are parsed once,
-   each record checked as in a single merge (rejections keep their positions), and the records
-   are cut into chunks of about ``PARALLEL_MERGE_CHUNK_RECORDS``, **by resource**: a chunk ends
-   only between two records of different resources, and a record whose resource, or whose
-   provider id, is in a chunk already cut goes to the **tail** instead (as do knowledge-base
-   entries and alerts).  So two chunks never hold one resource's records nor one provider
-   record twice, and they do not fight over a resource or a finding.  Each chunk is committed
-   (``batch_merge_chunks``, msgpack of the checked records, with its stretch's rejection rows)
-   and its task sent at once, so workers merge the first chunks while the rest is parsed
-   (when the body passed the well-formedness check before the 202; otherwise every chunk is
-   staged before any is sent, so a malformed file merges nothing).  The tail row is written
-   last, with the batch's parsed and rejected totals: its presence means staging is complete.
-   A staging stopped by a crash starts again from the bytes; the chunks already committed are
-   kept (the cut is deterministic) and not sent twice.
+   each record checked as in a single merge (rejections keep their positions), and each
+   finding and observation is routed to one of ``PARALLEL_MERGE_BUCKETS`` **buckets** by a
+   stable hash (CRC-32) of its resource reference (the msgpack of what identity resolution
+   keys on), so every record of one resource lands in one bucket whatever the file's order.
+   A bucket's records are held encoded (msgpack) and cut as a chunk when they reach
+   ``PARALLEL_MERGE_CHUNK_RECORDS``; the chunks of one bucket form a **chain**: each names the
+   one before it (``after_seq``) and is merged only once that one is done (its claim checks it,
+   in SQL), so two chunks merging at once never hold one resource.  A provider record stays in
+   the bucket it was first met in; one met again on a resource of another bucket goes to the
+   **tail** (as does every later record of it, and knowledge-base entries and alerts), so two
+   chunks merging at once never hold one provider record either, and a chunk knows its chain's
+   earlier provider ids (their ``result``): a repeat is a repeat, as in one merge.  The tail is
+   spilled to the store in pieces (``spill`` rows) as it grows.  What stays in memory is the
+   open chunk of each bucket (at most buckets x chunk records, encoded), the tail piece being
+   filled, and an 8-byte digest per distinct provider id (its bucket; about 70 bytes a record
+   in CPython).  Each chunk is committed (``batch_merge_chunks``, with the rejections and the
+   new recommendation types met since the previous row) and sent at once if it is a chain's
+   first or its predecessor is merged already; otherwise the task that merges the predecessor
+   sends it (it looks after its own commit, the staging after the chunk's commit: one of them
+   sees the other).  So workers merge the first chunks while the rest is parsed (when the body
+   passed the well-formedness check before the 202; otherwise no chunk is sent before every
+   one is staged, so a malformed file merges nothing).  The tail row is written last, with the
+   batch's parsed and rejected totals: its presence means staging is complete.  A staging
+   stopped by a crash starts again from the bytes; the rows already committed are kept (the
+   routing and the cut are deterministic for the same settings) and not sent twice.  A file
+   that keeps each resource's records together (as scanners write them) fills the buckets in
+   turn; a file that interleaves resources (round-robin) fills them all at once: either way
+   every bucket's chain advances and up to ``buckets`` chunks merge at the same time.
 
    The parse is then the serial part (it was the critical path in the bench: chunks were
    merged as fast as one worker parsed them), so a format whose document splits into
@@ -32,24 +47,30 @@ merged in three steps:
    applies only to a simple document (one ``Report``, uniquely named hosts, nothing between
    them, at most ``SPLIT_MAX_BYTES``); any other is parsed here as above.
 2. **Merge chunks** (``workers.tasks.merge_chunk``, any worker): a chunk is claimed with a lease
-   of its own and merged with the ordinary mergers (gateway/merge/findings.py etc.), in one
-   transaction that also marks it done and stores what the final step needs (counts, the
-   resources in scope, the reported identities of a full scan, touched recommendations,
-   stale examples, the provider ids seen).  A worker killed mid-chunk loses that transaction
+   of its own (only once its chain predecessor is done) and merged with the ordinary mergers
+   (gateway/merge/findings.py etc.), in one transaction that also marks it done and stores
+   what the final step needs (counts, the resources in scope, the reported identities of a
+   full scan, touched recommendations, stale examples, the provider ids seen); after the
+   commit it sends its chain's next chunk.  A worker killed mid-chunk loses that transaction
    only; its chunk's lease expires, the batch's too (chunk merges renew it), and the sweep's
-   task re-sends every pending chunk whose lease is free.  A chunk merged twice is impossible:
-   ``done`` is written in the chunk's transaction, under its lease.
+   task re-sends every pending chunk whose lease is free and whose predecessor is done (the
+   rest of its chain follows).  A chunk merged twice is impossible: ``done`` is written in the
+   chunk's transaction, under its lease.
 3. **Finish** (whichever chunk task sees every chunk done, or the batch's task on a resume): the
    batch row is locked (``FOR UPDATE SKIP LOCKED``: one finisher), the tail is merged with the
    earlier chunks' provider ids known (a repeat is a repeat, as in one merge), then once for the
    whole batch: the full-scan resolve and observation removal over every chunk's scope and
    reported identities, the recommendations of every touched resource (with governance and the
    Secure Score), and the batch's status, counts, rejections and ``batch.finished`` event; the
-   staged rows are deleted.  A knowledge-base entry in a big batch is merged here, so its
+   staged rows are deleted.  The tail's pieces are read and merged one at a time, in file
+   order.  A knowledge-base entry in a big batch is merged here, so its
    back-fill runs once, after every chunk (the store ends as it would had the KB come first).
 
 The outcome is the single merge's: the same mergers see the same records in file order within
-each resource, provider records are never split, counts are sums.  What differs: chunks commit
+each resource (a bucket's chain keeps its records in file order), provider records are never
+split, counts are sums.  What differs: a provider record met on resources of two buckets is
+merged from the tail, after every chunk, so its resource's records that follow it in the file
+are merged before it (one merge takes it first; a record moved between resources); chunks commit
 before the batch finishes (readers see the batch's findings arrive chunk by chunk), a batch
 failed by an unexpected error after some chunks merged keeps those chunks' findings (its
 stored bytes are kept; a new push merges as an update), and records of one resource named in
@@ -60,13 +81,15 @@ concurrent batches of one tenant, which the store already keeps consistent).
 chunk with its own connection and transaction; the only tenant-wide lock a chunk takes is the
 short resolver lock around its resource resolution (committed at once, as for concurrent
 batches); new recommendation types are committed before a chunk's transaction, so no chunk
-waits for another's uncommitted insert.  More worker processes (on more cores or machines) take
-more chunks at once; the serial parts are the staging (a byte scan for a split Nessus file; for
-other formats the whole parse, overlapped with the chunk merges) and the finish (the
-recommendations of the touched resources and, for a full scan, the resolve), which grow with
-resources, not records.  Chunk progress is in the batch's
-``progress`` (``chunksTotal``, ``chunksDone``).  SQLite has one writer at a time: batches there
-merge as before.
+waits for another's uncommitted insert.  Up to ``PARALLEL_MERGE_BUCKETS`` chunks (one per chain)
+merge at once, so more worker processes (on more cores or machines) take more chunks at once
+as long as the buckets are at least as many as the processes (16 by default; raising it costs
+one open chunk of memory each in the staging task).  The serial parts are the staging (a byte
+scan for a split Nessus file; for other formats the whole parse and the routing, overlapped
+with the chunk merges) and the finish (the tail, the recommendations of the touched resources
+and, for a full scan, the resolve), which grow with resources, not records.  Chunk progress is
+in the batch's ``progress`` (``chunksTotal``, ``chunksDone``).  SQLite has one writer at a time:
+batches there merge as before.
 """
 
 from __future__ import annotations
@@ -77,6 +100,7 @@ import logging
 import re
 import threading
 import uuid
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -91,7 +115,7 @@ from connectors.base import ParseOptions
 from connectors.model import AlertRecord, FindingRecord, FormatError, Observation, Rejected, VulnerabilityInfo
 from gateway.db import Database
 from gateway.export import events as outbox
-from gateway.merge.findings import STALE_EXAMPLES, FindingMerger
+from gateway.merge.findings import STALE_EXAMPLES, FindingMerger, _digest
 from gateway.merge.sql import insert_rows
 from gateway.models import Batch, BatchMergeChunk, BatchRejection, OAuthClient, utcnow
 
@@ -131,6 +155,7 @@ class Settings:
 
     min_bytes: int
     chunk_records: int
+    buckets: int
     sub_chunk: int
     max_rejections: int
     lease_seconds: int
@@ -171,8 +196,8 @@ def coordinate(db: Database, batch_id: int, owner: str, settings: Settings) -> s
 
 
 def _stage(db: Database, batch, settings: Settings) -> set[int]:
-    """Parse the batch into chunks by resource (committed and sent one by one), then the tail;
-    the chunks sent."""
+    """Parse the batch into bucket chains of chunks (committed and sent one by one), the tail in
+    spilled pieces, then the tail row; the chunks sent."""
     with db.engine.connect() as conn:
         staged = dict(conn.execute(select(chunks_t.c.seq, chunks_t.c.kind).where(
             chunks_t.c.tenant_id == batch.tenant_id, chunks_t.c.batch_id == batch.id)).all())
@@ -193,21 +218,22 @@ def _stage(db: Database, batch, settings: Settings) -> set[int]:
     # send each chunk as it is cut only when the body is known to be well formed: a format error
     # found late then cannot leave earlier chunks merged
     early = batch.body_check in ("passed", "notNeeded")
+    buckets = max(1, settings.buckets)
     received = rejected = 0
     stretch_rejections: list[dict] = []
-    current: list = []
-    current_refs: set[bytes] = set()
-    current_ids: set[str] = set()  # provider ids
-    cut_refs: set[bytes] = set()
-    cut_ids: set[str] = set()
-    tail_ids: set[str] = set()
-    last_resource = ref = None
-    tail: list = []
-    stretch_findings: list[FindingRecord] = []  # since the last cut, in file order (chunk and tail)
+    # the findings parsed since the last flush, one per distinct set of type-defining fields, in
+    # the order of their last occurrence (what _create_types needs of them, in bounded memory)
+    stretch_types: dict[tuple, FindingRecord] = {}
+    open_chunks: list[list[tuple[int, msgspec.Raw]]] = [[] for _ in range(buckets)]  # (kind, encoded)
+    chain_end: list[int | None] = [None] * buckets  # the bucket's last chunk cut
+    owner: dict[int, int] = {}  # provider id digest -> its bucket (TAIL: its records go to the tail)
+    tail: list[tuple[int, msgspec.Raw]] = []  # the tail records not spilled yet
+    last_resource = None
+    bucket = 0
     seq = 0
-    last_ref: bytes | None = None
-    unsent: list[int] = []
+    cut_chunks: list[tuple[int, int | None]] = []  # (seq, after_seq) of the chunks cut, unsent
     sent: set[int] = set()
+    encode = msgspec.msgpack.encode
 
     def reject(position, reason, provider_id) -> None:
         nonlocal rejected
@@ -215,26 +241,31 @@ def _stage(db: Database, batch, settings: Settings) -> set[int]:
                                    "reason": clean_text(reason) or "", "provider_id": clean_text(provider_id)})
         rejected += 1
 
-    def cut() -> None:
+    def flush(kind: str, records: list, chain: int | None, final: bool = False) -> None:
+        """Commit one staged row (a chunk of a bucket, a spilled piece of the tail, or the tail)
+        with the rejections and new recommendation types met since the last one."""
         nonlocal seq
+        after = chain_end[chain] if chain is not None else None
         if seq not in staged:
             with db.engine.begin() as conn:
-                _create_types(conn, batch, stretch_findings)
-                _insert_chunk(conn, batch, seq, "chunk", current, settings.sub_chunk)
+                _create_types(conn, batch, list(stretch_types.values()))
+                conn.execute(chunks_t.insert().values(
+                    batch_id=batch.id, seq=seq, tenant_id=batch.tenant_id, kind=kind, state="pending",
+                    records=encode(_raw_sub_chunks(records, settings.sub_chunk)), record_count=len(records),
+                    received=received if final else 0, rejected=rejected if final else 0, attempts=0,
+                    bucket=chain, after_seq=after))
                 insert_rows(conn, rejections_t, stretch_rejections,
                             constants={"batch_id": batch.id, "tenant_id": batch.tenant_id})
-            unsent.append(seq)
-            if early:
-                sent.add(seq)
-                settings.dispatch(batch.id, seq)
-            _write_progress(db, batch, parsed=received)
-        cut_refs.update(current_refs)
-        cut_ids.update(current_ids)
-        current.clear()
-        current_refs.clear()
-        current_ids.clear()
+            if kind == "chunk":
+                cut_chunks.append((seq, after))
+                if early:
+                    _send_ready(db, batch, settings, cut_chunks, sent)
+                _write_progress(db, batch, parsed=received)
+        if chain is not None:
+            chain_end[chain] = seq
+        records.clear()
         stretch_rejections.clear()
-        stretch_findings.clear()
+        stretch_types.clear()
         seq += 1
 
     with db.engine.connect() as reader:
@@ -253,38 +284,78 @@ def _stage(db: Database, batch, settings: Settings) -> set[int]:
                 reject(f"record {position}", ALERT_SCOPE_REASON, record.provider_id)
                 continue
             if isinstance(record, FindingRecord):
-                stretch_findings.append(record)
-            if not isinstance(record, FindingRecord | Observation):
-                tail.append(record)  # knowledge-base entries and alerts: merged by the final step
+                key = (record.kind, record.recommendation, record.vendor_id, record.title, record.description,
+                       record.remediation, record.severity, record.severity_original, record.cvss_score,
+                       not record.cves)
+                stretch_types.pop(key, None)  # (last occurrence last: the last of a type gives its texts)
+                stretch_types[key] = record
+            kind = _KIND_INDEX[type(record)]
+            if kind >= 2:  # knowledge-base entries and alerts: merged by the final step
+                target = TAIL
+            else:
+                if record.resource is not last_resource:  # a connector gives a host's records one ref
+                    last_resource = record.resource
+                    bucket = zlib.crc32(encode(record.resource)) % buckets
+                target = bucket
+                if kind == 0:  # a provider record stays in one bucket (or, once met in two, the tail)
+                    digest = _digest(record.provider_id)
+                    first = owner.setdefault(digest, bucket)
+                    if first != bucket:
+                        owner[digest] = target = TAIL
+            if target == TAIL:
+                tail.append((kind, msgspec.Raw(encode(record))))
+                if len(tail) >= settings.chunk_records:
+                    flush("spill", tail, None)
                 continue
-            if record.resource is not last_resource:  # a connector gives a host's records one ref
-                last_resource, ref = record.resource, msgspec.msgpack.encode(record.resource)
-            digest = record.provider_id if isinstance(record, FindingRecord) else None
-            if ref in cut_refs or digest in cut_ids or digest in tail_ids:
-                tail.append(record)  # its resource or its provider record is in a chunk cut already
-                if digest is not None:  # (or in the tail: the tail keeps its records' order)
-                    tail_ids.add(digest)
-                continue
-            if len(current) >= settings.chunk_records and ref != last_ref:
-                cut()
-            current.append(record)
-            current_refs.add(ref)
-            if digest is not None:
-                current_ids.add(digest)
-            last_ref = ref
-    if current:
-        cut()
-    with db.engine.begin() as conn:
-        _create_types(conn, batch, stretch_findings)
-        _insert_chunk(conn, batch, seq, "tail", tail, settings.sub_chunk, received=received, rejected=rejected)
-        insert_rows(conn, rejections_t, stretch_rejections,
-                    constants={"batch_id": batch.id, "tenant_id": batch.tenant_id})
-    for unsent_seq in unsent:
-        if unsent_seq not in sent:
-            sent.add(unsent_seq)
-            settings.dispatch(batch.id, unsent_seq)
-    log.info("batch %s staged in %d chunks and a tail of %d records", batch.id, seq, len(tail))
+            chunk = open_chunks[target]
+            chunk.append((kind, msgspec.Raw(encode(record))))
+            if len(chunk) >= settings.chunk_records:
+                flush("chunk", chunk, target)
+    for index, chunk in enumerate(open_chunks):
+        if chunk:
+            flush("chunk", chunk, index)
+    cuts = seq
+    flush("tail", tail, None, final=True)
+    _send_ready(db, batch, settings, cut_chunks, sent)
+    log.info("batch %s staged in %d chunks (%d buckets) and a tail", batch.id, cuts, buckets)
     return sent
+
+
+TAIL = -1
+_KIND_INDEX = {FindingRecord: 0, Observation: 1, VulnerabilityInfo: 2, AlertRecord: 3}
+
+
+def _raw_sub_chunks(records: list[tuple[int, msgspec.Raw]], sub_chunk: int) -> list[tuple[list, ...]]:
+    """Encoded records as a staged chunk's sub-chunks (decoded as ``SubChunk``), in file order by kind."""
+    parts = []
+    for start in range(0, len(records), sub_chunk):
+        part: tuple[list, ...] = ([], [], [], [])
+        for kind, raw in records[start : start + sub_chunk]:
+            part[kind].append(raw)
+        parts.append(part)
+    return parts
+
+
+def _send_ready(db: Database, batch, settings: Settings, cut: list[tuple[int, int | None]],
+                sent: set[int]) -> None:
+    """Send the chunks cut whose chain predecessor is merged (or that have none); the others are
+    sent by the task that merges their predecessor (it looks for its successor after its commit,
+    and this looks after the successor's commit: one of the two sees the other)."""
+    waiting = [(seq, after) for seq, after in cut if seq not in sent]
+    if not waiting:
+        return
+    befores = {after for _, after in waiting if after is not None}
+    done: set[int] = set()
+    if befores:
+        with db.engine.connect() as conn:
+            done = set(conn.execute(select(chunks_t.c.seq).where(
+                chunks_t.c.tenant_id == batch.tenant_id, chunks_t.c.batch_id == batch.id,
+                chunks_t.c.seq.in_(sorted(befores)), chunks_t.c.state == "done")).scalars())
+    for seq, after in waiting:
+        if after is None or after in done:
+            settings.dispatch(batch.id, seq)
+        sent.add(seq)  # (or left to its predecessor's task)
+    cut.clear()
 
 
 # -- the parse split too: a Nessus file cut between its ReportHost elements ---------------------
@@ -428,14 +499,28 @@ def _sub_chunks(records: list, sub_chunk: int) -> list[SubChunk]:
 
 
 def _abandoned(db: Database, batch) -> list[int]:
-    """Chunks not merged whose lease is free: never taken, or their worker died."""
+    """Chunks not merged whose lease is free and whose chain predecessor is merged (or that have
+    none): never taken, or their worker died.  A later chunk of a chain is sent by the task that
+    merges the one before it."""
     now = utcnow()
+    before = chunks_t.alias("before")
     with db.engine.connect() as conn:
         return conn.execute(select(chunks_t.c.seq).where(
             chunks_t.c.tenant_id == batch.tenant_id, chunks_t.c.batch_id == batch.id,
-            chunks_t.c.kind != "tail", chunks_t.c.state == "pending",
+            chunks_t.c.kind.in_(MERGED_KINDS), chunks_t.c.state == "pending",
             or_(chunks_t.c.lease_owner.is_(None), chunks_t.c.lease_expires_at <= now),
+            _predecessor_done(before),
         ).order_by(chunks_t.c.seq)).scalars().all()
+
+
+MERGED_KINDS = ("chunk", "xml")  # merged by a chunk task (a spill and the tail: by the final step)
+
+
+def _predecessor_done(before):
+    """SQL: the chunk has no chain predecessor, or that one is merged."""
+    return or_(chunks_t.c.after_seq.is_(None), select(before.c.seq).where(
+        before.c.batch_id == chunks_t.c.batch_id, before.c.seq == chunks_t.c.after_seq,
+        before.c.state == "done").exists())
 
 
 def _drop_staged(db: Database, batch) -> None:
@@ -453,10 +538,10 @@ def _write_progress(db: Database, batch, parsed: int | None = None) -> None:
                                        func.max(chunks_t.c.rejected))
                                 .where(chunks_t.c.tenant_id == batch.tenant_id, chunks_t.c.batch_id == batch.id)
                                 .group_by(chunks_t.c.kind, chunks_t.c.state)).all()
-            staged = sum(n for kind, _, n, _, _, _ in rows if kind != "tail")
-            done = sum(n for kind, state, n, _, _, _ in rows if kind != "tail" and state == "done")
+            staged = sum(n for kind, _, n, _, _, _ in rows if kind in MERGED_KINDS)
+            done = sum(n for kind, state, n, _, _, _ in rows if kind in MERGED_KINDS and state == "done")
             merged = sum(int(records or 0) for kind, state, _, records, _, _ in rows
-                         if kind != "tail" and state == "done")
+                         if kind in MERGED_KINDS and state == "done")
             tail = next((row for row in rows if row[0] == "tail"), None)
             total_rejected = int(tail[5]) if tail is not None else 0
             progress = {"chunks": done, "chunksTotal": staged if tail is not None else None, "chunksDone": done,
@@ -511,12 +596,14 @@ def merge_chunk(db: Database, batch_id: int, seq: int, settings: Settings, owner
     try:
         with db.engine.begin() as conn:
             claimed = conn.execute(update(chunks_t).where(
-                chunks_t.c.batch_id == batch_id, chunks_t.c.seq == seq, chunks_t.c.kind != "tail",
+                chunks_t.c.batch_id == batch_id, chunks_t.c.seq == seq, chunks_t.c.kind.in_(MERGED_KINDS),
                 chunks_t.c.state == "pending",
                 or_(chunks_t.c.lease_owner.is_(None), chunks_t.c.lease_owner == owner,
                     chunks_t.c.lease_expires_at <= now),
+                _predecessor_done(chunks_t.alias("before")),  # a chain's chunks merge one after the other
             ).values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=settings.lease_seconds),
-                     attempts=chunks_t.c.attempts + 1).returning(chunks_t.c.attempts, chunks_t.c.tenant_id, chunks_t.c.kind)).first()
+                     attempts=chunks_t.c.attempts + 1).returning(
+                chunks_t.c.attempts, chunks_t.c.tenant_id, chunks_t.c.kind, chunks_t.c.bucket)).first()
             state = None if claimed else conn.execute(select(chunks_t.c.state).where(
                 chunks_t.c.batch_id == batch_id, chunks_t.c.seq == seq)).scalar()
     except DBAPIError as exc:
@@ -526,6 +613,8 @@ def merge_chunk(db: Database, batch_id: int, seq: int, settings: Settings, owner
     if claimed is None:
         if state == "done":  # merged already: the batch may still wait for its final step
             return finish_if_done(db, batch_id, settings) or "done"
+        # busy: another worker holds it, or its chain predecessor is not merged yet (whose task
+        # sends this one again when it is)
         return "busy" if state is not None else "missing"
     if claimed.attempts > settings.max_attempts:
         return _fail(db, batch_id, claimed.tenant_id,
@@ -558,6 +647,12 @@ def merge_chunk(db: Database, batch_id: int, seq: int, settings: Settings, owner
                     chunks_t.c.tenant_id == batch.tenant_id, chunks_t.c.batch_id == batch_id,
                     chunks_t.c.seq == seq)).scalar_one())
             mergers = _Mergers(conn, batch)
+            if claimed.bucket is not None:  # its chain's provider records: repeats, as in one merge
+                for earlier in conn.execute(select(chunks_t.c.result).where(
+                        chunks_t.c.tenant_id == batch.tenant_id, chunks_t.c.batch_id == batch_id,
+                        chunks_t.c.bucket == claimed.bucket, chunks_t.c.seq < seq,
+                        chunks_t.c.state == "done")).scalars():
+                    mergers.findings._seen_records.update(_decode_result(earlier).seen)
             mergers.merge(parts)
             result = mergers.result(full=batch.scan_type == "full")
             result.received, result.rejections = received, rejections
@@ -585,8 +680,25 @@ def merge_chunk(db: Database, batch_id: int, seq: int, settings: Settings, owner
         if collecting:
             gc.enable()
     log.info("batch %s chunk %s merged", batch_id, seq)
+    _send_successor(db, batch, seq, settings)
     _write_progress(db, batch)
     return finish_if_done(db, batch_id, settings) or "done"
+
+
+def _send_successor(db: Database, batch, seq: int, settings: Settings) -> None:
+    """Send the next chunk of this chunk's chain, if it is staged (read after this chunk's commit:
+    a successor committed later is sent by the staging, which then sees this one done)."""
+    try:
+        with db.engine.connect() as conn:
+            successors = conn.execute(select(chunks_t.c.seq).where(
+                chunks_t.c.tenant_id == batch.tenant_id, chunks_t.c.batch_id == batch.id,
+                chunks_t.c.after_seq == seq, chunks_t.c.state == "pending")).scalars().all()
+    except DBAPIError as exc:  # the sweep sends it once the batch's lease runs out
+        log.warning("batch %s chunk %s: next chunk of its chain not sent: %s", batch.id, seq, exc)
+        return
+    for successor in successors:
+        settings.dispatch(batch.id, successor)
+
 
 
 def _release_chunk(db: Database, batch_id: int, seq: int, owner: str) -> None:
@@ -667,21 +779,29 @@ def _finish(db: Database, batch_id: int, settings: Settings) -> str | None:
                                  .with_for_update(skip_locked=True)).first()
             if batch is None or batch.status != "processing":
                 return None  # being finished by another worker, or finished
+            # a cheap look first: every chunk task asks, the results are read once, by the finisher
+            states = conn.execute(select(chunks_t.c.kind, chunks_t.c.state, func.count()).where(
+                chunks_t.c.tenant_id == batch.tenant_id, chunks_t.c.batch_id == batch_id)
+                .group_by(chunks_t.c.kind, chunks_t.c.state)).all()
+            if not any(kind == "tail" for kind, _, _ in states) or any(
+                    kind in MERGED_KINDS and state != "done" for kind, state, _ in states):
+                return None
             rows = conn.execute(select(chunks_t.c.seq, chunks_t.c.kind, chunks_t.c.state, chunks_t.c.result,
-                                       chunks_t.c.received, chunks_t.c.rejected)
+                                       chunks_t.c.received, chunks_t.c.rejected, chunks_t.c.record_count)
                                 .where(chunks_t.c.tenant_id == batch.tenant_id, chunks_t.c.batch_id == batch_id)
                                 .order_by(chunks_t.c.seq)).all()
             tail = next((row for row in rows if row.kind == "tail"), None)
-            if tail is None or any(row.kind != "tail" and row.state != "done" for row in rows):
+            if tail is None or any(row.kind in MERGED_KINDS and row.state != "done" for row in rows):
                 return None
             mergers = _Mergers(conn, batch)
             merger = mergers.findings
             chunk_counts: Counter = Counter()
             seen: set[int] = set()
+            tail_records = any(row.record_count for row in rows if row.kind in ("spill", "tail"))
             received, rejected = tail.received, tail.rejected
             split_rejections: list[dict] = []  # the parts' rejections, numbered in the whole document
             for row in rows:
-                if row.kind == "tail":
+                if row.kind not in MERGED_KINDS:
                     continue
                 result = _decode_result(row.result)
                 for index, position, reason, provider_id in result.rejections:
@@ -695,12 +815,14 @@ def _finish(db: Database, batch_id: int, settings: Settings) -> str | None:
                 merger.touched_recommendations.update(map(tuple, result.touched))
                 merger.reported.update(map(tuple, result.reported))
                 merger.stale_examples.extend(result.stale[: STALE_EXAMPLES - len(merger.stale_examples)])
-                seen.update(result.seen)
+                if tail_records:  # (only a tail's records need them)
+                    seen.update(result.seen)
             merger._seen_records = seen  # a tail record an earlier chunk merged is a repeat, as in one merge
-            tail_records = conn.execute(select(chunks_t.c.records).where(
-                chunks_t.c.tenant_id == batch.tenant_id, chunks_t.c.batch_id == batch_id,
-                chunks_t.c.seq == tail.seq)).scalar_one()
-            mergers.merge(_decode_records(tail_records))
+            for row in rows:  # the tail's spilled pieces, then its last one, in file order, one at a time
+                if row.kind in ("spill", "tail"):
+                    mergers.merge(_decode_records(conn.execute(select(chunks_t.c.records).where(
+                        chunks_t.c.tenant_id == batch.tenant_id, chunks_t.c.batch_id == batch_id,
+                        chunks_t.c.seq == row.seq)).scalar_one()))
             if batch.scan_type == "full":
                 merger.resolve_unreported()
                 remove_unreported(merger)
@@ -725,7 +847,7 @@ def _finish(db: Database, batch_id: int, settings: Settings) -> str | None:
                 status = "partiallySucceeded"
             else:
                 status = "succeeded"
-            total = sum(1 for row in rows if row.kind != "tail")
+            total = sum(1 for row in rows if row.kind in MERGED_KINDS)
             conn.execute(update(batches).where(batches.c.id == batch_id, batches.c.status == "processing").values(
                 status=status, counts=counts, rejections=rejections, finished_at=utcnow(),
                 progress={"chunks": total, "chunksTotal": total, "chunksDone": total, "recordsParsed": received,
