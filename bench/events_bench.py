@@ -284,6 +284,7 @@ def main() -> None:
     parser.add_argument("--store", type=int, default=1_000_000)
     parser.add_argument("--new", type=int, default=100_000)
     parser.add_argument("--skip-ingest", action="store_true")
+    parser.add_argument("--skip-rules", action="store_true")
     args = parser.parse_args()
     name, url = create_database("gw_events_bench")
     DATABASE["name"] = name
@@ -291,7 +292,8 @@ def main() -> None:
         upgrade(url)
         if not args.skip_ingest:
             ingest(url, args)
-        rules(url, args)
+        if not args.skip_rules:
+            rules(url, args)
     finally:
         drop_database(name)
 

@@ -27,6 +27,11 @@ def first_class_uid(head: bytes) -> int | None:
 
 def text(value: Any, limit: int = 500) -> str | None:
     """A short string, or None for empty and placeholder values; the first of a list."""
+    if value is None:
+        return None
+    if type(value) is str:  # the common case, first (a parse calls this some 20 times an event)
+        value = value.strip()
+        return None if len(value) < 8 and value.lower() in _NOTHING else value[:limit]
     if isinstance(value, list):
         value = next((item for item in value if text(item, limit)), None)
     if isinstance(value, bool) or value is None:
@@ -39,11 +44,17 @@ def text(value: Any, limit: int = 500) -> str | None:
     return None if value.lower() in _NOTHING else value[:limit]
 
 
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = re.compile(rf"(?:{_OCTET}\.){{3}}{_OCTET}")  # dotted quad, canonical already (no leading zeros)
+
+
 def ip(value: Any) -> str | None:
     """An IP address in its canonical text (IPv4-mapped IPv6 unwrapped), or None."""
     raw = text(value, 100)
     if raw is None:
         return None
+    if _IPV4.fullmatch(raw):  # ipaddress would give it back unchanged, at ten times the cost
+        return raw
     if raw.startswith("::ffff:") and "." in raw:
         raw = raw[len("::ffff:") :]
     try:
@@ -58,9 +69,13 @@ def ips(value: Any) -> tuple[list[str], list[str]]:
     v6: list[str] = []
     for item in value if isinstance(value, list) else [value]:
         address = ip(item)
-        if address is None or ipaddress.ip_address(address).is_loopback:
+        if address is None:
             continue
-        (v6 if ":" in address else v4).append(address)
+        if ":" in address:
+            if not ipaddress.ip_address(address).is_loopback:
+                v6.append(address)
+        elif not address.startswith("127."):  # 127.0.0.0/8, IPv4's loopback
+            v4.append(address)
     return v4, v6
 
 

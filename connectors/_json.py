@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any, BinaryIO
 
 import ijson
+import msgspec
 
 from connectors.base import parse_time
 from connectors.model import FormatError, Rejected
@@ -160,6 +161,89 @@ def iter_json_records(stream: BinaryIO, envelope_keys: tuple[str, ...]) -> Itera
     except ijson.JSONError as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FormatError(f"not well-formed JSON after {position}: {detail}") from None
+
+
+WHOLE_BODY_BYTES = 64 * 1024 * 1024  # bodies up to this size are decoded at once by iter_json_documents
+# JSON text PostgreSQL's jsonb refuses although it is well-formed JSON: an escaped NUL, a surrogate
+_UNSTORABLE_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
+_RAWS = msgspec.json.Decoder(list[msgspec.Raw])
+_MEMBERS = msgspec.json.Decoder(dict[str, msgspec.Raw])
+
+
+def _document(raw: msgspec.Raw) -> str | None:
+    """A record's JSON text as sent, if the store can keep it verbatim (jsonb), else None."""
+    return None if _UNSTORABLE_ESCAPE.search(raw) else bytes(raw).decode()
+
+
+def iter_json_documents(
+    stream: BinaryIO, envelope_keys: tuple[str, ...], whole_limit: int = WHOLE_BODY_BYTES
+) -> Iterator[tuple[str, Any, str | None]]:
+    """:func:`iter_json_records` with each record's JSON text: (position, value, text or None).
+
+    A body of at most ``whole_limit`` bytes is read whole and split into its records' JSON
+    texts by msgspec (one C pass, no objects built), then each record is decoded on its own:
+    a caller that keeps the record as sent (security events' ``raw``) stores that text instead
+    of encoding the value again.  The text is None where the store could not hold it verbatim
+    (an escaped NUL or surrogate: the caller keeps the value).  A bigger body streams through
+    :func:`iter_json_records` (texts None), and so does a body msgspec finds malformed, so that
+    the error names the record after which the JSON breaks, as for every JSON format.
+    """
+    parts: list[bytes] = []
+    total = 0
+    while total <= whole_limit:
+        chunk = stream.read(whole_limit + 1 - total)
+        if not chunk:
+            break
+        parts.append(chunk)
+        total += len(chunk)
+    data = b"".join(parts)
+    if total > whole_limit:  # too big to hold: stream the head read so far, then the rest
+        for position, item in iter_json_records(_Chained(data, stream), envelope_keys):
+            yield position, item, None
+        return
+    body = data[len(_BOM):] if data.startswith(_BOM) else data
+    start = body.lstrip()[:1]
+    raws: list[tuple[str, msgspec.Raw]] | None = None
+    try:
+        if start == b"[":
+            raws = [(f"[{index}]", raw) for index, raw in enumerate(_RAWS.decode(body))]
+        elif start == b"{":
+            members = _MEMBERS.decode(body)
+            arrays = (key for key, raw in members.items() if memoryview(raw)[:1].tobytes() == b"[")
+            key = next((key for key in arrays if key in envelope_keys), None)
+            if key is None:
+                raws = [("$", msgspec.Raw(body))]
+            else:
+                raws = [(f"{key}[{index}]", raw) for index, raw in enumerate(_RAWS.decode(members[key]))]
+    except msgspec.DecodeError:
+        raws = None
+    if raws is None:  # empty, not JSON, or malformed: the streaming reader says where
+        for position, item in iter_json_records(io.BytesIO(data), envelope_keys):
+            yield position, item, None
+        return
+    for position, raw in raws:
+        yield position, msgspec.json.decode(raw), _document(raw)
+
+
+class _Chained(io.RawIOBase):
+    """A readable stream of ``head`` followed by the rest of ``stream``."""
+
+    def __init__(self, head: bytes, stream: BinaryIO) -> None:
+        self._view = memoryview(head)
+        self._stream = stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target: Any) -> int:  # type: ignore[override]
+        if self._view:
+            n = min(len(target), len(self._view))
+            target[:n] = self._view[:n]
+            self._view = self._view[n:]
+            return n
+        data = self._stream.read(len(target))
+        target[: len(data)] = data
+        return len(data)
 
 
 def json_head(head: bytes) -> bytes:

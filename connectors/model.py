@@ -189,7 +189,7 @@ class SecurityEventRecord(msgspec.Struct, kw_only=True):
     """One host security event (a logon, a process start, a connection, a group change), normalized.
 
     ``kind`` is one of ``EVENT_KINDS``; the typed fields are what detection rules query
-    (gateway/detection/); ``raw`` keeps the event as it was sent.
+    (gateway/detection/); ``raw`` (or ``raw_json``, its text) keeps the event as it was sent.
     """
 
     occurred_at: datetime
@@ -205,6 +205,9 @@ class SecurityEventRecord(msgspec.Struct, kw_only=True):
     process: str | None = None  # the process image path
     hash: str | None = None  # the process image hash (sha256 preferred)
     raw: dict | None = None
+    # the event's JSON text as sent, when the parser kept it (then ``raw`` is None): stored as it is,
+    # not encoded again (connectors._json.iter_json_documents)
+    raw_json: str | None = None
 
 
 EVENT_KINDS = ("logon_success", "logon_failure", "logoff", "process_start", "network_connection",

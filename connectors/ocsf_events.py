@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 from connectors._events import EVENT_CLASSES, at, first_class_uid, integer, ip, ips, text, when
-from connectors._json import iter_json_records, json_head, rejected
+from connectors._json import iter_json_documents, json_head, rejected
 from connectors.base import ParseOptions
 from connectors.model import Rejected, ResourceRef, SecurityEventRecord
 
@@ -43,11 +43,15 @@ def sniff(head: bytes) -> bool:
 
 
 def parse(stream: BinaryIO, options: ParseOptions) -> Iterator[SecurityEventRecord | Rejected]:
-    for position, item in iter_json_records(stream, ("events",)):
+    for position, item, document in iter_json_documents(stream, ("events",)):
         try:
-            yield to_record(item)
+            record = to_record(item)
         except (TypeError, ValueError, KeyError) as exc:
             yield rejected(position, exc, item, "")
+            continue
+        if document is not None:  # stored as sent, not encoded again
+            record.raw, record.raw_json = None, document
+        yield record
 
 
 def _resource(device) -> ResourceRef | None:

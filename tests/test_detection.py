@@ -229,6 +229,77 @@ def test_event_pushes_need_events_write_and_a_time_range_bounds_the_collection(g
     assert too_old["status"] == "failed" and "retention" in too_old["rejections"][0]["reason"]
 
 
+def test_an_events_write_client_sends_a_large_event_file_as_a_multipart_upload(gw):
+    import hashlib
+
+    from tests.test_uploads import _complete, _create, _put
+
+    tenant = gw.tenant()
+    shipper = gw.partner("Winlogbeat", [tenant], "events.write")  # events.write and nothing else
+    refused = _create(gw, tenant, shipper, format="nessus")
+    assert refused.status_code == 403 and "findings.write" in refused.get_json()["error"]["message"]
+    body = json.dumps(
+        [win(4688, T0 + timedelta(seconds=n), NewProcessName=f"C:\\p{n}.exe") for n in range(60)]
+    )
+    made = _create(gw, tenant, shipper, format="windows_events")
+    assert made.status_code == 201, made.get_json()
+    upload_id = made.get_json()["id"]
+    half = len(body) // 2
+    for number, part in ((1, body[:half].encode()), (2, body[half:].encode())):
+        sent = _put(gw, tenant, shipper, upload_id, number, part, sha256=hashlib.sha256(part).hexdigest())
+        assert sent.status_code in (200, 201), sent.get_json()
+    done = _complete(gw, tenant, shipper, upload_id)
+    assert done.status_code == 202, done.get_json()
+    batch = gw.http.get(done.get_json()["statusUrl"].split("localhost", 1)[1], headers=shipper).get_json()
+    assert batch["status"] == "succeeded" and batch["counts"]["created"] == 60, batch
+    with gw.db.engine.connect() as conn:
+        stored = conn.execute(
+            select(SecurityEvent.process).where(SecurityEvent.tenant_id == tenant_id(gw, tenant))
+        ).scalars().all()
+    assert sorted(stored) == sorted(f"C:\\p{n}.exe" for n in range(60))
+
+
+def test_events_keep_their_json_as_sent_and_one_the_store_cannot_hold_is_rejected(gw, agent):
+    tenant, headers = agent
+    accented = win(4624, T0, TargetUserName="jos\u00e9", IpAddress="10.2.0.1")
+    emoji = win(4624, T0, TargetUserName="bob \U0001f600", IpAddress="10.2.0.2")
+    nul = win(4624, T0, TargetUserName="a\u0000b", IpAddress="10.2.0.3")
+    # json.dumps escapes every non-ASCII character (\u00e9, a surrogate pair for the emoji)
+    batch = push(gw, headers, tenant, [accented, emoji, nul, accented | {"extra": [1, 2.5, None, True]}])
+    assert batch["status"] == "partiallySucceeded" and batch["counts"]["created"] == 3, batch
+    assert batch["rejections"][0]["position"] == "record 2" and "NUL" in batch["rejections"][0]["reason"]
+    with gw.db.engine.connect() as conn:
+        rows = conn.execute(
+            select(SecurityEvent.user_name, SecurityEvent.raw)
+            .where(SecurityEvent.tenant_id == tenant_id(gw, tenant))
+            .order_by(SecurityEvent.id)
+        ).all()
+    assert [r.user_name for r in rows] == ["jos\u00e9", "bob \U0001f600", "jos\u00e9"]
+    assert [r.raw for r in rows] == [accented, emoji, accented | {"extra": [1, 2.5, None, True]}]
+
+
+def test_event_records_are_the_same_whether_the_body_is_decoded_whole_or_streamed():
+    import io
+
+    from connectors._json import iter_json_documents, iter_json_records
+
+    items = [win(4625, T0 + timedelta(minutes=n), IpAddress=f"10.0.0.{n}") for n in range(30)]
+    for body in (json.dumps(items), json.dumps({"events": items}), json.dumps(items[0])):
+        data = body.encode()
+        streamed = list(iter_json_records(io.BytesIO(data), ("events",)))
+        whole = list(iter_json_documents(io.BytesIO(data), ("events",)))
+        assert [(p, i) for p, i, _ in whole] == streamed
+        assert [json.loads(text) for _, _, text in whole] == [i for _, i in streamed]
+        big = list(iter_json_documents(io.BytesIO(data), ("events",), whole_limit=len(data) // 3))
+        assert big == [(p, i, None) for p, i in streamed]  # too big to hold: streamed, no text
+    for broken in (b'[{"a": 1}, {"b": ', b"", b"nope"):  # the streaming reader's errors, as before
+        with pytest.raises(Exception) as whole_error:
+            list(iter_json_documents(io.BytesIO(broken), ("events",)))
+        with pytest.raises(Exception) as streamed_error:
+            list(iter_json_records(io.BytesIO(broken), ("events",)))
+        assert str(whole_error.value) == str(streamed_error.value)
+
+
 # -- built-in rules -------------------------------------------------------------------------------
 
 

@@ -15,8 +15,8 @@ from gateway.streaming import Inflow
 
 blueprint = Blueprint("uploads", __name__, url_prefix="/api/v1/tenants/<tenant>")
 
-# indicators.write: the indicator formats (stix21, graph_tiindicator)
-WRITE_SCOPES = ("findings.write", "alerts.write", "indicators.write")
+# indicators.write: the indicator formats (stix21, graph_tiindicator); events.write: the event formats
+WRITE_SCOPES = ("findings.write", "alerts.write", "indicators.write", "events.write")
 
 
 def _db():

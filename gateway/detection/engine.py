@@ -27,7 +27,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import String, and_, cast, func, literal, or_, select, update
+from sqlalchemy import Integer, String, and_, cast, column, func, literal, or_, select, update, values
 from sqlalchemy.engine import Connection
 
 from connectors.model import AlertRecord
@@ -46,6 +46,7 @@ from gateway.models import (
     ResourceIdentifier,
     SecurityEvent,
     Tenant,
+    UTCDateTime,
     utcnow,
 )
 
@@ -105,6 +106,56 @@ def _aware(value):
     if value is not None and value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
     return value
+
+
+def _rows_of_hits(
+    conn: Connection,
+    tenant_id: int,
+    spans: list[tuple[str, datetime, datetime]],
+    table,
+    time_column,
+    group_column,
+    conditions: list,
+    order_by: list,
+    limit: int,
+    extra: tuple = (),
+) -> list[list]:
+    """The rows behind each hit, for all the hits of a rule evaluation in one statement.
+
+    ``spans`` is each hit's (group, first time, last time); the answer is, per span in order,
+    its rows (``id``, ``at`` and ``extra`` columns) of ``table`` matching ``conditions`` whose
+    ``group_column`` is the group and whose time is in the span, the first ``limit`` by
+    ``order_by``: the spans are a VALUES list joined to the table, numbered per span by a window
+    function (PostgreSQL and SQLite alike), the table read once over the spans' whole range.
+    """
+    if not spans:
+        return []
+    hits = values(
+        column("n", Integer), column("grp", String), column("low", UTCDateTime()),
+        column("high", UTCDateTime()), name="hits",
+    ).data([(n, grp, low, high) for n, (grp, low, high) in enumerate(spans)])
+    rank = func.row_number().over(partition_by=hits.c.n, order_by=order_by)
+    ranked = (
+        select(hits.c.n, table.c.id, time_column.label("at"), *extra, rank.label("rank"))
+        .select_from(
+            hits.join(
+                table,
+                and_(group_column == hits.c.grp, time_column >= hits.c.low, time_column <= hits.c.high),
+            )
+        )
+        .where(
+            table.c.tenant_id == tenant_id,
+            *conditions,
+            time_column >= min(low for _, low, _ in spans),
+            time_column <= max(high for _, _, high in spans),
+        )
+        .subquery()
+    )
+    found: list[list] = [[] for _ in spans]
+    query = select(ranked).where(ranked.c.rank <= limit).order_by(ranked.c.n, ranked.c.rank)
+    for row in conn.execute(query):
+        found[row.n].append(row)
+    return found
 
 
 # -- events ---------------------------------------------------------------------------------------
@@ -208,33 +259,31 @@ def _threshold(
         tenant_id,
         ("id", "occurred_at", "resource_id", "grp"),
     )
-    hits = []
-    for row in conn.execute(_grouped(counted, rule)):
-        at = _aware(row.at)
-        linked = conn.execute(
-            select(old.c.id, old.c.occurred_at)
-            .where(
-                old.c.tenant_id == tenant_id,
-                *conditions_old,
-                _group_text(old, rule.group_by) == row.grp,
-                old.c.occurred_at >= at - timedelta(minutes=rule.window_minutes),
-                old.c.occurred_at <= at,
-            )
-            .order_by(old.c.occurred_at, old.c.id)
-            .limit(MAX_LINKS)
-        ).all()
-        hits.append(
-            Hit(
-                rule,
-                row.grp,
-                int(row.win),
-                at,
-                int(row.n),
-                row.resource_id,
-                [("event", r.id, _aware(r.occurred_at)) for r in linked],
-            )
+    found = [(row, _aware(row.at)) for row in conn.execute(_grouped(counted, rule))]
+    window = timedelta(minutes=rule.window_minutes)
+    linked = _rows_of_hits(
+        conn,
+        tenant_id,
+        [(row.grp, at - window, at) for row, at in found],
+        old,
+        old.c.occurred_at,
+        _group_text(old, rule.group_by),
+        conditions_old,
+        [old.c.occurred_at, old.c.id],
+        MAX_LINKS,
+    )
+    return [
+        Hit(
+            rule,
+            row.grp,
+            int(row.win),
+            at,
+            int(row.n),
+            row.resource_id,
+            [("event", r.id, _aware(r.at)) for r in rows],
         )
-    return hits
+        for (row, at), rows in zip(found, linked, strict=True)
+    ]
 
 
 def _failed_then_success(
@@ -267,34 +316,32 @@ def _failed_then_success(
         rule,
         (func.min(counted.c.id).label("success_id"), func.min(counted.c.user_name).label("user")),
     )
-    hits = []
-    for row in conn.execute(query):
-        at = _aware(row.at)
-        linked = conn.execute(
-            select(failure.c.id, failure.c.occurred_at)
-            .where(
-                failure.c.tenant_id == tenant_id,
-                failure.c.kind == "logon_failure",
-                failure.c.source_ip == row.grp,
-                failure.c.occurred_at >= at - timedelta(minutes=rule.window_minutes),
-                failure.c.occurred_at <= at,
-            )
-            .order_by(failure.c.occurred_at, failure.c.id)
-            .limit(MAX_LINKS - 1)
-        ).all()
-        hits.append(
-            Hit(
-                rule,
-                row.grp,
-                int(row.win),
-                at,
-                int(row.n),
-                row.resource_id,
-                [("event", row.success_id, at)] + [("event", r.id, _aware(r.occurred_at)) for r in linked],
-                {"sourceIp": row.grp, "user": row.user, "failedLogons": int(row.n)},
-            )
+    found = [(row, _aware(row.at)) for row in conn.execute(query)]
+    window = timedelta(minutes=rule.window_minutes)
+    linked = _rows_of_hits(
+        conn,
+        tenant_id,
+        [(row.grp, at - window, at) for row, at in found],
+        failure,
+        failure.c.occurred_at,
+        failure.c.source_ip,
+        [failure.c.kind == "logon_failure"],
+        [failure.c.occurred_at, failure.c.id],
+        MAX_LINKS - 1,
+    )
+    return [
+        Hit(
+            rule,
+            row.grp,
+            int(row.win),
+            at,
+            int(row.n),
+            row.resource_id,
+            [("event", row.success_id, at)] + [("event", r.id, _aware(r.at)) for r in rows],
+            {"sourceIp": row.grp, "user": row.user, "failedLogons": int(row.n)},
         )
-    return hits
+        for (row, at), rows in zip(found, linked, strict=True)
+    ]
 
 
 # -- findings ---------------------------------------------------------------------------------------
@@ -401,25 +448,28 @@ def _baseline_rise(
         index = today_number - int(row.day)
         if 0 <= index <= 14:
             history[row.provider][index] += int(row.n)
-    hits = []
+    risen = []
     for provider, days in sorted(history.items()):
         current, past = days[0], days[1:]
         mean = sum(past) / 14
         deviation = math.sqrt(max(0.0, sum(n * n for n in past) / 14 - mean * mean))
-        if current < rule.threshold or current <= mean + 3 * deviation:
-            continue
-        linked = conn.execute(
-            select(S.c.finding_id, S.c.created_at)
-            .where(
-                S.c.tenant_id == tenant_id,
-                S.c.provider == provider,
-                S.c.severity == "critical",
-                S.c.created_at >= today,
-                S.c.created_at < now,
-            )
-            .order_by(S.c.id)
-            .limit(MAX_LINKS)
-        ).all()
+        if current >= rule.threshold and current > mean + 3 * deviation:
+            risen.append((provider, current, mean, deviation))
+    latest = now - timedelta(microseconds=1)  # created before now, as counted
+    linked = _rows_of_hits(
+        conn,
+        tenant_id,
+        [(provider, today, latest) for provider, *_ in risen],
+        S,
+        S.c.created_at,
+        S.c.provider,
+        [S.c.severity == "critical"],
+        [S.c.id],
+        MAX_LINKS,
+        (S.c.finding_id,),
+    )
+    hits = []
+    for (provider, current, mean, deviation), rows in zip(risen, linked, strict=True):
         hits.append(
             Hit(
                 rule,
@@ -428,7 +478,7 @@ def _baseline_rise(
                 now,
                 current,
                 None,
-                [("finding", r.finding_id, _aware(r.created_at)) for r in linked],
+                [("finding", r.finding_id, _aware(r.at)) for r in rows],
                 {
                     "provider": provider,
                     "today": current,
@@ -494,23 +544,26 @@ def _correlated_alerts(
         .order_by(triggers.c.win, triggers.c.grp)
         .limit(MAX_HITS)
     )
+    found = [(row, _aware(row.at)) for row in conn.execute(grouped)]
+    window = timedelta(minutes=rule.window_minutes)
+    linked = _rows_of_hits(
+        conn,
+        tenant_id,
+        [(row.grp, at - window, at) for row, at in found],
+        other,
+        other_time,
+        func.lower(other.c.category),
+        [
+            other.c.resource_id.is_not(None),
+            or_(other.c.detection_rule.is_(None), other.c.detection_rule != rule.id),
+        ],
+        [other.c.id],
+        MAX_LINKS,
+        (other.c.resource_id,),
+    )
     hits = []
-    for row in conn.execute(grouped):
-        at = _aware(row.at)
-        linked = conn.execute(
-            select(other.c.id, other.c.resource_id, other_time.label("at"))
-            .where(
-                other.c.tenant_id == tenant_id,
-                func.lower(other.c.category) == row.grp,
-                other.c.resource_id.is_not(None),
-                or_(other.c.detection_rule.is_(None), other.c.detection_rule != rule.id),
-                other_time >= at - timedelta(minutes=rule.window_minutes),
-                other_time <= at,
-            )
-            .order_by(other.c.id)
-            .limit(MAX_LINKS)
-        ).all()
-        resource_ids = sorted({r.resource_id for r in linked})
+    for (row, at), rows in zip(found, linked, strict=True):
+        resource_ids = sorted({r.resource_id for r in rows})
         hits.append(
             Hit(
                 rule,
@@ -519,7 +572,7 @@ def _correlated_alerts(
                 at,
                 int(row.n),
                 None,
-                [("alert", r.id, _aware(r.at)) for r in linked]
+                [("alert", r.id, _aware(r.at)) for r in rows]
                 + [("resource", rid, None) for rid in resource_ids],
                 {"alertType": row.grp, "resources": resource_ids},
             )
@@ -587,11 +640,14 @@ def raise_alerts(conn: Connection, tenant_id: int, hits: list[Hit]) -> list[int]
         for hit in hits
     ]
     ids = merger.merge_chunk(records, [hit.resource_id for hit in hits])
+    by_rule: dict[str, list[int]] = defaultdict(list)
     for hit, alert_id in zip(hits, ids, strict=True):
+        by_rule[hit.rule.id].append(alert_id)
+    for rule_id, alert_ids in by_rule.items():  # one statement per rule (a run raises one rule's hits)
         conn.execute(
             update(A)
-            .where(A.c.id == alert_id, A.c.tenant_id == tenant_id, A.c.detection_rule.is_(None))
-            .values(detection_rule=hit.rule.id)
+            .where(A.c.id.in_(alert_ids), A.c.tenant_id == tenant_id, A.c.detection_rule.is_(None))
+            .values(detection_rule=rule_id)
         )
     links = [
         {"alert_id": alert_id, "row_kind": kind, "row_id": row_id, "row_time": when}

@@ -225,7 +225,7 @@ class EventMerger:
                     "domain": r.domain,
                     "process": r.process,
                     "hash": r.hash,
-                    "raw": r.raw,
+                    "raw": r.raw if r.raw_json is None else msgspec.json.decode(r.raw_json),
                 }
                 for i, r in enumerate(records)
             ]
@@ -266,7 +266,7 @@ class EventMerger:
                         r.domain,
                         r.process,
                         r.hash,
-                        None if r.raw is None else encode(r.raw).decode(),
+                        r.raw_json if r.raw is None else encode(r.raw).decode(),
                         now,
                     )
                 )
