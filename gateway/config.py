@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     max_rejection_details: int = 1000
     # Many small pushes (gateway/smallbatches.py): the task of a batch of at most this many bytes
     # also merges the tenant's other queued batches that small, up to this many in all (1: off).
+    # a push's task is sent by the API process's publisher thread after the 202 (workers/tasks.py
+    # Publisher); off: the 202 waits for the send
+    enqueue_in_background: bool = True
     small_batch_max_bytes: int = 64 * 1024
     small_batches_per_task: int = 20
     # One big batch, many workers (gateway/merge/parallel.py; PostgreSQL): a batch of at least this

@@ -11,7 +11,7 @@ from typing import BinaryIO
 
 import msgspec
 from lxml import etree
-from sqlalchemy import select
+from sqlalchemy import ARRAY, Integer, LargeBinary, bindparam, func, insert, select, true
 from sqlalchemy.exc import IntegrityError
 
 import connectors
@@ -216,6 +216,8 @@ def store_batch(db: Database, push: Push, body: bytes,
     scan_type, body_check = check_body(push, body, check_limit)
     now = utcnow()
     try:
+        if db.is_postgres:
+            return _insert_batch(db, push, body, digest, scan_type, body_check, now), False
         with db.session() as session:
             batch = Batch(
                 tenant_id=push.tenant_id, client_pk=push.client_pk, provider=push.provider,
@@ -241,6 +243,37 @@ def store_batch(db: Database, push: Push, body: bytes,
             raise
         return _replay(existing, digest, push), True
     return batch, False
+
+
+def _insert_batch(db: Database, push: Push, body: bytes, digest: str, scan_type: str,
+                  body_check: str | None, now) -> Batch:
+    """PostgreSQL: the batch and its bytes in one statement (``WITH batch AS (INSERT ... RETURNING
+    id) INSERT INTO batch_blobs SELECT ... unnest(...)``), committed by itself: one round trip
+    besides the pool's ping, no unit of work (a small push's 202 waited mostly on the four round
+    trips and the ORM flush of the two-statement transaction).  Returns the batch (detached; the
+    values the answer reads)."""
+    values = dict(
+        tenant_id=push.tenant_id, client_pk=push.client_pk, provider=push.provider, format=push.format,
+        content_type=push.content_type, scan_type=scan_type, body_sha256=digest, body_size=len(body),
+        idempotency_key=push.idempotency_key, status="accepted", counts={}, rejections=[], attempts=0,
+        received_at=now, body_check=body_check, enqueued_at=now,  # see store_batch
+    )
+    batches, blobs = Batch.__table__, BatchBlob.__table__
+    view = memoryview(body)
+    pieces = [bytes(view[start : start + BLOB_SIZE]) for start in range(0, len(body), BLOB_SIZE)]
+    stored = insert(batches).values(values).returning(batches.c.id).cte("stored_batch")
+    piece = func.unnest(bindparam("seqs", list(range(len(pieces))), type_=ARRAY(Integer)),
+                        bindparam("pieces", pieces, type_=ARRAY(LargeBinary))
+                        ).table_valued("seq", "data").render_derived(name="piece")
+    rows = select(stored.c.id, piece.c.seq, piece.c.data).select_from(stored.join(piece, true()))
+    statement = insert(blobs).from_select(["batch_id", "seq", "data"], rows).returning(blobs.c.batch_id)
+    if not pieces:  # an empty body: no piece
+        statement = insert(batches).values(values).returning(batches.c.id)
+    # one statement is atomic by itself: run without BEGIN and COMMIT, which would be two more
+    # round trips to the server (the statement's own commit still waits for the WAL's flush)
+    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        batch_id = conn.execute(statement).scalars().first()
+    return Batch(id=batch_id, **values)
 
 
 def _existing(db: Database, push: Push) -> Batch | None:

@@ -29,6 +29,8 @@ def test_202_after_bytes_are_committed(pg_gw, redis_clean):
     assert response.status_code == 202
     data = response.get_json()
     assert data["status"] == "accepted" and response.headers["Location"] == data["statusUrl"]
+    # the task is sent after the answer, by the process's publisher thread, which then records when
+    assert pg_gw.app.extensions["gateway.publisher"].flush(timeout=60)
     with pg_gw.db.sessions() as session:
         batch = session.get(Batch, int(data["id"]))
         pieces = session.scalars(select(BatchBlob.data).where(BatchBlob.batch_id == batch.id)
@@ -98,6 +100,7 @@ def test_broker_down_still_accepts_and_sweep_enqueues(pg_url, redis_clean):
     headers = gw.partner("Qualys", [tenant])
     response = _post(gw, tenant, headers, document([finding("q-1")]))
     assert response.status_code == 202  # durable in the store although the broker is down
+    assert app.extensions["gateway.publisher"].flush(timeout=60)  # the send was tried and failed
     with gw.db.sessions() as session:
         assert session.scalar(select(Batch.enqueued_at)) is None
     working = make_app(pg_url, eager=False)

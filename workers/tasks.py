@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
+import queue
 import random
+import threading
 import time
 import uuid
 from datetime import datetime, timedelta
@@ -193,11 +197,11 @@ def enqueue(db, batch_id: int, recorded: bool = False) -> bool:
         return _enqueue(db, batch_id, recorded)
 
 
-def _enqueue(db, batch_id: int, recorded: bool = False) -> bool:
+def _enqueue(db, batch_id: int, recorded: bool = False, task=None) -> bool:
     request_id = logs.get("request_id")
     try:
-        process_batch_task.apply_async(args=[batch_id],
-                                       kwargs={"request_id": request_id} if request_id else {})
+        (task or process_batch_task).apply_async(args=[batch_id],
+                                                 kwargs={"request_id": request_id} if request_id else {})
     except Exception:  # the batch is durable; the periodic sweep enqueues it again
         log.exception("could not enqueue batch %s", batch_id)
         if recorded:
@@ -206,6 +210,74 @@ def _enqueue(db, batch_id: int, recorded: bool = False) -> bool:
     if not recorded:
         _record_enqueued(db, batch_id, utcnow())
     return True
+
+
+def enqueue_soon(app, db, batch_id: int, recorded: bool = False) -> None:
+    """:func:`enqueue` from this process's publisher thread (:class:`Publisher`), so that a push's
+    202 does not wait on the broker; at once where tasks run eagerly or ``ENQUEUE_IN_BACKGROUND``
+    is off."""
+    if app.config.get("TASK_ALWAYS_EAGER") or not app.config.get("ENQUEUE_IN_BACKGROUND", True):
+        enqueue(db, batch_id, recorded=recorded)
+        return
+    publisher = app.extensions.get("gateway.publisher")
+    if publisher is None:
+        publisher = app.extensions.setdefault("gateway.publisher", Publisher(app, db))
+    publisher.submit(batch_id, recorded, logs.get("request_id"))
+
+
+class Publisher:
+    """Sends the tasks of the batches an API process stored, from a thread of its own.
+
+    A push is answered ``202`` once its batch is committed; sending its task (a Redis ``LPUSH``
+    through Celery and kombu, a round trip and a millisecond or two of Python) is done here,
+    after the answer, by one thread per API process, the tasks in the order their batches were
+    stored.  Nothing accepted can be lost on the way: the batch is durable and stored with
+    ``enqueued_at`` set, and when the send fails (the broker is down) or never happens (the
+    process dies with the task still queued here) the sweep (``requeue``, every
+    ``SWEEP_INTERVAL``) sends it once ``SWEEP_AFTER_SECONDS`` have passed since the batch was
+    received.  At exit the process waits a few seconds for the tasks still queued here.
+    The thread is started on first use in each process (so after gunicorn's fork)."""
+
+    EXIT_WAIT_SECONDS = 5.0
+
+    def __init__(self, app, db) -> None:
+        self.app, self.db = app, db
+        self.lock = threading.Lock()
+        self.idle = threading.Condition(self.lock)
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.unsent = 0
+        self.pid: int | None = None
+
+    def submit(self, batch_id: int, recorded: bool, request_id: str | None) -> None:
+        with self.lock:
+            if self.pid != os.getpid():  # first use in this process
+                self.pid, self.queue, self.unsent = os.getpid(), queue.SimpleQueue(), 0
+                threading.Thread(target=self._run, args=(self.queue,), name="task-publisher",
+                                 daemon=True).start()
+                atexit.register(self.flush, self.EXIT_WAIT_SECONDS)
+            self.unsent += 1
+            self.queue.put((batch_id, recorded, request_id))
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every task submitted so far was sent (or given to the sweep); whether it was."""
+        with self.idle:
+            return self.idle.wait_for(lambda: self.unsent == 0, timeout)
+
+    def _run(self, items: queue.SimpleQueue) -> None:
+        with self.app.app_context():
+            task = self.app.extensions["celery"].tasks[PROCESS_BATCH]
+            while True:
+                batch_id, recorded, request_id = items.get()
+                try:
+                    with logs.context(batch_id=batch_id, request_id=request_id):
+                        _enqueue(self.db, batch_id, recorded, task)
+                except Exception:  # noqa: BLE001 - the sweep sends it; the thread goes on
+                    log.exception("could not enqueue batch %s", batch_id)
+                finally:
+                    with self.idle:
+                        self.unsent -= 1
+                        if not self.unsent:
+                            self.idle.notify_all()
 
 
 def _record_enqueued(db, batch_id: int, when) -> None:

@@ -229,10 +229,11 @@ def push_batch(tenant: str):
 def accepted(tenant: str, batch: Batch, replayed: bool):
     """The 202 of a stored batch (a push, a completed upload), enqueued unless it is a replay."""
     logs.bind(batch_id=batch.id)  # on the request's remaining log lines (reset at teardown)
-    if not replayed:
-        from workers.tasks import enqueue
+    if not replayed:  # sent after the answer, by the process's publisher thread (workers/tasks.py)
+        from workers.tasks import enqueue_soon
 
-        enqueue(_db(), batch.id, recorded=batch.enqueued_at is not None)
+        enqueue_soon(current_app._get_current_object(), _db(), batch.id,
+                     recorded=batch.enqueued_at is not None)
     status_url = url_for("batches.get_batch", tenant=tenant, batch_id=batch.id, _external=True)
     response = jsonify({"id": str(batch.id), "status": batch.status if replayed else "accepted",
                         "statusUrl": status_url, "format": batch.format, "scanType": batch.scan_type,
