@@ -616,6 +616,100 @@ def test_rules_are_listed_tuned_and_created_per_tenant(gw, agent):
     assert len(events_of_other) == 7
 
 
+def _custom(gw, headers, tenant: str, **rule) -> dict:
+    created = gw.http.post(f"/api/v1/tenants/{tenant}/detectionRules", json=rule, headers=headers)
+    assert created.status_code == 201, created.get_json()
+    return created.get_json()
+
+
+def _findings(gw, headers, tenant: str, items: list[tuple[str, str, str]]) -> None:
+    """Canonical findings (id, host, cve), critical, merged inline (a small push)."""
+    body = {
+        "findings": [
+            {"id": fid, "resource": {"fqdn": host, "os": "Windows XP"}, "title": f"{cve} on {host}",
+             "severity": "critical", "cves": [cve]}
+            for fid, host, cve in items
+        ]
+    }
+    answer = gw.http.post(
+        f"/api/v1/tenants/{tenant}/batches?format=canonical",
+        data=json.dumps(body),
+        headers=headers | {"Content-Type": "application/json"},
+    )
+    assert answer.status_code == 202, answer.get_json()
+    status = gw.http.get(f"/api/v1/tenants/{tenant}/batches/{answer.get_json()['id']}", headers=headers)
+    assert status.get_json()["status"] == "succeeded", status.get_json()
+
+
+def test_custom_rules_count_findings_resources_or_alerts_of_their_tenant_only(gw, agent):
+    tenant, headers = agent
+    other = gw.tenant()
+    other_headers = gw.partner("Scanner", [other], EVENTS_SCOPES)
+    base = f"/api/v1/tenants/{tenant}/detectionRules"
+    rule = {"severity": "high", "windowMinutes": 60, "threshold": 3}
+    spread = _custom(
+        gw, headers, tenant, id="cve-spread", title="One CVE on 3 hosts", source="findings",
+        groupBy="cve", where=[{"field": "severity", "op": "eq", "value": "critical"}], **rule,
+    )
+    assert spread["source"] == "findings"
+    _custom(
+        gw, headers, tenant, id="old-os-hosts", title="3 Windows XP hosts", source="resources",
+        groupBy="os", where=[{"field": "os", "op": "contains", "value": "windows xp"}], **rule,
+    )
+    _custom(
+        gw, headers, tenant, id="mimikatz-twice", title="Mimikatz seen twice", source="alerts",
+        groupBy="category", where=[{"field": "category", "op": "eq", "value": "mimikatz"}],
+        **(rule | {"threshold": 2, "category": "Mimikatz"}),
+    )
+    # a field outside the source's whitelist (and anything that is not a field) is refused, naming them
+    for field in ("user_name", "extra", "1=1; DROP TABLE alerts"):
+        bad = gw.http.post(
+            base, json={"id": "bad-rule", "title": "x", "source": "alerts", "groupBy": "category",
+                        "where": [{"field": field, "value": "x"}], **rule}, headers=headers,
+        )
+        assert bad.status_code == 400 and "detection_source" in bad.get_json()["error"]["message"], field
+    bad = gw.http.post(
+        base, json={"id": "bad-rule", "title": "x", "source": "rows", "groupBy": "kind", **rule},
+        headers=headers,
+    )
+    assert bad.status_code == 400 and "'source'" in bad.get_json()["error"]["message"]
+
+    # CVE-1 on 3 hosts fires; CVE-2 on 2 hosts here (and 2 more in another tenant) is a near miss
+    _findings(gw, headers, tenant, [(f"a{n}", f"h{n}.contoso.com", "CVE-2024-0001") for n in range(3)]
+              + [(f"b{n}", f"h{n}.contoso.com", "CVE-2024-0002") for n in range(2)])
+    _findings(gw, other_headers, other, [(f"b{n}", f"x{n}.fabrikam.com", "CVE-2024-0002") for n in range(2)])
+    # 2 Mimikatz alerts fire; a single PortScan does not (nor do the other tenant's Mimikatz alerts)
+    _merge_alerts(gw, tenant, [_alert(f"m-{n}", "Mimikatz", f"h{n}.contoso.com", NOW) for n in range(2)]
+                  + [_alert("p-0", "PortScan", "h0.contoso.com", NOW)])
+    _merge_alerts(gw, other, [_alert(f"m-{n}", "Mimikatz", f"x{n}.fabrikam.com", NOW) for n in range(1)])
+    found = engine.evaluate_tenant(gw.db.engine, tenant_id(gw, tenant))
+    assert (found["cve-spread"], found["old-os-hosts"], found["mimikatz-twice"]) == (1, 1, 1), found
+    # twice over the same rows: nothing (the Mimikatz alert the rule raised is new, and not counted)
+    again = engine.evaluate_tenant(gw.db.engine, tenant_id(gw, tenant))
+    assert (again["cve-spread"], again["old-os-hosts"], again["mimikatz-twice"]) == (0, 0, 0), again
+    [cve_alert] = detection_alerts(gw, tenant, "cve-spread")
+    assert cve_alert.extra["group"] == "CVE-2024-0001" and cve_alert.extra["count"] == 3
+    [os_alert] = detection_alerts(gw, tenant, "old-os-hosts")
+    assert os_alert.extra["group"] == "Windows XP" and os_alert.extra["count"] == 3
+    [mimikatz] = detection_alerts(gw, tenant, "mimikatz-twice")
+    assert mimikatz.extra["count"] == 2
+    with gw.db.engine.connect() as conn:
+        links = dict(
+            conn.execute(
+                select(DetectionLink.alert_id, func.count()).where(
+                    DetectionLink.alert_id.in_([cve_alert.id, os_alert.id, mimikatz.id])
+                ).group_by(DetectionLink.alert_id)
+            ).all()
+        )
+        kinds = set(
+            conn.execute(
+                select(DetectionLink.row_kind).where(DetectionLink.alert_id == os_alert.id)
+            ).scalars()
+        )
+    assert links == {cve_alert.id: 3, os_alert.id: 3, mimikatz.id: 2} and kinds == {"resource"}
+    assert engine.evaluate_tenant(gw.db.engine, tenant_id(gw, other)).get("cve-spread") is None
+
+
 # -- retention ------------------------------------------------------------------------------------
 
 

@@ -181,7 +181,7 @@ def patch_detection_rule(tenant: str, rule_id: str):
 @blueprint.post(f"{TENANT}/detectionRules")
 @require_scope("rules.manage")
 def create_detection_rule(tenant: str):
-    """Create a custom rule (``logic: threshold`` over security events); 201 with the rule."""
+    """Create a custom rule (``logic: threshold`` over events, findings, resources or alerts); 201 with it."""
     tenant_id = _tenant_id(tenant)
     payload = _payload()
     try:

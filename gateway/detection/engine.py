@@ -43,6 +43,7 @@ from gateway.models import (
     Finding,
     FindingSource,
     KnownExploitedVulnerability,
+    Resource,
     ResourceIdentifier,
     SecurityEvent,
     Tenant,
@@ -56,6 +57,7 @@ PROVIDER = "Gateway Detection"
 MAX_LINKS = 100
 MAX_HITS = 1000  # per rule run: a flood of hits is raised over the next runs
 EV, A, F, S = SecurityEvent.__table__, Alert.__table__, Finding.__table__, FindingSource.__table__
+R = Resource.__table__
 KEV, RI, WM, LINKS, B = (
     KnownExploitedVulnerability.__table__,
     ResourceIdentifier.__table__,
@@ -65,7 +67,8 @@ KEV, RI, WM, LINKS, B = (
 )
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # free text compares without case; the gateway's own values (kind, outcome), addresses and ids exactly
-CASELESS_FIELDS = ("user_name", "target", "domain", "process", "hash", "provider")
+CASELESS_FIELDS = ("user_name", "target", "domain", "process", "hash", "provider", "title", "name", "os",
+                   "category", "cve", "detection_source", "service_source")
 
 
 @dataclass
@@ -126,14 +129,15 @@ def _rows_of_hits(
     its rows (``id``, ``at`` and ``extra`` columns) of ``table`` matching ``conditions`` whose
     ``group_column`` is the group and whose time is in the span, the first ``limit`` by
     ``order_by``: the spans are a VALUES list joined to the table, numbered per span by a window
-    function (PostgreSQL and SQLite alike), the table read once over the spans' whole range.
+    function (PostgreSQL and SQLite alike; the VALUES list is a CTE, as SQLite names its columns only
+    there), the table read once over the spans' whole range.
     """
     if not spans:
         return []
     hits = values(
         column("n", Integer), column("grp", String), column("low", UTCDateTime()),
         column("high", UTCDateTime()), name="hits",
-    ).data([(n, grp, low, high) for n, (grp, low, high) in enumerate(spans)])
+    ).data([(n, grp, low, high) for n, (grp, low, high) in enumerate(spans)]).cte("hits")
     rank = func.row_number().over(partition_by=hits.c.n, order_by=order_by)
     ranked = (
         select(hits.c.n, table.c.id, time_column.label("at"), *extra, rank.label("rank"))
@@ -186,7 +190,7 @@ def _group_text(table, names) -> object:
     return expression
 
 
-def _window_counts(new, old, conditions_old, same_group, rule: Rule, tenant_id: int, keep: tuple):
+def _window_counts(new, old, old_time, conditions_old, same_group, rule: Rule, tenant_id: int, keep: tuple):
     """Each new row with the number of ``old`` rows (``conditions_old``, ``same_group``) in the window
     ending at it, as a join, not a subquery per row: the old rows are read once, by the (tenant,
     kind, time) index over the span of the new rows' windows, and hash-joined to the new rows."""
@@ -200,16 +204,16 @@ def _window_counts(new, old, conditions_old, same_group, rule: Rule, tenant_id: 
                 old,
                 and_(
                     *same_group,
-                    old.c.occurred_at >= minus_minutes(new.c.occurred_at, rule.window_minutes),
-                    old.c.occurred_at <= new.c.occurred_at,
+                    old_time >= minus_minutes(new.c.occurred_at, rule.window_minutes),
+                    old_time <= new.c.occurred_at,
                 ),
             )
         )
         .where(
             old.c.tenant_id == tenant_id,
             *conditions_old,
-            old.c.occurred_at >= lowest,
-            old.c.occurred_at <= highest,
+            old_time >= lowest,
+            old_time <= highest,
         )
         .group_by(*columns)
         .having(func.count(old.c.id) >= rule.threshold)
@@ -234,25 +238,55 @@ def _grouped(counted, rule: Rule, extra: tuple = ()):
     )
 
 
+# what a threshold rule counts per source: the row kind its links name, the time a row happened
+# (an event's own time; the time a finding, resource or alert reached the gateway), and the rows
+# that are never counted (merged-away resources; the alerts the rule raised itself)
+ROW_KINDS = {"events": "event", "findings": "finding", "resources": "resource", "alerts": "alert"}
+TIME_COLUMNS = {
+    "events": "occurred_at", "findings": "created_at", "resources": "created_at", "alerts": "created_at",
+}
+
+
+def _countable(table, rule: Rule) -> list:
+    if rule.source == "resources":
+        return [table.c.merged_into.is_(None)]
+    if rule.source == "alerts":
+        return [or_(table.c.detection_rule.is_(None), table.c.detection_rule != rule.id)]
+    return []
+
+
 def _threshold(
     conn: Connection, rule: Rule, tenant_id: int, watermark: int, since: datetime | None
 ) -> list[Hit]:
-    """Rows matching ``where``: a new row whose group has >= threshold of them in the window ending at it."""
-    old = EV.alias("old")
+    """Rows matching ``where``: a new row whose group has >= threshold of them in the window ending at it.
+
+    Over events, findings, resources or alerts (``rule.source``); the fields were checked against
+    the source's whitelist when the rule was parsed (gateway/detection/rules.py)."""
+    table = SOURCE_TABLES[rule.source]
+    old = table.alias("old")
+    time, old_time = table.c[TIME_COLUMNS[rule.source]], old.c[TIME_COLUMNS[rule.source]]
+    resource = table.c.id if rule.source == "resources" else table.c.resource_id
     new = (
-        select(EV.c.id, EV.c.occurred_at, EV.c.resource_id, _group_text(EV, rule.group_by).label("grp"))
+        select(
+            table.c.id,
+            time.label("occurred_at"),
+            resource.label("resource_id"),
+            _group_text(table, rule.group_by).label("grp"),
+        )
         .where(
-            EV.c.tenant_id == tenant_id,
-            EV.c.id > watermark,
-            *[_event_condition(EV, c) for c in rule.where],
-            *([EV.c.occurred_at >= since] if since else []),
+            table.c.tenant_id == tenant_id,
+            table.c.id > watermark,
+            *[_event_condition(table, c) for c in rule.where],
+            *_countable(table, rule),
+            *([time >= since] if since else []),
         )
         .cte("new_rows")
     )
-    conditions_old = [_event_condition(old, c) for c in rule.where]
+    conditions_old = [_event_condition(old, c) for c in rule.where] + _countable(old, rule)
     counted = _window_counts(
         new,
         old,
+        old_time,
         conditions_old,
         [_group_text(old, rule.group_by) == new.c.grp],
         rule,
@@ -266,12 +300,13 @@ def _threshold(
         tenant_id,
         [(row.grp, at - window, at) for row, at in found],
         old,
-        old.c.occurred_at,
+        old_time,
         _group_text(old, rule.group_by),
         conditions_old,
-        [old.c.occurred_at, old.c.id],
+        [old_time, old.c.id],
         MAX_LINKS,
     )
+    kind = ROW_KINDS[rule.source]
     return [
         Hit(
             rule,
@@ -280,7 +315,7 @@ def _threshold(
             at,
             int(row.n),
             row.resource_id,
-            [("event", r.id, _aware(r.at)) for r in rows],
+            [(kind, r.id, _aware(r.at)) for r in rows],
         )
         for (row, at), rows in zip(found, linked, strict=True)
     ]
@@ -305,6 +340,7 @@ def _failed_then_success(
     counted = _window_counts(
         new,
         failure,
+        failure.c.occurred_at,
         [failure.c.kind == "logon_failure"],
         [failure.c.source_ip == new.c.grp],
         rule,
@@ -586,7 +622,7 @@ LOGICS = {
     "kev_exposure": _kev_exposure,
     "correlated_alerts": _correlated_alerts,
 }
-SOURCE_TABLES = {"events": EV, "alerts": A, "findings": F}
+SOURCE_TABLES = {"events": EV, "alerts": A, "findings": F, "resources": R}
 
 
 def find(

@@ -6,8 +6,9 @@ resources, alerts), ``logic`` (how: gateway/detection/engine.py), ``windowMinute
 ``threshold``, ``groupBy`` (comma-separated columns) and, for the ``threshold`` logic,
 ``where`` (conditions ANDed: ``{field, op, value}``, op ``eq``, ``ne``, ``in`` or ``contains``;
 free text (user, target, domain, process, hash, provider) compares without case).  A tenant may
-enable, disable or re-threshold any rule and create custom ``threshold`` rules over events
-(``detection_rules`` rows).
+enable, disable or re-threshold any rule and create custom ``threshold`` rules over events,
+findings, resources or alerts (``detection_rules`` rows): their conditions and groupings name only
+the whitelisted columns of ``FIELDS`` (values bound as parameters, never SQL from the user).
 """
 
 from __future__ import annotations
@@ -48,6 +49,16 @@ EVENT_FIELDS = (
     "resource_id",
     "provider",
 )
+# what a custom threshold rule may count, and the columns its conditions and grouping may name
+FIELDS = {
+    "events": EVENT_FIELDS,
+    "findings": ("kind", "severity", "state", "cve", "title", "resource_id"),
+    "resources": ("kind", "name", "os"),
+    "alerts": (
+        "provider", "category", "severity", "status", "title", "detection_source", "service_source",
+        "resource_id",
+    ),
+}
 INT_FIELDS = ("event_id", "resource_id")
 OPS = ("eq", "ne", "in", "contains")
 RULE_ID = re.compile(r"\A[a-z0-9][a-z0-9-]{2,63}\Z")
@@ -133,7 +144,7 @@ def _strings(data: dict, name: str, pattern: re.Pattern | None = None) -> tuple[
     return tuple(value)
 
 
-def _conditions(data: dict) -> tuple[dict, ...]:
+def _conditions(data: dict, fields: tuple[str, ...] = EVENT_FIELDS) -> tuple[dict, ...]:
     where = data.get("where", [])
     if not isinstance(where, list) or len(where) > 10:
         raise RuleError("'where' must be a list of at most 10 conditions")
@@ -142,8 +153,8 @@ def _conditions(data: dict) -> tuple[dict, ...]:
         if not isinstance(condition, dict) or set(condition) - {"field", "op", "value"}:
             raise RuleError(f"'where[{index}]' must be an object with 'field', 'op' and 'value'")
         name, op, value = condition.get("field"), condition.get("op", "eq"), condition.get("value")
-        if name not in EVENT_FIELDS:
-            raise RuleError(f"'where[{index}].field' must be one of: {', '.join(EVENT_FIELDS)}")
+        if name not in fields:
+            raise RuleError(f"'where[{index}].field' must be one of: {', '.join(fields)}")
         if op not in OPS:
             raise RuleError(f"'where[{index}].op' must be one of: {', '.join(OPS)}")
         values = value if op == "in" else [value]
@@ -171,11 +182,15 @@ def parse(data: dict, builtin: bool) -> Rule:
         allowed = sorted(LOGICS) if builtin else ["threshold"]
         raise RuleError(f"'logic' must be one of: {', '.join(allowed)}")
     source = data.get("source", LOGICS[logic])
-    if source != LOGICS[logic]:
+    if logic == "threshold" and not builtin:  # a custom rule counts any source's rows
+        if source not in SOURCES:
+            raise RuleError(f"'source' must be one of: {', '.join(SOURCES)}")
+    elif source != LOGICS[logic]:
         raise RuleError(f"'source' of a '{logic}' rule must be '{LOGICS[logic]}'")
+    fields = FIELDS[source]
     group_by = tuple(part.strip() for part in str(data.get("groupBy", "")).split(",") if part.strip())
-    if logic == "threshold" and (not group_by or len(group_by) > 3 or set(group_by) - set(EVENT_FIELDS)):
-        raise RuleError(f"'groupBy' must name 1 to 3 of: {', '.join(EVENT_FIELDS)}, comma-separated")
+    if logic == "threshold" and (not group_by or len(group_by) > 3 or set(group_by) - set(fields)):
+        raise RuleError(f"'groupBy' must name 1 to 3 of: {', '.join(fields)}, comma-separated")
     threshold = _int(data, "threshold", 1, 1_000_000)
     return Rule(
         id=rule_id,
@@ -191,7 +206,7 @@ def parse(data: dict, builtin: bool) -> Rule:
         group_by=group_by,
         tactics=_strings(data, "tactics"),
         techniques=_strings(data, "techniques", TECHNIQUE),
-        where=_conditions(data),
+        where=_conditions(data, fields),
         builtin=builtin,
     )
 
