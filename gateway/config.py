@@ -101,6 +101,7 @@ class Settings(BaseSettings):
     ratelimit_tenant_push_bytes_per_minute: int = 4 * 1024 * 1024 * 1024
     ratelimit_read: str = "600/minute"  # every other authenticated API call, per client
     ratelimit_token: str = "30/minute"  # OAuth endpoint calls per client id, and per remote address
+    ratelimit_console_login: str = "20/minute"  # console sign-in form posts per remote address
     token_lockout_failures: int = 10  # failed client authentications in the window lock the client id
     token_lockout_window_seconds: int = 600
     token_lockout_seconds: int = 900
@@ -159,7 +160,10 @@ class Settings(BaseSettings):
     detection_interval: float = 60.0  # seconds between the beat's rule evaluations
     security_events_default_hours: int = 24  # the time range of a securityEvents list that names none
 
-    @field_validator("ratelimit_push", "ratelimit_tenant_push", "ratelimit_read", "ratelimit_token")
+    @field_validator(
+        "ratelimit_push", "ratelimit_tenant_push", "ratelimit_read", "ratelimit_token",
+        "ratelimit_console_login",
+    )
     @classmethod
     def _a_limit(cls, value: str) -> str:
         from limits import parse

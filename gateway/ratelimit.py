@@ -9,7 +9,9 @@ answers carry the IETF ``RateLimit-*`` fields with a reset in seconds.
 * pushes: requests and bytes per minute per client, and per tenant;
 * every other authenticated API call (reads, workflow changes): requests per minute per client;
 * the OAuth endpoints: requests per minute per client id and per remote address, and a lockout
-  of a client id after repeated failed authentications.
+  of a client id after repeated failed authentications;
+* the console's sign-in form: attempts per minute per remote address (gateway/console/views.py
+  answers a readable page; the per-user lockout of gateway/console/users.py stays as well).
 
 A storage that cannot be reached lets the request through (logged): limits protect the
 service, they never stop it.
@@ -77,6 +79,7 @@ class Limits:
         self.tenant_push = parse_limit(config["RATELIMIT_TENANT_PUSH"])
         self.read = parse_limit(config["RATELIMIT_READ"])
         self.token = parse_limit(config["RATELIMIT_TOKEN"])
+        self.console_login = parse_limit(config.get("RATELIMIT_CONSOLE_LOGIN"))
         push_bytes = config["RATELIMIT_PUSH_BYTES_PER_MINUTE"]
         tenant_bytes = config["RATELIMIT_TENANT_PUSH_BYTES_PER_MINUTE"]
         self.push_bytes = RateLimitItemPerMinute(push_bytes) if push_bytes > 0 else None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from datetime import timedelta
 
 import pytest
@@ -17,7 +18,7 @@ from sqlalchemy import select, update
 from gateway import cli
 from gateway.console.auth import ROLE_SCOPES
 from gateway.models import ConsoleSession, ConsoleUser, ConsoleUserTenant, Tenant, utcnow
-from tests.conftest import SECRET
+from tests.conftest import REDIS_URL, SECRET, Gateway, make_app, wipe
 from tests.console_support import PASSWORD, csrf_token, login, make_user, session_cookie
 from tests.factories import document, finding
 from tests.test_merge import push
@@ -145,6 +146,46 @@ def test_lockout_after_repeated_failures(two_tenants):
         )
     login(http, "reader@acme.test")
     assert http.get(f"/console/t/{a}/overview").status_code == 200
+
+
+def test_sign_in_attempts_are_limited_per_address_with_a_readable_page(pg_url):
+    """RATELIMIT_CONSOLE_LOGIN counts the form's posts per remote address (in Redis, as every limit):
+    past it, 429 with Retry-After and a page that says so, even for the right password; another
+    address still signs in, and the per-user lockout still counts on its own."""
+    app = make_app(pg_url, eager=True, RATELIMIT_ENABLED=True, RATELIMIT_STORAGE_URL=REDIS_URL,
+                   RATELIMIT_KEY_PREFIX=f"gw-test-{uuid.uuid4().hex[:8]}", RATELIMIT_CONSOLE_LOGIN="3/hour",
+                   CONSOLE_LOCKOUT_FAILURES=5)
+    try:
+        wipe(app.extensions["gateway.db"])
+        gw = Gateway(app)
+        a = gw.tenant("acme")
+        make_user(app, "reader@acme.test", role="reader", tenants=[a])
+        make_user(app, "other@acme.test", role="reader", tenants=[a])
+        here = app.test_client()
+        for _ in range(3):
+            login(here, "reader@acme.test", "wrong password!", expect=401)
+        refused = here.post(
+            "/console/login",
+            data={"email": "other@acme.test", "password": PASSWORD, "csrf_token": csrf_token(here)},
+        )
+        assert refused.status_code == 429 and 0 < int(refused.headers["Retry-After"]) <= 3600
+        text = refused.get_data(as_text=True)
+        assert "Too many sign-in attempts from your network address" in text and "<form" in text
+        assert here.get(f"/console/t/{a}/overview").status_code == 302  # not signed in
+        elsewhere = app.test_client()
+        elsewhere.environ_base["REMOTE_ADDR"] = "192.0.2.7"
+        login(elsewhere, "other@acme.test")
+        assert elsewhere.get(f"/console/t/{a}/overview").status_code == 200
+        # the per-user lockout is separate: reader's 3 failures count, 2 more from elsewhere lock them
+        for _ in range(2):
+            login(elsewhere, "reader@acme.test", "wrong password!", expect=401)
+        with gw.db.sessions() as session:
+            locked = session.scalar(
+                select(ConsoleUser.locked_until).where(ConsoleUser.email == "reader@acme.test")
+            )
+        assert locked is not None
+    finally:
+        app.extensions["gateway.db"].dispose()
 
 
 def test_failures_below_the_limit_are_forgotten_at_a_good_sign_in(two_tenants):

@@ -6,9 +6,11 @@ import logging
 
 from flask import Blueprint, current_app, g, redirect, render_template, request, session, url_for
 
+from gateway import ratelimit
 from gateway.console import oidc, sessions
 from gateway.console.auth import current_tenant, current_user, login_required, safe_next
 from gateway.console.users import check_password
+from gateway.errors import TooManyRequests
 
 log = logging.getLogger(__name__)
 blueprint = Blueprint(
@@ -39,11 +41,32 @@ def login():
     return render_template("console/login.html", next=safe_next(request.args.get("next")))
 
 
+def _too_many_attempts(email: str, next_url: str | None):
+    """The address's sign-in attempts are spent: 429 with a page a person can read (nothing checked)."""
+    limits = ratelimit.current()
+    try:
+        limits.consume([(limits.console_login, "console-login.address", request.remote_addr or "-")])
+    except TooManyRequests as exc:
+        wait = exc.headers.get("Retry-After", "60")
+        log.info("console sign-in from %s refused: too many attempts", request.remote_addr)
+        page = render_template(
+            "console/login.html",
+            email=email,
+            next=next_url,
+            error=f"Too many sign-in attempts from your network address. Try again in {wait} seconds.",
+        )
+        return page, 429, {"Retry-After": wait}
+    return None
+
+
 @blueprint.post("/login")
 def login_post():
     email = (request.form.get("email") or "").strip()
     password = request.form.get("password") or ""
     next_url = safe_next(request.form.get("next"))
+    refused = _too_many_attempts(email, next_url)
+    if refused is not None:
+        return refused
     if not email or not password:
         return render_template(
             "console/login.html", error="Enter your email and password.", email=email, next=next_url
