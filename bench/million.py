@@ -23,7 +23,9 @@ HTTP with a ``findings.write`` token:
 * ``--seed N``: before the one push (or the sequence), the pushed tenant is given N findings
   of its own on N/50 other hosts, loaded set-based (bench/query_bench.py's loader: resources,
   findings, one or two sources each), then ``VACUUM ANALYZE``: the push's rate into a store that
-  already holds N findings, against ``--seed 0`` (an empty store).
+  already holds N findings, against ``--seed 0`` (an empty store).  Seeding millions takes minutes
+  that are not measured: ``--seed N --seed-only`` makes (and keeps) a database whose tenant
+  ``seeded`` holds them; ``--database NAME --tenant seeded`` then pushes into it (drop it after).
 * ``--queries N``: then, once the worker's statistics round (VACUUM/ANALYZE, in a thread of its
   own) is over, N timed GETs of the pushed tenant's findings each: ``$count`` without a filter
   and with ``sources/any(s: s/provider eq ...)`` (every finding matches: the largest count),
@@ -384,16 +386,34 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0,
                         help="first load N findings set-based into the pushed tenant (the store's size)")
+    parser.add_argument("--seed-only", action="store_true",
+                        help="only make a database whose tenant 'seeded' holds --seed findings; keep it")
+    parser.add_argument("--database", help="use this database (made by --seed-only) and keep it")
+    parser.add_argument("--tenant", help="push into this existing tenant (with --database)")
     parser.add_argument("--also", help="KxM: after the one push, the K x M sequence into another tenant")
     parser.add_argument("--queries", type=int, default=0,
                         help="then time N counts and pages of the pushed tenant with a sources/any() filter")
     args = parser.parse_args()
 
-    name, url = create_database("gw_million")
+    if args.database:  # a database left by --seed-only: kept afterwards too
+        from bench.ingest_bench import ADMIN
+
+        name, url = args.database, ADMIN.rsplit("/", 1)[0] + "/" + args.database
+    else:
+        name, url = create_database("gw_million")
     stack = watch = None
     scratch = Path(tempfile.mkdtemp(prefix="million-"))
     try:
-        upgrade(url)
+        if not args.database:
+            upgrade(url)
+        if args.seed_only:  # seed a tenant in a database of its own and keep it (not timed)
+            Gateway(create_app({"DATABASE_URL": url, "BROKER_URL": "memory://", "SECRET_KEY": "bench",
+                                "RATELIMIT_ENABLED": False})).tenant("seeded")
+            seed(url, "seeded", args.seed)
+            print(f"kept database {name}: push into its tenant with --database {name} --tenant seeded",
+                  flush=True)
+            name = None
+            return
         with psycopg.connect(url, autocommit=True) as conn:
             settings = dict(
                 conn.execute(
@@ -424,10 +444,10 @@ def main() -> None:
         warm_headers = gw.partner("WarmUp", [warm], scopes="findings.write")
         write_body(scratch / "warm.json", "warm", 200, 50)
         push(stack, warm, warm_headers, scratch / "warm.json")
-        tenant = gw.tenant()
+        tenant = args.tenant or gw.tenant()
         headers = gw.partner("SequenceScanner" if args.sequence else "BenchScanner", [tenant],
                              scopes="findings.write")
-        if args.seed:
+        if args.seed and not args.database:
             seed(url, tenant, args.seed)
         watch = LockWatch(url)
         if args.sequence:
@@ -481,7 +501,8 @@ def main() -> None:
         for item in scratch.iterdir():
             item.unlink()
         scratch.rmdir()
-        drop_database(name)
+        if name is not None and not args.database:
+            drop_database(name)
 
 
 if __name__ == "__main__":

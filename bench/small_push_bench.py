@@ -9,10 +9,12 @@ Each mode gets a scratch PostgreSQL database, the API under gunicorn and ``celer
 * ``before``: the earlier documented command (``gunicorn -w 4``, synchronous workers: one
   request per process at a time) and one task per batch (``GATEWAY_SMALL_BATCHES_PER_TASK=1``);
 * ``threads``: the documented command now (``gunicorn -w 4 -k gthread --threads 8``), one task per batch;
-* ``after``: the documented command and its default, a small batch's task merging the
-  tenant's other queued small batches (gateway/smallbatches.py), the worker at ``nice -n 10``
-  as the README runs it (``--worker-nice`` sets another value, 0 the old command), and
-  token checks reused for 5 s (``GATEWAY_TOKEN_CACHE_SECONDS``, the README's production value).
+* ``after``: the documented command (now with ``--reuse-port``: each gunicorn process listens
+  on a socket of its own and the kernel spreads the connections) and its default, a small
+  batch's task merging the tenant's other queued small batches (gateway/smallbatches.py), the
+  worker at ``nice -n 10`` as the README runs it (``--worker-nice`` sets another value, 0 the
+  old command), and token checks reused for 5 s (``GATEWAY_TOKEN_CACHE_SECONDS``, the README's
+  production value).
 
 Before the timed pushes every client pushes twice at once and all of that is merged, so each
 API process and thread has made its first requests (its pool's connections) untimed.
@@ -60,7 +62,7 @@ REDIS = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/12")
 API = {
     "before": ["-w", "4"],
     "threads": ["-w", "4", "-k", "gthread", "--threads", "8"],
-    "after": ["-w", "4", "-k", "gthread", "--threads", "8"],
+    "after": ["-w", "4", "-k", "gthread", "--threads", "8", "--reuse-port"],
 }
 PER_TASK = {"before": "1", "threads": "1", "after": "20"}
 NICE = {"before": 0, "threads": 0, "after": 10}  # the README runs workers at a lower CPU priority

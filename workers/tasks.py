@@ -214,9 +214,11 @@ def _enqueue(db, batch_id: int, recorded: bool = False, task=None) -> bool:
 
 def enqueue_soon(app, db, batch_id: int, recorded: bool = False) -> None:
     """:func:`enqueue` from this process's publisher thread (:class:`Publisher`), so that a push's
-    202 does not wait on the broker; at once where tasks run eagerly or ``ENQUEUE_IN_BACKGROUND``
-    is off."""
-    if app.config.get("TASK_ALWAYS_EAGER") or not app.config.get("ENQUEUE_IN_BACKGROUND", True):
+    202 does not wait on the broker; at once where tasks run eagerly, ``ENQUEUE_IN_BACKGROUND``
+    is off, or tracing is on (the task's producer span then stays inside the request's trace, as
+    gateway/tracing.py describes it)."""
+    if (app.config.get("TASK_ALWAYS_EAGER") or not app.config.get("ENQUEUE_IN_BACKGROUND", True)
+            or tracing.is_on()):
         enqueue(db, batch_id, recorded=recorded)
         return
     publisher = app.extensions.get("gateway.publisher")
