@@ -14,6 +14,7 @@
    of a source within 12 minutes, so the brute-force rule has hits); the time of one evaluation
    of all the tenant's enabled rules (``gateway.detection.engine.evaluate_tenant``, raising the
    alerts), and of a second one (nothing new).
+``--skip-ingest`` or ``--skip-rules`` runs one part alone (each a quiet run of its own).
 Figures, not assertions.
 """
 
