@@ -176,9 +176,11 @@ def test_sign_in_attempts_are_limited_per_address_with_a_readable_page(pg_url):
         elsewhere.environ_base["REMOTE_ADDR"] = "192.0.2.7"
         login(elsewhere, "other@acme.test")
         assert elsewhere.get(f"/console/t/{a}/overview").status_code == 200
-        # the per-user lockout is separate: reader's 3 failures count, 2 more from elsewhere lock them
+        # the per-user lockout is separate: reader's 3 failures count, 2 more from a third address lock them
+        third = app.test_client()
+        third.environ_base["REMOTE_ADDR"] = "192.0.2.8"
         for _ in range(2):
-            login(elsewhere, "reader@acme.test", "wrong password!", expect=401)
+            login(third, "reader@acme.test", "wrong password!", expect=401)
         with gw.db.sessions() as session:
             locked = session.scalar(
                 select(ConsoleUser.locked_until).where(ConsoleUser.email == "reader@acme.test")

@@ -406,6 +406,19 @@ def test_ingestion_shows_batches_counts_and_rejections(console):
     assert "partiallySucceeded" in newest and "<td>1</td>" in newest
     progress = reader.get(f"/console/t/{console.a}/ingestion/batches/{batch_ids[0]}/progress.json").get_json()
     assert progress["status"] == "partiallySucceeded" and progress["counts"]["rejected"] == 1
+    # the rejected records' table offers its CSV too, all of it, for this tenant's batch only
+    csv_url = re.search(r'href="([^"]+rejections\.csv[^"]*)"', newest).group(1).replace("&amp;", "&")
+    rejected_csv = reader.get(csv_url)
+    assert rejected_csv.status_code == 200 and rejected_csv.mimetype == "text/csv"
+    lines = rejected_csv.get_data(as_text=True).splitlines()
+    assert lines[0] == "seq,position,reason,providerId" and len(lines) == 2, lines
+    assert lines[1].startswith("0,findings[1],") and lines[1].endswith(",broken"), lines
+    with console.db.engine.connect() as conn:
+        from gateway.models import Batch, Tenant
+
+        b_id = conn.execute(select(Tenant.id).where(Tenant.external_id == console.b)).scalar_one()
+        b_batch = conn.execute(select(Batch.id).where(Batch.tenant_id == b_id)).scalar_one()
+    assert reader.get(f"/console/t/{console.a}/ingestion/batches/{b_batch}/rejections.csv").status_code == 404
     assert (
         page_text(reader, f"/console/t/{console.a}/ingestion?status=failed").count("ingestion/batches/") == 0
     )

@@ -154,6 +154,7 @@ def show(tenant: str, batch_id: int):
             (),
             {"seq": "seq"},
             sort_param=None,
+            csv_endpoint_url=lambda **a: url_for(".export_rejections", tenant=tenant, batch_id=batch_id, **a),
         )
     except APIError as error:
         return refused(error)
@@ -164,6 +165,19 @@ def show(tenant: str, batch_id: int):
         tenant=tenant,
         progress_url=url_for(".progress", tenant=tenant, batch_id=batch_id),
     )
+
+
+@blueprint.get("/batches/<int:batch_id>/rejections.csv")
+@login_required(role="reader")
+def export_rejections(tenant: str, batch_id: int):
+    """The batch's rejected records and their reasons, all of them, as CSV (404 for another tenant's)."""
+    try:
+        batch_state(tenant_id(), batch_id)
+        return table.csv_download(
+            rejections(batch_id), tenant_id(), (), {"seq": "seq"}, f"batch-{batch_id}-rejections"
+        )
+    except APIError as error:
+        return refused(error)
 
 
 @blueprint.get("/batches/<int:batch_id>/progress.json")
