@@ -147,6 +147,7 @@ class Settings(BaseSettings):
     console_session_hours: float = 12.0  # a session unused this long is gone
     console_lockout_failures: int = 5  # failed sign-ins in a row lock a local user ...
     console_lockout_seconds: int = 900  # ... this long
+    finding_history_seconds: float = 900.0  # the beat's count of open findings by severity (Overview chart)
     oidc_issuer: str | None = None  # the identity provider (its /.well-known/openid-configuration)
     oidc_client_id: str | None = None
     oidc_client_secret: str | None = None

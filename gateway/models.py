@@ -6,7 +6,7 @@ live in separate columns; merges write only the former, the API only the latter.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 from sqlalchemy import (
     JSON as JSONType,
@@ -14,6 +14,7 @@ from sqlalchemy import (
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    Date,
     DateTime,
     Float,
     ForeignKey,
@@ -1419,3 +1420,18 @@ class DetectionLink(Base):
     row_id: Mapped[int] = mapped_column(BigId, primary_key=True)
     tenant_id: Mapped[int] = mapped_column(Integer)
     row_time: Mapped[datetime | None]
+
+
+# -- issue 15: the console's "findings by severity over time" chart --------------------------------
+
+
+class FindingSeverityDay(Base):
+    """A tenant's open findings of one severity on one day (UTC), kept by the beat's snapshot
+    (gateway/console/history.py): the newest snapshot of the day wins, earlier days stay."""
+
+    __tablename__ = "finding_severity_days"
+
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    severity: Mapped[str] = mapped_column(String(20), primary_key=True)
+    open_findings: Mapped[int] = mapped_column(Integer)

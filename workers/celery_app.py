@@ -66,6 +66,12 @@ def celery_init_app(app: Flask) -> Celery:
                 "task": "workers.export_tasks.prune_events",
                 "schedule": float(app.config.get("EVENT_PRUNE_INTERVAL") or 3600.0),
             },
+            # the console's daily series of open findings by severity (gateway/console/history.py)
+            "snapshot-finding-history": {
+                "task": "workers.tasks.snapshot_finding_history",
+                "schedule": float(app.config.get("FINDING_HISTORY_SECONDS") or 900.0),
+                "options": {"expires": float(app.config.get("FINDING_HISTORY_SECONDS") or 900.0)},
+            },
             # workflow automation and export snapshots (workers/automation_tasks.py)
             "dispatch-automations": {
                 "task": "workers.automation_tasks.dispatch_automations",

@@ -145,6 +145,18 @@ def expire_exemptions(now: str | None = None) -> int:
                                  datetime.fromisoformat(now) if now else None)
 
 
+@shared_task(name="workers.tasks.snapshot_finding_history", acks_late=True)
+def snapshot_finding_history(today: str | None = None) -> int:
+    """Upsert today's open findings per tenant and severity (beat, every ``FINDING_HISTORY_SECONDS``;
+    gateway/console/history.py); ``today`` (ISO date) is for tests and replays.  Idempotent."""
+    from datetime import date
+
+    from gateway.console.history import snapshot
+
+    with current_app.extensions["gateway.db"].engine.begin() as conn:
+        return snapshot(conn, today=date.fromisoformat(today) if today else None)
+
+
 def expire_due_exemptions(db, now: datetime | None = None) -> int:
     """Each due exemption ends in its own transaction (its tenant's recommendations return to
     their real status, with events and the score recounted); returns how many ended."""

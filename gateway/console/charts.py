@@ -87,3 +87,60 @@ def bar_chart(
         f' aria-label="{escape(title)}" data-points="{len(bars)}">'
         f"<title>{escape(title)}</title>{''.join(parts)}</svg>"
     )
+
+
+def multi_line_chart(
+    labels: Sequence[str],
+    series: dict[str, Sequence[float]],
+    *,
+    title: str,
+    css_class: str = "chart-multi",
+) -> Markup:
+    """One line per named series over the same x ``labels`` (oldest first).  Each line carries the
+    class ``sev-<name>`` and is named in words at its end (name and last value) and in a legend, so
+    the colour is never the only cue; each point has a ``<title>`` and data attributes."""
+    if not labels or not series:
+        return Markup('<p class="chart-empty">No data yet.</p>')
+    top = max((max(values) for values in series.values()), default=0) or 1
+    right = PAD + 110  # room for the line names
+    step = (WIDTH - PAD - right) / max(len(labels) - 1, 1)
+
+    def xy(index: int, value: float) -> tuple[float, float]:
+        return PAD + index * step, HEIGHT - PAD - (HEIGHT - 2 * PAD) * (value / top)
+
+    lines, legend = [], []
+    for number, (name, values) in enumerate(series.items()):
+        cls = f"sev-{escape(name)}"
+        coordinates = [xy(i, value) for i, value in enumerate(values)]
+        path = " ".join(f"{x:.1f},{y:.1f}" for x, y in coordinates)
+        dots = "".join(
+            f'<circle class="point {cls}" cx="{x:.1f}" cy="{y:.1f}" r="3" data-series="{escape(name)}"'
+            f' data-day="{escape(label)}" data-value="{value}">'
+            f"<title>{escape(label)} · {escape(name.capitalize())}: {escape(_fmt(value))}</title></circle>"
+            for (x, y), label, value in zip(coordinates, labels, values, strict=True)
+        )
+        last_x, last_y = coordinates[-1]
+        lines.append(
+            f'<g class="line {cls}" data-series="{escape(name)}">'
+            f'<polyline class="series {cls}" fill="none" points="{path}"/>{dots}'
+            f'<text class="end" x="{last_x + 8:.1f}" y="{last_y + 4:.1f}">'
+            f"{escape(name.capitalize())} {escape(_fmt(values[-1]))}</text></g>"
+        )
+        legend.append(
+            f'<text class="legend {cls}" x="{PAD + number * 110}" y="14">'
+            f"— {escape(name.capitalize())}</text>"
+        )
+    return Markup(
+        f'<svg class="chart {css_class}" viewBox="0 0 {WIDTH} {HEIGHT}" role="img"'
+        f' aria-label="{escape(title)}" preserveAspectRatio="none" data-points="{len(labels)}"'
+        f' data-series="{len(series)}">'
+        f"<title>{escape(title)}</title>"
+        f'<line class="axis" x1="{PAD}" y1="{HEIGHT - PAD}" x2="{WIDTH - right}" y2="{HEIGHT - PAD}"/>'
+        f'<line class="axis" x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{HEIGHT - PAD}"/>'
+        f'<text class="tick" x="2" y="{PAD + 4}">{escape(_fmt(top))}</text>'
+        f'<text class="tick" x="2" y="{HEIGHT - PAD + 4}">0</text>'
+        f'<text class="tick" x="{PAD}" y="{HEIGHT - 8}">{escape(labels[0])}</text>'
+        f'<text class="tick" x="{WIDTH - right}" y="{HEIGHT - 8}" text-anchor="end">'
+        f"{escape(labels[-1])}</text>"
+        f"{''.join(legend)}{''.join(lines)}</svg>"
+    )

@@ -1,6 +1,7 @@
 """The Overview page's panels: Secure Score and its history, controls, recommendation and alert
-counts, ingestion per provider.  Each panel is one tenant-scoped query (grouped, index-backed);
-the score comes from the same stored rows and function as the API's secureScores
+counts, open findings by severity over the last 30 days (the daily series kept by
+:mod:`gateway.console.history`), ingestion per provider.  Each panel is one tenant-scoped query
+(grouped, index-backed); the score comes from the same stored rows and function as the API's secureScores
 (:func:`gateway.score.upkeep.tenant_score`)."""
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from datetime import timedelta
 from sqlalchemy import func, select, text
 from sqlalchemy.engine import Connection
 
-from gateway.console.charts import bar_chart, line_chart
+from gateway.console import history as finding_history
+from gateway.console.charts import bar_chart, line_chart, multi_line_chart
 from gateway.models import Alert, Batch, Recommendation, SecureScore, utcnow
 from gateway.score.upkeep import tenant_score
 
@@ -108,6 +110,7 @@ def overview(db, tenant_id: int) -> dict:
         recommendations = recommendation_counts(conn, tenant_id)
         alert_statuses, alerts = open_alert_counts(conn, tenant_id)
         pushes = {label: ingestion(conn, tenant_id, now - span) for label, span in RANGES}
+        finding_days, by_severity = finding_history.series(conn, tenant_id, today=now.date())
     controls = [row._mapping for row in score["controls"]]
     return {
         "score": score,
@@ -136,6 +139,14 @@ def overview(db, tenant_id: int) -> dict:
         )
         if any(recommendations.values())
         else None,
+        "finding_days": finding_days,
+        "finding_series": by_severity,
+        "findings_chart": multi_line_chart(
+            [day.isoformat() for day in finding_days],
+            by_severity,
+            title=f"Open findings by severity, last {finding_history.DAYS} days",
+            css_class="chart-findings",
+        ),
         "alert_statuses": alert_statuses,
         "alerts": alerts,
         "ingestion": pushes,
