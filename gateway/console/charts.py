@@ -108,6 +108,11 @@ def multi_line_chart(
     def xy(index: int, value: float) -> tuple[float, float]:
         return PAD + index * step, HEIGHT - PAD - (HEIGHT - 2 * PAD) * (value / top)
 
+    # the lines' end labels, moved apart vertically where lines end close together
+    ends = sorted((xy(len(values) - 1, values[-1])[1], name) for name, values in series.items())
+    label_y: dict[str, float] = {}
+    for y, name in ends:
+        label_y[name] = max(y + 4, max(label_y.values(), default=-99.0) + 13)
     lines, legend = [], []
     for number, (name, values) in enumerate(series.items()):
         cls = f"sev-{escape(name)}"
@@ -119,11 +124,11 @@ def multi_line_chart(
             f"<title>{escape(label)} · {escape(name.capitalize())}: {escape(_fmt(value))}</title></circle>"
             for (x, y), label, value in zip(coordinates, labels, values, strict=True)
         )
-        last_x, last_y = coordinates[-1]
+        last_x = coordinates[-1][0]
         lines.append(
             f'<g class="line {cls}" data-series="{escape(name)}">'
             f'<polyline class="series {cls}" fill="none" points="{path}"/>{dots}'
-            f'<text class="end" x="{last_x + 8:.1f}" y="{last_y + 4:.1f}">'
+            f'<text class="end" x="{last_x + 8:.1f}" y="{label_y[name]:.1f}">'
             f"{escape(name.capitalize())} {escape(_fmt(values[-1]))}</text></g>"
         )
         legend.append(
