@@ -52,12 +52,14 @@ merged in three steps:
    what the final step needs (counts, the resources in scope, the reported identities of a
    full scan, touched recommendations, stale examples, the provider ids seen); after the
    commit it sends its chain's next chunk.  A worker killed mid-chunk loses that transaction
-   only; its chunk's lease expires, the batch's too (chunk merges renew it), and the sweep's
-   task re-sends every pending chunk whose lease is free and whose predecessor is done (the
-   rest of its chain follows).  A chunk merged twice is impossible: ``done`` is written in the
-   chunk's transaction, under its lease.
+   only; its chunk's lease expires, the batch's too (a chunk's claim and its renewals extend
+   the batch's lease to cover the chunk's, so the sweep never resends a batch while a chunk's
+   lease is live), and the sweep's task re-sends every pending chunk whose lease is free and
+   whose predecessor is done (the rest of its chain follows).  A chunk merged twice is
+   impossible: ``done`` is written in the chunk's transaction, under its lease.
 3. **Finish** (whichever chunk task sees every chunk done, or the batch's task on a resume): the
-   batch row is locked (``FOR UPDATE SKIP LOCKED``: one finisher), the tail is merged with the
+   batch row is locked (``FOR UPDATE``, waited for: one finisher, and a task that looked before
+   the last chunk's commit never leaves the batch unfinished), the tail is merged with the
    earlier chunks' provider ids known (a repeat is a repeat, as in one merge), then once for the
    whole batch: the full-scan resolve and observation removal over every chunk's scope and
    reported identities, the recommendations of every touched resource (with governance and the
@@ -575,9 +577,7 @@ class _ChunkHeartbeat:
                         chunks_t.c.batch_id == self.batch_id, chunks_t.c.seq == self.seq,
                         chunks_t.c.lease_owner == self.owner).values(lease_expires_at=expires)).rowcount
                     if renewed:
-                        conn.execute(update(batches).where(batches.c.id == self.batch_id,
-                                                           batches.c.status == "processing")
-                                     .values(lease_expires_at=expires))
+                        _extend_batch_lease(conn, self.batch_id, expires)
             except Exception as exc:  # noqa: BLE001 - the merge sees the same trouble and decides
                 log.warning("batch %s chunk %s: lease not renewed: %s", self.batch_id, self.seq, exc)
 
@@ -586,26 +586,27 @@ class _ChunkHeartbeat:
         self.thread.join(timeout=30)
 
 
+def _extend_batch_lease(conn, batch_id: int, expires) -> None:
+    """Keep the batch's lease at least as long as a chunk lease just taken or renewed.
+
+    The sweep resends a batch only once its lease has run out, and the resumed batch's task
+    sends only the chunks whose lease is free: were a chunk's lease to outlive the batch's (a
+    chunk claimed after the last renewal, its worker killed before renewing), the resume would
+    skip that chunk, and its chain (every later chunk is sent by the one before it) would wait
+    for the next sweep.  Never shortened: another chunk's lease may run longer."""
+    conn.execute(update(batches).where(batches.c.id == batch_id, batches.c.status == "processing")
+                 .values(lease_expires_at=func.greatest(func.coalesce(batches.c.lease_expires_at, expires),
+                                                        expires)))
+
+
 def merge_chunk(db: Database, batch_id: int, seq: int, settings: Settings, owner: str | None = None) -> str:
     """Merge one staged chunk (``done``, ``busy``: another worker holds it, or the batch's final
     status when this task finished it).  Raises ``TransientError`` for the task to retry."""
-    from gateway.pipeline import LeaseLost, TransientError, _describe, _transient
+    from gateway.pipeline import TransientError, _describe, _transient
 
     owner = owner or uuid.uuid4().hex
-    now = utcnow()
     try:
-        with db.engine.begin() as conn:
-            claimed = conn.execute(update(chunks_t).where(
-                chunks_t.c.batch_id == batch_id, chunks_t.c.seq == seq, chunks_t.c.kind.in_(MERGED_KINDS),
-                chunks_t.c.state == "pending",
-                or_(chunks_t.c.lease_owner.is_(None), chunks_t.c.lease_owner == owner,
-                    chunks_t.c.lease_expires_at <= now),
-                _predecessor_done(chunks_t.alias("before")),  # a chain's chunks merge one after the other
-            ).values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=settings.lease_seconds),
-                     attempts=chunks_t.c.attempts + 1).returning(
-                chunks_t.c.attempts, chunks_t.c.tenant_id, chunks_t.c.kind, chunks_t.c.bucket)).first()
-            state = None if claimed else conn.execute(select(chunks_t.c.state).where(
-                chunks_t.c.batch_id == batch_id, chunks_t.c.seq == seq)).scalar()
+        claimed, state = _claim_chunk(db, batch_id, seq, owner, settings)
     except DBAPIError as exc:
         if _transient(exc):
             raise TransientError(_describe(exc)) from exc
@@ -616,6 +617,33 @@ def merge_chunk(db: Database, batch_id: int, seq: int, settings: Settings, owner
         # busy: another worker holds it, or its chain predecessor is not merged yet (whose task
         # sends this one again when it is)
         return "busy" if state is not None else "missing"
+    return _merge_claimed(db, batch_id, seq, settings, owner, claimed)
+
+
+def _claim_chunk(db: Database, batch_id: int, seq: int, owner: str, settings: Settings):
+    """Take a chunk's lease (and extend the batch's to cover it): (the claimed row or None, the
+    chunk's state when not claimed)."""
+    now = utcnow()
+    with db.engine.begin() as conn:
+        claimed = conn.execute(update(chunks_t).where(
+            chunks_t.c.batch_id == batch_id, chunks_t.c.seq == seq, chunks_t.c.kind.in_(MERGED_KINDS),
+            chunks_t.c.state == "pending",
+            or_(chunks_t.c.lease_owner.is_(None), chunks_t.c.lease_owner == owner,
+                chunks_t.c.lease_expires_at <= now),
+            _predecessor_done(chunks_t.alias("before")),  # a chain's chunks merge one after the other
+        ).values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=settings.lease_seconds),
+                 attempts=chunks_t.c.attempts + 1).returning(
+            chunks_t.c.attempts, chunks_t.c.tenant_id, chunks_t.c.kind, chunks_t.c.bucket)).first()
+        if claimed:  # the batch's lease covers its chunks': no sweep resends a batch with a live chunk
+            _extend_batch_lease(conn, batch_id, now + timedelta(seconds=settings.lease_seconds))
+        state = None if claimed else conn.execute(select(chunks_t.c.state).where(
+            chunks_t.c.batch_id == batch_id, chunks_t.c.seq == seq)).scalar()
+    return claimed, state
+
+
+def _merge_claimed(db: Database, batch_id: int, seq: int, settings: Settings, owner: str, claimed) -> str:
+    from gateway.pipeline import LeaseLost, TransientError, _describe, _transient
+
     if claimed.attempts > settings.max_attempts:
         return _fail(db, batch_id, claimed.tenant_id,
                      f"chunk {seq} gave up after {claimed.attempts - 1} merge attempts")
@@ -770,21 +798,24 @@ def _finish(db: Database, batch_id: int, settings: Settings) -> str | None:
     from gateway.merge.observations import remove_unreported
     from gateway.pipeline import COUNT_KEYS
 
+    # A cheap look first, without a lock: every chunk task asks after its commit, so the last one
+    # to commit sees every chunk done (and the staging, after the tail's commit, sees the tail).
+    with db.engine.connect() as conn:
+        if not _all_merged(conn, batch_id):
+            return None
     collecting = gc.isenabled()
     gc.disable()
     try:
         with db.engine.begin() as conn:
-            # one finisher: a batch row another finisher holds is skipped, never waited on
-            batch = conn.execute(select(batches).where(batches.c.id == batch_id)
-                                 .with_for_update(skip_locked=True)).first()
+            # One finisher.  The batch row is waited for, not skipped: a holder may be a task that
+            # looked at the chunks before this one's commit and found one pending (it finishes
+            # nothing), or a lease renewal; skipping it left a batch whose chunks were all merged
+            # unfinished until the sweep.  Only a finisher holds it long, and then every chunk is
+            # merged: a task waiting on it finds the batch finished and returns.
+            batch = conn.execute(select(batches).where(batches.c.id == batch_id).with_for_update()).first()
             if batch is None or batch.status != "processing":
-                return None  # being finished by another worker, or finished
-            # a cheap look first: every chunk task asks, the results are read once, by the finisher
-            states = conn.execute(select(chunks_t.c.kind, chunks_t.c.state, func.count()).where(
-                chunks_t.c.tenant_id == batch.tenant_id, chunks_t.c.batch_id == batch_id)
-                .group_by(chunks_t.c.kind, chunks_t.c.state)).all()
-            if not any(kind == "tail" for kind, _, _ in states) or any(
-                    kind in MERGED_KINDS and state != "done" for kind, state, _ in states):
+                return None  # finished (or failed) meanwhile
+            if not _all_merged(conn, batch_id):
                 return None
             rows = conn.execute(select(chunks_t.c.seq, chunks_t.c.kind, chunks_t.c.state, chunks_t.c.result,
                                        chunks_t.c.received, chunks_t.c.rejected, chunks_t.c.record_count)
@@ -864,6 +895,15 @@ def _finish(db: Database, batch_id: int, settings: Settings) -> str | None:
             gc.enable()
     log.info("batch %s finished after %d chunks: %s", batch_id, total, status)
     return status
+
+
+def _all_merged(conn, batch_id: int) -> bool:
+    """The batch is staged (its tail row written) and every chunk of it is merged."""
+    states = conn.execute(select(chunks_t.c.kind, chunks_t.c.state, func.count()).where(
+        chunks_t.c.tenant_id == select(batches.c.tenant_id).where(batches.c.id == batch_id).scalar_subquery(),
+        chunks_t.c.batch_id == batch_id).group_by(chunks_t.c.kind, chunks_t.c.state)).all()
+    return any(kind == "tail" for kind, _, _ in states) and not any(
+        kind in MERGED_KINDS and state != "done" for kind, state, _ in states)
 
 
 def _fail(db: Database, batch_id: int, tenant_id: int | None, error: str) -> str:
