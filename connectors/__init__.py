@@ -12,7 +12,8 @@ import importlib
 import pkgutil
 from types import ModuleType
 
-SUPPORT_MODULES = frozenset({"base", "model", "xmlsafe", "_json", "_qualys", "_tenable", "_indicators", "_events"})
+SUPPORT_MODULES = frozenset({"base", "model", "xmlsafe", "_json", "_qualys", "_tenable", "_indicators", "_events",
+                             "_stream"})
 REQUIRED_ATTRIBUTES = ("FORMAT", "TITLE", "PRODUCT", "CONTENT_TYPES", "RECORD_KIND", "sniff", "parse")
 RECORD_KINDS = ("findings", "alerts", "knowledge_base", "indicators", "events")
 

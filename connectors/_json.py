@@ -17,6 +17,7 @@ from typing import Any, BinaryIO
 import ijson
 import msgspec
 
+from connectors._stream import Prefixed, read_head
 from connectors.base import parse_time
 from connectors.model import FormatError, Rejected
 
@@ -26,38 +27,10 @@ HEAD_SIZE = 65536
 _BOM = b"\xef\xbb\xbf"
 
 
-class _HeadReader(io.RawIOBase):
-    """A readable stream that replays an already-read head (without a UTF-8 BOM) first."""
-
-    def __init__(self, stream: BinaryIO, size: int = HEAD_SIZE) -> None:
-        parts: list[bytes] = []
-        total = 0
-        while total < size:
-            chunk = stream.read(size - total)
-            if not chunk:
-                break
-            parts.append(chunk)
-            total += len(chunk)
-        head = b"".join(parts)
-        if head.startswith(_BOM):
-            head = head[len(_BOM):]
-        self.head = head
-        self._view = memoryview(head)
-        self._stream = stream
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, target: Any) -> int:  # type: ignore[override]
-        if self._view:
-            n = min(len(target), len(self._view))
-            target[:n] = self._view[:n]
-            self._view = self._view[n:]
-            return n
-        data = self._stream.read(len(target))
-        n = len(data)
-        target[:n] = data
-        return n
+def _head_reader(stream: BinaryIO, size: int = HEAD_SIZE) -> Prefixed:
+    """The stream with its head read (a UTF-8 BOM dropped) and replayed first."""
+    head = read_head(stream, size)
+    return Prefixed(head[len(_BOM):] if head.startswith(_BOM) else head, stream)
 
 
 _STARTS = ("start_map", "start_array")
@@ -137,7 +110,7 @@ def iter_json_records(stream: BinaryIO, envelope_keys: tuple[str, ...]) -> Itera
     holding an array yields that array's items ("Findings[3]"); any other object is one
     record ("$").  Raises FormatError on an empty body or JSON that is not well-formed.
     """
-    reader = _HeadReader(stream)
+    reader = _head_reader(stream)
     start = reader.head.lstrip()[:1]
     if not start:
         raise FormatError("the body is empty: expected a JSON array or object")
@@ -198,7 +171,7 @@ def iter_json_documents(
         total += len(chunk)
     data = b"".join(parts)
     if total > whole_limit:  # too big to hold: stream the head read so far, then the rest
-        for position, item in iter_json_records(_Chained(data, stream), envelope_keys):
+        for position, item in iter_json_records(Prefixed(data, stream), envelope_keys):
             yield position, item, None
         return
     body = data[len(_BOM):] if data.startswith(_BOM) else data
@@ -223,27 +196,6 @@ def iter_json_documents(
         return
     for position, raw in raws:
         yield position, msgspec.json.decode(raw), _document(raw)
-
-
-class _Chained(io.RawIOBase):
-    """A readable stream of ``head`` followed by the rest of ``stream``."""
-
-    def __init__(self, head: bytes, stream: BinaryIO) -> None:
-        self._view = memoryview(head)
-        self._stream = stream
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, target: Any) -> int:  # type: ignore[override]
-        if self._view:
-            n = min(len(target), len(self._view))
-            target[:n] = self._view[:n]
-            self._view = self._view[n:]
-            return n
-        data = self._stream.read(len(target))
-        target[: len(data)] = data
-        return len(data)
 
 
 def json_head(head: bytes) -> bytes:

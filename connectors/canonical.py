@@ -30,16 +30,15 @@ whatever the size.  The envelope keys may come in any order.
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator
 from functools import lru_cache
-from itertools import chain
 from typing import Any, BinaryIO
 
 import ijson
 import msgspec
 
+from connectors._stream import Prefixed
 from connectors.base import ParseOptions, find_cves, parse_time
 from connectors.model import (
     IDENTIFIER_KINDS,
@@ -148,7 +147,7 @@ def parse(stream: BinaryIO, options: ParseOptions) -> Iterator[FindingRecord | R
         return
     index = [-1]
     try:
-        yield from _records(ijson.items(_Joined(head, stream), "findings.item", use_float=True), index)
+        yield from _records(ijson.items(Prefixed(head, stream), "findings.item", use_float=True), index)
     except ijson.JSONError as exc:
         raise FormatError(f"not well-formed JSON after findings[{index[0]}]: {exc}") from None
 
@@ -198,28 +197,6 @@ def _records(items, position: list[int] | None = None) -> Iterator[FindingRecord
                 reason=str(exc),
                 provider_id=provider_id if isinstance(provider_id, str) else None,
             )
-
-
-class _Joined(io.RawIOBase):
-    """The bytes already read, then the rest of the stream."""
-
-    def __init__(self, head: bytes, rest: BinaryIO) -> None:
-        self.parts = chain([head], iter(lambda: rest.read(1 << 20), b""))
-        self.buffer = memoryview(b"")
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, target) -> int:  # type: ignore[override]
-        while not self.buffer:
-            part = next(self.parts, None)
-            if part is None:
-                return 0
-            self.buffer = memoryview(part)
-        n = min(len(target), len(self.buffer))
-        target[:n] = self.buffer[:n]
-        self.buffer = self.buffer[n:]
-        return n
 
 
 def _text(value: str | None, key: str, required: bool = False) -> str | None:

@@ -55,8 +55,9 @@ import io
 import re
 from collections.abc import Iterator
 from datetime import datetime
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
+from connectors._stream import Prefixed, read_head
 from connectors._tenable import (
     TENABLE_STATES,
     clip,
@@ -163,7 +164,7 @@ def parse(stream: BinaryIO, options: ParseOptions) -> Iterator[FindingRecord | O
     """Stream the records of a Tenable CSV export."""
     if csv.field_size_limit() < FIELD_LIMIT:
         csv.field_size_limit(FIELD_LIMIT)  # plugin outputs can exceed csv's 128 KiB default
-    readable = _Readable(stream)
+    readable = Prefixed(read_head(stream, HEAD_SIZE), stream)
     delimiter = _delimiter(readable.head) or ","
     yield from merge_repeats(_records(_text_stream(readable), delimiter))
 
@@ -355,34 +356,3 @@ def _csv_score(value: str | None) -> float | None:
     if score is None and value.isdigit() and 10 < int(value) <= 100:
         return int(value) / 10
     return score
-
-
-class _Readable(io.RawIOBase):
-    """A raw reader over any object with read() that replays its first bytes (``head``, read
-    to sniff the delimiter) first; closing it leaves that object open."""
-
-    def __init__(self, stream: BinaryIO, head_size: int = HEAD_SIZE) -> None:
-        self._stream = stream
-        parts: list[bytes] = []
-        total = 0
-        while total < head_size:
-            chunk = stream.read(head_size - total)
-            if not chunk:
-                break
-            parts.append(chunk)
-            total += len(chunk)
-        self.head = b"".join(parts)
-        self._view = memoryview(self.head)
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        if self._view:
-            n = min(len(buffer), len(self._view))
-            buffer[:n] = self._view[:n]
-            self._view = self._view[n:]
-            return n
-        data = self._stream.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)

@@ -15,13 +15,13 @@ bytes, as libxml2 tells them), and any declared encoding outside the ASCII-compa
 
 from __future__ import annotations
 
-import io
 import re
 from collections.abc import Iterator
 from typing import BinaryIO
 
 from lxml import etree
 
+from connectors._stream import Prefixed
 from connectors.model import FormatError
 
 _PROLOG_LIMIT = 1 << 20
@@ -39,35 +39,6 @@ _ROOT_NAME = re.compile(rb"<[^\s/>]*[\s/>]")
 _MORE = -1  # the prolog goes on past the bytes read so far
 
 
-class _Prefixed(io.RawIOBase):
-    """A stream that first returns ``head`` and then the rest of ``stream``."""
-
-    def __init__(self, head: bytes, stream: BinaryIO) -> None:
-        self._head = head
-        self._stream = stream
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:  # type: ignore[override]
-        if self._head:
-            n = min(len(buffer), len(self._head))
-            buffer[:n] = self._head[:n]
-            self._head = self._head[n:]
-            return n
-        data = self._stream.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-    def read(self, size: int = -1) -> bytes:
-        if size is None or size < 0:
-            return self._head + self._stream.read()
-        if self._head:
-            chunk, self._head = self._head[:size], self._head[size:]
-            return chunk
-        return self._stream.read(size)
-
-
 def read_prolog(stream: BinaryIO) -> tuple[bytes, BinaryIO]:
     """Read up to the root element's start; refuse an internal DTD subset or an unreadable encoding.
 
@@ -82,7 +53,7 @@ def read_prolog(stream: BinaryIO) -> tuple[bytes, BinaryIO]:
             break
     if (end == _MORE and len(head) > _PROLOG_LIMIT) or (end is not None and end > _PROLOG_LIMIT):
         raise FormatError("XML prolog is larger than 1 MiB")
-    return head, _Prefixed(head, stream)
+    return head, Prefixed(head, stream)
 
 
 def _prolog_end(data: bytes) -> int | None:
