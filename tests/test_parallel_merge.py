@@ -509,3 +509,25 @@ def test_a_finish_check_that_meets_a_held_batch_row_waits_and_finishes(pg_gw, re
     assert finished == ["partiallySucceeded"]
     result = _batch(pg_gw, tenant, headers, batch_id)
     assert result["status"] == "partiallySucceeded" and result["counts"]["created"] == 8 * 40
+
+
+def test_a_split_part_reads_its_hosts_from_the_stored_pieces_across_their_edges(pg_gw, redis_clean):
+    """A Nessus part is staged as offsets into the batch's body, read back from the 1 MiB pieces
+    it spans (here pieces of 7 bytes): every range, within one piece or across several, is the
+    body's slice."""
+    from gateway.merge.parallel import _read_range
+    from gateway.models import BatchBlob
+
+    tenant = pg_gw.tenant()
+    headers = pg_gw.partner("Tenable", [tenant])
+    batch_id = _push(pg_gw, tenant, headers, document([finding("r/1", host="r.example.com")]))  # no worker
+    body = bytes(range(256)) * 3 + b"<ReportHost name='x'></ReportHost>"
+    pieces = [body[start : start + 7] for start in range(0, len(body), 7)]
+    with pg_gw.db.engine.begin() as conn:
+        conn.execute(BatchBlob.__table__.delete().where(BatchBlob.__table__.c.batch_id == batch_id))
+        conn.execute(BatchBlob.__table__.insert(), [{"batch_id": batch_id, "seq": seq, "data": piece}
+                                                    for seq, piece in enumerate(pieces)])
+    with pg_gw.db.engine.connect() as conn:
+        for start, end in [(0, 0), (0, 7), (3, 5), (6, 8), (5, 30), (7, 14), (100, len(body)), (0, len(body)),
+                           (len(body) - 1, len(body))]:
+            assert _read_range(conn, batch_id, start, end) == body[start:end], (start, end)
