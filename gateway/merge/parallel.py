@@ -105,7 +105,7 @@ import uuid
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import msgspec
@@ -181,6 +181,7 @@ def coordinate(db: Database, batch_id: int, owner: str, settings: Settings) -> s
     try:
         with db.engine.connect() as conn:
             batch = conn.execute(select(batches).where(batches.c.id == batch_id)).first()
+        settings = _planned(db, batch, settings)
         try:
             sent = _stage(db, batch, settings)
         except FormatError as exc:
@@ -195,6 +196,27 @@ def coordinate(db: Database, batch_id: int, owner: str, settings: Settings) -> s
         heartbeat.stop()
     _write_progress(db, batch)
     return finish_if_done(db, batch_id, settings) or "processing"
+
+
+PLANNED = ("chunk_records", "buckets", "sub_chunk")  # the settings a batch's cut depends on
+
+
+def _planned(db: Database, batch, settings: Settings) -> Settings:
+    """``settings`` with the cut's settings the batch was first staged with (``merge_plan``).
+
+    A staging stopped by a crash starts again from the bytes and keeps the rows already
+    committed: the new cut must be the old one, or records are doubled or lost, so a resume
+    cuts with the stored values whatever the settings say by then.  The first staging stores
+    its own before it commits any chunk (a concurrent first staging cannot exist: the batch's
+    lease is held; the update keeps the first plan anyway).
+    """
+    plan = batch.merge_plan
+    if not plan:
+        with db.engine.begin() as conn:
+            conn.execute(update(batches).where(batches.c.id == batch.id, batches.c.merge_plan.is_(None))
+                         .values(merge_plan={name: getattr(settings, name) for name in PLANNED}))
+            plan = conn.execute(select(batches.c.merge_plan).where(batches.c.id == batch.id)).scalar_one()
+    return replace(settings, **{name: int(plan[name]) for name in PLANNED if name in plan})
 
 
 def _stage(db: Database, batch, settings: Settings) -> set[int]:
