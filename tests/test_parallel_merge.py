@@ -587,7 +587,8 @@ def test_a_staging_resumed_after_its_settings_changed_cuts_as_it_first_did(pg_gw
             except _Crash:
                 pass
         with pg_gw.db.sessions() as session:
-            kinds = session.scalars(select(BatchMergeChunk.kind).where(BatchMergeChunk.batch_id == batch_id)).all()
+            kinds = session.scalars(select(BatchMergeChunk.kind)
+                                    .where(BatchMergeChunk.batch_id == batch_id)).all()
         assert len(kinds) >= 2 and "tail" not in kinds, kinds  # stopped mid-way, some chunks committed
 
         # the settings change before the resume: another cut would double or lose records
