@@ -33,7 +33,9 @@ merged in three steps:
    one is staged, so a malformed file merges nothing).  The tail row is written last, with the
    batch's parsed and rejected totals: its presence means staging is complete.  A staging
    stopped by a crash starts again from the bytes; the rows already committed are kept (the
-   routing and the cut are deterministic for the same settings) and not sent twice.  A file
+   routing and the cut are deterministic for the same settings, and a resume cuts with the
+   settings stored with the batch when its staging began, ``merge_plan``, whatever they are
+   by then) and not sent twice.  A file
    that keeps each resource's records together (as scanners write them) fills the buckets in
    turn; a file that interleaves resources (round-robin) fills them all at once: either way
    every bucket's chain advances and up to ``buckets`` chunks merge at the same time.
@@ -42,8 +44,9 @@ merged in three steps:
    merged as fast as one worker parsed them), so a format whose document splits into
    independent parts is not parsed here at all: a Nessus file (``split_nessus``) is cut between
    its ``ReportHost`` elements into documents of whole hosts (its head and end around each
-   run of hosts), staged as bytes, and each part is parsed and checked by the worker that
-   merges it; its rejections are numbered in the whole file by the final step.  The split
+   run of hosts), staged as the offsets of its hosts in the stored body (read back by the
+   worker from the blob's pieces: no second copy of the body is written), and each part is
+   parsed and checked by the worker that merges it; its rejections are numbered in the whole file by the final step.  The split
    applies only to a simple document (one ``Report``, uniquely named hosts, nothing between
    them, at most ``SPLIT_MAX_BYTES``); any other is parsed here as above.
 2. **Merge chunks** (``workers.tasks.merge_chunk``, any worker): a chunk is claimed with a lease
