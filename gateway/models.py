@@ -158,6 +158,8 @@ class Batch(Base):
     progress: Mapped[dict | None] = mapped_column(JSON)
     stale_details: Mapped[list | None] = mapped_column(JSON)
     body_check: Mapped[str | None] = mapped_column(String(20))
+    # migration 0034a: the settings a parallel merge's staging cut the batch with (a resume uses them)
+    merge_plan: Mapped[dict | None] = mapped_column(JSON)
 
 
 class BatchRejection(Base):

@@ -509,3 +509,103 @@ def test_a_finish_check_that_meets_a_held_batch_row_waits_and_finishes(pg_gw, re
     assert finished == ["partiallySucceeded"]
     result = _batch(pg_gw, tenant, headers, batch_id)
     assert result["status"] == "partiallySucceeded" and result["counts"]["created"] == 8 * 40
+
+
+def test_a_split_part_reads_its_hosts_from_the_stored_pieces_across_their_edges(pg_gw, redis_clean):
+    """A Nessus part is staged as offsets into the batch's body, read back from the 1 MiB pieces
+    it spans (here pieces of 7 bytes): every range, within one piece or across several, is the
+    body's slice."""
+    from gateway.merge.parallel import _read_range
+    from gateway.models import BatchBlob
+
+    tenant = pg_gw.tenant()
+    headers = pg_gw.partner("Tenable", [tenant])
+    batch_id = _push(pg_gw, tenant, headers, document([finding("r/1", host="r.example.com")]))  # no worker
+    body = bytes(range(256)) * 3 + b"<ReportHost name='x'></ReportHost>"
+    pieces = [body[start : start + 7] for start in range(0, len(body), 7)]
+    with pg_gw.db.engine.begin() as conn:
+        conn.execute(BatchBlob.__table__.delete().where(BatchBlob.__table__.c.batch_id == batch_id))
+        conn.execute(BatchBlob.__table__.insert(), [{"batch_id": batch_id, "seq": seq, "data": piece}
+                                                    for seq, piece in enumerate(pieces)])
+    with pg_gw.db.engine.connect() as conn:
+        for start, end in [(0, 0), (0, 7), (3, 5), (6, 8), (5, 30), (7, 14), (100, len(body)), (0, len(body)),
+                           (len(body) - 1, len(body))]:
+            assert _read_range(conn, batch_id, start, end) == body[start:end], (start, end)
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_a_staging_resumed_after_its_settings_changed_cuts_as_it_first_did(pg_gw, redis_clean, monkeypatch):
+    """A staging stopped after some chunks resumes with the cut it started with (the batch's
+    ``merge_plan``), not the settings changed meanwhile: the store ends as the single merge's,
+    nothing doubled or lost.  Both staging paths: resource buckets (an interleaved canonical
+    file) and a Nessus file split between hosts.  In one process (the staging and the chunk
+    merges called as the tasks call them), against the real store."""
+    from gateway.merge import parallel
+    from gateway.pipeline import _claim
+
+    cases = [("canonical", "Qualys", _interleaved(30, 40)), ("nessus", "Tenable", _nessus_with_a_bad_item())]
+    for fmt, provider, body in cases:
+        single, resumed = pg_gw.tenant(), pg_gw.tenant()
+        headers = {name: pg_gw.partner(provider, [name]) for name in (single, resumed)}
+        content_type = "application/json" if fmt == "canonical" else "application/xml"
+
+        def push(tenant):
+            response = pg_gw.http.post(f"/api/v1/tenants/{tenant}/batches?format={fmt}", data=body,
+                                       headers=headers[tenant] | {"Content-Type": content_type})
+            assert response.status_code == 202, response.get_json()
+            return int(response.get_json()["id"])
+
+        workers = [Worker(pg_gw.app.config["DATABASE_URL"], extra_env=SINGLE)]
+        try:
+            reference = _final(pg_gw, single, headers[single], push(single))
+        finally:
+            workers[0].stop()
+
+        batch_id = push(resumed)  # no worker runs: this test is the worker
+        queue: list[int] = []
+
+        def settings(chunk_records: int, buckets: int, dispatch) -> parallel.Settings:
+            return parallel.Settings(min_bytes=1, chunk_records=chunk_records, buckets=buckets, sub_chunk=50,
+                                     max_rejections=1000, lease_seconds=60, max_attempts=5, dispatch=dispatch)
+
+        def crash_after_two_chunks(*args, **kwargs):
+            cut = pg_gw.db.engine.connect()
+            with cut:
+                staged = cut.execute(select(func.count()).select_from(BatchMergeChunk).where(
+                    BatchMergeChunk.batch_id == batch_id)).scalar()
+            if staged >= 2:
+                raise _Crash()
+
+        assert _claim(pg_gw.db, batch_id, "stager", 5, 60) is None
+        with monkeypatch.context() as patch:  # the staging dies once two chunks are committed
+            patch.setattr(parallel, "_write_progress", crash_after_two_chunks)
+            try:
+                parallel.coordinate(pg_gw.db, batch_id, "stager", settings(150, 4, crash_after_two_chunks))
+            except _Crash:
+                pass
+        with pg_gw.db.sessions() as session:
+            kinds = session.scalars(select(BatchMergeChunk.kind)
+                                    .where(BatchMergeChunk.batch_id == batch_id)).all()
+        assert len(kinds) >= 2 and "tail" not in kinds, kinds  # stopped mid-way, some chunks committed
+
+        # the settings change before the resume: another cut would double or lose records
+        changed = settings(97, 3, lambda _batch, seq: queue.append(seq))
+        assert _claim(pg_gw.db, batch_id, "stager", 5, 60) is None
+        status = parallel.coordinate(pg_gw.db, batch_id, "stager", changed)
+        while queue:
+            status = parallel.merge_chunk(pg_gw.db, batch_id, queue.pop(0), changed)
+        assert status in TERMINAL, status
+        result = _final(pg_gw, resumed, headers[resumed], batch_id)
+        assert _comparable(result) == _comparable(reference)
+        expected = _snapshot(pg_gw, single, headers[single], [reference["id"]])
+        actual = _snapshot(pg_gw, resumed, headers[resumed], [batch_id])
+        assert len(actual["findings"]) >= 599
+        for part in expected:
+            assert actual[part] == expected[part], (fmt, part)
+        with pg_gw.db.sessions() as session:
+            assert session.scalar(select(Batch.merge_plan).where(Batch.id == batch_id)) == {
+                "chunk_records": 150, "buckets": 4, "sub_chunk": 50}
+            assert _doubled(session) == []
