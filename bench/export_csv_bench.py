@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/export_csv_bench.py [--rows 1000000] [--resources 50000] [--filter ...]
         [--orderby ...] [--select ...] [--formats csv,jsonl] [--paths copy,python] [--connections 1,2]
-        [--no-http]
+        [--no-http] [--keep | --url postgresql://.../gw_export_bench_xxxxxx]
 
 Creates a scratch PostgreSQL database migrated to head, loads ``--rows`` findings (one or two
 sources each) for one tenant and a tenth as many for another (bench/query_bench.py's set-based
@@ -12,7 +12,9 @@ peak RSS growth while it ran (VmHWM reset before each run).  The two paths' outp
 by SHA-256 (they must be byte-identical).  Then, unless ``--no-http``, the COPY path is read over
 HTTP from the real endpoint on a loopback socket (``$format=csv`` and ``$format=jsonl``,
 streamed by ``requests``).  Figures only: nothing here asserts a timing (the machine is shared).
-The scratch database is dropped at the end, also on error.
+The scratch database is dropped at the end, also on error, unless ``--keep`` (its URL is printed):
+``--url`` then runs the exports again over that database without loading it (``--rows`` is
+ignored; the figures count the rows actually exported).
 
 Figures (2 cores shared with ~9 other sessions, load average 11-22; wall times mostly measure
 the load, CPU seconds do not):
@@ -168,19 +170,27 @@ def main() -> None:
     parser.add_argument("--filter")
     parser.add_argument("--orderby")
     parser.add_argument("--select")
-    parser.add_argument("--formats", default="csv,jsonl")
+    parser.add_argument("--formats", default="csv,jsonl", help="empty: load only (with --keep)")
     parser.add_argument("--paths", default="copy,python")
     parser.add_argument("--connections", default="1",
                         help="COPY path: connections sharing the export, e.g. 1,2 (each run separately)")
     parser.add_argument("--no-http", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the loaded database (its URL is printed)")
+    parser.add_argument("--url", help="a database loaded by an earlier --keep run: export only")
     args = parser.parse_args()
     logging.disable(logging.INFO)
     options = {name: value for name, value in (("$filter", args.filter), ("$orderby", args.orderby),
                                                ("$select", args.select)) if value}
-    name, url = create_database("gw_export_bench")
+    if args.url:
+        name, url = None, args.url
+    else:
+        name, url = create_database("gw_export_bench")
     try:
-        upgrade(url)
-        load(url, args.rows, args.resources or max(1, args.rows // 20))
+        if name is not None:
+            upgrade(url)
+            load(url, args.rows, args.resources or max(1, args.rows // 20))
+            if args.keep:
+                print(f"kept: --url {url}", flush=True)
         app = create_app({"DATABASE_URL": url, "SECRET_KEY": "bench", "TASK_ALWAYS_EAGER": True,
                           "RATELIMIT_ENABLED": False})
         engine = app.extensions["gateway.db"].engine
@@ -188,7 +198,7 @@ def main() -> None:
             tenant_id = conn.scalar(select(Tenant.id).where(Tenant.external_id == TENANT))
         print(f"findings export, options {options or 'none'}, COPY slices of {bulk_export.COPY_SLICE:,} "
               f"rows, Python batches of {query.CSV_BATCH:,}", flush=True)
-        for fmt in args.formats.split(","):
+        for fmt in filter(None, args.formats.split(",")):
             digests = {}
             for path in args.paths.split(","):
                 for connections in ([int(n) for n in args.connections.split(",")] if path == "copy" else [1]):
@@ -200,11 +210,12 @@ def main() -> None:
             elif len(digests) > 1:
                 print(f"  {fmt}: the paths' outputs DIFFER: {digests}")
         if not args.no_http:
-            for fmt in args.formats.split(","):
+            for fmt in filter(None, args.formats.split(",")):
                 over_http(app, options, fmt)
         app.extensions["gateway.db"].dispose()
     finally:
-        drop_database(name)
+        if name is not None and not args.keep:
+            drop_database(name)
 
 
 if __name__ == "__main__":
