@@ -146,6 +146,9 @@ def over_http(app, options: dict, fmt: str) -> None:
         url = f"http://127.0.0.1:{server.server_port}/api/v1/tenants/{TENANT}/security/findings"
         _reset_peak()
         base = _rss_kib("VmRSS")
+        database = app.extensions["gateway.db"].engine.url.render_as_string(hide_password=False)
+        database = database.replace("+psycopg", "")
+        backend_before, cpu_before = _backend_cpu(database), time.process_time()
         started = time.perf_counter()
         size = lines = 0
         with requests.get(url, params=options | {"$format": fmt}, headers=headers, stream=True,
@@ -156,9 +159,13 @@ def over_http(app, options: dict, fmt: str) -> None:
                 lines += chunk.count(b"\n")
         elapsed = time.perf_counter() - started
         rows = lines - (fmt == "csv")
+        python_cpu = time.process_time() - cpu_before
+        backend_cpu = sum(seconds - backend_before.get(pid, 0.0)
+                          for pid, seconds in _backend_cpu(database).items())
         print(f"  {fmt:5} http   {rows:>10,} rows {elapsed:7.1f}s {rows / elapsed:>9,.0f} rows/s "
               f"{size / elapsed / 2**20:6.1f} MB/s  peak RSS (server and client) "
-              f"+{(_rss_kib('VmHWM') - base) / 1024:.0f} MiB", flush=True)
+              f"+{(_rss_kib('VmHWM') - base) / 1024:.0f} MiB  CPU: Python (server and client) "
+              f"{python_cpu:.1f}s, PostgreSQL {backend_cpu:.1f}s", flush=True)
     finally:
         server.shutdown()
 

@@ -350,11 +350,12 @@ def _csv_cell(rendered: SqlField) -> ColumnElement:
             else_=rendered.json,
         )
     text = func.coalesce(rendered.text, _lit(""))
-    risky = func.left(text, 1).in_(
-        [literal_column(f"'{c}'") for c in "=+-@"] + [literal_column("E'\\t'"), literal_column("E'\\r'")]
-    )
+    # the first character's code (0 for ''), and four substring searches: a regular expression
+    # (``~ '[,"\r\n]'``) and ``left(text, 1) IN (...)`` cost some 2.5 µs more a CSV row
+    risky = func.ascii(text).in_([literal_column(str(ord(c))) for c in "=+-@\t\r"])
     cell = case((risky, _concat(_lit("'"), text)), else_=text)  # the prefix adds nothing to quote
-    return case((text.op("~")(literal_column("E'[,\"\\r\\n]'")), _quoted(cell)), else_=cell)
+    needs_quotes = or_(*(func.strpos(text, literal_column(f"E'{c}'")) > 0 for c in (",", '"', "\\r", "\\n")))
+    return case((needs_quotes, _quoted(cell)), else_=cell)
 
 
 def _quoted(text: ColumnElement) -> ColumnElement:
