@@ -32,6 +32,8 @@ the load, CPU seconds do not):
     2.2-2.7; the README's export paragraph has the whole series): before the joined lookups, csv x2
     48,364 rows/s, jsonl x2 47,934, http 51,670 / 54,126; after, csv x2 45,675, jsonl x2 55,012,
     http 47,563 / 58,115 (backends 31-38 CPU-s per million rows; byte-identical to before).
+    Alternated in one quiet slot (--connections 2 --no-http, load average 1.6-2.0): jsonl x2
+    53,222 / 51,379 after, 44,020 / 45,368 before; csv x2 41,317 / 50,890 after, 41,607 / 45,580.
 """
 
 from __future__ import annotations
