@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/export_csv_bench.py [--rows 1000000] [--resources 50000] [--filter ...]
         [--orderby ...] [--select ...] [--formats csv,jsonl] [--paths copy,python] [--connections 1,2]
-        [--no-http]
+        [--no-http] [--keep | --url postgresql://.../gw_export_bench_xxxxxx]
 
 Creates a scratch PostgreSQL database migrated to head, loads ``--rows`` findings (one or two
 sources each) for one tenant and a tenth as many for another (bench/query_bench.py's set-based
@@ -12,7 +12,9 @@ peak RSS growth while it ran (VmHWM reset before each run).  The two paths' outp
 by SHA-256 (they must be byte-identical).  Then, unless ``--no-http``, the COPY path is read over
 HTTP from the real endpoint on a loopback socket (``$format=csv`` and ``$format=jsonl``,
 streamed by ``requests``).  Figures only: nothing here asserts a timing (the machine is shared).
-The scratch database is dropped at the end, also on error.
+The scratch database is dropped at the end, also on error, unless ``--keep`` (its URL is printed):
+``--url`` then runs the exports again over that database without loading it (``--rows`` is
+ignored; the figures count the rows actually exported).
 
 Figures (2 cores shared with ~9 other sessions, load average 11-22; wall times mostly measure
 the load, CPU seconds do not):
@@ -26,6 +28,12 @@ the load, CPU seconds do not):
     13,369 rows/s, 41,152 rows/CPU-s of its backend; csv x2 66.6 s, 15,024 rows/s, 78,740 rows/CPU-s
     of the busiest backend (two of 12.7 s); jsonl x1 97.1 s, 10,294 rows/s, 46,125 rows/CPU-s;
     jsonl x2 61.7 s, 16,196 rows/s, 92,937 rows/CPU-s; peak RSS +17 MiB at most; byte-identical.
+    --url (1,000,000 rows kept) --paths copy --connections 1,2 under /work/bin/quiet (load average
+    2.2-2.7; the README's export paragraph has the whole series): before the joined lookups, csv x2
+    48,364 rows/s, jsonl x2 47,934, http 51,670 / 54,126; after, csv x2 45,675, jsonl x2 55,012,
+    http 47,563 / 58,115 (backends 31-38 CPU-s per million rows; byte-identical to before).
+    Alternated in one quiet slot (--connections 2 --no-http, load average 1.6-2.0): jsonl x2
+    53,222 / 51,379 after, 44,020 / 45,368 before; csv x2 41,317 / 50,890 after, 41,607 / 45,580.
 """
 
 from __future__ import annotations
@@ -144,6 +152,9 @@ def over_http(app, options: dict, fmt: str) -> None:
         url = f"http://127.0.0.1:{server.server_port}/api/v1/tenants/{TENANT}/security/findings"
         _reset_peak()
         base = _rss_kib("VmRSS")
+        database = app.extensions["gateway.db"].engine.url.render_as_string(hide_password=False)
+        database = database.replace("+psycopg", "")
+        backend_before, cpu_before = _backend_cpu(database), time.process_time()
         started = time.perf_counter()
         size = lines = 0
         with requests.get(url, params=options | {"$format": fmt}, headers=headers, stream=True,
@@ -154,9 +165,13 @@ def over_http(app, options: dict, fmt: str) -> None:
                 lines += chunk.count(b"\n")
         elapsed = time.perf_counter() - started
         rows = lines - (fmt == "csv")
+        python_cpu = time.process_time() - cpu_before
+        backend_cpu = sum(seconds - backend_before.get(pid, 0.0)
+                          for pid, seconds in _backend_cpu(database).items())
         print(f"  {fmt:5} http   {rows:>10,} rows {elapsed:7.1f}s {rows / elapsed:>9,.0f} rows/s "
               f"{size / elapsed / 2**20:6.1f} MB/s  peak RSS (server and client) "
-              f"+{(_rss_kib('VmHWM') - base) / 1024:.0f} MiB", flush=True)
+              f"+{(_rss_kib('VmHWM') - base) / 1024:.0f} MiB  CPU: Python (server and client) "
+              f"{python_cpu:.1f}s, PostgreSQL {backend_cpu:.1f}s", flush=True)
     finally:
         server.shutdown()
 
@@ -168,19 +183,27 @@ def main() -> None:
     parser.add_argument("--filter")
     parser.add_argument("--orderby")
     parser.add_argument("--select")
-    parser.add_argument("--formats", default="csv,jsonl")
+    parser.add_argument("--formats", default="csv,jsonl", help="empty: load only (with --keep)")
     parser.add_argument("--paths", default="copy,python")
     parser.add_argument("--connections", default="1",
                         help="COPY path: connections sharing the export, e.g. 1,2 (each run separately)")
     parser.add_argument("--no-http", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the loaded database (its URL is printed)")
+    parser.add_argument("--url", help="a database loaded by an earlier --keep run: export only")
     args = parser.parse_args()
     logging.disable(logging.INFO)
     options = {name: value for name, value in (("$filter", args.filter), ("$orderby", args.orderby),
                                                ("$select", args.select)) if value}
-    name, url = create_database("gw_export_bench")
+    if args.url:
+        name, url = None, args.url
+    else:
+        name, url = create_database("gw_export_bench")
     try:
-        upgrade(url)
-        load(url, args.rows, args.resources or max(1, args.rows // 20))
+        if name is not None:
+            upgrade(url)
+            load(url, args.rows, args.resources or max(1, args.rows // 20))
+            if args.keep:
+                print(f"kept: --url {url}", flush=True)
         app = create_app({"DATABASE_URL": url, "SECRET_KEY": "bench", "TASK_ALWAYS_EAGER": True,
                           "RATELIMIT_ENABLED": False})
         engine = app.extensions["gateway.db"].engine
@@ -188,7 +211,7 @@ def main() -> None:
             tenant_id = conn.scalar(select(Tenant.id).where(Tenant.external_id == TENANT))
         print(f"findings export, options {options or 'none'}, COPY slices of {bulk_export.COPY_SLICE:,} "
               f"rows, Python batches of {query.CSV_BATCH:,}", flush=True)
-        for fmt in args.formats.split(","):
+        for fmt in filter(None, args.formats.split(",")):
             digests = {}
             for path in args.paths.split(","):
                 for connections in ([int(n) for n in args.connections.split(",")] if path == "copy" else [1]):
@@ -200,11 +223,12 @@ def main() -> None:
             elif len(digests) > 1:
                 print(f"  {fmt}: the paths' outputs DIFFER: {digests}")
         if not args.no_http:
-            for fmt in args.formats.split(","):
+            for fmt in filter(None, args.formats.split(",")):
                 over_http(app, options, fmt)
         app.extensions["gateway.db"].dispose()
     finally:
-        drop_database(name)
+        if name is not None and not args.keep:
+            drop_database(name)
 
 
 if __name__ == "__main__":

@@ -11,16 +11,24 @@ Two paths give the same bytes:
   one REPEATABLE READ transaction, so they read one snapshot: no row is missed or repeated
   whatever is written meanwhile.  The SELECT is the collection's own (its tenant condition first,
   the ``$filter`` conditions, the ``$orderby`` keyset with the id tie-break); only the
-  columns differ.  Each COPY row is ``line <TAB> keyset-as-JSON``: the keyset of a slice's last
-  row starts the next slice, and is cut from the lines with one regular expression over a block
-  of rows (C speed, no Python work per row).  Memory stays flat: one block at a time.
+  columns differ, and the tables those read may be joined to it (``SqlRendering.join``: a
+  finding's recommendation and current assignment).  Each COPY row is ``line <TAB>
+  keyset-as-JSON``: the keyset of a slice's last row starts the next slice, and is cut from the
+  lines with one regular expression over a block of rows (C speed, no Python work per row).
+  Memory stays flat: one block at a time.
 
 The SQL rendering repeats the Python serialization rules byte for byte: strings through
 ``to_json`` (which escapes exactly what ``json.dumps(ensure_ascii=False)`` escapes), datetimes
 as ``datetime.isoformat`` writes them (microseconds only when not zero, the session's offset),
 floats as ``repr`` writes them, JSON columns re-spaced to ``separators=(",", ":")``; CSV cells
 with the same formula escaping (``query.csv_cell``) and the quoting of Python's ``csv`` module.
-tests/test_bulk_export.py compares both paths byte for byte.  A collection (or a ``$select``
+tests/test_bulk_export.py compares both paths byte for byte.
+
+What a row costs is the database's CPU, spread thin over many small expressions (a finding's
+sources alone, twenty JSON fields each, are some 45%; each timestamp about 0.6 µs): per-row
+correlated subqueries are kept for what is a list (sources, tickets), a lookup of one row is a
+join, a lookup that most tenants never need (tickets) is skipped when the tenant has none, and
+nothing is sorted twice.  ``bench/export_csv_bench.py`` measures it.  A collection (or a ``$select``
 naming a field) without a rendering, and SQLite, take the Python path.
 """
 
@@ -41,7 +49,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Numeric, Text, and_, bindparam, case, cast, func, literal, literal_column, or_, select
+from sqlalchemy import (
+    Numeric,
+    Text,
+    and_,
+    bindparam,
+    case,
+    cast,
+    exists,
+    func,
+    literal,
+    literal_column,
+    or_,
+    select,
+)
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.engine import Engine
 from sqlalchemy.sql import ColumnElement
@@ -58,7 +79,6 @@ log = logging.getLogger(__name__)
 COPY_SLICE = 50_000  # rows a COPY statement reads; the next one starts after its last row
 PARALLEL_SLICE = 5_000  # rows of one slice when several connections share an export
 BOUNDARIES_PER_QUERY = 200  # slice starts one numbering query finds
-SLICE_WORK_MEM = "64MB"  # a slice reader's work_mem (its lines are sorted whole)
 READER_TIMEOUT = 120.0  # seconds a slice reader may send nothing (EXPORT_READER_TIMEOUT_SECONDS)
 _BLOCK = 1 << 18  # bytes of COPY output handled (and sent) at once
 MEDIA = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson; charset=utf-8"}
@@ -217,6 +237,8 @@ class SqlRendering:
 
     fields: tuple[str, ...]
     render: Callable[[int], dict[str, SqlField]]
+    # (tenant id, the collection's SELECT) -> that SELECT with the tables the fields read joined
+    join: Callable[[int, Any], Any] | None = None
 
 
 def _lit(text: str) -> ColumnElement:
@@ -328,11 +350,12 @@ def _csv_cell(rendered: SqlField) -> ColumnElement:
             else_=rendered.json,
         )
     text = func.coalesce(rendered.text, _lit(""))
-    risky = func.left(text, 1).in_(
-        [literal_column(f"'{c}'") for c in "=+-@"] + [literal_column("E'\\t'"), literal_column("E'\\r'")]
-    )
+    # the first character's code (0 for ''), and four substring searches: a regular expression
+    # (``~ '[,"\r\n]'``) and ``left(text, 1) IN (...)`` cost some 2.5 µs more a CSV row
+    risky = func.ascii(text).in_([literal_column(str(ord(c))) for c in "=+-@\t\r"])
     cell = case((risky, _concat(_lit("'"), text)), else_=text)  # the prefix adds nothing to quote
-    return case((text.op("~")(literal_column("E'[,\"\\r\\n]'")), _quoted(cell)), else_=cell)
+    needs_quotes = or_(*(func.strpos(text, literal_column(f"E'{c}'")) > 0 for c in (",", '"', "\\r", "\\n")))
+    return case((needs_quotes, _quoted(cell)), else_=cell)
 
 
 def _quoted(text: ColumnElement) -> ColumnElement:
@@ -391,6 +414,8 @@ def _slice_query(
     """
     expressions = [(collection.order_fields[name], desc) for name, desc in request.order]
     statement = query.filtered(collection, tenant_id, request)
+    if rendering.join is not None:
+        statement = rendering.join(tenant_id, statement)
     if after is not None:
         after_condition = query._after(expressions, after[0], collection.id_column, after[1])
     if after_condition is not None:
@@ -427,8 +452,11 @@ def _slice_query(
     outer_order.append(inner.c._id.desc() if last_desc else inner.c._id.asc())
     line = _line(fields, columns, wanted)
     if aggregate:  # the CR of a CSV line's CRLF is in the line; COPY would add the LF
-        lines = func.string_agg(_concat(line, literal_column("E'\\n'")),
-                                aggregate_order_by(literal_column("''"), *outer_order))
+        # The lines are joined in the order the slice gives them: the inner SELECT's ORDER BY
+        # (the aggregate reads the subquery's rows as they come, from one Limit over one ordered
+        # scan or sort: nothing below a LIMIT is aggregated in parallel parts).  An ORDER BY in
+        # the aggregate would copy and sort every line again: some 3 µs a row of the backend.
+        lines = func.string_agg(_concat(line, literal_column("E'\\n'")), literal_column("''"))
         return select(func.convert_to(lines, literal_column("'UTF8'")))
     keyset = cast(func.json_build_array(*keys, inner.c._id), Text)
     return select(line, keyset).order_by(*outer_order)
@@ -525,23 +553,29 @@ def _numbering(collection: Collection, tenant_id: int, request: ListRequest, aft
     """The keyset of every ``slice_rows``-th row after ``after``, ``BOUNDARIES_PER_QUERY`` at most."""
     numbered = _numbered(collection, tenant_id, request, after, slice_rows).subquery("export_numbered")
     every = numbered.c.position % slice_rows == 0
-    return select(numbered.c.keyset).where(every).order_by(numbered.c.position)
+    # the keyset's JSON only for the rows that start a slice (building it for every row cost more
+    # than numbering them)
+    keys = [numbered.c[f"key{i}"] for i in range(len(request.order))] + [numbered.c.key_id]
+    keyset = cast(func.json_build_array(*keys), Text)
+    return select(keyset).where(every).order_by(numbered.c.position)
 
 
 def _numbered(collection: Collection, tenant_id: int, request: ListRequest, after: tuple[list, Any] | None,
               slice_rows: int):
-    """The next ``slice_rows * BOUNDARIES_PER_QUERY`` rows' keysets and positions, in order."""
+    """The next ``slice_rows * BOUNDARIES_PER_QUERY`` rows' keys (``key0``..., ``key_id``) and
+    positions, in order."""
     expressions = [(collection.order_fields[name], desc) for name, desc in request.order]
     order_by = [(f.expression.desc() if desc else f.expression.asc()) for f, desc in expressions]
     last_desc = request.order[-1][1] if request.order else False
     order_by.append(collection.id_column.desc() if last_desc else collection.id_column.asc())
-    keyset = cast(func.json_build_array(*[f.expression for f, _ in expressions], collection.id_column), Text)
+    keys = [f.expression.label(f"key{i}") for i, (f, _) in enumerate(expressions)]
     statement = query.filtered(collection, tenant_id, request)
     if after is not None:
         statement = statement.where(query._after(expressions, after[0], collection.id_column, after[1]))
     return (
         statement.with_only_columns(
-            keyset.label("keyset"),
+            *keys,
+            collection.id_column.label("key_id"),
             func.row_number().over(order_by=order_by).label("position"),
             maintain_column_froms=True,
         )
@@ -668,9 +702,6 @@ class _SliceReader(threading.Thread):
     def _read(self, conn) -> None:
         conn.exec_driver_sql(f"SET TRANSACTION SNAPSHOT '{self.snapshot}'")
         _export_settings(conn)
-        # string_agg's ORDER BY sorts a slice's lines (already in order: one pass) in memory, not
-        # on disk: a 5,000-row slice of findings is some 7 MB, over the default 4 MB
-        conn.exec_driver_sql(f"SET LOCAL work_mem = '{SLICE_WORK_MEM}'")
         cursor = conn.connection.dbapi_connection.cursor()
         while (task := self.tasks.get()) is not None:
             (text, params), out = task
@@ -855,12 +886,36 @@ def _finding_tickets(tenant_id: int) -> SqlField:
         )
         .scalar_subquery()
     )
-    return SqlField(func.coalesce(listed, _lit("[]")))
+    # most tenants' findings have no ticket: one look a statement (an InitPlan) whether the tenant
+    # has any spares the lookup a row (some 2 µs of the backend's CPU) when it has none
+    items = ItsmTicketItem.__table__
+    any_item = exists(select(literal(1)).select_from(items)
+                      .where(items.c.tenant_id == tenant_id, items.c.subject_type == "finding"))
+    return SqlField(case((any_item, func.coalesce(listed, _lit("[]"))), else_=_lit("[]")))
+
+
+# The finding's recommendation (one at most: unique by tenant, resource and type) and its current
+# assignment (one at most: unique where latest), outer-joined to the slice's findings: one index
+# probe a row gives both ``exemptionId`` and ``governance``, where two correlated subqueries a
+# row cost some 3.5 µs of the backend's CPU (of about 31 a row; bench/export_csv_bench.py).
+_EXPORT_REC, _EXPORT_GA = R.alias("export_rec"), GA.alias("export_ga")
+
+
+def _finding_joins(tenant_id: int, statement):
+    """The slice's FROM with the finding's recommendation and current assignment (outer joins)."""
+    return statement.outerjoin(
+        _EXPORT_REC,
+        and_(
+            _EXPORT_REC.c.tenant_id == tenant_id,
+            _EXPORT_REC.c.resource_id == F.c.resource_id,
+            _EXPORT_REC.c.type_id == F.c.recommendation_type_id,
+        ),
+    ).outerjoin(_EXPORT_GA, governance.latest_join(_EXPORT_GA, _EXPORT_REC))
 
 
 def _finding_governance() -> SqlField:
     """The current assignment of the finding's recommendation (``recommendation_governance``), or null."""
-    recommendation, assignment = R.alias("export_rec"), GA.alias("export_ga")
+    recommendation, assignment = _EXPORT_REC, _EXPORT_GA
     fields = [
         ("assignmentId", j_id(assignment.c.id)),
         ("ruleId", j_id(assignment.c.rule_id)),
@@ -870,23 +925,10 @@ def _finding_governance() -> SqlField:
         ("isOverdue", j_bool(governance.overdue(assignment, recommendation.c.status))),
         ("completedDateTime", j_time(assignment.c.completed_at)),
     ]
-    found = (
-        select(j_object(fields))
-        .select_from(recommendation.join(assignment, governance.latest_join(assignment, recommendation)))
-        .where(
-            recommendation.c.tenant_id == F.c.tenant_id,
-            recommendation.c.resource_id == F.c.resource_id,
-            recommendation.c.type_id == F.c.recommendation_type_id,
-        )
-        .limit(1)
-        .scalar_subquery()
-    )
-    return SqlField(func.coalesce(found, _lit("null")))
+    return SqlField(case((assignment.c.id.is_(None), _lit("null")), else_=j_object(fields)))
 
 
 def _findings(tenant_id: int) -> dict[str, SqlField]:
-    from gateway.api.collections import FINDING_EXEMPTION  # the paged JSON's own expression
-
     cve = cast(F.c.cve, Text)
     return {
         "id": j_id(F.c.id),
@@ -906,7 +948,7 @@ def _findings(tenant_id: int) -> dict[str, SqlField]:
         "severity": j_string(F.c.severity),
         "cvssScore": j_float(F.c.cvss_score),
         "state": j_string(F.c.state),
-        "exemptionId": j_id(FINDING_EXEMPTION),
+        "exemptionId": j_id(_EXPORT_REC.c.exemption_id),
         "policy": SqlField(_concat(_lit('{"enabled":'), _bool(RT.c.enabled), _lit("}"))),
         "governance": _finding_governance(),
         "firstSeen": j_time(F.c.first_seen),
@@ -955,5 +997,5 @@ _FINDING_FIELDS = (
 )
 
 SQL_RENDERINGS: dict[str, SqlRendering] = {
-    "findings": SqlRendering(fields=_FINDING_FIELDS, render=_findings),
+    "findings": SqlRendering(fields=_FINDING_FIELDS, render=_findings, join=_finding_joins),
 }

@@ -47,8 +47,9 @@ def _url(tenant: str) -> str:
     return f"/api/v1/tenants/{tenant}/security/findings"
 
 
-def _seed(gw, tenant: str, n: int = 30) -> dict:
-    """``n`` varied findings of ``tenant`` from two providers, customer edits, a governance assignment."""
+def _seed(gw, tenant: str, n: int = 30, extras: bool = True) -> dict:
+    """``n`` varied findings of ``tenant`` from two providers; with ``extras``, customer edits, a
+    governance assignment, an exemption and tickets."""
     qualys = gw.partner("Qualys", [tenant])
     tenable = gw.partner("Tenable", [tenant])
     scores = (9.8, 10.0, 0.0, 5.5, 0.1, None, 7.25)
@@ -68,6 +69,8 @@ def _seed(gw, tenant: str, n: int = 30) -> dict:
         ids = conn.scalars(select(Finding.id).where(Finding.tenant_id == tenant_id)
                            .order_by(Finding.id)).all()
         assert len(ids) >= n
+        if not extras:
+            return qualys
         conn.execute(update(Finding).where(Finding.id == ids[0]).values(
             assigned_to='sam "the, admin"', tags=["=1+1", "prod", "é"],
             comments=[{"text": "looked, at: it\n\"twice\"", "by": "sam", "at": "2024-05-01T00:00:00+00:00"}]))
@@ -76,6 +79,10 @@ def _seed(gw, tenant: str, n: int = 30) -> dict:
         recommendation = conn.execute(select(Recommendation.id).where(
             Recommendation.tenant_id == tenant_id)).first()
         if recommendation is not None:
+            # the export reads the exemption and the assignment through joins, the paged JSON
+            # through subqueries
+            conn.execute(update(Recommendation).where(Recommendation.id == recommendation.id).values(
+                exemption_id=4242))
             conn.execute(insert(GovernanceAssignment).values(
                 tenant_id=tenant_id, recommendation_id=recommendation.id, owner="owner@example.com",
                 due_date=datetime.now(UTC) - timedelta(days=30), is_grace_period=False, latest=True,
@@ -169,6 +176,17 @@ def test_the_copy_path_is_byte_identical_to_the_python_path(pg_gw, monkeypatch):
             assert fast == slow, (wanted, fmt)
             if "$filter" not in wanted:  # every finding, across several slices
                 assert fast.count(b"\n") >= 30 + (fmt == "csv")
+            if not wanted and fmt == "jsonl":  # the joined and the looked-up parts are there
+                assert b'"exemptionId":"4242"' in fast and b'"governance":{"assignmentId":' in fast
+                assert b'"tickets":[{"id":' in fast
+    # a tenant without tickets, assignments or exemptions (the tickets' lookup is skipped then)
+    bare = pg_gw.tenant()
+    _seed(pg_gw, bare, n=9, extras=False)
+    for fmt in ("csv", "jsonl"):
+        tenant_id, request = _list_request(pg_gw.db, bare, {}, fmt)
+        fast = b"".join(bulk_export.stream(engine, FINDINGS, tenant_id, request, fmt))
+        assert fast == b"".join(bulk_export.stream(engine, FINDINGS, tenant_id, request, fmt, fast=False))
+        assert fast.count(b"\n") >= 9 + (fmt == "csv") and b'"exemptionId":"4242"' not in fast
     # one COPY slice larger than the output block: rows cut across blocks come out whole
     monkeypatch.setattr(bulk_export, "COPY_SLICE", 50_000)
     monkeypatch.setattr(bulk_export, "_BLOCK", 100)
