@@ -87,6 +87,8 @@ class Stack:
                    GATEWAY_ISSUER=self.base, GATEWAY_TASK_QUEUE=self.queue, GATEWAY_LOG_FORMAT="text",
                    GATEWAY_RATELIMIT_PUSH="100000/minute", GATEWAY_RATELIMIT_TENANT_PUSH="1000000/minute",
                    GATEWAY_RATELIMIT_READ="100000/minute",
+                   # on, as in production: importing tests.conftest turned them off in this environment
+                   GATEWAY_RATELIMIT_ENABLED="true",
                    GATEWAY_SMALL_BATCHES_PER_TASK=PER_TASK[mode], PYTHONPATH=str(ROOT),
                    GATEWAY_TOKEN_CACHE_SECONDS=TOKEN_CACHE[mode])
         self.api = subprocess.Popen(
