@@ -22,7 +22,8 @@ API process and thread has made its first requests (its pool's connections) unti
 ``--clients`` threads, each an OAuth client of its own with a keep-alive connection
 (the request's head and body in one write), push
 ``--pushes`` canonical documents of ``--findings`` findings (one host, CVEs of their own) to
-one tenant, rate limits on (raised so that the run is not refused).  Printed: the time to
+one tenant, rate limits on (raised so that the run is not refused; ``--pause-worker`` stops
+the worker while the timed pushes run, to separate the API's own cost from the merges').  Printed: the time to
 each 202 (p50, p90, p99, max), pushes/s accepted, the time from the first push until every
 batch is merged, how many batches were merged in another batch's task, and whether every
 batch succeeded with its own counts.  Figures, not assertions.
