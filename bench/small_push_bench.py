@@ -22,7 +22,8 @@ API process and thread has made its first requests (its pool's connections) unti
 ``--clients`` threads, each an OAuth client of its own with a keep-alive connection
 (the request's head and body in one write), push
 ``--pushes`` canonical documents of ``--findings`` findings (one host, CVEs of their own) to
-one tenant, rate limits on (raised so that the run is not refused).  Printed: the time to
+one tenant, rate limits on (raised so that the run is not refused; ``--pause-worker`` stops
+the worker while the timed pushes run, to separate the API's own cost from the merges').  Printed: the time to
 each 202 (p50, p90, p99, max), pushes/s accepted, the time from the first push until every
 batch is merged, how many batches were merged in another batch's task, and whether every
 batch succeeded with its own counts.  Figures, not assertions.
@@ -87,6 +88,8 @@ class Stack:
                    GATEWAY_ISSUER=self.base, GATEWAY_TASK_QUEUE=self.queue, GATEWAY_LOG_FORMAT="text",
                    GATEWAY_RATELIMIT_PUSH="100000/minute", GATEWAY_RATELIMIT_TENANT_PUSH="1000000/minute",
                    GATEWAY_RATELIMIT_READ="100000/minute",
+                   # on, as in production: importing tests.conftest turned them off in this environment
+                   GATEWAY_RATELIMIT_ENABLED="true",
                    GATEWAY_SMALL_BATCHES_PER_TASK=PER_TASK[mode], PYTHONPATH=str(ROOT),
                    GATEWAY_TOKEN_CACHE_SECONDS=TOKEN_CACHE[mode])
         self.api = subprocess.Popen(
@@ -163,7 +166,8 @@ def _outcome(url: str, findings: int) -> str:
 
 
 def run(mode: str, pushes: int, clients: int, size: int, log_dir: Path, worker_nice: int | None,
-        api_args: list[str] | None = None, py_spy: str | None = None, skip_merge: bool = False) -> None:
+        api_args: list[str] | None = None, py_spy: str | None = None, skip_merge: bool = False,
+        pause_worker: bool = False) -> None:
     api = API[mode] if api_args is None else api_args
     name, url = create_database(f"smallpush_{mode}")
     try:
@@ -224,10 +228,14 @@ def run(mode: str, pushes: int, clients: int, size: int, log_dir: Path, worker_n
                                        "-o", str(Path(py_spy) / f"api-{pid}.txt")],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                      for pid in stack.api_pids()] if py_spy else []
+            if pause_worker:  # the worker (and so its merges' statements) stopped while the pushes run
+                os.killpg(stack.worker.pid, signal.SIGSTOP)
             started = time.perf_counter()
             with ThreadPoolExecutor(max_workers=clients) as pool:
                 list(pool.map(client, range(clients)))
             pushed = time.perf_counter() - started
+            if pause_worker:
+                os.killpg(stack.worker.pid, signal.SIGCONT)
             for spy in spies:  # py-spy writes its profile when interrupted
                 spy.send_signal(signal.SIGINT)
                 spy.wait()
@@ -244,7 +252,9 @@ def run(mode: str, pushes: int, clients: int, size: int, log_dir: Path, worker_n
                   f"{pushes / pushed:.0f} pushes/s accepted ({pushed:.1f}s); refused: {len(refused)}"
                   + (f" e.g. {refused[0]}" if refused else ""))
             print("         CPU seconds of each API process during the pushes: "
-                  + ", ".join(f"{value:.1f}" for value in api_cpu))
+                  + ", ".join(f"{value:.1f}" for value in api_cpu)
+                  + f" ({sum(api_cpu) * 1000 / pushes:.2f} ms a push)"
+                  + ("; the worker was paused during the pushes" if pause_worker else ""))
             print(f"         all merged {merged:.1f}s after the first push ({pushes / merged:.0f} batches/s, "
                   f"{pushes * size / merged:.0f} findings/s); merged in another batch's task: "
                   f"{stack.coalesced()}")
@@ -269,12 +279,15 @@ def main() -> None:
     parser.add_argument("--py-spy", metavar="DIR", help="record the API processes' wall time during the "
                                                         "pushes (py-spy, raw, one file per process) into DIR")
     parser.add_argument("--skip-merge", action="store_true", help="do not wait for the merges (profiling)")
+    parser.add_argument("--pause-worker", action="store_true",
+                        help="stop the worker (SIGSTOP) while the timed pushes run, then let it merge: "
+                             "the API's latency without the merges competing for the cores")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # a killed run still stops its servers
     with tempfile.TemporaryDirectory(prefix="smallpush-") as log_dir:
         for mode in args.modes:
             run(mode, args.pushes, args.clients, args.findings, Path(log_dir), args.worker_nice,
-                args.api.split() if args.api else None, args.py_spy, args.skip_merge)
+                args.api.split() if args.api else None, args.py_spy, args.skip_merge, args.pause_worker)
 
 
 if __name__ == "__main__":

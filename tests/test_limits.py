@@ -295,3 +295,36 @@ def test_two_gunicorn_servers_share_the_counters(pg_gw, pg_url):
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
                 server.wait()
+
+
+@pytest.mark.parametrize("storage", [REDIS_URL, "memory://"])
+def test_a_refused_check_counts_nothing_and_the_storages_agree(storage):
+    """One call's checks are tested, then all counted or none: on Redis in one script (one round
+    trip), elsewhere through ``limits`` one counter at a time; both give the same windows."""
+    from limits import parse
+
+    from gateway.config import load_config
+    from gateway.errors import TooManyRequests
+    from gateway.ratelimit import Check, Limits
+
+    config = load_config({})
+    config.update(RATELIMIT_ENABLED=True, RATELIMIT_STORAGE_URL=storage,
+                  RATELIMIT_KEY_PREFIX=f"gw-test-{uuid.uuid4().hex[:8]}", RATELIMIT_PUSH="5/minute",
+                  RATELIMIT_TENANT_PUSH="5/minute", RATELIMIT_READ="5/minute", RATELIMIT_TOKEN="5/minute",
+                  RATELIMIT_PUSH_BYTES_PER_MINUTE=100, RATELIMIT_TENANT_PUSH_BYTES_PER_MINUTE=100,
+                  TOKEN_LOCKOUT_FAILURES=0, TOKEN_LOCKOUT_WINDOW_SECONDS=60, TOKEN_LOCKOUT_SECONDS=60)
+    limits = Limits(config)
+    assert (limits.script is not None) == storage.startswith("redis")
+    requests, size = parse("3/minute"), parse("100/minute")
+    counted = Check(requests, limits._ids("push.client", "c"))
+    window = limits.apply([counted, Check(size, limits._ids("bytes", "c"), 60, count=False, unit="bytes")])
+    assert (window.limit, window.remaining) == (3, 2) and 1 <= window.reset <= 60
+    limits.apply([Check(size, limits._ids("bytes", "c"), 70)])
+    with pytest.raises(TooManyRequests) as refused:
+        limits.apply([counted, Check(size, limits._ids("bytes", "c"), 40, count=False, unit="bytes")])
+    assert "bytes pushed" in refused.value.message and refused.value.headers["RateLimit-Remaining"] == "0"
+    window = limits.apply([counted])  # the refused call counted no request
+    assert (window.limit, window.remaining) == (3, 1)
+    limits.apply([counted])
+    with pytest.raises(TooManyRequests):
+        limits.apply([counted])
