@@ -84,21 +84,18 @@ def write_body(path: Path, tag: str, count: int, hosts: int, cve_base: int = 100
 
 
 def seed(url: str, tenant: str, findings: int) -> None:
-    """``findings`` findings of the tenant's own on ``findings / 50`` hosts of their own, set-based."""
-    from bench.query_bench import _load_tenant
+    """``findings`` findings in the tenant on ``findings / 50`` hosts (bench/store_seed.py, in PostgreSQL)."""
+    from bench.store_seed import seed_store
 
-    started = time.perf_counter()
+    steps = seed_store(url, tenant, findings)
     with psycopg.connect(url, autocommit=True) as conn:
-        tenant_id = conn.execute("SELECT id FROM tenants WHERE external_id = %s", (tenant,)).fetchone()[0]
-        conn.execute("SELECT setseed(0.42)")
-        _load_tenant(conn, f"seed-{tenant}", findings, max(1, findings // 50), tenant_id=tenant_id)
-        loaded = time.perf_counter() - started
-        conn.execute("VACUUM ANALYZE")
         sizes = conn.execute("SELECT pg_size_pretty(pg_total_relation_size('findings')), "
-                             "pg_size_pretty(pg_total_relation_size('finding_sources'))").fetchone()
-    print(f"seeded the tenant with {findings:,} findings in {loaded:.0f}s, VACUUM ANALYZE "
-          f"{time.perf_counter() - started - loaded:.0f}s; findings {sizes[0]}, finding_sources {sizes[1]} "
-          "with indexes", flush=True)
+                             "pg_size_pretty(pg_total_relation_size('finding_sources')), "
+                             "pg_size_pretty(pg_database_size(current_database()))").fetchone()
+    print(f"seeded the tenant with {findings:,} findings in {sum(steps.values()):.0f}s ("
+          + ", ".join(f"{label} {seconds:.0f}s" for label, seconds in steps.items())
+          + f"); findings {sizes[0]}, finding_sources {sizes[1]} with indexes, database {sizes[2]}",
+          flush=True)
 
 
 def _free_port() -> int:
@@ -323,6 +320,42 @@ def sequence(stack: Stack, tenant: str, headers: dict, spec: str, hosts: int, sc
         print(f"{label}: each push {min(spread):.2f}x to {max(spread):.2f}x the first", flush=True)
 
 
+DIAGNOSED = ("findings", "finding_sources", "resources", "resource_identifiers", "resource_sources",
+             "provider_findings", "recommendations", "lifecycle_events")
+
+
+def table_figures(url: str) -> dict[str, tuple]:
+    """Per table: blocks read from outside shared_buffers and hit in it (heap, indexes), scans."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        rows = conn.execute("""
+            SELECT s.relname, coalesce(io.heap_blks_read, 0), coalesce(io.heap_blks_hit, 0),
+                   coalesce(io.idx_blks_read, 0), coalesce(io.idx_blks_hit, 0), s.seq_scan, s.seq_tup_read,
+                   coalesce(s.idx_scan, 0), s.n_tup_ins, s.n_tup_upd
+            FROM pg_stat_user_tables s JOIN pg_statio_user_tables io ON io.relid = s.relid
+            WHERE s.relname = ANY(%s)""", (list(DIAGNOSED),)).fetchall()
+    return {row[0]: row[1:] for row in rows}
+
+
+def diagnose(url: str, before: dict[str, tuple], after: dict[str, tuple]) -> None:
+    """What the push read per table, and whether the indexes fit ``shared_buffers``."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        buffers = conn.execute("SELECT pg_size_pretty(setting::bigint * 8192) FROM pg_settings "
+                               "WHERE name = 'shared_buffers'").fetchone()[0]
+        sizes = dict((name, (heap, indexes)) for name, heap, indexes in conn.execute(
+            "SELECT relname, pg_size_pretty(pg_table_size(relid)), pg_size_pretty(pg_indexes_size(relid)) "
+            "FROM pg_stat_user_tables WHERE relname = ANY(%s)", (list(DIAGNOSED),)).fetchall())
+    print(f"the push per table (shared_buffers {buffers}; 8 KiB blocks read from outside it / hit in it):",
+          flush=True)
+    for table in DIAGNOSED:
+        if table not in after:
+            continue
+        d = [a - b for a, b in zip(after[table], before.get(table, (0,) * 9), strict=True)]
+        print(f"  {table:<21} heap {sizes[table][0]:>8}, indexes {sizes[table][1]:>8}: heap read {d[0]:>8,} "
+              f"hit {d[1]:>9,}; index read {d[2]:>8,} hit {d[3]:>10,}; seq scans {d[4]:,} "
+              f"({d[5]:,} rows), index scans {d[6]:,}; inserted {d[7]:,}, updated {d[8]:,}", flush=True)
+
+
 def _statistics_settled(url: str, timeout: float = 600) -> float:
     """Wait until no VACUUM or ANALYZE of the worker's statistics thread runs; the seconds waited."""
     started = time.perf_counter()
@@ -389,22 +422,38 @@ def main() -> None:
     parser.add_argument("--seed-only", action="store_true",
                         help="only make a database whose tenant 'seeded' holds --seed findings; keep it")
     parser.add_argument("--database", help="use this database (made by --seed-only) and keep it")
+    parser.add_argument("--template", help="with --seed-only: the name of the database to make and keep; "
+                        "otherwise push into a fresh copy of it (CREATE DATABASE ... TEMPLATE), tenant "
+                        "'seeded'")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="print the push's block reads and scans per table and the index sizes")
     parser.add_argument("--tenant", help="push into this existing tenant (with --database)")
     parser.add_argument("--also", help="KxM: after the one push, the K x M sequence into another tenant")
     parser.add_argument("--queries", type=int, default=0,
                         help="then time N counts and pages of the pushed tenant with a sources/any() filter")
     args = parser.parse_args()
 
-    if args.database:  # a database left by --seed-only: kept afterwards too
-        from bench.ingest_bench import ADMIN
+    from bench.ingest_bench import ADMIN
 
+    if args.database:  # a database left by --seed-only: kept afterwards too
         name, url = args.database, ADMIN.rsplit("/", 1)[0] + "/" + args.database
+    elif args.template and args.seed_only:
+        with psycopg.connect(ADMIN, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{args.template}"')
+        name, url = args.template, ADMIN.rsplit("/", 1)[0] + "/" + args.template
+    elif args.template:  # every run starts from the same seeded store: a file copy of it
+        started = time.perf_counter()
+        name = f"gw_million_{uuid.uuid4().hex[:6]}"
+        with psycopg.connect(ADMIN, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{args.template}"')
+        url = ADMIN.rsplit("/", 1)[0] + "/" + name
+        print(f"copied {args.template} into {name} in {time.perf_counter() - started:.0f}s", flush=True)
     else:
         name, url = create_database("gw_million")
     stack = watch = None
     scratch = Path(tempfile.mkdtemp(prefix="million-"))
     try:
-        if not args.database:
+        if not args.database and not (args.template and not args.seed_only):
             upgrade(url)
         if args.seed_only:  # seed a tenant in a database of its own and keep it (not timed)
             Gateway(create_app({"DATABASE_URL": url, "BROKER_URL": "memory://", "SECRET_KEY": "bench",
@@ -444,10 +493,10 @@ def main() -> None:
         warm_headers = gw.partner("WarmUp", [warm], scopes="findings.write")
         write_body(scratch / "warm.json", "warm", 200, 50)
         push(stack, warm, warm_headers, scratch / "warm.json")
-        tenant = args.tenant or gw.tenant()
+        tenant = args.tenant or ("seeded" if args.template else gw.tenant())
         headers = gw.partner("SequenceScanner" if args.sequence else "BenchScanner", [tenant],
                              scopes="findings.write")
-        if args.seed and not args.database:
+        if args.seed and not args.database and not args.template:
             seed(url, tenant, args.seed)
         watch = LockWatch(url)
         if args.sequence:
@@ -455,6 +504,9 @@ def main() -> None:
         else:
             path = scratch / "push.json"
             mib = write_body(path, "m", args.findings, args.hosts) / 2**20
+            if args.diagnose:
+                time.sleep(11)  # every session's table statistics flushed
+                before = table_figures(url)
             batch, accepted, seconds = push(stack, tenant, headers, path)
             print(
                 f"one push of {args.findings:,} findings ({mib:.0f} MiB) over {args.hosts:,} hosts, "
@@ -471,6 +523,9 @@ def main() -> None:
             )
             if batch["status"] != "succeeded":
                 raise SystemExit(f"batch {batch['id']}: {batch.get('error')}")
+            if args.diagnose:
+                time.sleep(11)
+                diagnose(url, before, table_figures(url))
             if args.repush:
                 again = scratch / "again.json"
                 write_body(again, "m", args.repush, args.hosts)
