@@ -425,6 +425,9 @@ def main() -> None:
     parser.add_argument("--template", help="with --seed-only: the name of the database to make and keep; "
                         "otherwise push into a fresh copy of it (CREATE DATABASE ... TEMPLATE), tenant "
                         "'seeded'")
+    parser.add_argument("--explain-slow", type=int, metavar="MS",
+                        help="log the plan (auto_explain, ANALYZE BUFFERS) of every statement of the scratch "
+                        "database slower than MS to the server's log (slows what it measures)")
     parser.add_argument("--diagnose", action="store_true",
                         help="print the push's block reads and scans per table and the index sizes")
     parser.add_argument("--tenant", help="push into this existing tenant (with --database)")
@@ -463,6 +466,15 @@ def main() -> None:
                   flush=True)
             name = None
             return
+        if args.explain_slow is not None and name is not None and not args.database:
+            with psycopg.connect(url, autocommit=True) as conn:
+                for setting, value in (("session_preload_libraries", "auto_explain"),
+                                       ("auto_explain.log_min_duration", f"{args.explain_slow}ms"),
+                                       ("auto_explain.log_analyze", "on"),
+                                       ("auto_explain.log_buffers", "on")):
+                    conn.execute(f'ALTER DATABASE "{name}" SET {setting} = \'{value}\'')
+            print(f"plans of statements over {args.explain_slow} ms: the server's log, database {name}",
+                  flush=True)
         with psycopg.connect(url, autocommit=True) as conn:
             settings = dict(
                 conn.execute(
