@@ -445,6 +445,9 @@ def main() -> None:
     parser.add_argument("--explain-slow", type=int, metavar="MS",
                         help="log the plan (auto_explain, ANALYZE BUFFERS) of every statement of the scratch "
                         "database slower than MS to the server's log (slows what it measures)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a setting for the scratch database's sessions (ALTER DATABASE ... SET), "
+                        "e.g. wal_compression=lz4")
     parser.add_argument("--diagnose", action="store_true",
                         help="print the push's block reads and scans per table and the index sizes")
     parser.add_argument("--tenant", help="push into this existing tenant (with --database)")
@@ -498,6 +501,12 @@ def main() -> None:
                     conn.execute(f'ALTER DATABASE "{name}" SET {setting} = \'{value}\'')
             print(f"plans of statements over {args.explain_slow} ms: the server's log, database {name}",
                   flush=True)
+        if args.set and name is not None and not args.database:
+            with psycopg.connect(url, autocommit=True) as conn:
+                for setting in args.set:
+                    key, value = setting.split("=", 1)
+                    conn.execute(f'ALTER DATABASE "{name}" SET {key} = \'{value}\'')
+            print(f"database settings: {', '.join(args.set)}", flush=True)
         with psycopg.connect(url, autocommit=True) as conn:
             settings = dict(
                 conn.execute(
