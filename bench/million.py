@@ -21,11 +21,19 @@ HTTP with a ``findings.write`` token:
   hosts: each push's time and its ratio to the first (the tenant grows to K x M findings).
   ``--also KxM`` runs it after the one push, into a tenant of its own.
 * ``--seed N``: before the one push (or the sequence), the pushed tenant is given N findings
-  of its own on N/50 other hosts, loaded set-based (bench/query_bench.py's loader: resources,
-  findings, one or two sources each), then ``VACUUM ANALYZE``: the push's rate into a store that
-  already holds N findings, against ``--seed 0`` (an empty store).  Seeding millions takes minutes
-  that are not measured: ``--seed N --seed-only`` makes (and keeps) a database whose tenant
-  ``seeded`` holds them; ``--database NAME --tenant seeded`` then pushes into it (drop it after).
+  of its own on N/50 hosts, generated inside PostgreSQL (bench/store_seed.py: the hosts the pushes
+  name, 20% of a push's findings meeting stored ones), then ``VACUUM ANALYZE``: the push's rate
+  into a store that already holds N findings, against ``--seed 0`` (an empty store).  Seeding
+  millions takes minutes that are not measured: ``--seed N --seed-only --template NAME`` makes
+  (and keeps) database NAME whose tenant ``seeded`` holds them; ``--template NAME`` then pushes
+  into a fresh copy of it (``CREATE DATABASE ... TEMPLATE``, dropped after), so every run starts
+  from the same store.  ``--database NAME --tenant T`` pushes into an existing database itself.
+* ``--diagnose``: the WAL written and checkpoints run while the push was timed, then per table
+  the blocks the push read from outside ``shared_buffers`` and hit in it, its scans and the index
+  sizes (``pg_statio_user_tables``, after a pause for the statistics to be flushed; a VACUUM or
+  ANALYZE the worker starts after the batch counts too).  ``--explain-slow MS`` logs the plans of
+  the scratch database's statements slower than MS to the server's log (auto_explain; it slows
+  what it measures), ``--set NAME=VALUE`` sets a setting for the scratch database's sessions.
 * ``--queries N``: then, once the worker's statistics round (VACUUM/ANALYZE, in a thread of its
   own) is over, N timed GETs of the pushed tenant's findings each: ``$count`` without a filter
   and with ``sources/any(s: s/provider eq ...)`` (every finding matches: the largest count),
