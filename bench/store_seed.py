@@ -7,8 +7,7 @@ findings each, written with ``INSERT ... SELECT ... FROM generate_series`` table
 order the store's keys need (resources, identifiers, host records, the recommendation type,
 findings, sources, the kept per-provider counts, recommendations, lifecycle events).  Row by row
 through the merge this would take hours; sent as rows from the client (bench/query_bench.py's
-loader keeps every index live) 5,000,000 findings took over 8 minutes for the findings table
-alone, as every insert updated nine findings indexes that no longer fit ``shared_buffers``.  So
+loader, every index live) 5,000,000 findings took over 8 minutes for the findings table alone.  So
 for the load the loaded tables' secondary indexes, unique constraints and foreign keys are
 dropped and then rebuilt from their own catalog definitions (``pg_get_indexdef``,
 ``pg_get_constraintdef``) with ``maintenance_work_mem`` raised, in a session with
@@ -17,8 +16,8 @@ index's and constraint's definition) and the seed fails if they differ.  The sta
 that keep ``provider_findings`` are disabled for the load and those rows written set-based
 instead (the same rows the triggers keep), then ``VACUUM ANALYZE``.
 
-The rows are shaped like what the merge itself writes (tests look at one merged push to compare
-columns): host ``h{i}.bench.example.com`` with its ``ipv4`` and short ``name`` identifiers, as
+The rows are shaped like what the merge itself writes (compared column by column with one merged
+push): host ``h{i}.bench.example.com`` with its ``ipv4`` and short ``name`` identifiers, as
 ``bench/million.py``'s pushes name their hosts, so a push of H <= ``findings / 50`` hosts lands on
 stored hosts; host i holds CVE-2024-(10008 + k) for its k-th finding (k < 50; every tenth one a
 QID-keyed finding without a CVE instead), so a push whose host i names CVE-2024-(10000 + k) for k
