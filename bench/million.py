@@ -21,11 +21,19 @@ HTTP with a ``findings.write`` token:
   hosts: each push's time and its ratio to the first (the tenant grows to K x M findings).
   ``--also KxM`` runs it after the one push, into a tenant of its own.
 * ``--seed N``: before the one push (or the sequence), the pushed tenant is given N findings
-  of its own on N/50 other hosts, loaded set-based (bench/query_bench.py's loader: resources,
-  findings, one or two sources each), then ``VACUUM ANALYZE``: the push's rate into a store that
-  already holds N findings, against ``--seed 0`` (an empty store).  Seeding millions takes minutes
-  that are not measured: ``--seed N --seed-only`` makes (and keeps) a database whose tenant
-  ``seeded`` holds them; ``--database NAME --tenant seeded`` then pushes into it (drop it after).
+  of its own on N/50 hosts, generated inside PostgreSQL (bench/store_seed.py: the hosts the pushes
+  name, 20% of a push's findings meeting stored ones), then ``VACUUM ANALYZE``: the push's rate
+  into a store that already holds N findings, against ``--seed 0`` (an empty store).  Seeding
+  millions takes minutes that are not measured: ``--seed N --seed-only --template NAME`` makes
+  (and keeps) database NAME whose tenant ``seeded`` holds them; ``--template NAME`` then pushes
+  into a fresh copy of it (``CREATE DATABASE ... TEMPLATE``, dropped after), so every run starts
+  from the same store.  ``--database NAME --tenant T`` pushes into an existing database itself.
+* ``--diagnose``: the WAL written and checkpoints run while the push was timed, then per table
+  the blocks the push read from outside ``shared_buffers`` and hit in it, its scans and the index
+  sizes (``pg_statio_user_tables``, after a pause for the statistics to be flushed; a VACUUM or
+  ANALYZE the worker starts after the batch counts too).  ``--explain-slow MS`` logs the plans of
+  the scratch database's statements slower than MS to the server's log (auto_explain; it slows
+  what it measures), ``--set NAME=VALUE`` sets a setting for the scratch database's sessions.
 * ``--queries N``: then, once the worker's statistics round (VACUUM/ANALYZE, in a thread of its
   own) is over, N timed GETs of the pushed tenant's findings each: ``$count`` without a filter
   and with ``sources/any(s: s/provider eq ...)`` (every finding matches: the largest count),
@@ -47,7 +55,7 @@ import tempfile
 import threading
 import time
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
@@ -84,21 +92,18 @@ def write_body(path: Path, tag: str, count: int, hosts: int, cve_base: int = 100
 
 
 def seed(url: str, tenant: str, findings: int) -> None:
-    """``findings`` findings of the tenant's own on ``findings / 50`` hosts of their own, set-based."""
-    from bench.query_bench import _load_tenant
+    """``findings`` findings in the tenant on ``findings / 50`` hosts (bench/store_seed.py, in PostgreSQL)."""
+    from bench.store_seed import seed_store
 
-    started = time.perf_counter()
+    steps = seed_store(url, tenant, findings)
     with psycopg.connect(url, autocommit=True) as conn:
-        tenant_id = conn.execute("SELECT id FROM tenants WHERE external_id = %s", (tenant,)).fetchone()[0]
-        conn.execute("SELECT setseed(0.42)")
-        _load_tenant(conn, f"seed-{tenant}", findings, max(1, findings // 50), tenant_id=tenant_id)
-        loaded = time.perf_counter() - started
-        conn.execute("VACUUM ANALYZE")
         sizes = conn.execute("SELECT pg_size_pretty(pg_total_relation_size('findings')), "
-                             "pg_size_pretty(pg_total_relation_size('finding_sources'))").fetchone()
-    print(f"seeded the tenant with {findings:,} findings in {loaded:.0f}s, VACUUM ANALYZE "
-          f"{time.perf_counter() - started - loaded:.0f}s; findings {sizes[0]}, finding_sources {sizes[1]} "
-          "with indexes", flush=True)
+                             "pg_size_pretty(pg_total_relation_size('finding_sources')), "
+                             "pg_size_pretty(pg_database_size(current_database()))").fetchone()
+    print(f"seeded the tenant with {findings:,} findings in {sum(steps.values()):.0f}s ("
+          + ", ".join(f"{label} {seconds:.0f}s" for label, seconds in steps.items())
+          + f"); findings {sizes[0]}, finding_sources {sizes[1]} with indexes, database {sizes[2]}",
+          flush=True)
 
 
 def _free_port() -> int:
@@ -258,8 +263,11 @@ class Stack:
 
 
 def push(stack: Stack, tenant: str, headers: dict, path: Path) -> tuple[dict, float, float]:
-    """(the batch at its end, seconds to the 202, seconds to the end)."""
+    """(the batch at its end, seconds to the 202, seconds to the end).  The end is when the 0.5 s
+    poll saw it; ``batch["pushedAt"]`` (added here) is the request's start, for a figure to the
+    batch's own ``finishedAt`` (``_to_finish``) without the poll's half-second."""
     started = time.perf_counter()
+    pushed_at = datetime.now(UTC)
     with open(path, "rb") as body:
         response = requests.post(
             f"{stack.base}/api/v1/tenants/{tenant}/batches?format=canonical",
@@ -277,11 +285,16 @@ def push(stack: Stack, tenant: str, headers: dict, path: Path) -> tuple[dict, fl
             f"{stack.base}/api/v1/tenants/{tenant}/batches/{batch_id}", headers=headers, timeout=60
         ).json()
         if batch["status"] not in ("accepted", "processing"):
-            return batch, accepted, time.perf_counter() - started
+            return batch | {"pushedAt": pushed_at}, accepted, time.perf_counter() - started
 
 
 def _when(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _to_finish(batch: dict) -> float:
+    """Seconds from the request's start to the batch's ``finishedAt`` (one machine, one clock)."""
+    return (_when(batch["finishedAt"]) - batch["pushedAt"]).total_seconds()
 
 
 def _source_reads(url: str) -> int:
@@ -321,6 +334,51 @@ def sequence(stack: Stack, tenant: str, headers: dict, spec: str, hosts: int, sc
     for label, index in (("end to end", 0), ("merge", 1)):
         spread = [pair[index] / ratios[0][index] for pair in ratios]
         print(f"{label}: each push {min(spread):.2f}x to {max(spread):.2f}x the first", flush=True)
+
+
+DIAGNOSED = ("findings", "finding_sources", "resources", "resource_identifiers", "resource_sources",
+             "provider_findings", "recommendations", "lifecycle_events")
+
+
+def table_figures(url: str) -> dict[str, tuple]:
+    """Per table: blocks read from outside shared_buffers and hit in it (heap, indexes), scans."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        rows = conn.execute("""
+            SELECT s.relname, coalesce(io.heap_blks_read, 0), coalesce(io.heap_blks_hit, 0),
+                   coalesce(io.idx_blks_read, 0), coalesce(io.idx_blks_hit, 0), s.seq_scan, s.seq_tup_read,
+                   coalesce(s.idx_scan, 0), s.n_tup_ins, s.n_tup_upd
+            FROM pg_stat_user_tables s JOIN pg_statio_user_tables io ON io.relid = s.relid
+            WHERE s.relname = ANY(%s)""", (list(DIAGNOSED),)).fetchall()
+    return {row[0]: row[1:] for row in rows}
+
+
+def server_figures(url: str) -> tuple[int, ...]:
+    """The WAL position (bytes) and the checkpointer's and sessions' writes so far."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        return conn.execute("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint, checkpoints_req, "
+                            "checkpoints_timed, buffers_checkpoint, buffers_backend FROM pg_stat_bgwriter"
+                            ).fetchone()
+
+
+def diagnose(url: str, before: dict[str, tuple], after: dict[str, tuple]) -> None:
+    """What the push read per table, and whether the indexes fit ``shared_buffers``."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        buffers = conn.execute("SELECT pg_size_pretty(setting::bigint * 8192) FROM pg_settings "
+                               "WHERE name = 'shared_buffers'").fetchone()[0]
+        sizes = dict((name, (heap, indexes)) for name, heap, indexes in conn.execute(
+            "SELECT relname, pg_size_pretty(pg_table_size(relid)), pg_size_pretty(pg_indexes_size(relid)) "
+            "FROM pg_stat_user_tables WHERE relname = ANY(%s)", (list(DIAGNOSED),)).fetchall())
+    print(f"the push per table (shared_buffers {buffers}; 8 KiB blocks read from outside it / hit in it):",
+          flush=True)
+    for table in DIAGNOSED:
+        if table not in after:
+            continue
+        d = [a - b for a, b in zip(after[table], before.get(table, (0,) * 9), strict=True)]
+        print(f"  {table:<21} heap {sizes[table][0]:>8}, indexes {sizes[table][1]:>8}: heap read {d[0]:>8,} "
+              f"hit {d[1]:>9,}; index read {d[2]:>8,} hit {d[3]:>10,}; seq scans {d[4]:,} "
+              f"({d[5]:,} rows), index scans {d[6]:,}; inserted {d[7]:,}, updated {d[8]:,}", flush=True)
 
 
 def _statistics_settled(url: str, timeout: float = 600) -> float:
@@ -389,22 +447,50 @@ def main() -> None:
     parser.add_argument("--seed-only", action="store_true",
                         help="only make a database whose tenant 'seeded' holds --seed findings; keep it")
     parser.add_argument("--database", help="use this database (made by --seed-only) and keep it")
+    parser.add_argument("--template", help="with --seed-only: the name of the database to make and keep; "
+                        "otherwise push into a fresh copy of it (CREATE DATABASE ... TEMPLATE), tenant "
+                        "'seeded'")
+    parser.add_argument("--explain-slow", type=int, metavar="MS",
+                        help="log the plan (auto_explain, ANALYZE BUFFERS) of every statement of the scratch "
+                        "database slower than MS to the server's log (slows what it measures)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a setting for the scratch database's sessions (ALTER DATABASE ... SET), "
+                        "e.g. wal_compression=lz4")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="print the push's block reads and scans per table and the index sizes")
     parser.add_argument("--tenant", help="push into this existing tenant (with --database)")
     parser.add_argument("--also", help="KxM: after the one push, the K x M sequence into another tenant")
     parser.add_argument("--queries", type=int, default=0,
                         help="then time N counts and pages of the pushed tenant with a sources/any() filter")
     args = parser.parse_args()
 
-    if args.database:  # a database left by --seed-only: kept afterwards too
-        from bench.ingest_bench import ADMIN
+    from bench.ingest_bench import ADMIN
 
+    if args.database:  # a database left by --seed-only: kept afterwards too
         name, url = args.database, ADMIN.rsplit("/", 1)[0] + "/" + args.database
+    elif args.template and args.seed_only:
+        with psycopg.connect(ADMIN, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{args.template}"')
+        name, url = args.template, ADMIN.rsplit("/", 1)[0] + "/" + args.template
+    elif args.template:  # every run starts from the same seeded store: a file copy of it
+        started = time.perf_counter()
+        name = f"gw_million_{uuid.uuid4().hex[:6]}"
+        # FILE_COPY: PostgreSQL 15's default (WAL_LOG) writes the gigabytes of the copy to the WAL,
+        # and the checkpoints that follow would flush them while the push is timed; so do those
+        # writes now, then let the kernel write back the copied files before the push
+        with psycopg.connect(ADMIN, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{args.template}" STRATEGY = FILE_COPY')
+            conn.execute("CHECKPOINT")
+        os.sync()
+        url = ADMIN.rsplit("/", 1)[0] + "/" + name
+        print(f"copied {args.template} into {name} in {time.perf_counter() - started:.0f}s (file copy, "
+              "checkpoint, sync)", flush=True)
     else:
         name, url = create_database("gw_million")
     stack = watch = None
     scratch = Path(tempfile.mkdtemp(prefix="million-"))
     try:
-        if not args.database:
+        if not args.database and not (args.template and not args.seed_only):
             upgrade(url)
         if args.seed_only:  # seed a tenant in a database of its own and keep it (not timed)
             Gateway(create_app({"DATABASE_URL": url, "BROKER_URL": "memory://", "SECRET_KEY": "bench",
@@ -414,6 +500,21 @@ def main() -> None:
                   flush=True)
             name = None
             return
+        if args.explain_slow is not None and name is not None and not args.database:
+            with psycopg.connect(url, autocommit=True) as conn:
+                for setting, value in (("session_preload_libraries", "auto_explain"),
+                                       ("auto_explain.log_min_duration", f"{args.explain_slow}ms"),
+                                       ("auto_explain.log_analyze", "on"),
+                                       ("auto_explain.log_buffers", "on")):
+                    conn.execute(f'ALTER DATABASE "{name}" SET {setting} = \'{value}\'')
+            print(f"plans of statements over {args.explain_slow} ms: the server's log, database {name}",
+                  flush=True)
+        if args.set and name is not None and not args.database:
+            with psycopg.connect(url, autocommit=True) as conn:
+                for setting in args.set:
+                    key, value = setting.split("=", 1)
+                    conn.execute(f'ALTER DATABASE "{name}" SET {key} = \'{value}\'')
+            print(f"database settings: {', '.join(args.set)}", flush=True)
         with psycopg.connect(url, autocommit=True) as conn:
             settings = dict(
                 conn.execute(
@@ -444,10 +545,10 @@ def main() -> None:
         warm_headers = gw.partner("WarmUp", [warm], scopes="findings.write")
         write_body(scratch / "warm.json", "warm", 200, 50)
         push(stack, warm, warm_headers, scratch / "warm.json")
-        tenant = args.tenant or gw.tenant()
+        tenant = args.tenant or ("seeded" if args.template else gw.tenant())
         headers = gw.partner("SequenceScanner" if args.sequence else "BenchScanner", [tenant],
                              scopes="findings.write")
-        if args.seed and not args.database:
+        if args.seed and not args.database and not args.template:
             seed(url, tenant, args.seed)
         watch = LockWatch(url)
         if args.sequence:
@@ -455,11 +556,20 @@ def main() -> None:
         else:
             path = scratch / "push.json"
             mib = write_body(path, "m", args.findings, args.hosts) / 2**20
+            if args.diagnose:
+                time.sleep(11)  # every session's table statistics flushed
+                before, wal = table_figures(url), server_figures(url)
             batch, accepted, seconds = push(stack, tenant, headers, path)
+            if args.diagnose:  # the WAL written and the checkpoints run while the push was timed
+                wal = [b - a for a, b in zip(wal, server_figures(url), strict=True)]
+                print(f"while timed: {wal[0] / 2**20:,.0f} MiB of WAL, {wal[1]} checkpoint(s) asked for by "
+                      f"WAL volume and {wal[2]} by time, {wal[3]:,} buffers written by checkpoints, "
+                      f"{wal[4]:,} by the server's sessions themselves", flush=True)
             print(
                 f"one push of {args.findings:,} findings ({mib:.0f} MiB) over {args.hosts:,} hosts, "
                 f"{args.workers} worker(s): 202 after {accepted:.1f}s, {batch['status']} after "
-                f"{seconds:.1f}s = {args.findings / seconds:,.0f} findings/s end to end; "
+                f"{seconds:.1f}s = {args.findings / seconds:,.0f} findings/s end to end (to its finishedAt "
+                f"{_to_finish(batch):.2f}s = {args.findings / _to_finish(batch):,.0f} findings/s); "
                 f"counts {batch['counts']}",
                 flush=True,
             )
@@ -471,6 +581,9 @@ def main() -> None:
             )
             if batch["status"] != "succeeded":
                 raise SystemExit(f"batch {batch['id']}: {batch.get('error')}")
+            if args.diagnose:
+                time.sleep(11)
+                diagnose(url, before, table_figures(url))
             if args.repush:
                 again = scratch / "again.json"
                 write_body(again, "m", args.repush, args.hosts)
