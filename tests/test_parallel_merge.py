@@ -134,13 +134,19 @@ def _merge_with(gw, env: dict, processes: int, tenant: str, headers: dict, bodie
             process.stop()
 
 
+def _both_ways(gw, env: dict, bodies: list[bytes]) -> tuple[tuple[str, str], dict, list[dict], list[dict]]:
+    """The same pushes merged by one worker (parallel merge off) into one tenant and by two worker
+    processes with ``env`` into another: (the two tenants, their headers, reference, results)."""
+    single, parallel = gw.tenant(), gw.tenant()
+    headers = {name: gw.partner("Qualys", [name]) for name in (single, parallel)}
+    reference = _merge_with(gw, SINGLE, 1, single, headers[single], bodies)
+    results = _merge_with(gw, env, 2, parallel, headers[parallel], bodies)
+    return (single, parallel), headers, reference, results
+
+
 def test_two_workers_merge_a_big_batch_into_the_store_one_worker_makes(pg_gw, redis_clean):
     bodies = [_first_push(), _full_scan()]
-    single, parallel = pg_gw.tenant(), pg_gw.tenant()
-    headers = {name: pg_gw.partner("Qualys", [name]) for name in (single, parallel)}
-
-    reference = _merge_with(pg_gw, SINGLE, 1, single, headers[single], bodies)
-    results = _merge_with(pg_gw, PARALLEL, 2, parallel, headers[parallel], bodies)
+    (single, parallel), headers, reference, results = _both_ways(pg_gw, PARALLEL, bodies)
 
     assert [r["status"] for r in results] == ["partiallySucceeded", "succeeded"]
     # the first push went in chunks (cut between hosts), the tail after them; progress says so
@@ -334,11 +340,7 @@ def _interleaved(hosts: int = 30, per_host: int = 40, scan: str | None = None, s
 def test_an_interleaved_file_merged_in_bucket_chains_by_two_workers_as_by_one(pg_gw, redis_clean):
     hosts, per_host = 30, 40
     bodies = [_interleaved(hosts, per_host), _interleaved(hosts // 2, per_host, scan="full", skip=5)]
-    single, parallel = pg_gw.tenant(), pg_gw.tenant()
-    headers = {name: pg_gw.partner("Qualys", [name]) for name in (single, parallel)}
-
-    reference = _merge_with(pg_gw, SINGLE, 1, single, headers[single], bodies)
-    results = _merge_with(pg_gw, BUCKETED, 2, parallel, headers[parallel], bodies)
+    (single, parallel), headers, reference, results = _both_ways(pg_gw, BUCKETED, bodies)
 
     assert [r["status"] for r in results] == ["partiallySucceeded", "succeeded"]
     # 1,200 records in 4 buckets of about 300: chains of several 60-record chunks each
