@@ -88,6 +88,8 @@ def run(mode: str, workers: int, body: bytes, count: int, chunk_records: int, fm
                    GATEWAY_TASK_QUEUE=queue, PYTHONPATH=str(ROOT),
                    GATEWAY_LOG_LEVEL="INFO" if os.environ.get("BENCH_WORKER_LOG") else "WARNING",
                    GATEWAY_PARALLEL_MERGE_MIN_BYTES="0" if mode == "single" else "1",
+                   # staged whatever the live merge slots ("auto": the default choice, 2 slots)
+                   GATEWAY_PARALLEL_MERGE_MIN_SLOTS="2" if mode == "auto" else "1",
                    GATEWAY_PARALLEL_MERGE_CHUNK_RECORDS=str(chunk_records),
                    GATEWAY_PARALLEL_MERGE_BUCKETS=str(buckets))
         for n in range(workers):

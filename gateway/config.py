@@ -73,6 +73,11 @@ class Settings(BaseSettings):
     # ... and its records routed to this many buckets by resource: a bucket's chunks merge one after
     # the other, different buckets' at once (at least the worker processes that merge them).
     parallel_merge_buckets: int = 16
+    # ... and only while at least this many merge slots (worker processes on the queue, announced
+    # in the broker's Redis every TTL / 3 seconds) are live: one slot merges a batch faster whole.
+    # 0 or 1: stage whatever the slots (and whenever the broker is not Redis).
+    parallel_merge_min_slots: int = 2
+    merge_slots_ttl_seconds: int = 15
     # ANALYZE after a merge (PostgreSQL; gateway/pipeline.py analyze_if_due): a table the merges
     # changed by this many rows, or this share of its rows, since its last ANALYZE. 0 turns it off.
     analyze_after_rows: int = 50_000

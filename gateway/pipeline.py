@@ -235,8 +235,10 @@ def process_batch(db: Database, batch_id: int, chunk_size: int = 5000, max_rejec
     tables the merges grew are analyzed when due (:func:`analyze_if_due`).
 
     ``parallel`` (:class:`gateway.merge.parallel.Settings`): a batch at least that big is staged
-    in chunks that several workers merge (gateway/merge/parallel.py); this returns
-    ``processing`` once its chunks are sent, or its final status if they were all merged.
+    in chunks that several workers merge (gateway/merge/parallel.py) when enough merge slots are
+    live to take them (``Settings.applies``; one slot merges it whole, faster), and a batch whose
+    staging began always resumes staged; this returns ``processing`` once its chunks are sent, or
+    its final status if they were all merged.
     """
     owner = owner or uuid.uuid4().hex
     try:
@@ -249,8 +251,11 @@ def process_batch(db: Database, batch_id: int, chunk_size: int = 5000, max_rejec
     if parallel is not None and db.is_postgres:
         try:
             with db.engine.connect() as conn:
-                body_size = conn.execute(select(batches.c.body_size).where(batches.c.id == batch_id)).scalar()
-            if parallel.applies(db, body_size):
+                body_size, plan = conn.execute(select(batches.c.body_size, batches.c.merge_plan)
+                                               .where(batches.c.id == batch_id)).one()
+            # A batch whose staging began (its plan stored) resumes staged whatever the size
+            # threshold or the live merge slots say by now: chunks of it may be merged already.
+            if plan or parallel.applies(db, body_size):
                 from gateway.merge import parallel as parallel_merge
 
                 status = parallel_merge.coordinate(db, batch_id, owner, parallel)

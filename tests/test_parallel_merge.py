@@ -15,11 +15,13 @@ from sqlalchemy import func, select
 
 from gateway.models import Batch, BatchMergeChunk, Finding, FindingSource, LifecycleEvent, Tenant
 from gateway.pipeline import process_batch
-from tests.conftest import QUEUE, Worker, wait_for
+from tests.conftest import QUEUE, REDIS_URL, Worker, wait_for
 from tests.factories import document, finding
 from workers.tasks import requeue
 
-PARALLEL = {"GATEWAY_PARALLEL_MERGE_MIN_BYTES": "1", "GATEWAY_PARALLEL_MERGE_CHUNK_RECORDS": "150"}
+# staged whatever the live merge slots (a test's second worker may not have announced itself yet)
+PARALLEL = {"GATEWAY_PARALLEL_MERGE_MIN_BYTES": "1", "GATEWAY_PARALLEL_MERGE_CHUNK_RECORDS": "150",
+            "GATEWAY_PARALLEL_MERGE_MIN_SLOTS": "1"}
 SINGLE = {"GATEWAY_PARALLEL_MERGE_MIN_BYTES": "0"}
 TERMINAL = ("succeeded", "partiallySucceeded", "failed")
 
@@ -611,3 +613,71 @@ def test_a_staging_resumed_after_its_settings_changed_cuts_as_it_first_did(pg_gw
             assert session.scalar(select(Batch.merge_plan).where(Batch.id == batch_id)) == {
                 "chunk_records": 150, "buckets": 4, "sub_chunk": 50}
             assert _doubled(session) == []
+
+
+# -- the choice of path: staged only when enough merge slots are live --------------------------
+
+AUTO = {"GATEWAY_PARALLEL_MERGE_MIN_BYTES": "1", "GATEWAY_PARALLEL_MERGE_CHUNK_RECORDS": "150",
+        "GATEWAY_MERGE_SLOTS_TTL_SECONDS": "3"}  # (the default: at least 2 slots live)
+
+
+def test_one_live_worker_merges_a_big_batch_whole_and_two_stage_it(pg_gw, redis_clean):
+    """Workers announce their processes in Redis while they live: a big batch with one worker
+    process live is merged whole (the staged path on one process is slower), with two it is
+    staged in chunks; a worker with two processes counts two; a stopped worker withdraws."""
+    from gateway.merge.parallel import SLOTS_CONCURRENCY_KEY, SLOTS_KEY, live_slots
+
+    # workers killed by earlier tests stay announced until their last announcement expires
+    redis_clean.delete(SLOTS_KEY.format(queue=QUEUE), SLOTS_CONCURRENCY_KEY.format(queue=QUEUE))
+    tenant = pg_gw.tenant()
+    headers = pg_gw.partner("Qualys", [tenant])
+    url = pg_gw.app.config["DATABASE_URL"]
+    workers = [Worker(url, extra_env=AUTO)]
+    try:
+        wait_for(lambda: live_slots(REDIS_URL, QUEUE) == 1, timeout=60, interval=0.2)
+        alone = _final(pg_gw, tenant, headers, _push(pg_gw, tenant, headers, _first_push()))
+        workers.append(Worker(url, extra_env=AUTO))
+        wait_for(lambda: live_slots(REDIS_URL, QUEUE) == 2, timeout=60, interval=0.2)
+        together = _final(pg_gw, tenant, headers, _push(pg_gw, tenant, headers, _full_scan()))
+        workers.pop(0).stop()
+        wait_for(lambda: live_slots(REDIS_URL, QUEUE) == 1, timeout=30, interval=0.2)  # withdrawn at once
+        workers.append(Worker(url, concurrency=2, extra_env=AUTO))
+        wait_for(lambda: live_slots(REDIS_URL, QUEUE) == 3, timeout=60, interval=0.2)
+    finally:
+        for process in workers:
+            process.stop()
+    assert alone["status"] == "partiallySucceeded" and "chunksTotal" not in (alone["progress"] or {})
+    assert alone["counts"]["created"] == 24 * 40 + 5 and alone["counts"]["duplicatesInPush"] == 1
+    assert together["status"] == "succeeded" and together["counts"]["resolved"] > 0
+    progress = together["progress"]
+    assert progress["chunksTotal"] >= 3 and progress["chunksDone"] == progress["chunksTotal"]
+    assert live_slots(REDIS_URL, QUEUE) == 0
+
+
+def test_a_staged_batch_resumes_staged_when_one_slot_is_left(pg_gw, redis_clean):
+    """A batch whose staging began resumes staged even when the live slots say "merge whole" by
+    then: chunks of it may be merged already, and one merge over them would redo them."""
+    from dataclasses import replace
+    from datetime import timedelta
+
+    from gateway.merge.parallel import merge_chunk
+    from gateway.models import utcnow
+
+    batch_id, settings, sent, (tenant, headers) = _staged(pg_gw, _interleaved(8, 40))
+    merge_chunk(pg_gw.db, batch_id, sent.pop(0), settings)  # one chunk merged, then the workers die
+    sent.clear()
+    with pg_gw.db.engine.begin() as conn:
+        conn.execute(Batch.__table__.update().where(Batch.id == batch_id)
+                     .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+    alone = replace(settings, min_slots=2, slots=lambda: 1)
+    assert not alone.applies(pg_gw.db, 10**9)  # a new batch would be merged whole
+    assert process_batch(pg_gw.db, batch_id, parallel=alone, lease_seconds=30) == "processing"
+    status = None
+    while sent:
+        status = merge_chunk(pg_gw.db, batch_id, sent.pop(0), alone)
+    assert status == "partiallySucceeded"
+    result = _batch(pg_gw, tenant, headers, batch_id)
+    assert result["status"] == "partiallySucceeded" and result["counts"]["created"] == 8 * 40
+    assert result["progress"]["chunksDone"] == result["progress"]["chunksTotal"]
+    with pg_gw.db.sessions() as session:
+        assert _doubled(session) == []

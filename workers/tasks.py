@@ -7,12 +7,14 @@ import logging
 import os
 import queue
 import random
+import sys
 import threading
 import time
 import uuid
 from datetime import datetime, timedelta
 
 from celery import shared_task
+from celery.signals import worker_ready, worker_shutdown
 from flask import current_app
 from sqlalchemy import or_, select, update
 
@@ -28,14 +30,49 @@ MERGE_CHUNK = "workers.tasks.merge_chunk"
 
 def parallel_settings(config):
     """The parallel merge's settings (gateway/merge/parallel.py); its chunks go to ``merge_chunk``."""
-    from gateway.merge.parallel import Settings
+    from gateway.merge.parallel import Settings, live_slots
 
     return Settings(min_bytes=int(config["PARALLEL_MERGE_MIN_BYTES"]),
                     chunk_records=max(1, int(config["PARALLEL_MERGE_CHUNK_RECORDS"])),
                     buckets=max(1, int(config["PARALLEL_MERGE_BUCKETS"])),
                     sub_chunk=int(config["MERGE_CHUNK_SIZE"]), max_rejections=int(config["MAX_REJECTION_DETAILS"]),
                     lease_seconds=int(config["LEASE_SECONDS"]), max_attempts=int(config["MAX_ATTEMPTS"]),
-                    dispatch=lambda batch_id, seq: merge_chunk_task.apply_async(args=[batch_id, seq]))
+                    dispatch=lambda batch_id, seq: merge_chunk_task.apply_async(args=[batch_id, seq]),
+                    min_slots=int(config["PARALLEL_MERGE_MIN_SLOTS"]),
+                    slots=lambda: live_slots(config["BROKER_URL"], config["TASK_QUEUE"]))
+
+
+# -- merge slots: each worker announces its processes while it lives (gateway/merge/parallel.py) --
+
+_announcer = None
+
+
+@worker_ready.connect
+def _announce_merge_slots(sender=None, **kwargs) -> None:
+    """A worker on a Redis broker announces its merge slots (its pool's processes) for a big
+    batch's choice of path, renewed by a thread of the worker's main process until it stops."""
+    global _announcer
+    from gateway.merge.parallel import SlotAnnouncer, slots_supported
+
+    entry = sys.modules.get("workers.app")  # ``celery -A workers.app worker``: the worker's Flask app
+    config = getattr(getattr(entry, "flask_app", None), "config", None)
+    if config is None or not slots_supported(config.get("BROKER_URL")) or _announcer is not None:
+        return
+    controller = getattr(sender, "controller", None)
+    concurrency = int(getattr(controller, "concurrency", None) or 1)
+    name = getattr(sender, "hostname", None) or f"worker-{os.getpid()}"
+    _announcer = SlotAnnouncer(config["BROKER_URL"], config["TASK_QUEUE"], f"{name}/{os.getpid()}",
+                               concurrency, float(config["MERGE_SLOTS_TTL_SECONDS"]))
+    log.info("merge slots announced: %s process(es) on queue %s", concurrency, config["TASK_QUEUE"])
+
+
+@worker_shutdown.connect
+def _withdraw_merge_slots(**kwargs) -> None:
+    global _announcer
+    if _announcer is not None:
+        _announcer.stop()
+        _announcer = None
+
 
 
 @shared_task(name=PROCESS_BATCH, bind=True, acks_late=True, max_retries=None)
