@@ -355,7 +355,7 @@ def _stage(db: Database, batch, settings: Settings) -> set[int]:
 
     if batch.format in SPLITTERS and (batch.body_size or 0) <= SPLIT_MAX_BYTES:
         with db.engine.connect() as reader:
-            split = SPLITTERS[batch.format](BlobReader(reader, batch.id).read(), settings.chunk_records)
+            split = SPLITTERS[batch.format](_read_body(reader, batch.id), settings.chunk_records)
         if split is not None:
             return _stage_split(db, batch, settings, split, staged)
 
@@ -561,21 +561,46 @@ def split_nessus(data: bytes, chunk_records: int) -> list[tuple[int, bytes, int,
 _BLANK = re.compile(rb"\s*")
 
 
+def _binary_cursor(conn):
+    """A cursor of the connection's psycopg connection that takes results in binary: a ``bytea``
+    comes as its bytes, not as hex text the server encodes and the client decodes (a stored
+    body's 60 MiB cost PostgreSQL about a second as hex, a quarter of it in binary)."""
+    return conn.connection.driver_connection.cursor(binary=True)
+
+
+def _read_body(conn, batch_id: int) -> bytes:
+    """A batch's stored body whole (the split reads it whole anyway), piece by piece, in binary."""
+    from gateway.pipeline import blobs
+
+    pieces = []
+    with _binary_cursor(conn) as cursor:
+        for seq in range(1 << 62):
+            cursor.execute(f"SELECT data FROM {blobs.name} WHERE batch_id = %s AND seq = %s", (batch_id, seq))
+            row = cursor.fetchone()
+            if row is None:
+                return b"".join(pieces)
+            pieces.append(bytes(row[0]))
+    return b""
+
+
 def _read_range(conn, batch_id: int, start: int, end: int) -> bytes:
-    """Bytes ``start:end`` of a batch's stored body: only the pieces (and the parts of them) in range."""
+    """Bytes ``start:end`` of a batch's stored body: only the pieces (and the parts of them) in
+    range, in binary (``_binary_cursor``)."""
     from gateway.pipeline import blobs
 
     pieces, offset = [], 0
-    for seq, size in conn.execute(select(blobs.c.seq, func.octet_length(blobs.c.data))
-                                  .where(blobs.c.batch_id == batch_id).order_by(blobs.c.seq)):
-        low, high = max(start, offset), min(end, offset + size)
-        if low < high:
-            piece = select(func.substring(blobs.c.data, low - offset + 1, high - low)).where(
-                blobs.c.batch_id == batch_id, blobs.c.seq == seq)
-            pieces.append(conn.execute(piece).scalar_one())
-        offset += size
-        if offset >= end:
-            break
+    with _binary_cursor(conn) as cursor:
+        for seq, size in conn.execute(select(blobs.c.seq, func.octet_length(blobs.c.data))
+                                      .where(blobs.c.batch_id == batch_id).order_by(blobs.c.seq)).all():
+            low, high = max(start, offset), min(end, offset + size)
+            if low < high:
+                cursor.execute(f"SELECT substring(data FROM %s FOR %s) FROM {blobs.name} "
+                               "WHERE batch_id = %s AND seq = %s",
+                               (low - offset + 1, high - low, batch_id, seq))
+                pieces.append(bytes(cursor.fetchone()[0]))
+            offset += size
+            if offset >= end:
+                break
     return b"".join(pieces)
 
 
@@ -634,21 +659,25 @@ def _parse_part(batch, data: bytes, hosts_before: int, may_push_alerts: bool, su
     return _sub_chunks(kept, sub_chunk), received, rejections
 
 
-def _create_types(conn, batch, findings: list[FindingRecord]) -> None:
+def _create_types(conn, batch, findings: list[FindingRecord]) -> tuple[dict, dict]:
     """Create the recommendation types these records fall under, committed with their chunk.
 
     In file order, so the first record of a new type gives its texts, as in one merge; and
     committed before any chunk merges, so two chunks never wait for each other's insert of
     the same new type (an insert waits for the uncommitted row of another transaction).
+    Returns what it looked up, the type ids by key and the knowledge-base entries by vendor id,
+    for a chunk's mergers to start from (``_Mergers.warm``) instead of reading them again.
     """
     if not findings:
-        return
+        return {}, {}
     from gateway.merge.knowledge import KnowledgeMerger
 
     cause = f"batch {batch.id}"
     merger = FindingMerger(conn, batch.tenant_id, batch.provider, batch.id, batch.received_at, cause,
                            format=batch.format)
-    merger._type_ids_for(KnowledgeMerger(conn, batch.tenant_id, batch.provider, batch.id).enrich(findings))
+    knowledge = KnowledgeMerger(conn, batch.tenant_id, batch.provider, batch.id)
+    merger._type_ids_for(knowledge.enrich(findings))
+    return merger._type_ids, knowledge._cache
 
 
 def _insert_chunk(conn, batch, seq: int, kind: str, records: list, sub_chunk: int, received: int = 0,
@@ -822,7 +851,7 @@ def _merge_claimed(db: Database, batch_id: int, seq: int, settings: Settings, ow
     gc.disable()  # as in a single merge (gateway/pipeline.py): no long-lived cycles to collect
     heartbeat = _ChunkHeartbeat(db, batch_id, seq, owner, settings.lease_seconds)
     try:
-        received, rejections, parts = 0, [], None
+        received, rejections, parts, looked_up = 0, [], None, ({}, {})
         if claimed.kind == "xml":  # a part of a split document: parsed here, before the merge's transaction
             with db.engine.connect() as conn:
                 batch = conn.execute(select(batches).where(batches.c.id == batch_id)).first()
@@ -838,7 +867,7 @@ def _merge_claimed(db: Database, batch_id: int, seq: int, settings: Settings, ow
                 settings.sub_chunk)
             del data
             with db.engine.begin() as conn:  # new types committed first: no chunk waits on another's insert
-                _create_types(conn, batch, [r for part in parts for r in part[0]])
+                looked_up = _create_types(conn, batch, [r for part in parts for r in part[0]])
         with db.engine.begin() as conn:
             batch = conn.execute(select(batches).where(batches.c.id == batch_id)).first()
             if batch is None or batch.status != "processing":
@@ -848,6 +877,8 @@ def _merge_claimed(db: Database, batch_id: int, seq: int, settings: Settings, ow
                     chunks_t.c.tenant_id == batch.tenant_id, chunks_t.c.batch_id == batch_id,
                     chunks_t.c.seq == seq)).scalar_one())
             mergers = _Mergers(conn, batch)
+            if claimed.kind == "xml":  # the types and KB entries just read (committed): not read twice
+                mergers.warm(*looked_up)
             if claimed.bucket is not None:  # its chain's provider records: repeats, as in one merge
                 for earlier in conn.execute(select(chunks_t.c.result).where(
                         chunks_t.c.tenant_id == batch.tenant_id, chunks_t.c.batch_id == batch_id,
@@ -924,6 +955,11 @@ class _Mergers:
                                       product=getattr(connector, "PRODUCT", None), format=batch.format)
         self.alerts = AlertMerger(conn, batch.tenant_id, batch.provider, batch.id, cause)
         self.knowledge = KnowledgeMerger(conn, batch.tenant_id, batch.provider, batch.id)
+
+    def warm(self, type_ids: dict, knowledge: dict) -> None:
+        """Start from type ids and knowledge-base entries looked up (and committed) just before."""
+        self.findings._type_ids.update(type_ids)
+        self.knowledge._cache.update(knowledge)
 
     def merge(self, parts: Iterable[SubChunk]) -> None:
         for findings, observations, knowledge, alerts in parts:
