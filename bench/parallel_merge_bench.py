@@ -12,7 +12,9 @@ N ``celery worker --concurrency=1`` processes on Redis, then one Nessus v2 file 
 items (bench/connector_bench.py's synthetic file, 100 items a host) pushed over HTTP and timed
 until its batch is final.  ``single`` is today's merge (``PARALLEL_MERGE_MIN_BYTES=0``, one worker
 merges the batch whatever the others do); ``parallel`` stages the batch in chunks of
-``--chunk-records`` merged by every worker (gateway/merge/parallel.py).  Printed per run: seconds
+``--chunk-records`` merged by every worker (gateway/merge/parallel.py), whatever the live merge
+slots; ``auto`` (``--auto``) leaves the choice to the slots (staged with at least 2 worker
+processes live, else merged whole).  Printed per run: seconds
 from the POST to the 202 and to the final status, findings/s end to end, the chunks, the CPU
 seconds of the workers and of PostgreSQL, and the load average before and after (the machine may
 be shared: quote the load with the figures).  Figures only, no assertions.
@@ -148,6 +150,9 @@ def main() -> None:
     parser.add_argument("--chunk-records", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--no-single", action="store_true", help="skip today's single-worker merge")
+    parser.add_argument("--auto", action="store_true",
+                        help="also each worker count with the default choice of path (staged only with "
+                             "2+ live merge slots)")
     parser.add_argument("--format", choices=["nessus", "canonical"], default="nessus")
     parser.add_argument("--hosts", type=int, default=20_000, help="canonical: hosts the findings go round")
     parser.add_argument("--buckets", type=int, default=16, help="GATEWAY_PARALLEL_MERGE_BUCKETS")
@@ -168,6 +173,7 @@ def main() -> None:
     path.unlink()
     print(f"{args.format} file: {count} findings, {len(body) / 2**20:.0f} MiB; {os.cpu_count()} CPUs")
     plan = ([] if args.no_single else [("single", 1)]) + [("parallel", n) for n in args.workers]
+    plan += [("auto", n) for n in args.workers] if args.auto else []
     for _ in range(args.repeat):
         for mode, workers in plan:
             r = run(mode, workers, body, count, args.chunk_records, args.format, args.buckets)

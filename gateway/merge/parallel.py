@@ -45,8 +45,10 @@ merged in three steps:
    independent parts is not parsed here at all: a Nessus file (``split_nessus``) is cut between
    its ``ReportHost`` elements into documents of whole hosts (its head and end around each
    run of hosts), staged as the offsets of its hosts in the stored body (read back by the
-   worker from the blob's pieces: no second copy of the body is written), and each part is
-   parsed and checked by the worker that merges it; its rejections are numbered in the whole file by the final step.  The split
+   worker from the blob's pieces: no second copy of the body is written; the staging and the
+   workers read the pieces in PostgreSQL's binary format, not as the hex text a ``bytea`` is
+   sent as by default), and each part is parsed and checked by the worker that merges it; its
+   rejections are numbered in the whole file by the final step.  The split
    applies only to a simple document (one ``Report``, uniquely named hosts, nothing between
    them, at most ``SPLIT_MAX_BYTES``); any other is parsed here as above.
 2. **Merge chunks** (``workers.tasks.merge_chunk``, any worker): a chunk is claimed with a lease
