@@ -181,6 +181,7 @@ class _Host:
         self.facts: dict[str, Any] = {}
         self._resource: ResourceRef | None = None
         self.key: str | None = None
+        self._times: dict[str, datetime | None] = {}  # parsed once a host, not once an item
 
     def add_properties(self, element: Any) -> None:
         for tag in element.iterfind("tag"):
@@ -188,6 +189,7 @@ class _Host:
             if name and tag.text and tag.text.strip():
                 self.tags.setdefault(name, tag.text.strip())
         self._resource = None
+        self._times.clear()
 
     def add_facts(self, items: list[Any]) -> None:
         """Identity facts of the host's identity plugins (12053, 86420, 10150, 11936...)."""
@@ -225,8 +227,10 @@ class _Host:
         return self._resource
 
     def time(self, name: str) -> datetime | None:
-        stamp = self.tags.get(f"{name}_TIMESTAMP")
-        return parse_any_time(stamp) or parse_any_time(self.tags.get(name))
+        if name not in self._times:
+            stamp = self.tags.get(f"{name}_TIMESTAMP")
+            self._times[name] = parse_any_time(stamp) or parse_any_time(self.tags.get(name))
+        return self._times[name]
 
 
 def _host_resource(name: str, tags: dict[str, str]) -> dict[str, Any]:
