@@ -118,8 +118,9 @@ merge does not spend.  Two workers then ran 1.44x the single merge (23.1 s again
 cores about 88% busy after the 202); smaller parts (5,000 records, 24 chunks) did not help
 (24.1 s).  A second run: single 34.0 s, two workers 24.3 s (1.40x) staged by force and 22.3 s
 (1.53x) with the default choice (two slots live: staged), one worker with the default choice
-31.6 s (merged whole: no chunks), one worker staged by force 41.6 s.  What is left is idle time: the staging before the first part is sent, the last
-parts' imbalance, and the tenant's resolver lock between concurrent chunks.
+31.6 s (merged whole: no chunks), one worker staged by force 41.6 s.  What is left is idle
+time: the staging before the first part is sent, the last parts' imbalance, and the tenant's
+resolver lock between concurrent chunks.
 
 **Scaling.** Nothing in the chunk step is shared but PostgreSQL: each worker process merges a
 chunk with its own connection and transaction; the only tenant-wide lock a chunk takes is the
