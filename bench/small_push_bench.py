@@ -11,7 +11,8 @@ Each mode gets a scratch PostgreSQL database, the API under gunicorn and ``celer
 * ``threads``: the documented command now (``gunicorn -w 4 -k gthread --threads 8``), one task per batch;
 * ``after``: the documented command (now with ``--reuse-port``: each gunicorn process listens
   on a socket of its own and the kernel spreads the connections) and its default, a small
-  batch's task merging the tenant's other queued small batches (gateway/smallbatches.py), the
+  batch's task merging the tenant's other queued small batches (gateway/smallbatches.py; with
+  Redis as the broker, a push sends no task while one of its tenant's is on its way), the
   worker at ``nice -n 10`` as the README runs it (``--worker-nice`` sets another value, 0 the
   old command), and token checks reused for 5 s (``GATEWAY_TOKEN_CACHE_SECONDS``, the README's
   production value).
@@ -127,6 +128,11 @@ class Stack:
 
     def coalesced(self) -> int:
         return self.worker_log.read_text(errors="replace").count("merged in the task of batch")
+
+    def tasks(self) -> int:
+        """process_batch tasks the worker ran (celery logs each one it finished)."""
+        return sum(1 for line in self.worker_log.read_text(errors="replace").splitlines()
+                   if "Task workers.tasks.process_batch[" in line and " succeeded in " in line)
 
     def stop(self) -> None:
         for process in (self.api, self.worker):
@@ -257,7 +263,7 @@ def run(mode: str, pushes: int, clients: int, size: int, log_dir: Path, worker_n
                   + ("; the worker was paused during the pushes" if pause_worker else ""))
             print(f"         all merged {merged:.1f}s after the first push ({pushes / merged:.0f} batches/s, "
                   f"{pushes * size / merged:.0f} findings/s); merged in another batch's task: "
-                  f"{stack.coalesced()}")
+                  f"{stack.coalesced()}; process_batch tasks run (warm-up included): {stack.tasks()}")
             print(f"         {_outcome(url, pushes * size)}; load average after: "
                   + " ".join(f"{value:.1f}" for value in os.getloadavg()))
         finally:

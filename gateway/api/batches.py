@@ -9,7 +9,7 @@ from itsdangerous import BadSignature, URLSafeSerializer
 from sqlalchemy import and_, or_, select
 
 import connectors
-from gateway import logs, ratelimit
+from gateway import logs, ratelimit, smallbatches
 from gateway.auth import caller_tenant, require_scope, tenant_for_caller
 from gateway.errors import BadRequest, Forbidden, NotFound, UnsupportedMediaType
 from gateway.ingest import WELLFORMED_CHECK_MAX_BYTES, Push, store_batch
@@ -223,17 +223,20 @@ def push_batch(tenant: str):
             on_piece=lambda size: ratelimit.count_arriving_bytes(tenant_row.external_id, size, inflow.total))
     else:
         batch, replayed = store_batch(_db(), push, head, check_limit)
-    return accepted(tenant, batch, replayed)
+    # a small batch sends no task while one of its tenant's is on its way (gateway/smallbatches.py)
+    pending = None if streamed else smallbatches.pending_key(config, tenant_row.id, tenant_row.created_at,
+                                                            batch.body_size)
+    return accepted(tenant, batch, replayed, pending)
 
 
-def accepted(tenant: str, batch: Batch, replayed: bool):
+def accepted(tenant: str, batch: Batch, replayed: bool, pending: str | None = None):
     """The 202 of a stored batch (a push, a completed upload), enqueued unless it is a replay."""
     logs.bind(batch_id=batch.id)  # on the request's remaining log lines (reset at teardown)
     if not replayed:  # sent after the answer, by the process's publisher thread (workers/tasks.py)
         from workers.tasks import enqueue_soon
 
         enqueue_soon(current_app._get_current_object(), _db(), batch.id,
-                     recorded=batch.enqueued_at is not None)
+                     recorded=batch.enqueued_at is not None, pending=pending)
     status_url = url_for("batches.get_batch", tenant=tenant, batch_id=batch.id, _external=True)
     response = jsonify({"id": str(batch.id), "status": batch.status if replayed else "accepted",
                         "statusUrl": status_url, "format": batch.format, "scanType": batch.scan_type,
