@@ -11,7 +11,8 @@ Each mode gets a scratch PostgreSQL database, the API under gunicorn and ``celer
 * ``threads``: the documented command now (``gunicorn -w 4 -k gthread --threads 8``), one task per batch;
 * ``after``: the documented command (now with ``--reuse-port``: each gunicorn process listens
   on a socket of its own and the kernel spreads the connections) and its default, a small
-  batch's task merging the tenant's other queued small batches (gateway/smallbatches.py), the
+  batch's task merging the tenant's other queued small batches (gateway/smallbatches.py; with
+  Redis as the broker, a push sends no task while one of its tenant's is on its way), the
   worker at ``nice -n 10`` as the README runs it (``--worker-nice`` sets another value, 0 the
   old command), and token checks reused for 5 s (``GATEWAY_TOKEN_CACHE_SECONDS``, the README's
   production value).
@@ -26,7 +27,19 @@ one tenant, rate limits on (raised so that the run is not refused; ``--pause-wor
 the worker while the timed pushes run, to separate the API's own cost from the merges').  Printed: the time to
 each 202 (p50, p90, p99, max), pushes/s accepted, the time from the first push until every
 batch is merged, how many batches were merged in another batch's task, and whether every
-batch succeeded with its own counts.  Figures, not assertions.
+batch succeeded with its own counts, and how many ``process_batch`` tasks the worker ran.
+Figures, not assertions.
+
+Measured on the 2-core machine under ``/work/bin/quiet`` (``--modes after``; load average before
+the run in brackets), back to back: the code before the pending mark and the one-call rate
+limits (main at a9b0530) p50 345 / p90 544 / p99 724 / max 1,128 ms, 123 pushes/s, 8.40 ms of
+API CPU a push, all merged 130.3 s, one task a batch [1.97]; after them (8b86c8b) p50 254 / p90 445 /
+p99 577 / max 774 ms, 159 pushes/s, 6.41 ms a push, all merged 112.8 s, 61 tasks [2.86]; again
+later p50 301 / p99 664 ms, 144 pushes/s, 7.37 ms a push, all merged 123.3 s, 62 tasks [1.87];
+with the worker stopped during the pushes (``--pause-worker``) p50 265 / p99 543 ms, 160
+pushes/s, 7.97 ms a push [2.95].  The 300 ms p99 is still missed: even with no merge running,
+the API's CPU a push times 160 pushes/s is more than one core, and the bench's own 50 client
+threads, PostgreSQL and Redis share the other.
 """
 
 from __future__ import annotations
@@ -127,6 +140,11 @@ class Stack:
 
     def coalesced(self) -> int:
         return self.worker_log.read_text(errors="replace").count("merged in the task of batch")
+
+    def tasks(self) -> int:
+        """process_batch tasks the worker ran (celery logs each one it finished)."""
+        return sum(1 for line in self.worker_log.read_text(errors="replace").splitlines()
+                   if "Task workers.tasks.process_batch[" in line and " succeeded in " in line)
 
     def stop(self) -> None:
         for process in (self.api, self.worker):
@@ -257,7 +275,7 @@ def run(mode: str, pushes: int, clients: int, size: int, log_dir: Path, worker_n
                   + ("; the worker was paused during the pushes" if pause_worker else ""))
             print(f"         all merged {merged:.1f}s after the first push ({pushes / merged:.0f} batches/s, "
                   f"{pushes * size / merged:.0f} findings/s); merged in another batch's task: "
-                  f"{stack.coalesced()}")
+                  f"{stack.coalesced()}; process_batch tasks run (warm-up included): {stack.tasks()}")
             print(f"         {_outcome(url, pushes * size)}; load average after: "
                   + " ".join(f"{value:.1f}" for value in os.getloadavg()))
         finally:

@@ -20,7 +20,10 @@ On Redis, one call's checks are one round trip: a Lua script (:data:`CHECK_AND_C
 every counter, then counts them all or none, and answers each counter's value and time to live
 for the ``RateLimit-*`` fields.  ``limits``' own fixed window takes a ``GET``, an ``INCRBY``
 script, a ``GET`` and a ``TTL`` per counter, so a push (its client's and tenant's requests, then
-their bytes) made 18 round trips, some 40% of its time in the API process.  The script keeps
+their bytes) made 18 round trips, some 40% of its time in the API process.  A push of a body up
+to ``STREAM_THRESHOLD`` with a declared length (``POST .../batches``) is one call: its client's
+and its tenant's requests and its declared bytes, counted together before the body is read
+(they were three calls: the client's request before the view, the tenant's, the bytes read).  The script keeps
 ``limits``' keys and expiry rule (the first count sets the window's expiry), so both can read
 the same counters; other storages (``memory://``, a Redis cluster, whose keys may live on
 different nodes) go through ``limits`` one call at a time.
@@ -46,6 +49,11 @@ log = logging.getLogger(__name__)
 PUSH_ENDPOINTS = {"batches.push_batch", "assessments.put_assessment"}
 # multipart uploads (gateway/api/uploads.py): creating, sending a part and completing count as pushes
 PUSH_ENDPOINTS |= {"uploads.create_upload", "uploads.put_part", "uploads.complete_upload"}
+# A push whose client's request is counted in the same call to the storage as its tenant's (and
+# its declared bytes), before the body is read (:func:`before_push_body`): one round trip a push
+# fewer.  A push answered before that (a 400 for its parameters, a 404 for its tenant) counts it
+# when it ends (:func:`init_app`), as it did before the view.
+DEFERRED_PUSH_ENDPOINTS = {"batches.push_batch"}
 
 
 # KEYS: the counters.  ARGV: for each counter its limit, window in seconds, cost, and "1" to count
@@ -267,7 +275,9 @@ def check_call(client_id: str) -> None:
     two stores that share one Redis (staging and production, or test runs) never count together.
     """
     limits = current()
-    if request.endpoint in PUSH_ENDPOINTS:
+    if request.endpoint in DEFERRED_PUSH_ENDPOINTS and limits.enabled and limits.push is not None:
+        g.ratelimit_push_client = client_id  # counted with the tenant's, in one call (before_push_body)
+    elif request.endpoint in PUSH_ENDPOINTS:
         _remember(limits.consume([(limits.push, "push.client", client_id)]))
     else:
         _remember(limits.consume([(limits.read, "read.client", client_id)]))
@@ -313,25 +323,35 @@ def check_push_bytes(client_id: str, tenant: str, size: int, declared: bool = Fa
         limits.apply(_bytes_checks(limits, client_id, tenant, size, count=not declared))
 
 
-def before_push_body(tenant: str) -> None:
+def before_push_body(tenant: str, count_up_to: int = 0) -> bool:
     """A push to a tenant its client is enabled for, before its body is read: the tenant's
     request limit, and whether a declared (uncompressed) Content-Length still fits the quotas,
-    in one call to the storage."""
+    in one call to the storage.
+
+    ``count_up_to``: a declared (uncompressed) Content-Length of at most this many bytes is
+    counted here already, and the answer is True: the caller then skips :func:`after_push_body`
+    (one round trip to the storage fewer for a small push; the body read is the declared one,
+    or the request fails, its bytes counted all the same)."""
     limits = current()
     if not limits.enabled:
-        return
-    checks = ([Check(limits.tenant_push, limits._ids("push.tenant", tenant))]
-              if limits.tenant_push is not None else [])
+        return False
+    client = g.pop("ratelimit_push_client", None)  # deferred by check_call
+    checks = [Check(limits.push, limits._ids("push.client", client))] if client is not None else []
+    if limits.tenant_push is not None:
+        checks.append(Check(limits.tenant_push, limits._ids("push.tenant", tenant)))
     too_large = None
+    counted = False
     encoding = request.headers.get("Content-Encoding", "").strip().lower()
     if request.content_length and encoding in ("", "identity"):
+        counted = request.content_length <= count_up_to
         try:
-            checks += _bytes_checks(limits, g.caller.client_id, tenant, request.content_length, count=False)
+            checks += _bytes_checks(limits, g.caller.client_id, tenant, request.content_length, count=counted)
         except PayloadTooLarge as exc:  # after the tenant's request is counted, as before the body
             too_large = exc
     _remember_lowest(limits.apply(checks))
     if too_large is not None:
         raise too_large
+    return counted
 
 
 def after_push_body(tenant: str, size: int) -> None:
@@ -344,6 +364,13 @@ def init_app(app: Flask) -> None:
 
     @app.after_request
     def _ratelimit_headers(response):
+        client = g.pop("ratelimit_push_client", None)
+        if client is not None:  # a push answered before its body: its client's request still counts
+            limits = current()
+            try:
+                _remember_lowest(limits.consume([(limits.push, "push.client", client)]))
+            except TooManyRequests:  # already over: the answer stands, nothing counted
+                pass
         window = g.pop("ratelimit_window", None)
         if window is not None and response.status_code != 429:
             response.headers.update(window.headers())

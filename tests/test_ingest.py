@@ -109,3 +109,45 @@ def test_broker_down_still_accepts_and_sweep_enqueues(pg_url, redis_clean):
     assert redis_clean.llen(QUEUE) == 1
     app.extensions["gateway.db"].dispose()
     working.extensions["gateway.db"].dispose()
+
+
+def test_a_small_push_is_one_call_to_the_rate_limit_storage_and_an_early_answer_still_counts(pg_url):
+    """Rate limits on Redis: a small push's client and tenant requests and its declared bytes are
+    counted by one script call (gateway/ratelimit.py), the same counters as before; a push
+    answered before its body (unknown tenant) still counts its client's request."""
+    import uuid
+
+    from tests.conftest import REDIS_URL, Gateway, make_app, wipe
+
+    app = make_app(pg_url, eager=True, RATELIMIT_ENABLED=True, RATELIMIT_STORAGE_URL=REDIS_URL,
+                   RATELIMIT_KEY_PREFIX=f"gw-test-{uuid.uuid4().hex[:8]}", RATELIMIT_PUSH="3/hour",
+                   RATELIMIT_TENANT_PUSH="10/hour", RATELIMIT_PUSH_BYTES_PER_MINUTE=100_000,
+                   RATELIMIT_TENANT_PUSH_BYTES_PER_MINUTE=100_000)
+    try:
+        wipe(app.extensions["gateway.db"])
+        gw = Gateway(app)
+        tenant = gw.tenant()
+        headers = gw.partner("Qualys", [tenant])
+        limits = app.extensions["gateway.limits"]
+        calls = []
+        script = limits.script
+
+        def counting(*args, **kwargs):
+            calls.append(kwargs.get("keys"))
+            return script(*args, **kwargs)
+
+        limits.script = counting
+        body = document([finding("f-1")])
+        response = _post(gw, tenant, headers, body)
+        assert response.status_code == 202, response.get_json()
+        assert len(calls) == 1 and len(calls[0]) == 4  # client, tenant, client bytes, tenant bytes
+        assert response.headers["RateLimit-Limit"] == "3" and response.headers["RateLimit-Remaining"] == "2"
+        client_bytes, tenant_bytes = (int(limits.storage.get_connection().get(key)) for key in calls[0][2:])
+        assert client_bytes == tenant_bytes == len(body)
+        assert _post(gw, "no-such-tenant", headers, body).status_code == 404  # counted at its end
+        response = _post(gw, tenant, headers, body)
+        assert response.status_code == 202 and response.headers["RateLimit-Remaining"] == "0"
+        refused = _post(gw, tenant, headers, body)
+        assert refused.status_code == 429 and "this client" in refused.get_json()["error"]["message"]
+    finally:
+        app.extensions["gateway.db"].dispose()

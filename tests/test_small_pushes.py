@@ -266,7 +266,7 @@ def test_a_poison_batch_in_a_coalesced_group_fails_alone(lazy_gw, poison_trigger
 def test_a_worker_killed_mid_group_loses_and_doubles_nothing(pg_url, redis_clean, capfd, monkeypatch):
     """PostgreSQL: the worker dies while merging the third batch of a group; the two before it
     stay merged once, the one it held is merged again once its lease expires, the rest by
-    their own tasks."""
+    the sweep's tasks (pushed while the first one's pending mark was set, they sent none)."""
     from workers.tasks import requeue
 
     app = make_app(pg_url, eager=False)
@@ -331,3 +331,69 @@ def test_a_worker_killed_mid_group_loses_and_doubles_nothing(pg_url, redis_clean
                                   .where(LifecycleEvent.subject_type == "batch"))
     gw.db.dispose()
     assert sources == dict.fromkeys(ids, 10) and finished == len(ids)
+
+
+def test_pushes_while_a_task_of_the_tenant_is_on_its_way_send_none_and_are_all_merged(lazy_gw, redis_clean):
+    """One task for many small pushes (gateway/smallbatches.py, pending mark): the first push of a
+    tenant sends a task, those after it while it waits send none; the task claims them all, and a
+    group cut at SMALL_BATCHES_PER_TASK sends one more task for the rest (whose own batch is then
+    merged already: it still claims)."""
+    gw = lazy_gw
+    for key in redis_clean.scan_iter(match=f"gateway:small-batches-pending:{QUEUE}:*"):
+        redis_clean.delete(key)  # an earlier test's (its task never ran)
+    tenant = gw.tenant()
+    other = gw.tenant("other")
+    headers = gw.partner("Qualys", [tenant, other]) | {"Content-Type": "application/json"}
+    ids = [int(gw.http.post(PUSH.format(tenant=tenant), data=_small(n), headers=headers).get_json()["id"])
+           for n in range(8)]
+    ids.append(int(gw.http.post(PUSH.format(tenant=other), data=_small(8), headers=headers).get_json()["id"]))
+    publisher = gw.app.extensions.get("gateway.publisher")
+    assert publisher is not None and publisher.flush(30)
+    assert redis_clean.llen(QUEUE) == 2  # one task for the first tenant's eight pushes, one for the other's
+    marks = list(redis_clean.scan_iter(match=f"gateway:small-batches-pending:{QUEUE}:*"))
+    assert len(marks) == 2
+    worker = Worker(gw.app.config["DATABASE_URL"], concurrency=1,
+                    extra_env={"GATEWAY_SMALL_BATCHES_PER_TASK": "3"})
+    try:
+        batches = wait_for(lambda: _all_final(gw, len(ids)), timeout=180, interval=0.3)
+    finally:
+        worker.stop()
+    for batch_id in ids:
+        batch = batches[batch_id]
+        assert batch.status == "succeeded" and batch.counts["created"] == 10, (batch_id, batch.error)
+        assert batch.attempts == 1 and batch.lease_owner is None
+    with gw.db.read_sessions() as session:
+        sources = dict(session.execute(select(FindingSource.batch_id, func.count())
+                                       .group_by(FindingSource.batch_id)).all())
+    assert sources == dict.fromkeys(ids, 10)
+    assert not list(redis_clean.scan_iter(match=f"gateway:small-batches-pending:{QUEUE}:*"))  # all released
+
+
+def test_a_failed_send_releases_the_pending_mark(lazy_gw, redis_clean, monkeypatch):
+    """The broker refuses the task: the batch is left to the sweep (``enqueued_at`` cleared) and
+    the tenant's mark is released, so the next push sends a task again."""
+    from workers import tasks
+
+    gw = lazy_gw
+    tenant = gw.tenant()
+    headers = gw.partner("Qualys", [tenant]) | {"Content-Type": "application/json"}
+    marks = f"gateway:small-batches-pending:{QUEUE}:*"
+
+    def refuse(*args, **kwargs):
+        raise ConnectionError("the broker is down (the test)")
+
+    for key in redis_clean.scan_iter(match=marks):  # an earlier test's (its task never ran)
+        redis_clean.delete(key)
+    monkeypatch.setattr(gw.app.extensions["celery"].tasks[tasks.PROCESS_BATCH], "apply_async", refuse)
+    first = int(gw.http.post(PUSH.format(tenant=tenant), data=_small(0), headers=headers).get_json()["id"])
+    assert gw.app.extensions["gateway.publisher"].flush(30)
+    assert _batches(gw)[first].enqueued_at is None  # the sweep's
+    assert not list(redis_clean.scan_iter(match=marks)) and redis_clean.llen(QUEUE) == 0
+    monkeypatch.undo()
+    second = int(gw.http.post(PUSH.format(tenant=tenant), data=_small(1), headers=headers).get_json()["id"])
+    assert gw.app.extensions["gateway.publisher"].flush(30)
+    left = list(redis_clean.scan_iter(match=marks))
+    for key in left:
+        redis_clean.delete(key)
+    assert redis_clean.llen(QUEUE) == 1 and len(left) == 1
+    assert _batches(gw)[second].enqueued_at is not None

@@ -76,24 +76,33 @@ def _withdraw_merge_slots(**kwargs) -> None:
 
 
 @shared_task(name=PROCESS_BATCH, bind=True, acks_late=True, max_retries=None)
-def process_batch_task(self, batch_id: int, owner: str | None = None, request_id: str | None = None) -> str:
+def process_batch_task(self, batch_id: int, owner: str | None = None, request_id: str | None = None,
+                       pending: str | None = None) -> str:
     """Merge one batch; retried soon after a deadlock or a lost connection.
 
     A retry carries the lease ``owner`` of the attempt it repeats, so it takes its own
     lease back at once instead of waiting for it to expire.  The number of merge attempts
-    is capped in the store (``GATEWAY_MAX_ATTEMPTS``), not here.
+    is capped in the store (``GATEWAY_MAX_ATTEMPTS``), not here.  ``pending``: the tenant's
+    pending mark this task was sent for (gateway/smallbatches.py): deleted before anything is
+    claimed, and the tenant's queued small batches are claimed even when this one was merged
+    already (they were pushed while the mark was set, and sent no task of their own).
     """
     config = current_app.config
     owner = owner or uuid.uuid4().hex
     db = current_app.extensions["gateway.db"]
+    if pending is not None:
+        smallbatches.release_mark(config, pending)
+    retry_kwargs = {"owner": owner, "request_id": request_id} | ({"pending": pending} if pending else {})
     # The push's request id (carried in the task's kwargs) and the batch id on every line of the merge.
     with logs.context(batch_id=batch_id, request_id=request_id), \
             tracing.span("gateway.merge", batch_id=int(batch_id), request_id=request_id) as span:
         started = time.perf_counter()
         try:
             finished = smallbatches.finished_status(db, int(batch_id))
-            if finished is not None:  # merged already (in another small batch's task): nothing to do
-                return finished
+            if finished is not None:  # merged already (in another small batch's task)
+                if pending is None:
+                    return finished  # nothing to do
+                return _merge_pending(db, int(batch_id), config, pending, finished)
             status = process_batch(db, int(batch_id), chunk_size=config["MERGE_CHUNK_SIZE"],
                                    max_rejections=config["MAX_REJECTION_DETAILS"], owner=owner,
                                    max_attempts=config["MAX_ATTEMPTS"], lease_seconds=config["LEASE_SECONDS"],
@@ -107,17 +116,41 @@ def process_batch_task(self, batch_id: int, owner: str | None = None, request_id
             # Soon and often: a restarted database is back within seconds, and the batch with it.
             delay = min(5.0, 0.5 * 2 ** min(self.request.retries, 4)) + random.uniform(0, 0.5)
             log.warning("batch %s hit a transient error, retrying in %.1fs: %s", batch_id, delay, exc)
-            raise self.retry(countdown=delay, kwargs={"owner": owner, "request_id": request_id}) from exc
+            raise self.retry(countdown=delay, kwargs=retry_kwargs) from exc
         if status != "busy" or span is not None:
             _observe(db, int(batch_id), status, time.perf_counter() - started, span)
         log.info("batch %s merged: %s", batch_id, status)
+    if status == "busy" and pending is not None:  # another worker holds it; the queued ones are ours
+        return _merge_pending(db, int(batch_id), config, pending, status)
     # The tenant's other queued small batches, merged here one by one (gateway/smallbatches.py).
     group = [] if status == "busy" else smallbatches.merge_queued(
-        db, int(batch_id), config, observe=lambda other, *args: _observe(db, other, *args), enqueue=enqueue)
+        db, int(batch_id), config, observe=lambda other, *args: _observe(db, other, *args), enqueue=enqueue,
+        more=_more(pending))
     if any(merged in ("succeeded", "partiallySucceeded") for merged in [status, *(s for _, s in group)]):
         from gateway.itsm.tasks import after_merge
 
         after_merge(db, int(batch_id))  # ITSM tickets follow at once (never fails it), once a group
+    return status
+
+
+def _more(pending: str | None):
+    """A group that stopped at ``SMALL_BATCHES_PER_TASK``: a task sent for the tenant's pending mark
+    takes the mark again and sends one more task for the batches still queued (none of them sent
+    its own).  Without a mark every batch has its task already."""
+    if pending is None:
+        return None
+    return lambda db, last_id: _enqueue(db, last_id, recorded=True, pending=pending, record=False)
+
+
+def _merge_pending(db, batch_id: int, config, pending: str, status: str) -> str:
+    """The claim loop of a task sent for a pending mark whose own batch was merged or held elsewhere."""
+    group = smallbatches.merge_queued(db, batch_id, config,
+                                      observe=lambda other, *args: _observe(db, other, *args),
+                                      enqueue=enqueue, more=_more(pending))
+    if any(merged in ("succeeded", "partiallySucceeded") for _, merged in group):
+        from gateway.itsm.tasks import after_merge
+
+        after_merge(db, batch_id)
     return status
 
 
@@ -246,14 +279,24 @@ def enqueue(db, batch_id: int, recorded: bool = False) -> bool:
         return _enqueue(db, batch_id, recorded)
 
 
-def _enqueue(db, batch_id: int, recorded: bool = False, task=None) -> bool:
+def _enqueue(db, batch_id: int, recorded: bool = False, task=None, pending: str | None = None,
+             record: bool = True) -> bool:
+    """Send the batch's task.  ``pending``: the tenant's pending mark (gateway/smallbatches.py):
+    nothing is sent when it is set already (a task on its way claims this batch), and the task
+    sent carries it.  ``record``: on a failed send, clear ``enqueued_at`` (``recorded``)."""
+    if pending is not None and not smallbatches.take_mark(current_app.config, pending):
+        return True
     request_id = logs.get("request_id")
+    kwargs = {"request_id": request_id} if request_id else {}
+    if pending is not None:
+        kwargs["pending"] = pending
     try:
-        (task or process_batch_task).apply_async(args=[batch_id],
-                                                 kwargs={"request_id": request_id} if request_id else {})
+        (task or process_batch_task).apply_async(args=[batch_id], kwargs=kwargs)
     except Exception:  # the batch is durable; the periodic sweep enqueues it again
         log.exception("could not enqueue batch %s", batch_id)
-        if recorded:
+        if pending is not None:  # the next push sends a task again
+            smallbatches.release_mark(current_app.config, pending)
+        if recorded and record:
             _record_enqueued(db, batch_id, None)
         return False
     if not recorded:
@@ -261,19 +304,20 @@ def _enqueue(db, batch_id: int, recorded: bool = False, task=None) -> bool:
     return True
 
 
-def enqueue_soon(app, db, batch_id: int, recorded: bool = False) -> None:
+def enqueue_soon(app, db, batch_id: int, recorded: bool = False, pending: str | None = None) -> None:
     """:func:`enqueue` from this process's publisher thread (:class:`Publisher`), so that a push's
     202 does not wait on the broker; at once where tasks run eagerly, ``ENQUEUE_IN_BACKGROUND``
     is off, or tracing is on (the task's producer span then stays inside the request's trace, as
     gateway/tracing.py describes it)."""
     if (app.config.get("TASK_ALWAYS_EAGER") or not app.config.get("ENQUEUE_IN_BACKGROUND", True)
             or tracing.is_on()):
-        enqueue(db, batch_id, recorded=recorded)
+        with logs.context(batch_id=batch_id):
+            _enqueue(db, batch_id, recorded, pending=pending)
         return
     publisher = app.extensions.get("gateway.publisher")
     if publisher is None:
         publisher = app.extensions.setdefault("gateway.publisher", Publisher(app, db))
-    publisher.submit(batch_id, recorded, logs.get("request_id"))
+    publisher.submit(batch_id, recorded, logs.get("request_id"), pending)
 
 
 class Publisher:
@@ -299,7 +343,8 @@ class Publisher:
         self.unsent = 0
         self.pid: int | None = None
 
-    def submit(self, batch_id: int, recorded: bool, request_id: str | None) -> None:
+    def submit(self, batch_id: int, recorded: bool, request_id: str | None,
+               pending: str | None = None) -> None:
         with self.lock:
             if self.pid != os.getpid():  # first use in this process
                 self.pid, self.queue, self.unsent = os.getpid(), queue.SimpleQueue(), 0
@@ -307,7 +352,7 @@ class Publisher:
                                  daemon=True).start()
                 atexit.register(self.flush, self.EXIT_WAIT_SECONDS)
             self.unsent += 1
-            self.queue.put((batch_id, recorded, request_id))
+            self.queue.put((batch_id, recorded, request_id, pending))
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every task submitted so far was sent (or given to the sweep); whether it was."""
@@ -318,10 +363,10 @@ class Publisher:
         with self.app.app_context():
             task = self.app.extensions["celery"].tasks[PROCESS_BATCH]
             while True:
-                batch_id, recorded, request_id = items.get()
+                batch_id, recorded, request_id, pending = items.get()
                 try:
                     with logs.context(batch_id=batch_id, request_id=request_id):
-                        _enqueue(self.db, batch_id, recorded, task)
+                        _enqueue(self.db, batch_id, recorded, task, pending)
                 except Exception:  # noqa: BLE001 - the sweep sends it; the thread goes on
                     log.exception("could not enqueue batch %s", batch_id)
                 finally:
