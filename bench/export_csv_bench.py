@@ -34,6 +34,13 @@ the load, CPU seconds do not):
     http 47,563 / 58,115 (backends 31-38 CPU-s per million rows; byte-identical to before).
     Alternated in one quiet slot (--connections 2 --no-http, load average 1.6-2.0): jsonl x2
     53,222 / 51,379 after, 44,020 / 45,368 before; csv x2 41,317 / 50,890 after, 41,607 / 45,580.
+
+A new, slower VM (2026-12-03; the same 1,000,000 rows loaded again with --keep, 194.5 s):
+    --url ... --paths copy --connections 1,2 --no-http under /work/bin/quiet, load average 1.1-1.5,
+    the code of main (a9b0530): csv x1 14,802 rows/s (backend 60.8 CPU-s), csv x2 24,443 (backends
+    66.7 CPU-s, busiest 33.0), jsonl x1 18,976 (44.3), jsonl x2 33,222 (52.1, busiest 25.4); sha256
+    csv 503defba5033ee58..., jsonl bf4a9b1e461a1aa2...  The backends' CPU a row is some 1.7 times
+    last session's (67 against 34-41 µs for CSV): the same SQL on a slower core.
 """
 
 from __future__ import annotations
