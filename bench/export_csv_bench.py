@@ -41,6 +41,13 @@ A new, slower VM (2026-12-03; the same 1,000,000 rows loaded again with --keep, 
     66.7 CPU-s, busiest 33.0), jsonl x1 18,976 (44.3), jsonl x2 33,222 (52.1, busiest 25.4); sha256
     csv 503defba5033ee58..., jsonl bf4a9b1e461a1aa2...  The backends' CPU a row is some 1.7 times
     last session's (67 against 34-41 µs for CSV): the same SQL on a slower core.
+    Tried, not kept (the backend's CPU seconds of one 10,000-row slice, /proc ticks of 10 ms, under
+    /work/bin/shared, three runs each): timestamps from their own text output in a UTC session
+    (``replace(rpad(ts::timestamp::text, 26, '0'), ' ', 'T') || '+00:00'``, falling back to to_char
+    in other zones; byte-identical, also on 300,000 findings and sources compared in SQL): six
+    timestamps 7-8 µs a row against 7 with to_char, the whole CSV row 38-41 against 40: no gain.
+    The sources' ``string_agg`` without its ORDER BY (a per-row sort): sources 22 µs against 24-25
+    (not kept: the only index on finding_sources.finding_id gives TID order, not id order).
 """
 
 from __future__ import annotations
