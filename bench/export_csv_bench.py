@@ -34,6 +34,24 @@ the load, CPU seconds do not):
     http 47,563 / 58,115 (backends 31-38 CPU-s per million rows; byte-identical to before).
     Alternated in one quiet slot (--connections 2 --no-http, load average 1.6-2.0): jsonl x2
     53,222 / 51,379 after, 44,020 / 45,368 before; csv x2 41,317 / 50,890 after, 41,607 / 45,580.
+
+A new, slower VM (2026-12-03; the same 1,000,000 rows loaded again with --keep, 194.5 s):
+    --url ... --paths copy --connections 1,2 --no-http under /work/bin/quiet, load average 1.1-1.5,
+    the code of main (a9b0530): csv x1 14,802 rows/s (backend 60.8 CPU-s), csv x2 24,443 (backends
+    66.7 CPU-s, busiest 33.0), jsonl x1 18,976 (44.3), jsonl x2 33,222 (52.1, busiest 25.4); sha256
+    csv 503defba5033ee58..., jsonl bf4a9b1e461a1aa2...  The backends' CPU a row is some 1.7 times
+    last session's (67 against 34-41 µs for CSV): the same SQL on a slower core.
+    The same code again at the end (--url ... --paths copy --connections 2, with HTTP, quiet, load
+    average 1.2-2.1): csv x2 33,317 rows/s (backends 50.8 CPU-s), jsonl x2 43,199 (40.3); over HTTP
+    csv 31,920 (55.2), jsonl 32,758 (53.2); peak RSS +88 MiB at most.  The VM's speed varies by a
+    third between quiet runs (66.7 against 50.8 backend CPU-s for the same CSV export).
+    Tried, not kept (the backend's CPU seconds of one 10,000-row slice, /proc ticks of 10 ms, under
+    /work/bin/shared, three runs each): timestamps from their own text output in a UTC session
+    (``replace(rpad(ts::timestamp::text, 26, '0'), ' ', 'T') || '+00:00'``, falling back to to_char
+    in other zones; byte-identical, also on 300,000 findings and sources compared in SQL): six
+    timestamps 7-8 µs a row against 7 with to_char, the whole CSV row 38-41 against 40: no gain.
+    The sources' ``string_agg`` without its ORDER BY (a per-row sort): sources 22 µs against 24-25
+    (not kept: the only index on finding_sources.finding_id gives TID order, not id order).
 """
 
 from __future__ import annotations
