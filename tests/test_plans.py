@@ -307,6 +307,24 @@ def test_the_recommendations_aggregate_reads_each_resource_by_key(store):
         assert _scans(db, statement, parameters) == [("findings", "Index Scan", "uq_findings_subject")]
 
 
+def test_the_resources_seen_times_are_updated_by_primary_key(store):
+    """_move_seen's UPDATE of a chunk's resources reads them by their ids, never the whole table
+    (it was planned as a hash join over a sequential scan of ``resources`` for every chunk, a
+    cost that grew with the store: issue 14)."""
+    _, db, _, captured = store
+    updates = [(st, p) for st, p in captured if st.lstrip().startswith("UPDATE resources AS t SET")
+               and ("first_seen" in st or "last_seen" in st)]
+    assert updates, "the merges moved the resources' first and last seen times"
+    for statement, parameters in updates:
+        scans = [node for node in _nodes(_plan(db, statement, parameters))
+                 if node.get("Relation Name") and node["Node Type"] != "ModifyTable"]
+        assert scans and all(node["Node Type"] != "Seq Scan" for node in scans), json.dumps(scans)
+        for scan in scans:  # each read of resources has the ids in its index condition
+            assert scan["Node Type"] in ("Index Scan", "Index Only Scan", "Bitmap Heap Scan"), scan
+            condition = scan.get("Index Cond", "") + scan.get("Recheck Cond", "")
+            assert re.search(r"\bid = ANY", condition), json.dumps(scan)
+
+
 def test_a_full_scan_finds_the_open_sources_and_observations_by_resource(store):
     """resolve_unreported reads a resource's findings by key and their sources by finding;
     remove_unreported deletes the observations it finds by resource, by primary key."""
