@@ -1118,7 +1118,8 @@ def _move_seen(
         touch = ", updated_at = %s" if now is not None else ""
         # The tenant's resources among the ids are read by primary key, whatever the statistics:
         # ``t.id = ANY(:ids)`` (the chunk's ids as one array, which the planner counts) makes the
-        # index on ``id`` the way to them, and the chunk's values join them by hash.  Joined to the
+        # index on ``id`` the way to them (or the tenant's range of ``ix_resources_tenant_id``
+        # when the tenant holds fewer resources than that), and the values join them by hash.  Joined to the
         # values alone (``t.id = k.id``, or a keyed LATERAL subquery of ids), ``resources`` was
         # planned as a hash join over a sequential scan of the whole table for every chunk:
         # 100,000 resources read twice per chunk in a store of 5,000,000 findings (issue 14:
