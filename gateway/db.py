@@ -53,8 +53,26 @@ def make_engine(url: str) -> Engine:
     # passes (``= ANY(:ids)`` over a chunk's 5,000 ids): a generic plan compares every
     # stored row with every element, seconds per chunk once a tenant holds 100,000
     # sources.  A custom plan per statement costs well under a millisecond.
+    # No JIT compilation in the gateway's sessions (``jit = off`` as a connection option; a
+    # statement or a database setting can still turn it on): the merge's statements are keyed
+    # lookups and set-based writes of a chunk whose cost estimates grow with the store (5,000
+    # keys times the rows a key is guessed to match) past ``jit_above_cost`` while they run in
+    # milliseconds, so PostgreSQL compiled them for 100-300 ms each, in a store of millions
+    # (README, issue 14: the recommendations' aggregate spent a third of its time compiling).
+    # bulk_export and the detection engine turned it off for their statements already.
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10,
-                         connect_args={"prepare_threshold": None})
+                         connect_args={"prepare_threshold": None, "options": _options(url)})
+
+
+NO_JIT = "-c jit=off"
+
+
+def _options(url: str) -> str:
+    """The connection's ``options``: the URL's own (``?options=...``), then ``jit = off``."""
+    given = make_url(url).query.get("options")
+    if isinstance(given, tuple):
+        given = " ".join(given)
+    return f"{NO_JIT} {given}" if given else NO_JIT
 
 
 SQLITE_WORKER_BUSY_MS = 60_000

@@ -307,6 +307,37 @@ def test_the_recommendations_aggregate_reads_each_resource_by_key(store):
         assert _scans(db, statement, parameters) == [("findings", "Index Scan", "uq_findings_subject")]
 
 
+def test_the_resources_seen_times_are_updated_by_primary_key(store):
+    """_move_seen's UPDATE of a chunk's resources reads them by their ids (or the tenant's range, when
+    the planner finds it smaller), not the whole table: in
+    a store of 100,000 resources, analyzed, it was planned as a hash join over a sequential scan
+    of ``resources`` for every chunk (a cost that grew with the store: issue 14).  The other
+    tenant's resources and the statistics are made in a transaction rolled back after."""
+    _, db, _, captured = store
+    updates = [(st, p) for st, p in captured if st.lstrip().startswith("UPDATE resources AS t SET")
+               and "AS k(id, seen)" in st]  # _move_seen's (update_rows writes resources too)
+    assert updates, "the merges moved the resources' first and last seen times"
+    with db.engine.connect() as conn:
+        transaction = conn.begin()
+        try:
+            other = conn.execute(text("INSERT INTO tenants (external_id, name, created_at) "
+                                      "VALUES ('padded', 'padded', now()) RETURNING id")).scalar_one()
+            conn.execute(text("INSERT INTO resources (tenant_id, created_at, updated_at, tags) "
+                              "SELECT :t, now(), now(), '[]' FROM generate_series(1, 100000)"), {"t": other})
+            conn.execute(text("ANALYZE resources"))
+            for statement, parameters in updates:
+                (document_,) = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + statement, parameters).one()
+                plan = (json.loads(document_) if isinstance(document_, str) else document_)[0]["Plan"]
+                scans = [node for node in _nodes(plan)
+                         if node.get("Relation Name") and node["Node Type"] != "ModifyTable"]
+                assert scans and all(node["Node Type"] != "Seq Scan" for node in scans), json.dumps(scans)
+                for scan in scans:  # by the ids, or the tenant's range when it is the smaller read
+                    condition = scan.get("Index Cond", "") + scan.get("Recheck Cond", "")
+                    assert re.search(r"\bid = ANY|tenant_id = ", condition), json.dumps(scan)
+        finally:
+            transaction.rollback()
+
+
 def test_a_full_scan_finds_the_open_sources_and_observations_by_resource(store):
     """resolve_unreported reads a resource's findings by key and their sources by finding;
     remove_unreported deletes the observations it finds by resource, by primary key."""
