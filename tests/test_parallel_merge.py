@@ -654,6 +654,25 @@ def test_one_live_worker_merges_a_big_batch_whole_and_two_stage_it(pg_gw, redis_
     assert live_slots(REDIS_URL, QUEUE) == 0
 
 
+def test_an_expired_announcement_counts_no_slot_and_its_count_is_dropped(redis_clean):
+    """A worker killed outright (no withdrawal) stops counting once its announcement expires, and
+    its process count is dropped then, so restarts over months leave no counts behind."""
+    import time
+
+    from gateway.merge.parallel import SLOTS_CONCURRENCY_KEY, SLOTS_KEY, announce_slots, live_slots
+
+    queue = "slots-expiry-test"
+    key, counts = SLOTS_KEY.format(queue=queue), SLOTS_CONCURRENCY_KEY.format(queue=queue)
+    redis_clean.delete(key, counts)
+    announce_slots(REDIS_URL, queue, "killed/1", 4, ttl=0.2)
+    announce_slots(REDIS_URL, queue, "alive/2", 2, ttl=30)
+    assert live_slots(REDIS_URL, queue) == 6
+    time.sleep(0.4)
+    assert live_slots(REDIS_URL, queue) == 2
+    assert redis_clean.hkeys(counts) == [b"alive/2"]
+    redis_clean.delete(key, counts)
+
+
 def test_a_staged_batch_resumes_staged_when_one_slot_is_left(pg_gw, redis_clean):
     """A batch whose staging began resumes staged even when the live slots say "merge whole" by
     then: chunks of it may be merged already, and one merge over them would redo them."""

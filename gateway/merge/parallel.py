@@ -279,6 +279,12 @@ def live_slots(url: str | None, queue: str) -> int | None:
     except Exception as exc:  # noqa: BLE001 - the choice falls back to the size alone
         log.warning("merge slots not known (%s): the size alone decides", exc)
         return None
+    gone = set(concurrency) - set(names)
+    if gone:  # workers whose announcement expired (killed): their counts go too
+        try:
+            _slot_client(url).hdel(counts, *gone)
+        except Exception as exc:  # noqa: BLE001 - left for the next look
+            log.warning("merge slots: could not drop expired workers' counts: %s", exc)
     return sum(max(1, int(concurrency.get(name, 1))) for name in names)
 
 
