@@ -51,7 +51,6 @@ does not is left to the sweep).
 
 from __future__ import annotations
 
-import functools
 import logging
 import uuid
 from datetime import timedelta
@@ -60,7 +59,7 @@ from typing import Any
 from sqlalchemy import or_, select, update
 from sqlalchemy.exc import DBAPIError
 
-from gateway import logs, tracing
+from gateway import broker_redis, logs, tracing
 from gateway.db import Database
 from gateway.models import Batch, utcnow
 from gateway.pipeline import TERMINAL, TransientError, _raise_if_transient, analyze_if_due, process_batch
@@ -82,17 +81,11 @@ def coalescing(config) -> bool:
 
 
 def _marks_url(config) -> str | None:
-    broker = str(config.get("BROKER_URL") or "")
-    return broker if broker.startswith(("redis://", "rediss://", "redis+unix://")) else None
+    return broker_redis.url_of(config.get("BROKER_URL"))
 
 
-@functools.cache
 def _marks(url: str):
-    import redis
-
-    # redis-py's pool opens its connections again in a forked child (gunicorn, celery's pool)
-    return redis.Redis.from_url(url.replace("redis+unix://", "unix://"), socket_timeout=5,
-                                socket_connect_timeout=5)
+    return broker_redis.client(url, 5)
 
 
 def pending_key(config, tenant_id: int, tenant_created=None, body_size: int | None = None) -> str | None:

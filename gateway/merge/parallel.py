@@ -158,6 +158,7 @@ from sqlalchemy.exc import DBAPIError
 import connectors
 from connectors.base import ParseOptions
 from connectors.model import AlertRecord, FindingRecord, FormatError, Observation, Rejected, VulnerabilityInfo
+from gateway import broker_redis
 from gateway.db import Database
 from gateway.export import events as outbox
 from gateway.merge.findings import STALE_EXAMPLES, FindingMerger, _digest
@@ -225,20 +226,14 @@ class Settings:
 
 SLOTS_KEY = "gateway:merge-slots:{queue}"  # sorted set: worker name -> its announcement's expiry
 SLOTS_CONCURRENCY_KEY = "gateway:merge-slots:{queue}:concurrency"  # hash: worker name -> processes
-_slot_clients: dict[str, object] = {}
 
 
 def _slot_client(url: str):
-    import redis
-
-    client = _slot_clients.get(url)
-    if client is None:
-        client = _slot_clients[url] = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-    return client
+    return broker_redis.client(url, 2)
 
 
 def slots_supported(url: str | None) -> bool:
-    return str(url or "").startswith(("redis://", "rediss://", "redis+unix://"))
+    return broker_redis.url_of(url) is not None
 
 
 def announce_slots(url: str, queue: str, name: str, concurrency: int, ttl: float) -> None:
