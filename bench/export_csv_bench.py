@@ -52,6 +52,32 @@ A new, slower VM (2026-12-03; the same 1,000,000 rows loaded again with --keep, 
     timestamps 7-8 µs a row against 7 with to_char, the whole CSV row 38-41 against 40: no gain.
     The sources' ``string_agg`` without its ORDER BY (a per-row sort): sources 22 µs against 24-25
     (not kept: the only index on finding_sources.finding_id gives TID order, not id order).
+
+A faster VM (2026-12-03 evening session; 1,000,000 rows loaded with --keep in 72.4 s), all under
+/work/bin/quiet, the code of main (7397c57, unchanged by this series):
+    --url ... --paths copy --connections 1,2 --no-http, load average 2.5 before, 1.9 after: csv x1
+    42,988 rows/s (backend 22.0 CPU-s), csv x2 68,360 (23.9, busiest 11.7), jsonl x1 57,960 (15.4),
+    jsonl x2 74,598 (21.9, busiest 10.8); Python 3.3-5.9 CPU-s (most of it this bench's SHA-256);
+    peak RSS +76 MiB at most; sha256 csv 503defba5033ee58..., jsonl bf4a9b1e461a1aa2... (as before).
+    --url ... --paths copy --connections 2 (with HTTP), load average 3.7 before, 3.1 after: csv x2
+    65,271, jsonl x2 70,738; over HTTP csv 71,779 rows/s (backends 23.8 CPU-s, server and client
+    2.8), jsonl 76,611 (22.3, 2.8); peak RSS +88 MiB at most.
+    --connections 2,3 --no-http (load average 2.8 before, 1.5-2.2 after): csv 68,337 / 69,661,
+    jsonl 71,254 / 74,128: a third connection adds 2-4% (within the runs' spread) on 2 cores
+    that two backends and this process already keep ~94% busy (27 CPU-s in 14.6 s); not changed.
+    Where a 10,000-row slice's backend CPU goes (one slice of the two-connection path after id
+    500,000, best of three, µs a row, wall and /proc CPU agree within 1-3): jsonl 20.5, csv 22.3;
+    without the sources jsonl 11.2, csv 11.9; the sources alone 13-14 (of which the correlated
+    lookup and an ordered string_agg of one column are 1.2-2.0: the rest is the twenty fields'
+    rendering); the six finding and three source timestamps as constants: jsonl 16.6, csv 16.8
+    (to_char some 0.4 µs each).  Tried, not kept (no gain, same bytes): each source object by
+    ``row_to_json`` of a subquery (fields as text/json columns) instead of concatenated fields,
+    13.5-14.3 against 13.6; ``concat()`` of the parts instead of chained ``||``, 19.8 against 20.5
+    (within the spread).  Rendering in Python instead: fetching the raw rows alone (binary
+    protocol, psycopg's C loaders) costs 14.3 µs a finding row and 11.8 µs per finding for its
+    sources, wall, nearly all of it this process's (backend 5 and 2): some 26 µs of one GIL-bound
+    Python thread before any rendering, against 20-22 µs of a backend that two connections
+    spread over two cores, so that path would be slower (not built; orjson is not installed).
 """
 
 from __future__ import annotations
