@@ -9,7 +9,8 @@ Each mode gets a scratch PostgreSQL database, the API under gunicorn and ``celer
 * ``before``: the earlier documented command (``gunicorn -w 4``, synchronous workers: one
   request per process at a time) and one task per batch (``GATEWAY_SMALL_BATCHES_PER_TASK=1``);
 * ``threads``: the documented command now (``gunicorn -w 4 -k gthread --threads 8``), one task per batch;
-* ``after``: the documented command (now with ``--reuse-port``: each gunicorn process listens
+* ``after``: the documented command with one process per core (``-w 2`` here: proposed for the
+  README, which still says ``-w 4``) and ``--reuse-port`` (each gunicorn process listens
   on a socket of its own and the kernel spreads the connections) and its default, a small
   batch's task merging the tenant's other queued small batches (gateway/smallbatches.py; with
   Redis as the broker, a push sends no task while one of its tenant's is on its way), the
@@ -40,6 +41,28 @@ with the worker stopped during the pushes (``--pause-worker``) p50 265 / p99 543
 pushes/s, 7.97 ms a push [2.95].  The 300 ms p99 is still missed: even with no merge running,
 the API's CPU a push times 160 pushes/s is more than one core, and the bench's own 50 client
 threads, PostgreSQL and Redis share the other.
+
+On a faster VM (3 Dec 2026), main at 7397c57 exported to /tmp/smallpush-main and run with this
+script's client (``--code``), back to back with the branch, each pair under one ``/work/bin/quiet``::
+
+    BENCH_REDIS=redis://127.0.0.1:6379/4 .venv/bin/python bench/small_push_bench.py --modes after \\
+        --code /tmp/smallpush-main --api '-w 4 -k gthread --threads 8 --reuse-port'
+    BENCH_REDIS=redis://127.0.0.1:6379/4 .venv/bin/python bench/small_push_bench.py --modes after
+
+main (its README command, ``-w 4``): p50 112 / p90 187 / p99 261 / max 306 ms, 409 pushes/s,
+2.25 ms of API CPU and 4.83 ms of the machine's a push, 104 PostgreSQL connections opened during
+the pushes, all merged 40.6 s [1.83]; again p99 287 ms, 373/s, 116 connections, 42.7 s [1.78].
+The branch (a pool that keeps its connections and pings only one idle over a second, ``-w 2``):
+p50 67 / p90 138 / p99 162 / max 187 ms, 531 pushes/s, 1.59 ms of API CPU and 3.70 ms of the
+machine's a push, no connection opened, all merged 36.5 s [2.38]; again p99 233 ms (p90 125),
+513/s, 37.3 s [1.11].  The connections main opened and closed cost more outside the API than in
+it: a PostgreSQL backend started for each, and a kernel thread freeing memory
+(``kvfree_rcu_reclaim``) at 2.7-2.8 ms a push in the CPU-by-program line of main's runs only.
+With ``--skip-merge`` (the same pushes, the merges not waited for) [1.33-3.83]: main -w 4 p99
+256, main -w 2 226, branch -w 4 293 (a writeback kernel thread busy), branch -w 2 146 ms.
+gunicorn layouts on the branch (``--skip-merge --api ...``) [1.0-3.0]: ``-w 4 --threads 8`` p99
+244-255, ``-w 3`` 171-194, ``-w 2 --threads 8`` 179, ``-w 2 --threads 12`` 171-200,
+``-w 1 --threads 12`` 167 ms.  The cores were 97-100% busy during the pushes in every run.
 """
 
 from __future__ import annotations
@@ -76,7 +99,9 @@ REDIS = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/12")
 API = {
     "before": ["-w", "4"],
     "threads": ["-w", "4", "-k", "gthread", "--threads", "8"],
-    "after": ["-w", "4", "-k", "gthread", "--threads", "8", "--reuse-port"],
+    # one process per core (this machine has 2): -w 4 spread the same CPU over more processes and
+    # context switches, 0.2-0.3 ms more of it a push, and a p99 of 244-293 ms where -w 2 had 146-179
+    "after": ["-w", "2", "-k", "gthread", "--threads", "8", "--reuse-port"],
 }
 PER_TASK = {"before": "1", "threads": "1", "after": "20"}
 NICE = {"before": 0, "threads": 0, "after": 10}  # the README runs workers at a lower CPU priority
