@@ -9,7 +9,8 @@ Each mode gets a scratch PostgreSQL database, the API under gunicorn and ``celer
 * ``before``: the earlier documented command (``gunicorn -w 4``, synchronous workers: one
   request per process at a time) and one task per batch (``GATEWAY_SMALL_BATCHES_PER_TASK=1``);
 * ``threads``: the documented command now (``gunicorn -w 4 -k gthread --threads 8``), one task per batch;
-* ``after``: the documented command (now with ``--reuse-port``: each gunicorn process listens
+* ``after``: the documented command with one process per core (``-w 2`` here: proposed for the
+  README, which still says ``-w 4``) and ``--reuse-port`` (each gunicorn process listens
   on a socket of its own and the kernel spreads the connections) and its default, a small
   batch's task merging the tenant's other queued small batches (gateway/smallbatches.py; with
   Redis as the broker, a push sends no task while one of its tenant's is on its way), the
@@ -40,6 +41,28 @@ with the worker stopped during the pushes (``--pause-worker``) p50 265 / p99 543
 pushes/s, 7.97 ms a push [2.95].  The 300 ms p99 is still missed: even with no merge running,
 the API's CPU a push times 160 pushes/s is more than one core, and the bench's own 50 client
 threads, PostgreSQL and Redis share the other.
+
+On a faster VM (3 Dec 2026), main at 7397c57 exported to /tmp/smallpush-main and run with this
+script's client (``--code``), back to back with the branch, each pair under one ``/work/bin/quiet``::
+
+    BENCH_REDIS=redis://127.0.0.1:6379/4 .venv/bin/python bench/small_push_bench.py --modes after \\
+        --code /tmp/smallpush-main --api '-w 4 -k gthread --threads 8 --reuse-port'
+    BENCH_REDIS=redis://127.0.0.1:6379/4 .venv/bin/python bench/small_push_bench.py --modes after
+
+main (its README command, ``-w 4``): p50 112 / p90 187 / p99 261 / max 306 ms, 409 pushes/s,
+2.25 ms of API CPU and 4.83 ms of the machine's a push, 104 PostgreSQL connections opened during
+the pushes, all merged 40.6 s [1.83]; again p99 287 ms, 373/s, 116 connections, 42.7 s [1.78].
+The branch (a pool that keeps its connections and pings only one idle over a second, ``-w 2``):
+p50 67 / p90 138 / p99 162 / max 187 ms, 531 pushes/s, 1.59 ms of API CPU and 3.70 ms of the
+machine's a push, no connection opened, all merged 36.5 s [2.38]; again p99 233 ms (p90 125),
+513/s, 37.3 s [1.11].  The connections main opened and closed cost more outside the API than in
+it: a PostgreSQL backend started for each, and a kernel thread freeing memory
+(``kvfree_rcu_reclaim``) at 2.7-2.8 ms a push in the CPU-by-program line of main's runs only.
+With ``--skip-merge`` (the same pushes, the merges not waited for) [1.33-3.83]: main -w 4 p99
+256, main -w 2 226, branch -w 4 293 (a writeback kernel thread busy), branch -w 2 146 ms.
+gunicorn layouts on the branch (``--skip-merge --api ...``) [1.0-3.0]: ``-w 4 --threads 8`` p99
+244-255, ``-w 3`` 171-194, ``-w 2 --threads 8`` 179, ``-w 2 --threads 12`` 171-200,
+``-w 1 --threads 12`` 167 ms.  The cores were 97-100% busy during the pushes in every run.
 """
 
 from __future__ import annotations
@@ -76,7 +99,9 @@ REDIS = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/12")
 API = {
     "before": ["-w", "4"],
     "threads": ["-w", "4", "-k", "gthread", "--threads", "8"],
-    "after": ["-w", "4", "-k", "gthread", "--threads", "8", "--reuse-port"],
+    # one process per core (this machine has 2): -w 4 spread the same CPU over more processes and
+    # context switches, 0.2-0.3 ms more of it a push, and a p99 of 244-293 ms where -w 2 had 146-179
+    "after": ["-w", "2", "-k", "gthread", "--threads", "8", "--reuse-port"],
 }
 PER_TASK = {"before": "1", "threads": "1", "after": "20"}
 NICE = {"before": 0, "threads": 0, "after": 10}  # the README runs workers at a lower CPU priority
@@ -92,7 +117,8 @@ def _free_port() -> int:
 class Stack:
     """gunicorn and one celery worker process (two pool processes) on one scratch database."""
 
-    def __init__(self, url: str, mode: str, log_dir: Path, nice: int, api: list[str]) -> None:
+    def __init__(self, url: str, mode: str, log_dir: Path, nice: int, api: list[str],
+                 code: Path = ROOT) -> None:
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.queue = f"smallpush-{uuid.uuid4().hex[:6]}"
@@ -103,19 +129,19 @@ class Stack:
                    GATEWAY_RATELIMIT_READ="100000/minute",
                    # on, as in production: importing tests.conftest turned them off in this environment
                    GATEWAY_RATELIMIT_ENABLED="true",
-                   GATEWAY_SMALL_BATCHES_PER_TASK=PER_TASK[mode], PYTHONPATH=str(ROOT),
+                   GATEWAY_SMALL_BATCHES_PER_TASK=PER_TASK[mode], PYTHONPATH=str(code),
                    GATEWAY_TOKEN_CACHE_SECONDS=TOKEN_CACHE[mode])
         self.api = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", *api, "-b", f"127.0.0.1:{self.port}",
              "--limit-request-line", "0", "gateway:create_app()"],
-            env=env | {"GATEWAY_LOG_LEVEL": "WARNING"}, cwd=ROOT, stdout=subprocess.DEVNULL,
+            env=env | {"GATEWAY_LOG_LEVEL": "WARNING"}, cwd=code, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, start_new_session=True)
         with open(self.worker_log, "w") as log:
             self.worker = subprocess.Popen(
                 ["nice", "-n", str(nice), sys.executable, "-m", "celery", "-A", "workers.app", "worker",
                  "--concurrency=2", "--loglevel=INFO", "--without-gossip", "--without-mingle",
                  "-n", f"smallpush-{mode}@%h"],
-                env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                env=env, cwd=code, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -160,6 +186,36 @@ class Stack:
         redis.Redis.from_url(REDIS).delete(self.queue)
 
 
+def _machine_cpu() -> tuple[float, float]:
+    """(busy, all) CPU seconds of the whole machine so far, from /proc/stat."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), sum(fields[:8]) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_by_program() -> dict[str, float]:
+    """CPU seconds so far of every process on the machine, added up by program name (postgres,
+    redis-server, python...); a process that ended in between is missed."""
+    seconds: dict[str, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        name, rest = text.split(" (", 1)[1].rsplit(")", 1)
+        fields = rest.split()
+        used = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        seconds[name] = seconds.get(name, 0.0) + used
+    return seconds
+
+
+def _sessions(url: str) -> int:
+    """Connections opened to the database so far (PostgreSQL's statistics; they lag a little)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute("SELECT sessions FROM pg_stat_database WHERE datname = current_database()"
+                            ).fetchone()[0]
+
+
 def _percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(share * len(ordered)) - 1))]
@@ -185,7 +241,7 @@ def _outcome(url: str, findings: int) -> str:
 
 def run(mode: str, pushes: int, clients: int, size: int, log_dir: Path, worker_nice: int | None,
         api_args: list[str] | None = None, py_spy: str | None = None, skip_merge: bool = False,
-        pause_worker: bool = False) -> None:
+        pause_worker: bool = False, py_spy_idle: bool = True, code: Path = ROOT) -> None:
     api = API[mode] if api_args is None else api_args
     name, url = create_database(f"smallpush_{mode}")
     try:
@@ -200,7 +256,7 @@ def run(mode: str, pushes: int, clients: int, size: int, log_dir: Path, worker_n
                                     cves=[f"CVE-2024-{100000 + (i * size + j) % 900000}"])
                             for j in range(size)]) for i in range(pushes)]
         nice = NICE[mode] if worker_nice is None else worker_nice
-        stack = Stack(url, mode, log_dir, nice, api)
+        stack = Stack(url, mode, log_dir, nice, api, code)
         try:
             def warm(index: int) -> None:  # every API process's and thread's first requests are not
                 session = requests.Session()  # timed (the pool's connections, the first queries)
@@ -242,21 +298,28 @@ def run(mode: str, pushes: int, clients: int, size: int, log_dir: Path, worker_n
             print(f"{mode:8} pushing (API pid {stack.api.pid})", flush=True)
             cpu_before = stack.api_cpu()
             spies = [subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(pid),
-                                       "-r", "100", "--idle", "--nonblocking", "-f", "raw",
+                                       "-r", "100", "--idle" if py_spy_idle else "--gil", "--nonblocking",
+                                       "-f", "raw",
                                        "-o", str(Path(py_spy) / f"api-{pid}.txt")],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                      for pid in stack.api_pids()] if py_spy else []
             if pause_worker:  # the worker (and so its merges' statements) stopped while the pushes run
                 os.killpg(stack.worker.pid, signal.SIGSTOP)
-            started = time.perf_counter()
+            sessions = _sessions(url)
+            machine, programs = _machine_cpu(), _cpu_by_program()
+            started, client_cpu = time.perf_counter(), time.process_time()
             with ThreadPoolExecutor(max_workers=clients) as pool:
                 list(pool.map(client, range(clients)))
-            pushed = time.perf_counter() - started
+            pushed, client_cpu = time.perf_counter() - started, time.process_time() - client_cpu
+            busy = [after - before for before, after in zip(machine, _machine_cpu(), strict=True)]
+            programs = {name: value - programs.get(name, 0.0) for name, value in _cpu_by_program().items()}
             if pause_worker:
                 os.killpg(stack.worker.pid, signal.SIGCONT)
             for spy in spies:  # py-spy writes its profile when interrupted
                 spy.send_signal(signal.SIGINT)
                 spy.wait()
+            time.sleep(1)  # the statistics of the sessions that ended reach pg_stat_database
+            sessions = _sessions(url) - sessions - 1
             api_cpu = [after - before for before, after in zip(cpu_before, stack.api_cpu(), strict=False)]
             while _open_batches(url) and not skip_merge:
                 time.sleep(0.05)
@@ -271,8 +334,14 @@ def run(mode: str, pushes: int, clients: int, size: int, log_dir: Path, worker_n
                   + (f" e.g. {refused[0]}" if refused else ""))
             print("         CPU seconds of each API process during the pushes: "
                   + ", ".join(f"{value:.1f}" for value in api_cpu)
-                  + f" ({sum(api_cpu) * 1000 / pushes:.2f} ms a push)"
+                  + f" ({sum(api_cpu) * 1000 / pushes:.2f} ms a push); the bench's client threads "
+                  + f"{client_cpu * 1000 / pushes:.2f} ms a push; the machine's cores busy "
+                  + f"{100 * busy[0] / busy[1]:.0f}% of the time ({busy[0] * 1000 / pushes:.2f} ms a push)"
                   + ("; the worker was paused during the pushes" if pause_worker else ""))
+            print("         CPU ms a push by program: " + ", ".join(
+                f"{name} {value * 1000 / pushes:.2f}"
+                for name, value in sorted(programs.items(), key=lambda kv: -kv[1])
+                if value * 1000 / pushes >= 0.05) + f"; PostgreSQL connections opened: {sessions}")
             print(f"         all merged {merged:.1f}s after the first push ({pushes / merged:.0f} batches/s, "
                   f"{pushes * size / merged:.0f} findings/s); merged in another batch's task: "
                   f"{stack.coalesced()}; process_batch tasks run (warm-up included): {stack.tasks()}")
@@ -296,6 +365,12 @@ def main() -> None:
                                       "'-w 4 -k gthread --threads 16'")
     parser.add_argument("--py-spy", metavar="DIR", help="record the API processes' wall time during the "
                                                         "pushes (py-spy, raw, one file per process) into DIR")
+    parser.add_argument("--py-spy-cpu", action="store_true",
+                        help="with --py-spy: only the samples of the thread holding the GIL "
+                             "(Python CPU, not wall time)")
+    parser.add_argument("--code", type=Path, default=ROOT,
+                        help="run the API and the worker from this checkout (e.g. an exported main) "
+                             "with this script's client: both sides measured by one command")
     parser.add_argument("--skip-merge", action="store_true", help="do not wait for the merges (profiling)")
     parser.add_argument("--pause-worker", action="store_true",
                         help="stop the worker (SIGSTOP) while the timed pushes run, then let it merge: "
@@ -305,7 +380,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="smallpush-") as log_dir:
         for mode in args.modes:
             run(mode, args.pushes, args.clients, args.findings, Path(log_dir), args.worker_nice,
-                args.api.split() if args.api else None, args.py_spy, args.skip_merge, args.pause_worker)
+                args.api.split() if args.api else None, args.py_spy, args.skip_merge, args.pause_worker,
+                not args.py_spy_cpu, args.code.resolve())
 
 
 if __name__ == "__main__":

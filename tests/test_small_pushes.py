@@ -397,3 +397,74 @@ def test_a_failed_send_releases_the_pending_mark(lazy_gw, redis_clean, monkeypat
         redis_clean.delete(key)
     assert redis_clean.llen(QUEUE) == 1 and len(left) == 1
     assert _batches(gw)[second].enqueued_at is not None
+
+
+def test_the_pool_keeps_the_connections_a_peak_opened(pg_app):
+    """Eight request threads' connections at once are all kept when returned (gateway/db.py): the
+    next peak opens none (with 5 plus 10 overflow, three were closed and opened again each time)."""
+    from sqlalchemy import event
+
+    engine = pg_app.extensions["gateway.db"].engine
+    engine.dispose()
+    opened = []
+
+    def count(*_):
+        opened.append(1)
+
+    event.listen(engine, "connect", count)
+    try:
+        for _ in range(2):
+            held = [engine.connect() for _ in range(8)]
+            for conn in held:
+                assert conn.execute(text("SELECT 1")).scalar() == 1
+                conn.close()
+        assert len(opened) == 8 and engine.pool.checkedin() == 8
+    finally:
+        event.remove(engine, "connect", count)
+        engine.dispose()
+
+
+def test_a_connection_is_pinged_only_after_it_sat_idle(pg_app, monkeypatch):
+    """No round trip before a transaction on a connection returned a moment ago (the pre-ping was
+    12% of a small push's time); one idle longer than PING_AFTER_IDLE_SECONDS is pinged."""
+    from gateway import db as db_module
+
+    engine = pg_app.extensions["gateway.db"].engine
+    pings = []
+    real_ping = engine.dialect.do_ping
+    monkeypatch.setattr(engine.dialect, "do_ping", lambda conn: pings.append(1) or real_ping(conn))
+    monkeypatch.setattr(db_module, "PING_AFTER_IDLE_SECONDS", 0.3, raising=False)
+    for _ in range(3):
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    assert pings == []  # opened by the first, then used a moment ago each time
+    time.sleep(0.5)
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+    assert pings == [1]
+
+
+def test_a_backend_ended_while_idle_does_not_fail_the_next_push(pg_app, pg_url):
+    """A connection whose backend was ended (pg_terminate_backend: a restarted server, an idle
+    timeout, a dropped link) while it sat in the pool is found dead by the ping on checkout and
+    replaced: the next push is accepted and stored."""
+    import psycopg
+
+    gw = Gateway(pg_app)
+    tenant = gw.tenant()
+    headers = gw.partner("Qualys", [tenant]) | {"Content-Type": "application/json"}
+    first = gw.http.post(PUSH.format(tenant=tenant), data=_small(0), headers=headers)
+    assert first.status_code == 202, first.get_json()
+    assert pg_app.extensions["gateway.publisher"].flush(30)
+    from gateway import db as db_module
+
+    time.sleep(getattr(db_module, "PING_AFTER_IDLE_SECONDS", 1.0) + 0.3)
+    with psycopg.connect(pg_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as admin:
+        ended = admin.execute(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid() AND state = 'idle'"
+        ).fetchone()[0]
+    assert ended >= 1  # the pool's connection(s)
+    second = gw.http.post(PUSH.format(tenant=tenant), data=_small(1), headers=headers)
+    assert second.status_code == 202, second.get_json()
+    assert int(second.get_json()["id"]) in _batches(gw)
