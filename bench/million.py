@@ -27,7 +27,15 @@ HTTP with a ``findings.write`` token:
   millions takes minutes that are not measured: ``--seed N --seed-only --template NAME`` makes
   (and keeps) database NAME whose tenant ``seeded`` holds them; ``--template NAME`` then pushes
   into a fresh copy of it (``CREATE DATABASE ... TEMPLATE``, dropped after), so every run starts
-  from the same store.  ``--database NAME --tenant T`` pushes into an existing database itself.
+  from the same store; a copy of a template seeded before a migration is migrated first (not
+  timed), so one template serves the code before and after it.  ``--database NAME --tenant T``
+  pushes into an existing database itself.
+* ``--own-server DIR``: the whole run on a PostgreSQL cluster of the bench's own, sized for a
+  store of millions (``shared_buffers`` 4GB, ``max_wal_size`` 8GB, ``wal_buffers`` 64MB;
+  ``--own-setting NAME=VALUE`` for others), ``initdb``'d in DIR when DIR holds none, on port
+  ``--own-port`` (5499), stopped at the end; DIR is removed unless ``--keep-server`` (or
+  ``--seed-only``: its templates live there), and its ``server.log`` is what ``--statements``
+  reads.  The machine's own server is left as it is.
 * ``--diagnose``: the WAL written and checkpoints run while the push was timed, then per table
   the blocks the push read from outside ``shared_buffers`` and hit in it, its scans and the index
   sizes (``pg_statio_user_tables``, after a pause for the statistics to be flushed; a VACUUM or
@@ -47,6 +55,25 @@ HTTP with a ``findings.write`` token:
 
 A warm-up push of 200 findings runs first, so that worker start-up is not timed.  Figures, not
 assertions.  The scratch database and the Redis queue are removed at the end, also on error.
+
+Figures (issue 14 item 5, 2026-12-03, 2 cores, one worker, each under the bench lock, load average
+before in brackets; ``T`` = ``--template growth_seed_1m`` / ``growth_seed_5m``, seeded with
+``--seed 1000000 --seed-only --template growth_seed_1m`` (35 s) and ``--seed 5000000 ...`` (182 s,
+8.3 GB); "main" is the code before migration 0035a, run back to back with it):
+
+    --findings 10000 --hosts 1000                     6,013/s [1.9]
+    --findings 100000 --hosts 10000                   main 7,239/s [1.1], 0035a 6,997/s [1.2]
+    --findings 1000000 --hosts 100000 (one push)      6,414/s [1.7] (-9% to -11%; worker peak 950 MiB)
+    --findings 100000 --hosts 10000 T=1m              main 5,394/s [2.8], 0035a 5,769/s [2.2]
+    --findings 100000 --hosts 10000 T=5m --diagnose   main 5,289/s [1.1], 0035a 5,295/s [1.0]
+    --findings 100000 --hosts 10000 T=5m --statements main 4,756/s [2.6], 0035a 4,921/s [3.2]
+    --findings 100000 --hosts 10000 T=5m (0035a first) 0035a 5,126/s [2.1], main 5,018/s [1.5]
+    --own-server DIR (4GB): empty 6,455/s [1.6], T=1m 5,579/s [1.4] (-14%), T=5m 4,641/s [1.2] (-28%)
+
+Into a store the push also meets 20% stored findings (updated, not HOT) and recounts 60 findings
+a host instead of 10: statements 6.9 s (empty) -> 9.5 s (1M) -> 11.1 s (5M), the rest of the push
+8.2 -> 9.2 -> 9.2 s; at 5M the findings insert 2.0 -> 3.8 s, sources 1.9 -> 2.4 s, the met findings'
+update 0 -> 1.45 s, the recommendations' aggregate 0.07 -> 0.59 s (main 0.72 s).
 """
 
 from __future__ import annotations
@@ -54,6 +81,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -72,6 +100,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import bench.ingest_bench as ingest  # noqa: E402
 from bench.ingest_bench import REDIS, create_database, drop_database  # noqa: E402
 from gateway import create_app  # noqa: E402
 from gateway.migrate import upgrade  # noqa: E402
@@ -111,6 +140,59 @@ def seed(url: str, tenant: str, findings: int) -> None:
           + ", ".join(f"{label} {seconds:.0f}s" for label, seconds in steps.items())
           + f"); findings {sizes[0]}, finding_sources {sizes[1]} with indexes, database {sizes[2]}",
           flush=True)
+
+
+class OwnServer:
+    """A PostgreSQL cluster of the bench's own (``--own-server DIR``): ``initdb`` into DIR when it
+    holds none, started on ``port`` with ``shared_buffers`` and ``max_wal_size`` sized for a store of
+    millions, trust authentication for ``postgres`` on 127.0.0.1 and a socket in DIR.  ``stop``
+    shuts it down and, unless ``keep``, removes DIR (a cluster kept holds the templates seeded into
+    it for the next run).  Run as root, the server's commands run as the ``postgres`` user."""
+
+    def __init__(self, directory: str, port: int, settings: dict[str, str]) -> None:
+        self.directory, self.port = Path(directory).resolve(), port
+        self.log = self.directory / "server.log"
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
+                       key=lambda path: int(path.parts[-3]))
+        self.bin = found[-1].parent if found else Path(subprocess.run(
+            ["pg_config", "--bindir"], capture_output=True, text=True, check=True).stdout.strip())
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        started = time.perf_counter()
+        if not (self.directory / "PG_VERSION").exists():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            if self.as_user:
+                shutil.chown(self.directory, "postgres", "postgres")
+            subprocess.run(self.as_user + [str(self.bin / "initdb"), "-D", str(self.directory),
+                                           "-U", "postgres", "--auth=trust", "-E", "UTF8",
+                                           "--locale=C.UTF-8"],
+                           check=True, stdout=subprocess.DEVNULL)
+        options = {"port": str(port), "listen_addresses": "'127.0.0.1'",
+                   "unix_socket_directories": f"'{self.directory}'",
+                   "log_line_prefix": "'%m [%p] %q%u@%d '"} | settings
+        with open(self.directory / "postgresql.auto.conf", "w") as conf:
+            conf.writelines(f"{key} = {value}\n" for key, value in options.items())
+        if self.as_user:
+            shutil.chown(self.directory / "postgresql.auto.conf", "postgres", "postgres")
+            self.log.touch()
+            shutil.chown(self.log, "postgres", "postgres")
+        subprocess.run(self.as_user + [str(self.bin / "pg_ctl"), "-D", str(self.directory),
+                                       "-l", str(self.log), "-w", "-t", "120", "start"],
+                       check=True, stdout=subprocess.DEVNULL)
+        self.admin = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        with psycopg.connect(self.admin, autocommit=True) as conn:
+            shown = conn.execute("SELECT string_agg(name || ' ' || current_setting(name), ', ') FROM "
+                                 "unnest(%s::text[]) AS name", (sorted(settings),)).fetchone()[0]
+        print(f"own PostgreSQL server in {self.directory} on port {port} ({shown}), up after "
+              f"{time.perf_counter() - started:.0f}s", flush=True)
+
+    def stop(self, keep: bool) -> None:
+        subprocess.run(self.as_user + [str(self.bin / "pg_ctl"), "-D", str(self.directory), "-m", "fast",
+                                       "-w", "-t", "300", "stop"], check=False, stdout=subprocess.DEVNULL)
+        if keep:
+            print(f"own server stopped; its cluster is kept in {self.directory}", flush=True)
+        else:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            print(f"own server stopped and {self.directory} removed", flush=True)
 
 
 def _free_port() -> int:
@@ -510,9 +592,34 @@ def main() -> None:
     parser.add_argument("--also", help="KxM: after the one push, the K x M sequence into another tenant")
     parser.add_argument("--queries", type=int, default=0,
                         help="then time N counts and pages of the pushed tenant with a sources/any() filter")
+    parser.add_argument("--own-server", metavar="DIR",
+                        help="run on a PostgreSQL cluster of the bench's own in DIR (initdb'd when DIR holds "
+                        "none), started for the run and stopped after it; DIR is removed after the run "
+                        "unless --keep-server (or --seed-only, whose template lives there)")
+    parser.add_argument("--own-port", type=int, default=5499)
+    parser.add_argument("--own-setting", action="append", default=[], metavar="NAME=VALUE",
+                        help="a server setting of the own server, over its defaults here: "
+                        "shared_buffers=4GB, max_wal_size=8GB, wal_buffers=64MB")
+    parser.add_argument("--keep-server", action="store_true",
+                        help="with --own-server: keep DIR (the cluster, stopped) for the next run")
     args = parser.parse_args()
 
-    from bench.ingest_bench import ADMIN
+    own = None
+    if args.own_server:
+        settings = {"shared_buffers": "4GB", "max_wal_size": "8GB", "wal_buffers": "64MB"}
+        settings |= dict(setting.split("=", 1) for setting in args.own_setting)
+        own = OwnServer(args.own_server, args.own_port, settings)
+        ingest.ADMIN = own.admin
+        args.server_log = str(own.log)
+    try:
+        run(args)
+    finally:
+        if own is not None:
+            own.stop(keep=args.keep_server or args.seed_only)
+
+
+def run(args: argparse.Namespace) -> None:
+    ADMIN = ingest.ADMIN
 
     if args.database:  # a database left by --seed-only: kept afterwards too
         name, url = args.database, ADMIN.rsplit("/", 1)[0] + "/" + args.database
@@ -533,6 +640,18 @@ def main() -> None:
         url = ADMIN.rsplit("/", 1)[0] + "/" + name
         print(f"copied {args.template} into {name} in {time.perf_counter() - started:.0f}s (file copy, "
               "checkpoint, sync)", flush=True)
+        # a template seeded before a migration gets it now (not timed), then its writes are flushed too
+        started = time.perf_counter()
+        with psycopg.connect(url, autocommit=True) as conn:
+            before = conn.execute("SELECT version_num FROM alembic_version").fetchone()[0]
+        upgrade(url)
+        with psycopg.connect(url, autocommit=True) as conn:
+            after = conn.execute("SELECT version_num FROM alembic_version").fetchone()[0]
+            if after != before:
+                conn.execute("CHECKPOINT")
+                os.sync()
+                print(f"migrated the copy from {before} to {after} in {time.perf_counter() - started:.0f}s "
+                      "(checkpoint, sync)", flush=True)
     else:
         name, url = create_database("gw_million")
     stack = watch = None
