@@ -59,7 +59,9 @@ assertions.  The scratch database and the Redis queue are removed at the end, al
 Figures (issue 14 item 5, 2026-12-03, 2 cores, one worker, each under the bench lock, load average
 before in brackets; ``T`` = ``--template growth_seed_1m`` / ``growth_seed_5m``, seeded with
 ``--seed 1000000 --seed-only --template growth_seed_1m`` (35 s) and ``--seed 5000000 ...`` (182 s,
-8.3 GB); "main" is the code before migration 0035a, run back to back with it):
+8.3 GB); "0035a" is a trial migration adding ``INCLUDE (recommendation_type_id, state, severity)``
+to ``uq_findings_subject`` (an index-only recommendations aggregate), run back to back with main's
+code; it was not kept: within the runs' spread end to end, a larger index, more index blocks read):
 
     --findings 10000 --hosts 1000                     6,013/s [1.9]
     --findings 100000 --hosts 10000                   main 7,239/s [1.1], 0035a 6,997/s [1.2]
@@ -73,7 +75,7 @@ before in brackets; ``T`` = ``--template growth_seed_1m`` / ``growth_seed_5m``, 
 Into a store the push also meets 20% stored findings (updated, not HOT) and recounts 60 findings
 a host instead of 10: statements 6.9 s (empty) -> 9.5 s (1M) -> 11.1 s (5M), the rest of the push
 8.2 -> 9.2 -> 9.2 s; at 5M the findings insert 2.0 -> 3.8 s, sources 1.9 -> 2.4 s, the met findings'
-update 0 -> 1.45 s, the recommendations' aggregate 0.07 -> 0.59 s (main 0.72 s).
+update 0 -> 1.45 s, the recommendations' aggregate 0.07 -> 0.59 s (main's code 0.72 s).
 """
 
 from __future__ import annotations
