@@ -16,8 +16,31 @@ merges the batch whatever the others do); ``parallel`` stages the batch in chunk
 slots; ``auto`` (``--auto``) leaves the choice to the slots (staged with at least 2 worker
 processes live, else merged whole).  Printed per run: seconds
 from the POST to the 202 and to the final status, findings/s end to end, the chunks, the CPU
-seconds of the workers and of PostgreSQL, and the load average before and after (the machine may
-be shared: quote the load with the figures).  Figures only, no assertions.
+seconds of the workers, of PostgreSQL (the scratch database's backends) and of the whole machine
+(with the share of both cores it kept busy), this process's CPU after the 202 (the API thread and
+the poll), and the load average before and after (the machine may be shared: quote the load with
+the figures; a machine figure far above workers + PostgreSQL means another job ran).  The end is
+seen from the store (``SELECT status`` every 0.05 s); ``--poll http`` polls the API every 0.1 s
+as before, whose requests cost this process ~0.6 CPU-s in a staged run and took it from the merge.
+Figures only, no assertions.
+
+Figures (a 2-core VM about three times faster than the README's earlier ones; main's code at
+7397c57 and the nessus branch back to back, this file in both, ``BENCH_REDIS=redis://127.0.0.1:6379/3
+.venv/bin/python bench/parallel_merge_bench.py --findings 120000 --workers 2 --auto``, load before
+each run in brackets; seconds from the POST to the final status, the 202 after 0.7-0.8 s in all):
+
+    main    single 11.1 / 11.4 / 11.2 s; staged on 2 workers 8.2 / 7.8 / 8.3 s (1.35x / 1.46x / 1.35x);
+            auto 2 workers 8.1 / 8.3 / 8.0 s (1.37x / 1.37x / 1.40x)          [1.5 / 1.4 / 1.1]
+    nessus  single 11.6 / 11.2 / 11.4 s; staged on 2 workers 8.1 / 8.1 / 7.8 s (1.43x / 1.39x / 1.46x);
+            auto 2 workers 8.2 / 8.2 / 8.0 s (1.41x / 1.37x / 1.43x)          [1.5 / 1.1 / 1.4]
+
+Medians: main 1.35x staged, 1.37x auto; nessus 1.43x, 1.41x: the same within the runs' spread
+(0.5 s).  Staged runs keep 85-87% of both cores busy from the POST to the end (the single merge
+56-58%), and ~190% while chunks merge; workers + PostgreSQL spend the same CPU either way (13.6-
+14.4 s against 12.8-13.2 s), so with the upload (0.8 s, one core) and the split (0.3 s) serial,
+1.5x on two cores needs the merge's own CPU cut, not the idle time.  1, 2 and 4 worker processes
+(nessus branch, ``--workers 1 2 4``) [1.3]: single 11.5 s (10,402 findings/s); staged, 1 worker
+13.3 s (9,011), 2 workers 8.2 s (14,688, 1.41x), 4 workers 8.3 s (14,478): two cores are full at two.
 """
 
 from __future__ import annotations

@@ -122,6 +122,24 @@ cores about 88% busy after the 202); smaller parts (5,000 records, 24 chunks) di
 time: the staging before the first part is sent, the last parts' imbalance, and the tenant's
 resolver lock between concurrent chunks.
 
+Measured again on a VM about three times faster (the bench's docstring has the runs: single
+11.2-11.6 s, two workers 7.8-8.3 s, 1.35-1.46x), the idle time is smaller than thought.  The
+resolver lock is not it: timed in both workers, a run's 24 resolutions waited 0.04 s in all for
+the lock and held it 0.57 s.  The parts are equal (100 items a host) and the two workers end
+within 0.12 s of each other, so longest-first ordering has nothing to gain here (it would for
+hosts of very different sizes).  From the POST: the upload 0.7-0.8 s on one core (the API), the
+batch's task 0.1 s later, the split 0.3 s (the body read, now on two connections at once, 0.095
+instead of 0.12 s; the three scans of 60 MiB 0.12 s), the chunks 6.8-7.4 s with both cores
+~190% busy, the finish 0.16 s.  Sending the first part before the whole body is scanned would
+save at most the split's 0.3 s, and is not safe as it stands: the split's checks (one Report,
+unique host names) hold only once the whole body is seen, and a part sent before a late check
+fails cannot be taken back.  Parsing a part's next sub-chunk while one merges (as the single
+merge does) adds no core.  So with both cores full while chunks merge, and the staged path
+spending what the single merge spends (workers plus PostgreSQL 13.6-14.4 CPU-s against 12.8-
+13.2), two cores reach about 1.45x on this file; 1.5x needs the merge's own CPU cut (the parse:
+~35% of a chunk's Python, hidden behind PostgreSQL in the single merge's thread but not in the
+staged one; the inserts' SQL).
+
 **Scaling.** Nothing in the chunk step is shared but PostgreSQL: each worker process merges a
 chunk with its own connection and transaction; the only tenant-wide lock a chunk takes is the
 short resolver lock around its resource resolution (committed at once, as for concurrent
