@@ -78,9 +78,18 @@ class BlobReader(io.RawIOBase):
         return True
 
     def _fill(self) -> None:
-        data = self.conn.execute(
-            select(blobs.c.data).where(blobs.c.batch_id == self.batch_id, blobs.c.seq == self.seq)
-        ).scalar()
+        if self.conn.dialect.name == "postgresql":
+            # In binary: a bytea sent as its bytes, not as the hex text PostgreSQL encodes (twice
+            # the size) and psycopg decodes; the staged merge's reads do the same (merge/parallel.py).
+            with self.conn.connection.driver_connection.cursor(binary=True) as cursor:
+                cursor.execute(f"SELECT data FROM {blobs.name} WHERE batch_id = %s AND seq = %s",
+                               (self.batch_id, self.seq))
+                row = cursor.fetchone()
+            data = None if row is None else row[0]
+        else:
+            data = self.conn.execute(
+                select(blobs.c.data).where(blobs.c.batch_id == self.batch_id, blobs.c.seq == self.seq)
+            ).scalar()
         if data is None:
             self.done = True
             self.buffer = memoryview(b"")

@@ -537,6 +537,32 @@ def test_a_split_part_reads_its_hosts_from_the_stored_pieces_across_their_edges(
             assert _read_range(conn, batch_id, start, end) == body[start:end], (start, end)
 
 
+def test_the_split_reads_the_whole_body_on_several_connections_in_order(pg_gw, redis_clean):
+    """The staging reads the body it splits on several connections at once (each a run of
+    pieces): the pieces come back joined in order whatever the readers, and a gap in the
+    pieces ends the body there, as the one-connection read did."""
+    from gateway.merge.parallel import _read_body
+    from gateway.models import BatchBlob
+
+    tenant = pg_gw.tenant()
+    headers = pg_gw.partner("Tenable", [tenant])
+    batch_id = _push(pg_gw, tenant, headers, document([finding("r/1", host="r.example.com")]))  # no worker
+    body = bytes(range(256)) * 5
+    pieces = [body[start : start + 7] for start in range(0, len(body), 7)]
+    blobs = BatchBlob.__table__
+    with pg_gw.db.engine.begin() as conn:
+        conn.execute(blobs.delete().where(blobs.c.batch_id == batch_id))
+        conn.execute(blobs.insert(), [{"batch_id": batch_id, "seq": seq, "data": piece}
+                                      for seq, piece in enumerate(pieces)])
+    with pg_gw.db.engine.connect() as conn:
+        for readers in (1, 2, 3, 5):
+            assert _read_body(conn, batch_id, readers=readers) == body, readers
+    with pg_gw.db.engine.begin() as conn:  # piece 10 missing: the body ends before it
+        conn.execute(blobs.delete().where(blobs.c.batch_id == batch_id, blobs.c.seq == 10))
+    with pg_gw.db.engine.connect() as conn:
+        assert _read_body(conn, batch_id, readers=3) == body[:70]
+
+
 class _Crash(Exception):
     pass
 
