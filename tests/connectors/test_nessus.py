@@ -483,3 +483,43 @@ def test_report_without_name_has_no_scan():
            + _host("10.0.0.1", _item()).encode() + b"</Report></NessusClientData_v2>")
     (record,) = parse_all("nessus", doc)
     assert (record.scan, record.resource.host_key) == (None, "10.0.0.1")
+
+
+# ---- one plugin on many hosts -----------------------------------------------------
+
+
+def test_a_plugin_seen_on_many_hosts_gives_each_host_its_own_record():
+    """The plugin's own fields are computed once per distinct plugin text (a large scan
+    reports one plugin on thousands of hosts); each record still has its own lists, and a
+    plugin whose text differs (another CVSS, one more CVE) gets its own fields."""
+    body = (
+        "<description>Old TLS.</description><solution>Upgrade.</solution>"
+        "<cvss3_base_score>7.5</cvss3_base_score><cvss3_vector>AV:N/AC:L/PR:N/UI:N/S:U/C:H/I:N/A:N</cvss3_vector>"
+        "<cve>CVE-2020-0001</cve><see_also>https://example.com/a\nhttps://example.com/b</see_also>"
+        "<xref>CWE:327</xref><vpr_score>6.1</vpr_score>"
+    )
+    hosts = [
+        _host(f"10.0.0.{n}", _item(body=body + f"<plugin_output>host {n}</plugin_output>"))
+        for n in range(1, 4)
+    ]
+    changed = body.replace("7.5", "9.8").replace("<cve>CVE-2020-0001</cve>", "<cve>CVE-2020-0001</cve><cve>CVE-2021-0002</cve>")
+    hosts.append(_host("10.0.0.9", _item(body=changed + "<plugin_output>host 9</plugin_output>")))
+    records = parse_all("nessus", _doc(*hosts))
+    assert [r.evidence for r in records] == ["host 1", "host 2", "host 3", "host 9"]
+    first, second, third, other = records
+    for record in (first, second, third):
+        assert record.cves == ["CVE-2020-0001"]
+        assert record.cvss_score == 7.5 and record.severity == "high"
+        assert record.references == ["https://example.com/a", "https://example.com/b"]
+        assert record.extra["cwe"] == ["327"] and record.extra["vpr_score"] == "6.1"
+        assert record.description == "Old TLS." and record.remediation == "Upgrade."
+    assert other.cves == ["CVE-2020-0001", "CVE-2021-0002"]
+    assert other.cvss_score == 9.8 and other.severity == "high"
+    # no list is shared between records: changing one leaves the others as parsed
+    first.cves.append("CVE-1999-0001")
+    first.references.clear()
+    first.extra["cwe"].append("79")
+    assert second.cves == ["CVE-2020-0001"] and third.cves == ["CVE-2020-0001"]
+    assert second.references == ["https://example.com/a", "https://example.com/b"]
+    assert second.extra["cwe"] == ["327"]
+    assert len({r.provider_id for r in records}) == 4
