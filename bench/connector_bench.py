@@ -255,9 +255,12 @@ def synthetic_tenable_io(path: Path, records: int, assets: int, seed: int = 7) -
     return records
 
 
-def end_to_end(findings: int, workers: int, scratch: Path, assets: int = 50_000) -> None:
+def end_to_end(
+    findings: int, workers: int, scratch: Path, assets: int = 50_000, nessus_only: bool = False
+) -> None:
     """Push one ``findings``-item Nessus file over HTTP; time until its batch is merged.
-    Then a Tenable.io export into a store of ``assets`` resources (see the module docstring)."""
+    Then a Tenable.io export into a store of ``assets`` resources (see the module docstring).
+    ``nessus_only``: the new Nessus push alone (no Tenable.io export, no re-push)."""
     import redis
     import requests
     from werkzeug.serving import make_server
@@ -307,20 +310,24 @@ def end_to_end(findings: int, workers: int, scratch: Path, assets: int = 50_000)
                 if batch["status"] not in ("accepted", "processing"):
                     return batch, time.perf_counter() - started
 
-        io_tenant = gw.tenant()
-        io_headers = gw.partner("Tenable", [io_tenant])
-        seed_path, push_path = scratch / "seed.json", scratch / "push.json"
-        synthetic_tenable_io(seed_path, assets, assets)
-        batch, seconds = timed("tenable_io", seed_path.read_bytes(), "application/json", io_tenant, io_headers)
-        print(f"e2e tenable_io seed: {assets} assets as resources, {batch['status']} after {seconds:.1f}s")
-        io_count = synthetic_tenable_io(push_path, findings, assets, seed=8)
-        io_body = push_path.read_bytes()
-        batch, seconds = timed("tenable_io", io_body, "application/json", io_tenant, io_headers)
-        print(f"e2e tenable_io push: {io_count} records over {assets} known assets, "
-              f"{len(io_body) / 2**20:.0f} MiB, {workers} workers: {batch['status']} after {seconds:.1f}s = "
-              f"{io_count / seconds:,.0f} records/s; counts {batch['counts']}")
+        if not nessus_only:
+            io_tenant = gw.tenant()
+            io_headers = gw.partner("Tenable", [io_tenant])
+            seed_path, push_path = scratch / "seed.json", scratch / "push.json"
+            synthetic_tenable_io(seed_path, assets, assets)
+            batch, seconds = timed("tenable_io", seed_path.read_bytes(), "application/json", io_tenant,
+                                   io_headers)
+            print(f"e2e tenable_io seed: {assets} assets as resources, {batch['status']} "
+                  f"after {seconds:.1f}s")
+            io_count = synthetic_tenable_io(push_path, findings, assets, seed=8)
+            io_body = push_path.read_bytes()
+            batch, seconds = timed("tenable_io", io_body, "application/json", io_tenant, io_headers)
+            print(f"e2e tenable_io push: {io_count} records over {assets} known assets, "
+                  f"{len(io_body) / 2**20:.0f} MiB, {workers} workers: {batch['status']} "
+                  f"after {seconds:.1f}s = "
+                  f"{io_count / seconds:,.0f} records/s; counts {batch['counts']}")
 
-        for attempt in ("new", "no-change re-push"):
+        for attempt in ("new",) if nessus_only else ("new", "no-change re-push"):
             started = time.perf_counter()
             response = requests.post(f"{base}/api/v1/tenants/{tenant}/batches?format=nessus", data=body,
                                      headers=headers | {"Content-Type": "application/xml"}, timeout=600)
@@ -369,6 +376,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--only-e2e", action="store_true", help="only the end-to-end Nessus push")
+    parser.add_argument("--nessus-only", action="store_true",
+                        help="end to end: the new Nessus push alone (no Tenable.io export, no re-push)")
     parser.add_argument("--measure", nargs=2, metavar=("FORMAT", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
@@ -378,7 +387,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="connector-bench-") as scratch_name:
         scratch = Path(scratch_name)
         if args.only_e2e:
-            end_to_end(args.e2e_findings, args.workers, scratch, args.e2e_assets)
+            end_to_end(args.e2e_findings, args.workers, scratch, args.e2e_assets, args.nessus_only)
             return
         print(f"# samples: {SAMPLES}; {os.cpu_count()} CPUs; one fresh process per run")
         inputs = {fmt: ("sample", path) for fmt, path in largest_samples().items()}
@@ -396,7 +405,7 @@ def main() -> None:
             print(_line(f"nessus {label}", "nessus", run_isolated("nessus", path)))
             path.unlink()
         if not args.skip_e2e:
-            end_to_end(args.e2e_findings, args.workers, scratch, args.e2e_assets)
+            end_to_end(args.e2e_findings, args.workers, scratch, args.e2e_assets, args.nessus_only)
 
 
 if __name__ == "__main__":

@@ -111,13 +111,16 @@ from tests.conftest import Gateway  # noqa: E402
 SEVERITIES = ("low", "medium", "high", "critical")
 
 
-def write_body(path: Path, tag: str, count: int, hosts: int, cve_base: int = 10000) -> int:
-    """A canonical document of ``count`` findings ``{tag}-{n}``; finding n is on host n mod
-    ``hosts`` and names CVE number ``cve_base + n // hosts`` (distinct on each host).  Its size."""
+def write_body(
+    path: Path, tag: str, count: int, hosts: int, cve_base: int = 10000, host_offset: int = 0
+) -> int:
+    """A canonical document of ``count`` findings ``{tag}-{n}``; finding n is on host
+    ``host_offset + n mod hosts`` and names CVE number ``cve_base + n // hosts`` (distinct on each
+    host).  Its size."""
     with open(path, "w") as out:
         out.write('{"findings":[')
         for n in range(count):
-            host = n % hosts
+            host = host_offset + n % hosts
             out.write(
                 f'{"," if n else ""}{{"id":"{tag}-{n}","resource":{{"fqdn":"h{host}.bench.example.com",'
                 f'"ipv4":["10.{host >> 16 & 255}.{host >> 8 & 255}.{host & 255}"]}},'
@@ -568,6 +571,9 @@ def main() -> None:
         "--repush", type=int, default=0, help="then push the first M findings again, unchanged"
     )
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--host-offset", type=int, default=0,
+                        help="the one push names hosts from this number on (a seeded store holds hosts "
+                             "0 to seed/50 - 1: an offset at least that pushes onto hosts it does not hold)")
     parser.add_argument("--seed", type=int, default=0,
                         help="first load N findings set-based into the pushed tenant (the store's size)")
     parser.add_argument("--seed-only", action="store_true",
@@ -726,7 +732,7 @@ def run(args: argparse.Namespace) -> None:
             sequence(stack, tenant, headers, args.sequence, args.hosts, scratch, watch)
         else:
             path = scratch / "push.json"
-            mib = write_body(path, "m", args.findings, args.hosts) / 2**20
+            mib = write_body(path, "m", args.findings, args.hosts, host_offset=args.host_offset) / 2**20
             if args.diagnose:
                 time.sleep(11)  # every session's table statistics flushed
                 before, wal = table_figures(url), server_figures(url)

@@ -38,7 +38,7 @@ from connectors.model import (
     SecurityEventRecord,
     VulnerabilityInfo,
 )
-from gateway.db import Database
+from gateway.db import Database, binary_cursor
 from gateway.errors import is_unavailable
 from gateway.export import events as outbox
 from gateway.merge.findings import FindingMerger
@@ -79,9 +79,8 @@ class BlobReader(io.RawIOBase):
 
     def _fill(self) -> None:
         if self.conn.dialect.name == "postgresql":
-            # In binary: a bytea sent as its bytes, not as the hex text PostgreSQL encodes (twice
-            # the size) and psycopg decodes; the staged merge's reads do the same (merge/parallel.py).
-            with self.conn.connection.driver_connection.cursor(binary=True) as cursor:
+            # In binary, as the staged merge's reads (merge/parallel.py): no hex text.
+            with binary_cursor(self.conn) as cursor:
                 cursor.execute(f"SELECT data FROM {blobs.name} WHERE batch_id = %s AND seq = %s",
                                (self.batch_id, self.seq))
                 row = cursor.fetchone()

@@ -177,7 +177,7 @@ import connectors
 from connectors.base import ParseOptions
 from connectors.model import AlertRecord, FindingRecord, FormatError, Observation, Rejected, VulnerabilityInfo
 from gateway import broker_redis
-from gateway.db import Database
+from gateway.db import Database, binary_cursor
 from gateway.export import events as outbox
 from gateway.merge.findings import STALE_EXAMPLES, FindingMerger, _digest
 from gateway.merge.sql import insert_rows
@@ -601,13 +601,6 @@ def split_nessus(data: bytes, chunk_records: int) -> list[tuple[int, bytes, int,
 _BLANK = re.compile(rb"\s*")
 
 
-def _binary_cursor(conn):
-    """A cursor of the connection's psycopg connection that takes results in binary: a ``bytea``
-    comes as its bytes, not as hex text the server encodes and the client decodes (a stored
-    body's 60 MiB cost PostgreSQL about a second as hex, a quarter of it in binary)."""
-    return conn.connection.driver_connection.cursor(binary=True)
-
-
 def _read_body(conn, batch_id: int, readers: int = 2) -> bytes:
     """A batch's stored body whole (the split reads it whole anyway), piece by piece, in binary.
 
@@ -624,7 +617,7 @@ def _read_body(conn, batch_id: int, readers: int = 2) -> bytes:
     pieces: list[bytes | None] = [None] * len(seqs)
 
     def read(connection, wanted: list[int]) -> None:
-        with _binary_cursor(connection) as cursor:
+        with binary_cursor(connection) as cursor:
             for seq in wanted:
                 cursor.execute(f"SELECT data FROM {blobs.name} WHERE batch_id = %s AND seq = %s", (batch_id, seq))
                 pieces[seq] = bytes(cursor.fetchone()[0])
@@ -656,11 +649,11 @@ def _read_body(conn, batch_id: int, readers: int = 2) -> bytes:
 
 def _read_range(conn, batch_id: int, start: int, end: int) -> bytes:
     """Bytes ``start:end`` of a batch's stored body: only the pieces (and the parts of them) in
-    range, in binary (``_binary_cursor``)."""
+    range, in binary (``binary_cursor``)."""
     from gateway.pipeline import blobs
 
     pieces, offset = [], 0
-    with _binary_cursor(conn) as cursor:
+    with binary_cursor(conn) as cursor:
         for seq, size in conn.execute(select(blobs.c.seq, func.octet_length(blobs.c.data))
                                       .where(blobs.c.batch_id == batch_id).order_by(blobs.c.seq)).all():
             low, high = max(start, offset), min(end, offset + size)
