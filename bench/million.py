@@ -30,6 +30,15 @@ HTTP with a ``findings.write`` token:
   from the same store; a copy of a template seeded before a migration is migrated first (not
   timed), so one template serves the code before and after it.  ``--database NAME --tenant T``
   pushes into an existing database itself.
+* ``--host-offset K``: the one push names hosts K to K + H - 1 (a store seeded with N findings holds
+  hosts 0 to N/50 - 1: ``--host-offset 100000`` into the 5M store pushes new findings on new
+  hosts, the store's size alone).  ``--described``: the pushed findings carry the seeded findings'
+  title, description and remediation, so a pushed row is the size of a stored one (387 bytes;
+  without it 178): PostgreSQL puts a new row into any page whose free space fits it (its free
+  space map), and rows half the stored ones' size fit the space the seed left at the end of a
+  third of its pages (``million.py --database NAME --host-offset 100000`` into a copy of the 5M
+  store: all 100,200 new findings went into 100,200 distinct old heap pages, 331,730 blocks read
+  from outside ``shared_buffers``, 1.1 GB of WAL, mostly full-page images).
 * ``--own-server DIR``: the whole run on a PostgreSQL cluster of the bench's own, sized for a
   store of millions (``shared_buffers`` 4GB, ``max_wal_size`` 8GB, ``wal_buffers`` 64MB;
   ``--own-setting NAME=VALUE`` for others), ``initdb``'d in DIR when DIR holds none, on port
@@ -112,20 +121,30 @@ SEVERITIES = ("low", "medium", "high", "critical")
 
 
 def write_body(
-    path: Path, tag: str, count: int, hosts: int, cve_base: int = 10000, host_offset: int = 0
+    path: Path, tag: str, count: int, hosts: int, cve_base: int = 10000, host_offset: int = 0,
+    described: bool = False,
 ) -> int:
     """A canonical document of ``count`` findings ``{tag}-{n}``; finding n is on host
     ``host_offset + n mod hosts`` and names CVE number ``cve_base + n // hosts`` (distinct on each
-    host).  Its size."""
+    host).  ``described``: each finding has the title, description and remediation the seeded
+    store's findings have (bench/store_seed.py), so its row is the size of theirs.  Its size."""
     with open(path, "w") as out:
         out.write('{"findings":[')
         for n in range(count):
             host = host_offset + n % hosts
+            cve = f"CVE-2024-{cve_base + n // hosts}"
+            if described:
+                text = (f'"title":"Vulnerability {cve}","description":"A synthetic finding about {cve} '
+                        f'on host h{host}; it carries a description of a realistic length for a scanner '
+                        f'plug-in.",'
+                        f'"remediation":"Upgrade the affected package to the fixed version.",')
+            else:
+                text = f'"title":"Vulnerability {n % 5000}",'
             out.write(
                 f'{"," if n else ""}{{"id":"{tag}-{n}","resource":{{"fqdn":"h{host}.bench.example.com",'
                 f'"ipv4":["10.{host >> 16 & 255}.{host >> 8 & 255}.{host & 255}"]}},'
-                f'"title":"Vulnerability {n % 5000}","severity":"{SEVERITIES[n % 4]}",'
-                f'"cves":["CVE-2024-{cve_base + n // hosts}"],"status":"open",'
+                f'{text}"severity":"{SEVERITIES[n % 4]}",'
+                f'"cves":["{cve}"],"status":"open",'
                 f'"lastSeen":"2024-04-01T00:00:00Z","providerTimestamp":"2024-04-01T00:00:00Z"}}'
             )
         out.write("]}")
@@ -571,6 +590,9 @@ def main() -> None:
         "--repush", type=int, default=0, help="then push the first M findings again, unchanged"
     )
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--described", action="store_true",
+                        help="the one push's findings have the seeded findings' title, description and "
+                             "remediation (rows of their size; without it a pushed row is about half theirs)")
     parser.add_argument("--host-offset", type=int, default=0,
                         help="the one push names hosts from this number on (a seeded store holds hosts "
                              "0 to seed/50 - 1: an offset at least that pushes onto hosts it does not hold)")
@@ -732,7 +754,8 @@ def run(args: argparse.Namespace) -> None:
             sequence(stack, tenant, headers, args.sequence, args.hosts, scratch, watch)
         else:
             path = scratch / "push.json"
-            mib = write_body(path, "m", args.findings, args.hosts, host_offset=args.host_offset) / 2**20
+            mib = write_body(path, "m", args.findings, args.hosts, host_offset=args.host_offset,
+                             described=args.described) / 2**20
             if args.diagnose:
                 time.sleep(11)  # every session's table statistics flushed
                 before, wal = table_figures(url), server_figures(url)
