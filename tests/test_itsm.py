@@ -405,7 +405,14 @@ def test_itsm_down_then_up_loses_nothing_and_keeps_order(pg_gw, itsm_worker):
             ),
         )
         url = f"/api/v1/tenants/{tenant}/itsm/connections/{made['id']}"
-        wait_for(lambda: gw.http.get(url, headers=auth).get_json()["health"] == "degraded", timeout=60)
+        # The operations are planned from the feed while the first ones fail: the connection can
+        # be degraded before the last of them is planned, so wait for all six to be pending.
+        wait_for(
+            lambda: (lambda b: b["health"] == "degraded" and b["pendingOperations"] == 6)(
+                gw.http.get(url, headers=auth).get_json()
+            ),
+            timeout=60,
+        )
         body = gw.http.get(url, headers=auth).get_json()
         assert "503" in body["lastError"] and body["pendingOperations"] == 6
         jira.down = False
