@@ -405,16 +405,13 @@ def test_itsm_down_then_up_loses_nothing_and_keeps_order(pg_gw, itsm_worker):
             ),
         )
         url = f"/api/v1/tenants/{tenant}/itsm/connections/{made['id']}"
-        # The operations are planned from the feed while the first ones fail: the connection can
-        # be degraded before the last of them is planned, so wait for all six to be pending.
-        wait_for(
-            lambda: (lambda b: b["health"] == "degraded" and b["pendingOperations"] == 6)(
-                gw.http.get(url, headers=auth).get_json()
-            ),
-            timeout=60,
-        )
+        wait_for(lambda: gw.http.get(url, headers=auth).get_json()["health"] == "degraded", timeout=60)
         body = gw.http.get(url, headers=auth).get_json()
-        assert "503" in body["lastError"] and body["pendingOperations"] == 6
+        # Operations wait while the system is down, none sent. How many are planned by then varies
+        # (full-suite runs saw 4 of the 6, and once not 6 within 60 s); that nothing is lost and
+        # the order holds is checked once it is back up, below.
+        assert "503" in body["lastError"] and 1 <= body["pendingOperations"] <= 6
+        assert not jira.issues
         jira.down = False
         wait_for(lambda: gw.http.get(url, headers=auth).get_json()["pendingOperations"] == 0, timeout=60)
         assert len(jira.issues) == 5
